@@ -1,0 +1,102 @@
+"""The ``raypar`` command.
+
+Exit codes: 0 the job succeeded, 1 the job failed, 2 a bad spec or bad usage,
+130 interrupted. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional
+
+from . import __version__
+from .errors import RayparError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raypar", description="Azure-ML-style parallel jobs on Ray, with resume.")
+    p.add_argument("--version", action="version", version=f"raypar {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show raypar's debug log")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a job spec (Azure ML v2 parallel job YAML)")
+    run.add_argument("spec", help="path to the job YAML")
+    run.add_argument("--job-dir", help="ledger folder or URL (default: ./raypar-jobs/<name>-<time>-<id>); "
+                                       "a job dir holding the same spec is resumed")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded "
+                                       "local Ray on 127.0.0.1)")
+
+    resume = sub.add_parser("resume", help="run the mini-batches of a job dir that are not done")
+    resume.add_argument("job_dir")
+    resume.add_argument("--address", help="Ray cluster address (as for run)")
+
+    status = sub.add_parser("status", help="state and mini-batch counts of a job dir")
+    status.add_argument("job_dir")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="raypar: %(levelname)s %(message)s")
+    try:
+        return _dispatch(args)
+    except RayparError as exc:
+        print(f"raypar: error: {exc.headline}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("raypar: interrupted; the job is resumable with `raypar resume JOB_DIR`", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "status":
+        return _status(args)
+    from .driver import resume_job, run_job
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
+    if args.command == "run":
+        outcome = run_job(args.spec, job_dir=args.job_dir, address=args.address, echo=echo)
+    else:
+        outcome = resume_job(args.job_dir, address=args.address, echo=echo)
+    if outcome.state.value == "succeeded":
+        where = f"; output {outcome.output}" if outcome.output else ""
+        echo(f"raypar: succeeded: {outcome.completed}/{outcome.total} mini-batches done{where}")
+    else:
+        headline = outcome.reason.splitlines()[0] if outcome.reason else outcome.state.value
+        print(f"raypar: job {outcome.state.value}: {headline}", file=sys.stderr)
+        print(f"raypar: details: raypar status {outcome.job_dir}; continue: raypar resume {outcome.job_dir}",
+              file=sys.stderr)
+    return outcome.exit_code
+
+
+def _status(args) -> int:
+    from .status import job_status
+
+    status = job_status(args.job_dir)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    print(f"job:       {status['name'] or '-'} ({status['job_dir']})")
+    print(f"state:     {status['state']}")
+    if status["reason"]:
+        print("reason:    " + status["reason"].replace("\n", "\n           "))
+    total = "?" if status["total"] is None else status["total"]
+    print(f"batches:   {status['completed']} done, {status['failed']} failed, "
+          f"{status['pending'] if status['pending'] is not None else '?'} pending, {total} total")
+    if status["output"]:
+        print(f"output:    {status['output']}")
+    for err in status["errors"]:
+        last = err["error"].strip().splitlines()[-1] if err["error"].strip() else ""
+        print(f"error:     {err['batch']} ({err['kind']}): {last}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

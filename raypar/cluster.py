@@ -1,0 +1,39 @@
+"""Connecting to Ray: an existing cluster, or an embedded one on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import ray
+
+from .errors import RayparError
+
+
+def connect(address: Optional[str] = None) -> bool:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
+
+    Returns True when raypar started the Ray instance (and must stop it).
+    The embedded Ray listens on loopback only: a Ray reachable from the
+    network runs anyone's code (ShadowRay, CVE-2023-48022).
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+            return False
+        # Read by every Ray process this start spawns: bind to 127.0.0.1 only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        return True
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "an embedded local Ray"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RayparError(f"cannot connect to Ray at {where}: {first}") from None
+
+
+def disconnect() -> None:
+    ray.shutdown()

@@ -1,0 +1,213 @@
+"""One driver session: claim the job dir, plan, run what is pending, assemble.
+
+``run_job`` creates a job dir from a spec (or continues one that holds the
+same spec); ``resume_job`` needs nothing but the job dir. Both end in
+``_drive``, which is the only place that moves a job between states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from .errors import PlacementError, SpecError, UsageError
+from .inputs import plan_batches
+from .ledger import LEASE_TTL, Ledger, new_run_id
+from .outputs import assemble
+from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict
+from .state import JobState
+from .status import job_status
+
+log = logging.getLogger("raypar")
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Outcome:
+    """How a driver session ended; ``exit_code`` follows the CLI's convention."""
+
+    state: JobState
+    job_dir: str
+    total: int
+    completed: int
+    failed: int
+    pending: int
+    output: Optional[str]
+    reason: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return {JobState.SUCCEEDED: 0, JobState.CANCELED: 130}.get(self.state, 1)
+
+
+def default_job_dir(spec: JobSpec) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = (spec.name or "job").replace("/", "-")
+    return str(Path("raypar-jobs", f"{name}-{stamp}-{uuid.uuid4().hex[:4]}").resolve())
+
+
+def _as_spec(spec: Union[str, os.PathLike, dict, JobSpec]) -> JobSpec:
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_dict(spec)
+    return load_spec(spec)
+
+
+def _normalize_dir(job_dir: str) -> str:
+    return job_dir if is_url(job_dir) else str(Path(job_dir).expanduser().resolve())
+
+
+def check_files(spec: JobSpec) -> None:
+    """Fail before anything is written when the code or the input is missing."""
+    entry = bind(spec).entry_script_path
+    if not is_url(entry) and not os.path.isfile(entry):
+        raise SpecError(f"task.entry_script: {entry} not found")
+    data = spec.data_input
+    if not is_url(data.path) and not os.path.exists(data.path):
+        raise SpecError(f"inputs.{spec.data_input_name}.path: {data.path} not found")
+
+
+def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
+            echo: Echo = print) -> Outcome:
+    """Run a spec. A job dir that already holds this same spec is resumed, not restarted.
+
+    Args:
+        spec: a path to the YAML, a dict in the YAML's shape, or a JobSpec.
+        job_dir: where the ledger lives (local path or fsspec URL); default
+            ``./raypar-jobs/<name>-<time>-<id>``.
+        address: a Ray cluster address; default ``RAY_ADDRESS`` or an
+            embedded local Ray bound to 127.0.0.1.
+        echo: where progress lines go.
+    """
+    spec = _as_spec(spec)
+    job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
+    spec = fill_output_paths(spec, f"{job_dir}/outputs")
+    check_files(spec)
+    ledger = Ledger(job_dir)
+    if ledger.exists():
+        frozen = ledger.load_job()["spec"]
+        if frozen != spec.to_dict():
+            raise UsageError(f"{job_dir}: holds a different job; use a new --job-dir, or `raypar resume {job_dir}`")
+        echo(f"raypar: {job_dir} already holds this job: resuming it")
+    else:
+        ledger.create(spec.to_dict(), spec.to_yaml())
+        echo(f"raypar: job dir {job_dir}")
+    return _drive(ledger, spec, address, echo)
+
+
+def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) -> Outcome:
+    """Run exactly the mini-batches of ``job_dir`` that are not done, then assemble."""
+    job_dir = _normalize_dir(job_dir)
+    ledger = Ledger(job_dir)
+    spec = JobSpec.model_validate(ledger.load_job()["spec"])
+    check_files(spec)
+    echo(f"raypar: resuming {job_dir}")
+    return _drive(ledger, spec, address, echo)
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the lease fresh while the driver lives."""
+
+    def __init__(self, ledger: Ledger, run: str):
+        super().__init__(daemon=True, name="raypar-lease")
+        self.ledger, self.run_id, self.stopped = ledger, run, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(LEASE_TTL / 3):
+            try:
+                self.ledger.heartbeat(self.run_id)
+            except Exception as exc:  # storage hiccup: try again next beat
+                log.warning("lease heartbeat failed: %s", exc)
+
+
+def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo) -> Outcome:
+    run = new_run_id()
+    ledger.acquire_lease(run)
+    beat = _Heartbeat(ledger, run)
+    beat.start()
+    state, reason, detail = JobState.FAILED, "", ""
+    try:
+        ledger.write_state(JobState.RUNNING, run)
+        if ledger.read_manifest() is None:
+            count = ledger.write_manifest(plan_batches(spec))
+            echo(f"raypar: planned {count} mini-batch(es)")
+        view = ledger.view()
+        pending = view.pending()
+        if pending:
+            echo(f"raypar: {len(pending)} of {len(view.manifest)} mini-batch(es) to run")
+            reason, detail = _execute(ledger, spec, run, view, pending, address, echo)
+            view = ledger.view()
+        if reason:
+            state = JobState.FAILED
+        else:
+            target = bind(spec).append_row_path
+            if target:
+                assemble(ledger, view, target)
+            state = JobState.SUCCEEDED
+            failed = view.failed_batches()
+            if failed:
+                echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
+                     f"`raypar resume {ledger.url}` retries them")
+    except KeyboardInterrupt:
+        state, reason = JobState.CANCELED, "interrupted (Ctrl-C)"
+        raise
+    except PlacementError as exc:
+        state, reason = JobState.FAILED, exc.headline
+        raise
+    except BaseException as exc:
+        state, reason = JobState.FAILED, f"driver error: {exc}"
+        raise
+    finally:
+        beat.stopped.set()
+        beat.join(timeout=5)
+        try:
+            ledger.write_state(state, run, reason if not detail else f"{reason}\n{detail}")
+        finally:
+            ledger.release_lease(run)
+    status = job_status(ledger.url)
+    return Outcome(state=state, job_dir=ledger.url, total=status["total"], completed=status["completed"],
+                   failed=status["failed"], pending=status["pending"], output=status.get("output"),
+                   reason=reason)
+
+
+def _execute(ledger, spec, run, view, pending, address, echo) -> tuple[str, str]:
+    """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
+    from . import cluster
+    from .scheduler import Placement, Progress, Scheduler
+
+    owned = cluster.connect(address)
+    try:
+        total = len(view.manifest)
+        progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
+        progress.failed_items = sum(r.failed_items for r in view.done.values())
+        reporter = _Reporter(echo)
+        placement = Placement(spec, ledger.url, run, owned_cluster=owned)
+        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter)
+        reason = scheduler.run()
+        reporter(progress, final=True)
+        return reason or "", scheduler.stop_detail
+    finally:
+        if owned:
+            cluster.disconnect()
+
+
+class _Reporter:
+    """Plain progress lines, at most every few seconds."""
+
+    def __init__(self, echo: Echo, every: float = 5.0):
+        self.echo, self.every, self.last = echo, every, time.time()
+
+    def __call__(self, p, final: bool = False) -> None:
+        now = time.time()
+        if not final and now - self.last < self.every:
+            return
+        self.last = now
+        self.echo(f"raypar: {p.done}/{p.total} done, {p.failed} failed ({p.rate(now):.1f} mini-batches/s)")

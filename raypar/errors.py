@@ -1,0 +1,47 @@
+"""One exception root for everything raypar reports to a user.
+
+Every subclass carries a one-line ``headline`` that names the problem and the
+place; the CLI prints that line (never a traceback) and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class RayparError(Exception):
+    """Root of all errors raypar raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, headline: str):
+        super().__init__(headline)
+        self.headline = headline
+
+
+class SpecError(RayparError):
+    """The job spec is wrong: unknown key, bad value, missing file."""
+
+    exit_code = 2
+
+
+class UsageError(RayparError):
+    """The command line is wrong (bad arguments, a job dir that is not one)."""
+
+    exit_code = 2
+
+
+class LedgerError(RayparError):
+    """The job directory cannot be read or written as a ledger."""
+
+
+class LeaseHeldError(RayparError):
+    """Another live driver owns the job directory."""
+
+    exit_code = 2
+
+
+class PlacementError(RayparError):
+    """The cluster cannot host the requested instances."""
+
+
+class JobFailedError(RayparError):
+    """The job ran and ended ``failed`` (a threshold crossed, no worker could start)."""

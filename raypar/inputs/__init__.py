@@ -1,0 +1,10 @@
+"""Partitioners: turn a job's input into a deterministic stream of mini-batches.
+
+``plan_batches(spec)`` is the planning side (driver); ``materialize(batch, spec)``
+is the worker side that turns a batch's payload into what ``run()`` receives.
+Each input kind lives in its own module and registers both halves here.
+"""
+
+from .base import MiniBatch, materialize, plan_batches
+
+__all__ = ["MiniBatch", "plan_batches", "materialize"]

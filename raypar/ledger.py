@@ -1,0 +1,371 @@
+"""The job directory: the durable truth about a job, on any fsspec URL.
+
+Layout (everything JSON; nothing here is ever unpickled or executed)::
+
+    job.json                    frozen spec + job identity (written once)
+    spec.yml                    readable copy of the frozen spec (never read back)
+    manifest/chunk-NNNNNN.jsonl the planned mini-batches, one JSON line each
+    manifest/COMPLETE.json      written last: chunk names, counts, checksums
+    parts/<batch>~<run>~<try>.part     one batch's output rows
+    done/<batch>~<run>~<try>.json      "this batch is done; its rows are in that part"
+    failed/<batch>~<run>~<try>.json    one failed attempt, with the error text
+    state.json                  last state written by the driver holding the lease
+    lease.json                  which driver owns the job dir (heartbeat)
+
+Records are new files with unique names (run ID + attempt), written
+atomically: no file is ever read-modified-written, and an attempt that is
+killed half-way can never clobber another attempt's part.
+
+The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+from . import __version__
+from .errors import LeaseHeldError, LedgerError, UsageError
+from .inputs.base import MiniBatch
+from .state import JobState
+from .storage import Store
+
+FORMAT = 1
+CHUNK_SIZE = 10_000
+LEASE_TTL = 30.0
+
+
+def new_run_id() -> str:
+    """A sortable, unique ID for one driver session."""
+    return time.strftime("r%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def _sealed(body: dict) -> bytes:
+    """JSON with a checksum of its own content, so torn or edited records are detected."""
+    body = dict(body)
+    body.pop("sha256", None)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    body["sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(body, sort_keys=True).encode()
+
+
+def _unseal(data: bytes) -> Optional[dict]:
+    """The record's body if it is whole and unmodified, else None."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    claimed = body.pop("sha256", None)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return body if claimed == hashlib.sha256(canonical.encode()).hexdigest() else None
+
+
+def attempt_name(batch: str, run: str, attempt: int) -> str:
+    return f"{batch}~{run}~{attempt}"
+
+
+@dataclass(frozen=True)
+class DoneRecord:
+    batch: str
+    run: str
+    attempt: int
+    items: int
+    returned: int
+    part: Optional[str]  # file name under parts/, None in summary-only jobs
+    part_bytes: int = 0
+    node: Optional[str] = None
+    worker: Optional[str] = None
+    seconds: float = 0.0
+
+    @property
+    def failed_items(self) -> int:
+        return max(self.items - self.returned, 0)
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    batch: str
+    run: str
+    attempt: int
+    error: str
+    kind: str  # "user" (run() raised), "system" (worker lost), "timeout"
+    final: bool  # True when the batch's tries are spent
+    node: Optional[str] = None
+
+
+@dataclass
+class LedgerView:
+    """A consistent read of the ledger at one moment."""
+
+    manifest: Optional[list[MiniBatch]]
+    done: dict[str, DoneRecord]
+    failed: dict[str, list[FailedRecord]] = field(default_factory=dict)
+
+    def pending(self) -> list[MiniBatch]:
+        """The resume rule, written once: every planned batch without a done record."""
+        if self.manifest is None:
+            raise LedgerError("the manifest is incomplete; the job must be planned again")
+        return [b for b in self.manifest if b.id not in self.done]
+
+    def failed_batches(self) -> set[str]:
+        """Batches whose tries were spent and that are still not done."""
+        return {
+            b for b, records in self.failed.items()
+            if b not in self.done and any(r.final for r in records)
+        }
+
+
+class Ledger:
+    """Reads and writes one job directory."""
+
+    def __init__(self, url: str, storage_options: Optional[dict] = None):
+        self.url = url.rstrip("/")
+        self.store = Store(self.url, storage_options)
+
+    # -- identity -------------------------------------------------------
+
+    def create(self, spec_dict: dict, spec_yaml: str) -> dict:
+        """Write job.json once; raises UsageError if the dir already holds a job."""
+        job = {
+            "format": FORMAT,
+            "raypar_version": __version__,
+            "job_id": uuid.uuid4().hex,
+            "created": time.time(),
+            "created_by": f"{getpass.getuser()}@{socket.gethostname()}",
+            "spec": spec_dict,
+        }
+        if not self.store.write_new(json.dumps(job, indent=2, sort_keys=True).encode(), "job.json"):
+            raise UsageError(f"{self.url}: already holds a raypar job")
+        self.store.write_atomic(spec_yaml.encode(), "spec.yml")
+        return job
+
+    def load_job(self) -> dict:
+        """job.json, validated; a clear error when the dir is not a job dir."""
+        try:
+            raw = self.store.read_bytes("job.json")
+        except FileNotFoundError:
+            raise UsageError(f"{self.url}: not a raypar job dir (no job.json)") from None
+        try:
+            job = json.loads(raw)
+            if job.get("format") != FORMAT:
+                raise LedgerError(f"{self.url}/job.json: unsupported format {job.get('format')!r}")
+            job["spec"]
+        except (ValueError, KeyError, TypeError):
+            raise LedgerError(f"{self.url}/job.json: corrupted") from None
+        return job
+
+    def exists(self) -> bool:
+        return self.store.exists("job.json")
+
+    # -- manifest -------------------------------------------------------
+
+    def write_manifest(self, batches: Iterable[MiniBatch]) -> int:
+        """Persist the plan in chunks, then the COMPLETE marker; returns the batch count."""
+        chunks, count, buffer = [], 0, []
+
+        def flush():
+            name = f"chunk-{len(chunks):06d}.jsonl"
+            data = ("\n".join(buffer) + "\n").encode()
+            self.store.write_atomic(data, "manifest", name)
+            chunks.append({"name": name, "count": len(buffer), "sha256": hashlib.sha256(data).hexdigest()})
+            buffer.clear()
+
+        for batch in batches:
+            if batch.ordinal != count:
+                raise LedgerError(f"planner produced ordinal {batch.ordinal}, expected {count}")
+            buffer.append(batch.to_json())
+            count += 1
+            if len(buffer) >= CHUNK_SIZE:
+                flush()
+        if buffer:
+            flush()
+        self.store.write_atomic(_sealed({"batches": count, "chunks": chunks}), "manifest", "COMPLETE.json")
+        return count
+
+    def read_manifest(self) -> Optional[list[MiniBatch]]:
+        """The planned batches, or None when planning never finished."""
+        try:
+            marker = _unseal(self.store.read_bytes("manifest", "COMPLETE.json"))
+        except FileNotFoundError:
+            return None
+        if marker is None:
+            return None  # torn marker: plan again
+        batches: list[MiniBatch] = []
+        for chunk in marker["chunks"]:
+            data = self.store.read_bytes("manifest", chunk["name"])
+            if hashlib.sha256(data).hexdigest() != chunk["sha256"]:
+                raise LedgerError(f"{self.url}/manifest/{chunk['name']}: corrupted (checksum mismatch)")
+            batches.extend(MiniBatch.from_json(line) for line in data.decode().splitlines() if line)
+        if len(batches) != marker["batches"]:
+            raise LedgerError(f"{self.url}/manifest: expected {marker['batches']} batches, found {len(batches)}")
+        return batches
+
+    # -- records --------------------------------------------------------
+
+    def write_part(self, name: str, data: bytes) -> str:
+        self.store.write_atomic(data, "parts", f"{name}.part")
+        return f"{name}.part"
+
+    def record_done(self, record: DoneRecord) -> None:
+        name = attempt_name(record.batch, record.run, record.attempt)
+        self.store.write_atomic(_sealed(record.__dict__), "done", f"{name}.json")
+
+    def record_failed(self, record: FailedRecord) -> None:
+        name = attempt_name(record.batch, record.run, record.attempt)
+        self.store.write_atomic(_sealed(record.__dict__), "failed", f"{name}.json")
+
+    def part_path(self, part: str) -> str:
+        return self.store.path("parts", part)
+
+    def read_part(self, part: str) -> bytes:
+        return self.store.read_bytes("parts", part)
+
+    def view(self) -> LedgerView:
+        return LedgerView(manifest=self.read_manifest(), done=self._done_records(), failed=self._failed_records())
+
+    def _records(self, folder: str, prefix: str = "") -> Iterator[dict]:
+        paths = [p for p in self.store.list_files(folder)
+                 if p.endswith(".json") and os.path.basename(p).startswith(prefix)]
+        for data in self.store.read_many(paths).values():
+            body = _unseal(data)
+            if body is not None:  # torn or corrupted: as if never written
+                yield body
+
+    def is_done(self, batch: str) -> bool:
+        """Whether ``batch`` has a valid done record (one listing, for rare checks)."""
+        return batch in self._done_records(prefix=f"{batch}~")
+
+    def _done_records(self, prefix: str = "") -> dict[str, DoneRecord]:
+        part_sizes = {
+            os.path.basename(p): size for p, size in self._file_sizes("parts").items()
+        }
+        chosen: dict[str, DoneRecord] = {}
+        for body in self._records("done", prefix):
+            try:
+                record = DoneRecord(**body)
+            except TypeError:
+                continue
+            if record.part is not None and part_sizes.get(record.part) != record.part_bytes:
+                continue  # its part is missing or truncated: not done
+            # Several valid records can exist (a worker that died after recording);
+            # every one is a complete result, and the smallest name is chosen.
+            key = (record.run, record.attempt)
+            current = chosen.get(record.batch)
+            if current is None or key < (current.run, current.attempt):
+                chosen[record.batch] = record
+        return chosen
+
+    def _failed_records(self) -> dict[str, list[FailedRecord]]:
+        out: dict[str, list[FailedRecord]] = {}
+        for body in self._records("failed"):
+            try:
+                record = FailedRecord(**body)
+            except TypeError:
+                continue
+            out.setdefault(record.batch, []).append(record)
+        for records in out.values():
+            records.sort(key=lambda r: (r.run, r.attempt))
+        return out
+
+    def _file_sizes(self, folder: str) -> dict[str, int]:
+        try:
+            entries = self.store.fs.ls(self.store.path(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"]: e.get("size") for e in entries if e.get("type") == "file"}
+
+    # -- state ----------------------------------------------------------
+
+    def write_state(self, state: JobState, run: str, reason: str = "") -> None:
+        body = {"state": state.value, "run": run, "reason": reason, "updated": time.time()}
+        self.store.write_atomic(json.dumps(body, sort_keys=True).encode(), "state.json")
+
+    def read_state(self) -> dict:
+        try:
+            body = json.loads(self.store.read_bytes("state.json"))
+            JobState(body["state"])
+            return body
+        except FileNotFoundError:
+            return {"state": JobState.CREATED.value, "run": None, "reason": ""}
+        except (ValueError, KeyError, TypeError):
+            # A torn state file only loses the last label; the records are the truth.
+            return {"state": JobState.INTERRUPTED.value, "run": None, "reason": "state.json unreadable"}
+
+    # -- lease ----------------------------------------------------------
+
+    def read_lease(self) -> Optional[dict]:
+        try:
+            return json.loads(self.store.read_bytes("lease.json"))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # torn lease: its writer died mid-write
+
+    def lease_is_live(self, lease: Optional[dict], now: Optional[float] = None) -> bool:
+        if not lease:
+            return False
+        now = time.time() if now is None else now
+        if now - lease.get("heartbeat", 0) > lease.get("ttl", LEASE_TTL):
+            return False
+        if lease.get("host") == socket.gethostname():
+            return _process_alive(lease.get("pid"), lease.get("pid_started"))
+        return True
+
+    def acquire_lease(self, run: str, ttl: float = LEASE_TTL) -> None:
+        """Claim the job dir for this driver, or raise LeaseHeldError naming the owner."""
+        current = self.read_lease()
+        if current and current.get("run") != run and self.lease_is_live(current):
+            age = time.time() - current.get("heartbeat", 0)
+            raise LeaseHeldError(
+                f"{self.url}: another raypar driver is running this job "
+                f"(pid {current.get('pid')} on {current.get('host')}, heartbeat {age:.0f}s ago); "
+                f"wait for it to finish or cancel it"
+            )
+        self.heartbeat(run, ttl)
+        confirmed = self.read_lease()
+        if not confirmed or confirmed.get("run") != run:
+            raise LeaseHeldError(f"{self.url}: another raypar driver claimed this job at the same moment")
+
+    def heartbeat(self, run: str, ttl: float = LEASE_TTL) -> None:
+        body = {
+            "run": run, "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_started": _process_start(os.getpid()), "heartbeat": time.time(), "ttl": ttl,
+        }
+        self.store.write_atomic(json.dumps(body).encode(), "lease.json")
+
+    def release_lease(self, run: str) -> None:
+        current = self.read_lease()
+        if current and current.get("run") == run:
+            self.store.remove("lease.json")
+
+
+def _process_start(pid: int) -> Optional[float]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # psutil missing or process gone: no start time to compare
+        return None
+
+
+def _process_alive(pid: Optional[int], started: Optional[float]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A recycled pid belongs to a process that started later.
+    now_started = _process_start(pid)
+    return started is None or now_started is None or abs(now_started - started) < 1.0

@@ -1,0 +1,416 @@
+"""The driver loop: place workers on nodes, feed them mini-batches, react to results.
+
+Placement: one STRICT_SPREAD placement group with ``instance_count`` bundles,
+one bundle per instance sized for ``max_concurrency_per_instance`` workers.
+STRICT_SPREAD reserves all instances on distinct nodes atomically (or not at
+all, so a job never starts half-placed) and GCS re-places a bundle whose node
+died; plain node affinity can do neither.
+
+Dispatch is pull-based: each worker holds at most ``PREFETCH`` calls (one
+running, one queued so it never idles on a round trip), and only one in the
+tail of the job, so a slow worker never sits on work others could take.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .errors import PlacementError
+from .inputs.base import MiniBatch
+from .ledger import FailedRecord, Ledger
+from .spec import JobSpec
+from .worker import Worker
+
+log = logging.getLogger("raypar")
+
+PREFETCH = 2
+MAX_STARTS_PER_SLOT = 3  # init() tries per slot before the slot is given up
+MAX_DEATHS_PER_SLOT = 5  # worker processes lost per slot before the slot is given up
+MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not user tries)
+STOP_TIMEOUT = 30.0  # seconds shutdown() may take on each worker
+
+
+@dataclass(eq=False)
+class Call:
+    ref: Any
+    batch: MiniBatch
+    attempt: int
+    started: Optional[float]  # None while queued behind another call on the actor
+
+
+@dataclass(eq=False)
+class Slot:
+    """One worker position: instance (node) and slot index; its actor may be replaced."""
+
+    instance: int
+    index: int
+    actor: Any = None
+    generation: int = 0
+    start_ref: Any = None
+    ready: bool = False
+    retired: bool = False
+    starts_failed: int = 0
+    deaths: int = 0
+    node: Optional[str] = None
+    calls: collections.deque = field(default_factory=collections.deque)
+
+    @property
+    def label(self) -> str:
+        return f"instance {self.instance} slot {self.index}"
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    failed: int = 0
+    failed_items: int = 0
+    done_before: int = 0  # done by earlier sessions: not part of this session's rate
+    started_at: float = field(default_factory=time.time)
+
+    def rate(self, now: float) -> float:
+        return (self.done - self.done_before) / max(now - self.started_at, 1e-9)
+
+
+class Placement:
+    """The placement group and the factory of worker actors pinned into it."""
+
+    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool):
+        self.spec, self.job_url, self.run, self.owned = spec, job_url, run, owned_cluster
+        self.pg = None
+        self._remote = ray.remote(Worker)
+
+    def bundle(self) -> dict[str, float]:
+        w, n = self.spec.raypar.worker, self.spec.max_concurrency_per_instance
+        bundle = {"CPU": w.num_cpus * n, "GPU": w.num_gpus * n}
+        if w.memory is not None:
+            bundle["memory"] = float(w.memory_bytes() * n)
+        bundle.update({k: v * n for k, v in w.resources.items()})
+        return {k: v for k, v in bundle.items() if v > 0}
+
+    def reserve(self) -> None:
+        """Reserve instance_count distinct nodes, or raise PlacementError saying why not."""
+        bundle, count = self.bundle(), self.spec.resources.instance_count
+        timeout = self.spec.raypar.placement_timeout
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+        need = (
+            f"the job needs {count} node(s) with {_fmt(bundle)} each "
+            f"(instance_count={count} x max_concurrency_per_instance={self.spec.max_concurrency_per_instance}); "
+            f"the cluster has {len(fitting)} such node(s) of {len(alive)} alive"
+        )
+        if len(fitting) < count and (self.owned or timeout == 0):
+            raise PlacementError(need)
+        self.pg = placement_group([bundle] * count, strategy="STRICT_SPREAD", name=f"raypar-{self.run}")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout)
+        except GetTimeoutError:
+            self.release()
+            raise PlacementError(f"{need} free; waited {timeout:.0f}s (raypar.placement_timeout)") from None
+
+    def new_actor(self, slot: Slot):
+        w = self.spec.raypar.worker
+        slot.generation += 1
+        env = {
+            **self.spec.environment_variables,
+            "RAYPAR_JOB_DIR": self.job_url, "RAYPAR_RUN": self.run,
+            "RAYPAR_INSTANCE": str(slot.instance), "RAYPAR_SLOT": str(slot.index),
+        }
+        name = self.spec.name or "job"
+        return self._remote.options(
+            num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory_bytes(),
+            resources=w.resources or None, max_restarts=0, max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.instance),
+            runtime_env={"env_vars": env},
+            name=f"raypar:{name}:i{slot.instance}:s{slot.index}:g{slot.generation}:{self.run}",
+        ).remote(self.job_url, self.spec.to_dict(), self.run, slot.instance, slot.index)
+
+    def release(self) -> None:
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception as exc:  # the cluster may already be gone
+                log.debug("removing placement group failed: %s", exc)
+            self.pg = None
+
+
+def _fmt(bundle: dict[str, float]) -> str:
+    parts = []
+    for k, v in bundle.items():
+        if k == "memory":
+            parts.append(f"memory {v / 2**30:.1f} GiB")
+        else:
+            parts.append(f"{k} {v:g}")
+    return "{" + ", ".join(parts) + "}"
+
+
+class Scheduler:
+    """Runs the pending batches of one driver session on a set of worker slots."""
+
+    def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[MiniBatch],
+                 placement: Placement, progress: Progress,
+                 on_progress: Callable[[Progress], None] = lambda p: None):
+        self.ledger, self.spec, self.run_id, self.placement = ledger, spec, run, placement
+        self.queue: collections.deque = collections.deque((b, 0) for b in pending)
+        self.progress, self.on_progress = progress, on_progress
+        self.slots = [
+            Slot(instance=i, index=s)
+            for i in range(spec.resources.instance_count)
+            for s in range(spec.max_concurrency_per_instance)
+        ]
+        self.calls: dict[Any, tuple[Slot, Call]] = {}
+        self.starts: dict[Any, Slot] = {}
+        self.tries: dict[str, int] = collections.Counter()  # user tries spent this session
+        self.system_failures: dict[str, int] = collections.Counter()
+        self.attempts: dict[str, int] = collections.Counter()
+        self.stop_reason: Optional[str] = None
+        self.stop_detail: str = ""
+        self.last_init_error: Optional[str] = None
+
+    # -- lifecycle ------------------------------------------------------
+
+    def run(self) -> Optional[str]:
+        """Run until every batch is done or failed, or a stop condition; returns the stop reason."""
+        self.placement.reserve()
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            while not self._finished():
+                self.step(time.time())
+            self._retire_all(graceful=self.stop_reason is None)
+        finally:
+            self._kill_all()
+            self.placement.release()
+        return self.stop_reason
+
+    def _finished(self) -> bool:
+        if self.stop_reason is not None:
+            return True
+        return not self.queue and not self.calls
+
+    def step(self, now: float) -> None:
+        """One iteration: dispatch, wait briefly for any answer, handle answers and deadlines."""
+        self._dispatch(now)
+        waiting = list(self.calls) + list(self.starts)
+        if not waiting:
+            if self.queue and not any(s.ready or s.start_ref for s in self.slots):
+                if self.last_init_error:
+                    self._stop("no worker could start: init() failed on every worker", self.last_init_error)
+                else:
+                    self._stop("every worker slot was given up after repeated worker losses")
+            return
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_timeout(now))
+        if ready:
+            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+        now = time.time()
+        for ref in ready:
+            if ref in self.starts:
+                self._on_started(self.starts.pop(ref), ref)
+            elif ref in self.calls:
+                slot, call = self.calls.pop(ref)
+                self._on_answer(slot, call, ref, now)
+        self._enforce_timeouts(now)
+        self.on_progress(self.progress)
+
+    def _wait_timeout(self, now: float) -> float:
+        timeout = self.spec.retry_settings.timeout
+        deadlines = [c.started + timeout for s in self.slots for c in list(s.calls)[:1] if c.started]
+        return max(0.0, min([1.0, *(d - now for d in deadlines)]))
+
+    # -- starting workers -------------------------------------------------
+
+    def _start(self, slot: Slot) -> None:
+        slot.actor = self.placement.new_actor(slot)
+        slot.ready = False
+        slot.start_ref = slot.actor.start.remote()
+        self.starts[slot.start_ref] = slot
+
+    def _on_started(self, slot: Slot, ref) -> None:
+        slot.start_ref = None
+        try:
+            answer = ray.get(ref)
+        except RayError as exc:
+            answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
+        if answer.get("ok"):
+            slot.ready, slot.node = True, answer.get("node")
+            log.debug("%s ready on node %s", slot.label, slot.node)
+            return
+        self.last_init_error = answer.get("error", "")
+        slot.starts_failed += 1
+        log.warning("init() failed on %s (try %d of %d):\n%s", slot.label, slot.starts_failed,
+                    MAX_STARTS_PER_SLOT, self.last_init_error)
+        self._kill(slot)
+        if slot.starts_failed >= MAX_STARTS_PER_SLOT:
+            slot.retired = True
+        else:
+            self._start(slot)
+
+    # -- dispatch ---------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        if self.stop_reason is not None:
+            return
+        ready = [s for s in self.slots if s.ready and not s.retired]
+        # Fill in waves (one call per worker per wave) so the first batches spread out.
+        for depth in range(1, PREFETCH + 1):
+            if depth > 1 and len(self.queue) <= len(ready) * PREFETCH:
+                break  # the tail: keep work in the queue for whichever worker frees first
+            for slot in ready:
+                if not self.queue:
+                    return
+                if len(slot.calls) < depth:
+                    self._submit(slot, now)
+
+    def _submit(self, slot: Slot, now: float) -> None:
+        batch, _ = self.queue.popleft()
+        self.attempts[batch.id] += 1
+        attempt = self.attempts[batch.id]
+        ref = slot.actor.run_batch.remote(batch.to_json(), attempt)
+        call = Call(ref=ref, batch=batch, attempt=attempt, started=None if slot.calls else now)
+        slot.calls.append(call)
+        self.calls[ref] = (slot, call)
+
+    # -- answers ----------------------------------------------------------
+
+    def _on_answer(self, slot: Slot, call: Call, ref, now: float) -> None:
+        try:
+            answer = ray.get(ref)
+        except RayError as exc:
+            self._on_worker_lost(slot, exc)
+            return
+        self._pop_call(slot, call, now)
+        if answer["ok"]:
+            self.progress.done += 1
+            self.progress.failed_items += max(answer["items"] - answer["returned"], 0)
+            self._check_thresholds()
+        else:
+            self._on_user_failure(call, answer["error"], "user", slot)
+
+    def _pop_call(self, slot: Slot, call: Call, now: float) -> None:
+        slot.calls.remove(call)
+        if slot.calls and slot.calls[0].started is None:
+            slot.calls[0].started = now
+
+    def _on_user_failure(self, call: Call, error: str, kind: str, slot: Slot) -> None:
+        batch = call.batch
+        self.tries[batch.id] += 1
+        final = self.tries[batch.id] >= self.spec.max_tries
+        self.ledger.record_failed(FailedRecord(
+            batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
+            final=final, node=slot.node,
+        ))
+        last_line = error.strip().splitlines()[-1] if error.strip() else error
+        log.warning("%s failed on %s (try %d of %d): %s", batch.id, slot.label,
+                    self.tries[batch.id], self.spec.max_tries, last_line)
+        if final:
+            self.progress.failed += 1
+            self.progress.failed_items += batch.item_count
+            self._check_thresholds()
+        else:
+            self.queue.appendleft((batch, 0))  # retry soon, so thresholds are known early
+
+    def _on_worker_lost(self, slot: Slot, exc: Exception) -> None:
+        """The worker process died: a system failure, not one of the user's tries."""
+        running = self._replace(slot, f"worker process lost ({type(exc).__name__})")
+        if running is not None:
+            self._requeue_after_system_failure(running, f"worker lost: {exc}", slot)
+
+    def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot) -> None:
+        batch = call.batch
+        if self.ledger.is_done(batch.id):
+            # The worker recorded the batch before it died: it is done, never rerun.
+            self.progress.done += 1
+            return
+        self.system_failures[batch.id] += 1
+        if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:
+            self._on_user_failure(call, f"{error} ({MAX_SYSTEM_FAILURES_PER_BATCH} workers lost on this batch)",
+                                  "system", slot)
+            return
+        self.queue.appendleft((batch, 0))
+
+    def _replace(self, slot: Slot, why: str) -> Optional[Call]:
+        """Kill the slot's actor, hand its queued calls back, start a fresh actor.
+
+        Returns the call that was running on the actor (the caller decides
+        what that attempt counts as).
+        """
+        calls = list(slot.calls)
+        slot.calls.clear()
+        for call in calls:
+            self.calls.pop(call.ref, None)
+        for call in reversed(calls[1:]):  # never started: no try spent
+            self.queue.appendleft((call.batch, 0))
+        self._kill(slot)
+        slot.deaths += 1
+        log.warning("%s: %s; %d queued batch(es) handed back", slot.label, why, max(len(calls) - 1, 0))
+        if slot.deaths > MAX_DEATHS_PER_SLOT:
+            slot.retired = True
+            log.warning("%s given up after %d lost workers", slot.label, slot.deaths)
+        elif self.stop_reason is None:
+            self._start(slot)
+        return calls[0] if calls else None
+
+    def _enforce_timeouts(self, now: float) -> None:
+        timeout = self.spec.retry_settings.timeout
+        for slot in self.slots:
+            head = slot.calls[0] if slot.calls else None
+            if head is None or head.started is None or now - head.started <= timeout:
+                continue
+            running = self._replace(slot, f"{head.batch.id} ran past retry_settings.timeout={timeout}s; worker killed")
+            self._on_user_failure(running, f"TimeoutError: run() did not return within {timeout}s; the worker "
+                                  f"process was killed and replaced", "timeout", slot)
+
+    def _check_thresholds(self) -> None:
+        spec, p = self.spec, self.progress
+        if spec.mini_batch_error_threshold >= 0 and p.failed > spec.mini_batch_error_threshold:
+            self._stop(f"{p.failed} mini-batch(es) failed, more than mini_batch_error_threshold="
+                       f"{spec.mini_batch_error_threshold}")
+        elif spec.error_threshold >= 0 and p.failed_items > spec.error_threshold:
+            self._stop(f"{p.failed_items} item(s) failed, more than error_threshold={spec.error_threshold}")
+
+    def _stop(self, reason: str, detail: str = "") -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_detail = reason, detail
+            log.warning("stopping: %s", reason)
+
+    # -- retiring ---------------------------------------------------------
+
+    def _retire_all(self, graceful: bool) -> None:
+        """Let each worker run shutdown() (bounded), then end the processes."""
+        if not graceful:
+            return
+        refs = {s.actor.stop.remote(): s for s in self.slots if s.ready and s.actor is not None}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STOP_TIMEOUT)
+        for ref in done:
+            try:
+                error = ray.get(ref)
+            except RayError:
+                continue
+            if error:
+                log.warning("shutdown() raised on %s:\n%s", refs[ref].label, error)
+
+    def _kill(self, slot: Slot) -> None:
+        if slot.actor is not None:
+            if slot.start_ref is not None:
+                self.starts.pop(slot.start_ref, None)
+                slot.start_ref = None
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception as exc:  # already dead
+                log.debug("kill %s: %s", slot.label, exc)
+            slot.actor, slot.ready = None, False
+
+    def _kill_all(self) -> None:
+        for slot in self.slots:
+            self._kill(slot)
+        self.calls.clear()
+        self.starts.clear()

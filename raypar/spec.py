@@ -1,0 +1,394 @@
+"""The job spec: Azure ML CLI v2 ``type: parallel`` YAML as pydantic models.
+
+Pure: nothing here touches storage or Ray. ``load_spec`` reads one YAML file,
+makes relative paths absolute (relative to the YAML file, as Azure does) and
+validates; ``bind`` turns a validated spec into the concrete values a run
+needs (argv, the append-row file, the input root).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+
+# Azure's default file name inside a uri_folder output used by append_row_to.
+APPEND_ROW_FILE_NAME = "parallel_run_step.txt"
+DEFAULT_FILES_PER_BATCH = 10
+DEFAULT_BYTES_PER_BATCH = 1024 * 1024
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]b)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+_BINDING_RE = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    """``mini_batch_size`` parsed: a file count, or a byte size for tables."""
+
+    value: int
+    is_bytes: bool
+
+
+def parse_size(value: Union[int, str]) -> BatchSize:
+    """Parse ``10``, ``"10"``, ``"10kb"``, ``"100 MB"`` (units are x1024, as in Azure)."""
+    if isinstance(value, bool):
+        raise ValueError(f"mini_batch_size must be a count or a size like '10kb', not {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"mini_batch_size must be at least 1, got {value}")
+        return BatchSize(value, is_bytes=False)
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(
+            f"mini_batch_size {value!r} is not a count (e.g. '10') or a size (e.g. '10kb', '1mb', '1gb')"
+        )
+    number, unit = int(match.group(1)), (match.group(2) or "").lower() or None
+    if number < 1:
+        raise ValueError(f"mini_batch_size must be at least 1, got {value!r}")
+    return BatchSize(number * _UNITS[unit], is_bytes=unit is not None)
+
+
+def parse_bytes(value: Union[int, str]) -> int:
+    """A memory amount: an int (bytes) or a size string such as ``"2gb"``."""
+    size = parse_size(value)
+    return size.value
+
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` paths (fsspec URLs); False for local paths."""
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InputSpec(_Model):
+    type: Literal["uri_folder", "uri_file", "mltable"]
+    path: str
+    mode: Literal["ro_mount", "download", "direct", "eval_mount", "eval_download"] = "ro_mount"
+    description: Optional[str] = None
+
+
+class OutputSpec(_Model):
+    type: Literal["uri_folder", "uri_file", "mltable"] = "uri_folder"
+    # None: raypar puts the output under the job dir (Azure generates a datastore path).
+    path: Optional[str] = None
+    mode: Literal["rw_mount", "upload", "direct"] = "rw_mount"
+    description: Optional[str] = None
+
+
+class ResourcesSpec(_Model):
+    instance_count: int = Field(1, ge=1)
+    # Azure compute knobs: accepted so Azure YAML loads, meaningless on Ray.
+    instance_type: Any = None
+    shm_size: Any = None
+    docker_args: Any = None
+    properties: Any = None
+    locations: Any = None
+
+
+class RetrySettings(_Model):
+    # v2 counts *retries*: a mini-batch is tried max_retries + 1 times.
+    max_retries: int = Field(2, ge=0)
+    timeout: int = Field(60, gt=0, le=259200)
+
+
+class TaskSpec(_Model):
+    type: Literal["run_function"] = "run_function"
+    code: str
+    entry_script: str
+    program_arguments: Optional[str] = None
+    append_row_to: Optional[str] = None
+    environment: Any = None  # Azure environment: ignored, Ray's own environment is used
+
+    @field_validator("entry_script")
+    @classmethod
+    def _python_file(cls, value: str) -> str:
+        if not value.endswith(".py"):
+            raise ValueError(f"entry_script must be a .py file, got {value!r}")
+        return value
+
+
+class WorkerResources(_Model):
+    """Ray resources reserved for each worker actor (raypar extension)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: Optional[Union[int, str]] = None
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_size(cls, value):
+        if value is not None:
+            parse_bytes(value)
+        return value
+
+    @model_validator(mode="after")
+    def _reserve_something(self):
+        if self.num_cpus == 0 and self.num_gpus == 0 and not self.resources and self.memory is None:
+            raise ValueError("a worker must reserve some resource (num_cpus, num_gpus, memory or resources)")
+        return self
+
+    def memory_bytes(self) -> Optional[int]:
+        return None if self.memory is None else parse_bytes(self.memory)
+
+
+class RayparSpec(_Model):
+    """The ``raypar:`` block: settings Azure does not have."""
+
+    worker: WorkerResources = Field(default_factory=WorkerResources)
+    # How long to wait for the cluster to offer instance_count nodes.
+    placement_timeout: float = Field(60.0, ge=0)
+
+
+class JobSpec(_Model):
+    """A parallel job, as written in Azure ML v2 YAML (plus the ``raypar:`` block)."""
+
+    type: Literal["parallel"]
+    name: Optional[str] = None
+    inputs: dict[str, Union[InputSpec, bool, int, float, str]] = Field(default_factory=dict)
+    outputs: dict[str, OutputSpec] = Field(default_factory=dict)
+    input_data: str
+    mini_batch_size: Optional[Union[int, str]] = None
+    partition_keys: Optional[list[str]] = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_concurrency_per_instance: int = Field(1, ge=1)
+    error_threshold: int = Field(-1, ge=-1)
+    mini_batch_error_threshold: int = Field(-1, ge=-1)
+    logging_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    retry_settings: RetrySettings = Field(default_factory=RetrySettings)
+    environment_variables: dict[str, str] = Field(default_factory=dict)
+    task: TaskSpec
+    raypar: RayparSpec = Field(default_factory=RayparSpec)
+
+    # Azure-only keys: accepted and ignored.
+    schema_: Optional[str] = Field(None, alias="$schema")
+    compute: Any = None
+    environment: Any = None
+    display_name: Optional[str] = None
+    description: Optional[str] = None
+    tags: Any = None
+    experiment_name: Optional[str] = None
+
+    @field_validator("logging_level", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("environment_variables", mode="before")
+    @classmethod
+    def _env_strings(cls, value):
+        # YAML turns `OMP_NUM_THREADS: 1` into an int; environment values are strings.
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, str) else str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("mini_batch_size")
+    @classmethod
+    def _size(cls, value):
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        name = _single_binding(self.input_data, "input_data")
+        kind, _, key = name.partition(".")
+        if kind != "inputs" or key not in self.inputs:
+            raise ValueError(f"input_data {self.input_data!r} must be ${{{{inputs.NAME}}}} naming one of the inputs")
+        if not isinstance(self.inputs[key], InputSpec):
+            raise ValueError(f"input_data names inputs.{key}, which is a literal value, not data")
+        if self.partition_keys is not None and self.mini_batch_size is not None:
+            raise ValueError("partition_keys and mini_batch_size cannot be used together: choose one way to split")
+        for field, text in (("task.program_arguments", self.task.program_arguments),
+                            ("task.append_row_to", self.task.append_row_to)):
+            for ref in _BINDING_RE.findall(text or ""):
+                self._lookup(ref, field)
+        if self.task.append_row_to is not None:
+            ref = _single_binding(self.task.append_row_to, "task.append_row_to")
+            if not ref.startswith("outputs."):
+                raise ValueError("task.append_row_to must be ${{outputs.NAME}}")
+        return self
+
+    def _lookup(self, ref: str, field: str):
+        kind, _, key = ref.partition(".")
+        table = {"inputs": self.inputs, "outputs": self.outputs}.get(kind)
+        if table is None or key not in table:
+            raise ValueError(f"{field}: ${{{{{ref}}}}} does not name a declared input or output")
+        return table[key]
+
+    # -- derived values -------------------------------------------------
+
+    @property
+    def data_input_name(self) -> str:
+        return _single_binding(self.input_data, "input_data").partition(".")[2]
+
+    @property
+    def data_input(self) -> InputSpec:
+        return self.inputs[self.data_input_name]  # type: ignore[return-value]
+
+    def batch_size(self) -> BatchSize:
+        if self.mini_batch_size is not None:
+            return parse_size(self.mini_batch_size)
+        return BatchSize(DEFAULT_FILES_PER_BATCH, is_bytes=False)
+
+    @property
+    def max_tries(self) -> int:
+        return self.retry_settings.max_retries + 1
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _single_binding(text: str, field: str) -> str:
+    match = _BINDING_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{field} must be a single ${{{{...}}}} expression, got {text!r}")
+    return match.group(1)
+
+
+# -- loading -------------------------------------------------------------
+
+
+def load_spec(path: Union[str, os.PathLike]) -> JobSpec:
+    """Read and validate a spec file; relative paths become relative to its folder.
+
+    Raises:
+        SpecError: with one line naming the file and the problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return spec_from_dict(data, base_dir=path.parent.resolve(), source=str(path))
+
+
+def spec_from_dict(data: Any, base_dir: Union[str, Path, None] = None, source: str = "spec") -> JobSpec:
+    """Validate a spec given as a dict; ``base_dir`` anchors relative paths."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a job spec must be a YAML mapping, got {type(data).__name__}")
+    if data.get("type") != "parallel":
+        got = data.get("type")
+        raise SpecError(f"{source}: type must be 'parallel' (got {got!r}); raypar runs Azure ML parallel jobs")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {describe_validation_error(exc)}") from None
+    return absolutize(spec, Path(base_dir) if base_dir else Path.cwd())
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first pydantic error as one line that names the key."""
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    if first["type"] == "extra_forbidden":
+        line = f"unknown key '{first['loc'][-1]}'" + (f" at {where}" if "." in where else "")
+    elif first["type"] == "missing":
+        line = f"missing required key '{where}'"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        line = f"{where}: {msg}" if where else msg
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return line
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic adds the union member's type name to the location; users never wrote it.
+    return isinstance(part, str) and part in {"InputSpec", "bool", "int", "float", "str"}
+
+
+def absolutize(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """Make every local path in the spec absolute; URLs are left alone."""
+
+    def fix(p: Optional[str]) -> Optional[str]:
+        if p is None:
+            return None
+        if p.startswith("azureml:"):
+            raise SpecError(
+                f"path {p!r} is an Azure ML asset reference; give a local path or an fsspec URL instead"
+            )
+        if p.startswith("file://"):
+            p = p[len("file://"):]
+        if is_url(p):
+            return p
+        return str((base_dir / os.path.expanduser(p)).resolve())
+
+    inputs = {
+        k: v.model_copy(update={"path": fix(v.path)}) if isinstance(v, InputSpec) else v
+        for k, v in spec.inputs.items()
+    }
+    outputs = {k: v.model_copy(update={"path": fix(v.path)}) for k, v in spec.outputs.items()}
+    task = spec.task.model_copy(update={"code": fix(spec.task.code)})
+    return spec.model_copy(update={"inputs": inputs, "outputs": outputs, "task": task})
+
+
+# -- binding -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoundJob:
+    """Concrete values derived from a spec whose outputs all have paths."""
+
+    argv: list[str]
+    append_row_path: Optional[str]
+    entry_script_path: str
+
+
+def fill_output_paths(spec: JobSpec, default_root: str) -> JobSpec:
+    """Give outputs without a path one under ``default_root`` (Azure generates one too)."""
+    outputs = {}
+    for name, out in spec.outputs.items():
+        if out.path is None:
+            out = out.model_copy(update={"path": f"{default_root.rstrip('/')}/{name}"})
+        outputs[name] = out
+    return spec.model_copy(update={"outputs": outputs})
+
+
+def bind(spec: JobSpec) -> BoundJob:
+    """Substitute ``${{inputs.x}}`` / ``${{outputs.y}}`` and derive argv and the append-row file."""
+
+    def value_of(ref: str) -> str:
+        item = spec._lookup(ref, "binding")
+        if isinstance(item, (InputSpec, OutputSpec)):
+            if item.path is None:
+                raise SpecError(f"${{{{{ref}}}}} has no path yet")
+            return item.path
+        return str(item).lower() if isinstance(item, bool) else str(item)
+
+    def substitute(text: str) -> str:
+        return _BINDING_RE.sub(lambda m: value_of(m.group(1)), text)
+
+    args = shlex.split(substitute(spec.task.program_arguments or ""))
+    append_row_path = None
+    if spec.task.append_row_to:
+        output = spec._lookup(_single_binding(spec.task.append_row_to, "append_row_to"), "append_row_to")
+        path = value_of(_single_binding(spec.task.append_row_to, "append_row_to"))
+        append_row_path = path if output.type == "uri_file" else f"{path.rstrip('/')}/{APPEND_ROW_FILE_NAME}"
+    entry = f"{spec.task.code.rstrip('/')}/{spec.task.entry_script}"
+    return BoundJob(argv=[entry, *args], append_row_path=append_row_path, entry_script_path=entry)

@@ -1,0 +1,51 @@
+"""What a job dir says about its job: state and mini-batch counts (no Ray needed)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .ledger import Ledger
+from .spec import JobSpec, bind
+from .state import JobState
+
+
+def job_status(job_dir: str, errors: int = 3) -> dict:
+    """State, counts of mini-batches, output path and the last errors of ``job_dir``.
+
+    ``state`` is ``interrupted`` when the last driver said "running" but no
+    live driver holds the lease any more (it was killed): resume it.
+    """
+    ledger = Ledger(job_dir)
+    job = ledger.load_job()
+    spec = JobSpec.model_validate(job["spec"])
+    saved = ledger.read_state()
+    state = JobState(saved["state"])
+    lease = ledger.read_lease()
+    driver_alive = ledger.lease_is_live(lease)
+    if state is JobState.RUNNING and not driver_alive:
+        state = JobState.INTERRUPTED
+    view = ledger.view()
+    total: Optional[int] = len(view.manifest) if view.manifest is not None else None
+    completed = len(view.done)
+    failed_ids = view.failed_batches()
+    pending = None if total is None else total - completed - len(failed_ids)
+    last_errors = []
+    for batch in sorted(failed_ids)[:errors]:
+        record = view.failed[batch][-1]
+        last_errors.append({"batch": batch, "kind": record.kind, "error": record.error})
+    reason = saved.get("reason") or ""
+    return {
+        "job_dir": ledger.url,
+        "name": spec.name,
+        "job_id": job["job_id"],
+        "state": state.value,
+        "reason": reason,
+        "total": total,
+        "completed": completed,
+        "failed": len(failed_ids),
+        "pending": pending,
+        "failed_items": sum(r.failed_items for r in view.done.values()),
+        "output": bind(spec).append_row_path,
+        "driver": lease if driver_alive else None,
+        "errors": last_errors,
+    }

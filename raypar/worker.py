@@ -1,0 +1,125 @@
+"""The worker actor: one per slot, runs the user's entry script.
+
+A worker loads the entry script from ``task.code``, sets ``sys.argv`` from
+``program_arguments``, calls ``init()`` once, ``run(mini_batch)`` per batch and
+``shutdown()`` when retired. For each successful batch it writes the output
+part and then the done record itself, before answering the driver: a driver
+killed at any instant loses no finished work.
+
+User errors never escape as exceptions: ``start`` and ``run_batch`` return a
+dict, so the driver can tell "run() raised" (an answer) from "the worker
+process died" (a Ray error).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Any, Optional
+
+from .inputs.base import MiniBatch, materialize
+from .ledger import DoneRecord, Ledger, attempt_name
+from .outputs import ResultError, count_and_serialize
+from .spec import JobSpec, bind
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without raypar's own frames above the user's code."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    keep = [f for f in frames if f"{os.sep}raypar{os.sep}" not in f.filename] or frames
+    return "".join(["Traceback (most recent call last):\n", *traceback.format_list(keep),
+                    *traceback.format_exception_only(type(exc), exc)])
+
+
+class Worker:
+    """Body of the Ray actor (wrapped with ``ray.remote`` by the scheduler)."""
+
+    def __init__(self, job_url: str, spec: dict, run: str, instance: int, slot: int):
+        self.spec = JobSpec.model_validate(spec)
+        self.bound = bind(self.spec)
+        self.ledger = Ledger(job_url)
+        self.run_id = run
+        self.instance, self.slot = instance, slot
+        self.with_rows = self.bound.append_row_path is not None
+        self.module: Any = None
+        self.name = f"instance{instance}-slot{slot}"
+        self.node = self._node_id()
+
+    @staticmethod
+    def _node_id() -> Optional[str]:
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id()
+        except Exception:  # not inside Ray (unit tests)
+            return None
+
+    def start(self) -> dict:
+        """Import the entry script and call its ``init()``; report the outcome."""
+        info = {"node": self.node, "pid": os.getpid(), "worker": self.name}
+        try:
+            self._load_entry_script()
+            init = getattr(self.module, "init", None)
+            if init is not None:
+                init()
+            if not callable(getattr(self.module, "run", None)):
+                raise AttributeError(f"{self.spec.task.entry_script} has no run(mini_batch) function")
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            return {**info, "ok": False, "error": _user_traceback(exc)}
+        return {**info, "ok": True}
+
+    def _load_entry_script(self) -> None:
+        code = self.spec.task.code
+        os.environ.update(self.spec.environment_variables)
+        logging.basicConfig(level=self.spec.logging_level, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if code not in sys.path:
+            sys.path.insert(0, code)
+        os.chdir(code)  # sibling files of the entry script open with relative paths
+        sys.argv = list(self.bound.argv)
+        name = os.path.splitext(os.path.basename(self.spec.task.entry_script))[0]
+        loader_spec = importlib.util.spec_from_file_location(name, self.bound.entry_script_path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ImportError(f"cannot load entry script {self.bound.entry_script_path}")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        loader_spec.loader.exec_module(module)
+        self.module = module
+
+    def run_batch(self, batch_json: str, attempt: int) -> dict:
+        """Run one mini-batch; on success its part and done record are durable before returning."""
+        batch = MiniBatch.from_json(batch_json)
+        started = time.time()
+        base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name}
+        try:
+            mini_batch = materialize(batch, self.spec)
+            result = self.module.run(mini_batch)
+            returned, rows = count_and_serialize(result, self.with_rows)
+        except ResultError as exc:
+            return {**base, "ok": False, "error": f"ResultError: {exc}"}
+        except BaseException as exc:  # noqa: BLE001
+            return {**base, "ok": False, "error": _user_traceback(exc)}
+        name = attempt_name(batch.id, self.run_id, attempt)
+        part = self.ledger.write_part(name, rows) if rows is not None else None
+        record = DoneRecord(
+            batch=batch.id, run=self.run_id, attempt=attempt, items=batch.item_count,
+            returned=returned, part=part, part_bytes=len(rows) if rows is not None else 0,
+            node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
+        )
+        self.ledger.record_done(record)
+        return {**base, "ok": True, "items": batch.item_count, "returned": returned}
+
+    def stop(self) -> Optional[str]:
+        """Call the entry script's ``shutdown()``; returns its traceback if it raised."""
+        shutdown = getattr(self.module, "shutdown", None)
+        if shutdown is None:
+            return None
+        try:
+            shutdown()
+        except BaseException as exc:  # noqa: BLE001
+            return _user_traceback(exc)
+        return None
