@@ -25,14 +25,29 @@ def connect(address: Optional[str] = None) -> bool:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
             return False
-        # Read by every Ray process this start spawns: bind to 127.0.0.1 only.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        _loopback_only()
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 _node_ip_address="127.0.0.1")
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "an embedded local Ray"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RayparError(f"cannot connect to Ray at {where}: {first}") from None
+
+
+def _loopback_only() -> None:
+    """Make this process and every Ray process it spawns bind to 127.0.0.1 only.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray`` is imported,
+    into ``ray_constants.ENABLE_RAY_CLUSTER``; ``ray`` is already imported here,
+    so the constant is set too (the spawned processes read the variable).
+    tests/test_cli.py checks the listening sockets, so a Ray upgrade that moves
+    this fails loudly.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def disconnect() -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .errors import PlacementError, SpecError, UsageError
+from .errors import LeaseHeldError, PlacementError, SpecError, UsageError
 from .inputs import plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
 from .outputs import assemble
@@ -114,16 +114,20 @@ def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) 
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps the lease fresh while the driver lives."""
+    """Keeps the lease fresh while the driver lives; notices when it was taken over."""
 
     def __init__(self, ledger: Ledger, run: str):
         super().__init__(daemon=True, name="raypar-lease")
         self.ledger, self.run_id, self.stopped = ledger, run, threading.Event()
+        self.lost: Optional[str] = None
 
     def run(self) -> None:
         while not self.stopped.wait(LEASE_TTL / 3):
             try:
                 self.ledger.heartbeat(self.run_id)
+            except LeaseHeldError as exc:
+                self.lost = exc.headline  # another driver owns the job now: stop ours
+                return
             except Exception as exc:  # storage hiccup: try again next beat
                 log.warning("lease heartbeat failed: %s", exc)
 
@@ -143,7 +147,7 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo) ->
         pending = view.pending()
         if pending:
             echo(f"raypar: {len(pending)} of {len(view.manifest)} mini-batch(es) to run")
-            reason, detail = _execute(ledger, spec, run, view, pending, address, echo)
+            reason, detail = _execute(ledger, spec, run, view, pending, address, echo, lambda: beat.lost)
             view = ledger.view()
         if reason:
             state = JobState.FAILED
@@ -168,17 +172,18 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo) ->
     finally:
         beat.stopped.set()
         beat.join(timeout=5)
-        try:
-            ledger.write_state(state, run, reason if not detail else f"{reason}\n{detail}")
-        finally:
-            ledger.release_lease(run)
+        if beat.lost is None:  # only the lease holder may write the state
+            try:
+                ledger.write_state(state, run, reason if not detail else f"{reason}\n{detail}")
+            finally:
+                ledger.release_lease(run)
     status = job_status(ledger.url)
     return Outcome(state=state, job_dir=ledger.url, total=status["total"], completed=status["completed"],
                    failed=status["failed"], pending=status["pending"], output=status.get("output"),
                    reason=reason)
 
 
-def _execute(ledger, spec, run, view, pending, address, echo) -> tuple[str, str]:
+def _execute(ledger, spec, run, view, pending, address, echo, interrupt) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
     from . import cluster
     from .scheduler import Placement, Progress, Scheduler
@@ -190,7 +195,7 @@ def _execute(ledger, spec, run, view, pending, address, echo) -> tuple[str, str]
         progress.failed_items = sum(r.failed_items for r in view.done.values())
         reporter = _Reporter(echo)
         placement = Placement(spec, ledger.url, run, owned_cluster=owned)
-        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter)
+        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt)
         reason = scheduler.run()
         reporter(progress, final=True)
         return reason or "", scheduler.stop_detail

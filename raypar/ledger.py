@@ -156,6 +156,8 @@ class Ledger:
             raise UsageError(f"{self.url}: not a raypar job dir (no job.json)") from None
         try:
             job = json.loads(raw)
+            if not isinstance(job, dict):
+                raise ValueError("not an object")
             if job.get("format") != FORMAT:
                 raise LedgerError(f"{self.url}/job.json: unsupported format {job.get('format')!r}")
             job["spec"]
@@ -201,7 +203,10 @@ class Ledger:
             return None  # torn marker: plan again
         batches: list[MiniBatch] = []
         for chunk in marker["chunks"]:
-            data = self.store.read_bytes("manifest", chunk["name"])
+            try:
+                data = self.store.read_bytes("manifest", chunk["name"])
+            except FileNotFoundError:
+                raise LedgerError(f"{self.url}/manifest/{chunk['name']}: missing (named by COMPLETE.json)") from None
             if hashlib.sha256(data).hexdigest() != chunk["sha256"]:
                 raise LedgerError(f"{self.url}/manifest/{chunk['name']}: corrupted (checksum mismatch)")
             batches.extend(MiniBatch.from_json(line) for line in data.decode().splitlines() if line)
@@ -321,7 +326,15 @@ class Ledger:
         return True
 
     def acquire_lease(self, run: str, ttl: float = LEASE_TTL) -> None:
-        """Claim the job dir for this driver, or raise LeaseHeldError naming the owner."""
+        """Claim the job dir for this driver, or raise LeaseHeldError naming the owner.
+
+        A free job dir is claimed with an exclusive create; a stale lease is
+        overwritten and read back. Should two drivers still both take a stale
+        lease, the loser's next heartbeat finds the lease is not its own and
+        stops that driver (see :meth:`heartbeat`).
+        """
+        if self.store.write_new(self._lease_body(run, ttl), "lease.json"):
+            return
         current = self.read_lease()
         if current and current.get("run") != run and self.lease_is_live(current):
             age = time.time() - current.get("heartbeat", 0)
@@ -330,17 +343,24 @@ class Ledger:
                 f"(pid {current.get('pid')} on {current.get('host')}, heartbeat {age:.0f}s ago); "
                 f"wait for it to finish or cancel it"
             )
-        self.heartbeat(run, ttl)
+        self.store.write_atomic(self._lease_body(run, ttl), "lease.json")
         confirmed = self.read_lease()
         if not confirmed or confirmed.get("run") != run:
             raise LeaseHeldError(f"{self.url}: another raypar driver claimed this job at the same moment")
 
     def heartbeat(self, run: str, ttl: float = LEASE_TTL) -> None:
-        body = {
+        """Refresh our lease; raise LeaseHeldError if another driver has taken it over."""
+        current = self.read_lease()
+        if current is not None and current.get("run") != run:
+            raise LeaseHeldError(f"{self.url}: the lease was taken over by run {current.get('run')}")
+        self.store.write_atomic(self._lease_body(run, ttl), "lease.json")
+
+    @staticmethod
+    def _lease_body(run: str, ttl: float) -> bytes:
+        return json.dumps({
             "run": run, "host": socket.gethostname(), "pid": os.getpid(),
             "pid_started": _process_start(os.getpid()), "heartbeat": time.time(), "ttl": ttl,
-        }
-        self.store.write_atomic(json.dumps(body).encode(), "lease.json")
+        }).encode()
 
     def release_lease(self, run: str) -> None:
         current = self.read_lease()

@@ -158,10 +158,12 @@ class Scheduler:
 
     def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[MiniBatch],
                  placement: Placement, progress: Progress,
-                 on_progress: Callable[[Progress], None] = lambda p: None):
+                 on_progress: Callable[[Progress], None] = lambda p: None,
+                 interrupt: Callable[[], Optional[str]] = lambda: None):
         self.ledger, self.spec, self.run_id, self.placement = ledger, spec, run, placement
         self.queue: collections.deque = collections.deque((b, 0) for b in pending)
         self.progress, self.on_progress = progress, on_progress
+        self.interrupt = interrupt  # returns a reason to stop now (lease lost, later cancel)
         self.slots = [
             Slot(instance=i, index=s)
             for i in range(spec.resources.instance_count)
@@ -199,6 +201,10 @@ class Scheduler:
 
     def step(self, now: float) -> None:
         """One iteration: dispatch, wait briefly for any answer, handle answers and deadlines."""
+        reason = self.interrupt()
+        if reason:
+            self._stop(reason)
+            return
         self._dispatch(now)
         waiting = list(self.calls) + list(self.starts)
         if not waiting:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 
@@ -89,7 +89,7 @@ class OutputSpec(_Model):
 
 
 class ResourcesSpec(_Model):
-    instance_count: int = Field(1, ge=1)
+    instance_count: StrictInt = Field(1, ge=1)
     # Azure compute knobs: accepted so Azure YAML loads, meaningless on Ray.
     instance_type: Any = None
     shm_size: Any = None
@@ -100,8 +100,8 @@ class ResourcesSpec(_Model):
 
 class RetrySettings(_Model):
     # v2 counts *retries*: a mini-batch is tried max_retries + 1 times.
-    max_retries: int = Field(2, ge=0)
-    timeout: int = Field(60, gt=0, le=259200)
+    max_retries: StrictInt = Field(2, ge=0)
+    timeout: StrictInt = Field(60, gt=0, le=259200)
 
 
 class TaskSpec(_Model):
@@ -125,7 +125,7 @@ class WorkerResources(_Model):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    memory: Optional[Union[int, str]] = None
+    memory: Optional[Union[StrictInt, str]] = None
     resources: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("memory")
@@ -161,12 +161,12 @@ class JobSpec(_Model):
     inputs: dict[str, Union[InputSpec, bool, int, float, str]] = Field(default_factory=dict)
     outputs: dict[str, OutputSpec] = Field(default_factory=dict)
     input_data: str
-    mini_batch_size: Optional[Union[int, str]] = None
+    mini_batch_size: Optional[Union[StrictInt, str]] = None
     partition_keys: Optional[list[str]] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_concurrency_per_instance: int = Field(1, ge=1)
-    error_threshold: int = Field(-1, ge=-1)
-    mini_batch_error_threshold: int = Field(-1, ge=-1)
+    max_concurrency_per_instance: StrictInt = Field(1, ge=1)
+    error_threshold: StrictInt = Field(-1, ge=-1)
+    mini_batch_error_threshold: StrictInt = Field(-1, ge=-1)
     logging_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     retry_settings: RetrySettings = Field(default_factory=RetrySettings)
     environment_variables: dict[str, str] = Field(default_factory=dict)
@@ -212,6 +212,10 @@ class JobSpec(_Model):
             raise ValueError(f"input_data names inputs.{key}, which is a literal value, not data")
         if self.partition_keys is not None and self.mini_batch_size is not None:
             raise ValueError("partition_keys and mini_batch_size cannot be used together: choose one way to split")
+        try:
+            shlex.split(self.task.program_arguments or "")
+        except ValueError as exc:
+            raise ValueError(f"task.program_arguments cannot be split into arguments: {exc}") from None
         for field, text in (("task.program_arguments", self.task.program_arguments),
                             ("task.append_row_to", self.task.append_row_to)):
             for ref in _BINDING_RE.findall(text or ""):
@@ -298,7 +302,10 @@ def spec_from_dict(data: Any, base_dir: Union[str, Path, None] = None, source: s
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(f"{source}: {describe_validation_error(exc)}") from None
-    return absolutize(spec, Path(base_dir) if base_dir else Path.cwd())
+    try:
+        return absolutize(spec, Path(base_dir) if base_dir else Path.cwd())
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc.headline}") from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -381,10 +388,16 @@ def bind(spec: JobSpec) -> BoundJob:
             return item.path
         return str(item).lower() if isinstance(item, bool) else str(item)
 
-    def substitute(text: str) -> str:
-        return _BINDING_RE.sub(lambda m: value_of(m.group(1)), text)
+    # Split first, then substitute, so a path with spaces stays one argument;
+    # bindings become space-free placeholders for the split (``${{ inputs.x }}`` has spaces).
+    refs: list[str] = []
 
-    args = shlex.split(substitute(spec.task.program_arguments or ""))
+    def placeholder(match) -> str:
+        refs.append(match.group(1))
+        return f"@@raypar-binding-{len(refs) - 1}@@"
+
+    tokens = shlex.split(_BINDING_RE.sub(placeholder, spec.task.program_arguments or ""))
+    args = [re.sub(r"@@raypar-binding-(\d+)@@", lambda m: value_of(refs[int(m.group(1))]), t) for t in tokens]
     append_row_path = None
     if spec.task.append_row_to:
         output = spec._lookup(_single_binding(spec.task.append_row_to, "append_row_to"), "append_row_to")

@@ -21,9 +21,10 @@ def plan(data: InputSpec, files_per_batch: int) -> Iterator[MiniBatch]:
         paths = find_files(data.path)
     except FileNotFoundError:
         raise SpecError(f"{data.path}: input not found") from None
-    if data.type == "uri_file" and len(paths) != 1:
+    is_file = os.path.isfile(data.path)
+    if data.type == "uri_file" and not is_file:
         raise SpecError(f"{data.path}: a uri_file input must be a single file, found a folder")
-    if data.type == "uri_folder" and paths == [data.path.rstrip("/")]:
+    if data.type == "uri_folder" and is_file:
         raise SpecError(f"{data.path}: a uri_folder input must be a folder, found a file")
     root = data.path.rstrip("/") if data.type == "uri_folder" else os.path.dirname(data.path)
     names = [relative_to(root, p) for p in paths]

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real 3-node Ray cluster on 127.0.0.1 and job builders."""
+
+import os
+import shutil
+from pathlib import Path
+
+# Every Ray process started by the tests binds to loopback; must be set before Ray starts.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import pytest
+
+ENTRY_DIR = Path(__file__).parent / "entry"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Head + 2 worker nodes, 1 CPU each, in this process; the test process is the driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def write_files(folder: Path, files: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return folder
+
+
+def make_spec(tmp_path: Path, files: dict, **overrides) -> dict:
+    """A parallel job over ``files`` (name -> text) using tests/entry/score.py."""
+    data = write_files(tmp_path / "data", files)
+    code = tmp_path / "code"
+    if not code.exists():
+        shutil.copytree(ENTRY_DIR, code)
+    spec = {
+        "type": "parallel",
+        "name": "test",
+        "inputs": {"data": {"type": "uri_folder", "path": str(data)}},
+        "outputs": {"out": {"type": "uri_folder", "path": str(tmp_path / "out")}},
+        "input_data": "${{inputs.data}}",
+        "mini_batch_size": "2",
+        "resources": {"instance_count": 3},
+        "max_concurrency_per_instance": 2,
+        "retry_settings": {"max_retries": 1, "timeout": 60},
+        "task": {
+            "type": "run_function",
+            "code": str(code),
+            "entry_script": "score.py",
+            "program_arguments": "",
+            "append_row_to": "${{outputs.out}}",
+        },
+        "raypar": {"worker": {"num_cpus": 0.5}, "placement_timeout": 30},
+    }
+    for key, value in overrides.items():
+        target = spec
+        *path, last = key.split(".")
+        for part in path:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return spec
+
+
+def quiet(line: str) -> None:
+    pass

@@ -1,0 +1,61 @@
+"""Test entry script: upper-cases each file's text, one row per file.
+
+Arguments (parse_known_args, as Azure scripts do):
+  --exec-log DIR    write one file per run() call listing the batch's files
+  --fixed-flag F    files whose text contains "bad" raise unless F exists
+  --with-node       append "<instance> <ray node id>" to every row
+  --gate DIR        init() writes DIR/started-<pid> and waits for DIR/release
+  --barrier DIR N   init() writes DIR/<pid> and waits until N workers did (all start together)
+"""
+
+import argparse
+import os
+import time
+import uuid
+
+args = None
+
+
+def init():
+    global args
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--exec-log")
+    parser.add_argument("--fixed-flag")
+    parser.add_argument("--with-node", action="store_true")
+    parser.add_argument("--gate")
+    parser.add_argument("--barrier", nargs=2)
+    args, _ = parser.parse_known_args()
+    if args.barrier:
+        folder, count = args.barrier[0], int(args.barrier[1])
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        _wait(lambda: len(os.listdir(folder)) >= count)
+    if args.gate:
+        open(os.path.join(args.gate, f"started-{os.getpid()}"), "w").close()
+        _wait(lambda: os.path.exists(os.path.join(args.gate, "release")))
+
+
+def _wait(condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    if args.exec_log:
+        with open(os.path.join(args.exec_log, uuid.uuid4().hex), "w") as f:
+            f.write(" ".join(names))
+    fixed = args.fixed_flag and os.path.exists(args.fixed_flag)
+    rows = []
+    for path, name in zip(mini_batch, names):
+        with open(path) as f:
+            text = f.read().strip()
+        if "bad" in text and not fixed:
+            raise ValueError(f"cannot score {name}: bad record")
+        row = f"{name} {text.upper()}"
+        if args.with_node:
+            import ray
+
+            row += f" {os.environ['RAYPAR_INSTANCE']} {ray.get_runtime_context().get_node_id()}"
+        rows.append(row)
+    return rows

@@ -1,0 +1,156 @@
+"""The `raypar` command as a user runs it: exit codes, one-line errors, embedded Ray."""
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import make_spec
+
+CLI = [sys.executable, "-m", "raypar.cli"]
+
+
+def cli(*args, cwd=None, timeout=120):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def write_spec(tmp_path, spec) -> Path:
+    path = tmp_path / "job.yml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("mutate, fragments", [
+    (lambda s: s.update(bogus=1), ["job.yml", "unknown key 'bogus'"]),
+    (lambda s: s["task"].update(entry_script="missing.py"), ["task.entry_script", "missing.py not found"]),
+    (lambda s: s["inputs"]["data"].update(path="/nonexistent/data"), ["/nonexistent/data not found"]),
+    (lambda s: s.update(mini_batch_size="ten"), ["mini_batch_size", "'ten'"]),
+])
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, mutate, fragments):
+    spec = make_spec(tmp_path, {"a.txt": "x"})
+    mutate(spec)
+    result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"))
+    assert_one_line_error(result, 2, *fragments)
+    assert not (tmp_path / "job").exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert_one_line_error(cli("resume", str(tmp_path)), 2, "not a raypar job dir")
+    assert_one_line_error(cli("status", str(tmp_path / "nope")), 2, "not a raypar job dir")
+    assert_one_line_error(cli("run", str(tmp_path / "missing.yml")), 2, "spec file not found")
+    assert cli("frobnicate").returncode == 2
+
+
+def _listening_addresses(root_pid):
+    """Every TCP listen address of ``root_pid`` and its descendants (Ray's processes)."""
+    found = set()
+    try:
+        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for proc in procs:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((proc.name(), conn.laddr.ip, conn.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4 loopback
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _wait_for(predicate, what, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(240)
+def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    files = {f"f{i}.txt": f"v{i}" for i in range(6)}
+    spec = make_spec(tmp_path, files, **{
+        "resources.instance_count": 1, "task.program_arguments": f"--gate {gate}",
+        "raypar.worker": {"num_cpus": 0.5},
+    })
+    job = tmp_path / "job"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # Workers block in init() until released: the whole Ray instance is up now.
+        _wait_for(lambda: len(list(gate.glob("started-*"))) == 2, "both workers in init()")
+        running = json.loads(cli("status", str(job), "--json").stdout)
+        assert running["state"] == "running" and running["total"] == 3 and running["pending"] == 3
+        listeners = _listening_addresses(proc.pid)
+        assert len(listeners) >= 3, listeners  # gcs, raylet, object manager... were seen
+        exposed = {l for l in listeners if not _is_loopback(l[1])}
+        assert not exposed, f"Ray listens beyond loopback: {exposed}"
+        (gate / "release").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "succeeded: 3/3" in out
+    status = json.loads(cli("status", str(job), "--json").stdout)
+    assert {k: status[k] for k in ("state", "total", "completed", "failed", "pending")} == \
+        {"state": "succeeded", "total": 3, "completed": 3, "failed": 0, "pending": 0}
+    assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
+        [f"f{i}.txt V{i}" for i in range(6)]
+
+
+@pytest.mark.timeout(120)
+def test_embedded_ray_with_too_many_instances_fails_fast(tmp_path):
+    spec = make_spec(tmp_path, {"a.txt": "x"}, **{"resources.instance_count": 2})
+    result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"))
+    assert result.returncode == 1
+    assert "needs 2 node(s)" in result.stderr and "Traceback" not in result.stderr
+    status = json.loads(cli("status", str(tmp_path / "job"), "--json").stdout)
+    assert status["state"] == "failed" and "needs 2 node(s)" in status["reason"]
+
+
+@pytest.mark.timeout(180)
+def test_failed_job_exit_1_then_cli_resume_exit_0(tmp_path):
+    flag = tmp_path / "fixed"
+    files = {"a.txt": "bad", "b.txt": "good"}
+    spec = make_spec(tmp_path, files, mini_batch_error_threshold=0, mini_batch_size="1", **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 1,
+        "retry_settings.max_retries": 0, "task.program_arguments": f"--fixed-flag {flag}",
+    })
+    job = str(tmp_path / "job")
+    first = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", job)
+    assert first.returncode == 1
+    assert "mini_batch_error_threshold=0" in first.stderr
+    text = cli("status", job).stdout
+    assert "state:     failed" in text and "bad record" in text
+
+    flag.touch()
+    second = cli("resume", job)
+    assert second.returncode == 0, second.stderr
+    assert (tmp_path / "out" / "parallel_run_step.txt").read_text() == "a.txt BAD\nb.txt GOOD\n"

@@ -1,0 +1,218 @@
+"""End-to-end jobs on a real 3-node Ray cluster (in-process, 127.0.0.1)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+import raypar
+from raypar.errors import PlacementError, UsageError
+from raypar.state import JobState
+from raypar.status import job_status
+
+from conftest import make_spec, quiet
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
+
+
+def texts(n, bad=()):
+    """``n`` files named f000.txt...; those in ``bad`` hold a record run() rejects."""
+    return {f"f{i:03d}.txt": ("bad " if i in bad else "") + f"value {i}" for i in range(n)}
+
+
+def expected_rows(files):
+    return [f"{name} {text.upper()}" for name, text in sorted(files.items())]
+
+
+def output_lines(tmp_path):
+    return (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+
+
+def executions(log_dir: Path):
+    """Batches run so far: one entry per run() call, as the tuple of its file names."""
+    return sorted(tuple(p.read_text().split()) for p in log_dir.iterdir())
+
+
+def test_rows_exact_and_instances_pinned_to_distinct_nodes(ray_cluster, tmp_path):
+    files = texts(60)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()  # all 6 workers start before any batch runs, so every instance gets work
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--with-node --barrier {barrier} 6"})
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.exit_code == 0
+    assert (outcome.total, outcome.completed, outcome.failed, outcome.pending) == (30, 30, 0, 0)
+    rows = [line.split(" ") for line in output_lines(tmp_path)]
+    assert [" ".join(r[:3]) for r in rows] == expected_rows(files)  # every file once, in order
+    node_of_instance = {}
+    for *_, instance, node in rows:
+        node_of_instance.setdefault(instance, set()).add(node)
+    assert all(len(nodes) == 1 for nodes in node_of_instance.values()), node_of_instance
+    assert sorted(node_of_instance) == ["0", "1", "2"]
+    nodes = [next(iter(n)) for n in node_of_instance.values()]
+    assert len(set(nodes)) == 3
+    alive = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"]}
+    assert set(nodes) <= alive
+
+
+def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tmp_path):
+    files = texts(20, bad={3, 12, 13})
+    log, flag = tmp_path / "exec", tmp_path / "fixed"
+    log.mkdir()
+    args = f"--exec-log {log} --fixed-flag {flag}"
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": args})
+    job = str(tmp_path / "job")
+
+    first = raypar.run(spec, job_dir=job, echo=quiet)
+
+    # Thresholds are -1 (Azure's default): failures are skipped, the job completes.
+    bad_batches = [("f002.txt", "f003.txt"), ("f012.txt", "f013.txt")]
+    assert first.state is JobState.SUCCEEDED
+    assert (first.completed, first.failed, first.pending) == (8, 2, 0)
+    runs = executions(log)
+    assert all(runs.count(b) == 2 for b in bad_batches)  # max_retries 1 = 2 tries
+    assert len(runs) == 8 + 2 * 2
+    status = job_status(job)
+    assert {e["batch"] for e in status["errors"]} == {"mb-0000001", "mb-0000006"}
+    assert "bad record" in status["errors"][0]["error"]
+    assert "f003.txt" not in (tmp_path / "out" / "parallel_run_step.txt").read_text()
+
+    flag.touch()  # the cause is removed
+    for p in log.iterdir():
+        p.unlink()
+    second = raypar.resume(job, echo=quiet)
+
+    assert second.state is JobState.SUCCEEDED
+    assert (second.completed, second.failed, second.pending) == (10, 0, 0)
+    assert executions(log) == bad_batches  # only the failed batches ran again
+    assert output_lines(tmp_path) == expected_rows(files)
+
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    clean = make_spec(clean_dir, files, **{"task.program_arguments": f"--fixed-flag {flag}"})
+    raypar.run(clean, job_dir=str(clean_dir / "job"), echo=quiet)
+    assert (clean_dir / "out" / "parallel_run_step.txt").read_bytes() == \
+        (tmp_path / "out" / "parallel_run_step.txt").read_bytes()
+
+
+def test_resume_of_a_finished_job_runs_nothing(ray_cluster, tmp_path):
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, texts(6), **{"task.program_arguments": f"--exec-log {log}"})
+    job = str(tmp_path / "job")
+    raypar.run(spec, job_dir=job, echo=quiet)
+    before = executions(log)
+
+    again = raypar.run(spec, job_dir=job, echo=quiet)  # same spec, same job dir: a resume
+    resumed = raypar.resume(job, echo=quiet)
+
+    assert again.state is resumed.state is JobState.SUCCEEDED
+    assert executions(log) == before
+    assert len(before) == 3
+
+
+def test_run_refuses_a_job_dir_holding_another_job(ray_cluster, tmp_path):
+    spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 1})
+    job = str(tmp_path / "job")
+    raypar.run(spec, job_dir=job, echo=quiet)
+    other = dict(spec, mini_batch_size="1")
+    with pytest.raises(UsageError, match="holds a different job"):
+        raypar.run(other, job_dir=job, echo=quiet)
+
+
+def test_mini_batch_error_threshold_fails_the_job_and_it_stays_resumable(ray_cluster, tmp_path):
+    files = texts(8, bad={0})
+    flag = tmp_path / "fixed"
+    spec = make_spec(tmp_path, files, mini_batch_error_threshold=0,
+                     **{"task.program_arguments": f"--fixed-flag {flag}", "resources.instance_count": 1,
+                        "max_concurrency_per_instance": 1, "retry_settings.max_retries": 0})
+    job = str(tmp_path / "job")
+
+    failed = raypar.run(spec, job_dir=job, echo=quiet)
+
+    assert failed.state is JobState.FAILED and failed.exit_code == 1
+    assert "mini_batch_error_threshold=0" in failed.reason
+    assert not (tmp_path / "out" / "parallel_run_step.txt").exists()  # no partial output
+    assert job_status(job)["state"] == "failed"
+
+    flag.touch()
+    resumed = raypar.resume(job, echo=quiet)
+    assert resumed.state is JobState.SUCCEEDED
+    assert output_lines(tmp_path) == expected_rows(files)
+
+
+def test_more_instances_than_nodes_fails_with_a_clear_message(ray_cluster, tmp_path):
+    spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 4, "raypar.placement_timeout": 0})
+    with pytest.raises(PlacementError, match=r"needs 4 node\(s\).*has 3 such node\(s\)"):
+        raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    assert job_status(str(tmp_path / "job"))["state"] == "failed"
+
+
+def test_init_failure_on_every_worker_fails_fast_with_the_traceback(ray_cluster, tmp_path):
+    spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 1, "max_concurrency_per_instance": 1})
+    (tmp_path / "code" / "score.py").write_text("def init():\n    raise RuntimeError('model file missing')\n"
+                                                "def run(mb):\n    return mb\n")
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    assert outcome.state is JobState.FAILED
+    assert outcome.reason.startswith("no worker could start: init() failed")
+    assert "RuntimeError: model file missing" in job_status(str(tmp_path / "job"))["reason"]
+
+
+def test_environment_variables_argv_and_summary_only(ray_cluster, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "env_script.py").write_text(
+        "import os, sys\n"
+        "def run(mini_batch):\n"
+        "    return [f\"{os.path.basename(p)} {os.environ['GREETING']} {sys.argv[1:]}\" for p in mini_batch]\n"
+    )
+    spec = make_spec(tmp_path, texts(3), environment_variables={"GREETING": 42},
+                     **{"task.entry_script": "env_script.py", "task.program_arguments": "--name 'a b'",
+                        "resources.instance_count": 1})
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    assert outcome.state is JobState.SUCCEEDED
+    assert output_lines(tmp_path) == [f"f00{i}.txt 42 ['--name', 'a b']" for i in range(3)]
+
+    summary = dict(make_spec(tmp_path / "s", texts(3), **{"resources.instance_count": 1}))
+    summary["task"] = {k: v for k, v in summary["task"].items() if k != "append_row_to"}
+    outcome = raypar.run(summary, job_dir=str(tmp_path / "s" / "job"), echo=quiet)
+    assert outcome.state is JobState.SUCCEEDED and outcome.output is None
+    assert not (tmp_path / "s" / "out").exists()
+
+
+def test_gpu_worker_sees_only_its_gpu(ray_cluster, tmp_path):
+    gpu_node = ray_cluster.add_node(num_cpus=1, num_gpus=2)
+    ray_cluster.wait_for_nodes()
+    try:
+        code = tmp_path / "code"
+        code.mkdir()
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        (code / "gpu.py").write_text(
+            "import os, time\n"
+            f"BARRIER = {str(barrier)!r}\n"
+            "def init():\n"  # both workers start before either runs a batch
+            "    open(os.path.join(BARRIER, str(os.getpid())), 'w').close()\n"
+            "    deadline = time.time() + 60\n"
+            "    while len(os.listdir(BARRIER)) < 2 and time.time() < deadline:\n"
+            "        time.sleep(0.05)\n"
+            "def run(mini_batch):\n"
+            "    return [f\"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}\" for _ in mini_batch]\n"
+        )
+        spec = make_spec(tmp_path, texts(8), **{
+            "task.entry_script": "gpu.py", "resources.instance_count": 1, "mini_batch_size": "1",
+            "raypar.worker": {"num_cpus": 0.1, "num_gpus": 1},
+        })
+        outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+        assert outcome.state is JobState.SUCCEEDED
+        devices_by_pid = {}
+        for line in output_lines(tmp_path):
+            pid, devices = line.split()
+            devices_by_pid.setdefault(pid, set()).add(devices)
+        assert len(devices_by_pid) == 2  # two workers, each saw one fixed GPU
+        seen = [next(iter(d)) for d in devices_by_pid.values()]
+        assert all(len(d) == 1 for d in devices_by_pid.values())
+        assert sorted(seen) == ["0", "1"]
+    finally:
+        ray_cluster.remove_node(gpu_node)

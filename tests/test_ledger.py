@@ -1,0 +1,605 @@
+"""The job directory (ledger, lease, state), output rows and assembly, status (no Ray)."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import raypar.ledger as ledger_module
+from raypar.errors import LeaseHeldError, LedgerError, UsageError
+from raypar.inputs.base import MiniBatch
+from raypar.ledger import DoneRecord, FailedRecord, Ledger
+from raypar.outputs import ResultError, assemble, count_and_serialize
+from raypar.spec import spec_from_dict
+from raypar.state import JobState
+from raypar.status import job_status
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def make_batches(count: int) -> list[MiniBatch]:
+    return [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}.txt", f"g{i}.txt"]}, item_count=2)
+            for i in range(count)]
+
+
+def planned(tmp_path: Path, count: int) -> Ledger:
+    """A ledger whose manifest holds ``count`` batches."""
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(make_batches(count))
+    return ledger
+
+
+def bid(ordinal: int) -> str:
+    return f"mb-{ordinal:07d}"
+
+
+def finish(ledger: Ledger, ordinal: int, run: str = "r1", attempt: int = 1, rows: bytes = None) -> DoneRecord:
+    """Write a part then its done record, as a worker does."""
+    batch = bid(ordinal)
+    rows = f"rows of {batch} ({run}/{attempt})\n".encode() if rows is None else rows
+    part = ledger.write_part(f"{batch}~{run}~{attempt}", rows)
+    record = DoneRecord(batch=batch, run=run, attempt=attempt, items=2, returned=2, part=part,
+                        part_bytes=len(rows))
+    ledger.record_done(record)
+    return record
+
+
+def fail(ledger: Ledger, ordinal: int, final: bool, run: str = "r1", attempt: int = 1) -> FailedRecord:
+    record = FailedRecord(batch=bid(ordinal), run=run, attempt=attempt, error=f"boom {attempt}",
+                          kind="user", final=final)
+    ledger.record_failed(record)
+    return record
+
+
+def record_file(ledger: Ledger, record) -> Path:
+    folder = "done" if isinstance(record, DoneRecord) else "failed"
+    return Path(ledger.url) / folder / f"{record.batch}~{record.run}~{record.attempt}.json"
+
+
+def pending_ids(ledger: Ledger) -> list[str]:
+    return [b.id for b in ledger.view().pending()]
+
+
+def job_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+# -- identity ----------------------------------------------------------------------
+
+
+def test_create_and_load_job(tmp_path):
+    ledger = Ledger(str(tmp_path / "job"))
+    job = ledger.create({"type": "parallel", "name": "x"}, "type: parallel\nname: x\n")
+
+    assert ledger.exists()
+    loaded = ledger.load_job()
+    assert loaded == job
+    assert loaded["spec"] == {"type": "parallel", "name": "x"}
+    assert (tmp_path / "job" / "spec.yml").read_text() == "type: parallel\nname: x\n"
+
+
+def test_create_refuses_a_second_create(tmp_path):
+    ledger = Ledger(str(tmp_path / "job"))
+    first = ledger.create({"name": "first"}, "name: first\n")
+
+    with pytest.raises(UsageError) as info:
+        Ledger(str(tmp_path / "job")).create({"name": "second"}, "name: second\n")
+
+    assert info.value.exit_code == 2
+    assert "already holds" in info.value.headline
+    assert ledger.load_job() == first
+    assert (tmp_path / "job" / "spec.yml").read_text() == "name: first\n"
+
+
+def test_load_job_on_empty_dir(tmp_path):
+    with pytest.raises(UsageError) as info:
+        Ledger(str(tmp_path)).load_job()
+    assert "not a raypar job dir" in info.value.headline
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"format": 1, "spec"', "corrupted"),
+    ('{"format": 1}', "corrupted"),
+    ('{"format": 99, "spec": {}}', "unsupported format 99"),
+    pytest.param("[]", "corrupted"),
+])
+def test_load_job_corrupted(tmp_path, content, message):
+    (tmp_path / "job.json").write_text(content)
+    with pytest.raises(LedgerError, match=message):
+        Ledger(str(tmp_path)).load_job()
+
+
+# -- manifest -------------------------------------------------------------------------
+
+
+def test_manifest_round_trip_in_several_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 3)
+    ledger = Ledger(str(tmp_path / "job"))
+    batches = make_batches(10)
+
+    assert ledger.write_manifest(iter(batches)) == 10
+
+    assert sorted(os.listdir(tmp_path / "job" / "manifest")) == [
+        "COMPLETE.json", "chunk-000000.jsonl", "chunk-000001.jsonl", "chunk-000002.jsonl", "chunk-000003.jsonl",
+    ]
+    assert Ledger(str(tmp_path / "job")).read_manifest() == batches
+
+
+def test_empty_manifest(tmp_path):
+    ledger = planned(tmp_path, 0)
+    assert ledger.read_manifest() == []
+    assert ledger.view().pending() == []
+
+
+def test_manifest_refuses_ordinal_gaps(tmp_path):
+    batches = make_batches(3)
+    with pytest.raises(LedgerError):
+        Ledger(str(tmp_path)).write_manifest([batches[0], batches[2]])
+
+
+def test_no_manifest_reads_as_none(tmp_path):
+    ledger = Ledger(str(tmp_path / "job"))
+    assert ledger.read_manifest() is None
+    with pytest.raises(LedgerError, match="incomplete"):
+        ledger.view().pending()
+
+
+def test_manifest_without_complete_marker_reads_as_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 2)
+    ledger = planned(tmp_path, 5)
+    os.unlink(tmp_path / "job" / "manifest" / "COMPLETE.json")
+    assert ledger.read_manifest() is None
+
+
+def test_missing_chunk_raises_ledger_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 2)
+    ledger = planned(tmp_path, 5)
+    os.unlink(tmp_path / "job" / "manifest" / "chunk-000001.jsonl")
+    with pytest.raises(LedgerError, match="chunk-000001.jsonl"):
+        ledger.read_manifest()
+
+
+def test_torn_complete_marker_reads_as_none(tmp_path):
+    ledger = planned(tmp_path, 5)
+    marker = tmp_path / "job" / "manifest" / "COMPLETE.json"
+    marker.write_bytes(marker.read_bytes()[:20])
+    assert ledger.read_manifest() is None
+
+
+def test_corrupted_chunk_raises(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 2)
+    ledger = planned(tmp_path, 5)
+    chunk = tmp_path / "job" / "manifest" / "chunk-000001.jsonl"
+    chunk.write_text(chunk.read_text().replace("f2.txt", "f9.txt"))
+
+    with pytest.raises(LedgerError) as info:
+        ledger.read_manifest()
+    assert "chunk-000001.jsonl" in info.value.headline
+    assert "corrupted" in info.value.headline
+
+
+# -- done records and the resume rule ---------------------------------------------------
+
+
+def test_pending_is_manifest_minus_done(tmp_path):
+    ledger = planned(tmp_path, 6)
+    for ordinal in (4, 1, 2):
+        finish(ledger, ordinal)
+
+    assert pending_ids(ledger) == [bid(0), bid(3), bid(5)]
+    assert sorted(ledger.view().done) == [bid(1), bid(2), bid(4)]
+
+
+def test_is_done(tmp_path):
+    ledger = planned(tmp_path, 12)
+    finish(ledger, 1)
+    finish(ledger, 10)
+    assert ledger.is_done(bid(1))
+    assert ledger.is_done(bid(10))
+    assert not ledger.is_done(bid(0))
+    assert not ledger.is_done(bid(11))
+
+
+def test_torn_done_record_is_not_done(tmp_path):
+    ledger = planned(tmp_path, 3)
+    path = record_file(ledger, finish(ledger, 1))
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+    assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
+    assert not ledger.is_done(bid(1))
+
+
+def test_tampered_done_record_is_not_done(tmp_path):
+    ledger = planned(tmp_path, 3)
+    path = record_file(ledger, finish(ledger, 1))
+    body = json.loads(path.read_text())
+    body["returned"] = 1  # still valid JSON, still a well-formed record
+    path.write_text(json.dumps(body, sort_keys=True))
+
+    assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
+    assert not ledger.is_done(bid(1))
+
+
+def test_done_record_without_checksum_is_not_done(tmp_path):
+    ledger = planned(tmp_path, 2)
+    path = record_file(ledger, finish(ledger, 0))
+    body = json.loads(path.read_text())
+    del body["sha256"]
+    path.write_text(json.dumps(body))
+    assert pending_ids(ledger) == [bid(0), bid(1)]
+
+
+def test_done_record_with_missing_part_is_not_done(tmp_path):
+    ledger = planned(tmp_path, 3)
+    record = finish(ledger, 1)
+    os.unlink(ledger.part_path(record.part))
+
+    assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
+    assert not ledger.is_done(bid(1))
+
+
+def test_done_record_with_truncated_part_is_not_done(tmp_path):
+    ledger = planned(tmp_path, 3)
+    record = finish(ledger, 1, rows=b"a\nb\nc\n")
+    Path(ledger.part_path(record.part)).write_bytes(b"a\nb\n")
+
+    assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
+    assert not ledger.is_done(bid(1))
+
+
+def test_summary_only_done_record_needs_no_part(tmp_path):
+    ledger = planned(tmp_path, 2)
+    ledger.record_done(DoneRecord(batch=bid(0), run="r1", attempt=1, items=2, returned=1, part=None))
+    view = ledger.view()
+    assert [b.id for b in view.pending()] == [bid(1)]
+    assert view.done[bid(0)].failed_items == 1
+
+
+def test_two_valid_done_records_choose_one_deterministically(tmp_path):
+    ledger = planned(tmp_path, 2)
+    finish(ledger, 0, run="r2", attempt=1)
+    finish(ledger, 0, run="r1", attempt=10)
+    finish(ledger, 0, run="r1", attempt=2)
+
+    chosen = {ledger.view().done[bid(0)] for _ in range(3)}
+
+    assert len(chosen) == 1
+    (record,) = chosen
+    assert (record.run, record.attempt) == ("r1", 2)  # attempts compare as numbers, not text
+    assert pending_ids(ledger) == [bid(1)]
+
+
+def test_the_choice_does_not_depend_on_write_order(tmp_path):
+    one = planned(tmp_path / "one", 1)
+    two = planned(tmp_path / "two", 1)
+    for run, attempt in [("r1", 3), ("r2", 1), ("r1", 2)]:
+        finish(one, 0, run, attempt)
+    for run, attempt in [("r1", 2), ("r1", 3), ("r2", 1)]:
+        finish(two, 0, run, attempt)
+    assert one.view().done == two.view().done
+
+
+# -- failed records --------------------------------------------------------------------
+
+
+def test_failed_batches_are_final_failures_not_yet_done(tmp_path):
+    ledger = planned(tmp_path, 4)
+    fail(ledger, 0, final=False)
+    fail(ledger, 1, final=False, attempt=1)
+    fail(ledger, 1, final=True, attempt=2)
+    fail(ledger, 2, final=True)
+
+    view = ledger.view()
+    assert view.failed_batches() == {bid(1), bid(2)}
+    assert [(r.attempt, r.final) for r in view.failed[bid(1)]] == [(1, False), (2, True)]
+    assert [b.id for b in view.pending()] == [bid(0), bid(1), bid(2), bid(3)]
+
+    finish(ledger, 1, run="r2")  # a resume succeeded
+    assert ledger.view().failed_batches() == {bid(2)}
+
+
+def test_torn_failed_record_is_ignored(tmp_path):
+    ledger = planned(tmp_path, 2)
+    path = record_file(ledger, fail(ledger, 0, final=True))
+    path.write_bytes(path.read_bytes()[:10])
+    assert ledger.view().failed_batches() == set()
+
+
+# -- lease ---------------------------------------------------------------------------------
+
+
+def write_lease(ledger: Ledger, **fields) -> None:
+    body = {"run": "other", "host": "elsewhere", "pid": 4242, "heartbeat": time.time(), "ttl": 30.0}
+    body.update(fields)
+    path = Path(ledger.url) / "lease.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_acquire_writes_our_lease(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    ledger.acquire_lease("r1")
+    lease = ledger.read_lease()
+    assert (lease["run"], lease["pid"], lease["host"]) == ("r1", os.getpid(), socket.gethostname())
+    assert ledger.lease_is_live(lease)
+    ledger.acquire_lease("r1")  # the owner may claim again (heartbeat)
+
+
+def test_second_driver_is_refused_while_the_first_is_live(tmp_path):
+    Ledger(str(tmp_path)).acquire_lease("r1")
+    with pytest.raises(LeaseHeldError) as info:
+        Ledger(str(tmp_path)).acquire_lease("r2")
+    assert info.value.exit_code == 2
+    assert f"pid {os.getpid()}" in info.value.headline
+    assert "\n" not in info.value.headline
+    assert Ledger(str(tmp_path)).read_lease()["run"] == "r1"
+
+
+def test_live_lease_on_another_host_is_respected(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    write_lease(ledger, host="elsewhere", pid=4242)
+    with pytest.raises(LeaseHeldError, match="pid 4242 on elsewhere"):
+        ledger.acquire_lease("r2")
+
+
+def test_stale_heartbeat_can_be_taken_over(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    write_lease(ledger, heartbeat=time.time() - 1000)
+    assert not ledger.lease_is_live(ledger.read_lease())
+
+    ledger.acquire_lease("r2")
+    assert ledger.read_lease()["run"] == "r2"
+
+
+def test_dead_pid_on_this_host_can_be_taken_over_immediately(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    write_lease(ledger, host=socket.gethostname(), pid=dead_pid(), heartbeat=time.time())
+    assert not ledger.lease_is_live(ledger.read_lease())
+
+    ledger.acquire_lease("r2")
+    assert ledger.read_lease()["run"] == "r2"
+
+
+def test_torn_lease_can_be_taken_over(tmp_path):
+    (tmp_path / "lease.json").write_text('{"run": "other", "pi')
+    ledger = Ledger(str(tmp_path))
+    assert ledger.read_lease() is None
+    ledger.acquire_lease("r2")
+    assert ledger.read_lease()["run"] == "r2"
+
+
+def test_heartbeat_does_not_steal_a_lease_taken_over(tmp_path):
+    old_driver, new_driver = Ledger(str(tmp_path)), Ledger(str(tmp_path))
+    old_driver.acquire_lease("r1")
+    write_lease(old_driver, run="r1", host=socket.gethostname(), pid=os.getpid(),
+                heartbeat=time.time() - 1000)  # r1 stalled past its TTL
+    new_driver.acquire_lease("r2")
+
+    try:
+        old_driver.heartbeat("r1")
+    except LeaseHeldError:
+        pass  # refusing loudly is fine; what matters is that r2 keeps the lease
+    assert new_driver.read_lease()["run"] == "r2"
+
+
+def test_two_drivers_racing_for_a_free_lease(tmp_path):
+    """The rival claims the free lease between our check and our create: we must lose."""
+    first, second = Ledger(str(tmp_path)), Ledger(str(tmp_path))
+    create = second.store.write_new
+
+    def rival_first(data, *parts):
+        first.acquire_lease("r1")
+        return create(data, *parts)
+
+    second.store.write_new = rival_first
+    with pytest.raises(LeaseHeldError):
+        second.acquire_lease("r2")
+    assert first.read_lease()["run"] == "r1"
+
+
+def test_release_removes_only_our_own_lease(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    ledger.acquire_lease("r1")
+
+    ledger.release_lease("r2")
+    assert ledger.read_lease()["run"] == "r1"
+
+    ledger.release_lease("r1")
+    assert ledger.read_lease() is None
+    assert not (tmp_path / "lease.json").exists()
+
+
+# -- state -----------------------------------------------------------------------------------
+
+
+def test_state_write_and_read(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    assert ledger.read_state()["state"] == "created"
+    ledger.write_state(JobState.FAILED, "r1", "error_threshold crossed")
+    state = ledger.read_state()
+    assert (state["state"], state["run"], state["reason"]) == ("failed", "r1", "error_threshold crossed")
+
+
+def test_unreadable_state_reads_as_interrupted(tmp_path):
+    (tmp_path / "state.json").write_text('{"state": "runn')
+    assert Ledger(str(tmp_path)).read_state()["state"] == "interrupted"
+
+
+@pytest.mark.parametrize("old, new", [
+    ("created", "running"), ("created", "failed"), ("created", "canceled"),
+    ("running", "succeeded"), ("running", "failed"), ("running", "canceled"), ("running", "running"),
+    ("succeeded", "running"), ("failed", "running"), ("canceled", "running"), ("interrupted", "running"),
+])
+def test_legal_transitions(old, new):
+    JobState(old).check_transition(JobState(new))
+
+
+@pytest.mark.parametrize("old, new", [
+    ("created", "succeeded"), ("created", "created"), ("succeeded", "failed"), ("failed", "succeeded"),
+    ("canceled", "succeeded"), ("running", "created"), ("running", "interrupted"), ("interrupted", "succeeded"),
+])
+def test_illegal_transitions(old, new):
+    with pytest.raises(ValueError, match=f"{old} -> {new}"):
+        JobState(old).check_transition(JobState(new))
+
+
+def test_terminal_states():
+    assert {s.value for s in JobState if s.is_terminal()} == {"succeeded", "failed", "canceled"}
+    assert JobState("running") == "running"
+
+
+# -- output rows ---------------------------------------------------------------------------------
+
+
+def test_count_and_serialize_list():
+    assert count_and_serialize([1, "a b", 2.5, (1, 2)], with_rows=True) == (4, b"1\na b\n2.5\n(1, 2)\n")
+    assert count_and_serialize([1, "a b"], with_rows=False) == (2, None)
+
+
+def test_count_and_serialize_tuple():
+    assert count_and_serialize(("x", "y"), with_rows=True) == (2, b"x\ny\n")
+
+
+def test_count_and_serialize_empty_list():
+    assert count_and_serialize([], with_rows=True) == (0, b"")
+    assert count_and_serialize([], with_rows=False) == (0, None)
+
+
+def test_count_and_serialize_dataframe():
+    frame = pd.DataFrame({"file": ["a.txt", "b.txt"], "score": [1, 2.5]}, index=[10, 20])
+    assert count_and_serialize(frame, with_rows=True) == (2, b"a.txt 1.0\nb.txt 2.5\n")
+    assert count_and_serialize(frame, with_rows=False) == (2, None)
+
+
+def test_count_and_serialize_empty_dataframe():
+    assert count_and_serialize(pd.DataFrame({"a": []}), with_rows=True) == (0, b"")
+
+
+@pytest.mark.parametrize("result", [None, {"a": 1}, "text", 3])
+def test_count_and_serialize_rejects(result):
+    with pytest.raises(ResultError) as info:
+        count_and_serialize(result, with_rows=True)
+    assert type(result).__name__ in str(info.value)
+
+
+# -- assembly ----------------------------------------------------------------------------------------
+
+
+def test_assemble_concatenates_done_parts_in_manifest_order(tmp_path):
+    ledger = planned(tmp_path, 5)
+    for ordinal in (3, 0, 4):
+        finish(ledger, ordinal, rows=f"row {ordinal}\n".encode())
+    ledger.write_part(f"{bid(1)}~r1~1", b"orphan part of a killed attempt\n")  # no done record
+    finish(ledger, 0, run="r2", rows=b"duplicate of batch 0\n")  # not the chosen record
+    out_dir = tmp_path / "out"
+    target = out_dir / "parallel_run_step.txt"
+
+    written = assemble(ledger, ledger.view(), str(target))
+
+    assert target.read_bytes() == b"row 0\nrow 3\nrow 4\n"
+    assert written == len(b"row 0\nrow 3\nrow 4\n")
+    assert os.listdir(out_dir) == ["parallel_run_step.txt"]
+
+
+def test_assemble_replaces_an_old_output_whole(tmp_path):
+    ledger = planned(tmp_path, 2)
+    finish(ledger, 0, rows=b"a\n")
+    finish(ledger, 1, rows=b"b\n")
+    target = tmp_path / "out.txt"
+    target.write_text("stale output from an earlier run, much longer than the new one\n")
+
+    assert assemble(ledger, ledger.view(), str(target)) == 4
+
+    assert target.read_bytes() == b"a\nb\n"
+    assert sorted(os.listdir(tmp_path)) == ["job", "out.txt"]
+
+
+def test_assemble_with_nothing_done_writes_an_empty_file(tmp_path):
+    ledger = planned(tmp_path, 3)
+    target = tmp_path / "out" / "rows.txt"
+    assert assemble(ledger, ledger.view(), str(target)) == 0
+    assert target.read_bytes() == b""
+    assert os.listdir(tmp_path / "out") == ["rows.txt"]
+
+
+# -- status ----------------------------------------------------------------------------------------------
+
+
+def status_ledger(tmp_path: Path, planned_count=6) -> Ledger:
+    """A job dir built by hand: a created job with an append_row output."""
+    spec = spec_from_dict({
+        "type": "parallel",
+        "name": "status-test",
+        "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path / "data")}},
+        "outputs": {"out": {"type": "uri_file", "path": str(tmp_path / "out.txt")}},
+        "input_data": "${{inputs.data}}",
+        "task": {"code": str(tmp_path / "src"), "entry_script": "score.py", "append_row_to": "${{outputs.out}}"},
+    })
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.create(spec.to_dict(), spec.to_yaml())
+    if planned_count is not None:
+        ledger.write_manifest(make_batches(planned_count))
+    return ledger
+
+
+def counts(status: dict) -> tuple:
+    return status["state"], status["total"], status["completed"], status["failed"], status["pending"]
+
+
+def test_status_of_a_new_job(tmp_path):
+    ledger = status_ledger(tmp_path, planned_count=None)
+    status = job_status(ledger.url)
+    assert counts(status) == ("created", None, 0, 0, None)
+    assert status["name"] == "status-test"
+    assert status["job_id"] == ledger.load_job()["job_id"]
+    assert status["output"] == str(tmp_path / "out.txt")
+
+
+def test_status_counts(tmp_path):
+    ledger = status_ledger(tmp_path, planned_count=6)
+    finish(ledger, 0)
+    finish(ledger, 1)
+    fail(ledger, 2, final=True)
+    fail(ledger, 3, final=False)
+    fail(ledger, 4, final=True)
+    finish(ledger, 4, run="r2")  # retried on resume and done
+    ledger.acquire_lease("r2")
+    ledger.write_state(JobState.RUNNING, "r2")
+
+    status = job_status(ledger.url)
+
+    assert counts(status) == ("running", 6, 3, 1, 2)
+    assert status["errors"] == [{"batch": bid(2), "kind": "user", "error": "boom 1"}]
+    assert status["driver"]["run"] == "r2"
+
+
+def test_status_running_without_a_live_driver_is_interrupted(tmp_path):
+    ledger = status_ledger(tmp_path, planned_count=3)
+    finish(ledger, 0)
+    ledger.write_state(JobState.RUNNING, "r1")
+    write_lease(ledger, run="r1", host=socket.gethostname(), pid=dead_pid())
+
+    status = job_status(ledger.url)
+
+    assert counts(status) == ("interrupted", 3, 1, 0, 2)
+    assert status["driver"] is None
+
+
+def test_status_of_a_finished_job(tmp_path):
+    ledger = status_ledger(tmp_path, planned_count=2)
+    finish(ledger, 0)
+    finish(ledger, 1)
+    ledger.write_state(JobState.SUCCEEDED, "r1")
+    assert counts(job_status(ledger.url)) == ("succeeded", 2, 2, 0, 0)
