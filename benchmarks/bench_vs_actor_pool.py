@@ -182,6 +182,13 @@ def read_rows(path: str) -> list[str]:
         return f.read().splitlines()
 
 
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def rate_line(label: str, batches: int, seconds: float) -> str:
     return f"{label}: {batches} batches in {seconds:.2f}s = {batches / seconds:.0f} batches/s"
 
@@ -268,6 +275,8 @@ def main(argv=None) -> int:
         verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
         print(f"ratio raypar/bare = {ratio:.2f} (target >= {TARGET_RATIO:.2f}: {verdict})")
         print(f"rows: {'OK' if ok else 'MISMATCH'} ({n_rows} expected per run)")
+        print(f"load average (1/5/15 min) at the end: {_load()} on {os.cpu_count()} CPUs "
+              f"(anything else running makes these numbers noisy)")
     finally:
         if ray.is_initialized():
             ray.shutdown()

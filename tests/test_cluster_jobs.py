@@ -1,5 +1,6 @@
 """End-to-end jobs on a real 3-node Ray cluster (in-process, 127.0.0.1)."""
 
+import collections
 import os
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 import raypar
 from raypar.errors import PlacementError, UsageError
+from raypar.ledger import Ledger
 from raypar.state import JobState
 from raypar.status import job_status
 
@@ -35,9 +37,11 @@ def executions(log_dir: Path):
 
 def test_rows_exact_and_instances_pinned_to_distinct_nodes(ray_cluster, tmp_path):
     files = texts(60)
-    barrier = tmp_path / "barrier"
+    barrier, shutdowns = tmp_path / "barrier", tmp_path / "shutdowns"
     barrier.mkdir()  # all 6 workers start before any batch runs, so every instance gets work
-    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--with-node --barrier {barrier} 6"})
+    shutdowns.mkdir()
+    args = f"--with-node --barrier {barrier} 6 --shutdown-log {shutdowns}"
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": args})
 
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
 
@@ -54,6 +58,33 @@ def test_rows_exact_and_instances_pinned_to_distinct_nodes(ray_cluster, tmp_path
     assert len(set(nodes)) == 3
     alive = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"]}
     assert set(nodes) <= alive
+    assert sorted(p.name for p in shutdowns.iterdir()) == sorted(p.name for p in barrier.iterdir())  # all 6
+
+
+def test_slow_worker_does_not_hold_back_the_others(ray_cluster, tmp_path):
+    files = texts(24)  # 12 batches on 2 workers
+    log = tmp_path / "exec"
+    log.mkdir()
+    # Slot 0 blocks in its first run() until 10 batches ran: only pulled work lets that finish.
+    args = f"--exec-log {log} --slow-slot 0 10"
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": args, "resources.instance_count": 1,
+                                         "raypar.worker": {"num_cpus": 0.5}})
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED
+    assert output_lines(tmp_path) == expected_rows(files)
+    assert len(executions(log)) == 12
+    by_worker = collections.Counter(r.worker for r in Ledger(str(tmp_path / "job")).view().done.values())
+    assert by_worker["instance0-slot1"] >= 10 and by_worker["instance0-slot0"] <= 2, by_worker
+
+
+def test_dataframe_rows_are_space_separated_without_header_or_index(ray_cluster, tmp_path):
+    files = {"a.txt": "x", "b.txt": "two words"}
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": "--dataframe", "resources.instance_count": 1})
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    assert outcome.state is JobState.SUCCEEDED
+    assert output_lines(tmp_path) == ['a.txt X', 'b.txt "TWO WORDS"']
 
 
 def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tmp_path):

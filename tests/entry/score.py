@@ -6,6 +6,9 @@ Arguments (parse_known_args, as Azure scripts do):
   --with-node       append "<instance> <ray node id>" to every row
   --gate DIR        init() writes DIR/started-<pid> and waits for DIR/release
   --barrier DIR N   init() writes DIR/<pid> and waits until N workers did (all start together)
+  --slow-slot S N   the worker in slot S waits in run() until N batches are in --exec-log
+  --shutdown-log D  shutdown() writes D/<pid>
+  --dataframe       return a DataFrame (name, text) instead of a list
 """
 
 import argparse
@@ -24,6 +27,9 @@ def init():
     parser.add_argument("--with-node", action="store_true")
     parser.add_argument("--gate")
     parser.add_argument("--barrier", nargs=2)
+    parser.add_argument("--slow-slot", nargs=2, type=int)
+    parser.add_argument("--shutdown-log")
+    parser.add_argument("--dataframe", action="store_true")
     args, _ = parser.parse_known_args()
     if args.barrier:
         folder, count = args.barrier[0], int(args.barrier[1])
@@ -42,6 +48,8 @@ def _wait(condition, timeout=120):
 
 def run(mini_batch):
     names = [os.path.basename(p) for p in mini_batch]
+    if args.slow_slot and int(os.environ["RAYPAR_SLOT"]) == args.slow_slot[0]:
+        _wait(lambda: len(os.listdir(args.exec_log)) >= args.slow_slot[1])
     if args.exec_log:
         with open(os.path.join(args.exec_log, uuid.uuid4().hex), "w") as f:
             f.write(" ".join(names))
@@ -58,4 +66,13 @@ def run(mini_batch):
 
             row += f" {os.environ['RAYPAR_INSTANCE']} {ray.get_runtime_context().get_node_id()}"
         rows.append(row)
+    if args.dataframe:
+        import pandas as pd
+
+        return pd.DataFrame({"name": names, "text": [r.split(" ", 1)[1] for r in rows]})
     return rows
+
+
+def shutdown():
+    if args.shutdown_log:
+        open(os.path.join(args.shutdown_log, str(os.getpid())), "w").close()
