@@ -177,6 +177,7 @@ class Scheduler:
         self.stop_reason: Optional[str] = None
         self.stop_detail: str = ""
         self.last_init_error: Optional[str] = None
+        self.last_init_stage = "init()"
 
     # -- lifecycle ------------------------------------------------------
 
@@ -210,7 +211,8 @@ class Scheduler:
         if not waiting:
             if self.queue and not any(s.ready or s.start_ref for s in self.slots):
                 if self.last_init_error:
-                    self._stop("no worker could start: init() failed on every worker", self.last_init_error)
+                    self._stop(f"no worker could start: {self.last_init_stage} failed on every worker",
+                               self.last_init_error)
                 else:
                     self._stop("every worker slot was given up after repeated worker losses")
             return
@@ -251,9 +253,10 @@ class Scheduler:
             log.debug("%s ready on node %s", slot.label, slot.node)
             return
         self.last_init_error = answer.get("error", "")
+        self.last_init_stage = answer.get("stage", "starting the worker")
         slot.starts_failed += 1
-        log.warning("init() failed on %s (try %d of %d):\n%s", slot.label, slot.starts_failed,
-                    MAX_STARTS_PER_SLOT, self.last_init_error)
+        log.warning("%s failed on %s (try %d of %d):\n%s", self.last_init_stage, slot.label,
+                    slot.starts_failed, MAX_STARTS_PER_SLOT, self.last_init_error)
         self._kill(slot)
         if slot.starts_failed >= MAX_STARTS_PER_SLOT:
             slot.retired = True

@@ -61,15 +61,17 @@ class Worker:
     def start(self) -> dict:
         """Import the entry script and call its ``init()``; report the outcome."""
         info = {"node": self.node, "pid": os.getpid(), "worker": self.name}
+        stage = "loading the entry script"
         try:
             self._load_entry_script()
-            init = getattr(self.module, "init", None)
-            if init is not None:
-                init()
             if not callable(getattr(self.module, "run", None)):
                 raise AttributeError(f"{self.spec.task.entry_script} has no run(mini_batch) function")
+            init = getattr(self.module, "init", None)
+            if init is not None:
+                stage = "init()"
+                init()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            return {**info, "ok": False, "error": _user_traceback(exc)}
+            return {**info, "ok": False, "stage": stage, "error": _user_traceback(exc)}
         return {**info, "ok": True}
 
     def _load_entry_script(self) -> None:

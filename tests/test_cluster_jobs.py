@@ -190,6 +190,15 @@ def test_init_failure_on_every_worker_fails_fast_with_the_traceback(ray_cluster,
     assert "RuntimeError: model file missing" in job_status(str(tmp_path / "job"))["reason"]
 
 
+def test_entry_script_that_does_not_import_fails_with_its_error(ray_cluster, tmp_path):
+    spec = make_spec(tmp_path, texts(2), **{"resources.instance_count": 1, "max_concurrency_per_instance": 1})
+    (tmp_path / "code" / "score.py").write_text("def run(mb)\n    return mb\n")
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    assert outcome.state is JobState.FAILED
+    assert outcome.reason == "no worker could start: loading the entry script failed on every worker"
+    assert "SyntaxError" in job_status(str(tmp_path / "job"))["reason"]
+
+
 def test_environment_variables_argv_and_summary_only(ray_cluster, tmp_path):
     code = tmp_path / "code"
     code.mkdir()
