@@ -65,7 +65,9 @@ def _dispatch(args) -> int:
         outcome = run_job(args.spec, job_dir=args.job_dir, address=args.address, echo=echo)
     else:
         outcome = resume_job(args.job_dir, address=args.address, echo=echo)
-    if outcome.state.value == "succeeded":
+    if outcome.state.value == "canceled":
+        print(f"raypar: job canceled; continue it with: raypar resume {outcome.job_dir}", file=sys.stderr)
+    elif outcome.state.value == "succeeded":
         where = f"; output {outcome.output}" if outcome.output else ""
         echo(f"raypar: succeeded: {outcome.completed}/{outcome.total} mini-batches done{where}")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Optional
 
@@ -11,10 +12,13 @@ import ray
 from .errors import RayparError
 
 
-def connect(address: Optional[str] = None) -> bool:
+def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
 
     Returns True when raypar started the Ray instance (and must stop it).
+    The embedded Ray offers at least ``min_cpus`` logical CPUs, so one
+    instance of the job always fits on a small laptop (Azure oversubscribes
+    processes per node the same way).
     The embedded Ray listens on loopback only: a Ray reachable from the
     network runs anyone's code (ShadowRay, CVE-2023-48022).
     """
@@ -26,8 +30,10 @@ def connect(address: Optional[str] = None) -> bool:
             ray.init(address=address, logging_level=logging.WARNING)
             return False
         _loopback_only()
+        # Our own loopback cluster: Ray's notice that it generated a token is noise here.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1")
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), _node_ip_address="127.0.0.1")
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "an embedded local Ray"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .errors import LeaseHeldError, PlacementError, SpecError, UsageError
-from .inputs import plan_batches
+from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
 from .outputs import assemble
 from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict
@@ -66,13 +66,11 @@ def _normalize_dir(job_dir: str) -> str:
 
 
 def check_files(spec: JobSpec) -> None:
-    """Fail before anything is written when the code or the input is missing."""
+    """Fail before anything is written when the code or the input is missing or unusable."""
     entry = bind(spec).entry_script_path
     if not is_url(entry) and not os.path.isfile(entry):
         raise SpecError(f"task.entry_script: {entry} not found")
-    data = spec.data_input
-    if not is_url(data.path) and not os.path.exists(data.path):
-        raise SpecError(f"inputs.{spec.data_input_name}.path: {data.path} not found")
+    check_input(spec)
 
 
 def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
@@ -96,11 +94,11 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
         frozen = ledger.load_job()["spec"]
         if frozen != spec.to_dict():
             raise UsageError(f"{job_dir}: holds a different job; use a new --job-dir, or `raypar resume {job_dir}`")
-        echo(f"raypar: {job_dir} already holds this job: resuming it")
+        announce = f"raypar: {job_dir} already holds this job: resuming it"
     else:
         ledger.create(spec.to_dict(), spec.to_yaml())
-        echo(f"raypar: job dir {job_dir}")
-    return _drive(ledger, spec, address, echo)
+        announce = f"raypar: job dir {job_dir}"
+    return _drive(ledger, spec, address, echo, announce)
 
 
 def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) -> Outcome:
@@ -109,8 +107,7 @@ def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) 
     ledger = Ledger(job_dir)
     spec = JobSpec.model_validate(ledger.load_job()["spec"])
     check_files(spec)
-    echo(f"raypar: resuming {job_dir}")
-    return _drive(ledger, spec, address, echo)
+    return _drive(ledger, spec, address, echo, f"raypar: resuming {job_dir}")
 
 
 class _Heartbeat(threading.Thread):
@@ -132,14 +129,16 @@ class _Heartbeat(threading.Thread):
                 log.warning("lease heartbeat failed: %s", exc)
 
 
-def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo) -> Outcome:
+def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, announce: str) -> Outcome:
     run = new_run_id()
     ledger.acquire_lease(run)
+    echo(announce)
     beat = _Heartbeat(ledger, run)
     beat.start()
     state, reason, detail = JobState.FAILED, "", ""
     try:
-        ledger.write_state(JobState.RUNNING, run)
+        _set_state(ledger, JobState.RUNNING, run)
+        _make_output_folders(spec)
         if ledger.read_manifest() is None:
             count = ledger.write_manifest(plan_batches(spec))
             echo(f"raypar: planned {count} mini-batch(es)")
@@ -161,8 +160,8 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo) ->
                 echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
                      f"`raypar resume {ledger.url}` retries them")
     except KeyboardInterrupt:
+        # Workers are gone with the scheduler; finished batches are in the ledger.
         state, reason = JobState.CANCELED, "interrupted (Ctrl-C)"
-        raise
     except PlacementError as exc:
         state, reason = JobState.FAILED, exc.headline
         raise
@@ -174,7 +173,7 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo) ->
         beat.join(timeout=5)
         if beat.lost is None:  # only the lease holder may write the state
             try:
-                ledger.write_state(state, run, reason if not detail else f"{reason}\n{detail}")
+                _set_state(ledger, state, run, reason if not detail else f"{reason}\n{detail}")
             finally:
                 ledger.release_lease(run)
     status = job_status(ledger.url)
@@ -183,12 +182,25 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo) ->
                    reason=reason)
 
 
+def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> None:
+    JobState(ledger.read_state()["state"]).check_transition(new)
+    ledger.write_state(new, run, reason)
+
+
+def _make_output_folders(spec: JobSpec) -> None:
+    """Folder outputs exist before init() runs, as Azure's mounted outputs do."""
+    for output in spec.outputs.values():
+        if output.type == "uri_folder" and output.path and not is_url(output.path):
+            os.makedirs(output.path, exist_ok=True)
+
+
 def _execute(ledger, spec, run, view, pending, address, echo, interrupt) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
     from . import cluster
     from .scheduler import Placement, Progress, Scheduler
 
-    owned = cluster.connect(address)
+    w = spec.raypar.worker
+    owned = cluster.connect(address, min_cpus=w.num_cpus * spec.max_concurrency_per_instance)
     try:
         total = len(view.manifest)
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))

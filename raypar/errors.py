@@ -41,7 +41,3 @@ class LeaseHeldError(RayparError):
 
 class PlacementError(RayparError):
     """The cluster cannot host the requested instances."""
-
-
-class JobFailedError(RayparError):
-    """The job ran and ended ``failed`` (a threshold crossed, no worker could start)."""

@@ -116,6 +116,12 @@ class LedgerView:
             raise LedgerError("the manifest is incomplete; the job must be planned again")
         return [b for b in self.manifest if b.id not in self.done]
 
+    def failed_items(self) -> int:
+        """Items that did not succeed: unreturned items of done batches + every item of failed ones."""
+        sizes = {b.id: b.item_count for b in self.manifest or []}
+        return (sum(r.failed_items for r in self.done.values())
+                + sum(sizes.get(b, 0) for b in self.failed_batches()))
+
     def failed_batches(self) -> set[str]:
         """Batches whose tries were spent and that are still not done."""
         return {
@@ -341,7 +347,7 @@ class Ledger:
             raise LeaseHeldError(
                 f"{self.url}: another raypar driver is running this job "
                 f"(pid {current.get('pid')} on {current.get('host')}, heartbeat {age:.0f}s ago); "
-                f"wait for it to finish or cancel it"
+                f"wait for it to finish, or stop that process"
             )
         self.store.write_atomic(self._lease_body(run, ttl), "lease.json")
         confirmed = self.read_lease()

@@ -346,7 +346,7 @@ class Scheduler:
             return
         self.queue.appendleft((batch, 0))
 
-    def _replace(self, slot: Slot, why: str) -> Optional[Call]:
+    def _replace(self, slot: Slot, why: str, lost: bool = True) -> Optional[Call]:
         """Kill the slot's actor, hand its queued calls back, start a fresh actor.
 
         Returns the call that was running on the actor (the caller decides
@@ -359,7 +359,7 @@ class Scheduler:
         for call in reversed(calls[1:]):  # never started: no try spent
             self.queue.appendleft((call.batch, 0))
         self._kill(slot)
-        slot.deaths += 1
+        slot.deaths += lost  # a worker we killed for a timeout was not lost to the system
         log.warning("%s: %s; %d queued batch(es) handed back", slot.label, why, max(len(calls) - 1, 0))
         if slot.deaths > MAX_DEATHS_PER_SLOT:
             slot.retired = True
@@ -374,7 +374,8 @@ class Scheduler:
             head = slot.calls[0] if slot.calls else None
             if head is None or head.started is None or now - head.started <= timeout:
                 continue
-            running = self._replace(slot, f"{head.batch.id} ran past retry_settings.timeout={timeout}s; worker killed")
+            running = self._replace(slot, f"{head.batch.id} ran past retry_settings.timeout={timeout}s; "
+                                          f"worker killed", lost=False)
             self._on_user_failure(running, f"TimeoutError: run() did not return within {timeout}s; the worker "
                                   f"process was killed and replaced", "timeout", slot)
 

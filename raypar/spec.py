@@ -38,29 +38,26 @@ class BatchSize:
     is_bytes: bool
 
 
-def parse_size(value: Union[int, str]) -> BatchSize:
+def parse_size(value: Union[int, str], field: str = "mini_batch_size") -> BatchSize:
     """Parse ``10``, ``"10"``, ``"10kb"``, ``"100 MB"`` (units are x1024, as in Azure)."""
     if isinstance(value, bool):
-        raise ValueError(f"mini_batch_size must be a count or a size like '10kb', not {value!r}")
+        raise ValueError(f"{field} must be a count or a size like '10kb', not {value!r}")
     if isinstance(value, int):
         if value < 1:
-            raise ValueError(f"mini_batch_size must be at least 1, got {value}")
+            raise ValueError(f"{field} must be at least 1, got {value}")
         return BatchSize(value, is_bytes=False)
     match = _SIZE_RE.match(str(value))
     if not match:
-        raise ValueError(
-            f"mini_batch_size {value!r} is not a count (e.g. '10') or a size (e.g. '10kb', '1mb', '1gb')"
-        )
+        raise ValueError(f"{field} {value!r} is not a count (e.g. '10') or a size (e.g. '10kb', '1mb', '1gb')")
     number, unit = int(match.group(1)), (match.group(2) or "").lower() or None
     if number < 1:
-        raise ValueError(f"mini_batch_size must be at least 1, got {value!r}")
+        raise ValueError(f"{field} must be at least 1, got {value!r}")
     return BatchSize(number * _UNITS[unit], is_bytes=unit is not None)
 
 
-def parse_bytes(value: Union[int, str]) -> int:
+def parse_bytes(value: Union[int, str], field: str = "memory") -> int:
     """A memory amount: an int (bytes) or a size string such as ``"2gb"``."""
-    size = parse_size(value)
-    return size.value
+    return parse_size(value, field).value
 
 
 def is_url(path: str) -> bool:
@@ -181,6 +178,9 @@ class JobSpec(_Model):
     description: Optional[str] = None
     tags: Any = None
     experiment_name: Optional[str] = None
+    identity: Any = None
+    is_deterministic: Any = None
+    properties: Any = None
 
     @field_validator("logging_level", mode="before")
     @classmethod

@@ -44,7 +44,7 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         "completed": completed,
         "failed": len(failed_ids),
         "pending": pending,
-        "failed_items": sum(r.failed_items for r in view.done.values()),
+        "failed_items": view.failed_items(),
         "output": bind(spec).append_row_path,
         "driver": lease if driver_alive else None,
         "errors": last_errors,

@@ -42,6 +42,10 @@ def assert_one_line_error(result, code, *fragments):
     (lambda s: s["task"].update(entry_script="missing.py"), ["task.entry_script", "missing.py not found"]),
     (lambda s: s["inputs"]["data"].update(path="/nonexistent/data"), ["/nonexistent/data not found"]),
     (lambda s: s.update(mini_batch_size="ten"), ["mini_batch_size", "'ten'"]),
+    (lambda s: s.update(mini_batch_size="10kb"), ["mini_batch_size", "byte size"]),
+    (lambda s: s["inputs"]["data"].update(type="uri_file"), ["inputs.data.path", "must be a single file"]),
+    (lambda s: s["inputs"]["data"].update(type="mltable"), ["inputs.data", "mltable"]),
+    (lambda s: s["task"].update(program_arguments='--x "open'), ["task.program_arguments"]),
 ])
 def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, mutate, fragments):
     spec = make_spec(tmp_path, {"a.txt": "x"})
@@ -112,6 +116,8 @@ def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
         assert len(listeners) >= 3, listeners  # gcs, raylet, object manager... were seen
         exposed = {l for l in listeners if not _is_loopback(l[1])}
         assert not exposed, f"Ray listens beyond loopback: {exposed}"
+        second = cli("resume", str(job))
+        assert_one_line_error(second, 2, "another raypar driver is running this job", f"pid {proc.pid}")
         (gate / "release").touch()
         out, err = proc.communicate(timeout=120)
     finally:
@@ -154,3 +160,53 @@ def test_failed_job_exit_1_then_cli_resume_exit_0(tmp_path):
     second = cli("resume", job)
     assert second.returncode == 0, second.stderr
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text() == "a.txt BAD\nb.txt GOOD\n"
+
+
+def _kill_tree(proc_list):
+    for p in proc_list:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(proc_list, timeout=30)
+
+
+@pytest.mark.timeout(240)
+def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
+    log, gate = tmp_path / "exec", tmp_path / "gate"
+    log.mkdir()
+    gate.mkdir()
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(10)}
+    spec = make_spec(tmp_path, files, mini_batch_size="1", **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 1,
+        "task.program_arguments": f"--exec-log {log} --hold-after 5 {gate}",
+    })
+    job = tmp_path / "job"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    spawned = []
+    try:
+        _wait_for(lambda: (gate / "holding").exists(), "the 6th batch to be caught mid-run")
+        spawned = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()  # SIGKILL: no cleanup of any kind in the driver
+        proc.wait(timeout=30)
+    finally:
+        _kill_tree(spawned)  # stop the embedded Ray we started, as a dead host would
+        proc.kill()
+    before = json.loads(cli("status", str(job), "--json").stdout)
+    assert before["state"] == "interrupted"
+    assert (before["completed"], before["pending"]) == (5, 5)
+    ran_before = {entry for entry in (p.read_text() for p in log.iterdir())}
+    assert ran_before == {f"f{i:02d}.txt" for i in range(6)}
+
+    for p in log.iterdir():
+        p.unlink()
+    (gate / "release").touch()
+    resumed = cli("resume", str(job))
+
+    assert resumed.returncode == 0, resumed.stderr
+    rerun = sorted(p.read_text() for p in log.iterdir())
+    assert rerun == [f"f{i:02d}.txt" for i in range(5, 10)]  # the caught batch + the 4 never started
+    assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
+        [f"{name} {text.upper()}" for name, text in sorted(files.items())]

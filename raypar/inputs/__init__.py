@@ -5,6 +5,6 @@ is the worker side that turns a batch's payload into what ``run()`` receives.
 Each input kind lives in its own module and registers both halves here.
 """
 
-from .base import MiniBatch, materialize, plan_batches
+from .base import MiniBatch, check_input, materialize, plan_batches
 
-__all__ = ["MiniBatch", "plan_batches", "materialize"]
+__all__ = ["MiniBatch", "check_input", "plan_batches", "materialize"]

@@ -50,8 +50,8 @@ def batch_id(ordinal: int) -> str:
     return f"mb-{ordinal:07d}"
 
 
-def plan_batches(spec: JobSpec) -> Iterator[MiniBatch]:
-    """The deterministic stream of mini-batches for the spec's ``input_data``."""
+def check_input(spec: JobSpec) -> None:
+    """Raise SpecError now for an input raypar cannot plan (before any job dir is written)."""
     from . import files
 
     data = spec.data_input
@@ -65,7 +65,15 @@ def plan_batches(spec: JobSpec) -> Iterator[MiniBatch]:
             f"mini_batch_size {spec.mini_batch_size!r} is a byte size, which applies to tabular input; "
             f"inputs.{spec.data_input_name} is {data.type}: give a file count such as '10'"
         )
-    return files.plan(data, size.value)
+    files.check(data, f"inputs.{spec.data_input_name}")
+
+
+def plan_batches(spec: JobSpec) -> Iterator[MiniBatch]:
+    """The deterministic stream of mini-batches for the spec's ``input_data``."""
+    from . import files
+
+    check_input(spec)
+    return files.plan(spec.data_input, spec.batch_size().value)
 
 
 def materialize(batch: MiniBatch, spec: JobSpec) -> Any:

@@ -13,21 +13,28 @@ from .base import MiniBatch
 KIND = "files"
 
 
-def plan(data: InputSpec, files_per_batch: int) -> Iterator[MiniBatch]:
-    """Batches of ``files_per_batch`` files; every file below the folder, sorted by path."""
+def check(data: InputSpec, where: str) -> None:
+    """The input exists and is the kind of path its type says."""
     if is_url(data.path):
-        raise SpecError(f"{data.path}: remote inputs are not supported by this raypar version; use a local path")
-    try:
-        paths = find_files(data.path)
-    except FileNotFoundError:
-        raise SpecError(f"{data.path}: input not found") from None
+        raise SpecError(f"{where}.path: {data.path}: remote inputs are not supported by this raypar version; "
+                        f"use a local path")
+    if not os.path.exists(data.path):
+        raise SpecError(f"{where}.path: {data.path} not found")
     is_file = os.path.isfile(data.path)
     if data.type == "uri_file" and not is_file:
-        raise SpecError(f"{data.path}: a uri_file input must be a single file, found a folder")
+        raise SpecError(f"{where}.path: {data.path}: a uri_file input must be a single file, found a folder")
     if data.type == "uri_folder" and is_file:
-        raise SpecError(f"{data.path}: a uri_folder input must be a folder, found a file")
-    root = data.path.rstrip("/") if data.type == "uri_folder" else os.path.dirname(data.path)
-    names = [relative_to(root, p) for p in paths]
+        raise SpecError(f"{where}.path: {data.path}: a uri_folder input must be a folder, found a file")
+
+
+def _root(data: InputSpec) -> str:
+    return data.path.rstrip("/") if data.type == "uri_folder" else os.path.dirname(data.path)
+
+
+def plan(data: InputSpec, files_per_batch: int) -> Iterator[MiniBatch]:
+    """Batches of ``files_per_batch`` files; every file below the folder, sorted by path."""
+    root = _root(data)
+    names = [relative_to(root, p) for p in find_files(data.path)]
     for ordinal, start in enumerate(range(0, len(names), files_per_batch)):
         chunk = names[start:start + files_per_batch]
         yield MiniBatch(ordinal=ordinal, kind=KIND, payload={"files": chunk}, item_count=len(chunk))
@@ -35,6 +42,5 @@ def plan(data: InputSpec, files_per_batch: int) -> Iterator[MiniBatch]:
 
 def materialize(batch: MiniBatch, spec: JobSpec) -> list[str]:
     """Absolute local paths of the batch's files."""
-    data = spec.data_input
-    root = data.path.rstrip("/") if data.type == "uri_folder" else os.path.dirname(data.path)
+    root = _root(spec.data_input)
     return [os.path.join(root, name) for name in batch.payload["files"]]

@@ -9,6 +9,8 @@ Arguments (parse_known_args, as Azure scripts do):
   --slow-slot S N   the worker in slot S waits in run() until N batches are in --exec-log
   --shutdown-log D  shutdown() writes D/<pid>
   --dataframe       return a DataFrame (name, text) instead of a list
+  --hold-after N D  once more than N batches are in --exec-log, run() writes D/holding and
+                    waits for D/release (a batch caught mid-run)
 """
 
 import argparse
@@ -30,6 +32,7 @@ def init():
     parser.add_argument("--slow-slot", nargs=2, type=int)
     parser.add_argument("--shutdown-log")
     parser.add_argument("--dataframe", action="store_true")
+    parser.add_argument("--hold-after", nargs=2)
     args, _ = parser.parse_known_args()
     if args.barrier:
         folder, count = args.barrier[0], int(args.barrier[1])
@@ -53,6 +56,11 @@ def run(mini_batch):
     if args.exec_log:
         with open(os.path.join(args.exec_log, uuid.uuid4().hex), "w") as f:
             f.write(" ".join(names))
+    if args.hold_after and len(os.listdir(args.exec_log)) > int(args.hold_after[0]):
+        gate = args.hold_after[1]
+        if not os.path.exists(os.path.join(gate, "release")):
+            open(os.path.join(gate, "holding"), "w").close()
+            _wait(lambda: os.path.exists(os.path.join(gate, "release")), timeout=600)
     fixed = args.fixed_flag and os.path.exists(args.fixed_flag)
     rows = []
     for path, name in zip(mini_batch, names):
