@@ -19,14 +19,14 @@ from typing import Callable, Optional, Union
 from .errors import LeaseHeldError, PlacementError, SpecError, UsageError
 from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
-from .outputs import assemble
+from .outputs import CorruptPartsError, assemble
 from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict
 from .state import JobState
-from .status import job_status
 
 log = logging.getLogger("raypar")
 
 Echo = Callable[[str], None]
+MAX_ASSEMBLY_ROUNDS = 3
 
 
 @dataclass
@@ -139,26 +139,19 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
     try:
         _set_state(ledger, JobState.RUNNING, run)
         _make_output_folders(spec)
-        if ledger.read_manifest() is None:
-            count = ledger.write_manifest(plan_batches(spec))
-            echo(f"raypar: planned {count} mini-batch(es)")
-        view = ledger.view()
-        pending = view.pending()
-        if pending:
-            echo(f"raypar: {len(pending)} of {len(view.manifest)} mini-batch(es) to run")
-            reason, detail = _execute(ledger, spec, run, view, pending, address, echo, lambda: beat.lost)
-            view = ledger.view()
-        if reason:
-            state = JobState.FAILED
-        else:
-            target = bind(spec).append_row_path
-            if target:
-                assemble(ledger, view, target)
-            state = JobState.SUCCEEDED
-            failed = view.failed_batches()
-            if failed:
-                echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
-                     f"`raypar resume {ledger.url}` retries them")
+        manifest = ledger.read_manifest()
+        if manifest is None:
+            manifest = list(plan_batches(spec))
+            ledger.write_manifest(manifest)
+            echo(f"raypar: planned {len(manifest)} mini-batch(es)")
+        view = ledger.view(manifest)
+        reason, detail, view = _run_and_assemble(ledger, spec, run, manifest, view, address, echo,
+                                                 lambda: beat.lost)
+        state = JobState.FAILED if reason else JobState.SUCCEEDED
+        failed = view.failed_batches()
+        if failed and not reason:
+            echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
+                 f"`raypar resume {ledger.url}` retries them")
     except KeyboardInterrupt:
         # Workers are gone with the scheduler; finished batches are in the ledger.
         state, reason = JobState.CANCELED, "interrupted (Ctrl-C)"
@@ -176,10 +169,32 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
                 _set_state(ledger, state, run, reason if not detail else f"{reason}\n{detail}")
             finally:
                 ledger.release_lease(run)
-    status = job_status(ledger.url)
-    return Outcome(state=state, job_dir=ledger.url, total=status["total"], completed=status["completed"],
-                   failed=status["failed"], pending=status["pending"], output=status.get("output"),
-                   reason=reason)
+    return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
+                   **view.counts())
+
+
+def _run_and_assemble(ledger, spec, run, manifest, view, address, echo, interrupt):
+    """Run what is pending, then assemble; batches whose parts fail verification run again."""
+    target = bind(spec).append_row_path
+    for _ in range(MAX_ASSEMBLY_ROUNDS):
+        pending = view.pending()
+        if pending:
+            echo(f"raypar: {len(pending)} of {len(manifest)} mini-batch(es) to run")
+            reason, detail = _execute(ledger, spec, run, view, pending, address, echo, interrupt)
+            view = ledger.view(manifest)
+            if reason:
+                return reason, detail, view
+        if not target:
+            return "", "", view
+        try:
+            assemble(ledger, view, target)
+            return "", "", view
+        except CorruptPartsError as exc:
+            for record in exc.records:
+                ledger.void(record, "output part does not match its sha256")
+            echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
+            view = ledger.view(manifest)
+    return "output parts keep failing verification (storage corrupting data?)", "", view
 
 
 def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> None:

@@ -49,11 +49,11 @@ def new_run_id() -> str:
 
 def _sealed(body: dict) -> bytes:
     """JSON with a checksum of its own content, so torn or edited records are detected."""
-    body = dict(body)
-    body.pop("sha256", None)
+    body = {k: v for k, v in body.items() if k != "sha256"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    body["sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
-    return json.dumps(body, sort_keys=True).encode()
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    # The checksum goes last; _unseal re-serializes the body without it, so its place does not matter.
+    return (canonical[:-1] + ("," if body else "") + f'"sha256":"{digest}"}}').encode()
 
 
 def _unseal(data: bytes) -> Optional[dict]:
@@ -82,6 +82,7 @@ class DoneRecord:
     returned: int
     part: Optional[str]  # file name under parts/, None in summary-only jobs
     part_bytes: int = 0
+    part_sha256: Optional[str] = None
     node: Optional[str] = None
     worker: Optional[str] = None
     seconds: float = 0.0
@@ -115,6 +116,13 @@ class LedgerView:
         if self.manifest is None:
             raise LedgerError("the manifest is incomplete; the job must be planned again")
         return [b for b in self.manifest if b.id not in self.done]
+
+    def counts(self) -> dict:
+        """Mini-batch counts: total, completed, failed (tries spent), pending (never finished)."""
+        total = len(self.manifest) if self.manifest is not None else None
+        failed = len(self.failed_batches())
+        pending = None if total is None else total - len(self.done) - failed
+        return {"total": total, "completed": len(self.done), "failed": failed, "pending": pending}
 
     def failed_items(self) -> int:
         """Items that did not succeed: unreturned items of done batches + every item of failed ones."""
@@ -223,16 +231,22 @@ class Ledger:
     # -- records --------------------------------------------------------
 
     def write_part(self, name: str, data: bytes) -> str:
-        self.store.write_atomic(data, "parts", f"{name}.part")
+        """Write one attempt's output rows; the done record written after it holds their sha256."""
+        self.store.write_once(data, "parts", f"{name}.part")
         return f"{name}.part"
 
     def record_done(self, record: DoneRecord) -> None:
         name = attempt_name(record.batch, record.run, record.attempt)
-        self.store.write_atomic(_sealed(record.__dict__), "done", f"{name}.json")
+        self.store.write_once(_sealed(record.__dict__), "done", f"{name}.json")
 
     def record_failed(self, record: FailedRecord) -> None:
         name = attempt_name(record.batch, record.run, record.attempt)
         self.store.write_atomic(_sealed(record.__dict__), "failed", f"{name}.json")
+
+    def void(self, record: DoneRecord, why: str) -> None:
+        """Mark a done record invalid (its part failed verification): the batch runs again."""
+        name = attempt_name(record.batch, record.run, record.attempt)
+        self.store.write_atomic(json.dumps({"why": why}).encode(), "void", f"{name}.json")
 
     def part_path(self, part: str) -> str:
         return self.store.path("parts", part)
@@ -240,8 +254,10 @@ class Ledger:
     def read_part(self, part: str) -> bytes:
         return self.store.read_bytes("parts", part)
 
-    def view(self) -> LedgerView:
-        return LedgerView(manifest=self.read_manifest(), done=self._done_records(), failed=self._failed_records())
+    def view(self, manifest: Optional[list[MiniBatch]] = None) -> LedgerView:
+        """Read the records; pass ``manifest`` when already in hand to skip re-reading it."""
+        return LedgerView(manifest=manifest if manifest is not None else self.read_manifest(),
+                          done=self._done_records(), failed=self._failed_records())
 
     def _records(self, folder: str, prefix: str = "") -> Iterator[dict]:
         paths = [p for p in self.store.list_files(folder)
@@ -256,9 +272,8 @@ class Ledger:
         return batch in self._done_records(prefix=f"{batch}~")
 
     def _done_records(self, prefix: str = "") -> dict[str, DoneRecord]:
-        part_sizes = {
-            os.path.basename(p): size for p, size in self._file_sizes("parts").items()
-        }
+        part_sizes = {os.path.basename(p): size for p, size in self.store.file_sizes("parts").items()}
+        voided = {os.path.basename(p)[:-len(".json")] for p in self.store.list_files("void")}
         chosen: dict[str, DoneRecord] = {}
         for body in self._records("done", prefix):
             try:
@@ -267,6 +282,8 @@ class Ledger:
                 continue
             if record.part is not None and part_sizes.get(record.part) != record.part_bytes:
                 continue  # its part is missing or truncated: not done
+            if attempt_name(record.batch, record.run, record.attempt) in voided:
+                continue
             # Several valid records can exist (a worker that died after recording);
             # every one is a complete result, and the smallest name is chosen.
             key = (record.run, record.attempt)
@@ -286,13 +303,6 @@ class Ledger:
         for records in out.values():
             records.sort(key=lambda r: (r.run, r.attempt))
         return out
-
-    def _file_sizes(self, folder: str) -> dict[str, int]:
-        try:
-            entries = self.store.fs.ls(self.store.path(folder), detail=True)
-        except FileNotFoundError:
-            return {}
-        return {e["name"]: e.get("size") for e in entries if e.get("type") == "file"}
 
     # -- state ----------------------------------------------------------
 

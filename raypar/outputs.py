@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from typing import Any, Optional
 
 from .ledger import Ledger, LedgerView
@@ -18,10 +20,7 @@ def count_and_serialize(result: Any, with_rows: bool) -> tuple[int, Optional[byt
     A list or tuple element is one line via ``str()``; a DataFrame row is one
     line, space-separated, no header, no index (Azure's append_row format).
     """
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover - pandas is a dependency
-        pd = None
+    pd = sys.modules.get("pandas")  # a DataFrame means pandas is loaded; never import it here
     if pd is not None and isinstance(result, pd.DataFrame):
         if not with_rows:
             return len(result), None
@@ -36,19 +35,35 @@ def count_and_serialize(result: Any, with_rows: bool) -> tuple[int, Optional[byt
     )
 
 
+class CorruptPartsError(Exception):
+    """Parts whose content does not match the sha256 their done record holds."""
+
+    def __init__(self, records):
+        super().__init__(f"{len(records)} output part(s) failed verification")
+        self.records = records
+
+
 def assemble(ledger: Ledger, view: LedgerView, target: str) -> int:
     """Write the rows of every done batch, in mini-batch order, to ``target`` atomically.
 
     Only parts named by done records are read, one per batch, so the file
-    holds each batch's rows exactly once. Returns the number of bytes written.
+    holds each batch's rows exactly once. Every part is checked against the
+    sha256 in its record first; if any fails, nothing is published and
+    CorruptPartsError names their records. Returns the number of bytes written.
     """
-    written = 0
+    written, corrupt = 0, []
     with atomic_output(target) as out:
         for batch in view.manifest or []:
             record = view.done.get(batch.id)
             if record is None or record.part is None:
                 continue
             data = ledger.read_part(record.part)
-            out.write(data)
-            written += len(data)
+            if record.part_sha256 is not None and hashlib.sha256(data).hexdigest() != record.part_sha256:
+                corrupt.append(record)
+                continue
+            if not corrupt:
+                out.write(data)
+                written += len(data)
+        if corrupt:
+            raise CorruptPartsError(corrupt)  # aborts the atomic output: nothing is published
     return written

@@ -6,9 +6,12 @@ STRICT_SPREAD reserves all instances on distinct nodes atomically (or not at
 all, so a job never starts half-placed) and GCS re-places a bundle whose node
 died; plain node affinity can do neither.
 
-Dispatch is pull-based: each worker holds at most ``PREFETCH`` calls (one
-running, one queued so it never idles on a round trip), and only one in the
-tail of the job, so a slow worker never sits on work others could take.
+Dispatch is pull-based: a worker holds one running call plus a short queue
+so it never idles on a round trip. The queue is ``PREFETCH`` deep, deeper
+(``FAST_PREFETCH``) only for a worker that has proven its batches take
+milliseconds (where Ray's round trip is the cost), and no queue at all for a
+worker whose current batch runs long or in the tail of the job: a slow worker
+never sits on work others could take.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .errors import PlacementError
 from .inputs.base import MiniBatch
 from .ledger import FailedRecord, Ledger
-from .spec import JobSpec
+from .spec import JobSpec, worker_plan
 from .worker import Worker
 
 log = logging.getLogger("raypar")
 
 PREFETCH = 2
+FAST_PREFETCH = 4
+FAST_BATCH_SECONDS = 0.2  # batches faster than this make the round trip worth hiding
 MAX_STARTS_PER_SLOT = 3  # init() tries per slot before the slot is given up
 MAX_DEATHS_PER_SLOT = 5  # worker processes lost per slot before the slot is given up
 MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not user tries)
@@ -62,6 +67,22 @@ class Slot:
     deaths: int = 0
     node: Optional[str] = None
     calls: collections.deque = field(default_factory=collections.deque)
+    answers: int = 0
+    mean_seconds: float = 0.0  # moving average of this worker's batch durations
+
+    def depth(self, now: float) -> int:
+        """How many calls this worker may hold right now."""
+        head = self.calls[0] if self.calls else None
+        if head is not None and head.started is not None and \
+                now - head.started > max(4 * self.mean_seconds, 0.5):
+            return 1  # its batch runs long: queue nothing behind it
+        if self.answers >= 2 and self.mean_seconds < FAST_BATCH_SECONDS:
+            return FAST_PREFETCH
+        return PREFETCH
+
+    def observe(self, seconds: float) -> None:
+        self.answers += 1
+        self.mean_seconds = seconds if self.answers == 1 else 0.8 * self.mean_seconds + 0.2 * seconds
 
     @property
     def label(self) -> str:
@@ -87,6 +108,7 @@ class Placement:
     def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool):
         self.spec, self.job_url, self.run, self.owned = spec, job_url, run, owned_cluster
         self.pg = None
+        self.plan = worker_plan(spec)
         self._remote = ray.remote(Worker)
 
     def bundle(self) -> dict[str, float]:
@@ -120,19 +142,17 @@ class Placement:
     def new_actor(self, slot: Slot):
         w = self.spec.raypar.worker
         slot.generation += 1
-        env = {
-            **self.spec.environment_variables,
-            "RAYPAR_JOB_DIR": self.job_url, "RAYPAR_RUN": self.run,
-            "RAYPAR_INSTANCE": str(slot.instance), "RAYPAR_SLOT": str(slot.index),
-        }
+        # The same runtime env for every actor (the user's variables, set before
+        # the process starts), so Ray can share worker processes between them.
+        env = self.spec.environment_variables
         name = self.spec.name or "job"
         return self._remote.options(
             num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory_bytes(),
             resources=w.resources or None, max_restarts=0, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.instance),
-            runtime_env={"env_vars": env},
+            runtime_env={"env_vars": env} if env else None,
             name=f"raypar:{name}:i{slot.instance}:s{slot.index}:g{slot.generation}:{self.run}",
-        ).remote(self.job_url, self.spec.to_dict(), self.run, slot.instance, slot.index)
+        ).remote(self.job_url, self.plan, self.run, slot.instance, slot.index)
 
     def release(self) -> None:
         if self.pg is not None:
@@ -270,13 +290,13 @@ class Scheduler:
             return
         ready = [s for s in self.slots if s.ready and not s.retired]
         # Fill in waves (one call per worker per wave) so the first batches spread out.
-        for depth in range(1, PREFETCH + 1):
-            if depth > 1 and len(self.queue) <= len(ready) * PREFETCH:
+        for wave in range(1, FAST_PREFETCH + 1):
+            if wave > 1 and len(self.queue) <= len(ready) * wave:
                 break  # the tail: keep work in the queue for whichever worker frees first
             for slot in ready:
                 if not self.queue:
                     return
-                if len(slot.calls) < depth:
+                if len(slot.calls) < wave <= slot.depth(now):
                     self._submit(slot, now)
 
     def _submit(self, slot: Slot, now: float) -> None:
@@ -305,6 +325,8 @@ class Scheduler:
             self._on_user_failure(call, answer["error"], "user", slot)
 
     def _pop_call(self, slot: Slot, call: Call, now: float) -> None:
+        if call.started is not None:
+            slot.observe(now - call.started)
         slot.calls.remove(call)
         if slot.calls and slot.calls[0].started is None:
             slot.calls[0].started = now
@@ -398,7 +420,9 @@ class Scheduler:
         """Let each worker run shutdown() (bounded), then end the processes."""
         if not graceful:
             return
-        refs = {s.actor.stop.remote(): s for s in self.slots if s.ready and s.actor is not None}
+        # Starting workers are included: actor calls run in order, so stop() follows their init().
+        refs = {s.actor.stop.remote(): s for s in self.slots
+                if (s.ready or s.start_ref is not None) and s.actor is not None}
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STOP_TIMEOUT)
         for ref in done:
             try:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
+from .storage import is_url
 
 # Azure's default file name inside a uri_folder output used by append_row_to.
 APPEND_ROW_FILE_NAME = "parallel_run_step.txt"
@@ -58,11 +59,6 @@ def parse_size(value: Union[int, str], field: str = "mini_batch_size") -> BatchS
 def parse_bytes(value: Union[int, str], field: str = "memory") -> int:
     """A memory amount: an int (bytes) or a size string such as ``"2gb"``."""
     return parse_size(value, field).value
-
-
-def is_url(path: str) -> bool:
-    """True for ``scheme://...`` paths (fsspec URLs); False for local paths."""
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
 
 
 class _Model(BaseModel):
@@ -365,6 +361,21 @@ class BoundJob:
     argv: list[str]
     append_row_path: Optional[str]
     entry_script_path: str
+
+
+def worker_plan(spec: JobSpec) -> dict:
+    """What a worker needs, as plain JSON: workers never import pydantic (faster starts)."""
+    bound = bind(spec)
+    return {
+        "code": spec.task.code,
+        "entry_script": spec.task.entry_script,
+        "entry_path": bound.entry_script_path,
+        "argv": bound.argv,
+        "env": dict(spec.environment_variables),
+        "logging_level": spec.logging_level,
+        "with_rows": bound.append_row_path is not None,
+        "input": {"type": spec.data_input.type, "path": spec.data_input.path},
+    }
 
 
 def fill_output_paths(spec: JobSpec, default_root: str) -> JobSpec:

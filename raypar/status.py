@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .ledger import Ledger
 from .spec import JobSpec, bind
 from .state import JobState
@@ -25,12 +23,8 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
     if state is JobState.RUNNING and not driver_alive:
         state = JobState.INTERRUPTED
     view = ledger.view()
-    total: Optional[int] = len(view.manifest) if view.manifest is not None else None
-    completed = len(view.done)
-    failed_ids = view.failed_batches()
-    pending = None if total is None else total - completed - len(failed_ids)
     last_errors = []
-    for batch in sorted(failed_ids)[:errors]:
+    for batch in sorted(view.failed_batches())[:errors]:
         record = view.failed[batch][-1]
         last_errors.append({"batch": batch, "kind": record.kind, "error": record.error})
     reason = saved.get("reason") or ""
@@ -40,10 +34,7 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         "job_id": job["job_id"],
         "state": state.value,
         "reason": reason,
-        "total": total,
-        "completed": completed,
-        "failed": len(failed_ids),
-        "pending": pending,
+        **view.counts(),
         "failed_items": view.failed_items(),
         "output": bind(spec).append_row_path,
         "driver": lease if driver_alive else None,

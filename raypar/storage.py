@@ -8,14 +8,20 @@ mistaken for "this batch is not done".
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import re
 import uuid
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import LedgerError
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` paths (fsspec URLs); False for local paths."""
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
+
 
 _PACKAGE_FOR_PROTOCOL = {
     "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "s3": "s3fs", "s3a": "s3fs",
@@ -36,6 +42,7 @@ class Store:
             hint = f"; install it with: pip install {package}" if package else ""
             raise LedgerError(f"{root}: no filesystem for '{protocol}://'{hint} ({exc})") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._folders: set[str] = set()
 
     def path(self, *parts: str) -> str:
         return "/".join([self._root_path.rstrip("/"), *parts]) if parts else self._root_path
@@ -46,7 +53,7 @@ class Store:
 
     def child(self, *parts: str) -> "Store":
         sub = Store.__new__(Store)
-        sub.root, sub.fs, sub.is_local = self.url(*parts), self.fs, self.is_local
+        sub.root, sub.fs, sub.is_local, sub._folders = self.url(*parts), self.fs, self.is_local, set()
         sub._root_path = self.path(*parts)
         return sub
 
@@ -84,12 +91,23 @@ class Store:
 
     def list_files(self, *parts: str) -> list[str]:
         """Full paths of the files directly in a folder; [] when the folder is absent."""
+        return sorted(self.file_sizes(*parts))
+
+    def file_sizes(self, *parts: str) -> dict[str, int]:
+        """{full path: size} of the files directly in a folder; {} when the folder is absent."""
         folder = self.path(*parts)
+        if self.is_local:  # os.scandir: ledgers list thousands of records
+            try:
+                with os.scandir(folder) as entries:
+                    return {e.path: e.stat().st_size for e in entries
+                            if e.is_file() and not e.name.startswith(".tmp-")}
+            except FileNotFoundError:
+                return {}
         try:
             entries = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
-            return []
-        return sorted(e["name"] for e in entries if e.get("type") == "file")
+            return {}
+        return {e["name"]: e.get("size") for e in entries if e.get("type") == "file"}
 
     # -- writing --------------------------------------------------------
 
@@ -108,6 +126,26 @@ class Store:
         else:
             # One PUT (or one block-list commit): object stores publish a blob whole.
             self.fs.pipe_file(target, data)
+        return target
+
+    def write_once(self, data: bytes, *parts: str) -> str:
+        """Create a file under a name nobody else uses; the fast path for per-batch files.
+
+        No temp file, rename or fsync: a reader may see it half-written, so
+        callers only use it for content that proves its own integrity (sealed
+        records, parts whose sha256 a sealed record holds). Raises
+        FileExistsError if the name was used.
+        """
+        target = self.path(*parts)
+        if not self.is_local:
+            self.fs.pipe_file(target, data)  # one PUT: the blob appears whole
+            return target
+        folder = os.path.dirname(target)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        with open(target, "xb") as f:
+            f.write(data)
         return target
 
     def write_new(self, data: bytes, *parts: str) -> bool:
@@ -145,28 +183,6 @@ class Store:
     def makedirs(self, *parts: str) -> None:
         if self.is_local:
             os.makedirs(self.path(*parts), exist_ok=True)
-
-
-def find_files(url: str) -> list[str]:
-    """Every file below ``url`` (recursively), sorted; ``url`` itself if it is a file.
-
-    Raises FileNotFoundError when nothing is there.
-    """
-    fs, root = fsspec.core.url_to_fs(url)
-    if fs.isfile(root):
-        return [root]
-    if not fs.isdir(root):
-        raise FileNotFoundError(url)
-    return sorted(fs.find(root))
-
-
-def relative_to(root: str, path: str) -> str:
-    root = root.rstrip("/") + "/"
-    return path[len(root):] if path.startswith(root) else path
-
-
-def join_all(root: str, names: Iterable[str]) -> list[str]:
-    return [f"{root.rstrip('/')}/{n}" for n in names]
 
 
 @contextmanager

@@ -13,6 +13,7 @@ process died" (a Ray error).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -24,7 +25,6 @@ from typing import Any, Optional
 from .inputs.base import MiniBatch, materialize
 from .ledger import DoneRecord, Ledger, attempt_name
 from .outputs import ResultError, count_and_serialize
-from .spec import JobSpec, bind
 
 
 def _user_traceback(exc: BaseException) -> str:
@@ -38,25 +38,27 @@ def _user_traceback(exc: BaseException) -> str:
 class Worker:
     """Body of the Ray actor (wrapped with ``ray.remote`` by the scheduler)."""
 
-    def __init__(self, job_url: str, spec: dict, run: str, instance: int, slot: int):
-        self.spec = JobSpec.model_validate(spec)
-        self.bound = bind(self.spec)
+    def __init__(self, job_url: str, plan: dict, run: str, instance: int, slot: int):
+        self.plan = plan  # raypar.spec.worker_plan(): plain values, no pydantic here
         self.ledger = Ledger(job_url)
         self.run_id = run
         self.instance, self.slot = instance, slot
-        self.with_rows = self.bound.append_row_path is not None
+        self.with_rows = plan["with_rows"]
         self.module: Any = None
         self.name = f"instance{instance}-slot{slot}"
         self.node = self._node_id()
+        # Set here, not in a per-actor runtime_env: that would keep Ray from
+        # reusing its prestarted worker processes and slow every start.
+        os.environ.update({"RAYPAR_JOB_DIR": job_url, "RAYPAR_RUN": run,
+                           "RAYPAR_INSTANCE": str(instance), "RAYPAR_SLOT": str(slot)})
 
     @staticmethod
     def _node_id() -> Optional[str]:
-        try:
-            import ray
+        import ray
 
-            return ray.get_runtime_context().get_node_id()
-        except Exception:  # not inside Ray (unit tests)
+        if not ray.is_initialized():  # not inside Ray (unit tests)
             return None
+        return ray.get_runtime_context().get_node_id()
 
     def start(self) -> dict:
         """Import the entry script and call its ``init()``; report the outcome."""
@@ -65,7 +67,7 @@ class Worker:
         try:
             self._load_entry_script()
             if not callable(getattr(self.module, "run", None)):
-                raise AttributeError(f"{self.spec.task.entry_script} has no run(mini_batch) function")
+                raise AttributeError(f"{self.plan['entry_script']} has no run(mini_batch) function")
             init = getattr(self.module, "init", None)
             if init is not None:
                 stage = "init()"
@@ -75,18 +77,18 @@ class Worker:
         return {**info, "ok": True}
 
     def _load_entry_script(self) -> None:
-        code = self.spec.task.code
-        os.environ.update(self.spec.environment_variables)
-        logging.basicConfig(level=self.spec.logging_level, force=True,
+        code = self.plan["code"]
+        os.environ.update(self.plan["env"])
+        logging.basicConfig(level=self.plan["logging_level"], force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if code not in sys.path:
             sys.path.insert(0, code)
         os.chdir(code)  # sibling files of the entry script open with relative paths
-        sys.argv = list(self.bound.argv)
-        name = os.path.splitext(os.path.basename(self.spec.task.entry_script))[0]
-        loader_spec = importlib.util.spec_from_file_location(name, self.bound.entry_script_path)
+        sys.argv = list(self.plan["argv"])
+        name = os.path.splitext(os.path.basename(self.plan["entry_script"]))[0]
+        loader_spec = importlib.util.spec_from_file_location(name, self.plan["entry_path"])
         if loader_spec is None or loader_spec.loader is None:
-            raise ImportError(f"cannot load entry script {self.bound.entry_script_path}")
+            raise ImportError(f"cannot load entry script {self.plan['entry_path']}")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module
         loader_spec.loader.exec_module(module)
@@ -98,7 +100,7 @@ class Worker:
         started = time.time()
         base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name}
         try:
-            mini_batch = materialize(batch, self.spec)
+            mini_batch = materialize(batch, self.plan["input"])
             result = self.module.run(mini_batch)
             returned, rows = count_and_serialize(result, self.with_rows)
         except ResultError as exc:
@@ -110,6 +112,7 @@ class Worker:
         record = DoneRecord(
             batch=batch.id, run=self.run_id, attempt=attempt, items=batch.item_count,
             returned=returned, part=part, part_bytes=len(rows) if rows is not None else 0,
+            part_sha256=hashlib.sha256(rows).hexdigest() if rows is not None else None,
             node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
         )
         self.ledger.record_done(record)

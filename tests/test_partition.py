@@ -7,6 +7,7 @@ import pytest
 
 from raypar.errors import SpecError
 from raypar.inputs import MiniBatch, materialize, plan_batches
+from raypar.spec import worker_plan
 from raypar.spec import spec_from_dict
 
 
@@ -191,7 +192,7 @@ def test_materialize_gives_absolute_local_paths(tmp_path):
     spec = file_spec(root, size=2)
     batches = list(plan_batches(spec))
 
-    paths = [p for b in batches for p in materialize(b, spec)]
+    paths = [p for b in batches for p in materialize(b, worker_plan(spec)["input"])]
 
     assert paths == [str(root.resolve() / n) for n in sorted(names)]
     assert all(os.path.isabs(p) for p in paths)
@@ -203,10 +204,10 @@ def test_materialize_uri_file(tmp_path):
     target = tmp_path / "data" / "only.csv"
     spec = file_spec(target, "uri_file")
     (batch,) = plan_batches(spec)
-    assert materialize(batch, spec) == [str(target.resolve())]
+    assert materialize(batch, worker_plan(spec)["input"]) == [str(target.resolve())]
 
 
 def test_materialize_unknown_kind(tmp_path):
     spec = file_spec(make_files(tmp_path / "data", ["a.txt"]))
     with pytest.raises(ValueError, match="tables"):
-        materialize(MiniBatch(ordinal=0, kind="tables", payload={}), spec)
+        materialize(MiniBatch(ordinal=0, kind="tables", payload={}), worker_plan(spec)["input"])

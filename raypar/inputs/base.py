@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import SpecError
-from ..spec import JobSpec
+
+if TYPE_CHECKING:  # the worker side imports this module without pydantic
+    from ..spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,11 @@ def plan_batches(spec: JobSpec) -> Iterator[MiniBatch]:
     return files.plan(spec.data_input, spec.batch_size().value)
 
 
-def materialize(batch: MiniBatch, spec: JobSpec) -> Any:
-    """What ``run(mini_batch)`` receives for ``batch`` (runs on the worker)."""
+def materialize(batch: MiniBatch, data_input: dict) -> Any:
+    """What ``run(mini_batch)`` receives for ``batch`` (runs on the worker).
+
+    ``data_input`` is the input's ``{"type", "path"}`` as plain values.
+    """
     from . import files
 
     loaders = {files.KIND: files.materialize}
@@ -85,4 +90,4 @@ def materialize(batch: MiniBatch, spec: JobSpec) -> Any:
         loader = loaders[batch.kind]
     except KeyError:
         raise ValueError(f"unknown mini-batch kind {batch.kind!r} in the manifest") from None
-    return loader(batch, spec)
+    return loader(batch, data_input)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import SpecError
-from ..spec import InputSpec, JobSpec, is_url
-from ..storage import find_files, relative_to
+from ..storage import is_url
 from .base import MiniBatch
+
+if TYPE_CHECKING:
+    from ..spec import InputSpec
 
 KIND = "files"
 
@@ -27,20 +29,29 @@ def check(data: InputSpec, where: str) -> None:
         raise SpecError(f"{where}.path: {data.path}: a uri_folder input must be a folder, found a file")
 
 
-def _root(data: InputSpec) -> str:
-    return data.path.rstrip("/") if data.type == "uri_folder" else os.path.dirname(data.path)
+def _walk(root: str) -> list[str]:
+    """Every file below ``root`` as a relative path, sorted (symlinked folders followed)."""
+    names = []
+    for folder, _, files in os.walk(root, followlinks=True):
+        rel = os.path.relpath(folder, root)
+        names.extend(f if rel == "." else f"{rel}/{f}" for f in files)
+    return sorted(names)
+
+
+def _root(data_type: str, path: str) -> str:
+    return path.rstrip("/") if data_type == "uri_folder" else os.path.dirname(path)
 
 
 def plan(data: InputSpec, files_per_batch: int) -> Iterator[MiniBatch]:
     """Batches of ``files_per_batch`` files; every file below the folder, sorted by path."""
-    root = _root(data)
-    names = [relative_to(root, p) for p in find_files(data.path)]
+    root = _root(data.type, data.path)
+    names = [os.path.basename(data.path)] if data.type == "uri_file" else _walk(root)
     for ordinal, start in enumerate(range(0, len(names), files_per_batch)):
         chunk = names[start:start + files_per_batch]
         yield MiniBatch(ordinal=ordinal, kind=KIND, payload={"files": chunk}, item_count=len(chunk))
 
 
-def materialize(batch: MiniBatch, spec: JobSpec) -> list[str]:
+def materialize(batch: MiniBatch, data_input: dict) -> list[str]:
     """Absolute local paths of the batch's files."""
-    root = _root(spec.data_input)
+    root = _root(data_input["type"], data_input["path"])
     return [os.path.join(root, name) for name in batch.payload["files"]]

@@ -5,7 +5,8 @@ Arguments (parse_known_args, as Azure scripts do):
   --fixed-flag F    files whose text contains "bad" raise unless F exists
   --with-node       append "<instance> <ray node id>" to every row
   --gate DIR        init() writes DIR/started-<pid> and waits for DIR/release
-  --barrier DIR N   init() writes DIR/<pid> and waits until N workers did (all start together)
+  --barrier DIR N   a worker's first run() writes DIR/<pid> and waits until N workers did
+                    (every worker holds a batch before any batch finishes)
   --slow-slot S N   the worker in slot S waits in run() until N batches are in --exec-log
   --shutdown-log D  shutdown() writes D/<pid>
   --dataframe       return a DataFrame (name, text) instead of a list
@@ -34,10 +35,7 @@ def init():
     parser.add_argument("--dataframe", action="store_true")
     parser.add_argument("--hold-after", nargs=2)
     args, _ = parser.parse_known_args()
-    if args.barrier:
-        folder, count = args.barrier[0], int(args.barrier[1])
-        open(os.path.join(folder, str(os.getpid())), "w").close()
-        _wait(lambda: len(os.listdir(folder)) >= count)
+
     if args.gate:
         open(os.path.join(args.gate, f"started-{os.getpid()}"), "w").close()
         _wait(lambda: os.path.exists(os.path.join(args.gate, "release")))
@@ -51,6 +49,12 @@ def _wait(condition, timeout=120):
 
 def run(mini_batch):
     names = [os.path.basename(p) for p in mini_batch]
+    if args.barrier:
+        folder, count = args.barrier[0], int(args.barrier[1])
+        mark = os.path.join(folder, str(os.getpid()))
+        if not os.path.exists(mark):
+            open(mark, "w").close()
+            _wait(lambda: len(os.listdir(folder)) >= count)
     if args.slow_slot and int(os.environ["RAYPAR_SLOT"]) == args.slow_slot[0]:
         _wait(lambda: len(os.listdir(args.exec_log)) >= args.slow_slot[1])
     if args.exec_log:
