@@ -6,15 +6,24 @@ Layout (everything JSON; nothing here is ever unpickled or executed)::
     spec.yml                    readable copy of the frozen spec (never read back)
     manifest/chunk-NNNNNN.jsonl the planned mini-batches, one JSON line each
     manifest/COMPLETE.json      written last: chunk names, counts, checksums
-    parts/<batch>~<run>~<try>.part     one batch's output rows
-    done/<batch>~<run>~<try>.json      "this batch is done; its rows are in that part"
-    failed/<batch>~<run>~<try>.json    one failed attempt, with the error text
+    done/<run>~<worker>.jsonl   local disk: one worker process's done records, appended
+    parts/<run>~<worker>.data   local disk: that worker's output rows, appended
+    done/<batch>~<run>~<try>.json   object stores: one done record per attempt
+    parts/<batch>~<run>~<try>.part  object stores: one attempt's output rows
+    failed/<batch>~<run>~<try>.json one failed attempt, with the error text
+    void/<batch>~<run>~<try>.json   a done record whose rows failed verification
     state.json                  last state written by the driver holding the lease
     lease.json                  which driver owns the job dir (heartbeat)
 
-Records are new files with unique names (run ID + attempt), written
-atomically: no file is ever read-modified-written, and an attempt that is
-killed half-way can never clobber another attempt's part.
+Every file has one writer and a name nobody else uses (run ID + worker, or
+run ID + attempt); nothing is ever read-modified-written. A done record is
+sealed with the sha256 of its own content and holds the offset, length and
+sha256 of its rows, which are written first: a record torn by a crash, or
+whose rows are missing, short or different, counts as not done.
+
+Local disk appends to per-worker segments because creating a file costs
+more than running a small batch; object stores get one object per attempt
+because a PUT is atomic there and appends are not.
 
 The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
 """
@@ -28,7 +37,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Optional
 
 from . import __version__
@@ -81,6 +90,7 @@ class DoneRecord:
     items: int
     returned: int
     part: Optional[str]  # file name under parts/, None in summary-only jobs
+    part_offset: int = 0
     part_bytes: int = 0
     part_sha256: Optional[str] = None
     node: Optional[str] = None
@@ -230,12 +240,17 @@ class Ledger:
 
     # -- records --------------------------------------------------------
 
+    def done_writer(self, writer: str) -> "DoneWriter":
+        """The recorder of one worker process; ``writer`` must be unique to that process."""
+        return SegmentWriter(self, writer) if self.store.is_local else ObjectWriter(self)
+
     def write_part(self, name: str, data: bytes) -> str:
-        """Write one attempt's output rows; the done record written after it holds their sha256."""
+        """Write one attempt's rows as their own file (object stores)."""
         self.store.write_once(data, "parts", f"{name}.part")
         return f"{name}.part"
 
     def record_done(self, record: DoneRecord) -> None:
+        """Write one done record as its own file (object stores)."""
         name = attempt_name(record.batch, record.run, record.attempt)
         self.store.write_once(_sealed(record.__dict__), "done", f"{name}.json")
 
@@ -248,40 +263,45 @@ class Ledger:
         name = attempt_name(record.batch, record.run, record.attempt)
         self.store.write_atomic(json.dumps({"why": why}).encode(), "void", f"{name}.json")
 
-    def part_path(self, part: str) -> str:
-        return self.store.path("parts", part)
-
-    def read_part(self, part: str) -> bytes:
-        return self.store.read_bytes("parts", part)
+    def read_rows(self, record: DoneRecord) -> bytes:
+        """The rows a done record names (a whole part file, or a range of a segment)."""
+        path = self.store.path("parts", record.part)
+        if self.store.is_local:
+            with open(path, "rb") as f:
+                f.seek(record.part_offset)
+                return f.read(record.part_bytes)
+        return self.store.fs.cat_file(path, start=record.part_offset,
+                                      end=record.part_offset + record.part_bytes)
 
     def view(self, manifest: Optional[list[MiniBatch]] = None) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it."""
         return LedgerView(manifest=manifest if manifest is not None else self.read_manifest(),
                           done=self._done_records(), failed=self._failed_records())
 
-    def _records(self, folder: str, prefix: str = "") -> Iterator[dict]:
-        paths = [p for p in self.store.list_files(folder)
-                 if p.endswith(".json") and os.path.basename(p).startswith(prefix)]
-        for data in self.store.read_many(paths).values():
-            body = _unseal(data)
-            if body is not None:  # torn or corrupted: as if never written
-                yield body
+    def _records(self, folder: str) -> Iterator[dict]:
+        """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line."""
+        paths = [p for p in self.store.list_files(folder) if p.endswith((".json", ".jsonl"))]
+        for path, data in self.store.read_many(paths).items():
+            for chunk in data.split(b"\n") if path.endswith(".jsonl") else [data]:
+                body = _unseal(chunk) if chunk else None
+                if body is not None:  # torn or corrupted: as if never written
+                    yield body
 
     def is_done(self, batch: str) -> bool:
-        """Whether ``batch`` has a valid done record (one listing, for rare checks)."""
-        return batch in self._done_records(prefix=f"{batch}~")
+        """Whether ``batch`` has a valid done record (reads every record: for rare checks)."""
+        return batch in self._done_records()
 
-    def _done_records(self, prefix: str = "") -> dict[str, DoneRecord]:
+    def _done_records(self) -> dict[str, DoneRecord]:
         part_sizes = {os.path.basename(p): size for p, size in self.store.file_sizes("parts").items()}
         voided = {os.path.basename(p)[:-len(".json")] for p in self.store.list_files("void")}
         chosen: dict[str, DoneRecord] = {}
-        for body in self._records("done", prefix):
+        for body in self._records("done"):
             try:
                 record = DoneRecord(**body)
             except TypeError:
                 continue
-            if record.part is not None and part_sizes.get(record.part) != record.part_bytes:
-                continue  # its part is missing or truncated: not done
+            if record.part is not None and part_sizes.get(record.part, -1) < record.part_offset + record.part_bytes:
+                continue  # its rows are missing or cut short: not done
             if attempt_name(record.batch, record.run, record.attempt) in voided:
                 continue
             # Several valid records can exist (a worker that died after recording);
@@ -382,6 +402,57 @@ class Ledger:
         current = self.read_lease()
         if current and current.get("run") == run:
             self.store.remove("lease.json")
+
+
+class DoneWriter:
+    """Records finished batches for one worker process: rows first, then the sealed record."""
+
+    def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
+        raise NotImplementedError
+
+
+class SegmentWriter(DoneWriter):
+    """Local disk: appends rows and records to this worker's own two segment files."""
+
+    def __init__(self, ledger: Ledger, writer: str):
+        self.store, self.name = ledger.store, writer
+        self.rows = self.records = None
+        self.offset = 0
+
+    def _open(self) -> None:
+        for folder in ("parts", "done"):
+            os.makedirs(self.store.path(folder), exist_ok=True)
+        # "xb": the name is this process's alone; an existing file means a bug, never a merge.
+        self.rows = open(self.store.path("parts", f"{self.name}.data"), "xb")
+        self.records = open(self.store.path("done", f"{self.name}.jsonl"), "xb")
+
+    def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
+        if self.records is None:
+            self._open()
+        if rows is not None:
+            self.rows.write(rows)
+            self.rows.flush()  # in the OS before the record that points at it
+            record = replace(record, part=f"{self.name}.data", part_offset=self.offset, part_bytes=len(rows),
+                             part_sha256=hashlib.sha256(rows).hexdigest())
+            self.offset += len(rows)
+        self.records.write(_sealed(record.__dict__) + b"\n")
+        self.records.flush()
+        return record
+
+
+class ObjectWriter(DoneWriter):
+    """Object stores: one object for the rows, then one for the record (each PUT is atomic)."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
+        if rows is not None:
+            part = self.ledger.write_part(attempt_name(record.batch, record.run, record.attempt), rows)
+            record = replace(record, part=part, part_offset=0, part_bytes=len(rows),
+                             part_sha256=hashlib.sha256(rows).hexdigest())
+        self.ledger.record_done(record)
+        return record
 
 
 def _process_start(pid: int) -> Optional[float]:

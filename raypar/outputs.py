@@ -57,7 +57,7 @@ def assemble(ledger: Ledger, view: LedgerView, target: str) -> int:
             record = view.done.get(batch.id)
             if record is None or record.part is None:
                 continue
-            data = ledger.read_part(record.part)
+            data = ledger.read_rows(record)
             if record.part_sha256 is not None and hashlib.sha256(data).hexdigest() != record.part_sha256:
                 corrupt.append(record)
                 continue

@@ -13,17 +13,17 @@ process died" (a Ray error).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 import sys
 import time
 import traceback
+import uuid
 from typing import Any, Optional
 
 from .inputs.base import MiniBatch, materialize
-from .ledger import DoneRecord, Ledger, attempt_name
+from .ledger import DoneRecord, Ledger
 from .outputs import ResultError, count_and_serialize
 
 
@@ -40,7 +40,8 @@ class Worker:
 
     def __init__(self, job_url: str, plan: dict, run: str, instance: int, slot: int):
         self.plan = plan  # raypar.spec.worker_plan(): plain values, no pydantic here
-        self.ledger = Ledger(job_url)
+        # A name no other process uses: this worker's segments are its alone.
+        self.done = Ledger(job_url).done_writer(f"{run}~i{instance}s{slot}-{uuid.uuid4().hex[:8]}")
         self.run_id = run
         self.instance, self.slot = instance, slot
         self.with_rows = plan["with_rows"]
@@ -107,15 +108,11 @@ class Worker:
             return {**base, "ok": False, "error": f"ResultError: {exc}"}
         except BaseException as exc:  # noqa: BLE001
             return {**base, "ok": False, "error": _user_traceback(exc)}
-        name = attempt_name(batch.id, self.run_id, attempt)
-        part = self.ledger.write_part(name, rows) if rows is not None else None
         record = DoneRecord(
-            batch=batch.id, run=self.run_id, attempt=attempt, items=batch.item_count,
-            returned=returned, part=part, part_bytes=len(rows) if rows is not None else 0,
-            part_sha256=hashlib.sha256(rows).hexdigest() if rows is not None else None,
-            node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
+            batch=batch.id, run=self.run_id, attempt=attempt, items=batch.item_count, returned=returned,
+            part=None, node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
         )
-        self.ledger.record_done(record)
+        self.done.write(record, rows)
         return {**base, "ok": True, "items": batch.item_count, "returned": returned}
 
     def stop(self) -> Optional[str]:

@@ -14,7 +14,7 @@ import raypar.ledger as ledger_module
 from raypar.errors import LeaseHeldError, LedgerError, UsageError
 from raypar.inputs.base import MiniBatch
 from raypar.ledger import DoneRecord, FailedRecord, Ledger
-from raypar.outputs import ResultError, assemble, count_and_serialize
+from raypar.outputs import CorruptPartsError, ResultError, assemble, count_and_serialize
 from raypar.spec import spec_from_dict
 from raypar.state import JobState
 from raypar.status import job_status
@@ -238,7 +238,7 @@ def test_done_record_without_checksum_is_not_done(tmp_path):
 def test_done_record_with_missing_part_is_not_done(tmp_path):
     ledger = planned(tmp_path, 3)
     record = finish(ledger, 1)
-    os.unlink(ledger.part_path(record.part))
+    os.unlink(ledger.store.path("parts", record.part))
 
     assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
     assert not ledger.is_done(bid(1))
@@ -247,7 +247,7 @@ def test_done_record_with_missing_part_is_not_done(tmp_path):
 def test_done_record_with_truncated_part_is_not_done(tmp_path):
     ledger = planned(tmp_path, 3)
     record = finish(ledger, 1, rows=b"a\nb\nc\n")
-    Path(ledger.part_path(record.part)).write_bytes(b"a\nb\n")
+    Path(ledger.store.path("parts", record.part)).write_bytes(b"a\nb\n")
 
     assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
     assert not ledger.is_done(bid(1))
@@ -603,3 +603,70 @@ def test_status_of_a_finished_job(tmp_path):
     finish(ledger, 1)
     ledger.write_state(JobState.SUCCEEDED, "r1")
     assert counts(job_status(ledger.url)) == ("succeeded", 2, 2, 0, 0)
+
+
+# -- local segments: one worker's appended rows and records ----------------------------------
+
+
+def write_segment(ledger: Ledger, ordinals, writer: str = "r1~w1"):
+    out = ledger.done_writer(writer)
+    records = []
+    for i in ordinals:
+        record = DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None)
+        records.append(out.write(record, f"row {i}\n".encode()))
+    return records
+
+
+def test_segment_records_name_exact_row_ranges(tmp_path):
+    ledger = planned(tmp_path, 4)
+    records = write_segment(ledger, [2, 0, 1])
+
+    view = ledger.view()
+
+    assert [b.id for b in view.pending()] == [bid(3)]
+    assert [ledger.read_rows(view.done[bid(i)]) for i in range(3)] == [b"row 0\n", b"row 1\n", b"row 2\n"]
+    assert {r.part for r in records} == {"r1~w1.data"}
+    target = tmp_path / "out.txt"
+    assemble(ledger, view, str(target))
+    assert target.read_bytes() == b"row 0\nrow 1\nrow 2\n"
+
+
+def test_torn_last_segment_record_is_not_done(tmp_path):
+    ledger = planned(tmp_path, 3)
+    write_segment(ledger, [0, 1, 2])
+    log = tmp_path / "job" / "done" / "r1~w1.jsonl"
+    log.write_bytes(log.read_bytes()[:-20])  # the process died mid-append
+
+    assert [b.id for b in ledger.view().pending()] == [bid(2)]
+
+
+def test_segment_rows_cut_short_are_not_done(tmp_path):
+    ledger = planned(tmp_path, 2)
+    write_segment(ledger, [0, 1])
+    rows = tmp_path / "job" / "parts" / "r1~w1.data"
+    rows.write_bytes(rows.read_bytes()[:-1])
+
+    assert [b.id for b in ledger.view().pending()] == [bid(1)]
+
+
+def test_changed_rows_fail_assembly_and_their_batch_runs_again_after_void(tmp_path):
+    ledger = planned(tmp_path, 2)
+    write_segment(ledger, [0, 1])
+    rows = tmp_path / "job" / "parts" / "r1~w1.data"
+    rows.write_bytes(rows.read_bytes().replace(b"row 1", b"row X"))  # same size, other bytes
+    target = tmp_path / "out.txt"
+
+    with pytest.raises(CorruptPartsError) as caught:
+        assemble(ledger, ledger.view(), str(target))
+
+    assert not target.exists()  # nothing published
+    assert [r.batch for r in caught.value.records] == [bid(1)]
+    ledger.void(caught.value.records[0], "test")
+    assert [b.id for b in ledger.view().pending()] == [bid(1)]
+
+
+def test_two_writers_never_share_a_segment(tmp_path):
+    ledger = planned(tmp_path, 2)
+    write_segment(ledger, [0], writer="r1~same")
+    with pytest.raises(FileExistsError):
+        write_segment(ledger, [1], writer="r1~same")
