@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("job_dir")
     resume.add_argument("--address", help="Ray cluster address (as for run)")
 
+    cancel = sub.add_parser("cancel", help="stop a running job (it stays resumable)")
+    cancel.add_argument("job_dir")
+    cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the driver to stop (default 30)")
+
     status = sub.add_parser("status", help="state and mini-batch counts of a job dir")
     status.add_argument("job_dir")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -56,10 +61,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "status":
         return _status(args)
-    from .driver import resume_job, run_job
+    from .driver import cancel_job, resume_job, run_job
 
     def echo(line: str) -> None:
         print(line, flush=True)
+
+    if args.command == "cancel":
+        cancel_job(args.job_dir, wait=args.wait, echo=echo)
+        return 0
 
     if args.command == "run":
         outcome = run_job(args.spec, job_dir=args.job_dir, address=args.address, echo=echo)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .errors import LeaseHeldError, PlacementError, SpecError, UsageError
+from .errors import LeaseHeldError, PlacementError, RayparError, SpecError, UsageError
 from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
 from .outputs import CorruptPartsError, assemble
@@ -110,6 +110,40 @@ def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) 
     return _drive(ledger, spec, address, echo, f"raypar: resuming {job_dir}")
 
 
+def cancel_job(job_dir: str, wait: float = 30.0, echo: Echo = print) -> JobState:
+    """Stop the job in ``job_dir`` and wait (bounded) until its driver has stopped.
+
+    A live driver is asked through the job dir and stops within about a
+    second; a job whose driver is gone is marked ``canceled`` directly.
+    """
+    ledger = Ledger(_normalize_dir(job_dir))
+    ledger.load_job()
+    lease = ledger.read_lease()
+    if not ledger.lease_is_live(lease):
+        state = JobState(ledger.read_state()["state"])
+        if state.is_terminal():
+            echo(f"raypar: nothing to cancel: the job is {state.value}")
+            return state
+        run = new_run_id()
+        ledger.acquire_lease(run)
+        try:
+            _set_state(ledger, JobState.CANCELED, run, "canceled by `raypar cancel` (no driver was running)")
+        finally:
+            ledger.release_lease(run)
+        echo(f"raypar: canceled (no driver was running); continue it with: raypar resume {ledger.url}")
+        return JobState.CANCELED
+    ledger.request_cancel(lease["run"])
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        saved = ledger.read_state()
+        if saved.get("run") == lease["run"] and JobState(saved["state"]).is_terminal():
+            echo(f"raypar: job {saved['state']}; continue it with: raypar resume {ledger.url}")
+            return JobState(saved["state"])
+        time.sleep(0.2)
+    raise RayparError(f"{ledger.url}: cancel requested, but the driver (pid {lease.get('pid')} on "
+                      f"{lease.get('host')}) has not stopped within {wait:.0f}s")
+
+
 class _Heartbeat(threading.Thread):
     """Keeps the lease fresh while the driver lives; notices when it was taken over."""
 
@@ -145,9 +179,9 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
             ledger.write_manifest(manifest)
             echo(f"raypar: planned {len(manifest)} mini-batch(es)")
         view = ledger.view(manifest)
-        reason, detail, view = _run_and_assemble(ledger, spec, run, manifest, view, address, echo,
-                                                 lambda: beat.lost)
-        state = JobState.FAILED if reason else JobState.SUCCEEDED
+        stop = _StopSignal(ledger, run, beat)
+        reason, detail, view = _run_and_assemble(ledger, spec, run, manifest, view, address, echo, stop)
+        state = JobState.CANCELED if stop.canceled else JobState.FAILED if reason else JobState.SUCCEEDED
         failed = view.failed_batches()
         if failed and not reason:
             echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
@@ -195,6 +229,23 @@ def _run_and_assemble(ledger, spec, run, manifest, view, address, echo, interrup
             echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
             view = ledger.view(manifest)
     return "output parts keep failing verification (storage corrupting data?)", "", view
+
+
+class _StopSignal:
+    """Why the driver must stop now: its lease was taken over, or `raypar cancel` asked."""
+
+    def __init__(self, ledger: Ledger, run: str, beat: _Heartbeat, every: float = 0.5):
+        self.ledger, self.run_id, self.beat, self.every = ledger, run, beat, every
+        self.canceled, self.checked = False, 0.0
+
+    def __call__(self) -> Optional[str]:
+        if self.beat.lost:
+            return self.beat.lost
+        now = time.time()
+        if not self.canceled and now - self.checked >= self.every:  # one cheap look per interval
+            self.checked = now
+            self.canceled = self.ledger.cancel_requested(self.run_id)
+        return "canceled by `raypar cancel`" if self.canceled else None
 
 
 def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> None:

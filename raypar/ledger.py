@@ -12,6 +12,7 @@ Layout (everything JSON; nothing here is ever unpickled or executed)::
     parts/<batch>~<run>~<try>.part  object stores: one attempt's output rows
     failed/<batch>~<run>~<try>.json one failed attempt, with the error text
     void/<batch>~<run>~<try>.json   a done record whose rows failed verification
+    cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
     state.json                  last state written by the driver holding the lease
     lease.json                  which driver owns the job dir (heartbeat)
 
@@ -340,6 +341,16 @@ class Ledger:
         except (ValueError, KeyError, TypeError):
             # A torn state file only loses the last label; the records are the truth.
             return {"state": JobState.INTERRUPTED.value, "run": None, "reason": "state.json unreadable"}
+
+    # -- cancel ---------------------------------------------------------
+
+    def request_cancel(self, run: str) -> None:
+        """Ask the driver of ``run`` to stop (``raypar cancel``); other runs ignore it."""
+        body = {"run": run, "requested": time.time(), "by": f"{getpass.getuser()}@{socket.gethostname()}"}
+        self.store.write_atomic(json.dumps(body).encode(), "cancel", f"{run}.json")
+
+    def cancel_requested(self, run: str) -> bool:
+        return self.store.exists("cancel", f"{run}.json")
 
     # -- lease ----------------------------------------------------------
 

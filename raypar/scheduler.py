@@ -154,6 +154,13 @@ class Placement:
             name=f"raypar:{name}:i{slot.instance}:s{slot.index}:g{slot.generation}:{self.run}",
         ).remote(self.job_url, self.plan, self.run, slot.instance, slot.index)
 
+    def placed_instances(self) -> set[int]:
+        """Instances whose bundle currently sits on a live node (a lost node's wait for re-placement)."""
+        if self.pg is None:
+            return set()
+        table = ray.util.placement_group_table(self.pg)
+        return {int(i) for i, node in table.get("bundles_to_node_id", {}).items() if node}
+
     def release(self) -> None:
         if self.pg is not None:
             try:
@@ -362,6 +369,11 @@ class Scheduler:
             self.progress.done += 1
             return
         self.system_failures[batch.id] += 1
+        # Kept for the history (status, reports); not final, so not a failed batch.
+        self.ledger.record_failed(FailedRecord(
+            batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind="system",
+            final=False, node=slot.node,
+        ))
         if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:
             self._on_user_failure(call, f"{error} ({MAX_SYSTEM_FAILURES_PER_BATCH} workers lost on this batch)",
                                   "system", slot)
@@ -387,6 +399,9 @@ class Scheduler:
             slot.retired = True
             log.warning("%s given up after %d lost workers", slot.label, slot.deaths)
         elif self.stop_reason is None:
+            if lost and slot.instance not in self.placement.placed_instances():
+                log.warning("instance %d lost its node; the job goes on with the other instances "
+                            "until Ray places it on another node", slot.instance)
             self._start(slot)
         return calls[0] if calls else None
 
@@ -408,6 +423,9 @@ class Scheduler:
                        f"{spec.mini_batch_error_threshold}")
         elif spec.error_threshold >= 0 and p.failed_items > spec.error_threshold:
             self._stop(f"{p.failed_items} item(s) failed, more than error_threshold={spec.error_threshold}")
+        elif p.total and 100.0 * p.failed / p.total > spec.failed_percent_limit():
+            self._stop(f"{p.failed} of {p.total} mini-batches failed ({100.0 * p.failed / p.total:.1f}%), "
+                       f"more than allowed_failed_percent={spec.failed_percent_limit():g}")
 
     def _stop(self, reason: str, detail: str = "") -> None:
         if self.stop_reason is None:
@@ -420,9 +438,11 @@ class Scheduler:
         """Let each worker run shutdown() (bounded), then end the processes."""
         if not graceful:
             return
-        # Starting workers are included: actor calls run in order, so stop() follows their init().
+        # Starting workers whose instance has a node are included: actor calls run
+        # in order, so stop() follows their init(). One waiting for a lost node is not.
+        placed = self.placement.placed_instances()
         refs = {s.actor.stop.remote(): s for s in self.slots
-                if (s.ready or s.start_ref is not None) and s.actor is not None}
+                if s.actor is not None and (s.ready or (s.start_ref is not None and s.instance in placed))}
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STOP_TIMEOUT)
         for ref in done:
             try:

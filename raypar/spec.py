@@ -160,6 +160,8 @@ class JobSpec(_Model):
     max_concurrency_per_instance: StrictInt = Field(1, ge=1)
     error_threshold: StrictInt = Field(-1, ge=-1)
     mini_batch_error_threshold: StrictInt = Field(-1, ge=-1)
+    # Azure v1's allowed_failed_percent; v2 passes it as --allowed_failed_percent in program_arguments.
+    allowed_failed_percent: float = Field(100.0, ge=0, le=100)
     logging_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     retry_settings: RetrySettings = Field(default_factory=RetrySettings)
     environment_variables: dict[str, str] = Field(default_factory=dict)
@@ -212,6 +214,12 @@ class JobSpec(_Model):
             shlex.split(self.task.program_arguments or "")
         except ValueError as exc:
             raise ValueError(f"task.program_arguments cannot be split into arguments: {exc}") from None
+        try:
+            percent = self.failed_percent_limit()
+        except ValueError:
+            raise ValueError("task.program_arguments: --allowed_failed_percent must be a number") from None
+        if not 0 <= percent <= 100:
+            raise ValueError(f"task.program_arguments: --allowed_failed_percent {percent:g} is not in [0, 100]")
         for field, text in (("task.program_arguments", self.task.program_arguments),
                             ("task.append_row_to", self.task.append_row_to)):
             for ref in _BINDING_RE.findall(text or ""):
@@ -243,6 +251,19 @@ class JobSpec(_Model):
         if self.mini_batch_size is not None:
             return parse_size(self.mini_batch_size)
         return BatchSize(DEFAULT_FILES_PER_BATCH, is_bytes=False)
+
+    def failed_percent_limit(self) -> float:
+        """allowed_failed_percent, overridden by ``--allowed_failed_percent N`` in program_arguments."""
+        args = shlex.split(_BINDING_RE.sub("x", self.task.program_arguments or ""))
+        for i, arg in enumerate(args):
+            value = None
+            if arg == "--allowed_failed_percent" and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--allowed_failed_percent="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                return float(value)
+        return self.allowed_failed_percent
 
     @property
     def max_tries(self) -> int:

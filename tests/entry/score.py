@@ -12,6 +12,9 @@ Arguments (parse_known_args, as Azure scripts do):
   --dataframe       return a DataFrame (name, text) instead of a list
   --hold-after N D  once more than N batches are in --exec-log, run() writes D/holding and
                     waits for D/release (a batch caught mid-run)
+  --init-log D      init() writes D/<pid>
+  --fault NAME MODE D  the first run() given file NAME writes D/fault ("<pid> <node id>"), then:
+                    hang (sleep for an hour), segfault, or hold (wait to be killed)
 """
 
 import argparse
@@ -34,11 +37,34 @@ def init():
     parser.add_argument("--shutdown-log")
     parser.add_argument("--dataframe", action="store_true")
     parser.add_argument("--hold-after", nargs=2)
+    parser.add_argument("--init-log")
+    parser.add_argument("--fault", nargs=3)
     args, _ = parser.parse_known_args()
+    if args.init_log:
+        open(os.path.join(args.init_log, str(os.getpid())), "w").close()
 
     if args.gate:
         open(os.path.join(args.gate, f"started-{os.getpid()}"), "w").close()
         _wait(lambda: os.path.exists(os.path.join(args.gate, "release")))
+
+
+def _inject_fault(name, mode, folder):
+    marker = os.path.join(folder, "fault")
+    if os.path.exists(marker):
+        return  # only the first attempt is faulty
+    import ray
+
+    with open(marker + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {ray.get_runtime_context().get_node_id()}")
+    os.replace(marker + ".tmp", marker)
+    if mode == "hang":
+        time.sleep(3600)
+    elif mode == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    elif mode == "hold":
+        _wait(lambda: False, timeout=600)
 
 
 def _wait(condition, timeout=120):
@@ -65,6 +91,8 @@ def run(mini_batch):
         if not os.path.exists(os.path.join(gate, "release")):
             open(os.path.join(gate, "holding"), "w").close()
             _wait(lambda: os.path.exists(os.path.join(gate, "release")), timeout=600)
+    if args.fault and args.fault[0] in names:
+        _inject_fault(*args.fault)
     fixed = args.fixed_flag and os.path.exists(args.fixed_flag)
     rows = []
     for path, name in zip(mini_batch, names):

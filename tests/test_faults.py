@@ -1,0 +1,232 @@
+"""Real faults on the 3-node loopback cluster: hung run(), killed and crashing workers,
+a lost node, and the failure thresholds. Every test checks the exact output rows and
+which batches ran again."""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+import raypar
+from raypar.ledger import Ledger
+from raypar.state import JobState
+from raypar.status import job_status
+
+from conftest import make_spec, quiet
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+def texts(n, bad=()):
+    return {f"f{i:03d}.txt": ("bad " if i in bad else "") + f"value {i}" for i in range(n)}
+
+
+def expected_rows(files, skip=()):
+    return [f"{name} {text.upper()}" for name, text in sorted(files.items()) if name not in skip]
+
+
+def output_lines(tmp_path):
+    return (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+
+
+def executions(log_dir):
+    return sorted(tuple(p.read_text().split()) for p in log_dir.iterdir())
+
+
+def folders(tmp_path, *names):
+    paths = [tmp_path / n for n in names]
+    for p in paths:
+        p.mkdir()
+    return paths
+
+
+def wait_for(predicate, what, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def fault_info(fault_dir):
+    pid, node = (fault_dir / "fault").read_text().split()
+    return int(pid), node
+
+
+def in_background(action):
+    """Run ``action`` in a thread (the driver blocks this one); re-raise its error at join."""
+    errors = []
+
+    def target():
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join(timeout=120)
+        if errors:
+            raise errors[0]
+
+    return join
+
+
+def one_worker(**extra):
+    return {"resources.instance_count": 1, "max_concurrency_per_instance": 1, **extra}
+
+
+def test_hung_run_is_killed_and_its_replacement_runs_init_again(ray_cluster, tmp_path):
+    files = texts(6)
+    log, inits, fault = folders(tmp_path, "exec", "inits", "fault")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings": {"max_retries": 1, "timeout": 3},
+        "task.program_arguments": f"--exec-log {log} --init-log {inits} --fault f002.txt hang {fault}",
+    }))
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED
+    assert output_lines(tmp_path) == expected_rows(files)
+    hung_pid, _ = fault_info(fault)
+    wait_for(lambda: not psutil.pid_exists(hung_pid), "the hung worker process to be gone", timeout=30)
+    assert len(list(inits.iterdir())) == 2  # the replacement ran init() again
+    assert executions(log).count(("f002.txt", "f003.txt")) == 2
+    history = Ledger(str(tmp_path / "job")).view().failed["mb-0000001"]
+    assert [(r.kind, r.final) for r in history] == [("timeout", False)]
+
+
+def test_hung_run_with_no_tries_left_ends_the_job_with_that_batch_failed(ray_cluster, tmp_path):
+    files = texts(4)
+    fault, = folders(tmp_path, "fault")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings": {"max_retries": 0, "timeout": 2},
+        "task.program_arguments": f"--fault f000.txt hang {fault}",
+    }))
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED  # thresholds are -1: the failure is skipped
+    assert (outcome.completed, outcome.failed) == (1, 1)
+    assert output_lines(tmp_path) == expected_rows(files, skip={"f000.txt", "f001.txt"})
+    errors = job_status(str(tmp_path / "job"))["errors"]
+    assert errors[0]["kind"] == "timeout" and "within 2s" in errors[0]["error"]
+
+
+def test_worker_killed_mid_batch_reruns_it_without_spending_a_try(ray_cluster, tmp_path):
+    files = texts(8)
+    log, fault = folders(tmp_path, "exec", "fault")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings.max_retries": 0,  # a lost worker must not use up the only try
+        "task.program_arguments": f"--exec-log {log} --fault f004.txt hold {fault}",
+    }))
+
+    def kill_the_worker():
+        wait_for(lambda: (fault / "fault").exists(), "the batch to be held")
+        os.kill(fault_info(fault)[0], signal.SIGKILL)
+
+    join = in_background(kill_the_worker)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    join()
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert output_lines(tmp_path) == expected_rows(files)
+    assert executions(log).count(("f004.txt", "f005.txt")) == 2
+    history = Ledger(str(tmp_path / "job")).view().failed["mb-0000002"]
+    assert [(r.kind, r.final) for r in history] == [("system", False)]
+
+
+def test_segfault_in_user_code_reruns_the_batch_on_a_fresh_worker(ray_cluster, tmp_path):
+    files = texts(6)
+    log, inits, fault = folders(tmp_path, "exec", "inits", "fault")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings.max_retries": 0,
+        "task.program_arguments": f"--exec-log {log} --init-log {inits} --fault f001.txt segfault {fault}",
+    }))
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED
+    assert output_lines(tmp_path) == expected_rows(files)
+    assert executions(log).count(("f000.txt", "f001.txt")) == 2
+    assert len(list(inits.iterdir())) == 2
+
+
+def test_lost_node_moves_its_batch_to_a_live_worker(ray_cluster, tmp_path):
+    # Three extra nodes only this job can use; two instances, so one node is spare.
+    extra = [ray_cluster.add_node(num_cpus=1, resources={"lossy": 1}) for _ in range(3)]
+    ray_cluster.wait_for_nodes()
+    try:
+        files = texts(12)
+        log, fault = folders(tmp_path, "exec", "fault")
+        spec = make_spec(tmp_path, files, **{
+            "resources.instance_count": 2, "max_concurrency_per_instance": 1,
+            "retry_settings.max_retries": 0,
+            "raypar.worker": {"num_cpus": 0.5, "resources": {"lossy": 1}},
+            "task.program_arguments": f"--exec-log {log} --with-node --fault f006.txt hold {fault}",
+        })
+
+        def lose_the_node():
+            wait_for(lambda: (fault / "fault").exists(), "the batch to be held")
+            _, node_id = fault_info(fault)
+            victim = next(n for n in extra if n.node_id == node_id)
+            ray_cluster.remove_node(victim)
+            extra.remove(victim)
+
+        join = in_background(lose_the_node)
+        outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+        join()
+
+        assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+        rows = [line.split(" ") for line in output_lines(tmp_path)]
+        assert [" ".join(r[:3]) for r in rows] == expected_rows(files)
+        assert executions(log).count(("f006.txt", "f007.txt")) == 2
+        lost_node = fault_info(fault)[1]
+        rerun_on = {r[4] for r in rows if r[0] in ("f006.txt", "f007.txt")}
+        assert lost_node not in rerun_on  # its rows come from a live node
+    finally:
+        for node in extra:
+            ray_cluster.remove_node(node)
+
+
+@pytest.mark.parametrize("limits, reason", [
+    ({"mini_batch_error_threshold": 1}, "more than mini_batch_error_threshold=1"),
+    ({"error_threshold": 3}, "item(s) failed, more than error_threshold=3"),
+    ({"allowed_failed_percent": 10}, "more than allowed_failed_percent=10"),
+    ({"task.program_arguments": "--allowed_failed_percent 10"}, "more than allowed_failed_percent=10"),
+])
+def test_crossing_a_threshold_stops_the_job_failed_and_resumable(ray_cluster, tmp_path, limits, reason):
+    files = texts(20, bad={1, 3, 5})  # batches 0, 1 and 2 fail (2 files each)
+    flag = tmp_path / "fixed"
+    args = f"--fixed-flag {flag} " + limits.pop("task.program_arguments", "")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings.max_retries": 0, "task.program_arguments": args, **limits,
+    }))
+    job = str(tmp_path / "job")
+
+    failed = raypar.run(spec, job_dir=job, echo=quiet)
+
+    assert failed.state is JobState.FAILED and failed.exit_code == 1
+    assert reason in failed.reason and reason in job_status(job)["reason"]
+    assert failed.completed < 7  # dispatch stopped at the crossing, not after the whole input
+    assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
+
+    flag.touch()
+    resumed = raypar.resume(job, echo=quiet)
+    assert resumed.state is JobState.SUCCEEDED
+    assert output_lines(tmp_path) == expected_rows(files)
+
+
+def test_thresholds_not_crossed_let_the_job_succeed(ray_cluster, tmp_path):
+    files = texts(20, bad={1})
+    spec = make_spec(tmp_path, files, allowed_failed_percent=10, mini_batch_error_threshold=1,
+                     error_threshold=2, **one_worker(**{"retry_settings.max_retries": 0}))
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1
+    assert output_lines(tmp_path) == expected_rows(files, skip={"f000.txt", "f001.txt"})
