@@ -1,6 +1,7 @@
 """The `raypar` command as a user runs it: exit codes, one-line errors, embedded Ray."""
 
 import ipaddress
+import signal
 import json
 import os
 import subprocess
@@ -210,3 +211,58 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
     assert rerun == [f"f{i:02d}.txt" for i in range(5, 10)]  # the caught batch + the 4 never started
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
         [f"{name} {text.upper()}" for name, text in sorted(files.items())]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["raypar cancel", "ctrl-c"])
+def test_cancel_stops_the_job_and_it_resumes_exactly(tmp_path, how):
+    log, gate = tmp_path / "exec", tmp_path / "gate"
+    log.mkdir()
+    gate.mkdir()
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(8)}
+    spec = make_spec(tmp_path, files, mini_batch_size="1", **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 1,
+        "task.program_arguments": f"--exec-log {log} --hold-after 3 {gate}",
+    })
+    job = tmp_path / "job"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(lambda: (gate / "holding").exists(), "the 4th batch to be running")
+        if how == "raypar cancel":
+            result = cli("cancel", str(job))
+            assert result.returncode == 0, result.stderr
+            assert "job canceled" in result.stdout
+        else:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # the driver stops; no waiting for the held batch
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"raypar resume {job}" in err
+    status = json.loads(cli("status", str(job), "--json").stdout)
+    assert (status["state"], status["completed"]) == ("canceled", 3)
+
+    for p in log.iterdir():
+        p.unlink()
+    (gate / "release").touch()
+    resumed = cli("resume", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.read_text() for p in log.iterdir()) == [f"f{i:02d}.txt" for i in range(3, 8)]
+    assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
+        [f"{name} {text.upper()}" for name, text in sorted(files.items())]
+
+
+def test_cancel_of_a_job_without_a_driver_marks_it_canceled(tmp_path):
+    spec = make_spec(tmp_path, {"a.txt": "x"}, **{"resources.instance_count": 1})
+    from raypar.ledger import Ledger
+    from raypar.spec import spec_from_dict
+
+    job = str(tmp_path / "job")
+    parsed = spec_from_dict(spec)
+    Ledger(job).create(parsed.to_dict(), parsed.to_yaml())  # created, never run
+    result = cli("cancel", job)
+    assert result.returncode == 0 and "no driver was running" in result.stdout
+    assert json.loads(cli("status", job, "--json").stdout)["state"] == "canceled"
+    assert "nothing to cancel" in cli("cancel", job).stdout
