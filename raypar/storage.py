@@ -192,7 +192,11 @@ def atomic_output(url: str):
     if isinstance(fs, LocalFileSystem):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        suffix = f"-{os.path.basename(path)}"
+        for stale in os.listdir(folder):  # left by a writer killed mid-way (the lease makes us the only one)
+            if stale.startswith(".tmp-") and stale.endswith(suffix):
+                os.unlink(os.path.join(folder, stale))
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}{suffix}")
         try:
             with open(tmp, "wb") as f:
                 yield f

@@ -1,0 +1,113 @@
+"""The driver dies (os._exit: no cleanup, like SIGKILL) at exact points of planning and
+assembly; `raypar resume` must finish the job with the output of an uninterrupted run,
+without re-running batches that were done."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from conftest import make_spec
+
+pytestmark = pytest.mark.timeout(240)
+
+# Runs `raypar run` in a fresh interpreter whose CRASH_POINT patch kills the process.
+LAUNCHER = textwrap.dedent("""
+    import os, sys
+    import raypar.ledger as ledger
+    import raypar.outputs as outputs
+    import raypar.driver as driver
+
+    def die():
+        os._exit(9)
+
+    point = os.environ["CRASH_POINT"]
+    if point == "planning":  # after the first manifest chunk, before COMPLETE.json
+        ledger.CHUNK_SIZE = 2
+        write_atomic = ledger.Store.write_atomic
+        def crashing_write(self, data, *parts):
+            if parts[-1] == "chunk-000001.jsonl":
+                die()
+            return write_atomic(self, data, *parts)
+        ledger.Store.write_atomic = crashing_write
+    elif point == "assembly":  # half of the output written to its temp file
+        read_rows = ledger.Ledger.read_rows
+        calls = []
+        def crashing_read(self, record):
+            calls.append(record)
+            if len(calls) == 3:
+                die()
+            return read_rows(self, record)
+        ledger.Ledger.read_rows = crashing_read
+    elif point == "after-assembly":  # output published, state not yet written
+        set_state = driver._set_state
+        def crashing_set_state(ledger_, new, run, reason=""):
+            if new.value == "succeeded":
+                die()
+            return set_state(ledger_, new, run, reason)
+        driver._set_state = crashing_set_state
+
+    from raypar.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def run_cli(args, crash_point=None):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if crash_point:
+        env["CRASH_POINT"] = crash_point
+        cmd = [sys.executable, "-c", LAUNCHER, *args]
+    else:
+        cmd = [sys.executable, "-m", "raypar.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+
+def job_files(tmp_path):
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(10)}
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, mini_batch_size="2", **{
+        "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log}",
+    })
+    path = tmp_path / "job.yml"
+    path.write_text(yaml.safe_dump(spec))
+    return files, log, path
+
+
+def executed(log):
+    return sorted(p.read_text() for p in log.iterdir())
+
+
+@pytest.mark.parametrize("point, reran", [
+    ("planning", 5),        # nothing ran: every batch runs once, after planning again
+    ("assembly", 0),        # every batch was done: resume only assembles
+    ("after-assembly", 0),
+])
+def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(tmp_path, point, reran):
+    files, log, spec_path = job_files(tmp_path)
+    job = str(tmp_path / "job")
+    output = tmp_path / "out" / "parallel_run_step.txt"
+
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point=point)
+
+    assert crashed.returncode == 9, crashed.stderr
+    if point != "after-assembly":
+        assert not output.exists()  # never a partial output file
+    status = json.loads(run_cli(["status", job, "--json"]).stdout)
+    assert status["state"] == "interrupted"
+    ran_before = executed(log)
+    for p in log.iterdir():
+        p.unlink()
+
+    resumed = run_cli(["resume", job])
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(executed(log)) == reran
+    if point != "planning":
+        assert len(ran_before) == 5  # the crash came after every batch was done once
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert os.listdir(output.parent) == [output.name]  # no temp file left behind
