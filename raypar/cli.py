@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                         help="how long to wait for the driver to stop (default 30)")
 
+    logs = sub.add_parser("logs", help="worker logs of a job dir, or every attempt of one mini-batch")
+    logs.add_argument("job_dir")
+    logs.add_argument("--batch", metavar="ID", help="a mini-batch ID such as mb-0000012")
+
     status = sub.add_parser("status", help="state and mini-batch counts of a job dir")
     status.add_argument("job_dir")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -61,6 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "status":
         return _status(args)
+    if args.command == "logs":
+        return _logs(args)
     from .driver import cancel_job, resume_job, run_job
 
     def echo(line: str) -> None:
@@ -106,6 +112,38 @@ def _status(args) -> int:
     for err in status["errors"]:
         last = err["error"].strip().splitlines()[-1] if err["error"].strip() else ""
         print(f"error:     {err['batch']} ({err['kind']}): {last}")
+    return 0
+
+
+def _logs(args) -> int:
+    from .errors import UsageError
+    from .ledger import Ledger
+    from .reports import STATUS_OF_KIND, batch_log_sections
+
+    ledger = Ledger(args.job_dir)
+    ledger.load_job()
+    if not args.batch:
+        files = ledger.log_files()
+        if not files:
+            print("raypar: no worker logs yet", file=sys.stderr)
+        for path in files:
+            print(f"==> {path} <==")
+            sys.stdout.write(ledger.store.fs.cat_file(path).decode(errors="replace"))
+        return 0
+    view = ledger.view()
+    if view.manifest is not None and args.batch not in {b.id for b in view.manifest}:
+        raise UsageError(f"{args.job_dir}: no mini-batch {args.batch} in this job")
+    for record in view.failed.get(args.batch, []):
+        print(f"=== attempt {record.attempt} (run {record.run}): {STATUS_OF_KIND.get(record.kind, record.kind)} "
+              f"on {record.worker or '?'}, node {record.node or '?'}")
+        print(record.error.rstrip())
+    done = view.done.get(args.batch)
+    if done is not None:
+        print(f"=== attempt {done.attempt} (run {done.run}): done on {done.worker}, node {done.node}, "
+              f"{done.returned}/{done.items} items in {done.seconds:.3f}s")
+    for path, text in batch_log_sections(ledger, args.batch):
+        print(f"--- log {path}")
+        print(text)
     return 0
 
 

@@ -20,6 +20,7 @@ from .errors import LeaseHeldError, PlacementError, RayparError, SpecError, Usag
 from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
 from .outputs import CorruptPartsError, assemble
+from .reports import write_reports
 from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict
 from .state import JobState
 
@@ -201,6 +202,7 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
         if beat.lost is None:  # only the lease holder may write the state
             try:
                 _set_state(ledger, state, run, reason if not detail else f"{reason}\n{detail}")
+                _write_reports(ledger, spec, state, reason)
             finally:
                 ledger.release_lease(run)
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
@@ -246,6 +248,14 @@ class _StopSignal:
             self.checked = now
             self.canceled = self.ledger.cancel_requested(self.run_id)
         return "canceled by `raypar cancel`" if self.canceled else None
+
+
+def _write_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str) -> None:
+    """Reports are a convenience derived from the ledger: never let them fail a job."""
+    try:
+        write_reports(ledger, ledger.view(), state.value, reason, bind(spec).append_row_path)
+    except Exception as exc:
+        log.warning("could not write reports: %s", exc)
 
 
 def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> None:

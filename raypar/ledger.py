@@ -13,6 +13,8 @@ Layout (everything JSON; nothing here is ever unpickled or executed)::
     failed/<batch>~<run>~<try>.json one failed attempt, with the error text
     void/<batch>~<run>~<try>.json   a done record whose rows failed verification
     cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
+    logs/<run>~<worker>.log     one worker process's entry-script logging, stdout and stderr
+    reports/                    derived at the end of each session (see raypar/reports.py)
     state.json                  last state written by the driver holding the lease
     lease.json                  which driver owns the job dir (heartbeat)
 
@@ -97,6 +99,7 @@ class DoneRecord:
     node: Optional[str] = None
     worker: Optional[str] = None
     seconds: float = 0.0
+    started: Optional[float] = None
 
     @property
     def failed_items(self) -> int:
@@ -112,6 +115,8 @@ class FailedRecord:
     kind: str  # "user" (run() raised), "system" (worker lost), "timeout"
     final: bool  # True when the batch's tries are spent
     node: Optional[str] = None
+    worker: Optional[str] = None
+    started: Optional[float] = None
 
 
 @dataclass
@@ -343,6 +348,13 @@ class Ledger:
             return {"state": JobState.INTERRUPTED.value, "run": None, "reason": "state.json unreadable"}
 
     # -- cancel ---------------------------------------------------------
+
+    def log_path(self, writer: str) -> Optional[str]:
+        """Local file for a worker's user log; None when the job dir is on object storage."""
+        return self.store.path("logs", f"{writer}.log") if self.store.is_local else None
+
+    def log_files(self) -> list[str]:
+        return [p for p in self.store.list_files("logs") if p.endswith(".log")]
 
     def request_cancel(self, run: str) -> None:
         """Ask the driver of ``run`` to stop (``raypar cancel``); other runs ignore it."""

@@ -88,6 +88,10 @@ class Slot:
     def label(self) -> str:
         return f"instance {self.instance} slot {self.index}"
 
+    @property
+    def worker_name(self) -> str:  # as the worker names itself in its records
+        return f"instance{self.instance}-slot{self.index}"
+
 
 @dataclass
 class Progress:
@@ -329,7 +333,7 @@ class Scheduler:
             self.progress.failed_items += max(answer["items"] - answer["returned"], 0)
             self._check_thresholds()
         else:
-            self._on_user_failure(call, answer["error"], "user", slot)
+            self._on_user_failure(call, answer["error"], "user", slot, started=answer.get("started"))
 
     def _pop_call(self, slot: Slot, call: Call, now: float) -> None:
         if call.started is not None:
@@ -338,13 +342,14 @@ class Scheduler:
         if slot.calls and slot.calls[0].started is None:
             slot.calls[0].started = now
 
-    def _on_user_failure(self, call: Call, error: str, kind: str, slot: Slot) -> None:
+    def _on_user_failure(self, call: Call, error: str, kind: str, slot: Slot,
+                         started: Optional[float] = None) -> None:
         batch = call.batch
         self.tries[batch.id] += 1
         final = self.tries[batch.id] >= self.spec.max_tries
         self.ledger.record_failed(FailedRecord(
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
-            final=final, node=slot.node,
+            final=final, node=slot.node, worker=slot.worker_name, started=started or call.started,
         ))
         last_line = error.strip().splitlines()[-1] if error.strip() else error
         log.warning("%s failed on %s (try %d of %d): %s", batch.id, slot.label,
@@ -372,7 +377,7 @@ class Scheduler:
         # Kept for the history (status, reports); not final, so not a failed batch.
         self.ledger.record_failed(FailedRecord(
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind="system",
-            final=False, node=slot.node,
+            final=False, node=slot.node, worker=slot.worker_name, started=call.started,
         ))
         if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:
             self._on_user_failure(call, f"{error} ({MAX_SYSTEM_FAILURES_PER_BATCH} workers lost on this batch)",

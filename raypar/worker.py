@@ -40,8 +40,10 @@ class Worker:
 
     def __init__(self, job_url: str, plan: dict, run: str, instance: int, slot: int):
         self.plan = plan  # raypar.spec.worker_plan(): plain values, no pydantic here
-        # A name no other process uses: this worker's segments are its alone.
-        self.done = Ledger(job_url).done_writer(f"{run}~i{instance}s{slot}-{uuid.uuid4().hex[:8]}")
+        # A name no other process uses: this worker's segments and log are its alone.
+        self.writer = f"{run}~i{instance}s{slot}-{uuid.uuid4().hex[:8]}"
+        self.ledger = Ledger(job_url)
+        self.done = self.ledger.done_writer(self.writer)
         self.run_id = run
         self.instance, self.slot = instance, slot
         self.with_rows = plan["with_rows"]
@@ -80,7 +82,8 @@ class Worker:
     def _load_entry_script(self) -> None:
         code = self.plan["code"]
         os.environ.update(self.plan["env"])
-        logging.basicConfig(level=self.plan["logging_level"], force=True,
+        self._capture_user_output()
+        logging.basicConfig(level=self.plan["logging_level"], force=True, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if code not in sys.path:
             sys.path.insert(0, code)
@@ -95,24 +98,46 @@ class Worker:
         loader_spec.loader.exec_module(module)
         self.module = module
 
+    def _capture_user_output(self) -> None:
+        """Tee the entry script's stdout/stderr (and so its logging) into the job dir's log."""
+        path = self.ledger.log_path(self.writer)
+        if path is None:
+            return  # object-storage job dirs: output stays in Ray's worker logs
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.log = open(path, "a", buffering=1)
+        self.log.write(f"[raypar] worker {self.name} pid {os.getpid()} node {self.node}\n")
+        sys.stdout = _Tee(sys.stdout, self.log)
+        sys.stderr = _Tee(sys.stderr, self.log)
+
+    def _mark(self, text: str) -> None:
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.write(f"[raypar] {text}\n")
+
     def run_batch(self, batch_json: str, attempt: int) -> dict:
         """Run one mini-batch; on success its part and done record are durable before returning."""
         batch = MiniBatch.from_json(batch_json)
         started = time.time()
-        base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name}
+        base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name,
+                "started": started}
+        self._mark(f"begin {batch.id} attempt {attempt}")
         try:
             mini_batch = materialize(batch, self.plan["input"])
             result = self.module.run(mini_batch)
             returned, rows = count_and_serialize(result, self.with_rows)
         except ResultError as exc:
+            self._mark(f"end {batch.id} attempt {attempt}: failed")
             return {**base, "ok": False, "error": f"ResultError: {exc}"}
         except BaseException as exc:  # noqa: BLE001
+            self._mark(f"end {batch.id} attempt {attempt}: failed")
             return {**base, "ok": False, "error": _user_traceback(exc)}
         record = DoneRecord(
             batch=batch.id, run=self.run_id, attempt=attempt, items=batch.item_count, returned=returned,
             part=None, node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
+            started=round(started, 3),
         )
         self.done.write(record, rows)
+        self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, "ok": True, "items": batch.item_count, "returned": returned}
 
     def stop(self) -> Optional[str]:
@@ -125,3 +150,22 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001
             return _user_traceback(exc)
         return None
+
+
+class _Tee:
+    """A text stream that writes to several streams (Ray's worker log and the job dir's)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding...: the first stream's
+        return getattr(self.streams[0], name)

@@ -108,6 +108,7 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     assert {e["batch"] for e in status["errors"]} == {"mb-0000001", "mb-0000006"}
     assert "bad record" in status["errors"][0]["error"]
     assert "f003.txt" not in (tmp_path / "out" / "parallel_run_step.txt").read_text()
+    assert_reports(Path(job), bad_batches={"mb-0000001": "f002.txt f003.txt", "mb-0000006": "f012.txt f013.txt"})
 
     flag.touch()  # the cause is removed
     for p in log.iterdir():
@@ -125,6 +126,37 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     raypar.run(clean, job_dir=str(clean_dir / "job"), echo=quiet)
     assert (clean_dir / "out" / "parallel_run_step.txt").read_bytes() == \
         (tmp_path / "out" / "parallel_run_step.txt").read_bytes()
+
+
+def assert_reports(job: Path, bad_batches: dict):
+    """Reports and `raypar logs` after a run where ``bad_batches`` failed twice (10 batches)."""
+    import csv
+    import subprocess
+    import sys
+
+    with open(job / "reports" / "processed_mini_batches.csv") as f:
+        rows = list(csv.DictReader(f))
+    statuses = collections.defaultdict(list)
+    for row in rows:
+        statuses[row["batch"]].append(row["status"])
+    assert len(statuses) == 10
+    assert all(statuses[b] == ["exception", "exception"] for b in bad_batches)
+    assert all(s == ["done"] for b, s in statuses.items() if b not in bad_batches)
+    assert all(row["node"] and row["worker"] and row["started"] for row in rows)
+    for batch in bad_batches:
+        assert (job / "reports" / "errors" / f"{batch}.txt").read_text().count("ValueError: cannot score") == 2
+    assert "state: succeeded" in (job / "reports" / "job_result.txt").read_text()
+
+    batch, names = next(iter(bad_batches.items()))
+    shown = subprocess.run([sys.executable, "-m", "raypar.cli", "logs", str(job), "--batch", batch],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("exception on instance") == 2
+    assert shown.stdout.count(f"scoring {names}") == 2  # print() of both attempts, from the worker logs
+    assert "INFO score: batch of 2 files" in shown.stdout  # and the entry script's logging
+    everything = subprocess.run([sys.executable, "-m", "raypar.cli", "logs", str(job)],
+                                capture_output=True, text=True).stdout
+    assert everything.count("scoring ") == 12  # 8 good batches + 2 x 2 failed attempts
 
 
 def test_resume_of_a_finished_job_runs_nothing(ray_cluster, tmp_path):

@@ -18,6 +18,7 @@ Arguments (parse_known_args, as Azure scripts do):
 """
 
 import argparse
+import logging
 import os
 import time
 import uuid
@@ -75,6 +76,8 @@ def _wait(condition, timeout=120):
 
 def run(mini_batch):
     names = [os.path.basename(p) for p in mini_batch]
+    print(f"scoring {' '.join(names)}")  # the job dir's worker log must catch both
+    logging.getLogger("score").info("batch of %d files", len(names))
     if args.barrier:
         folder, count = args.barrier[0], int(args.barrier[1])
         mark = os.path.join(folder, str(os.getpid()))
