@@ -33,7 +33,7 @@ def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
         # Our own loopback cluster: Ray's notice that it generated a token is noise here.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                 num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), _node_ip_address="127.0.0.1")
+                 num_cpus=max(_detected_cpus(), math.ceil(min_cpus)), _node_ip_address="127.0.0.1")
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "an embedded local Ray"
@@ -54,6 +54,16 @@ def _loopback_only() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _detected_cpus() -> int:
+    """The CPUs Ray would detect by itself (container CPU limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except Exception:  # a Ray without that helper: the plain count
+        return os.cpu_count() or 1
 
 
 def disconnect() -> None:

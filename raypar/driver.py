@@ -171,6 +171,7 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
     beat = _Heartbeat(ledger, run)
     beat.start()
     state, reason, detail = JobState.FAILED, "", ""
+    manifest = view = None
     try:
         _set_state(ledger, JobState.RUNNING, run)
         _make_output_folders(spec)
@@ -205,6 +206,8 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
                 _write_reports(ledger, spec, state, reason)
             finally:
                 ledger.release_lease(run)
+    if state is JobState.CANCELED or view is None:  # stopped part-way: count what the ledger holds
+        view = ledger.view(manifest)
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
                    **view.counts())
 
@@ -266,7 +269,7 @@ def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> Non
 def _make_output_folders(spec: JobSpec) -> None:
     """Folder outputs exist before init() runs, as Azure's mounted outputs do."""
     for output in spec.outputs.values():
-        if output.type == "uri_folder" and output.path and not is_url(output.path):
+        if output.type in ("uri_folder", "mltable") and output.path and not is_url(output.path):
             os.makedirs(output.path, exist_ok=True)
 
 

@@ -374,15 +374,15 @@ class Scheduler:
             self.progress.done += 1
             return
         self.system_failures[batch.id] += 1
+        if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:
+            self._on_user_failure(call, f"{error} ({MAX_SYSTEM_FAILURES_PER_BATCH} workers lost on this batch)",
+                                  "system", slot)
+            return
         # Kept for the history (status, reports); not final, so not a failed batch.
         self.ledger.record_failed(FailedRecord(
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind="system",
             final=False, node=slot.node, worker=slot.worker_name, started=call.started,
         ))
-        if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:
-            self._on_user_failure(call, f"{error} ({MAX_SYSTEM_FAILURES_PER_BATCH} workers lost on this batch)",
-                                  "system", slot)
-            return
         self.queue.appendleft((batch, 0))
 
     def _replace(self, slot: Slot, why: str, lost: bool = True) -> Optional[Call]:

@@ -66,6 +66,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _no_bool(value):
+    """YAML `true` is not a number (pydantic would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
 class InputSpec(_Model):
     type: Literal["uri_folder", "uri_file", "mltable"]
     path: str
@@ -121,6 +128,9 @@ class WorkerResources(_Model):
     memory: Optional[Union[StrictInt, str]] = None
     resources: dict[str, float] = Field(default_factory=dict)
 
+    _numbers = field_validator("num_cpus", "num_gpus", "resources", mode="before")(
+        classmethod(lambda cls, v: {k: _no_bool(x) for k, x in v.items()} if isinstance(v, dict) else _no_bool(v)))
+
     @field_validator("memory")
     @classmethod
     def _memory_size(cls, value):
@@ -144,6 +154,8 @@ class RayparSpec(_Model):
     worker: WorkerResources = Field(default_factory=WorkerResources)
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
+
+    _numbers = field_validator("placement_timeout", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
 
 class JobSpec(_Model):
@@ -179,6 +191,8 @@ class JobSpec(_Model):
     identity: Any = None
     is_deterministic: Any = None
     properties: Any = None
+
+    _numbers = field_validator("allowed_failed_percent", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
     @field_validator("logging_level", mode="before")
     @classmethod
@@ -254,7 +268,11 @@ class JobSpec(_Model):
 
     def failed_percent_limit(self) -> float:
         """allowed_failed_percent, overridden by ``--allowed_failed_percent N`` in program_arguments."""
-        args = shlex.split(_BINDING_RE.sub("x", self.task.program_arguments or ""))
+        def literal(match) -> str:  # a literal input's value; data bindings do not matter here
+            item = self.inputs.get(match.group(1).partition(".")[2]) if match.group(1).startswith("inputs.") else None
+            return str(item) if isinstance(item, (int, float, str)) and not isinstance(item, bool) else "x"
+
+        args = shlex.split(_BINDING_RE.sub(literal, self.task.program_arguments or ""))
         for i, arg in enumerate(args):
             value = None
             if arg == "--allowed_failed_percent" and i + 1 < len(args):

@@ -31,5 +31,5 @@ _ALLOWED = {
     JobState.SUCCEEDED: {JobState.RUNNING},
     JobState.FAILED: {JobState.RUNNING},
     JobState.CANCELED: {JobState.RUNNING},
-    JobState.INTERRUPTED: {JobState.RUNNING},
+    JobState.INTERRUPTED: {JobState.RUNNING, JobState.CANCELED},
 }

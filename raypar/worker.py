@@ -77,6 +77,7 @@ class Worker:
                 init()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             return {**info, "ok": False, "stage": stage, "error": _user_traceback(exc)}
+        self.started = True
         return {**info, "ok": True}
 
     def _load_entry_script(self) -> None:
@@ -143,7 +144,7 @@ class Worker:
     def stop(self) -> Optional[str]:
         """Call the entry script's ``shutdown()``; returns its traceback if it raised."""
         shutdown = getattr(self.module, "shutdown", None)
-        if shutdown is None:
+        if shutdown is None or not getattr(self, "started", False):  # never after a failed init()
             return None
         try:
             shutdown()

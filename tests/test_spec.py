@@ -492,3 +492,25 @@ def test_to_dict_uses_azure_key_names(tmp_path):
     dumped = spec.to_dict()
     assert dumped["$schema"].endswith("parallelJob.schema.json")
     assert "schema_" not in dumped
+
+
+def test_allowed_failed_percent_from_field_program_argument_and_binding(tmp_path):
+    base = minimal_dict()
+    assert spec_from_dict(base, base_dir=tmp_path).failed_percent_limit() == 100
+    assert spec_from_dict({**base, "allowed_failed_percent": 5}, base_dir=tmp_path).failed_percent_limit() == 5
+    bound = {**base, "inputs": {**base["inputs"], "pct": 12.5}}
+    bound["task"] = {**base["task"], "program_arguments": "--x 1 --allowed_failed_percent ${{inputs.pct}}"}
+    assert spec_from_dict(bound, base_dir=tmp_path).failed_percent_limit() == 12.5
+    bound["task"]["program_arguments"] = "--allowed_failed_percent=150"
+    with pytest.raises(SpecError, match=r"--allowed_failed_percent 150 is not in \[0, 100\]"):
+        spec_from_dict(bound, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("changes", [
+    {"allowed_failed_percent": True},
+    {"raypar": {"worker": {"num_cpus": True}}},
+    {"raypar": {"placement_timeout": False}},
+])
+def test_yaml_booleans_are_not_numbers(tmp_path, changes):
+    with pytest.raises(SpecError, match="expected a number, got"):
+        spec_from_dict({**minimal_dict(), **changes}, base_dir=tmp_path)

@@ -32,7 +32,10 @@ def check(data: InputSpec, where: str) -> None:
 def _walk(root: str) -> list[str]:
     """Every file below ``root`` as a relative path, sorted (symlinked folders followed)."""
     names = []
-    for folder, _, files in os.walk(root, followlinks=True):
+    def unreadable(error: OSError):
+        raise SpecError(f"{error.filename}: cannot list input folder ({error.strerror})")
+
+    for folder, _, files in os.walk(root, onerror=unreadable, followlinks=True):
         rel = os.path.relpath(folder, root)
         names.extend(f if rel == "." else f"{rel}/{f}" for f in files)
     return sorted(names)
