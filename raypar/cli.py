@@ -121,6 +121,7 @@ def _status(args) -> int:
 
 def _logs(args) -> int:
     from .errors import UsageError
+    from .inputs.base import ordinal_of
     from .ledger import Ledger
     from .reports import STATUS_OF_KIND, batch_log_sections
 
@@ -135,7 +136,11 @@ def _logs(args) -> int:
             sys.stdout.write(ledger.store.fs.cat_file(path).decode(errors="replace"))
         return 0
     view = ledger.view()
-    if view.manifest is not None and args.batch not in {b.id for b in view.manifest}:
+    try:
+        known = view.manifest is None or ordinal_of(args.batch) < len(view.manifest)
+    except ValueError:
+        known = False
+    if not known:
         raise UsageError(f"{args.job_dir}: no mini-batch {args.batch} in this job")
     for record in view.failed.get(args.batch, []):
         print(f"=== attempt {record.attempt} (run {record.run}): {STATUS_OF_KIND.get(record.kind, record.kind)} "

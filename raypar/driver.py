@@ -28,6 +28,7 @@ log = logging.getLogger("raypar")
 
 Echo = Callable[[str], None]
 MAX_ASSEMBLY_ROUNDS = 3
+COMPACT_EVERY = 100_000
 
 
 @dataclass
@@ -203,6 +204,7 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
         if beat.lost is None:  # only the lease holder may write the state
             try:
                 _set_state(ledger, state, run, reason if not detail else f"{reason}\n{detail}")
+                _compact(ledger, run)
                 _write_reports(ledger, spec, state, reason)
             finally:
                 ledger.release_lease(run)
@@ -253,6 +255,14 @@ class _StopSignal:
         return "canceled by `raypar cancel`" if self.canceled else None
 
 
+def _compact(ledger: Ledger, run: str) -> None:
+    """The next resume reads one file instead of every record; never fail a job over it."""
+    try:
+        ledger.compact(run)
+    except Exception as exc:
+        log.warning("could not compact the ledger: %s", exc)
+
+
 def _write_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str) -> None:
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
@@ -283,8 +293,9 @@ def _execute(ledger, spec, run, view, pending, address, echo, interrupt) -> tupl
     try:
         total = len(view.manifest)
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
-        progress.failed_items = sum(r.failed_items for r in view.done.values())
-        reporter = _Reporter(echo)
+        # Failed batches of earlier sessions run again now: only done batches' item failures carry over.
+        progress.failed_items = view.done.failed_items()
+        reporter = _Compactor(ledger, run, _Reporter(echo))
         placement = Placement(spec, ledger.url, run, owned_cluster=owned)
         scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt)
         reason = scheduler.run()
@@ -293,6 +304,22 @@ def _execute(ledger, spec, run, view, pending, address, echo, interrupt) -> tupl
     finally:
         if owned:
             cluster.disconnect()
+
+
+class _Compactor:
+    """Folds done records into a compact file every COMPACT_EVERY batches, so a resume after a
+    crash reads at most that many records one by one (see Ledger.compact)."""
+
+    def __init__(self, ledger: Ledger, run: str, then: Callable):
+        self.ledger, self.run_id, self.then, self.at = ledger, run, then, None
+
+    def __call__(self, p, final: bool = False) -> None:
+        if self.at is None:
+            self.at = p.done
+        if p.done - self.at >= COMPACT_EVERY:
+            self.ledger.compact(self.run_id)
+            self.at = p.done
+        self.then(p, final=final)
 
 
 class _Reporter:

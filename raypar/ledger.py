@@ -41,13 +41,18 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
 from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
 
 from . import __version__
 from .errors import LeaseHeldError, LedgerError, UsageError
-from .inputs.base import MiniBatch
+from .inputs.base import MiniBatch, ordinal_of
 from .state import JobState
 from .storage import Store
+from .tables import DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
 
 FORMAT = 1
 CHUNK_SIZE = 10_000
@@ -123,15 +128,19 @@ class FailedRecord:
 class LedgerView:
     """A consistent read of the ledger at one moment."""
 
-    manifest: Optional[list[MiniBatch]]
-    done: dict[str, DoneRecord]
+    manifest: Optional[Sequence[MiniBatch]]
+    done: Mapping[str, DoneRecord]  # a DoneIndex when read from the ledger
     failed: dict[str, list[FailedRecord]] = field(default_factory=dict)
 
     def pending(self) -> list[MiniBatch]:
         """The resume rule, written once: every planned batch without a done record."""
         if self.manifest is None:
             raise LedgerError("the manifest is incomplete; the job must be planned again")
-        return [b for b in self.manifest if b.id not in self.done]
+        todo = np.ones(len(self.manifest), dtype=bool)
+        done = np.fromiter((ordinal_of(b) for b in self.done), dtype=np.int64) \
+            if not isinstance(self.done, DoneIndex) else self.done.ordinals
+        todo[done[done < len(todo)]] = False
+        return [self.manifest[int(i)] for i in np.flatnonzero(todo)]
 
     def counts(self) -> dict:
         """Mini-batch counts: total, completed, failed (tries spent), pending (never finished)."""
@@ -142,9 +151,12 @@ class LedgerView:
 
     def failed_items(self) -> int:
         """Items that did not succeed: unreturned items of done batches + every item of failed ones."""
-        sizes = {b.id: b.item_count for b in self.manifest or []}
-        return (sum(r.failed_items for r in self.done.values())
-                + sum(sizes.get(b, 0) for b in self.failed_batches()))
+        done = self.done.failed_items() if isinstance(self.done, DoneIndex) else \
+            sum(r.failed_items for r in self.done.values())
+        sizes = 0
+        if self.manifest is not None:
+            sizes = sum(self.manifest[ordinal_of(b)].item_count for b in self.failed_batches())
+        return done + sizes
 
     def failed_batches(self) -> set[str]:
         """Batches whose tries were spent and that are still not done."""
@@ -223,7 +235,7 @@ class Ledger:
         self.store.write_atomic(_sealed({"batches": count, "chunks": chunks}), "manifest", "COMPLETE.json")
         return count
 
-    def read_manifest(self) -> Optional[list[MiniBatch]]:
+    def read_manifest(self) -> Optional[Manifest]:
         """The planned batches, or None when planning never finished."""
         try:
             marker = _unseal(self.store.read_bytes("manifest", "COMPLETE.json"))
@@ -231,7 +243,7 @@ class Ledger:
             return None
         if marker is None:
             return None  # torn marker: plan again
-        batches: list[MiniBatch] = []
+        lines: list[bytes] = []
         for chunk in marker["chunks"]:
             try:
                 data = self.store.read_bytes("manifest", chunk["name"])
@@ -239,10 +251,11 @@ class Ledger:
                 raise LedgerError(f"{self.url}/manifest/{chunk['name']}: missing (named by COMPLETE.json)") from None
             if hashlib.sha256(data).hexdigest() != chunk["sha256"]:
                 raise LedgerError(f"{self.url}/manifest/{chunk['name']}: corrupted (checksum mismatch)")
-            batches.extend(MiniBatch.from_json(line) for line in data.decode().splitlines() if line)
-        if len(batches) != marker["batches"]:
-            raise LedgerError(f"{self.url}/manifest: expected {marker['batches']} batches, found {len(batches)}")
-        return batches
+            chunk_lines = data.split(b"\n")
+            lines.extend(chunk_lines[:-1] if chunk_lines and not chunk_lines[-1] else chunk_lines)
+        if len(lines) != marker["batches"]:
+            raise LedgerError(f"{self.url}/manifest: expected {marker['batches']} batches, found {len(lines)}")
+        return Manifest(lines)
 
     # -- records --------------------------------------------------------
 
@@ -279,7 +292,7 @@ class Ledger:
         return self.store.fs.cat_file(path, start=record.part_offset,
                                       end=record.part_offset + record.part_bytes)
 
-    def view(self, manifest: Optional[list[MiniBatch]] = None) -> LedgerView:
+    def view(self, manifest: Optional[Sequence[MiniBatch]] = None) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it."""
         return LedgerView(manifest=manifest if manifest is not None else self.read_manifest(),
                           done=self._done_records(), failed=self._failed_records())
@@ -297,26 +310,66 @@ class Ledger:
         """Whether ``batch`` has a valid done record (reads every record: for rare checks)."""
         return batch in self._done_records()
 
-    def _done_records(self) -> dict[str, DoneRecord]:
+    def _done_records(self) -> DoneIndex:
+        table, _, _ = self._done_table()
         part_sizes = {os.path.basename(p): size for p, size in self.store.file_sizes("parts").items()}
-        voided = {os.path.basename(p)[:-len(".json")] for p in self.store.list_files("void")}
-        chosen: dict[str, DoneRecord] = {}
-        for body in self._records("done"):
+        voided = {_void_key_of(os.path.basename(p)) for p in self.store.list_files("void")}
+        return choose(table, part_sizes, voided - {None})
+
+    # -- compaction -----------------------------------------------------
+
+    def _done_table(self) -> tuple:
+        """Every sealed done record (not yet checked against parts), the coverage, and the compact's.
+
+        Starts from the newest intact compact file and adds only what it does
+        not cover: record files it does not name and segment bytes past it.
+        """
+        table, covered = self._latest_compact()
+        coverage, rows = dict(covered), []
+        for path, size in self.store.file_sizes("done").items():
+            name = os.path.basename(path)
+            if name.endswith(".json") and name not in covered:
+                body = _unseal(self.store.read_bytes("done", name))
+                if body is not None:  # a torn record is read again next time
+                    rows.append(body)
+                    coverage[name] = size
+            elif name.endswith(".jsonl") and size > covered.get(name, 0):
+                start = covered.get(name, 0)
+                data = self.store.fs.cat_file(path, start=start, end=size)
+                whole = data[:data.rfind(b"\n") + 1]  # a line being written is read next time
+                rows.extend(b for b in map(_unseal, whole.split(b"\n")) if b is not None)
+                coverage[name] = start + len(whole)
+        if rows:
+            table = pa.concat_tables([table, records_table(rows)])
+        return table, coverage, covered
+
+    def _latest_compact(self) -> tuple:
+        for path in sorted(self.store.list_files("compact"), reverse=True):
+            if not path.endswith(".idx"):
+                continue
+            index = _unseal(self.store.read_bytes("compact", os.path.basename(path)))
+            if index is None:
+                continue
             try:
-                record = DoneRecord(**body)
-            except TypeError:
+                data = self.store.read_bytes("compact", index["file"])
+            except FileNotFoundError:
                 continue
-            if record.part is not None and part_sizes.get(record.part, -1) < record.part_offset + record.part_bytes:
-                continue  # its rows are missing or cut short: not done
-            if attempt_name(record.batch, record.run, record.attempt) in voided:
-                continue
-            # Several valid records can exist (a worker that died after recording);
-            # every one is a complete result, and the smallest name is chosen.
-            key = (record.run, record.attempt)
-            current = chosen.get(record.batch)
-            if current is None or key < (current.run, current.attempt):
-                chosen[record.batch] = record
-        return chosen
+            if hashlib.sha256(data).hexdigest() == index["file_sha256"]:
+                return from_ipc(data), index["covers"]
+        return empty_table(), {}
+
+    def compact(self, run: str) -> bool:
+        """Fold every done record read so far into one Arrow file; False if nothing was new."""
+        table, coverage, covered = self._done_table()
+        if coverage == covered:
+            return False
+        name = f"compact-{new_run_id()}-{run}"
+        data = to_ipc(table.unify_dictionaries().combine_chunks())
+        self.store.write_atomic(data, "compact", f"{name}.arrow")
+        index = {"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(),
+                 "rows": table.num_rows, "covers": coverage}
+        self.store.write_atomic(_sealed(index), "compact", f"{name}.idx")  # last: the compact now counts
+        return True
 
     def _failed_records(self) -> dict[str, list[FailedRecord]]:
         out: dict[str, list[FailedRecord]] = {}
@@ -476,6 +529,15 @@ class ObjectWriter(DoneWriter):
                              part_sha256=hashlib.sha256(rows).hexdigest())
         self.ledger.record_done(record)
         return record
+
+
+def _void_key_of(name: str) -> Optional[str]:
+    """void/<batch>~<run>~<attempt>.json -> the key tables.choose uses."""
+    try:
+        batch, run, attempt = name[:-len(".json")].split("~")
+        return f"{ordinal_of(batch)}~{run}~{int(attempt)}"
+    except ValueError:
+        return None
 
 
 def _process_start(pid: int) -> Optional[float]:

@@ -6,7 +6,9 @@ import hashlib
 import sys
 from typing import Any, Optional
 
+from .inputs.base import ordinal_of
 from .ledger import Ledger, LedgerView
+from .tables import DoneIndex
 from .storage import atomic_output
 
 
@@ -53,9 +55,9 @@ def assemble(ledger: Ledger, view: LedgerView, target: str) -> int:
     """
     written, corrupt = 0, []
     with atomic_output(target) as out:
-        for batch in view.manifest or []:
-            record = view.done.get(batch.id)
-            if record is None or record.part is None:
+        for record in sorted(view.done.values(), key=lambda r: ordinal_of(r.batch)) \
+                if not isinstance(view.done, DoneIndex) else view.done.values():  # mini-batch order
+            if record.part is None:
                 continue
             data = ledger.read_rows(record)
             if record.part_sha256 is not None and hashlib.sha256(data).hexdigest() != record.part_sha256:

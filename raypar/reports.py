@@ -16,6 +16,7 @@ import io
 import time
 from typing import Optional
 
+from .inputs.base import ordinal_of
 from .ledger import Ledger, LedgerView
 
 STATUS_OF_KIND = {"user": "exception", "timeout": "timeout", "system": "worker-lost"}
@@ -36,12 +37,12 @@ def attempt_rows(view: LedgerView) -> list[dict]:
          "succeeded": r.returned, "error": ""}
         for r in view.done.values()
     ]
-    sizes = {b.id: b.item_count for b in view.manifest or []}
     for records in view.failed.values():
+        items = view.manifest[ordinal_of(records[0].batch)].item_count if view.manifest is not None else ""
         for r in records:
             rows.append({"batch": r.batch, "run": r.run, "attempt": r.attempt,
                          "status": STATUS_OF_KIND.get(r.kind, r.kind), "node": r.node, "worker": r.worker,
-                         "started": r.started, "seconds": "", "items": sizes.get(r.batch, ""),
+                         "started": r.started, "seconds": "", "items": items,
                          "succeeded": 0, "error": one_line(r.error)})
     rows.sort(key=lambda row: (row["batch"], row["run"], row["attempt"]))
     for row in rows:

@@ -670,3 +670,46 @@ def test_two_writers_never_share_a_segment(tmp_path):
     write_segment(ledger, [0], writer="r1~same")
     with pytest.raises(FileExistsError):
         write_segment(ledger, [1], writer="r1~same")
+
+
+# -- compaction: one Arrow file instead of every record, for large jobs -----------------------
+
+
+def test_compaction_covers_what_it_read_and_later_appends_still_count(tmp_path):
+    ledger = planned(tmp_path, 6)
+    out = ledger.done_writer("r1~w1")
+    for i in (0, 1, 2):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+    assert ledger.compact("r1") is True
+    assert ledger.compact("r1") is False  # nothing new: no second file
+    for i in (3, 4):  # the same worker keeps appending after the compaction
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+    finish(ledger, 5, run="r2")  # and a one-record-per-file record
+
+    view = ledger.view()
+
+    assert sorted(view.done) == [bid(i) for i in range(6)]
+    assert view.pending() == []
+    assert ledger.compact("r2") is True
+    assert sorted(Ledger(str(tmp_path / "job")).view().done) == [bid(i) for i in range(6)]
+    assert len([p for p in os.listdir(tmp_path / "job" / "compact") if p.endswith(".idx")]) == 2
+
+
+def test_a_corrupted_compact_file_falls_back_to_the_records(tmp_path):
+    ledger = planned(tmp_path, 3)
+    write_segment(ledger, [0, 1, 2])
+    ledger.compact("r1")
+    arrow = next(p for p in (tmp_path / "job" / "compact").iterdir() if p.suffix == ".arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-10])
+
+    assert sorted(ledger.view().done) == [bid(0), bid(1), bid(2)]
+
+
+def test_compacted_records_are_checked_against_their_rows_again(tmp_path):
+    ledger = planned(tmp_path, 2)
+    write_segment(ledger, [0, 1])
+    ledger.compact("r1")
+    rows = tmp_path / "job" / "parts" / "r1~w1.data"
+    rows.write_bytes(rows.read_bytes()[:-1])  # cut after compaction
+
+    assert [b.id for b in ledger.view().pending()] == [bid(1)]

@@ -52,6 +52,13 @@ def batch_id(ordinal: int) -> str:
     return f"mb-{ordinal:07d}"
 
 
+def ordinal_of(batch: str) -> int:
+    """The ordinal a batch ID names (ValueError if it is not one)."""
+    if not batch.startswith("mb-") or not batch[3:].isdigit():
+        raise ValueError(f"not a mini-batch ID: {batch!r}")
+    return int(batch[3:])
+
+
 def check_input(spec: JobSpec) -> None:
     """Raise SpecError now for an input raypar cannot plan (before any job dir is written)."""
     from . import files

@@ -1,0 +1,166 @@
+"""Columnar views of the ledger, so a job of millions of mini-batches resumes in seconds.
+
+Parsing one JSON record costs microseconds; a million of them cost many
+seconds. The driver therefore *compacts* the done records it has read into one
+Arrow file (see :meth:`raypar.ledger.Ledger.compact`), and every in-memory
+view keeps done records as Arrow columns: :class:`DoneIndex` answers "is this
+batch done?" by binary search over sorted ordinals, and :class:`Manifest`
+parses a planned batch only when it is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .inputs.base import MiniBatch, batch_id, ordinal_of
+
+if TYPE_CHECKING:
+    from .ledger import DoneRecord
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+SCHEMA = pa.schema([
+    ("ordinal", pa.int64()), ("run", _DICT), ("attempt", pa.int64()), ("items", pa.int64()),
+    ("returned", pa.int64()), ("part", _DICT), ("part_offset", pa.int64()), ("part_bytes", pa.int64()),
+    ("part_sha256", pa.binary(32)), ("node", _DICT), ("worker", _DICT), ("seconds", pa.float64()),
+    ("started", pa.float64()),
+])
+
+
+def records_table(rows: list[dict]) -> pa.Table:
+    """Done-record bodies (as sealed in the ledger) as a table in SCHEMA."""
+    columns = {
+        "ordinal": [ordinal_of(r["batch"]) for r in rows],
+        "part_sha256": [bytes.fromhex(r["part_sha256"]) if r.get("part_sha256") else None for r in rows],
+    }
+    for name in SCHEMA.names:
+        if name not in columns:
+            columns[name] = [r.get(name) for r in rows]
+    arrays = [pa.array(columns[f.name], type=pa.string()).dictionary_encode() if f.type == _DICT
+              else pa.array(columns[f.name], type=f.type) for f in SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def empty_table() -> pa.Table:
+    return SCHEMA.empty_table()
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+
+
+def choose(table: pa.Table, part_sizes: dict[str, int], voided: set[str]) -> "DoneIndex":
+    """One valid record per batch: its rows exist whole, it is not voided, smallest (run, attempt)."""
+    if table.num_rows == 0:
+        return DoneIndex(table)
+    table = table.unify_dictionaries().combine_chunks()
+    part = table.column("part").chunk(0)
+    names = part.dictionary.to_pylist()
+    sizes = np.array([part_sizes.get(n, -1) for n in names] + [np.iinfo(np.int64).max], dtype=np.int64)
+    index = part.indices.fill_null(len(names)).to_numpy()  # no part (summary only): always whole
+    ends = table.column("part_offset").to_numpy() + table.column("part_bytes").to_numpy()
+    keep = sizes[index] >= ends  # rows missing or cut short: not done
+    if voided:
+        keys = pc.binary_join_element_wise(
+            pc.cast(table.column("ordinal"), pa.string()), pc.cast(table.column("run"), pa.string()),
+            pc.cast(table.column("attempt"), pa.string()), "~")
+        wanted = pa.array(sorted(voided), pa.string())
+        keep &= ~pc.is_in(keys, value_set=wanted).to_numpy(zero_copy_only=False)
+    table = table.filter(pa.array(keep))
+    if table.num_rows == 0:
+        return DoneIndex(table)
+    table = table.combine_chunks()
+    run = table.column("run").chunk(0)
+    run_rank = np.argsort(np.argsort(np.array(run.dictionary.to_pylist(), dtype=object)))[run.indices.to_numpy()]
+    order = np.lexsort((table.column("attempt").to_numpy(), run_rank, table.column("ordinal").to_numpy()))
+    table = table.take(pa.array(order))
+    ordinals = table.column("ordinal").to_numpy()
+    first = np.ones(len(ordinals), dtype=bool)
+    first[1:] = ordinals[1:] != ordinals[:-1]
+    return DoneIndex(table.filter(pa.array(first)))
+
+
+class DoneIndex(Mapping):
+    """batch ID -> DoneRecord, one per batch, stored as Arrow columns sorted by ordinal."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table.unify_dictionaries().combine_chunks() if table.num_rows else table
+        self.ordinals = self.table.column("ordinal").to_numpy() if table.num_rows else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ordinals)
+
+    def _row(self, batch) -> Optional[int]:
+        try:
+            ordinal = ordinal_of(batch)
+        except (TypeError, ValueError):
+            return None
+        i = int(np.searchsorted(self.ordinals, ordinal))
+        return i if i < len(self.ordinals) and self.ordinals[i] == ordinal else None
+
+    def __contains__(self, batch) -> bool:
+        return self._row(batch) is not None
+
+    def __getitem__(self, batch) -> "DoneRecord":
+        i = self._row(batch)
+        if i is None:
+            raise KeyError(batch)
+        return _record(self.table.slice(i, 1).to_pylist()[0])
+
+    def __iter__(self) -> Iterator[str]:
+        return (batch_id(int(o)) for o in self.ordinals)
+
+    def values(self) -> Iterator["DoneRecord"]:  # in mini-batch order
+        for chunk in self.table.to_batches(max_chunksize=50_000):
+            yield from (_record(row) for row in chunk.to_pylist())
+
+    def items(self):
+        return ((r.batch, r) for r in self.values())
+
+    def failed_items(self) -> int:
+        if not len(self):
+            return 0
+        items, returned = self.table.column("items").to_numpy(), self.table.column("returned").to_numpy()
+        return int(np.maximum(items - returned, 0).sum())
+
+
+def _record(row: dict) -> "DoneRecord":
+    from .ledger import DoneRecord
+
+    row = dict(row)
+    row["batch"] = batch_id(row.pop("ordinal"))
+    sha = row.get("part_sha256")
+    row["part_sha256"] = sha.hex() if sha is not None else None
+    return DoneRecord(**row)
+
+
+class Manifest(Sequence):
+    """The planned batches; each JSON line is parsed only when that batch is asked for."""
+
+    def __init__(self, lines: list[bytes]):
+        self.lines = lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [MiniBatch.from_json(line) for line in self.lines[i]]
+        return MiniBatch.from_json(self.lines[i])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (list, Manifest)):
+            return list(self) == list(other)
+        return NotImplemented
