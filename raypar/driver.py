@@ -28,7 +28,7 @@ log = logging.getLogger("raypar")
 
 Echo = Callable[[str], None]
 MAX_ASSEMBLY_ROUNDS = 3
-COMPACT_EVERY = 100_000
+COMPACT_EVERY = 50_000
 
 
 @dataclass

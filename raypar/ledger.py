@@ -73,8 +73,35 @@ def _sealed(body: dict) -> bytes:
     return (canonical[:-1] + ("," if body else "") + f'"sha256":"{digest}"}}').encode()
 
 
+_SEAL_TAIL = len(b',"sha256":""}') + 64
+
+
+def _verified(data: bytes) -> Optional[bytes]:
+    """The canonical body bytes of a sealed record if it is whole and unmodified, else None.
+
+    _sealed writes the canonical body with the checksum appended as the last
+    key, so the check hashes the raw bytes: no parsing, no second serialization.
+    """
+    if len(data) < _SEAL_TAIL + 2 or data[-_SEAL_TAIL:-66] != b',"sha256":"' or not data.endswith(b'"}'):
+        return None
+    canonical = data[:-_SEAL_TAIL] + b"}"
+    return canonical if hashlib.sha256(canonical).hexdigest().encode() == data[-66:-2] else None
+
+
 def _unseal(data: bytes) -> Optional[dict]:
     """The record's body if it is whole and unmodified, else None."""
+    canonical = _verified(data)
+    if canonical is None:
+        return _unseal_slow(data) if data[:1] == b"{" and b'"sha256":"' in data else None
+    try:
+        body = json.loads(canonical.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _unseal_slow(data: bytes) -> Optional[dict]:
+    """A sealed record whose checksum is not where _sealed puts it (edited by hand, reformatted)."""
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -325,22 +352,22 @@ class Ledger:
         not cover: record files it does not name and segment bytes past it.
         """
         table, covered = self._latest_compact()
-        coverage, rows = dict(covered), []
+        coverage, lines = dict(covered), []
         for path, size in self.store.file_sizes("done").items():
             name = os.path.basename(path)
             if name.endswith(".json") and name not in covered:
-                body = _unseal(self.store.read_bytes("done", name))
+                body = _verified(self.store.read_bytes("done", name))
                 if body is not None:  # a torn record is read again next time
-                    rows.append(body)
+                    lines.append(body)
                     coverage[name] = size
             elif name.endswith(".jsonl") and size > covered.get(name, 0):
                 start = covered.get(name, 0)
                 data = self.store.fs.cat_file(path, start=start, end=size)
                 whole = data[:data.rfind(b"\n") + 1]  # a line being written is read next time
-                rows.extend(b for b in map(_unseal, whole.split(b"\n")) if b is not None)
+                lines.extend(b for b in map(_verified, whole.split(b"\n")) if b is not None)
                 coverage[name] = start + len(whole)
-        if rows:
-            table = pa.concat_tables([table, records_table(rows)])
+        if lines:
+            table = pa.concat_tables([table, records_table(lines)])
         return table, coverage, covered
 
     def _latest_compact(self) -> tuple:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from .inputs.base import MiniBatch, batch_id, ordinal_of
 
@@ -26,22 +27,26 @@ _DICT = pa.dictionary(pa.int32(), pa.string())
 SCHEMA = pa.schema([
     ("ordinal", pa.int64()), ("run", _DICT), ("attempt", pa.int64()), ("items", pa.int64()),
     ("returned", pa.int64()), ("part", _DICT), ("part_offset", pa.int64()), ("part_bytes", pa.int64()),
-    ("part_sha256", pa.binary(32)), ("node", _DICT), ("worker", _DICT), ("seconds", pa.float64()),
+    ("part_sha256", pa.string()), ("node", _DICT), ("worker", _DICT), ("seconds", pa.float64()),
     ("started", pa.float64()),
+])
+# The done record as sealed in the ledger (batch ID instead of ordinal, plain strings).
+_RECORD = pa.schema([("batch", pa.string())] + [
+    pa.field(f.name, pa.string() if f.type == _DICT else f.type) for f in SCHEMA if f.name != "ordinal"
 ])
 
 
-def records_table(rows: list[dict]) -> pa.Table:
-    """Done-record bodies (as sealed in the ledger) as a table in SCHEMA."""
-    columns = {
-        "ordinal": [ordinal_of(r["batch"]) for r in rows],
-        "part_sha256": [bytes.fromhex(r["part_sha256"]) if r.get("part_sha256") else None for r in rows],
-    }
-    for name in SCHEMA.names:
-        if name not in columns:
-            columns[name] = [r.get(name) for r in rows]
-    arrays = [pa.array(columns[f.name], type=pa.string()).dictionary_encode() if f.type == _DICT
-              else pa.array(columns[f.name], type=f.type) for f in SCHEMA]
+def records_table(lines: list[bytes]) -> pa.Table:
+    """Verified done-record bodies (JSON, one per line) as a table in SCHEMA, parsed in C++."""
+    raw = pa_json.read_json(
+        pa.BufferReader(b"\n".join(lines)),
+        parse_options=pa_json.ParseOptions(explicit_schema=_RECORD, unexpected_field_behavior="ignore"),
+    )
+    ordinal = pc.cast(pc.utf8_slice_codeunits(raw.column("batch"), 3), pa.int64())
+    arrays = [ordinal] + [
+        raw.column(f.name).dictionary_encode() if f.type == _DICT else raw.column(f.name)
+        for f in SCHEMA if f.name != "ordinal"
+    ]
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
@@ -141,8 +146,6 @@ def _record(row: dict) -> "DoneRecord":
 
     row = dict(row)
     row["batch"] = batch_id(row.pop("ordinal"))
-    sha = row.get("part_sha256")
-    row["part_sha256"] = sha.hex() if sha is not None else None
     return DoneRecord(**row)
 
 
