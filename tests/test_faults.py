@@ -230,3 +230,38 @@ def test_thresholds_not_crossed_let_the_job_succeed(ray_cluster, tmp_path):
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1
     assert output_lines(tmp_path) == expected_rows(files, skip={"f000.txt", "f001.txt"})
+
+
+def test_lost_node_with_no_spare_finishes_on_the_remaining_instances(ray_cluster, tmp_path, caplog):
+    # Exactly as many lossy nodes as instances: the lost instance cannot be re-placed.
+    extra = [ray_cluster.add_node(num_cpus=1, resources={"lossy": 1}) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    try:
+        files = texts(12)
+        log, fault = folders(tmp_path, "exec", "fault")
+        spec = make_spec(tmp_path, files, **{
+            "resources.instance_count": 2, "max_concurrency_per_instance": 1,
+            "retry_settings.max_retries": 0,
+            "raypar.worker": {"num_cpus": 0.5, "resources": {"lossy": 1}},
+            "task.program_arguments": f"--exec-log {log} --with-node --fault f004.txt hold {fault}",
+        })
+
+        def lose_the_node():
+            wait_for(lambda: (fault / "fault").exists(), "the batch to be held")
+            victim = next(n for n in extra if n.node_id == fault_info(fault)[1])
+            ray_cluster.remove_node(victim)
+            extra.remove(victim)
+
+        join = in_background(lose_the_node)
+        with caplog.at_level("WARNING", logger="raypar"):
+            outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+        join()
+
+        assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+        rows = [line.split(" ") for line in output_lines(tmp_path)]
+        assert [" ".join(r[:3]) for r in rows] == expected_rows(files)
+        assert executions(log).count(("f004.txt", "f005.txt")) == 2
+        assert any("lost its node" in r.getMessage() for r in caplog.records)
+    finally:
+        for node in extra:
+            ray_cluster.remove_node(node)
