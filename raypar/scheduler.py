@@ -29,7 +29,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .errors import PlacementError
 from .inputs.base import MiniBatch
-from .ledger import FailedRecord, Ledger
+from .ledger import Ledger
+from .records import FailedRecord
 from .spec import JobSpec, worker_plan
 from .worker import Worker
 

@@ -21,7 +21,7 @@ import pyarrow.json as pa_json
 from .inputs.base import MiniBatch, batch_id, ordinal_of
 
 if TYPE_CHECKING:
-    from .ledger import DoneRecord
+    from .records import DoneRecord
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 SCHEMA = pa.schema([
@@ -142,7 +142,7 @@ class DoneIndex(Mapping):
 
 
 def _record(row: dict) -> "DoneRecord":
-    from .ledger import DoneRecord
+    from .records import DoneRecord
 
     row = dict(row)
     row["batch"] = batch_id(row.pop("ordinal"))

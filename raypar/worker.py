@@ -23,7 +23,8 @@ import uuid
 from typing import Any, Optional
 
 from .inputs.base import MiniBatch, materialize
-from .ledger import DoneRecord, Ledger
+from .ledger import Ledger
+from .records import DoneRecord
 from .outputs import ResultError, count_and_serialize
 
 

@@ -1,7 +1,6 @@
 """End-to-end jobs on a real 3-node Ray cluster (in-process, 127.0.0.1)."""
 
 import collections
-import os
 from pathlib import Path
 
 import pytest
