@@ -158,6 +158,23 @@ def test_segfault_in_user_code_reruns_the_batch_on_a_fresh_worker(ray_cluster, t
     assert len(list(inits.iterdir())) == 2
 
 
+def test_a_crash_loop_ends_after_the_system_failure_bound(ray_cluster, tmp_path):
+    files = texts(6)
+    fault, = folders(tmp_path, "fault")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings.max_retries": 0,
+        "task.program_arguments": f"--fault f002.txt segfault-always {fault}",
+    }))
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    # 3 lost workers are free; the 4th loss spends the batch's only try.
+    assert outcome.state is JobState.SUCCEEDED and (outcome.completed, outcome.failed) == (2, 1)
+    assert output_lines(tmp_path) == expected_rows(files, skip={"f002.txt", "f003.txt"})
+    history = Ledger(str(tmp_path / "job")).view().failed["mb-0000001"]
+    assert [(r.kind, r.final) for r in history] == [("system", False)] * 3 + [("system", True)]
+
+
 def test_lost_node_moves_its_batch_to_a_live_worker(ray_cluster, tmp_path):
     # Three extra nodes only this job can use; two instances, so one node is spare.
     extra = [ray_cluster.add_node(num_cpus=1, resources={"lossy": 1}) for _ in range(3)]

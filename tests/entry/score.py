@@ -14,7 +14,8 @@ Arguments (parse_known_args, as Azure scripts do):
                     waits for D/release (a batch caught mid-run)
   --init-log D      init() writes D/<pid>
   --fault NAME MODE D  the first run() given file NAME writes D/fault ("<pid> <node id>"), then:
-                    hang (sleep for an hour), segfault, or hold (wait to be killed)
+                    hang (sleep for an hour), segfault, or hold (wait to be killed);
+                    segfault-always crashes every attempt (a crash loop)
 """
 
 import argparse
@@ -51,6 +52,10 @@ def init():
 
 def _inject_fault(name, mode, folder):
     marker = os.path.join(folder, "fault")
+    if mode == "segfault-always":
+        import ctypes
+
+        ctypes.string_at(0)
     if os.path.exists(marker):
         return  # only the first attempt is faulty
     import ray
