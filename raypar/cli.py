@@ -137,7 +137,7 @@ def _logs(args) -> int:
         return 0
     view = ledger.view()
     try:
-        known = view.manifest is None or ordinal_of(args.batch) < len(view.manifest)
+        known = ordinal_of(args.batch) < (len(view.manifest) if view.manifest is not None else float("inf"))
     except ValueError:
         known = False
     if not known:

@@ -97,10 +97,12 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
         if frozen != spec.to_dict():
             raise UsageError(f"{job_dir}: holds a different job; use a new --job-dir, or `raypar resume {job_dir}`")
         announce = f"raypar: {job_dir} already holds this job: resuming it"
+        planned = None
     else:
+        planned = list(plan_batches(spec))  # before anything is written: a listing error leaves no job dir
         ledger.create(spec.to_dict(), spec.to_yaml())
         announce = f"raypar: job dir {job_dir}"
-    return _drive(ledger, spec, address, echo, announce)
+    return _drive(ledger, spec, address, echo, announce, planned)
 
 
 def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) -> Outcome:
@@ -165,7 +167,8 @@ class _Heartbeat(threading.Thread):
                 log.warning("lease heartbeat failed: %s", exc)
 
 
-def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, announce: str) -> Outcome:
+def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, announce: str,
+           planned: Optional[list] = None) -> Outcome:
     run = new_run_id()
     ledger.acquire_lease(run)
     echo(announce)
@@ -178,7 +181,7 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
         _make_output_folders(spec)
         manifest = ledger.read_manifest()
         if manifest is None:
-            manifest = list(plan_batches(spec))
+            manifest = planned if planned is not None else list(plan_batches(spec))
             ledger.write_manifest(manifest)
             echo(f"raypar: planned {len(manifest)} mini-batch(es)")
         view = ledger.view(manifest)
@@ -317,7 +320,7 @@ class _Compactor:
         if self.at is None:
             self.at = p.done
         if p.done - self.at >= COMPACT_EVERY:
-            self.ledger.compact(self.run_id)
+            _compact(self.ledger, self.run_id)
             self.at = p.done
         self.then(p, final=final)
 

@@ -12,6 +12,8 @@ Layout (everything JSON; nothing here is ever unpickled or executed)::
     parts/<batch>~<run>~<try>.part  object stores: one attempt's output rows
     failed/<batch>~<run>~<try>.json one failed attempt, with the error text
     void/<batch>~<run>~<try>.json   a done record whose rows failed verification
+    compact/compact-<id>.arrow  every done record read so far, as Arrow columns (+ a sealed .idx
+                                naming what it covers): a large job resumes without parsing each
     cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
     logs/<run>~<worker>.log     one worker process's entry-script logging, stdout and stderr
     reports/                    derived at the end of each session (see raypar/reports.py)

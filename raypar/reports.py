@@ -67,7 +67,8 @@ def write_reports(ledger: Ledger, view: LedgerView, state: str, reason: str, out
         f"state: {state}",
         *( [f"reason: {reason.splitlines()[0]}"] if reason else [] ),
         f"mini-batches: {counts['completed']} done, {counts['failed']} failed, "
-        f"{counts['pending']} pending, {counts['total']} total",
+        + (f"{counts['pending']} pending, {counts['total']} total" if counts["total"] is not None
+           else "planning did not finish"),
         f"failed items: {view.failed_items()}",
         f"output: {output or '(summary only)'}",
         "attempts: reports/processed_mini_batches.csv; tracebacks: reports/errors/<batch>.txt; "
@@ -97,5 +98,5 @@ def batch_log_sections(ledger: Ledger, batch: str) -> list[tuple[str, str]]:
                     sections.append((path, "\n".join(current)))
                     current = None
         if current is not None:
-            sections.append((path, "\n".join(current + ["[raypar] (log ends here: the worker was lost)"])))
+            sections.append((path, "\n".join(current + ["[raypar] (log ends here: the worker was lost or killed)"])))
     return sections

@@ -326,8 +326,12 @@ class Scheduler:
         try:
             answer = ray.get(ref)
         except RayError as exc:
-            self._on_worker_lost(slot, exc)
+            self._on_worker_lost(slot, exc, now)
             return
+        self._handle(slot, call, answer, now)
+
+    def _handle(self, slot: Slot, call: Call, answer: dict, now: float) -> None:
+        self.calls.pop(call.ref, None)
         self._pop_call(slot, call, now)
         if answer["ok"]:
             self.progress.done += 1
@@ -362,8 +366,17 @@ class Scheduler:
         else:
             self.queue.appendleft((batch, 0))  # retry soon, so thresholds are known early
 
-    def _on_worker_lost(self, slot: Slot, exc: Exception) -> None:
+    def _on_worker_lost(self, slot: Slot, exc: Exception, now: float) -> None:
         """The worker process died: a system failure, not one of the user's tries."""
+        # Answers it gave before dying come first: the call it died in is the first unanswered one.
+        refs = [c.ref for c in slot.calls]
+        answered, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        for call in [c for c in list(slot.calls) if c.ref in answered]:
+            try:
+                answer = ray.get(call.ref)
+            except RayError:
+                break  # the first lost call: the worker died in it
+            self._handle(slot, call, answer, now)
         running = self._replace(slot, f"worker process lost ({type(exc).__name__})")
         if running is not None:
             self._requeue_after_system_failure(running, f"worker lost: {exc}", slot)
@@ -417,6 +430,8 @@ class Scheduler:
             head = slot.calls[0] if slot.calls else None
             if head is None or head.started is None or now - head.started <= timeout:
                 continue
+            if ray.wait([head.ref], timeout=0)[0]:
+                continue  # it answered just now: handled next step, not a timeout
             running = self._replace(slot, f"{head.batch.id} ran past retry_settings.timeout={timeout}s; "
                                           f"worker killed", lost=False)
             self._on_user_failure(running, f"TimeoutError: run() did not return within {timeout}s; the worker "
