@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 # Every Ray process started by the tests binds to loopback; must be set before Ray starts.
@@ -73,3 +74,13 @@ def make_spec(tmp_path: Path, files: dict, **overrides) -> dict:
 
 def quiet(line: str) -> None:
     pass
+
+
+def wait_for(predicate, what: str, timeout: float = 120) -> None:
+    """Poll ``predicate`` until true (synchronisation on an observable condition, not a sleep)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from conftest import make_spec
+from conftest import make_spec, wait_for
 
 CLI = [sys.executable, "-m", "raypar.cli"]
 
@@ -86,15 +85,6 @@ def _is_loopback(address: str) -> bool:
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-def _wait_for(predicate, what, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.timeout(240)
 def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
     gate = tmp_path / "gate"
@@ -110,7 +100,7 @@ def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         # Workers block in init() until released: the whole Ray instance is up now.
-        _wait_for(lambda: len(list(gate.glob("started-*"))) == 2, "both workers in init()")
+        wait_for(lambda: len(list(gate.glob("started-*"))) == 2, "both workers in init()")
         running = json.loads(cli("status", str(job), "--json").stdout)
         assert running["state"] == "running" and running["total"] == 3 and running["pending"] == 3
         listeners = _listening_addresses(proc.pid)
@@ -188,7 +178,7 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     spawned = []
     try:
-        _wait_for(lambda: (gate / "holding").exists(), "the 6th batch to be caught mid-run")
+        wait_for(lambda: (gate / "holding").exists(), "the 6th batch to be caught mid-run")
         spawned = psutil.Process(proc.pid).children(recursive=True)
         proc.kill()  # SIGKILL: no cleanup of any kind in the driver
         proc.wait(timeout=30)
@@ -229,7 +219,7 @@ def test_cancel_stops_the_job_and_it_resumes_exactly(tmp_path, how):
     proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_for(lambda: (gate / "holding").exists(), "the 4th batch to be running")
+        wait_for(lambda: (gate / "holding").exists(), "the 4th batch to be running")
         if how == "raypar cancel":
             result = cli("cancel", str(job))
             assert result.returncode == 0, result.stderr
