@@ -213,12 +213,15 @@ def test_more_instances_than_nodes_fails_with_a_clear_message(ray_cluster, tmp_p
 
 def test_init_failure_on_every_worker_fails_fast_with_the_traceback(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 1, "max_concurrency_per_instance": 1})
+    marker = tmp_path / "shutdown-ran"
     (tmp_path / "code" / "score.py").write_text("def init():\n    raise RuntimeError('model file missing')\n"
-                                                "def run(mb):\n    return mb\n")
+                                                "def run(mb):\n    return mb\n"
+                                                f"def shutdown():\n    open({str(marker)!r}, 'w').close()\n")
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
     assert outcome.state is JobState.FAILED
     assert outcome.reason.startswith("no worker could start: init() failed")
     assert "RuntimeError: model file missing" in job_status(str(tmp_path / "job"))["reason"]
+    assert not marker.exists()  # shutdown() never runs on a worker whose init() failed
 
 
 def test_entry_script_that_does_not_import_fails_with_its_error(ray_cluster, tmp_path):
