@@ -162,20 +162,27 @@ def _kill_tree(proc_list):
     psutil.wait_procs(proc_list, timeout=30)
 
 
-@pytest.mark.timeout(240)
-def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
+def start_held_run(tmp_path, count: int, hold_after: int):
+    """`raypar run` (embedded Ray) over ``count`` one-file batches, one worker; the batch after
+    ``hold_after`` done ones blocks until gate/release. Returns files, exec log, gate, job, process."""
     log, gate = tmp_path / "exec", tmp_path / "gate"
     log.mkdir()
     gate.mkdir()
-    files = {f"f{i:02d}.txt": f"v{i}" for i in range(10)}
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(count)}
     spec = make_spec(tmp_path, files, mini_batch_size="1", **{
         "resources.instance_count": 1, "max_concurrency_per_instance": 1,
-        "task.program_arguments": f"--exec-log {log} --hold-after 5 {gate}",
+        "task.program_arguments": f"--exec-log {log} --hold-after {hold_after} {gate}",
     })
     job = tmp_path / "job"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return files, log, gate, job, proc
+
+
+@pytest.mark.timeout(240)
+def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
+    files, log, gate, job, proc = start_held_run(tmp_path, count=10, hold_after=5)
     spawned = []
     try:
         wait_for(lambda: (gate / "holding").exists(), "the 6th batch to be caught mid-run")
@@ -206,18 +213,7 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("how", ["raypar cancel", "ctrl-c"])
 def test_cancel_stops_the_job_and_it_resumes_exactly(tmp_path, how):
-    log, gate = tmp_path / "exec", tmp_path / "gate"
-    log.mkdir()
-    gate.mkdir()
-    files = {f"f{i:02d}.txt": f"v{i}" for i in range(8)}
-    spec = make_spec(tmp_path, files, mini_batch_size="1", **{
-        "resources.instance_count": 1, "max_concurrency_per_instance": 1,
-        "task.program_arguments": f"--exec-log {log} --hold-after 3 {gate}",
-    })
-    job = tmp_path / "job"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    files, log, gate, job, proc = start_held_run(tmp_path, count=8, hold_after=3)
     try:
         wait_for(lambda: (gate / "holding").exists(), "the 4th batch to be running")
         if how == "raypar cancel":
