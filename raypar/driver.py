@@ -231,7 +231,7 @@ def _run_and_assemble(ledger, spec, run, manifest, view, address, echo, interrup
         if not target:
             return "", "", view
         try:
-            assemble(ledger, view, target)
+            assemble(ledger, view, target, spec.raypar.append_row_format)
             return "", "", view
         except CorruptPartsError as exc:
             for record in exc.records:

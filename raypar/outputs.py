@@ -16,7 +16,7 @@ class ResultError(TypeError):
     """run() returned something raypar cannot count or write."""
 
 
-def count_and_serialize(result: Any, with_rows: bool) -> tuple[int, Optional[bytes]]:
+def count_and_serialize(result: Any, with_rows: bool, fmt: str = "text") -> tuple[int, Optional[bytes]]:
     """The number of succeeded items in ``result`` and, for append_row, its rows as bytes.
 
     A list or tuple element is one line via ``str()``; a DataFrame row is one
@@ -45,7 +45,7 @@ class CorruptPartsError(Exception):
         self.records = records
 
 
-def assemble(ledger: Ledger, view: LedgerView, target: str) -> int:
+def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text") -> int:
     """Write the rows of every done batch, in mini-batch order, to ``target`` atomically.
 
     Only parts named by done records are read, one per batch, so the file

@@ -148,12 +148,41 @@ class WorkerResources(_Model):
         return None if self.memory is None else parse_bytes(self.memory)
 
 
+_ENV_REF_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$|^\$([A-Za-z_][A-Za-z0-9_]*)$")
+_SECRET_WORDS = ("key", "secret", "token", "password", "sas", "connection_string", "credential")
+
+
+def env_reference(value: str) -> Optional[str]:
+    """The variable a ``$NAME`` / ``${NAME}`` value names, or None for a literal."""
+    match = _ENV_REF_RE.match(value.strip()) if isinstance(value, str) else None
+    return (match.group(1) or match.group(2)) if match else None
+
+
 class RayparSpec(_Model):
     """The ``raypar:`` block: settings Azure does not have."""
 
     worker: WorkerResources = Field(default_factory=WorkerResources)
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
+    # Format of the assembled append_row_to file: Azure's space-separated text, or a real table format.
+    append_row_format: Literal["text", "csv", "jsonl", "parquet"] = "text"
+    # Read a uri_folder / uri_file as a table in this format (default: from the file extensions).
+    input_format: Optional[Literal["parquet", "csv", "json_lines"]] = None
+    # fsspec options per protocol (az, abfs, s3, gs, ...); secrets only as $ENV_VAR references.
+    storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_literal_secrets(cls, value: dict) -> dict:
+        # The spec is copied into the job dir: a secret written here would sit there in clear text.
+        for protocol, options in value.items():
+            for key, item in options.items():
+                secret = any(word in key.lower() for word in _SECRET_WORDS)
+                if secret and not (isinstance(item, str) and env_reference(item)):
+                    raise ValueError(
+                        f"{protocol}.{key}: secrets are not written in specs (the job dir keeps a copy); "
+                        f"put it in an environment variable and write {key}: ${{MY_VAR}}")
+        return value
 
     _numbers = field_validator("placement_timeout", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
@@ -413,6 +442,7 @@ def worker_plan(spec: JobSpec) -> dict:
         "env": dict(spec.environment_variables),
         "logging_level": spec.logging_level,
         "with_rows": bound.append_row_path is not None,
+        "append_row_format": spec.raypar.append_row_format,
         "input": {"type": spec.data_input.type, "path": spec.data_input.path},
     }
 

@@ -126,7 +126,7 @@ class Worker:
         try:
             mini_batch = materialize(batch, self.plan["input"])
             result = self.module.run(mini_batch)
-            returned, rows = count_and_serialize(result, self.with_rows)
+            returned, rows = count_and_serialize(result, self.with_rows, self.plan["append_row_format"])
         except ResultError as exc:
             self._mark(f"end {batch.id} attempt {attempt}: failed")
             return {**base, "ok": False, "error": f"ResultError: {exc}"}
