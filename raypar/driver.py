@@ -7,6 +7,7 @@ same spec); ``resume_job`` needs nothing but the job dir. Both end in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .errors import LeaseHeldError, PlacementError, RayparError, SpecError, UsageError
+from .credentials import options_for, redact, resolve_storage
 from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
+from .planning import PlanFeed
 from .outputs import CorruptPartsError, assemble
 from .reports import write_reports
-from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict
+from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict, worker_plan
 from .state import JobState
 
 log = logging.getLogger("raypar")
@@ -67,12 +70,34 @@ def _normalize_dir(job_dir: str) -> str:
     return job_dir if is_url(job_dir) else str(Path(job_dir).expanduser().resolve())
 
 
-def check_files(spec: JobSpec) -> None:
+@dataclass
+class _Session:
+    """What one driver session works with: the spec, the input description, credentials."""
+
+    spec: JobSpec
+    desc: dict
+    storage: dict  # resolved credentials: memory only, never written
+
+    def plan(self):
+        return plan_batches(self.spec, self.desc, self.storage)
+
+
+def check_files(spec: JobSpec) -> _Session:
     """Fail before anything is written when the code or the input is missing or unusable."""
     entry = bind(spec).entry_script_path
     if not is_url(entry) and not os.path.isfile(entry):
         raise SpecError(f"task.entry_script: {entry} not found")
-    check_input(spec)
+    storage = resolve_storage(spec.raypar.storage_options)
+    return _Session(spec, check_input(spec, storage), storage)
+
+
+def _primed(batches):
+    """The planner with its first batch already computed: an input that cannot be read
+    fails here, before the job dir exists."""
+    first = next(batches, None)
+    if first is None:
+        return iter(())
+    return itertools.chain([first], batches)
 
 
 def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
@@ -90,8 +115,8 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
     spec = _as_spec(spec)
     job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
     spec = fill_output_paths(spec, f"{job_dir}/outputs")
-    check_files(spec)
-    ledger = Ledger(job_dir)
+    session = check_files(spec)
+    ledger = Ledger(job_dir, options_for(job_dir, session.storage))
     if ledger.exists():
         frozen = ledger.load_job()["spec"]
         if frozen != spec.to_dict():
@@ -99,19 +124,20 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
         announce = f"raypar: {job_dir} already holds this job: resuming it"
         planned = None
     else:
-        planned = list(plan_batches(spec))  # before anything is written: a listing error leaves no job dir
+        planned = _primed(session.plan())
         ledger.create(spec.to_dict(), spec.to_yaml())
         announce = f"raypar: job dir {job_dir}"
-    return _drive(ledger, spec, address, echo, announce, planned)
+    return _drive(ledger, session, address, echo, announce, planned)
 
 
 def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) -> Outcome:
     """Run exactly the mini-batches of ``job_dir`` that are not done, then assemble."""
     job_dir = _normalize_dir(job_dir)
-    ledger = Ledger(job_dir)
+    ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
     spec = JobSpec.model_validate(ledger.load_job()["spec"])
-    check_files(spec)
-    return _drive(ledger, spec, address, echo, f"raypar: resuming {job_dir}")
+    session = check_files(spec)
+    ledger = Ledger(job_dir, options_for(job_dir, session.storage))
+    return _drive(ledger, session, address, echo, f"raypar: resuming {job_dir}")
 
 
 def cancel_job(job_dir: str, wait: float = 30.0, echo: Echo = print) -> JobState:
@@ -120,7 +146,8 @@ def cancel_job(job_dir: str, wait: float = 30.0, echo: Echo = print) -> JobState
     A live driver is asked through the job dir and stops within about a
     second; a job whose driver is gone is marked ``canceled`` directly.
     """
-    ledger = Ledger(_normalize_dir(job_dir))
+    job_dir = _normalize_dir(job_dir)
+    ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
     ledger.load_job()
     lease = ledger.read_lease()
     if not ledger.lease_is_live(lease):
@@ -167,28 +194,29 @@ class _Heartbeat(threading.Thread):
                 log.warning("lease heartbeat failed: %s", exc)
 
 
-def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, announce: str,
-           planned: Optional[list] = None) -> Outcome:
+def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo, announce: str,
+           planned=None) -> Outcome:
+    spec = session.spec
     run = new_run_id()
     ledger.acquire_lease(run)
     echo(announce)
     beat = _Heartbeat(ledger, run)
     beat.start()
     state, reason, detail = JobState.FAILED, "", ""
-    manifest = view = None
+    manifest = view = feed = None
     try:
         _set_state(ledger, JobState.RUNNING, run)
         _make_output_folders(spec)
         manifest = ledger.read_manifest()
-        if manifest is None:
-            manifest = planned if planned is not None else list(plan_batches(spec))
-            ledger.write_manifest(manifest)
-            echo(f"raypar: planned {len(manifest)} mini-batch(es)")
-        view = ledger.view(manifest)
+        if manifest is None:  # planning never finished: plan (again) while running
+            prefix = ledger.read_manifest_prefix()
+            done = ledger.view(prefix).done if len(prefix) else frozenset()
+            feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done)
+            feed.start()
         stop = _StopSignal(ledger, run, beat)
-        reason, detail, view = _run_and_assemble(ledger, spec, run, manifest, view, address, echo, stop)
+        reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop)
         state = JobState.CANCELED if stop.canceled else JobState.FAILED if reason else JobState.SUCCEEDED
-        failed = view.failed_batches()
+        failed = view.failed_batches() if view is not None else ()
         if failed and not reason:
             echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
                  f"`raypar resume {ledger.url}` retries them")
@@ -199,35 +227,48 @@ def _drive(ledger: Ledger, spec: JobSpec, address: Optional[str], echo: Echo, an
         state, reason = JobState.FAILED, exc.headline
         raise
     except BaseException as exc:
-        state, reason = JobState.FAILED, f"driver error: {exc}"
+        state, reason = JobState.FAILED, f"driver error: {redact(str(exc), session.storage)}"
         raise
     finally:
+        if feed is not None:
+            feed.stop()
         beat.stopped.set()
         beat.join(timeout=5)
         if beat.lost is None:  # only the lease holder may write the state
             try:
-                _set_state(ledger, state, run, reason if not detail else f"{reason}\n{detail}")
+                _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
+                                                      session.storage))
                 _compact(ledger, run)
                 _write_reports(ledger, spec, state, reason)
             finally:
                 ledger.release_lease(run)
-    if state is JobState.CANCELED or view is None:  # stopped part-way: count what the ledger holds
-        view = ledger.view(manifest)
+    view = ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
                    **view.counts())
 
 
-def _run_and_assemble(ledger, spec, run, manifest, view, address, echo, interrupt):
+def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, interrupt):
     """Run what is pending, then assemble; batches whose parts fail verification run again."""
+    spec = session.spec
     target = bind(spec).append_row_path
+    view = ledger.view(manifest) if manifest is not None else None
     for _ in range(MAX_ASSEMBLY_ROUNDS):
-        pending = view.pending()
-        if pending:
-            echo(f"raypar: {len(pending)} of {len(manifest)} mini-batch(es) to run")
-            reason, detail = _execute(ledger, spec, run, view, pending, address, echo, interrupt)
-            view = ledger.view(manifest)
+        pending = view.pending() if view is not None else []
+        if pending or feed is not None:
+            total = len(manifest) if manifest is not None else "?"
+            echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
+                 else "raypar: planning mini-batches while running them")
+            reason, detail = _execute(ledger, session, run, pending, address, echo, interrupt, feed)
+            if feed is not None:
+                feed.join()
+                manifest, feed = ledger.read_manifest(), None
+                if manifest is not None and not reason:
+                    echo(f"raypar: planned {len(manifest)} mini-batch(es)")
+            view = ledger.view(manifest) if manifest is not None else None
             if reason:
                 return reason, detail, view
+            if manifest is None:
+                return "planning did not finish", "", view
         if not target:
             return "", "", view
         try:
@@ -286,21 +327,24 @@ def _make_output_folders(spec: JobSpec) -> None:
             os.makedirs(output.path, exist_ok=True)
 
 
-def _execute(ledger, spec, run, view, pending, address, echo, interrupt) -> tuple[str, str]:
+def _execute(ledger, session, run, pending, address, echo, interrupt, feed=None) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
     from . import cluster
     from .scheduler import Placement, Progress, Scheduler
 
+    spec = session.spec
+    view = ledger.view(feed.prefix if feed is not None else None)
     w = spec.raypar.worker
     owned = cluster.connect(address, min_cpus=w.num_cpus * spec.max_concurrency_per_instance)
     try:
         total = len(view.manifest)
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
+        plan = worker_plan(spec, session.desc, session.storage)
         # Failed batches of earlier sessions run again now: only done batches' item failures carry over.
         progress.failed_items = view.done.failed_items()
         reporter = _Compactor(ledger, run, _Reporter(echo))
-        placement = Placement(spec, ledger.url, run, owned_cluster=owned)
-        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt)
+        placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan)
+        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt, feed)
         reason = scheduler.run()
         reporter(progress, final=True)
         return reason or "", scheduler.stop_detail

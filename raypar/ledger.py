@@ -4,8 +4,8 @@ Layout (everything JSON; nothing here is ever unpickled or executed)::
 
     job.json                    frozen spec + job identity (written once)
     spec.yml                    readable copy of the frozen spec (never read back)
-    manifest/chunk-NNNNNN.jsonl the planned mini-batches, one JSON line each
-    manifest/COMPLETE.json      written last: chunk names, counts, checksums
+    manifest/chunk-NNNNNN.jsonl the planned mini-batches, one JSON line each, written as planned
+    manifest/COMPLETE.json      written when planning ends: chunk names, counts, checksums
     done/<run>~<worker>.jsonl   local disk: one worker process's done records, appended
     parts/<run>~<worker>.data   local disk: that worker's output rows, appended
     done/<batch>~<run>~<try>.json   object stores: one done record per attempt
@@ -158,27 +158,28 @@ class Ledger:
     # -- manifest -------------------------------------------------------
 
     def write_manifest(self, batches: Iterable[MiniBatch]) -> int:
-        """Persist the plan in chunks, then the COMPLETE marker; returns the batch count."""
-        chunks, count, buffer = [], 0, []
-
-        def flush():
-            name = f"chunk-{len(chunks):06d}.jsonl"
-            data = ("\n".join(buffer) + "\n").encode()
-            self.store.write_atomic(data, "manifest", name)
-            chunks.append({"name": name, "count": len(buffer), "sha256": hashlib.sha256(data).hexdigest()})
-            buffer.clear()
-
+        """Persist a whole plan, then the COMPLETE marker; returns the batch count."""
+        writer = self.manifest_writer([])
         for batch in batches:
-            if batch.ordinal != count:
-                raise LedgerError(f"planner produced ordinal {batch.ordinal}, expected {count}")
-            buffer.append(batch.to_json())
-            count += 1
-            if len(buffer) >= CHUNK_SIZE:
-                flush()
-        if buffer:
-            flush()
-        self.store.write_atomic(_sealed({"batches": count, "chunks": chunks}), "manifest", "COMPLETE.json")
-        return count
+            writer.add(batch)
+            if len(writer.buffer) >= CHUNK_SIZE:
+                writer.flush()
+        return writer.complete()
+
+    def manifest_writer(self, prefix_lines: list[bytes]) -> "ManifestWriter":
+        """A writer that continues the chunks already written (``read_manifest_prefix``)."""
+        return ManifestWriter(self, prefix_lines)
+
+    def read_manifest_prefix(self) -> Manifest:
+        """The chunks a planning that never finished wrote, in order (each is whole or absent)."""
+        lines: list[bytes] = []
+        for i in range(len(self.store.list_files("manifest")) + 1):
+            try:
+                data = self.store.read_bytes("manifest", _chunk_name(i))
+            except FileNotFoundError:
+                break
+            lines.extend(data.split(b"\n")[:-1])
+        return Manifest(lines)
 
     def read_manifest(self) -> Optional[Manifest]:
         """The planned batches, or None when planning never finished."""
@@ -423,6 +424,55 @@ class Ledger:
         current = self.read_lease()
         if current and current.get("run") == run:
             self.store.remove("lease.json")
+
+
+def _chunk_name(index: int) -> str:
+    return f"chunk-{index:06d}.jsonl"
+
+
+class ManifestWriter:
+    """Appends planned batches to the manifest chunk by chunk, then seals it with COMPLETE.json.
+
+    Each chunk is written whole (atomic), and the planner hands a batch to the
+    scheduler only after its chunk is written: a batch that ran is always in
+    the manifest a resume reads.
+    """
+
+    def __init__(self, ledger: Ledger, prefix_lines: list[bytes]):
+        self.store = ledger.store
+        self.chunks: list[dict] = []
+        self.count = 0
+        self.buffer: list[str] = []
+        index = 0
+        while prefix_lines and self.count < len(prefix_lines):  # describe the chunks already there
+            data = self.store.read_bytes("manifest", _chunk_name(index))
+            n = data.count(b"\n")
+            self.chunks.append({"name": _chunk_name(index), "count": n, "sha256": hashlib.sha256(data).hexdigest()})
+            self.count += n
+            index += 1
+
+    def add(self, batch: MiniBatch) -> None:
+        if batch.ordinal != self.count + len(self.buffer):
+            raise LedgerError(f"planner produced ordinal {batch.ordinal}, expected {self.count + len(self.buffer)}")
+        self.buffer.append(batch.to_json())
+
+    def flush(self) -> int:
+        """Write the buffered batches as the next chunk; returns how many."""
+        if not self.buffer:
+            return 0
+        name = _chunk_name(len(self.chunks))
+        data = ("\n".join(self.buffer) + "\n").encode()
+        self.store.write_atomic(data, "manifest", name)
+        self.chunks.append({"name": name, "count": len(self.buffer), "sha256": hashlib.sha256(data).hexdigest()})
+        written = len(self.buffer)
+        self.count += written
+        self.buffer.clear()
+        return written
+
+    def complete(self) -> int:
+        self.flush()
+        self.store.write_atomic(_sealed({"batches": self.count, "chunks": self.chunks}), "manifest", "COMPLETE.json")
+        return self.count
 
 
 def _void_key_of(name: str) -> Optional[str]:

@@ -31,7 +31,7 @@ from .errors import PlacementError
 from .inputs.base import MiniBatch
 from .ledger import Ledger
 from .records import FailedRecord
-from .spec import JobSpec, worker_plan
+from .spec import JobSpec
 from .worker import Worker
 
 log = logging.getLogger("raypar")
@@ -110,10 +110,10 @@ class Progress:
 class Placement:
     """The placement group and the factory of worker actors pinned into it."""
 
-    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool):
+    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict):
         self.spec, self.job_url, self.run, self.owned = spec, job_url, run, owned_cluster
         self.pg = None
-        self.plan = worker_plan(spec)
+        self.plan = plan  # spec.worker_plan()
         self._remote = ray.remote(Worker)
 
     def bundle(self) -> dict[str, float]:
@@ -191,9 +191,11 @@ class Scheduler:
     def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[MiniBatch],
                  placement: Placement, progress: Progress,
                  on_progress: Callable[[Progress], None] = lambda p: None,
-                 interrupt: Callable[[], Optional[str]] = lambda: None):
+                 interrupt: Callable[[], Optional[str]] = lambda: None, feed=None):
         self.ledger, self.spec, self.run_id, self.placement = ledger, spec, run, placement
         self.queue: collections.deque = collections.deque((b, 0) for b in pending)
+        self.feed = feed  # planning.PlanFeed while the input is still being planned
+        self.plan_complete = feed is None
         self.progress, self.on_progress = progress, on_progress
         self.interrupt = interrupt  # returns a reason to stop now (lease lost, later cancel)
         self.slots = [
@@ -230,7 +232,19 @@ class Scheduler:
     def _finished(self) -> bool:
         if self.stop_reason is not None:
             return True
-        return not self.queue and not self.calls
+        return not self.queue and not self.calls and (self.feed is None or self.feed.exhausted)
+
+    def _pull_planned(self) -> None:
+        """Queue the batches the planner released since the last step."""
+        if self.feed is None:
+            return
+        self.queue.extend((b, 0) for b in self.feed.take())
+        self.progress.total = self.feed.planned
+        if self.feed.error:
+            self._stop(self.feed.error)
+        elif self.feed.exhausted and not self.plan_complete:
+            self.plan_complete = True
+            self._check_thresholds()  # the percentage counts once every batch is planned
 
     def step(self, now: float) -> None:
         """One iteration: dispatch, wait briefly for any answer, handle answers and deadlines."""
@@ -238,8 +252,12 @@ class Scheduler:
         if reason:
             self._stop(reason)
             return
+        self._pull_planned()
         self._dispatch(now)
         waiting = list(self.calls) + list(self.starts)
+        if not waiting and not self.queue and self.feed is not None and not self.feed.exhausted:
+            self.feed.wait(0.5)  # the planner is still listing: wake when it releases batches
+            return
         if not waiting:
             if self.queue and not any(s.ready or s.start_ref for s in self.slots):
                 if self.last_init_error:
@@ -444,7 +462,7 @@ class Scheduler:
                        f"{spec.mini_batch_error_threshold}")
         elif spec.error_threshold >= 0 and p.failed_items > spec.error_threshold:
             self._stop(f"{p.failed_items} item(s) failed, more than error_threshold={spec.error_threshold}")
-        elif p.total and 100.0 * p.failed / p.total > spec.failed_percent_limit():
+        elif p.total and self.plan_complete and 100.0 * p.failed / p.total > spec.failed_percent_limit():  # Azure: once all are scheduled
             self._stop(f"{p.failed} of {p.total} mini-batches failed ({100.0 * p.failed / p.total:.1f}%), "
                        f"more than allowed_failed_percent={spec.failed_percent_limit():g}")
 

@@ -431,8 +431,11 @@ class BoundJob:
     entry_script_path: str
 
 
-def worker_plan(spec: JobSpec) -> dict:
-    """What a worker needs, as plain JSON: workers never import pydantic (faster starts)."""
+def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> dict:
+    """What a worker needs, as plain JSON: workers never import pydantic (faster starts).
+
+    ``storage`` holds resolved credentials: the plan lives in memory only, never in the job dir.
+    """
     bound = bind(spec)
     return {
         "code": spec.task.code,
@@ -443,7 +446,8 @@ def worker_plan(spec: JobSpec) -> dict:
         "logging_level": spec.logging_level,
         "with_rows": bound.append_row_path is not None,
         "append_row_format": spec.raypar.append_row_format,
-        "input": {"type": spec.data_input.type, "path": spec.data_input.path},
+        "input": input_desc,
+        "storage": storage,
     }
 
 

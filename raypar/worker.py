@@ -14,6 +14,7 @@ process died" (a Ray error).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -22,7 +23,9 @@ import traceback
 import uuid
 from typing import Any, Optional
 
-from .inputs.base import MiniBatch, materialize
+from .credentials import options_for, redact
+from .inputs.base import BatchReader, MiniBatch
+from .inputs.files import cleanup
 from .ledger import Ledger
 from .records import DoneRecord
 from .outputs import ResultError, count_and_serialize
@@ -43,7 +46,7 @@ class Worker:
         self.plan = plan  # raypar.spec.worker_plan(): plain values, no pydantic here
         # A name no other process uses: this worker's segments and log are its alone.
         self.writer = f"{run}~i{instance}s{slot}-{uuid.uuid4().hex[:8]}"
-        self.ledger = Ledger(job_url)
+        self.ledger = Ledger(job_url, options_for(job_url, plan["storage"]))
         self.done = self.ledger.done_writer(self.writer)
         self.run_id = run
         self.instance, self.slot = instance, slot
@@ -72,12 +75,14 @@ class Worker:
             self._load_entry_script()
             if not callable(getattr(self.module, "run", None)):
                 raise AttributeError(f"{self.plan['entry_script']} has no run(mini_batch) function")
+            self.wants_context = _takes_two_arguments(self.module.run)
+            self.reader = BatchReader(self.plan["input"], self.plan["storage"])
             init = getattr(self.module, "init", None)
             if init is not None:
                 stage = "init()"
                 init()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            return {**info, "ok": False, "stage": stage, "error": _user_traceback(exc)}
+            return {**info, "ok": False, "stage": stage, "error": self._error_text(exc)}
         self.started = True
         return {**info, "ok": True}
 
@@ -123,24 +128,32 @@ class Worker:
         base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name,
                 "started": started}
         self._mark(f"begin {batch.id} attempt {attempt}")
+        temp = None
+        items = batch.item_count
         try:
-            mini_batch = materialize(batch, self.plan["input"])
-            result = self.module.run(mini_batch)
+            mini_batch, context, temp = self.reader.read(batch)
+            items = len(mini_batch) if batch.kind == "table" else items  # rows are known once read
+            result = self.module.run(mini_batch, context) if self.wants_context else self.module.run(mini_batch)
             returned, rows = count_and_serialize(result, self.with_rows, self.plan["append_row_format"])
         except ResultError as exc:
             self._mark(f"end {batch.id} attempt {attempt}: failed")
-            return {**base, "ok": False, "error": f"ResultError: {exc}"}
+            return {**base, "ok": False, "error": redact(f"ResultError: {exc}", self.plan["storage"])}
         except BaseException as exc:  # noqa: BLE001
             self._mark(f"end {batch.id} attempt {attempt}: failed")
-            return {**base, "ok": False, "error": _user_traceback(exc)}
+            return {**base, "ok": False, "error": self._error_text(exc)}
+        finally:
+            cleanup(temp)
         record = DoneRecord(
-            batch=batch.id, run=self.run_id, attempt=attempt, items=batch.item_count, returned=returned,
+            batch=batch.id, run=self.run_id, attempt=attempt, items=items, returned=returned,
             part=None, node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
             started=round(started, 3),
         )
         self.done.write(record, rows)
         self._mark(f"end {batch.id} attempt {attempt}: done")
-        return {**base, "ok": True, "items": batch.item_count, "returned": returned}
+        return {**base, "ok": True, "items": items, "returned": returned}
+
+    def _error_text(self, exc: BaseException) -> str:
+        return redact(_user_traceback(exc), self.plan["storage"])
 
     def stop(self) -> Optional[str]:
         """Call the entry script's ``shutdown()``; returns its traceback if it raised."""
@@ -152,6 +165,16 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001
             return _user_traceback(exc)
         return None
+
+
+def _takes_two_arguments(run) -> bool:
+    """run(mini_batch, mini_batch_context) gets the context; run(mini_batch) does not (as in Azure)."""
+    try:
+        params = inspect.signature(run).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 class _Tee:

@@ -44,7 +44,7 @@ def assert_one_line_error(result, code, *fragments):
     (lambda s: s.update(mini_batch_size="ten"), ["mini_batch_size", "'ten'"]),
     (lambda s: s.update(mini_batch_size="10kb"), ["mini_batch_size", "byte size"]),
     (lambda s: s["inputs"]["data"].update(type="uri_file"), ["inputs.data.path", "must be a single file"]),
-    (lambda s: s["inputs"]["data"].update(type="mltable"), ["inputs.data", "mltable"]),
+    (lambda s: s["inputs"]["data"].update(type="mltable"), ["inputs.data", "MLTable: not found"]),
     (lambda s: s["task"].update(program_arguments='--x "open'), ["task.program_arguments"]),
 ])
 def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, mutate, fragments):

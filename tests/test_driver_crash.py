@@ -26,14 +26,22 @@ LAUNCHER = textwrap.dedent("""
         os._exit(9)
 
     point = os.environ["CRASH_POINT"]
-    if point == "planning":  # after the first manifest chunk, before COMPLETE.json
-        ledger.CHUNK_SIZE = 2
-        write_atomic = ledger.Store.write_atomic
-        def crashing_write(self, data, *parts):
-            if parts[-1] == "chunk-000001.jsonl":
-                die()
-            return write_atomic(self, data, *parts)
-        ledger.Store.write_atomic = crashing_write
+    if point == "listing":  # the first batch ran while the input was still being listed
+        import time
+        import raypar.inputs.source as source
+        files = source.Source.files
+        done = os.path.join(sys.argv[sys.argv.index("--job-dir") + 1], "done")
+        def first_batch_done():
+            return os.path.isdir(done) and any(os.path.getsize(os.path.join(done, f)) for f in os.listdir(done))
+        def slow_listing(self):
+            for i, name in enumerate(files(self)):
+                if i == 2:  # batch mb-0000000 (2 files) is planned: wait until it has run, then die
+                    deadline = time.time() + 120
+                    while not first_batch_done() and time.time() < deadline:
+                        time.sleep(0.05)
+                    die()
+                yield name
+        source.Source.files = slow_listing
     elif point == "assembly":  # half of the output written to its temp file
         read_rows = ledger.Ledger.read_rows
         calls = []
@@ -83,7 +91,7 @@ def executed(log):
 
 
 @pytest.mark.parametrize("point, reran", [
-    ("planning", 5),        # nothing ran: every batch runs once, after planning again
+    ("listing", 4),         # batch 0 ran before listing finished: the other 4 run, after listing again
     ("assembly", 0),        # every batch was done: resume only assembles
     ("after-assembly", 0),
 ])
@@ -107,7 +115,9 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(tmp_path, po
 
     assert resumed.returncode == 0, resumed.stderr
     assert len(executed(log)) == reran
-    if point != "planning":
+    if point == "listing":
+        assert len(ran_before) == 1 and "f00.txt" in ran_before[0], ran_before
+    else:
         assert len(ran_before) == 5  # the crash came after every batch was done once
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     assert os.listdir(output.parent) == [output.name]  # no temp file left behind

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from raypar.errors import SpecError
-from raypar.inputs import MiniBatch, materialize, plan_batches
-from raypar.spec import worker_plan
+from raypar.inputs import BatchReader, MiniBatch, check_input, plan_batches
 from raypar.spec import spec_from_dict
 
 
@@ -38,7 +37,15 @@ def file_spec(path: Path, input_type: str = "uri_folder", size=None):
 
 
 def plan(path: Path, input_type: str = "uri_folder", size=None) -> list[MiniBatch]:
-    return list(plan_batches(file_spec(path, input_type, size)))
+    return plan_spec(file_spec(path, input_type, size))
+
+
+def plan_spec(spec) -> list[MiniBatch]:
+    return list(plan_batches(spec, check_input(spec)))
+
+
+def materialize(batch: MiniBatch, spec):
+    return BatchReader(check_input(spec)).read(batch)[0]
 
 
 def all_files(batches: list[MiniBatch]) -> list[str]:
@@ -98,8 +105,8 @@ def test_stable_ids_and_ordinals(tmp_path):
 def test_second_plan_is_identical(tmp_path):
     root = make_files(tmp_path / "data", ["x/1.txt", "x/2.txt", "y.txt", "z/3.txt", "z/4.txt"])
     spec = file_spec(root, size=2)
-    first = list(plan_batches(spec))
-    second = list(plan_batches(spec))
+    first = plan_spec(spec)
+    second = plan_spec(spec)
     assert first == second
     assert [b.to_json() for b in first] == [b.to_json() for b in second]
 
@@ -157,14 +164,15 @@ def test_uri_folder_pointing_at_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("input_type", ["uri_folder", "uri_file"])
-def test_byte_size_on_a_file_input(tmp_path, input_type):
+def test_byte_size_on_files_that_are_not_tables(tmp_path, input_type):
+    # A byte size reads the input as a table; text files are not one: a clear error, naming the file.
     make_files(tmp_path / "data", ["a.txt"])
     path = tmp_path / "data" if input_type == "uri_folder" else tmp_path / "data" / "a.txt"
     spec = file_spec(path, input_type, "10kb")
     with pytest.raises(SpecError) as info:
-        plan_batches(spec)  # refused before any listing
-    assert "mini_batch_size" in info.value.headline
-    assert "'10kb'" in info.value.headline
+        plan_spec(spec)
+    assert "a.txt: not a table file" in info.value.headline
+    assert "a byte size for mini_batch_size reads the input as tables" in info.value.headline
 
 
 # -- the manifest line and the worker side ---------------------------------------
@@ -190,9 +198,9 @@ def test_materialize_gives_absolute_local_paths(tmp_path):
     names = ["a.txt", "sub/b.txt", "sub/deeper/c.txt"]
     root = make_files(tmp_path / "data", names)
     spec = file_spec(root, size=2)
-    batches = list(plan_batches(spec))
+    batches = plan_spec(spec)
 
-    paths = [p for b in batches for p in materialize(b, worker_plan(spec)["input"])]
+    paths = [p for b in batches for p in materialize(b, spec)]
 
     assert paths == [str(root.resolve() / n) for n in sorted(names)]
     assert all(os.path.isabs(p) for p in paths)
@@ -203,11 +211,11 @@ def test_materialize_uri_file(tmp_path):
     make_files(tmp_path / "data", ["only.csv", "other.csv"])
     target = tmp_path / "data" / "only.csv"
     spec = file_spec(target, "uri_file")
-    (batch,) = plan_batches(spec)
-    assert materialize(batch, worker_plan(spec)["input"]) == [str(target.resolve())]
+    (batch,) = plan_spec(spec)
+    assert materialize(batch, spec) == [str(target.resolve())]
 
 
 def test_materialize_unknown_kind(tmp_path):
     spec = file_spec(make_files(tmp_path / "data", ["a.txt"]))
     with pytest.raises(ValueError, match="tables"):
-        materialize(MiniBatch(ordinal=0, kind="tables", payload={}), worker_plan(spec)["input"])
+        materialize(MiniBatch(ordinal=0, kind="tables", payload={}), spec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from ..errors import SpecError
 
@@ -59,42 +59,111 @@ def ordinal_of(batch: str) -> int:
     return int(batch[3:])
 
 
-def check_input(spec: JobSpec) -> None:
-    """Raise SpecError now for an input raypar cannot plan (before any job dir is written)."""
-    from . import files
+def check_input(spec: JobSpec, storage: Optional[dict] = None) -> dict:
+    """The input described as plain values (see source.describe); SpecError now for an input
+    raypar cannot plan, before any job dir is written."""
+    from .source import describe
 
-    data = spec.data_input
-    if spec.partition_keys is not None:
-        raise SpecError("partition_keys: splitting by partition keys is not supported by this raypar version")
-    if data.type == "mltable":
-        raise SpecError(f"inputs.{spec.data_input_name}: mltable inputs are not supported by this raypar version")
-    size = spec.batch_size()
-    if size.is_bytes:
+    desc = describe(spec, storage or {})
+    where = f"inputs.{spec.data_input_name}"
+    if spec.mini_batch_size is not None and not desc["tabular"] and spec.batch_size().is_bytes:
         raise SpecError(
-            f"mini_batch_size {spec.mini_batch_size!r} is a byte size, which applies to tabular input; "
-            f"inputs.{spec.data_input_name} is {data.type}: give a file count such as '10'"
-        )
-    files.check(data, f"inputs.{spec.data_input_name}")
+            f"mini_batch_size {spec.mini_batch_size!r} is a byte size, which splits tables; {where} is a "
+            f"list of files: give a file count such as '10'")
+    if spec.partition_keys is not None:
+        if not spec.partition_keys or len(set(spec.partition_keys)) != len(spec.partition_keys):
+            raise SpecError("partition_keys: give one or more distinct column names")
+    return desc
 
 
-def plan_batches(spec: JobSpec) -> Iterator[MiniBatch]:
+def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> Iterator[MiniBatch]:
     """The deterministic stream of mini-batches for the spec's ``input_data``."""
-    from . import files
+    from ..spec import DEFAULT_BYTES_PER_BATCH
+    from . import files, partitioned, tabular
+    from .source import open_source
 
-    check_input(spec)
-    return files.plan(spec.data_input, spec.batch_size().value)
+    source = open_source(desc, storage or {})
+    if spec.partition_keys:
+        for ordinal, (key, names, data_keys, pieces) in enumerate(partitioned.plan(source, spec.partition_keys)):
+            if desc["tabular"]:
+                payload = {"pieces": pieces, "key": list(key.items()), "filter": data_keys}
+                yield MiniBatch(ordinal=ordinal, kind=tabular.KIND, payload=payload, item_count=0)
+            else:
+                yield MiniBatch(ordinal=ordinal, kind=files.KIND, payload={"files": names, "key": list(key.items())},
+                                item_count=len(names))
+        return
+    if desc["tabular"]:
+        size = spec.batch_size().value if spec.mini_batch_size is not None else DEFAULT_BYTES_PER_BATCH
+        for ordinal, (pieces, rows) in enumerate(tabular.plan(source, size)):
+            yield MiniBatch(ordinal=ordinal, kind=tabular.KIND, payload={"pieces": pieces}, item_count=rows)
+        return
+    for ordinal, names in enumerate(files.plan(source, spec.batch_size().value)):
+        yield MiniBatch(ordinal=ordinal, kind=files.KIND, payload={"files": names}, item_count=len(names))
 
 
-def materialize(batch: MiniBatch, data_input: dict) -> Any:
-    """What ``run(mini_batch)`` receives for ``batch`` (runs on the worker).
+class MiniBatchContext:
+    """The optional second argument of ``run(mini_batch, mini_batch_context)``, as in Azure."""
 
-    ``data_input`` is the input's ``{"type", "path"}`` as plain values.
-    """
-    from . import files
+    def __init__(self, partition_key_value: dict, mini_batch_id: str):
+        self.partition_key_value = partition_key_value
+        self.mini_batch_id = mini_batch_id
 
-    loaders = {files.KIND: files.materialize}
-    try:
-        loader = loaders[batch.kind]
-    except KeyError:
-        raise ValueError(f"unknown mini-batch kind {batch.kind!r} in the manifest") from None
-    return loader(batch, data_input)
+    def __repr__(self) -> str:
+        return f"MiniBatchContext(partition_key_value={self.partition_key_value!r}, mini_batch_id={self.mini_batch_id!r})"
+
+
+class BatchReader:
+    """Worker side: turns a batch's payload into what ``run()`` receives."""
+
+    def __init__(self, desc: dict, storage: Optional[dict] = None):
+        from .source import open_source
+
+        self.source = open_source(desc, storage or {})
+        self.desc = desc
+        self._fetcher = None
+        self._partition_format = None
+
+    def read(self, batch: MiniBatch) -> tuple[Any, MiniBatchContext, Optional[str]]:
+        """(mini_batch, its context, a temporary folder to remove after run() or None)."""
+        from . import files, tabular
+
+        # [[key, value], ...]: manifest lines sort their keys, a list keeps partition_keys' order
+        context = MiniBatchContext(dict(batch.payload.get("key") or []), batch.id)
+        if batch.kind == files.KIND:
+            if self._fetcher is None:
+                self._fetcher = files.FileFetcher(self.source)
+            paths, temp = self._fetcher.paths(batch.payload["files"])
+            return paths, context, temp
+        if batch.kind == tabular.KIND:
+            return self._table(batch, context), context, None
+        raise ValueError(f"unknown mini-batch kind {batch.kind!r} in the manifest")
+
+    def _table(self, batch: MiniBatch, context: MiniBatchContext):
+        import pyarrow as pa
+
+        from . import partitioned, tabular
+
+        desc, source = self.desc, self.source
+        if desc["partition_format"] and self._partition_format is None:
+            from .mltable import PartitionFormat
+            self._partition_format = PartitionFormat(desc["partition_format"])
+        tables = []
+        for piece in batch.payload["pieces"]:
+            table = tabular.read_piece(source, piece, desc["keep_columns"] if not self._partition_format else None)
+            if self._partition_format is not None:  # MLTable partition columns join the data, as in Azure
+                for column, value in (self._partition_format.extract(piece["file"]) or {}).items():
+                    if column not in table.column_names:
+                        table = table.append_column(column, pa.array([value] * table.num_rows))
+            if desc["read"].get("include_path_column"):
+                column = desc["read"].get("path_column") or "Path"
+                table = table.append_column(column, pa.array([source.url(piece["file"])] * table.num_rows))
+            if batch.payload.get("filter"):
+                table = partitioned.keep_rows(table, context.partition_key_value, batch.payload["filter"],
+                                              source.url(piece["file"]))
+            tables.append(table)
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        if desc["keep_columns"]:
+            table = table.select([c for c in desc["keep_columns"] if c in table.column_names])
+        if desc["drop_columns"]:
+            table = table.drop_columns([c for c in desc["drop_columns"] if c in table.column_names])
+        return table.to_pandas()

@@ -1,60 +1,87 @@
-"""File inputs (``uri_folder`` / ``uri_file``): batches of N files in sorted order."""
+"""File inputs: batches of N files, handed to ``run()`` as paths or URIs.
+
+Local inputs are always passed as their own paths. Remote inputs follow the
+input's ``mode``, as Azure does: ``direct`` passes the URIs; ``download``
+copies the batch's files to a temporary folder on the worker, removed after
+``run()`` returns; ``ro_mount`` (the default) fetches each file on first use
+into a cache folder shared by the node's workers and kept for later batches,
+retries and other workers -- what a mount with a local file cache does.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import TYPE_CHECKING, Iterator
+import shutil
+import tempfile
+import uuid
+from typing import Iterator
 
-from ..errors import SpecError
-from ..storage import is_url
-from .base import MiniBatch
-
-if TYPE_CHECKING:
-    from ..spec import InputSpec
+from .source import Source
 
 KIND = "files"
 
 
-def check(data: InputSpec, where: str) -> None:
-    """The input exists and is the kind of path its type says."""
-    if is_url(data.path):
-        raise SpecError(f"{where}.path: {data.path}: remote inputs are not supported by this raypar version; "
-                        f"use a local path")
-    if not os.path.exists(data.path):
-        raise SpecError(f"{where}.path: {data.path} not found")
-    is_file = os.path.isfile(data.path)
-    if data.type == "uri_file" and not is_file:
-        raise SpecError(f"{where}.path: {data.path}: a uri_file input must be a single file, found a folder")
-    if data.type == "uri_folder" and is_file:
-        raise SpecError(f"{where}.path: {data.path}: a uri_folder input must be a folder, found a file")
+def plan(source: Source, files_per_batch: int) -> Iterator[list[str]]:
+    """Batches of ``files_per_batch`` file names, in listing order, streamed."""
+    chunk: list[str] = []
+    for name in source.files():
+        chunk.append(name)
+        if len(chunk) == files_per_batch:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
-def _walk(root: str) -> list[str]:
-    """Every file below ``root`` as a relative path, sorted (symlinked folders followed)."""
-    names = []
-    def unreadable(error: OSError):
-        raise SpecError(f"{error.filename}: cannot list input folder ({error.strerror})")
-
-    for folder, _, files in os.walk(root, onerror=unreadable, followlinks=True):
-        rel = os.path.relpath(folder, root)
-        names.extend(f if rel == "." else f"{rel}/{f}" for f in files)
-    return sorted(names)
+def cache_root() -> str:
+    return os.environ.get("RAYPAR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "raypar-cache")
 
 
-def _root(data_type: str, path: str) -> str:
-    return path.rstrip("/") if data_type == "uri_folder" else os.path.dirname(path)
+class FileFetcher:
+    """Turns manifest file names into what run() receives, per the input mode."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.mode = source.desc["mode"]
+        root_key = hashlib.sha1(source.desc["root"].encode()).hexdigest()[:16]
+        self.cache = os.path.join(cache_root(), root_key)
+
+    def paths(self, names: list[str]) -> tuple[list[str], str | None]:
+        """(what run() receives, a temporary folder to remove after run() or None)."""
+        source = self.source
+        if source.is_local:
+            return [source.fs_path(n) for n in names], None
+        if self.mode == "direct":
+            return [source.url(n) for n in names], None
+        if self.mode == "download":
+            folder = tempfile.mkdtemp(prefix="raypar-download-")
+            return [self._fetch(n, os.path.join(folder, _local_name(n))) for n in names], folder
+        return [self._cached(n) for n in names], None
+
+    def _cached(self, name: str) -> str:
+        target = os.path.join(self.cache, _local_name(name))
+        if os.path.exists(target):
+            return target
+        return self._fetch(name, target)
+
+    def _fetch(self, name: str, target: str) -> str:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.source.fs.get_file(self.source.fs_path(name), tmp)
+            os.replace(tmp, target)  # whole or absent: another worker may read the cache now
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
 
 
-def plan(data: InputSpec, files_per_batch: int) -> Iterator[MiniBatch]:
-    """Batches of ``files_per_batch`` files; every file below the folder, sorted by path."""
-    root = _root(data.type, data.path)
-    names = [os.path.basename(data.path)] if data.type == "uri_file" else _walk(root)
-    for ordinal, start in enumerate(range(0, len(names), files_per_batch)):
-        chunk = names[start:start + files_per_batch]
-        yield MiniBatch(ordinal=ordinal, kind=KIND, payload={"files": chunk}, item_count=len(chunk))
+def _local_name(name: str) -> str:
+    """A manifest name as a relative local path (URLs of files outside the root keep their path)."""
+    return name.split("://", 1)[-1].lstrip("/")
 
 
-def materialize(batch: MiniBatch, data_input: dict) -> list[str]:
-    """Absolute local paths of the batch's files."""
-    root = _root(data_input["type"], data_input["path"])
-    return [os.path.join(root, name) for name in batch.payload["files"]]
+def cleanup(folder: str | None) -> None:
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Storage credentials: read from the environment, handed to workers in memory, never written.
+
+A spec names secrets only as ``$VAR`` references (spec.RayparSpec checks it),
+because the job dir keeps a copy of the spec. The driver resolves them once
+into ``storage`` -- ``{protocol: fsspec options}`` -- and passes that to its
+workers with their plan: workers of a remote cluster do not share the
+driver's environment. ``redact`` scrubs those values from any text raypar
+writes (errors, reports, state).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Optional
+
+import fsspec
+
+from .errors import SpecError
+from .storage import is_url
+
+_AZURE = ("az", "abfs", "abfss")
+_PACKAGE_FOR_PROTOCOL = {
+    "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs",
+}
+_SECRET_PATTERNS = [
+    re.compile(r"(AccountKey=)[^;\s'\"]+", re.IGNORECASE),
+    re.compile(r"(SharedAccessSignature=)[^;\s'\"]+", re.IGNORECASE),
+    re.compile(r"([?&]sig=)[^&\s'\"]+", re.IGNORECASE),
+]
+
+
+def resolve_storage(spec_options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{protocol: options}`` with every ``$VAR`` replaced by its value from the environment.
+
+    Azure protocols without options in the spec get them from the standard
+    ``AZURE_STORAGE_*`` variables, so workers can authenticate too.
+    """
+    from .spec import env_reference
+
+    storage: dict[str, dict[str, Any]] = {}
+    for protocol, options in spec_options.items():
+        resolved = {}
+        for key, value in options.items():
+            name = env_reference(value) if isinstance(value, str) else None
+            if name is not None:
+                if name not in os.environ:
+                    raise SpecError(f"raypar.storage_options.{protocol}.{key}: environment variable {name} is not set")
+                value = os.environ[name]
+            resolved[key] = value
+        storage[protocol] = resolved
+    azure = next((storage[p] for p in _AZURE if p in storage), None)
+    if azure is None:
+        azure = _azure_from_env()
+    for protocol in _AZURE:
+        storage.setdefault(protocol, azure)
+    return storage
+
+
+def _azure_from_env() -> dict[str, str]:
+    env = os.environ
+    if env.get("AZURE_STORAGE_CONNECTION_STRING"):
+        return {"connection_string": env["AZURE_STORAGE_CONNECTION_STRING"]}
+    options = {}
+    for key, var in (("account_name", "AZURE_STORAGE_ACCOUNT_NAME"), ("account_key", "AZURE_STORAGE_ACCOUNT_KEY"),
+                     ("sas_token", "AZURE_STORAGE_SAS_TOKEN"), ("client_id", "AZURE_STORAGE_CLIENT_ID"),
+                     ("client_secret", "AZURE_STORAGE_CLIENT_SECRET"), ("tenant_id", "AZURE_STORAGE_TENANT_ID")):
+        if env.get(var):
+            options[key] = env[var]
+    return options
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0].lower() if is_url(url) else "file"
+
+
+def options_for(url: str, storage: Optional[dict]) -> dict:
+    """The fsspec options for ``url``'s protocol (empty for local paths)."""
+    return dict((storage or {}).get(protocol_of(url), {}))
+
+
+def open_fs(url: str, storage: Optional[dict]):
+    """``(filesystem, path)`` for a local path or URL; a missing package is named."""
+    protocol = protocol_of(url)
+    try:
+        return fsspec.core.url_to_fs(url, **options_for(url, storage))
+    except ImportError:
+        package = _PACKAGE_FOR_PROTOCOL.get(protocol)
+        hint = f"pip install {package}" if package else f"install the fsspec package for '{protocol}://'"
+        raise SpecError(f"{redact(url)}: no filesystem for '{protocol}://' is installed; {hint}") from None
+    except ValueError as exc:
+        if "Protocol not known" in str(exc):
+            raise SpecError(f"{redact(url)}: unknown storage protocol '{protocol}://'") from None
+        raise SpecError(f"{redact(url)}: {redact(str(exc))}") from None
+
+
+def secret_values(storage: Optional[dict]) -> list[str]:
+    from .spec import _SECRET_WORDS
+
+    values = []
+    for options in (storage or {}).values():
+        for key, value in options.items():
+            if isinstance(value, str) and len(value) >= 6 and any(w in key.lower() for w in _SECRET_WORDS):
+                values.append(value)
+    return values
+
+
+def redact(text: str, storage: Optional[dict] = None) -> str:
+    """``text`` with known secret values and secret-looking URL or connection-string parts masked."""
+    for value in sorted(set(secret_values(storage)), key=len, reverse=True):
+        text = text.replace(value, "***")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1***", text)
+    return text

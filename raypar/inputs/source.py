@@ -1,0 +1,216 @@
+"""Where an input's files are, how to list them, and how to read them as a table.
+
+``describe`` runs on the driver and turns the spec's ``input_data`` into a
+plain dict (no pydantic, no secrets: it goes into every worker's plan);
+``open_source`` turns that dict back into a filesystem on either side.
+Listing is a sorted, streamed walk: the same folder always lists in the same
+order, and the first files come back before a large folder is fully listed.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import SpecError
+from ..credentials import open_fs
+from ..storage import is_url
+
+if TYPE_CHECKING:
+    from ..spec import JobSpec
+
+# Extension → table format, for folders and files read as tables.
+TABLE_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
+                    ".jsonl": "json_lines", ".ndjson": "json_lines"}
+# MLTable's read_* transformations → raypar's format names.
+_MLTABLE_FORMATS = {"delimited": "csv", "parquet": "parquet", "json_lines": "json_lines"}
+
+
+def table_format_of(name: str) -> Optional[str]:
+    return TABLE_EXTENSIONS.get(posixpath.splitext(name)[1].lower())
+
+
+def describe(spec: JobSpec, storage: dict) -> dict:
+    """The input as plain values: root, mode, and for tables the format and read options.
+
+    Raises SpecError for an input that does not exist or cannot be read the way the spec asks.
+    """
+    data, where = spec.data_input, f"inputs.{spec.data_input_name}"
+    fs, path = _fs(data.path, storage, f"{where}.path")
+    desc: dict[str, Any] = {"type": data.type, "path": data.path, "mode": data.mode, "format": None,
+                            "read": {}, "partition_format": None, "keep_columns": None, "drop_columns": None,
+                            "entries": None}
+    if data.type == "mltable":
+        _describe_mltable(desc, fs, path, where)
+    else:
+        _check_exists(fs, path, data.type, data.path, f"{where}.path")
+        desc["root"] = data.path.rstrip("/") if data.type == "uri_folder" else _parent(data.path)
+        sized = spec.batch_size().is_bytes if spec.mini_batch_size is not None else False
+        if spec.raypar.input_format or sized:
+            desc["format"] = spec.raypar.input_format or "auto"
+    desc["tabular"] = desc["format"] is not None
+    return desc
+
+
+def _describe_mltable(desc: dict, fs, path: str, where: str) -> None:
+    from .mltable import load_mltable
+
+    if not fs.exists(path):
+        raise SpecError(f"{where}.path: {desc['path']} not found")
+    folder_url = desc["path"].rstrip("/")
+    if fs.isfile(path):  # the MLTable file itself
+        folder_url = _parent(folder_url)
+    try:
+        table = load_mltable(path, fs)
+    except SpecError as exc:
+        raise SpecError(f"{where}.path: {exc.headline}") from None
+    desc["root"] = folder_url
+    desc["entries"] = [{"kind": e.kind, "value": e.value} for e in table.paths]
+    desc["format"] = _MLTABLE_FORMATS.get(table.read_format) if table.read_format else None
+    desc["read"] = dict(table.read_options)
+    desc["partition_format"] = table.partition_format
+    desc["keep_columns"] = list(table.keep_columns) if table.keep_columns else None
+    desc["drop_columns"] = list(table.drop_columns) if table.drop_columns else None
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] or "/"
+
+
+def _fs(url: str, storage: dict, where: str):
+    try:
+        return open_fs(url, storage)
+    except Exception as exc:  # a missing fsspec package, a bad URL
+        raise SpecError(f"{where}: {getattr(exc, 'headline', exc)}") from None
+
+
+def _check_exists(fs, path: str, kind: str, shown: str, where: str) -> None:
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise SpecError(f"{where}: {shown} not found") from None
+    except PermissionError as exc:
+        raise SpecError(f"{where}: {shown}: permission denied ({exc})") from None
+    is_file = info.get("type") == "file"
+    if kind == "uri_file" and not is_file:
+        raise SpecError(f"{where}: {shown}: a uri_file input must be a single file, found a folder")
+    if kind == "uri_folder" and is_file:
+        raise SpecError(f"{where}: {shown}: a uri_folder input must be a folder, found a file")
+
+
+@dataclass
+class Source:
+    """An input opened for listing and reading (driver and workers)."""
+
+    desc: dict
+    fs: Any
+    root: str  # the fs path names are relative to
+    first_header: Optional[tuple] = None  # CSV header "from_first_file": (file, end), set while planning
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def fs_path(self, name: str) -> str:
+        """The fs path of a file named in a manifest (relative to the root, or absolute)."""
+        if is_url(name):
+            return self.fs._strip_protocol(name)
+        if name.startswith("/") and self.is_local:
+            return name
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def url(self, name: str) -> str:
+        """What a user sees for a file: a local path, or a full URL for remote inputs."""
+        if self.is_local or is_url(name):
+            return self.fs_path(name)
+        protocol = self.desc["path"].split("://", 1)[0]
+        return f"{protocol}://{self.fs_path(name)}"
+
+    def files(self) -> Iterator[str]:
+        """Every input file as a name for the manifest, in a stable sorted order, streamed."""
+        desc = self.desc
+        if desc["type"] == "uri_file":
+            yield posixpath.basename(desc["path"].rstrip("/"))
+            return
+        if desc["entries"] is None:
+            yield from self._walk(self.root, "")
+            return
+        for entry in desc["entries"]:  # MLTable paths, in the order the MLTable lists them
+            yield from self._entry_files(entry)
+
+    def _entry_files(self, entry: dict) -> Iterator[str]:
+        target = self._to_fs_path(entry["value"])
+        if entry["kind"] == "file":
+            if not self.fs.isfile(target):
+                raise SpecError(f"{self.desc['path']}/MLTable: file {entry['value']} not found")
+            yield self._name(target)
+        elif entry["kind"] == "folder":
+            if not self.fs.isdir(target):
+                raise SpecError(f"{self.desc['path']}/MLTable: folder {entry['value']} not found")
+            for rel in self._walk(target, ""):
+                yield self._name(f"{target.rstrip('/')}/{rel}")
+        else:
+            matches = sorted(p for p in self.fs.glob(target) if self.fs.isfile(p))
+            if not matches:
+                raise SpecError(f"{self.desc['path']}/MLTable: pattern {entry['value']} matches no file")
+            yield from (self._name(p) for p in matches)
+
+    def _to_fs_path(self, value: str) -> str:
+        return self.fs._strip_protocol(value) if is_url(value) else value
+
+    def _name(self, fs_path: str) -> str:
+        """Relative to the root when below it, else absolute (so manifests stay small)."""
+        root = self.root.rstrip("/") + "/"
+        if fs_path.startswith(root):
+            return fs_path[len(root):]
+        return fs_path if self.is_local else self.url_of_fs_path(fs_path)
+
+    def url_of_fs_path(self, fs_path: str) -> str:
+        protocol = self.desc["path"].split("://", 1)[0]
+        return f"{protocol}://{fs_path}"
+
+    def _walk(self, folder: str, prefix: str) -> Iterator[str]:
+        # A folder's entries sorted with "/" after folder names: the walk then yields
+        # exactly the order of sorting all paths, one folder listing at a time.
+        try:
+            entries = self._list(folder)
+        except FileNotFoundError:
+            raise SpecError(f"{self.url_of(folder)}: input folder not found") from None
+        except PermissionError as exc:
+            raise SpecError(f"{self.url_of(folder)}: cannot list input folder ({exc.strerror or exc})") from None
+        for key, name, is_dir in sorted(entries):
+            rel = f"{prefix}{name}"
+            if is_dir:
+                yield from self._walk(f"{folder.rstrip('/')}/{name}", f"{rel}/")
+            else:
+                yield rel
+
+    def _list(self, folder: str) -> list[tuple[str, str, bool]]:
+        if self.is_local:
+            out = []
+            with os.scandir(folder) as it:
+                for e in it:
+                    is_dir = e.is_dir()  # follows symlinks, as os.walk(followlinks=True) did
+                    out.append((e.name + ("/" if is_dir else ""), e.name, is_dir))
+            return out
+        out = []
+        for info in self.fs.ls(folder, detail=True):
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            is_dir = info.get("type") == "directory"
+            if not name or (not is_dir and info["name"].rstrip("/") == folder.rstrip("/")):
+                continue
+            out.append((name + ("/" if is_dir else ""), name, is_dir))
+        return out
+
+    def url_of(self, fs_path: str) -> str:
+        return fs_path if self.is_local else self.url_of_fs_path(fs_path)
+
+
+def open_source(desc: dict, storage: dict) -> Source:
+    fs, root = open_fs(desc["root"], storage)
+    return Source(desc=desc, fs=fs, root=root)
+

@@ -1,0 +1,275 @@
+"""Tables (parquet, CSV, JSON lines): mini-batches of about ``mini_batch_size`` bytes.
+
+Large files are cut inside: parquet by row groups, and by rows inside a row
+group larger than the batch; CSV and JSON lines at line boundaries. A batch
+never crosses a file boundary, except that small parquet files with the
+same schema are put together (their schemas prove the rows concatenate).
+A payload names byte or row ranges only, so a batch is read the same way on
+every try, and every row of every file is in exactly one batch.
+
+CSV cuts at newlines, which is wrong only inside a quoted value spanning
+lines: with MLTable's ``support_multi_line: true`` (or a UTF-16/32 encoding,
+where a newline is not one byte) files are never cut.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Iterator, Optional
+
+from ..errors import SpecError
+from .source import Source, table_format_of
+
+KIND = "table"
+_SCAN = 64 * 1024
+_CODECS = {"utf8": "utf-8", "iso88591": "iso8859-1", "latin1": "latin-1", "ascii": "ascii",
+           "utf16": "utf-16", "utf32": "utf-32", "utf8bom": "utf-8-sig", "windows1252": "cp1252"}
+_UNCUTTABLE = {"utf16", "utf32"}
+
+
+def file_format(source: Source, name: str) -> str:
+    """The table format of one input file (the spec's, or from its extension)."""
+    fmt = source.desc["format"]
+    if fmt != "auto":
+        return fmt
+    found = table_format_of(name)
+    if found is None:
+        raise SpecError(f"{source.url(name)}: not a table file (.parquet, .csv, .tsv, .jsonl, .ndjson): a byte size "
+                        f"for mini_batch_size reads the input as tables; give a file count such as '10' for lists "
+                        f"of files, or set raypar.input_format")
+    return found
+
+
+def plan(source: Source, size: int) -> Iterator[tuple[list[dict], int]]:
+    """Batches as (pieces, row count or 0 when unknown until read), in file order."""
+    group: list[dict] = []
+    group_rows, group_bytes, group_schema = 0, 0, None
+    for name in source.files():
+        fmt = file_format(source, name)
+        if fmt == "parquet":
+            meta = _parquet_meta(source, name)
+            whole = meta.num_rows and _parquet_bytes(meta) <= size
+            if whole and group and group_schema == meta.schema.to_arrow_schema() \
+                    and group_bytes + _parquet_bytes(meta) <= size:
+                group.append({"file": name, "rows": [0, meta.num_rows]})
+                group_rows += meta.num_rows
+                group_bytes += _parquet_bytes(meta)
+                continue
+            if group:
+                yield group, group_rows
+                group = []
+            if whole:
+                group, group_rows = [{"file": name, "rows": [0, meta.num_rows]}], meta.num_rows
+                group_bytes, group_schema = _parquet_bytes(meta), meta.schema.to_arrow_schema()
+                continue
+            for start, end in _parquet_ranges(meta, size):
+                yield [{"file": name, "rows": [start, end]}], end - start
+        else:
+            if group:
+                yield group, group_rows
+                group = []
+            for piece in _text_pieces(source, name, fmt, size):
+                yield [piece], 0
+    if group:
+        yield group, group_rows
+
+
+def pieces_of_whole_file(source: Source, name: str) -> dict:
+    """One piece covering a whole file (partitioned inputs read files whole)."""
+    fmt = file_format(source, name)
+    if fmt == "parquet":
+        return {"file": name, "rows": [0, _parquet_meta(source, name).num_rows]}
+    return next(iter(_text_pieces(source, name, fmt, None)), {"file": name, "bytes": [0, 0], "format": fmt})
+
+
+# -- parquet ---------------------------------------------------------------
+
+
+def _parquet_meta(source: Source, name: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(_open(source, name))
+    except FileNotFoundError:
+        raise SpecError(f"{source.url(name)}: input file not found") from None
+    except Exception as exc:  # ArrowInvalid: not parquet, truncated footer
+        raise SpecError(f"{source.url(name)}: cannot read as parquet ({exc})") from None
+
+
+def _parquet_bytes(meta) -> int:
+    return sum(_rg_bytes(meta.row_group(i)) for i in range(meta.num_row_groups))
+
+
+def _rg_bytes(rg) -> int:
+    # Compressed bytes on storage: what "a 64mb batch" of a parquet file means to its owner.
+    return sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+
+
+def _parquet_ranges(meta, size: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of about ``size`` bytes: whole row groups, or rows of a large one."""
+    start = row = acc = 0
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        rows, nbytes = rg.num_rows, _rg_bytes(rg)
+        if nbytes > size:  # cut inside this row group, in equal row slices
+            if row > start:
+                yield start, row
+            parts = math.ceil(nbytes / size)
+            step = math.ceil(rows / parts)
+            for lo in range(row, row + rows, step):
+                yield lo, min(lo + step, row + rows)
+            row += rows
+            start, acc = row, 0
+            continue
+        if acc and acc + nbytes > size:
+            yield start, row
+            start, acc = row, 0
+        row += rows
+        acc += nbytes
+    if row > start:
+        yield start, row
+
+
+# -- CSV and JSON lines ------------------------------------------------------
+
+
+def _text_pieces(source: Source, name: str, fmt: str, size: Optional[int]) -> Iterator[dict]:
+    read = source.desc["read"]
+    path = source.fs_path(name)
+    try:
+        total = source.fs.size(path)
+    except FileNotFoundError:
+        raise SpecError(f"{source.url(name)}: input file not found") from None
+    with source.fs.open(path, "rb") as f:
+        start, header = 0, {}
+        if fmt == "csv":
+            start, header = _csv_header(read, source, name, f, total)
+        cuttable = size is not None and not read.get("support_multi_line") \
+            and read.get("encoding", "utf8") not in _UNCUTTABLE
+        while start < total:
+            end = total if not cuttable or start + size >= total else _next_line_end(f, start + size, total)
+            yield {"file": name, "bytes": [start, end], "format": fmt, **header}
+            start = end
+
+
+def _csv_header(read: dict, source: Source, name: str, f, total: int) -> tuple[int, dict]:
+    """Where the file's data starts, and where its pieces find their header line."""
+    mode = read.get("header", "all_files_same_headers")
+    if mode == "no_header":
+        return 0, {}
+    if mode == "from_first_file" and source.first_header is not None:  # later files: all lines are data
+        first, end = source.first_header
+        return 0, {"header": end, "header_file": first}
+    end = _next_line_end(f, 0, total)
+    if source.first_header is None:
+        source.first_header = (name, end)
+    return end, {"header": end}
+
+
+def _next_line_end(f, pos: int, total: int) -> int:
+    """The offset just after the first newline at or after ``pos`` (or the end)."""
+    f.seek(pos)
+    while pos < total:
+        block = f.read(_SCAN)
+        if not block:
+            break
+        at = block.find(b"\n")
+        if at >= 0:
+            return pos + at + 1
+        pos += len(block)
+    return total
+
+
+# -- reading (workers) ---------------------------------------------------------
+
+
+def _open(source: Source, name: str):
+    path = source.fs_path(name)
+    return path if source.is_local else source.fs.open(path, "rb")
+
+
+def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None):
+    """One piece as a pyarrow Table."""
+    if "rows" in piece:
+        return _read_parquet_rows(source, piece["file"], *piece["rows"], columns)
+    data = source.fs.cat_file(source.fs_path(piece["file"]), start=piece["bytes"][0], end=piece["bytes"][1])
+    if piece["format"] == "json_lines":
+        return _parse_json_lines(data, source.desc["read"], source.url(piece["file"]))
+    header = b""
+    if piece.get("header"):
+        header_file = source.fs_path(piece.get("header_file", piece["file"]))
+        header = source.fs.cat_file(header_file, start=0, end=piece["header"])
+    return _parse_csv(header, data, source.desc["read"], source.url(piece["file"]), columns)
+
+
+def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(_open(source, name))
+    groups, first, offset = [], None, 0
+    for i in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(i).num_rows
+        if offset < end and offset + rows > start:
+            groups.append(i)
+            first = offset if first is None else first
+        offset += rows
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - (first or 0), end - start)
+
+
+def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    encoding = _CODECS.get(read.get("encoding", "utf8"), "utf-8")
+    delimiter = read.get("delimiter") or ("\t" if where.endswith(".tsv") else ",")
+    if header.startswith(b"\xef\xbb\xbf"):
+        header = header[3:]
+    no_header = not header
+    try:
+        table = pcsv.read_csv(
+            io.BytesIO(header + data),
+            read_options=pcsv.ReadOptions(encoding=encoding, autogenerate_column_names=no_header),
+            parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=bool(read.get("support_multi_line"))),
+            convert_options=pcsv.ConvertOptions(strings_can_be_null=not read.get("empty_as_string", False),
+                                                quoted_strings_can_be_null=not read.get("empty_as_string", False)),
+        )
+    except pa.ArrowInvalid as exc:
+        if not data.strip():
+            return pa.table({})
+        raise ValueError(f"{where}: cannot parse as CSV ({exc})") from None
+    if no_header:  # Azure names headerless columns Column1, Column2, ...
+        table = table.rename_columns([f"Column{i + 1}" for i in range(table.num_columns)])
+    if read.get("infer_column_types") is False:
+        table = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema]))
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    return table
+
+
+def _parse_json_lines(data: bytes, read: dict, where: str):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.json as pjson
+
+    encoding = _CODECS.get(read.get("encoding", "utf8"), "utf-8")
+    if encoding not in ("utf-8",):
+        data = data.decode(encoding).encode()
+    if not data.strip():
+        return pa.table({})
+    try:
+        return pjson.read_json(io.BytesIO(data))
+    except pa.ArrowInvalid as exc:
+        if read.get("invalid_lines", "error") != "drop":
+            raise ValueError(f"{where}: invalid JSON line ({exc})") from None
+    rows: list[Any] = []
+    for line in data.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            rows.append(value)
+    return pa.Table.from_pylist(rows)

@@ -1,0 +1,29 @@
+"""Entry script for table inputs (tests): run() gets a DataFrame and its context.
+
+Options (parse_known_args, as Azure requires):
+  --exec-log DIR   write DIR/<mini-batch id> holding the number of rows, per run() call
+Returns one row per input row: id, double (= 2 * x), and the partition key values.
+"""
+
+import argparse
+import os
+
+import pandas as pd
+
+
+def init():
+    global args
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--exec-log")
+    args, _ = parser.parse_known_args()
+
+
+def run(mini_batch, mini_batch_context):
+    assert isinstance(mini_batch, pd.DataFrame), type(mini_batch)
+    if args.exec_log:
+        with open(os.path.join(args.exec_log, f"{mini_batch_context.mini_batch_id}-{os.getpid()}"), "w") as f:
+            f.write(str(len(mini_batch)))
+    out = pd.DataFrame({"id": mini_batch["id"].to_numpy(), "double": (mini_batch["x"] * 2).to_numpy()})
+    for key, value in mini_batch_context.partition_key_value.items():
+        out[f"key_{key}"] = value
+    return out
