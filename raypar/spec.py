@@ -448,6 +448,9 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> dict:
         "append_row_format": spec.raypar.append_row_format,
         "input": input_desc,
         "storage": storage,
+        # Remote folder outputs the entry script writes as local folders (see staging.py).
+        "staged_outputs": [o.path.rstrip("/") for o in spec.outputs.values()
+                           if o.path and is_url(o.path) and o.type != "uri_file" and o.mode != "direct"],
     }
 
 

@@ -27,6 +27,7 @@ from .credentials import options_for, redact
 from .inputs.base import BatchReader, MiniBatch
 from .inputs.files import cleanup
 from .ledger import Ledger
+from .staging import stage_outputs
 from .records import DoneRecord
 from .outputs import ResultError, count_and_serialize
 
@@ -81,6 +82,8 @@ class Worker:
             if init is not None:
                 stage = "init()"
                 init()
+            stage = "uploading the outputs init() wrote"
+            self._upload_outputs()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             return {**info, "ok": False, "stage": stage, "error": self._error_text(exc)}
         self.started = True
@@ -95,7 +98,8 @@ class Worker:
         if code not in sys.path:
             sys.path.insert(0, code)
         os.chdir(code)  # sibling files of the entry script open with relative paths
-        sys.argv = list(self.plan["argv"])
+        sys.argv, self.staged = stage_outputs(list(self.plan["argv"]), self.plan["staged_outputs"],
+                                              self.plan["storage"])
         name = os.path.splitext(os.path.basename(self.plan["entry_script"]))[0]
         loader_spec = importlib.util.spec_from_file_location(name, self.plan["entry_path"])
         if loader_spec is None or loader_spec.loader is None:
@@ -135,6 +139,7 @@ class Worker:
             items = len(mini_batch) if batch.kind == "table" else items  # rows are known once read
             result = self.module.run(mini_batch, context) if self.wants_context else self.module.run(mini_batch)
             returned, rows = count_and_serialize(result, self.with_rows, self.plan["append_row_format"])
+            self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:
             self._mark(f"end {batch.id} attempt {attempt}: failed")
             return {**base, "ok": False, "error": redact(f"ResultError: {exc}", self.plan["storage"])}
@@ -162,9 +167,14 @@ class Worker:
             return None
         try:
             shutdown()
+            self._upload_outputs()
         except BaseException as exc:  # noqa: BLE001
-            return _user_traceback(exc)
+            return self._error_text(exc)
         return None
+
+    def _upload_outputs(self) -> None:
+        for output in getattr(self, "staged", ()):
+            output.upload_changes()
 
 
 def _takes_two_arguments(run) -> bool:

@@ -149,7 +149,9 @@ class BatchReader:
             self._partition_format = PartitionFormat(desc["partition_format"])
         tables = []
         for piece in batch.payload["pieces"]:
-            table = tabular.read_piece(source, piece, desc["keep_columns"] if not self._partition_format else None)
+            keys = tuple(batch.payload.get("filter") or ())  # read as text, as when planning
+            table = tabular.read_piece(source, piece, desc["keep_columns"] if not self._partition_format else None,
+                                       text_columns=keys)
             if self._partition_format is not None:  # MLTable partition columns join the data, as in Azure
                 for column, value in (self._partition_format.extract(piece["file"]) or {}).items():
                     if column not in table.column_names:

@@ -43,6 +43,8 @@ def plan(source: Source, keys: list[str]) -> Iterator[tuple[dict, list[str], lis
     names = list(source.files())
     if not names:
         return
+    if source.desc["tabular"]:  # CSV "from_first_file": the first file in listing order has the header
+        tabular.pieces_of_whole_file(source, names[0])
     from_path = {n: path_values(source, n, partition_format) for n in names}
     data_keys = [k for k in keys if not all(k in v for v in from_path.values())]
     if data_keys and not source.desc["tabular"]:
@@ -64,7 +66,9 @@ def plan(source: Source, keys: list[str]) -> Iterator[tuple[dict, list[str], lis
 
 
 def _data_combinations(source: Source, name: str, data_keys: list[str]) -> list[dict]:
-    table = tabular.read_piece(source, tabular.pieces_of_whole_file(source, name), columns=data_keys)
+    # CSV keys as text: "1" in one file and "eu" in another are values of one column, not int vs str.
+    table = tabular.read_piece(source, tabular.pieces_of_whole_file(source, name), columns=data_keys,
+                               text_columns=tuple(data_keys))
     missing = [k for k in data_keys if k not in table.column_names]
     if missing:
         raise SpecError(f"partition_keys: '{missing[0]}' is neither in the path nor a column of "
@@ -85,7 +89,8 @@ def _jsonable(value):
 
 
 def _sort_key(combo: tuple):
-    return tuple((v is None, json.dumps(v) if not isinstance(v, (int, float, str)) or isinstance(v, bool) else v)
+    # Total across types (a key may be a number in one file and text in another).
+    return tuple((v is None, type(v).__name__, v if isinstance(v, (int, float, str)) else json.dumps(v))
                  for v in combo)
 
 

@@ -147,10 +147,25 @@ def _text_pieces(source: Source, name: str, fmt: str, size: Optional[int]) -> It
             start, header = _csv_header(read, source, name, f, total)
         cuttable = size is not None and not read.get("support_multi_line") \
             and read.get("encoding", "utf8") not in _UNCUTTABLE
-        while start < total:
-            end = total if not cuttable or start + size >= total else _next_line_end(f, start + size, total)
+        last = _data_end(f, start, total) if cuttable else total
+        while start < last:  # blank lines at the end never make a batch of their own
+            end = total if not cuttable or start + size >= last else _next_line_end(f, start + size, total)
             yield {"file": name, "bytes": [start, end], "format": fmt, **header}
             start = end
+
+
+def _data_end(f, start: int, total: int) -> int:
+    """The offset after the file's last non-blank byte (``start`` if there is none)."""
+    end = total
+    while end > start:
+        lo = max(start, end - _SCAN)
+        f.seek(lo)
+        block = f.read(end - lo)
+        kept = block.rstrip(b" \t\r\n")
+        if kept:
+            return lo + len(kept)
+        end = lo
+    return start
 
 
 def _csv_header(read: dict, source: Source, name: str, f, total: int) -> tuple[int, dict]:
@@ -158,7 +173,8 @@ def _csv_header(read: dict, source: Source, name: str, f, total: int) -> tuple[i
     mode = read.get("header", "all_files_same_headers")
     if mode == "no_header":
         return 0, {}
-    if mode == "from_first_file" and source.first_header is not None:  # later files: all lines are data
+    if mode == "from_first_file" and source.first_header is not None \
+            and source.first_header[0] != name:  # later files: all lines are data
         first, end = source.first_header
         return 0, {"header": end, "header_file": first}
     end = _next_line_end(f, 0, total)
@@ -189,8 +205,9 @@ def _open(source: Source, name: str):
     return path if source.is_local else source.fs.open(path, "rb")
 
 
-def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None):
-    """One piece as a pyarrow Table."""
+def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None,
+               text_columns: tuple = ()):
+    """One piece as a pyarrow Table; CSV ``text_columns`` are read as strings, not inferred."""
     if "rows" in piece:
         return _read_parquet_rows(source, piece["file"], *piece["rows"], columns)
     data = source.fs.cat_file(source.fs_path(piece["file"]), start=piece["bytes"][0], end=piece["bytes"][1])
@@ -200,7 +217,7 @@ def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None)
     if piece.get("header"):
         header_file = source.fs_path(piece.get("header_file", piece["file"]))
         header = source.fs.cat_file(header_file, start=0, end=piece["header"])
-    return _parse_csv(header, data, source.desc["read"], source.url(piece["file"]), columns)
+    return _parse_csv(header, data, source.desc["read"], source.url(piece["file"]), columns, text_columns)
 
 
 def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns):
@@ -218,7 +235,7 @@ def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns)
     return table.slice(start - (first or 0), end - start)
 
 
-def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns):
+def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text_columns=()):
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -226,14 +243,18 @@ def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns):
     delimiter = read.get("delimiter") or ("\t" if where.endswith(".tsv") else ",")
     if header.startswith(b"\xef\xbb\xbf"):
         header = header[3:]
+    if data.startswith(b"\xef\xbb\xbf"):  # a headerless file's first piece (utf8bom, Excel exports)
+        data = data[3:]
     no_header = not header
+    reading = pcsv.ReadOptions(encoding=encoding, autogenerate_column_names=no_header)
+    parsing = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=bool(read.get("support_multi_line")))
+    empty_is_null = not read.get("empty_as_string", False)
     try:
+        as_text = _text_types(header or data.split(b"\n", 1)[0], reading, parsing, read, text_columns, no_header)
         table = pcsv.read_csv(
-            io.BytesIO(header + data),
-            read_options=pcsv.ReadOptions(encoding=encoding, autogenerate_column_names=no_header),
-            parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=bool(read.get("support_multi_line"))),
-            convert_options=pcsv.ConvertOptions(strings_can_be_null=not read.get("empty_as_string", False),
-                                                quoted_strings_can_be_null=not read.get("empty_as_string", False)),
+            io.BytesIO(header + data), read_options=reading, parse_options=parsing,
+            convert_options=pcsv.ConvertOptions(strings_can_be_null=empty_is_null, column_types=as_text,
+                                                quoted_strings_can_be_null=empty_is_null),
         )
     except pa.ArrowInvalid as exc:
         if not data.strip():
@@ -241,11 +262,23 @@ def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns):
         raise ValueError(f"{where}: cannot parse as CSV ({exc})") from None
     if no_header:  # Azure names headerless columns Column1, Column2, ...
         table = table.rename_columns([f"Column{i + 1}" for i in range(table.num_columns)])
-    if read.get("infer_column_types") is False:
-        table = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema]))
     if columns is not None:
         table = table.select([c for c in columns if c in table.column_names])
     return table
+
+
+def _text_types(first_line: bytes, reading, parsing, read: dict, text_columns, no_header: bool) -> dict:
+    """Columns to read as strings: all of them when types are not inferred, else ``text_columns``."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    if read.get("infer_column_types") is not False and not text_columns:
+        return {}
+    names = pcsv.read_csv(io.BytesIO(first_line + b"\n"), read_options=reading, parse_options=parsing).column_names
+    if read.get("infer_column_types") is False:
+        return {name: pa.string() for name in names}
+    wanted = {f"Column{i + 1}": n for i, n in enumerate(names)} if no_header else {n: n for n in names}
+    return {wanted[c]: pa.string() for c in text_columns if c in wanted}
 
 
 def _parse_json_lines(data: bytes, read: dict, where: str):
