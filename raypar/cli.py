@@ -53,6 +53,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="raypar: %(levelname)s %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
     try:
         return _dispatch(args)
     except RayparError as exc:
@@ -64,6 +65,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BrokenPipeError:  # `raypar status --json | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # storage or network errors, and bugs: one line, the traceback on --verbose
+        if args.verbose:
+            raise
+        from .credentials import describe_error
+        print(f"raypar: error: {describe_error(exc)} (--verbose shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:

@@ -112,3 +112,14 @@ def redact(text: str, storage: Optional[dict] = None) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(r"\1***", text)
     return text
+
+
+def describe_error(exc: BaseException, storage: Optional[dict] = None) -> str:
+    """One redacted line for an error from storage (Azure SDK messages run over many lines)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    name = type(exc).__name__
+    if any(sign in str(exc) for sign in ("AuthenticationFailed", "failed to authenticate", "AuthorizationFailure")) \
+            or name == "ClientAuthenticationError":
+        first = "authentication failed: check the storage credentials (AZURE_STORAGE_* or raypar.storage_options)"
+    return redact(f"{name}: {first}" if first else name, storage)

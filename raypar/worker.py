@@ -95,6 +95,7 @@ class Worker:
         self._capture_user_output()
         logging.basicConfig(level=self.plan["logging_level"], force=True, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
         if code not in sys.path:
             sys.path.insert(0, code)
         os.chdir(code)  # sibling files of the entry script open with relative paths

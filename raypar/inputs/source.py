@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import SpecError
-from ..credentials import open_fs
+from ..credentials import describe_error, open_fs, redact
 from ..storage import is_url
 
 if TYPE_CHECKING:
@@ -59,8 +59,7 @@ def describe(spec: JobSpec, storage: dict) -> dict:
 def _describe_mltable(desc: dict, fs, path: str, where: str) -> None:
     from .mltable import load_mltable
 
-    if not fs.exists(path):
-        raise SpecError(f"{where}.path: {desc['path']} not found")
+    _check_exists(fs, path, "mltable", desc["path"], f"{where}.path")
     folder_url = desc["path"].rstrip("/")
     if fs.isfile(path):  # the MLTable file itself
         folder_url = _parent(folder_url)
@@ -95,6 +94,8 @@ def _check_exists(fs, path: str, kind: str, shown: str, where: str) -> None:
         raise SpecError(f"{where}: {shown} not found") from None
     except PermissionError as exc:
         raise SpecError(f"{where}: {shown}: permission denied ({exc})") from None
+    except Exception as exc:  # auth, network: named, never read as "absent"
+        raise SpecError(f"{where}: {redact(shown)}: cannot access ({describe_error(exc)})") from None
     is_file = info.get("type") == "file"
     if kind == "uri_file" and not is_file:
         raise SpecError(f"{where}: {shown}: a uri_file input must be a single file, found a folder")
