@@ -17,12 +17,9 @@ from typing import Any, Optional
 import fsspec
 
 from .errors import SpecError
-from .storage import is_url
+from .storage import _PACKAGE_FOR_PROTOCOL, azure_options_from_env, is_url
 
 _AZURE = ("az", "abfs", "abfss")
-_PACKAGE_FOR_PROTOCOL = {
-    "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs",
-}
 _SECRET_PATTERNS = [
     re.compile(r"(AccountKey=)[^;\s'\"]+", re.IGNORECASE),
     re.compile(r"(SharedAccessSignature=)[^;\s'\"]+", re.IGNORECASE),
@@ -51,23 +48,10 @@ def resolve_storage(spec_options: dict[str, dict[str, Any]]) -> dict[str, dict[s
         storage[protocol] = resolved
     azure = next((storage[p] for p in _AZURE if p in storage), None)
     if azure is None:
-        azure = _azure_from_env()
+        azure = azure_options_from_env()
     for protocol in _AZURE:
         storage.setdefault(protocol, azure)
     return storage
-
-
-def _azure_from_env() -> dict[str, str]:
-    env = os.environ
-    if env.get("AZURE_STORAGE_CONNECTION_STRING"):
-        return {"connection_string": env["AZURE_STORAGE_CONNECTION_STRING"]}
-    options = {}
-    for key, var in (("account_name", "AZURE_STORAGE_ACCOUNT_NAME"), ("account_key", "AZURE_STORAGE_ACCOUNT_KEY"),
-                     ("sas_token", "AZURE_STORAGE_SAS_TOKEN"), ("client_id", "AZURE_STORAGE_CLIENT_ID"),
-                     ("client_secret", "AZURE_STORAGE_CLIENT_SECRET"), ("tenant_id", "AZURE_STORAGE_TENANT_ID")):
-        if env.get(var):
-            options[key] = env[var]
-    return options
 
 
 def protocol_of(url: str) -> str:

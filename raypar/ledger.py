@@ -272,14 +272,16 @@ class Ledger:
         """
         table, covered = self._latest_compact()
         coverage, lines = dict(covered), []
-        for path, size in self.store.file_sizes("done").items():
+        sizes = self.store.file_sizes("done")
+        new = [p for p in sizes if p.endswith(".json") and os.path.basename(p) not in covered]
+        for path, data in self.store.read_many(new).items():  # object stores: concurrent reads
+            body = _verified(data)
+            if body is not None:  # a torn record is read again next time
+                lines.append(body)
+                coverage[os.path.basename(path)] = sizes[path]
+        for path, size in sizes.items():
             name = os.path.basename(path)
-            if name.endswith(".json") and name not in covered:
-                body = _verified(self.store.read_bytes("done", name))
-                if body is not None:  # a torn record is read again next time
-                    lines.append(body)
-                    coverage[name] = size
-            elif name.endswith(".jsonl") and size > covered.get(name, 0):
+            if name.endswith(".jsonl") and size > covered.get(name, 0):
                 start = covered.get(name, 0)
                 data = self.store.fs.cat_file(path, start=start, end=size)
                 whole = data[:data.rfind(b"\n") + 1]  # a line being written is read next time

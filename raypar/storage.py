@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import uuid
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Optional
 
@@ -17,6 +19,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import LedgerError
+
 
 def is_url(path: str) -> bool:
     """True for ``scheme://...`` paths (fsspec URLs); False for local paths."""
@@ -29,18 +32,51 @@ _PACKAGE_FOR_PROTOCOL = {
 }
 
 
+def azure_options_from_env(env: Optional[Mapping] = None) -> dict:
+    """adlfs options from the standard ``AZURE_STORAGE_*`` variables; {} when none is set.
+
+    adlfs reads these same variables itself (``AZURE_STORAGE_CONNECTION_STRING``,
+    ``_ACCOUNT_NAME``, ``_ACCOUNT_KEY``, ``_SAS_TOKEN``, ``_CLIENT_ID``,
+    ``_CLIENT_SECRET``, ``_TENANT_ID``, ``_ANON``), but only in the process
+    that has them: the driver passes these options explicitly to Ray workers,
+    which do not share its environment. Precedence follows adlfs: a connection
+    string wins; else the account name with its key, a SAS token, or a service
+    principal (with only the name, adlfs falls back to DefaultAzureCredential).
+    """
+    env = os.environ if env is None else env
+    if env.get("AZURE_STORAGE_CONNECTION_STRING"):
+        return {"connection_string": env["AZURE_STORAGE_CONNECTION_STRING"]}
+    if not env.get("AZURE_STORAGE_ACCOUNT_NAME"):
+        return {}
+    options = {"account_name": env["AZURE_STORAGE_ACCOUNT_NAME"]}
+    if env.get("AZURE_STORAGE_ACCOUNT_KEY"):
+        options["account_key"] = env["AZURE_STORAGE_ACCOUNT_KEY"]
+    elif env.get("AZURE_STORAGE_SAS_TOKEN"):
+        options["sas_token"] = env["AZURE_STORAGE_SAS_TOKEN"]
+    elif all(env.get(f"AZURE_STORAGE_{v}") for v in ("CLIENT_ID", "CLIENT_SECRET", "TENANT_ID")):
+        options.update({v.lower(): env[f"AZURE_STORAGE_{v}"] for v in ("CLIENT_ID", "CLIENT_SECRET", "TENANT_ID")})
+    return options
+
+
 class Store:
     """A folder (local path or fsspec URL) with atomic, append-style writes."""
 
     def __init__(self, root: str, storage_options: Optional[dict] = None):
         self.root = root.rstrip("/") if root not in ("/",) else root
+        protocol = root.split("://", 1)[0] if "://" in root else "file"
+        # No listings cache: other processes (workers, a second driver) add files, and a
+        # cached listing would hide their records for the life of this process.
+        options = {**(storage_options or {}), "use_listings_cache": False}
         try:
-            self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            protocol = root.split("://", 1)[0] if "://" in root else "file"
+            self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
+        except ImportError as exc:
             package = _PACKAGE_FOR_PROTOCOL.get(protocol)
             hint = f"; install it with: pip install {package}" if package else ""
             raise LedgerError(f"{root}: no filesystem for '{protocol}://'{hint} ({exc})") from None
+        except ValueError as exc:
+            # An unknown protocol, or options the filesystem refuses (adlfs: a malformed
+            # connection string) -- a setting to fix, not a package to install.
+            raise LedgerError(f"{root}: cannot open '{protocol}://' storage ({exc})") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._folders: set[str] = set()
 
@@ -76,9 +112,11 @@ class Store:
                 except FileNotFoundError:
                     continue
             return out
-        got = self.fs.cat(paths, on_error="return")
+        # cat_ranges, not cat: adlfs's cat reads one file after the other and checks
+        # each name first; cat_ranges runs the reads concurrently on async stores.
+        got = self.fs.cat_ranges(list(paths), None, None, on_error="return")
         out = {}
-        for p, value in got.items():
+        for p, value in zip(paths, got):
             if isinstance(value, FileNotFoundError):
                 continue
             if isinstance(value, BaseException):
@@ -87,7 +125,12 @@ class Store:
         return out
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        # Not fs.exists: fsspec's default answers False on *any* error (auth, network).
+        try:
+            self.fs.info(self.path(*parts))
+            return True
+        except FileNotFoundError:
+            return False
 
     def list_files(self, *parts: str) -> list[str]:
         """Full paths of the files directly in a folder; [] when the folder is absent."""
@@ -138,7 +181,8 @@ class Store:
         """
         target = self.path(*parts)
         if not self.is_local:
-            self.fs.pipe_file(target, data)  # one PUT: the blob appears whole
+            # One conditional PUT (If-None-Match: *): the blob appears whole, never over another.
+            self.fs.pipe_file(target, data, mode="create")
             return target
         folder = os.path.dirname(target)
         if folder not in self._folders:
@@ -151,7 +195,8 @@ class Store:
     def write_new(self, data: bytes, *parts: str) -> bool:
         """Create a file only if it does not exist yet; False if it already did.
 
-        Local disk uses an exclusive hard link, so two writers can never both win.
+        Local disk uses an exclusive hard link, object stores a conditional create
+        (adlfs: If-None-Match: *), so two writers can never both win.
         """
         target = self.path(*parts)
         if self.is_local:
@@ -169,9 +214,11 @@ class Store:
                 return False
             finally:
                 os.unlink(tmp)
-        if self.fs.exists(target):
+        # Not exists-then-put: two writers could both see "absent" and both write.
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+        except FileExistsError:
             return False
-        self.fs.pipe_file(target, data)
         return True
 
     def remove(self, *parts: str) -> None:
@@ -186,9 +233,9 @@ class Store:
 
 
 @contextmanager
-def atomic_output(url: str):
+def atomic_output(url: str, storage_options: Optional[dict] = None):
     """A binary file handle whose content appears at ``url`` whole, or not at all."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if isinstance(fs, LocalFileSystem):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -207,11 +254,11 @@ def atomic_output(url: str):
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
-    f = fs.open(path, "wb")
-    try:
-        yield f
-    except BaseException:
-        # Closing would publish a partial blob; discard the staged data instead.
-        getattr(f, "discard", lambda: None)()
-        raise
-    f.close()
+    # Staged in a local temp file, then one upload: an fsspec write handle left open by an
+    # exception still commits what it holds when garbage-collected (adlfs's discard() is a
+    # no-op), so a remote handle cannot promise "nothing" on failure.
+    with tempfile.TemporaryDirectory(prefix="raypar-output-") as folder:
+        staged = os.path.join(folder, os.path.basename(path) or "output")
+        with open(staged, "wb") as f:
+            yield f
+        fs.put_file(staged, path)  # adlfs: one upload_blob; large files commit their blocks at once

@@ -10,6 +10,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest
 
+pytest_plugins = ["azurite"]  # tests/azurite.py: the Azure Blob emulator fixture
 ENTRY_DIR = Path(__file__).parent / "entry"
 
 

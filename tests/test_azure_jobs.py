@@ -1,0 +1,124 @@
+"""Jobs whose input, output and job dir are all on Azure Blob (Azurite on 127.0.0.1),
+run on the 3-node loopback cluster: exact output, resume after a failure re-runs only what
+did not finish, and wrong credentials fail cleanly with nothing written."""
+
+import os
+import subprocess
+import sys
+
+import fsspec
+import pytest
+import yaml
+
+import raypar
+from raypar.state import JobState
+
+from conftest import make_spec, quiet
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def blob(azurite, monkeypatch):
+    """A fresh container; the driver finds the credentials where users put them: the environment."""
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    container = azurite.new_container()
+    fs = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
+    return container, fs
+
+
+def upload(fs, container, files):
+    for name, text in files.items():
+        fs.pipe_file(f"{container}/input/{name}", text.encode())
+
+
+def executions(log_dir):
+    return sorted(tuple(p.read_text().split()) for p in log_dir.iterdir())
+
+
+def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster, blob, tmp_path):
+    container, fs = blob
+    files = {f"f{i:02d}.txt": ("bad " if i == 7 else "") + f"value {i}" for i in range(12)}
+    upload(fs, container, files)
+    log, fixed = tmp_path / "exec", tmp_path / "fixed"
+    log.mkdir()
+    spec = make_spec(tmp_path, {}, **{
+        "inputs.data": {"type": "uri_folder", "path": f"az://{container}/input", "mode": "download"},
+        "outputs.out": {"type": "uri_folder", "path": f"az://{container}/out"},
+        "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}",
+        "mini_batch_error_threshold": 0, "retry_settings.max_retries": 0,
+    })
+    job = f"az://{container}/jobs/j1"
+
+    first = raypar.run(spec, job_dir=job, echo=quiet)
+
+    assert first.state is JobState.FAILED
+    assert not fs.exists(f"{container}/out/parallel_run_step.txt")  # no partial output
+    ran_first = executions(log)
+    assert ("f06.txt", "f07.txt") in ran_first  # the bad batch ran and failed
+    for p in log.iterdir():
+        p.unlink()
+    fixed.write_text("")
+
+    second = raypar.resume(job, echo=quiet)
+
+    assert second.state is JobState.SUCCEEDED, second.reason
+    ran_second = executions(log)
+    batches = [tuple(sorted(files))[i:i + 2] for i in range(0, 12, 2)]
+    done_first = set(ran_first) - {("f06.txt", "f07.txt")}
+    assert set(ran_second) == set(batches) - done_first  # only what had not finished
+    rows = fs.cat_file(f"{container}/out/parallel_run_step.txt").decode().splitlines()
+    # the entry script's rows are "<file name> <TEXT>"; download mode hands it local copies
+    assert rows == [f"{name} {text.upper()}" for name, text in sorted(files.items())]
+    assert fs.exists(f"{container}/jobs/j1/job.json")
+    assert not any("AccountKey" in fs.cat_file(p).decode(errors="ignore")
+                   for p in fs.find(f"{container}/jobs/j1"))  # the secret is nowhere in the job dir
+
+
+def test_table_job_on_azure_blob_reads_ranges_and_writes_one_output(ray_cluster, blob, tmp_path):
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    container, fs = blob
+    frame = pd.DataFrame({"id": range(20_000), "x": [i * 0.25 for i in range(20_000)]})
+    local = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), local, row_group_size=2500)
+    fs.put_file(str(local), f"{container}/tables/t.parquet")
+    (tmp_path / "exec").mkdir()
+    spec = make_spec(tmp_path, {}, **{
+        "inputs.data": {"type": "uri_folder", "path": f"az://{container}/tables"},
+        "outputs.out": {"type": "uri_folder", "path": f"az://{container}/scores"},
+        "mini_batch_size": "20kb", "task.entry_script": "table_score.py",
+        "task.program_arguments": f"--exec-log {tmp_path / 'exec'}",
+    })
+
+    outcome = raypar.run(spec, job_dir=f"az://{container}/jobs/t", echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    assert outcome.total > 4
+    text = fs.cat_file(f"{container}/scores/parallel_run_step.txt").decode().splitlines()
+    assert [int(line.split()[0]) for line in text] == list(range(20_000))
+
+
+def test_wrong_credentials_are_one_line_exit_nonzero_and_nothing_written(ray_cluster, azurite, tmp_path):
+    container = azurite.new_container()
+    good = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
+    good.pipe_file(f"{container}/input/a.txt", b"x")
+    spec = make_spec(tmp_path, {}, **{"inputs.data": {"type": "uri_folder", "path": f"az://{container}/input"}})
+    path = tmp_path / "job.yml"
+    path.write_text(yaml.safe_dump(spec))
+    wrong_key = "A" * 86 + "=="
+    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING":
+           azurite.connection_string.replace(azurite.account_key, wrong_key)}
+    env.pop("RAY_ADDRESS", None)
+
+    result = subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), "--job-dir",
+                             f"az://{container}/jobs/x"], capture_output=True, text=True, env=env, timeout=120)
+
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "inputs.data" in lines[0] and "authentication failed" in lines[0]
+    assert wrong_key not in result.stderr
+    assert good.find(f"{container}") == [f"{container}/input/a.txt"]  # nothing written

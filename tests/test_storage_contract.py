@@ -1,0 +1,410 @@
+"""One storage contract, run on local disk and on Azure Blob (Azurite, the real protocol).
+
+``raypar.storage.Store`` and ``raypar.ledger.Ledger`` must behave the same on
+both: only a missing file reads as "absent", exclusive creates have exactly
+one winner, and whole-file writes are seen whole or not at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from raypar.errors import LeaseHeldError, LedgerError, UsageError
+from raypar.inputs.base import MiniBatch
+from raypar.ledger import Ledger, ObjectWriter, SegmentWriter
+from raypar.records import DoneRecord, FailedRecord
+from raypar.storage import Store, atomic_output, azure_options_from_env
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str  # the folder every test of this backend works in
+    options: dict
+
+    def store(self, own_client: bool = False) -> Store:
+        """A Store; ``own_client`` gives it a filesystem instance of its own, as another process has."""
+        return Store(self.url, self._options(own_client))
+
+    def ledger(self, own_client: bool = False) -> Ledger:
+        return Ledger(self.url, self._options(own_client))
+
+    def _options(self, own_client: bool) -> dict:
+        return {**self.options, "skip_instance_cache": True} if own_client else dict(self.options)
+
+
+@pytest.fixture(params=["local", "azure"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "local":
+        return Backend("local", str(tmp_path / "job"), {})
+    azurite = request.getfixturevalue("azurite")  # started only when an Azure case runs
+    return Backend("azure", f"az://{azurite.new_container()}/job", {"connection_string": azurite.connection_string})
+
+
+def race(count: int, action) -> list:
+    """Run ``action(i)`` in ``count`` threads released together; their results (or exceptions), in order."""
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = action(i)
+        except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+# -- Store ------------------------------------------------------------------------
+
+
+def test_read_bytes_of_an_absent_file_is_file_not_found(backend):
+    store = backend.store()
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("nope.json")
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("no", "such", "folder.json")
+    assert not store.exists("nope.json")
+
+
+def test_write_atomic_writes_and_overwrites_whole(backend):
+    store = backend.store()
+    path = store.write_atomic(b"first", "state", "x.json")
+
+    assert store.read_bytes("state", "x.json") == b"first"
+    assert store.exists("state", "x.json")
+    assert store.write_atomic(b"second, longer", "state", "x.json") == path
+    assert store.read_bytes("state", "x.json") == b"second, longer"
+    assert store.list_files("state") == [path]  # no temp file left beside it
+
+
+def test_write_once_refuses_a_used_name(backend):
+    store = backend.store()
+    store.write_once(b"rows of attempt 1", "parts", "p.part")
+
+    with pytest.raises(FileExistsError):
+        backend.store(own_client=True).write_once(b"other rows", "parts", "p.part")
+    assert store.read_bytes("parts", "p.part") == b"rows of attempt 1"
+
+
+def test_write_new_creates_only_once(backend):
+    store = backend.store()
+    assert store.write_new(b"first", "job.json") is True
+    assert store.write_new(b"second", "job.json") is False
+    assert store.read_bytes("job.json") == b"first"
+
+
+def test_write_new_race_has_exactly_one_winner(backend):
+    stores = [backend.store(own_client=True) for _ in range(6)]  # six clients, as six processes
+    for round_ in range(8):
+        name = f"claim-{round_}.json"
+        won = race(len(stores), lambda i, name=name: stores[i].write_new(f"writer {i}".encode(), "race", name))
+
+        assert all(isinstance(w, bool) for w in won), won
+        assert won.count(True) == 1, f"round {round_}: winners {won}"
+        assert stores[0].read_bytes("race", name) == f"writer {won.index(True)}".encode()
+
+
+def test_file_sizes_and_list_files(backend):
+    store = backend.store()
+    assert store.file_sizes("done") == {}
+    assert store.list_files("done") == []
+
+    store.write_atomic(b"a", "done", "a.json")
+    store.write_atomic(b"bbb", "done", "b.json")
+    store.write_atomic(b"cc", "done", "sub", "c.json")  # a sub-folder is not a file of done/
+    store.write_atomic(b"d", "done-other", "d.json")  # nor is a sibling sharing the prefix
+    store.write_atomic(b"e", "done.json")
+
+    assert store.file_sizes("done") == {store.path("done", "a.json"): 1, store.path("done", "b.json"): 3}
+    assert store.list_files("done") == [store.path("done", "a.json"), store.path("done", "b.json")]
+    # Files written through another client appear at once: nothing serves a stale listing.
+    backend.store(own_client=True).write_atomic(b"ffff", "done", "f.json")
+    assert store.file_sizes("done")[store.path("done", "f.json")] == 4
+
+
+def test_read_many_skips_absent_files(backend):
+    store = backend.store()
+    store.write_atomic(b"one", "failed", "1.json")
+    store.write_atomic(b"two", "failed", "2.json")
+    paths = [store.path("failed", "1.json"), store.path("failed", "gone.json"),
+             store.path("failed", "2.json"), store.path("absent-folder", "x.json")]
+
+    assert store.read_many(paths) == {paths[0]: b"one", paths[2]: b"two"}
+    assert store.read_many([]) == {}
+
+
+def test_remove_of_an_absent_file_is_quiet(backend):
+    store = backend.store()
+    store.remove("lease.json")
+    store.write_atomic(b"x", "lease.json")
+    store.remove("lease.json")
+    assert not store.exists("lease.json")
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("lease.json")
+
+
+def test_atomic_output_is_published_whole(backend):
+    store = backend.store()
+    url = backend.url + "/out/result.txt"
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    with atomic_output(url, backend.options) as f:
+        for _ in range(40):
+            f.write(chunk)
+        assert not store.exists("out", "result.txt")  # nothing visible before the end
+
+    assert store.read_bytes("out", "result.txt") == chunk * 40
+    assert store.list_files("out") == [store.path("out", "result.txt")]
+
+
+def write_then_fail(url: str, options: dict) -> None:
+    """As outputs.assemble does on a corrupt part: the handle dies with this frame."""
+    with atomic_output(url, options) as out:
+        out.write(b"partial rows\n" * 10_000)
+        raise RuntimeError("corrupt part")
+
+
+def test_atomic_output_publishes_nothing_on_error(backend):
+    store = backend.store()
+    url = backend.url + "/out/result.txt"
+    for content in (None, b"the previous output\n"):  # a first output, then a replacement
+        if content is not None:
+            with atomic_output(url, backend.options) as f:
+                f.write(content)
+        with pytest.raises(RuntimeError):
+            write_then_fail(url, backend.options)
+        gc.collect()  # the handle the failed writer left behind must not publish when collected either
+
+        if content is None:
+            assert not store.exists("out", "result.txt")
+            assert store.list_files("out") == []
+        else:
+            assert store.read_bytes("out", "result.txt") == content
+            assert store.list_files("out") == [store.path("out", "result.txt")]
+
+
+def test_an_auth_error_never_reads_as_absent(azurite):
+    container = azurite.new_container()
+    good = Store(f"az://{container}/job", {"connection_string": azurite.connection_string})
+    good.write_atomic(b"{}", "job.json")
+    good.write_atomic(b"{}", "done", "a.json")
+    wrong_key = base64.b64encode(b"not the key".ljust(64, b"!")).decode()  # well-formed, wrong
+    bad_options = {"connection_string": azurite.connection_string.replace(azurite.account_key, wrong_key)}
+    bad = Store(f"az://{container}/job", bad_options)
+
+    for name, call in [
+        ("read_bytes of a file", lambda: bad.read_bytes("job.json")),
+        ("read_bytes of an absent file", lambda: bad.read_bytes("nope.json")),
+        ("exists of a file", lambda: bad.exists("job.json")),
+        ("exists of an absent file", lambda: bad.exists("nope.json")),
+        ("file_sizes", lambda: bad.file_sizes("done")),
+        ("file_sizes of an absent folder", lambda: bad.file_sizes("nope")),
+        ("list_files", lambda: bad.list_files("done")),
+        ("read_many", lambda: bad.read_many([bad.path("done", "a.json")])),
+        ("load_job", lambda: Ledger(bad.root, bad_options).load_job()),
+    ]:
+        with pytest.raises(Exception) as info:
+            call()
+        assert not isinstance(info.value, (FileNotFoundError, UsageError)), f"{name}: {info.value!r}"
+        assert "authenticate" in str(info.value), f"{name}: {info.value!r}"
+
+
+def test_a_malformed_connection_string_is_a_setting_not_a_missing_package():
+    with pytest.raises(LedgerError) as info:
+        Store("az://container/job", {"connection_string": "not a connection string"})
+    assert "cannot open 'az://'" in info.value.headline
+    assert "pip install" not in info.value.headline
+
+
+def test_azure_options_from_env():
+    key, sas, cs = "k3y==", "sv=2024&sig=abc", "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k"
+    assert azure_options_from_env({}) == {}
+    assert azure_options_from_env({"AZURE_STORAGE_CONNECTION_STRING": cs, "AZURE_STORAGE_ACCOUNT_NAME": "b"}) \
+        == {"connection_string": cs}
+    assert azure_options_from_env({"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_ACCOUNT_KEY": key,
+                                   "AZURE_STORAGE_SAS_TOKEN": sas}) == {"account_name": "acct", "account_key": key}
+    assert azure_options_from_env({"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_SAS_TOKEN": sas}) \
+        == {"account_name": "acct", "sas_token": sas}
+    principal = {"AZURE_STORAGE_CLIENT_ID": "id", "AZURE_STORAGE_CLIENT_SECRET": "s", "AZURE_STORAGE_TENANT_ID": "t"}
+    assert azure_options_from_env({"AZURE_STORAGE_ACCOUNT_NAME": "acct", **principal}) \
+        == {"account_name": "acct", "client_id": "id", "client_secret": "s", "tenant_id": "t"}
+    assert azure_options_from_env({"AZURE_STORAGE_ACCOUNT_NAME": "acct"}) == {"account_name": "acct"}
+    assert azure_options_from_env({"AZURE_STORAGE_ACCOUNT_KEY": key}) == {}  # a key without its account
+
+
+def test_azure_options_from_env_reach_azurite(azurite, monkeypatch):
+    options = azure_options_from_env({"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
+    for var in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY"):
+        monkeypatch.delenv(var, raising=False)  # as on a worker: only the explicit options
+    store = Store(f"az://{azurite.new_container()}/job", options)
+    store.write_atomic(b"hello", "x.txt")
+    assert store.read_bytes("x.txt") == b"hello"
+
+
+# -- Ledger -----------------------------------------------------------------------
+
+
+def make_batches(count: int) -> list[MiniBatch]:
+    return [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}.txt"]}, item_count=1) for i in range(count)]
+
+
+def bid(ordinal: int) -> str:
+    return f"mb-{ordinal:07d}"
+
+
+def done(writer, ordinal: int, run: str = "r1", attempt: int = 1) -> tuple[DoneRecord, bytes]:
+    rows = f"rows of {bid(ordinal)} ({run}/{attempt})\n".encode()
+    record = DoneRecord(batch=bid(ordinal), run=run, attempt=attempt, items=1, returned=1, part=None)
+    return writer.write(record, rows), rows
+
+
+def pending_ids(ledger: Ledger) -> list[str]:
+    return [b.id for b in ledger.view().pending()]
+
+
+def test_ledger_create_once_and_load(backend):
+    ledger = backend.ledger()
+    with pytest.raises(UsageError, match="not a raypar job dir"):
+        ledger.load_job()
+    assert not ledger.exists()
+
+    job = ledger.create({"type": "parallel", "name": "x"}, "type: parallel\nname: x\n")
+    with pytest.raises(UsageError, match="already holds"):
+        backend.ledger(own_client=True).create({"name": "second"}, "name: second\n")
+
+    assert ledger.exists()
+    assert ledger.load_job() == job
+    assert ledger.store.read_bytes("spec.yml") == b"type: parallel\nname: x\n"
+
+
+def test_ledger_manifest_round_trip(backend, monkeypatch):
+    import raypar.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 3)  # several chunks
+    ledger = backend.ledger()
+    assert ledger.read_manifest() is None
+    batches = make_batches(7)
+
+    assert ledger.write_manifest(batches) == 7
+    manifest = backend.ledger(own_client=True).read_manifest()
+    assert [manifest[i] for i in range(len(manifest))] == batches
+    assert pending_ids(ledger) == [b.id for b in batches]
+
+
+def test_ledger_done_records_and_the_resume_rule(backend):
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(6))
+    writer = ledger.done_writer("r1~w1")
+    assert isinstance(writer, SegmentWriter if backend.name == "local" else ObjectWriter)
+
+    written = dict(done(writer, o) for o in (4, 1))
+    assert pending_ids(ledger) == [bid(0), bid(2), bid(3), bid(5)]
+
+    # Another worker process, with its own client, records a batch: the driver sees it on its next read.
+    other = backend.ledger(own_client=True)
+    record, rows = done(other.done_writer("r1~w2"), 2)
+    written[record] = rows
+    view = ledger.view()
+    assert view.pending() == [b for b in make_batches(6) if b.ordinal in (0, 3, 5)]
+    assert sorted(view.done) == [bid(1), bid(2), bid(4)]
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
+    assert ledger.is_done(bid(2)) and not ledger.is_done(bid(3))
+
+
+def test_ledger_failed_records(backend):
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(4))
+    for attempt, final in ((1, False), (2, True)):
+        ledger.record_failed(FailedRecord(batch=bid(3), run="r1", attempt=attempt, error=f"boom {attempt}",
+                                          kind="user", final=final))
+    ledger.record_failed(FailedRecord(batch=bid(1), run="r1", attempt=1, error="slow", kind="timeout", final=False))
+    done(ledger.done_writer("r1~w1"), 1, attempt=2)
+
+    view = ledger.view()
+    assert [r.attempt for r in view.failed[bid(3)]] == [1, 2]
+    assert view.failed_batches() == {bid(3)}  # batch 1 failed once, then finished
+    assert view.counts() == {"total": 4, "completed": 1, "failed": 1, "pending": 2}
+
+
+def test_ledger_void_makes_a_batch_pending_again(backend):
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(3))
+    writer = ledger.done_writer("r1~w1")
+    bad, _ = done(writer, 0)
+    done(writer, 1)
+    assert pending_ids(ledger) == [bid(2)]
+
+    ledger.void(bad, "rows failed verification")
+    assert pending_ids(ledger) == [bid(0), bid(2)]
+    done(ledger.done_writer("r2~w1"), 0, run="r2")  # the rerun counts
+    assert pending_ids(ledger) == [bid(2)]
+
+
+def test_ledger_compact_then_view(backend):
+    ledger = backend.ledger()
+    batches = make_batches(8)
+    ledger.write_manifest(batches)
+    writer = ledger.done_writer("r1~w1")
+    records = dict(done(writer, o) for o in (0, 3, 5))
+
+    assert ledger.compact("r1") is True
+    assert ledger.compact("r1") is False  # nothing new since
+    assert any(p.endswith(".idx") for p in ledger.store.list_files("compact"))
+    assert pending_ids(ledger) == [bid(i) for i in (1, 2, 4, 6, 7)]
+
+    records.update([done(writer, 6)])  # after the compact: read from its record
+    fresh = backend.ledger(own_client=True)
+    view = fresh.view()
+    assert sorted(view.done) == [bid(i) for i in (0, 3, 5, 6)]
+    assert [b.id for b in view.pending()] == [bid(i) for i in (1, 2, 4, 7)]
+    for record, rows in records.items():
+        assert fresh.read_rows(view.done[record.batch]) == rows
+
+
+def test_ledger_lease(backend):
+    first, second = backend.ledger(), backend.ledger(own_client=True)
+    assert first.read_lease() is None
+
+    first.acquire_lease("r1")
+    with pytest.raises(LeaseHeldError, match="another raypar driver"):
+        second.acquire_lease("r2")
+    second.release_lease("r2")  # not its lease: left alone
+    assert first.read_lease()["run"] == "r1"
+    first.heartbeat("r1")
+
+    first.release_lease("r1")
+    assert first.read_lease() is None
+    second.acquire_lease("r2")
+    assert first.read_lease()["run"] == "r2"
+
+
+def test_ledger_lease_race_has_one_owner(backend):
+    ledgers = [backend.ledger(own_client=True) for _ in range(4)]
+    results = race(len(ledgers), lambda i: ledgers[i].acquire_lease(f"r{i}"))
+
+    winners = [i for i, r in enumerate(results) if r is None]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, LeaseHeldError) for r in results if r is not None), results
+    assert ledgers[0].read_lease()["run"] == f"r{winners[0]}"
+
+
+def test_ledger_cancel_request(backend):
+    ledger = backend.ledger()
+    assert not ledger.cancel_requested("r1")
+    backend.ledger(own_client=True).request_cancel("r1")
+    assert ledger.cancel_requested("r1")
+    assert not ledger.cancel_requested("r2")
