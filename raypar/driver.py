@@ -22,7 +22,7 @@ from .credentials import options_for, redact, resolve_storage
 from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
 from .planning import PlanFeed
-from .outputs import CorruptPartsError, assemble
+from .outputs import CorruptPartsError, OutputSchemaError, assemble
 from .reports import write_reports
 from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict, worker_plan
 from .state import JobState
@@ -272,8 +272,10 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
         if not target:
             return "", "", view
         try:
-            assemble(ledger, view, target, spec.raypar.append_row_format)
+            assemble(ledger, view, target, spec.raypar.append_row_format, options_for(target, session.storage))
             return "", "", view
+        except OutputSchemaError as exc:  # rows of different batches cannot form one table
+            return f"append_row_to: {exc}", "", view
         except CorruptPartsError as exc:
             for record in exc.records:
                 ledger.void(record, "output part does not match its sha256")

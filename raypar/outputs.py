@@ -1,40 +1,34 @@
-"""Output rows: what one batch's part holds, and the final append-row file."""
+"""Output rows: what one batch's part holds, and the final append-row file.
+
+``text`` (the default) is Azure's append_row format: each part is the batch's
+lines, and assembly concatenates them. ``csv``, ``jsonl`` and ``parquet``
+store each part as an Arrow IPC stream and write one table file at the end
+(see raypar/output_formats.py).
+"""
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import os
 import sys
-from typing import Any, Optional
+import threading
+from contextlib import closing
+from typing import Any, Iterator, NamedTuple, Optional
 
-from .inputs.base import ordinal_of
+from .inputs.base import batch_id, ordinal_of
 from .ledger import Ledger, LedgerView
-from .tables import DoneIndex
+from .records import DoneRecord
 from .storage import atomic_output
+from .tables import DoneIndex
+
+FORMATS = ("text", "csv", "jsonl", "parquet")
+READ_AHEAD = 64 * 1024 * 1024  # bytes of parts read ahead of the writer (and fetched at once from object stores)
+OPEN_FILES = 64  # local segment files kept open while reading parts
 
 
 class ResultError(TypeError):
     """run() returned something raypar cannot count or write."""
-
-
-def count_and_serialize(result: Any, with_rows: bool, fmt: str = "text") -> tuple[int, Optional[bytes]]:
-    """The number of succeeded items in ``result`` and, for append_row, its rows as bytes.
-
-    A list or tuple element is one line via ``str()``; a DataFrame row is one
-    line, space-separated, no header, no index (Azure's append_row format).
-    """
-    pd = sys.modules.get("pandas")  # a DataFrame means pandas is loaded; never import it here
-    if pd is not None and isinstance(result, pd.DataFrame):
-        if not with_rows:
-            return len(result), None
-        text = result.to_csv(sep=" ", header=False, index=False) if len(result) else ""
-        return len(result), text.encode()
-    if isinstance(result, (list, tuple)):
-        if not with_rows:
-            return len(result), None
-        return len(result), "".join(f"{row}\n" for row in result).encode()
-    raise ResultError(
-        f"run() returned {type(result).__name__}; it must return a list, a tuple or a pandas DataFrame"
-    )
 
 
 class CorruptPartsError(Exception):
@@ -45,27 +39,269 @@ class CorruptPartsError(Exception):
         self.records = records
 
 
-def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text") -> int:
+class OutputSchemaError(Exception):
+    """The parts' columns cannot share one file (e.g. a column is int in one batch, string in another)."""
+
+
+def count_and_serialize(result: Any, with_rows: bool, fmt: str = "text") -> tuple[int, Optional[bytes]]:
+    """The number of succeeded items in ``result`` and, for append_row, its rows as bytes.
+
+    ``text``: a list or tuple element is one line via ``str()``; a DataFrame
+    row is one line, space-separated, no header, no index (Azure's format).
+    Table formats: the rows as an Arrow IPC stream; a DataFrame's columns
+    (without the index), dict keys, ``c0, c1...`` for list/tuple elements, or
+    one ``value`` column. An empty result is a part with no rows.
+    """
+    pd = sys.modules.get("pandas")  # a DataFrame means pandas is loaded; never import it here
+    is_frame = pd is not None and isinstance(result, pd.DataFrame)
+    if not is_frame and not isinstance(result, (list, tuple)):
+        raise ResultError(
+            f"run() returned {type(result).__name__}; it must return a list, a tuple or a pandas DataFrame"
+        )
+    if not with_rows:
+        return len(result), None
+    if fmt != "text":
+        from . import output_formats
+
+        if fmt not in output_formats.SINKS:
+            raise ValueError(f"unknown append_row_format {fmt!r}; expected one of {FORMATS}")
+        return len(result), output_formats.encode_part(output_formats.to_table(result, pd))
+    if is_frame:
+        text = result.to_csv(sep=" ", header=False, index=False) if len(result) else ""
+        return len(result), text.encode()
+    return len(result), "".join(f"{row}\n" for row in result).encode()
+
+
+def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text",
+             storage_options: Optional[dict] = None) -> int:
     """Write the rows of every done batch, in mini-batch order, to ``target`` atomically.
 
     Only parts named by done records are read, one per batch, so the file
     holds each batch's rows exactly once. Every part is checked against the
     sha256 in its record first; if any fails, nothing is published and
-    CorruptPartsError names their records. Returns the number of bytes written.
+    CorruptPartsError names all of them. Table formats first read each part's
+    schema and unify them; columns that cannot be unified raise
+    OutputSchemaError, and nothing is published either. Parts are streamed:
+    a thread reads and verifies at most READ_AHEAD bytes of them ahead of the
+    writer. Returns the bytes written.
     """
-    written, corrupt = 0, []
-    with atomic_output(target) as out:
-        for record in sorted(view.done.values(), key=lambda r: ordinal_of(r.batch)) \
-                if not isinstance(view.done, DoneIndex) else view.done.values():  # mini-batch order
-            if record.part is None:
-                continue
-            data = ledger.read_rows(record)
-            if record.part_sha256 is not None and hashlib.sha256(data).hexdigest() != record.part_sha256:
-                corrupt.append(record)
-                continue
-            if not corrupt:
-                out.write(data)
-                written += len(data)
-        if corrupt:
-            raise CorruptPartsError(corrupt)  # aborts the atomic output: nothing is published
-    return written
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown append_row_format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "text":
+        schema, formats = None, None
+    else:
+        from . import output_formats as formats
+
+        schema = _unified_schema(ledger, view, fmt)
+    corrupt = []
+    with atomic_output(target, storage_options) as out:
+        with formats.SINKS[fmt](out, schema) if formats else _TextSink(out) as sink:
+            try:
+                for record, data in _ReadAhead(_parts(ledger, view)):
+                    if data is None:
+                        corrupt.append(record)
+                    elif not corrupt:  # after the first bad part only verify: the rest is never published
+                        sink.write(data, record.batch)
+            except OutputSchemaError:
+                _raise_if_corrupt(ledger, view)
+                raise
+            if corrupt:
+                raise CorruptPartsError(_done_records(view, corrupt))  # aborts the output: nothing is published
+        return out.tell()
+
+
+class _TextSink:
+    """Azure's text format: the parts, back to back."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def __enter__(self) -> _TextSink:
+        return self
+
+    def __exit__(self, *_) -> None:
+        pass
+
+    def write(self, data: bytes, batch: str) -> None:
+        self.out.write(data)
+
+
+def _raise_if_corrupt(ledger: Ledger, view: LedgerView) -> None:
+    """CorruptPartsError if any part fails its sha256: a corrupted part can look like a schema error."""
+    corrupt = [part for part, data in _ReadAhead(_parts(ledger, view)) if data is None]
+    if corrupt:
+        raise CorruptPartsError(_done_records(view, corrupt)) from None
+
+
+class _ReadAhead:
+    """(record, its part's bytes, or None if they fail their sha256), read and checked by a thread.
+
+    Reading and hashing release the GIL, so they overlap the writer's
+    encoding; at most ``limit`` bytes of parts wait in memory.
+    """
+
+    def __init__(self, parts: Iterator[tuple[_Part, bytes]], limit: Optional[int] = None):
+        self.limit = limit if limit is not None else READ_AHEAD
+        self.ready: collections.deque = collections.deque()
+        self.waiting, self.finished, self.stopped, self.error = 0, False, False, None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, args=(parts,), daemon=True, name="raypar-assembly-read")
+        self.thread.start()
+
+    def _run(self, parts) -> None:
+        try:
+            with closing(parts):
+                for record, data in parts:
+                    checked = data if _intact(record, data) else None
+                    with self.cond:
+                        while self.waiting and self.waiting + len(data) > self.limit and not self.stopped:
+                            self.cond.wait()
+                        if self.stopped:
+                            return
+                        self.ready.append((record, checked, len(data)))
+                        self.waiting += len(data)
+                        self.cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the consumer
+            self.error = exc
+        finally:
+            with self.cond:
+                self.finished = True
+                self.cond.notify_all()
+
+    def __iter__(self):
+        try:
+            while True:
+                with self.cond:
+                    while not self.ready and not self.finished:
+                        self.cond.wait()
+                    if not self.ready:
+                        if self.error is not None:
+                            raise self.error
+                        return
+                    record, data, size = self.ready.popleft()
+                    self.waiting -= size
+                    self.cond.notify_all()
+                yield record, data
+        finally:
+            with self.cond:
+                self.stopped = True
+                self.cond.notify_all()
+            self.thread.join()
+
+
+def _unified_schema(ledger: Ledger, view: LedgerView, fmt: str):
+    """The schema of the output file: every part's schema (read from its head), unified.
+
+    A part whose head does not parse, or whose columns conflict, may be a
+    corrupted one: then every part is verified, and CorruptPartsError wins
+    over the schema error (the driver re-runs those batches).
+    """
+    from . import output_formats as formats
+
+    union = formats.SchemaUnion(fmt)
+    try:
+        for record, head in _parts(ledger, view, head=formats.SCHEMA_HEAD):
+            need = formats.head_size(head)
+            if need > len(head) and need <= record.part_bytes:
+                head = _read_range(ledger, record, need)
+            union.add(head[:need], record.batch)
+        return union.check()
+    except OutputSchemaError:
+        _raise_if_corrupt(ledger, view)
+        raise
+
+
+def _intact(record: _Part, data: bytes) -> bool:
+    return record.part_sha256 is None or hashlib.sha256(data).hexdigest() == record.part_sha256
+
+
+class _Part(NamedTuple):
+    """What assembly needs of a done record: its batch and where its part is."""
+
+    batch: str
+    part: str
+    part_offset: int
+    part_bytes: int
+    part_sha256: Optional[str]
+
+
+def _done_in_order(view: LedgerView) -> Iterator[_Part]:
+    """The parts of the done records, in mini-batch order.
+
+    Read straight from the DoneIndex's columns: building a DoneRecord per
+    batch would cost ten times as much, twice per assembly.
+    """
+    if not isinstance(view.done, DoneIndex):
+        for r in sorted(view.done.values(), key=lambda r: ordinal_of(r.batch)):
+            if r.part is not None:
+                yield _Part(r.batch, r.part, r.part_offset, r.part_bytes, r.part_sha256)
+        return
+    columns = ["ordinal", "part", "part_offset", "part_bytes", "part_sha256"]
+    for chunk in view.done.table.select(columns).to_batches(max_chunksize=50_000):
+        values = chunk.to_pydict()
+        for ordinal, *where in zip(*(values[c] for c in columns)):
+            if where[0] is not None:
+                yield _Part(batch_id(ordinal), *where)
+
+
+def _done_records(view: LedgerView, parts: list) -> list[DoneRecord]:
+    return [view.done[p.batch] for p in parts]
+
+
+def _parts(ledger: Ledger, view: LedgerView, head: Optional[int] = None) -> Iterator[tuple[_Part, bytes]]:
+    """(record, its part's bytes, or only the first ``head`` of them) in mini-batch order.
+
+    Local segments are read with pread through one open file each; object
+    stores are read a window at a time, concurrently (fsspec cat_ranges).
+    """
+    size = (lambda r: min(r.part_bytes, head)) if head else (lambda r: r.part_bytes)
+    if ledger.store.is_local:
+        files: collections.OrderedDict[str, int] = collections.OrderedDict()  # part file -> fd, LRU
+        try:
+            for record in _done_in_order(view):
+                fd = files.get(record.part)
+                if fd is None:
+                    if len(files) >= OPEN_FILES:
+                        os.close(files.popitem(last=False)[1])
+                    fd = files[record.part] = os.open(ledger.store.path("parts", record.part), os.O_RDONLY)
+                files.move_to_end(record.part)
+                yield record, _pread(fd, size(record), record.part_offset)
+        finally:
+            for fd in files.values():
+                os.close(fd)
+        return
+    window, window_bytes = [], 0
+    for record in _done_in_order(view):
+        window.append(record)
+        window_bytes += size(record)
+        if window_bytes >= READ_AHEAD or len(window) >= 1024:
+            yield from _fetch(ledger, window, size)
+            window, window_bytes = [], 0
+    yield from _fetch(ledger, window, size)
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    while len(data) < length:  # one read returns at most ~2 GiB
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            break  # the file is shorter: the sha256 check fails
+        data += more
+    return data
+
+
+def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]:
+    if not records:
+        return
+    paths = [ledger.store.path("parts", r.part) for r in records]
+    starts = [r.part_offset for r in records]
+    ends = [r.part_offset + size(r) for r in records]
+    for record, data in zip(records, ledger.store.fs.cat_ranges(paths, starts, ends, on_error="return")):
+        if isinstance(data, BaseException):
+            raise data
+        yield record, data
+
+
+def _read_range(ledger: Ledger, record: _Part, length: int) -> bytes:
+    path = ledger.store.path("parts", record.part)
+    return ledger.store.fs.cat_file(path, start=record.part_offset, end=record.part_offset + length)

@@ -489,6 +489,8 @@ def bind(spec: JobSpec) -> BoundJob:
     if spec.task.append_row_to:
         output = spec._lookup(_single_binding(spec.task.append_row_to, "append_row_to"), "append_row_to")
         path = value_of(_single_binding(spec.task.append_row_to, "append_row_to"))
-        append_row_path = path if output.type == "uri_file" else f"{path.rstrip('/')}/{APPEND_ROW_FILE_NAME}"
+        name = APPEND_ROW_FILE_NAME if spec.raypar.append_row_format == "text" else \
+            f"parallel_run_step.{spec.raypar.append_row_format}"  # a table format gets its own extension
+        append_row_path = path if output.type == "uri_file" else f"{path.rstrip('/')}/{name}"
     entry = f"{spec.task.code.rstrip('/')}/{spec.task.entry_script}"
     return BoundJob(argv=[entry, *args], append_row_path=append_row_path, entry_script_path=entry)

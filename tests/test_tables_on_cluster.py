@@ -110,3 +110,23 @@ def test_partition_keys_inside_the_data(ray_cluster, tmp_path):
     for region in ("north", "south"):
         expected = everything[everything["region"] == region]["id"].tolist()
         assert out[out["region"] == region]["id"].tolist() == expected
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_append_row_formats_hold_exactly_the_returned_rows_with_their_columns(ray_cluster, tmp_path, fmt):
+    data = tmp_path / "data"
+    data.mkdir()
+    source = table(0, 6000)
+    pq.write_table(pa.Table.from_pandas(source, preserve_index=False), data / "t.parquet", row_group_size=1000)
+    spec = table_spec(tmp_path, mini_batch_size="16kb", **{"raypar.append_row_format": fmt})
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    assert outcome.total > 3
+    path = tmp_path / "out" / f"parallel_run_step.{fmt}"
+    out = {"csv": pd.read_csv, "parquet": pd.read_parquet,
+           "jsonl": lambda p: pd.read_json(p, lines=True)}[fmt](path)
+    assert list(out.columns) == ["id", "double"]  # a header / schema, unlike Azure's text
+    assert out["id"].tolist() == source["id"].tolist()
+    assert out["double"].tolist() == (source["x"] * 2).tolist()

@@ -1,0 +1,479 @@
+"""Output formats: parts from run()'s results, and their assembly into one file (no Ray)."""
+
+import collections
+import datetime
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+import pytest
+
+from raypar import output_formats, outputs
+from raypar.inputs.base import MiniBatch
+from raypar.ledger import DoneRecord, Ledger, LedgerView
+from raypar.outputs import CorruptPartsError, OutputSchemaError, ResultError, assemble, count_and_serialize
+
+TABLE_FORMATS = ["csv", "jsonl", "parquet"]
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def bid(ordinal: int) -> str:
+    return f"mb-{ordinal:07d}"
+
+
+def job(root, results: dict, fmt: str, order=None, count=None):
+    """A ledger whose batches returned ``results`` ({ordinal: result}), written by one worker in ``order``."""
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
+                for i in range(count if count is not None else max(results, default=-1) + 1)]
+    ledger = Ledger(str(root) if "://" in str(root) else str(Path(root) / "job"))
+    ledger.write_manifest(manifest)
+    writer = ledger.done_writer(f"r1~w{uuid.uuid4().hex[:6]}")
+    records = {}
+    for ordinal in order if order is not None else sorted(results):
+        returned, rows = count_and_serialize(results[ordinal], True, fmt)
+        record = DoneRecord(batch=bid(ordinal), run="r1", attempt=1, items=returned, returned=returned, part=None)
+        records[ordinal] = writer.write(record, rows)
+    return ledger, ledger.view(manifest), records
+
+
+def read_back(path: Path, fmt: str) -> list[dict]:
+    if fmt == "csv":
+        return pa_csv.read_csv(path).to_pylist()
+    if fmt == "jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return pq.read_table(path).to_pylist()
+
+
+def flip_byte(ledger: Ledger, record: DoneRecord, at: int) -> None:
+    path = Path(ledger.store.path("parts", record.part))
+    data = bytearray(path.read_bytes())
+    data[record.part_offset + at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def rows_of(ordinal: int, n: int = 3) -> list[dict]:
+    return [{"batch": ordinal, "row": i, "name": f"b{ordinal}-r{i}"} for i in range(n)]
+
+
+# -- count_and_serialize: results as Arrow parts ------------------------------------------------------------
+
+
+def part_table(result, fmt="parquet") -> pa.Table:
+    count, rows = count_and_serialize(result, True, fmt)
+    assert count == len(result)
+    return output_formats.decode_part(rows)
+
+
+def test_dicts_become_columns_with_the_union_of_keys():
+    table = part_table([{"a": 1}, {"b": "x", "a": 2.5}])
+    assert table.column_names == ["a", "b"]
+    assert table.to_pylist() == [{"a": 1.0, "b": None}, {"a": 2.5, "b": "x"}]
+
+
+def test_values_become_one_value_column():
+    assert part_table([1, None, 3]).to_pylist() == [{"value": 1}, {"value": None}, {"value": 3}]
+    assert part_table(("x", "y")).to_pylist() == [{"value": "x"}, {"value": "y"}]
+
+
+def test_lists_and_tuples_become_numbered_columns():
+    table = part_table([("a.txt", 0.5), ["b.txt", 1.5, 7]])
+    assert table.to_pylist() == [{"c0": "a.txt", "c1": 0.5, "c2": None}, {"c0": "b.txt", "c1": 1.5, "c2": 7}]
+
+
+def test_namedtuples_name_their_columns():
+    Score = collections.namedtuple("Score", "file score")
+    assert part_table([Score("a", 1), Score("b", 2)]).column_names == ["file", "score"]
+
+
+def test_dataframe_keeps_its_columns_not_its_index():
+    frame = pd.DataFrame({"file": ["a", "b"], "score": [1, 2.5], "kind": pd.Categorical(["x", "y"])},
+                         index=[10, 20])
+    table = part_table(frame)
+    assert table.to_pylist() == [{"file": "a", "score": 1.0, "kind": "x"}, {"file": "b", "score": 2.5, "kind": "y"}]
+    assert table.schema.metadata is None  # no pandas metadata: parts of every batch unify
+    assert not pa.types.is_dictionary(table.schema.field("kind").type)
+
+
+@pytest.mark.parametrize("result", [[], (), pd.DataFrame({"a": pd.Series([], dtype="int64")})])
+def test_an_empty_result_is_a_part_with_no_rows(result):
+    count, rows = count_and_serialize(result, True, "csv")
+    assert count == 0 and rows is not None
+    assert output_formats.decode_part(rows).num_rows == 0
+
+
+def test_without_rows_only_the_count():
+    assert count_and_serialize([{"a": 1}] * 3, False, "parquet") == (3, None)
+
+
+@pytest.mark.parametrize("result, words", [
+    ([{"a": 1}, [1, 2]], ["dicts", "lists/tuples"]),
+    ([1, {"a": 1}], ["dicts", "values"]),
+    ([1, "a"], ["str"]),
+    ([{"a": 1}, {"a": "x"}], ["'a'"]),
+    ([(1, "a"), ("b", 2)], ["'c0'"]),
+    (pd.DataFrame({"mixed": [1, "a"]}), ["mixed"]),
+])
+def test_rows_that_do_not_make_a_table_are_a_result_error(result, words):
+    with pytest.raises(ResultError) as info:
+        count_and_serialize(result, True, "jsonl")
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("result", [None, {"a": 1}, "text", 3])
+def test_table_formats_reject_what_text_rejects(result):
+    with pytest.raises(ResultError) as info:
+        count_and_serialize(result, True, "parquet")
+    assert str(info.value) == (f"run() returned {type(result).__name__}; "
+                               "it must return a list, a tuple or a pandas DataFrame")
+
+
+# -- assembly: one file, in mini-batch order ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+def test_parts_written_out_of_order_are_assembled_in_order(tmp_path, fmt):
+    results = {i: rows_of(i) for i in range(6)}
+    ledger, view, _ = job(tmp_path, results, fmt, order=[4, 1, 5, 0, 3, 2])
+    target = tmp_path / "out" / f"rows.{fmt}"
+
+    written = assemble(ledger, view, str(target), fmt)
+
+    assert read_back(target, fmt) == [row for i in range(6) for row in rows_of(i)]
+    assert written == target.stat().st_size
+    assert os.listdir(tmp_path / "out") == [f"rows.{fmt}"]
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+def test_parts_of_several_workers_and_missing_batches(tmp_path, fmt):
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": []}, item_count=1) for i in range(5)]
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(manifest)
+    for writer, ordinals in (("r1~a", [3, 0]), ("r1~b", [4])):  # batch 1 and 2 never finished
+        out = ledger.done_writer(writer)
+        for i in ordinals:
+            out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=3, part=None),
+                      count_and_serialize(rows_of(i), True, fmt)[1])
+    target = tmp_path / f"rows.{fmt}"
+
+    assemble(ledger, ledger.view(manifest), str(target), fmt)
+
+    assert read_back(target, fmt) == rows_of(0) + rows_of(3) + rows_of(4)
+
+
+def test_a_plain_dict_of_records_is_sorted_by_ordinal(tmp_path):
+    ledger, view, records = job(tmp_path, {i: [i] for i in range(12)}, "parquet", order=list(range(11, -1, -1)))
+    shuffled = LedgerView(manifest=view.manifest, done={r.batch: r for r in records.values()})
+    target = tmp_path / "out.parquet"
+    assemble(ledger, shuffled, str(target), "parquet")
+    assert pq.read_table(target).column("value").to_pylist() == list(range(12))
+
+
+def test_schemas_of_parts_are_unified(tmp_path):
+    results = {
+        0: [{"a": 1, "b": "x"}],
+        1: [],  # no columns at all
+        2: [{"a": 2.5, "c": None}],  # int64 + double -> double; c null-typed here
+        3: pd.DataFrame({"c": pd.Series([], dtype="int64")}),  # no rows, but c's type
+        4: [{"b": "y", "c": 7}],
+    }
+    ledger, view, _ = job(tmp_path, results, "parquet", order=[4, 2, 0, 3, 1])
+    target = tmp_path / "out.parquet"
+
+    assemble(ledger, view, str(target), "parquet")
+
+    table = pq.read_table(target)
+    assert table.schema.names == ["a", "b", "c"]
+    assert [table.schema.field(n).type for n in "abc"] == [pa.float64(), pa.string(), pa.int64()]
+    assert table.to_pylist() == [{"a": 1.0, "b": "x", "c": None}, {"a": 2.5, "b": None, "c": None},
+                                 {"a": None, "b": "y", "c": 7}]
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+def test_columns_that_cannot_be_unified_fail_naming_column_and_batches(tmp_path, fmt):
+    results = {0: [{"id": 1, "x": 1}], 1: [{"id": 2}], 2: [{"id": 3, "x": "three"}]}
+    ledger, view, _ = job(tmp_path, results, fmt, order=[2, 1, 0])
+    target = tmp_path / "out" / "rows"
+
+    with pytest.raises(OutputSchemaError) as info:
+        assemble(ledger, view, str(target), fmt)
+
+    message = str(info.value)
+    assert "'x'" in message and bid(0) in message and bid(2) in message and "\n" not in message
+    assert not target.exists()
+
+
+def test_csv_cannot_hold_nested_columns(tmp_path):
+    ledger, view, _ = job(tmp_path, {0: [{"embedding": [0.5, 1.5]}]}, "csv")
+    with pytest.raises(OutputSchemaError, match="'embedding'.*jsonl or parquet"):
+        assemble(ledger, view, str(tmp_path / "out.csv"), "csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+@pytest.mark.parametrize("where", ["body", "schema"])
+def test_corrupted_parts_publish_nothing_and_are_all_listed(tmp_path, fmt, where):
+    ledger, view, records = job(tmp_path, {i: rows_of(i) for i in range(5)}, fmt, order=[3, 0, 4, 1, 2])
+    for ordinal in (1, 3):
+        record = records[ordinal]
+        flip_byte(ledger, record, at=12 if where == "schema" else record.part_bytes - 20)
+    target = tmp_path / "out" / "rows"
+    target.parent.mkdir()
+
+    with pytest.raises(CorruptPartsError) as info:
+        assemble(ledger, view, str(target), fmt)
+
+    assert sorted(r.batch for r in info.value.records) == [bid(1), bid(3)]
+    assert os.listdir(target.parent) == []  # no output, no temp file left behind
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+def test_every_batch_empty(tmp_path, fmt):
+    ledger, view, _ = job(tmp_path, {0: [], 1: ()}, fmt)
+    target = tmp_path / f"out.{fmt}"
+    assemble(ledger, view, str(target), fmt)
+    if fmt == "parquet":
+        assert pq.read_table(target).num_rows == 0
+    else:
+        assert target.read_bytes() == b""
+
+
+def test_csv_of_empty_dataframes_has_only_the_header(tmp_path):
+    frame = pd.DataFrame({"file": pd.Series([], dtype="str"), "score": pd.Series([], dtype="float64")})
+    ledger, view, _ = job(tmp_path, {0: frame, 1: []}, "csv")
+    target = tmp_path / "out.csv"
+    assemble(ledger, view, str(target), "csv")
+    assert target.read_text() == '"file","score"\n'
+
+
+def test_nothing_done_writes_an_empty_table(tmp_path):
+    ledger, view, _ = job(tmp_path, {}, "parquet", count=3)
+    target = tmp_path / "out.parquet"
+    assemble(ledger, view, str(target), "parquet")
+    assert pq.read_table(target).num_rows == 0
+
+
+def test_csv_quotes_what_needs_quoting(tmp_path):
+    rows = [{"text": 'say "hi", then\nleave', "n": 1}, {"text": None, "n": 2}]
+    ledger, view, _ = job(tmp_path, {0: rows}, "csv")
+    target = tmp_path / "out.csv"
+    assemble(ledger, view, str(target), "csv")
+    assert target.read_text() == '"text","n"\n"say ""hi"", then\nleave",1\n,2\n'  # null: empty
+
+
+def test_jsonl_is_correct_json(tmp_path):
+    utc = datetime.timezone.utc
+    rows = [
+        {"s": 'quote " backslash \\ newline \n tab \t bell \x07 unicode é 漢 🚀', "f": 1.5, "i": 1, "ok": True,
+         "t": datetime.datetime(2024, 5, 6, 7, 8, 9, 123456), "tz": datetime.datetime(2024, 1, 2, tzinfo=utc),
+         "d": datetime.date(2024, 5, 6), "l": [1, None, 3], "tags": ["a", 'b"'], "m": {"k": "v", "n": 2}},
+        {"s": None, "f": float("nan"), "i": None, "ok": None, "t": None, "tz": None, "d": None, "l": None,
+         "tags": [], "m": None},
+        {"s": "", "f": float("inf"), "i": -(2**62), "ok": False, "t": None, "tz": None, "d": None, "l": [],
+         "tags": None, "m": {"k": None, "n": None}},
+    ]
+    frame = pd.DataFrame({"f": [1e300, 1 / 3, -0.0], "big": [2**53 + 1, 0, -1]})
+    ledger, view, _ = job(tmp_path, {0: rows, 1: frame}, "jsonl")
+    target = tmp_path / "out.jsonl"
+
+    assemble(ledger, view, str(target), "jsonl")
+
+    lines = target.read_bytes().decode("utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 7
+    got = [json.loads(line) for line in lines[:-1]]
+    assert got[0] == {"s": rows[0]["s"], "f": 1.5, "i": 1, "ok": True, "t": "2024-05-06T07:08:09.123456",
+                      "tz": "2024-01-02T00:00:00.000000Z", "d": "2024-05-06", "l": [1, None, 3],
+                      "tags": ["a", 'b"'], "m": {"k": "v", "n": 2}, "big": None}
+    assert got[1] == {k: None for k in got[0]} | {"tags": []}
+    assert got[2]["f"] is None and got[2]["i"] == -(2**62) and got[2]["ok"] is False and got[2]["s"] == ""
+    assert got[2]["l"] == [] and got[2]["m"] == {"k": None, "n": None}
+    assert [g["f"] for g in got[3:]] == [1e300, 1 / 3, -0.0]
+    assert [g["big"] for g in got[3:]] == [2**53 + 1, 0, -1]  # exact, not through a double
+    assert pa_json.read_json(target).num_rows == 6
+
+
+def test_parquet_buffers_small_parts_into_large_row_groups(tmp_path, monkeypatch):
+    results = {i: [{"i": i * 10 + j} for j in range(10)] for i in range(50)}
+    ledger, view, _ = job(tmp_path, results, "parquet")
+    target = tmp_path / "one.parquet"
+    assemble(ledger, view, str(target), "parquet")
+    assert pq.ParquetFile(target).metadata.num_row_groups == 1
+
+    monkeypatch.setattr(output_formats, "FLUSH_ROWS", 120)
+    target = tmp_path / "many.parquet"
+    assemble(ledger, view, str(target), "parquet")
+    meta = pq.ParquetFile(target).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [120, 120, 120, 120, 20]
+    assert pq.read_table(target).column("i").to_pylist() == list(range(500))
+
+
+@pytest.mark.parametrize("fmt", ["text"] + TABLE_FORMATS)
+def test_object_store_job_dirs_read_parts_in_windows(tmp_path, fmt, monkeypatch):
+    monkeypatch.setattr(outputs, "READ_AHEAD", 100)  # many windows
+    root = f"memory://raypar-test-{uuid.uuid4().hex}/job"
+    results = {i: rows_of(i) for i in range(7)}
+    ledger, view, _ = job(root, results, fmt, order=[6, 2, 0, 5, 1, 3, 4])
+    assert not ledger.store.is_local
+    target = tmp_path / "out"
+
+    assemble(ledger, view, str(target), fmt)
+
+    if fmt == "text":
+        assert target.read_text() == "".join(f"{row}\n" for i in range(7) for row in rows_of(i))
+    else:
+        assert read_back(target, fmt) == [row for i in range(7) for row in rows_of(i)]
+
+
+# -- text: Azure's format, unchanged -------------------------------------------------------------------------
+
+
+def test_text_parts_and_assembly_are_unchanged(tmp_path):
+    frame = pd.DataFrame({"file": ["a.txt", "b.txt"], "score": [1, 2.5]}, index=[10, 20])
+    results = {0: [1, "a b", 2.5, (1, 2)], 1: frame, 2: [], 3: ("x",)}
+    assert count_and_serialize(results[0], True) == (4, b"1\na b\n2.5\n(1, 2)\n")
+    assert count_and_serialize(frame, True, "text") == (2, b"a.txt 1.0\nb.txt 2.5\n")
+    ledger, view, _ = job(tmp_path, results, "text", order=[3, 1, 0, 2])
+    target = tmp_path / "parallel_run_step.txt"
+
+    written = assemble(ledger, view, str(target))
+
+    expected = b"1\na b\n2.5\n(1, 2)\na.txt 1.0\nb.txt 2.5\nx\n"
+    assert target.read_bytes() == expected and written == len(expected)
+
+
+def test_text_corruption_lists_every_bad_part(tmp_path):
+    ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(4)}, "text")
+    flip_byte(ledger, records[0], at=0)
+    flip_byte(ledger, records[2], at=1)
+    target = tmp_path / "out.txt"
+    with pytest.raises(CorruptPartsError) as info:
+        assemble(ledger, view, str(target))
+    assert [r.batch for r in info.value.records] == [bid(0), bid(2)]
+    assert not target.exists()
+
+
+def test_an_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="xml"):
+        count_and_serialize([1], True, "xml")
+    ledger, view, _ = job(tmp_path, {0: [1]}, "text")
+    with pytest.raises(ValueError, match="xml"):
+        assemble(ledger, view, str(tmp_path / "out"), "xml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_promotion_rounds_large_ints_but_an_impossible_cast_names_the_batch(tmp_path):
+    ledger, view, _ = job(tmp_path, {0: [{"x": 2**53 + 1}], 1: [{"x": 0.5}]}, "parquet")
+    assemble(ledger, view, str(tmp_path / "ok.parquet"), "parquet")
+    assert pq.read_table(tmp_path / "ok.parquet").column("x").to_pylist() == [float(2**53), 0.5]
+
+    unsigned = pd.DataFrame({"x": pd.Series([2**64 - 1], dtype="uint64")})
+    ledger, view, _ = job(tmp_path / "b", {0: [{"x": -1}], 1: unsigned}, "parquet")  # int64 + uint64 -> int64
+    with pytest.raises(OutputSchemaError, match=f"'x' of batch {bid(1)}"):
+        assemble(ledger, view, str(tmp_path / "bad.parquet"), "parquet")
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+# -- reading ahead: bounded, and stopped with its consumer ----------------------------------------------------
+
+
+def fake_parts(count: int, size: int, log: list):
+    for i in range(count):
+        log.append(i)
+        yield DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part="p"), bytes(size)
+
+
+def test_read_ahead_holds_at_most_its_limit():
+    produced, held = [], []
+    for record, rows in outputs._ReadAhead(fake_parts(20, 100, produced), limit=250):
+        held.append(len(produced) - int(record.batch[3:]))  # parts read but not yet written
+        assert rows == bytes(100)
+    assert len(held) == 20 and max(held) <= 4  # 2 waiting + 1 being handed over + 1 read, blocked
+
+
+def test_read_ahead_stops_when_its_consumer_stops_and_passes_on_errors():
+    produced = []
+    reader = outputs._ReadAhead(fake_parts(1000, 10, produced), limit=100)
+    for _ in reader:
+        break
+    assert not reader.thread.is_alive() and len(produced) < 1000
+
+    def failing():
+        yield from fake_parts(2, 10, [])
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(outputs._ReadAhead(failing()))
+
+
+def test_parts_of_more_segments_than_open_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "OPEN_FILES", 2)
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": []}, item_count=1) for i in range(9)]
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(manifest)
+    writers = [ledger.done_writer(f"r1~w{k}") for k in range(3)]
+    for i in range(9):  # batch i in segment i % 3: every read switches files
+        writers[i % 3].write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None),
+                             count_and_serialize([i], True, "jsonl")[1])
+    target = tmp_path / "out.jsonl"
+    assemble(ledger, ledger.view(manifest), str(target), "jsonl")
+    assert target.read_text() == "".join(f'{{"value":{i}}}\n' for i in range(9))
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+def test_a_column_that_is_always_null(tmp_path, fmt):
+    ledger, view, _ = job(tmp_path, {0: [{"a": 1, "b": None}], 1: [{"a": 2}]}, fmt)
+    target = tmp_path / f"out.{fmt}"
+    assemble(ledger, view, str(target), fmt)
+    if fmt == "csv":
+        assert target.read_text() == '"a","b"\n1,\n2,\n'
+    else:
+        assert read_back(target, fmt) == [{"a": 1, "b": None}, {"a": 2, "b": None}]
+
+
+def test_a_schema_larger_than_the_head_read_first(tmp_path):
+    wide = [{f"column_{k:04d}": k for k in range(300)}]  # a schema message of many KiB
+    ledger, view, _ = job(tmp_path, {0: wide, 1: wide}, "parquet")
+    _, rows = count_and_serialize(wide, True, "parquet")
+    assert output_formats.head_size(rows[:8]) > output_formats.SCHEMA_HEAD
+    target = tmp_path / "out.parquet"
+    assemble(ledger, view, str(target), "parquet")
+    assert pq.read_table(target).to_pylist() == wide + wide
+
+
+@pytest.mark.parametrize("group_bytes", [1, 1000, 8 << 20])  # parts are 416 bytes
+def test_small_parts_are_decoded_in_groups_in_order(tmp_path, monkeypatch, group_bytes):
+    def result(i):  # runs of parts with one schema, then another: groups end where the schema changes
+        return [{"i": i, "s": f"x{i}"}] if (i // 4) % 2 else [{"i": i, "f": i / 2}, {"i": -i, "f": None}]
+
+    ledger, view, _ = job(tmp_path, {i: result(i) for i in range(30)}, "jsonl", order=list(range(29, -1, -1)))
+    decoded = []
+    decode = output_formats.decode_part
+    monkeypatch.setattr(output_formats, "decode_part", lambda data: decoded.append(1) or decode(data))
+    monkeypatch.setattr(output_formats, "GROUP_BYTES", group_bytes)
+    target = tmp_path / "out.jsonl"
+
+    assemble(ledger, view, str(target), "jsonl")
+
+    expected = [{"i": row["i"], "s": row.get("s"), "f": row.get("f")} for i in range(30) for row in result(i)]
+    assert read_back(target, "jsonl") == expected
+    assert len(decoded) == {1: 30, 1000: 15, 8 << 20: 8}[group_bytes]  # alone, in 2s, a run of 4 at once
+
+
+def test_parquet_dictionary_encodes_only_columns_that_repeat(tmp_path):
+    rows = [{"id": i, "score": i / 7, "label": ["cat", "dog"][i % 2], "flag": i % 3 == 0} for i in range(1000)]
+    ledger, view, _ = job(tmp_path, {0: rows[:500], 1: rows[500:]}, "parquet")
+    target = tmp_path / "out.parquet"
+    assemble(ledger, view, str(target), "parquet")
+    meta = pq.ParquetFile(target).metadata.row_group(0)
+    encodings = {meta.column(c).path_in_schema: meta.column(c).encodings for c in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["label"]
+    assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" not in encodings["score"]
+    assert pq.read_table(target).to_pylist() == rows
