@@ -115,9 +115,9 @@ def _status(args) -> int:
     print(f"state:     {status['state']}")
     if status["reason"]:
         print("reason:    " + status["reason"].replace("\n", "\n           "))
-    total = "?" if status["total"] is None else status["total"]
+    total = status["total"] if status["planning_complete"] else f"{status['total']} planned so far"
     print(f"batches:   {status['completed']} done, {status['failed']} failed, "
-          f"{status['pending'] if status['pending'] is not None else '?'} pending, {total} total")
+          f"{status['pending']} pending, {total} total")
     if status["output"]:
         print(f"output:    {status['output']}")
     for err in status["errors"]:

@@ -22,7 +22,9 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
     driver_alive = ledger.lease_is_live(lease)
     if state is JobState.RUNNING and not driver_alive:
         state = JobState.INTERRUPTED
-    view = ledger.view()
+    manifest = ledger.read_manifest()
+    planned = manifest is not None
+    view = ledger.view(manifest if planned else ledger.read_manifest_prefix())  # counts so far while planning
     last_errors = []
     for batch in sorted(view.failed_batches())[:errors]:
         record = view.failed[batch][-1]
@@ -35,6 +37,7 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         "state": state.value,
         "reason": reason,
         **view.counts(),
+        "planning_complete": planned,
         "failed_items": view.failed_items(),
         "output": bind(spec).append_row_path,
         "driver": lease if driver_alive else None,

@@ -107,6 +107,8 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(tmp_path, po
         assert not output.exists()  # never a partial output file
     status = json.loads(run_cli(["status", job, "--json"]).stdout)
     assert status["state"] == "interrupted"
+    if point == "listing":  # status shows the plan so far
+        assert (status["planning_complete"], status["total"], status["completed"]) == (False, 1, 1)
     ran_before = executed(log)
     for p in log.iterdir():
         p.unlink()
