@@ -43,14 +43,15 @@ LAUNCHER = textwrap.dedent("""
                 yield name
         source.Source.files = slow_listing
     elif point == "assembly":  # half of the output written to its temp file
-        read_rows = ledger.Ledger.read_rows
+        write = outputs._TextSink.write
         calls = []
-        def crashing_read(self, record):
-            calls.append(record)
+        def crashing_write(self, data, batch):
+            calls.append(batch)
             if len(calls) == 3:
+                self.out.flush()
                 die()
-            return read_rows(self, record)
-        ledger.Ledger.read_rows = crashing_read
+            return write(self, data, batch)
+        outputs._TextSink.write = crashing_write
     elif point == "after-assembly":  # output published, state not yet written
         set_state = driver._set_state
         def crashing_set_state(ledger_, new, run, reason=""):
