@@ -125,11 +125,14 @@ class Source:
         return f"{self.root.rstrip('/')}/{name}"
 
     def url(self, name: str) -> str:
-        """What a user sees for a file: a local path, or a full URL for remote inputs."""
-        if self.is_local or is_url(name):
-            return self.fs_path(name)
-        protocol = self.desc["path"].split("://", 1)[0]
-        return f"{protocol}://{self.fs_path(name)}"
+        """What a user sees for a manifest name: a local path, or a full URL for remote inputs."""
+        return name if is_url(name) else self.url_of(self.fs_path(name))
+
+    def url_of(self, fs_path: str) -> str:
+        """The user-facing form of an fs path (the input's own protocol for remote inputs)."""
+        if self.is_local:
+            return fs_path
+        return f"{self.desc['path'].split('://', 1)[0]}://{fs_path}"
 
     def files(self) -> Iterator[str]:
         """Every input file as a name for the manifest, in a stable sorted order, streamed."""
@@ -168,11 +171,7 @@ class Source:
         root = self.root.rstrip("/") + "/"
         if fs_path.startswith(root):
             return fs_path[len(root):]
-        return fs_path if self.is_local else self.url_of_fs_path(fs_path)
-
-    def url_of_fs_path(self, fs_path: str) -> str:
-        protocol = self.desc["path"].split("://", 1)[0]
-        return f"{protocol}://{fs_path}"
+        return self.url_of(fs_path)
 
     def _walk(self, folder: str, prefix: str) -> Iterator[str]:
         # A folder's entries sorted with "/" after folder names: the walk then yields
@@ -207,8 +206,7 @@ class Source:
             out.append((name + ("/" if is_dir else ""), name, is_dir))
         return out
 
-    def url_of(self, fs_path: str) -> str:
-        return fs_path if self.is_local else self.url_of_fs_path(fs_path)
+
 
 
 def open_source(desc: dict, storage: dict) -> Source:
