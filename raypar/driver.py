@@ -258,7 +258,8 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
             total = len(manifest) if manifest is not None else "?"
             echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
                  else "raypar: planning mini-batches while running them")
-            reason, detail = _execute(ledger, session, run, pending, address, echo, interrupt, feed)
+            before = view if view is not None else ledger.view(feed.prefix)
+            reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed)
             if feed is not None:
                 feed.join()
                 manifest, feed = ledger.read_manifest(), None
@@ -329,13 +330,12 @@ def _make_output_folders(spec: JobSpec) -> None:
             os.makedirs(output.path, exist_ok=True)
 
 
-def _execute(ledger, session, run, pending, address, echo, interrupt, feed=None) -> tuple[str, str]:
+def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
     from . import cluster
     from .scheduler import Placement, Progress, Scheduler
 
     spec = session.spec
-    view = ledger.view(feed.prefix if feed is not None else None)
     w = spec.raypar.worker
     owned = cluster.connect(address, min_cpus=w.num_cpus * spec.max_concurrency_per_instance)
     try:

@@ -462,7 +462,8 @@ class Scheduler:
                        f"{spec.mini_batch_error_threshold}")
         elif spec.error_threshold >= 0 and p.failed_items > spec.error_threshold:
             self._stop(f"{p.failed_items} item(s) failed, more than error_threshold={spec.error_threshold}")
-        elif p.total and self.plan_complete and 100.0 * p.failed / p.total > spec.failed_percent_limit():  # Azure: once all are scheduled
+        elif p.total and self.plan_complete \
+                and 100.0 * p.failed / p.total > spec.failed_percent_limit():  # Azure: once all are planned
             self._stop(f"{p.failed} of {p.total} mini-batches failed ({100.0 * p.failed / p.total:.1f}%), "
                        f"more than allowed_failed_percent={spec.failed_percent_limit():g}")
 
