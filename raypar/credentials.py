@@ -20,6 +20,9 @@ from .errors import SpecError
 from .storage import _PACKAGE_FOR_PROTOCOL, azure_options_from_env, is_url
 
 _AZURE = ("az", "abfs", "abfss")
+# Option names that hold secrets: a spec may only give them as $VAR references.
+SECRET_WORDS = ("key", "secret", "token", "password", "sas", "connection_string", "credential")
+_ENV_REF_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$|^\$([A-Za-z_][A-Za-z0-9_]*)$")
 _SECRET_PATTERNS = [
     re.compile(r"(AccountKey=)[^;\s'\"]+", re.IGNORECASE),
     re.compile(r"(SharedAccessSignature=)[^;\s'\"]+", re.IGNORECASE),
@@ -33,8 +36,6 @@ def resolve_storage(spec_options: dict[str, dict[str, Any]]) -> dict[str, dict[s
     Azure protocols without options in the spec get them from the standard
     ``AZURE_STORAGE_*`` variables, so workers can authenticate too.
     """
-    from .spec import env_reference
-
     storage: dict[str, dict[str, Any]] = {}
     for protocol, options in spec_options.items():
         resolved = {}
@@ -52,6 +53,12 @@ def resolve_storage(spec_options: dict[str, dict[str, Any]]) -> dict[str, dict[s
     for protocol in _AZURE:
         storage.setdefault(protocol, azure)
     return storage
+
+
+def env_reference(value: str) -> Optional[str]:
+    """The variable a ``$NAME`` / ``${NAME}`` value names, or None for a literal."""
+    match = _ENV_REF_RE.match(value.strip()) if isinstance(value, str) else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def protocol_of(url: str) -> str:
@@ -79,12 +86,10 @@ def open_fs(url: str, storage: Optional[dict]):
 
 
 def secret_values(storage: Optional[dict]) -> list[str]:
-    from .spec import _SECRET_WORDS
-
     values = []
     for options in (storage or {}).values():
         for key, value in options.items():
-            if isinstance(value, str) and len(value) >= 6 and any(w in key.lower() for w in _SECRET_WORDS):
+            if isinstance(value, str) and len(value) >= 6 and any(w in key.lower() for w in SECRET_WORDS):
                 values.append(value)
     return values
 

@@ -84,8 +84,11 @@ class _Session:
 
 def check_files(spec: JobSpec) -> _Session:
     """Fail before anything is written when the code or the input is missing or unusable."""
+    if is_url(spec.task.code):
+        raise SpecError(f"task.code: {spec.task.code}: must be a local folder (workers import the entry script "
+                        f"from the same path on every node)")
     entry = bind(spec).entry_script_path
-    if not is_url(entry) and not os.path.isfile(entry):
+    if not os.path.isfile(entry):
         raise SpecError(f"task.entry_script: {entry} not found")
     storage = resolve_storage(spec.raypar.storage_options)
     return _Session(spec, check_input(spec, storage), storage)
@@ -269,7 +272,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
             if reason:
                 return reason, detail, view
             if manifest is None:
-                return "planning did not finish", "", view
+                return "planning did not finish", "", view  # (a planning error is the scheduler's reason)
         if not target:
             return "", "", view
         try:

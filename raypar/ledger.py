@@ -100,7 +100,9 @@ class LedgerView:
             sum(r.failed_items for r in self.done.values())
         sizes = 0
         if self.manifest is not None:
-            sizes = sum(self.manifest[ordinal_of(b)].item_count for b in self.failed_batches())
+            for b in self.failed_batches():
+                known = [r.items for r in self.failed[b] if r.items is not None]
+                sizes += known[-1] if known else self.manifest[ordinal_of(b)].item_count
         return done + sizes
 
     def failed_batches(self) -> set[str]:

@@ -101,6 +101,7 @@ class FailedRecord:
     node: Optional[str] = None
     worker: Optional[str] = None
     started: Optional[float] = None
+    items: Optional[int] = None  # rows of a table batch, once read (the manifest may not know them)
 
 
 class DoneWriter:

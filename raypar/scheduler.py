@@ -230,6 +230,8 @@ class Scheduler:
         return self.stop_reason
 
     def _finished(self) -> bool:
+        if self.feed is not None and self.feed.error:
+            self._stop(self.feed.error)  # a planning error is the reason, even before any batch ran
         if self.stop_reason is not None:
             return True
         return not self.queue and not self.calls and (self.feed is None or self.feed.exhausted)
@@ -356,7 +358,8 @@ class Scheduler:
             self.progress.failed_items += max(answer["items"] - answer["returned"], 0)
             self._check_thresholds()
         else:
-            self._on_user_failure(call, answer["error"], "user", slot, started=answer.get("started"))
+            self._on_user_failure(call, answer["error"], "user", slot, started=answer.get("started"),
+                                  items=answer.get("items"))
 
     def _pop_call(self, slot: Slot, call: Call, now: float) -> None:
         if call.started is not None:
@@ -366,20 +369,21 @@ class Scheduler:
             slot.calls[0].started = now
 
     def _on_user_failure(self, call: Call, error: str, kind: str, slot: Slot,
-                         started: Optional[float] = None) -> None:
+                         started: Optional[float] = None, items: Optional[int] = None) -> None:
         batch = call.batch
         self.tries[batch.id] += 1
         final = self.tries[batch.id] >= self.spec.max_tries
         self.ledger.record_failed(FailedRecord(
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
-            final=final, node=slot.node, worker=slot.worker_name, started=started or call.started,
+            final=final, node=slot.node, worker=slot.worker_name, started=started or call.started, items=items,
         ))
         last_line = error.strip().splitlines()[-1] if error.strip() else error
         log.warning("%s failed on %s (try %d of %d): %s", batch.id, slot.label,
                     self.tries[batch.id], self.spec.max_tries, last_line)
         if final:
             self.progress.failed += 1
-            self.progress.failed_items += batch.item_count
+            # Table batches cut by bytes learn their row count when read: the worker reports it.
+            self.progress.failed_items += items if items is not None else batch.item_count
             self._check_thresholds()
         else:
             self.queue.appendleft((batch, 0))  # retry soon, so thresholds are known early

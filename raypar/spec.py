@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from .credentials import SECRET_WORDS, env_reference
 from .errors import SpecError
 from .storage import is_url
 
@@ -148,16 +149,6 @@ class WorkerResources(_Model):
         return None if self.memory is None else parse_bytes(self.memory)
 
 
-_ENV_REF_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$|^\$([A-Za-z_][A-Za-z0-9_]*)$")
-_SECRET_WORDS = ("key", "secret", "token", "password", "sas", "connection_string", "credential")
-
-
-def env_reference(value: str) -> Optional[str]:
-    """The variable a ``$NAME`` / ``${NAME}`` value names, or None for a literal."""
-    match = _ENV_REF_RE.match(value.strip()) if isinstance(value, str) else None
-    return (match.group(1) or match.group(2)) if match else None
-
-
 class RayparSpec(_Model):
     """The ``raypar:`` block: settings Azure does not have."""
 
@@ -177,7 +168,7 @@ class RayparSpec(_Model):
         # The spec is copied into the job dir: a secret written here would sit there in clear text.
         for protocol, options in value.items():
             for key, item in options.items():
-                secret = any(word in key.lower() for word in _SECRET_WORDS)
+                secret = any(word in key.lower() for word in SECRET_WORDS)
                 if secret and not (isinstance(item, str) and env_reference(item)):
                     raise ValueError(
                         f"{protocol}.{key}: secrets are not written in specs (the job dir keeps a copy); "

@@ -47,10 +47,15 @@ def stage_outputs(argv: list[str], outputs: list[str], storage: dict) -> tuple[l
     out = []
     for arg in argv:
         for s in staged:
-            if arg == s.url or arg.startswith(s.url + "/"):
+            if _names(arg, s.url):
                 arg = s.local + arg[len(s.url):]
-            elif "=" in arg and arg.split("=", 1)[1].startswith(s.url):  # --out=az://...
+            elif "=" in arg and _names(arg.split("=", 1)[1], s.url):  # --out=az://...
                 flag, value = arg.split("=", 1)
                 arg = f"{flag}={s.local}{value[len(s.url):]}"
         out.append(arg)
     return out, staged
+
+
+def _names(value: str, url: str) -> bool:
+    """``value`` is the output URL or a path inside it (az://c/out2 is not inside az://c/out)."""
+    return value == url or value.startswith(url + "/")

@@ -143,10 +143,10 @@ class Worker:
             self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:
             self._mark(f"end {batch.id} attempt {attempt}: failed")
-            return {**base, "ok": False, "error": redact(f"ResultError: {exc}", self.plan["storage"])}
+            return {**base, "ok": False, "items": items, "error": redact(f"ResultError: {exc}", self.plan["storage"])}
         except BaseException as exc:  # noqa: BLE001
             self._mark(f"end {batch.id} attempt {attempt}: failed")
-            return {**base, "ok": False, "error": self._error_text(exc)}
+            return {**base, "ok": False, "items": items, "error": self._error_text(exc)}
         finally:
             cleanup(temp)
         record = DoneRecord(
@@ -185,7 +185,10 @@ def _takes_two_arguments(run) -> bool:
     except (TypeError, ValueError):
         return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+    if len(positional) >= 2:  # an optional second argument gets it only if it is named for it
+        second = positional[1]
+        return second.default is second.empty or "context" in second.name
+    return any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 class _Tee:

@@ -124,3 +124,19 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(tmp_path, po
         assert len(ran_before) == 5  # the crash came after every batch was done once
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     assert os.listdir(output.parent) == [output.name]  # no temp file left behind
+
+
+def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(tmp_path):
+    files, log, spec_path = job_files(tmp_path)
+    job = str(tmp_path / "job")
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point="listing")
+    assert crashed.returncode == 9, crashed.stderr
+    (tmp_path / "data" / "f00.txt").unlink()  # the first batch is planned differently now
+
+    resumed = run_cli(["resume", job])
+
+    assert resumed.returncode == 1
+    status = json.loads(run_cli(["status", job, "--json"]).stdout)
+    assert status["state"] == "failed"
+    assert "planning failed: the input changed since this job started planning (mb-0000000 differs)" \
+        in status["reason"]

@@ -561,7 +561,8 @@ def counts(status: dict) -> tuple:
 def test_status_of_a_new_job(tmp_path):
     ledger = status_ledger(tmp_path, planned_count=None)
     status = job_status(ledger.url)
-    assert counts(status) == ("created", None, 0, 0, None)
+    assert counts(status) == ("created", 0, 0, 0, 0)  # nothing planned so far
+    assert status["planning_complete"] is False
     assert status["name"] == "status-test"
     assert status["job_id"] == ledger.load_job()["job_id"]
     assert status["output"] == str(tmp_path / "out.txt")

@@ -1016,3 +1016,28 @@ def test_listing_is_sorted_full_path_order_remote(memory_root):
     assert list(open_source(check_input(job(url)), {}).files()) == sorted(TRICKY_TREE)
     # and the batches follow it
     assert [n for b in plan(job(url, size=4)) for n in b.payload["files"]] == sorted(TRICKY_TREE)
+
+
+# -- edge cases found while documenting ----------------------------------------------------------
+
+
+def test_keep_columns_with_a_partition_key_inside_the_data(tmp_path):
+    df = make_rows(30)
+    df["region"] = ["north" if i % 3 else "south" for i in range(30)]
+    write_csv(tmp_path / "t" / "a.csv", df)
+    batches, out = run_all(delimited(tmp_path / "t", keys=["region"], keep_columns=["id"]))
+    for frame, ctx in out:
+        assert list(frame.columns) == ["id"]  # the key column filtered the rows, then was dropped
+        expected = df[df["region"] == ctx.partition_key_value["region"]]["id"].tolist()
+        assert frame["id"].tolist() == expected
+
+
+@pytest.mark.parametrize("encoding, codec", [("utf16", "utf-16"), ("utf32", "utf-32")])
+def test_utf16_and_utf32_csv_are_read_whole_with_their_header(tmp_path, encoding, codec):
+    df = make_rows(200)
+    write_csv(tmp_path / "t" / "a.csv", df, encoding=codec)
+    frames = frames_of(delimited(tmp_path / "t", size="1kb", encoding=encoding))
+    assert len(frames) == 1  # a newline is not one byte: never cut
+    assert_same_rows(frames, df)
+    text = frames_of(delimited(tmp_path / "t", encoding=encoding, infer_column_types=False))[0]
+    assert text["id"].tolist() == [str(i) for i in range(200)]

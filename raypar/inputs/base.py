@@ -150,8 +150,10 @@ class BatchReader:
         tables = []
         for piece in batch.payload["pieces"]:
             keys = tuple(batch.payload.get("filter") or ())  # read as text, as when planning
-            table = tabular.read_piece(source, piece, desc["keep_columns"] if not self._partition_format else None,
-                                       text_columns=keys)
+            columns = None
+            if desc["keep_columns"] and not self._partition_format:  # the keys are needed to keep the rows
+                columns = [*desc["keep_columns"], *(k for k in keys if k not in desc["keep_columns"])]
+            table = tabular.read_piece(source, piece, columns, text_columns=keys)
             if self._partition_format is not None:  # MLTable partition columns join the data, as in Azure
                 for column, value in (self._partition_format.extract(piece["file"]) or {}).items():
                     if column not in table.column_names:

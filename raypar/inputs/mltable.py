@@ -82,10 +82,12 @@ class MLTableDef:
 _CHOICES = {"header": HEADERS, "encoding": ENCODINGS, "invalid_lines": ("error", "drop")}
 _IS_BOOL = (lambda v: isinstance(v, bool), "true or false")
 _KINDS = {  # option: (is the value valid, what Azure's schema expects)
-    "delimiter": (lambda v: isinstance(v, str) and 1 <= len(v) <= 2, "1 or 2 characters"),
+    # Azure allows 2 characters; raypar's CSV reader (pyarrow) takes one.
+    "delimiter": (lambda v: isinstance(v, str) and len(v) == 1, "one character (raypar does not read 2)"),
     "empty_as_string": _IS_BOOL, "include_path_column": _IS_BOOL, "support_multi_line": _IS_BOOL,
-    "infer_column_types": (lambda v: isinstance(v, bool) or (isinstance(v, dict) and set(v) <= {
-        "sample_size", "column_type_overrides"}), "true, false or {sample_size, column_type_overrides}"),
+    # {sample_size, column_type_overrides} is not applied by raypar: refused, never silently skipped.
+    "infer_column_types": (lambda v: isinstance(v, bool), "true or false (raypar does not apply "
+                           "sample_size or column_type_overrides: convert types in run())"),
     "path_column": (lambda v: isinstance(v, str) and v != "", "a column name"),
     "partition_size": (lambda v: type(v) is int and v > 0, "a positive integer"),
 }

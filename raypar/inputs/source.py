@@ -45,6 +45,9 @@ def describe(spec: JobSpec, storage: dict) -> dict:
                             "read": {}, "partition_format": None, "keep_columns": None, "drop_columns": None,
                             "entries": None}
     if data.type == "mltable":
+        if spec.raypar.input_format:
+            raise SpecError(f"raypar.input_format applies to uri_folder and uri_file inputs; {where} is an "
+                            f"MLTable, whose read_* step gives the format")
         _describe_mltable(desc, fs, path, where)
     else:
         _check_exists(fs, path, data.type, data.path, f"{where}.path")
@@ -147,7 +150,11 @@ class Source:
             yield from self._entry_files(entry)
 
     def _entry_files(self, entry: dict) -> Iterator[str]:
-        target = self._to_fs_path(entry["value"])
+        value = entry["value"]
+        if not self._on_this_store(value):
+            raise SpecError(f"{self.desc['path']}/MLTable: path {value} is on another storage than the MLTable "
+                            f"itself; raypar reads an MLTable's paths from the MLTable's own storage")
+        target = self._to_fs_path(value)
         if entry["kind"] == "file":
             if not self.fs.isfile(target):
                 raise SpecError(f"{self.desc['path']}/MLTable: file {entry['value']} not found")
@@ -162,6 +169,12 @@ class Source:
             if not matches:
                 raise SpecError(f"{self.desc['path']}/MLTable: pattern {entry['value']} matches no file")
             yield from (self._name(p) for p in matches)
+
+    def _on_this_store(self, value: str) -> bool:
+        if not is_url(value):
+            return self.is_local
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return value.split("://", 1)[0] in protocols
 
     def _to_fs_path(self, value: str) -> str:
         return self.fs._strip_protocol(value) if is_url(value) else value

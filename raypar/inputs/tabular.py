@@ -141,6 +141,14 @@ def _text_pieces(source: Source, name: str, fmt: str, size: Optional[int]) -> It
         total = source.fs.size(path)
     except FileNotFoundError:
         raise SpecError(f"{source.url(name)}: input file not found") from None
+    if read.get("encoding") in _UNCUTTABLE:  # a newline is not one byte: the file is one piece, header inside
+        if fmt == "csv" and read.get("header") == "from_first_file":
+            raise SpecError(f"{source.url(name)}: header from_first_file is not supported with encoding "
+                            f"{read['encoding']}; use all_files_same_headers or no_header")
+        if total:
+            yield {"file": name, "bytes": [0, total], "format": fmt,
+                   "embedded_header": read.get("header", "all_files_same_headers") != "no_header"}
+        return
     with source.fs.open(path, "rb") as f:
         start, header = 0, {}
         if fmt == "csv":
@@ -217,7 +225,8 @@ def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None,
     if piece.get("header"):
         header_file = source.fs_path(piece.get("header_file", piece["file"]))
         header = source.fs.cat_file(header_file, start=0, end=piece["header"])
-    return _parse_csv(header, data, source.desc["read"], source.url(piece["file"]), columns, text_columns)
+    return _parse_csv(header, data, source.desc["read"], source.url(piece["file"]), columns, text_columns,
+                      embedded_header=piece.get("embedded_header", False))
 
 
 def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns):
@@ -235,7 +244,8 @@ def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns)
     return table.slice(start - (first or 0), end - start)
 
 
-def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text_columns=()):
+def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text_columns=(),
+               embedded_header: bool = False):
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -245,12 +255,12 @@ def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text
         header = header[3:]
     if data.startswith(b"\xef\xbb\xbf"):  # a headerless file's first piece (utf8bom, Excel exports)
         data = data[3:]
-    no_header = not header
+    no_header = not header and not embedded_header
     reading = pcsv.ReadOptions(encoding=encoding, autogenerate_column_names=no_header)
     parsing = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=bool(read.get("support_multi_line")))
     empty_is_null = not read.get("empty_as_string", False)
     try:
-        as_text = _text_types(header or data.split(b"\n", 1)[0], reading, parsing, read, text_columns, no_header)
+        as_text = _text_types(header + data, reading, parsing, read, text_columns, no_header)
         table = pcsv.read_csv(
             io.BytesIO(header + data), read_options=reading, parse_options=parsing,
             convert_options=pcsv.ConvertOptions(strings_can_be_null=empty_is_null, column_types=as_text,
@@ -267,14 +277,14 @@ def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text
     return table
 
 
-def _text_types(first_line: bytes, reading, parsing, read: dict, text_columns, no_header: bool) -> dict:
+def _text_types(data: bytes, reading, parsing, read: dict, text_columns, no_header: bool) -> dict:
     """Columns to read as strings: all of them when types are not inferred, else ``text_columns``."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
     if read.get("infer_column_types") is not False and not text_columns:
         return {}
-    names = pcsv.read_csv(io.BytesIO(first_line + b"\n"), read_options=reading, parse_options=parsing).column_names
+    names = pcsv.open_csv(io.BytesIO(data), read_options=reading, parse_options=parsing).schema.names  # 1st block
     if read.get("infer_column_types") is False:
         return {name: pa.string() for name in names}
     wanted = {f"Column{i + 1}": n for i, n in enumerate(names)} if no_header else {n: n for n in names}
