@@ -102,7 +102,7 @@ class LedgerView:
         if self.manifest is not None:
             for b in self.failed_batches():
                 known = [r.items for r in self.failed[b] if r.items is not None]
-                sizes += known[-1] if known else self.manifest[ordinal_of(b)].item_count
+                sizes += max(known) if known else self.manifest[ordinal_of(b)].item_count
         return done + sizes
 
     def failed_batches(self) -> set[str]:

@@ -42,7 +42,7 @@ def attempt_rows(view: LedgerView) -> list[dict]:
         for r in records:
             rows.append({"batch": r.batch, "run": r.run, "attempt": r.attempt,
                          "status": STATUS_OF_KIND.get(r.kind, r.kind), "node": r.node, "worker": r.worker,
-                         "started": r.started, "seconds": "", "items": items,
+                         "started": r.started, "seconds": "", "items": r.items if r.items is not None else items,
                          "succeeded": 0, "error": one_line(r.error)})
     rows.sort(key=lambda row: (row["batch"], row["run"], row["attempt"]))
     for row in rows:

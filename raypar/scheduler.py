@@ -208,6 +208,7 @@ class Scheduler:
         self.tries: dict[str, int] = collections.Counter()  # user tries spent this session
         self.system_failures: dict[str, int] = collections.Counter()
         self.attempts: dict[str, int] = collections.Counter()
+        self.rows_seen: dict[str, int] = {}  # rows of table batches, as their tries read them
         self.stop_reason: Optional[str] = None
         self.stop_detail: str = ""
         self.last_init_error: Optional[str] = None
@@ -371,6 +372,8 @@ class Scheduler:
     def _on_user_failure(self, call: Call, error: str, kind: str, slot: Slot,
                          started: Optional[float] = None, items: Optional[int] = None) -> None:
         batch = call.batch
+        if items is not None:  # the most any try read: a try that failed while reading reports nothing
+            self.rows_seen[batch.id] = max(items, self.rows_seen.get(batch.id, 0))
         self.tries[batch.id] += 1
         final = self.tries[batch.id] >= self.spec.max_tries
         self.ledger.record_failed(FailedRecord(
@@ -383,7 +386,7 @@ class Scheduler:
         if final:
             self.progress.failed += 1
             # Table batches cut by bytes learn their row count when read: the worker reports it.
-            self.progress.failed_items += items if items is not None else batch.item_count
+            self.progress.failed_items += self.rows_seen.get(batch.id, batch.item_count)
             self._check_thresholds()
         else:
             self.queue.appendleft((batch, 0))  # retry soon, so thresholds are known early

@@ -134,16 +134,17 @@ class Worker:
                 "started": started}
         self._mark(f"begin {batch.id} attempt {attempt}")
         temp = None
-        items = batch.item_count
+        items = None  # a table batch cut by bytes knows its rows only once read
         try:
             mini_batch, context, temp = self.reader.read(batch)
-            items = len(mini_batch) if batch.kind == "table" else items  # rows are known once read
+            items = len(mini_batch) if batch.kind == "table" else batch.item_count
             result = self.module.run(mini_batch, context) if self.wants_context else self.module.run(mini_batch)
             returned, rows = count_and_serialize(result, self.with_rows, self.plan["append_row_format"])
             self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:
             self._mark(f"end {batch.id} attempt {attempt}: failed")
-            return {**base, "ok": False, "items": items, "error": redact(f"ResultError: {exc}", self.plan["storage"])}
+            error = redact(f"ResultError: {exc}", self.plan["storage"])
+            return {**base, "ok": False, "items": items, "error": error}
         except BaseException as exc:  # noqa: BLE001
             self._mark(f"end {batch.id} attempt {attempt}: failed")
             return {**base, "ok": False, "items": items, "error": self._error_text(exc)}

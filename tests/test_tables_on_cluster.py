@@ -9,6 +9,7 @@ import pytest
 
 import raypar
 from raypar.state import JobState
+from raypar.status import job_status
 
 from conftest import make_spec, quiet
 
@@ -130,3 +131,26 @@ def test_append_row_formats_hold_exactly_the_returned_rows_with_their_columns(ra
     assert list(out.columns) == ["id", "double"]  # a header / schema, unlike Azure's text
     assert out["id"].tolist() == source["id"].tolist()
     assert out["double"].tolist() == (source["x"] * 2).tolist()
+
+
+def test_a_failed_csv_batch_counts_its_rows_as_failed_items(ray_cluster, tmp_path):
+    # CSV batches are cut by bytes: their row count is known only once read, never from the plan.
+    data = tmp_path / "data"
+    data.mkdir()
+    table(0, 3000).to_csv(data / "a.csv", index=False)
+    spec = table_spec(tmp_path, mini_batch_size="16kb", **{
+        "task.program_arguments": f"--exec-log {tmp_path / 'exec'} --fail-id 1500",
+        "retry_settings.max_retries": 0})
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1  # thresholds are -1: skipped
+    status = job_status(str(tmp_path / "job"))
+    runs = executions(tmp_path)
+    out = pd.read_csv(tmp_path / "out" / "parallel_run_step.txt", sep=" ", header=None, names=["id", "double"])
+    failed_rows = 3000 - len(out)
+    assert 0 < failed_rows == status["failed_items"] == sum(runs.values()) - len(out)
+
+    spec["error_threshold"] = failed_rows - 1  # the same job with a budget one row short fails
+    strict = raypar.run(spec, job_dir=str(tmp_path / "job2"), echo=quiet)
+    assert strict.state is JobState.FAILED and f"{failed_rows} item(s) failed" in strict.reason

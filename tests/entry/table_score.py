@@ -2,6 +2,7 @@
 
 Options (parse_known_args, as Azure requires):
   --exec-log DIR   write DIR/<mini-batch id> holding the number of rows, per run() call
+  --fail-id N      run() raises for the batch holding row id N
 Returns one row per input row: id, double (= 2 * x), and the partition key values.
 """
 
@@ -15,6 +16,7 @@ def init():
     global args
     parser = argparse.ArgumentParser()
     parser.add_argument("--exec-log")
+    parser.add_argument("--fail-id", type=int)
     args, _ = parser.parse_known_args()
 
 
@@ -23,6 +25,8 @@ def run(mini_batch, mini_batch_context):
     if args.exec_log:
         with open(os.path.join(args.exec_log, f"{mini_batch_context.mini_batch_id}-{os.getpid()}"), "w") as f:
             f.write(str(len(mini_batch)))
+    if args.fail_id is not None and (mini_batch["id"] == args.fail_id).any():
+        raise ValueError(f"row {args.fail_id} is bad")
     out = pd.DataFrame({"id": mini_batch["id"].to_numpy(), "double": (mini_batch["x"] * 2).to_numpy()})
     for key, value in mini_batch_context.partition_key_value.items():
         out[f"key_{key}"] = value
