@@ -17,6 +17,7 @@ never sits on work others could take.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ class Placement:
         self.spec, self.job_url, self.run, self.owned = spec, job_url, run, owned_cluster
         self.pg = None
         self.plan = plan  # spec.worker_plan()
-        self._remote = ray.remote(Worker)
+        self._remote = _worker_actor()
 
     def bundle(self) -> dict[str, float]:
         w, n = self.spec.raypar.worker, self.spec.max_concurrency_per_instance
@@ -173,6 +174,12 @@ class Placement:
             except Exception as exc:  # the cluster may already be gone
                 log.debug("removing placement group failed: %s", exc)
             self.pg = None
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_actor():
+    """The actor class, made once per process: Ray exports (pickles) a class per ray.remote() call."""
+    return ray.remote(Worker)
 
 
 def _fmt(bundle: dict[str, float]) -> str:
