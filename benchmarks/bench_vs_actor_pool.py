@@ -42,6 +42,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray  # noqa: E402
 
 import raypar  # noqa: E402
+from common import load_average, run_raypar, wait_for_free_cpus  # noqa: E402
 
 TARGET_RATIO = 0.80
 
@@ -160,21 +161,11 @@ def raypar_spec(inputs: str, code: str, output: str, files_per_batch: int) -> di
     }
 
 
-def run_raypar(spec: dict, job_dir: str, verbose: bool):
-    echo = (lambda line: print(f"    {line}", flush=True)) if verbose else (lambda line: None)
-    return raypar.run(spec, job_dir=job_dir, echo=echo)
 
 
 # -- helpers -----------------------------------------------------------------
 
 
-def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
-    """Killed actors give their CPUs back asynchronously: start each phase on an idle cluster."""
-    deadline = time.time() + timeout
-    while ray.available_resources().get("CPU", 0) < want:
-        if time.time() > deadline:
-            raise RuntimeError(f"CPUs not released after {timeout:.0f}s: {ray.available_resources()}")
-        time.sleep(0.05)
 
 
 def read_rows(path: str) -> list[str]:
@@ -182,11 +173,6 @@ def read_rows(path: str) -> list[str]:
         return f.read().splitlines()
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def rate_line(label: str, batches: int, seconds: float) -> str:
@@ -275,7 +261,7 @@ def main(argv=None) -> int:
         verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
         print(f"ratio raypar/bare = {ratio:.2f} (target >= {TARGET_RATIO:.2f}: {verdict})")
         print(f"rows: {'OK' if ok else 'MISMATCH'} ({n_rows} expected per run)")
-        print(f"load average (1/5/15 min) at the end: {_load()} on {os.cpu_count()} CPUs "
+        print(f"load average (1/5/15 min) at the end: {load_average()} on {os.cpu_count()} CPUs "
               f"(anything else running makes these numbers noisy)")
     finally:
         if ray.is_initialized():

@@ -62,6 +62,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
 import raypar  # noqa: E402
+from common import load_average, run_raypar, wait_for_free_cpus  # noqa: E402
 
 TARGET_RATIO = 1.0
 MIB = 1024 * 1024
@@ -353,9 +354,6 @@ def raypar_spec(inputs: str, code: str, output: str, fmt: str, batch: str, profi
     }
 
 
-def run_raypar(spec: dict, job_dir: str, verbose: bool):
-    echo = (lambda line: print(f"    {line}", flush=True)) if verbose else (lambda line: None)
-    return raypar.run(spec, job_dir=job_dir, echo=echo)
 
 
 # -- checks ----------------------------------------------------------------------------------------------------------
@@ -404,20 +402,8 @@ def check_output(label: str, path: str, fmt: str, expected: Expected, ordered: b
 # -- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
-    """Finished actors and tasks give their CPUs back asynchronously: start each phase on an idle cluster."""
-    deadline = time.time() + timeout
-    while ray.available_resources().get("CPU", 0) < want:
-        if time.time() > deadline:
-            raise RuntimeError(f"CPUs not released after {timeout:.0f}s: {ray.available_resources()}")
-        time.sleep(0.05)
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 class CpuMeter:
@@ -725,7 +711,7 @@ def main(argv=None) -> int:
         if args.profile:
             ok = profile_raypar(inputs, code, root, fmt, args.mini_batch_size, expected, args.verbose) and ok
         print(f"rows: {'OK' if ok else 'MISMATCH'} ({expected.rows:,} expected in every output, ids and scores checked)")
-        print(f"load average (1/5/15 min) at the end: {_load()} on {os.cpu_count()} CPUs "
+        print(f"load average (1/5/15 min) at the end: {load_average()} on {os.cpu_count()} CPUs "
               f"(anything else running makes these numbers noisy)")
     finally:
         if ray.is_initialized():

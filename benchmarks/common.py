@@ -1,0 +1,31 @@
+"""Helpers shared by the benchmark scripts (run them as `python benchmarks/<script>.py`)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+
+import raypar
+
+
+def run_raypar(spec: dict, job_dir: str, verbose: bool):
+    echo = (lambda line: print(f"    {line}", flush=True)) if verbose else (lambda line: None)
+    return raypar.run(spec, job_dir=job_dir, echo=echo)
+
+
+def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
+    """Finished actors and tasks give their CPUs back asynchronously: start each phase on an idle cluster."""
+    deadline = time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < want:
+        if time.time() > deadline:
+            raise RuntimeError(f"CPUs not released after {timeout:.0f}s: {ray.available_resources()}")
+        time.sleep(0.05)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
