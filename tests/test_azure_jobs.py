@@ -89,8 +89,10 @@ def test_table_job_on_azure_blob_reads_ranges_and_writes_one_output(ray_cluster,
     spec = make_spec(tmp_path, {}, **{
         "inputs.data": {"type": "uri_folder", "path": f"az://{container}/tables"},
         "outputs.out": {"type": "uri_folder", "path": f"az://{container}/scores"},
+        # a folder output the entry script writes files into, as into Azure's mounted outputs
+        "outputs.side": {"type": "uri_folder", "path": f"az://{container}/side"},
         "mini_batch_size": "20kb", "task.entry_script": "table_score.py",
-        "task.program_arguments": f"--exec-log {tmp_path / 'exec'}",
+        "task.program_arguments": f"--exec-log {tmp_path / 'exec'} --side-dir ${{{{outputs.side}}}}",
     })
 
     outcome = raypar.run(spec, job_dir=f"az://{container}/jobs/t", echo=quiet)
@@ -99,6 +101,11 @@ def test_table_job_on_azure_blob_reads_ranges_and_writes_one_output(ray_cluster,
     assert outcome.total > 4
     text = fs.cat_file(f"{container}/scores/parallel_run_step.txt").decode().splitlines()
     assert [int(line.split()[0]) for line in text] == list(range(20_000))
+    # each worker's local stand-in for az://.../side was uploaded before its batches counted done
+    side = sorted(fs.ls(f"{container}/side"))
+    assert [p.rsplit("/", 1)[1] for p in side] == [f"mb-{i:07d}.csv" for i in range(outcome.total)]
+    ids = [int(v) for p in side for v in fs.cat_file(p).decode().split()[1:]]
+    assert ids == list(range(20_000))
 
 
 def test_wrong_credentials_are_one_line_exit_nonzero_and_nothing_written(ray_cluster, azurite, tmp_path):

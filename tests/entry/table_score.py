@@ -3,6 +3,7 @@
 Options (parse_known_args, as Azure requires):
   --exec-log DIR   write DIR/<mini-batch id> holding the number of rows, per run() call
   --fail-id N      run() raises for the batch holding row id N
+  --side-dir DIR   run() also writes DIR/<mini-batch id>.csv with the ids it got (an output folder)
 Returns one row per input row: id, double (= 2 * x), and the partition key values.
 """
 
@@ -17,6 +18,7 @@ def init():
     parser = argparse.ArgumentParser()
     parser.add_argument("--exec-log")
     parser.add_argument("--fail-id", type=int)
+    parser.add_argument("--side-dir")
     args, _ = parser.parse_known_args()
 
 
@@ -27,6 +29,8 @@ def run(mini_batch, mini_batch_context):
             f.write(str(len(mini_batch)))
     if args.fail_id is not None and (mini_batch["id"] == args.fail_id).any():
         raise ValueError(f"row {args.fail_id} is bad")
+    if args.side_dir:
+        mini_batch[["id"]].to_csv(os.path.join(args.side_dir, f"{mini_batch_context.mini_batch_id}.csv"), index=False)
     out = pd.DataFrame({"id": mini_batch["id"].to_numpy(), "double": (mini_batch["x"] * 2).to_numpy()})
     for key, value in mini_batch_context.partition_key_value.items():
         out[f"key_{key}"] = value
