@@ -939,7 +939,7 @@ def test_memory_download_mode_gives_local_copies_in_a_temp_folder(memory_root, t
     assert seen == MEMORY_FILES
 
 
-def test_memory_ro_mount_caches_files_and_reuses_them(memory_root, tmp_path, monkeypatch):
+def test_memory_ro_mount_caches_files_reuses_them_and_refetches_changed_ones(memory_root, tmp_path, monkeypatch):
     fs, url, root = memory_root
     monkeypatch.setenv("RAYPAR_CACHE_DIR", str(tmp_path / "cache"))
     _fill(fs, root, MEMORY_FILES)
@@ -951,11 +951,15 @@ def test_memory_ro_mount_caches_files_and_reuses_them(memory_root, tmp_path, mon
     assert all(p.startswith(str(tmp_path / "cache") + os.sep) for p in paths)
     assert sorted(Path(p).read_bytes() for p in paths) == sorted(MEMORY_FILES.values())
 
-    for name in MEMORY_FILES:  # change the remote: a second read (a retry, another worker) uses the cache
+    fetched = {p: os.stat(p).st_ino for p in paths}
+    again, _, _ = BatchReader(desc).read(batch)  # a retry, another worker: the cached copies, not fetched again
+    assert again == paths and {p: os.stat(p).st_ino for p in again} == fetched
+
+    for name in MEMORY_FILES:  # the remote changed (a later job): never the stale copy
         fs.pipe(f"{root}/{name}", b"changed")
-    again, _, _ = BatchReader(desc).read(batch)
-    assert again == paths
-    assert sorted(Path(p).read_bytes() for p in again) == sorted(MEMORY_FILES.values())
+    changed, _, _ = BatchReader(desc).read(batch)
+    assert changed == paths
+    assert [Path(p).read_bytes() for p in changed] == [b"changed"] * len(paths)
 
 
 def test_default_mode_is_ro_mount(memory_root, tmp_path, monkeypatch):

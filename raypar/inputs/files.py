@@ -5,7 +5,9 @@ input's ``mode``, as Azure does: ``direct`` passes the URIs; ``download``
 copies the batch's files to a temporary folder on the worker, removed after
 ``run()`` returns; ``ro_mount`` (the default) fetches each file on first use
 into a cache folder shared by the node's workers and kept for later batches,
-retries and other workers -- what a mount with a local file cache does.
+retries and other workers -- what a mount with a local file cache does. A
+cached file is used only while the remote one is unchanged (etag, or size and
+modification time): a later job never reads stale data.
 """
 
 from __future__ import annotations
@@ -60,10 +62,23 @@ class FileFetcher:
         return [self._cached(n) for n in names], None
 
     def _cached(self, name: str) -> str:
+        """The cached copy, fetched again when the remote file changed (its etag, or size and time)."""
         target = os.path.join(self.cache, _local_name(name))
-        if os.path.exists(target):
-            return target
-        return self._fetch(name, target)
+        marker = os.path.join(self.cache, ".versions", _local_name(name))
+        version = _version(self.source.fs.info(self.source.fs_path(name)))
+        try:
+            with open(marker) as f:
+                if f.read() == version and os.path.exists(target):
+                    return target
+        except FileNotFoundError:
+            pass
+        self._fetch(name, target)
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        tmp = f"{marker}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            f.write(version)
+        os.replace(tmp, marker)  # written after the file: a crash in between only costs a fetch
+        return target
 
     def _fetch(self, name: str, target: str) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -75,6 +90,15 @@ class FileFetcher:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return target
+
+
+def _version(info: dict) -> str:
+    """What changes when a remote file changes: its etag, else its size and modification time."""
+    etag = info.get("etag") or info.get("ETag")
+    if etag:
+        return f"etag:{etag}"
+    when = next((info[k] for k in ("mtime", "last_modified", "LastModified", "updated", "created") if info.get(k)), "")
+    return f"size:{info.get('size')} time:{when}"
 
 
 def _local_name(name: str) -> str:
