@@ -36,14 +36,15 @@ def executions(log_dir):
     return sorted(tuple(p.read_text().split()) for p in log_dir.iterdir())
 
 
-def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster, blob, tmp_path):
+@pytest.mark.parametrize("mode", ["ro_mount", "download"])
+def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster, blob, tmp_path, mode):
     container, fs = blob
     files = {f"f{i:02d}.txt": ("bad " if i == 7 else "") + f"value {i}" for i in range(12)}
     upload(fs, container, files)
     log, fixed = tmp_path / "exec", tmp_path / "fixed"
     log.mkdir()
     spec = make_spec(tmp_path, {}, **{
-        "inputs.data": {"type": "uri_folder", "path": f"az://{container}/input", "mode": "download"},
+        "inputs.data": {"type": "uri_folder", "path": f"az://{container}/input", "mode": mode},
         "outputs.out": {"type": "uri_folder", "path": f"az://{container}/out"},
         "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}",
         "mini_batch_error_threshold": 0, "retry_settings.max_retries": 0,
@@ -68,7 +69,7 @@ def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster
     done_first = set(ran_first) - {("f06.txt", "f07.txt")}
     assert set(ran_second) == set(batches) - done_first  # only what had not finished
     rows = fs.cat_file(f"{container}/out/parallel_run_step.txt").decode().splitlines()
-    # the entry script's rows are "<file name> <TEXT>"; download mode hands it local copies
+    # the entry script's rows are "<file name> <TEXT>": both modes hand it local copies
     assert rows == [f"{name} {text.upper()}" for name, text in sorted(files.items())]
     assert fs.exists(f"{container}/jobs/j1/job.json")
     assert not any("AccountKey" in fs.cat_file(p).decode(errors="ignore")
