@@ -76,7 +76,7 @@ class Worker:
             self._load_entry_script()
             if not callable(getattr(self.module, "run", None)):
                 raise AttributeError(f"{self.plan['entry_script']} has no run(mini_batch) function")
-            self.wants_context = _takes_two_arguments(self.module.run)
+            self.context_as = _context_argument(self.module.run)
             self.reader = BatchReader(self.plan["input"], self.plan["storage"])
             init = getattr(self.module, "init", None)
             if init is not None:
@@ -138,7 +138,7 @@ class Worker:
         try:
             mini_batch, context, temp = self.reader.read(batch)
             items = len(mini_batch) if batch.kind == "table" else batch.item_count
-            result = self.module.run(mini_batch, context) if self.wants_context else self.module.run(mini_batch)
+            result = self._call_run(mini_batch, context)
             returned, rows = count_and_serialize(result, self.with_rows, self.plan["append_row_format"])
             self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:
@@ -158,6 +158,13 @@ class Worker:
         self.done.write(record, rows)
         self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, "ok": True, "items": items, "returned": returned}
+
+    def _call_run(self, mini_batch, context):
+        if self.context_as == "positional":
+            return self.module.run(mini_batch, context)
+        if self.context_as == "keyword":
+            return self.module.run(mini_batch, mini_batch_context=context)
+        return self.module.run(mini_batch)
 
     def _error_text(self, exc: BaseException) -> str:
         return redact(_user_traceback(exc), self.plan["storage"])
@@ -179,17 +186,22 @@ class Worker:
             output.upload_changes()
 
 
-def _takes_two_arguments(run) -> bool:
-    """run(mini_batch, mini_batch_context) gets the context; run(mini_batch) does not (as in Azure)."""
+def _context_argument(run) -> Optional[str]:
+    """How run() takes mini_batch_context: "positional", "keyword" (keyword-only), or None (as in Azure,
+    run(mini_batch) alone does not get it)."""
     try:
-        params = inspect.signature(run).parameters.values()
+        params = list(inspect.signature(run).parameters.values())
     except (TypeError, ValueError):
-        return False
+        return None
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) >= 2:  # an optional second argument gets it only if it is named for it
         second = positional[1]
-        return second.default is second.empty or "context" in second.name
-    return any(p.kind is p.VAR_POSITIONAL for p in params)
+        return "positional" if second.default is second.empty or "context" in second.name else None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return "positional"
+    if any(p.kind is p.KEYWORD_ONLY and p.name == "mini_batch_context" for p in params):
+        return "keyword"
+    return None
 
 
 class _Tee:

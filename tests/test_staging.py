@@ -3,7 +3,7 @@
 import fsspec
 
 from raypar.staging import stage_outputs
-from raypar.worker import _takes_two_arguments
+from raypar.worker import _context_argument
 
 
 def test_staged_output_replaces_exactly_that_url_and_uploads_only_changes():
@@ -22,8 +22,10 @@ def test_staged_output_replaces_exactly_that_url_and_uploads_only_changes():
 
 
 def test_run_gets_the_context_only_when_it_asks_for_it():
-    assert _takes_two_arguments(lambda mini_batch, mini_batch_context: None)
-    assert _takes_two_arguments(lambda mini_batch, mini_batch_context=None: None)
-    assert _takes_two_arguments(lambda *args: None)
-    assert not _takes_two_arguments(lambda mini_batch: None)
-    assert not _takes_two_arguments(lambda mini_batch, verbose=False: None)
+    assert _context_argument(lambda mini_batch, mini_batch_context: None) == "positional"
+    assert _context_argument(lambda mini_batch, mini_batch_context=None: None) == "positional"
+    assert _context_argument(lambda mini_batch, ctx: None) == "positional"
+    assert _context_argument(lambda *args: None) == "positional"
+    assert _context_argument(lambda mini_batch, *, mini_batch_context: None) == "keyword"
+    assert _context_argument(lambda mini_batch: None) is None
+    assert _context_argument(lambda mini_batch, verbose=False: None) is None
