@@ -1,7 +1,9 @@
 """raypar: Azure-ML-style parallel jobs on any Ray cluster, with resume.
 
-The public Python API is :func:`run`; the ``raypar`` command wraps the same
-functions. Heavy imports (Ray) happen only when a job actually runs.
+The Python API mirrors the ``raypar`` command: :func:`run` and :func:`resume`
+drive a job from this process, :func:`submit` sends it to a cluster's Jobs
+API. Each returns a handle with ``status()``, ``wait()`` and ``cancel()``.
+Heavy imports (Ray) happen only when a job actually runs.
 """
 
 __version__ = "0.1.0"
@@ -9,21 +11,44 @@ __version__ = "0.1.0"
 from .errors import RayparError  # noqa: E402
 
 
-def run(spec, job_dir=None, address=None, **kwargs):
-    """Run a job spec (a path to YAML, a dict or a JobSpec) and return its outcome.
+def run(spec, job_dir=None, address=None, wait=True, **kwargs):
+    """Run a job spec (a path to YAML, a dict or a JobSpec) from this process.
 
-    See :func:`raypar.driver.run_job` for the arguments.
+    Returns a :class:`raypar.handles.LocalJob`. With ``wait=True`` (default) the
+    job has ended when it returns (``.wait()`` gives the outcome at once);
+    with ``wait=False`` the driver runs in a background thread. Other keyword
+    arguments (``echo``, ``progress``) are :func:`raypar.driver.run_job`'s.
     """
-    from .driver import run_job
+    from .driver import _as_spec, _normalize_dir, default_job_dir, run_job
+    from .handles import LocalJob
 
-    return run_job(spec, job_dir=job_dir, address=address, **kwargs)
-
-
-def resume(job_dir, address=None, **kwargs):
-    """Resume the job in ``job_dir``: run exactly the mini-batches that are not done."""
-    from .driver import resume_job
-
-    return resume_job(job_dir, address=address, **kwargs)
+    spec = _as_spec(spec)
+    job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
+    return LocalJob(job_dir, lambda: run_job(spec, job_dir=job_dir, address=address, **kwargs), background=not wait)
 
 
-__all__ = ["run", "resume", "RayparError", "__version__"]
+def resume(job_dir, address=None, wait=True, **kwargs):
+    """Resume the job in ``job_dir``: run exactly the mini-batches that are not done. Returns a LocalJob."""
+    from .driver import _normalize_dir, resume_job
+    from .handles import LocalJob
+
+    job_dir = _normalize_dir(job_dir)
+    return LocalJob(job_dir, lambda: resume_job(job_dir, address=address, **kwargs), background=not wait)
+
+
+def submit(spec, address=None, job_dir=None, wait=False, **kwargs):
+    """Send a job spec to a Ray cluster's Jobs API (``address`` like ``http://HEAD:8265``).
+
+    Returns a :class:`raypar.submission.SubmittedJob`; ``wait=True`` also waits for
+    the job to end. Other keyword arguments (``headers``, ``shared_paths``,
+    ``env``, ``echo``) are :func:`raypar.submission.submit_job`'s.
+    """
+    from .submission import submit_job
+
+    job = submit_job(spec, address=address, job_dir=job_dir, **kwargs)
+    if wait:
+        job.wait(echo=kwargs.get("echo", print))
+    return job
+
+
+__all__ = ["run", "resume", "submit", "RayparError", "__version__"]

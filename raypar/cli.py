@@ -23,30 +23,63 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show raypar's debug log")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a job spec (Azure ML v2 parallel job YAML)")
-    run.add_argument("spec", help="path to the job YAML")
+    run = sub.add_parser("run", help="run a job spec (Azure ML v2 parallel job YAML) from this machine")
+    run.add_argument("spec", help="path to the job YAML (or env:VAR: the YAML is in environment variable VAR)")
     run.add_argument("--job-dir", help="ledger folder or URL (default: ./raypar-jobs/<name>-<time>-<id>); "
                                        "a job dir holding the same spec is resumed")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded "
                                        "local Ray on 127.0.0.1)")
+    run.add_argument("--code-dir", help="task.code is here, not at the spec's path (submitted jobs run Ray's "
+                                        "copy); the job dir keeps the spec as written")
 
-    resume = sub.add_parser("resume", help="run the mini-batches of a job dir that are not done")
-    resume.add_argument("job_dir")
-    resume.add_argument("--address", help="Ray cluster address (as for run)")
+    submit = sub.add_parser("submit", help="send a job spec to a Ray cluster through its Jobs API")
+    submit.add_argument("spec", help="path to the job YAML")
+    submit.add_argument("--job-dir", help="ledger URL the cluster can reach (default: $RAYPAR_JOB_ROOT/<name>-...)")
+    submit.add_argument("--wait", action="store_true", help="show progress until the job ends; exit with its code")
+    _remote_options(submit)
+
+    resume = sub.add_parser("resume", help="run the mini-batches of a job that are not done")
+    resume.add_argument("target", metavar="JOB_DIR|SUBMISSION_ID")
+    resume.add_argument("--address", help="http(s)://HEAD:8265: submit the resuming driver to that cluster; "
+                                          "otherwise the Ray address for a driver on this machine")
+    resume.add_argument("--code-dir", help=argparse.SUPPRESS)
+    resume.add_argument("--code", metavar="DIR", help="with an http address: the job's task.code folder here "
+                                                      "(default: the path in its spec)")
+    resume.add_argument("--wait", action="store_true", help="with an http address: follow it until it ends")
+    _remote_options(resume, address=False)
 
     cancel = sub.add_parser("cancel", help="stop a running job (it stays resumable)")
-    cancel.add_argument("job_dir")
-    cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
-                        help="how long to wait for the driver to stop (default 30)")
+    cancel.add_argument("target", metavar="JOB_DIR|SUBMISSION_ID")
+    cancel.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the driver to stop (default 60)")
+    _remote_options(cancel, submitting=False)
 
-    logs = sub.add_parser("logs", help="worker logs of a job dir, or every attempt of one mini-batch")
-    logs.add_argument("job_dir")
+    logs = sub.add_parser("logs", help="worker logs of a job dir, the driver log of a submission, "
+                                       "or every attempt of one mini-batch")
+    logs.add_argument("target", metavar="JOB_DIR|SUBMISSION_ID")
     logs.add_argument("--batch", metavar="ID", help="a mini-batch ID such as mb-0000012")
+    logs.add_argument("--follow", action="store_true", help="with a submission: follow the driver log")
+    _remote_options(logs, submitting=False)
 
-    status = sub.add_parser("status", help="state and mini-batch counts of a job dir")
-    status.add_argument("job_dir")
+    status = sub.add_parser("status", help="state and mini-batch counts of a job")
+    status.add_argument("target", metavar="JOB_DIR|SUBMISSION_ID")
     status.add_argument("--json", action="store_true", help="print JSON")
+    _remote_options(status, submitting=False)
     return p
+
+
+def _remote_options(p: argparse.ArgumentParser, address: bool = True, submitting: bool = True) -> None:
+    """Options of commands that talk to a cluster's Jobs API."""
+    if address:
+        p.add_argument("--address", help="the cluster's Jobs API, http(s)://HEAD:8265 "
+                                         "(default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
+    p.add_argument("--header", action="append", metavar="'NAME: VALUE'",
+                   help="extra HTTP header for a proxy or ingress (repeatable; also RAY_JOB_HEADERS)")
+    if submitting:
+        p.add_argument("--shared-path", action="append", default=[], metavar="PATH",
+                       help="a local path every cluster node mounts at the same place (repeatable)")
+        p.add_argument("--env", action="append", metavar="NAME[=VALUE]",
+                       help="an extra environment variable for the job's processes (repeatable)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -54,6 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="raypar: %(levelname)s %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
+    from .signals import stop_on_sigterm
+
+    stop_on_sigterm()  # before Ray starts too: a job stopped while planning ends canceled
     try:
         return _dispatch(args)
     except RayparError as exc:
@@ -74,28 +110,36 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if _is_remote(args):
+        return _remote(args)
     if args.command == "status":
         return _status(args)
     if args.command == "logs":
         return _logs(args)
+    if args.command == "submit":
+        return _submit(args)
     from .driver import cancel_job, resume_job, run_job
-
-    def echo(line: str) -> None:
-        print(line, flush=True)
+    from .progress import ProgressDisplay
 
     if args.command == "cancel":
-        cancel_job(args.job_dir, wait=args.wait, echo=echo)
+        cancel_job(args.target, wait=args.wait, echo=_echo)
         return 0
-
-    if args.command == "run":
-        outcome = run_job(args.spec, job_dir=args.job_dir, address=args.address, echo=echo)
-    else:
-        outcome = resume_job(args.job_dir, address=args.address, echo=echo)
+    display = ProgressDisplay()
+    try:
+        if args.command == "run":
+            outcome = run_job(args.spec, job_dir=args.job_dir, address=args.address, echo=display.echo,
+                              progress=display.update, code_dir=args.code_dir)
+        else:
+            outcome = resume_job(args.target, address=args.address, echo=display.echo,
+                                 progress=display.update, code_dir=args.code_dir)
+    finally:
+        display.close()
     if outcome.state.value == "canceled":
-        print(f"raypar: job canceled; continue it with: raypar resume {outcome.job_dir}", file=sys.stderr)
+        print(f"raypar: job canceled ({outcome.reason or 'canceled'}); continue it with: "
+              f"raypar resume {outcome.job_dir}", file=sys.stderr)
     elif outcome.state.value == "succeeded":
         where = f"; output {outcome.output}" if outcome.output else ""
-        echo(f"raypar: succeeded: {outcome.completed}/{outcome.total} mini-batches done{where}")
+        _echo(f"raypar: succeeded: {outcome.completed}/{outcome.total} mini-batches done{where}")
     else:
         headline = outcome.reason.splitlines()[0] if outcome.reason else outcome.state.value
         print(f"raypar: job {outcome.state.value}: {headline}", file=sys.stderr)
@@ -104,26 +148,127 @@ def _dispatch(args) -> int:
     return outcome.exit_code
 
 
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
+def _is_remote(args) -> bool:
+    """Talk to a Jobs API: a submission ID where a job dir could be, or `resume --address http(s)://...`."""
+    if args.command in ("submit", "run"):
+        return False
+    from .storage import is_url
+
+    address = getattr(args, "address", None)
+    http = bool(address and address.startswith(("http://", "https://")))
+    looks_like_job_dir = is_url(args.target) or os.path.exists(args.target) or os.sep in args.target
+    api_from_env = bool(os.environ.get("RAY_API_SERVER_ADDRESS")) or \
+        os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://"))
+    if args.command == "resume":  # its --address may also be a Ray address for a driver here
+        return http or (not looks_like_job_dir and api_from_env)
+    return not looks_like_job_dir and (bool(address) or api_from_env)
+
+
+def _api(args):
+    from .jobs_api import JobsApi, parse_headers
+
+    api = JobsApi(getattr(args, "address", None), parse_headers(args.header))
+    # Ray's SDK logs "Uploading package ..." and "WebSocket closed ..." at INFO: noise on a command line.
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return api
+
+
+def _submit(args) -> int:
+    from .submission import parse_env, submit_job
+
+    job = submit_job(args.spec, job_dir=args.job_dir, shared_paths=tuple(args.shared_path),
+                     env=parse_env(args.env), echo=_echo, api=_api(args))
+    return _submitted(job, args.wait)
+
+
+def _submitted(job, wait: bool) -> int:
+    from .submission import follow, submitted_exit_line
+
+    _echo(f"raypar: submitted {job.submission_id} to {job.address}")
+    _echo(f"raypar: job dir {job.job_dir}")
+    if not wait:
+        _echo(f"raypar: watch it: raypar status --address {job.address} {job.submission_id}")
+        return 0
+    try:
+        outcome = follow(job, echo=_echo)
+    except KeyboardInterrupt:
+        print(f"raypar: stopped following; {job.submission_id} goes on running on the cluster "
+              f"(stop it: raypar cancel --address {job.address} {job.submission_id})", file=sys.stderr)
+        return 130
+    line = submitted_exit_line(outcome)
+    print(line, file=sys.stdout if outcome.exit_code == 0 else sys.stderr, flush=True)
+    if outcome.exit_code != 0:
+        print(f"raypar: continue it with: raypar resume --address {job.address} {job.submission_id}",
+              file=sys.stderr)
+    return outcome.exit_code
+
+
+def _remote(args) -> int:
+    from .submission import SubmittedJob, parse_env, resume_remote
+
+    api = _api(args)
+    if args.command == "resume":
+        job = resume_remote(args.target, api=api, code_dir=args.code, shared_paths=tuple(args.shared_path),
+                            env=parse_env(args.env), echo=_echo)
+        return _submitted(job, args.wait)
+    job = SubmittedJob(api, args.target)
+    if args.command == "status":
+        status = job.status()
+        if args.json:
+            print(json.dumps(status, indent=2, default=str))
+            return 0
+        print(f"submission: {job.submission_id} on {job.address} (Ray: {status['ray_status']})")
+        _print_status(status)
+        return 0
+    if args.command == "cancel":
+        outcome = job.cancel(wait=args.wait)
+        _echo(f"raypar: {job.submission_id} {outcome.state} (Ray status {outcome.ray_status}); continue it with: "
+              f"raypar resume --address {job.address} {job.submission_id}")
+        return 0
+    if args.batch:
+        args.target = job.job_dir
+        return _logs(args)
+    if args.follow:
+        for chunk in api.tail(job.submission_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(job.logs())
+    return 0
+
+
 def _status(args) -> int:
     from .status import job_status
 
-    status = job_status(args.job_dir)
+    status = job_status(args.target)
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0
-    print(f"job:       {status['name'] or '-'} ({status['job_dir']})")
+    _print_status(status)
+    return 0
+
+
+def _print_status(status: dict) -> None:
+    print(f"job:       {status.get('name') or '-'} ({status['job_dir']})")
     print(f"state:     {status['state']}")
-    if status["reason"]:
+    if status.get("reason"):
         print("reason:    " + status["reason"].replace("\n", "\n           "))
-    total = status["total"] if status["planning_complete"] else f"{status['total']} planned so far"
-    print(f"batches:   {status['completed']} done, {status['failed']} failed, "
-          f"{status['pending']} pending, {total} total")
-    if status["output"]:
+    if "total" in status:
+        total = status["total"] if status.get("planning_complete") else f"{status['total']} planned so far"
+        pending = f"{status['pending']} pending, " if "pending" in status else ""
+        print(f"batches:   {status['completed']} done, {status['failed']} failed, {pending}{total} total")
+    if status.get("source") and status["source"] != "job dir":
+        print(f"from:      {status['source']}")
+    if status.get("output"):
         print(f"output:    {status['output']}")
-    for err in status["errors"]:
+    for err in status.get("errors", []):
         last = err["error"].strip().splitlines()[-1] if err["error"].strip() else ""
         print(f"error:     {err['batch']} ({err['kind']}): {last}")
-    return 0
 
 
 def _logs(args) -> int:
@@ -132,7 +277,7 @@ def _logs(args) -> int:
     from .ledger import Ledger
     from .reports import STATUS_OF_KIND, batch_log_sections
 
-    ledger = Ledger(args.job_dir)
+    ledger = Ledger(args.target)
     ledger.load_job()
     if not args.batch:
         files = ledger.log_files()
@@ -148,7 +293,7 @@ def _logs(args) -> int:
     except ValueError:
         known = False
     if not known:
-        raise UsageError(f"{args.job_dir}: no mini-batch {args.batch} in this job")
+        raise UsageError(f"{args.target}: no mini-batch {args.batch} in this job")
     for record in view.failed.get(args.batch, []):
         print(f"=== attempt {record.attempt} (run {record.run}): {STATUS_OF_KIND.get(record.kind, record.kind)} "
               f"on {record.worker or '?'}, node {record.node or '?'}")

@@ -10,6 +10,7 @@ from typing import Optional
 import ray
 
 from .errors import RayparError
+from .signals import stop_on_sigterm
 
 
 def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
@@ -28,12 +29,14 @@ def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
+            stop_on_sigterm()  # ray.init installed its own, which exits without cleaning up
             return False
         _loopback_only()
         # Our own loopback cluster: Ray's notice that it generated a token is noise here.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
                  num_cpus=max(_detected_cpus(), math.ceil(min_cpus)), _node_ip_address="127.0.0.1")
+        stop_on_sigterm()
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "an embedded local Ray"

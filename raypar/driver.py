@@ -24,12 +24,16 @@ from .ledger import LEASE_TTL, Ledger, new_run_id
 from .planning import PlanFeed
 from .outputs import CorruptPartsError, OutputSchemaError, assemble
 from .reports import write_reports
-from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, spec_from_dict, worker_plan
+from .progress import ProgressDisplay
+from .runtime_env import ENVIRONMENT_WARNED, pip_packages, worker_runtime_env
+from .signals import interrupt_reason
+from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, relocate_code, spec_from_dict, worker_plan
 from .state import JobState
 
 log = logging.getLogger("raypar")
 
 Echo = Callable[[str], None]
+Show = Callable[..., None]  # show(snapshot, final=False): where progress goes
 MAX_ASSEMBLY_ROUNDS = 3
 COMPACT_EVERY = 50_000
 
@@ -77,6 +81,8 @@ class _Session:
     spec: JobSpec
     desc: dict
     storage: dict  # resolved credentials: memory only, never written
+    runtime_env: Optional[dict] = None  # of the worker actors (resolved env vars: memory only)
+    show: Optional[Show] = None
 
     def plan(self):
         return plan_batches(self.spec, self.desc, self.storage)
@@ -91,7 +97,8 @@ def check_files(spec: JobSpec) -> _Session:
     if not os.path.isfile(entry):
         raise SpecError(f"task.entry_script: {entry} not found")
     storage = resolve_storage(spec.raypar.storage_options)
-    return _Session(spec, check_input(spec, storage), storage)
+    runtime_env = worker_runtime_env(spec)
+    return _Session(spec, check_input(spec, storage), storage, runtime_env)
 
 
 def _primed(batches):
@@ -104,7 +111,7 @@ def _primed(batches):
 
 
 def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
-            echo: Echo = print) -> Outcome:
+            echo: Echo = print, progress: Optional[Show] = None, code_dir: Optional[str] = None) -> Outcome:
     """Run a spec. A job dir that already holds this same spec is resumed, not restarted.
 
     Args:
@@ -113,12 +120,16 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
             ``./raypar-jobs/<name>-<time>-<id>``.
         address: a Ray cluster address; default ``RAY_ADDRESS`` or an
             embedded local Ray bound to 127.0.0.1.
-        echo: where progress lines go.
+        echo: where messages go.
+        progress: ``progress(snapshot, final=False)`` gets progress snapshots
+            (default: plain lines through ``echo`` every few seconds).
+        code_dir: where ``task.code`` is in this process (a submitted job runs
+            Ray's copy of it); the job dir keeps the spec as given.
     """
     spec = _as_spec(spec)
     job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
     spec = fill_output_paths(spec, f"{job_dir}/outputs")
-    session = check_files(spec)
+    session = _open_session(spec, code_dir, echo, progress)
     ledger = Ledger(job_dir, options_for(job_dir, session.storage))
     if ledger.exists():
         frozen = ledger.load_job()["spec"]
@@ -133,17 +144,31 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
     return _drive(ledger, session, address, echo, announce, planned)
 
 
-def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print) -> Outcome:
-    """Run exactly the mini-batches of ``job_dir`` that are not done, then assemble."""
+def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print,
+               progress: Optional[Show] = None, code_dir: Optional[str] = None) -> Outcome:
+    """Run exactly the mini-batches of ``job_dir`` that are not done, then assemble.
+
+    ``echo``, ``progress`` and ``code_dir`` are as for :func:`run_job`.
+    """
     job_dir = _normalize_dir(job_dir)
     ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
     spec = JobSpec.model_validate(ledger.load_job()["spec"])
-    session = check_files(spec)
+    session = _open_session(spec, code_dir, echo, progress)
     ledger = Ledger(job_dir, options_for(job_dir, session.storage))
     return _drive(ledger, session, address, echo, f"raypar: resuming {job_dir}")
 
 
-def cancel_job(job_dir: str, wait: float = 30.0, echo: Echo = print) -> JobState:
+def _open_session(spec: JobSpec, code_dir: Optional[str], echo: Echo, progress: Optional[Show]) -> _Session:
+    """Check the spec's files, with task.code where this process has it; say what of its environment is unused."""
+    session = check_files(relocate_code(spec, code_dir) if code_dir else spec)
+    _, warning = pip_packages(session.spec)
+    if warning and not os.environ.get(ENVIRONMENT_WARNED):  # a submitter already said it
+        echo(f"raypar: warning: {warning}")
+    session.show = progress or ProgressDisplay(echo=echo).update
+    return session
+
+
+def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState:
     """Stop the job in ``job_dir`` and wait (bounded) until its driver has stopped.
 
     A live driver is asked through the job dir and stops within about a
@@ -223,9 +248,9 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
         if failed and not reason:
             echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
                  f"`raypar resume {ledger.url}` retries them")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Workers are gone with the scheduler; finished batches are in the ledger.
-        state, reason = JobState.CANCELED, "interrupted (Ctrl-C)"
+        state, reason = JobState.CANCELED, interrupt_reason(exc)
     except PlacementError as exc:
         state, reason = JobState.FAILED, exc.headline
         raise
@@ -347,8 +372,10 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         plan = worker_plan(spec, session.desc, session.storage)
         # Failed batches of earlier sessions run again now: only done batches' item failures carry over.
         progress.failed_items = view.done.failed_items()
-        reporter = _Compactor(ledger, run, _Reporter(echo))
-        placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan)
+        progress.planning = feed is not None
+        reporter = _Compactor(ledger, run, _Reporter(session.show))
+        placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
+                              runtime_env=session.runtime_env)
         scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt, feed)
         reason = scheduler.run()
         reporter(progress, final=True)
@@ -375,14 +402,10 @@ class _Compactor:
 
 
 class _Reporter:
-    """Plain progress lines, at most every few seconds."""
+    """Turns the scheduler's counters into snapshots for the display."""
 
-    def __init__(self, echo: Echo, every: float = 5.0):
-        self.echo, self.every, self.last = echo, every, time.time()
+    def __init__(self, show: Show):
+        self.show = show
 
     def __call__(self, p, final: bool = False) -> None:
-        now = time.time()
-        if not final and now - self.last < self.every:
-            return
-        self.last = now
-        self.echo(f"raypar: {p.done}/{p.total} done, {p.failed} failed ({p.rate(now):.1f} mini-batches/s)")
+        self.show(p.snapshot(time.time()), final=final)

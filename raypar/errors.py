@@ -41,3 +41,11 @@ class LeaseHeldError(RayparError):
 
 class PlacementError(RayparError):
     """The cluster cannot host the requested instances."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM reached the driver (`ray job stop`, `raypar cancel --address`, a deleted pod).
+
+    A KeyboardInterrupt, so the driver stops the way Ctrl-C stops it: the job
+    ends ``canceled`` and stays resumable.
+    """

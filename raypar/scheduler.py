@@ -31,6 +31,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .errors import PlacementError
 from .inputs.base import MiniBatch
 from .ledger import Ledger
+from .metrics import JobMetrics
+from .progress import Snapshot
 from .records import FailedRecord
 from .spec import JobSpec
 from .worker import Worker
@@ -102,19 +104,26 @@ class Progress:
     failed: int = 0
     failed_items: int = 0
     done_before: int = 0  # done by earlier sessions: not part of this session's rate
+    planning: bool = False  # the input is still being listed: total grows
     started_at: float = field(default_factory=time.time)
 
     def rate(self, now: float) -> float:
         return (self.done - self.done_before) / max(now - self.started_at, 1e-9)
 
+    def snapshot(self, now: float) -> Snapshot:
+        return Snapshot(done=self.done, failed=self.failed, total=self.total, planning=self.planning,
+                        rate=self.rate(now))
+
 
 class Placement:
     """The placement group and the factory of worker actors pinned into it."""
 
-    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict):
+    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict,
+                 runtime_env: Optional[dict] = None):
         self.spec, self.job_url, self.run, self.owned = spec, job_url, run, owned_cluster
         self.pg = None
         self.plan = plan  # spec.worker_plan()
+        self.runtime_env = runtime_env  # runtime_env.worker_runtime_env()
         self._remote = _worker_actor()
 
     def bundle(self) -> dict[str, float]:
@@ -148,17 +157,28 @@ class Placement:
     def new_actor(self, slot: Slot):
         w = self.spec.raypar.worker
         slot.generation += 1
-        # The same runtime env for every actor (the user's variables, set before
-        # the process starts), so Ray can share worker processes between them.
-        env = self.spec.environment_variables
-        name = self.spec.name or "job"
         return self._remote.options(
             num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory_bytes(),
             resources=w.resources or None, max_restarts=0, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.instance),
-            runtime_env={"env_vars": env} if env else None,
-            name=f"raypar:{name}:i{slot.instance}:s{slot.index}:g{slot.generation}:{self.run}",
+            # The same runtime env for every actor (set before the process starts), so Ray can
+            # share worker processes between them.
+            runtime_env=self.runtime_env,
+            name=self.actor_name(slot),
         ).remote(self.job_url, self.plan, self.run, slot.instance, slot.index)
+
+    def actor_name(self, slot: Slot) -> str:
+        """Job, node, instance and slot, as the dashboard's actor list shows them."""
+        node = self.node_of(slot.instance)
+        again = f":restart{slot.generation - 1}" if slot.generation > 1 else ""
+        return (f"raypar:{self.spec.name or 'job'}:node-{node[:8] if node else 'pending'}:"
+                f"instance{slot.instance}-slot{slot.index}{again}:{self.run}")
+
+    def node_of(self, instance: int) -> Optional[str]:
+        """The node ID the instance's bundle sits on now (None while Ray re-places it)."""
+        if self.pg is None:
+            return None
+        return ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {}).get(instance) or None
 
     def placed_instances(self) -> set[int]:
         """Instances whose bundle currently sits on a live node (a lost node's wait for re-placement)."""
@@ -220,6 +240,7 @@ class Scheduler:
         self.stop_detail: str = ""
         self.last_init_error: Optional[str] = None
         self.last_init_stage = "init()"
+        self.metrics = JobMetrics(spec.name or "job", ledger.url)
 
     # -- lifecycle ------------------------------------------------------
 
@@ -250,6 +271,7 @@ class Scheduler:
             return
         self.queue.extend((b, 0) for b in self.feed.take())
         self.progress.total = self.feed.planned
+        self.progress.planning = not self.feed.exhausted
         if self.feed.error:
             self._stop(self.feed.error)
         elif self.feed.exhausted and not self.plan_complete:
@@ -363,6 +385,7 @@ class Scheduler:
         self._pop_call(slot, call, now)
         if answer["ok"]:
             self.progress.done += 1
+            self.metrics.batch_done(answer.get("seconds", 0.0))
             self.progress.failed_items += max(answer["items"] - answer["returned"], 0)
             self._check_thresholds()
         else:
@@ -392,6 +415,7 @@ class Scheduler:
                     self.tries[batch.id], self.spec.max_tries, last_line)
         if final:
             self.progress.failed += 1
+            self.metrics.batch_failed()
             # Table batches cut by bytes learn their row count when read: the worker reports it.
             self.progress.failed_items += self.rows_seen.get(batch.id, batch.item_count)
             self._check_thresholds()
@@ -418,6 +442,7 @@ class Scheduler:
         if self.ledger.is_done(batch.id):
             # The worker recorded the batch before it died: it is done, never rerun.
             self.progress.done += 1
+            self.metrics.batch_done(None)
             return
         self.system_failures[batch.id] += 1
         if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:

@@ -149,6 +149,38 @@ class WorkerResources(_Model):
         return None if self.memory is None else parse_bytes(self.memory)
 
 
+def _refuse_literal_secrets(where: str, options: dict) -> None:
+    # The spec is copied into the job dir: a secret written here would sit there in clear text.
+    for key, item in options.items():
+        secret = any(word in key.lower() for word in SECRET_WORDS)
+        if secret and not (isinstance(item, str) and env_reference(item)):
+            raise ValueError(
+                f"{where}{key}: secrets are not written in specs (the job dir keeps a copy); "
+                f"put it in an environment variable and write {key}: ${{MY_VAR}}")
+
+
+class RuntimeEnvSpec(_Model):
+    """Software for the job's Ray processes (driver and workers), as a Ray runtime env."""
+
+    # Requirement strings, or the path of a requirements file (relative to the YAML).
+    pip: Optional[Union[list[str], str]] = None
+    # Set in every worker (and the driver of a submitted job); secrets only as $VAR references.
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _strings(cls, value):
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, str) else str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_literal_secrets(cls, value: dict) -> dict:
+        _refuse_literal_secrets("runtime_env.env_vars.", value)
+        return value
+
+
 class RayparSpec(_Model):
     """The ``raypar:`` block: settings Azure does not have."""
 
@@ -161,18 +193,14 @@ class RayparSpec(_Model):
     input_format: Optional[Literal["parquet", "csv", "json_lines"]] = None
     # fsspec options per protocol (az, abfs, s3, gs, ...); secrets only as $ENV_VAR references.
     storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # pip packages and environment variables for the job's Ray processes.
+    runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
 
     @field_validator("storage_options")
     @classmethod
     def _no_literal_secrets(cls, value: dict) -> dict:
-        # The spec is copied into the job dir: a secret written here would sit there in clear text.
         for protocol, options in value.items():
-            for key, item in options.items():
-                secret = any(word in key.lower() for word in SECRET_WORDS)
-                if secret and not (isinstance(item, str) and env_reference(item)):
-                    raise ValueError(
-                        f"{protocol}.{key}: secrets are not written in specs (the job dir keeps a copy); "
-                        f"put it in an environment variable and write {key}: ${{MY_VAR}}")
+            _refuse_literal_secrets(f"{protocol}.", options)
         return value
 
     _numbers = field_validator("placement_timeout", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
@@ -327,9 +355,18 @@ def _single_binding(text: str, field: str) -> str:
 def load_spec(path: Union[str, os.PathLike]) -> JobSpec:
     """Read and validate a spec file; relative paths become relative to its folder.
 
+    ``env:NAME`` reads the YAML from the environment variable NAME instead
+    (how ``raypar submit`` hands a spec to its driver); its relative paths are
+    relative to the working directory.
+
     Raises:
         SpecError: with one line naming the file and the problem.
     """
+    if str(path).startswith("env:"):
+        name = str(path)[len("env:"):]
+        if name not in os.environ:
+            raise SpecError(f"{path}: environment variable {name} is not set")
+        return spec_from_yaml(os.environ[name], base_dir=Path.cwd(), source=str(path))
     path = Path(path)
     try:
         text = path.read_text()
@@ -337,13 +374,18 @@ def load_spec(path: Union[str, os.PathLike]) -> JobSpec:
         raise SpecError(f"{path}: spec file not found") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec file: {exc.strerror or exc}") from None
+    return spec_from_yaml(text, base_dir=path.parent.resolve(), source=str(path))
+
+
+def spec_from_yaml(text: str, base_dir: Union[str, Path, None] = None, source: str = "spec") -> JobSpec:
+    """Parse and validate spec YAML text."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return spec_from_dict(data, base_dir=path.parent.resolve(), source=str(path))
+        raise SpecError(f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return spec_from_dict(data, base_dir=base_dir, source=source)
 
 
 def spec_from_dict(data: Any, base_dir: Union[str, Path, None] = None, source: str = "spec") -> JobSpec:
@@ -406,8 +448,46 @@ def absolutize(spec: JobSpec, base_dir: Path) -> JobSpec:
         for k, v in spec.inputs.items()
     }
     outputs = {k: v.model_copy(update={"path": fix(v.path)}) for k, v in spec.outputs.items()}
-    task = spec.task.model_copy(update={"code": fix(spec.task.code)})
-    return spec.model_copy(update={"inputs": inputs, "outputs": outputs, "task": task})
+    environment = spec.task.environment
+    if isinstance(environment, dict) and isinstance(environment.get("conda_file"), str):
+        environment = {**environment, "conda_file": fix(environment["conda_file"])}
+    task = spec.task.model_copy(update={"code": fix(spec.task.code), "environment": environment})
+    runtime_env = spec.raypar.runtime_env
+    if isinstance(runtime_env.pip, str):  # a requirements file
+        runtime_env = runtime_env.model_copy(update={"pip": fix(runtime_env.pip)})
+    raypar = spec.raypar.model_copy(update={"runtime_env": runtime_env})
+    top = spec.environment
+    if isinstance(top, dict) and isinstance(top.get("conda_file"), str):
+        top = {**top, "conda_file": fix(top["conda_file"])}
+    return spec.model_copy(update={"inputs": inputs, "outputs": outputs, "task": task, "raypar": raypar,
+                                   "environment": top})
+
+
+def relocate_code(spec: JobSpec, code_dir: str) -> JobSpec:
+    """The spec with ``task.code`` at ``code_dir``; local paths inside the old ``task.code`` move with it.
+
+    A submitted job runs the copy of ``task.code`` Ray unpacked on the cluster, while
+    its job dir keeps the spec as the user wrote it (so it resumes from anywhere).
+    """
+    old, new = spec.task.code.rstrip("/"), str(Path(code_dir).resolve())
+
+    def move(p: Optional[str]) -> Optional[str]:
+        if p is None or is_url(p) or not (p == old or p.startswith(old + "/")):
+            return p
+        return new + p[len(old):]
+
+    data = spec.to_dict()
+    data["task"]["code"] = new
+    for item in [*data.get("inputs", {}).values(), *data.get("outputs", {}).values()]:
+        if isinstance(item, dict) and "path" in item:
+            item["path"] = move(item["path"])
+    environment = data["task"].get("environment")
+    if isinstance(environment, dict) and isinstance(environment.get("conda_file"), str):
+        environment["conda_file"] = move(environment["conda_file"])
+    runtime_env = data.get("raypar", {}).get("runtime_env", {})
+    if isinstance(runtime_env.get("pip"), str):
+        runtime_env["pip"] = move(runtime_env["pip"])
+    return JobSpec.model_validate(data)
 
 
 # -- binding -------------------------------------------------------------

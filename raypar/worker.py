@@ -157,7 +157,7 @@ class Worker:
         )
         self.done.write(record, rows)
         self._mark(f"end {batch.id} attempt {attempt}: done")
-        return {**base, "ok": True, "items": items, "returned": returned}
+        return {**base, "ok": True, "items": items, "returned": returned, "seconds": record.seconds}
 
     def _call_run(self, mini_batch, context):
         if self.context_as == "positional":

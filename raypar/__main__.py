@@ -1,0 +1,7 @@
+"""``python -m raypar``: the same command as ``raypar`` (the entrypoint of submitted jobs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

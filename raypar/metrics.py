@@ -1,0 +1,54 @@
+"""Ray metrics of a job, exported by Ray's metrics agent (Prometheus, the dashboard's Metrics view).
+
+Recorded by the driver as answers arrive: ``raypar_batches_done_total``,
+``raypar_batches_failed_total`` (batches out of tries) and the
+``raypar_batch_seconds`` histogram of done batches' run time. Ray prefixes
+each name with ``ray_``. Every series is tagged with the job's name
+(``raypar_job``) and job dir (``raypar_job_dir``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+log = logging.getLogger("raypar")
+
+_TAGS = ("raypar_job", "raypar_job_dir")  # not "job": Prometheus keeps that label for its scrape job
+_SECONDS_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+
+
+@functools.lru_cache(maxsize=1)
+def _instruments():
+    from ray.util.metrics import Counter, Histogram
+
+    return (
+        Counter("raypar_batches_done", description="mini-batches done", tag_keys=_TAGS),
+        Counter("raypar_batches_failed", description="mini-batches failed after their last try", tag_keys=_TAGS),
+        Histogram("raypar_batch_seconds", description="run time of done mini-batches (seconds)",
+                  boundaries=_SECONDS_BOUNDARIES, tag_keys=_TAGS),
+    )
+
+
+class JobMetrics:
+    """The job's instruments with its tags bound; a metrics failure never fails a job."""
+
+    def __init__(self, job: str, job_dir: str):
+        self.tags = {"raypar_job": job, "raypar_job_dir": job_dir}
+        try:
+            self.done, self.failed, self.seconds = _instruments()
+        except Exception as exc:  # a Ray without metrics support
+            log.debug("Ray metrics unavailable: %s", exc)
+            self.done = None
+
+    def batch_done(self, seconds: Optional[float]) -> None:
+        """``seconds`` is None when the run time is unknown (the worker died after recording)."""
+        if self.done is not None:
+            self.done.inc(1, tags=self.tags)
+            if seconds is not None:
+                self.seconds.observe(seconds, tags=self.tags)
+
+    def batch_failed(self) -> None:
+        if self.done is not None:
+            self.failed.inc(1, tags=self.tags)
