@@ -12,7 +12,7 @@ import raypar
 
 def run_raypar(spec: dict, job_dir: str, verbose: bool):
     echo = (lambda line: print(f"    {line}", flush=True)) if verbose else (lambda line: None)
-    return raypar.run(spec, job_dir=job_dir, echo=echo)
+    return raypar.run(spec, job_dir=job_dir, echo=echo).wait()
 
 
 def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:

@@ -1,12 +1,18 @@
 """Shared fixtures: a real 3-node Ray cluster on 127.0.0.1 and job builders."""
 
 import os
+import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 
 # Every Ray process started by the tests binds to loopback; must be set before Ray starts.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Token auth on, as Ray 2.60 clusters run it, with a token of this session (not ~/.ray/auth_token).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+JOBS_API = "http://127.0.0.1:8265"
 
 import pytest
 
@@ -14,16 +20,40 @@ pytest_plugins = ["azurite"]  # tests/azurite.py: the Azure Blob emulator fixtur
 ENTRY_DIR = Path(__file__).parent / "entry"
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """Head + 2 worker nodes, 1 CPU each, in this process; the test process is the driver."""
-    import ray
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_cluster(**head_args):
+    """Head + 2 worker nodes, 1 CPU each, as processes of this one; Ray metrics reported every second.
+
+    Its processes never see the session's storage credentials: a submitted job must bring them.
+    """
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AZURE_STORAGE_")}
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            # The head's agent would take Ray's fixed default port: a second cluster's head (or an
+            # embedded Ray) could then not start its agent, and the Jobs API answers "No available agent".
+            "num_cpus": 1, "dashboard_agent_listen_port": free_port(),
+            "_system_config": {"metrics_report_interval_ms": 1000}, **head_args})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+    finally:
+        os.environ.update(saved)
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The 3-node cluster the test process drives jobs on."""
+    import ray
+
+    cluster = start_cluster(include_dashboard=False)
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()

@@ -42,7 +42,7 @@ def test_rows_exact_and_instances_pinned_to_distinct_nodes(ray_cluster, tmp_path
     args = f"--with-node --barrier {barrier} 6 --shutdown-log {shutdowns}"
     spec = make_spec(tmp_path, files, **{"task.program_arguments": args})
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED and outcome.exit_code == 0
     assert (outcome.total, outcome.completed, outcome.failed, outcome.pending) == (30, 30, 0, 0)
@@ -69,7 +69,7 @@ def test_slow_worker_does_not_hold_back_the_others(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, files, **{"task.program_arguments": args, "resources.instance_count": 1,
                                          "raypar.worker": {"num_cpus": 0.5}})
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED
     assert output_lines(tmp_path) == expected_rows(files)
@@ -81,7 +81,7 @@ def test_slow_worker_does_not_hold_back_the_others(ray_cluster, tmp_path):
 def test_dataframe_rows_are_space_separated_without_header_or_index(ray_cluster, tmp_path):
     files = {"a.txt": "x", "b.txt": "two words"}
     spec = make_spec(tmp_path, files, **{"task.program_arguments": "--dataframe", "resources.instance_count": 1})
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert outcome.state is JobState.SUCCEEDED
     assert output_lines(tmp_path) == ['a.txt X', 'b.txt "TWO WORDS"']
 
@@ -94,7 +94,7 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     spec = make_spec(tmp_path, files, **{"task.program_arguments": args})
     job = str(tmp_path / "job")
 
-    first = raypar.run(spec, job_dir=job, echo=quiet)
+    first = raypar.run(spec, job_dir=job, echo=quiet).wait()
 
     # Thresholds are -1 (Azure's default): failures are skipped, the job completes.
     bad_batches = [("f002.txt", "f003.txt"), ("f012.txt", "f013.txt")]
@@ -112,7 +112,7 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     flag.touch()  # the cause is removed
     for p in log.iterdir():
         p.unlink()
-    second = raypar.resume(job, echo=quiet)
+    second = raypar.resume(job, echo=quiet).wait()
 
     assert second.state is JobState.SUCCEEDED
     assert (second.completed, second.failed, second.pending) == (10, 0, 0)
@@ -122,7 +122,7 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     clean_dir = tmp_path / "clean"
     clean_dir.mkdir()
     clean = make_spec(clean_dir, files, **{"task.program_arguments": f"--fixed-flag {flag}"})
-    raypar.run(clean, job_dir=str(clean_dir / "job"), echo=quiet)
+    raypar.run(clean, job_dir=str(clean_dir / "job"), echo=quiet).wait()
     assert (clean_dir / "out" / "parallel_run_step.txt").read_bytes() == \
         (tmp_path / "out" / "parallel_run_step.txt").read_bytes()
 
@@ -163,11 +163,11 @@ def test_resume_of_a_finished_job_runs_nothing(ray_cluster, tmp_path):
     log.mkdir()
     spec = make_spec(tmp_path, texts(6), **{"task.program_arguments": f"--exec-log {log}"})
     job = str(tmp_path / "job")
-    raypar.run(spec, job_dir=job, echo=quiet)
+    raypar.run(spec, job_dir=job, echo=quiet).wait()
     before = executions(log)
 
-    again = raypar.run(spec, job_dir=job, echo=quiet)  # same spec, same job dir: a resume
-    resumed = raypar.resume(job, echo=quiet)
+    again = raypar.run(spec, job_dir=job, echo=quiet).wait()  # same spec, same job dir: a resume
+    resumed = raypar.resume(job, echo=quiet).wait()
 
     assert again.state is resumed.state is JobState.SUCCEEDED
     assert executions(log) == before
@@ -177,10 +177,10 @@ def test_resume_of_a_finished_job_runs_nothing(ray_cluster, tmp_path):
 def test_run_refuses_a_job_dir_holding_another_job(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 1})
     job = str(tmp_path / "job")
-    raypar.run(spec, job_dir=job, echo=quiet)
+    raypar.run(spec, job_dir=job, echo=quiet).wait()
     other = dict(spec, mini_batch_size="1")
     with pytest.raises(UsageError, match="holds a different job"):
-        raypar.run(other, job_dir=job, echo=quiet)
+        raypar.run(other, job_dir=job, echo=quiet).wait()
 
 
 def test_mini_batch_error_threshold_fails_the_job_and_it_stays_resumable(ray_cluster, tmp_path):
@@ -191,7 +191,7 @@ def test_mini_batch_error_threshold_fails_the_job_and_it_stays_resumable(ray_clu
                         "max_concurrency_per_instance": 1, "retry_settings.max_retries": 0})
     job = str(tmp_path / "job")
 
-    failed = raypar.run(spec, job_dir=job, echo=quiet)
+    failed = raypar.run(spec, job_dir=job, echo=quiet).wait()
 
     assert failed.state is JobState.FAILED and failed.exit_code == 1
     assert "mini_batch_error_threshold=0" in failed.reason
@@ -199,7 +199,7 @@ def test_mini_batch_error_threshold_fails_the_job_and_it_stays_resumable(ray_clu
     assert job_status(job)["state"] == "failed"
 
     flag.touch()
-    resumed = raypar.resume(job, echo=quiet)
+    resumed = raypar.resume(job, echo=quiet).wait()
     assert resumed.state is JobState.SUCCEEDED
     assert output_lines(tmp_path) == expected_rows(files)
 
@@ -207,7 +207,7 @@ def test_mini_batch_error_threshold_fails_the_job_and_it_stays_resumable(ray_clu
 def test_more_instances_than_nodes_fails_with_a_clear_message(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 4, "raypar.placement_timeout": 0})
     with pytest.raises(PlacementError, match=r"needs 4 node\(s\).*has 3 such node\(s\)"):
-        raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+        raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert job_status(str(tmp_path / "job"))["state"] == "failed"
 
 
@@ -217,7 +217,7 @@ def test_init_failure_on_every_worker_fails_fast_with_the_traceback(ray_cluster,
     (tmp_path / "code" / "score.py").write_text("def init():\n    raise RuntimeError('model file missing')\n"
                                                 "def run(mb):\n    return mb\n"
                                                 f"def shutdown():\n    open({str(marker)!r}, 'w').close()\n")
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert outcome.state is JobState.FAILED
     assert outcome.reason.startswith("no worker could start: init() failed")
     assert "RuntimeError: model file missing" in job_status(str(tmp_path / "job"))["reason"]
@@ -227,7 +227,7 @@ def test_init_failure_on_every_worker_fails_fast_with_the_traceback(ray_cluster,
 def test_entry_script_that_does_not_import_fails_with_its_error(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, texts(2), **{"resources.instance_count": 1, "max_concurrency_per_instance": 1})
     (tmp_path / "code" / "score.py").write_text("def run(mb)\n    return mb\n")
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert outcome.state is JobState.FAILED
     assert outcome.reason == "no worker could start: loading the entry script failed on every worker"
     assert "SyntaxError" in job_status(str(tmp_path / "job"))["reason"]
@@ -244,13 +244,13 @@ def test_environment_variables_argv_and_summary_only(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, texts(3), environment_variables={"GREETING": 42},
                      **{"task.entry_script": "env_script.py", "task.program_arguments": "--name 'a b'",
                         "resources.instance_count": 1})
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert outcome.state is JobState.SUCCEEDED
     assert output_lines(tmp_path) == [f"f00{i}.txt 42 ['--name', 'a b']" for i in range(3)]
 
     summary = dict(make_spec(tmp_path / "s", texts(3), **{"resources.instance_count": 1}))
     summary["task"] = {k: v for k, v in summary["task"].items() if k != "append_row_to"}
-    outcome = raypar.run(summary, job_dir=str(tmp_path / "s" / "job"), echo=quiet)
+    outcome = raypar.run(summary, job_dir=str(tmp_path / "s" / "job"), echo=quiet).wait()
     assert outcome.state is JobState.SUCCEEDED and outcome.output is None
     assert list((tmp_path / "s" / "out").iterdir()) == []  # the folder exists (as Azure mounts it), empty
 
@@ -279,7 +279,7 @@ def test_gpu_worker_sees_only_its_gpu(ray_cluster, tmp_path):
             "task.entry_script": "gpu.py", "resources.instance_count": 1, "mini_batch_size": "1",
             "raypar.worker": {"num_cpus": 0.1, "num_gpus": 1},
         })
-        outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+        outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
         assert outcome.state is JobState.SUCCEEDED
         devices_by_pid = {}
         for line in output_lines(tmp_path):

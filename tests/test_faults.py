@@ -80,7 +80,7 @@ def test_hung_run_is_killed_and_its_replacement_runs_init_again(ray_cluster, tmp
         "task.program_arguments": f"--exec-log {log} --init-log {inits} --fault f002.txt hang {fault}",
     }))
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED
     assert output_lines(tmp_path) == expected_rows(files)
@@ -100,7 +100,7 @@ def test_hung_run_with_no_tries_left_ends_the_job_with_that_batch_failed(ray_clu
         "task.program_arguments": f"--fault f000.txt hang {fault}",
     }))
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED  # thresholds are -1: the failure is skipped
     assert (outcome.completed, outcome.failed) == (1, 1)
@@ -122,7 +122,7 @@ def test_worker_killed_mid_batch_reruns_it_without_spending_a_try(ray_cluster, t
         os.kill(fault_info(fault)[0], signal.SIGKILL)
 
     join = in_background(kill_the_worker)
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     join()
 
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
@@ -140,7 +140,7 @@ def test_segfault_in_user_code_reruns_the_batch_on_a_fresh_worker(ray_cluster, t
         "task.program_arguments": f"--exec-log {log} --init-log {inits} --fault f001.txt segfault {fault}",
     }))
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED
     assert output_lines(tmp_path) == expected_rows(files)
@@ -156,7 +156,7 @@ def test_a_crash_loop_ends_after_the_system_failure_bound(ray_cluster, tmp_path)
         "task.program_arguments": f"--fault f002.txt segfault-always {fault}",
     }))
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     # 3 lost workers are free; the 4th loss spends the batch's only try.
     assert outcome.state is JobState.SUCCEEDED and (outcome.completed, outcome.failed) == (2, 1)
@@ -189,7 +189,7 @@ def test_lost_node_moves_its_batch_to_a_live_worker(ray_cluster, tmp_path, caplo
 
         join = in_background(lose_the_node)
         with caplog.at_level("WARNING", logger="raypar"):
-            outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+            outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
         join()
 
         assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
@@ -220,7 +220,7 @@ def test_crossing_a_threshold_stops_the_job_failed_and_resumable(ray_cluster, tm
     }))
     job = str(tmp_path / "job")
 
-    failed = raypar.run(spec, job_dir=job, echo=quiet)
+    failed = raypar.run(spec, job_dir=job, echo=quiet).wait()
 
     assert failed.state is JobState.FAILED and failed.exit_code == 1
     assert reason in failed.reason and reason in job_status(job)["reason"]
@@ -228,7 +228,7 @@ def test_crossing_a_threshold_stops_the_job_failed_and_resumable(ray_cluster, tm
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
 
     flag.touch()
-    resumed = raypar.resume(job, echo=quiet)
+    resumed = raypar.resume(job, echo=quiet).wait()
     assert resumed.state is JobState.SUCCEEDED
     assert output_lines(tmp_path) == expected_rows(files)
 
@@ -237,6 +237,6 @@ def test_thresholds_not_crossed_let_the_job_succeed(ray_cluster, tmp_path):
     files = texts(20, bad={1})
     spec = make_spec(tmp_path, files, allowed_failed_percent=10, mini_batch_error_threshold=1,
                      error_threshold=2, **one_worker(**{"retry_settings.max_retries": 0}))
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1
     assert output_lines(tmp_path) == expected_rows(files, skip={"f000.txt", "f001.txt"})

@@ -514,3 +514,36 @@ def test_allowed_failed_percent_from_field_program_argument_and_binding(tmp_path
 def test_yaml_booleans_are_not_numbers(tmp_path, changes):
     with pytest.raises(SpecError, match="expected a number, got"):
         spec_from_dict({**minimal_dict(), **changes}, base_dir=tmp_path)
+
+
+def test_relocate_code_moves_paths_inside_task_code_only(tmp_path):
+    from raypar.spec import relocate_code, spec_from_dict
+
+    code = tmp_path / "proj"
+    spec = spec_from_dict({
+        "type": "parallel", "input_data": "${{inputs.data}}",
+        "inputs": {"data": {"type": "uri_folder", "path": str(code / "data")},
+                   "other": {"type": "uri_folder", "path": "az://c/other"},
+                   "far": {"type": "uri_folder", "path": str(tmp_path / "proj2")}},
+        "outputs": {"out": {"type": "uri_folder", "path": str(tmp_path / "out")}},
+        "task": {"code": str(code), "entry_script": "score.py"},
+    })
+    moved = relocate_code(spec, str(tmp_path / "copy"))
+    assert moved.task.code == str(tmp_path / "copy")
+    assert moved.inputs["data"].path == str(tmp_path / "copy" / "data")
+    assert moved.inputs["other"].path == "az://c/other"
+    assert moved.inputs["far"].path == str(tmp_path / "proj2")  # a sibling whose name starts alike stays
+    assert moved.outputs["out"].path == str(tmp_path / "out")
+
+
+def test_spec_from_an_environment_variable(tmp_path, monkeypatch):
+    from raypar.spec import load_spec
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("THE_SPEC", "type: parallel\ninput_data: ${{inputs.d}}\n"
+                                   "inputs: {d: {type: uri_folder, path: ./data}}\n"
+                                   "task: {code: ., entry_script: s.py}\n")
+    spec = load_spec("env:THE_SPEC")
+    assert spec.inputs["d"].path == str(tmp_path / "data")
+    with pytest.raises(SpecError, match="env:NOPE: environment variable NOPE is not set"):
+        load_spec("env:NOPE")

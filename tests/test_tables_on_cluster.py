@@ -43,7 +43,7 @@ def test_one_large_parquet_file_is_split_and_every_row_comes_back_once(ray_clust
     pq.write_table(pa.Table.from_pandas(source, preserve_index=False), data / "big.parquet", row_group_size=4000)
     spec = table_spec(tmp_path, mini_batch_size="40kb")
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED, outcome.reason
     runs = executions(tmp_path)
@@ -62,7 +62,7 @@ def test_csv_and_json_lines_cut_at_lines_cover_every_row(ray_cluster, tmp_path):
     second.to_json(data / "b.jsonl", orient="records", lines=True)
     spec = table_spec(tmp_path, mini_batch_size="16kb")
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED, outcome.reason
     assert len(executions(tmp_path)) > 4
@@ -81,7 +81,7 @@ def test_partition_keys_from_hive_folders_reach_run_with_their_rows(ray_cluster,
         frame.iloc[half:].to_csv(folder / "p2.csv", index=False)
     spec = table_spec(tmp_path, partition_keys=["store", "brand"], **{"raypar.input_format": "csv"})
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED, outcome.reason
     assert sorted(executions(tmp_path).values()) == sorted(len(f) for f in parts.values())
@@ -101,7 +101,7 @@ def test_partition_keys_inside_the_data(ray_cluster, tmp_path):
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), data / f"part{i}.parquet")
     spec = table_spec(tmp_path, partition_keys=["region"], **{"raypar.input_format": "parquet"})
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED, outcome.reason
     everything = pd.concat(frames)
@@ -121,7 +121,7 @@ def test_append_row_formats_hold_exactly_the_returned_rows_with_their_columns(ra
     pq.write_table(pa.Table.from_pandas(source, preserve_index=False), data / "t.parquet", row_group_size=1000)
     spec = table_spec(tmp_path, mini_batch_size="16kb", **{"raypar.append_row_format": fmt})
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED, outcome.reason
     assert outcome.total > 3
@@ -142,7 +142,7 @@ def test_a_failed_csv_batch_counts_its_rows_as_failed_items(ray_cluster, tmp_pat
         "task.program_arguments": f"--exec-log {tmp_path / 'exec'} --fail-id 1500",
         "retry_settings.max_retries": 0})
 
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet)
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1  # thresholds are -1: skipped
     status = job_status(str(tmp_path / "job"))
@@ -152,5 +152,5 @@ def test_a_failed_csv_batch_counts_its_rows_as_failed_items(ray_cluster, tmp_pat
     assert 0 < failed_rows == status["failed_items"] == sum(runs.values()) - len(out)
 
     spec["error_threshold"] = failed_rows - 1  # the same job with a budget one row short fails
-    strict = raypar.run(spec, job_dir=str(tmp_path / "job2"), echo=quiet)
+    strict = raypar.run(spec, job_dir=str(tmp_path / "job2"), echo=quiet).wait()
     assert strict.state is JobState.FAILED and f"{failed_rows} item(s) failed" in strict.reason

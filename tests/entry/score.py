@@ -13,6 +13,8 @@ Arguments (parse_known_args, as Azure scripts do):
   --hold-after N D  once more than N batches are in --exec-log, run() writes D/holding and
                     waits for D/release (a batch caught mid-run)
   --init-log D      init() writes D/<pid>
+  --hold-from NAME D  run() given a file named NAME or later (sorted) writes D/holding-<pid> and
+                    waits for D/release (a job stopped with work in flight)
   --fault NAME MODE D  the first run() given file NAME writes D/fault ("<pid> <node id>"), then:
                     hang (sleep for an hour), segfault, or hold (wait to be killed);
                     segfault-always crashes every attempt (a crash loop)
@@ -41,6 +43,7 @@ def init():
     parser.add_argument("--hold-after", nargs=2)
     parser.add_argument("--init-log")
     parser.add_argument("--fault", nargs=3)
+    parser.add_argument("--hold-from", nargs=2)
     args, _ = parser.parse_known_args()
     if args.init_log:
         open(os.path.join(args.init_log, str(os.getpid())), "w").close()
@@ -99,6 +102,10 @@ def run(mini_batch):
         if not os.path.exists(os.path.join(gate, "release")):
             open(os.path.join(gate, "holding"), "w").close()
             _wait(lambda: os.path.exists(os.path.join(gate, "release")), timeout=600)
+    if args.hold_from and max(names) >= args.hold_from[0]:
+        gate = args.hold_from[1]
+        open(os.path.join(gate, f"holding-{os.getpid()}"), "w").close()
+        _wait(lambda: os.path.exists(os.path.join(gate, "release")), timeout=600)
     if args.fault and args.fault[0] in names:
         _inject_fault(*args.fault)
     fixed = args.fixed_flag and os.path.exists(args.fixed_flag)

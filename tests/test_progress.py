@@ -1,0 +1,127 @@
+"""Progress display (terminal bar, log lines), its parser, and the runtime env a spec asks for."""
+
+import io
+
+import pytest
+
+from raypar.errors import SpecError
+from raypar.progress import ProgressDisplay, Snapshot, parse_line
+from raypar.runtime_env import forwarded_variables, pip_packages, worker_runtime_env
+from raypar.spec import spec_from_dict
+
+from conftest import make_spec
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_plain_line_round_trips_through_the_parser():
+    snap = Snapshot(done=12, failed=1, total=40, planning=False, rate=2.0)
+    assert snap.line() == "raypar: 12/40 done, 1 failed, 2.00 mini-batches/s, ETA 0:00:14"
+    assert parse_line(snap.line()) == snap
+    planning = Snapshot(done=3, failed=0, total=10, planning=True, rate=1.5)
+    assert planning.line().startswith("raypar: 3/10+ done") and planning.line().endswith("ETA ?")
+    assert parse_line(planning.line()) == planning
+    assert parse_line("raypar: job dir /x") is None
+
+
+def test_a_terminal_gets_one_bar_redrawn_in_place_and_messages_above_it():
+    out = Terminal()
+    display = ProgressDisplay(stream=out)
+    display.update(Snapshot(0, 0, 4, False, 0.0))
+    display.echo("raypar: a message")  # clears the bar, prints, draws the bar again below
+    display.update(Snapshot(4, 0, 4, False, 2.0), final=True)
+    display.close()
+    bar0 = "[------------------------] 0/4 done, 0 failed, 0.0/s, ETA ?"
+    assert out.getvalue() == (f"\r\033[K{bar0}" + "\r\033[Kraypar: a message\n" + bar0
+                              + "\r\033[K[########################] 4/4 done, 0 failed, 2.0/s, ETA 0:00:00\n")
+
+
+def test_a_log_gets_a_line_only_when_counts_change():
+    lines = []
+    display = ProgressDisplay(echo=lines.append, every=0)
+    display.update(Snapshot(1, 0, 4, False, 1.0))
+    display.update(Snapshot(1, 0, 4, False, 0.5))  # only the rate moved: no new line
+    display.update(Snapshot(2, 0, 4, False, 1.0))
+    display.update(Snapshot(2, 0, 4, False, 1.0), final=True)  # the final line always shows
+    assert [parse_line(line).done for line in lines] == [1, 2, 2]
+
+
+def _spec(tmp_path, **overrides):
+    return spec_from_dict(make_spec(tmp_path, {"a.txt": "x"}, **overrides), base_dir=tmp_path)
+
+
+def test_conda_file_pip_list_maps_and_the_rest_is_named_once(tmp_path):
+    (tmp_path / "conda.yml").write_text(
+        "dependencies:\n  - python=3.10\n  - pip\n  - scikit-learn=1.3\n"
+        "  - pip:\n    - pandas==2.1\n    - azureml-defaults\n")
+    (tmp_path / "requirements.txt").write_text("# pinned\nrequests==2.31  # http\n\n")
+    spec = _spec(tmp_path, **{"task.environment": {"image": "mcr/x:1", "conda_file": "conda.yml"},
+                              "raypar.runtime_env": {"pip": "requirements.txt"}})
+    packages, warning = pip_packages(spec)
+    assert packages == ["requests==2.31", "pandas==2.1"]
+    assert warning == ("task.environment: not used on Ray: image mcr/x:1, conda package scikit-learn=1.3, "
+                       "pip package azureml-defaults (Azure ML only); the cluster's Python environment runs "
+                       "the job (add packages under raypar.runtime_env.pip)")
+    assert pip_packages(_spec(tmp_path, **{"task.environment": "azureml:sklearn:1"}))[1].startswith(
+        "task.environment: not used on Ray: environment azureml:sklearn:1")
+    assert pip_packages(_spec(tmp_path)) == ([], None)
+
+
+def test_runtime_env_vars_resolve_references_and_refuse_literal_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_TOKEN", "s3cret")
+    spec = _spec(tmp_path, **{"raypar.runtime_env": {"env_vars": {"HF_TOKEN": "$MY_TOKEN", "MODE": 1}},
+                              "environment_variables": {"OMP_NUM_THREADS": 1}})
+    assert worker_runtime_env(spec) == {"env_vars": {"HF_TOKEN": "s3cret", "MODE": "1", "OMP_NUM_THREADS": "1"}}
+    assert "MY_TOKEN" in forwarded_variables(spec, str(tmp_path / "job"))
+    monkeypatch.delenv("MY_TOKEN")
+    with pytest.raises(SpecError, match="raypar.runtime_env.env_vars.HF_TOKEN: environment variable MY_TOKEN"):
+        worker_runtime_env(spec)
+    with pytest.raises(SpecError, match="runtime_env.env_vars.HF_TOKEN: secrets are not written in specs"):
+        _spec(tmp_path, **{"raypar.runtime_env": {"env_vars": {"HF_TOKEN": "literal"}}})
+
+
+def test_azure_credentials_are_forwarded_only_when_azure_storage_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "DefaultEndpointsProtocol=http;AccountKey=k")
+    local = _spec(tmp_path)
+    assert forwarded_variables(local, str(tmp_path / "job")) == []
+    assert forwarded_variables(local, "az://c/job") == ["AZURE_STORAGE_CONNECTION_STRING"]
+    explicit = _spec(tmp_path, **{"raypar.storage_options": {"az": {"account_name": "a", "account_key": "$KEY"}}})
+    assert forwarded_variables(explicit, "az://c/job") == ["KEY"]
+
+
+@pytest.mark.timeout(180)
+def test_raypar_run_on_a_terminal_draws_the_bar(tmp_path):
+    """stdout is a pseudo-terminal: the bar is redrawn in place and ends on its own line."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = make_spec(tmp_path, {f"f{i}.txt": f"v{i}" for i in range(4)}, mini_batch_size="1",
+                     **{"resources.instance_count": 1, "max_concurrency_per_instance": 1})
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "raypar", "run", str(tmp_path / "job.yml"),
+                             "--job-dir", str(tmp_path / "job")], stdout=follower, stderr=subprocess.DEVNULL,
+                            env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode()
+    assert "\r\x1b[K[########################] 4/4 done, 0 failed" in text
+    assert "raypar: 4/4 done" not in text  # no plain progress lines on a terminal
+    assert "succeeded: 4/4 mini-batches done" in text
