@@ -427,12 +427,28 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and part in {"InputSpec", "bool", "int", "float", "str"}
 
 
+def map_local_paths(spec: JobSpec, fn) -> JobSpec:
+    """The spec with ``fn`` applied to every path it holds: inputs, outputs, task.code, the
+    conda files of ``task.environment`` / ``environment`` and a requirements file."""
+    data = spec.to_dict()
+    for item in [*data.get("inputs", {}).values(), *data.get("outputs", {}).values()]:
+        if isinstance(item, dict) and item.get("path") is not None:
+            item["path"] = fn(item["path"])
+    data["task"]["code"] = fn(data["task"]["code"])
+    for holder in (data["task"], data):
+        environment = holder.get("environment")
+        if isinstance(environment, dict) and isinstance(environment.get("conda_file"), str):
+            environment["conda_file"] = fn(environment["conda_file"])
+    runtime_env = data.get("raypar", {}).get("runtime_env", {})
+    if isinstance(runtime_env.get("pip"), str):  # a requirements file
+        runtime_env["pip"] = fn(runtime_env["pip"])
+    return JobSpec.model_validate(data)
+
+
 def absolutize(spec: JobSpec, base_dir: Path) -> JobSpec:
     """Make every local path in the spec absolute; URLs are left alone."""
 
-    def fix(p: Optional[str]) -> Optional[str]:
-        if p is None:
-            return None
+    def fix(p: str) -> str:
         if p.startswith("azureml:"):
             raise SpecError(
                 f"path {p!r} is an Azure ML asset reference; give a local path or an fsspec URL instead"
@@ -443,24 +459,7 @@ def absolutize(spec: JobSpec, base_dir: Path) -> JobSpec:
             return p
         return str((base_dir / os.path.expanduser(p)).resolve())
 
-    inputs = {
-        k: v.model_copy(update={"path": fix(v.path)}) if isinstance(v, InputSpec) else v
-        for k, v in spec.inputs.items()
-    }
-    outputs = {k: v.model_copy(update={"path": fix(v.path)}) for k, v in spec.outputs.items()}
-    environment = spec.task.environment
-    if isinstance(environment, dict) and isinstance(environment.get("conda_file"), str):
-        environment = {**environment, "conda_file": fix(environment["conda_file"])}
-    task = spec.task.model_copy(update={"code": fix(spec.task.code), "environment": environment})
-    runtime_env = spec.raypar.runtime_env
-    if isinstance(runtime_env.pip, str):  # a requirements file
-        runtime_env = runtime_env.model_copy(update={"pip": fix(runtime_env.pip)})
-    raypar = spec.raypar.model_copy(update={"runtime_env": runtime_env})
-    top = spec.environment
-    if isinstance(top, dict) and isinstance(top.get("conda_file"), str):
-        top = {**top, "conda_file": fix(top["conda_file"])}
-    return spec.model_copy(update={"inputs": inputs, "outputs": outputs, "task": task, "raypar": raypar,
-                                   "environment": top})
+    return map_local_paths(spec, fix)
 
 
 def relocate_code(spec: JobSpec, code_dir: str) -> JobSpec:
@@ -471,23 +470,12 @@ def relocate_code(spec: JobSpec, code_dir: str) -> JobSpec:
     """
     old, new = spec.task.code.rstrip("/"), str(Path(code_dir).resolve())
 
-    def move(p: Optional[str]) -> Optional[str]:
-        if p is None or is_url(p) or not (p == old or p.startswith(old + "/")):
+    def move(p: str) -> str:
+        if is_url(p) or not (p == old or p.startswith(old + "/")):
             return p
         return new + p[len(old):]
 
-    data = spec.to_dict()
-    data["task"]["code"] = new
-    for item in [*data.get("inputs", {}).values(), *data.get("outputs", {}).values()]:
-        if isinstance(item, dict) and "path" in item:
-            item["path"] = move(item["path"])
-    environment = data["task"].get("environment")
-    if isinstance(environment, dict) and isinstance(environment.get("conda_file"), str):
-        environment["conda_file"] = move(environment["conda_file"])
-    runtime_env = data.get("raypar", {}).get("runtime_env", {})
-    if isinstance(runtime_env.get("pip"), str):
-        runtime_env["pip"] = move(runtime_env["pip"])
-    return JobSpec.model_validate(data)
+    return map_local_paths(spec, move)
 
 
 # -- binding -------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .credentials import describe_error
 from .errors import RayparError, UsageError
 from .jobs_api import JobsApi
 from .progress import ProgressDisplay, parse_line
@@ -250,7 +251,7 @@ class SubmittedJob:
         except Exception as exc:  # no credentials here, or a path only the cluster sees
             status = {"job_dir": self.job_dir, "name": (info.metadata or {}).get(META_NAME),
                       "state": ray_status.lower(), "source": f"driver log (job dir not readable here: "
-                                                              f"{_short(exc)})"}
+                                                              f"{describe_error(exc)})"}
             snapshot = last_progress(self.api.logs(self.submission_id))
             if snapshot is not None:
                 status.update(completed=snapshot.done, failed=snapshot.failed, total=snapshot.total,
@@ -318,12 +319,6 @@ def last_progress(log_text: str):
         if snapshot is not None:
             return snapshot
     return None
-
-
-def _short(exc: BaseException) -> str:
-    from .credentials import describe_error
-
-    return describe_error(exc)
 
 
 def follow(job: SubmittedJob, echo: Echo = print, display: Optional[ProgressDisplay] = None) -> RemoteOutcome:

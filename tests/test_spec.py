@@ -527,8 +527,10 @@ def test_relocate_code_moves_paths_inside_task_code_only(tmp_path):
                    "far": {"type": "uri_folder", "path": str(tmp_path / "proj2")}},
         "outputs": {"out": {"type": "uri_folder", "path": str(tmp_path / "out")}},
         "task": {"code": str(code), "entry_script": "score.py"},
+        "environment": {"conda_file": str(code / "conda.yml")},
     })
     moved = relocate_code(spec, str(tmp_path / "copy"))
+    assert moved.environment["conda_file"] == str(tmp_path / "copy" / "conda.yml")
     assert moved.task.code == str(tmp_path / "copy")
     assert moved.inputs["data"].path == str(tmp_path / "copy" / "data")
     assert moved.inputs["other"].path == "az://c/other"
