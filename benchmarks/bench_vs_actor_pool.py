@@ -30,7 +30,6 @@ import collections
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import textwrap
@@ -42,7 +41,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray  # noqa: E402
 
 import raypar  # noqa: E402
-from common import load_average, run_raypar, wait_for_free_cpus  # noqa: E402
+from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 TARGET_RATIO = 0.80
 
@@ -261,15 +260,9 @@ def main(argv=None) -> int:
         verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
         print(f"ratio raypar/bare = {ratio:.2f} (target >= {TARGET_RATIO:.2f}: {verdict})")
         print(f"rows: {'OK' if ok else 'MISMATCH'} ({n_rows} expected per run)")
-        print(f"load average (1/5/15 min) at the end: {load_average()} on {os.cpu_count()} CPUs "
-              f"(anything else running makes these numbers noisy)")
+        print_load()
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        tear_down(root, args.keep)
     return 0 if ok else 1
 
 

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
 import raypar  # noqa: E402
-from common import load_average, run_raypar, wait_for_free_cpus  # noqa: E402
+from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 TARGET_RATIO = 1.0
 MIB = 1024 * 1024
@@ -711,15 +711,9 @@ def main(argv=None) -> int:
         if args.profile:
             ok = profile_raypar(inputs, code, root, fmt, args.mini_batch_size, expected, args.verbose) and ok
         print(f"rows: {'OK' if ok else 'MISMATCH'} ({expected.rows:,} expected in every output, ids and scores checked)")
-        print(f"load average (1/5/15 min) at the end: {load_average()} on {os.cpu_count()} CPUs "
-              f"(anything else running makes these numbers noisy)")
+        print_load()
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        tear_down(root, args.keep)
     return 0 if ok else 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import ray
@@ -29,3 +30,18 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def print_load() -> None:
+    print(f"load average (1/5/15 min) at the end: {load_average()} on {os.cpu_count()} CPUs "
+          f"(anything else running makes these numbers noisy)")
+
+
+def tear_down(root: str, keep: bool) -> None:
+    """Stop Ray and remove the benchmark's folder (unless --keep)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    if keep:
+        print(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
