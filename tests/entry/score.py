@@ -13,8 +13,9 @@ Arguments (parse_known_args, as Azure scripts do):
   --hold-after N D  once more than N batches are in --exec-log, run() writes D/holding and
                     waits for D/release (a batch caught mid-run)
   --init-log D      init() writes D/<pid>
-  --hold-from NAME D  run() given a file named NAME or later (sorted) writes D/holding-<pid> and
-                    waits for D/release (a job stopped with work in flight)
+  --hold-from NAME D  run() given a file named NAME or later (sorted) writes D/holding-<pid>
+                    (holding its Ray node id) and waits for D/release (a job stopped with work
+                    in flight)
   --fault NAME MODE D  the first run() given file NAME writes D/fault ("<pid> <node id>"), then:
                     hang (sleep for an hour), segfault, or hold (wait to be killed);
                     segfault-always crashes every attempt (a crash loop)
@@ -104,7 +105,10 @@ def run(mini_batch):
             _wait(lambda: os.path.exists(os.path.join(gate, "release")), timeout=600)
     if args.hold_from and max(names) >= args.hold_from[0]:
         gate = args.hold_from[1]
-        open(os.path.join(gate, f"holding-{os.getpid()}"), "w").close()
+        import ray
+
+        with open(os.path.join(gate, f"holding-{os.getpid()}"), "w") as f:
+            f.write(ray.get_runtime_context().get_node_id())
         _wait(lambda: os.path.exists(os.path.join(gate, "release")), timeout=600)
     if args.fault and args.fault[0] in names:
         _inject_fault(*args.fault)
