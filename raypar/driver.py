@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -222,11 +223,42 @@ class _Heartbeat(threading.Thread):
                 log.warning("lease heartbeat failed: %s", exc)
 
 
+def claim_lease(ledger: Ledger, run: str, echo: Echo) -> None:
+    """Take the job dir's lease, waiting out one whose holder has gone silent.
+
+    A driver lost with its machine (a KubeRay retry on a fresh cluster, a killed VM)
+    leaves a lease that stays live until its TTL runs out. A driver on another host
+    cannot be asked whether it lives, so we watch its heartbeat for the rest of the
+    TTL: if it never moves, the lease is stale and ours; if it moves, that driver
+    is alive and we refuse at once.
+    """
+    try:
+        ledger.acquire_lease(run)
+        return
+    except LeaseHeldError:
+        held = ledger.read_lease()
+        if not held or held.get("host") == socket.gethostname():
+            raise  # on this host the lease holder's pid already answered
+    ttl = held.get("ttl", LEASE_TTL)
+    silent = time.time() - held.get("heartbeat", 0)
+    echo(f"raypar: {ledger.url} is leased by pid {held.get('pid')} on {held.get('host')}, silent for "
+         f"{silent:.0f}s; waiting up to {max(ttl - silent, 0):.0f}s for a live driver's heartbeat")
+    while time.time() - held.get("heartbeat", 0) <= ttl:
+        time.sleep(min(1.0, ttl / 10))  # one storage read a second, at most
+        current = ledger.read_lease()
+        if current is None:
+            break  # released: the holder finished
+        if current.get("run") != held.get("run") or current.get("heartbeat") != held.get("heartbeat"):
+            ledger.acquire_lease(run)  # raises LeaseHeldError naming the live driver
+            return
+    ledger.acquire_lease(run)
+
+
 def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo, announce: str,
            planned=None) -> Outcome:
     spec = session.spec
     run = new_run_id()
-    ledger.acquire_lease(run)
+    claim_lease(ledger, run, echo)
     echo(announce)
     beat = _Heartbeat(ledger, run)
     beat.start()

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -714,3 +715,37 @@ def test_compacted_records_are_checked_against_their_rows_again(tmp_path):
     rows.write_bytes(rows.read_bytes()[:-1])  # cut after compaction
 
     assert [b.id for b in ledger.view().pending()] == [bid(1)]
+
+
+def test_a_silent_lease_from_another_host_is_waited_out_then_taken(tmp_path):
+    # A driver lost with its cluster (a KubeRay retry): its lease outlives it until the TTL ends.
+    from raypar.driver import claim_lease
+
+    ledger = Ledger(str(tmp_path))
+    write_lease(ledger, host="lost-head-pod", pid=4242, ttl=2.0)
+    said = []
+    claim_lease(ledger, "retry", said.append)
+    assert ledger.read_lease()["run"] == "retry"
+    assert len(said) == 1 and "leased by pid 4242 on lost-head-pod" in said[0]
+
+
+def test_a_beating_lease_from_another_host_is_refused(tmp_path):
+    from raypar.driver import claim_lease
+
+    ledger = Ledger(str(tmp_path))
+    write_lease(ledger, host="live-head-pod", pid=4242, ttl=3.0)
+    stop = threading.Event()
+
+    def beat():  # the other driver is alive: its heartbeat moves
+        while not stop.wait(0.2):
+            write_lease(ledger, host="live-head-pod", pid=4242, ttl=3.0)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        with pytest.raises(LeaseHeldError, match="pid 4242 on live-head-pod"):
+            claim_lease(ledger, "second", lambda line: None)
+    finally:
+        stop.set()
+        beating.join()
+    assert ledger.read_lease()["run"] == "other"
