@@ -65,6 +65,32 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("target", metavar="JOB_DIR|SUBMISSION_ID")
     status.add_argument("--json", action="store_true", help="print JSON")
     _remote_options(status, submitting=False)
+
+    kube = sub.add_parser("kube", help="Kubernetes (KubeRay) manifests for a job")
+    kube_sub = kube.add_subparsers(dest="kube_command", required=True, metavar="KUBE_COMMAND")
+    render = kube_sub.add_parser("render", help="print a ready KubeRay RayJob (and a ConfigMap with task.code)")
+    render.add_argument("spec", help="path to the job YAML")
+    render.add_argument("--image", help="image with raypar installed, for every pod (default raypar:VERSION, "
+                                        "built from deploy/docker/Dockerfile)")
+    render.add_argument("--job-dir", help="ledger URL (default: $RAYPAR_JOB_ROOT/<RayJob name>); every retry "
+                                          "resumes it")
+    render.add_argument("--name", help="RayJob name (default raypar-<spec name>)")
+    render.add_argument("--namespace", help="namespace of the objects (default: kubectl's)")
+    render.add_argument("--secret", default="raypar-storage",
+                        help="Secret whose keys become the pods' environment: storage credentials, the spec's "
+                             "$VARs (default raypar-storage)")
+    render.add_argument("--backoff-limit", type=int, default=2, metavar="N",
+                        help="KubeRay retries on a fresh cluster, each resuming the job dir (default 2)")
+    render.add_argument("--cluster", metavar="RAYCLUSTER",
+                        help="run on this existing RayCluster (clusterSelector; KubeRay allows no retries then)")
+    render.add_argument("--code-in-image", metavar="DIR",
+                        help="task.code is baked into the image at DIR (no ConfigMap; for code over 1 MiB)")
+    render.add_argument("--shared-path", action="append", default=[], metavar="PATH",
+                        help="a path every pod mounts (a PVC) that the spec may use (repeatable)")
+    render.add_argument("--kind", choices=("RayJob", "RayCluster"), default="RayJob",
+                        help="RayJob (default): the job on its own cluster; RayCluster: a standing cluster shaped "
+                             "for the spec, for `raypar submit` and RayJobs with --cluster")
+    render.add_argument("-o", "--output", metavar="FILE", help="write the manifest here instead of stdout")
     return p
 
 
@@ -118,6 +144,8 @@ def _dispatch(args) -> int:
         return _logs(args)
     if args.command == "submit":
         return _submit(args)
+    if args.command == "kube":
+        return _kube_render(args)
     from .driver import cancel_job, resume_job, run_job
     from .progress import ProgressDisplay
 
@@ -154,7 +182,7 @@ def _echo(line: str) -> None:
 
 def _is_remote(args) -> bool:
     """Talk to a Jobs API: a submission ID where a job dir could be, or `resume --address http(s)://...`."""
-    if args.command in ("submit", "run"):
+    if args.command in ("submit", "run", "kube"):
         return False
     from .storage import is_url
 
@@ -184,6 +212,29 @@ def _submit(args) -> int:
     job = submit_job(args.spec, job_dir=args.job_dir, shared_paths=tuple(args.shared_path),
                      env=parse_env(args.env), echo=_echo, api=_api(args))
     return _submitted(job, args.wait)
+
+
+def _kube_render(args) -> int:
+    from .kube import dump_yaml, render, render_raycluster
+
+    if args.kind == "RayCluster":
+        cluster = render_raycluster(args.spec, image=args.image, name=args.name or "raypar", namespace=args.namespace,
+                                    secret=args.secret)
+        sys.stdout.write(f"# Rendered by raypar {__version__}: RayCluster {cluster['metadata']['name']}\n---\n"
+                         + dump_yaml(cluster))
+        return 0
+    rendered = render(args.spec, image=args.image, job_dir=args.job_dir, name=args.name, namespace=args.namespace,
+                      secret=args.secret, backoff_limit=args.backoff_limit, cluster=args.cluster,
+                      code_in_image=args.code_in_image, shared_paths=tuple(args.shared_path),
+                      echo=lambda line: print(line, file=sys.stderr))
+    text = rendered.to_yaml(args.secret)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"raypar: wrote {args.output} (job dir {rendered.job_dir})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _submitted(job, wait: bool) -> int:

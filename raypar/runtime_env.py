@@ -138,8 +138,13 @@ def forwarded_variables(spec: JobSpec, job_dir: str) -> list[str]:
     for options in spec.raypar.storage_options.values():
         names += [env_reference(v) for v in options.values() if isinstance(v, str) and env_reference(v)]
     names += [env_reference(v) for v in spec.raypar.runtime_env.env_vars.values() if env_reference(v)]
-    paths = [job_dir, *(i.path for i in spec.inputs.values() if hasattr(i, "path")),
-             *(o.path for o in spec.outputs.values() if o.path)]
-    if any(protocol_of(p) in _AZURE for p in paths) and not any(p in spec.raypar.storage_options for p in _AZURE):
+    if azure_from_environment(spec, job_dir):
         names += [v for v in AZURE_STORAGE_VARIABLES if os.environ.get(v)]
     return sorted(set(names))
+
+
+def azure_from_environment(spec: JobSpec, job_dir: str) -> bool:
+    """True when the job uses Azure storage with credentials from ``AZURE_STORAGE_*`` (no storage_options)."""
+    paths = [job_dir, *(i.path for i in spec.inputs.values() if hasattr(i, "path")),
+             *(o.path for o in spec.outputs.values() if o.path)]
+    return any(protocol_of(p) in _AZURE for p in paths) and not any(p in spec.raypar.storage_options for p in _AZURE)

@@ -27,7 +27,7 @@ def is_url(path: str) -> bool:
 
 
 _PACKAGE_FOR_PROTOCOL = {
-    "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "s3": "s3fs", "s3a": "s3fs",
+    "az": "'raypar[azure]'", "abfs": "'raypar[azure]'", "abfss": "'raypar[azure]'", "s3": "s3fs", "s3a": "s3fs",
     "gs": "gcsfs", "gcs": "gcsfs",
 }
 

@@ -74,10 +74,10 @@ def check_reachable(spec: JobSpec, job_dir: str, shared_paths: tuple[str, ...] =
                          f"RAYPAR_JOB_ROOT, or --shared-path if every node mounts it")
 
 
-def default_remote_job_dir(slug: str) -> str:
+def default_remote_job_dir(slug: str, command: str = "raypar submit") -> str:
     root = os.environ.get("RAYPAR_JOB_ROOT")
     if not root:
-        raise UsageError("raypar submit needs a job dir the cluster can reach: --job-dir URL "
+        raise UsageError(f"{command} needs a job dir the cluster can reach: --job-dir URL "
                          "(e.g. az://container/raypar-jobs/NAME), or set RAYPAR_JOB_ROOT to a URL")
     return f"{root.rstrip('/')}/{slug}"
 
