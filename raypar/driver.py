@@ -135,7 +135,9 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
     if ledger.exists():
         frozen = ledger.load_job()["spec"]
         if frozen != spec.to_dict():
-            raise UsageError(f"{job_dir}: holds a different job; use a new --job-dir, or `raypar resume {job_dir}`")
+            changed = ", ".join(_changed_keys(frozen, spec.to_dict())[:3])
+            raise UsageError(f"{job_dir}: holds a different job (changed: {changed}); use a new --job-dir, "
+                             f"or `raypar resume {job_dir}`")
         announce = f"raypar: {job_dir} already holds this job: resuming it"
         planned = None
     else:
@@ -143,6 +145,16 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
         ledger.create(spec.to_dict(), spec.to_yaml())
         announce = f"raypar: job dir {job_dir}"
     return _drive(ledger, session, address, echo, announce, planned)
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec dicts (what makes a job dir hold another job)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix or "spec"] if old != new else []
+    changed = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        changed += _changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+    return changed
 
 
 def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print,

@@ -179,7 +179,7 @@ def test_run_refuses_a_job_dir_holding_another_job(ray_cluster, tmp_path):
     job = str(tmp_path / "job")
     raypar.run(spec, job_dir=job, echo=quiet).wait()
     other = dict(spec, mini_batch_size="1")
-    with pytest.raises(UsageError, match="holds a different job"):
+    with pytest.raises(UsageError, match=r"holds a different job \(changed: mini_batch_size\)"):
         raypar.run(other, job_dir=job, echo=quiet).wait()
 
 
