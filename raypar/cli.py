@@ -79,12 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--secret", default="raypar-storage",
                         help="Secret whose keys become the pods' environment: storage credentials, the spec's "
                              "$VARs (default raypar-storage)")
-    render.add_argument("--backoff-limit", type=int, default=2, metavar="N",
+    render.add_argument("--backoff-limit", type=int, metavar="N",
                         help="KubeRay retries on a fresh cluster, each resuming the job dir (default 2)")
     render.add_argument("--cluster", metavar="RAYCLUSTER",
                         help="run on this existing RayCluster (clusterSelector; KubeRay allows no retries then)")
     render.add_argument("--code-in-image", metavar="DIR",
-                        help="task.code is baked into the image at DIR (no ConfigMap; for code over 1 MiB)")
+                        help="task.code is baked into the image at DIR (the ConfigMap holds only the spec; for "
+                             "code over 1 MiB)")
     render.add_argument("--shared-path", action="append", default=[], metavar="PATH",
                         help="a path every pod mounts (a PVC) that the spec may use (repeatable)")
     render.add_argument("--kind", choices=("RayJob", "RayCluster"), default="RayJob",
@@ -215,26 +216,36 @@ def _submit(args) -> int:
 
 
 def _kube_render(args) -> int:
+    from .errors import UsageError
     from .kube import dump_yaml, render, render_raycluster
 
     if args.kind == "RayCluster":
+        job_only = {"--job-dir": args.job_dir, "--cluster": args.cluster, "--code-in-image": args.code_in_image,
+                    "--backoff-limit": args.backoff_limit is not None, "--shared-path": args.shared_path}
+        given = [flag for flag, value in job_only.items() if value]
+        if given:
+            raise UsageError(f"{', '.join(given)}: options of a RayJob, not of --kind RayCluster")
         cluster = render_raycluster(args.spec, image=args.image, name=args.name or "raypar", namespace=args.namespace,
                                     secret=args.secret)
-        sys.stdout.write(f"# Rendered by raypar {__version__}: RayCluster {cluster['metadata']['name']}\n---\n"
-                         + dump_yaml(cluster))
+        _write(f"# Rendered by raypar {__version__}: RayCluster {cluster['metadata']['name']}\n---\n"
+               + dump_yaml(cluster), args.output, "")
         return 0
     rendered = render(args.spec, image=args.image, job_dir=args.job_dir, name=args.name, namespace=args.namespace,
-                      secret=args.secret, backoff_limit=args.backoff_limit, cluster=args.cluster,
+                      secret=args.secret, backoff_limit=2 if args.backoff_limit is None else args.backoff_limit,
+                      cluster=args.cluster,
                       code_in_image=args.code_in_image, shared_paths=tuple(args.shared_path),
                       echo=lambda line: print(line, file=sys.stderr))
-    text = rendered.to_yaml(args.secret)
-    if args.output:
-        with open(args.output, "w") as f:
+    _write(rendered.to_yaml(args.secret), args.output, f" (job dir {rendered.job_dir})")
+    return 0
+
+
+def _write(text: str, output: Optional[str], about: str) -> None:
+    if output:
+        with open(output, "w") as f:
             f.write(text)
-        print(f"raypar: wrote {args.output} (job dir {rendered.job_dir})", file=sys.stderr)
+        print(f"raypar: wrote {output}{about}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    return 0
 
 
 def _submitted(job, wait: bool) -> int:

@@ -19,6 +19,7 @@ What the rendered objects do:
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import re
@@ -145,9 +146,8 @@ def ray_cluster_spec(spec: JobSpec, image: str, secret: str) -> dict:
     resources = worker_pod_resources(spec)
     worker_start = {}
     if spec.raypar.worker.resources:  # custom Ray resources the workers reserve
-        worker_start["resources"] = yaml.safe_dump(
-            {k: v * spec.max_concurrency_per_instance for k, v in spec.raypar.worker.resources.items()},
-            default_flow_style=True).strip().replace("'", '"')
+        worker_start["resources"] = ray_resources_param(
+            {k: v * spec.max_concurrency_per_instance for k, v in spec.raypar.worker.resources.items()})
     worker_template = {"spec": {"containers": [_container("ray-worker", image, resources, secret)]}}
     if "nvidia.com/gpu" in resources:
         worker_template["spec"]["tolerations"] = [
@@ -168,6 +168,12 @@ def ray_cluster_spec(spec: JobSpec, image: str, secret: str) -> dict:
     }
 
 
+def ray_resources_param(resources: dict) -> str:
+    """rayStartParams ``resources`` as KubeRay wants it: JSON, double-quoted for the shell
+    (KubeRay pastes ``--resources=<value>`` into the container's ``ray start`` command)."""
+    return '"' + json.dumps(resources).replace('"', '\\"') + '"'
+
+
 def submitter_template(image: str, configmap: str, items: list[dict], mount: str) -> dict:
     """KubeRay's submitter pod, with the ConfigMap mounted where the spec says task.code is."""
     return {"spec": {
@@ -184,14 +190,17 @@ def submitter_template(image: str, configmap: str, items: list[dict], mount: str
 
 @dataclass
 class Rendered:
-    objects: list[dict]  # [ConfigMap of task.code,] RayJob
+    objects: list[dict]  # ConfigMap of the spec (and task.code), RayJob
     job_dir: str
+    image: str
     secret_variables: list[str] = field(default_factory=list)  # what the Secret must hold
 
     def to_yaml(self, secret: str = DEFAULT_SECRET) -> str:
         rayjob = self.objects[-1]["metadata"]["name"]
         lines = [f"Rendered by raypar {__version__}: RayJob {rayjob}, job dir {self.job_dir}",
                  "Apply with: kubectl apply -f THIS_FILE   (the KubeRay operator must be installed)"]
+        if self.image == DEFAULT_IMAGE:
+            lines.append(f"Image {DEFAULT_IMAGE}: build deploy/docker/Dockerfile, push it, and render with --image")
         if self.secret_variables:
             literals = " ".join(f"--from-literal={n}=..." for n in self.secret_variables)
             lines += [f"Needs Secret {secret} with {', '.join(self.secret_variables)}:",
@@ -220,7 +229,8 @@ def render(spec, image: Optional[str] = None, job_dir: Optional[str] = None, nam
 
     ``cluster`` targets an existing RayCluster (``clusterSelector``) instead of
     creating one; KubeRay then allows no retries (``backoffLimit`` 0).
-    ``code_in_image`` is where the image already holds task.code (no ConfigMap).
+    ``code_in_image`` is where the image already holds task.code (the ConfigMap
+    then holds only the spec).
     """
     from .driver import _as_spec, _normalize_dir
 
@@ -234,7 +244,9 @@ def render(spec, image: Optional[str] = None, job_dir: Optional[str] = None, nam
     if backoff_limit < 0:
         raise UsageError(f"--backoff-limit {backoff_limit}: must be 0 or more")
     if cluster and backoff_limit:
-        backoff_limit = 0  # KubeRay refuses retries on a cluster it did not create
+        echo(f"raypar: --cluster {cluster}: KubeRay allows no retries on a cluster it did not create, so "
+             f"backoffLimit is 0 (resume a failed job with `raypar resume {job_dir}`)")
+        backoff_limit = 0
     image = image or DEFAULT_IMAGE
     if code_in_image is None:
         if not os.path.isdir(spec.task.code):
@@ -268,7 +280,7 @@ def render(spec, image: Optional[str] = None, job_dir: Optional[str] = None, nam
     _, warning = pip_packages(spec)
     if warning:
         echo(f"raypar: warning: {warning}")
-    return Rendered(objects, job_dir, secret_variables(spec, job_dir))
+    return Rendered(objects, job_dir, image, secret_variables(spec, job_dir))
 
 
 def render_raycluster(spec, image: Optional[str] = None, name: str = "raypar", namespace: Optional[str] = None,

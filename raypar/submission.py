@@ -165,10 +165,10 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
         info = api.info(target)
         job_dir, resumes = _job_dir_of(info, target), target
         spec_yaml = ((info.runtime_env or {}).get("env_vars") or {}).get(SPEC_VARIABLE)
-        if not spec_yaml:
-            raise UsageError(f"{target}: its runtime env lost the spec; resume by job dir: "
-                             f"raypar resume --address ... {job_dir}")
-        spec = spec_from_yaml(spec_yaml, source=f"{target}'s spec")
+        if spec_yaml:
+            spec = spec_from_yaml(spec_yaml, source=f"{target}'s spec")
+        else:  # submitted by other means (a KubeRay RayJob): the job dir has the spec
+            spec = JobSpec.model_validate(Ledger(job_dir).load_job()["spec"])
     code = str(Path(code_dir).expanduser().resolve()) if code_dir else spec.task.code
     if not os.path.isdir(code):
         raise UsageError(f"task.code {code} is not on this machine: give the job's code folder with --code DIR")

@@ -3,8 +3,10 @@ one valid for KubeRay v1.7.0 (strict CRD schema, core schemas, controller rules)
 kustomization built with kubectl, and `raypar kube render`'s sizing, code delivery and refusals."""
 
 import base64
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -220,18 +222,22 @@ def test_custom_worker_resources_become_the_worker_rayStartParams(tmp_path):
     rayjob = kube.render(str(spec), job_dir="az://c/jobs/x", echo=print).objects[-1]
     assert_valid([rayjob])
     params = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"]
-    assert yaml.safe_load(params["resources"]) == {"accelerator_x": 3}
+    # KubeRay pastes `--resources=<value>` into the pod's `ray start` shell command.
+    argument, = shlex.split(f"--resources={params['resources']}")
+    assert json.loads(argument.removeprefix("--resources=")) == {"accelerator_x": 3}
 
 
 def test_existing_cluster_code_in_image_and_namespace(tmp_path):
+    said = []
     rendered = kube.render(str(project(tmp_path)), job_dir="az://c/jobs/x", cluster="shared", namespace="team-a",
-                           code_in_image="/opt/job", backoff_limit=3, echo=print)
+                           code_in_image="/opt/job", backoff_limit=3, echo=said.append)
     assert_valid(rendered.objects)
     configmap, rayjob = rendered.objects
     assert set(configmap["data"]) == {kube.SPEC_FILE} and "binaryData" not in configmap  # code is in the image
     assert spec_from_yaml(configmap["data"][kube.SPEC_FILE]).task.code == "/opt/job"
     assert rayjob["spec"]["clusterSelector"] == {"ray.io/cluster": "shared"}
     assert rayjob["spec"]["backoffLimit"] == 0  # KubeRay allows no retries on a cluster it did not make
+    assert any("backoffLimit is 0" in line for line in said)
     assert "rayClusterSpec" not in rayjob["spec"] and "--code-dir" not in rayjob["spec"]["entrypoint"]
     assert all(o["metadata"]["namespace"] == "team-a" for o in rendered.objects)
 
@@ -289,6 +295,11 @@ def test_render_cli_writes_a_file_that_kubectl_accepts(tmp_path):
               for c in [worker_container(rayjob), rayjob["spec"]["submitterPodTemplate"]["spec"]["containers"][0]]}
     assert images == {"registry.example/raypar:0.1.0"}
     assert out.read_text().startswith("# Rendered by raypar")
+
+
+def test_render_of_a_standing_raycluster_refuses_rayjob_options(tmp_path):
+    result = raypar_cli("kube", "render", str(project(tmp_path)), "--kind", "RayCluster", "--job-dir", "az://c/j")
+    assert result.returncode == 2 and "--job-dir: options of a RayJob, not of --kind RayCluster" in result.stderr
 
 
 def test_render_of_a_standing_raycluster(tmp_path):
