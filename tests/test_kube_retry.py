@@ -217,3 +217,43 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, tmp_path, mon
     assert set(view.done) >= done_before and len(view.done) == len(NAMES)
     job = Ledger(job_dir).load_job()
     assert job["spec"]["task"]["code"] == "/home/ray/raypar/code"  # the same spec on every attempt
+
+
+def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azurite, tmp_path, monkeypatch):
+    # What docs/kubernetes.md tells users: port-forward 8265, then raypar cancel / resume by submission ID.
+    container = azurite.new_container()
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    log, hold = tmp_path / "exec", tmp_path / "hold"
+    log.mkdir(), hold.mkdir()
+    spec = job_spec(tmp_path, container, f"--exec-log {log} --hold-from f04.txt {hold}")
+    job_dir = f"az://{container}/jobs/kube-cancel"
+    configmap, rayjob = render(str(spec), image="raypar:test", job_dir=job_dir, echo=lambda line: None).objects
+    mount = tmp_path / "submitter-pod"
+    mount_configmap(configmap, rayjob["spec"]["submitterPodTemplate"]["spec"]["volumes"][0], mount)
+    cluster = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"],
+                                 {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
+    try:
+        submission = submit_like_kuberay(rayjob, mount, cluster.address)
+        wait_for(lambda: len([p for p in hold.glob("holding-*") if p.read_text()]) == 2,
+                 "both workers to hold a batch", timeout=180)
+
+        def raypar_cli(*args):
+            return subprocess.run([sys.executable, "-m", "raypar", *args], capture_output=True, text=True,
+                                  timeout=240, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+
+        canceled = raypar_cli("cancel", "--address", cluster.address, submission)
+        assert canceled.returncode == 0, canceled.stderr
+        assert "canceled (Ray status STOPPED)" in canceled.stdout
+        assert len(Ledger(job_dir).view().done) == 4
+        for p in log.iterdir():
+            p.unlink()
+        (hold / "release").touch()
+        resumed = raypar_cli("resume", "--address", cluster.address, submission,
+                             "--code", str(tmp_path / "laptop" / "code"), "--wait")
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    finally:
+        cluster.shutdown()
+    assert sorted(p.read_text() for p in log.iterdir()) == NAMES[4:]
+    fs = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
+    assert fs.cat_file(f"{container}/out/rows.txt").decode().splitlines() == [
+        f"{name} TEXT OF {name.upper()}" for name in NAMES]
