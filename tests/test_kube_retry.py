@@ -55,11 +55,16 @@ def job_spec(tmp_path, container, arguments):
 
 
 def mount_configmap(configmap, volume, where):
-    """The kubelet's part: each item of the ConfigMap volume becomes a file under the mount."""
+    """The kubelet's part, laid out as its atomic writer does: the items' files in a hidden
+    timestamped folder, `..data` linking to it, and a link per top-level name into `..data`."""
+    payload = where / "..2026_11_22_00_00_00.000000001"
     for item in volume["configMap"]["items"]:
-        target = where / item["path"]
+        target = payload / item["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(configmap["data"][item["key"]])
+    (where / "..data").symlink_to(payload.name)
+    for name in {item["path"].split("/")[0] for item in volume["configMap"]["items"]}:
+        (where / name).symlink_to(f"..data/{name}")
 
 
 def cpus(container) -> int:
