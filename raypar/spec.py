@@ -8,6 +8,7 @@ needs (argv, the append-row file, the input root).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -18,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from .azureml_compat.arguments import Predefined, ignored_note, parse as parse_predefined
 from .credentials import SECRET_WORDS, env_reference
 from .errors import SpecError
 from .storage import is_url
@@ -30,6 +32,7 @@ DEFAULT_BYTES_PER_BATCH = 1024 * 1024
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]b)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
 _BINDING_RE = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
+log = logging.getLogger("raypar")
 
 
 @dataclass(frozen=True)
@@ -276,12 +279,10 @@ class JobSpec(_Model):
             shlex.split(self.task.program_arguments or "")
         except ValueError as exc:
             raise ValueError(f"task.program_arguments cannot be split into arguments: {exc}") from None
-        try:
-            percent = self.failed_percent_limit()
-        except ValueError:
-            raise ValueError("task.program_arguments: --allowed_failed_percent must be a number") from None
-        if not 0 <= percent <= 100:
-            raise ValueError(f"task.program_arguments: --allowed_failed_percent {percent:g} is not in [0, 100]")
+        timeout = self.predefined_arguments().first_task_creation_timeout  # raises for values raypar cannot honour
+        if timeout is not None and "placement_timeout" not in self.raypar.model_fields_set:
+            # Azure's wait for the first mini-batch; the nearest thing here is the wait for the nodes.
+            self.raypar.placement_timeout = timeout
         for field, text in (("task.program_arguments", self.task.program_arguments),
                             ("task.append_row_to", self.task.append_row_to)):
             for ref in _BINDING_RE.findall(text or ""):
@@ -314,22 +315,28 @@ class JobSpec(_Model):
             return parse_size(self.mini_batch_size)
         return BatchSize(DEFAULT_FILES_PER_BATCH, is_bytes=False)
 
-    def failed_percent_limit(self) -> float:
-        """allowed_failed_percent, overridden by ``--allowed_failed_percent N`` in program_arguments."""
-        def literal(match) -> str:  # a literal input's value; data bindings do not matter here
+    def predefined_arguments(self) -> Predefined:
+        """Azure's predefined flags in program_arguments, with literal inputs bound (data inputs are no values)."""
+        def literal(match) -> str:
             item = self.inputs.get(match.group(1).partition(".")[2]) if match.group(1).startswith("inputs.") else None
             return str(item) if isinstance(item, (int, float, str)) and not isinstance(item, bool) else "x"
 
-        args = shlex.split(_BINDING_RE.sub(literal, self.task.program_arguments or ""))
-        for i, arg in enumerate(args):
-            value = None
-            if arg == "--allowed_failed_percent" and i + 1 < len(args):
-                value = args[i + 1]
-            elif arg.startswith("--allowed_failed_percent="):
-                value = arg.split("=", 1)[1]
-            if value is not None:
-                return float(value)
-        return self.allowed_failed_percent
+        return parse_predefined(shlex.split(_BINDING_RE.sub(literal, self.task.program_arguments or "")))
+
+    def failed_percent_limit(self) -> float:
+        """allowed_failed_percent, overridden by ``--allowed_failed_percent N`` in program_arguments."""
+        percent = self.predefined_arguments().allowed_failed_percent
+        return self.allowed_failed_percent if percent is None else percent
+
+    def program_arguments_note(self) -> Optional[str]:
+        """One line naming the predefined flags that are accepted but not used, and why (None: none)."""
+        predefined = self.predefined_arguments()
+        ignored = dict(predefined.ignored)
+        timeout = predefined.first_task_creation_timeout
+        if timeout is not None and timeout != self.raypar.placement_timeout:
+            ignored["first_task_creation_timeout"] = \
+                f"raypar.placement_timeout={self.raypar.placement_timeout:g} is set and wins"
+        return ignored_note(ignored)
 
     @property
     def max_tries(self) -> int:
@@ -496,6 +503,9 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> dict:
     ``storage`` holds resolved credentials: the plan lives in memory only, never in the job dir.
     """
     bound = bind(spec)
+    note = spec.program_arguments_note()
+    if note:  # here, not per worker: the driver calls this once as the workers start
+        log.warning(note)
     return {
         "code": spec.task.code,
         "entry_script": spec.task.entry_script,
@@ -505,6 +515,7 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> dict:
         "logging_level": spec.logging_level,
         "with_rows": bound.append_row_path is not None,
         "append_row_format": spec.raypar.append_row_format,
+        "profiling_module": spec.predefined_arguments().profiling_module,  # --profiling_module: profile each run()
         "input": input_desc,
         "storage": storage,
         # Remote folder outputs the entry script writes as local folders (see staging.py).

@@ -1,10 +1,12 @@
 """The worker actor: one per slot, runs the user's entry script.
 
 A worker loads the entry script from ``task.code``, sets ``sys.argv`` from
-``program_arguments``, calls ``init()`` once, ``run(mini_batch)`` per batch and
-``shutdown()`` when retired. For each successful batch it writes the output
-part and then the done record itself, before answering the driver: a driver
-killed at any instant loses no finished work.
+``program_arguments`` and what Azure's runtime gives entry scripts
+(``EntryScript``, ``AZUREML_BI_OUTPUT_PATH``...: see raypar/azureml_compat/),
+calls ``init()`` once, ``run(mini_batch)`` per batch and ``shutdown()`` when
+retired. For each successful batch it writes the output part and then the done
+record itself, before answering the driver: a driver killed at any instant
+loses no finished work.
 
 User errors never escape as exceptions: ``start`` and ``run_batch`` return a
 dict, so the driver can tell "run() raised" (an answer) from "the worker
@@ -23,6 +25,7 @@ import traceback
 import uuid
 from typing import Any, Optional
 
+from .azureml_compat.worker_env import EntryEnvironment
 from .credentials import options_for, redact
 from .inputs.base import BatchReader, MiniBatch
 from .inputs.files import cleanup
@@ -53,6 +56,7 @@ class Worker:
         self.instance, self.slot = instance, slot
         self.with_rows = plan["with_rows"]
         self.module: Any = None
+        self.entry_env: Optional[EntryEnvironment] = None
         self.name = f"instance{instance}-slot{slot}"
         self.node = self._node_id()
         # Set here, not in a per-actor runtime_env: that would keep Ray from
@@ -67,6 +71,12 @@ class Worker:
         if not ray.is_initialized():  # not inside Ray (unit tests)
             return None
         return ray.get_runtime_context().get_node_id()
+
+    @staticmethod
+    def _gpu_ids() -> list:
+        import ray
+
+        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
 
     def start(self) -> dict:
         """Import the entry script and call its ``init()``; report the outcome."""
@@ -96,11 +106,16 @@ class Worker:
         logging.basicConfig(level=self.plan["logging_level"], force=True, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
+        # What Azure's runtime gives entry scripts: EntryScript's folders, AZUREML_BI_OUTPUT_PATH,
+        # the GPU count, `import azureml_user`, --profiling_module.
+        self.entry_env = EntryEnvironment(self.ledger, self.writer, self.name, self.plan["storage"],
+                                          self._gpu_ids(), self.plan.get("profiling_module"))
         if code not in sys.path:
             sys.path.insert(0, code)
         os.chdir(code)  # sibling files of the entry script open with relative paths
         sys.argv, self.staged = stage_outputs(list(self.plan["argv"]), self.plan["staged_outputs"],
                                               self.plan["storage"])
+        self.staged += self.entry_env.staged  # EntryScript's folders of a job dir on object storage
         name = os.path.splitext(os.path.basename(self.plan["entry_script"]))[0]
         loader_spec = importlib.util.spec_from_file_location(name, self.plan["entry_path"])
         if loader_spec is None or loader_spec.loader is None:
@@ -138,7 +153,7 @@ class Worker:
         try:
             mini_batch, context, temp = self.reader.read(batch)
             items = len(mini_batch) if batch.kind == "table" else batch.item_count
-            result = self._call_run(mini_batch, context)
+            result = self.entry_env.call(self._call_run, mini_batch, context)
             returned, rows = count_and_serialize(result, self.with_rows, self.plan["append_row_format"])
             self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:
@@ -171,6 +186,13 @@ class Worker:
 
     def stop(self) -> Optional[str]:
         """Call the entry script's ``shutdown()``; returns its traceback if it raised."""
+        try:
+            return self._shutdown()
+        finally:
+            if self.entry_env is not None:
+                self.entry_env.close()
+
+    def _shutdown(self) -> Optional[str]:
         shutdown = getattr(self.module, "shutdown", None)
         if shutdown is None or not getattr(self, "started", False):  # never after a failed init()
             return None
