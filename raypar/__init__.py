@@ -12,7 +12,8 @@ from .errors import RayparError  # noqa: E402
 
 
 def run(spec, job_dir=None, address=None, wait=True, **kwargs):
-    """Run a job spec (a path to YAML, a dict or a JobSpec) from this process.
+    """Run a job spec from this process: a path to YAML, a dict, a JobSpec, or a job built in Python
+    (:func:`parallel_run_function`'s job, a :class:`ParallelRunStep`).
 
     Returns a :class:`raypar.handles.LocalJob`. With ``wait=True`` (default) the
     job has ended when it returns (``.wait()`` gives the outcome at once);
@@ -37,7 +38,7 @@ def resume(job_dir, address=None, wait=True, **kwargs):
 
 
 def submit(spec, address=None, job_dir=None, wait=False, **kwargs):
-    """Send a job spec to a Ray cluster's Jobs API (``address`` like ``http://HEAD:8265``).
+    """Send a job spec (as :func:`run` takes) to a Ray cluster's Jobs API (``address``: ``http://HEAD:8265``).
 
     Returns a :class:`raypar.submission.SubmittedJob`; ``wait=True`` also waits for
     the job to end. Other keyword arguments (``headers``, ``shared_paths``,
@@ -51,4 +52,17 @@ def submit(spec, address=None, job_dir=None, wait=False, **kwargs):
     return job
 
 
-__all__ = ["run", "resume", "submit", "RayparError", "__version__"]
+# Azure ML SDK shapes (docs/azureml-sdk.md), imported on first use: a worker importing raypar never loads them.
+_AZUREML_NAMES = ("parallel_run_function", "RunFunction", "Input", "Output", "RetrySettings", "AssetTypes",
+                  "InputOutputModes", "ParallelJob", "ParallelRunConfig", "ParallelRunStep")
+
+
+def __getattr__(name):
+    if name in _AZUREML_NAMES:
+        from . import azureml
+
+        return getattr(azureml, name)
+    raise AttributeError(f"module 'raypar' has no attribute {name!r}")
+
+
+__all__ = ["run", "resume", "submit", "RayparError", "__version__", *_AZUREML_NAMES]

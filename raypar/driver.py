@@ -68,6 +68,10 @@ def _as_spec(spec: Union[str, os.PathLike, dict, JobSpec]) -> JobSpec:
         return spec
     if isinstance(spec, dict):
         return spec_from_dict(spec)
+    if hasattr(spec, "to_spec"):  # a job built in Python (raypar.azureml: ParallelJob, ParallelRunStep)
+        return spec.to_spec()
+    if hasattr(spec, "to_dict"):
+        return spec_from_dict(spec.to_dict())
     return load_spec(spec)
 
 
