@@ -23,10 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show raypar's debug log")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a job spec (Azure ML v2 parallel job YAML) from this machine")
-    run.add_argument("spec", help="path to the job YAML (or env:VAR: the YAML is in environment variable VAR)")
+    run = sub.add_parser("run", help="run a job spec (Azure ML v2 parallel job YAML), a parallel component "
+                                     "or a pipeline from this machine")
+    run.add_argument("spec", help="path to the job, component or pipeline YAML (or env:VAR: the YAML is in "
+                                  "environment variable VAR)")
     run.add_argument("--job-dir", help="ledger folder or URL (default: ./raypar-jobs/<name>-<time>-<id>); "
-                                       "a job dir holding the same spec is resumed")
+                                       "a job dir holding the same spec is resumed; for a pipeline, the "
+                                       "(local) pipeline dir, whose finished steps are skipped")
+    run.add_argument("--set", action="append", default=[], metavar="inputs.NAME=VALUE",
+                     help="bind an input (a path, relative to here, or a value) or an output path "
+                          "(outputs.NAME=PATH) of the job, component or pipeline (repeatable)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded "
                                        "local Ray on 127.0.0.1)")
     run.add_argument("--code-dir", help="task.code is here, not at the spec's path (submitted jobs run Ray's "
@@ -92,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="RayJob (default): the job on its own cluster; RayCluster: a standing cluster shaped "
                              "for the spec, for `raypar submit` and RayJobs with --cluster")
     render.add_argument("-o", "--output", metavar="FILE", help="write the manifest here instead of stdout")
+
+    convert = sub.add_parser("convert", help="print the v2 job YAML of an Azure ML SDK v1 ParallelRunStep")
+    convert.add_argument("v1config", metavar="V1CONFIG",
+                         help="a v1 config (.yml: parallel_run_config: plus the step's keys) or a .py file that "
+                              "defines a ParallelRunStep (raypar runs it)")
+    convert.add_argument("--step", metavar="NAME", help="the ParallelRunStep of a .py file that defines several "
+                                                        "(its variable or step name)")
+    convert.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (paths inside its folder "
+                                                                "relative to it) instead of stdout")
     return p
 
 
@@ -137,8 +152,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "convert":
+        return _convert(args)
     if _is_remote(args):
         return _remote(args)
+    if args.command in ("status", "resume"):
+        from .pipeline_run import is_pipeline_dir
+
+        if is_pipeline_dir(args.target):
+            return _pipeline_dir(args)
     if args.command == "status":
         return _status(args)
     if args.command == "logs":
@@ -156,7 +178,13 @@ def _dispatch(args) -> int:
     display = ProgressDisplay()
     try:
         if args.command == "run":
-            outcome = run_job(args.spec, job_dir=args.job_dir, address=args.address, echo=display.echo,
+            from .pipeline import Pipeline, prepare_run
+            from .pipeline_run import run_pipeline
+
+            target = prepare_run(args.spec, args.set, args.job_dir, code_dir=args.code_dir)
+            if isinstance(target, Pipeline):
+                return run_pipeline(target, address=args.address, echo=display.echo, progress=display.update)
+            outcome = run_job(target, job_dir=args.job_dir, address=args.address, echo=display.echo,
                               progress=display.update, code_dir=args.code_dir)
         else:
             outcome = resume_job(args.target, address=args.address, echo=display.echo,
@@ -179,6 +207,20 @@ def _dispatch(args) -> int:
 
 def _echo(line: str) -> None:
     print(line, flush=True)
+
+
+def _pipeline_dir(args) -> int:
+    """`raypar status` / `raypar resume` of a pipeline dir (see docs/pipelines.md)."""
+    from .pipeline_run import print_pipeline_status, resume_pipeline
+    from .progress import ProgressDisplay
+
+    if args.command == "status":
+        return print_pipeline_status(args.target, as_json=args.json)
+    display = ProgressDisplay()
+    try:
+        return resume_pipeline(args.target, address=args.address, echo=display.echo, progress=display.update)
+    finally:
+        display.close()
 
 
 def _is_remote(args) -> bool:
@@ -236,6 +278,14 @@ def _kube_render(args) -> int:
                       code_in_image=args.code_in_image, shared_paths=tuple(args.shared_path),
                       echo=lambda line: print(line, file=sys.stderr))
     _write(rendered.to_yaml(args.secret), args.output, f" (job dir {rendered.job_dir})")
+    return 0
+
+
+def _convert(args) -> int:
+    from .azureml.convert import convert_file
+
+    relative_to = os.path.dirname(os.path.abspath(args.output)) if args.output else None
+    _write(convert_file(args.v1config, step=args.step, relative_to=relative_to), args.output, "")
     return 0
 
 
