@@ -291,8 +291,13 @@ def _convert(args) -> int:
 
 def _write(text: str, output: Optional[str], about: str) -> None:
     if output:
-        with open(output, "w") as f:
-            f.write(text)
+        from .errors import UsageError
+
+        try:
+            with open(output, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            raise UsageError(f"-o {output}: cannot write it ({exc.strerror})") from None
         print(f"raypar: wrote {output}{about}", file=sys.stderr)
     else:
         sys.stdout.write(text)

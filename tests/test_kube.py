@@ -316,3 +316,10 @@ def test_rayjob_name_from_the_spec_is_a_dns_label():
     assert kube.rayjob_name(spec, None) == "raypar-wordcount"
     with pytest.raises(UsageError):
         kube.rayjob_name(spec, "x" * 60)
+
+
+def test_render_to_a_folder_that_does_not_exist_is_one_line(tmp_path):
+    result = raypar_cli("kube", "render", str(project(tmp_path)), "--job-dir", "az://c/j",
+                        "-o", str(tmp_path / "missing" / "job.yaml"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "missing/job.yaml: cannot write it (No such file or directory)" in result.stderr
