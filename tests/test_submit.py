@@ -272,6 +272,23 @@ def test_python_api_submit_handle(jobs_api, tmp_path):
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == expected_rows(NAMES[:3])
 
 
+def test_a_job_built_with_the_azure_v2_sdk_shape_is_submitted(jobs_api, tmp_path, monkeypatch):
+    from raypar import Input, Output, RunFunction, parallel_run_function
+
+    project(tmp_path, names=NAMES[:3])  # code/score.py and code/data/
+    monkeypatch.chdir(tmp_path)  # paths in Python jobs are relative to the working directory
+    score = parallel_run_function(
+        name="sdk_submitted", inputs={"data": Input(type="uri_folder")},
+        outputs={"out": Output(type="uri_folder", path="./out")}, input_data="${{inputs.data}}",
+        instance_count=2, max_concurrency_per_instance=1, mini_batch_size="1",
+        task=RunFunction(code="./code", entry_script="score.py", append_row_to="${{outputs.out}}"))
+    job = raypar.submit(score(data=Input(path="./code/data")), address=jobs_api, job_dir=str(tmp_path / "job"),
+                        shared_paths=(str(tmp_path),), echo=quiet)
+    outcome = job.wait(echo=quiet)
+    assert (outcome.exit_code, outcome.ray_status) == (0, "SUCCEEDED"), job.logs()
+    assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == expected_rows(NAMES[:3])
+
+
 def test_software_environment_travels_as_a_runtime_env(jobs_api, tmp_path):
     """Azure's conda_file pip list and raypar.runtime_env reach the driver and the workers."""
     spec = project(tmp_path, names=NAMES[:2], output=str(tmp_path / "out"))
