@@ -70,6 +70,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _string_values(value):
+    """Environment values are strings; YAML turns `OMP_NUM_THREADS: 1` into an int."""
+    if isinstance(value, dict):
+        return {k: v if isinstance(v, str) else str(v) for k, v in value.items()}
+    return value
+
+
 def _no_bool(value):
     """YAML `true` is not a number (pydantic would read it as 1)."""
     if isinstance(value, bool):
@@ -170,12 +177,7 @@ class RuntimeEnvSpec(_Model):
     # Set in every worker (and the driver of a submitted job); secrets only as $VAR references.
     env_vars: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("env_vars", mode="before")
-    @classmethod
-    def _strings(cls, value):
-        if isinstance(value, dict):
-            return {k: v if isinstance(v, str) else str(v) for k, v in value.items()}
-        return value
+    _strings = field_validator("env_vars", mode="before")(classmethod(lambda cls, v: _string_values(v)))
 
     @field_validator("env_vars")
     @classmethod
@@ -250,13 +252,8 @@ class JobSpec(_Model):
     def _upper(cls, value):
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("environment_variables", mode="before")
-    @classmethod
-    def _env_strings(cls, value):
-        # YAML turns `OMP_NUM_THREADS: 1` into an int; environment values are strings.
-        if isinstance(value, dict):
-            return {k: v if isinstance(v, str) else str(v) for k, v in value.items()}
-        return value
+    _env_strings = field_validator("environment_variables", mode="before")(
+        classmethod(lambda cls, v: _string_values(v)))
 
     @field_validator("mini_batch_size")
     @classmethod
