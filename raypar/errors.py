@@ -49,3 +49,9 @@ class Stopped(KeyboardInterrupt):
     A KeyboardInterrupt, so the driver stops the way Ctrl-C stops it: the job
     ends ``canceled`` and stays resumable.
     """
+
+
+class ModelNotFoundError(RayparError):
+    """``Model.get_model_path`` was given a model name the model mapping does not hold."""
+
+    exit_code = 2

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .azureml_compat.arguments import Predefined, ignored_note, parse as parse_predefined
+from .azureml_compat.models import model_mapping_env
 from .credentials import SECRET_WORDS, env_reference
 from .errors import SpecError
 from .storage import is_url
@@ -200,6 +201,17 @@ class RayparSpec(_Model):
     storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # pip packages and environment variables for the job's Ray processes.
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
+    # The append_row_to file's name inside a uri_folder output (Azure v1's append_row_file_name).
+    append_row_file_name: Optional[str] = None
+    # Model name (or "name:version") -> local path or URL: azureml.core's Model.get_model_path in workers.
+    models: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("append_row_file_name")
+    @classmethod
+    def _plain_file_name(cls, value):
+        if value is not None and (not value.strip() or re.search(r'[~"#%&*:<>?/\\{|}]', value)):
+            raise ValueError(f"{value!r} must be a plain file name (no folders, no ~\"#%&*:<>?/\\{{|}})")
+        return value
 
     @field_validator("storage_options")
     @classmethod
@@ -446,6 +458,9 @@ def map_local_paths(spec: JobSpec, fn) -> JobSpec:
     runtime_env = data.get("raypar", {}).get("runtime_env", {})
     if isinstance(runtime_env.get("pip"), str):  # a requirements file
         runtime_env["pip"] = fn(runtime_env["pip"])
+    models = data.get("raypar", {}).get("models", {})
+    for name, path in models.items():
+        models[name] = fn(path)
     return JobSpec.model_validate(data)
 
 
@@ -508,7 +523,8 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> dict:
         "entry_script": spec.task.entry_script,
         "entry_path": bound.entry_script_path,
         "argv": bound.argv,
-        "env": dict(spec.environment_variables),
+        # RAYPAR_MODELS (raypar.models over the driver's RAYPAR_MODELS) for azureml.core's Model.get_model_path
+        "env": {**model_mapping_env(spec.raypar.models), **spec.environment_variables},
         "logging_level": spec.logging_level,
         "with_rows": bound.append_row_path is not None,
         "append_row_format": spec.raypar.append_row_format,
@@ -558,6 +574,7 @@ def bind(spec: JobSpec) -> BoundJob:
         path = value_of(_single_binding(spec.task.append_row_to, "append_row_to"))
         name = APPEND_ROW_FILE_NAME if spec.raypar.append_row_format == "text" else \
             f"parallel_run_step.{spec.raypar.append_row_format}"  # a table format gets its own extension
+        name = spec.raypar.append_row_file_name or name
         append_row_path = path if output.type == "uri_file" else f"{path.rstrip('/')}/{name}"
     entry = f"{spec.task.code.rstrip('/')}/{spec.task.entry_script}"
     return BoundJob(argv=[entry, *args], append_row_path=append_row_path, entry_script_path=entry)

@@ -11,7 +11,7 @@ from raypar import AssetTypes, Input, InputOutputModes, Output, ParallelRunConfi
     RunFunction, parallel_run_function
 from raypar.azureml.v1 import Dataset, PipelineData, PipelineParameter
 from raypar.errors import SpecError
-from raypar.spec import JobSpec, bind, spec_from_yaml
+from raypar.spec import JobSpec, bind, fill_output_paths, spec_from_yaml
 from raypar.state import JobState
 
 from conftest import ENTRY_DIR, quiet, write_files
@@ -94,8 +94,11 @@ def test_append_row_file_name_is_a_file_output_inside_the_output_folder(project)
     spec = v1_step(v1_config(append_row_file_name="results.txt")).to_spec()
     assert spec.outputs["output"].type == "uri_folder"  # still the folder the script may write to
     assert bind(spec).append_row_path == str(project / "out" / "results.txt")
-    with pytest.raises(ValueError, match="needs the output to have a path"):
-        v1_step(v1_config(append_row_file_name="results.txt"), output=PipelineData("scores")).to_dict()
+    # PipelineData has no path until the job starts: the folder goes under the job dir, the file name in the spec
+    spec = fill_output_paths(v1_step(v1_config(append_row_file_name="results.txt"),
+                                     output=PipelineData("scores")).to_spec(), "/jobs/j/outputs")
+    assert spec.outputs["scores"].type == "uri_folder" and spec.raypar.append_row_file_name == "results.txt"
+    assert bind(spec).append_row_path == "/jobs/j/outputs/scores/results.txt"
 
 
 def test_partition_keys_as_a_json_string_as_pipeline_parameters_give_them(project):

@@ -168,11 +168,13 @@ class ParallelRunStep:
         if config.allowed_failed_percent is not None:
             arguments += ["--allowed_failed_percent", f"{config.allowed_failed_percent:g}"]
         append_row_to = None
-        if config.output_action == "append_row":
-            append_row_to = ports.append_row_output(output_name, config.append_row_file_name)
         raypar = dict(self.raypar or {})
+        if config.output_action == "append_row":
+            append_row_to, file_name = ports.append_row_output(output_name, config.append_row_file_name)
+            if file_name is not None:  # an output without a path yet: the name travels in the spec
+                raypar.setdefault("append_row_file_name", file_name)
         table_format = getattr(self.inputs[0], "table_format", None)
-        if table_format:
+        if table_format and not getattr(self.inputs[0], "is_mltable", False):  # an MLTable names its format
             raypar.setdefault("input_format", table_format)
         code, script = config.code_and_script()
         size = config.mini_batch_size
@@ -280,14 +282,19 @@ class _Ports:
             return f"${{{{inputs.{name}}}}}"
         raise ValueError(f"arguments[{index}]: {item!r} is not an input, the output, a PipelineParameter or text")
 
-    def append_row_output(self, output_name: str, file_name: Optional[str]) -> str:
-        """``append_row_to``: the output folder itself (Azure's file name), or a file output in it."""
+    def append_row_output(self, output_name: str, file_name: Optional[str]) -> tuple[str, Optional[str]]:
+        """(``append_row_to``, ``raypar.append_row_file_name`` or None).
+
+        The output folder itself for Azure's file name; a ``uri_file`` output inside the folder when
+        it has a path (Azure's own v2 shape); for a folder without a path yet (``PipelineData``,
+        placed under the job dir when the job starts), the folder with the file name in the spec.
+        """
+        binding = f"${{{{outputs.{output_name}}}}}"
         if file_name is None or file_name == APPEND_ROW_FILE_NAME:
-            return f"${{{{outputs.{output_name}}}}}"
+            return binding, None
         folder = self.outputs[output_name].path
         if folder is None:
-            raise ValueError(f"append_row_file_name {file_name!r} needs the output to have a path "
-                             f"(raypar names the file only inside a known folder)")
+            return binding, file_name
         file_output = f"{output_name}_append_row"
         self.outputs[file_output] = Output(type="uri_file", path=os.path.join(folder, file_name))
-        return f"${{{{outputs.{file_output}}}}}"
+        return f"${{{{outputs.{file_output}}}}}", None

@@ -436,4 +436,8 @@ def relative_paths(data: dict, folder: str) -> dict:
             entry["path"] = rel(entry["path"])
     if isinstance(data.get("task", {}).get("code"), str):
         data["task"]["code"] = rel(data["task"]["code"])
+    for holder in (data.get("task", {}), data):
+        environment = holder.get("environment")
+        if isinstance(environment, dict) and isinstance(environment.get("conda_file"), str):
+            environment["conda_file"] = rel(environment["conda_file"])
     return data

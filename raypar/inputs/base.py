@@ -65,6 +65,7 @@ def check_input(spec: JobSpec, storage: Optional[dict] = None) -> dict:
     from .source import describe
 
     desc = describe(spec, storage or {})
+    desc["name"] = spec.data_input_name  # for mini_batch_context.dataset
     where = f"inputs.{spec.data_input_name}"
     if spec.mini_batch_size is not None and not desc["tabular"] and spec.batch_size().is_bytes:
         raise SpecError(
@@ -101,15 +102,29 @@ def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> I
         yield MiniBatch(ordinal=ordinal, kind=files.KIND, payload={"files": names}, item_count=len(names))
 
 
+@dataclass(frozen=True)
+class InputDataset:
+    """``mini_batch_context.dataset``: the job's input. Azure gives its dataset object filtered to
+    the mini-batch's partition; raypar gives the input's ``name``, ``path`` (local path or URL),
+    ``type`` and that filter, ``partition_key_value`` (empty without ``partition_keys``)."""
+
+    name: Optional[str]
+    path: str
+    type: str
+    partition_key_value: dict = field(default_factory=dict)
+
+
 class MiniBatchContext:
     """The optional second argument of ``run(mini_batch, mini_batch_context)``, as in Azure."""
 
-    def __init__(self, partition_key_value: dict, mini_batch_id: str):
+    def __init__(self, partition_key_value: dict, mini_batch_id: str, dataset: Optional[InputDataset] = None):
         self.partition_key_value = partition_key_value
         self.mini_batch_id = mini_batch_id
+        self.dataset = dataset
 
     def __repr__(self) -> str:
-        return f"MiniBatchContext(partition_key_value={self.partition_key_value!r}, mini_batch_id={self.mini_batch_id!r})"
+        return (f"MiniBatchContext(partition_key_value={self.partition_key_value!r}, "
+                f"mini_batch_id={self.mini_batch_id!r}, dataset={self.dataset!r})")
 
 
 class BatchReader:
@@ -128,7 +143,9 @@ class BatchReader:
         from . import files, tabular
 
         # [[key, value], ...]: manifest lines sort their keys, a list keeps partition_keys' order
-        context = MiniBatchContext(dict(batch.payload.get("key") or []), batch.id)
+        key = dict(batch.payload.get("key") or [])
+        dataset = InputDataset(self.desc.get("name"), self.desc["path"], self.desc["type"], key)
+        context = MiniBatchContext(key, batch.id, dataset)
         if batch.kind == files.KIND:
             if self._fetcher is None:
                 self._fetcher = files.FileFetcher(self.source)
