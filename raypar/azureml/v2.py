@@ -187,6 +187,42 @@ class RunFunction:
         return {k: v for k, v in task.items() if v is not None}
 
 
+class Environment:
+    """``azure.ai.ml.entities.Environment``: an image and/or a conda file, as the job's ``environment``.
+
+    raypar reads the ``pip:`` list of ``conda_file`` (see docs/azureml-sdk.md); ``image`` is
+    accepted and not used on Ray. ``conda_file`` is kept as given (a relative path is read
+    against the working directory when the job is built, and ``dump()`` writes it relative).
+    """
+
+    def __init__(self, *, name: Optional[str] = None, version: Optional[str] = None, image: Optional[str] = None,
+                 conda_file=None, description: Optional[str] = None, tags: Optional[dict] = None,
+                 build: Any = None, properties: Optional[dict] = None, **kwargs):
+        self.name, self.version, self.image, self.description = name, version, image, description
+        self.conda_file = None if conda_file is None else os.fspath(conda_file)
+        self.tags, self.build, self.properties = tags, build, properties
+
+    def __repr__(self) -> str:
+        return f"Environment(name={self.name!r}, image={self.image!r}, conda_file={self.conda_file!r})"
+
+
+class JobResourceConfiguration:
+    """``azure.ai.ml.entities.JobResourceConfiguration``: ``node.resources.instance_count = 2`` works."""
+
+    def __init__(self, *, instance_count: Optional[int] = None, instance_type: Optional[str] = None,
+                 shm_size: Optional[str] = None, docker_args: Optional[str] = None, properties: Any = None,
+                 locations: Any = None, max_instance_count: Optional[int] = None, **kwargs):
+        self.instance_count, self.instance_type, self.shm_size = instance_count, instance_type, shm_size
+        self.docker_args, self.properties, self.locations = docker_args, properties, locations
+        self.max_instance_count = max_instance_count
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in _RESOURCE_KEYS if getattr(self, k) is not None}
+
+    def __repr__(self) -> str:
+        return f"JobResourceConfiguration({self.to_dict()!r})"
+
+
 def _plain_environment(environment):
     """An environment as YAML: a string or mapping as given, an Environment object by its fields."""
     if environment is None or isinstance(environment, str):
@@ -258,6 +294,26 @@ def parallel_run_function(
 
 
 _SETTINGS = tuple(inspect.signature(parallel_run_function).parameters)
+_RESOURCE_SETTINGS = ("instance_count", "instance_type", "docker_args", "shm_size")
+
+
+def _resources_object(given) -> JobResourceConfiguration:
+    """``resources`` as a JobResourceConfiguration: None, a dict or an object with its attributes."""
+    if isinstance(given, JobResourceConfiguration):
+        return given
+    if given is None:
+        return JobResourceConfiguration()
+    if isinstance(given, dict):
+        unknown = sorted(set(given) - set(_RESOURCE_KEYS) - {"max_instance_count"})
+        if unknown:
+            raise TypeError(f"resources: unknown key(s) {', '.join(unknown)}")
+        return JobResourceConfiguration(**given)
+    return JobResourceConfiguration(**{k: getattr(given, k) for k in _RESOURCE_KEYS
+                                       if getattr(given, k, None) is not None})
+
+
+# Pipelines being built by @pipeline (raypar.azureml.dsl): a called job is a node of the innermost one.
+_BUILDERS: list = []
 
 
 class _Ports(dict):
@@ -285,6 +341,11 @@ class ParallelJob:
         settings = {key: settings.get(key) for key in _SETTINGS}
         if settings["is_deterministic"] is None:
             settings["is_deterministic"] = True
+        settings["resources"] = _resources_object(settings["resources"])
+        for key in _RESOURCE_SETTINGS:  # one home for them: job.resources (azure-ai-ml does the same)
+            value = settings.pop(key)
+            if value is not None:
+                setattr(settings["resources"], key, value)
         object.__setattr__(self, "_settings", settings)
         self.inputs = _Ports(settings.pop("inputs") or {})
         self.outputs = _Ports(settings.pop("outputs") or {})
@@ -293,10 +354,16 @@ class ParallelJob:
         settings = self.__dict__.get("_settings", {})
         if key in settings:
             return settings[key]
+        if key in _RESOURCE_SETTINGS and "resources" in settings:
+            return getattr(settings["resources"], key)
         raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
 
     def __setattr__(self, key, value):
-        if key in self._settings:
+        if key == "resources":
+            self._settings[key] = _resources_object(value)
+        elif key in _RESOURCE_SETTINGS:
+            setattr(self._settings["resources"], key, value)
+        elif key in self._settings:
             self._settings[key] = value
         elif key in ("inputs", "outputs"):
             object.__setattr__(self, key, _Ports(value or {}))
@@ -311,6 +378,8 @@ class ParallelJob:
         bound = copy.deepcopy(self)
         for key, value in inputs.items():
             bound.inputs[key] = self._bind(key, value)
+        if _BUILDERS:
+            _BUILDERS[-1].add_node(bound)
         return bound
 
     def _bind(self, key: str, value):
@@ -318,6 +387,13 @@ class ParallelJob:
             known = ", ".join(self.inputs) or "none"
             raise TypeError(f"{self._label} got an unexpected input {key!r} (its inputs: {known})")
         declared = self.inputs[key]
+        binding = _BUILDERS[-1].binding_of(value) if _BUILDERS else None
+        if binding is not None:  # a pipeline input or another node's output: wired by the pipeline
+            if not isinstance(declared, Input) or declared.is_literal:
+                return binding
+            bound = copy.copy(declared)
+            bound._path = binding
+            return bound
         if isinstance(declared, Input) and not declared.is_literal:
             if not isinstance(value, (Input, str, os.PathLike)) or (isinstance(value, Input) and value.is_literal):
                 raise TypeError(f"input {key!r} is data ({declared.type}): give a path or an Input, "
@@ -389,14 +465,7 @@ class ParallelJob:
         return result
 
     def _resources(self) -> dict:
-        given = self._settings["resources"] or {}
-        if not isinstance(given, dict):  # a JobResourceConfiguration-like object
-            given = {k: getattr(given, k) for k in _RESOURCE_KEYS if getattr(given, k, None) is not None}
-        resources = dict(given)
-        for key in ("instance_count", "instance_type", "docker_args", "shm_size"):
-            if self._settings[key] is not None:
-                resources[key] = self._settings[key]
-        return resources
+        return self._settings["resources"].to_dict()
 
     def to_spec(self):
         """The validated :class:`raypar.spec.JobSpec` (raises :class:`raypar.errors.SpecError`)."""
