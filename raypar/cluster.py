@@ -12,17 +12,22 @@ import ray
 from .errors import RayparError
 from .signals import stop_on_sigterm
 
+# True while the Ray this process is connected to is the embedded one raypar started: a
+# pipeline starts it once and its steps' drivers find it running (and must know what it is).
+_embedded = False
+
 
 def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
 
     Returns True when raypar started the Ray instance (and must stop it).
-    The embedded Ray offers at least ``min_cpus`` logical CPUs, so one
-    instance of the job always fits on a small laptop (Azure oversubscribes
-    processes per node the same way).
+    The embedded Ray offers at least ``min_cpus`` logical CPUs (see
+    :func:`cpus_for`), so every instance of the job fits on a small laptop
+    (Azure oversubscribes processes per node the same way).
     The embedded Ray listens on loopback only: a Ray reachable from the
     network runs anyone's code (ShadowRay, CVE-2023-48022).
     """
+    global _embedded
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -37,6 +42,7 @@ def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
                  num_cpus=max(_detected_cpus(), math.ceil(min_cpus)), _node_ip_address="127.0.0.1")
         stop_on_sigterm()
+        _embedded = True
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "an embedded local Ray"
@@ -69,5 +75,19 @@ def _detected_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def is_embedded() -> bool:
+    """True when this process runs on the embedded Ray raypar started (one node, this machine's)."""
+    return _embedded and ray.is_initialized()
+
+
+def cpus_for(spec) -> float:
+    """The logical CPUs all instances of ``spec`` take together: an embedded Ray offers at least
+    that many, so ``instance_count`` instances packed onto its one node fit."""
+    w = spec.raypar.worker
+    return w.num_cpus * spec.max_concurrency_per_instance * spec.resources.instance_count
+
+
 def disconnect() -> None:
+    global _embedded
+    _embedded = False
     ray.shutdown()

@@ -412,8 +412,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
     from .scheduler import Placement, Progress, Scheduler
 
     spec = session.spec
-    w = spec.raypar.worker
-    owned = cluster.connect(address, min_cpus=w.num_cpus * spec.max_concurrency_per_instance)
+    owned = cluster.connect(address, min_cpus=cluster.cpus_for(spec))
     try:
         total = len(view.manifest)
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
@@ -423,7 +422,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         progress.planning = feed is not None
         reporter = _Compactor(ledger, run, _Reporter(session.show))
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
-                              runtime_env=session.runtime_env)
+                              runtime_env=session.runtime_env, echo=echo)
         scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt, feed)
         reason = scheduler.run()
         reporter(progress, final=True)

@@ -114,11 +114,11 @@ def run_pipeline(pipeline: Pipeline, address: Optional[str] = None, echo: Echo =
 
 
 def _connect(pipeline: Pipeline, address: Optional[str]) -> bool:
-    """One Ray for every parallel step (an embedded one is started once, big enough for the largest step)."""
+    """One Ray for every parallel step (an embedded one is started once, big enough for the largest step,
+    all its instances on the one node)."""
     from . import cluster
 
-    need = max((s.job.raypar.worker.num_cpus * s.job.max_concurrency_per_instance
-                for s in pipeline.steps if s.job is not None), default=0)
+    need = max((cluster.cpus_for(s.job) for s in pipeline.steps if s.job is not None), default=0)
     return cluster.connect(address, min_cpus=need)
 
 

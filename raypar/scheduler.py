@@ -4,7 +4,9 @@ Placement: one STRICT_SPREAD placement group with ``instance_count`` bundles,
 one bundle per instance sized for ``max_concurrency_per_instance`` workers.
 STRICT_SPREAD reserves all instances on distinct nodes atomically (or not at
 all, so a job never starts half-placed) and GCS re-places a bundle whose node
-died; plain node affinity can do neither.
+died; plain node affinity can do neither. On the embedded one-node Ray the
+instances are packed onto that node instead (STRICT_PACK): every Azure sample
+asks for 2 nodes, and a laptop has one.
 
 Dispatch is pull-based: a worker holds one running call plus a short queue
 so it never idles on a round trip. The queue is ``PREFETCH`` deep, deeper
@@ -119,8 +121,14 @@ class Placement:
     """The placement group and the factory of worker actors pinned into it."""
 
     def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict,
-                 runtime_env: Optional[dict] = None):
-        self.spec, self.job_url, self.run, self.owned = spec, job_url, run, owned_cluster
+                 runtime_env: Optional[dict] = None, echo: Callable[[str], None] = log.info):
+        from . import cluster
+
+        self.spec, self.job_url, self.run = spec, job_url, run
+        # The embedded Ray (started by this driver, or by the pipeline running it) knows its
+        # own nodes: it never grows, so waiting for placement cannot help.
+        self.owned = owned_cluster or cluster.is_embedded()
+        self.echo = echo
         self.pg = None
         self.plan = plan  # spec.worker_plan()
         self.runtime_env = runtime_env  # runtime_env.worker_runtime_env()
@@ -135,10 +143,14 @@ class Placement:
         return {k: v for k, v in bundle.items() if v > 0}
 
     def reserve(self) -> None:
-        """Reserve instance_count distinct nodes, or raise PlacementError saying why not."""
+        """Reserve instance_count distinct nodes (on the embedded one-node Ray: that node for
+        all of them), or raise PlacementError saying why not."""
         bundle, count = self.bundle(), self.spec.resources.instance_count
         timeout = self.spec.raypar.placement_timeout
         alive = [n for n in ray.nodes() if n.get("Alive")]
+        if self.owned and len(alive) == 1 and count > 1:
+            self._reserve_packed(alive[0], bundle, count, timeout)
+            return
         fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
         need = (
             f"the job needs {count} node(s) with {_fmt(bundle)} each "
@@ -147,7 +159,25 @@ class Placement:
         )
         if len(fitting) < count and (self.owned or timeout == 0):
             raise PlacementError(need)
-        self.pg = placement_group([bundle] * count, strategy="STRICT_SPREAD", name=f"raypar-{self.run}")
+        self._create([bundle] * count, "STRICT_SPREAD", timeout, need)
+
+    def _reserve_packed(self, node: dict, bundle: dict[str, float], count: int, timeout: float) -> None:
+        """All instances on the embedded Ray's one node, or PlacementError at once when they cannot fit."""
+        total = {k: v * count for k, v in bundle.items()}
+        has = node["Resources"]
+        if not all(has.get(k, 0) >= v for k, v in total.items()):
+            offered = {k: has.get(k, 0) for k in total}
+            raise PlacementError(
+                f"the job needs {_fmt(total)} on this machine for its {count} instances "
+                f"(instance_count={count} x max_concurrency_per_instance="
+                f"{self.spec.max_concurrency_per_instance}, {_fmt(bundle)} each); the embedded one-node Ray "
+                f"has {_fmt(offered)}; lower instance_count or raypar.worker, or give a cluster with --address")
+        self.echo(f"raypar: instance_count {count} on a one-node Ray: running the {count} instances on this machine")
+        self._create([bundle] * count, "STRICT_PACK", timeout,
+                     f"the job needs {_fmt(total)} on this machine for its {count} instances")
+
+    def _create(self, bundles: list[dict], strategy: str, timeout: float, need: str) -> None:
+        self.pg = placement_group(bundles, strategy=strategy, name=f"raypar-{self.run}")
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except GetTimeoutError:

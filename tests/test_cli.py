@@ -122,14 +122,91 @@ def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
         [f"f{i}.txt V{i}" for i in range(6)]
 
 
+def _instances_and_nodes(rows):
+    """{instance: {node IDs}} from rows written with --with-node ("name TEXT instance node")."""
+    found = {}
+    for row in rows:
+        *_, instance, node = row.split(" ")
+        found.setdefault(instance, set()).add(node)
+    return found
+
+
+PACKED = "raypar: instance_count 2 on a one-node Ray: running the 2 instances on this machine"
+
+
+@pytest.mark.timeout(180)
+def test_instance_count_2_on_the_embedded_ray_packs_both_instances_onto_this_machine(tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()  # all 4 workers hold a batch before any finishes: both instances ran
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(12)}
+    spec = make_spec(tmp_path, files, **{
+        "resources.instance_count": 2, "task.program_arguments": f"--with-node --barrier {barrier} 4",
+        "raypar.placement_timeout": 600})
+
+    result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"), timeout=170)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(PACKED) == 1
+    rows = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert [" ".join(r.split(" ")[:2]) for r in rows] == [f"f{i:02d}.txt V{i}" for i in range(12)]
+    nodes = _instances_and_nodes(rows)
+    assert sorted(nodes) == ["0", "1"] and len(set.union(*nodes.values())) == 1
+    assert len(list(barrier.iterdir())) == 4
+
+
 @pytest.mark.timeout(120)
-def test_embedded_ray_with_too_many_instances_fails_fast(tmp_path):
-    spec = make_spec(tmp_path, {"a.txt": "x"}, **{"resources.instance_count": 2})
+def test_embedded_ray_refuses_at_once_what_its_one_node_cannot_hold(tmp_path):
+    # A resource this machine lacks: the embedded Ray knows it cannot appear, whatever the timeout.
+    spec = make_spec(tmp_path, {"a.txt": "x"}, **{
+        "resources.instance_count": 2, "raypar.placement_timeout": 600,
+        "raypar.worker": {"num_cpus": 0.5, "resources": {"fpga": 1}}})
     result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"))
     assert result.returncode == 1
-    assert "needs 2 node(s)" in result.stderr and "Traceback" not in result.stderr
+    assert "the job needs {CPU 2, fpga 4} on this machine for its 2 instances" in result.stderr
+    assert "the embedded one-node Ray has {CPU " in result.stderr and ", fpga 0}" in result.stderr
+    assert "waited" not in result.stderr and "Traceback" not in result.stderr
     status = json.loads(cli("status", str(tmp_path / "job"), "--json").stdout)
-    assert status["state"] == "failed" and "needs 2 node(s)" in status["reason"]
+    assert status["state"] == "failed" and "fpga 4" in status["reason"]
+
+
+# The Azure CLI samples' pipeline step: 2 instances and a 10-minute first-task timeout.
+PACKED_PIPELINE = """\
+type: pipeline
+display_name: Packed pipeline
+jobs:
+  score:
+    type: parallel
+    inputs: {data: {type: uri_folder, path: ./data}}
+    outputs: {out: {type: uri_folder, path: ./out}}
+    input_data: ${{inputs.data}}
+    mini_batch_size: "2"
+    resources: {instance_count: 2}
+    max_concurrency_per_instance: 2
+    task:
+      type: run_function
+      code: ./code
+      entry_script: score.py
+      program_arguments: --with-node --barrier BARRIER 4 --first_task_creation_timeout 600
+      append_row_to: ${{outputs.out}}
+    raypar: {worker: {num_cpus: 0.5}}
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_pipeline_step_with_instance_count_2_packs_on_the_embedded_ray(tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    make_spec(tmp_path, {f"f{i}.txt": f"v{i}" for i in range(8)})  # writes data/ and code/
+    pipeline = tmp_path / "pipeline.yml"
+    pipeline.write_text(PACKED_PIPELINE.replace("BARRIER", str(barrier)))
+
+    result = cli("run", str(pipeline), "--job-dir", str(tmp_path / "pdir"), timeout=170)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(PACKED) == 1
+    rows = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert [" ".join(r.split(" ")[:2]) for r in rows] == [f"f{i}.txt V{i}" for i in range(8)]
+    assert sorted(_instances_and_nodes(rows)) == ["0", "1"]
 
 
 @pytest.mark.timeout(180)

@@ -204,6 +204,27 @@ def test_mini_batch_error_threshold_fails_the_job_and_it_stays_resumable(ray_clu
     assert output_lines(tmp_path) == expected_rows(files)
 
 
+def test_instance_count_2_on_a_multi_node_cluster_spreads_over_two_nodes(ray_cluster, tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()  # all 4 workers hold a batch at once: both instances' nodes are in the rows
+    files = texts(12)
+    spec = make_spec(tmp_path, files, **{"resources.instance_count": 2,
+                                         "task.program_arguments": f"--with-node --barrier {barrier} 4"})
+    lines = []
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=lines.append).wait()
+
+    assert outcome.state is JobState.SUCCEEDED
+    rows = [line.split(" ") for line in output_lines(tmp_path)]
+    assert [" ".join(r[:3]) for r in rows] == expected_rows(files)
+    nodes = {}
+    for *_, instance, node in rows:
+        nodes.setdefault(instance, set()).add(node)
+    assert sorted(nodes) == ["0", "1"] and all(len(n) == 1 for n in nodes.values())
+    assert nodes["0"] != nodes["1"]  # STRICT_SPREAD: a real cluster never packs
+    assert not [line for line in lines if "one-node Ray" in line]
+
+
 def test_more_instances_than_nodes_fails_with_a_clear_message(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 4, "raypar.placement_timeout": 0})
     with pytest.raises(PlacementError, match=r"needs 4 node\(s\).*has 3 such node\(s\)"):
