@@ -9,6 +9,8 @@ Ray and is named in one warning line.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,12 +46,12 @@ def _read_pip(value: Any) -> list[str]:
     return [line.split(" #")[0].strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _conda(environment: Any) -> tuple[list[str], list[str]]:
-    """(pip packages, what is ignored) of Azure's ``task.environment``."""
+def _conda(environment: Any) -> tuple[list[str], list[str], Optional[str]]:
+    """(pip packages, what is ignored, the ``python=`` pin of its conda file) of Azure's ``task.environment``."""
     if environment is None:
-        return [], []
+        return [], [], None
     if not isinstance(environment, dict):
-        return [], [f"environment {environment}"]
+        return [], [f"environment {environment}"], None
     ignored = [f"image {environment['image']}"] if environment.get("image") else []
     conda = environment.get("conda_file")
     if isinstance(conda, str):
@@ -58,14 +60,36 @@ def _conda(environment: Any) -> tuple[list[str], list[str]]:
         except (OSError, yaml.YAMLError) as exc:
             raise SpecError(f"task.environment.conda_file: cannot read {conda}: {exc}") from None
     pip: list[str] = []
+    python = None
     for dep in (conda or {}).get("dependencies", []) if isinstance(conda, dict) else []:
         if isinstance(dep, dict):
             pip.extend(str(p) for p in dep.get("pip", []))
-        elif str(dep).split("=")[0].split(">")[0].split("<")[0].strip() not in _CONDA_BASICS:
+            continue
+        name = str(dep).split("=")[0].split(">")[0].split("<")[0].strip()
+        if name == "python":
+            python = str(dep)[len(name):].lstrip("=<>! ").strip() or None
+        elif name not in _CONDA_BASICS:
             ignored.append(f"conda package {dep}")
     kept = [p for p in pip if not p.lower().startswith(_AZURE_ONLY_PREFIXES)]
     ignored += [f"pip package {p} (Azure ML only)" for p in pip if p not in kept]
-    return kept, ignored
+    return kept, ignored, python
+
+
+def running_python() -> str:
+    """``major.minor`` of this Python: Ray refuses a driver whose Python differs from the cluster's,
+    so it is the cluster's too."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _other_python(pinned: Optional[str]) -> bool:
+    """True when a conda ``python=`` pin names another minor version than the one running."""
+    if not pinned:
+        return False
+    numbers = re.match(r"(\d+)(?:\.(\d+))?", pinned)
+    if not numbers:
+        return False
+    major, minor = numbers.group(1), numbers.group(2)
+    return (major, minor or str(sys.version_info.minor)) != (str(sys.version_info.major), str(sys.version_info.minor))
 
 
 def _environments(spec: JobSpec) -> list[tuple[str, Any]]:
@@ -77,15 +101,62 @@ def pip_packages(spec: JobSpec) -> tuple[list[str], Optional[str]]:
     """The pip packages the job's processes need, and one warning line naming what is ignored (or None)."""
     packages = _read_pip(spec.raypar.runtime_env.pip)
     ignored: list[str] = []
+    pins: list[str] = []
     for where, environment in _environments(spec):
-        more, skipped = _conda(environment)
+        more, skipped, python = _conda(environment)
         packages += [p for p in more if p not in packages]
         ignored += [f"{where}: {item}" if where != "task.environment" else item for item in skipped]
-    warning = None
+        if _other_python(python):
+            pins.append(f"{where}'s conda_file pins python={python}")
+    parts = []
     if ignored:
-        warning = ("task.environment: not used on Ray: " + ", ".join(ignored)
-                   + "; the cluster's Python environment runs the job (add packages under raypar.runtime_env.pip)")
-    return packages, warning
+        parts.append("task.environment: not used on Ray: " + ", ".join(ignored)
+                     + "; the cluster's Python environment runs the job (add packages under raypar.runtime_env.pip)")
+    if pins:  # Azure samples pin 3.7/3.8: their pip pins rarely install on a newer Python
+        parts.append(f"{' and '.join(pins)}, but the cluster runs Python {running_python()}: its pip pins are "
+                     f"installed there as written and may not exist for it (relax them, or list working ones "
+                     f"under raypar.runtime_env.pip)")
+    return packages, "; ".join(parts) or None
+
+
+# What pip says about the requirement it failed on, most specific first: (pattern, verb).
+_PIP_FAILURES = (
+    (re.compile(r"No matching distribution found for (\S+)"), "install"),
+    (re.compile(r"Could not find a version that satisfies the requirement (\S+)"), "install"),
+    (re.compile(r"Package '([^']+)' requires a different Python"), "install"),
+    (re.compile(r"Failed building wheel for (\S+)"), "build"),
+    (re.compile(r"Failed to build (?:installable wheels for some pyproject\.toml based projects \()?([^\s)]+)"),
+     "build"),
+    (re.compile(r"Could not build wheels for (\S+)"), "build"),
+    (re.compile(r"Building wheel for (\S+) \(.*\) did not run successfully"), "build"),
+)
+_COLLECTING = re.compile(r"^\s*Collecting (\S+)", re.M)
+_CONFLICT = re.compile(r"Cannot install (.+?) because these package versions have conflicting dependencies")
+
+
+def setup_failure(text: str, python: Optional[str] = None) -> str:
+    """One line for a Ray runtime env that could not be set up (``RuntimeEnvSetupError``'s text):
+    the requirement pip failed on and the Python it ran for, or pip's last error line."""
+    python = python or running_python()
+    advice = "relax the pin or set raypar.runtime_env.pip"
+    for pattern, verb in _PIP_FAILURES:
+        found = pattern.search(text)
+        if found:
+            requirement = found.group(1).rstrip(".,;")
+            return f"environment: pip could not {verb} {requirement!r} on Python {python} (the cluster's); {advice}"
+    conflict = _CONFLICT.search(text)
+    if conflict:
+        return (f"environment: pip found no versions of {conflict.group(1)} that fit together on Python {python} "
+                f"(the cluster's); {advice}")
+    errors = [line.strip() for line in text.splitlines() if line.strip().startswith(("ERROR:", "error:"))]
+    if "pip" in text and ("did not run successfully" in text or errors):
+        collecting = _COLLECTING.findall(text)  # setup.py / metadata failures name the package only here
+        if collecting:
+            return (f"environment: pip could not build {collecting[-1]!r} on Python {python} (the cluster's); "
+                    f"{advice}")
+    last = errors[-1] if errors else next((line.strip() for line in reversed(text.splitlines()) if line.strip()),
+                                          "no detail")
+    return f"environment: Ray could not set up the workers' runtime env on Python {python}: {last}"
 
 
 def inline_files(spec: JobSpec) -> JobSpec:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import GetTimeoutError, RayError, RuntimeEnvSetupError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -36,6 +36,7 @@ from .ledger import Ledger
 from .metrics import JobMetrics
 from .progress import Snapshot
 from .records import FailedRecord
+from .runtime_env import setup_failure
 from .spec import JobSpec
 from .worker import Worker
 
@@ -358,6 +359,9 @@ class Scheduler:
         slot.start_ref = None
         try:
             answer = ray.get(ref)
+        except RuntimeEnvSetupError as exc:
+            self._on_environment_failed(slot, str(exc))
+            return
         except RayError as exc:
             answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
         if answer.get("ok"):
@@ -372,8 +376,28 @@ class Scheduler:
         self._kill(slot)
         if slot.starts_failed >= MAX_STARTS_PER_SLOT:
             slot.retired = True
-        else:
+        elif self.stop_reason is None:
             self._start(slot)
+
+    def _on_environment_failed(self, slot: Slot, text: str) -> None:
+        """The job's runtime env (pip packages) cannot be installed: every slot would fail the same
+        way, and each try costs a whole pip run, so the job stops at the first one. The reason is one
+        line; pip's output goes to the job dir's logs."""
+        self._kill(slot)
+        slot.retired = True
+        if self.stop_reason is not None:
+            return  # another slot already said it
+        where = self._keep_log(f"{self.run_id}~runtime-env.log", text)
+        self._stop(setup_failure(text) + (f" (pip's output: {where})" if where else ""))
+
+    def _keep_log(self, name: str, text: str) -> Optional[str]:
+        """``text`` as ``logs/<name>`` in the job dir; its location, or None if it could not be written."""
+        try:
+            self.ledger.store.write_atomic(text.encode(), "logs", name)
+        except Exception as exc:  # the job's reason matters more than its details
+            log.warning("could not write %s to the job dir: %s", name, exc)
+            return None
+        return self.ledger.store.url("logs", name)
 
     # -- dispatch ---------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """End-to-end jobs on a real 3-node Ray cluster (in-process, 127.0.0.1)."""
 
 import collections
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,36 @@ def test_entry_script_that_does_not_import_fails_with_its_error(ray_cluster, tmp
     assert outcome.state is JobState.FAILED
     assert outcome.reason == "no worker could start: loading the entry script failed on every worker"
     assert "SyntaxError" in job_status(str(tmp_path / "job"))["reason"]
+
+
+def test_an_environment_that_cannot_install_stops_the_job_at_once_with_one_line(ray_cluster, tmp_path, monkeypatch):
+    # An Azure conda file made for Python 3.7, with a requirement that cannot exist (so the test
+    # does not depend on the network: found or not, pip fails on it).
+    (tmp_path / "conda.yml").write_text(
+        "name: old-sample\ndependencies:\n- python=3.7\n- pip\n- pip:\n  - raypar-no-such-package==0.0.1\n")
+    spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 1, "max_concurrency_per_instance": 2,
+                                            "task.environment": {"conda_file": str(tmp_path / "conda.yml")}})
+    from raypar.scheduler import Placement
+
+    created = []
+    new_actor = Placement.new_actor
+    monkeypatch.setattr(Placement, "new_actor", lambda self, slot: created.append(slot.label) or new_actor(self, slot))
+    lines = []
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=lines.append).wait()
+
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    pinned = [line for line in lines if "conda_file pins python=3.7" in line]
+    assert len(pinned) == 1 and f"but the cluster runs Python {python}" in pinned[0]
+    assert outcome.state is JobState.FAILED
+    [log] = (tmp_path / "job" / "logs").glob("*~runtime-env.log")
+    assert outcome.reason == (f"environment: pip could not install 'raypar-no-such-package==0.0.1' on Python "
+                              f"{python} (the cluster's); relax the pin or set raypar.runtime_env.pip "
+                              f"(pip's output: {log})")
+    assert job_status(str(tmp_path / "job"))["reason"] == outcome.reason  # one line, no traceback
+    assert "raypar-no-such-package" in log.read_text() and "pip" in log.read_text()
+    assert sorted(created) == ["instance 0 slot 0", "instance 0 slot 1"]  # each slot started once, never again
+    assert outcome.completed == 0 and outcome.pending == 2
 
 
 def test_environment_variables_argv_and_summary_only(ray_cluster, tmp_path):

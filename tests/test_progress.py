@@ -6,7 +6,7 @@ import pytest
 
 from raypar.errors import SpecError
 from raypar.progress import ProgressDisplay, Snapshot, parse_line
-from raypar.runtime_env import forwarded_variables, pip_packages, worker_runtime_env
+from raypar.runtime_env import forwarded_variables, pip_packages, running_python, setup_failure, worker_runtime_env
 from raypar.spec import spec_from_dict
 
 from conftest import make_spec
@@ -55,7 +55,7 @@ def _spec(tmp_path, **overrides):
 
 def test_conda_file_pip_list_maps_and_the_rest_is_named_once(tmp_path):
     (tmp_path / "conda.yml").write_text(
-        "dependencies:\n  - python=3.10\n  - pip\n  - scikit-learn=1.3\n"
+        f"dependencies:\n  - python={running_python()}\n  - pip\n  - scikit-learn=1.3\n"
         "  - pip:\n    - pandas==2.1\n    - azureml-defaults\n")
     (tmp_path / "requirements.txt").write_text("# pinned\nrequests==2.31  # http\n\n")
     spec = _spec(tmp_path, **{"task.environment": {"image": "mcr/x:1", "conda_file": "conda.yml"},
@@ -68,6 +68,39 @@ def test_conda_file_pip_list_maps_and_the_rest_is_named_once(tmp_path):
     assert pip_packages(_spec(tmp_path, **{"task.environment": "azureml:sklearn:1"}))[1].startswith(
         "task.environment: not used on Ray: environment azureml:sklearn:1")
     assert pip_packages(_spec(tmp_path)) == ([], None)
+
+
+def test_a_conda_file_pinning_another_python_is_named_in_the_warning(tmp_path):
+    (tmp_path / "conda.yml").write_text("dependencies:\n  - python=3.7.9\n  - pip:\n    - pandas==0.25.3\n")
+    packages, warning = pip_packages(_spec(tmp_path, **{"task.environment": {"conda_file": "conda.yml"}}))
+    assert packages == ["pandas==0.25.3"]
+    assert warning == (f"task.environment's conda_file pins python=3.7.9, but the cluster runs Python "
+                       f"{running_python()}: its pip pins are installed there as written and may not exist for "
+                       f"it (relax them, or list working ones under raypar.runtime_env.pip)")
+
+
+# pip's own words for a requirement it cannot install or build (pip 23-25), as Ray's error carries them.
+PIP_OUTPUTS = {
+    "not found": ("    ERROR: Could not find a version that satisfies the requirement scikit-learn==0.22.1 "
+                  "(from versions: 1.3.0, 1.4.0)\n    ERROR: No matching distribution found for scikit-learn==0.22.1",
+                  "install 'scikit-learn==0.22.1'"),
+    "wheel build": ("  Building wheel for pandas (pyproject.toml): finished with status 'error'\n"
+                    "  ERROR: Failed building wheel for pandas\nFailed to build pandas\n"
+                    "ERROR: Could not build wheels for pandas, which is required to install pyproject.toml-based "
+                    "projects", "build 'pandas'"),
+    "metadata": ("Collecting numpy==1.17.4\n  Downloading numpy-1.17.4.zip (6.4 MB)\n"
+                 "  error: subprocess-exited-with-error\n  \u00d7 Getting requirements to build wheel did not run "
+                 "successfully.\n  \u2502 exit code: 1\nnote: This error originates from a subprocess, and is "
+                 "likely not a problem with pip.", "build 'numpy==1.17.4'"),
+    "python": ("ERROR: Package 'oldpkg' requires a different Python: 3.11.7 not in '<3.8'", "install 'oldpkg'"),
+}
+
+
+@pytest.mark.parametrize("case", PIP_OUTPUTS)
+def test_a_runtime_env_failure_is_one_line_naming_the_requirement_and_the_python(case):
+    text, what = PIP_OUTPUTS[case]
+    assert setup_failure(f"Failed to set up runtime environment.\n{text}\n", "3.11") == \
+        f"environment: pip could not {what} on Python 3.11 (the cluster's); relax the pin or set raypar.runtime_env.pip"
 
 
 def test_runtime_env_vars_resolve_references_and_refuse_literal_secrets(tmp_path, monkeypatch):
