@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from .datastores import is_datastore_url
 from .errors import SpecError, UsageError
 from .spec import JobSpec, spec_from_dict, spec_from_yaml
 from .storage import is_url
@@ -39,7 +40,8 @@ USE_KEYS = ("type", "component", "inputs", "outputs")
 
 REF_RE = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
 _OPTIONAL_BLOCK_RE = re.compile(r"\$\[\[(.*?)\]\]", re.S)
-_SET_RE = re.compile(r"^(inputs|outputs)\.([A-Za-z_][\w-]*)$")
+# inputs.NAME, outputs.NAME (and Azure CLI's NAME.path), jobs.STEP.outputs.NAME of a pipeline step.
+_SET_RE = re.compile(r"^(?:jobs\.([A-Za-z_][\w-]*)\.)?(inputs|outputs)\.([A-Za-z_][\w-]*)(\.path)?$")
 
 Layers = Sequence[tuple[dict, Path]]  # (bindings, the folder their relative paths are relative to)
 
@@ -87,24 +89,38 @@ def is_declaration(value: Any) -> bool:
 
 
 def local_or_url(path: str, base: Path, where: str) -> str:
-    """``path`` made absolute against ``base``; URLs kept; ``azureml:`` refused (as the spec loader does)."""
+    """``path`` made absolute against ``base``; URLs kept; ``azureml:`` assets refused (as the spec loader does).
+
+    Datastore URLs and ``${{name}}`` / ``${{default_datastore}}`` stay as written: they are
+    resolved with the job's name and datastore mapping (:mod:`raypar.datastores`).
+    """
     if not isinstance(path, str):
         raise SpecError(f"{where}: a path must be a string, got {path!r}")
+    if is_datastore_url(path):
+        return path
     if path.startswith("azureml:"):
-        raise SpecError(f"{where}: {path!r} is an Azure ML asset reference; give a local path or an fsspec URL")
+        raise SpecError(f"{where}: {path!r} is an Azure ML asset reference; give a local path, an fsspec URL "
+                        f"or a datastore URL azureml://datastores/<store>/paths/<path>")
     path = path.removeprefix("file://")
     return path if is_url(path) else str((base / os.path.expanduser(path)).resolve())
 
 
-def parse_sets(items: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``["inputs.data=./d", "outputs.out=/o"]`` → ``{"inputs": {"data": "./d"}, "outputs": {"out": "/o"}}``."""
-    sets: dict[str, dict[str, str]] = {"inputs": {}, "outputs": {}}
+def parse_sets(items: Sequence[str]) -> dict[str, dict]:
+    """``["inputs.data=./d", "outputs.out.path=/o", "jobs.score.outputs.x=/x"]`` →
+    ``{"inputs": {"data": "./d"}, "outputs": {"out": "/o"}, "jobs": {"score": {"outputs": {"x": "/x"}}}}``."""
+    sets: dict[str, dict] = {"inputs": {}, "outputs": {}, "jobs": {}}
     for item in items or ():
         key, sep, value = item.partition("=")
         match = _SET_RE.match(key.strip())
         if not sep or not match:
-            raise UsageError(f"--set {item}: expected inputs.NAME=VALUE or outputs.NAME=PATH")
-        sets[match.group(1)][match.group(2)] = value
+            raise UsageError(f"--set {item}: expected inputs.NAME=VALUE, outputs.NAME=PATH or (in a pipeline) "
+                             f"jobs.STEP.outputs.NAME=PATH")
+        step, kind, name, _ = match.groups()
+        if step is not None and kind == "inputs":
+            raise UsageError(f"--set {item}: a step's inputs are wired in the pipeline YAML; bind a pipeline "
+                             f"input instead (--set inputs.NAME=VALUE)")
+        holder = sets if step is None else sets["jobs"].setdefault(step, {"outputs": {}})
+        holder[kind][name] = value
     return sets
 
 
@@ -327,6 +343,9 @@ def job_from_file(path: Union[str, os.PathLike], sets: Sequence[str] = ()) -> Jo
     if not isinstance(data, dict):
         return spec_from_dict(data, source=source)  # the loader's own error
     bindings = parse_sets(sets)
+    if bindings["jobs"]:
+        raise UsageError(f"--set jobs.{next(iter(bindings['jobs']))}...: {source} is a single job, not a pipeline "
+                         f"(bind its outputs with --set outputs.NAME=PATH)")
     layers_in, layers_out = [(bindings["inputs"], Path.cwd())], [(bindings["outputs"], Path.cwd())]
     component, folder = data, base
     if data.get("component") is not None:

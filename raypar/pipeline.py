@@ -5,7 +5,11 @@ pipeline inputs (``--set`` bindings, defaults), every step's outputs (bound to
 ``${{parent.outputs.Z}}``, a path, or a folder in the pipeline dir), every
 step's inputs (``${{parent.inputs.X}}``, ``${{parent.jobs.S.outputs.Y}}``), the
 order (a topological sort; YAML order breaks ties), each parallel step's
-validated job spec and each command step's command line. Every error is one
+validated job spec and each command step's command line. Datastore URLs and
+``${{name}}`` in paths are resolved here too (:mod:`raypar.datastores`: the
+pipeline's ``raypar.datastores`` over ``RAYPAR_DATASTORES``; ``${{name}}`` is the
+pipeline's name for its own inputs and outputs, the step's for a step's), and
+``--set jobs.STEP.outputs.NAME=PATH`` moves a step's output. Every error is one
 line naming the step and the key. :mod:`raypar.pipeline_run` runs the plan.
 
 Reads YAML files and checks that code folders and entry scripts exist; writes nothing.
@@ -21,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence, Union
 
+from . import datastores
 from .component import (REF_RE, bind_inputs, bind_outputs, component_job, drop_optional_blocks,
                         is_component, load_component, local_or_url, parse_sets, read_yaml, use_component)
 from .errors import SpecError, UsageError
@@ -28,7 +33,8 @@ from .spec import JobSpec, bind, spec_from_dict
 from .storage import is_url
 
 PIPELINE_KEYS = {"$schema", "type", "name", "display_name", "description", "tags", "experiment_name", "compute",
-                 "settings", "inputs", "outputs", "jobs", "identity", "properties"}
+                 "settings", "inputs", "outputs", "jobs", "identity", "properties", "raypar"}
+PIPELINE_RAYPAR_KEYS = {"datastores"}  # a pipeline's own raypar: block (each step has its full one)
 PIPELINE_IGNORED = ("compute", "identity")  # Azure compute and identity: no meaning on Ray (settings: each key)
 COMMAND_KEYS = {"type", "component", "command", "code", "inputs", "outputs", "environment_variables",
                 "$schema", "name", "version", "display_name", "description", "tags", "is_deterministic",
@@ -38,6 +44,7 @@ COMMAND_IGNORED = {"environment", "compute", "resources", "distribution", "limit
 STEP_TYPES = ("parallel", "command")
 
 _PARENT_RE = re.compile(r"^\s*\$\{\{\s*parent\.([^}]*?)\s*\}\}\s*$")
+_ANY_PARENT_RE = re.compile(r"\$\{\{\s*parent\.")
 _STEP_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -126,19 +133,24 @@ def load_pipeline(path: str, sets: Sequence[str] = (), job_dir: Optional[str] = 
     if job_dir is None:
         from .driver import default_job_dir
 
-        job_dir = default_job_dir(SimpleNamespace(name=name))  # it reads only the name
+        job_dir = default_job_dir(SimpleNamespace(name=slug(name)))  # it reads only the name
     if is_url(job_dir):
         raise UsageError(f"{job_dir}: a pipeline dir must be a local folder (its command steps run here); "
                          f"a step's outputs may still be URLs")
     job_dir = str(Path(job_dir).expanduser().resolve())
     set_base = set_base or os.getcwd()
     try:
-        steps, outputs, ignored = _resolve(data, base, parse_sets(sets), Path(set_base), job_dir)
+        steps, outputs, ignored = _resolve(data, base, parse_sets(sets), Path(set_base), job_dir, slug(name))
     except SpecError as exc:
         raise SpecError(f"{source}: {exc.headline}") from None
     if not source.startswith("env:"):
         source = str(Path(source).resolve())
     return Pipeline(name, job_dir, source, list(sets), set_base, steps, outputs, ignored)
+
+
+def slug(name: str) -> str:
+    """A name fit for a folder and a path segment: display names have spaces ("Score files" -> "Score-files")."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "pipeline"
 
 
 @dataclass
@@ -157,10 +169,12 @@ class _Draft:
     needs: dict = field(default_factory=dict)  # upstream step -> the key that references it
 
 
-def _resolve(data: dict, base: Path, sets: dict, set_base: Path, job_dir: str):
+def _resolve(data: dict, base: Path, sets: dict, set_base: Path, job_dir: str, name: str):
     unknown = sorted(set(data) - PIPELINE_KEYS)
     if unknown:
         raise SpecError(f"unknown key '{unknown[0]}'")
+    own_stores = _pipeline_datastores(data.get("raypar"), base)
+    stores = datastores.merged(own_stores)
     ignored = [k for k in PIPELINE_IGNORED if data.get(k) is not None]
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
@@ -170,19 +184,54 @@ def _resolve(data: dict, base: Path, sets: dict, set_base: Path, job_dir: str):
     if not isinstance(jobs, dict) or not jobs:
         raise SpecError("jobs: a pipeline needs a mapping of steps (step name -> job)")
     declared_inputs = data.get("inputs") or {}
-    inputs = bind_inputs(declared_inputs, [(sets["inputs"], set_base)], "", base)
-    pipeline_outputs = bind_outputs(data.get("outputs"), [(sets["outputs"], set_base)], "", base)
-    drafts = {name: _draft(name, step, base, ignored) for name, step in jobs.items()}
+    # The pipeline's own paths get its name for ${{name}}; each step's, the step's name.
+    inputs = _resolve_paths(bind_inputs(declared_inputs, [(sets["inputs"], set_base)], "", base), name, stores,
+                            "inputs")
+    pipeline_outputs = _resolve_paths(bind_outputs(data.get("outputs"), [(sets["outputs"], set_base)], "", base),
+                                      name, stores, "outputs")
+    unknown_steps = sorted(set(sets["jobs"]) - set(jobs))
+    if unknown_steps:
+        raise UsageError(f"--set jobs.{unknown_steps[0]}...: no step '{unknown_steps[0]}' in jobs "
+                         f"(steps: {', '.join(map(str, jobs))})")
+    drafts = {step: _draft(step, definition, base, ignored) for step, definition in jobs.items()}
     claimed: dict[str, tuple[str, str]] = {}  # pipeline output -> (step, output)
     for draft in drafts.values():
-        draft.outputs = _step_outputs(draft, pipeline_outputs, claimed, base, job_dir)
-    produced = {name: d.outputs for name, d in drafts.items()}
+        step_sets = [(sets["jobs"].get(draft.name, {}).get("outputs"), set_base)]
+        draft.outputs = _resolve_paths(_step_outputs(draft, pipeline_outputs, claimed, base, job_dir, step_sets),
+                                       draft.name, stores, f"jobs.{draft.name}.outputs")
+    produced = {step: d.outputs for step, d in drafts.items()}
     for draft in drafts.values():
         _wire_inputs(draft, declared_inputs, inputs, produced)
     order = _order(drafts)
-    steps = [_finish(drafts[name], job_dir) for name in order]
+    steps = [_finish(drafts[step], job_dir, own_stores, stores) for step in order]
     outputs = {z: produced[step][out]["path"] for z, (step, out) in claimed.items()}
     return steps, outputs, ignored
+
+
+def _pipeline_datastores(block: Any, base: Path) -> dict[str, str]:
+    """``raypar: {datastores: {...}}`` at the top of a pipeline: the mapping of every step's paths."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise SpecError("raypar: must be a mapping (a pipeline's raypar: block holds datastores)")
+    unknown = sorted(set(block) - PIPELINE_RAYPAR_KEYS)
+    if unknown:
+        raise SpecError(f"raypar.{unknown[0]}: unknown key (a pipeline's raypar: block holds datastores; "
+                        f"other raypar settings go in each step)")
+    return datastores.absolute(datastores.check(block.get("datastores") or {}, "raypar.datastores"), base)
+
+
+def _resolve_paths(items: dict, name: str, stores: dict, where: str) -> dict:
+    """Data items (``{type, path, ...}``) with ``${{name}}`` filled and datastore URLs mapped; literals kept."""
+    resolved = {}
+    for key, item in items.items():
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            try:
+                item = {**item, "path": datastores.resolve(item["path"], name, stores)}
+            except SpecError as exc:
+                raise SpecError(f"{where}.{key}: {exc.headline}") from None
+        resolved[key] = item
+    return resolved
 
 
 def _draft(name: Any, step: Any, base: Path, ignored: list) -> _Draft:
@@ -220,14 +269,16 @@ def _parent_ref(value: Any) -> Optional[str]:
     match = _PARENT_RE.match(text)
     if match:
         return match.group(1)
-    if "${{" in text:
+    if _ANY_PARENT_RE.search(text):  # ${{name}} and ${{default_datastore}} are filled in paths later
         raise SpecError(f"{text!r}: a binding is one whole ${{{{parent.inputs.NAME}}}} or "
                         f"${{{{parent.jobs.STEP.outputs.NAME}}}} expression")
     return None
 
 
-def _step_outputs(draft: _Draft, pipeline_outputs: dict, claimed: dict, base: Path, job_dir: str) -> dict:
-    """The step's outputs: bound to a pipeline output, to a path, or a folder under its step folder."""
+def _step_outputs(draft: _Draft, pipeline_outputs: dict, claimed: dict, base: Path, job_dir: str,
+                  step_sets: list) -> dict:
+    """The step's outputs: bound to a pipeline output, to a path, or a folder under its step folder;
+    ``--set jobs.STEP.outputs.NAME=PATH`` (``step_sets``) wins over all of them."""
     where = f"jobs.{draft.name}."
     uses = draft.uses_component
     written = draft.bindings_out if uses else (draft.definition.get("outputs") or {})
@@ -263,7 +314,7 @@ def _step_outputs(draft: _Draft, pipeline_outputs: dict, claimed: dict, base: Pa
             declared[out] = decl if ref is not None else value
         elif "type" in decl and not (declared[out] or {}).get("type"):
             declared[out] = {**(declared[out] or {}), "type": decl["type"]}
-    return bind_outputs(declared, [(paths, base)], where, draft.base, f"{job_dir}/{draft.name}/outputs")
+    return bind_outputs(declared, [(paths, base), *step_sets], where, draft.base, f"{job_dir}/{draft.name}/outputs")
 
 
 def _wire_inputs(draft: _Draft, declared_inputs: dict, inputs: dict, produced: dict) -> None:
@@ -344,13 +395,17 @@ def _cycle(drafts: dict[str, _Draft], waiting: dict[str, set]) -> str:
     return f"{key}: a cycle: {' -> '.join(reversed(loop))} (each step needs the output of the one before)"
 
 
-def _finish(draft: _Draft, job_dir: str) -> Step:
+def _finish(draft: _Draft, job_dir: str, own_stores: dict, stores: dict) -> Step:
     where = f"jobs.{draft.name}."
     layers = [(draft.bindings_in, draft.pipeline_base)] if draft.uses_component else []
     needs = list(draft.needs)
     if draft.kind == "parallel":
         definition = {k: v for k, v in draft.definition.items() if k != "component"}
         definition.setdefault("name", draft.name)
+        if own_stores:  # the step's own raypar.datastores win over the pipeline's
+            raypar = definition.get("raypar") if isinstance(definition.get("raypar"), dict) else {}
+            step_stores = raypar.get("datastores") if isinstance(raypar.get("datastores"), dict) else {}
+            definition["raypar"] = {**raypar, "datastores": {**own_stores, **step_stores}}
         job = spec_from_dict(component_job(definition, layers, draft.outputs, where, draft.base),
                              base_dir=draft.base, source=f"jobs.{draft.name}")
         entry = bind(job).entry_script_path  # found now, not after the steps before it ran
@@ -358,7 +413,8 @@ def _finish(draft: _Draft, job_dir: str) -> Step:
             raise SpecError(f"{where}task.entry_script: {entry} not found")
         return Step(draft.name, "parallel", needs, draft.outputs, job=job)
     definition = draft.definition
-    inputs = bind_inputs(definition.get("inputs") or {}, layers, where, draft.base)
+    inputs = _resolve_paths(bind_inputs(definition.get("inputs") or {}, layers, where, draft.base), draft.name, stores,
+                            f"{where}inputs")
     command = definition.get("command")
     if not isinstance(command, str) or not command.strip():
         raise SpecError(f"{where}command: a command step needs a command")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from .azureml_compat.arguments import Predefined, ignored_note, parse as parse_predefined
 from .azureml_compat.models import model_mapping_env
+from . import datastores
 from .credentials import SECRET_WORDS, env_reference
 from .errors import SpecError
 from .storage import is_url
@@ -205,6 +206,16 @@ class RayparSpec(_Model):
     append_row_file_name: Optional[str] = None
     # Model name (or "name:version") -> local path or URL: azureml.core's Model.get_model_path in workers.
     models: dict[str, str] = Field(default_factory=dict)
+    # Azure datastore name -> local folder or URL: azureml://datastores/<name>/paths/... (see datastores.py).
+    datastores: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("datastores")
+    @classmethod
+    def _plain_names(cls, value: dict) -> dict:
+        for name, target in value.items():
+            if not name or "/" in name or not target:
+                raise ValueError(f"{name!r}: a datastore name (no '/') maps to a folder or URL")
+        return value
 
     @field_validator("append_row_file_name")
     @classmethod
@@ -461,13 +472,28 @@ def map_local_paths(spec: JobSpec, fn) -> JobSpec:
     models = data.get("raypar", {}).get("models", {})
     for name, path in models.items():
         models[name] = fn(path)
+    stores = data.get("raypar", {}).get("datastores", {})
+    for name, path in stores.items():
+        if path not in stores:  # an alias names another entry, not a path
+            stores[name] = fn(path)
     return JobSpec.model_validate(data)
 
 
 def absolutize(spec: JobSpec, base_dir: Path) -> JobSpec:
-    """Make every local path in the spec absolute; URLs are left alone."""
+    """Make every local path in the spec absolute; URLs are left alone.
+
+    ``${{name}}`` and ``${{default_datastore}}`` are filled, and datastore URLs
+    (``azureml://datastores/<store>/paths/<path>``) become the folder or URL their
+    store is mapped to (``raypar.datastores`` over ``RAYPAR_DATASTORES``).
+    """
+    stores = None
 
     def fix(p: str) -> str:
+        nonlocal stores
+        if datastores.has_placeholders(p) or datastores.is_datastore_url(p):
+            if stores is None:
+                stores = datastores.merged(spec.raypar.datastores)
+            p = datastores.resolve(p, spec.name or "job", stores)
         if p.startswith("azureml:"):
             raise SpecError(
                 f"path {p!r} is an Azure ML asset reference; give a local path or an fsspec URL instead"

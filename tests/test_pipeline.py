@@ -11,6 +11,7 @@ import pytest
 from conftest import ENTRY_DIR, write_files
 from raypar.cli import main
 from raypar.component import job_from_file
+from raypar.errors import UsageError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,6 +201,22 @@ def test_a_job_file_that_uses_the_component_binds_like_set(tmp_path, monkeypatch
     assert used.task.code == str(tmp_path / "code")  # the component's paths stay relative to the component
 
 
+def test_set_takes_azure_cli_path_keys_and_datastore_urls_for_a_component(tmp_path, monkeypatch):
+    project(tmp_path)
+    write_files(tmp_path / "data", {"a.txt": "a"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYPAR_DATASTORES", '{"default": "./blob"}')  # relative to the working directory
+
+    job = job_from_file("component.yml", ["inputs.job_data_path.path=data",
+                                          "outputs.job_output_path.path=azureml://datastores/${{default_datastore}}"
+                                          "/paths/${{name}}/out"])
+
+    assert job.inputs["job_data_path"].path == str(tmp_path / "data")
+    assert job.outputs["job_output_path"].path == str(tmp_path / "blob" / "score_files" / "out")  # the component's name
+    with pytest.raises(UsageError, match=r"--set jobs.score...: .*component.yml is a single job, not a pipeline"):
+        job_from_file("component.yml", ["inputs.job_data_path=data", "jobs.score.outputs.x=y"])
+
+
 def test_pipeline_runs_in_dependency_order_and_a_rerun_runs_nothing(ray_cluster, tmp_path, capsys):
     project(tmp_path)
     pipeline = write_pipeline(tmp_path)
@@ -324,3 +341,111 @@ def test_bad_component_binding_is_one_line_error_exit_2(tmp_path, capsys, monkey
 
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "job").exists()
+
+
+# The shape of azureml-examples' CLI pipelines: data and outputs on datastores, ${{name}} in paths,
+# 2 instances; the datastores mapped once, at the top of the pipeline.
+DATASTORE_PIPELINE = """\
+type: pipeline
+display_name: Iris batch prediction
+raypar:
+  datastores: {workspaceblobstore: STORE, default: workspaceblobstore}
+outputs:
+  pipeline_job_output:
+    type: uri_file
+    mode: rw_mount
+    path: azureml://datastores/${{default_datastore}}/paths/${{name}}/predictions.csv
+jobs:
+  score:
+    type: parallel
+    inputs:
+      job_data_path:
+        type: uri_folder
+        path: azureml://datastores/workspaceblobstore/paths/input
+        mode: ro_mount
+    outputs:
+      job_output_file: ${{parent.outputs.pipeline_job_output}}
+      side:
+        type: uri_folder
+        path: azureml://datastores/${{default_datastore}}/paths/${{name}}/side
+    input_data: ${{inputs.job_data_path}}
+    mini_batch_size: "2"
+    resources: {instance_count: 2}
+    max_concurrency_per_instance: 1
+    task:
+      type: run_function
+      code: ./code
+      entry_script: score.py
+      append_row_to: ${{outputs.job_output_file}}
+    raypar: {worker: {num_cpus: 0.5}}
+"""
+
+
+def test_datastore_urls_resolve_through_the_mapping_and_set_overrides_a_step_output(ray_cluster, tmp_path, capsys,
+                                                                                    monkeypatch):
+    project(tmp_path)
+    write_files(tmp_path / "blob" / "input", {f"f{i}.txt": f"iris {i}" for i in range(5)})
+    pipeline = write_pipeline(tmp_path, DATASTORE_PIPELINE.replace("STORE", "./blob"))
+    monkeypatch.chdir(tmp_path)  # the pipeline dir goes under ./raypar-jobs, named from display_name
+
+    code, out, err = run(capsys, "run", pipeline)
+
+    assert code == 0, err
+    rows = [f"f{i}.txt IRIS {i}" for i in range(5)]
+    # ${{name}}: the pipeline's (slugged) name for its own output, the step's name for the step's
+    predictions = tmp_path / "blob" / "Iris-batch-prediction" / "predictions.csv"
+    assert predictions.read_text().splitlines() == rows
+    assert (tmp_path / "blob" / "score" / "side").is_dir()
+    [pdir] = (tmp_path / "raypar-jobs").iterdir()
+    assert pdir.name.startswith("Iris-batch-prediction-") and " " not in pdir.name
+    assert f"raypar: output pipeline_job_output: {predictions}" in out
+
+    code, out, err = run(capsys, "run", pipeline, "--job-dir", "pdir",
+                         "--set", "jobs.score.outputs.job_output_file.path=elsewhere/out.csv")
+    assert code == 0, err
+    assert (tmp_path / "elsewhere" / "out.csv").read_text().splitlines() == rows
+    assert f"raypar: output pipeline_job_output: {tmp_path / 'elsewhere' / 'out.csv'}" in out
+
+    code, _, err = run(capsys, "run", pipeline, "--job-dir", "pdir2", "--set", "jobs.scor.outputs.x=a")
+    assert_one_line_error(code, err, "--set jobs.scor...: no step 'scor' in jobs (steps: score)")
+
+
+def test_datastore_mapped_to_azure_blob_gives_exact_rows(ray_cluster, azurite, tmp_path, capsys, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    container = azurite.new_container()
+    fs = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
+    for i in range(5):
+        fs.pipe_file(f"{container}/prefix/input/f{i}.txt", f"iris {i}".encode())
+    project(tmp_path)
+    pipeline = write_pipeline(tmp_path, DATASTORE_PIPELINE.replace("STORE", f"az://{container}/prefix"))
+
+    code, out, err = run(capsys, "run", pipeline, "--job-dir", tmp_path / "pdir")
+
+    assert code == 0, err
+    text = fs.cat_file(f"{container}/prefix/Iris-batch-prediction/predictions.csv").decode()
+    assert text.splitlines() == [f"f{i}.txt IRIS {i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("mapping, fragment", [
+    ("{}", "outputs.pipeline_job_output: azureml://datastores/${{default_datastore}}/paths/${{name}}/predictions.csv: "
+           "the default datastore is not mapped (mapped: none); map it once: raypar.datastores: "
+           "{default: az://container/folder} (or workspaceblobstore, Azure's default) in the spec, or "
+           "RAYPAR_DATASTORES='{\"default\": \"/local/folder\"}'"),
+    ("{default: ./blob}", "jobs.score: azureml://datastores/workspaceblobstore/paths/input: datastore "
+                          "'workspaceblobstore' is not mapped (mapped: default); map it once: raypar.datastores: "
+                          "{workspaceblobstore: az://container/folder} in the spec, or "
+                          "RAYPAR_DATASTORES='{\"workspaceblobstore\": \"/local/folder\"}'"),
+])
+def test_an_unmapped_datastore_is_one_line_naming_it_and_how_to_map_it(tmp_path, capsys, monkeypatch, mapping,
+                                                                       fragment):
+    project(tmp_path)
+    monkeypatch.delenv("RAYPAR_DATASTORES", raising=False)
+    pipeline = write_pipeline(tmp_path, DATASTORE_PIPELINE.replace(
+        "{workspaceblobstore: STORE, default: workspaceblobstore}", mapping))
+
+    code, _, err = run(capsys, "run", pipeline, "--job-dir", tmp_path / "pdir")
+
+    assert_one_line_error(code, err, "pipeline.yml: " + fragment)
+    assert not (tmp_path / "pdir").exists()

@@ -549,3 +549,48 @@ def test_spec_from_an_environment_variable(tmp_path, monkeypatch):
     assert spec.inputs["d"].path == str(tmp_path / "data")
     with pytest.raises(SpecError, match="env:NOPE: environment variable NOPE is not set"):
         load_spec("env:NOPE")
+
+
+DATASTORE_JOB = """\
+type: parallel
+name: score-iris
+inputs:
+  data: {type: uri_folder, path: azureml://datastores/workspaceblobstore/paths/iris/input}
+outputs:
+  scores:
+    type: uri_file
+    path: azureml://datastores/${{default_datastore}}/paths/${{name}}/predictions.csv
+  logs:
+    type: uri_folder
+    path: azureml://subscriptions/s1/resourcegroups/rg/workspaces/ws/datastores/archive/paths/logs
+input_data: ${{inputs.data}}
+task: {code: ., entry_script: score.py, append_row_to: "${{outputs.scores}}"}
+raypar:
+  datastores: {archive: ./archive}
+"""
+
+
+def test_datastore_urls_resolve_through_the_spec_and_the_environment_mapping(tmp_path, monkeypatch):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "job.yml").write_text(DATASTORE_JOB)
+    (tmp_path / "config").mkdir()
+    # RAYPAR_DATASTORES names a YAML file: its relative folders are relative to that file
+    (tmp_path / "config" / "stores.yml").write_text(
+        "workspaceblobstore: ../blob\ndefault: workspaceblobstore\narchive: az://ignored/the-spec-wins\n")
+    monkeypatch.setenv("RAYPAR_DATASTORES", str(tmp_path / "config" / "stores.yml"))
+
+    spec = load_spec(tmp_path / "jobs" / "job.yml")
+
+    assert spec.inputs["data"].path == str(tmp_path / "blob" / "iris" / "input")
+    assert spec.outputs["scores"].path == str(tmp_path / "blob" / "score-iris" / "predictions.csv")
+    assert spec.outputs["logs"].path == str(tmp_path / "jobs" / "archive" / "logs")  # relative to the job YAML
+
+    monkeypatch.setenv("RAYPAR_DATASTORES", '{"default": "az://container/prefix/"}')  # inline JSON
+    data = yaml.safe_load(DATASTORE_JOB)
+    data["inputs"]["data"]["path"] = str(tmp_path)
+    spec = spec_from_dict(data, base_dir=tmp_path)
+    assert spec.outputs["scores"].path == "az://container/prefix/score-iris/predictions.csv"
+
+    monkeypatch.setenv("RAYPAR_DATASTORES", "{not json")
+    with pytest.raises(SpecError, match="RAYPAR_DATASTORES: expected a mapping of datastore name -> folder or URL"):
+        spec_from_dict(data, base_dir=tmp_path)
