@@ -3,7 +3,9 @@
 The Python API mirrors the ``raypar`` command: :func:`run` and :func:`resume`
 drive a job from this process, :func:`submit` sends it to a cluster's Jobs
 API. Each returns a handle with ``status()``, ``wait()`` and ``cancel()``.
-Heavy imports (Ray) happen only when a job actually runs.
+Heavy imports (Ray) happen only when a job actually runs. Their warnings are
+printed as the CLI prints them (``raypar: WARNING ...``) unless the program
+configured logging itself (:mod:`raypar.api_log`).
 """
 
 __version__ = "0.1.0"
@@ -20,9 +22,11 @@ def run(spec, job_dir=None, address=None, wait=True, **kwargs):
     with ``wait=False`` the driver runs in a background thread. Other keyword
     arguments (``echo``, ``progress``) are :func:`raypar.driver.run_job`'s.
     """
+    from .api_log import install
     from .driver import _as_spec, _normalize_dir, default_job_dir, run_job
     from .handles import LocalJob
 
+    install()
     spec = _as_spec(spec)
     job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
     return LocalJob(job_dir, lambda: run_job(spec, job_dir=job_dir, address=address, **kwargs), background=not wait)
@@ -30,9 +34,11 @@ def run(spec, job_dir=None, address=None, wait=True, **kwargs):
 
 def resume(job_dir, address=None, wait=True, **kwargs):
     """Resume the job in ``job_dir``: run exactly the mini-batches that are not done. Returns a LocalJob."""
+    from .api_log import install
     from .driver import _normalize_dir, resume_job
     from .handles import LocalJob
 
+    install()
     job_dir = _normalize_dir(job_dir)
     return LocalJob(job_dir, lambda: resume_job(job_dir, address=address, **kwargs), background=not wait)
 
@@ -44,8 +50,10 @@ def submit(spec, address=None, job_dir=None, wait=False, **kwargs):
     the job to end. Other keyword arguments (``headers``, ``shared_paths``,
     ``env``, ``echo``) are :func:`raypar.submission.submit_job`'s.
     """
+    from .api_log import install
     from .submission import submit_job
 
+    install()
     job = submit_job(spec, address=address, job_dir=job_dir, **kwargs)
     if wait:
         job.wait(echo=kwargs.get("echo", print))

@@ -360,9 +360,11 @@ def _remote(args) -> int:
 
 
 def _status(args) -> int:
+    from .storage import is_url
     from .status import job_status
 
-    status = job_status(args.target)
+    # The job dir as resume and logs take it from anywhere: absolute (a URL stays as it is).
+    status = job_status(args.target if is_url(args.target) else os.path.abspath(os.path.expanduser(args.target)))
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0

@@ -165,8 +165,23 @@ def test_embedded_ray_refuses_at_once_what_its_one_node_cannot_hold(tmp_path):
     assert "the job needs {CPU 2, fpga 4} on this machine for its 2 instances" in result.stderr
     assert "the embedded one-node Ray has {CPU " in result.stderr and ", fpga 0}" in result.stderr
     assert "waited" not in result.stderr and "Traceback" not in result.stderr
-    status = json.loads(cli("status", str(tmp_path / "job"), "--json").stdout)
+    status = json.loads(cli("status", "job", "--json", cwd=tmp_path).stdout)  # a relative job dir
     assert status["state"] == "failed" and "fpga 4" in status["reason"]
+    assert status["job_dir"] == str(tmp_path / "job")  # echoed absolute: usable from anywhere
+
+
+@pytest.mark.timeout(120)
+def test_python_api_warnings_carry_the_raypar_prefix(tmp_path):
+    spec = make_spec(tmp_path, {"a.txt": "x"}, **{
+        "resources.instance_count": 1, "task.program_arguments": "--task_overhead_timeout 10"})
+    script = "import raypar, sys; sys.exit(raypar.run(sys.argv[1], job_dir=sys.argv[2]).wait().exit_code)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", script, str(write_spec(tmp_path, spec)), str(tmp_path / "job")],
+                            capture_output=True, text=True, env=env, timeout=110)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "accepted but not used on Ray" in line]
+    assert warned and all(line.startswith("raypar: WARNING task.program_arguments: ") for line in warned), \
+        result.stderr
 
 
 # The Azure CLI samples' pipeline step: 2 instances and a 10-minute first-task timeout.
