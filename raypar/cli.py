@@ -388,6 +388,25 @@ def _print_status(status: dict) -> None:
     for err in status.get("errors", []):
         last = err["error"].strip().splitlines()[-1] if err["error"].strip() else ""
         print(f"error:     {err['batch']} ({err['kind']}): {last}")
+    _print_input_changes(status.get("input_changes"))
+
+
+def _print_input_changes(changes) -> None:
+    """What a resume will do about input files changed, gone or added since planning."""
+    from .replan import names
+
+    if not changes:
+        return
+    if changes.get("error"):
+        print(f"inputs:    not checked ({changes['error']})")
+    if changes.get("changed"):
+        print(f"inputs:    {len(changes['changed'])} changed since planned ({names(changes['changed'])}): "
+              f"resume plans their mini-batches again")
+    if changes.get("gone"):
+        print(f"inputs:    {len(changes['gone'])} gone ({names(changes['gone'])}): resume refuses until restored")
+    if changes.get("added"):
+        print(f"inputs:    {len(changes['added'])} added after planning ({names(changes['added'])}): "
+              f"not part of this job")
 
 
 def _logs(args) -> int:

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .errors import LeaseHeldError, PlacementError, RayparError, SpecError, UsageError
+from .errors import LeaseHeldError, RayparError, SpecError, UsageError
 from .credentials import options_for, redact, resolve_storage
 from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
 from .planning import PlanFeed
+from .inputs.source import open_source
+from .replan import check_input_files, refuse_gone, replan
+from .replan import names as replan_names
 from .outputs import CorruptPartsError, OutputSchemaError, assemble
 from .reports import write_reports
 from .progress import ProgressDisplay
@@ -284,6 +287,8 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
         _set_state(ledger, JobState.RUNNING, run)
         _make_output_folders(spec)
         manifest = ledger.read_manifest()
+        if manifest is not None:
+            manifest = _replan_changed_inputs(ledger, session, manifest, echo)
         if manifest is None:  # planning never finished: plan (again) while running
             prefix = ledger.read_manifest_prefix()
             done = ledger.view(prefix).done if len(prefix) else frozenset()
@@ -299,7 +304,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     except KeyboardInterrupt as exc:
         # Workers are gone with the scheduler; finished batches are in the ledger.
         state, reason = JobState.CANCELED, interrupt_reason(exc)
-    except PlacementError as exc:
+    except RayparError as exc:  # a placement error, an input file gone: named, as the CLI prints it
         state, reason = JobState.FAILED, exc.headline
         raise
     except BaseException as exc:
@@ -321,6 +326,27 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     view = ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
                    **view.counts())
+
+
+def _replan_changed_inputs(ledger: Ledger, session: _Session, manifest, echo: Echo):
+    """The manifest after planning again the batches of input files that changed since they were
+    planned (see raypar/replan.py); SpecError if a planned file is gone."""
+    spec = session.spec
+    changes = check_input_files(ledger, spec, session.desc, session.storage)
+    if changes is None:
+        return manifest
+    source = open_source(session.desc, session.storage)
+    if changes.added:
+        echo(f"raypar: {len(changes.added)} input file(s) added after this job was planned are not part of it "
+             f"({replan_names(changes.added, source)}); run them as a new job")
+    if not changes:
+        return manifest
+    refuse_gone(changes, source, f"inputs.{spec.data_input_name}")
+    retired = replan(ledger, spec, session.desc, session.storage, manifest, changes)
+    echo(f"raypar: {len(changes.changed)} input file(s) changed since they were planned "
+         f"({replan_names(changes.changed, source)}): their {retired} mini-batch(es) are planned again "
+         f"from the new content")
+    return ledger.read_manifest()
 
 
 def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, interrupt):

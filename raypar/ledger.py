@@ -85,11 +85,14 @@ class LedgerView:
         done = np.fromiter((ordinal_of(b) for b in self.done), dtype=np.int64) \
             if not isinstance(self.done, DoneIndex) else self.done.ordinals
         todo[done[done < len(todo)]] = False
+        retired = getattr(self.manifest, "retired", None)
+        if retired is not None and len(retired):
+            todo[retired] = False
         return [self.manifest[int(i)] for i in np.flatnonzero(todo)]
 
     def counts(self) -> dict:
         """Mini-batch counts: total, completed, failed (tries spent), pending (never finished)."""
-        total = len(self.manifest) if self.manifest is not None else None
+        total = getattr(self.manifest, "live", len(self.manifest)) if self.manifest is not None else None
         failed = len(self.failed_batches())
         pending = None if total is None else total - len(self.done) - failed
         return {"total": total, "completed": len(self.done), "failed": failed, "pending": pending}
@@ -184,26 +187,110 @@ class Ledger:
         return Manifest(lines)
 
     def read_manifest(self) -> Optional[Manifest]:
-        """The planned batches, or None when planning never finished."""
-        try:
-            marker = _unseal(self.store.read_bytes("manifest", "COMPLETE.json"))
-        except FileNotFoundError:
-            return None
+        """The planned batches, or None when planning never finished.
+
+        Revisions (``manifest/rev-NNNNNN.json``, written when planned input files changed) add
+        batches after the plan and retire the ones they replace.
+        """
+        marker = self._complete_marker()
         if marker is None:
-            return None  # torn marker: plan again
-        lines: list[bytes] = []
-        for chunk in marker["chunks"]:
-            try:
-                data = self.store.read_bytes("manifest", chunk["name"])
-            except FileNotFoundError:
-                raise LedgerError(f"{self.url}/manifest/{chunk['name']}: missing (named by COMPLETE.json)") from None
-            if hashlib.sha256(data).hexdigest() != chunk["sha256"]:
-                raise LedgerError(f"{self.url}/manifest/{chunk['name']}: corrupted (checksum mismatch)")
-            chunk_lines = data.split(b"\n")
-            lines.extend(chunk_lines[:-1] if chunk_lines and not chunk_lines[-1] else chunk_lines)
+            return None
+        lines = self._read_chunks(marker["chunks"])
         if len(lines) != marker["batches"]:
             raise LedgerError(f"{self.url}/manifest: expected {marker['batches']} batches, found {len(lines)}")
-        return Manifest(lines)
+        revisions = []
+        for rev in self._revisions():
+            if rev["first"] != len(lines):
+                raise LedgerError(f"{self.url}/manifest/{rev['name']}: adds batches from {rev['first']}, "
+                                  f"the plan has {len(lines)}")
+            lines.extend(self._read_chunks(rev["chunks"]))
+            revisions.append([(run["retired"], tuple(run["added"])) for run in rev["runs"]])
+        return Manifest(lines, revisions, planned=marker["batches"])
+
+    def _complete_marker(self) -> Optional[dict]:
+        try:
+            return _unseal(self.store.read_bytes("manifest", "COMPLETE.json"))  # None if torn: plan again
+        except FileNotFoundError:
+            return None
+
+    def _read_chunks(self, chunks: list[dict], key: str = "name") -> list[bytes]:
+        lines: list[bytes] = []
+        for chunk in chunks:
+            name = chunk.get(key)
+            if name is None:
+                continue
+            try:
+                data = self.store.read_bytes("manifest", name)
+            except FileNotFoundError:
+                raise LedgerError(f"{self.url}/manifest/{name}: missing (named by the manifest)") from None
+            if hashlib.sha256(data).hexdigest() != chunk["sha256" if key == "name" else "inputs_sha256"]:
+                raise LedgerError(f"{self.url}/manifest/{name}: corrupted (checksum mismatch)")
+            chunk_lines = data.split(b"\n")
+            lines.extend(chunk_lines[:-1] if chunk_lines and not chunk_lines[-1] else chunk_lines)
+        return lines
+
+    def _revisions(self) -> list[dict]:
+        """The sealed revision records, in order; one that is torn ends the list (it never counted)."""
+        names = sorted(os.path.basename(p) for p in self.store.list_files("manifest")
+                       if os.path.basename(p).startswith("rev-") and p.endswith(".json"))
+        out = []
+        for name in names:
+            body = _unseal(self.store.read_bytes("manifest", name))
+            if body is None:
+                break
+            out.append({**body, "name": name})
+        return out
+
+    def read_input_versions(self) -> Optional[dict]:
+        """name -> version of every planned input file (the newest one a revision recorded), or None for
+        a job dir planned before raypar recorded input versions."""
+        marker = self._complete_marker()
+        if marker is None:
+            return None
+        chunks = list(marker["chunks"])
+        if chunks and not any("inputs" in c for c in chunks):
+            return None
+        for rev in self._revisions():
+            chunks.extend(rev["chunks"])
+        return self.read_prefix_versions(chunks)
+
+    def read_prefix_versions(self, chunks: list[dict]) -> dict:
+        """name -> version of the files the batches of ``chunks`` read first (later chunks win)."""
+        versions: dict = {}
+        for line in self._read_chunks(chunks, key="inputs"):
+            entry = json.loads(line)
+            versions[entry["name"]] = entry["version"]
+        return versions
+
+    def write_revision(self, runs: list[tuple[list[int], list[MiniBatch]]], versions: dict,
+                       changed: list[str]) -> None:
+        """Retire batches and append the ones that replace them, as one sealed revision.
+
+        ``runs``: (retired ordinals, their replacements, numbered after the plan). The new
+        chunks and input versions are written first; the sealed record last, so a crash
+        in between leaves the plan as it was.
+        """
+        index = len(self._revisions())
+        first = min((b.ordinal for _, batches in runs for b in batches), default=None)
+        lines = [b.to_json() for _, batches in runs for b in batches]
+        prefix = f"rev-{index:06d}"
+        chunks = []
+        for i in range(0, max(len(lines), 1), CHUNK_SIZE):
+            part = lines[i:i + CHUNK_SIZE]
+            entry = {"count": len(part)}
+            if part:
+                data = ("\n".join(part) + "\n").encode()
+                entry.update(name=f"{prefix}-chunk-{i // CHUNK_SIZE:06d}.jsonl", sha256=hashlib.sha256(data).hexdigest())
+                self.store.write_atomic(data, "manifest", entry["name"])
+            if i == 0 and versions:
+                data = _inputs_lines(versions)
+                entry.update(inputs=f"{prefix}-inputs.jsonl", inputs_sha256=hashlib.sha256(data).hexdigest())
+                self.store.write_atomic(data, "manifest", entry["inputs"])
+            chunks.append(entry)
+        body = {"first": first, "chunks": chunks, "changed": changed, "written": time.time(),
+                "runs": [{"retired": retired, "added": [batches[0].ordinal, batches[-1].ordinal + 1]
+                          if batches else [0, 0]} for retired, batches in runs]}
+        self.store.write_atomic(_sealed(body), "manifest", f"{prefix}.json")  # last: the revision counts now
 
     # -- records --------------------------------------------------------
 
@@ -241,9 +328,17 @@ class Ledger:
                                       end=record.part_offset + record.part_bytes)
 
     def view(self, manifest: Optional[Sequence[MiniBatch]] = None) -> LedgerView:
-        """Read the records; pass ``manifest`` when already in hand to skip re-reading it."""
-        return LedgerView(manifest=manifest if manifest is not None else self.read_manifest(),
-                          done=self._done_records(), failed=self._failed_records())
+        """Read the records; pass ``manifest`` when already in hand to skip re-reading it.
+
+        Records of batches a revision retired (their input changed) are left out: they never count.
+        """
+        manifest = manifest if manifest is not None else self.read_manifest()
+        done, failed = self._done_records(), self._failed_records()
+        retired = getattr(manifest, "retired", None)
+        if retired is not None and len(retired):
+            done = done.without(retired)
+            failed = {b: r for b, r in failed.items() if not manifest.is_retired(ordinal_of(b))}
+        return LedgerView(manifest=manifest, done=done, failed=failed)
 
     def _records(self, folder: str) -> Iterator[dict]:
         """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line."""
@@ -434,6 +529,16 @@ def _chunk_name(index: int) -> str:
     return f"chunk-{index:06d}.jsonl"
 
 
+def _inputs_name(index: int) -> str:
+    return f"inputs-{index:06d}.jsonl"
+
+
+def _inputs_lines(versions: dict) -> bytes:
+    """Input file versions as JSON lines, in the order the planner met the files."""
+    return "".join(json.dumps({"name": n, "version": v}, separators=(",", ":")) + "\n"
+                   for n, v in versions.items()).encode()
+
+
 class ManifestWriter:
     """Appends planned batches to the manifest chunk by chunk, then seals it with COMPLETE.json.
 
@@ -448,10 +553,17 @@ class ManifestWriter:
         self.count = 0
         self.buffer: list[str] = []
         index = 0
+        self.inputs: dict = {}  # versions of the files the buffered batches read first
         while prefix_lines and self.count < len(prefix_lines):  # describe the chunks already there
             data = self.store.read_bytes("manifest", _chunk_name(index))
             n = data.count(b"\n")
-            self.chunks.append({"name": _chunk_name(index), "count": n, "sha256": hashlib.sha256(data).hexdigest()})
+            entry = {"name": _chunk_name(index), "count": n, "sha256": hashlib.sha256(data).hexdigest()}
+            try:
+                inputs = self.store.read_bytes("manifest", _inputs_name(index))
+                entry.update(inputs=_inputs_name(index), inputs_sha256=hashlib.sha256(inputs).hexdigest())
+            except FileNotFoundError:
+                pass
+            self.chunks.append(entry)
             self.count += n
             index += 1
 
@@ -459,15 +571,24 @@ class ManifestWriter:
         if batch.ordinal != self.count + len(self.buffer):
             raise LedgerError(f"planner produced ordinal {batch.ordinal}, expected {self.count + len(self.buffer)}")
         self.buffer.append(batch.to_json())
+        if batch.inputs:
+            self.inputs.update(batch.inputs)
 
     def flush(self) -> int:
-        """Write the buffered batches as the next chunk; returns how many."""
+        """Write the buffered batches as the next chunk (their input versions first); returns how many."""
         if not self.buffer:
             return 0
         name = _chunk_name(len(self.chunks))
+        entry: dict = {}
+        if self.inputs:
+            inputs = _inputs_lines(self.inputs)
+            self.store.write_atomic(inputs, "manifest", _inputs_name(len(self.chunks)))
+            entry = {"inputs": _inputs_name(len(self.chunks)), "inputs_sha256": hashlib.sha256(inputs).hexdigest()}
+            self.inputs = {}
         data = ("\n".join(self.buffer) + "\n").encode()
         self.store.write_atomic(data, "manifest", name)
-        self.chunks.append({"name": name, "count": len(self.buffer), "sha256": hashlib.sha256(data).hexdigest()})
+        self.chunks.append({"name": name, "count": len(self.buffer), "sha256": hashlib.sha256(data).hexdigest(),
+                            **entry})
         written = len(self.buffer)
         self.count += written
         self.buffer.clear()

@@ -16,6 +16,9 @@ import threading
 from contextlib import closing
 from typing import Any, Iterator, NamedTuple, Optional
 
+import numpy as np
+import pyarrow as pa
+
 from .inputs.base import batch_id, ordinal_of
 from .ledger import Ledger, LedgerView
 from .records import DoneRecord
@@ -237,7 +240,13 @@ def _done_in_order(view: LedgerView) -> Iterator[_Part]:
                 yield _Part(r.batch, r.part, r.part_offset, r.part_bytes, r.part_sha256)
         return
     columns = ["ordinal", "part", "part_offset", "part_bytes", "part_sha256"]
-    for chunk in view.done.table.select(columns).to_batches(max_chunksize=50_000):
+    table = view.done.table.select(columns)
+    order = view.manifest.output_order() if hasattr(view.manifest, "output_order") else None
+    if order is not None and table.num_rows:  # re-planned batches take the place of those they replace
+        position = np.full(len(view.manifest), len(order), dtype=np.int64)
+        position[order] = np.arange(len(order))
+        table = table.take(pa.array(np.argsort(position[view.done.ordinals], kind="stable")))
+    for chunk in table.to_batches(max_chunksize=50_000):
         values = chunk.to_pydict()
         for ordinal, *where in zip(*(values[c] for c in columns)):
             if where[0] is not None:

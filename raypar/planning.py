@@ -29,6 +29,7 @@ class PlanFeed(threading.Thread):
         self.batches, self.done = batches, done
         self.prefix = ledger.read_manifest_prefix()
         self.writer = ledger.manifest_writer(self.prefix.lines)
+        self.prefix_versions = ledger.read_prefix_versions(self.writer.chunks)
         self.ready: collections.deque = collections.deque()
         self.planned = 0
         self.error: Optional[str] = None
@@ -58,6 +59,10 @@ class PlanFeed(threading.Thread):
                 if batch.to_json().encode() != self.prefix.lines[batch.ordinal]:
                     raise LedgerError(f"the input changed since this job started planning ({batch.id} differs); "
                                       f"start a new job")
+                changed = [n for n, v in (batch.inputs or {}).items() if self.prefix_versions.get(n, v) != v]
+                if changed:
+                    raise LedgerError(f"the input changed since this job started planning ({changed[0]} is not the "
+                                      f"file planned in {batch.id}); start a new job")
                 self._release([batch])
                 continue
             self.writer.add(batch)

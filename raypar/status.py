@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .ledger import Ledger
 from .spec import JobSpec, bind
 from .state import JobState
@@ -30,6 +32,7 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         record = view.failed[batch][-1]
         last_errors.append({"batch": batch, "kind": record.kind, "error": record.error})
     reason = saved.get("reason") or ""
+    inputs = _input_changes(ledger, spec) if planned and not driver_alive else None
     return {
         "job_dir": ledger.url,
         "name": spec.name,
@@ -42,4 +45,25 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         "output": bind(spec).append_row_path,
         "driver": lease if driver_alive else None,
         "errors": last_errors,
+        "input_changes": inputs,
     }
+
+
+def _input_changes(ledger: Ledger, spec: JobSpec) -> Optional[dict]:
+    """Input files that changed, are gone, or were added since planning (what a resume will do
+    about them), or None when the job dir predates input versions. Never fails the status."""
+    from .credentials import resolve_storage
+    from .errors import RayparError
+    from .inputs import check_input
+    from .replan import check_input_files
+
+    try:
+        storage = resolve_storage(spec.raypar.storage_options)
+        changes = check_input_files(ledger, spec, check_input(spec, storage), storage)
+    except RayparError as exc:
+        return {"error": exc.headline}
+    except Exception as exc:  # noqa: BLE001 - storage, auth: named, the rest of the status stands
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if changes is None:
+        return None
+    return {"changed": changes.changed, "gone": changes.gone, "added": changes.added}

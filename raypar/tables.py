@@ -118,6 +118,12 @@ class DoneIndex(Mapping):
     def __contains__(self, batch) -> bool:
         return self._row(batch) is not None
 
+    def without(self, ordinals: np.ndarray) -> "DoneIndex":
+        """This index less the records of ``ordinals`` (sorted)."""
+        if not len(self):
+            return self
+        return DoneIndex(self.table.filter(pa.array(~np.isin(self.ordinals, ordinals))))
+
     def __getitem__(self, batch) -> "DoneRecord":
         i = self._row(batch)
         if i is None:
@@ -150,10 +156,48 @@ def _record(row: dict) -> "DoneRecord":
 
 
 class Manifest(Sequence):
-    """The planned batches; each JSON line is parsed only when that batch is asked for."""
+    """The planned batches; each JSON line is parsed only when that batch is asked for.
 
-    def __init__(self, lines: list[bytes]):
+    ``revisions`` (oldest first) each hold runs of (retired ordinals, [first, end) of the
+    batches that replace them): a revision re-plans the batches of input files that changed
+    since they were planned. The replacements take their run's place in the output.
+    """
+
+    def __init__(self, lines: list[bytes], revisions: Sequence = (), planned: Optional[int] = None):
         self.lines = lines
+        self.revisions = list(revisions)
+        self.planned = len(lines) if planned is None else planned  # batches of the original plan
+        runs = [run for revision in self.revisions for run in revision]
+        self.retired = np.unique(np.array([o for retired, _ in runs for o in retired], dtype=np.int64))
+
+    @property
+    def live(self) -> int:
+        """Batches that count: planned or added, and not retired."""
+        return len(self.lines) - len(self.retired)
+
+    def is_retired(self, ordinal: int) -> bool:
+        i = int(np.searchsorted(self.retired, ordinal))
+        return i < len(self.retired) and self.retired[i] == ordinal
+
+    def output_order(self) -> Optional[np.ndarray]:
+        """The live ordinals in output order, or None when no revision changed it (ordinal order)."""
+        if not len(self.retired):
+            return None
+        # Each run of retired batches is contiguous; its replacements are spliced in where it was.
+        runs = {retired[0]: (len(retired), added) for revision in self.revisions for retired, added in revision}
+        starts = np.array(sorted(runs), dtype=np.int64)
+
+        def expand(lo: int, hi: int) -> list:
+            pieces, at = [], lo
+            for start in starts[(starts >= lo) & (starts < hi)]:
+                count, (first, end) = runs[int(start)]
+                pieces.append(np.arange(at, start, dtype=np.int64))
+                pieces.extend(expand(first, end))
+                at = int(start) + count
+            pieces.append(np.arange(at, hi, dtype=np.int64))
+            return pieces
+
+        return np.concatenate(expand(0, self.planned))
 
     def __len__(self) -> int:
         return len(self.lines)

@@ -162,6 +162,8 @@ class Worker:
             return {**base, "ok": False, "items": items, "error": error}
         except BaseException as exc:  # noqa: BLE001
             self._mark(f"end {batch.id} attempt {attempt}: failed")
+            if items is None:  # the input could not be read: its items failed, so thresholds hold
+                items = self.reader.items_of_unreadable(batch)
             return {**base, "ok": False, "items": items, "error": self._error_text(exc)}
         finally:
             cleanup(temp)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from ..errors import SpecError
@@ -25,6 +25,9 @@ class MiniBatch:
     kind: str
     payload: dict = field(hash=False)
     item_count: int = 0
+    # name -> version of the input files this batch is the first to touch, while planning only:
+    # the manifest writer keeps them beside the batch (never part of its JSON line)
+    inputs: Optional[dict] = field(default=None, hash=False, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -45,6 +48,18 @@ class MiniBatch:
         if batch.id != data["id"]:
             raise ValueError(f"manifest line for {data['id']} has ordinal {data['ordinal']}")
         return batch
+
+
+def files_of(payload: dict) -> list[str]:
+    """The input files whose data a batch's payload holds, in order."""
+    if "files" in payload:
+        return list(payload["files"])
+    return list(dict.fromkeys(piece["file"] for piece in payload.get("pieces", ())))
+
+
+def files_read_by(payload: dict) -> set[str]:
+    """Every input file a batch reads: its data files and the file a CSV piece takes its header from."""
+    return {*files_of(payload), *(p["header_file"] for p in payload.get("pieces", ()) if p.get("header_file"))}
 
 
 def batch_id(ordinal: int) -> str:
@@ -78,12 +93,21 @@ def check_input(spec: JobSpec, storage: Optional[dict] = None) -> dict:
 
 
 def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> Iterator[MiniBatch]:
-    """The deterministic stream of mini-batches for the spec's ``input_data``."""
-    from ..spec import DEFAULT_BYTES_PER_BATCH
-    from . import files, partitioned, tabular
+    """The deterministic stream of mini-batches for the spec's ``input_data``, each carrying the
+    versions of the input files it is the first to read (see ``MiniBatch.inputs``)."""
     from .source import open_source
 
     source = open_source(desc, storage or {})
+    for batch in plan_source(spec, source):
+        yield replace(batch, inputs=source.take_versions(files_of(batch.payload)))
+
+
+def plan_source(spec: JobSpec, source) -> Iterator[MiniBatch]:
+    """The batches of an opened source, numbered from 0."""
+    from ..spec import DEFAULT_BYTES_PER_BATCH
+    from . import files, partitioned, tabular
+
+    desc = source.desc
     if spec.partition_keys:
         for ordinal, (key, names, data_keys, pieces) in enumerate(partitioned.plan(source, spec.partition_keys)):
             if desc["tabular"]:
@@ -154,6 +178,25 @@ class BatchReader:
         if batch.kind == tabular.KIND:
             return self._table(batch, context), context, None
         raise ValueError(f"unknown mini-batch kind {batch.kind!r} in the manifest")
+
+    def items_of_unreadable(self, batch: MiniBatch) -> int:
+        """How many items a batch that could not be read holds, so thresholds count them as failed:
+        the planned count, else its text lines (a CSV or JSON lines range), else one per piece."""
+        if batch.item_count or batch.kind != "table":
+            return batch.item_count
+        total = 0
+        for piece in batch.payload["pieces"]:
+            if "rows" in piece:
+                total += piece["rows"][1] - piece["rows"][0]
+                continue
+            try:
+                data = self.source.fs.cat_file(self.source.fs_path(piece["file"]), start=piece["bytes"][0],
+                                               end=piece["bytes"][1])
+                lines = sum(1 for line in data.splitlines() if line.strip())
+            except Exception:  # noqa: BLE001 - gone or unreachable: at least the piece failed
+                lines = 1
+            total += max(lines - (1 if piece.get("embedded_header") else 0), 1)
+        return total
 
     def _table(self, batch: MiniBatch, context: MiniBatchContext):
         import pyarrow as pa

@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from typing import Iterator
 
-from .source import Source
+from .source import Source, file_version
 
 KIND = "files"
 
@@ -65,7 +65,7 @@ class FileFetcher:
         """The cached copy, fetched again when the remote file changed (its etag, or size and time)."""
         target = os.path.join(self.cache, _local_name(name))
         marker = os.path.join(self.cache, ".versions", _local_name(name))
-        version = _version(self.source.fs.info(self.source.fs_path(name)))
+        version = file_version(self.source.fs.info(self.source.fs_path(name)))
         try:
             with open(marker) as f:
                 if f.read() == version and os.path.exists(target):
@@ -90,15 +90,6 @@ class FileFetcher:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return target
-
-
-def _version(info: dict) -> str:
-    """What changes when a remote file changes: its etag, else its size and modification time."""
-    etag = info.get("etag") or info.get("ETag")
-    if etag:
-        return f"etag:{etag}"
-    when = next((info[k] for k in ("mtime", "last_modified", "LastModified", "updated", "created") if info.get(k)), "")
-    return f"size:{info.get('size')} time:{when}"
 
 
 def _local_name(name: str) -> str:

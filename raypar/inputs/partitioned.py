@@ -65,6 +65,17 @@ def plan(source: Source, keys: list[str]) -> Iterator[tuple[dict, list[str], lis
         yield dict(zip(keys, combo)), files, data_keys, pieces
 
 
+def key_values_in(source: Source, name: str, keys: list[str], data_keys: list[str]) -> list[tuple]:
+    """The key combinations one file holds now (re-planning a file that changed)."""
+    fmt = source.desc.get("partition_format")
+    partition_format = None
+    if fmt:
+        from .mltable import PartitionFormat
+        partition_format = PartitionFormat(fmt)
+    known = path_values(source, name, partition_format)
+    return [tuple({**known, **combo}[k] for k in keys) for combo in _data_combinations(source, name, data_keys)]
+
+
 def _data_combinations(source: Source, name: str, data_keys: list[str]) -> list[dict]:
     # CSV keys as text: "1" in one file and "eu" in another are values of one column, not int vs str.
     table = tabular.read_piece(source, tabular.pieces_of_whole_file(source, name), columns=data_keys,

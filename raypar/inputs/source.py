@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
@@ -114,6 +114,9 @@ class Source:
     fs: Any
     root: str  # the fs path names are relative to
     first_header: Optional[tuple] = None  # CSV header "from_first_file": (file, end), set while planning
+    # name -> identity (file_version) of every file listed and not yet taken by the planner
+    versions: dict = field(default_factory=dict)
+    only: Optional[list] = None  # re-planning: just these names, in this order (see restricted)
 
     @property
     def is_local(self) -> bool:
@@ -138,10 +141,18 @@ class Source:
         return f"{self.desc['path'].split('://', 1)[0]}://{fs_path}"
 
     def files(self) -> Iterator[str]:
-        """Every input file as a name for the manifest, in a stable sorted order, streamed."""
+        """Every input file as a name for the manifest, in a stable sorted order, streamed.
+
+        Each file's identity (``file_version``) is kept in ``versions`` until the planner takes it.
+        """
         desc = self.desc
+        if self.only is not None:
+            yield from self.only
+            return
         if desc["type"] == "uri_file":
-            yield posixpath.basename(desc["path"].rstrip("/"))
+            name = posixpath.basename(desc["path"].rstrip("/"))
+            self.versions[name] = self._info_version(self.fs_path(name))
+            yield name
             return
         if desc["entries"] is None:
             yield from self._walk(self.root, "")
@@ -158,17 +169,23 @@ class Source:
         if entry["kind"] == "file":
             if not self.fs.isfile(target):
                 raise SpecError(f"{self.desc['path']}/MLTable: file {entry['value']} not found")
-            yield self._name(target)
+            name = self._name(target)
+            self.versions[name] = self._info_version(target)
+            yield name
         elif entry["kind"] == "folder":
             if not self.fs.isdir(target):
                 raise SpecError(f"{self.desc['path']}/MLTable: folder {entry['value']} not found")
             for rel in self._walk(target, ""):
                 yield self._name(f"{target.rstrip('/')}/{rel}")
         else:
-            matches = sorted(p for p in self.fs.glob(target) if self.fs.isfile(p))
+            found = self.fs.glob(target, detail=True)
+            matches = sorted(p for p, info in found.items() if info.get("type") == "file")
             if not matches:
                 raise SpecError(f"{self.desc['path']}/MLTable: pattern {entry['value']} matches no file")
-            yield from (self._name(p) for p in matches)
+            for p in matches:
+                name = self._name(p)
+                self.versions[name] = file_version(found[p])
+                yield name
 
     def _on_this_store(self, value: str) -> bool:
         if not is_url(value):
@@ -195,20 +212,23 @@ class Source:
             raise SpecError(f"{self.url_of(folder)}: input folder not found") from None
         except PermissionError as exc:
             raise SpecError(f"{self.url_of(folder)}: cannot list input folder ({exc.strerror or exc})") from None
-        for key, name, is_dir in sorted(entries):
+        for key, name, version in sorted(entries):
             rel = f"{prefix}{name}"
-            if is_dir:
+            if version is None:
                 yield from self._walk(f"{folder.rstrip('/')}/{name}", f"{rel}/")
             else:
+                self.versions[rel] = version
                 yield rel
 
-    def _list(self, folder: str) -> list[tuple[str, str, bool]]:
+    def _list(self, folder: str) -> list[tuple[str, str, Optional[str]]]:
+        """(sort key, name, the file's version or None for a folder) of each entry."""
         if self.is_local:
             out = []
             with os.scandir(folder) as it:
                 for e in it:
                     is_dir = e.is_dir()  # follows symlinks, as os.walk(followlinks=True) did
-                    out.append((e.name + ("/" if is_dir else ""), e.name, is_dir))
+                    version = None if is_dir else _stat_version(e.stat())
+                    out.append((e.name + ("/" if is_dir else ""), e.name, version))
             return out
         out = []
         for info in self.fs.ls(folder, detail=True):
@@ -216,13 +236,43 @@ class Source:
             is_dir = info.get("type") == "directory"
             if not name or (not is_dir and info["name"].rstrip("/") == folder.rstrip("/")):
                 continue
-            out.append((name + ("/" if is_dir else ""), name, is_dir))
+            out.append((name + ("/" if is_dir else ""), name, None if is_dir else file_version(info)))
         return out
+
+    def _info_version(self, fs_path: str) -> str:
+        if self.is_local:
+            return _stat_version(os.stat(fs_path))
+        return file_version(self.fs.info(fs_path))
+
+    def take_versions(self, names) -> dict:
+        """The versions of ``names`` recorded by the listing, each handed out once."""
+        return {n: self.versions.pop(n) for n in names if n in self.versions}
+
+    def restricted(self, names: list, versions: dict) -> "Source":
+        """A copy that lists only ``names`` (in that order) with known versions: for re-planning."""
+        return replace(self, versions=dict(versions), only=list(names), first_header=None)
+
+
+def file_version(info: dict) -> str:
+    """What changes when a stored file changes: its etag, else its size and modification time."""
+    etag = info.get("etag") or info.get("ETag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    when = next((info[k] for k in ("mtime", "last_modified", "LastModified", "updated", "created") if info.get(k)), "")
+    return f"size:{info.get('size')} time:{when}"
+
+
+def _stat_version(st) -> str:
+    # Nanosecond mtime with the size: what make and rsync trust (an editor's save-by-rename gets a new mtime).
+    return f"size:{st.st_size} mtime:{st.st_mtime_ns}"
 
 
 
 
 def open_source(desc: dict, storage: dict) -> Source:
     fs, root = open_fs(desc["root"], storage)
+    # fsspec shares one filesystem per set of options in a process, with its listings: a source
+    # opened now must see the input as it is now (a resume in the same process after a fix).
+    fs.invalidate_cache()
     return Source(desc=desc, fs=fs, root=root)
 

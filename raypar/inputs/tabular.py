@@ -191,6 +191,13 @@ def _csv_header(read: dict, source: Source, name: str, f, total: int) -> tuple[i
     return end, {"header": end}
 
 
+def first_file_header(source: Source, name: str) -> tuple[str, int]:
+    """(name, end of its header line): what a "from_first_file" CSV's later files read their header from."""
+    path = source.fs_path(name)
+    with source.fs.open(path, "rb") as f:
+        return name, _next_line_end(f, 0, source.fs.size(path))
+
+
 def _next_line_end(f, pos: int, total: int) -> int:
     """The offset just after the first newline at or after ``pos`` (or the end)."""
     f.seek(pos)
