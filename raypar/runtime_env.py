@@ -202,6 +202,20 @@ def worker_runtime_env(spec: JobSpec) -> Optional[dict]:
     return runtime_env or None
 
 
+def without_inherited_pip(runtime_env: Optional[dict], job_env: dict) -> Optional[dict]:
+    """The workers' runtime env less a pip list the job's own runtime env (a submitted job's)
+    already installs: the actors inherit that env instead of asking Ray to build the same one
+    again while the driver's is still in use, which can race on a busy node."""
+    if not runtime_env or "pip" not in runtime_env:
+        return runtime_env
+    installed = (job_env.get("pip") or {})
+    installed = installed.get("packages") if isinstance(installed, dict) else installed
+    if list(installed or []) != list(runtime_env["pip"]):
+        return runtime_env
+    rest = {k: v for k, v in runtime_env.items() if k != "pip"}
+    return rest or None
+
+
 def forwarded_variables(spec: JobSpec, job_dir: str) -> list[str]:
     """Variables a driver elsewhere needs from this environment: the spec's ``$VAR`` references,
     and the ``AZURE_STORAGE_*`` credentials when Azure storage is used without storage_options."""

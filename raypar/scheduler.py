@@ -36,7 +36,7 @@ from .ledger import Ledger
 from .metrics import JobMetrics
 from .progress import Snapshot
 from .records import FailedRecord
-from .runtime_env import setup_failure
+from .runtime_env import setup_failure, without_inherited_pip
 from .spec import JobSpec
 from .worker import Worker
 
@@ -132,7 +132,8 @@ class Placement:
         self.echo = echo
         self.pg = None
         self.plan = plan  # spec.worker_plan()
-        self.runtime_env = runtime_env  # runtime_env.worker_runtime_env()
+        # runtime_env.worker_runtime_env(), less what a submitted job's own env already installs
+        self.runtime_env = without_inherited_pip(runtime_env, dict(ray.get_runtime_context().runtime_env))
         self._remote = _worker_actor()
 
     def bundle(self) -> dict[str, float]:
