@@ -4,7 +4,9 @@
   ``RetrySettings``, ``AssetTypes``, ``InputOutputModes`` (``azure.ai.ml``'s names).
 - :mod:`raypar.azureml.v1`: ``ParallelRunConfig``, ``ParallelRunStep`` (``azureml.pipeline.steps``'),
   converted to v2 with Azure's mapping; :mod:`raypar.azureml.v1_data`: stand-ins for v1 datasets.
-- :mod:`raypar.azureml.dsl`: ``@pipeline`` (``dsl.pipeline``); :mod:`raypar.azureml.client`: ``MLClient``.
+- :mod:`raypar.azureml.dsl`: ``@pipeline`` (``dsl.pipeline``); :mod:`raypar.azureml.components`:
+  ``load_component``, ``command`` (command and parallel components as ``@pipeline`` nodes);
+  :mod:`raypar.azureml.client`: ``MLClient``.
 - :mod:`raypar.azureml.convert`: ``raypar convert``.
 
 See docs/azureml-sdk.md.
@@ -12,6 +14,7 @@ See docs/azureml-sdk.md.
 
 from . import dsl
 from .client import MLClient
+from .components import Component, command, load_component
 from .dsl import PipelineJob, pipeline
 from .v1 import ParallelRunConfig, ParallelRunStep
 from .v1_data import Dataset, DatasetConsumptionConfig, OutputFileDatasetConfig, PipelineData, PipelineParameter
@@ -19,8 +22,8 @@ from .v1_paths import DataPath, Datastore
 from .v2 import (AssetTypes, BatchRetrySettings, Environment, Input, InputOutputModes, JobResourceConfiguration,
                  Output, ParallelJob, RetrySettings, RunFunction, parallel_run_function)
 
-__all__ = ["AssetTypes", "BatchRetrySettings", "DataPath", "Dataset", "DatasetConsumptionConfig", "Datastore",
-           "Environment", "Input", "InputOutputModes", "JobResourceConfiguration", "MLClient", "Output",
+__all__ = ["AssetTypes", "BatchRetrySettings", "Component", "DataPath", "Dataset", "DatasetConsumptionConfig",
+           "Datastore", "Environment", "Input", "InputOutputModes", "JobResourceConfiguration", "MLClient", "Output",
            "OutputFileDatasetConfig", "ParallelJob", "ParallelRunConfig", "ParallelRunStep", "PipelineData",
-           "PipelineJob", "PipelineParameter", "RetrySettings", "RunFunction", "dsl", "parallel_run_function",
-           "pipeline"]
+           "PipelineJob", "PipelineParameter", "RetrySettings", "RunFunction", "command", "dsl", "load_component",
+           "parallel_run_function", "pipeline"]

@@ -20,7 +20,8 @@ import threading
 from typing import Optional, Union
 
 from ..errors import RayparError
-from .dsl import PipelineJob
+from .components import Component
+from .dsl import PipelineJob, single_step
 
 
 class JobFailed(RayparError):
@@ -55,10 +56,13 @@ class JobOperations:
     def create_or_update(self, job, *, experiment_name: Optional[str] = None, description: Optional[str] = None,
                          compute: Optional[str] = None, tags: Optional[dict] = None, job_dir: Optional[str] = None,
                          **kwargs) -> Job:
-        """Start ``job`` (a ``@pipeline`` result, a parallel job or a ParallelRunStep); returns at once.
+        """Start ``job`` (a ``@pipeline`` result, a parallel job, a ParallelRunStep, or a component node such
+        as ``command(...)``, run as a pipeline of that one step); returns at once.
 
         ``job_dir`` (a raypar extension) is the pipeline or job dir (default ``./raypar-jobs/<name>-...``).
         """
+        if isinstance(job, Component):
+            job = single_step(job)
         if isinstance(job, PipelineJob):
             handle, work = self._pipeline(job, experiment_name, job_dir)
         else:

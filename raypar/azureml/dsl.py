@@ -1,8 +1,9 @@
 """Azure ML SDK v2's ``@pipeline`` (``azure.ai.ml.dsl.pipeline``): a Python function as a ``type: pipeline`` job.
 
 Calling a decorated function builds a :class:`PipelineJob`: the function runs
-once with placeholders for its parameters; each parallel job it calls
-(``parallel_run_function``'s result, called with inputs) becomes a step, named
+once with placeholders for its parameters; each job it calls
+(``parallel_run_function``'s result, a component from ``load_component`` or
+``command(...)``, :mod:`raypar.azureml.components`) becomes a step, named
 after the local variable that holds it, as Azure names them; passing a
 parameter or a step's output to another step wires it
 (``${{parent.inputs.X}}``, ``${{parent.jobs.S.outputs.Y}}``); the returned dict
@@ -23,7 +24,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .v2 import _BUILDERS, Input, Output, ParallelJob, _Ports
+from .components import LITERAL_OF, Component
+from .v2 import _BUILDERS, Input, Output, _Node, _Ports
 
 _PROVISIONAL = re.compile(r"parent\.jobs\.(__node\d+__)\.")
 
@@ -42,14 +44,14 @@ class _Builder:
     """The nodes a pipeline function creates, and what each wiring object stands for."""
 
     def __init__(self):
-        self.nodes: list[ParallelJob] = []
+        self.nodes: list[_Node] = []
         self.parameters: dict[int, str] = {}  # id(placeholder) -> ${{parent.inputs.X}}
 
-    def add_node(self, node: ParallelJob) -> None:
+    def add_node(self, node: _Node) -> None:
         object.__setattr__(node, "_node_id", f"__node{len(self.nodes)}__")
         self.nodes.append(node)
 
-    def output_of(self, value) -> Optional[tuple[ParallelJob, str]]:
+    def output_of(self, value) -> Optional[tuple[_Node, str]]:
         for node in self.nodes:
             for name, out in node.outputs.items():
                 if out is value:
@@ -67,6 +69,13 @@ class _Builder:
 
 class _Parameter(Input):
     """A pipeline parameter inside the function body (its value is bound when the pipeline runs)."""
+
+
+def _parameter(value) -> _Parameter:
+    """The placeholder of a pipeline parameter, of its value's type (``command()`` declares inputs by it)."""
+    if isinstance(value, Input):
+        return _Parameter(type=value.type)
+    return _Parameter(type=LITERAL_OF.get(type(value)))
 
 
 def pipeline(func: Optional[Callable] = None, *, name: Optional[str] = None, version: Optional[str] = None,
@@ -96,7 +105,7 @@ def _build(function: Callable, values: dict, **fields) -> "PipelineJob":
     builder = _Builder()
     placeholders = {}
     for key in values:
-        placeholders[key] = _Parameter()
+        placeholders[key] = _parameter(values[key])
         builder.parameters[id(placeholders[key])] = f"${{{{parent.inputs.{key}}}}}"
     _BUILDERS.append(builder)
     try:
@@ -114,6 +123,16 @@ def _build(function: Callable, values: dict, **fields) -> "PipelineJob":
         outputs[out_name] = found
     names = _node_names(builder.nodes, local_names)
     return PipelineJob(values, builder.nodes, names, outputs, **fields)
+
+
+def single_step(node: _Node) -> "PipelineJob":
+    """A component node submitted alone (``command(...)``, a loaded component called with inputs):
+    a pipeline of that one step, whose outputs are the pipeline's."""
+    node = copy.deepcopy(node)
+    object.__setattr__(node, "_node_id", "__node0__")
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", node.name or node.type or "job")
+    return PipelineJob({}, [node], {"__node0__": name}, {key: (node, key) for key in node.outputs}, name=name,
+                       display_name=node.display_name, description=node.description)
 
 
 def _call_keeping_locals(function: Callable, inputs: dict) -> tuple[Any, dict]:
@@ -136,7 +155,7 @@ def _call_keeping_locals(function: Callable, inputs: dict) -> tuple[Any, dict]:
 
 def _node_names(nodes: list, local_names: dict) -> dict:
     """Step name per node: its local variable, else its job name, made unique."""
-    by_id = {id(v): k for k, v in local_names.items() if isinstance(v, ParallelJob)}
+    by_id = {id(v): k for k, v in local_names.items() if isinstance(v, _Node)}
     names: dict[str, str] = {}
     used: set = set()
     for index, node in enumerate(nodes):
@@ -175,7 +194,7 @@ class PipelineJob:
         """The ``type: pipeline`` mapping (local paths absolute), as a pipeline YAML holds it."""
         jobs = {}
         for step, node in self.jobs.items():
-            data = _ParallelStep(node).to_dict()
+            data = node.to_step() if isinstance(node, Component) else _ParallelStep(node).to_dict()
             for key, (owner, out) in self._bound_outputs.items():
                 if owner is node:
                     data.setdefault("outputs", {})[out] = {"path": f"${{{{parent.outputs.{key}}}}}"}
@@ -212,7 +231,7 @@ class PipelineJob:
 class _ParallelStep:
     """A node as a pipeline step: its inputs may be ``${{parent...}}`` bindings, its unbound inputs left out."""
 
-    def __init__(self, node: ParallelJob):
+    def __init__(self, node):
         self.node = copy.copy(node)
         object.__setattr__(self.node, "_settings", dict(node._settings))
         self.node.inputs = {k: v for k, v in node.inputs.items() if not _unbound(v)}

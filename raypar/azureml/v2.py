@@ -326,7 +326,55 @@ class _Ports(dict):
             raise AttributeError(key) from None
 
 
-class ParallelJob:
+class _Node:
+    """A job that becomes a pipeline step when it is called inside ``@pipeline``: ``inputs`` and ``outputs``
+    are :class:`_Ports`; calling it binds inputs (subclasses: :class:`ParallelJob`, ``components.Component``)."""
+
+    inputs: _Ports
+    outputs: _Ports
+
+    def __call__(self, **inputs) -> "_Node":
+        """A copy of this job with ``inputs`` bound (a component called in a pipeline, in Azure)."""
+        bound = copy.deepcopy(self)
+        for key, value in inputs.items():
+            bound.inputs[key] = self._bind(key, value)
+        if _BUILDERS:
+            _BUILDERS[-1].add_node(bound)
+        return bound
+
+    def _bind(self, key: str, value):
+        if key not in self.inputs:
+            known = ", ".join(self.inputs) or "none"
+            raise TypeError(f"{self._label} got an unexpected input {key!r} (its inputs: {known})")
+        declared = self.inputs[key]
+        binding = _BUILDERS[-1].binding_of(value) if _BUILDERS else None
+        if binding is not None:  # a pipeline input or another node's output: wired by the pipeline
+            if not isinstance(declared, Input) or declared.is_literal:
+                return binding
+            bound = copy.copy(declared)
+            bound._path = binding
+            return bound
+        if isinstance(declared, Input) and not declared.is_literal:
+            if not isinstance(value, (Input, str, os.PathLike)) or (isinstance(value, Input) and value.is_literal):
+                raise TypeError(f"input {key!r} is data ({declared.type}): give a path or an Input, "
+                                f"not {type(value).__name__}")
+            bound = copy.copy(declared)
+            if isinstance(value, Input):
+                bound._path = value.path  # already absolute, against the working directory it was made in
+                bound.type = value.type if value._type_given else declared.type
+                bound.mode = value.mode or declared.mode
+            else:
+                bound.path = value
+            return bound
+        if isinstance(value, Input):
+            value = value.value()
+        if not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"input {key!r} is a literal value: give a number, a string or a boolean, "
+                            f"not {type(value).__name__}")
+        return value
+
+
+class ParallelJob(_Node):
     """A parallel job built in Python; the settings are :func:`parallel_run_function`'s parameters.
 
     ``job(name=value, ...)`` returns a copy with those inputs bound: a path or an
@@ -372,50 +420,6 @@ class ParallelJob:
 
     def __repr__(self) -> str:
         return f"ParallelJob(name={self.name!r}, inputs={dict(self.inputs)!r})"
-
-    def __call__(self, **inputs) -> "ParallelJob":
-        """A copy of this job with ``inputs`` bound (a component called in a pipeline, in Azure)."""
-        bound = copy.deepcopy(self)
-        for key, value in inputs.items():
-            bound.inputs[key] = self._bind(key, value)
-        if _BUILDERS:
-            _BUILDERS[-1].add_node(bound)
-        return bound
-
-    def _bind(self, key: str, value):
-        if key not in self.inputs:
-            known = ", ".join(self.inputs) or "none"
-            raise TypeError(f"{self._label} got an unexpected input {key!r} (its inputs: {known})")
-        declared = self.inputs[key]
-        binding = _BUILDERS[-1].binding_of(value) if _BUILDERS else None
-        if binding is not None:  # a pipeline input or another node's output: wired by the pipeline
-            if not isinstance(declared, Input) or declared.is_literal:
-                return binding
-            bound = copy.copy(declared)
-            bound._path = binding
-            return bound
-        if isinstance(declared, Input) and not declared.is_literal:
-            if not isinstance(value, (Input, str, os.PathLike)) or (isinstance(value, Input) and value.is_literal):
-                raise TypeError(f"input {key!r} is data ({declared.type}): give a path or an Input, "
-                                f"not {type(value).__name__}")
-            bound = copy.copy(declared)
-            if isinstance(value, Input):
-                bound._path = value.path  # already absolute, against the working directory it was made in
-                bound.type = value.type if value._type_given else declared.type
-                bound.mode = value.mode or declared.mode
-            else:
-                bound.path = value
-            return bound
-        if isinstance(value, Input):
-            value = value.value()
-        if not isinstance(value, (bool, int, float, str)):
-            raise TypeError(f"input {key!r} is a literal value: give a number, a string or a boolean, "
-                            f"not {type(value).__name__}")
-        return value
-
-    @property
-    def _label(self) -> str:
-        return f"parallel job {self.name!r}" if self.name else "parallel job"
 
     # -- the spec ----------------------------------------------------------
 
@@ -463,6 +467,10 @@ class ParallelJob:
             elif not item.optional:
                 raise SpecError(f"{self._label}: inputs.{key} has no path: bind it, job({key}=Input(path=...))")
         return result
+
+    @property
+    def _label(self) -> str:
+        return f"parallel job {self.name!r}" if self.name else "parallel job"
 
     def _resources(self) -> dict:
         return self._settings["resources"].to_dict()
