@@ -373,6 +373,8 @@ def _status(args) -> int:
 
 
 def _print_status(status: dict) -> None:
+    from .status import failed_items_text
+
     print(f"job:       {status.get('name') or '-'} ({status['job_dir']})")
     print(f"state:     {status['state']}")
     if status.get("reason"):
@@ -381,6 +383,9 @@ def _print_status(status: dict) -> None:
         total = status["total"] if status.get("planning_complete") else f"{status['total']} planned so far"
         pending = f"{status['pending']} pending, " if "pending" in status else ""
         print(f"batches:   {status['completed']} done, {status['failed']} failed, {pending}{total} total")
+    if status.get("failed_items"):
+        print(f"items:     {failed_items_text(status['failed_items'], status.get('unreturned_items', 0))} "
+              f"(error_threshold counts both, as on Azure)")
     if status.get("source") and status["source"] != "job dir":
         print(f"from:      {status['source']}")
     if status.get("output"):

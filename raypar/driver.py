@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -33,6 +34,7 @@ from .runtime_env import ENVIRONMENT_WARNED, pip_packages, worker_runtime_env
 from .signals import interrupt_reason
 from .spec import JobSpec, bind, fill_output_paths, is_url, load_spec, relocate_code, spec_from_dict, worker_plan
 from .state import JobState
+from .worker import code_copies_dir
 
 log = logging.getLogger("raypar")
 
@@ -454,6 +456,8 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         reporter(progress, final=True)
         return reason or "", scheduler.stop_detail
     finally:
+        # Copies of the code folder left by workers that were killed, not stopped (this node's only)
+        shutil.rmtree(code_copies_dir(run), ignore_errors=True)
         if owned:
             cluster.disconnect()
 

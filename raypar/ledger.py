@@ -97,10 +97,14 @@ class LedgerView:
         pending = None if total is None else total - len(self.done) - failed
         return {"total": total, "completed": len(self.done), "failed": failed, "pending": pending}
 
+    def unreturned_items(self) -> int:
+        """Items of done batches that run() did not return a result for (Azure counts them as failed)."""
+        return self.done.failed_items() if isinstance(self.done, DoneIndex) else \
+            sum(r.failed_items for r in self.done.values())
+
     def failed_items(self) -> int:
         """Items that did not succeed: unreturned items of done batches + every item of failed ones."""
-        done = self.done.failed_items() if isinstance(self.done, DoneIndex) else \
-            sum(r.failed_items for r in self.done.values())
+        done = self.unreturned_items()
         sizes = 0
         if self.manifest is not None:
             for b in self.failed_batches():

@@ -16,6 +16,7 @@ import io
 import time
 from typing import Optional
 
+from .status import failed_items_text
 from .inputs.base import ordinal_of
 from .ledger import Ledger, LedgerView
 
@@ -69,7 +70,7 @@ def write_reports(ledger: Ledger, view: LedgerView, state: str, reason: str, out
         f"mini-batches: {counts['completed']} done, {counts['failed']} failed, "
         + (f"{counts['pending']} pending, {counts['total']} total" if counts["total"] is not None
            else "planning did not finish"),
-        f"failed items: {view.failed_items()}",
+        f"failed items: {failed_items_text(view.failed_items(), view.unreturned_items())}",
         f"output: {output or '(summary only)'}",
         "attempts: reports/processed_mini_batches.csv; tracebacks: reports/errors/<batch>.txt; "
         "worker logs: logs/ (or `raypar logs JOB_DIR`)",

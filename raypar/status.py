@@ -42,6 +42,7 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         **view.counts(),
         "planning_complete": planned,
         "failed_items": view.failed_items(),
+        "unreturned_items": view.unreturned_items(),
         "output": bind(spec).append_row_path,
         "driver": lease if driver_alive else None,
         "errors": last_errors,
@@ -67,3 +68,15 @@ def _input_changes(ledger: Ledger, spec: JobSpec) -> Optional[dict]:
     if changes is None:
         return None
     return {"changed": changes.changed, "gone": changes.gone, "added": changes.added}
+
+
+def failed_items_text(failed: int, unreturned: int) -> str:
+    """Failed items, split as Azure counts them: items of failed mini-batches, and items of done
+    mini-batches that run() returned no result for (a script that returns [] on purpose, such as
+    many-models training, has every item counted here)."""
+    if failed == 0:
+        return "0 failed"
+    if unreturned == failed:
+        return f"{failed} failed, all of them not returned by run() of done mini-batches"
+    return (f"{failed} failed: {failed - unreturned} in failed mini-batches, "
+            f"{unreturned} not returned by run() of done ones")

@@ -19,7 +19,9 @@ import importlib.util
 import inspect
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -34,11 +36,32 @@ from .staging import stage_outputs
 from .records import DoneRecord
 from .outputs import ResultError, count_and_serialize
 
+log = logging.getLogger("raypar")
+
+
+# Code folders up to this size are copied per worker; bigger ones (models kept beside the script)
+# run in place rather than cost every worker a copy.
+WORKING_COPY_LIMIT = 64 << 20
+_RAYPAR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_RAY_DIR = list(importlib.util.find_spec("ray").submodule_search_locations)[0] + os.sep
+
+
+def _not_users(filename: str) -> bool:
+    """A frame of raypar, Ray or the import machinery: noise above the user's own frames."""
+    return filename.startswith((_RAYPAR_DIR, _RAY_DIR, "<frozen "))
+
+
+def code_copies_dir(run: str) -> str:
+    """Where a run's workers copy the code folder on each node (the driver clears its node's at the end)."""
+    return os.path.join(tempfile.gettempdir(), "raypar-code", run)
+
 
 def _user_traceback(exc: BaseException) -> str:
-    """The traceback without raypar's own frames above the user's code."""
+    """The traceback from the user's first frame down (Ray's and importlib's frames above it and
+    raypar's anywhere left out)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    keep = [f for f in frames if f"{os.sep}raypar{os.sep}" not in f.filename] or frames
+    first = next((i for i, f in enumerate(frames) if not _not_users(f.filename)), 0)
+    keep = [f for f in frames[first:] if not f.filename.startswith(_RAYPAR_DIR)] or frames
     return "".join(["Traceback (most recent call last):\n", *traceback.format_list(keep),
                     *traceback.format_exception_only(type(exc), exc)])
 
@@ -57,6 +80,8 @@ class Worker:
         self.with_rows = plan["with_rows"]
         self.module: Any = None
         self.entry_env: Optional[EntryEnvironment] = None
+        self.copy_dir: Optional[str] = None  # holds code_copy, this worker's copy of the code folder
+        self.code_copy = ""
         self.name = f"instance{instance}-slot{slot}"
         self.node = self._node_id()
         # Set here, not in a per-actor runtime_env: that would keep Ray from
@@ -95,12 +120,14 @@ class Worker:
             stage = "uploading the outputs init() wrote"
             self._upload_outputs()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            return {**info, "ok": False, "stage": stage, "error": self._error_text(exc)}
+            error = self._error_text(exc)
+            self._remove_copy()  # the scheduler kills this actor next
+            return {**info, "ok": False, "stage": stage, "error": error}
         self.started = True
         return {**info, "ok": True}
 
     def _load_entry_script(self) -> None:
-        code = self.plan["code"]
+        code, entry_path = self._working_copy(self.plan["code"], self.plan["entry_path"])
         os.environ.update(self.plan["env"])
         self._capture_user_output()
         logging.basicConfig(level=self.plan["logging_level"], force=True, stream=sys.stderr,
@@ -112,18 +139,35 @@ class Worker:
                                           self._gpu_ids(), self.plan.get("profiling_module"))
         if code not in sys.path:
             sys.path.insert(0, code)
-        os.chdir(code)  # sibling files of the entry script open with relative paths
+        os.chdir(code)  # sibling files of the entry script open with relative paths (as on Azure)
         sys.argv, self.staged = stage_outputs(list(self.plan["argv"]), self.plan["staged_outputs"],
                                               self.plan["storage"])
         self.staged += self.entry_env.staged  # EntryScript's folders of a job dir on object storage
         name = os.path.splitext(os.path.basename(self.plan["entry_script"]))[0]
-        loader_spec = importlib.util.spec_from_file_location(name, self.plan["entry_path"])
+        loader_spec = importlib.util.spec_from_file_location(name, entry_path)
         if loader_spec is None or loader_spec.loader is None:
             raise ImportError(f"cannot load entry script {self.plan['entry_path']}")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module
         loader_spec.loader.exec_module(module)
         self.module = module
+
+    def _working_copy(self, code: str, entry_path: str) -> tuple[str, str]:
+        """The code folder copied for this worker, as Azure runs scripts in a snapshot: what the
+        script writes beside itself (mlruns/, downloads, caches) never lands in the user's folder.
+        A folder too big to copy per worker runs in place."""
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(code) for f in files)
+        if size > WORKING_COPY_LIMIT:
+            log.warning("task.code %s holds %d MiB: the entry script runs in it, not in a copy, so what "
+                        "it writes there stays", code, size >> 20)
+            return code, entry_path
+        parent = code_copies_dir(self.run_id)
+        os.makedirs(parent, exist_ok=True)
+        self.copy_dir = tempfile.mkdtemp(prefix=f"{self.name}-", dir=parent)
+        copy = os.path.join(self.copy_dir, os.path.basename(os.path.normpath(code)) or "code")
+        shutil.copytree(code, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+        self.code_copy = copy
+        return copy, os.path.join(copy, os.path.relpath(entry_path, code))
 
     def _capture_user_output(self) -> None:
         """Tee the entry script's stdout/stderr (and so its logging) into the job dir's log."""
@@ -184,7 +228,10 @@ class Worker:
         return self.module.run(mini_batch)
 
     def _error_text(self, exc: BaseException) -> str:
-        return redact(_user_traceback(exc), self.plan["storage"])
+        text = _user_traceback(exc)
+        if self.copy_dir:  # the user's own paths, not this worker's copy of them
+            text = text.replace(self.code_copy, os.path.normpath(self.plan["code"]))
+        return redact(text, self.plan["storage"])
 
     def stop(self) -> Optional[str]:
         """Call the entry script's ``shutdown()``; returns its traceback if it raised."""
@@ -193,6 +240,12 @@ class Worker:
         finally:
             if self.entry_env is not None:
                 self.entry_env.close()
+            self._remove_copy()
+
+    def _remove_copy(self) -> None:
+        if self.copy_dir:
+            shutil.rmtree(self.copy_dir, ignore_errors=True)
+            self.copy_dir = None
 
     def _shutdown(self) -> Optional[str]:
         shutdown = getattr(self.module, "shutdown", None)

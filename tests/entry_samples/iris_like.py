@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import numpy as np
+
 from azureml.core.model import Model
 
 
@@ -15,7 +17,15 @@ def init():
         cut = json.load(f)["petal_cut"]
 
 
+def predict(frame):
+    """What the sample's pickled scikit-learn model returns: a 1-D numpy string array."""
+    return np.array(["setosa" if x < cut else "virginica" for x in frame["petal_length"]])
+
+
 def run(input_data):
+    # Azure's own lines: the prediction reshaped to a column, assigned as a new column
+    num_rows, num_cols = input_data.shape
+    pred = predict(input_data).reshape((num_rows, 1))
     result = input_data.drop(input_data.columns[4:], axis=1)
-    result["variety"] = ["setosa" if x < cut else "virginica" for x in input_data["petal_length"]]
+    result["variety"] = pred
     return result
