@@ -136,7 +136,19 @@ _CONFLICT = re.compile(r"Cannot install (.+?) because these package versions hav
 
 def setup_failure(text: str, python: Optional[str] = None) -> str:
     """One line for a Ray runtime env that could not be set up (``RuntimeEnvSetupError``'s text):
-    the requirement pip failed on and the Python it ran for, or pip's last error line."""
+    the requirement pip failed on and the Python it ran for, or the last error line."""
+    verdict = pip_verdict(text, python)
+    if verdict:
+        return verdict
+    errors = [line.strip() for line in text.splitlines() if line.strip().startswith(("ERROR:", "error:"))]
+    last = errors[-1] if errors else next((line.strip() for line in reversed(text.splitlines()) if line.strip()),
+                                          "no detail")
+    return f"environment: Ray could not set up the workers' runtime env on Python {python or running_python()}: {last}"
+
+
+def pip_verdict(text: str, python: Optional[str] = None) -> Optional[str]:
+    """The line naming what pip refused to install, or None when pip did not refuse anything
+    (the runtime env failed some other way, which may pass on another try)."""
     python = python or running_python()
     advice = "relax the pin or set raypar.runtime_env.pip"
     for pattern, verb in _PIP_FAILURES:
@@ -154,9 +166,7 @@ def setup_failure(text: str, python: Optional[str] = None) -> str:
         if collecting:
             return (f"environment: pip could not build {collecting[-1]!r} on Python {python} (the cluster's); "
                     f"{advice}")
-    last = errors[-1] if errors else next((line.strip() for line in reversed(text.splitlines()) if line.strip()),
-                                          "no detail")
-    return f"environment: Ray could not set up the workers' runtime env on Python {python}: {last}"
+    return None
 
 
 def inline_files(spec: JobSpec) -> JobSpec:

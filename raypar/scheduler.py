@@ -36,7 +36,7 @@ from .ledger import Ledger
 from .metrics import JobMetrics
 from .progress import Snapshot
 from .records import FailedRecord
-from .runtime_env import setup_failure, without_inherited_pip
+from .runtime_env import pip_verdict, setup_failure, without_inherited_pip
 from .spec import JobSpec
 from .worker import Worker
 
@@ -361,8 +361,11 @@ class Scheduler:
         try:
             answer = ray.get(ref)
         except RuntimeEnvSetupError as exc:
-            self._on_environment_failed(slot, str(exc))
-            return
+            if pip_verdict(str(exc)):
+                self._on_environment_failed(slot, str(exc))
+                return
+            # Not pip refusing a requirement (a race or a hiccup of Ray's env setup): another try may pass.
+            answer = {"ok": False, "error": setup_failure(str(exc)), "stage": "setting up the runtime env"}
         except RayError as exc:
             answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
         if answer.get("ok"):
@@ -381,8 +384,8 @@ class Scheduler:
             self._start(slot)
 
     def _on_environment_failed(self, slot: Slot, text: str) -> None:
-        """The job's runtime env (pip packages) cannot be installed: every slot would fail the same
-        way, and each try costs a whole pip run, so the job stops at the first one. The reason is one
+        """pip refused the job's packages: every slot would fail the same way, and each try costs a
+        whole pip run, so the job stops at the first one. The reason is one
         line; pip's output goes to the job dir's logs."""
         self._kill(slot)
         slot.retired = True

@@ -286,3 +286,40 @@ def test_partition_by_column_after_a_fix_holds_each_row_once(ray_cluster, tmp_pa
     want = expected({337: "7", 205: "1000"})
     by_shop = [line for s in range(3) for line in want if int(line.split()[0]) % 3 == s]  # key order, then files
     assert out == by_shop
+
+
+def _versions(spec):
+    from raypar.inputs import check_input
+    from raypar.inputs.source import open_source
+
+    source = open_source(check_input(spec, {}), {})
+    names = list(source.files())
+    return source.take_versions(names)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_an_input_inside_task_code_is_known_by_content_as_it_travels_as_a_copy(tmp_path, inside):
+    """A submitted job's Ray working_dir is a fresh copy with new mtimes: a file inside task.code
+    that was only copied is unchanged, one whose bytes changed (same length) is changed. Outside
+    task.code, size and mtime decide, as make and rsync do."""
+    import os
+
+    from raypar.spec import spec_from_dict
+
+    code = tmp_path / "code"
+    data = (code if inside else tmp_path) / "data"
+    data.mkdir(parents=True)
+    code.mkdir(exist_ok=True)
+    (code / "score.py").write_text("def run(b):\n    return b\n")
+    (data / "a.txt").write_text("1.25\n")
+    (data / "b.txt").write_text("2.50\n")
+    spec = spec_from_dict({"type": "parallel", "inputs": {"data": {"type": "uri_folder", "path": str(data)}},
+                           "input_data": "${{inputs.data}}", "task": {"code": str(code), "entry_script": "score.py"}})
+    before = _versions(spec)
+    later = os.stat(data / "a.txt").st_mtime_ns + 5_000_000_000
+    os.utime(data / "a.txt", ns=(later, later))          # copied: same bytes, new mtime
+    (data / "b.txt").write_text("2.75\n")                 # fixed: same length, new bytes
+    os.utime(data / "b.txt", ns=(later, later))
+    after = _versions(spec)
+    changed = sorted(n for n in before if before[n] != after[n])
+    assert changed == (["b.txt"] if inside else ["a.txt", "b.txt"])

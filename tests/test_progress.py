@@ -6,7 +6,8 @@ import pytest
 
 from raypar.errors import SpecError
 from raypar.progress import ProgressDisplay, Snapshot, parse_line
-from raypar.runtime_env import forwarded_variables, pip_packages, running_python, setup_failure, worker_runtime_env
+from raypar.runtime_env import (forwarded_variables, pip_packages, pip_verdict, running_python, setup_failure,
+                                worker_runtime_env)
 from raypar.spec import spec_from_dict
 
 from conftest import make_spec
@@ -101,6 +102,16 @@ def test_a_runtime_env_failure_is_one_line_naming_the_requirement_and_the_python
     text, what = PIP_OUTPUTS[case]
     assert setup_failure(f"Failed to set up runtime environment.\n{text}\n", "3.11") == \
         f"environment: pip could not {what} on Python 3.11 (the cluster's); relax the pin or set raypar.runtime_env.pip"
+
+
+def test_a_runtime_env_that_failed_without_pip_refusing_anything_is_not_a_verdict():
+    """Ray's env setup racing on a busy node (seen in CI): the slot tries again instead of the job stopping."""
+    text = ("Failed to set up runtime environment.\nFileNotFoundError: [Errno 2] No such file or directory: "
+            "'/tmp/ray/session_x/runtime_resources/pip/e0db/virtualenv_app_data/wheel/3.11/image/1/CopyPipInstall'")
+    assert pip_verdict(text, "3.11") is None
+    assert setup_failure(text, "3.11").startswith("environment: Ray could not set up the workers' runtime env on "
+                                                  "Python 3.11: FileNotFoundError")
+    assert pip_verdict(PIP_OUTPUTS["not found"][0], "3.11") is not None
 
 
 def test_runtime_env_vars_resolve_references_and_refuse_literal_secrets(tmp_path, monkeypatch):

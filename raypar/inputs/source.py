@@ -9,6 +9,7 @@ order, and the first files come back before a large folder is fully listed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from dataclasses import dataclass, field, replace
@@ -56,7 +57,17 @@ def describe(spec: JobSpec, storage: dict) -> dict:
         if spec.raypar.input_format or sized:
             desc["format"] = spec.raypar.input_format or "auto"
     desc["tabular"] = desc["format"] is not None
+    # An input inside task.code travels with the code as a copy (a submitted job's Ray working_dir),
+    # and each copy gets new mtimes: its files are known by their content instead.
+    desc["by_content"] = _inside(desc["root"], spec.task.code)
     return desc
+
+
+def _inside(root: str, code: str) -> bool:
+    if is_url(root) or is_url(code):
+        return False
+    root, code = os.path.abspath(root), os.path.abspath(code)
+    return root == code or root.startswith(code.rstrip(os.sep) + os.sep)
 
 
 def _describe_mltable(desc: dict, fs, path: str, where: str) -> None:
@@ -227,7 +238,7 @@ class Source:
             with os.scandir(folder) as it:
                 for e in it:
                     is_dir = e.is_dir()  # follows symlinks, as os.walk(followlinks=True) did
-                    version = None if is_dir else _stat_version(e.stat())
+                    version = None if is_dir else self._local_version(e.path, e.stat())
                     out.append((e.name + ("/" if is_dir else ""), e.name, version))
             return out
         out = []
@@ -241,8 +252,17 @@ class Source:
 
     def _info_version(self, fs_path: str) -> str:
         if self.is_local:
-            return _stat_version(os.stat(fs_path))
+            return self._local_version(fs_path, os.stat(fs_path))
         return file_version(self.fs.info(fs_path))
+
+    def _local_version(self, path: str, st) -> str:
+        if self.desc.get("by_content"):  # a copy's mtime says nothing (see describe)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            return f"size:{st.st_size} sha256:{digest.hexdigest()}"
+        return _stat_version(st)
 
     def take_versions(self, names) -> dict:
         """The versions of ``names`` recorded by the listing, each handed out once."""
