@@ -211,7 +211,8 @@ jobs:
 def test_a_pipeline_step_with_instance_count_2_packs_on_the_embedded_ray(tmp_path):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    make_spec(tmp_path, {f"f{i}.txt": f"v{i}" for i in range(8)})  # writes data/ and code/
+    # 8 mini-batches for 4 workers that take up to 2 each: every worker gets a first one to hold
+    make_spec(tmp_path, {f"f{i:02d}.txt": f"v{i}" for i in range(16)})  # writes data/ and code/
     pipeline = tmp_path / "pipeline.yml"
     pipeline.write_text(PACKED_PIPELINE.replace("BARRIER", str(barrier)))
 
@@ -220,8 +221,9 @@ def test_a_pipeline_step_with_instance_count_2_packs_on_the_embedded_ray(tmp_pat
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(PACKED) == 1
     rows = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
-    assert [" ".join(r.split(" ")[:2]) for r in rows] == [f"f{i}.txt V{i}" for i in range(8)]
+    assert [" ".join(r.split(" ")[:2]) for r in rows] == [f"f{i:02d}.txt V{i}" for i in range(16)]
     assert sorted(_instances_and_nodes(rows)) == ["0", "1"]
+    assert len(list(barrier.iterdir())) == 4  # all 4 workers held a batch at once
 
 
 @pytest.mark.timeout(180)
