@@ -26,8 +26,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_cluster(**head_args):
-    """Head + 2 worker nodes, 1 CPU each, as processes of this one; Ray metrics reported every second.
+def start_cluster(workers: int = 2, **head_args):
+    """Head + ``workers`` worker nodes, 1 CPU each, as processes of this one; Ray metrics reported every second.
 
     Its processes never see the session's storage credentials: a submitted job must bring them.
     """
@@ -40,7 +40,7 @@ def start_cluster(**head_args):
             # embedded Ray) could then not start its agent, and the Jobs API answers "No available agent".
             "num_cpus": 1, "dashboard_agent_listen_port": free_port(),
             "_system_config": {"metrics_report_interval_ms": 1000}, **head_args})
-        for _ in range(2):
+        for _ in range(workers):
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
     finally:

@@ -17,7 +17,7 @@ import yaml
 import raypar
 from raypar.ledger import Ledger
 
-from conftest import ENTRY_DIR, JOBS_API, quiet, start_cluster, wait_for
+from conftest import ENTRY_DIR, JOBS_API, free_port, quiet, start_cluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 CLI = [sys.executable, "-m", "raypar.cli"]
@@ -289,7 +289,30 @@ def test_a_job_built_with_the_azure_v2_sdk_shape_is_submitted(jobs_api, tmp_path
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == expected_rows(NAMES[:3])
 
 
-def test_software_environment_travels_as_a_runtime_env(jobs_api, tmp_path):
+@pytest.fixture
+def one_node_jobs_api():
+    """A Jobs API over a one-node cluster. The nodes of an in-process multi-node cluster share one
+    runtime_resources folder, where their agents building the same pip env trip over each other
+    (seen in CI: missing files of the env, "Directory not empty"); a real cluster's hosts each
+    have their own, as this one node does."""
+    port = free_port()
+    cluster = start_cluster(workers=0, num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                            dashboard_port=port)
+    address = f"http://127.0.0.1:{port}"
+    token = {"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
+
+    def answers():
+        try:
+            return requests.get(f"{address}/api/version", headers=token, timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(answers, f"the Jobs API on {address}")
+    yield address
+    cluster.shutdown()
+
+
+def test_software_environment_travels_as_a_runtime_env(one_node_jobs_api, tmp_path):
     """Azure's conda_file pip list and raypar.runtime_env reach the driver and the workers."""
     spec = project(tmp_path, names=NAMES[:2], output=str(tmp_path / "out"))
     (tmp_path / "code" / "uses_pip.py").write_text(
@@ -302,8 +325,9 @@ def test_software_environment_travels_as_a_runtime_env(jobs_api, tmp_path):
     data["task"].update(entry_script="uses_pip.py", program_arguments="",
                         environment={"image": "mcr.microsoft.com/azureml/x:1", "conda_file": "./conda.yml"})
     data["raypar"]["runtime_env"] = {"env_vars": {"GREETING": "$LAPTOP_GREETING"}}
+    data["resources"]["instance_count"] = 1
     spec.write_text(yaml.safe_dump(data))
-    result = cli("submit", str(spec), "--address", jobs_api, "--job-dir", str(tmp_path / "job"),
+    result = cli("submit", str(spec), "--address", one_node_jobs_api, "--job-dir", str(tmp_path / "job"),
                  "--shared-path", str(tmp_path), "--wait", env={"LAPTOP_GREETING": "hello"}, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
     warning = [line for line in result.stdout.splitlines() if "warning: task.environment" in line][0]
