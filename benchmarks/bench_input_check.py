@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_load, tear_down  # noqa: E402
 
 BASELINE = r"""
 import json, sys, time
@@ -104,11 +106,9 @@ def main() -> None:
         print(f"input check (versions, listing, compare): {check['seconds']:.2f}s, peak {check['rss_mib']:.0f} MiB")
         print(f"check / baseline: {check['seconds'] / base['seconds']:.2f}x; "
               f"per file: {check['seconds'] / args.files * 1e6:.1f} us")
+        print_load()
     finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        tear_down(root, args.keep)
 
 
 if __name__ == "__main__":

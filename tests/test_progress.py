@@ -7,7 +7,7 @@ import pytest
 from raypar.errors import SpecError
 from raypar.progress import ProgressDisplay, Snapshot, parse_line
 from raypar.runtime_env import (forwarded_variables, pip_packages, pip_verdict, running_python, setup_failure,
-                                worker_runtime_env)
+                                without_inherited_pip, worker_runtime_env)
 from raypar.spec import spec_from_dict
 
 from conftest import make_spec
@@ -112,6 +112,15 @@ def test_a_runtime_env_that_failed_without_pip_refusing_anything_is_not_a_verdic
     assert setup_failure(text, "3.11").startswith("environment: Ray could not set up the workers' runtime env on "
                                                   "Python 3.11: FileNotFoundError")
     assert pip_verdict(PIP_OUTPUTS["not found"][0], "3.11") is not None
+
+
+def test_workers_inherit_a_pip_env_the_submitted_job_already_installs():
+    mine = {"pip": ["tomli-w==1.0.0"], "env_vars": {"A": "1"}}
+    job = {"pip": {"packages": ["tomli-w==1.0.0"], "pip_check": False}, "working_dir": "gcs://x"}
+    assert without_inherited_pip(mine, job) == {"env_vars": {"A": "1"}}
+    assert without_inherited_pip({"pip": ["tomli-w==1.0.0"]}, job) is None
+    assert without_inherited_pip(mine, {}) == mine  # an embedded or plain cluster: the workers install it
+    assert without_inherited_pip(mine, {"pip": {"packages": ["other"]}}) == mine
 
 
 def test_runtime_env_vars_resolve_references_and_refuse_literal_secrets(tmp_path, monkeypatch):

@@ -45,18 +45,22 @@ def jobs_cluster():
     cluster.shutdown()
 
 
-@pytest.fixture
-def jobs_api(jobs_cluster):
+def wait_for_jobs_api(address: str) -> str:
     token = {"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
 
     def answers():
         try:
-            return requests.get(f"{JOBS_API}/api/version", headers=token, timeout=2).status_code == 200
+            return requests.get(f"{address}/api/version", headers=token, timeout=2).status_code == 200
         except requests.ConnectionError:
             return False
 
-    wait_for(answers, "the Jobs API on 127.0.0.1:8265")
-    return JOBS_API
+    wait_for(answers, f"the Jobs API on {address}")
+    return address
+
+
+@pytest.fixture
+def jobs_api(jobs_cluster):
+    return wait_for_jobs_api(JOBS_API)
 
 
 @pytest.fixture
@@ -298,17 +302,7 @@ def one_node_jobs_api():
     port = free_port()
     cluster = start_cluster(workers=0, num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                             dashboard_port=port)
-    address = f"http://127.0.0.1:{port}"
-    token = {"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
-
-    def answers():
-        try:
-            return requests.get(f"{address}/api/version", headers=token, timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_for(answers, f"the Jobs API on {address}")
-    yield address
+    yield wait_for_jobs_api(f"http://127.0.0.1:{port}")
     cluster.shutdown()
 
 
