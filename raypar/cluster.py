@@ -15,19 +15,24 @@ from .signals import stop_on_sigterm
 # True while the Ray this process is connected to is the embedded one raypar started: a
 # pipeline starts it once and its steps' drivers find it running (and must know what it is).
 _embedded = False
+# True when the embedded Ray forwards no worker output: drivers show it from the job dir's logs
+# instead (raypar.console_relay), where Ray's forwarding loses the last lines of short jobs.
+_relayed = False
 
 
-def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
+def connect(address: Optional[str] = None, min_cpus: float = 0, relay_output: bool = False) -> bool:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
 
     Returns True when raypar started the Ray instance (and must stop it).
     The embedded Ray offers at least ``min_cpus`` logical CPUs (see
     :func:`cpus_for`), so every instance of the job fits on a small laptop
     (Azure oversubscribes processes per node the same way).
+    ``relay_output``: the caller shows the workers' output itself (local job dirs); an embedded
+    Ray then forwards none of it, so no line shows twice.
     The embedded Ray listens on loopback only: a Ray reachable from the
     network runs anyone's code (ShadowRay, CVE-2023-48022).
     """
-    global _embedded
+    global _embedded, _relayed
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -40,9 +45,10 @@ def connect(address: Optional[str] = None, min_cpus: float = 0) -> bool:
         # Our own loopback cluster: Ray's notice that it generated a token is noise here.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                 num_cpus=max(_detected_cpus(), math.ceil(min_cpus)), _node_ip_address="127.0.0.1")
+                 num_cpus=max(_detected_cpus(), math.ceil(min_cpus)), _node_ip_address="127.0.0.1",
+                 log_to_driver=not relay_output)
         stop_on_sigterm()
-        _embedded = True
+        _embedded, _relayed = True, relay_output
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "an embedded local Ray"
@@ -80,6 +86,11 @@ def is_embedded() -> bool:
     return _embedded and ray.is_initialized()
 
 
+def output_relayed() -> bool:
+    """True when workers' output reaches this driver only if it relays it (see :func:`connect`)."""
+    return is_embedded() and _relayed
+
+
 def cpus_for(spec) -> float:
     """The logical CPUs all instances of ``spec`` take together: an embedded Ray offers at least
     that many, so ``instance_count`` instances packed onto its one node fit."""
@@ -88,6 +99,6 @@ def cpus_for(spec) -> float:
 
 
 def disconnect() -> None:
-    global _embedded
-    _embedded = False
+    global _embedded, _relayed
+    _embedded = _relayed = False
     ray.shutdown()

@@ -7,6 +7,7 @@ same spec); ``resume_job`` needs nothing but the job dir. Both end in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .errors import LeaseHeldError, RayparError, SpecError, UsageError
+from .console_relay import ConsoleRelay
 from .credentials import options_for, redact, resolve_storage
 from .inputs import check_input, plan_batches
 from .ledger import LEASE_TTL, Ledger, new_run_id
@@ -440,7 +442,8 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
     from .scheduler import Placement, Progress, Scheduler
 
     spec = session.spec
-    owned = cluster.connect(address, min_cpus=cluster.cpus_for(spec))
+    owned = cluster.connect(address, min_cpus=cluster.cpus_for(spec), relay_output=ledger.store.is_local)
+    relay = ConsoleRelay(ledger.store.path("logs"), run, echo) if cluster.output_relayed() else None
     try:
         total = len(view.manifest)
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
@@ -452,7 +455,8 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)
         scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt, feed)
-        reason = scheduler.run()
+        with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
+            reason = scheduler.run()
         reporter(progress, final=True)
         return reason or "", scheduler.stop_detail
     finally:

@@ -115,11 +115,12 @@ def run_pipeline(pipeline: Pipeline, address: Optional[str] = None, echo: Echo =
 
 def _connect(pipeline: Pipeline, address: Optional[str]) -> bool:
     """One Ray for every parallel step (an embedded one is started once, big enough for the largest step,
-    all its instances on the one node)."""
+    all its instances on the one node). Step job dirs are local folders: their drivers relay the
+    workers' output from them (see raypar.console_relay)."""
     from . import cluster
 
     need = max((cluster.cpus_for(s.job) for s in pipeline.steps if s.job is not None), default=0)
-    return cluster.connect(address, min_cpus=need)
+    return cluster.connect(address, min_cpus=need, relay_output=True)
 
 
 def _run_parallel(step: Step, step_dir: Path, address, echo: Echo, progress) -> tuple[int, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, TextIO
@@ -91,8 +92,13 @@ class ProgressDisplay:
         self.last: Optional[Snapshot] = None
         self.shown: Optional[Snapshot] = None
         self.drawn = False  # a bar sits on the current terminal line
+        self.lock = threading.RLock()  # workers' output is echoed from the console relay's thread
 
     def update(self, snapshot: Snapshot, final: bool = False) -> None:
+        with self.lock:
+            self._update(snapshot, final)
+
+    def _update(self, snapshot: Snapshot, final: bool) -> None:
         self.last = snapshot
         now = time.monotonic()
         if not final and now - self.last_at < self.every:
@@ -114,6 +120,10 @@ class ProgressDisplay:
         self.stream.flush()
 
     def echo(self, line: str) -> None:
+        with self.lock:
+            self._echo(line)
+
+    def _echo(self, line: str) -> None:
         if self.print_line is not None:
             self.print_line(line)
             return
@@ -125,6 +135,10 @@ class ProgressDisplay:
         self.stream.flush()
 
     def close(self) -> None:
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.drawn:
             self._end_bar()
             self.stream.flush()

@@ -238,6 +238,8 @@ class Worker:
         try:
             return self._shutdown()
         finally:
+            for stream in (sys.stdout, sys.stderr):  # a last print without a newline reaches the log
+                stream.flush()
             if self.entry_env is not None:
                 self.entry_env.close()
             self._remove_copy()
