@@ -407,6 +407,9 @@ class _StopSignal:
             self.canceled = self.ledger.cancel_requested(self.run_id)
         return "canceled by `raypar cancel`" if self.canceled else None
 
+    def lease_held(self) -> bool:
+        return not self.beat.lost
+
 
 def _compact(ledger: Ledger, run: str) -> None:
     """The next resume reads one file instead of every record; never fail a job over it."""
@@ -454,7 +457,8 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         reporter = _Compactor(ledger, run, _Reporter(session.show))
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)
-        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt, feed)
+        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt, feed,
+                              may_write=interrupt.lease_held)
         with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
             reason = scheduler.run()
         reporter(progress, final=True)

@@ -8,8 +8,10 @@ Layout (everything JSON; nothing here is ever unpickled or executed)::
     manifest/COMPLETE.json      written when planning ends: chunk names, counts, checksums
     done/<run>~<worker>.jsonl   local disk: one worker process's done records, appended
     parts/<run>~<worker>.data   local disk: that worker's output rows, appended
-    done/<batch>~<run>~<try>.json   object stores: one done record per attempt
-    parts/<batch>~<run>~<try>.part  object stores: one attempt's output rows
+    parts/<run>~<worker>~NNNNNN.seg object stores: one flush of a worker: the rows of up to
+                                ``raypar.ledger.flush_batches`` batches, their records, a trailer
+    done/<batch>~<run>~<try>.json   object stores, before segments: one done record per attempt
+    parts/<batch>~<run>~<try>.part  object stores, before segments: one attempt's output rows
     failed/<batch>~<run>~<try>.json one failed attempt, with the error text
     void/<batch>~<run>~<try>.json   a done record whose rows failed verification
     compact/compact-<id>.arrow  every done record read so far, as Arrow columns (+ a sealed .idx
@@ -26,9 +28,10 @@ sealed with the sha256 of its own content and holds the offset, length and
 sha256 of its rows, which are written first: a record torn by a crash, or
 whose rows are missing, short or different, counts as not done.
 
-Local disk appends to per-worker segments because creating a file costs
-more than running a small batch; object stores get one object per attempt
-because a PUT is atomic there and appends are not.
+Local disk appends to per-worker segment files because creating a file
+costs more than running a small batch; on object stores, where a PUT is
+atomic and appends are not, each worker buffers its finished batches and
+stores them as one segment object per flush (a batch counts once stored).
 
 The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
 """
@@ -54,7 +57,8 @@ from .errors import LeaseHeldError, LedgerError, UsageError
 from .inputs.base import MiniBatch, ordinal_of
 from .state import JobState
 from .records import (  # noqa: F401 - re-exported: the ledger's vocabulary
-    DoneRecord, DoneWriter, FailedRecord, ObjectWriter, SegmentWriter, _sealed, _unseal, _verified, attempt_name,
+    SEGMENT_SUFFIX, DoneRecord, DoneWriter, FailedRecord, ObjectSegmentWriter, SegmentWriter, _sealed, _unseal,
+    _verified, attempt_name, segment_name, segment_records_span,
 )
 from .storage import Store
 from .tables import DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
@@ -62,6 +66,7 @@ from .tables import DoneIndex, Manifest, choose, empty_table, from_ipc, records_
 FORMAT = 1
 CHUNK_SIZE = 10_000
 LEASE_TTL = 30.0
+SEGMENT_TAIL = 64 * 1024  # bytes read from a segment's end to find its records
 
 
 def new_run_id() -> str:
@@ -298,9 +303,71 @@ class Ledger:
 
     # -- records --------------------------------------------------------
 
-    def done_writer(self, writer: str) -> "DoneWriter":
-        """The recorder of one worker process; ``writer`` must be unique to that process."""
-        return SegmentWriter(self, writer) if self.store.is_local else ObjectWriter(self)
+    def done_writer(self, writer: str, limits: Optional[dict] = None) -> "DoneWriter":
+        """The recorder of one worker process; ``writer`` must be unique to that process.
+
+        ``limits``: when an object-store writer flushes (``raypar.ledger`` in the worker plan);
+        without them it stores each record as it is written.
+        """
+        if self.store.is_local:
+            return SegmentWriter(self, writer)
+        return ObjectSegmentWriter(self, writer, limits or {"flush_batches": 1, "flush_bytes": 0,
+                                                            "flush_seconds": 0.0})
+
+    def recent_done(self, writer: str, position: int) -> set[str]:
+        """Batches with a whole done record that ``writer`` stored after ``position`` (its
+        ``DoneWriter.position`` when the driver last heard from it): what a lost worker recorded
+        that its driver was not told, read without reading anyone else's records."""
+        lines: list[bytes] = []
+        if self.store.is_local:
+            try:
+                with open(self.store.path("done", f"{writer}.jsonl"), "rb") as f:
+                    f.seek(position)
+                    lines = f.read().split(b"\n")
+            except FileNotFoundError:
+                return set()
+        else:
+            seq = position
+            while True:  # a writer's segments are stored one after the other, numbered from 0
+                name = segment_name(writer, seq)
+                try:
+                    size = self.store.fs.info(self.store.path("parts", name))["size"]
+                except FileNotFoundError:
+                    break
+                lines.extend(self._segment_records({self.store.path("parts", name): size}).get(name, []))
+                seq += 1
+        return {json.loads(body)["batch"] for body in map(_verified, lines) if body is not None}
+
+    def _segment_records(self, sizes: dict[str, int]) -> dict[str, list[bytes]]:
+        """{segment name: its sealed record lines} for whole segments among ``sizes`` ({path: size}).
+
+        One ranged read of each segment's last 64 KiB, concurrently (the records and trailer of
+        a segment of 100 batches take about 35 KiB), and a second one only where they are longer.
+        """
+        paths = [p for p, size in sizes.items() if size]
+        if not paths:
+            return {}
+        starts = [max(sizes[p] - SEGMENT_TAIL, 0) for p in paths]
+        tails = self.store.fs.cat_ranges(paths, starts, [sizes[p] for p in paths], on_error="return")
+        out, longer = {}, []
+        for path, start, tail in zip(paths, starts, tails):
+            if isinstance(tail, FileNotFoundError):
+                continue
+            if isinstance(tail, BaseException):
+                raise tail
+            span = segment_records_span(sizes[path], tail)
+            if span is None:
+                continue  # torn, or not a segment: never counted
+            if span[0] >= start:
+                out[os.path.basename(path)] = tail[span[0] - start:span[1] - start].split(b"\n")[:-1]
+            else:
+                longer.append((path, span))
+        if longer:
+            blocks = self.store.fs.cat_ranges([p for p, _ in longer], [s for _, (s, _e) in longer],
+                                              [e for _, (_s, e) in longer], on_error="raise")
+            for (path, _), block in zip(longer, blocks):
+                out[os.path.basename(path)] = block.split(b"\n")[:-1]
+        return out
 
     def write_part(self, name: str, data: bytes) -> str:
         """Write one attempt's rows as their own file (object stores)."""
@@ -353,23 +420,21 @@ class Ledger:
                 if body is not None:  # torn or corrupted: as if never written
                     yield body
 
-    def is_done(self, batch: str) -> bool:
-        """Whether ``batch`` has a valid done record (reads every record: for rare checks)."""
-        return batch in self._done_records()
-
     def _done_records(self) -> DoneIndex:
-        table, _, _ = self._done_table()
-        part_sizes = {os.path.basename(p): size for p, size in self.store.file_sizes("parts").items()}
+        parts = self.store.file_sizes("parts")
+        table, _, _ = self._done_table(parts)
+        part_sizes = {os.path.basename(p): size for p, size in parts.items()}
         voided = {_void_key_of(os.path.basename(p)) for p in self.store.list_files("void")}
         return choose(table, part_sizes, voided - {None})
 
     # -- compaction -----------------------------------------------------
 
-    def _done_table(self) -> tuple:
+    def _done_table(self, parts: Optional[dict] = None) -> tuple:
         """Every sealed done record (not yet checked against parts), the coverage, and the compact's.
 
         Starts from the newest intact compact file and adds only what it does
-        not cover: record files it does not name and segment bytes past it.
+        not cover: record files and segment objects it does not name, and
+        segment-file bytes past it. ``parts``: the listing of parts/, if in hand.
         """
         table, covered = self._latest_compact()
         coverage, lines = dict(covered), []
@@ -380,6 +445,13 @@ class Ledger:
             if body is not None:  # a torn record is read again next time
                 lines.append(body)
                 coverage[os.path.basename(path)] = sizes[path]
+        if not self.store.is_local:
+            parts = self.store.file_sizes("parts") if parts is None else parts
+            segments = {p: size for p, size in parts.items()
+                        if p.endswith(SEGMENT_SUFFIX) and os.path.basename(p) not in covered}
+            for name, records in self._segment_records(segments).items():
+                lines.extend(b for b in map(_verified, records) if b is not None)
+                coverage[name] = len(records)
         for path, size in sizes.items():
             name = os.path.basename(path)
             if name.endswith(".jsonl") and size > covered.get(name, 0):

@@ -300,15 +300,35 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
 
 
 def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]:
+    """The window's parts, read concurrently, one ranged GET per segment object it touches.
+
+    A segment holds up to ``raypar.ledger.flush_batches`` batches, mostly near each other in
+    output order: one span per segment replaces a GET per batch (a span that would read more
+    than twice what the window needs of it falls back to one range per part).
+    """
     if not records:
         return
-    paths = [ledger.store.path("parts", r.part) for r in records]
-    starts = [r.part_offset for r in records]
-    ends = [r.part_offset + size(r) for r in records]
-    for record, data in zip(records, ledger.store.fs.cat_ranges(paths, starts, ends, on_error="return")):
+    wanted: dict[str, list] = collections.defaultdict(list)
+    for r in records:
+        wanted[r.part].append((r.part_offset, r.part_offset + size(r)))
+    spans = []  # (part, start, end): what is read
+    for part, ranges in wanted.items():
+        lo, hi = min(a for a, _ in ranges), max(b for _, b in ranges)
+        if hi - lo <= 2 * sum(b - a for a, b in ranges) + 65536:
+            spans.append((part, lo, hi))
+        else:
+            spans.extend((part, a, b) for a, b in ranges)
+    paths = [ledger.store.path("parts", part) for part, _, _ in spans]
+    got = ledger.store.fs.cat_ranges(paths, [a for _, a, _ in spans], [b for _, _, b in spans], on_error="return")
+    data_of: dict[str, list] = collections.defaultdict(list)
+    for (part, lo, hi), data in zip(spans, got):
         if isinstance(data, BaseException):
             raise data
-        yield record, data
+        data_of[part].append((lo, hi, data))
+    for r in records:
+        start, end = r.part_offset, r.part_offset + size(r)
+        lo, _, data = next(x for x in data_of[r.part] if x[0] <= start and end <= x[1])
+        yield r, data[start - lo:end - lo]
 
 
 def _read_range(ledger: Ledger, record: _Part, length: int) -> bytes:

@@ -49,6 +49,7 @@ MAX_STARTS_PER_SLOT = 3  # init() tries per slot before the slot is given up
 MAX_DEATHS_PER_SLOT = 5  # worker processes lost per slot before the slot is given up
 MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not user tries)
 STOP_TIMEOUT = 30.0  # seconds shutdown() may take on each worker
+STORE_ON_STOP_TIMEOUT = 30.0  # seconds a stopped job waits for workers to store the batches they finished
 
 
 @dataclass(eq=False)
@@ -74,6 +75,13 @@ class Slot:
     deaths: int = 0
     node: Optional[str] = None
     calls: collections.deque = field(default_factory=collections.deque)
+    # Done batches whose record the worker has not stored yet (object-store job dirs buffer them):
+    # call -> (its index among the worker's records, its unreturned items).
+    unflushed: dict = field(default_factory=dict)
+    writer: Optional[str] = None  # the worker process's writer name (its segments' prefix)
+    durable: int = 0  # its records stored, as last reported
+    position: int = 0  # where its records after those are (DoneWriter.position)
+    flush_ref: Any = None
     answers: int = 0
     mean_seconds: float = 0.0  # moving average of this worker's batch durations
 
@@ -250,13 +258,15 @@ class Scheduler:
     def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[MiniBatch],
                  placement: Placement, progress: Progress,
                  on_progress: Callable[[Progress], None] = lambda p: None,
-                 interrupt: Callable[[], Optional[str]] = lambda: None, feed=None):
+                 interrupt: Callable[[], Optional[str]] = lambda: None, feed=None,
+                 may_write: Callable[[], bool] = lambda: True):
         self.ledger, self.spec, self.run_id, self.placement = ledger, spec, run, placement
         self.queue: collections.deque = collections.deque((b, 0) for b in pending)
         self.feed = feed  # planning.PlanFeed while the input is still being planned
         self.plan_complete = feed is None
         self.progress, self.on_progress = progress, on_progress
         self.interrupt = interrupt  # returns a reason to stop now (lease lost, later cancel)
+        self.may_write = may_write  # False once the lease is lost: the job dir is another driver's
         self.slots = [
             Slot(instance=i, index=s)
             for i in range(spec.resources.instance_count)
@@ -264,6 +274,7 @@ class Scheduler:
         ]
         self.calls: dict[Any, tuple[Slot, Call]] = {}
         self.starts: dict[Any, Slot] = {}
+        self.flushes: dict[Any, Slot] = {}
         self.tries: dict[str, int] = collections.Counter()  # user tries spent this session
         self.system_failures: dict[str, int] = collections.Counter()
         self.attempts: dict[str, int] = collections.Counter()
@@ -284,6 +295,8 @@ class Scheduler:
                 self._start(slot)
             while not self._finished():
                 self.step(time.time())
+            if self.stop_reason is not None and self.may_write():
+                self._store_before_stop()
             self._retire_all(graceful=self.stop_reason is None)
         finally:
             self._kill_all()
@@ -295,7 +308,8 @@ class Scheduler:
             self._stop(self.feed.error)  # a planning error is the reason, even before any batch ran
         if self.stop_reason is not None:
             return True
-        return not self.queue and not self.calls and (self.feed is None or self.feed.exhausted)
+        return not self.queue and not self.calls and not self.flushes and \
+            not any(s.unflushed for s in self.slots) and (self.feed is None or self.feed.exhausted)
 
     def _pull_planned(self) -> None:
         """Queue the batches the planner released since the last step."""
@@ -318,7 +332,8 @@ class Scheduler:
             return
         self._pull_planned()
         self._dispatch(now)
-        waiting = list(self.calls) + list(self.starts)
+        self._flush_idle()
+        waiting = list(self.calls) + list(self.starts) + list(self.flushes)
         if not waiting and not self.queue and self.feed is not None and not self.feed.exhausted:
             self.feed.wait(0.5)  # the planner is still listing: wake when it releases batches
             return
@@ -337,6 +352,8 @@ class Scheduler:
         for ref in ready:
             if ref in self.starts:
                 self._on_started(self.starts.pop(ref), ref)
+            elif ref in self.flushes:
+                self._on_flushed(self.flushes.pop(ref), ref, now)
             elif ref in self.calls:
                 slot, call = self.calls.pop(ref)
                 self._on_answer(slot, call, ref, now)
@@ -370,6 +387,7 @@ class Scheduler:
             answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
         if answer.get("ok"):
             slot.ready, slot.node = True, answer.get("node")
+            slot.writer, slot.durable, slot.position = answer.get("writer"), 0, 0
             log.debug("%s ready on node %s", slot.label, slot.node)
             return
         self.last_init_error = answer.get("error", "")
@@ -428,6 +446,96 @@ class Scheduler:
         slot.calls.append(call)
         self.calls[ref] = (slot, call)
 
+    # -- stored records -----------------------------------------------------
+
+    def _flush_idle(self) -> None:
+        """Ask each idle worker holding unstored done records to store them: nothing else would
+        make it (it flushes by itself only as it runs batches), and the job ends only once all are."""
+        if self.stop_reason is not None:
+            return
+        for slot in self.slots:
+            if slot.unflushed and not slot.calls and slot.flush_ref is None and slot.ready:
+                slot.flush_ref = slot.actor.flush.remote()
+                self.flushes[slot.flush_ref] = slot
+
+    def _on_flushed(self, slot: Slot, ref, now: float) -> None:
+        slot.flush_ref = None
+        try:
+            answer = ray.get(ref)
+        except RayError as exc:
+            self._on_worker_lost(slot, exc, now)
+            return
+        self._confirm(slot, answer)
+
+    def _store_before_stop(self) -> None:
+        """The job stops early (a threshold, `raypar cancel`, a planning error): keep what workers
+        finished but hold unstored. Their queued calls are canceled (Ray drops an actor call that
+        has not started); each finishes the batch it runs, at most STORE_ON_STOP_TIMEOUT, then
+        stores its records. What is still unstored after that runs again on resume."""
+        slots = [s for s in self.slots if s.ready and (s.unflushed or s.calls)]
+        for slot in slots:
+            for call in list(slot.calls)[1:]:
+                ray.cancel(call.ref)
+                slot.calls.remove(call)
+                self.calls.pop(call.ref, None)
+            if slot.flush_ref is None:
+                slot.flush_ref = slot.actor.flush.remote()
+                self.flushes[slot.flush_ref] = slot
+        deadline = time.monotonic() + STORE_ON_STOP_TIMEOUT
+        while self.flushes and time.monotonic() < deadline:
+            waiting = list(self.flushes) + [c.ref for s in slots for c in s.calls]
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=deadline - time.monotonic())
+            if ready:
+                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+            now = time.time()
+            for ref in ready:
+                if ref in self.calls:
+                    slot, call = self.calls.pop(ref)
+                    try:
+                        self._handle(slot, call, ray.get(ref), now)
+                    except RayError:
+                        slot.calls.remove(call)
+                elif ref in self.flushes:
+                    slot = self.flushes.pop(ref)
+                    slot.flush_ref = None
+                    try:
+                        self._confirm(slot, ray.get(ref))
+                    except RayError as exc:
+                        log.warning("%s could not store its finished batches: %s", slot.label, exc)
+        unstored = sum(len(s.unflushed) for s in self.slots)
+        if unstored:
+            log.warning("%d finished mini-batch(es) were not stored before the stop; a resume runs them again",
+                        unstored)
+
+    def _confirm(self, slot: Slot, answer: dict) -> None:
+        """Forget the done batches the worker reports stored (answers may be handled out of order)."""
+        if "durable" not in answer or answer["durable"] < slot.durable:
+            return
+        slot.durable, slot.position = answer["durable"], answer["position"]
+        for call in [c for c, (index, _) in slot.unflushed.items() if index <= slot.durable]:
+            del slot.unflushed[call]
+
+    def _hand_back_unflushed(self, slot: Slot, recorded: set[str]) -> None:
+        """The worker is gone: done batches it never stored run again (no try spent)."""
+        lost = [(call, items) for call, (_, items) in slot.unflushed.items() if call.batch.id not in recorded]
+        slot.unflushed.clear()
+        for call, items in reversed(lost):
+            self.progress.done -= 1
+            self.progress.failed_items -= items
+            self.queue.appendleft((call.batch, 0))
+        if lost:
+            log.warning("%s: %d done mini-batch(es) were not stored yet; they run again", slot.label, len(lost))
+
+    def _recorded(self, slot: Slot) -> set[str]:
+        """Batches the slot's (lost) worker stored since it last reported: its own records only."""
+        if slot.writer is None:
+            return set()
+        try:
+            return self.ledger.recent_done(slot.writer, slot.position)
+        except Exception as exc:  # storage unreachable: run them again rather than trust nothing
+            log.warning("%s: could not read what the lost worker stored: %s", slot.label, exc)
+            return set()
+
     # -- answers ----------------------------------------------------------
 
     def _on_answer(self, slot: Slot, call: Call, ref, now: float) -> None:
@@ -444,9 +552,14 @@ class Scheduler:
         if answer["ok"]:
             self.progress.done += 1
             self.metrics.batch_done(answer.get("seconds", 0.0))
-            self.progress.failed_items += max(answer["items"] - answer["returned"], 0)
+            unreturned = max(answer["items"] - answer["returned"], 0)
+            self.progress.failed_items += unreturned
+            if "index" in answer:
+                slot.unflushed[call] = (answer["index"], unreturned)
+            self._confirm(slot, answer)
             self._check_thresholds()
         else:
+            self._confirm(slot, answer)
             self._on_user_failure(call, answer["error"], "user", slot, started=answer.get("started"),
                                   items=answer.get("items"))
 
@@ -491,13 +604,14 @@ class Scheduler:
             except RayError:
                 break  # the first lost call: the worker died in it
             self._handle(slot, call, answer, now)
-        running = self._replace(slot, f"worker process lost ({type(exc).__name__})")
+        recorded = self._recorded(slot) if slot.unflushed or slot.calls else set()
+        running = self._replace(slot, f"worker process lost ({type(exc).__name__})", recorded=recorded)
         if running is not None:
-            self._requeue_after_system_failure(running, f"worker lost: {exc}", slot)
+            self._requeue_after_system_failure(running, f"worker lost: {exc}", slot, recorded)
 
-    def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot) -> None:
+    def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot, recorded: set[str]) -> None:
         batch = call.batch
-        if self.ledger.is_done(batch.id):
+        if batch.id in recorded:
             # The worker recorded the batch before it died: it is done, never rerun.
             self.progress.done += 1
             self.metrics.batch_done(None)
@@ -514,12 +628,16 @@ class Scheduler:
         ))
         self.queue.appendleft((batch, 0))
 
-    def _replace(self, slot: Slot, why: str, lost: bool = True) -> Optional[Call]:
-        """Kill the slot's actor, hand its queued calls back, start a fresh actor.
+    def _replace(self, slot: Slot, why: str, lost: bool = True, recorded: Optional[set] = None) -> Optional[Call]:
+        """Kill the slot's actor, hand its queued calls and its unstored done batches back (less
+        those in ``recorded``, stored after all), start a fresh actor.
 
         Returns the call that was running on the actor (the caller decides
         what that attempt counts as).
         """
+        if slot.unflushed and recorded is None:
+            recorded = self._recorded(slot)
+        self._hand_back_unflushed(slot, recorded or set())
         calls = list(slot.calls)
         slot.calls.clear()
         for call in calls:
@@ -594,6 +712,9 @@ class Scheduler:
             if slot.start_ref is not None:
                 self.starts.pop(slot.start_ref, None)
                 slot.start_ref = None
+            if slot.flush_ref is not None:
+                self.flushes.pop(slot.flush_ref, None)
+                slot.flush_ref = None
             try:
                 ray.kill(slot.actor, no_restart=True)
             except Exception as exc:  # already dead
@@ -605,3 +726,4 @@ class Scheduler:
             self._kill(slot)
         self.calls.clear()
         self.starts.clear()
+        self.flushes.clear()

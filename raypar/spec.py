@@ -188,10 +188,38 @@ class RuntimeEnvSpec(_Model):
         return value
 
 
+class LedgerSettings(_Model):
+    """How workers write done records and rows to a job dir on object storage (raypar extension).
+
+    Each worker buffers its finished mini-batches and writes them as one segment object when
+    any limit is reached (and when it idles or stops); a batch counts as done once its segment
+    is stored, and a crash costs at most the unwritten tail, which runs again. Local job dirs
+    append every batch at once and ignore these.
+    """
+
+    flush_batches: StrictInt = Field(100, ge=1)  # finished mini-batches per segment at most
+    flush_seconds: float = Field(1.0, ge=0)  # oldest unwritten batch's age before a flush
+    flush_bytes: Union[StrictInt, str] = "32mb"  # buffered output rows before a flush
+
+    _numbers = field_validator("flush_seconds", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
+
+    @field_validator("flush_bytes")
+    @classmethod
+    def _size(cls, value):
+        parse_bytes(value, "flush_bytes")
+        return value
+
+    def plan(self) -> dict:
+        return {"flush_batches": self.flush_batches, "flush_seconds": self.flush_seconds,
+                "flush_bytes": parse_bytes(self.flush_bytes, "flush_bytes")}
+
+
 class RayparSpec(_Model):
     """The ``raypar:`` block: settings Azure does not have."""
 
     worker: WorkerResources = Field(default_factory=WorkerResources)
+    # Segment flushes of a job dir on object storage.
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
     # Format of the assembled append_row_to file: Azure's space-separated text, or a real table format.
@@ -557,6 +585,7 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> dict:
         "profiling_module": spec.predefined_arguments().profiling_module,  # --profiling_module: profile each run()
         "input": input_desc,
         "storage": storage,
+        "ledger": spec.raypar.ledger.plan(),
         # Remote folder outputs the entry script writes as local folders (see staging.py).
         "staged_outputs": [o.path.rstrip("/") for o in spec.outputs.values()
                            if o.path and is_url(o.path) and o.type != "uri_file" and o.mode != "direct"],

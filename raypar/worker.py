@@ -74,7 +74,7 @@ class Worker:
         # A name no other process uses: this worker's segments and log are its alone.
         self.writer = f"{run}~i{instance}s{slot}-{uuid.uuid4().hex[:8]}"
         self.ledger = Ledger(job_url, options_for(job_url, plan["storage"]))
-        self.done = self.ledger.done_writer(self.writer)
+        self.done = self.ledger.done_writer(self.writer, plan.get("ledger"))
         self.run_id = run
         self.instance, self.slot = instance, slot
         self.with_rows = plan["with_rows"]
@@ -105,7 +105,7 @@ class Worker:
 
     def start(self) -> dict:
         """Import the entry script and call its ``init()``; report the outcome."""
-        info = {"node": self.node, "pid": os.getpid(), "worker": self.name}
+        info = {"node": self.node, "pid": os.getpid(), "worker": self.name, "writer": self.writer}
         stage = "loading the entry script"
         try:
             self._load_entry_script()
@@ -188,6 +188,8 @@ class Worker:
     def run_batch(self, batch_json: str, attempt: int) -> dict:
         """Run one mini-batch; on success its part and done record are durable before returning."""
         batch = MiniBatch.from_json(batch_json)
+        if self.done.due():  # what waited flush_seconds is stored before a batch that may run long
+            self.done.flush()
         started = time.time()
         base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name,
                 "started": started}
@@ -203,12 +205,12 @@ class Worker:
         except ResultError as exc:
             self._mark(f"end {batch.id} attempt {attempt}: failed")
             error = redact(f"ResultError: {exc}", self.plan["storage"])
-            return {**base, "ok": False, "items": items, "error": error}
+            return {**base, **self.flushed(), "ok": False, "items": items, "error": error}
         except BaseException as exc:  # noqa: BLE001
             self._mark(f"end {batch.id} attempt {attempt}: failed")
             if items is None:  # the input could not be read: its items failed, so thresholds hold
                 items = self.reader.items_of_unreadable(batch)
-            return {**base, "ok": False, "items": items, "error": self._error_text(exc)}
+            return {**base, **self.flushed(), "ok": False, "items": items, "error": self._error_text(exc)}
         finally:
             cleanup(temp)
         record = DoneRecord(
@@ -216,9 +218,19 @@ class Worker:
             part=None, node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
             started=round(started, 3),
         )
-        self.done.write(record, rows)
+        self.done.write(record, rows)  # stored now, or with this worker's next flush
         self._mark(f"end {batch.id} attempt {attempt}: done")
-        return {**base, "ok": True, "items": items, "returned": returned, "seconds": record.seconds}
+        return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
+                "seconds": record.seconds, "index": self.done.written}
+
+    def flush(self) -> dict:
+        """Store the buffered done records (the driver asks an idle worker, and at the end)."""
+        self.done.flush()
+        return self.flushed()
+
+    def flushed(self) -> dict:
+        """How many of this worker's done batches are stored, and where later ones would be."""
+        return {"durable": self.done.durable, "position": self.done.position}
 
     def _call_run(self, mini_batch, context):
         if self.context_as == "positional":
@@ -238,6 +250,7 @@ class Worker:
         try:
             return self._shutdown()
         finally:
+            self.done.flush()  # the driver flushed before stopping; this only covers a bug there
             for stream in (sys.stdout, sys.stderr):  # a last print without a newline reaches the log
                 stream.flush()
             if self.entry_env is not None:

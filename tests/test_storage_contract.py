@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import os
 import threading
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import pytest
 
 from raypar.errors import LeaseHeldError, LedgerError, UsageError
 from raypar.inputs.base import MiniBatch
-from raypar.ledger import Ledger, ObjectWriter, SegmentWriter
+from raypar.ledger import Ledger, ObjectSegmentWriter, SegmentWriter
 from raypar.records import DoneRecord, FailedRecord
 from raypar.storage import Store, atomic_output, azure_options_from_env
 
@@ -308,7 +309,7 @@ def test_ledger_done_records_and_the_resume_rule(backend):
     ledger = backend.ledger()
     ledger.write_manifest(make_batches(6))
     writer = ledger.done_writer("r1~w1")
-    assert isinstance(writer, SegmentWriter if backend.name == "local" else ObjectWriter)
+    assert isinstance(writer, SegmentWriter if backend.name == "local" else ObjectSegmentWriter)
 
     written = dict(done(writer, o) for o in (4, 1))
     assert pending_ids(ledger) == [bid(0), bid(2), bid(3), bid(5)]
@@ -322,7 +323,50 @@ def test_ledger_done_records_and_the_resume_rule(backend):
     assert sorted(view.done) == [bid(1), bid(2), bid(4)]
     for record, rows in written.items():
         assert ledger.read_rows(view.done[record.batch]) == rows
-    assert ledger.is_done(bid(2)) and not ledger.is_done(bid(3))
+    assert bid(2) in ledger.view().done and bid(3) not in ledger.view().done
+
+
+def test_a_worker_stores_its_done_batches_in_one_segment_per_flush(backend):
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(8))
+    writer = ledger.done_writer("r1~w1", {"flush_batches": 3, "flush_bytes": 1 << 30, "flush_seconds": 3600})
+    written = dict(done(writer, o) for o in (5, 2))
+    local = backend.name == "local"
+    # Local disk appends each batch at once; an object store holds them until the flush.
+    assert sorted(ledger.view().done) == ([bid(2), bid(5)] if local else [])
+    assert (writer.written, writer.durable) == (2, 2 if local else 0)
+    assert ledger.recent_done("r1~w1", 0) == ({bid(2), bid(5)} if local else set())
+    before = writer.position
+    written.update([done(writer, 7)])  # the third: flush_batches reached
+    assert writer.durable == 3
+    view = ledger.view()
+    assert sorted(view.done) == [bid(2), bid(5), bid(7)]
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
+    assert ledger.recent_done("r1~w1", before) == ({bid(7)} if local else {bid(2), bid(5), bid(7)})
+    assert ledger.recent_done("r1~w1", writer.position) == set()
+    if not local:  # one object for the three batches: rows, records and trailer
+        assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg"]
+        done(writer, 0)
+        writer.flush()
+        assert ledger.recent_done("r1~w1", before + 1) == {bid(0)}
+    # A segment cut short (a foreign or damaged object) never counts; the others still do.
+    if not local:
+        path = ledger.store.path("parts", "r1~w1~000001.seg")
+        data = ledger.store.fs.cat_file(path)
+        ledger.store.fs.pipe_file(path, data[:-5])
+        assert sorted(backend.ledger(own_client=True).view().done) == [bid(2), bid(5), bid(7)]
+
+
+def test_a_worker_stores_a_lone_done_batch_within_flush_seconds(backend):
+    from conftest import wait_for
+
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(2))
+    writer = ledger.done_writer("r1~w1", {"flush_batches": 100, "flush_bytes": 1 << 30, "flush_seconds": 0.2})
+    done(writer, 1)  # then the worker runs a long batch: nobody calls the writer again
+    wait_for(lambda: bid(1) in backend.ledger(own_client=True).view().done, "the record to be stored by the clock")
+    assert writer.durable == 1
 
 
 def test_ledger_failed_records(backend):

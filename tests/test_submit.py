@@ -134,6 +134,8 @@ def test_submit_poll_cancel_resume_remotely_gives_exact_output(jobs_cluster, job
     # The job spans 2 nodes: the two workers holding a batch at once run on distinct nodes.
     # (Which worker finishes which batch is a race, so the done records may name one node.)
     assert len(set(holders())) == 2 and set(holders()) <= {n.node_id for n in jobs_cluster.list_all_nodes()}
+    # Workers store finished batches within raypar.ledger.flush_seconds (1 s), even while holding one.
+    wait_for(lambda: status(submission).get("completed") == 4, "the 4 finished batches to be stored")
     running = status(submission)
     assert (running["state"], running["ray_status"], running["source"]) == ("running", "RUNNING", "job dir")
     assert (running["completed"], running["failed"], running["total"]) == (4, 0, 12)

@@ -1,0 +1,152 @@
+"""A job dir on Azure Blob (Azurite): workers store their done batches as segment objects, one
+per flush. A worker or a driver killed while finished batches are still unstored loses only
+those: they run again, every row lands exactly once, and nothing stored runs twice."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import fsspec
+import psutil
+import pytest
+import yaml
+
+import raypar
+from raypar.ledger import Ledger
+from raypar.state import JobState
+
+from conftest import make_spec, quiet, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+# Logs "<pid> <file>" per run() call; run() of HOLD_FILE writes GATE/holding-<pid> and waits for GATE/release.
+ENTRY = textwrap.dedent("""
+    import os, sys, time
+
+    def init():
+        global log, hold, gate
+        log, hold, gate = sys.argv[1:4]
+
+    def run(mini_batch):
+        names = [os.path.basename(p) for p in mini_batch]
+        with open(os.path.join(log, f"{os.getpid()}-{names[0]}-{time.monotonic_ns()}"), "w") as f:
+            f.write(f"{os.getpid()} {' '.join(names)}")
+        if hold in names and not os.path.exists(os.path.join(gate, "release")):
+            open(os.path.join(gate, f"holding-{os.getpid()}"), "w").close()
+            while not os.path.exists(os.path.join(gate, "release")):
+                time.sleep(0.05)
+        return [f"{n} {open(p).read().upper()}" for n, p in zip(names, mini_batch)]
+""")
+
+
+@pytest.fixture
+def blob(azurite, monkeypatch):
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    container = azurite.new_container()
+    return container, fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
+
+
+def job_spec(tmp_path, count, hold, flush, **overrides):
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(count)}
+    log, gate = tmp_path / "exec", tmp_path / "gate"
+    log.mkdir()
+    gate.mkdir()
+    spec = make_spec(tmp_path, files, mini_batch_size="1", **{
+        "task.program_arguments": f"{log} {hold} {gate}", "task.entry_script": "segments_entry.py",
+        "raypar.ledger": flush, **overrides})
+    (tmp_path / "code" / "segments_entry.py").write_text(ENTRY)
+    return files, log, gate, spec
+
+
+def runs(log):
+    """[(pid, file)] of every run() call."""
+    return [tuple(p.read_text().split()) for p in log.iterdir()]
+
+
+def rows(tmp_path):
+    return (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+
+
+NEVER = {"flush_batches": 1000, "flush_seconds": 3600}  # workers store only when idle or asked
+
+
+def test_a_lost_worker_s_unstored_batches_run_again_and_nothing_runs_twice(ray_cluster, blob, tmp_path):
+    container, fs = blob
+    files, log, gate, spec = job_spec(tmp_path, 16, "f09.txt", NEVER, **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 2})
+    job = f"az://{container}/jobs/lost-worker"
+    victim = {}
+
+    def kill_the_holder():
+        wait_for(lambda: list(gate.glob("holding-*")), "f09's batch to be held")
+        victim["pid"] = int(next(gate.glob("holding-*")).name.split("-")[1])
+        victim["finished"] = {f for pid, f in runs(log) if int(pid) == victim["pid"] and f != "f09.txt"}
+        os.kill(victim["pid"], signal.SIGKILL)
+        (gate / "release").touch()
+
+    killer = threading.Thread(target=kill_the_holder, daemon=True)
+    killer.start()
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+    killer.join(timeout=60)
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    count = {name: sum(1 for _, f in runs(log) if f == name) for name in files}
+    # What the killed worker had finished was never stored: it ran again; everything else ran once.
+    assert victim["finished"], "the killed worker had finished batches"
+    assert {n for n, c in count.items() if c == 2} == victim["finished"] | {"f09.txt"}
+    assert all(c in (1, 2) for c in count.values())
+    segments = [p for p in fs.ls(f"{container}/jobs/lost-worker/parts") if p.endswith(".seg")]
+    assert len(segments) <= 4  # one per flush, not one per batch (16 batches)
+    assert not fs.exists(f"{container}/jobs/lost-worker/done")  # no per-batch record objects
+
+
+CLI = [sys.executable, "-m", "raypar.cli"]
+
+
+def cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(blob, tmp_path):
+    container, fs = blob
+    # One worker, batches in order; a segment every 3 batches: f00-f02 and f03-f05 stored, f06 not.
+    files, log, gate, spec = job_spec(tmp_path, 10, "f07.txt", {"flush_batches": 3, "flush_seconds": 3600}, **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 1})
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
+    job = f"az://{container}/jobs/killed-driver"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([*CLI, "run", str(tmp_path / "job.yml"), "--job-dir", job],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    spawned = []
+    try:
+        wait_for(lambda: list(gate.glob("holding-*")), "f07's batch to be held")
+        spawned = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()  # SIGKILL: the driver stores nothing more
+        proc.wait(timeout=30)
+    finally:
+        for p in spawned:  # its embedded Ray, as a dead host's would be
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(spawned, timeout=30)
+    status = json.loads(cli("status", job, "--json").stdout)
+    assert (status["state"], status["completed"], status["pending"]) == ("interrupted", 6, 4)
+    assert sorted(f for _, f in runs(log)) == [f"f{i:02d}.txt" for i in range(8)]
+    for p in log.iterdir():
+        p.unlink()
+    (gate / "release").touch()
+
+    resumed = cli("resume", job)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(f for _, f in runs(log)) == [f"f{i:02d}.txt" for i in range(6, 10)]  # unstored f06, then on
+    assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    view = Ledger(job).view()
+    assert len(view.done) == 10
