@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 
 import ray
@@ -45,3 +48,33 @@ def tear_down(root: str, keep: bool) -> None:
         print(f"kept {root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # public dev key
+
+
+def start_azurite(workdir: str) -> tuple[subprocess.Popen, str]:
+    """Azurite's blob service on 127.0.0.1 (a free port, in memory); returns it and its connection
+    string. Stop it with ``proc.terminate()``."""
+    binary = os.path.join(REPO, "node_modules", ".bin", "azurite-blob")
+    if not os.path.exists(binary):
+        sys.exit(f"{binary} not found: install it with `npm install --no-save --prefix . azurite@3`")
+    log = os.path.join(workdir, "azurite.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--silent", "--loose",
+                                 "--skipApiVersionCheck", "--inMemoryPersistence"],
+                                cwd=workdir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        match = re.search(rb"listens on https?://127\.0\.0\.1:(\d+)", open(log, "rb").read())
+        if match:
+            endpoint = f"http://127.0.0.1:{int(match.group(1))}/{AZURITE_ACCOUNT}"
+            return proc, (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+                          f"AccountKey={AZURITE_KEY};BlobEndpoint={endpoint};")
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit(f"Azurite did not start: {open(log).read()}")

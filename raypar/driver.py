@@ -319,15 +319,17 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             feed.stop()
         beat.stopped.set()
         beat.join(timeout=5)
+        view = None
         if beat.lost is None:  # only the lease holder may write the state
             try:
                 _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
                                                       session.storage))
                 _compact(ledger, run)
-                _write_reports(ledger, spec, state, reason)
+                view = _final_view(ledger)
+                _write_reports(ledger, spec, state, reason, view)
             finally:
                 ledger.release_lease(run)
-    view = ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
+    view = view or _final_view(ledger)  # nothing is written after the reports: their view is the final one
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
                    **view.counts())
 
@@ -419,10 +421,14 @@ def _compact(ledger: Ledger, run: str) -> None:
         log.warning("could not compact the ledger: %s", exc)
 
 
-def _write_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str) -> None:
+def _final_view(ledger: Ledger):
+    return ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
+
+
+def _write_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view) -> None:
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
-        write_reports(ledger, ledger.view(), state.value, reason, bind(spec).append_row_path)
+        write_reports(ledger, view, state.value, reason, bind(spec).append_row_path)
     except Exception as exc:
         log.warning("could not write reports: %s", exc)
 

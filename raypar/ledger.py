@@ -61,7 +61,7 @@ from .records import (  # noqa: F401 - re-exported: the ledger's vocabulary
     _verified, attempt_name, segment_name, segment_records_span,
 )
 from .storage import Store
-from .tables import DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
+from .tables import ChunkedLines, DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
 
 FORMAT = 1
 CHUNK_SIZE = 10_000
@@ -93,7 +93,10 @@ class LedgerView:
         retired = getattr(self.manifest, "retired", None)
         if retired is not None and len(retired):
             todo[retired] = False
-        return [self.manifest[int(i)] for i in np.flatnonzero(todo)]
+        ordinals = np.flatnonzero(todo)
+        if isinstance(self.manifest, Manifest):
+            self.manifest.prefetch(ordinals)  # the chunks of pending batches only, read at once
+        return [self.manifest[int(i)] for i in ordinals]
 
     def counts(self) -> dict:
         """Mini-batch counts: total, completed, failed (tries spent), pending (never finished)."""
@@ -204,17 +207,38 @@ class Ledger:
         marker = self._complete_marker()
         if marker is None:
             return None
-        lines = self._read_chunks(marker["chunks"])
-        if len(lines) != marker["batches"]:
-            raise LedgerError(f"{self.url}/manifest: expected {marker['batches']} batches, found {len(lines)}")
+        chunks = list(marker["chunks"])
+        if sum(c["count"] for c in chunks) != marker["batches"]:
+            raise LedgerError(f"{self.url}/manifest: the chunks hold {sum(c['count'] for c in chunks)} batches, "
+                              f"COMPLETE.json says {marker['batches']}")
         revisions = []
         for rev in self._revisions():
-            if rev["first"] != len(lines):
+            if rev["first"] != sum(c["count"] for c in chunks):
                 raise LedgerError(f"{self.url}/manifest/{rev['name']}: adds batches from {rev['first']}, "
-                                  f"the plan has {len(lines)}")
-            lines.extend(self._read_chunks(rev["chunks"]))
+                                  f"the plan has {sum(c['count'] for c in chunks)}")
+            chunks.extend(rev["chunks"])
             revisions.append([(run["retired"], tuple(run["added"])) for run in rev["runs"]])
+        lines = ChunkedLines([c["count"] for c in chunks], lambda indices: self._load_chunks(chunks, indices))
         return Manifest(lines, revisions, planned=marker["batches"])
+
+    def _load_chunks(self, chunks: list[dict], indices: list[int], key: str = "name") -> dict[int, list[bytes]]:
+        """{index: lines} of the manifest chunks ``indices`` (or with ``key="inputs"`` of their input
+        versions), read concurrently and checked."""
+        named = {i: chunks[i][key] for i in indices if chunks[i].get(key)}
+        paths = {i: self.store.path("manifest", name) for i, name in named.items()}
+        data = self.store.read_many(list(paths.values()))
+        out = {i: [] for i in indices if i not in named}  # a revision's empty chunk, a chunk without inputs
+        for i, path in paths.items():
+            if path not in data:
+                raise LedgerError(f"{self.url}/manifest/{named[i]}: missing (named by the manifest)")
+            if hashlib.sha256(data[path]).hexdigest() != chunks[i]["sha256" if key == "name" else "inputs_sha256"]:
+                raise LedgerError(f"{self.url}/manifest/{named[i]}: corrupted (checksum mismatch)")
+            lines = data[path].split(b"\n")
+            out[i] = lines[:-1] if lines and not lines[-1] else lines
+            if key == "name" and len(out[i]) != chunks[i]["count"]:
+                raise LedgerError(f"{self.url}/manifest/{named[i]}: holds {len(out[i])} batches, "
+                                  f"the manifest says {chunks[i]['count']}")
+        return out
 
     def _complete_marker(self) -> Optional[dict]:
         try:
@@ -223,20 +247,9 @@ class Ledger:
             return None
 
     def _read_chunks(self, chunks: list[dict], key: str = "name") -> list[bytes]:
-        lines: list[bytes] = []
-        for chunk in chunks:
-            name = chunk.get(key)
-            if name is None:
-                continue
-            try:
-                data = self.store.read_bytes("manifest", name)
-            except FileNotFoundError:
-                raise LedgerError(f"{self.url}/manifest/{name}: missing (named by the manifest)") from None
-            if hashlib.sha256(data).hexdigest() != chunk["sha256" if key == "name" else "inputs_sha256"]:
-                raise LedgerError(f"{self.url}/manifest/{name}: corrupted (checksum mismatch)")
-            chunk_lines = data.split(b"\n")
-            lines.extend(chunk_lines[:-1] if chunk_lines and not chunk_lines[-1] else chunk_lines)
-        return lines
+        """Every line of ``chunks`` (manifest chunks, or with ``key="inputs"`` their input versions)."""
+        loaded = self._load_chunks(chunks, list(range(len(chunks))), key)
+        return [line for i in range(len(chunks)) for line in loaded[i]]
 
     def _revisions(self) -> list[dict]:
         """The sealed revision records, in order; one that is torn ends the list (it never counted)."""
@@ -341,8 +354,8 @@ class Ledger:
     def _segment_records(self, sizes: dict[str, int]) -> dict[str, list[bytes]]:
         """{segment name: its sealed record lines} for whole segments among ``sizes`` ({path: size}).
 
-        One ranged read of each segment's last 64 KiB, concurrently (the records and trailer of
-        a segment of 100 batches take about 35 KiB), and a second one only where they are longer.
+        One ranged read of each segment's last 64 KiB, concurrently (the records of about 180
+        batches fit), and a second one of exactly the records where they are longer.
         """
         paths = [p for p, size in sizes.items() if size]
         if not paths:

@@ -155,6 +155,47 @@ def _record(row: dict) -> "DoneRecord":
     return DoneRecord(**row)
 
 
+class ChunkedLines(Sequence):
+    """The manifest's JSON lines, read a chunk at a time when first asked for.
+
+    ``load(indices)`` returns {chunk index: its lines} (the ledger reads them concurrently and
+    checks their sha256). ``status`` of a million-batch job then reads none of the 100 MB of
+    lines, and a resume only the chunks that hold pending batches.
+    """
+
+    def __init__(self, counts: list[int], load):
+        self.load = load
+        self.ends = np.cumsum(np.array(counts, dtype=np.int64))
+        self.chunks: dict[int, list[bytes]] = {}
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def prefetch(self, indices) -> None:
+        """Load, at once, every chunk holding one of the line ``indices`` (sorted or not)."""
+        wanted = np.unique(np.searchsorted(self.ends, np.asarray(indices, dtype=np.int64), side="right"))
+        missing = [int(k) for k in wanted if int(k) not in self.chunks and k < len(self.ends)]
+        if missing:
+            self.chunks.update(self.load(missing))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        if k not in self.chunks:
+            self.chunks.update(self.load([k]))
+        return self.chunks[k][i - (int(self.ends[k - 1]) if k else 0)]
+
+    def __iter__(self):
+        self.prefetch(np.arange(len(self)))
+        for k in range(len(self.ends)):
+            yield from self.chunks[k]
+
+
 class Manifest(Sequence):
     """The planned batches; each JSON line is parsed only when that batch is asked for.
 
@@ -163,8 +204,8 @@ class Manifest(Sequence):
     since they were planned. The replacements take their run's place in the output.
     """
 
-    def __init__(self, lines: list[bytes], revisions: Sequence = (), planned: Optional[int] = None):
-        self.lines = lines
+    def __init__(self, lines: Sequence[bytes], revisions: Sequence = (), planned: Optional[int] = None):
+        self.lines = lines  # a list, or ChunkedLines read on demand
         self.revisions = list(revisions)
         self.planned = len(lines) if planned is None else planned  # batches of the original plan
         runs = [run for revision in self.revisions for run in revision]
@@ -201,6 +242,11 @@ class Manifest(Sequence):
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    def prefetch(self, ordinals) -> None:
+        """Read at once the chunks that hold ``ordinals`` (a resume's pending batches)."""
+        if isinstance(self.lines, ChunkedLines):
+            self.lines.prefetch(ordinals)
 
     def __getitem__(self, i):
         if isinstance(i, slice):

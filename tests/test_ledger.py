@@ -162,8 +162,22 @@ def test_missing_chunk_raises_ledger_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 2)
     ledger = planned(tmp_path, 5)
     os.unlink(tmp_path / "job" / "manifest" / "chunk-000001.jsonl")
+    manifest = ledger.read_manifest()  # chunks are read when their batches are needed
+    assert len(manifest) == 5
     with pytest.raises(LedgerError, match="chunk-000001.jsonl"):
-        ledger.read_manifest()
+        ledger.view(manifest).pending()
+
+
+def test_counts_and_a_resume_read_only_the_chunks_they_need(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 2)
+    ledger = planned(tmp_path, 5)
+    for ordinal in range(4):
+        finish(ledger, ordinal)
+    for chunk in ("chunk-000000.jsonl", "chunk-000001.jsonl"):  # only done batches live there
+        os.unlink(tmp_path / "job" / "manifest" / chunk)
+    view = Ledger(str(tmp_path / "job")).view()
+    assert view.counts() == {"total": 5, "completed": 4, "failed": 0, "pending": 1}
+    assert [b.id for b in view.pending()] == [bid(4)]
 
 
 def test_torn_complete_marker_reads_as_none(tmp_path):
@@ -180,7 +194,7 @@ def test_corrupted_chunk_raises(tmp_path, monkeypatch):
     chunk.write_text(chunk.read_text().replace("f2.txt", "f9.txt"))
 
     with pytest.raises(LedgerError) as info:
-        ledger.read_manifest()
+        ledger.view().pending()
     assert "chunk-000001.jsonl" in info.value.headline
     assert "corrupted" in info.value.headline
 

@@ -1,0 +1,166 @@
+"""A job dir on Azure Blob (Azurite on 127.0.0.1) against the same job with a local job dir.
+
+The workload is the one Azure's own file samples use: ``mini_batch_size: "1"``, each run()
+reads its one small file and returns one row; 2 workers (one instance, two processes).
+For each --sizes N (default 2,000 and 20,000 files) it runs the job twice on one Ray
+started here, job dir on local disk then on Azurite, and prints side by side:
+
+- ``raypar run`` wall time (the input is local in both: only the job dir differs);
+- objects (files) written under the job dir, and objects per mini-batch;
+- ``raypar status --json`` and ``raypar resume`` of the finished job (nothing to do), each as
+  a fresh CLI process, the way a user runs them.
+
+Each figure is the best of --repeat runs (default 3), local and Azurite alternating, so a
+burst of load on this 2-core machine does not decide a ratio.
+
+Targets (issue 13): object store <= 1.3x local at both sizes; <= 1 object per 20 batches.
+
+    python benchmarks/bench_jobdir_object_store.py [--sizes 2000 20000] [--repeat 3] [--keep] [--verbose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_load, run_raypar, tear_down  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCOUNT = "devstoreaccount1"
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # Azurite's public dev key
+
+ENTRY = """
+import os
+
+def run(mini_batch):
+    return [f"{os.path.basename(p)} {open(p).read().strip()}" for p in mini_batch]
+"""
+
+
+def start_azurite(workdir: str):
+    binary = os.path.join(REPO, "node_modules", ".bin", "azurite-blob")
+    if not os.path.exists(binary):
+        sys.exit(f"{binary} not found: install it with `npm install --no-save --prefix . azurite@3`")
+    log = open(os.path.join(workdir, "azurite.log"), "wb")
+    proc = subprocess.Popen([binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--silent", "--loose",
+                             "--skipApiVersionCheck", "--inMemoryPersistence"],
+                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        match = re.search(rb"listens on https?://127\.0\.0\.1:(\d+)", open(log.name, "rb").read())
+        if match:
+            endpoint = f"http://127.0.0.1:{int(match.group(1))}/{ACCOUNT}"
+            return proc, (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
+                          f"BlobEndpoint={endpoint};")
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit(f"Azurite did not start: {open(log.name).read()}")
+
+
+def spec_for(root: str, count: int) -> dict:
+    data = os.path.join(root, f"data-{count}")
+    if not os.path.isdir(data):
+        for i in range(count):
+            folder = os.path.join(data, f"d{i // 1000:03d}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"f{i:06d}.txt"), "w") as f:
+                f.write(f"value {i}\n")
+    code = os.path.join(root, "code")
+    os.makedirs(code, exist_ok=True)
+    with open(os.path.join(code, "entry.py"), "w") as f:
+        f.write(ENTRY)
+    return {
+        "type": "parallel", "name": "bench-jobdir",
+        "inputs": {"data": {"type": "uri_folder", "path": data}},
+        "outputs": {"out": {"type": "uri_folder", "path": os.path.join(root, f"out-{uuid.uuid4().hex[:6]}")}},
+        "input_data": "${{inputs.data}}", "mini_batch_size": "1",
+        "resources": {"instance_count": 1}, "max_concurrency_per_instance": 2,
+        "retry_settings": {"max_retries": 0, "timeout": 600},
+        "task": {"type": "run_function", "code": code, "entry_script": "entry.py",
+                 "append_row_to": "${{outputs.out}}"},
+        "raypar": {"worker": {"num_cpus": 1}},
+    }
+
+
+def objects_under(job: str, fs) -> int:
+    if job.startswith("az://"):
+        return len(fs.find(job[len("az://"):]))
+    return sum(len(files) for _, _, files in os.walk(job))
+
+
+def cli_seconds(*args) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "raypar.cli", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"raypar {' '.join(args)} failed: {out.stderr}")
+    return time.perf_counter() - started
+
+
+def measure(root: str, count: int, job: str, fs, verbose: bool) -> dict:
+    spec = spec_for(root, count)
+    started = time.perf_counter()
+    outcome = run_raypar(spec, job, verbose)
+    seconds = time.perf_counter() - started
+    if outcome.state.value != "succeeded" or outcome.completed != count:
+        raise RuntimeError(f"{job}: {outcome.state.value} ({outcome.reason})")
+    return {"run": seconds, "objects": objects_under(job, fs),
+            "status": cli_seconds("status", job, "--json"), "resume": cli_seconds("resume", job)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+
+    import fsspec
+    import ray
+
+    root = tempfile.mkdtemp(prefix="raypar-bench-jobdir-")
+    azurite, connection = start_azurite(root)
+    try:
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        fs = fsspec.filesystem("az", connection_string=connection, use_listings_cache=False)
+        fs.mkdir("bench")
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        print(f"{'batches':>8} {'job dir':>8} {'run s':>8} {'per batch':>10} {'objects':>8} {'obj/batch':>9} "
+              f"{'status s':>9} {'resume s':>9}")
+        for count in args.sizes:
+            runs: dict[str, list] = {"local": [], "azurite": []}
+            for attempt in range(args.repeat):
+                for where, job in (("local", os.path.join(root, f"job-{count}-{attempt}")),
+                                   ("azurite", f"az://bench/job-{count}-{attempt}")):
+                    runs[where].append(measure(root, count, job, fs, args.verbose))
+            figures = {where: {k: min(m[k] for m in ms) for k in ms[0]} for where, ms in runs.items()}
+            for where, m in figures.items():
+                print(f"{count:>8,} {where:>8} {m['run']:>8.1f} {1000 * m['run'] / count:>8.1f}ms "
+                      f"{m['objects']:>8,} {m['objects'] / count:>9.3f} {m['status']:>9.2f} {m['resume']:>9.2f}",
+                      flush=True)
+            local, blob = figures["local"], figures["azurite"]
+            print(f"{count:>8,} {'ratio':>8} {blob['run'] / local['run']:>8.2f}x{'':>10} {'':>8} "
+                  f"{'':>9} {blob['status'] / local['status']:>8.2f}x {blob['resume'] / local['resume']:>8.2f}x "
+                  f"(targets: run <= 1.3x, <= 0.05 objects per batch)")
+        print_load()
+        return 0
+    finally:
+        azurite.terminate()
+        azurite.wait(timeout=30)
+        tear_down(root, args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
