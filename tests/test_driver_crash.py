@@ -52,6 +52,14 @@ LAUNCHER = textwrap.dedent("""
                 die()
             return write(self, data, batch)
         outputs._TextSink.write = crashing_write
+    elif point == "compaction":  # the compact's .arrow stored, its .idx (which makes it count) not
+        import raypar.storage as storage
+        write_atomic = storage.Store.write_atomic
+        def crashing_write_atomic(self, data, *parts):
+            if parts[0] == "compact" and parts[-1].endswith(".idx"):
+                die()
+            return write_atomic(self, data, *parts)
+        storage.Store.write_atomic = crashing_write_atomic
     elif point == "after-assembly":  # output published, state not yet written
         set_state = driver._set_state
         def crashing_set_state(ledger_, new, run, reason=""):
@@ -140,3 +148,33 @@ def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(tmp_path):
     assert status["state"] == "failed"
     assert "planning failed: the input changed since this job started planning (mb-0000000 differs)" \
         in status["reason"]
+
+
+@pytest.mark.parametrize("store, point, state", [  # (local, assembly) is above
+    ("azurite", "assembly", "interrupted"), ("local", "compaction", "succeeded"), ("azurite", "compaction", "succeeded")])
+def test_driver_killed_while_assembling_or_compacting_leaves_a_job_that_resumes_exactly(
+        tmp_path, request, monkeypatch, store, point, state):
+    files, log, spec_path = job_files(tmp_path)
+    if store == "azurite":
+        azurite = request.getfixturevalue("azurite")
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+        job = f"az://{azurite.new_container()}/jobs/j1"
+    else:
+        job = str(tmp_path / "job")
+    output = tmp_path / "out" / "parallel_run_step.txt"
+
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point=point)
+
+    assert crashed.returncode == 9, crashed.stderr
+    assert output.exists() == (point == "compaction")  # assembly never leaves a partial output
+    status = json.loads(run_cli(["status", job, "--json"]).stdout)
+    assert (status["state"], status["completed"], status["pending"]) == (state, 5, 0)
+    for p in log.iterdir():
+        p.unlink()
+
+    resumed = run_cli(["resume", job])
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert executed(log) == []  # every batch was stored before the crash: nothing runs again
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert os.listdir(output.parent) == [output.name]

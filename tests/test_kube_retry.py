@@ -192,6 +192,9 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, tmp_path, mon
         holders = {p.read_text() for p in hold.glob("holding-*")}
         assert len(holders) == 2 and holders <= first.node_ids()  # 2 worker pods, never the head
         assert client.get_job_status(submission) == "RUNNING"
+        # The 4 finished batches are stored within raypar.ledger.flush_seconds (1 s), even while
+        # their workers hold the next one; what a cluster loss takes before that runs again.
+        wait_for(lambda: len(Ledger(job_dir).view().done) == 4, "the 4 finished batches to be stored")
         first.kill()
     except BaseException:
         first.shutdown()
