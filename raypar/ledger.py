@@ -41,6 +41,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -63,10 +64,28 @@ from .records import (  # noqa: F401 - re-exported: the ledger's vocabulary
 from .storage import Store
 from .tables import ChunkedLines, DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
 
+log = logging.getLogger("raypar")
+
 FORMAT = 1
 CHUNK_SIZE = 10_000
 LEASE_TTL = 30.0
 SEGMENT_TAIL = 64 * 1024  # bytes read from a segment's end to find its records
+MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges them into one
+
+
+@dataclass
+class _DoneRead:
+    """The done records as read: ``base`` from the compact files, ``fresh`` read since."""
+
+    base: pa.Table
+    fresh: pa.Table
+    coverage: dict
+    covered: dict
+    files: list
+
+    @property
+    def table(self) -> pa.Table:
+        return pa.concat_tables([self.base, self.fresh]) if self.fresh.num_rows else self.base
 
 
 def new_run_id() -> str:
@@ -435,21 +454,23 @@ class Ledger:
 
     def _done_records(self) -> DoneIndex:
         parts = self.store.file_sizes("parts")
-        table, _, _ = self._done_table(parts)
+        table = self._done_table(parts).table
         part_sizes = {os.path.basename(p): size for p, size in parts.items()}
         voided = {_void_key_of(os.path.basename(p)) for p in self.store.list_files("void")}
         return choose(table, part_sizes, voided - {None})
 
     # -- compaction -----------------------------------------------------
 
-    def _done_table(self, parts: Optional[dict] = None) -> tuple:
-        """Every sealed done record (not yet checked against parts), the coverage, and the compact's.
+    def _done_table(self, parts: Optional[dict] = None, base: bool = True) -> "_DoneRead":
+        """Every sealed done record (not yet checked against parts): the compacted ones, the ones
+        read since, and what each covers.
 
         Starts from the newest intact compact file and adds only what it does
         not cover: record files and segment objects it does not name, and
-        segment-file bytes past it. ``parts``: the listing of parts/, if in hand.
+        segment-file bytes past it. ``parts``: the listing of parts/, if in hand. ``base=False``
+        leaves the compact files unread (an incremental compaction needs only what they cover).
         """
-        table, covered = self._latest_compact()
+        base, covered, files = self._latest_compact(load=base)
         coverage, lines = dict(covered), []
         sizes = self.store.file_sizes("done")
         new = [p for p in sizes if p.endswith(".json") and os.path.basename(p) not in covered]
@@ -473,37 +494,67 @@ class Ledger:
                 whole = data[:data.rfind(b"\n") + 1]  # a line being written is read next time
                 lines.extend(b for b in map(_verified, whole.split(b"\n")) if b is not None)
                 coverage[name] = start + len(whole)
-        if lines:
-            table = pa.concat_tables([table, records_table(lines)])
-        return table, coverage, covered
+        fresh = records_table(lines) if lines else empty_table()
+        return _DoneRead(base, fresh, coverage, covered, files)
 
-    def _latest_compact(self) -> tuple:
+    def _latest_compact(self, load: bool = True) -> tuple:
+        """(the compacted records, their coverage, the files holding them) of the newest intact
+        compact index; an index whose files are missing or damaged is passed over for an older one.
+        ``load=False``: the newest sealed index, its files neither read nor checked (no records)."""
         for path in sorted(self.store.list_files("compact"), reverse=True):
             if not path.endswith(".idx"):
                 continue
             index = _unseal(self.store.read_bytes("compact", os.path.basename(path)))
             if index is None:
                 continue
-            try:
-                data = self.store.read_bytes("compact", index["file"])
-            except FileNotFoundError:
-                continue
-            if hashlib.sha256(data).hexdigest() == index["file_sha256"]:
-                return from_ipc(data), index["covers"]
-        return empty_table(), {}
+            files = index.get("files") or [{"file": index["file"], "file_sha256": index["file_sha256"],
+                                            "rows": index.get("rows")}]  # an index of one file (before deltas)
+            if not load:
+                return empty_table(), index["covers"], files
+            paths = [self.store.path("compact", f["file"]) for f in files]
+            data = self.store.read_many(paths)  # concurrently on object stores
+            if all(p in data and hashlib.sha256(data[p]).hexdigest() == f["file_sha256"]
+                   for p, f in zip(paths, files)):
+                tables = [from_ipc(data[p]) for p in paths]
+                return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]), index["covers"], files
+        return empty_table(), {}, []
 
     def compact(self, run: str) -> bool:
-        """Fold every done record read so far into one Arrow file; False if nothing was new."""
-        table, coverage, covered = self._done_table()
-        if coverage == covered:
+        """Fold the done records read since the last compaction into the compact index; False if
+        nothing was new.
+
+        Incremental: the new records go to a delta file of their own, named by the new index next
+        to the files it keeps; once an index would name more than MAX_COMPACT_FILES, everything is
+        merged into one file instead. Files and indexes the new index supersedes are removed.
+        """
+        read = self._done_table(base=False)  # what the compact files cover, not their records
+        if read.coverage == read.covered:
             return False
-        name = f"compact-{new_run_id()}-{run}"
-        data = to_ipc(table.unify_dictionaries().combine_chunks())
-        self.store.write_atomic(data, "compact", f"{name}.arrow")
-        index = {"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(),
-                 "rows": table.num_rows, "covers": coverage}
+        name = f"compact-{_compact_id()}-{run}"
+        merge = len(read.files) + 1 > MAX_COMPACT_FILES
+        if merge:
+            read = self._done_table()
+        table, files = (read.table, []) if merge else (read.fresh, list(read.files))
+        if table.num_rows:
+            data = to_ipc(table.unify_dictionaries().combine_chunks())
+            self.store.write_atomic(data, "compact", f"{name}.arrow")
+            files.append({"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(),
+                          "rows": table.num_rows})
+        index = {"files": files, "rows": sum(f["rows"] or 0 for f in files), "covers": read.coverage}
         self.store.write_atomic(_sealed(index), "compact", f"{name}.idx")  # last: the compact now counts
+        self._remove_superseded(f"{name}.idx", {f["file"] for f in files})
         return True
+
+    def _remove_superseded(self, index: str, kept: set[str]) -> None:
+        """Remove the compact files and indexes older than ``index`` that it does not name (a
+        reader still on one of them falls back to an older index, or to the records)."""
+        for path in self.store.list_files("compact"):
+            name = os.path.basename(path)
+            if name < index and name not in kept:
+                try:
+                    self.store.remove("compact", name)
+                except OSError as exc:  # a leftover costs space, never correctness
+                    log.warning("could not remove the superseded %s: %s", name, exc)
 
     def _failed_records(self) -> dict[str, list[FailedRecord]]:
         out: dict[str, list[FailedRecord]] = {}
@@ -612,6 +663,13 @@ class Ledger:
         current = self.read_lease()
         if current and current.get("run") == run:
             self.store.remove("lease.json")
+
+
+def _compact_id() -> str:
+    """Sorts after every earlier compaction's, even one in the same second (and after the
+    second-resolution IDs of job dirs compacted before): the newest index is the last name."""
+    now = time.time_ns()
+    return time.strftime("r%Y%m%d%H%M%S", time.gmtime(now // 10**9)) + f"{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
 
 
 def _chunk_name(index: int) -> str:

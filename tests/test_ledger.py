@@ -708,7 +708,27 @@ def test_compaction_covers_what_it_read_and_later_appends_still_count(tmp_path):
     assert view.pending() == []
     assert ledger.compact("r2") is True
     assert sorted(Ledger(str(tmp_path / "job")).view().done) == [bid(i) for i in range(6)]
-    assert len([p for p in os.listdir(tmp_path / "job" / "compact") if p.endswith(".idx")]) == 2
+    names = sorted(os.listdir(tmp_path / "job" / "compact"))
+    # Incremental: the second compaction wrote a delta of the 3 new records, its index names both
+    # files, and the first index (superseded) is gone.
+    assert [n.rsplit(".", 1)[1] for n in names] == ["arrow", "arrow", "idx"]
+    index = json.loads((tmp_path / "job" / "compact" / names[2]).read_text())
+    assert [f["rows"] for f in index["files"]] == [3, 3]
+
+
+def test_compaction_merges_its_delta_files_past_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "MAX_COMPACT_FILES", 3)
+    ledger = planned(tmp_path, 8)
+    out = ledger.done_writer("r1~w1")
+    files_per_index = []
+    for i in range(8):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+        assert ledger.compact("r1") is True
+        names = os.listdir(tmp_path / "job" / "compact")
+        assert len([n for n in names if n.endswith(".idx")]) == 1
+        files_per_index.append(len([n for n in names if n.endswith(".arrow")]))
+        assert sorted(Ledger(str(tmp_path / "job")).view().done) == [bid(k) for k in range(i + 1)]
+    assert files_per_index == [1, 2, 3, 1, 2, 3, 1, 2]  # the 4th and 7th compactions merged everything
 
 
 def test_a_corrupted_compact_file_falls_back_to_the_records(tmp_path):
