@@ -423,12 +423,12 @@ def _logs(args) -> int:
     ledger = Ledger(args.target)
     ledger.load_job()
     if not args.batch:
-        files = ledger.log_files()
-        if not files:
+        logs = ledger.worker_logs()
+        if not logs:
             print("raypar: no worker logs yet", file=sys.stderr)
-        for path in files:
-            print(f"==> {path} <==")
-            sys.stdout.write(ledger.store.fs.cat_file(path).decode(errors="replace"))
+        for where, text in logs:
+            print(f"==> {where} <==")
+            sys.stdout.write(text)
         return 0
     view = ledger.view()
     try:

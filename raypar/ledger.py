@@ -18,6 +18,7 @@ Layout (everything JSON; nothing here is ever unpickled or executed)::
                                 naming what it covers): a large job resumes without parsing each
     cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
     logs/<run>~<worker>.log     one worker process's entry-script logging, stdout and stderr
+    logs/<run>~<worker>~NNNNNN.log  object stores: that log, stored in pieces as it grows
     reports/                    derived at the end of each session (see raypar/reports.py)
     state.json                  last state written by the driver holding the lease
     lease.json                  which driver owns the job dir (heartbeat)
@@ -43,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -588,11 +590,22 @@ class Ledger:
     # -- cancel ---------------------------------------------------------
 
     def log_path(self, writer: str) -> Optional[str]:
-        """Local file for a worker's user log; None when the job dir is on object storage."""
+        """Local file for a worker's user log; None when the job dir is on object storage (the
+        worker then stores its log in pieces: raypar.log_shipper)."""
         return self.store.path("logs", f"{writer}.log") if self.store.is_local else None
 
-    def log_files(self) -> list[str]:
-        return [p for p in self.store.list_files("logs") if p.endswith(".log")]
+    def worker_logs(self) -> list[tuple[str, str]]:
+        """(where, text) of each worker's log, in name order. On object stores a worker's log is
+        stored in pieces (``logs/<writer>~NNNNNN.log``, see raypar.log_shipper): joined here."""
+        paths = [p for p in self.store.list_files("logs") if p.endswith(".log")]
+        data = self.store.read_many(paths)
+        logs: dict[str, list] = {}
+        for path in paths:
+            match = _LOG_PIECE.match(os.path.basename(path))
+            name = f"{match.group(1)}.log" if match else os.path.basename(path)
+            logs.setdefault(name, []).append(data.get(path, b""))
+        return [(self.store.url("logs", name), b"".join(pieces).decode(errors="replace"))
+                for name, pieces in sorted(logs.items())]
 
     def request_cancel(self, run: str) -> None:
         """Ask the driver of ``run`` to stop (``raypar cancel``); other runs ignore it."""
@@ -663,6 +676,9 @@ class Ledger:
         current = self.read_lease()
         if current and current.get("run") == run:
             self.store.remove("lease.json")
+
+
+_LOG_PIECE = re.compile(r"^(.+)~(\d{6})\.log$")  # one piece of a worker's log on object storage
 
 
 def _compact_id() -> str:

@@ -87,8 +87,7 @@ def batch_log_sections(ledger: Ledger, batch: str) -> list[tuple[str, str]]:
     or to the end of the file when the worker died mid-batch.
     """
     sections = []
-    for path in ledger.log_files():
-        text = ledger.store.fs.cat_file(path).decode(errors="replace")
+    for path, text in ledger.worker_logs():
         current: Optional[list[str]] = None
         for line in text.splitlines():
             if line.startswith(f"[raypar] begin {batch} "):

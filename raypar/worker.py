@@ -32,6 +32,7 @@ from .credentials import options_for, redact
 from .inputs.base import BatchReader, MiniBatch
 from .inputs.files import cleanup
 from .ledger import Ledger
+from .log_shipper import LogShipper
 from .staging import stage_outputs
 from .records import DoneRecord
 from .outputs import ResultError, count_and_serialize
@@ -81,6 +82,7 @@ class Worker:
         self.module: Any = None
         self.entry_env: Optional[EntryEnvironment] = None
         self.copy_dir: Optional[str] = None  # holds code_copy, this worker's copy of the code folder
+        self.shipper: Optional[LogShipper] = None  # stores the log of an object-store job dir
         self.code_copy = ""
         self.name = f"instance{instance}-slot{slot}"
         self.node = self._node_id()
@@ -122,6 +124,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             error = self._error_text(exc)
             self._remove_copy()  # the scheduler kills this actor next
+            self._close_log()
             return {**info, "ok": False, "stage": stage, "error": error}
         self.started = True
         return {**info, "ok": True}
@@ -172,13 +175,29 @@ class Worker:
     def _capture_user_output(self) -> None:
         """Tee the entry script's stdout/stderr (and so its logging) into the job dir's log."""
         path = self.ledger.log_path(self.writer)
-        if path is None:
-            return  # object-storage job dirs: output stays in Ray's worker logs
+        if path is None:  # object storage: a local spool, stored piece by piece
+            self.shipper = LogShipper(self.ledger.store, self.writer, self.plan["ledger"]["flush_seconds"])
+            path = self.shipper.spool
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.log = open(path, "a", buffering=1)
         self.log.write(f"[raypar] worker {self.name} pid {os.getpid()} node {self.node}\n")
         sys.stdout = _Tee(sys.stdout, self.log)
         sys.stderr = _Tee(sys.stderr, self.log)
+
+    @staticmethod
+    def _flush_log() -> None:
+        for stream in (sys.stdout, sys.stderr):  # the tees: a last print without a newline reaches the log
+            stream.flush()
+
+    def _close_log(self) -> None:
+        """Flush the log and store what is not stored yet."""
+        self._flush_log()
+        if self.shipper is not None:
+            try:
+                self.shipper.close()
+            except Exception as exc:  # noqa: BLE001 - a lost log tail must not fail the job
+                log.warning("could not store the end of this worker's log: %s", exc)
+            self.shipper = None
 
     def _mark(self, text: str) -> None:
         log = getattr(self, "log", None)
@@ -224,8 +243,12 @@ class Worker:
                 "seconds": record.seconds, "index": self.done.written}
 
     def flush(self) -> dict:
-        """Store the buffered done records (the driver asks an idle worker, and at the end)."""
+        """Store the buffered done records, and the log so far (the driver asks an idle worker,
+        and a stopping job before it kills the workers)."""
         self.done.flush()
+        self._flush_log()
+        if self.shipper is not None:
+            self.shipper.ship()
         return self.flushed()
 
     def flushed(self) -> dict:
@@ -251,8 +274,7 @@ class Worker:
             return self._shutdown()
         finally:
             self.done.flush()  # the driver flushed before stopping; this only covers a bug there
-            for stream in (sys.stdout, sys.stderr):  # a last print without a newline reaches the log
-                stream.flush()
+            self._close_log()
             if self.entry_env is not None:
                 self.entry_env.close()
             self._remove_copy()

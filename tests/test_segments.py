@@ -150,3 +150,23 @@ def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(blob,
     assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     view = Ledger(job).view()
     assert len(view.done) == 10
+
+
+def test_worker_logs_are_stored_in_an_object_store_job_dir(ray_cluster, blob, tmp_path):
+    container, fs = blob
+    files = {f"f{i:02d}.txt": ("bad " if i == 3 else "") + f"v{i}" for i in range(8)}
+    spec = make_spec(tmp_path, files, **{"mini_batch_size": "1", "retry_settings.max_retries": 0,
+                                         "resources.instance_count": 1})  # score.py prints "scoring <file>"
+    job = f"az://{container}/jobs/logs"
+
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+
+    assert (outcome.state, outcome.completed, outcome.failed) == (JobState.SUCCEEDED, 7, 1)
+    every = cli("logs", job)
+    assert every.returncode == 0, every.stderr
+    assert sorted(line.split()[1] for line in every.stdout.splitlines() if line.startswith("scoring ")) == \
+        sorted(files)  # each batch's print, once, from the pieces each worker stored
+    assert every.stdout.count(f"==> az://{container}/jobs/logs/logs/") == 2  # one log per worker process
+    failed = cli("logs", job, "--batch", "mb-0000003")
+    assert "ValueError: cannot score f03.txt: bad record" in failed.stdout
+    assert "scoring f03.txt" in failed.stdout  # the attempt's own output, from its worker's log
