@@ -68,7 +68,10 @@ from .tables import ChunkedLines, DoneIndex, Manifest, choose, empty_table, from
 
 log = logging.getLogger("raypar")
 
-FORMAT = 1
+# 2: segment objects on object stores, compact indexes of several files, the chunked manifest.
+# A raypar that reads format 1 only would miss segments and misread indexes: it refuses 2.
+FORMAT = 2
+READS = (1, 2)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
 CHUNK_SIZE = 10_000
 LEASE_TTL = 30.0
 SEGMENT_TAIL = 64 * 1024  # bytes read from a segment's end to find its records
@@ -183,8 +186,10 @@ class Ledger:
             job = json.loads(raw)
             if not isinstance(job, dict):
                 raise ValueError("not an object")
-            if job.get("format") != FORMAT:
-                raise LedgerError(f"{self.url}/job.json: unsupported format {job.get('format')!r}")
+            if job.get("format") not in READS:
+                raise LedgerError(f"{self.url}/job.json: unsupported format {job.get('format')!r} (written by "
+                                  f"raypar {job.get('raypar_version', '?')}; this raypar {__version__} reads "
+                                  f"formats {', '.join(map(str, READS))}): use that raypar or a newer one")
             job["spec"]
         except (ValueError, KeyError, TypeError):
             raise LedgerError(f"{self.url}/job.json: corrupted") from None

@@ -107,10 +107,11 @@ def test_load_job_on_empty_dir(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"format": 1, "spec"', "corrupted"),
     ('{"format": 1}', "corrupted"),
-    ('{"format": 99, "spec": {}}', "unsupported format 99"),
+    ('{"format": 99, "spec": {}, "raypar_version": "9.0"}', r"unsupported format 99 \(written by raypar 9.0; "
+                                                             r"this raypar .* reads formats 1, 2\)"),
     pytest.param("[]", "corrupted"),
 ])
-def test_load_job_corrupted(tmp_path, content, message):
+def test_load_job_corrupted(tmp_path, content, message):  # (and a newer format, refused in one line)
     (tmp_path / "job.json").write_text(content)
     with pytest.raises(LedgerError, match=message):
         Ledger(str(tmp_path)).load_job()
