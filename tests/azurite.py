@@ -38,6 +38,7 @@ class Azurite:
     endpoint: str  # http://127.0.0.1:<port>/devstoreaccount1
     account_name: str = ACCOUNT_NAME
     account_key: str = ACCOUNT_KEY
+    pid: int = 0  # the emulator's process: fault tests freeze it (SIGSTOP) and thaw it (SIGCONT)
     _service: object = field(default=None, repr=False)
 
     @property
@@ -121,7 +122,7 @@ def azurite(tmp_path_factory):
     try:
         deadline = time.monotonic() + START_TIMEOUT
         port = _port_from_log(proc, log, deadline)
-        server = Azurite(endpoint=f"http://127.0.0.1:{port}/{ACCOUNT_NAME}")
+        server = Azurite(endpoint=f"http://127.0.0.1:{port}/{ACCOUNT_NAME}", pid=proc.pid)
         # No retries: a refused connection is answered at once, and the loop polls again.
         service = BlobServiceClient.from_connection_string(server.connection_string, retry_total=0)
         _wait_until_serving(service, proc, log, deadline)

@@ -170,3 +170,36 @@ def test_worker_logs_are_stored_in_an_object_store_job_dir(ray_cluster, blob, tm
     failed = cli("logs", job, "--batch", "mb-0000003")
     assert "ValueError: cannot score f03.txt: bad record" in failed.stdout
     assert "scoring f03.txt" in failed.stdout  # the attempt's own output, from its worker's log
+
+
+def test_azurite_frozen_while_workers_store_segments_ends_with_every_row_once(ray_cluster, azurite, blob, tmp_path):
+    container, fs = blob
+    # Small, frequent segments; one worker holds f20 until the store is frozen.
+    files, log, gate, spec = job_spec(tmp_path, 40, "f20.txt", {"flush_batches": 2, "flush_seconds": 0.2}, **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 2})
+    job = f"az://{container}/jobs/frozen"
+    seen = {}
+
+    def freeze_then_thaw():
+        wait_for(lambda: list(gate.glob("holding-*")), "f20's batch to be held")
+        os.kill(azurite.pid, signal.SIGSTOP)  # every request now waits: PUTs, listings, the lease
+        try:
+            (gate / "release").touch()
+            threading.Event().wait(3.0)  # the fault: the store answers nothing for 3 s
+            seen["runs while frozen"] = len(runs(log))
+        finally:
+            os.kill(azurite.pid, signal.SIGCONT)
+
+    freezer = threading.Thread(target=freeze_then_thaw, daemon=True)
+    freezer.start()
+    try:
+        outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+    finally:
+        freezer.join(timeout=60)
+        os.kill(azurite.pid, signal.SIGCONT)
+
+    assert seen["runs while frozen"] < 40  # the workers were stuck storing a segment, not done
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert sorted(f for _, f in runs(log)) == sorted(files)  # nobody was lost: nothing ran twice
+    assert len(Ledger(job).view().done) == 40
