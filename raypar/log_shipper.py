@@ -2,9 +2,10 @@
 
 An object cannot be appended to, so the worker tees its stdout and stderr into a local spool
 file (as it tees them into ``logs/<writer>.log`` of a local job dir) and stores what is new
-as ``logs/<writer>~NNNNNN.log`` every ``raypar.ledger.flush_seconds`` (a thread), when it stops,
-and when init() fails. `raypar logs` joins the pieces in order (Ledger.worker_logs). A worker
-killed outright loses at most the last interval of its log.
+as ``logs/<writer>~NNNNNN.log`` every SHIP_SECONDS (a thread), whenever the driver asks it to
+store its finished batches (an idle worker, a stopping job), when it stops, and when init()
+fails. `raypar logs` joins the pieces in order (Ledger.worker_logs). A worker killed outright
+loses at most the last SHIP_SECONDS of its log (Ray's own worker log still has it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import threading
 from typing import Optional
 
 PIECE_SUFFIX = ".log"
+# Not flush_seconds: the log grows with every batch (raypar's markers), and a piece a second per
+# worker would be 3,600 objects per worker-hour; one per 30 s is 120, for a log people read.
+SHIP_SECONDS = 30.0
 
 
 def piece_name(writer: str, seq: int) -> str:
@@ -22,7 +26,7 @@ def piece_name(writer: str, seq: int) -> str:
 
 
 class LogShipper:
-    def __init__(self, store, writer: str, seconds: float):
+    def __init__(self, store, writer: str, seconds: float = SHIP_SECONDS):
         self.store, self.writer, self.seconds = store, writer, seconds
         folder = os.path.join(tempfile.gettempdir(), "raypar-logs")
         os.makedirs(folder, exist_ok=True)

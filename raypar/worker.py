@@ -176,7 +176,7 @@ class Worker:
         """Tee the entry script's stdout/stderr (and so its logging) into the job dir's log."""
         path = self.ledger.log_path(self.writer)
         if path is None:  # object storage: a local spool, stored piece by piece
-            self.shipper = LogShipper(self.ledger.store, self.writer, self.plan["ledger"]["flush_seconds"])
+            self.shipper = LogShipper(self.ledger.store, self.writer)
             path = self.shipper.spool
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.log = open(path, "a", buffering=1)
