@@ -60,9 +60,10 @@ from .errors import LeaseHeldError, LedgerError, UsageError
 from .inputs.base import MiniBatch, ordinal_of
 from .state import JobState
 from .records import (  # noqa: F401 - re-exported: the ledger's vocabulary
-    SEGMENT_SUFFIX, DoneRecord, DoneWriter, FailedRecord, ObjectSegmentWriter, SegmentWriter, _sealed, _unseal,
-    _verified, attempt_name, segment_name, segment_records_span,
+    SEGMENT_SUFFIX, DoneRecord, FailedRecord, _sealed, _unseal, _verified, attempt_name, segment_name,
+    segment_records_span,
 )
+from .writers import DoneWriter, ObjectSegmentWriter, SegmentWriter  # noqa: F401 - re-exported
 from .storage import Store
 from .tables import ChunkedLines, DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
 

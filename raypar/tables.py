@@ -11,7 +11,7 @@ parses a planned batch only when it is asked for.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from .inputs.base import MiniBatch, batch_id, ordinal_of
-
-if TYPE_CHECKING:
-    from .records import DoneRecord
+from .records import DoneRecord
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 SCHEMA = pa.schema([
@@ -124,7 +122,7 @@ class DoneIndex(Mapping):
             return self
         return DoneIndex(self.table.filter(pa.array(~np.isin(self.ordinals, ordinals))))
 
-    def __getitem__(self, batch) -> "DoneRecord":
+    def __getitem__(self, batch) -> DoneRecord:
         i = self._row(batch)
         if i is None:
             raise KeyError(batch)
@@ -133,7 +131,7 @@ class DoneIndex(Mapping):
     def __iter__(self) -> Iterator[str]:
         return (batch_id(int(o)) for o in self.ordinals)
 
-    def values(self) -> Iterator["DoneRecord"]:  # in mini-batch order
+    def values(self) -> Iterator[DoneRecord]:  # in mini-batch order
         for chunk in self.table.to_batches(max_chunksize=50_000):
             yield from (_record(row) for row in chunk.to_pylist())
 
@@ -147,9 +145,7 @@ class DoneIndex(Mapping):
         return int(np.maximum(items - returned, 0).sum())
 
 
-def _record(row: dict) -> "DoneRecord":
-    from .records import DoneRecord
-
+def _record(row: dict) -> DoneRecord:
     row = dict(row)
     row["batch"] = batch_id(row.pop("ordinal"))
     return DoneRecord(**row)

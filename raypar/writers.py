@@ -1,0 +1,149 @@
+"""How a worker process stores its done records and rows in the job dir (see raypar/ledger.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Optional
+
+from .records import DoneRecord, _sealed, encode_segment, segment_name
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+
+
+class DoneWriter:
+    """Records finished batches for one worker process: rows first, then the sealed record.
+
+    ``written`` counts the records written, ``durable`` those of them stored (the first
+    ``durable`` in the order written); ``position`` is where a reader finds the records written after that point
+    (see :meth:`raypar.ledger.Ledger.recent_done`).
+    """
+
+    written = 0
+    durable = 0
+    position = 0
+
+    def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
+        raise NotImplementedError
+
+    def due(self) -> bool:
+        """Whether buffered records should be stored now."""
+        return False
+
+    def flush(self) -> None:
+        """Store every buffered record."""
+
+
+class SegmentWriter(DoneWriter):
+    """Local disk: appends rows and records to this worker's own two segment files."""
+
+    def __init__(self, ledger: Ledger, writer: str):
+        self.store, self.name = ledger.store, writer
+        self.rows = self.records = None
+        self.offset = 0
+
+    def _open(self) -> None:
+        for folder in ("parts", "done"):
+            os.makedirs(self.store.path(folder), exist_ok=True)
+        # "xb": the name is this process's alone; an existing file means a bug, never a merge.
+        self.rows = open(self.store.path("parts", f"{self.name}.data"), "xb")
+        self.records = open(self.store.path("done", f"{self.name}.jsonl"), "xb")
+
+    def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
+        if self.records is None:
+            self._open()
+        if rows is not None:
+            self.rows.write(rows)
+            self.rows.flush()  # in the OS before the record that points at it
+            record = replace(record, part=f"{self.name}.data", part_offset=self.offset, part_bytes=len(rows),
+                             part_sha256=hashlib.sha256(rows).hexdigest())
+            self.offset += len(rows)
+        self.records.write(_sealed(record.__dict__) + b"\n")
+        self.records.flush()
+        self.written += 1
+        self.durable += 1
+        self.position = self.records.tell()
+        return record
+
+
+class ObjectSegmentWriter(DoneWriter):
+    """Object stores: buffers finished batches and stores them as one segment object per flush.
+
+    A PUT is atomic and an object cannot be appended to, so per-batch objects would cost two
+    requests per batch (and a listing entry each, forever). A flush happens when ``flush_batches``
+    records or ``flush_bytes`` of rows are buffered, when the oldest buffered record is
+    ``flush_seconds`` old (a thread watches the clock, so a long-running batch does not hold
+    the records of the ones before it), and whenever the driver asks (an idle worker, a stop).
+    """
+
+    def __init__(self, ledger: Ledger, writer: str, limits: dict):
+        self.store, self.writer, self.limits = ledger.store, writer, limits
+        self.rows: list[bytes] = []
+        self.records: list[bytes] = []
+        self.size = 0
+        self.oldest: Optional[float] = None
+        self.lock = threading.Lock()
+        self.failure: Optional[BaseException] = None  # of a flush by the clock thread: raised to the caller
+        self.clock: Optional[threading.Thread] = None
+
+    def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
+        with self.lock:
+            if rows is not None:
+                record = replace(record, part=segment_name(self.writer, self.position), part_offset=self.size,
+                                 part_bytes=len(rows), part_sha256=hashlib.sha256(rows).hexdigest())
+                self.rows.append(rows)
+                self.size += len(rows)
+            self.records.append(_sealed(record.__dict__))
+            self.written += 1
+            if self.oldest is None:
+                self.oldest = time.monotonic()
+            if self._due():
+                self._flush()
+        self._start_clock()
+        return record
+
+    def due(self) -> bool:
+        with self.lock:
+            return self._due()
+
+    def _due(self) -> bool:
+        if not self.records:
+            return False
+        return len(self.records) >= self.limits["flush_batches"] or self.size >= self.limits["flush_bytes"] \
+            or time.monotonic() - self.oldest >= self.limits["flush_seconds"]
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        if not self.records:
+            return
+        data = encode_segment(b"".join(self.rows), self.records)
+        self.store.write_once(data, "parts", segment_name(self.writer, self.position))
+        self.durable += len(self.records)
+        self.position += 1
+        self.rows, self.records, self.size, self.oldest = [], [], 0, None
+
+    def _start_clock(self) -> None:
+        if self.clock is None and 0 < self.limits["flush_seconds"] < float("inf"):
+            self.clock = threading.Thread(target=self._tick, name="raypar-segment-flush", daemon=True)
+            self.clock.start()
+
+    def _tick(self) -> None:
+        period = self.limits["flush_seconds"] / 2
+        while True:
+            time.sleep(period)
+            with self.lock:
+                if self.failure is None and self._due():
+                    try:
+                        self._flush()
+                    except BaseException as exc:  # noqa: BLE001 - the next write or flush raises it
+                        self.failure = exc
