@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import heapq
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,33 @@ class Call:
     started: Optional[float]  # None while queued behind another call on the actor
 
 
+class Unstored:
+    """A worker's done batches whose records it has not stored yet, keyed by their index among its
+    records: confirming the first ``durable`` of them costs O(log n) each, in whatever order the
+    answers were handled."""
+
+    def __init__(self):
+        self.heap: list[tuple[int, int]] = []  # (index, key)
+        self.calls: dict[int, tuple[Call, int]] = {}  # key -> (call, its unreturned items)
+
+    def add(self, call: Call, index: int, unreturned: int) -> None:
+        heapq.heappush(self.heap, (index, id(call)))
+        self.calls[id(call)] = (call, unreturned)
+
+    def confirm(self, durable: int) -> None:
+        while self.heap and self.heap[0][0] <= durable:
+            self.calls.pop(heapq.heappop(self.heap)[1], None)
+
+    def take_all(self) -> list[tuple[Call, int]]:
+        """Every (call, unreturned items), in the order the worker wrote them; empties this."""
+        taken = [self.calls[key] for _, key in sorted(self.heap)]
+        self.heap, self.calls = [], {}
+        return taken
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
 @dataclass(eq=False)
 class Slot:
     """One worker position: instance (node) and slot index; its actor may be replaced."""
@@ -75,9 +103,8 @@ class Slot:
     deaths: int = 0
     node: Optional[str] = None
     calls: collections.deque = field(default_factory=collections.deque)
-    # Done batches whose record the worker has not stored yet (object-store job dirs buffer them):
-    # call -> (its index among the worker's records, its unreturned items).
-    unflushed: dict = field(default_factory=dict)
+    # Done batches whose record the worker has not stored yet (object-store job dirs buffer them).
+    unflushed: Unstored = field(default_factory=Unstored)
     writer: Optional[str] = None  # the worker process's writer name (its segments' prefix)
     durable: int = 0  # its records stored, as last reported
     position: int = 0  # where its records after those are (DoneWriter.position)
@@ -512,13 +539,11 @@ class Scheduler:
         if "durable" not in answer or answer["durable"] < slot.durable:
             return
         slot.durable, slot.position = answer["durable"], answer["position"]
-        for call in [c for c, (index, _) in slot.unflushed.items() if index <= slot.durable]:
-            del slot.unflushed[call]
+        slot.unflushed.confirm(slot.durable)
 
     def _hand_back_unflushed(self, slot: Slot, recorded: set[str]) -> None:
         """The worker is gone: done batches it never stored run again (no try spent)."""
-        lost = [(call, items) for call, (_, items) in slot.unflushed.items() if call.batch.id not in recorded]
-        slot.unflushed.clear()
+        lost = [(call, items) for call, items in slot.unflushed.take_all() if call.batch.id not in recorded]
         for call, items in reversed(lost):
             self.progress.done -= 1
             self.progress.failed_items -= items
@@ -555,7 +580,7 @@ class Scheduler:
             unreturned = max(answer["items"] - answer["returned"], 0)
             self.progress.failed_items += unreturned
             if "index" in answer:
-                slot.unflushed[call] = (answer["index"], unreturned)
+                slot.unflushed.add(call, answer["index"], unreturned)
             self._confirm(slot, answer)
             self._check_thresholds()
         else:
