@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,11 +29,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_load, run_raypar, tear_down  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACCOUNT = "devstoreaccount1"
-KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # Azurite's public dev key
+from common import print_load, run_raypar, start_azurite, tear_down  # noqa: E402
 
 ENTRY = """
 import os
@@ -43,28 +37,6 @@ import os
 def run(mini_batch):
     return [f"{os.path.basename(p)} {open(p).read().strip()}" for p in mini_batch]
 """
-
-
-def start_azurite(workdir: str):
-    binary = os.path.join(REPO, "node_modules", ".bin", "azurite-blob")
-    if not os.path.exists(binary):
-        sys.exit(f"{binary} not found: install it with `npm install --no-save --prefix . azurite@3`")
-    log = open(os.path.join(workdir, "azurite.log"), "wb")
-    proc = subprocess.Popen([binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--silent", "--loose",
-                             "--skipApiVersionCheck", "--inMemoryPersistence"],
-                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        match = re.search(rb"listens on https?://127\.0\.0\.1:(\d+)", open(log.name, "rb").read())
-        if match:
-            endpoint = f"http://127.0.0.1:{int(match.group(1))}/{ACCOUNT}"
-            return proc, (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
-                          f"BlobEndpoint={endpoint};")
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    sys.exit(f"Azurite did not start: {open(log.name).read()}")
 
 
 def spec_for(root: str, count: int) -> dict:

@@ -235,15 +235,17 @@ class Ledger:
         if marker is None:
             return None
         chunks = list(marker["chunks"])
-        if sum(c["count"] for c in chunks) != marker["batches"]:
-            raise LedgerError(f"{self.url}/manifest: the chunks hold {sum(c['count'] for c in chunks)} batches, "
+        planned = sum(c["count"] for c in chunks)
+        if planned != marker["batches"]:
+            raise LedgerError(f"{self.url}/manifest: the chunks hold {planned} batches, "
                               f"COMPLETE.json says {marker['batches']}")
         revisions = []
         for rev in self._revisions():
-            if rev["first"] != sum(c["count"] for c in chunks):
+            if rev["first"] != planned:
                 raise LedgerError(f"{self.url}/manifest/{rev['name']}: adds batches from {rev['first']}, "
-                                  f"the plan has {sum(c['count'] for c in chunks)}")
+                                  f"the plan has {planned}")
             chunks.extend(rev["chunks"])
+            planned += sum(c["count"] for c in rev["chunks"])
             revisions.append([(run["retired"], tuple(run["added"])) for run in rev["runs"]])
         lines = ChunkedLines([c["count"] for c in chunks], lambda indices: self._load_chunks(chunks, indices))
         return Manifest(lines, revisions, planned=marker["batches"])

@@ -207,8 +207,6 @@ class Worker:
     def run_batch(self, batch_json: str, attempt: int) -> dict:
         """Run one mini-batch; on success its part and done record are durable before returning."""
         batch = MiniBatch.from_json(batch_json)
-        if self.done.due():  # what waited flush_seconds is stored before a batch that may run long
-            self.done.flush()
         started = time.time()
         base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name,
                 "started": started}

@@ -30,10 +30,6 @@ class DoneWriter:
     def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
         raise NotImplementedError
 
-    def due(self) -> bool:
-        """Whether buffered records should be stored now."""
-        return False
-
     def flush(self) -> None:
         """Store every buffered record."""
 
@@ -105,10 +101,6 @@ class ObjectSegmentWriter(DoneWriter):
                 self._flush()
         self._start_clock()
         return record
-
-    def due(self) -> bool:
-        with self.lock:
-            return self._due()
 
     def _due(self) -> bool:
         if not self.records:
