@@ -29,7 +29,7 @@ from common import print_load, tear_down  # noqa: E402
 
 BASELINE = r"""
 import json, sys, time
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 started = time.perf_counter()
 ledger = Ledger(sys.argv[1])
 pending = ledger.view(ledger.read_manifest()).pending()
@@ -41,7 +41,7 @@ print(json.dumps({"seconds": seconds, "rss_mib": rss, "n": len(pending)}))
 CHECK = r"""
 import json, sys, time
 from raypar.inputs import check_input
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 from raypar.replan import check_input_files
 from raypar.spec import spec_from_dict
 spec = spec_from_dict(json.loads(sys.argv[2]))
@@ -61,7 +61,7 @@ def spec_dict(data: str, code: str) -> dict:
 
 def build(root: str, files: int) -> tuple[str, dict]:
     from raypar.inputs import check_input, plan_batches
-    from raypar.ledger import Ledger
+    from raypar.jobdir.ledger import Ledger
     from raypar.spec import spec_from_dict
 
     data, code, job = (os.path.join(root, d) for d in ("data", "code", "job"))

@@ -39,7 +39,7 @@ from raypar.driver import COMPACT_EVERY  # noqa: E402
 
 MEASURE = r"""
 import json, sys, time
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 started = time.perf_counter()
 ledger = Ledger(sys.argv[1])
 manifest = ledger.read_manifest()
@@ -52,10 +52,10 @@ print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": len(pending), "
 
 STATUS = r"""
 import json, sys, time
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 started = time.perf_counter()
 ledger = Ledger(sys.argv[1])
-ledger.read_state(), ledger.read_lease()
+ledger.read_state(), ledger.lease.read()
 counts = ledger.view(ledger.read_manifest()).counts()
 seconds = time.perf_counter() - started
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
@@ -65,7 +65,8 @@ print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": counts["pending
 
 def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16) -> None:
     from raypar.inputs.base import MiniBatch
-    from raypar.ledger import DoneRecord, Ledger
+    from raypar.jobdir.ledger import Ledger
+    from raypar.jobdir.records import DoneRecord
 
     ledger = Ledger(job)
     ledger.write_manifest(

@@ -417,7 +417,7 @@ def _print_input_changes(changes) -> None:
 def _logs(args) -> int:
     from .errors import UsageError
     from .inputs.base import ordinal_of
-    from .ledger import Ledger
+    from .jobdir.ledger import Ledger
     from .reports import STATUS_OF_KIND, batch_log_sections
 
     ledger = Ledger(args.target)

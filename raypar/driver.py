@@ -24,7 +24,8 @@ from .errors import LeaseHeldError, RayparError, SpecError, UsageError
 from .console_relay import ConsoleRelay
 from .credentials import options_for, redact, resolve_storage
 from .inputs import check_input, plan_batches
-from .ledger import LEASE_TTL, Ledger, new_run_id
+from .jobdir.ledger import Ledger, new_run_id
+from .jobdir.lease import LEASE_TTL
 from .planning import PlanFeed
 from .inputs.source import open_source
 from .replan import check_input_files, refuse_gone, replan
@@ -201,18 +202,18 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
     job_dir = _normalize_dir(job_dir)
     ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
     ledger.load_job()
-    lease = ledger.read_lease()
-    if not ledger.lease_is_live(lease):
+    lease = ledger.lease.read()
+    if not ledger.lease.is_live(lease):
         state = JobState(ledger.read_state()["state"])
         if state.is_terminal():
             echo(f"raypar: nothing to cancel: the job is {state.value}")
             return state
         run = new_run_id()
-        ledger.acquire_lease(run)
+        ledger.lease.acquire(run)
         try:
             _set_state(ledger, JobState.CANCELED, run, "canceled by `raypar cancel` (no driver was running)")
         finally:
-            ledger.release_lease(run)
+            ledger.lease.release(run)
         echo(f"raypar: canceled (no driver was running); continue it with: raypar resume {ledger.url}")
         return JobState.CANCELED
     ledger.request_cancel(lease["run"])
@@ -238,7 +239,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(LEASE_TTL / 3):
             try:
-                self.ledger.heartbeat(self.run_id)
+                self.ledger.lease.heartbeat(self.run_id)
             except LeaseHeldError as exc:
                 self.lost = exc.headline  # another driver owns the job now: stop ours
                 return
@@ -256,10 +257,10 @@ def claim_lease(ledger: Ledger, run: str, echo: Echo) -> None:
     is alive and we refuse at once.
     """
     try:
-        ledger.acquire_lease(run)
+        ledger.lease.acquire(run)
         return
     except LeaseHeldError:
-        held = ledger.read_lease()
+        held = ledger.lease.read()
         if not held or held.get("host") == socket.gethostname():
             raise  # on this host the lease holder's pid already answered
     ttl = held.get("ttl", LEASE_TTL)
@@ -268,13 +269,13 @@ def claim_lease(ledger: Ledger, run: str, echo: Echo) -> None:
          f"{silent:.0f}s; waiting up to {max(ttl - silent, 0):.0f}s for a live driver's heartbeat")
     while time.time() - held.get("heartbeat", 0) <= ttl:
         time.sleep(min(1.0, ttl / 10))  # one storage read a second, at most
-        current = ledger.read_lease()
+        current = ledger.lease.read()
         if current is None:
             break  # released: the holder finished
         if current.get("run") != held.get("run") or current.get("heartbeat") != held.get("heartbeat"):
-            ledger.acquire_lease(run)  # raises LeaseHeldError naming the live driver
+            ledger.lease.acquire(run)  # raises LeaseHeldError naming the live driver
             return
-    ledger.acquire_lease(run)
+    ledger.lease.acquire(run)
 
 
 def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo, announce: str,
@@ -328,7 +329,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
                 view = _final_view(ledger)
                 _write_reports(ledger, spec, state, reason, view)
             finally:
-                ledger.release_lease(run)
+                ledger.lease.release(run)
     view = view or _final_view(ledger)  # nothing is written after the reports: their view is the final one
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
                    **view.counts())
@@ -451,8 +452,9 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
     from .scheduler import Placement, Progress, Scheduler
 
     spec = session.spec
-    owned = cluster.connect(address, min_cpus=cluster.cpus_for(spec), relay_output=ledger.store.is_local)
-    relay = ConsoleRelay(ledger.store.path("logs"), run, echo) if cluster.output_relayed() else None
+    logs = ledger.store.local_path("logs")  # worker logs the driver can tail, or None (object stores)
+    owned = cluster.connect(address, min_cpus=cluster.cpus_for(spec), relay_output=logs is not None)
+    relay = ConsoleRelay(logs, run, echo) if cluster.output_relayed() else None
     try:
         total = len(view.manifest)
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))

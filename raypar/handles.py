@@ -53,7 +53,7 @@ class LocalJob:
 
     def status(self) -> dict:
         """State and mini-batch counts from the job dir (``planning`` before the job dir exists)."""
-        from .ledger import Ledger
+        from .jobdir.ledger import Ledger
         from .status import job_status
 
         if not self.finished and not Ledger(self.job_dir).exists():
@@ -63,7 +63,7 @@ class LocalJob:
 
     def cancel(self, wait: float = 60.0, echo: Callable[[str], None] = lambda line: None) -> JobState:
         """Stop the driver (it marks the job canceled: resumable) and wait until it has."""
-        from .ledger import Ledger
+        from .jobdir.ledger import Ledger
 
         if self.finished:
             return self.wait().state

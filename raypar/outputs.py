@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
 import sys
 import threading
 from contextlib import closing
@@ -20,14 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from .inputs.base import batch_id, ordinal_of
-from .ledger import Ledger, LedgerView
-from .records import DoneRecord
+from .jobdir.ledger import Ledger, LedgerView
+from .jobdir.records import DoneRecord
+from .jobdir.tables import DoneIndex
 from .storage import atomic_output
-from .tables import DoneIndex
 
 FORMATS = ("text", "csv", "jsonl", "parquet")
 READ_AHEAD = 64 * 1024 * 1024  # bytes of parts read ahead of the writer (and fetched at once from object stores)
-OPEN_FILES = 64  # local segment files kept open while reading parts
 
 
 class ResultError(TypeError):
@@ -260,25 +258,10 @@ def _done_records(view: LedgerView, parts: list) -> list[DoneRecord]:
 def _parts(ledger: Ledger, view: LedgerView, head: Optional[int] = None) -> Iterator[tuple[_Part, bytes]]:
     """(record, its part's bytes, or only the first ``head`` of them) in mini-batch order.
 
-    Local segments are read with pread through one open file each; object
-    stores are read a window at a time, concurrently (fsspec cat_ranges).
+    Read a window at a time (at most READ_AHEAD bytes or 1,024 batches), concurrently on
+    object stores, one span per segment the window touches.
     """
     size = (lambda r: min(r.part_bytes, head)) if head else (lambda r: r.part_bytes)
-    if ledger.store.is_local:
-        files: collections.OrderedDict[str, int] = collections.OrderedDict()  # part file -> fd, LRU
-        try:
-            for record in _done_in_order(view):
-                fd = files.get(record.part)
-                if fd is None:
-                    if len(files) >= OPEN_FILES:
-                        os.close(files.popitem(last=False)[1])
-                    fd = files[record.part] = os.open(ledger.store.path("parts", record.part), os.O_RDONLY)
-                files.move_to_end(record.part)
-                yield record, _pread(fd, size(record), record.part_offset)
-        finally:
-            for fd in files.values():
-                os.close(fd)
-        return
     window, window_bytes = [], 0
     for record in _done_in_order(view):
         window.append(record)
@@ -287,16 +270,6 @@ def _parts(ledger: Ledger, view: LedgerView, head: Optional[int] = None) -> Iter
             yield from _fetch(ledger, window, size)
             window, window_bytes = [], 0
     yield from _fetch(ledger, window, size)
-
-
-def _pread(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:  # one read returns at most ~2 GiB
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            break  # the file is shorter: the sha256 check fails
-        data += more
-    return data
 
 
 def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]:
@@ -319,7 +292,7 @@ def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]
         else:
             spans.extend((part, a, b) for a, b in ranges)
     paths = [ledger.store.path("parts", part) for part, _, _ in spans]
-    got = ledger.store.fs.cat_ranges(paths, [a for _, a, _ in spans], [b for _, _, b in spans], on_error="return")
+    got = ledger.store.read_ranges(paths, [a for _, a, _ in spans], [b for _, _, b in spans])
     data_of: dict[str, list] = collections.defaultdict(list)
     for (part, lo, hi), data in zip(spans, got):
         if isinstance(data, BaseException):
@@ -332,5 +305,5 @@ def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]
 
 
 def _read_range(ledger: Ledger, record: _Part, length: int) -> bytes:
-    path = ledger.store.path("parts", record.part)
-    return ledger.store.fs.cat_file(path, start=record.part_offset, end=record.part_offset + length)
+    return ledger.store.read_range(ledger.store.path("parts", record.part), record.part_offset,
+                                   record.part_offset + length)

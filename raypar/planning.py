@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 from .errors import LedgerError, RayparError
 from .inputs.base import MiniBatch
-from .ledger import CHUNK_SIZE, Ledger
+from .jobdir.ledger import CHUNK_SIZE, Ledger
 
 FLUSH_EVERY = 0.5  # seconds: how long planned batches may wait for their chunk
 

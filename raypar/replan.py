@@ -29,9 +29,9 @@ from .inputs.base import MiniBatch, files_of, files_read_by, plan_source
 from .inputs.source import Source, open_source
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
+    from .jobdir.ledger import Ledger
     from .spec import JobSpec
-    from .tables import Manifest
+    from .jobdir.tables import Manifest
 
 SHOWN = 5  # file names a message lists before "and N more"
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 from .status import failed_items_text
 from .inputs.base import ordinal_of
-from .ledger import Ledger, LedgerView
+from .jobdir.ledger import Ledger, LedgerView
 
 STATUS_OF_KIND = {"user": "exception", "timeout": "timeout", "system": "worker-lost"}
 COLUMNS = ["batch", "run", "attempt", "status", "node", "worker", "started", "seconds",

@@ -33,10 +33,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .errors import PlacementError
 from .inputs.base import MiniBatch
-from .ledger import Ledger
+from .jobdir.ledger import Ledger
 from .metrics import JobMetrics
 from .progress import Snapshot
-from .records import FailedRecord
+from .jobdir.records import FailedRecord
 from .runtime_env import pip_verdict, setup_failure, without_inherited_pip
 from .spec import JobSpec
 from .worker import Worker

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .ledger import Ledger
+from .jobdir.ledger import Ledger
 from .spec import JobSpec, bind
 from .state import JobState
 
@@ -20,8 +20,8 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
     spec = JobSpec.model_validate(job["spec"])
     saved = ledger.read_state()
     state = JobState(saved["state"])
-    lease = ledger.read_lease()
-    driver_alive = ledger.lease_is_live(lease)
+    lease = ledger.lease.read()
+    driver_alive = ledger.lease.is_live(lease)
     if state is JobState.RUNNING and not driver_alive:
         state = JobState.INTERRUPTED
     manifest = ledger.read_manifest()

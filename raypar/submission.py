@@ -155,7 +155,7 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
                   code_dir: Optional[str] = None, shared_paths: tuple[str, ...] = (), env: Optional[dict] = None,
                   echo: Echo = print, api: Optional[JobsApi] = None) -> "SubmittedJob":
     """Submit a driver that continues a job: ``target`` is a submission ID or the job dir URL."""
-    from .ledger import Ledger
+    from .jobdir.ledger import Ledger
 
     api = api or JobsApi(address, headers)
     if is_url(target) or os.path.isabs(target):
@@ -236,7 +236,7 @@ class SubmittedJob:
         """raypar's view from the job dir when it is readable here; else the driver's last progress line."""
         from .status import job_status
 
-        from .ledger import Ledger
+        from .jobdir.ledger import Ledger
 
         info = self.api.info(self.submission_id)
         ray_status = str(info.status.value)

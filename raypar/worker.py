@@ -31,10 +31,10 @@ from .azureml_compat.worker_env import EntryEnvironment
 from .credentials import options_for, redact
 from .inputs.base import BatchReader, MiniBatch
 from .inputs.files import cleanup
-from .ledger import Ledger
-from .log_shipper import LogShipper
+from .jobdir.ledger import Ledger
+from .jobdir.log_shipper import LogShipper
 from .staging import stage_outputs
-from .records import DoneRecord
+from .jobdir.records import DoneRecord
 from .outputs import ResultError, count_and_serialize
 
 log = logging.getLogger("raypar")

@@ -14,7 +14,7 @@ import pytest
 
 import raypar
 from raypar.errors import SpecError
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 from raypar.spec import spec_from_dict
 from raypar.state import JobState
 

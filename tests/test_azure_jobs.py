@@ -12,7 +12,7 @@ import yaml
 
 import raypar
 from raypar.inputs.base import ordinal_of
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 from raypar.state import JobState
 
 from conftest import make_spec, quiet

@@ -337,7 +337,7 @@ def test_cancel_stops_the_job_and_it_resumes_exactly(tmp_path, how):
 
 def test_cancel_of_a_job_without_a_driver_marks_it_canceled(tmp_path):
     spec = make_spec(tmp_path, {"a.txt": "x"}, **{"resources.instance_count": 1})
-    from raypar.ledger import Ledger
+    from raypar.jobdir.ledger import Ledger
     from raypar.spec import spec_from_dict
 
     job = str(tmp_path / "job")

@@ -8,7 +8,7 @@ import pytest
 
 import raypar
 from raypar.errors import PlacementError, UsageError
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 from raypar.state import JobState
 from raypar.status import job_status
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(240)
 # Runs `raypar run` in a fresh interpreter whose CRASH_POINT patch kills the process.
 LAUNCHER = textwrap.dedent("""
     import os, sys
-    import raypar.ledger as ledger
+    import raypar.jobdir.ledger as ledger
     import raypar.outputs as outputs
     import raypar.driver as driver
 
@@ -53,13 +53,13 @@ LAUNCHER = textwrap.dedent("""
             return write(self, data, batch)
         outputs._TextSink.write = crashing_write
     elif point == "compaction":  # the compact's .arrow stored, its .idx (which makes it count) not
-        import raypar.storage as storage
-        write_atomic = storage.Store.write_atomic
+        import raypar.jobdir.store as store
+        write_atomic = store.Store.write_atomic
         def crashing_write_atomic(self, data, *parts):
             if parts[0] == "compact" and parts[-1].endswith(".idx"):
                 die()
             return write_atomic(self, data, *parts)
-        storage.Store.write_atomic = crashing_write_atomic
+        store.Store.write_atomic = crashing_write_atomic
     elif point == "after-assembly":  # output published, state not yet written
         set_state = driver._set_state
         def crashing_set_state(ledger_, new, run, reason=""):

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 import raypar
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 from raypar.state import JobState
 from raypar.status import job_status
 

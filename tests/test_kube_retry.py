@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from raypar.kube import render
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 
 from conftest import ENTRY_DIR, free_port, wait_for
 from kuberay import submitter_command

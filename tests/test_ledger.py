@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import raypar.ledger as ledger_module
+import raypar.jobdir.ledger as ledger_module
 from raypar.errors import LeaseHeldError, LedgerError, UsageError
 from raypar.inputs.base import MiniBatch
-from raypar.ledger import DoneRecord, FailedRecord, Ledger
+from raypar.jobdir.ledger import Ledger
+from raypar.jobdir.records import DoneRecord, FailedRecord
 from raypar.outputs import CorruptPartsError, ResultError, assemble, count_and_serialize
 from raypar.spec import spec_from_dict
 from raypar.state import JobState
@@ -346,68 +347,68 @@ def dead_pid() -> int:
 
 def test_acquire_writes_our_lease(tmp_path):
     ledger = Ledger(str(tmp_path))
-    ledger.acquire_lease("r1")
-    lease = ledger.read_lease()
+    ledger.lease.acquire("r1")
+    lease = ledger.lease.read()
     assert (lease["run"], lease["pid"], lease["host"]) == ("r1", os.getpid(), socket.gethostname())
-    assert ledger.lease_is_live(lease)
-    ledger.acquire_lease("r1")  # the owner may claim again (heartbeat)
+    assert ledger.lease.is_live(lease)
+    ledger.lease.acquire("r1")  # the owner may claim again (heartbeat)
 
 
 def test_second_driver_is_refused_while_the_first_is_live(tmp_path):
-    Ledger(str(tmp_path)).acquire_lease("r1")
+    Ledger(str(tmp_path)).lease.acquire("r1")
     with pytest.raises(LeaseHeldError) as info:
-        Ledger(str(tmp_path)).acquire_lease("r2")
+        Ledger(str(tmp_path)).lease.acquire("r2")
     assert info.value.exit_code == 2
     assert f"pid {os.getpid()}" in info.value.headline
     assert "\n" not in info.value.headline
-    assert Ledger(str(tmp_path)).read_lease()["run"] == "r1"
+    assert Ledger(str(tmp_path)).lease.read()["run"] == "r1"
 
 
 def test_live_lease_on_another_host_is_respected(tmp_path):
     ledger = Ledger(str(tmp_path))
     write_lease(ledger, host="elsewhere", pid=4242)
     with pytest.raises(LeaseHeldError, match="pid 4242 on elsewhere"):
-        ledger.acquire_lease("r2")
+        ledger.lease.acquire("r2")
 
 
 def test_stale_heartbeat_can_be_taken_over(tmp_path):
     ledger = Ledger(str(tmp_path))
     write_lease(ledger, heartbeat=time.time() - 1000)
-    assert not ledger.lease_is_live(ledger.read_lease())
+    assert not ledger.lease.is_live(ledger.lease.read())
 
-    ledger.acquire_lease("r2")
-    assert ledger.read_lease()["run"] == "r2"
+    ledger.lease.acquire("r2")
+    assert ledger.lease.read()["run"] == "r2"
 
 
 def test_dead_pid_on_this_host_can_be_taken_over_immediately(tmp_path):
     ledger = Ledger(str(tmp_path))
     write_lease(ledger, host=socket.gethostname(), pid=dead_pid(), heartbeat=time.time())
-    assert not ledger.lease_is_live(ledger.read_lease())
+    assert not ledger.lease.is_live(ledger.lease.read())
 
-    ledger.acquire_lease("r2")
-    assert ledger.read_lease()["run"] == "r2"
+    ledger.lease.acquire("r2")
+    assert ledger.lease.read()["run"] == "r2"
 
 
 def test_torn_lease_can_be_taken_over(tmp_path):
     (tmp_path / "lease.json").write_text('{"run": "other", "pi')
     ledger = Ledger(str(tmp_path))
-    assert ledger.read_lease() is None
-    ledger.acquire_lease("r2")
-    assert ledger.read_lease()["run"] == "r2"
+    assert ledger.lease.read() is None
+    ledger.lease.acquire("r2")
+    assert ledger.lease.read()["run"] == "r2"
 
 
 def test_heartbeat_does_not_steal_a_lease_taken_over(tmp_path):
     old_driver, new_driver = Ledger(str(tmp_path)), Ledger(str(tmp_path))
-    old_driver.acquire_lease("r1")
+    old_driver.lease.acquire("r1")
     write_lease(old_driver, run="r1", host=socket.gethostname(), pid=os.getpid(),
                 heartbeat=time.time() - 1000)  # r1 stalled past its TTL
-    new_driver.acquire_lease("r2")
+    new_driver.lease.acquire("r2")
 
     try:
-        old_driver.heartbeat("r1")
+        old_driver.lease.heartbeat("r1")
     except LeaseHeldError:
         pass  # refusing loudly is fine; what matters is that r2 keeps the lease
-    assert new_driver.read_lease()["run"] == "r2"
+    assert new_driver.lease.read()["run"] == "r2"
 
 
 def test_two_drivers_racing_for_a_free_lease(tmp_path):
@@ -416,24 +417,24 @@ def test_two_drivers_racing_for_a_free_lease(tmp_path):
     create = second.store.write_new
 
     def rival_first(data, *parts):
-        first.acquire_lease("r1")
+        first.lease.acquire("r1")
         return create(data, *parts)
 
     second.store.write_new = rival_first
     with pytest.raises(LeaseHeldError):
-        second.acquire_lease("r2")
-    assert first.read_lease()["run"] == "r1"
+        second.lease.acquire("r2")
+    assert first.lease.read()["run"] == "r1"
 
 
 def test_release_removes_only_our_own_lease(tmp_path):
     ledger = Ledger(str(tmp_path))
-    ledger.acquire_lease("r1")
+    ledger.lease.acquire("r1")
 
-    ledger.release_lease("r2")
-    assert ledger.read_lease()["run"] == "r1"
+    ledger.lease.release("r2")
+    assert ledger.lease.read()["run"] == "r1"
 
-    ledger.release_lease("r1")
-    assert ledger.read_lease() is None
+    ledger.lease.release("r1")
+    assert ledger.lease.read() is None
     assert not (tmp_path / "lease.json").exists()
 
 
@@ -592,7 +593,7 @@ def test_status_counts(tmp_path):
     fail(ledger, 3, final=False)
     fail(ledger, 4, final=True)
     finish(ledger, 4, run="r2")  # retried on resume and done
-    ledger.acquire_lease("r2")
+    ledger.lease.acquire("r2")
     ledger.write_state(JobState.RUNNING, "r2")
 
     status = job_status(ledger.url)
@@ -760,7 +761,7 @@ def test_a_silent_lease_from_another_host_is_waited_out_then_taken(tmp_path):
     write_lease(ledger, host="lost-head-pod", pid=4242, ttl=2.0)
     said = []
     claim_lease(ledger, "retry", said.append)
-    assert ledger.read_lease()["run"] == "retry"
+    assert ledger.lease.read()["run"] == "retry"
     assert len(said) == 1 and "leased by pid 4242 on lost-head-pod" in said[0]
 
 
@@ -783,4 +784,4 @@ def test_a_beating_lease_from_another_host_is_refused(tmp_path):
     finally:
         stop.set()
         beating.join()
-    assert ledger.read_lease()["run"] == "other"
+    assert ledger.lease.read()["run"] == "other"

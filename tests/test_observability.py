@@ -8,7 +8,7 @@ import ray
 import requests
 
 import raypar
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 from raypar.state import JobState
 
 from conftest import make_spec, quiet, wait_for

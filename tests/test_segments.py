@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import raypar
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 from raypar.state import JobState
 
 from conftest import make_spec, quiet, wait_for

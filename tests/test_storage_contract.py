@@ -1,6 +1,6 @@
 """One storage contract, run on local disk and on Azure Blob (Azurite, the real protocol).
 
-``raypar.storage.Store`` and ``raypar.ledger.Ledger`` must behave the same on
+``raypar.jobdir.store`` and ``raypar.jobdir.ledger.Ledger`` must behave the same on
 both: only a missing file reads as "absent", exclusive creates have exactly
 one winner, and whole-file writes are seen whole or not at all.
 """
@@ -17,9 +17,11 @@ import pytest
 
 from raypar.errors import LeaseHeldError, LedgerError, UsageError
 from raypar.inputs.base import MiniBatch
-from raypar.ledger import Ledger, ObjectSegmentWriter, SegmentWriter
-from raypar.records import DoneRecord, FailedRecord
-from raypar.storage import Store, atomic_output, azure_options_from_env
+from raypar.jobdir.ledger import Ledger
+from raypar.jobdir.records import DoneRecord, FailedRecord
+from raypar.jobdir.store import Store, open_store
+from raypar.jobdir.writers import ObjectSegmentWriter, SegmentWriter
+from raypar.storage import atomic_output, azure_options_from_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,7 +34,7 @@ class Backend:
 
     def store(self, own_client: bool = False) -> Store:
         """A Store; ``own_client`` gives it a filesystem instance of its own, as another process has."""
-        return Store(self.url, self._options(own_client))
+        return open_store(self.url, self._options(own_client))
 
     def ledger(self, own_client: bool = False) -> Ledger:
         return Ledger(self.url, self._options(own_client))
@@ -148,6 +150,27 @@ def test_read_many_skips_absent_files(backend):
     assert store.read_many([]) == {}
 
 
+def test_read_ranges_and_size(backend):
+    store = backend.store()
+    store.write_atomic(b"0123456789", "parts", "seg")
+    present, absent = store.path("parts", "seg"), store.path("parts", "gone")
+    got = store.read_ranges([present, absent, present, present], [2, 0, None, 7], [5, 4, None, None])
+    assert got[0] == b"234" and got[2] == b"0123456789" and got[3] == b"789"
+    assert isinstance(got[1], FileNotFoundError)
+    assert store.read_range(present, 8) == b"89"
+    assert store.size(present) == 10
+    with pytest.raises(FileNotFoundError):
+        store.size(absent)
+
+
+def test_what_the_medium_offers(backend):
+    # Local disk appends in place and has real paths; an object store has neither.
+    store = backend.store()
+    local = backend.name == "local"
+    assert store.appends is local
+    assert (store.local_path("logs") == store.path("logs")) if local else store.local_path("logs") is None
+
+
 def test_remove_of_an_absent_file_is_quiet(backend):
     store = backend.store()
     store.remove("lease.json")
@@ -199,12 +222,12 @@ def test_atomic_output_publishes_nothing_on_error(backend):
 
 def test_an_auth_error_never_reads_as_absent(azurite):
     container = azurite.new_container()
-    good = Store(f"az://{container}/job", {"connection_string": azurite.connection_string})
+    good = open_store(f"az://{container}/job", {"connection_string": azurite.connection_string})
     good.write_atomic(b"{}", "job.json")
     good.write_atomic(b"{}", "done", "a.json")
     wrong_key = base64.b64encode(b"not the key".ljust(64, b"!")).decode()  # well-formed, wrong
     bad_options = {"connection_string": azurite.connection_string.replace(azurite.account_key, wrong_key)}
-    bad = Store(f"az://{container}/job", bad_options)
+    bad = open_store(f"az://{container}/job", bad_options)
 
     for name, call in [
         ("read_bytes of a file", lambda: bad.read_bytes("job.json")),
@@ -225,7 +248,7 @@ def test_an_auth_error_never_reads_as_absent(azurite):
 
 def test_a_malformed_connection_string_is_a_setting_not_a_missing_package():
     with pytest.raises(LedgerError) as info:
-        Store("az://container/job", {"connection_string": "not a connection string"})
+        open_store("az://container/job", {"connection_string": "not a connection string"})
     assert "cannot open 'az://'" in info.value.headline
     assert "pip install" not in info.value.headline
 
@@ -250,7 +273,7 @@ def test_azure_options_from_env_reach_azurite(azurite, monkeypatch):
     options = azure_options_from_env({"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
     for var in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY"):
         monkeypatch.delenv(var, raising=False)  # as on a worker: only the explicit options
-    store = Store(f"az://{azurite.new_container()}/job", options)
+    store = open_store(f"az://{azurite.new_container()}/job", options)
     store.write_atomic(b"hello", "x.txt")
     assert store.read_bytes("x.txt") == b"hello"
 
@@ -292,7 +315,7 @@ def test_ledger_create_once_and_load(backend):
 
 
 def test_ledger_manifest_round_trip(backend, monkeypatch):
-    import raypar.ledger as ledger_module
+    import raypar.jobdir.ledger as ledger_module
 
     monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 3)  # several chunks
     ledger = backend.ledger()
@@ -353,8 +376,7 @@ def test_a_worker_stores_its_done_batches_in_one_segment_per_flush(backend):
     # A segment cut short (a foreign or damaged object) never counts; the others still do.
     if not local:
         path = ledger.store.path("parts", "r1~w1~000001.seg")
-        data = ledger.store.fs.cat_file(path)
-        ledger.store.fs.pipe_file(path, data[:-5])
+        ledger.store.put(path, ledger.store.read_range(path)[:-5])
         assert sorted(backend.ledger(own_client=True).view().done) == [bid(2), bid(5), bid(7)]
 
 
@@ -421,29 +443,29 @@ def test_ledger_compact_then_view(backend):
 
 def test_ledger_lease(backend):
     first, second = backend.ledger(), backend.ledger(own_client=True)
-    assert first.read_lease() is None
+    assert first.lease.read() is None
 
-    first.acquire_lease("r1")
+    first.lease.acquire("r1")
     with pytest.raises(LeaseHeldError, match="another raypar driver"):
-        second.acquire_lease("r2")
-    second.release_lease("r2")  # not its lease: left alone
-    assert first.read_lease()["run"] == "r1"
-    first.heartbeat("r1")
+        second.lease.acquire("r2")
+    second.lease.release("r2")  # not its lease: left alone
+    assert first.lease.read()["run"] == "r1"
+    first.lease.heartbeat("r1")
 
-    first.release_lease("r1")
-    assert first.read_lease() is None
-    second.acquire_lease("r2")
-    assert first.read_lease()["run"] == "r2"
+    first.lease.release("r1")
+    assert first.lease.read() is None
+    second.lease.acquire("r2")
+    assert first.lease.read()["run"] == "r2"
 
 
 def test_ledger_lease_race_has_one_owner(backend):
     ledgers = [backend.ledger(own_client=True) for _ in range(4)]
-    results = race(len(ledgers), lambda i: ledgers[i].acquire_lease(f"r{i}"))
+    results = race(len(ledgers), lambda i: ledgers[i].lease.acquire(f"r{i}"))
 
     winners = [i for i, r in enumerate(results) if r is None]
     assert len(winners) == 1, results
     assert all(isinstance(r, LeaseHeldError) for r in results if r is not None), results
-    assert ledgers[0].read_lease()["run"] == f"r{winners[0]}"
+    assert ledgers[0].lease.read()["run"] == f"r{winners[0]}"
 
 
 def test_ledger_cancel_request(backend):

@@ -15,7 +15,7 @@ import requests
 import yaml
 
 import raypar
-from raypar.ledger import Ledger
+from raypar.jobdir.ledger import Ledger
 
 from conftest import ENTRY_DIR, JOBS_API, free_port, quiet, start_cluster, wait_for
 

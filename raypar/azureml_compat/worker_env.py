@@ -52,11 +52,11 @@ class EntryEnvironment:
         self.profiler = importlib.import_module(profiling_module).Profile() if profiling_module else None
 
     def _kept_folder(self, ledger, storage: dict, *parts: str) -> str:
-        if not ledger.store.is_local:  # an object store cannot be written as a folder: stage it
+        path = ledger.store.local_path(*parts)
+        if path is None:  # an object store cannot be written as a folder: stage it
             staged = StagedOutput(ledger.store.url(*parts), storage)
             self.staged.append(staged)
             return staged.local
-        path = ledger.store.path(*parts)
         try:
             os.makedirs(path, exist_ok=True)
         except FileNotFoundError:  # a worker that ended removed the empty parent between makedirs' mkdirs

@@ -4,7 +4,7 @@ An object cannot be appended to, so the worker tees its stdout and stderr into a
 file (as it tees them into ``logs/<writer>.log`` of a local job dir) and stores what is new
 as ``logs/<writer>~NNNNNN.log`` every SHIP_SECONDS (a thread), whenever the driver asks it to
 store its finished batches (an idle worker, a stopping job), when it stops, and when init()
-fails. `raypar logs` joins the pieces in order (Ledger.worker_logs). A worker killed outright
+fails. `raypar logs` joins the pieces in order (raypar.jobdir.ledger.Ledger.worker_logs). A worker killed outright
 loses at most the last SHIP_SECONDS of its log (Ray's own worker log still has it).
 """
 
@@ -15,14 +15,11 @@ import tempfile
 import threading
 from typing import Optional
 
-PIECE_SUFFIX = ".log"
+from .layout import log_piece_name
+
 # Not flush_seconds: the log grows with every batch (raypar's markers), and a piece a second per
 # worker would be 3,600 objects per worker-hour; one per 30 s is 120, for a log people read.
 SHIP_SECONDS = 30.0
-
-
-def piece_name(writer: str, seq: int) -> str:
-    return f"{writer}~{seq:06d}{PIECE_SUFFIX}"
 
 
 class LogShipper:
@@ -58,7 +55,7 @@ class LogShipper:
                 return
             if not data:
                 return
-            self.store.write_once(data, "logs", piece_name(self.writer, self.seq))
+            self.store.write_once(data, "logs", log_piece_name(self.writer, self.seq))
             self.seq += 1
             self.shipped += len(data)
 

@@ -1,4 +1,6 @@
-"""How a worker process stores its done records and rows in the job dir (see raypar/ledger.py)."""
+"""How a worker process stores its done records and rows in the job dir, and how a reader finds
+what one worker stored: appended segment files where the store appends (local disk), segment
+objects where it does not (object stores). See raypar/jobdir/ledger.py."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ import os
 import threading
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from .records import DoneRecord, _sealed, encode_segment, segment_name
+from .layout import segment_name
+from .records import DoneRecord, _sealed, encode_segment, segment_records_span
+from .store import Store
 
-if TYPE_CHECKING:
-    from .ledger import Ledger
+SEGMENT_TAIL = 64 * 1024  # bytes read from a segment's end to find its records
 
 
 class DoneWriter:
@@ -20,7 +23,7 @@ class DoneWriter:
 
     ``written`` counts the records written, ``durable`` those of them stored (the first
     ``durable`` in the order written); ``position`` is where a reader finds the records written after that point
-    (see :meth:`raypar.ledger.Ledger.recent_done`).
+    (see :meth:`raypar.jobdir.ledger.Ledger.recent_done`).
     """
 
     written = 0
@@ -33,21 +36,33 @@ class DoneWriter:
     def flush(self) -> None:
         """Store every buffered record."""
 
+    @staticmethod
+    def records_after(store: Store, writer: str, position: int) -> list[bytes]:
+        """The record lines ``writer`` stored after ``position`` (torn ones included: the caller checks)."""
+        raise NotImplementedError
+
 
 class SegmentWriter(DoneWriter):
     """Local disk: appends rows and records to this worker's own two segment files."""
 
-    def __init__(self, ledger: Ledger, writer: str):
-        self.store, self.name = ledger.store, writer
+    def __init__(self, store: Store, writer: str, limits: Optional[dict] = None):
+        self.store, self.name = store, writer  # limits: each record is stored as it is written
         self.rows = self.records = None
         self.offset = 0
 
     def _open(self) -> None:
         for folder in ("parts", "done"):
-            os.makedirs(self.store.path(folder), exist_ok=True)
+            os.makedirs(self.store.local_path(folder), exist_ok=True)
         # "xb": the name is this process's alone; an existing file means a bug, never a merge.
-        self.rows = open(self.store.path("parts", f"{self.name}.data"), "xb")
-        self.records = open(self.store.path("done", f"{self.name}.jsonl"), "xb")
+        self.rows = open(self.store.local_path("parts", f"{self.name}.data"), "xb")
+        self.records = open(self.store.local_path("done", f"{self.name}.jsonl"), "xb")
+
+    @staticmethod
+    def records_after(store: Store, writer: str, position: int) -> list[bytes]:
+        try:
+            return store.read_range(store.path("done", f"{writer}.jsonl"), position).split(b"\n")
+        except FileNotFoundError:
+            return []
 
     def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
         if self.records is None:
@@ -76,8 +91,8 @@ class ObjectSegmentWriter(DoneWriter):
     the records of the ones before it), and whenever the driver asks (an idle worker, a stop).
     """
 
-    def __init__(self, ledger: Ledger, writer: str, limits: dict):
-        self.store, self.writer, self.limits = ledger.store, writer, limits
+    def __init__(self, store: Store, writer: str, limits: dict):
+        self.store, self.writer, self.limits = store, writer, limits
         self.rows: list[bytes] = []
         self.records: list[bytes] = []
         self.size = 0
@@ -124,6 +139,19 @@ class ObjectSegmentWriter(DoneWriter):
         self.position += 1
         self.rows, self.records, self.size, self.oldest = [], [], 0, None
 
+    @staticmethod
+    def records_after(store: Store, writer: str, position: int) -> list[bytes]:
+        lines: list[bytes] = []
+        seq = position
+        while True:  # a writer's segments are stored one after the other, numbered from 0
+            path = store.path("parts", segment_name(writer, seq))
+            try:
+                size = store.size(path)
+            except FileNotFoundError:
+                return lines
+            lines.extend(segment_records(store, {path: size}).get(os.path.basename(path), []))
+            seq += 1
+
     def _start_clock(self) -> None:
         if self.clock is None and 0 < self.limits["flush_seconds"] < float("inf"):
             self.clock = threading.Thread(target=self._tick, name="raypar-segment-flush", daemon=True)
@@ -139,3 +167,38 @@ class ObjectSegmentWriter(DoneWriter):
                         self._flush()
                     except BaseException as exc:  # noqa: BLE001 - the next write or flush raises it
                         self.failure = exc
+
+
+def writer_for(store: Store) -> type[DoneWriter]:
+    """How a worker stores its records on ``store``: appended where the store appends."""
+    return SegmentWriter if store.appends else ObjectSegmentWriter
+
+
+def segment_records(store: Store, sizes: dict[str, int]) -> dict[str, list[bytes]]:
+    """{segment name: its sealed record lines} for whole segment objects among ``sizes`` ({path: size}).
+
+    One ranged read of each segment's last 64 KiB, concurrently (the records of about 180
+    batches fit), and a second one of exactly the records where they are longer.
+    """
+    paths = [p for p, size in sizes.items() if size]
+    starts = [max(sizes[p] - SEGMENT_TAIL, 0) for p in paths]
+    tails = store.read_ranges(paths, starts, [sizes[p] for p in paths])
+    out, longer = {}, []
+    for path, start, tail in zip(paths, starts, tails):
+        if isinstance(tail, FileNotFoundError):
+            continue
+        if isinstance(tail, BaseException):
+            raise tail
+        span = segment_records_span(sizes[path], tail)
+        if span is None:
+            continue  # torn, or not a segment: never counted
+        if span[0] >= start:
+            out[os.path.basename(path)] = tail[span[0] - start:span[1] - start].split(b"\n")[:-1]
+        else:
+            longer.append((path, span))
+    blocks = store.read_ranges([p for p, _ in longer], [s for _, (s, _e) in longer], [e for _, (_s, e) in longer])
+    for (path, _), block in zip(longer, blocks):
+        if isinstance(block, BaseException):
+            raise block
+        out[os.path.basename(path)] = block.split(b"\n")[:-1]
+    return out

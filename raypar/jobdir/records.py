@@ -1,6 +1,6 @@
 """Ledger records: their types, how they are sealed and checked, and the segment format.
 
-A leaf module (no raypar imports): the writers that store records are in raypar/writers.py.
+A leaf module (no raypar imports): the writers that store records are in raypar/jobdir/writers.py.
 
 A record is canonical JSON with the sha256 of that JSON appended as its last
 key, so a torn, truncated or edited record is detected from its raw bytes.
@@ -64,10 +64,6 @@ def _unseal_slow(data: bytes) -> Optional[dict]:
     return body if claimed == hashlib.sha256(canonical.encode()).hexdigest() else None
 
 
-def attempt_name(batch: str, run: str, attempt: int) -> str:
-    return f"{batch}~{run}~{attempt}"
-
-
 @dataclass(frozen=True)
 class DoneRecord:
     batch: str
@@ -107,7 +103,6 @@ class FailedRecord:
 # a trailer giving where the records start and how long they are, and a magic word.
 _TRAILER = struct.Struct(">QQ8s")
 SEGMENT_MAGIC = b"rpseg001"
-SEGMENT_SUFFIX = ".seg"
 
 
 def encode_segment(rows: bytes, records: list[bytes]) -> bytes:
@@ -124,7 +119,3 @@ def segment_records_span(size: int, tail: bytes) -> Optional[tuple[int, int]]:
     if magic != SEGMENT_MAGIC or start + length + _TRAILER.size != size:
         return None
     return start, start + length
-
-
-def segment_name(writer: str, seq: int) -> str:
-    return f"{writer}~{seq:06d}{SEGMENT_SUFFIX}"

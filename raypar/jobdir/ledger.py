@@ -1,38 +1,7 @@
 """The job directory: the durable truth about a job, on any fsspec URL.
 
-Layout (everything JSON; nothing here is ever unpickled or executed)::
-
-    job.json                    frozen spec + job identity (written once)
-    spec.yml                    readable copy of the frozen spec (never read back)
-    manifest/chunk-NNNNNN.jsonl the planned mini-batches, one JSON line each, written as planned
-    manifest/COMPLETE.json      written when planning ends: chunk names, counts, checksums
-    done/<run>~<worker>.jsonl   local disk: one worker process's done records, appended
-    parts/<run>~<worker>.data   local disk: that worker's output rows, appended
-    parts/<run>~<worker>~NNNNNN.seg object stores: one flush of a worker: the rows of up to
-                                ``raypar.ledger.flush_batches`` batches, their records, a trailer
-    done/<batch>~<run>~<try>.json   object stores, before segments: one done record per attempt
-    parts/<batch>~<run>~<try>.part  object stores, before segments: one attempt's output rows
-    failed/<batch>~<run>~<try>.json one failed attempt, with the error text
-    void/<batch>~<run>~<try>.json   a done record whose rows failed verification
-    compact/compact-<id>.arrow  every done record read so far, as Arrow columns (+ a sealed .idx
-                                naming what it covers): a large job resumes without parsing each
-    cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
-    logs/<run>~<worker>.log     one worker process's entry-script logging, stdout and stderr
-    logs/<run>~<worker>~NNNNNN.log  object stores: that log, stored in pieces as it grows
-    reports/                    derived at the end of each session (see raypar/reports.py)
-    state.json                  last state written by the driver holding the lease
-    lease.json                  which driver owns the job dir (heartbeat)
-
-Every file has one writer and a name nobody else uses (run ID + worker, or
-run ID + attempt); nothing is ever read-modified-written. A done record is
-sealed with the sha256 of its own content and holds the offset, length and
-sha256 of its rows, which are written first: a record torn by a crash, or
-whose rows are missing, short or different, counts as not done.
-
-Local disk appends to per-worker segment files because creating a file
-costs more than running a small batch; on object stores, where a PUT is
-atomic and appends are not, each worker buffers its finished batches and
-stores them as one segment object per flush (a batch counts once stored).
+The layout and the file names are in raypar/jobdir/layout.py; the store that holds them
+(local disk or an object store) in raypar/jobdir/store.py.
 
 The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
 """
@@ -44,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import time
 import uuid
@@ -55,17 +23,16 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
-from .errors import LeaseHeldError, LedgerError, UsageError
-from .inputs.base import MiniBatch, ordinal_of
-from .state import JobState
-from .records import (  # noqa: F401 - re-exported: the ledger's vocabulary
-    SEGMENT_SUFFIX, DoneRecord, FailedRecord, _sealed, _unseal, _verified, attempt_name, segment_name,
-    segment_records_span,
-)
-from .writers import DoneWriter, ObjectSegmentWriter, SegmentWriter  # noqa: F401 - re-exported
-from .storage import Store
+from .. import __version__
+from ..errors import LedgerError, UsageError
+from ..inputs.base import MiniBatch, ordinal_of
+from ..state import JobState
+from .layout import SEGMENT_SUFFIX, attempt_name, chunk_name, compact_name, inputs_name, log_name, void_key_of
+from .lease import Lease
+from .records import DoneRecord, FailedRecord, _sealed, _unseal, _verified
+from .store import open_store
 from .tables import ChunkedLines, DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
+from .writers import DoneWriter, segment_records, writer_for
 
 log = logging.getLogger("raypar")
 
@@ -74,8 +41,6 @@ log = logging.getLogger("raypar")
 FORMAT = 2
 READS = (1, 2)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
 CHUNK_SIZE = 10_000
-LEASE_TTL = 30.0
-SEGMENT_TAIL = 64 * 1024  # bytes read from a segment's end to find its records
 MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges them into one
 
 
@@ -158,7 +123,8 @@ class Ledger:
 
     def __init__(self, url: str, storage_options: Optional[dict] = None):
         self.url = url.rstrip("/")
-        self.store = Store(self.url, storage_options)
+        self.store = open_store(self.url, storage_options)
+        self.lease = Lease(self.store, self.url)
 
     # -- identity -------------------------------------------------------
 
@@ -219,7 +185,7 @@ class Ledger:
         lines: list[bytes] = []
         for i in range(len(self.store.list_files("manifest")) + 1):
             try:
-                data = self.store.read_bytes("manifest", _chunk_name(i))
+                data = self.store.read_bytes("manifest", chunk_name(i))
             except FileNotFoundError:
                 break
             lines.extend(data.split(b"\n")[:-1])
@@ -345,71 +311,21 @@ class Ledger:
 
     # -- records --------------------------------------------------------
 
-    def done_writer(self, writer: str, limits: Optional[dict] = None) -> "DoneWriter":
+    def done_writer(self, writer: str, limits: Optional[dict] = None) -> DoneWriter:
         """The recorder of one worker process; ``writer`` must be unique to that process.
 
-        ``limits``: when an object-store writer flushes (``raypar.ledger`` in the worker plan);
-        without them it stores each record as it is written.
+        ``limits``: when a writer that buffers (object stores) stores a segment (``raypar.ledger``
+        in the worker plan); without them it stores each record as it is written.
         """
-        if self.store.is_local:
-            return SegmentWriter(self, writer)
-        return ObjectSegmentWriter(self, writer, limits or {"flush_batches": 1, "flush_bytes": 0,
-                                                            "flush_seconds": 0.0})
+        return writer_for(self.store)(self.store, writer, limits or {"flush_batches": 1, "flush_bytes": 0,
+                                                                        "flush_seconds": 0.0})
 
     def recent_done(self, writer: str, position: int) -> set[str]:
         """Batches with a whole done record that ``writer`` stored after ``position`` (its
         ``DoneWriter.position`` when the driver last heard from it): what a lost worker recorded
         that its driver was not told, read without reading anyone else's records."""
-        lines: list[bytes] = []
-        if self.store.is_local:
-            try:
-                with open(self.store.path("done", f"{writer}.jsonl"), "rb") as f:
-                    f.seek(position)
-                    lines = f.read().split(b"\n")
-            except FileNotFoundError:
-                return set()
-        else:
-            seq = position
-            while True:  # a writer's segments are stored one after the other, numbered from 0
-                name = segment_name(writer, seq)
-                try:
-                    size = self.store.fs.info(self.store.path("parts", name))["size"]
-                except FileNotFoundError:
-                    break
-                lines.extend(self._segment_records({self.store.path("parts", name): size}).get(name, []))
-                seq += 1
+        lines = writer_for(self.store).records_after(self.store, writer, position)
         return {json.loads(body)["batch"] for body in map(_verified, lines) if body is not None}
-
-    def _segment_records(self, sizes: dict[str, int]) -> dict[str, list[bytes]]:
-        """{segment name: its sealed record lines} for whole segments among ``sizes`` ({path: size}).
-
-        One ranged read of each segment's last 64 KiB, concurrently (the records of about 180
-        batches fit), and a second one of exactly the records where they are longer.
-        """
-        paths = [p for p, size in sizes.items() if size]
-        if not paths:
-            return {}
-        starts = [max(sizes[p] - SEGMENT_TAIL, 0) for p in paths]
-        tails = self.store.fs.cat_ranges(paths, starts, [sizes[p] for p in paths], on_error="return")
-        out, longer = {}, []
-        for path, start, tail in zip(paths, starts, tails):
-            if isinstance(tail, FileNotFoundError):
-                continue
-            if isinstance(tail, BaseException):
-                raise tail
-            span = segment_records_span(sizes[path], tail)
-            if span is None:
-                continue  # torn, or not a segment: never counted
-            if span[0] >= start:
-                out[os.path.basename(path)] = tail[span[0] - start:span[1] - start].split(b"\n")[:-1]
-            else:
-                longer.append((path, span))
-        if longer:
-            blocks = self.store.fs.cat_ranges([p for p, _ in longer], [s for _, (s, _e) in longer],
-                                              [e for _, (_s, e) in longer], on_error="raise")
-            for (path, _), block in zip(longer, blocks):
-                out[os.path.basename(path)] = block.split(b"\n")[:-1]
-        return out
 
     def write_part(self, name: str, data: bytes) -> str:
         """Write one attempt's rows as their own file (object stores)."""
@@ -432,13 +348,8 @@ class Ledger:
 
     def read_rows(self, record: DoneRecord) -> bytes:
         """The rows a done record names (a whole part file, or a range of a segment)."""
-        path = self.store.path("parts", record.part)
-        if self.store.is_local:
-            with open(path, "rb") as f:
-                f.seek(record.part_offset)
-                return f.read(record.part_bytes)
-        return self.store.fs.cat_file(path, start=record.part_offset,
-                                      end=record.part_offset + record.part_bytes)
+        return self.store.read_range(self.store.path("parts", record.part), record.part_offset,
+                                     record.part_offset + record.part_bytes)
 
     def view(self, manifest: Optional[Sequence[MiniBatch]] = None) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it.
@@ -466,7 +377,7 @@ class Ledger:
         parts = self.store.file_sizes("parts")
         table = self._done_table(parts).table
         part_sizes = {os.path.basename(p): size for p, size in parts.items()}
-        voided = {_void_key_of(os.path.basename(p)) for p in self.store.list_files("void")}
+        voided = {void_key_of(os.path.basename(p)) for p in self.store.list_files("void")}
         return choose(table, part_sizes, voided - {None})
 
     # -- compaction -----------------------------------------------------
@@ -489,18 +400,17 @@ class Ledger:
             if body is not None:  # a torn record is read again next time
                 lines.append(body)
                 coverage[os.path.basename(path)] = sizes[path]
-        if not self.store.is_local:
-            parts = self.store.file_sizes("parts") if parts is None else parts
-            segments = {p: size for p, size in parts.items()
-                        if p.endswith(SEGMENT_SUFFIX) and os.path.basename(p) not in covered}
-            for name, records in self._segment_records(segments).items():
-                lines.extend(b for b in map(_verified, records) if b is not None)
-                coverage[name] = len(records)
+        parts = self.store.file_sizes("parts") if parts is None else parts
+        segments = {p: size for p, size in parts.items()
+                    if p.endswith(SEGMENT_SUFFIX) and os.path.basename(p) not in covered}
+        for name, records in segment_records(self.store, segments).items():  # object stores
+            lines.extend(b for b in map(_verified, records) if b is not None)
+            coverage[name] = len(records)
         for path, size in sizes.items():
             name = os.path.basename(path)
             if name.endswith(".jsonl") and size > covered.get(name, 0):
                 start = covered.get(name, 0)
-                data = self.store.fs.cat_file(path, start=start, end=size)
+                data = self.store.read_range(path, start, size)
                 whole = data[:data.rfind(b"\n") + 1]  # a line being written is read next time
                 lines.extend(b for b in map(_verified, whole.split(b"\n")) if b is not None)
                 coverage[name] = start + len(whole)
@@ -540,7 +450,7 @@ class Ledger:
         read = self._done_table(base=False)  # what the compact files cover, not their records
         if read.coverage == read.covered:
             return False
-        name = f"compact-{_compact_id()}-{run}"
+        name = compact_name(run)
         merge = len(read.files) + 1 > MAX_COMPACT_FILES
         if merge:
             read = self._done_table()
@@ -599,19 +509,17 @@ class Ledger:
 
     def log_path(self, writer: str) -> Optional[str]:
         """Local file for a worker's user log; None when the job dir is on object storage (the
-        worker then stores its log in pieces: raypar.log_shipper)."""
-        return self.store.path("logs", f"{writer}.log") if self.store.is_local else None
+        worker then stores its log in pieces: raypar/jobdir/log_shipper.py)."""
+        return self.store.local_path("logs", f"{writer}.log")
 
     def worker_logs(self) -> list[tuple[str, str]]:
         """(where, text) of each worker's log, in name order. On object stores a worker's log is
-        stored in pieces (``logs/<writer>~NNNNNN.log``, see raypar.log_shipper): joined here."""
+        stored in pieces (``logs/<writer>~NNNNNN.log``, see raypar/jobdir/log_shipper.py): joined here."""
         paths = [p for p in self.store.list_files("logs") if p.endswith(".log")]
         data = self.store.read_many(paths)
         logs: dict[str, list] = {}
         for path in paths:
-            match = _LOG_PIECE.match(os.path.basename(path))
-            name = f"{match.group(1)}.log" if match else os.path.basename(path)
-            logs.setdefault(name, []).append(data.get(path, b""))
+            logs.setdefault(log_name(os.path.basename(path)), []).append(data.get(path, b""))
         return [(self.store.url("logs", name), b"".join(pieces).decode(errors="replace"))
                 for name, pieces in sorted(logs.items())]
 
@@ -622,87 +530,6 @@ class Ledger:
 
     def cancel_requested(self, run: str) -> bool:
         return self.store.exists("cancel", f"{run}.json")
-
-    # -- lease ----------------------------------------------------------
-
-    def read_lease(self) -> Optional[dict]:
-        try:
-            return json.loads(self.store.read_bytes("lease.json"))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return None  # torn lease: its writer died mid-write
-
-    def lease_is_live(self, lease: Optional[dict], now: Optional[float] = None) -> bool:
-        if not lease:
-            return False
-        now = time.time() if now is None else now
-        if now - lease.get("heartbeat", 0) > lease.get("ttl", LEASE_TTL):
-            return False
-        if lease.get("host") == socket.gethostname():
-            return _process_alive(lease.get("pid"), lease.get("pid_started"))
-        return True
-
-    def acquire_lease(self, run: str, ttl: float = LEASE_TTL) -> None:
-        """Claim the job dir for this driver, or raise LeaseHeldError naming the owner.
-
-        A free job dir is claimed with an exclusive create; a stale lease is
-        overwritten and read back. Should two drivers still both take a stale
-        lease, the loser's next heartbeat finds the lease is not its own and
-        stops that driver (see :meth:`heartbeat`).
-        """
-        if self.store.write_new(self._lease_body(run, ttl), "lease.json"):
-            return
-        current = self.read_lease()
-        if current and current.get("run") != run and self.lease_is_live(current):
-            age = time.time() - current.get("heartbeat", 0)
-            raise LeaseHeldError(
-                f"{self.url}: another raypar driver is running this job "
-                f"(pid {current.get('pid')} on {current.get('host')}, heartbeat {age:.0f}s ago); "
-                f"wait for it to finish, or stop that process"
-            )
-        self.store.write_atomic(self._lease_body(run, ttl), "lease.json")
-        confirmed = self.read_lease()
-        if not confirmed or confirmed.get("run") != run:
-            raise LeaseHeldError(f"{self.url}: another raypar driver claimed this job at the same moment")
-
-    def heartbeat(self, run: str, ttl: float = LEASE_TTL) -> None:
-        """Refresh our lease; raise LeaseHeldError if another driver has taken it over."""
-        current = self.read_lease()
-        if current is not None and current.get("run") != run:
-            raise LeaseHeldError(f"{self.url}: the lease was taken over by run {current.get('run')}")
-        self.store.write_atomic(self._lease_body(run, ttl), "lease.json")
-
-    @staticmethod
-    def _lease_body(run: str, ttl: float) -> bytes:
-        return json.dumps({
-            "run": run, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_started": _process_start(os.getpid()), "heartbeat": time.time(), "ttl": ttl,
-        }).encode()
-
-    def release_lease(self, run: str) -> None:
-        current = self.read_lease()
-        if current and current.get("run") == run:
-            self.store.remove("lease.json")
-
-
-_LOG_PIECE = re.compile(r"^(.+)~(\d{6})\.log$")  # one piece of a worker's log on object storage
-
-
-def _compact_id() -> str:
-    """Sorts after every earlier compaction's, even one in the same second (and after the
-    second-resolution IDs of job dirs compacted before): the newest index is the last name."""
-    now = time.time_ns()
-    return time.strftime("r%Y%m%d%H%M%S", time.gmtime(now // 10**9)) + f"{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
-
-
-def _chunk_name(index: int) -> str:
-    return f"chunk-{index:06d}.jsonl"
-
-
-def _inputs_name(index: int) -> str:
-    return f"inputs-{index:06d}.jsonl"
-
 
 def _inputs_lines(versions: dict) -> bytes:
     """Input file versions as JSON lines, in the order the planner met the files."""
@@ -726,12 +553,12 @@ class ManifestWriter:
         index = 0
         self.inputs: dict = {}  # versions of the files the buffered batches read first
         while prefix_lines and self.count < len(prefix_lines):  # describe the chunks already there
-            data = self.store.read_bytes("manifest", _chunk_name(index))
+            data = self.store.read_bytes("manifest", chunk_name(index))
             n = data.count(b"\n")
-            entry = {"name": _chunk_name(index), "count": n, "sha256": hashlib.sha256(data).hexdigest()}
+            entry = {"name": chunk_name(index), "count": n, "sha256": hashlib.sha256(data).hexdigest()}
             try:
-                inputs = self.store.read_bytes("manifest", _inputs_name(index))
-                entry.update(inputs=_inputs_name(index), inputs_sha256=hashlib.sha256(inputs).hexdigest())
+                inputs = self.store.read_bytes("manifest", inputs_name(index))
+                entry.update(inputs=inputs_name(index), inputs_sha256=hashlib.sha256(inputs).hexdigest())
             except FileNotFoundError:
                 pass
             self.chunks.append(entry)
@@ -749,12 +576,12 @@ class ManifestWriter:
         """Write the buffered batches as the next chunk (their input versions first); returns how many."""
         if not self.buffer:
             return 0
-        name = _chunk_name(len(self.chunks))
+        name = chunk_name(len(self.chunks))
         entry: dict = {}
         if self.inputs:
             inputs = _inputs_lines(self.inputs)
-            self.store.write_atomic(inputs, "manifest", _inputs_name(len(self.chunks)))
-            entry = {"inputs": _inputs_name(len(self.chunks)), "inputs_sha256": hashlib.sha256(inputs).hexdigest()}
+            self.store.write_atomic(inputs, "manifest", inputs_name(len(self.chunks)))
+            entry = {"inputs": inputs_name(len(self.chunks)), "inputs_sha256": hashlib.sha256(inputs).hexdigest()}
             self.inputs = {}
         data = ("\n".join(self.buffer) + "\n").encode()
         self.store.write_atomic(data, "manifest", name)
@@ -769,35 +596,3 @@ class ManifestWriter:
         self.flush()
         self.store.write_atomic(_sealed({"batches": self.count, "chunks": self.chunks}), "manifest", "COMPLETE.json")
         return self.count
-
-
-def _void_key_of(name: str) -> Optional[str]:
-    """void/<batch>~<run>~<attempt>.json -> the key tables.choose uses."""
-    try:
-        batch, run, attempt = name[:-len(".json")].split("~")
-        return f"{ordinal_of(batch)}~{run}~{int(attempt)}"
-    except ValueError:
-        return None
-
-
-def _process_start(pid: int) -> Optional[float]:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # psutil missing or process gone: no start time to compare
-        return None
-
-
-def _process_alive(pid: Optional[int], started: Optional[float]) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A recycled pid belongs to a process that started later.
-    now_started = _process_start(pid)
-    return started is None or now_started is None or abs(now_started - started) < 1.0

@@ -2,7 +2,7 @@
 
 Parsing one JSON record costs microseconds; a million of them cost many
 seconds. The driver therefore *compacts* the done records it has read into one
-Arrow file (see :meth:`raypar.ledger.Ledger.compact`), and every in-memory
+Arrow file (see :meth:`raypar.jobdir.ledger.Ledger.compact`), and every in-memory
 view keeps done records as Arrow columns: :class:`DoneIndex` answers "is this
 batch done?" by binary search over sorted ordinals, and :class:`Manifest`
 parses a planned batch only when it is asked for.
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from .inputs.base import MiniBatch, batch_id, ordinal_of
+from ..inputs.base import MiniBatch, batch_id, ordinal_of
 from .records import DoneRecord
 
 _DICT = pa.dictionary(pa.int32(), pa.string())

@@ -1,0 +1,94 @@
+"""Where everything lives in a job dir, and how each file is named.
+
+Everything is JSON or Arrow; nothing here is ever unpickled or executed::
+
+    job.json                    frozen spec + job identity (written once)
+    spec.yml                    readable copy of the frozen spec (never read back)
+    manifest/chunk-NNNNNN.jsonl the planned mini-batches, one JSON line each, written as planned
+    manifest/COMPLETE.json      written when planning ends: chunk names, counts, checksums
+    done/<run>~<worker>.jsonl   local disk: one worker process's done records, appended
+    parts/<run>~<worker>.data   local disk: that worker's output rows, appended
+    parts/<run>~<worker>~NNNNNN.seg object stores: one flush of a worker: the rows of up to
+                                ``raypar.ledger.flush_batches`` batches, their records, a trailer
+    done/<batch>~<run>~<try>.json   object stores, before segments: one done record per attempt
+    parts/<batch>~<run>~<try>.part  object stores, before segments: one attempt's output rows
+    failed/<batch>~<run>~<try>.json one failed attempt, with the error text
+    void/<batch>~<run>~<try>.json   a done record whose rows failed verification
+    compact/compact-<id>.arrow  every done record read so far, as Arrow columns (+ a sealed .idx
+                                naming what it covers): a large job resumes without parsing each
+    cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
+    logs/<run>~<worker>.log     one worker process's entry-script logging, stdout and stderr
+    logs/<run>~<worker>~NNNNNN.log  object stores: that log, stored in pieces as it grows
+    reports/                    derived at the end of each session (see raypar/reports.py)
+    state.json                  last state written by the driver holding the lease
+    lease.json                  which driver owns the job dir (heartbeat)
+
+Every file has one writer and a name nobody else uses (run ID + worker, or
+run ID + attempt); nothing is ever read-modified-written. A done record is
+sealed with the sha256 of its own content and holds the offset, length and
+sha256 of its rows, which are written first: a record torn by a crash, or
+whose rows are missing, short or different, counts as not done.
+
+Local disk appends to per-worker segment files because creating a file
+costs more than running a small batch; on object stores, where a PUT is
+atomic and appends are not, each worker buffers its finished batches and
+stores them as one segment object per flush (a batch counts once stored).
+
+The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Optional
+
+from ..inputs.base import ordinal_of
+
+SEGMENT_SUFFIX = ".seg"
+_LOG_PIECE = re.compile(r"^(.+)~(\d{6})\.log$")  # one piece of a worker's log on object storage
+
+
+def attempt_name(batch: str, run: str, attempt: int) -> str:
+    return f"{batch}~{run}~{attempt}"
+
+
+def segment_name(writer: str, seq: int) -> str:
+    """The ``seq``-th segment object of a worker (numbered from 0, stored one after the other)."""
+    return f"{writer}~{seq:06d}{SEGMENT_SUFFIX}"
+
+
+def log_piece_name(writer: str, seq: int) -> str:
+    return f"{writer}~{seq:06d}.log"
+
+
+def log_name(file_name: str) -> str:
+    """The worker log a file of logs/ belongs to: a piece names its whole log."""
+    match = _LOG_PIECE.match(file_name)
+    return f"{match.group(1)}.log" if match else file_name
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:06d}.jsonl"
+
+
+def inputs_name(index: int) -> str:
+    return f"inputs-{index:06d}.jsonl"
+
+
+def compact_name(run: str) -> str:
+    """Sorts after every earlier compaction's, even one in the same second (and after the
+    second-resolution names of job dirs compacted before): the newest index is the last name."""
+    now = time.time_ns()
+    stamp = time.strftime("r%Y%m%d%H%M%S", time.gmtime(now // 10**9)) + f"{now % 10**9:09d}"
+    return f"compact-{stamp}-{uuid.uuid4().hex[:6]}-{run}"
+
+
+def void_key_of(name: str) -> Optional[str]:
+    """void/<batch>~<run>~<attempt>.json -> the key tables.choose uses."""
+    try:
+        batch, run, attempt = name[:-len(".json")].split("~")
+        return f"{ordinal_of(batch)}~{run}~{int(attempt)}"
+    except ValueError:
+        return None
