@@ -43,7 +43,7 @@ from raypar.jobdir.ledger import Ledger
 started = time.perf_counter()
 ledger = Ledger(sys.argv[1])
 manifest = ledger.read_manifest()
-pending = ledger.view(manifest).pending()
+pending = ledger.view(manifest, lean=True).pending()  # as `raypar resume` plans
 seconds = time.perf_counter() - started
 # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the parent's peak across fork+exec.
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
@@ -56,7 +56,7 @@ from raypar.jobdir.ledger import Ledger
 started = time.perf_counter()
 ledger = Ledger(sys.argv[1])
 ledger.read_state(), ledger.lease.read()
-counts = ledger.view(ledger.read_manifest()).counts()
+counts = ledger.view(ledger.read_manifest(), lean=True).counts()  # as `raypar status` counts
 seconds = time.perf_counter() - started
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": counts["pending"], "total": counts["total"]}))

@@ -296,7 +296,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             manifest = _replan_changed_inputs(ledger, session, manifest, echo)
         if manifest is None:  # planning never finished: plan (again) while running
             prefix = ledger.read_manifest_prefix()
-            done = ledger.view(prefix).done if len(prefix) else frozenset()
+            done = ledger.view(prefix, lean=True).done if len(prefix) else frozenset()
             feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done)
             feed.start()
         stop = _StopSignal(ledger, run, beat)
@@ -360,27 +360,30 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
     """Run what is pending, then assemble; batches whose parts fail verification run again."""
     spec = session.spec
     target = bind(spec).append_row_path
-    view = ledger.view(manifest) if manifest is not None else None
+    # Lean: which batches are done, not where their rows are (a bit per batch, see DoneSet).
+    view = ledger.view(manifest, lean=True) if manifest is not None else None
     for _ in range(MAX_ASSEMBLY_ROUNDS):
         pending = view.pending() if view is not None else []
         if pending or feed is not None:
             total = len(manifest) if manifest is not None else "?"
             echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
                  else "raypar: planning mini-batches while running them")
-            before = view if view is not None else ledger.view(feed.prefix)
+            before = view if view is not None else ledger.view(feed.prefix, lean=True)
             reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed)
             if feed is not None:
                 feed.join()
                 manifest, feed = ledger.read_manifest(), None
                 if manifest is not None and not reason:
                     echo(f"raypar: planned {len(manifest)} mini-batch(es)")
-            view = ledger.view(manifest) if manifest is not None else None
+            view = ledger.view(manifest, lean=not target) if manifest is not None else None
             if reason:
                 return reason, detail, view
             if manifest is None:
                 return "planning did not finish", "", view  # (a planning error is the scheduler's reason)
         if not target:
             return "", "", view
+        if view.lean:
+            view = ledger.view(manifest)  # the records: where each batch's rows are
         try:
             assemble(ledger, view, target, spec.raypar.append_row_format, options_for(target, session.storage))
             return "", "", view
@@ -390,7 +393,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
             for record in exc.records:
                 ledger.void(record, "output part does not match its sha256")
             echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
-            view = ledger.view(manifest)
+            view = ledger.view(manifest, lean=True)
     return "output parts keep failing verification (storage corrupting data?)", "", view
 
 
@@ -501,4 +504,4 @@ class _Reporter:
         self.show = show
 
     def __call__(self, p, final: bool = False) -> None:
-        self.show(p.snapshot(time.time()), final=final)
+        self.show(p.snapshot(time.monotonic()), final=final)

@@ -26,7 +26,8 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         state = JobState.INTERRUPTED
     manifest = ledger.read_manifest()
     planned = manifest is not None
-    view = ledger.view(manifest if planned else ledger.read_manifest_prefix())  # counts so far while planning
+    # Counts so far while planning; lean: which batches are done, not where their rows are.
+    view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True)
     last_errors = []
     for batch in sorted(view.failed_batches())[:errors]:
         record = view.failed[batch][-1]

@@ -753,6 +753,43 @@ def test_compacted_records_are_checked_against_their_rows_again(tmp_path):
     assert [b.id for b in ledger.view().pending()] == [bid(1)]
 
 
+def lean_and_full(ledger: Ledger) -> tuple:
+    """What a resume plans with and status shows, from the lean view and from the full one."""
+    views = [Ledger(ledger.url).view(lean=lean) for lean in (True, False)]
+    return tuple((sorted(v.done), [b.id for b in v.pending()], v.counts(), v.unreturned_items(), v.lean)
+                 for v in views)
+
+
+def test_the_lean_view_agrees_with_the_records(tmp_path, monkeypatch):
+    import raypar.jobdir.tables as tables
+
+    monkeypatch.setattr(tables, "ROWS_PER_BATCH", 2)  # compact files of several record batches
+    ledger = planned(tmp_path, 12)
+    out = ledger.done_writer("r1~w1")
+    for i in range(7):  # batch 3 leaves one item unreturned
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=2, returned=1 if i == 3 else 2,
+                             part=None), f"row {i}\n".encode())
+    ledger.compact("r1")
+    out.write(DoneRecord(batch=bid(2), run="r1", attempt=2, items=2, returned=2, part=None), b"again\n")
+    finish(ledger, 8, run="r2")  # read since the compaction
+    finish(ledger, 9, run="r2")
+    ledger.void(ledger.view().done[bid(5)], "rows changed")  # voided after it was compacted
+    rows = tmp_path / "job" / "parts" / "r1~w1.data"
+    with open(rows, "r+b") as f:  # batch 2's second attempt cut short: its first attempt still counts
+        f.truncate(rows.stat().st_size - 1)
+    fail(ledger, 10, final=True)
+
+    lean, full = lean_and_full(ledger)
+    assert lean[:4] == full[:4] and (lean[4], full[4]) == (True, False)
+    assert lean[0] == [bid(i) for i in (0, 1, 2, 3, 4, 6, 8, 9)]
+    assert lean[3] == 1 and lean[2]["failed"] == 1
+
+    arrow = next(p for p in (tmp_path / "job" / "compact").iterdir() if p.suffix == ".arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-10])  # a damaged compact file: both fall back to the records
+    lean, full = lean_and_full(ledger)
+    assert lean[:4] == full[:4] and lean[0] == [bid(i) for i in (0, 1, 2, 3, 4, 6, 8, 9)]
+
+
 def test_a_silent_lease_from_another_host_is_waited_out_then_taken(tmp_path):
     # A driver lost with its cluster (a KubeRay retry): its lease outlives it until the TTL ends.
     from raypar.driver import claim_lease

@@ -439,6 +439,9 @@ def test_ledger_compact_then_view(backend):
     assert [b.id for b in view.pending()] == [bid(i) for i in (1, 2, 4, 7)]
     for record, rows in records.items():
         assert fresh.read_rows(view.done[record.batch]) == rows
+    lean = backend.ledger(own_client=True).view(lean=True)  # what a resume plans with: no records held
+    assert lean.lean and sorted(lean.done) == sorted(view.done)
+    assert [b.id for b in lean.pending()] == [bid(i) for i in (1, 2, 4, 7)]
 
 
 def test_ledger_lease(backend):

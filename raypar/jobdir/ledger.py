@@ -31,7 +31,10 @@ from .layout import SEGMENT_SUFFIX, attempt_name, chunk_name, compact_name, inpu
 from .lease import Lease
 from .records import DoneRecord, FailedRecord, _sealed, _unseal, _verified
 from .store import open_store
-from .tables import ChunkedLines, DoneIndex, Manifest, choose, empty_table, from_ipc, records_table, to_ipc
+from .tables import (
+    LEAN_COLUMNS, ChunkedLines, DoneIndex, DoneSet, Manifest, choose, empty_table, from_ipc, ipc_batches,
+    records_table, to_ipc,
+)
 from .writers import DoneWriter, segment_records, writer_for
 
 log = logging.getLogger("raypar")
@@ -69,17 +72,20 @@ class LedgerView:
     """A consistent read of the ledger at one moment."""
 
     manifest: Optional[Sequence[MiniBatch]]
-    done: Mapping[str, DoneRecord]  # a DoneIndex when read from the ledger
+    done: Mapping[str, DoneRecord]  # a DoneIndex when read from the ledger, a DoneSet when lean
     failed: dict[str, list[FailedRecord]] = field(default_factory=dict)
+    lean: bool = False  # done is a DoneSet: no records, so nothing to assemble or report from
 
     def pending(self) -> list[MiniBatch]:
         """The resume rule, written once: every planned batch without a done record."""
         if self.manifest is None:
             raise LedgerError("the manifest is incomplete; the job must be planned again")
-        todo = np.ones(len(self.manifest), dtype=bool)
-        done = np.fromiter((ordinal_of(b) for b in self.done), dtype=np.int64) \
-            if not isinstance(self.done, DoneIndex) else self.done.ordinals
-        todo[done[done < len(todo)]] = False
+        if isinstance(self.done, (DoneIndex, DoneSet)):
+            todo = ~self.done.mask(len(self.manifest))
+        else:
+            todo = np.ones(len(self.manifest), dtype=bool)
+            done = np.fromiter((ordinal_of(b) for b in self.done), dtype=np.int64)
+            todo[done[done < len(todo)]] = False
         retired = getattr(self.manifest, "retired", None)
         if retired is not None and len(retired):
             todo[retired] = False
@@ -97,7 +103,7 @@ class LedgerView:
 
     def unreturned_items(self) -> int:
         """Items of done batches that run() did not return a result for (Azure counts them as failed)."""
-        return self.done.failed_items() if isinstance(self.done, DoneIndex) else \
+        return self.done.failed_items() if isinstance(self.done, (DoneIndex, DoneSet)) else \
             sum(r.failed_items for r in self.done.values())
 
     def failed_items(self) -> int:
@@ -351,18 +357,24 @@ class Ledger:
         return self.store.read_range(self.store.path("parts", record.part), record.part_offset,
                                      record.part_offset + record.part_bytes)
 
-    def view(self, manifest: Optional[Sequence[MiniBatch]] = None) -> LedgerView:
+    def view(self, manifest: Optional[Sequence[MiniBatch]] = None, lean: bool = False) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it.
+
+        ``lean``: the done batches as a :class:`DoneSet` (which are done, and their unreturned
+        items), read a record batch at a time: what a resume plans with and ``status`` counts,
+        in a bit and an int per batch. Otherwise every chosen done record (:class:`DoneIndex`),
+        which assembly and the reports need.
 
         Records of batches a revision retired (their input changed) are left out: they never count.
         """
         manifest = manifest if manifest is not None else self.read_manifest()
-        done, failed = self._done_records(), self._failed_records()
+        done = self._done_set(len(manifest) if manifest is not None else 0) if lean else self._done_records()
+        failed = self._failed_records()
         retired = getattr(manifest, "retired", None)
         if retired is not None and len(retired):
             done = done.without(retired)
             failed = {b: r for b, r in failed.items() if not manifest.is_retired(ordinal_of(b))}
-        return LedgerView(manifest=manifest, done=done, failed=failed)
+        return LedgerView(manifest=manifest, done=done, failed=failed, lean=lean)
 
     def _records(self, folder: str) -> Iterator[dict]:
         """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line."""
@@ -374,11 +386,51 @@ class Ledger:
                     yield body
 
     def _done_records(self) -> DoneIndex:
+        parts, part_sizes, voided = self._proof()
+        return choose(self._done_table(parts).table, part_sizes, voided)
+
+    def _done_set(self, size: int) -> DoneSet:
+        """The done batches, from the compact files a record batch at a time (only LEAN_COLUMNS
+        decoded) plus the records read since; a damaged compact file falls back to a full read."""
+        parts, part_sizes, voided = self._proof()
+        read = self._done_table(parts, base=False)
+        done = DoneSet(size)
+        try:
+            for entry in read.files:
+                for batch in self._compact_batches(entry):
+                    done.add(batch, part_sizes, voided)
+        except LedgerError:
+            done = DoneSet(size)
+            done.add(self._done_records().table, part_sizes, voided)  # it passes over damaged files
+            return done
+        done.add(read.fresh, part_sizes, voided)
+        return done
+
+    def _compact_batches(self, entry: dict) -> Iterator:
+        """The record batches of one compact file, checked against its sha256 first (streamed from
+        local disk, so the file is never whole in memory there)."""
+        name = entry["file"]
+        local = self.store.local_path("compact", name)
+        try:
+            if local is not None:
+                with open(local, "rb") as f:
+                    digest, source = hashlib.file_digest(f, "sha256").hexdigest(), local
+            else:
+                source = self.store.read_bytes("compact", name)
+                digest = hashlib.sha256(source).hexdigest()
+        except FileNotFoundError:
+            raise LedgerError(f"{self.url}/compact/{name}: missing") from None
+        if digest != entry["file_sha256"]:
+            raise LedgerError(f"{self.url}/compact/{name}: corrupted (checksum mismatch)")
+        yield from ipc_batches(source, LEAN_COLUMNS)
+
+    def _proof(self) -> tuple[dict, dict, set]:
+        """What a done record is checked against: the listing of parts/ ({path: size}), the
+        sizes by file name, and the voided records' keys."""
         parts = self.store.file_sizes("parts")
-        table = self._done_table(parts).table
         part_sizes = {os.path.basename(p): size for p, size in parts.items()}
         voided = {void_key_of(os.path.basename(p)) for p in self.store.list_files("void")}
-        return choose(table, part_sizes, voided - {None})
+        return parts, part_sizes, voided - {None}
 
     # -- compaction -----------------------------------------------------
 

@@ -52,11 +52,16 @@ def empty_table() -> pa.Table:
     return SCHEMA.empty_table()
 
 
+ROWS_PER_BATCH = 1 << 20  # a compact file holds record batches of this many rows: read one at a time
+# What a resume plans with and `status` counts: DoneSet reads only these columns of a compact file.
+LEAN_COLUMNS = ["ordinal", "run", "attempt", "items", "returned", "part", "part_offset", "part_bytes"]
+
+
 def to_ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with pa.ipc.new_file(sink, table.schema, options=options) as writer:
-        writer.write_table(table)
+        writer.write_table(table, max_chunksize=ROWS_PER_BATCH)
     return sink.getvalue().to_pybytes()
 
 
@@ -64,12 +69,22 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_file(pa.BufferReader(data)).read_all()
 
 
-def choose(table: pa.Table, part_sizes: dict[str, int], voided: set[str]) -> "DoneIndex":
-    """One valid record per batch: its rows exist whole, it is not voided, smallest (run, attempt)."""
-    if table.num_rows == 0:
-        return DoneIndex(table)
-    table = table.unify_dictionaries().combine_chunks()
-    part = table.column("part").chunk(0)
+def ipc_batches(source, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The record batches of a compact file (a path or bytes), with only ``columns`` decoded."""
+    source = pa.OSFile(source) if isinstance(source, str) else pa.BufferReader(source)
+    with source:
+        reader = pa.ipc.open_file(source)
+        fields = [reader.schema.get_field_index(c) for c in columns]
+        reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=fields))
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+
+
+def _valid(table, part_sizes: dict[str, int], voided: set[str]) -> np.ndarray:
+    """Which records of ``table`` (one chunk per column) prove a done batch: their rows exist
+    whole (as far as the sizes of the parts tell) and they were not voided."""
+    part = table.column("part")
+    part = part.chunk(0) if isinstance(part, pa.ChunkedArray) else part
     names = part.dictionary.to_pylist()
     sizes = np.array([part_sizes.get(n, -1) for n in names] + [np.iinfo(np.int64).max], dtype=np.int64)
     index = part.indices.fill_null(len(names)).to_numpy()  # no part (summary only): always whole
@@ -81,7 +96,15 @@ def choose(table: pa.Table, part_sizes: dict[str, int], voided: set[str]) -> "Do
             pc.cast(table.column("attempt"), pa.string()), "~")
         wanted = pa.array(sorted(voided), pa.string())
         keep &= ~pc.is_in(keys, value_set=wanted).to_numpy(zero_copy_only=False)
-    table = table.filter(pa.array(keep))
+    return keep
+
+
+def choose(table: pa.Table, part_sizes: dict[str, int], voided: set[str]) -> "DoneIndex":
+    """One valid record per batch: its rows exist whole, it is not voided, smallest (run, attempt)."""
+    if table.num_rows == 0:
+        return DoneIndex(table)
+    table = table.unify_dictionaries().combine_chunks()
+    table = table.filter(pa.array(_valid(table, part_sizes, voided)))
     if table.num_rows == 0:
         return DoneIndex(table)
     table = table.combine_chunks()
@@ -143,6 +166,77 @@ class DoneIndex(Mapping):
             return 0
         items, returned = self.table.column("items").to_numpy(), self.table.column("returned").to_numpy()
         return int(np.maximum(items - returned, 0).sum())
+
+    def mask(self, size: int) -> np.ndarray:
+        """A bool per ordinal below ``size``: done or not."""
+        out = np.zeros(size, dtype=bool)
+        out[self.ordinals[self.ordinals < size]] = True
+        return out
+
+
+class DoneSet:
+    """Which batches are done, and how many items of each run() left unreturned: all a resume
+    plans with and all ``status`` counts, in a bit and an int32 per batch (a million batches:
+    5 MB). The records themselves (where each batch's rows are) stay on storage until the
+    output is assembled (DoneIndex).
+
+    Built a record batch at a time (:meth:`add`): a compact file of ten million records is never
+    whole in memory. Of several valid records of one batch (a re-run whose first result was
+    also stored) the last added counts, which differs from DoneIndex's choice only in which
+    equal-input attempt's unreturned count is shown.
+    """
+
+    def __init__(self, size: int = 0):
+        self.done = np.zeros(size, dtype=bool)
+        self.unreturned = np.zeros(size, dtype=np.int32)
+
+    def add(self, table, part_sizes: dict[str, int], voided: set[str]) -> None:
+        """Count the valid records of ``table`` (a record batch or table with LEAN_COLUMNS)."""
+        if not table.num_rows:
+            return
+        if isinstance(table, pa.Table):
+            table = table.unify_dictionaries().combine_chunks()
+        keep = _valid(table, part_sizes, voided)
+        ordinals = table.column("ordinal").to_numpy()[keep]
+        unreturned = np.maximum(table.column("items").to_numpy() - table.column("returned").to_numpy(), 0)[keep]
+        top = int(ordinals.max(initial=-1)) + 1
+        if top > len(self.done):
+            self.done = np.concatenate([self.done, np.zeros(top - len(self.done), dtype=bool)])
+            self.unreturned = np.concatenate([self.unreturned, np.zeros(top - len(self.unreturned), np.int32)])
+        self.done[ordinals] = True
+        self.unreturned[ordinals] = unreturned
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.done))
+
+    @property
+    def ordinals(self) -> np.ndarray:
+        return np.flatnonzero(self.done)
+
+    def __contains__(self, batch) -> bool:
+        try:
+            ordinal = ordinal_of(batch)
+        except (TypeError, ValueError):
+            return False
+        return 0 <= ordinal < len(self.done) and bool(self.done[ordinal])
+
+    def __iter__(self) -> Iterator[str]:
+        return (batch_id(int(o)) for o in self.ordinals)
+
+    def without(self, ordinals: np.ndarray) -> "DoneSet":
+        out = DoneSet()
+        out.done, out.unreturned = self.done.copy(), self.unreturned
+        out.done[ordinals[ordinals < len(out.done)]] = False
+        return out
+
+    def failed_items(self) -> int:
+        return int(self.unreturned[self.done].sum())
+
+    def mask(self, size: int) -> np.ndarray:
+        out = np.zeros(size, dtype=bool)
+        n = min(size, len(self.done))
+        out[:n] = self.done[:n]
+        return out
 
 
 def _record(row: dict) -> DoneRecord:
