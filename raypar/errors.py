@@ -33,6 +33,11 @@ class LedgerError(RayparError):
     """The job directory cannot be read or written as a ledger."""
 
 
+class StorageError(RayparError):
+    """Storage could not be reached or refused access (network, authentication): not a wrong
+    spec, and worth trying again once the storage or its credentials are fixed."""
+
+
 class LeaseHeldError(RayparError):
     """Another live driver owns the job directory."""
 

@@ -20,7 +20,8 @@ from .status import failed_items_text
 from .inputs.base import ordinal_of
 from .jobdir.ledger import Ledger, LedgerView
 
-STATUS_OF_KIND = {"user": "exception", "timeout": "timeout", "system": "worker-lost"}
+STATUS_OF_KIND = {"user": "exception", "timeout": "timeout", "system": "worker-lost", "storage": "job-dir-error",
+                  "raypar": "raypar-error"}
 COLUMNS = ["batch", "run", "attempt", "status", "node", "worker", "started", "seconds",
            "items", "succeeded", "error"]
 

@@ -27,16 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError, RuntimeEnvSetupError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError, RuntimeEnvSetupError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from .credentials import describe_error
 from .errors import PlacementError
 from .inputs.base import MiniBatch
 from .jobdir.ledger import Ledger
+from .jobdir.records import FailedRecord
 from .metrics import JobMetrics
 from .progress import Snapshot
-from .jobdir.records import FailedRecord
 from .runtime_env import pip_verdict, setup_failure, without_inherited_pip
 from .spec import JobSpec
 from .worker import Worker
@@ -49,6 +50,7 @@ FAST_BATCH_SECONDS = 0.2  # batches faster than this make the round trip worth h
 MAX_STARTS_PER_SLOT = 3  # init() tries per slot before the slot is given up
 MAX_DEATHS_PER_SLOT = 5  # worker processes lost per slot before the slot is given up
 MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not user tries)
+JOB_DIR_FAILURES_TO_STOP = 3  # raypar's own failures in workers in a row (at least one per slot) that stop the job
 STOP_TIMEOUT = 30.0  # seconds shutdown() may take on each worker
 STORE_ON_STOP_TIMEOUT = 30.0  # seconds a stopped job waits for workers to store the batches they finished
 
@@ -143,7 +145,7 @@ class Progress:
     failed_items: int = 0
     done_before: int = 0  # done by earlier sessions: not part of this session's rate
     planning: bool = False  # the input is still being listed: total grows
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.monotonic)
 
     def rate(self, now: float) -> float:
         return (self.done - self.done_before) / max(now - self.started_at, 1e-9)
@@ -269,6 +271,21 @@ def _worker_actor():
     return ray.remote(Worker)
 
 
+def _cause(exc: RayTaskError) -> str:
+    """One line for an exception raised in a worker's raypar code (its last traceback line)."""
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return describe_error(cause)
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _wall(monotonic: Optional[float]) -> Optional[float]:
+    """The wall-clock time of a monotonic instant of this process (for records people read);
+    the scheduler's own timing is monotonic, so a clock step never times a batch out."""
+    return None if monotonic is None else round(time.time() - (time.monotonic() - monotonic), 3)
+
+
 def _fmt(bundle: dict[str, float]) -> str:
     parts = []
     for k, v in bundle.items():
@@ -308,6 +325,7 @@ class Scheduler:
         self.rows_seen: dict[str, int] = {}  # rows of table batches, as their tries read them
         self.stop_reason: Optional[str] = None
         self.stop_detail: str = ""
+        self.job_dir_failures = 0  # failures of raypar's own work in workers since a worker last stored
         self.last_init_error: Optional[str] = None
         self.last_init_stage = "init()"
         self.metrics = JobMetrics(spec.name or "job", ledger.url)
@@ -321,7 +339,7 @@ class Scheduler:
             for slot in self.slots:
                 self._start(slot)
             while not self._finished():
-                self.step(time.time())
+                self.step(time.monotonic())
             if self.stop_reason is not None and self.may_write():
                 self._store_before_stop()
             self._retire_all(graceful=self.stop_reason is None)
@@ -375,7 +393,7 @@ class Scheduler:
         ready, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_timeout(now))
         if ready:
             ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-        now = time.time()
+        now = time.monotonic()
         for ref in ready:
             if ref in self.starts:
                 self._on_started(self.starts.pop(ref), ref)
@@ -489,6 +507,10 @@ class Scheduler:
         slot.flush_ref = None
         try:
             answer = ray.get(ref)
+        except RayTaskError as exc:  # the flush raised: the job dir could not be written
+            self._on_job_dir_failure(slot, None, f"raypar could not store finished mini-batches in the job dir: "
+                                                 f"{_cause(exc)}", "storage")
+            return
         except RayError as exc:
             self._on_worker_lost(slot, exc, now)
             return
@@ -514,7 +536,7 @@ class Scheduler:
             ready, _ = ray.wait(waiting, num_returns=1, timeout=deadline - time.monotonic())
             if ready:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-            now = time.time()
+            now = time.monotonic()
             for ref in ready:
                 if ref in self.calls:
                     slot, call = self.calls.pop(ref)
@@ -538,6 +560,8 @@ class Scheduler:
         """Forget the done batches the worker reports stored (answers may be handled out of order)."""
         if "durable" not in answer or answer["durable"] < slot.durable:
             return
+        if answer["durable"] > slot.durable:
+            self.job_dir_failures = 0  # the job dir takes writes again
         slot.durable, slot.position = answer["durable"], answer["position"]
         slot.unflushed.confirm(slot.durable)
 
@@ -566,6 +590,9 @@ class Scheduler:
     def _on_answer(self, slot: Slot, call: Call, ref, now: float) -> None:
         try:
             answer = ray.get(ref)
+        except RayTaskError as exc:  # raypar's own code raised in the worker (run() errors are answers)
+            self._on_job_dir_failure(slot, call, f"raypar error in the worker: {_cause(exc)}", "raypar")
+            return
         except RayError as exc:
             self._on_worker_lost(slot, exc, now)
             return
@@ -583,6 +610,8 @@ class Scheduler:
                 slot.unflushed.add(call, answer["index"], unreturned)
             self._confirm(slot, answer)
             self._check_thresholds()
+        elif answer.get("storage"):  # run() succeeded; storing its result did not
+            self._on_job_dir_failure(slot, call, answer["error"], "storage")
         else:
             self._confirm(slot, answer)
             self._on_user_failure(call, answer["error"], "user", slot, started=answer.get("started"),
@@ -604,7 +633,7 @@ class Scheduler:
         final = self.tries[batch.id] >= self.spec.max_tries
         self.ledger.record_failed(FailedRecord(
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
-            final=final, node=slot.node, worker=slot.worker_name, started=started or call.started, items=items,
+            final=final, node=slot.node, worker=slot.worker_name, started=started or _wall(call.started), items=items,
         ))
         last_line = error.strip().splitlines()[-1] if error.strip() else error
         log.warning("%s failed on %s (try %d of %d): %s", batch.id, slot.label,
@@ -634,7 +663,8 @@ class Scheduler:
         if running is not None:
             self._requeue_after_system_failure(running, f"worker lost: {exc}", slot, recorded)
 
-    def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot, recorded: set[str]) -> None:
+    def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot, recorded: set[str],
+                                      kind: str = "system") -> None:
         batch = call.batch
         if batch.id in recorded:
             # The worker recorded the batch before it died: it is done, never rerun.
@@ -643,15 +673,34 @@ class Scheduler:
             return
         self.system_failures[batch.id] += 1
         if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:
-            self._on_user_failure(call, f"{error} ({MAX_SYSTEM_FAILURES_PER_BATCH} workers lost on this batch)",
-                                  "system", slot)
+            what = "workers lost" if kind == "system" else "failures of raypar's own work"
+            self._on_user_failure(call, f"{error} ({MAX_SYSTEM_FAILURES_PER_BATCH} {what} on this batch)",
+                                  kind, slot)
             return
         # Kept for the history (status, reports); not final, so not a failed batch.
         self.ledger.record_failed(FailedRecord(
-            batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind="system",
-            final=False, node=slot.node, worker=slot.worker_name, started=call.started,
+            batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
+            final=False, node=slot.node, worker=slot.worker_name, started=_wall(call.started),
         ))
         self.queue.appendleft((batch, 0))
+
+    def _on_job_dir_failure(self, slot: Slot, call: Optional[Call], error: str, kind: str) -> None:
+        """raypar's own work in a worker failed (storing in the job dir: ``storage``; a raypar bug:
+        ``raypar``): neither one of the user's tries nor a lost worker. The worker is replaced (its
+        writer's state is unknown; what it held unstored runs again) and ``call``'s batch runs again.
+        When the job dir fails every worker in turn with nothing stored in between, the job stops
+        with that error rather than retiring every slot for it."""
+        self.job_dir_failures += 1
+        if call is not None and call in slot.calls:
+            slot.calls.remove(call)
+            self.calls.pop(call.ref, None)
+        running = self._replace(slot, error.splitlines()[0], lost=False)
+        if running is not None:
+            self.queue.appendleft((running.batch, 0))  # killed by us mid-batch: no try spent
+        if call is not None:
+            self._requeue_after_system_failure(call, error, slot, set(), kind=kind)
+        if self.job_dir_failures >= max(JOB_DIR_FAILURES_TO_STOP, len(self.slots)):
+            self._stop(error.splitlines()[0])
 
     def _replace(self, slot: Slot, why: str, lost: bool = True, recorded: Optional[set] = None) -> Optional[Call]:
         """Kill the slot's actor, hand its queued calls and its unstored done batches back (less

@@ -28,13 +28,13 @@ import uuid
 from typing import Any, Optional
 
 from .azureml_compat.worker_env import EntryEnvironment
-from .credentials import options_for, redact
+from .credentials import describe_error, options_for, redact
 from .inputs.base import BatchReader, MiniBatch
 from .inputs.files import cleanup
 from .jobdir.ledger import Ledger
 from .jobdir.log_shipper import LogShipper
-from .staging import stage_outputs
 from .jobdir.records import DoneRecord
+from .staging import stage_outputs
 from .outputs import ResultError, count_and_serialize
 
 log = logging.getLogger("raypar")
@@ -235,7 +235,13 @@ class Worker:
             part=None, node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
             started=round(started, 3),
         )
-        self.done.write(record, rows)  # stored now, or with this worker's next flush
+        try:
+            self.done.write(record, rows)  # stored now, or with this worker's next flush
+        except Exception as exc:  # noqa: BLE001 - the job dir, not run(): never one of the user's tries
+            self._mark(f"end {batch.id} attempt {attempt}: not stored")
+            return {**base, **self.flushed(), "ok": False, "storage": True, "items": items,
+                    "error": f"raypar could not store {batch.id} in the job dir: "
+                             f"{describe_error(exc, self.plan['storage'])}"}
         self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
                 "seconds": record.seconds, "index": self.done.written}

@@ -128,7 +128,7 @@ def test_wrong_credentials_are_one_line_exit_nonzero_and_nothing_written(ray_clu
     result = subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), "--job-dir",
                              f"az://{container}/jobs/x"], capture_output=True, text=True, env=env, timeout=120)
 
-    assert result.returncode != 0
+    assert result.returncode == 1  # the storage refused the key: not a wrong spec (2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "inputs.data" in lines[0] and "authentication failed" in lines[0]

@@ -165,6 +165,49 @@ def test_a_crash_loop_ends_after_the_system_failure_bound(ray_cluster, tmp_path)
     assert [(r.kind, r.final) for r in history] == [("system", False)] * 3 + [("system", True)]
 
 
+def test_a_job_dir_write_that_fails_reruns_the_batch_without_spending_a_try(ray_cluster, tmp_path):
+    # run() succeeded; raypar could not store its result: neither the user's try nor a lost worker.
+    files = texts(6)
+    log, fault = folders(tmp_path, "exec", "fault")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings.max_retries": 0,
+        "task.program_arguments": f"--exec-log {log} --fault f000.txt jobdir-once {fault}",
+    }))
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert output_lines(tmp_path) == expected_rows(files)
+    assert executions(log).count(("f000.txt", "f001.txt")) == 2
+    history = Ledger(str(tmp_path / "job")).view().failed["mb-0000000"]
+    assert [(r.kind, r.final) for r in history] == [("storage", False)]
+    assert history[0].error.startswith("raypar could not store mb-0000000 in the job dir: FileExistsError")
+
+
+def test_a_job_dir_that_cannot_be_written_stops_the_job_resumable(ray_cluster, tmp_path):
+    files = texts(6)
+    fault, = folders(tmp_path, "fault")
+    spec = make_spec(tmp_path, files, **one_worker(**{
+        "retry_settings.max_retries": 0,
+        "task.program_arguments": f"--fault f000.txt jobdir-always {fault}",
+    }))
+    job = str(tmp_path / "job")
+
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+
+    # Every worker in turn failed to store: the job stops naming the job dir, no slot "lost".
+    assert outcome.state is JobState.FAILED
+    assert outcome.reason.startswith("raypar could not store mb-0000000 in the job dir: FileExistsError")
+    assert (outcome.completed, outcome.failed) == (0, 0)
+    history = Ledger(job).view().failed["mb-0000000"]
+    assert {r.kind for r in history} == {"storage"} and not any(r.final for r in history)
+
+    (fault / "off").touch()  # the storage is fixed
+    resumed = raypar.resume(job, echo=quiet).wait()
+    assert resumed.state is JobState.SUCCEEDED and resumed.completed == 3
+    assert output_lines(tmp_path) == expected_rows(files)
+
+
 @pytest.mark.parametrize("lossy_nodes, spare", [(3, True), (2, False)])
 def test_lost_node_moves_its_batch_to_a_live_worker(ray_cluster, tmp_path, caplog, lossy_nodes, spare):
     """Two instances on nodes only this job can use. With a spare node the lost instance is

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import SpecError
 from ..credentials import describe_error, open_fs, redact
+from ..errors import SpecError, StorageError
 from ..storage import is_url
 
 if TYPE_CHECKING:
@@ -108,8 +108,8 @@ def _check_exists(fs, path: str, kind: str, shown: str, where: str) -> None:
         raise SpecError(f"{where}: {shown} not found") from None
     except PermissionError as exc:
         raise SpecError(f"{where}: {shown}: permission denied ({exc})") from None
-    except Exception as exc:  # auth, network: named, never read as "absent"
-        raise SpecError(f"{where}: {redact(shown)}: cannot access ({describe_error(exc)})") from None
+    except Exception as exc:  # auth, network: named, never read as "absent", and not the spec's fault
+        raise StorageError(f"{where}: {redact(shown)}: cannot access ({describe_error(exc)})") from None
     is_file = info.get("type") == "file"
     if kind == "uri_file" and not is_file:
         raise SpecError(f"{where}: {shown}: a uri_file input must be a single file, found a folder")
@@ -223,6 +223,9 @@ class Source:
             raise SpecError(f"{self.url_of(folder)}: input folder not found") from None
         except PermissionError as exc:
             raise SpecError(f"{self.url_of(folder)}: cannot list input folder ({exc.strerror or exc})") from None
+        except Exception as exc:  # auth, network
+            raise StorageError(f"{redact(self.url_of(folder))}: cannot list input folder "
+                               f"({describe_error(exc)})") from None
         for key, name, version in sorted(entries):
             rel = f"{prefix}{name}"
             if version is None:

@@ -18,7 +18,8 @@ import io
 import math
 from typing import Any, Iterator, Optional
 
-from ..errors import SpecError
+from ..credentials import describe_error
+from ..errors import SpecError, StorageError
 from .source import Source, table_format_of
 
 KIND = "table"
@@ -87,14 +88,19 @@ def pieces_of_whole_file(source: Source, name: str) -> dict:
 
 
 def _parquet_meta(source: Source, name: str):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         return pq.read_metadata(_open(source, name))
     except FileNotFoundError:
         raise SpecError(f"{source.url(name)}: input file not found") from None
-    except Exception as exc:  # ArrowInvalid: not parquet, truncated footer
+    except (ValueError, pa.ArrowException) as exc:  # ArrowInvalid: not parquet, truncated footer
+        if isinstance(exc, OSError):
+            raise StorageError(f"{source.url(name)}: cannot read ({describe_error(exc)})") from None
         raise SpecError(f"{source.url(name)}: cannot read as parquet ({exc})") from None
+    except Exception as exc:  # auth, network: the storage, not the file
+        raise StorageError(f"{source.url(name)}: cannot read ({describe_error(exc)})") from None
 
 
 def _parquet_bytes(meta) -> int:

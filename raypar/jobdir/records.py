@@ -91,7 +91,8 @@ class FailedRecord:
     run: str
     attempt: int
     error: str
-    kind: str  # "user" (run() raised), "system" (worker lost), "timeout"
+    kind: str  # "user" (run() raised), "system" (worker lost), "timeout", "storage" (the job dir refused
+    # the result), "raypar" (raypar's own code raised in the worker)
     final: bool  # True when the batch's tries are spent
     node: Optional[str] = None
     worker: Optional[str] = None

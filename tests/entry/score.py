@@ -18,7 +18,9 @@ Arguments (parse_known_args, as Azure scripts do):
                     in flight)
   --fault NAME MODE D  the first run() given file NAME writes D/fault ("<pid> <node id>"), then:
                     hang (sleep for an hour), segfault, or hold (wait to be killed);
-                    segfault-always crashes every attempt (a crash loop)
+                    segfault-always crashes every attempt (a crash loop); jobdir-once and
+                    jobdir-always make raypar's own store of the batch fail (a folder takes the
+                    name of this worker's segment file), unless D/off exists
 """
 
 import argparse
@@ -56,6 +58,13 @@ def init():
 
 def _inject_fault(name, mode, folder):
     marker = os.path.join(folder, "fault")
+    if mode.startswith("jobdir-") and not os.path.exists(os.path.join(folder, "off")):
+        if mode == "jobdir-always" or not os.path.exists(marker):
+            open(marker, "w").close()
+            log_dir = os.environ["RAYPAR_LOG_DIR"]  # <job dir>/logs/user/<run>~<worker>
+            job = os.path.dirname(os.path.dirname(os.path.dirname(log_dir)))
+            os.makedirs(os.path.join(job, "parts", os.path.basename(log_dir) + ".data"), exist_ok=True)
+        return
     if mode == "segfault-always":
         import ctypes
 
