@@ -22,10 +22,10 @@ from typing import Callable, Optional, Union
 
 from .errors import LeaseHeldError, RayparError, SpecError, UsageError
 from .console_relay import ConsoleRelay
-from .credentials import options_for, redact, resolve_storage
+from .credentials import describe_error, options_for, redact, resolve_storage
 from .inputs import check_input, plan_batches
 from .jobdir.ledger import Ledger, new_run_id
-from .jobdir.lease import LEASE_TTL
+from .jobdir.lease import FENCE_FRACTION, LEASE_TTL
 from .planning import PlanFeed
 from .inputs.source import open_source
 from .replan import check_input_files, refuse_gone, replan
@@ -217,8 +217,8 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
         echo(f"raypar: canceled (no driver was running); continue it with: raypar resume {ledger.url}")
         return JobState.CANCELED
     ledger.request_cancel(lease["run"])
-    deadline = time.time() + wait
-    while time.time() < deadline:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
         saved = ledger.read_state()
         if saved.get("run") == lease["run"] and JobState(saved["state"]).is_terminal():
             echo(f"raypar: job {saved['state']}; continue it with: raypar resume {ledger.url}")
@@ -229,62 +229,81 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps the lease fresh while the driver lives; notices when it was taken over."""
+    """Keeps the lease fresh while the driver lives; notices when it was taken over, and fences
+    the driver when it could not renew for FENCE_FRACTION of the TTL (a waiter may take the job
+    once a whole TTL passed without a new generation)."""
 
-    def __init__(self, ledger: Ledger, run: str):
+    def __init__(self, ledger: Ledger, run: str, ttl: float = LEASE_TTL):
         super().__init__(daemon=True, name="raypar-lease")
-        self.ledger, self.run_id, self.stopped = ledger, run, threading.Event()
+        self.ledger, self.run_id, self.ttl, self.stopped = ledger, run, ttl, threading.Event()
+        self.renewed = time.monotonic()  # the lease was taken just before this thread
         self.lost: Optional[str] = None
+        self.error: Optional[str] = None  # the last renewal's failure, if it failed
 
     def run(self) -> None:
-        while not self.stopped.wait(LEASE_TTL / 3):
+        while not self.stopped.wait(self.ttl / 3 if self.error is None else min(self.ttl / 10, 1.0)):
+            if not self.held():
+                return
             try:
-                self.ledger.lease.heartbeat(self.run_id)
+                self.ledger.lease.heartbeat(self.run_id, self.ttl)
+                self.renewed, self.error = time.monotonic(), None
             except LeaseHeldError as exc:
                 self.lost = exc.headline  # another driver owns the job now: stop ours
                 return
-            except Exception as exc:  # storage hiccup: try again next beat
-                log.warning("lease heartbeat failed: %s", exc)
+            except Exception as exc:  # storage hiccup: try again soon, until the fence
+                self.error = describe_error(exc)
+                log.warning("lease heartbeat failed: %s", self.error)
+
+    def held(self) -> bool:
+        """Whether this driver may still write as the lease holder (checked on its own clock, so
+        a driver thawed after SIGSTOP knows before its heartbeat thread runs)."""
+        if self.lost is None and time.monotonic() - self.renewed > self.ttl * FENCE_FRACTION:
+            self.lost = (f"{self.ledger.url}: the lease could not be renewed for "
+                         f"{time.monotonic() - self.renewed:.0f}s ({self.error or 'the driver was paused'}); "
+                         f"stopped so that no two drivers run the job")
+        return self.lost is None
 
 
-def claim_lease(ledger: Ledger, run: str, echo: Echo) -> None:
+def claim_lease(ledger: Ledger, run: str, echo: Echo, ttl: float = LEASE_TTL) -> None:
     """Take the job dir's lease, waiting out one whose holder has gone silent.
 
     A driver lost with its machine (a KubeRay retry on a fresh cluster, a killed VM)
-    leaves a lease that stays live until its TTL runs out. A driver on another host
-    cannot be asked whether it lives, so we watch its heartbeat for the rest of the
-    TTL: if it never moves, the lease is stale and ours; if it moves, that driver
-    is alive and we refuse at once.
+    leaves a lease nobody releases. A driver on another host cannot be asked whether it
+    lives, and its clock is not ours: we watch its lease for a whole TTL of our own
+    monotonic clock. If it never moves, its holder has fenced itself (see _Heartbeat)
+    and the lease is ours; if it moves, that driver is alive and we refuse at once.
     """
     try:
-        ledger.lease.acquire(run)
+        ledger.lease.acquire(run, ttl)
         return
     except LeaseHeldError:
         held = ledger.lease.read()
         if not held or held.get("host") == socket.gethostname():
             raise  # on this host the lease holder's pid already answered
-    ttl = held.get("ttl", LEASE_TTL)
-    silent = time.time() - held.get("heartbeat", 0)
-    echo(f"raypar: {ledger.url} is leased by pid {held.get('pid')} on {held.get('host')}, silent for "
-         f"{silent:.0f}s; waiting up to {max(ttl - silent, 0):.0f}s for a live driver's heartbeat")
-    while time.time() - held.get("heartbeat", 0) <= ttl:
-        time.sleep(min(1.0, ttl / 10))  # one storage read a second, at most
+    wait = held.get("ttl", LEASE_TTL)
+    echo(f"raypar: {ledger.url} is leased by pid {held.get('pid')} on {held.get('host')}; "
+         f"waiting {wait:.0f}s for a sign of life from that driver")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, wait / 10))  # one storage read a second, at most
         current = ledger.lease.read()
         if current is None:
             break  # released: the holder finished
-        if current.get("run") != held.get("run") or current.get("heartbeat") != held.get("heartbeat"):
-            ledger.lease.acquire(run)  # raises LeaseHeldError naming the live driver
+        if (current.get("run"), current.get("generation"), current.get("heartbeat")) != \
+                (held.get("run"), held.get("generation"), held.get("heartbeat")):
+            ledger.lease.acquire(run, ttl)  # raises LeaseHeldError naming the live driver
             return
-    ledger.lease.acquire(run)
+    ledger.lease.acquire(run, ttl, silent=True)
 
 
 def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo, announce: str,
            planned=None) -> Outcome:
     spec = session.spec
     run = new_run_id()
-    claim_lease(ledger, run, echo)
+    ttl = spec.raypar.lease_ttl
+    claim_lease(ledger, run, echo, ttl)
     echo(announce)
-    beat = _Heartbeat(ledger, run)
+    beat = _Heartbeat(ledger, run, ttl)
     beat.start()
     state, reason, detail = JobState.FAILED, "", ""
     manifest = view = feed = None
@@ -318,17 +337,18 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     finally:
         if feed is not None:
             feed.stop()
-        beat.stopped.set()
-        beat.join(timeout=5)
         view = None
-        if beat.lost is None:  # only the lease holder may write the state
-            try:
+        try:
+            if beat.held():  # only the lease holder may write; the heartbeat goes on meanwhile
                 _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
                                                       session.storage))
                 _compact(ledger, run)
                 view = _final_view(ledger)
                 _write_reports(ledger, spec, state, reason, view)
-            finally:
+        finally:
+            beat.stopped.set()
+            beat.join(timeout=5)
+            if beat.held():
                 ledger.lease.release(run)
     view = view or _final_view(ledger)  # nothing is written after the reports: their view is the final one
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
@@ -405,16 +425,16 @@ class _StopSignal:
         self.canceled, self.checked = False, 0.0
 
     def __call__(self) -> Optional[str]:
-        if self.beat.lost:
+        if not self.beat.held():
             return self.beat.lost
-        now = time.time()
+        now = time.monotonic()
         if not self.canceled and now - self.checked >= self.every:  # one cheap look per interval
             self.checked = now
             self.canceled = self.ledger.cancel_requested(self.run_id)
         return "canceled by `raypar cancel`" if self.canceled else None
 
     def lease_held(self) -> bool:
-        return not self.beat.lost
+        return self.beat.held()
 
 
 def _compact(ledger: Ledger, run: str) -> None:

@@ -222,6 +222,9 @@ class RayparSpec(_Model):
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
+    # Seconds a driver's lease on the job dir outlives its last heartbeat (renewed every third of it;
+    # a driver that cannot renew for two thirds of it stops; another driver may take over after all of it).
+    lease_ttl: float = Field(30.0, ge=3)
     # Format of the assembled append_row_to file: Azure's space-separated text, or a real table format.
     append_row_format: Literal["text", "csv", "jsonl", "parquet"] = "text"
     # Read a uri_folder / uri_file as a table in this format (default: from the file extensions).
@@ -259,7 +262,8 @@ class RayparSpec(_Model):
             _refuse_literal_secrets(f"{protocol}.", options)
         return value
 
-    _numbers = field_validator("placement_timeout", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
+    _numbers = field_validator("placement_timeout", "lease_ttl", mode="before")(
+        classmethod(lambda cls, v: _no_bool(v)))
 
 
 class JobSpec(_Model):

@@ -22,6 +22,9 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
     state = JobState(saved["state"])
     lease = ledger.lease.read()
     driver_alive = ledger.lease.is_live(lease)
+    if saved.get("epoch", 0) < ledger.lease.current_epoch():  # written by a driver fenced off since
+        state = JobState.RUNNING if driver_alive else JobState.INTERRUPTED
+        saved["reason"] = "" if driver_alive else "the last state was written by a driver that had lost the lease"
     if state is JobState.RUNNING and not driver_alive:
         state = JobState.INTERRUPTED
     manifest = ledger.read_manifest()

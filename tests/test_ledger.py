@@ -331,10 +331,18 @@ def test_torn_failed_record_is_ignored(tmp_path):
 # -- lease ---------------------------------------------------------------------------------
 
 
-def write_lease(ledger: Ledger, **fields) -> None:
-    body = {"run": "other", "host": "elsewhere", "pid": 4242, "heartbeat": time.time(), "ttl": 30.0}
+def write_lease(ledger: Ledger, legacy: bool = False, **fields) -> None:
+    """Another driver's lease: the next generation (or, ``legacy``, the lease.json of raypar before
+    generations)."""
+    body = {"run": "other", "host": "elsewhere", "pid": 4242, "heartbeat": time.time(), "ttl": 30.0, "epoch": 1}
     body.update(fields)
-    path = Path(ledger.url) / "lease.json"
+    if legacy:
+        path = Path(ledger.url) / "lease.json"
+    else:
+        folder = Path(ledger.url) / "lease"
+        folder.mkdir(parents=True, exist_ok=True)
+        newest = max((int(p.stem) for p in folder.glob("*.json")), default=0)
+        path = folder / f"{newest + 1:012d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(body))
 
@@ -371,13 +379,25 @@ def test_live_lease_on_another_host_is_respected(tmp_path):
         ledger.lease.acquire("r2")
 
 
-def test_stale_heartbeat_can_be_taken_over(tmp_path):
+def test_another_hosts_lease_is_taken_over_only_once_seen_silent(tmp_path):
+    # Its heartbeat's wall-clock age says nothing: that host's clock is not ours.
     ledger = Ledger(str(tmp_path))
     write_lease(ledger, heartbeat=time.time() - 1000)
-    assert not ledger.lease.is_live(ledger.lease.read())
+    with pytest.raises(LeaseHeldError, match="pid 4242 on elsewhere"):
+        ledger.lease.acquire("r2")
 
+    ledger.lease.acquire("r2", silent=True)  # the caller watched it stay still for a TTL
+    assert ledger.lease.read()["run"] == "r2" and ledger.lease.epoch == 2
+
+
+def test_a_legacy_lease_json_is_honoured_then_replaced(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    write_lease(ledger, legacy=True, host=socket.gethostname(), pid=os.getpid(), pid_started=None)
+    with pytest.raises(LeaseHeldError):
+        ledger.lease.acquire("r2")
+    write_lease(ledger, legacy=True, host=socket.gethostname(), pid=dead_pid())
     ledger.lease.acquire("r2")
-    assert ledger.lease.read()["run"] == "r2"
+    assert ledger.lease.read()["run"] == "r2" and not (tmp_path / "lease.json").exists()
 
 
 def test_dead_pid_on_this_host_can_be_taken_over_immediately(tmp_path):
@@ -397,18 +417,20 @@ def test_torn_lease_can_be_taken_over(tmp_path):
     assert ledger.lease.read()["run"] == "r2"
 
 
-def test_heartbeat_does_not_steal_a_lease_taken_over(tmp_path):
+def test_heartbeat_after_a_takeover_fails_and_never_steals_the_lease(tmp_path):
     old_driver, new_driver = Ledger(str(tmp_path)), Ledger(str(tmp_path))
     old_driver.lease.acquire("r1")
-    write_lease(old_driver, run="r1", host=socket.gethostname(), pid=os.getpid(),
-                heartbeat=time.time() - 1000)  # r1 stalled past its TTL
-    new_driver.lease.acquire("r2")
+    old_driver.lease.heartbeat("r1")
+    assert old_driver.lease.generation == 2 and old_driver.lease.epoch == 1
+    first = tmp_path / "lease" / f"{2:012d}.json"  # r1 now looks like a driver on another host, silent
+    first.write_text(json.dumps({**json.loads(first.read_text()), "host": "frozen-host"}))
+    new_driver.lease.acquire("r2", silent=True)
 
-    try:
-        old_driver.lease.heartbeat("r1")
-    except LeaseHeldError:
-        pass  # refusing loudly is fine; what matters is that r2 keeps the lease
+    with pytest.raises(LeaseHeldError, match="taken over by run r2"):
+        old_driver.lease.heartbeat("r1")  # its next generation exists: the compare-and-swap fails
     assert new_driver.lease.read()["run"] == "r2"
+    new_driver.lease.heartbeat("r2")
+    assert sorted(p.name for p in (tmp_path / "lease").iterdir()) == [f"{3:012d}.json", f"{4:012d}.json"]
 
 
 def test_two_drivers_racing_for_a_free_lease(tmp_path):
@@ -435,7 +457,7 @@ def test_release_removes_only_our_own_lease(tmp_path):
 
     ledger.lease.release("r1")
     assert ledger.lease.read() is None
-    assert not (tmp_path / "lease.json").exists()
+    assert len(list((tmp_path / "lease").iterdir())) <= 2  # a released generation, and the one before
 
 
 # -- state -----------------------------------------------------------------------------------

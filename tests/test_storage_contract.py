@@ -8,6 +8,7 @@ one winner, and whole-file writes are seen whole or not at all.
 from __future__ import annotations
 
 import base64
+import json
 import gc
 import os
 import threading
@@ -469,6 +470,24 @@ def test_ledger_lease_race_has_one_owner(backend):
     assert len(winners) == 1, results
     assert all(isinstance(r, LeaseHeldError) for r in results if r is not None), results
     assert ledgers[0].lease.read()["run"] == f"r{winners[0]}"
+
+
+def test_a_stale_lease_raced_for_has_one_new_owner_and_the_old_one_is_fenced(backend):
+    # A driver on another host went silent; four drivers that watched it for a TTL race for it.
+    frozen = backend.ledger()
+    frozen.lease.acquire("frozen")
+    stale = json.loads(frozen.store.read_bytes("lease", f"{1:012d}.json"))
+    frozen.store.write_atomic(json.dumps({**stale, "host": "frozen-host"}).encode(), "lease", f"{1:012d}.json")
+    ledgers = [backend.ledger(own_client=True) for _ in range(4)]
+
+    results = race(len(ledgers), lambda i: ledgers[i].lease.acquire(f"r{i}", silent=True))
+
+    winners = [i for i, r in enumerate(results) if r is None]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, LeaseHeldError) for r in results if r is not None), results
+    assert ledgers[0].lease.read()["run"] == f"r{winners[0]}" and ledgers[winners[0]].lease.epoch == 2
+    with pytest.raises(LeaseHeldError, match=f"taken over by run r{winners[0]}"):
+        frozen.lease.heartbeat("frozen")  # thawed: its next generation is taken
 
 
 def test_ledger_cancel_request(backend):

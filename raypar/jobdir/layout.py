@@ -21,7 +21,8 @@ Everything is JSON or Arrow; nothing here is ever unpickled or executed::
     logs/<run>~<worker>~NNNNNN.log  object stores: that log, stored in pieces as it grows
     reports/                    derived at the end of each session (see raypar/reports.py)
     state.json                  last state written by the driver holding the lease
-    lease.json                  which driver owns the job dir (heartbeat)
+    lease/NNNNNNNNNNNN.json     which driver owns the job dir: one generation per heartbeat, each
+                                created exclusively (see raypar/jobdir/lease.py)
 
 Every file has one writer and a name nobody else uses (run ID + worker, or
 run ID + attempt); nothing is ever read-modified-written. A done record is

@@ -543,7 +543,9 @@ class Ledger:
     # -- state ----------------------------------------------------------
 
     def write_state(self, state: JobState, run: str, reason: str = "") -> None:
-        body = {"state": state.value, "run": run, "reason": reason, "updated": time.time()}
+        # The epoch fences it: a state from a session that no longer held the lease is not trusted.
+        body = {"state": state.value, "run": run, "reason": reason, "updated": time.time(),
+                "epoch": self.lease.epoch}
         self.store.write_atomic(json.dumps(body, sort_keys=True).encode(), "state.json")
 
     def read_state(self) -> dict:
