@@ -201,7 +201,7 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
     """
     job_dir = _normalize_dir(job_dir)
     ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
-    ledger.load_job()
+    job = ledger.load_job()
     lease = ledger.lease.read()
     if not ledger.lease.is_live(lease):
         state = JobState(ledger.read_state()["state"])
@@ -209,7 +209,8 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
             echo(f"raypar: nothing to cancel: the job is {state.value}")
             return state
         run = new_run_id()
-        ledger.lease.acquire(run)
+        # Another host's silent lease is taken only after a TTL without a sign of life.
+        claim_lease(ledger, run, echo, JobSpec.model_validate(job["spec"]).raypar.lease_ttl)
         try:
             _set_state(ledger, JobState.CANCELED, run, "canceled by `raypar cancel` (no driver was running)")
         finally:
@@ -320,6 +321,8 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             feed.start()
         stop = _StopSignal(ledger, run, beat)
         reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop)
+        if not beat.held():  # lost while assembling: the output is whole, but this session is not the holder
+            reason = reason or beat.lost
         state = JobState.CANCELED if stop.canceled else JobState.FAILED if reason else JobState.SUCCEEDED
         failed = view.failed_batches() if view is not None else ()
         if failed and not reason:

@@ -22,6 +22,7 @@ import collections
 import functools
 import heapq
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -326,6 +327,9 @@ class Scheduler:
         self.stop_reason: Optional[str] = None
         self.stop_detail: str = ""
         self.job_dir_failures = 0  # failures of raypar's own work in workers since a worker last stored
+        self.recent = collections.deque(maxlen=1000)  # seconds of the last batches: their median
+        self.copies: dict[str, list[Call]] = {}  # batch -> its live attempts, while it runs twice
+        self.settled: set[str] = set()  # batches one attempt finished while another still ran
         self.last_init_error: Optional[str] = None
         self.last_init_stage = "init()"
         self.metrics = JobMetrics(spec.name or "job", ledger.url)
@@ -377,6 +381,8 @@ class Scheduler:
             return
         self._pull_planned()
         self._dispatch(now)
+        self._steal()
+        self._speculate(now)
         self._flush_idle()
         waiting = list(self.calls) + list(self.starts) + list(self.flushes)
         if not waiting and not self.queue and self.feed is not None and not self.feed.exhausted:
@@ -408,6 +414,10 @@ class Scheduler:
     def _wait_timeout(self, now: float) -> float:
         timeout = self.spec.retry_settings.timeout
         deadlines = [c.started + timeout for s in self.slots for c in list(s.calls)[:1] if c.started]
+        threshold = self._straggler_threshold()
+        if threshold is not None:  # wake when a running batch becomes a straggler
+            deadlines += [c.started + threshold for s in self.slots for c in list(s.calls)[:1]
+                          if c.started and c.batch.id not in self.copies]
         return max(0.0, min([1.0, *(d - now for d in deadlines)]))
 
     # -- starting workers -------------------------------------------------
@@ -471,6 +481,10 @@ class Scheduler:
     def _dispatch(self, now: float) -> None:
         if self.stop_reason is not None:
             return
+        if self.queue:  # a slot left empty at the tail (a stopped straggler) takes work again
+            for slot in self.slots:
+                if slot.actor is None and not slot.retired:
+                    self._start(slot)
         ready = [s for s in self.slots if s.ready and not s.retired]
         # Fill in waves (one call per worker per wave) so the first batches spread out.
         for wave in range(1, FAST_PREFETCH + 1):
@@ -490,6 +504,88 @@ class Scheduler:
         call = Call(ref=ref, batch=batch, attempt=attempt, started=None if slot.calls else now)
         slot.calls.append(call)
         self.calls[ref] = (slot, call)
+
+    def _steal(self) -> None:
+        """The queue is empty and a worker idles while calls wait behind another worker's running
+        batch: take the last waiting call back for it (Ray drops an actor call that has not
+        started; one that started in the meantime still stores its record, and the batch's
+        output is chosen once)."""
+        if self.queue or self.stop_reason is not None:
+            return
+        for _ in [s for s in self.slots if s.ready and not s.retired and not s.calls]:
+            donor = max(self.slots, key=lambda s: len(s.calls))
+            if len(donor.calls) < 2:
+                return
+            call = donor.calls.pop()
+            ray.cancel(call.ref)
+            self.calls.pop(call.ref, None)
+            self.queue.append((call.batch, 0))
+        self._dispatch(time.monotonic())
+
+    # -- speculation --------------------------------------------------------
+
+    def _speculate(self, now: float) -> None:
+        """Nothing left to dispatch and a worker idles: give the slowest running batches (past
+        ``multiple`` times the median, and ``min_seconds``) a second attempt on the idle workers."""
+        threshold = self._straggler_threshold()
+        if threshold is None:
+            return
+        idle = [s for s in self.slots if s.ready and not s.retired and not s.calls]
+        median = statistics.median(self.recent)
+        running = [s.calls[0] for s in self.slots if s.calls and s.calls[0].started is not None]
+        stragglers = sorted((c for c in running if now - c.started > threshold and c.batch.id not in self.copies),
+                            key=lambda c: c.started)
+        for call, slot in zip(stragglers, idle):
+            log.info("%s has run %.0fs (median %.1fs): a second attempt on %s", call.batch.id,
+                     now - call.started, median, slot.label)
+            self.queue.appendleft((call.batch, 0))
+            self._submit(slot, now)
+            self.copies[call.batch.id] = [call, slot.calls[-1]]
+
+    def _straggler_threshold(self) -> Optional[float]:
+        """Seconds after which a running batch gets a second attempt now, or None when none may
+        (speculation off, work left to dispatch, no idle worker, fewer than 3 batches timed)."""
+        settings = self.spec.raypar.speculation
+        if not settings.enabled or self.queue or self.stop_reason is not None or len(self.recent) < 3 \
+                or (self.feed is not None and not self.feed.exhausted) \
+                or not any(s.ready and not s.retired and not s.calls for s in self.slots):
+            return None
+        return max(settings.multiple * statistics.median(self.recent), settings.min_seconds)
+
+    def _settle(self, call: Call, answer: dict) -> bool:
+        """One attempt of a batch that runs twice answered: True when its answer counts (it won,
+        or it failed with no other attempt left); the others are stopped or left to decide."""
+        copies = self.copies[call.batch.id]
+        copies.remove(call)
+        if answer["ok"]:
+            del self.copies[call.batch.id]
+            self.settled.add(call.batch.id)
+            for other in copies:  # the slower attempt: its worker is stopped (a running call cannot be)
+                owner = self.calls.get(other.ref)
+                if owner is not None:  # restarted only once there is work for it (at the tail, none)
+                    self._replace(owner[0], f"a second attempt of {call.batch.id} finished first", lost=False,
+                                  restart=bool(self.queue))
+            return True
+        if copies:
+            log.warning("an attempt of %s failed while another still runs: that one decides", call.batch.id)
+            return False
+        del self.copies[call.batch.id]
+        return True
+
+    def _drop_copy(self, call: Call) -> bool:
+        """``call`` ended without an answer (its worker was lost or timed out): True when another
+        attempt of its batch still runs or already finished, so it needs no retry."""
+        if call.batch.id in self.settled:
+            return True
+        copies = self.copies.get(call.batch.id)
+        if copies is None:
+            return False
+        if call in copies:
+            copies.remove(call)
+        if copies:
+            return True
+        del self.copies[call.batch.id]
+        return False
 
     # -- stored records -----------------------------------------------------
 
@@ -571,6 +667,7 @@ class Scheduler:
         for call, items in reversed(lost):
             self.progress.done -= 1
             self.progress.failed_items -= items
+            self.settled.discard(call.batch.id)  # its winning record was never stored: it runs again
             self.queue.appendleft((call.batch, 0))
         if lost:
             log.warning("%s: %d done mini-batch(es) were not stored yet; they run again", slot.label, len(lost))
@@ -601,6 +698,12 @@ class Scheduler:
     def _handle(self, slot: Slot, call: Call, answer: dict, now: float) -> None:
         self.calls.pop(call.ref, None)
         self._pop_call(slot, call, now)
+        if call.batch.id in self.settled:  # the other attempt won: this one's record is a spare
+            self._confirm(slot, answer)
+            return
+        if call.batch.id in self.copies and not self._settle(call, answer):
+            self._confirm(slot, answer)
+            return
         if answer["ok"]:
             self.progress.done += 1
             self.metrics.batch_done(answer.get("seconds", 0.0))
@@ -620,6 +723,7 @@ class Scheduler:
     def _pop_call(self, slot: Slot, call: Call, now: float) -> None:
         if call.started is not None:
             slot.observe(now - call.started)
+            self.recent.append(now - call.started)
         slot.calls.remove(call)
         if slot.calls and slot.calls[0].started is None:
             slot.calls[0].started = now
@@ -666,6 +770,8 @@ class Scheduler:
     def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot, recorded: set[str],
                                       kind: str = "system") -> None:
         batch = call.batch
+        if self._drop_copy(call):
+            return  # another attempt of it runs (or won): no retry
         if batch.id in recorded:
             # The worker recorded the batch before it died: it is done, never rerun.
             self.progress.done += 1
@@ -702,7 +808,8 @@ class Scheduler:
         if self.job_dir_failures >= max(JOB_DIR_FAILURES_TO_STOP, len(self.slots)):
             self._stop(error.splitlines()[0])
 
-    def _replace(self, slot: Slot, why: str, lost: bool = True, recorded: Optional[set] = None) -> Optional[Call]:
+    def _replace(self, slot: Slot, why: str, lost: bool = True, recorded: Optional[set] = None,
+                 restart: bool = True) -> Optional[Call]:
         """Kill the slot's actor, hand its queued calls and its unstored done batches back (less
         those in ``recorded``, stored after all), start a fresh actor.
 
@@ -724,7 +831,7 @@ class Scheduler:
         if slot.deaths > MAX_DEATHS_PER_SLOT:
             slot.retired = True
             log.warning("%s given up after %d lost workers", slot.label, slot.deaths)
-        elif self.stop_reason is None:
+        elif self.stop_reason is None and restart:
             if lost and slot.instance not in self.placement.placed_instances():
                 log.warning("instance %d lost its node; the job goes on with the other instances "
                             "until Ray places it on another node", slot.instance)
@@ -741,6 +848,8 @@ class Scheduler:
                 continue  # it answered just now: handled next step, not a timeout
             running = self._replace(slot, f"{head.batch.id} ran past retry_settings.timeout={timeout}s; "
                                           f"worker killed", lost=False)
+            if self._drop_copy(running):
+                continue  # its other attempt goes on
             self._on_user_failure(running, f"TimeoutError: run() did not return within {timeout}s; the worker "
                                   f"process was killed and replaced", "timeout", slot)
 

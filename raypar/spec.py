@@ -214,12 +214,32 @@ class LedgerSettings(_Model):
                 "flush_bytes": parse_bytes(self.flush_bytes, "flush_bytes")}
 
 
+class SpeculationSettings(_Model):
+    """Second attempts of straggling mini-batches (raypar extension).
+
+    Once nothing is left to dispatch and a worker idles, a mini-batch that has run longer than
+    ``multiple`` times the median mini-batch (and at least ``min_seconds``) gets a second attempt
+    on the idle worker. The first attempt to finish wins; the other's worker is stopped. The
+    output holds the batch's rows once either way. Off by default: the second attempt costs
+    compute and repeats run()'s side effects (calls to paid services, files it writes).
+    """
+
+    enabled: bool = False
+    multiple: float = Field(4.0, gt=1)
+    min_seconds: float = Field(10.0, ge=0)
+
+    _numbers = field_validator("multiple", "min_seconds", mode="before")(
+        classmethod(lambda cls, v: _no_bool(v)))
+
+
 class RayparSpec(_Model):
     """The ``raypar:`` block: settings Azure does not have."""
 
     worker: WorkerResources = Field(default_factory=WorkerResources)
     # Segment flushes of a job dir on object storage.
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    # Second attempts of straggling mini-batches at the end of a job.
+    speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
     # Seconds a driver's lease on the job dir outlives its last heartbeat (renewed every third of it;

@@ -47,6 +47,8 @@ def assert_one_line_error(result, code, *fragments):
     (lambda s: s["inputs"]["data"].update(type="mltable"), ["inputs.data", "MLTable: not found"]),
     (lambda s: s["task"].update(program_arguments='--x "open'), ["task.program_arguments"]),
     (lambda s: s["raypar"].update(ledger={"flush_bytes": "lots"}), ["raypar.ledger.flush_bytes", "'lots'"]),
+    (lambda s: s["raypar"].update(speculation={"enabled": True, "multiple": 1}), ["raypar.speculation.multiple"]),
+    (lambda s: s["raypar"].update(lease_ttl=1), ["raypar.lease_ttl"]),
 ])
 def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, mutate, fragments):
     spec = make_spec(tmp_path, {"a.txt": "x"})

@@ -208,6 +208,25 @@ def test_a_job_dir_that_cannot_be_written_stops_the_job_resumable(ray_cluster, t
     assert output_lines(tmp_path) == expected_rows(files)
 
 
+def test_a_straggler_gets_a_second_attempt_and_the_first_to_finish_wins(ray_cluster, tmp_path):
+    files = texts(8)
+    log, fault = folders(tmp_path, "exec", "fault")
+    spec = make_spec(tmp_path, files, **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 2,
+        "raypar.speculation": {"enabled": True, "multiple": 2, "min_seconds": 1},
+        "task.program_arguments": f"--exec-log {log} --fault f004.txt hang {fault}",  # its first attempt hangs
+    })
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert output_lines(tmp_path) == expected_rows(files)
+    assert executions(log).count(("f004.txt", "f005.txt")) == 2  # the hung attempt and the second one
+    assert not psutil.pid_exists(fault_info(fault)[0])  # the losing attempt's worker was stopped
+    view = Ledger(str(tmp_path / "job")).view()
+    assert "mb-0000002" in view.done and not view.failed  # no timeout, no try spent
+
+
 @pytest.mark.parametrize("lossy_nodes, spare", [(3, True), (2, False)])
 def test_lost_node_moves_its_batch_to_a_live_worker(ray_cluster, tmp_path, caplog, lossy_nodes, spare):
     """Two instances on nodes only this job can use. With a spare node the lost instance is
