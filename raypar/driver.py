@@ -475,7 +475,8 @@ def _make_output_folders(spec: JobSpec) -> None:
 def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
     from . import cluster
-    from .scheduler import Placement, Progress, Scheduler
+    from .engine.ray_transport import Placement, RayTransport
+    from .engine.scheduler import Progress, Scheduler
 
     spec = session.spec
     logs = ledger.store.local_path("logs")  # worker logs the driver can tail, or None (object stores)
@@ -491,8 +492,8 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         reporter = _Compactor(ledger, run, _Reporter(session.show))
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)
-        scheduler = Scheduler(ledger, spec, run, pending, placement, progress, reporter, interrupt, feed,
-                              may_write=interrupt.lease_held)
+        scheduler = Scheduler(ledger, spec, run, pending, RayTransport(placement), progress, reporter, interrupt,
+                              feed, may_write=interrupt.lease_held)
         with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
             reason = scheduler.run()
         reporter(progress, final=True)

@@ -262,7 +262,7 @@ def test_an_environment_that_cannot_install_stops_the_job_at_once_with_one_line(
         "name: old-sample\ndependencies:\n- python=3.7\n- pip\n- pip:\n  - raypar-no-such-package==0.0.1\n")
     spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 1, "max_concurrency_per_instance": 2,
                                             "task.environment": {"conda_file": str(tmp_path / "conda.yml")}})
-    from raypar.scheduler import Placement
+    from raypar.engine.ray_transport import Placement
 
     created = []
     new_actor = Placement.new_actor

@@ -1,12 +1,8 @@
-"""The driver loop: place workers on nodes, feed them mini-batches, react to results.
+"""The scheduling policy: feed worker slots mini-batches, react to answers, deadlines and losses.
 
-Placement: one STRICT_SPREAD placement group with ``instance_count`` bundles,
-one bundle per instance sized for ``max_concurrency_per_instance`` workers.
-STRICT_SPREAD reserves all instances on distinct nodes atomically (or not at
-all, so a job never starts half-placed) and GCS re-places a bundle whose node
-died; plain node affinity can do neither. On the embedded one-node Ray the
-instances are packed onto that node instead (STRICT_PACK): every Azure sample
-asks for 2 nodes, and a laptop has one.
+Ray-free: workers, calls and the clock come from a transport (raypar/engine/transport.py;
+Ray's is raypar/engine/ray_transport.py), so the same policy runs jobs, the simulation of a
+thousand workers (benchmarks/bench_engine_simulation.py) and unit tests on a fake clock.
 
 Dispatch is pull-based: a worker holds one running call plus a short queue
 so it never idles on a round trip. The queue is ``PREFETCH`` deep, deeper
@@ -19,7 +15,6 @@ never sits on work others could take.
 from __future__ import annotations
 
 import collections
-import functools
 import heapq
 import logging
 import statistics
@@ -27,21 +22,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import ray
-from ray.exceptions import GetTimeoutError, RayError, RayTaskError, RuntimeEnvSetupError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from .credentials import describe_error
-from .errors import PlacementError
-from .inputs.base import MiniBatch
-from .jobdir.ledger import Ledger
-from .jobdir.records import FailedRecord
-from .metrics import JobMetrics
-from .progress import Snapshot
-from .runtime_env import pip_verdict, setup_failure, without_inherited_pip
-from .spec import JobSpec
-from .worker import Worker
+from ..inputs.base import MiniBatch
+from ..jobdir.ledger import Ledger
+from ..jobdir.records import FailedRecord
+from ..progress import Snapshot
+from ..runtime_env import pip_verdict, setup_failure
+from ..spec import JobSpec
+from .transport import SetupFailed, Transport, WorkerLost, WorkerRaised
 
 log = logging.getLogger("raypar")
 
@@ -156,156 +143,18 @@ class Progress:
                         rate=self.rate(now))
 
 
-class Placement:
-    """The placement group and the factory of worker actors pinned into it."""
-
-    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict,
-                 runtime_env: Optional[dict] = None, echo: Callable[[str], None] = log.info):
-        from . import cluster
-
-        self.spec, self.job_url, self.run = spec, job_url, run
-        # The embedded Ray (started by this driver, or by the pipeline running it) knows its
-        # own nodes: it never grows, so waiting for placement cannot help.
-        self.owned = owned_cluster or cluster.is_embedded()
-        self.echo = echo
-        self.pg = None
-        self.plan = plan  # spec.worker_plan()
-        # runtime_env.worker_runtime_env(), less what a submitted job's own env already installs
-        self.runtime_env = without_inherited_pip(runtime_env, dict(ray.get_runtime_context().runtime_env))
-        self._remote = _worker_actor()
-
-    def bundle(self) -> dict[str, float]:
-        w, n = self.spec.raypar.worker, self.spec.max_concurrency_per_instance
-        bundle = {"CPU": w.num_cpus * n, "GPU": w.num_gpus * n}
-        if w.memory is not None:
-            bundle["memory"] = float(w.memory_bytes() * n)
-        bundle.update({k: v * n for k, v in w.resources.items()})
-        return {k: v for k, v in bundle.items() if v > 0}
-
-    def reserve(self) -> None:
-        """Reserve instance_count distinct nodes (on the embedded one-node Ray: that node for
-        all of them), or raise PlacementError saying why not."""
-        bundle, count = self.bundle(), self.spec.resources.instance_count
-        timeout = self.spec.raypar.placement_timeout
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        if self.owned and len(alive) == 1 and count > 1:
-            self._reserve_packed(alive[0], bundle, count, timeout)
-            return
-        fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
-        need = (
-            f"the job needs {count} node(s) with {_fmt(bundle)} each "
-            f"(instance_count={count} x max_concurrency_per_instance={self.spec.max_concurrency_per_instance}); "
-            f"the cluster has {len(fitting)} such node(s) of {len(alive)} alive"
-        )
-        if len(fitting) < count and (self.owned or timeout == 0):
-            raise PlacementError(need)
-        self._create([bundle] * count, "STRICT_SPREAD", timeout, need)
-
-    def _reserve_packed(self, node: dict, bundle: dict[str, float], count: int, timeout: float) -> None:
-        """All instances on the embedded Ray's one node, or PlacementError at once when they cannot fit."""
-        total = {k: v * count for k, v in bundle.items()}
-        has = node["Resources"]
-        if not all(has.get(k, 0) >= v for k, v in total.items()):
-            offered = {k: has.get(k, 0) for k in total}
-            raise PlacementError(
-                f"the job needs {_fmt(total)} on this machine for its {count} instances "
-                f"(instance_count={count} x max_concurrency_per_instance="
-                f"{self.spec.max_concurrency_per_instance}, {_fmt(bundle)} each); the embedded one-node Ray "
-                f"has {_fmt(offered)}; lower instance_count or raypar.worker, or give a cluster with --address")
-        self.echo(f"raypar: instance_count {count} on a one-node Ray: running the {count} instances on this machine")
-        self._create([bundle] * count, "STRICT_PACK", timeout,
-                     f"the job needs {_fmt(total)} on this machine for its {count} instances")
-
-    def _create(self, bundles: list[dict], strategy: str, timeout: float, need: str) -> None:
-        self.pg = placement_group(bundles, strategy=strategy, name=f"raypar-{self.run}")
-        try:
-            ray.get(self.pg.ready(), timeout=timeout)
-        except GetTimeoutError:
-            self.release()
-            raise PlacementError(f"{need} free; waited {timeout:.0f}s (raypar.placement_timeout)") from None
-
-    def new_actor(self, slot: Slot):
-        w = self.spec.raypar.worker
-        slot.generation += 1
-        return self._remote.options(
-            num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory_bytes(),
-            resources=w.resources or None, max_restarts=0, max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.instance),
-            # The same runtime env for every actor (set before the process starts), so Ray can
-            # share worker processes between them.
-            runtime_env=self.runtime_env,
-            name=self.actor_name(slot),
-        ).remote(self.job_url, self.plan, self.run, slot.instance, slot.index)
-
-    def actor_name(self, slot: Slot) -> str:
-        """Job, node, instance and slot, as the dashboard's actor list shows them."""
-        node = self.node_of(slot.instance)
-        again = f":restart{slot.generation - 1}" if slot.generation > 1 else ""
-        return (f"raypar:{self.spec.name or 'job'}:node-{node[:8] if node else 'pending'}:"
-                f"instance{slot.instance}-slot{slot.index}{again}:{self.run}")
-
-    def node_of(self, instance: int) -> Optional[str]:
-        """The node ID the instance's bundle sits on now (None while Ray re-places it)."""
-        if self.pg is None:
-            return None
-        return ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {}).get(instance) or None
-
-    def placed_instances(self) -> set[int]:
-        """Instances whose bundle currently sits on a live node (a lost node's wait for re-placement)."""
-        if self.pg is None:
-            return set()
-        table = ray.util.placement_group_table(self.pg)
-        return {int(i) for i, node in table.get("bundles_to_node_id", {}).items() if node}
-
-    def release(self) -> None:
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception as exc:  # the cluster may already be gone
-                log.debug("removing placement group failed: %s", exc)
-            self.pg = None
-
-
-@functools.lru_cache(maxsize=1)
-def _worker_actor():
-    """The actor class, made once per process: Ray exports (pickles) a class per ray.remote() call."""
-    return ray.remote(Worker)
-
-
-def _cause(exc: RayTaskError) -> str:
-    """One line for an exception raised in a worker's raypar code (its last traceback line)."""
-    cause = getattr(exc, "cause", None)
-    if cause is not None:
-        return describe_error(cause)
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
-
-
-def _wall(monotonic: Optional[float]) -> Optional[float]:
-    """The wall-clock time of a monotonic instant of this process (for records people read);
-    the scheduler's own timing is monotonic, so a clock step never times a batch out."""
-    return None if monotonic is None else round(time.time() - (time.monotonic() - monotonic), 3)
-
-
-def _fmt(bundle: dict[str, float]) -> str:
-    parts = []
-    for k, v in bundle.items():
-        if k == "memory":
-            parts.append(f"memory {v / 2**30:.1f} GiB")
-        else:
-            parts.append(f"{k} {v:g}")
-    return "{" + ", ".join(parts) + "}"
-
-
 class Scheduler:
     """Runs the pending batches of one driver session on a set of worker slots."""
 
     def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[MiniBatch],
-                 placement: Placement, progress: Progress,
+                 transport: Transport, progress: Progress,
                  on_progress: Callable[[Progress], None] = lambda p: None,
                  interrupt: Callable[[], Optional[str]] = lambda: None, feed=None,
                  may_write: Callable[[], bool] = lambda: True):
-        self.ledger, self.spec, self.run_id, self.placement = ledger, spec, run, placement
+        self.ledger, self.spec, self.run_id, self.transport = ledger, spec, run, transport
+        self.clock = transport.clock
+        self.failed_percent_limit = spec.failed_percent_limit()  # parsed from program_arguments once
+        self.max_tries = spec.max_tries
         self.queue: collections.deque = collections.deque((b, 0) for b in pending)
         self.feed = feed  # planning.PlanFeed while the input is still being planned
         self.plan_complete = feed is None
@@ -328,28 +177,33 @@ class Scheduler:
         self.stop_detail: str = ""
         self.job_dir_failures = 0  # failures of raypar's own work in workers since a worker last stored
         self.recent = collections.deque(maxlen=1000)  # seconds of the last batches: their median
+        # What a step looks at, so that its cost does not grow with the number of workers:
+        self.dirty: set[Slot] = set()  # slots whose calls, readiness or unstored batches changed
+        self.queue_was_empty = True  # then every slot may have room: the next dispatch looks at all
+        self.unstarted: set[Slot] = set()  # slots left without a worker until there is work
+        self.deadlines: list = []  # heap of (timeout deadline, seq, call, slot) of running calls
+        self.seq = 0
         self.copies: dict[str, list[Call]] = {}  # batch -> its live attempts, while it runs twice
         self.settled: set[str] = set()  # batches one attempt finished while another still ran
         self.last_init_error: Optional[str] = None
         self.last_init_stage = "init()"
-        self.metrics = JobMetrics(spec.name or "job", ledger.url)
 
     # -- lifecycle ------------------------------------------------------
 
     def run(self) -> Optional[str]:
         """Run until every batch is done or failed, or a stop condition; returns the stop reason."""
-        self.placement.reserve()
+        self.transport.reserve()
         try:
             for slot in self.slots:
                 self._start(slot)
             while not self._finished():
-                self.step(time.monotonic())
+                self.step(self.clock())
             if self.stop_reason is not None and self.may_write():
                 self._store_before_stop()
             self._retire_all(graceful=self.stop_reason is None)
         finally:
             self._kill_all()
-            self.placement.release()
+            self.transport.release()
         return self.stop_reason
 
     def _finished(self) -> bool:
@@ -384,7 +238,7 @@ class Scheduler:
         self._steal()
         self._speculate(now)
         self._flush_idle()
-        waiting = list(self.calls) + list(self.starts) + list(self.flushes)
+        waiting = collections.ChainMap(self.calls, self.starts, self.flushes)
         if not waiting and not self.queue and self.feed is not None and not self.feed.exhausted:
             self.feed.wait(0.5)  # the planner is still listing: wake when it releases batches
             return
@@ -396,10 +250,8 @@ class Scheduler:
                 else:
                     self._stop("every worker slot was given up after repeated worker losses")
             return
-        ready, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_timeout(now))
-        if ready:
-            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-        now = time.monotonic()
+        ready = self.transport.wait(waiting, self._wait_timeout(now))
+        now = self.clock()
         for ref in ready:
             if ref in self.starts:
                 self._on_started(self.starts.pop(ref), ref)
@@ -412,36 +264,36 @@ class Scheduler:
         self.on_progress(self.progress)
 
     def _wait_timeout(self, now: float) -> float:
-        timeout = self.spec.retry_settings.timeout
-        deadlines = [c.started + timeout for s in self.slots for c in list(s.calls)[:1] if c.started]
+        deadlines = [self._next_deadline()[0]] if self._next_deadline() else []
         threshold = self._straggler_threshold()
         if threshold is not None:  # wake when a running batch becomes a straggler
             deadlines += [c.started + threshold for s in self.slots for c in list(s.calls)[:1]
-                          if c.started and c.batch.id not in self.copies]
+                          if c.started and c.batch.id not in self.copies and c.started + threshold > now]
         return max(0.0, min([1.0, *(d - now for d in deadlines)]))
 
     # -- starting workers -------------------------------------------------
 
     def _start(self, slot: Slot) -> None:
-        slot.actor = self.placement.new_actor(slot)
+        slot.actor = self.transport.new_worker(slot)
         slot.ready = False
-        slot.start_ref = slot.actor.start.remote()
+        slot.start_ref = self.transport.call(slot.actor, "start")
         self.starts[slot.start_ref] = slot
 
     def _on_started(self, slot: Slot, ref) -> None:
         slot.start_ref = None
         try:
-            answer = ray.get(ref)
-        except RuntimeEnvSetupError as exc:
+            answer = self.transport.get(ref)
+        except SetupFailed as exc:
             if pip_verdict(str(exc)):
                 self._on_environment_failed(slot, str(exc))
                 return
             # Not pip refusing a requirement (a race or a hiccup of Ray's env setup): another try may pass.
             answer = {"ok": False, "error": setup_failure(str(exc)), "stage": "setting up the runtime env"}
-        except RayError as exc:
+        except (WorkerLost, WorkerRaised) as exc:
             answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
         if answer.get("ok"):
             slot.ready, slot.node = True, answer.get("node")
+            self.dirty.add(slot)
             slot.writer, slot.durable, slot.position = answer.get("writer"), 0, 0
             log.debug("%s ready on node %s", slot.label, slot.node)
             return
@@ -481,46 +333,75 @@ class Scheduler:
     def _dispatch(self, now: float) -> None:
         if self.stop_reason is not None:
             return
-        if self.queue:  # a slot left empty at the tail (a stopped straggler) takes work again
-            for slot in self.slots:
+        if not self.queue:
+            self.queue_was_empty = True
+            return
+        if self.unstarted:  # a slot left empty at the tail (a stopped straggler) takes work again
+            for slot in self.unstarted:
                 if slot.actor is None and not slot.retired:
                     self._start(slot)
-        ready = [s for s in self.slots if s.ready and not s.retired]
+            self.unstarted.clear()
+        # Only slots that changed can have room, unless the queue ran dry since the last look.
+        candidates = self.slots if self.queue_was_empty else sorted(self.dirty, key=self._order)
+        self.queue_was_empty = False
+        ready = [s for s in candidates if s.ready and not s.retired]
         # Fill in waves (one call per worker per wave) so the first batches spread out.
         for wave in range(1, FAST_PREFETCH + 1):
-            if wave > 1 and len(self.queue) <= len(ready) * wave:
+            if wave > 1 and len(self.queue) <= len(self.slots) * wave and \
+                    len(self.queue) <= sum(s.ready and not s.retired for s in self.slots) * wave:
                 break  # the tail: keep work in the queue for whichever worker frees first
             for slot in ready:
                 if not self.queue:
+                    self.queue_was_empty = True
                     return
                 if len(slot.calls) < wave <= slot.depth(now):
                     self._submit(slot, now)
+
+    def _order(self, slot: Slot) -> tuple:
+        return slot.instance, slot.index
 
     def _submit(self, slot: Slot, now: float) -> None:
         batch, _ = self.queue.popleft()
         self.attempts[batch.id] += 1
         attempt = self.attempts[batch.id]
-        ref = slot.actor.run_batch.remote(batch.to_json(), attempt)
+        ref = self.transport.call(slot.actor, "run_batch", batch.to_json(), attempt)
         call = Call(ref=ref, batch=batch, attempt=attempt, started=None if slot.calls else now)
         slot.calls.append(call)
         self.calls[ref] = (slot, call)
+        if call.started is not None:
+            self._deadline(slot, call)
+
+    def _deadline(self, slot: Slot, call: Call) -> None:
+        """``call`` started running: its timeout deadline joins the heap."""
+        self.seq += 1
+        heapq.heappush(self.deadlines, (call.started + self.spec.retry_settings.timeout, self.seq, call, slot))
+
+    def _next_deadline(self) -> Optional[tuple]:
+        """The earliest deadline of a call still running (stale entries are dropped)."""
+        while self.deadlines:
+            entry = self.deadlines[0]
+            _, _, call, slot = entry
+            if slot.calls and slot.calls[0] is call:
+                return entry
+            heapq.heappop(self.deadlines)
+        return None
 
     def _steal(self) -> None:
-        """The queue is empty and a worker idles while calls wait behind another worker's running
-        batch: take the last waiting call back for it (Ray drops an actor call that has not
-        started; one that started in the meantime still stores its record, and the batch's
-        output is chosen once)."""
-        if self.queue or self.stop_reason is not None:
-            return
+        """Speculation on, the queue empty and a worker idle while calls wait behind another
+        worker's running batch: take the last waiting call back for it. Ray drops an actor call
+        that has not started, but not always in time: one that starts meanwhile runs twice (its
+        output is still chosen once), so this is part of speculation's trade, never the default."""
+        if not self.spec.raypar.speculation.enabled or self.queue or self.stop_reason is not None:
+            return  # with speculation only: a call Ray did not drop in time runs twice
         for _ in [s for s in self.slots if s.ready and not s.retired and not s.calls]:
             donor = max(self.slots, key=lambda s: len(s.calls))
             if len(donor.calls) < 2:
                 return
             call = donor.calls.pop()
-            ray.cancel(call.ref)
+            self.transport.cancel(call.ref)
             self.calls.pop(call.ref, None)
             self.queue.append((call.batch, 0))
-        self._dispatch(time.monotonic())
+        self._dispatch(self.clock())
 
     # -- speculation --------------------------------------------------------
 
@@ -533,7 +414,7 @@ class Scheduler:
         idle = [s for s in self.slots if s.ready and not s.retired and not s.calls]
         median = statistics.median(self.recent)
         running = [s.calls[0] for s in self.slots if s.calls and s.calls[0].started is not None]
-        stragglers = sorted((c for c in running if now - c.started > threshold and c.batch.id not in self.copies),
+        stragglers = sorted((c for c in running if now - c.started >= threshold and c.batch.id not in self.copies),
                             key=lambda c: c.started)
         for call, slot in zip(stragglers, idle):
             log.info("%s has run %.0fs (median %.1fs): a second attempt on %s", call.batch.id,
@@ -594,20 +475,22 @@ class Scheduler:
         make it (it flushes by itself only as it runs batches), and the job ends only once all are."""
         if self.stop_reason is not None:
             return
-        for slot in self.slots:
+        for slot in self.dirty:  # a slot becomes idle, or gets unstored batches, only by an answer
             if slot.unflushed and not slot.calls and slot.flush_ref is None and slot.ready:
-                slot.flush_ref = slot.actor.flush.remote()
+                slot.flush_ref = self.transport.call(slot.actor, "flush")
                 self.flushes[slot.flush_ref] = slot
+        self.dirty.clear()
 
     def _on_flushed(self, slot: Slot, ref, now: float) -> None:
         slot.flush_ref = None
+        self.dirty.add(slot)
         try:
-            answer = ray.get(ref)
-        except RayTaskError as exc:  # the flush raised: the job dir could not be written
+            answer = self.transport.get(ref)
+        except WorkerRaised as exc:  # the flush raised: the job dir could not be written
             self._on_job_dir_failure(slot, None, f"raypar could not store finished mini-batches in the job dir: "
-                                                 f"{_cause(exc)}", "storage")
+                                                 f"{exc}", "storage")
             return
-        except RayError as exc:
+        except WorkerLost as exc:
             self._on_worker_lost(slot, exc, now)
             return
         self._confirm(slot, answer)
@@ -620,32 +503,30 @@ class Scheduler:
         slots = [s for s in self.slots if s.ready and (s.unflushed or s.calls)]
         for slot in slots:
             for call in list(slot.calls)[1:]:
-                ray.cancel(call.ref)
+                self.transport.cancel(call.ref)
                 slot.calls.remove(call)
                 self.calls.pop(call.ref, None)
             if slot.flush_ref is None:
-                slot.flush_ref = slot.actor.flush.remote()
+                slot.flush_ref = self.transport.call(slot.actor, "flush")
                 self.flushes[slot.flush_ref] = slot
-        deadline = time.monotonic() + STORE_ON_STOP_TIMEOUT
-        while self.flushes and time.monotonic() < deadline:
+        deadline = self.clock() + STORE_ON_STOP_TIMEOUT
+        while self.flushes and self.clock() < deadline:
             waiting = list(self.flushes) + [c.ref for s in slots for c in s.calls]
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=deadline - time.monotonic())
-            if ready:
-                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-            now = time.monotonic()
+            ready = self.transport.wait(waiting, deadline - self.clock())
+            now = self.clock()
             for ref in ready:
                 if ref in self.calls:
                     slot, call = self.calls.pop(ref)
                     try:
-                        self._handle(slot, call, ray.get(ref), now)
-                    except RayError:
+                        self._handle(slot, call, self.transport.get(ref), now)
+                    except (WorkerLost, WorkerRaised):
                         slot.calls.remove(call)
                 elif ref in self.flushes:
                     slot = self.flushes.pop(ref)
                     slot.flush_ref = None
                     try:
-                        self._confirm(slot, ray.get(ref))
-                    except RayError as exc:
+                        self._confirm(slot, self.transport.get(ref))
+                    except (WorkerLost, WorkerRaised) as exc:
                         log.warning("%s could not store its finished batches: %s", slot.label, exc)
         unstored = sum(len(s.unflushed) for s in self.slots)
         if unstored:
@@ -686,11 +567,11 @@ class Scheduler:
 
     def _on_answer(self, slot: Slot, call: Call, ref, now: float) -> None:
         try:
-            answer = ray.get(ref)
-        except RayTaskError as exc:  # raypar's own code raised in the worker (run() errors are answers)
-            self._on_job_dir_failure(slot, call, f"raypar error in the worker: {_cause(exc)}", "raypar")
+            answer = self.transport.get(ref)
+        except WorkerRaised as exc:  # raypar's own code raised in the worker (run() errors are answers)
+            self._on_job_dir_failure(slot, call, f"raypar error in the worker: {exc}", "raypar")
             return
-        except RayError as exc:
+        except WorkerLost as exc:
             self._on_worker_lost(slot, exc, now)
             return
         self._handle(slot, call, answer, now)
@@ -706,7 +587,7 @@ class Scheduler:
             return
         if answer["ok"]:
             self.progress.done += 1
-            self.metrics.batch_done(answer.get("seconds", 0.0))
+            self.transport.batch_done(answer.get("seconds", 0.0))
             unreturned = max(answer["items"] - answer["returned"], 0)
             self.progress.failed_items += unreturned
             if "index" in answer:
@@ -725,8 +606,10 @@ class Scheduler:
             slot.observe(now - call.started)
             self.recent.append(now - call.started)
         slot.calls.remove(call)
+        self.dirty.add(slot)
         if slot.calls and slot.calls[0].started is None:
             slot.calls[0].started = now
+            self._deadline(slot, slot.calls[0])
 
     def _on_user_failure(self, call: Call, error: str, kind: str, slot: Slot,
                          started: Optional[float] = None, items: Optional[int] = None) -> None:
@@ -734,36 +617,36 @@ class Scheduler:
         if items is not None:  # the most any try read: a try that failed while reading reports nothing
             self.rows_seen[batch.id] = max(items, self.rows_seen.get(batch.id, 0))
         self.tries[batch.id] += 1
-        final = self.tries[batch.id] >= self.spec.max_tries
+        final = self.tries[batch.id] >= self.max_tries
         self.ledger.record_failed(FailedRecord(
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
-            final=final, node=slot.node, worker=slot.worker_name, started=started or _wall(call.started), items=items,
+            final=final, node=slot.node, worker=slot.worker_name, started=started or self._wall(call.started), items=items,
         ))
         last_line = error.strip().splitlines()[-1] if error.strip() else error
         log.warning("%s failed on %s (try %d of %d): %s", batch.id, slot.label,
-                    self.tries[batch.id], self.spec.max_tries, last_line)
+                    self.tries[batch.id], self.max_tries, last_line)
         if final:
             self.progress.failed += 1
-            self.metrics.batch_failed()
+            self.transport.batch_failed()
             # Table batches cut by bytes learn their row count when read: the worker reports it.
             self.progress.failed_items += self.rows_seen.get(batch.id, batch.item_count)
             self._check_thresholds()
         else:
             self.queue.appendleft((batch, 0))  # retry soon, so thresholds are known early
 
-    def _on_worker_lost(self, slot: Slot, exc: Exception, now: float) -> None:
+    def _on_worker_lost(self, slot: Slot, exc: WorkerLost, now: float) -> None:
         """The worker process died: a system failure, not one of the user's tries."""
         # Answers it gave before dying come first: the call it died in is the first unanswered one.
         refs = [c.ref for c in slot.calls]
-        answered, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        answered = self.transport.ended(refs)
         for call in [c for c in list(slot.calls) if c.ref in answered]:
             try:
-                answer = ray.get(call.ref)
-            except RayError:
+                answer = self.transport.get(call.ref)
+            except (WorkerLost, WorkerRaised):
                 break  # the first lost call: the worker died in it
             self._handle(slot, call, answer, now)
         recorded = self._recorded(slot) if slot.unflushed or slot.calls else set()
-        running = self._replace(slot, f"worker process lost ({type(exc).__name__})", recorded=recorded)
+        running = self._replace(slot, f"worker process lost ({exc.kind})", recorded=recorded)
         if running is not None:
             self._requeue_after_system_failure(running, f"worker lost: {exc}", slot, recorded)
 
@@ -775,7 +658,7 @@ class Scheduler:
         if batch.id in recorded:
             # The worker recorded the batch before it died: it is done, never rerun.
             self.progress.done += 1
-            self.metrics.batch_done(None)
+            self.transport.batch_done(None)
             return
         self.system_failures[batch.id] += 1
         if self.system_failures[batch.id] > MAX_SYSTEM_FAILURES_PER_BATCH:
@@ -786,7 +669,7 @@ class Scheduler:
         # Kept for the history (status, reports); not final, so not a failed batch.
         self.ledger.record_failed(FailedRecord(
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
-            final=False, node=slot.node, worker=slot.worker_name, started=_wall(call.started),
+            final=False, node=slot.node, worker=slot.worker_name, started=self._wall(call.started),
         ))
         self.queue.appendleft((batch, 0))
 
@@ -831,8 +714,10 @@ class Scheduler:
         if slot.deaths > MAX_DEATHS_PER_SLOT:
             slot.retired = True
             log.warning("%s given up after %d lost workers", slot.label, slot.deaths)
-        elif self.stop_reason is None and restart:
-            if lost and slot.instance not in self.placement.placed_instances():
+        elif self.stop_reason is None and not restart:
+            self.unstarted.add(slot)
+        elif self.stop_reason is None:
+            if lost and slot.instance not in self.transport.placed_instances():
                 log.warning("instance %d lost its node; the job goes on with the other instances "
                             "until Ray places it on another node", slot.instance)
             self._start(slot)
@@ -840,11 +725,10 @@ class Scheduler:
 
     def _enforce_timeouts(self, now: float) -> None:
         timeout = self.spec.retry_settings.timeout
-        for slot in self.slots:
-            head = slot.calls[0] if slot.calls else None
-            if head is None or head.started is None or now - head.started <= timeout:
-                continue
-            if ray.wait([head.ref], timeout=0)[0]:
+        while (entry := self._next_deadline()) is not None and entry[0] <= now:
+            heapq.heappop(self.deadlines)
+            head, slot = entry[2], entry[3]
+            if self.transport.ended([head.ref]):
                 continue  # it answered just now: handled next step, not a timeout
             running = self._replace(slot, f"{head.batch.id} ran past retry_settings.timeout={timeout}s; "
                                           f"worker killed", lost=False)
@@ -861,9 +745,15 @@ class Scheduler:
         elif spec.error_threshold >= 0 and p.failed_items > spec.error_threshold:
             self._stop(f"{p.failed_items} item(s) failed, more than error_threshold={spec.error_threshold}")
         elif p.total and self.plan_complete \
-                and 100.0 * p.failed / p.total > spec.failed_percent_limit():  # Azure: once all are planned
+                and 100.0 * p.failed / p.total > self.failed_percent_limit:  # Azure: once all are planned
             self._stop(f"{p.failed} of {p.total} mini-batches failed ({100.0 * p.failed / p.total:.1f}%), "
-                       f"more than allowed_failed_percent={spec.failed_percent_limit():g}")
+                       f"more than allowed_failed_percent={self.failed_percent_limit:g}")
+
+    def _wall(self, instant: Optional[float]) -> Optional[float]:
+        """The wall-clock time of an instant of the scheduler's clock (for records people read);
+        the scheduler times everything on its monotonic clock, so a clock step never times a
+        batch out."""
+        return None if instant is None else round(time.time() - (self.clock() - instant), 3)
 
     def _stop(self, reason: str, detail: str = "") -> None:
         if self.stop_reason is None:
@@ -878,14 +768,18 @@ class Scheduler:
             return
         # Starting workers whose instance has a node are included: actor calls run
         # in order, so stop() follows their init(). One waiting for a lost node is not.
-        placed = self.placement.placed_instances()
-        refs = {s.actor.stop.remote(): s for s in self.slots
+        placed = self.transport.placed_instances()
+        refs = {self.transport.call(s.actor, "stop"): s for s in self.slots
                 if s.actor is not None and (s.ready or (s.start_ref is not None and s.instance in placed))}
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STOP_TIMEOUT)
+        done = self.transport.ended(refs)
+        deadline = self.clock() + STOP_TIMEOUT
+        while len(done) < len(refs) and self.clock() < deadline:
+            self.transport.wait([r for r in refs if r not in done], deadline - self.clock())
+            done = self.transport.ended(refs)
         for ref in done:
             try:
-                error = ray.get(ref)
-            except RayError:
+                error = self.transport.get(ref)
+            except (WorkerLost, WorkerRaised):
                 continue
             if error:
                 log.warning("shutdown() raised on %s:\n%s", refs[ref].label, error)
@@ -898,10 +792,7 @@ class Scheduler:
             if slot.flush_ref is not None:
                 self.flushes.pop(slot.flush_ref, None)
                 slot.flush_ref = None
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception as exc:  # already dead
-                log.debug("kill %s: %s", slot.label, exc)
+            self.transport.kill(slot.actor)
             slot.actor, slot.ready = None, False
 
     def _kill_all(self) -> None:

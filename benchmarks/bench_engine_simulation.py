@@ -1,0 +1,121 @@
+"""The scheduler at a thousand workers: the real policy and the real ledger view, simulated workers.
+
+For each worker count (--workers, default 10, 100, 1000) a fresh interpreter builds a job dir
+with --batches planned one-file mini-batches (default 1,000,000), reads the pending set as a
+resume does (Ledger.view(lean=True).pending()), and runs raypar's Scheduler to the end on
+raypar.engine.simulated.SimulatedCluster: workers that exist only as times on a simulated
+clock. Durations are log-normal around --seconds (default 30 s of simulated time); 1% of
+attempts fail in run() (a user error, retried: max_retries 2); 0.5% straggle (10x); a few
+workers die mid-batch (--lost, default 5). Failed attempts are written to the job dir by the
+real ledger, as a driver writes them.
+
+It prints, per worker count: scheduling decisions (dispatches + answers handled) per CPU
+second of the scheduler, CPU per mini-batch, and the process's peak memory; and checks
+that every batch ended done or failed. Targets (issue 14): >= 20,000 decisions/s on one core
+of this machine, <= 1 GiB, at 1,000 workers.
+
+    python benchmarks/bench_engine_simulation.py [--batches N] [--workers 10 100 1000] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_load  # noqa: E402
+
+ONE = r"""
+import json, random, sys, time
+from raypar.engine.scheduler import Progress, Scheduler
+from raypar.engine.simulated import Outcome, SimulatedCluster
+from raypar.inputs.base import MiniBatch
+from raypar.jobdir.ledger import Ledger
+from raypar.spec import spec_from_dict
+
+root, batches, workers, seconds, lost, seed = sys.argv[1], *map(int, sys.argv[2:4]), float(sys.argv[4]), \
+    int(sys.argv[5]), int(sys.argv[6])
+ledger = Ledger(f"{root}/job")
+started = time.perf_counter()
+ledger.write_manifest(MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i:08d}.txt"]}, item_count=1)
+                      for i in range(batches))
+built = time.perf_counter() - started
+pending = ledger.view(ledger.read_manifest(), lean=True).pending()
+per_instance = 10 if workers % 10 == 0 else 1
+spec = spec_from_dict({
+    "type": "parallel", "name": "simulation",
+    "inputs": {"data": {"type": "uri_folder", "path": f"{root}/data"}}, "input_data": "${{inputs.data}}",
+    "resources": {"instance_count": workers // per_instance}, "max_concurrency_per_instance": per_instance,
+    "retry_settings": {"max_retries": 2, "timeout": int(100 * seconds)},
+    "mini_batch_error_threshold": -1, "mini_batch_size": "1",
+    "task": {"code": root, "entry_script": "score.py"},
+})
+rng = random.Random(seed)
+lost_at = set(rng.sample(range(batches), lost))
+ORDINAL = '"ordinal":'
+
+def behaviour(batch_json, attempt, worker):
+    duration = rng.lognormvariate(0, 0.5) * seconds
+    draw = rng.random()
+    at = batch_json.index(ORDINAL) + len(ORDINAL)
+    if attempt == 1 and int(batch_json[at:batch_json.index(",", at)]) in lost_at:
+        return Outcome(duration / 2, "lost")
+    if draw < 0.01:
+        return Outcome(duration, "user")
+    if draw < 0.015:
+        return Outcome(duration * 10)
+    return Outcome(duration)
+
+cluster = SimulatedCluster(behaviour, start_seconds=5.0)
+scheduler = Scheduler(ledger, spec, "r1", pending, cluster, Progress(total=len(pending)))
+cpu = time.process_time()
+reason = scheduler.run()
+cpu = time.process_time() - cpu
+assert reason is None, reason
+progress = scheduler.progress
+assert progress.done + progress.failed == batches, (progress.done, progress.failed)
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+calls = cluster.stats["run_batch"]
+print(json.dumps({"workers": len(scheduler.slots), "batches": batches, "cpu": cpu, "calls": calls,
+                  "decisions": 2 * calls, "done": progress.done, "failed": progress.failed,
+                  "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built}))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=1_000_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--lost", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    ok = None
+    for workers in args.workers:
+        with tempfile.TemporaryDirectory(prefix="raypar-sim-") as root:
+            out = subprocess.run([sys.executable, "-c", ONE, root, str(args.batches), str(workers),
+                                  str(args.seconds), str(args.lost), str(args.seed)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+        rate = r["decisions"] / r["cpu"]
+        print(f"{r['workers']:>5} workers, {r['batches']:,} batches ({r['done']:,} done, {r['failed']:,} failed, "
+              f"{r['calls']:,} attempts, {r['simulated_hours']:.1f} simulated hours): scheduler CPU {r['cpu']:.1f}s "
+              f"= {1e6 * r['cpu'] / r['batches']:.0f} us per batch, {rate:,.0f} decisions/s; "
+              f"peak memory {r['rss_mib']:.0f} MiB", flush=True)
+        if workers >= 1000:
+            ok = (ok is not False) and rate >= 20_000 and r["rss_mib"] <= 1024
+    if ok is not None:
+        print("targets at 1,000 workers (>= 20,000 decisions/s, <= 1 GiB): " + ("met" if ok else "MISSED"))
+    print_load()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

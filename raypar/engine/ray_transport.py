@@ -1,0 +1,225 @@
+"""The Ray transport: the placement group, worker actors, and Ray's calls, waits and errors.
+
+Placement: one STRICT_SPREAD placement group with ``instance_count`` bundles,
+one bundle per instance sized for ``max_concurrency_per_instance`` workers.
+STRICT_SPREAD reserves all instances on distinct nodes atomically (or not at
+all, so a job never starts half-placed) and GCS re-places a bundle whose node
+died; plain node affinity can do neither. On the embedded one-node Ray the
+instances are packed onto that node instead (STRICT_PACK): every Azure sample
+asks for 2 nodes, and a laptop has one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Iterable, Optional
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError, RuntimeEnvSetupError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..credentials import describe_error
+from ..errors import PlacementError
+from ..metrics import JobMetrics
+from ..runtime_env import without_inherited_pip
+from ..spec import JobSpec
+from ..worker import Worker
+from .transport import SetupFailed, Transport, WorkerLost, WorkerRaised
+
+log = logging.getLogger("raypar")
+
+
+class Placement:
+    """The placement group and the factory of worker actors pinned into it."""
+
+    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict,
+                 runtime_env: Optional[dict] = None, echo: Callable[[str], None] = log.info):
+        from .. import cluster
+
+        self.spec, self.job_url, self.run = spec, job_url, run
+        # The embedded Ray (started by this driver, or by the pipeline running it) knows its
+        # own nodes: it never grows, so waiting for placement cannot help.
+        self.owned = owned_cluster or cluster.is_embedded()
+        self.echo = echo
+        self.pg = None
+        self.plan = plan  # spec.worker_plan()
+        # runtime_env.worker_runtime_env(), less what a submitted job's own env already installs
+        self.runtime_env = without_inherited_pip(runtime_env, dict(ray.get_runtime_context().runtime_env))
+        self._remote = _worker_actor()
+
+    def bundle(self) -> dict[str, float]:
+        w, n = self.spec.raypar.worker, self.spec.max_concurrency_per_instance
+        bundle = {"CPU": w.num_cpus * n, "GPU": w.num_gpus * n}
+        if w.memory is not None:
+            bundle["memory"] = float(w.memory_bytes() * n)
+        bundle.update({k: v * n for k, v in w.resources.items()})
+        return {k: v for k, v in bundle.items() if v > 0}
+
+    def reserve(self) -> None:
+        """Reserve instance_count distinct nodes (on the embedded one-node Ray: that node for
+        all of them), or raise PlacementError saying why not."""
+        bundle, count = self.bundle(), self.spec.resources.instance_count
+        timeout = self.spec.raypar.placement_timeout
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if self.owned and len(alive) == 1 and count > 1:
+            self._reserve_packed(alive[0], bundle, count, timeout)
+            return
+        fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+        need = (
+            f"the job needs {count} node(s) with {_fmt(bundle)} each "
+            f"(instance_count={count} x max_concurrency_per_instance={self.spec.max_concurrency_per_instance}); "
+            f"the cluster has {len(fitting)} such node(s) of {len(alive)} alive"
+        )
+        if len(fitting) < count and (self.owned or timeout == 0):
+            raise PlacementError(need)
+        self._create([bundle] * count, "STRICT_SPREAD", timeout, need)
+
+    def _reserve_packed(self, node: dict, bundle: dict[str, float], count: int, timeout: float) -> None:
+        """All instances on the embedded Ray's one node, or PlacementError at once when they cannot fit."""
+        total = {k: v * count for k, v in bundle.items()}
+        has = node["Resources"]
+        if not all(has.get(k, 0) >= v for k, v in total.items()):
+            offered = {k: has.get(k, 0) for k in total}
+            raise PlacementError(
+                f"the job needs {_fmt(total)} on this machine for its {count} instances "
+                f"(instance_count={count} x max_concurrency_per_instance="
+                f"{self.spec.max_concurrency_per_instance}, {_fmt(bundle)} each); the embedded one-node Ray "
+                f"has {_fmt(offered)}; lower instance_count or raypar.worker, or give a cluster with --address")
+        self.echo(f"raypar: instance_count {count} on a one-node Ray: running the {count} instances on this machine")
+        self._create([bundle] * count, "STRICT_PACK", timeout,
+                     f"the job needs {_fmt(total)} on this machine for its {count} instances")
+
+    def _create(self, bundles: list[dict], strategy: str, timeout: float, need: str) -> None:
+        self.pg = placement_group(bundles, strategy=strategy, name=f"raypar-{self.run}")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout)
+        except GetTimeoutError:
+            self.release()
+            raise PlacementError(f"{need} free; waited {timeout:.0f}s (raypar.placement_timeout)") from None
+
+    def new_actor(self, slot):
+        w = self.spec.raypar.worker
+        slot.generation += 1
+        return self._remote.options(
+            num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory_bytes(),
+            resources=w.resources or None, max_restarts=0, max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.instance),
+            # The same runtime env for every actor (set before the process starts), so Ray can
+            # share worker processes between them.
+            runtime_env=self.runtime_env,
+            name=self.actor_name(slot),
+        ).remote(self.job_url, self.plan, self.run, slot.instance, slot.index)
+
+    def actor_name(self, slot) -> str:
+        """Job, node, instance and slot, as the dashboard's actor list shows them."""
+        node = self.node_of(slot.instance)
+        again = f":restart{slot.generation - 1}" if slot.generation > 1 else ""
+        return (f"raypar:{self.spec.name or 'job'}:node-{node[:8] if node else 'pending'}:"
+                f"instance{slot.instance}-slot{slot.index}{again}:{self.run}")
+
+    def node_of(self, instance: int) -> Optional[str]:
+        """The node ID the instance's bundle sits on now (None while Ray re-places it)."""
+        if self.pg is None:
+            return None
+        return ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {}).get(instance) or None
+
+    def placed_instances(self) -> set[int]:
+        """Instances whose bundle currently sits on a live node (a lost node's wait for re-placement)."""
+        if self.pg is None:
+            return set()
+        table = ray.util.placement_group_table(self.pg)
+        return {int(i) for i, node in table.get("bundles_to_node_id", {}).items() if node}
+
+    def release(self) -> None:
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception as exc:  # the cluster may already be gone
+                log.debug("removing placement group failed: %s", exc)
+            self.pg = None
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_actor():
+    """The actor class, made once per process: Ray exports (pickles) a class per ray.remote() call."""
+    return ray.remote(Worker)
+
+
+class RayTransport(Transport):
+    """Worker actors pinned into the job's placement group; Ray's errors as the engine's."""
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+        self.metrics = JobMetrics(placement.spec.name or "job", placement.job_url)
+
+    def reserve(self) -> None:
+        self.placement.reserve()
+
+    def release(self) -> None:
+        self.placement.release()
+
+    def placed_instances(self) -> set[int]:
+        return self.placement.placed_instances()
+
+    def new_worker(self, slot) -> Any:
+        return self.placement.new_actor(slot)
+
+    def call(self, worker: Any, method: str, *args) -> Any:
+        return getattr(worker, method).remote(*args)
+
+    def wait(self, calls, timeout: float) -> list:
+        calls = list(calls)
+        ready, _ = ray.wait(calls, num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
+        return ready
+
+    def ended(self, calls: Iterable) -> list:
+        calls = list(calls)
+        return ray.wait(calls, num_returns=len(calls), timeout=0)[0] if calls else []
+
+    def get(self, call: Any) -> Any:
+        try:
+            return ray.get(call)
+        except RuntimeEnvSetupError as exc:
+            raise SetupFailed(str(exc)) from None
+        except RayTaskError as exc:  # the method raised: raypar's own code (run() errors are answers)
+            raise WorkerRaised(_cause(exc)) from None
+        except RayError as exc:
+            raise WorkerLost(type(exc).__name__, str(exc)) from None
+
+    def cancel(self, call: Any) -> None:
+        ray.cancel(call)
+
+    def kill(self, worker: Any) -> None:
+        try:
+            ray.kill(worker, no_restart=True)
+        except Exception as exc:  # already dead
+            log.debug("kill: %s", exc)
+
+    def batch_done(self, seconds: Optional[float]) -> None:
+        self.metrics.batch_done(seconds)
+
+    def batch_failed(self) -> None:
+        self.metrics.batch_failed()
+
+
+def _cause(exc: RayTaskError) -> str:
+    """One line for an exception raised in a worker's raypar code (its last traceback line)."""
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return describe_error(cause)
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _fmt(bundle: dict[str, float]) -> str:
+    parts = []
+    for k, v in bundle.items():
+        if k == "memory":
+            parts.append(f"memory {v / 2**30:.1f} GiB")
+        else:
+            parts.append(f"{k} {v:g}")
+    return "{" + ", ".join(parts) + "}"

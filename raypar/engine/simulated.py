@@ -1,0 +1,151 @@
+"""A cluster that exists only as times on a simulated clock: the engine's test bench.
+
+Each worker runs its calls one after the other; what a mini-batch does (how long it takes,
+whether run() fails, whether the worker dies in it) comes from a ``behaviour`` function.
+The scheduler runs unchanged on it: no Ray, no processes, no sleeping, so a million
+mini-batches on a thousand workers take seconds of CPU, all of it the scheduler's own
+(benchmarks/bench_engine_simulation.py), and a unit test can walk the policy through one
+transition at a time (tests/test_engine_policy.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .transport import Transport, WorkerLost, WorkerRaised
+
+
+@dataclass
+class Outcome:
+    """What one attempt of a mini-batch does on a simulated worker."""
+
+    seconds: float
+    result: str = "ok"  # "ok", "user" (run() raised), "lost" (the worker dies in it), "raised" (raypar raised)
+    error: str = "ValueError: simulated"
+
+
+@dataclass
+class _Worker:
+    slot: Any
+    free_at: float = 0.0
+    dies_at: Optional[float] = None
+    written: int = 0
+    calls: set = field(default_factory=set)  # its calls not yet answered
+
+
+class SimulatedCluster(Transport):
+    """``behaviour(batch_json, attempt, worker)`` -> Outcome, for each run_batch call (the batch as
+    MiniBatch.to_json() gives it, unparsed: parsing is the behaviour's cost, not the scheduler's)."""
+
+    def __init__(self, behaviour: Callable[[dict, int, int], Outcome], start_seconds: float = 1.0,
+                 instances: Optional[set] = None):
+        self.behaviour, self.start_seconds = behaviour, start_seconds
+        self.now = 0.0
+        self.clock = lambda: self.now
+        self.instances = instances  # placed instances (None: all)
+        self.workers: dict[int, _Worker] = {}
+        self.events: list = []  # (end, call id) of calls not yet ended
+        self.results: dict[int, tuple] = {}  # call id -> (end, kind, value)
+        self.ended_calls: set[int] = set()
+        self.ids = itertools.count(1)
+        self.stats = {"workers": 0, "run_batch": 0, "canceled": 0, "killed": 0, "done": 0, "failed": 0}
+
+    def placed_instances(self) -> set[int]:
+        return self.instances if self.instances is not None else {s.instance for s in
+                                                                   (w.slot for w in self.workers.values())}
+
+    def new_worker(self, slot) -> int:
+        wid = next(self.ids)
+        self.stats["workers"] += 1
+        self.workers[wid] = _Worker(slot=slot, free_at=self.now)
+        return wid
+
+    def call(self, worker: int, method: str, *args) -> int:
+        cid = next(self.ids)
+        w = self.workers[worker]
+        start = max(self.now, w.free_at)
+        kind, value, seconds = "ok", None, 0.0
+        if method == "start":
+            seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}"}
+        elif method == "run_batch":
+            self.stats["run_batch"] += 1
+            outcome = self.behaviour(args[0], args[1], worker)
+            seconds = outcome.seconds
+            if outcome.result == "ok":
+                w.written += 1
+                value = {"ok": True, "items": 1, "returned": 1, "seconds": seconds, "durable": w.written,
+                         "position": 0, "index": w.written}
+            elif outcome.result == "user":
+                value = {"ok": False, "items": 1, "error": outcome.error, "durable": w.written, "position": 0}
+            elif outcome.result == "raised":
+                kind, value = "raised", outcome.error
+            else:
+                kind, value = "lost", "ActorDiedError"
+        elif method == "flush":
+            value = {"durable": w.written, "position": 0}
+        end = start + seconds
+        if w.dies_at is not None:  # calls queued on a worker that dies end with it
+            end, kind, value = w.dies_at, "lost", "ActorDiedError"
+        elif kind == "lost":
+            w.dies_at = end
+        w.free_at = end
+        w.calls.add(cid)
+        self.results[cid] = (end, kind, value, worker)
+        heapq.heappush(self.events, (end, cid))
+        return cid
+
+    def wait(self, calls, timeout: float) -> list:
+        """Advance the clock to the next end among ``calls`` (or by ``timeout``)."""
+        wanted = set(calls) if isinstance(calls, (list, tuple)) else calls  # anything with a fast "in"
+        while self.events and (self.events[0][1] not in self.results or self.events[0][1] in self.ended_calls):
+            heapq.heappop(self.events)  # canceled, or a killed worker's
+        if not self.events or self.events[0][0] > self.now + timeout:
+            self.now += timeout
+            return []
+        self.now = max(self.now, self.events[0][0])
+        ready = []
+        while self.events and self.events[0][0] <= self.now:
+            _, cid = heapq.heappop(self.events)
+            if cid in self.results:
+                self.ended_calls.add(cid)
+                if cid in wanted:
+                    ready.append(cid)
+        return ready
+
+    def ended(self, calls) -> list:
+        return [c for c in calls if c in self.ended_calls or (c in self.results and self.results[c][0] <= self.now)]
+
+    def get(self, call: int) -> Any:
+        _, kind, value, worker = self.results.pop(call)
+        self.ended_calls.discard(call)
+        if worker in self.workers:
+            self.workers[worker].calls.discard(call)
+        if kind == "lost":
+            raise WorkerLost(value)
+        if kind == "raised":
+            raise WorkerRaised(value)
+        return value
+
+    def cancel(self, call: int) -> None:
+        if call in self.results and self.results[call][0] > self.now:
+            self.stats["canceled"] += 1
+            worker = self.results.pop(call)[3]
+            if worker in self.workers:
+                self.workers[worker].calls.discard(call)
+
+    def kill(self, worker: int) -> None:
+        w = self.workers.pop(worker, None)
+        if w is not None:
+            self.stats["killed"] += 1
+            for cid in w.calls:
+                self.results.pop(cid, None)
+                self.ended_calls.discard(cid)
+
+    def batch_done(self, seconds: Optional[float]) -> None:
+        self.stats["done"] += 1
+
+    def batch_failed(self) -> None:
+        self.stats["failed"] += 1

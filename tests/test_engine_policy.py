@@ -1,0 +1,155 @@
+"""The scheduling policy on a simulated cluster and a simulated clock (no Ray): each transition
+of a batch and of a worker, with the records it leaves in a real ledger."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raypar.engine.scheduler import Progress, Scheduler
+from raypar.engine.simulated import Outcome, SimulatedCluster
+from raypar.inputs.base import MiniBatch
+from raypar.jobdir.ledger import Ledger
+from raypar.spec import spec_from_dict
+
+
+def ordinal(batch_json: str) -> int:
+    return json.loads(batch_json)["ordinal"]
+
+
+def run(tmp_path, behaviour, batches=6, slots=2, **spec_keys):
+    """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger)."""
+    ledger = Ledger(str(tmp_path / "job"))
+    pending = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(batches)]
+    ledger.write_manifest(pending)
+    spec = {"type": "parallel", "name": "policy", "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
+            "input_data": "${{inputs.data}}", "resources": {"instance_count": 1},
+            "max_concurrency_per_instance": slots, "retry_settings": {"max_retries": 1, "timeout": 100},
+            "task": {"code": str(tmp_path), "entry_script": "score.py"}}
+    for key, value in spec_keys.items():
+        target = spec
+        *path, last = key.split(".")
+        for part in path:
+            target = target.setdefault(part, {})
+        target[last] = value
+    cluster = SimulatedCluster(behaviour, start_seconds=1.0)
+    scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, Progress(total=batches))
+    return scheduler.run(), scheduler, cluster, ledger
+
+
+def history(ledger: Ledger, batch: int) -> list:
+    return [(r.kind, r.final) for r in ledger.view().failed.get(f"mb-{batch:07d}", [])]
+
+
+def test_every_batch_runs_once_on_healthy_workers(tmp_path):
+    seen = []
+
+    def behaviour(batch, attempt, worker):
+        seen.append((ordinal(batch), attempt))
+        return Outcome(10.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert sorted(seen) == [(i, 1) for i in range(6)]
+    assert cluster.now == pytest.approx(1.0 + 30.0)  # 2 workers, 3 batches of 10 s each, after a 1 s start
+    assert ledger.view().failed == {}
+
+
+def test_a_user_error_is_retried_then_the_batch_fails(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1.0, "user", "ValueError: bad row") if ordinal(b) == 2 else Outcome(1.0))
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (5, 1)
+    assert history(ledger, 2) == [("user", False), ("user", True)]  # max_retries 1: two tries
+
+
+def test_a_lost_worker_costs_no_try_and_is_replaced(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(5.0, "lost") if (ordinal(b), a) == (3, 1) else Outcome(1.0),
+        **{"retry_settings.max_retries": 0})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert history(ledger, 3) == [("system", False)]
+    assert cluster.stats["run_batch"] == 7 and cluster.stats["workers"] == 3  # one worker replaced
+
+
+def test_an_answer_given_just_before_the_worker_died_counts(tmp_path):
+    # The worker answers batch 0, then dies in batch 2 queued behind it: 0 is done, 2 runs again.
+    ran = []
+
+    def behaviour(batch, attempt, worker):
+        ran.append(ordinal(batch))
+        return Outcome(2.0, "lost") if (ordinal(batch), attempt) == (2, 1) else Outcome(2.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, slots=1, **{"retry_settings.max_retries": 0})
+
+    assert reason is None and scheduler.progress.done == 6
+    assert ran.count(0) == 1 and ran.count(2) == 2
+    assert history(ledger, 0) == [] and history(ledger, 2) == [("system", False)]
+
+
+def test_a_timeout_kills_the_worker_and_spends_a_try(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(500.0) if (ordinal(b), a) == (1, 1) else Outcome(1.0))
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert history(ledger, 1) == [("timeout", False)]
+    assert cluster.stats["killed"] >= 1
+
+
+def test_raypar_raising_in_a_worker_is_its_own_kind(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1.0, "raised", "OSError: disk full") if (ordinal(b), a) == (4, 1)
+        else Outcome(1.0), **{"retry_settings.max_retries": 0})
+
+    assert reason is None and scheduler.progress.done == 6
+    assert history(ledger, 4) == [("raypar", False)]
+
+
+def test_a_job_dir_failing_on_every_worker_stops_the_job(tmp_path):
+    reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(1.0, "raised", "OSError: gone"))
+
+    assert reason.startswith("raypar error in the worker: OSError: gone")
+    assert scheduler.progress.failed == 0  # no batch spent a try on it
+
+
+def test_crossing_the_failed_batch_threshold_stops_the_job(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1.0, "user") if ordinal(b) in (0, 1) else Outcome(1.0),
+        batches=10, slots=1, **{"retry_settings.max_retries": 0, "mini_batch_error_threshold": 1})
+
+    assert reason == "2 mini-batch(es) failed, more than mini_batch_error_threshold=1"
+    assert scheduler.progress.done < 8  # stopped before the rest ran
+
+
+def test_a_straggler_gets_a_second_attempt_and_the_first_to_finish_wins(tmp_path):
+    def behaviour(batch, attempt, worker):
+        return Outcome(60.0) if (ordinal(batch), attempt) == (5, 1) else Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, behaviour, **{"raypar.speculation": {"enabled": True, "multiple": 4, "min_seconds": 0}})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert scheduler.attempts["mb-0000005"] == 2 and cluster.stats["run_batch"] == 7
+    assert cluster.now < 20.0  # not the 60 s of the first attempt
+    assert cluster.stats["done"] == 6  # counted once
+
+
+def test_without_speculation_the_job_waits_for_its_straggler(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(60.0) if ordinal(b) == 5 else Outcome(1.0))
+
+    assert reason is None and cluster.stats["run_batch"] == 6 and cluster.now > 60.0
+
+
+def test_an_idle_worker_takes_back_calls_queued_behind_a_long_batch(tmp_path):
+    # Fast batches let a worker queue up to 4 calls; the long one holds the rest behind it.
+    def behaviour(batch, attempt, worker):
+        return Outcome(50.0) if ordinal(batch) == 8 else Outcome(0.1)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=12)
+
+    assert reason is None and scheduler.progress.done == 12
+    assert cluster.now < 55.0  # the batches queued behind batch 8 ran elsewhere meanwhile
