@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_load, start_azurite  # noqa: E402
 
-from raypar.driver import COMPACT_EVERY  # noqa: E402
+from raypar.engine.upkeep import COMPACT_EVERY  # noqa: E402
 
 MEASURE = r"""
 import json, sys, time

@@ -12,26 +12,24 @@ import itertools
 import logging
 import os
 import shutil
-import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .errors import LeaseHeldError, RayparError, SpecError, UsageError
+from .errors import RayparError, SpecError, UsageError
 from .console_relay import ConsoleRelay
-from .credentials import describe_error, options_for, redact, resolve_storage
+from .credentials import options_for, redact, resolve_storage
 from .inputs import check_input, plan_batches
 from .jobdir.ledger import Ledger, new_run_id
-from .jobdir.lease import FENCE_FRACTION, LEASE_TTL
+from .engine.session_lease import Heartbeat, StopSignal, claim_lease
+from .engine.upkeep import Compactor, Reporter, compact, final_view, write_session_reports
 from .planning import PlanFeed
 from .inputs.source import open_source
 from .replan import check_input_files, refuse_gone, replan
 from .replan import names as replan_names
 from .outputs import CorruptPartsError, OutputSchemaError, assemble
-from .reports import write_reports
 from .progress import ProgressDisplay
 from .runtime_env import ENVIRONMENT_WARNED, pip_packages, worker_runtime_env
 from .signals import interrupt_reason
@@ -44,7 +42,6 @@ log = logging.getLogger("raypar")
 Echo = Callable[[str], None]
 Show = Callable[..., None]  # show(snapshot, final=False): where progress goes
 MAX_ASSEMBLY_ROUNDS = 3
-COMPACT_EVERY = 50_000
 
 
 @dataclass
@@ -229,74 +226,6 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
                       f"{lease.get('host')}) has not stopped within {wait:.0f}s")
 
 
-class _Heartbeat(threading.Thread):
-    """Keeps the lease fresh while the driver lives; notices when it was taken over, and fences
-    the driver when it could not renew for FENCE_FRACTION of the TTL (a waiter may take the job
-    once a whole TTL passed without a new generation)."""
-
-    def __init__(self, ledger: Ledger, run: str, ttl: float = LEASE_TTL):
-        super().__init__(daemon=True, name="raypar-lease")
-        self.ledger, self.run_id, self.ttl, self.stopped = ledger, run, ttl, threading.Event()
-        self.renewed = time.monotonic()  # the lease was taken just before this thread
-        self.lost: Optional[str] = None
-        self.error: Optional[str] = None  # the last renewal's failure, if it failed
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.ttl / 3 if self.error is None else min(self.ttl / 10, 1.0)):
-            if not self.held():
-                return
-            try:
-                self.ledger.lease.heartbeat(self.run_id, self.ttl)
-                self.renewed, self.error = time.monotonic(), None
-            except LeaseHeldError as exc:
-                self.lost = exc.headline  # another driver owns the job now: stop ours
-                return
-            except Exception as exc:  # storage hiccup: try again soon, until the fence
-                self.error = describe_error(exc)
-                log.warning("lease heartbeat failed: %s", self.error)
-
-    def held(self) -> bool:
-        """Whether this driver may still write as the lease holder (checked on its own clock, so
-        a driver thawed after SIGSTOP knows before its heartbeat thread runs)."""
-        if self.lost is None and time.monotonic() - self.renewed > self.ttl * FENCE_FRACTION:
-            self.lost = (f"{self.ledger.url}: the lease could not be renewed for "
-                         f"{time.monotonic() - self.renewed:.0f}s ({self.error or 'the driver was paused'}); "
-                         f"stopped so that no two drivers run the job")
-        return self.lost is None
-
-
-def claim_lease(ledger: Ledger, run: str, echo: Echo, ttl: float = LEASE_TTL) -> None:
-    """Take the job dir's lease, waiting out one whose holder has gone silent.
-
-    A driver lost with its machine (a KubeRay retry on a fresh cluster, a killed VM)
-    leaves a lease nobody releases. A driver on another host cannot be asked whether it
-    lives, and its clock is not ours: we watch its lease for a whole TTL of our own
-    monotonic clock. If it never moves, its holder has fenced itself (see _Heartbeat)
-    and the lease is ours; if it moves, that driver is alive and we refuse at once.
-    """
-    try:
-        ledger.lease.acquire(run, ttl)
-        return
-    except LeaseHeldError:
-        held = ledger.lease.read()
-        if not held or held.get("host") == socket.gethostname():
-            raise  # on this host the lease holder's pid already answered
-    wait = held.get("ttl", LEASE_TTL)
-    echo(f"raypar: {ledger.url} is leased by pid {held.get('pid')} on {held.get('host')}; "
-         f"waiting {wait:.0f}s for a sign of life from that driver")
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        time.sleep(min(1.0, wait / 10))  # one storage read a second, at most
-        current = ledger.lease.read()
-        if current is None:
-            break  # released: the holder finished
-        if (current.get("run"), current.get("generation"), current.get("heartbeat")) != \
-                (held.get("run"), held.get("generation"), held.get("heartbeat")):
-            ledger.lease.acquire(run, ttl)  # raises LeaseHeldError naming the live driver
-            return
-    ledger.lease.acquire(run, ttl, silent=True)
-
-
 def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo, announce: str,
            planned=None) -> Outcome:
     spec = session.spec
@@ -304,7 +233,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     ttl = spec.raypar.lease_ttl
     claim_lease(ledger, run, echo, ttl)
     echo(announce)
-    beat = _Heartbeat(ledger, run, ttl)
+    beat = Heartbeat(ledger, run, ttl)
     beat.start()
     state, reason, detail = JobState.FAILED, "", ""
     manifest = view = feed = None
@@ -319,7 +248,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             done = ledger.view(prefix, lean=True).done if len(prefix) else frozenset()
             feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done)
             feed.start()
-        stop = _StopSignal(ledger, run, beat)
+        stop = StopSignal(ledger, run, beat)
         reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop)
         if not beat.held():  # lost while assembling: the output is whole, but this session is not the holder
             reason = reason or beat.lost
@@ -345,15 +274,15 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             if beat.held():  # only the lease holder may write; the heartbeat goes on meanwhile
                 _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
                                                       session.storage))
-                _compact(ledger, run)
-                view = _final_view(ledger)
-                _write_reports(ledger, spec, state, reason, view)
+                compact(ledger, run)
+                view = final_view(ledger)
+                write_session_reports(ledger, spec, state, reason, view)
         finally:
             beat.stopped.set()
             beat.join(timeout=5)
             if beat.held():
                 ledger.lease.release(run)
-    view = view or _final_view(ledger)  # nothing is written after the reports: their view is the final one
+    view = view or final_view(ledger)  # nothing is written after the reports: their view is the final one
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
                    **view.counts())
 
@@ -420,46 +349,6 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
     return "output parts keep failing verification (storage corrupting data?)", "", view
 
 
-class _StopSignal:
-    """Why the driver must stop now: its lease was taken over, or `raypar cancel` asked."""
-
-    def __init__(self, ledger: Ledger, run: str, beat: _Heartbeat, every: float = 0.5):
-        self.ledger, self.run_id, self.beat, self.every = ledger, run, beat, every
-        self.canceled, self.checked = False, 0.0
-
-    def __call__(self) -> Optional[str]:
-        if not self.beat.held():
-            return self.beat.lost
-        now = time.monotonic()
-        if not self.canceled and now - self.checked >= self.every:  # one cheap look per interval
-            self.checked = now
-            self.canceled = self.ledger.cancel_requested(self.run_id)
-        return "canceled by `raypar cancel`" if self.canceled else None
-
-    def lease_held(self) -> bool:
-        return self.beat.held()
-
-
-def _compact(ledger: Ledger, run: str) -> None:
-    """The next resume reads one file instead of every record; never fail a job over it."""
-    try:
-        ledger.compact(run)
-    except Exception as exc:
-        log.warning("could not compact the ledger: %s", exc)
-
-
-def _final_view(ledger: Ledger):
-    return ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
-
-
-def _write_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view) -> None:
-    """Reports are a convenience derived from the ledger: never let them fail a job."""
-    try:
-        write_reports(ledger, view, state.value, reason, bind(spec).append_row_path)
-    except Exception as exc:
-        log.warning("could not write reports: %s", exc)
-
-
 def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> None:
     JobState(ledger.read_state()["state"]).check_transition(new)
     ledger.write_state(new, run, reason)
@@ -489,7 +378,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         # Failed batches of earlier sessions run again now: only done batches' item failures carry over.
         progress.failed_items = view.done.failed_items()
         progress.planning = feed is not None
-        reporter = _Compactor(ledger, run, _Reporter(session.show))
+        reporter = Compactor(ledger, run, Reporter(session.show))
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)
         scheduler = Scheduler(ledger, spec, run, pending, RayTransport(placement), progress, reporter, interrupt,
@@ -503,29 +392,3 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         shutil.rmtree(code_copies_dir(run), ignore_errors=True)
         if owned:
             cluster.disconnect()
-
-
-class _Compactor:
-    """Folds done records into a compact file every COMPACT_EVERY batches, so a resume after a
-    crash reads at most that many records one by one (see Ledger.compact)."""
-
-    def __init__(self, ledger: Ledger, run: str, then: Callable):
-        self.ledger, self.run_id, self.then, self.at = ledger, run, then, None
-
-    def __call__(self, p, final: bool = False) -> None:
-        if self.at is None:
-            self.at = p.done
-        if p.done - self.at >= COMPACT_EVERY:
-            _compact(self.ledger, self.run_id)
-            self.at = p.done
-        self.then(p, final=final)
-
-
-class _Reporter:
-    """Turns the scheduler's counters into snapshots for the display."""
-
-    def __init__(self, show: Show):
-        self.show = show
-
-    def __call__(self, p, final: bool = False) -> None:
-        self.show(p.snapshot(time.monotonic()), final=final)

@@ -814,7 +814,7 @@ def test_the_lean_view_agrees_with_the_records(tmp_path, monkeypatch):
 
 def test_a_silent_lease_from_another_host_is_waited_out_then_taken(tmp_path):
     # A driver lost with its cluster (a KubeRay retry): its lease outlives it until the TTL ends.
-    from raypar.driver import claim_lease
+    from raypar.engine.session_lease import claim_lease
 
     ledger = Ledger(str(tmp_path))
     write_lease(ledger, host="lost-head-pod", pid=4242, ttl=2.0)
@@ -825,7 +825,7 @@ def test_a_silent_lease_from_another_host_is_waited_out_then_taken(tmp_path):
 
 
 def test_a_beating_lease_from_another_host_is_refused(tmp_path):
-    from raypar.driver import claim_lease
+    from raypar.engine.session_lease import claim_lease
 
     ledger = Ledger(str(tmp_path))
     write_lease(ledger, host="live-head-pod", pid=4242, ttl=3.0)

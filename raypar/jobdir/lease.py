@@ -12,7 +12,7 @@ holds one or two files.
   state only from the current epoch.
 - **No clock is compared between hosts.** Another host's lease is stale only once its
   generation has not moved for a whole TTL of the waiter's own monotonic clock
-  (:func:`raypar.driver.claim_lease`); on the same host, once its process is gone.
+  (:func:`raypar.engine.session_lease.claim_lease`); on the same host, once its process is gone.
 - **The holder fences itself**: it assumes the lease lost once it could not renew it for
   FENCE_FRACTION of the TTL (its own monotonic clock), before a waiter may take over.
 

@@ -1,0 +1,63 @@
+"""What a driver session does besides scheduling: compacting the ledger as batches finish and
+at the end, the progress shown, and the reports written at the end (none of it may fail a job)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from ..jobdir.ledger import Ledger
+from ..reports import write_reports
+from ..spec import JobSpec, bind
+from ..state import JobState
+
+log = logging.getLogger("raypar")
+
+COMPACT_EVERY = 50_000
+
+
+def compact(ledger: Ledger, run: str) -> None:
+    """The next resume reads one file instead of every record; never fail a job over it."""
+    try:
+        ledger.compact(run)
+    except Exception as exc:
+        log.warning("could not compact the ledger: %s", exc)
+
+
+def final_view(ledger: Ledger):
+    return ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
+
+
+def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view) -> None:
+    """Reports are a convenience derived from the ledger: never let them fail a job."""
+    try:
+        write_reports(ledger, view, state.value, reason, bind(spec).append_row_path)
+    except Exception as exc:
+        log.warning("could not write reports: %s", exc)
+
+
+class Compactor:
+    """Folds done records into a compact file every COMPACT_EVERY batches, so a resume after a
+    crash reads at most that many records one by one (see Ledger.compact)."""
+
+    def __init__(self, ledger: Ledger, run: str, then: Callable):
+        self.ledger, self.run_id, self.then, self.at = ledger, run, then, None
+
+    def __call__(self, p, final: bool = False) -> None:
+        if self.at is None:
+            self.at = p.done
+        if p.done - self.at >= COMPACT_EVERY:
+            compact(self.ledger, self.run_id)
+            self.at = p.done
+        self.then(p, final=final)
+
+
+class Reporter:
+    """Turns the scheduler's counters into snapshots for the display."""
+
+    def __init__(self, show: Callable):
+        self.show = show
+
+    def __call__(self, p, final: bool = False) -> None:
+        self.show(p.snapshot(time.monotonic()), final=final)
