@@ -472,6 +472,27 @@ def test_ledger_lease_race_has_one_owner(backend):
     assert ledgers[0].lease.read()["run"] == f"r{winners[0]}"
 
 
+def test_a_heartbeat_whose_reply_was_lost_keeps_the_lease(backend):
+    # The store took the next generation but the reply never came (a timeout): the retry finds
+    # its own generation there and must not read it as a takeover.
+    ledger = backend.ledger()
+    ledger.lease.acquire("r1")
+    create = ledger.store.write_new
+
+    def lost_reply(data, *parts):
+        create(data, *parts)
+        raise TimeoutError("the reply was lost")
+
+    ledger.store.write_new = lost_reply
+    with pytest.raises(TimeoutError):
+        ledger.lease.heartbeat("r1")
+    ledger.store.write_new = create
+    ledger.lease.heartbeat("r1")  # the retry
+    ledger.lease.heartbeat("r1")
+    assert ledger.lease.read()["run"] == "r1" and ledger.lease.generation == 3
+    assert backend.ledger(own_client=True).lease.read()["generation"] == 3
+
+
 def test_a_stale_lease_raced_for_has_one_new_owner_and_the_old_one_is_fenced(backend):
     # A driver on another host went silent; four drivers that watched it for a TTL race for it.
     frozen = backend.ledger()

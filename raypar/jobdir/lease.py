@@ -132,8 +132,11 @@ class Lease:
         following = self.generation + 1
         if not self.store.write_new(_body(run, ttl, self.epoch), FOLDER, _name(following)):
             now = self.read()
-            raise LeaseHeldError(f"{self.url}: the lease was taken over by run "
-                                 f"{(now or {}).get('run', '(unknown)')}")
+            # Our own write, whose reply was lost (a timeout after the store took it): still ours.
+            if not now or now.get("run") != run or now.get("generation", 0) < following:
+                raise LeaseHeldError(f"{self.url}: the lease was taken over by run "
+                                     f"{(now or {}).get('run', '(unknown)')}")
+            following = now["generation"]
         self.generation = following
         self._forget(following)
 
