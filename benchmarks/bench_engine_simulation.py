@@ -35,7 +35,7 @@ from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.simulated import Outcome, SimulatedCluster
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger
-from raypar.spec import spec_from_dict
+from raypar.spec.loading import spec_from_dict
 
 root, batches, workers, seconds, lost, seed = sys.argv[1], *map(int, sys.argv[2:4]), float(sys.argv[4]), \
     int(sys.argv[5]), int(sys.argv[6])

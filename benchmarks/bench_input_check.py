@@ -42,8 +42,8 @@ CHECK = r"""
 import json, sys, time
 from raypar.inputs import check_input
 from raypar.jobdir.ledger import Ledger
-from raypar.replan import check_input_files
-from raypar.spec import spec_from_dict
+from raypar.engine.replan import check_input_files
+from raypar.spec.loading import spec_from_dict
 spec = spec_from_dict(json.loads(sys.argv[2]))
 started = time.perf_counter()
 changes = check_input_files(Ledger(sys.argv[1]), spec, check_input(spec, {}), {})
@@ -62,7 +62,7 @@ def spec_dict(data: str, code: str) -> dict:
 def build(root: str, files: int) -> tuple[str, dict]:
     from raypar.inputs import check_input, plan_batches
     from raypar.jobdir.ledger import Ledger
-    from raypar.spec import spec_from_dict
+    from raypar.spec.loading import spec_from_dict
 
     data, code, job = (os.path.join(root, d) for d in ("data", "code", "job"))
     os.makedirs(code)

@@ -39,9 +39,9 @@ import time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import ray  # noqa: E402
+from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 import raypar  # noqa: E402
-from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 TARGET_RATIO = 0.80
 

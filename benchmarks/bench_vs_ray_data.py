@@ -60,9 +60,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
+from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 import raypar  # noqa: E402
-from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 TARGET_RATIO = 1.0
 MIB = 1024 * 1024
@@ -171,8 +171,10 @@ PROFILE_MODULE = textwrap.dedent('''\
 
         import pyarrow.parquet as pq
 
-        from raypar import output_formats, records, worker
         from raypar.inputs import base, tabular
+        from raypar.jobdir import writers
+        from raypar.outputs import formats as output_formats
+        from raypar.worker import actor as worker
 
         try:
             import psutil
@@ -192,7 +194,7 @@ PROFILE_MODULE = textwrap.dedent('''\
         _timed(output_formats, "to_table", "  result -> Arrow (from_pandas)")
         _timed(output_formats, "encode_part", "  Arrow -> IPC part bytes")
         _timed(worker, "count_and_serialize", "batch: serialize result (all)")
-        _timed(records.SegmentWriter, "write", "batch: sha256 + append part and record", at_end=_batch_ends)
+        _timed(writers.SegmentWriter, "write", "batch: sha256 + append part and record", at_end=_batch_ends)
         inner = entry.run
 
         def run(mini_batch):
@@ -480,15 +482,15 @@ class DriverTimers:
     """Times raypar's driver phases by wrapping its functions in this process (profile run only)."""
 
     def __init__(self):
-        from raypar import driver, scheduler
+        from raypar.engine import driver, ray_transport, scheduler
 
         self.spans: dict[str, list[tuple[float, float]]] = {}
         self.undo = []
         self._wrap(scheduler.Scheduler, "run", "Scheduler.run: start workers, run every batch, stop workers")
-        self._wrap(scheduler.Placement, "reserve", "placement group")
+        self._wrap(ray_transport.Placement, "reserve", "placement group")
         self._wrap(driver, "assemble", "outputs.assemble: the output file")
-        self._wrap(driver, "_compact", "ledger compaction")
-        self._wrap(driver, "_write_reports", "reports")
+        self._wrap(driver, "compact", "ledger compaction")
+        self._wrap(driver, "write_session_reports", "reports")
 
     def _wrap(self, owner, attr, name):
         inner = getattr(owner, attr)

@@ -10,7 +10,7 @@ configured logging itself (:mod:`raypar.api_log`).
 
 __version__ = "0.1.0"
 
-from .errors import RayparError  # noqa: E402
+from raypar.errors import RayparError  # noqa: E402
 
 
 def run(spec, job_dir=None, address=None, wait=True, **kwargs):
@@ -22,9 +22,9 @@ def run(spec, job_dir=None, address=None, wait=True, **kwargs):
     with ``wait=False`` the driver runs in a background thread. Other keyword
     arguments (``echo``, ``progress``) are :func:`raypar.driver.run_job`'s.
     """
-    from .api_log import install
-    from .driver import _as_spec, _normalize_dir, default_job_dir, run_job
-    from .handles import LocalJob
+    from raypar.api_log import install
+    from raypar.engine.driver import _as_spec, _normalize_dir, default_job_dir, run_job
+    from raypar.launch.handles import LocalJob
 
     install()
     spec = _as_spec(spec)
@@ -34,9 +34,9 @@ def run(spec, job_dir=None, address=None, wait=True, **kwargs):
 
 def resume(job_dir, address=None, wait=True, **kwargs):
     """Resume the job in ``job_dir``: run exactly the mini-batches that are not done. Returns a LocalJob."""
-    from .api_log import install
-    from .driver import _normalize_dir, resume_job
-    from .handles import LocalJob
+    from raypar.api_log import install
+    from raypar.engine.driver import _normalize_dir, resume_job
+    from raypar.launch.handles import LocalJob
 
     install()
     job_dir = _normalize_dir(job_dir)
@@ -50,8 +50,8 @@ def submit(spec, address=None, job_dir=None, wait=False, **kwargs):
     the job to end. Other keyword arguments (``headers``, ``shared_paths``,
     ``env``, ``echo``) are :func:`raypar.submission.submit_job`'s.
     """
-    from .api_log import install
-    from .submission import submit_job
+    from raypar.api_log import install
+    from raypar.launch.submission import submit_job
 
     install()
     job = submit_job(spec, address=address, job_dir=job_dir, **kwargs)
@@ -67,7 +67,7 @@ _AZUREML_NAMES = ("parallel_run_function", "RunFunction", "Input", "Output", "Re
 
 def __getattr__(name):
     if name in _AZUREML_NAMES:
-        from . import azureml
+        from raypar import azureml
 
         return getattr(azureml, name)
     raise AttributeError(f"module 'raypar' has no attribute {name!r}")

@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Optional
 
-from . import __version__
-from .errors import RayparError
+from raypar import __version__
+from raypar.errors import RayparError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="raypar: %(levelname)s %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
-    from .signals import stop_on_sigterm
+    from raypar.engine.signals import stop_on_sigterm
 
     stop_on_sigterm()  # before Ray starts too: a job stopped while planning ends canceled
     try:
@@ -146,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:  # storage or network errors, and bugs: one line, the traceback on --verbose
         if args.verbose:
             raise
-        from .credentials import describe_error
+        from raypar.credentials import describe_error
         print(f"raypar: error: {describe_error(exc)} (--verbose shows the traceback)", file=sys.stderr)
         return 1
 
@@ -157,7 +157,7 @@ def _dispatch(args) -> int:
     if _is_remote(args):
         return _remote(args)
     if args.command in ("status", "resume"):
-        from .pipeline_run import is_pipeline_dir
+        from raypar.pipelines.run import is_pipeline_dir
 
         if is_pipeline_dir(args.target):
             return _pipeline_dir(args)
@@ -169,8 +169,8 @@ def _dispatch(args) -> int:
         return _submit(args)
     if args.command == "kube":
         return _kube_render(args)
-    from .driver import cancel_job, resume_job, run_job
-    from .progress import ProgressDisplay
+    from raypar.engine.driver import cancel_job, resume_job, run_job
+    from raypar.engine.progress import ProgressDisplay
 
     if args.command == "cancel":
         cancel_job(args.target, wait=args.wait, echo=_echo)
@@ -178,8 +178,8 @@ def _dispatch(args) -> int:
     display = ProgressDisplay()
     try:
         if args.command == "run":
-            from .pipeline import Pipeline, prepare_run
-            from .pipeline_run import run_pipeline
+            from raypar.pipelines.loading import Pipeline, prepare_run
+            from raypar.pipelines.run import run_pipeline
 
             target = prepare_run(args.spec, args.set, args.job_dir, code_dir=args.code_dir)
             if isinstance(target, Pipeline):
@@ -211,8 +211,8 @@ def _echo(line: str) -> None:
 
 def _pipeline_dir(args) -> int:
     """`raypar status` / `raypar resume` of a pipeline dir (see docs/pipelines.md)."""
-    from .pipeline_run import print_pipeline_status, resume_pipeline
-    from .progress import ProgressDisplay
+    from raypar.engine.progress import ProgressDisplay
+    from raypar.pipelines.run import print_pipeline_status, resume_pipeline
 
     if args.command == "status":
         return print_pipeline_status(args.target, as_json=args.json)
@@ -227,7 +227,7 @@ def _is_remote(args) -> bool:
     """Talk to a Jobs API: a submission ID where a job dir could be, or `resume --address http(s)://...`."""
     if args.command in ("submit", "run", "kube"):
         return False
-    from .storage import is_url
+    from raypar.storage import is_url
 
     address = getattr(args, "address", None)
     http = bool(address and address.startswith(("http://", "https://")))
@@ -240,7 +240,7 @@ def _is_remote(args) -> bool:
 
 
 def _api(args):
-    from .jobs_api import JobsApi, parse_headers
+    from raypar.launch.jobs_api import JobsApi, parse_headers
 
     api = JobsApi(getattr(args, "address", None), parse_headers(args.header))
     # Ray's SDK logs "Uploading package ..." and "WebSocket closed ..." at INFO: noise on a command line.
@@ -250,7 +250,7 @@ def _api(args):
 
 
 def _submit(args) -> int:
-    from .submission import parse_env, submit_job
+    from raypar.launch.submission import parse_env, submit_job
 
     job = submit_job(args.spec, job_dir=args.job_dir, shared_paths=tuple(args.shared_path),
                      env=parse_env(args.env), echo=_echo, api=_api(args))
@@ -258,8 +258,8 @@ def _submit(args) -> int:
 
 
 def _kube_render(args) -> int:
-    from .errors import UsageError
-    from .kube import dump_yaml, render, render_raycluster
+    from raypar.errors import UsageError
+    from raypar.launch.kube import dump_yaml, render, render_raycluster
 
     if args.kind == "RayCluster":
         job_only = {"--job-dir": args.job_dir, "--cluster": args.cluster, "--code-in-image": args.code_in_image,
@@ -282,7 +282,7 @@ def _kube_render(args) -> int:
 
 
 def _convert(args) -> int:
-    from .azureml.convert import convert_file
+    from raypar.azureml.convert import convert_file
 
     relative_to = os.path.dirname(os.path.abspath(args.output)) if args.output else None
     _write(convert_file(args.v1config, step=args.step, relative_to=relative_to), args.output, "")
@@ -291,7 +291,7 @@ def _convert(args) -> int:
 
 def _write(text: str, output: Optional[str], about: str) -> None:
     if output:
-        from .errors import UsageError
+        from raypar.errors import UsageError
 
         try:
             with open(output, "w") as f:
@@ -304,7 +304,7 @@ def _write(text: str, output: Optional[str], about: str) -> None:
 
 
 def _submitted(job, wait: bool) -> int:
-    from .submission import follow, submitted_exit_line
+    from raypar.launch.submission import follow, submitted_exit_line
 
     _echo(f"raypar: submitted {job.submission_id} to {job.address}")
     _echo(f"raypar: job dir {job.job_dir}")
@@ -326,7 +326,7 @@ def _submitted(job, wait: bool) -> int:
 
 
 def _remote(args) -> int:
-    from .submission import SubmittedJob, parse_env, resume_remote
+    from raypar.launch.submission import SubmittedJob, parse_env, resume_remote
 
     api = _api(args)
     if args.command == "resume":
@@ -360,8 +360,8 @@ def _remote(args) -> int:
 
 
 def _status(args) -> int:
-    from .storage import is_url
-    from .status import job_status
+    from raypar.engine.status import job_status
+    from raypar.storage import is_url
 
     # The job dir as resume and logs take it from anywhere: absolute (a URL stays as it is).
     status = job_status(args.target if is_url(args.target) else os.path.abspath(os.path.expanduser(args.target)))
@@ -373,7 +373,7 @@ def _status(args) -> int:
 
 
 def _print_status(status: dict) -> None:
-    from .status import failed_items_text
+    from raypar.engine.status import failed_items_text
 
     print(f"job:       {status.get('name') or '-'} ({status['job_dir']})")
     print(f"state:     {status['state']}")
@@ -398,7 +398,7 @@ def _print_status(status: dict) -> None:
 
 def _print_input_changes(changes) -> None:
     """What a resume will do about input files changed, gone or added since planning."""
-    from .replan import names
+    from raypar.engine.replan import names
 
     if not changes:
         return
@@ -415,10 +415,10 @@ def _print_input_changes(changes) -> None:
 
 
 def _logs(args) -> int:
-    from .errors import UsageError
-    from .inputs.base import ordinal_of
-    from .jobdir.ledger import Ledger
-    from .reports import STATUS_OF_KIND, batch_log_sections
+    from raypar.engine.reports import STATUS_OF_KIND, batch_log_sections
+    from raypar.errors import UsageError
+    from raypar.inputs.base import ordinal_of
+    from raypar.jobdir.ledger import Ledger
 
     ledger = Ledger(args.target)
     ledger.load_job()

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import fsspec
 
-from .errors import SpecError
-from .storage import _PACKAGE_FOR_PROTOCOL, azure_options_from_env, is_url
+from raypar.errors import SpecError
+from raypar.storage import _PACKAGE_FOR_PROTOCOL, azure_options_from_env, is_url
 
 _AZURE = ("az", "abfs", "abfss")
 # Option names that hold secrets: a spec may only give them as $VAR references.

@@ -60,3 +60,19 @@ class ModelNotFoundError(RayparError):
     """``Model.get_model_path`` was given a model name the model mapping does not hold."""
 
     exit_code = 2
+
+
+class ResultError(RayparError, TypeError):
+    """run() returned something raypar cannot count or write (a TypeError, as before it was a RayparError)."""
+
+
+class CorruptPartsError(RayparError):
+    """Parts whose content does not match the sha256 their done record holds."""
+
+    def __init__(self, records):
+        super().__init__(f"{len(records)} output part(s) failed verification")
+        self.records = records
+
+
+class OutputSchemaError(RayparError):
+    """The parts' columns cannot share one file (e.g. a column is int in one batch, string in another)."""

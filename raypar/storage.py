@@ -15,7 +15,6 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
-
 def is_url(path: str) -> bool:
     """True for ``scheme://...`` paths (fsspec URLs); False for local paths."""
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))

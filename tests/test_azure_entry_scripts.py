@@ -11,14 +11,13 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from conftest import make_spec, quiet
 
 import raypar
 from raypar.errors import SpecError
 from raypar.jobdir.ledger import Ledger
-from raypar.spec import spec_from_dict
-from raypar.state import JobState
-
-from conftest import make_spec, quiet
+from raypar.jobdir.state import JobState
+from raypar.spec.loading import spec_from_dict
 
 pytestmark = pytest.mark.timeout(120)
 AZURE_ENTRY = Path(__file__).parent / "entry_azure"
@@ -245,7 +244,7 @@ def test_scratch_folders_of_dead_workers_on_this_host_are_removed(tmp_path, monk
     import socket
     import subprocess
 
-    from raypar.azureml_compat import worker_env
+    from raypar.azureml.compat import worker_env
 
     monkeypatch.setattr(worker_env, "SCRATCH_ROOT", str(tmp_path))
     host = socket.gethostname()

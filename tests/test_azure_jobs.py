@@ -9,13 +9,12 @@ import sys
 import fsspec
 import pytest
 import yaml
+from conftest import make_spec, quiet
 
 import raypar
 from raypar.inputs.base import ordinal_of
 from raypar.jobdir.ledger import Ledger
-from raypar.state import JobState
-
-from conftest import make_spec, quiet
+from raypar.jobdir.state import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

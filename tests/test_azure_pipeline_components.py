@@ -8,12 +8,22 @@ import json
 from pathlib import Path
 
 import pytest
-
-from raypar.azureml import (AssetTypes, Environment, Input, InputOutputModes, MLClient, Output, RunFunction, command,
-                            load_component, parallel_run_function, pipeline)
-from raypar.errors import SpecError
-
 from conftest import write_files
+
+from raypar.azureml import (
+    AssetTypes,
+    Environment,
+    Input,
+    InputOutputModes,
+    MLClient,
+    Output,
+    RunFunction,
+    command,
+    load_component,
+    parallel_run_function,
+    pipeline,
+)
+from raypar.errors import SpecError
 
 ON_CLUSTER = {"worker": {"num_cpus": 0.5}, "placement_timeout": 30}
 
@@ -298,7 +308,7 @@ def test_load_component_nodes_wire_into_parallel_nodes(sample):
         "type": "mltable", "path": "${{parent.jobs.prepare_file_tabular_data.outputs.tabular_output_data}}",
         "mode": "direct", "description": described}
 
-    from raypar.pipeline import load_pipeline
+    from raypar.pipelines.loading import load_pipeline
 
     path = pipeline_job.dump(sample / "pipeline.yml")
     plan = load_pipeline(path, job_dir=str(sample / "run"))
@@ -388,7 +398,7 @@ task:
     step = pipeline_job.to_dict()["jobs"]["scored"]
     assert step["resources"] == {"instance_count": 2} and step["mini_batch_size"] == "1"
 
-    from raypar.pipeline import load_pipeline
+    from raypar.pipelines.loading import load_pipeline
 
     plan = load_pipeline(pipeline_job.dump(sample / "pipeline.yml"), job_dir=str(sample / "run"))
     job = plan.steps[1].job

@@ -10,15 +10,30 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from raypar.azureml import (AssetTypes, DataPath, Dataset, DatasetConsumptionConfig, Datastore, Environment, Input,
-                            InputOutputModes, MLClient, Output, ParallelRunConfig, ParallelRunStep, PipelineData,
-                            RunFunction, dsl, parallel_run_function, pipeline)
-from raypar.azureml_compat.models import model_mapping_env, model_path
-from raypar.errors import ModelNotFoundError, SpecError
-from raypar.spec import spec_from_dict
-
 from conftest import quiet, write_files
+
+from raypar.azureml import (
+    AssetTypes,
+    DataPath,
+    Dataset,
+    DatasetConsumptionConfig,
+    Datastore,
+    Environment,
+    Input,
+    InputOutputModes,
+    MLClient,
+    Output,
+    ParallelRunConfig,
+    ParallelRunStep,
+    PipelineData,
+    RunFunction,
+    dsl,
+    parallel_run_function,
+    pipeline,
+)
+from raypar.azureml.compat.models import model_mapping_env, model_path
+from raypar.errors import ModelNotFoundError, SpecError
+from raypar.spec.loading import spec_from_dict
 
 SAMPLES = Path(__file__).parent / "entry_samples"
 ON_CLUSTER = {"worker": {"num_cpus": 0.5}, "placement_timeout": 30}
@@ -78,7 +93,7 @@ def test_spec_models_are_absolute_and_reach_the_workers_environment(project, mon
                            "input_data": "${{inputs.d}}", "task": {"code": "Code", "entry_script": "digits.py"},
                            "raypar": {"models": {"b": "models/b"}}}, base_dir=project)
     assert spec.raypar.models == {"b": str(project / "models" / "b")}
-    from raypar.spec import worker_plan
+    from raypar.spec.binding import worker_plan
 
     plan = worker_plan(spec, {}, {})
     assert json.loads(plan["env"]["RAYPAR_MODELS"]) == {"a": "/env/a", "b": str(project / "models" / "b")}

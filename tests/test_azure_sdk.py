@@ -5,17 +5,27 @@ import shutil
 
 import pytest
 import yaml
-
-import raypar
-from raypar import AssetTypes, Input, InputOutputModes, Output, ParallelRunConfig, ParallelRunStep, RetrySettings, \
-    RunFunction, parallel_run_function
-from raypar.azureml.v1 import Dataset, PipelineData, PipelineParameter
-from raypar.errors import SpecError
-from raypar.spec import JobSpec, bind, fill_output_paths, spec_from_yaml
-from raypar.state import JobState
-
 from conftest import ENTRY_DIR, quiet, write_files
 from test_cli import assert_one_line_error, cli
+
+import raypar
+from raypar import (
+    AssetTypes,
+    Input,
+    InputOutputModes,
+    Output,
+    ParallelRunConfig,
+    ParallelRunStep,
+    RetrySettings,
+    RunFunction,
+    parallel_run_function,
+)
+from raypar.azureml.v1 import Dataset, PipelineData, PipelineParameter
+from raypar.errors import SpecError
+from raypar.jobdir.state import JobState
+from raypar.spec.binding import bind, fill_output_paths
+from raypar.spec.loading import spec_from_yaml
+from raypar.spec.models import JobSpec
 
 FILES = {f"f{i}.txt": f"value {i}" for i in range(8)}
 ROWS = [f"{name} {text.upper()}" for name, text in sorted(FILES.items())]

@@ -1,9 +1,9 @@
 """The `raypar` command as a user runs it: exit codes, one-line errors, embedded Ray."""
 
 import ipaddress
-import signal
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +11,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import make_spec, wait_for
 
 CLI = [sys.executable, "-m", "raypar.cli"]
@@ -340,7 +339,7 @@ def test_cancel_stops_the_job_and_it_resumes_exactly(tmp_path, how):
 def test_cancel_of_a_job_without_a_driver_marks_it_canceled(tmp_path):
     spec = make_spec(tmp_path, {"a.txt": "x"}, **{"resources.instance_count": 1})
     from raypar.jobdir.ledger import Ledger
-    from raypar.spec import spec_from_dict
+    from raypar.spec.loading import spec_from_dict
 
     job = str(tmp_path / "job")
     parsed = spec_from_dict(spec)

@@ -5,14 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_spec, quiet
 
 import raypar
+from raypar.engine.status import job_status
 from raypar.errors import PlacementError, UsageError
 from raypar.jobdir.ledger import Ledger
-from raypar.state import JobState
-from raypar.status import job_status
-
-from conftest import make_spec, quiet
+from raypar.jobdir.state import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import make_spec
-from raypar.console_relay import ConsoleRelay
+
+from raypar.engine.console_relay import ConsoleRelay
 
 CLI = [sys.executable, "-m", "raypar.cli"]
 

@@ -5,7 +5,7 @@ import pytest
 
 from raypar.credentials import describe_error, open_fs, options_for, redact, resolve_storage
 from raypar.errors import SpecError
-from raypar.spec import RayparSpec
+from raypar.spec.models import RayparSpec
 
 
 def test_env_references_are_resolved_and_azure_defaults_come_from_the_environment(monkeypatch):

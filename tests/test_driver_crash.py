@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import make_spec
 
 pytestmark = pytest.mark.timeout(240)
@@ -19,8 +18,8 @@ pytestmark = pytest.mark.timeout(240)
 LAUNCHER = textwrap.dedent("""
     import os, sys
     import raypar.jobdir.ledger as ledger
-    import raypar.outputs as outputs
-    import raypar.driver as driver
+    import raypar.outputs.assembly as outputs
+    import raypar.engine.driver as driver
 
     def die():
         os._exit(9)

@@ -11,7 +11,7 @@ from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.simulated import Outcome, SimulatedCluster
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger
-from raypar.spec import spec_from_dict
+from raypar.spec.loading import spec_from_dict
 
 
 def ordinal(batch_json: str) -> int:

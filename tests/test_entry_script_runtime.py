@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_spec, quiet
 
 import raypar
-from raypar.spec import spec_from_dict
-from raypar.status import job_status
-
-from conftest import make_spec, quiet
+from raypar.engine.status import job_status
+from raypar.spec.loading import spec_from_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

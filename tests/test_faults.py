@@ -8,13 +8,12 @@ import threading
 
 import psutil
 import pytest
+from conftest import make_spec, quiet, wait_for
 
 import raypar
+from raypar.engine.status import job_status
 from raypar.jobdir.ledger import Ledger
-from raypar.state import JobState
-from raypar.status import job_status
-
-from conftest import make_spec, quiet, wait_for
+from raypar.jobdir.state import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

@@ -18,12 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import quiet
 
 import raypar
-from raypar.state import JobState
-from raypar.status import job_status
-
-from conftest import quiet
+from raypar.engine.status import job_status
+from raypar.jobdir.state import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -304,7 +303,7 @@ def test_an_input_inside_task_code_is_known_by_content_as_it_travels_as_a_copy(t
     task.code, size and mtime decide, as make and rsync do."""
     import os
 
-    from raypar.spec import spec_from_dict
+    from raypar.spec.loading import spec_from_dict
 
     code = tmp_path / "code"
     data = (code if inside else tmp_path) / "data"

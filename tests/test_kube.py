@@ -9,18 +9,17 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import ray
+import tomllib
 import yaml
-
-from raypar import kube
-from raypar.errors import UsageError
-from raypar.spec import load_spec, spec_from_yaml
-
 from kuberay import KUBECTL, controller_violations, kustomize, validate
+
+from raypar.errors import UsageError
+from raypar.launch import kube
+from raypar.spec.loading import load_spec, spec_from_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "deploy" / "kuberay"

@@ -20,12 +20,11 @@ import fsspec
 import psutil
 import pytest
 import yaml
-
-from raypar.kube import render
-from raypar.jobdir.ledger import Ledger
-
 from conftest import ENTRY_DIR, free_port, wait_for
 from kuberay import submitter_command
+
+from raypar.jobdir.ledger import Ledger
+from raypar.launch.kube import render
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 NAMES = [f"f{i:02d}.txt" for i in range(10)]

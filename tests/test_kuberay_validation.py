@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from kuberay import (KUBECTL, RAY_SCHEMAS, controller_violations, kustomize, load_schema,
-                     submitter_command, validate)
+from kuberay import KUBECTL, RAY_SCHEMAS, controller_violations, kustomize, load_schema, submitter_command, validate
 
 CRD_DIR = Path("/work/shared/kuberay/crds")
 

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import make_spec, wait_for
 
 pytestmark = pytest.mark.timeout(240)

@@ -12,14 +12,15 @@ import pandas as pd
 import pytest
 
 import raypar.jobdir.ledger as ledger_module
-from raypar.errors import LeaseHeldError, LedgerError, UsageError
+from raypar.engine.status import job_status
+from raypar.errors import CorruptPartsError, LeaseHeldError, LedgerError, ResultError, UsageError
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.records import DoneRecord, FailedRecord
-from raypar.outputs import CorruptPartsError, ResultError, assemble, count_and_serialize
-from raypar.spec import spec_from_dict
-from raypar.state import JobState
-from raypar.status import job_status
+from raypar.jobdir.state import JobState
+from raypar.outputs.assembly import assemble
+from raypar.outputs.rows import count_and_serialize
+from raypar.spec.loading import spec_from_dict
 
 # -- helpers ---------------------------------------------------------------------
 

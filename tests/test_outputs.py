@@ -14,11 +14,14 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import pytest
 
-from raypar import output_formats, outputs
+from raypar.errors import CorruptPartsError, OutputSchemaError, ResultError
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.jobdir.records import DoneRecord
-from raypar.outputs import CorruptPartsError, OutputSchemaError, ResultError, assemble, count_and_serialize
+from raypar.outputs import assembly as outputs
+from raypar.outputs import formats as output_formats
+from raypar.outputs.assembly import assemble
+from raypar.outputs.rows import count_and_serialize
 
 TABLE_FORMATS = ["csv", "jsonl", "parquet"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from raypar.errors import SpecError
 from raypar.inputs import BatchReader, MiniBatch, check_input, plan_batches
-from raypar.spec import spec_from_dict
+from raypar.spec.loading import spec_from_dict
 
 
 def make_files(root: Path, names) -> Path:

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ENTRY_DIR, write_files
+
 from raypar.cli import main
-from raypar.component import job_from_file
 from raypar.errors import UsageError
+from raypar.spec.components import job_from_file
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,14 +3,20 @@
 import io
 
 import pytest
-
-from raypar.errors import SpecError
-from raypar.progress import ProgressDisplay, Snapshot, parse_line
-from raypar.runtime_env import (forwarded_variables, pip_packages, pip_verdict, running_python, setup_failure,
-                                without_inherited_pip, worker_runtime_env)
-from raypar.spec import spec_from_dict
-
 from conftest import make_spec
+
+from raypar.engine.progress import ProgressDisplay, Snapshot, parse_line
+from raypar.errors import SpecError
+from raypar.spec.loading import spec_from_dict
+from raypar.spec.runtime_env import (
+    forwarded_variables,
+    pip_packages,
+    pip_verdict,
+    running_python,
+    setup_failure,
+    without_inherited_pip,
+    worker_runtime_env,
+)
 
 
 class Terminal(io.StringIO):

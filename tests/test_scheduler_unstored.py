@@ -1,7 +1,7 @@
 """The driver's record of done batches a worker has not stored yet (object-store job dirs)."""
 
-from raypar.inputs.base import MiniBatch
 from raypar.engine.scheduler import Call, Unstored
+from raypar.inputs.base import MiniBatch
 
 
 def call(ordinal: int) -> Call:

@@ -14,12 +14,11 @@ import fsspec
 import psutil
 import pytest
 import yaml
+from conftest import make_spec, quiet, wait_for
 
 import raypar
 from raypar.jobdir.ledger import Ledger
-from raypar.state import JobState
-
-from conftest import make_spec, quiet, wait_for
+from raypar.jobdir.state import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

@@ -7,15 +7,9 @@ import pytest
 import yaml
 
 from raypar.errors import SpecError
-from raypar.spec import (
-    APPEND_ROW_FILE_NAME,
-    BatchSize,
-    bind,
-    fill_output_paths,
-    load_spec,
-    parse_size,
-    spec_from_dict,
-)
+from raypar.spec.binding import bind, fill_output_paths
+from raypar.spec.loading import load_spec, spec_from_dict
+from raypar.spec.models import APPEND_ROW_FILE_NAME, BatchSize, parse_size
 
 FULL_AZURE_YAML = """\
 $schema: https://azuremlschemas.azureedge.net/latest/parallelJob.schema.json
@@ -517,7 +511,7 @@ def test_yaml_booleans_are_not_numbers(tmp_path, changes):
 
 
 def test_relocate_code_moves_paths_inside_task_code_only(tmp_path):
-    from raypar.spec import relocate_code, spec_from_dict
+    from raypar.spec.loading import relocate_code, spec_from_dict
 
     code = tmp_path / "proj"
     spec = spec_from_dict({
@@ -539,7 +533,7 @@ def test_relocate_code_moves_paths_inside_task_code_only(tmp_path):
 
 
 def test_spec_from_an_environment_variable(tmp_path, monkeypatch):
-    from raypar.spec import load_spec
+    from raypar.spec.loading import load_spec
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("THE_SPEC", "type: parallel\ninput_data: ${{inputs.d}}\n"

@@ -2,8 +2,8 @@
 
 import fsspec
 
-from raypar.staging import stage_outputs
-from raypar.worker import _context_argument
+from raypar.worker.actor import _context_argument
+from raypar.worker.staging import stage_outputs
 
 
 def test_staged_output_replaces_exactly_that_url_and_uploads_only_changes():

@@ -8,8 +8,8 @@ one winner, and whole-file writes are seen whole or not at all.
 from __future__ import annotations
 
 import base64
-import json
 import gc
+import json
 import os
 import threading
 from dataclasses import dataclass

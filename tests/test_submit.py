@@ -13,11 +13,10 @@ import fsspec
 import pytest
 import requests
 import yaml
+from conftest import ENTRY_DIR, JOBS_API, free_port, quiet, start_cluster, wait_for
 
 import raypar
 from raypar.jobdir.ledger import Ledger
-
-from conftest import ENTRY_DIR, JOBS_API, free_port, quiet, start_cluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 CLI = [sys.executable, "-m", "raypar.cli"]

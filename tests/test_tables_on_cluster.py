@@ -6,12 +6,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_spec, quiet
 
 import raypar
-from raypar.state import JobState
-from raypar.status import job_status
-
-from conftest import make_spec, quiet
+from raypar.engine.status import job_status
+from raypar.jobdir.state import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

@@ -26,7 +26,8 @@ from raypar.errors import SpecError
 from raypar.inputs import BatchReader, check_input, plan_batches
 from raypar.inputs import files as input_files
 from raypar.inputs.source import open_source
-from raypar.spec import parse_size, spec_from_dict
+from raypar.spec.loading import spec_from_dict
+from raypar.spec.models import parse_size
 
 KB = 1024
 

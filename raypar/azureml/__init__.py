@@ -8,22 +8,36 @@
   ``load_component``, ``command`` (command and parallel components as ``@pipeline`` nodes);
   :mod:`raypar.azureml.client`: ``MLClient``.
 - :mod:`raypar.azureml.convert`: ``raypar convert``.
+- :mod:`raypar.azureml.compat`: what entry scripts written for Azure expect around them inside a
+  worker (``EntryScript``, ``Model.get_model_path``, Azure's program arguments).
 
 See docs/azureml-sdk.md.
 """
 
-from . import dsl
-from .client import MLClient
-from .components import Component, command, load_component
-from .dsl import PipelineJob, pipeline
-from .v1 import ParallelRunConfig, ParallelRunStep
-from .v1_data import Dataset, DatasetConsumptionConfig, OutputFileDatasetConfig, PipelineData, PipelineParameter
-from .v1_paths import DataPath, Datastore
-from .v2 import (AssetTypes, BatchRetrySettings, Environment, Input, InputOutputModes, JobResourceConfiguration,
-                 Output, ParallelJob, RetrySettings, RunFunction, parallel_run_function)
+import importlib
 
-__all__ = ["AssetTypes", "BatchRetrySettings", "Component", "DataPath", "Dataset", "DatasetConsumptionConfig",
-           "Datastore", "Environment", "Input", "InputOutputModes", "JobResourceConfiguration", "MLClient", "Output",
-           "OutputFileDatasetConfig", "ParallelJob", "ParallelRunConfig", "ParallelRunStep", "PipelineData",
-           "PipelineJob", "PipelineParameter", "RetrySettings", "RunFunction", "command", "dsl", "load_component",
-           "parallel_run_function", "pipeline"]
+# Each name from its module, imported on first use: a worker importing raypar.azureml.compat
+# loads none of the SDK shapes (and none of pydantic or the pipeline machinery behind them).
+_HOME = {
+    "dsl": "raypar.azureml.dsl",
+    "MLClient": "raypar.azureml.client",
+    **dict.fromkeys(("Component", "command", "load_component"), "raypar.azureml.components"),
+    **dict.fromkeys(("PipelineJob", "pipeline"), "raypar.azureml.dsl"),
+    **dict.fromkeys(("ParallelRunConfig", "ParallelRunStep"), "raypar.azureml.v1"),
+    **dict.fromkeys(("Dataset", "DatasetConsumptionConfig", "OutputFileDatasetConfig", "PipelineData",
+                     "PipelineParameter"), "raypar.azureml.v1_data"),
+    **dict.fromkeys(("DataPath", "Datastore"), "raypar.azureml.v1_paths"),
+    **dict.fromkeys(("AssetTypes", "BatchRetrySettings", "Environment", "Input", "InputOutputModes",
+                     "JobResourceConfiguration", "Output", "ParallelJob", "RetrySettings", "RunFunction",
+                     "parallel_run_function"), "raypar.azureml.v2"),
+}
+
+
+def __getattr__(name):
+    if name not in _HOME:
+        raise AttributeError(f"module 'raypar.azureml' has no attribute {name!r}")
+    module = importlib.import_module(_HOME[name])
+    return module if name == "dsl" else getattr(module, name)
+
+
+__all__ = sorted(_HOME)

@@ -19,9 +19,9 @@ import queue
 import threading
 from typing import Optional, Union
 
-from ..errors import RayparError
-from .components import Component
-from .dsl import PipelineJob, single_step
+from raypar.azureml.components import Component
+from raypar.azureml.dsl import PipelineJob, single_step
+from raypar.errors import RayparError
 
 
 class JobFailed(RayparError):
@@ -73,9 +73,9 @@ class JobOperations:
         return handle
 
     def _pipeline(self, job: PipelineJob, experiment_name, job_dir):
-        from ..pipeline import load_pipeline
-        from ..pipeline_run import run_pipeline
-        from .v1_paths import cache_dir
+        from raypar.azureml.v1_paths import cache_dir
+        from raypar.pipelines.loading import load_pipeline
+        from raypar.pipelines.run import run_pipeline
 
         text = job.to_yaml()
         path = cache_dir("pipelines", hashlib.sha256(text.encode()).hexdigest()[:16] + ".yml")
@@ -91,7 +91,7 @@ class JobOperations:
 
     def _parallel(self, job, experiment_name, job_dir):
         import raypar
-        from ..driver import _as_spec, _normalize_dir, default_job_dir
+        from raypar.engine.driver import _as_spec, _normalize_dir, default_job_dir
 
         spec = _as_spec(job)
         folder = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)

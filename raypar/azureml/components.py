@@ -16,9 +16,18 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from ..errors import SpecError
-from .v2 import _BUILDERS, LITERAL_TYPES, Input, JobResourceConfiguration, Output, _Node, _plain_environment, \
-    _Ports, absolute
+from raypar.azureml.v2 import (
+    _BUILDERS,
+    LITERAL_TYPES,
+    Input,
+    JobResourceConfiguration,
+    Output,
+    _Node,
+    _plain_environment,
+    _Ports,
+    absolute,
+)
+from raypar.errors import SpecError
 
 COMPONENT_TYPES = ("command", "parallel")
 # Python values given as command() inputs, and the literal type each declares.
@@ -119,7 +128,7 @@ def load_component(source=None, *, relative_origin: Optional[str] = None, params
     Raises:
         SpecError: not a file, not YAML, ``azureml:`` (registered) components, other component types.
     """
-    from ..component import read_yaml
+    from raypar.spec.components import read_yaml
 
     if source is None or not isinstance(source, (str, os.PathLike)):
         raise SpecError(f"load_component: give the path of a component YAML file, not {type(source).__name__}")

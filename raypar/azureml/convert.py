@@ -19,11 +19,11 @@ from typing import Optional
 
 import yaml
 
-from .. import __version__
-from ..errors import SpecError, UsageError
-from .v1 import ParallelRunConfig, ParallelRunStep
-from .v1_data import DatasetInput, OutputFileDatasetConfig
-from .v2 import absolute
+from raypar import __version__
+from raypar.azureml.v1 import ParallelRunConfig, ParallelRunStep
+from raypar.azureml.v1_data import DatasetInput, OutputFileDatasetConfig
+from raypar.azureml.v2 import absolute
+from raypar.errors import SpecError, UsageError
 
 _CONFIG_KEYS = set(inspect.signature(ParallelRunConfig).parameters) | {"compute_target_name"}
 _STEP_KEYS = {"parallel_run_config", "name", "inputs", "output", "side_inputs", "arguments", "allow_reuse", "raypar"}

@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .components import LITERAL_OF, Component
-from .v2 import _BUILDERS, Input, Output, _Node, _Ports
+from raypar.azureml.components import LITERAL_OF, Component
+from raypar.azureml.v2 import _BUILDERS, Input, Output, _Node, _Ports
 
 _PROVISIONAL = re.compile(r"parent\.jobs\.(__node\d+__)\.")
 
@@ -220,7 +220,7 @@ class PipelineJob:
 
     def dump(self, path) -> str:
         """Write the pipeline YAML to ``path``; returns the path."""
-        from .v2 import absolute
+        from raypar.azureml.v2 import absolute
 
         path = absolute(path)
         with open(path, "w") as f:

@@ -15,9 +15,16 @@ import re
 import shlex
 from typing import Any, Optional
 
-from ..spec import APPEND_ROW_FILE_NAME
-from .v1_data import Dataset, DatasetInput, OutputFileDatasetConfig, PipelineData, PipelineParameter, value_of
-from .v2 import Input, Output, ParallelJob, RetrySettings, RunFunction, absolute, parallel_run_function
+from raypar.azureml.v1_data import (
+    Dataset,
+    DatasetInput,
+    OutputFileDatasetConfig,
+    PipelineData,
+    PipelineParameter,
+    value_of,
+)
+from raypar.azureml.v2 import Input, Output, ParallelJob, RetrySettings, RunFunction, absolute, parallel_run_function
+from raypar.spec.models import APPEND_ROW_FILE_NAME
 
 # The v1 names in one place: `from raypar.azureml.v1 import ParallelRunStep, Dataset, PipelineData`.
 __all__ = ["ParallelRunConfig", "ParallelRunStep", "Dataset", "OutputFileDatasetConfig", "PipelineData",

@@ -12,9 +12,9 @@ import copy
 import os
 from typing import Any, Optional
 
-from ..errors import SpecError
-from . import v1_paths
-from .v2 import AssetTypes, Input, Output, is_url
+from raypar.azureml import v1_paths
+from raypar.azureml.v2 import AssetTypes, Input, Output, is_url
+from raypar.errors import SpecError
 
 
 class PipelineParameter:
@@ -72,7 +72,7 @@ class DatasetInput:
         self.mode = mode
         self.type = type
         if partition_format is not None:
-            from ..inputs.mltable import PartitionFormat
+            from raypar.inputs.mltable import PartitionFormat
 
             try:
                 PartitionFormat(partition_format)
@@ -89,7 +89,7 @@ class DatasetInput:
         """The columns ``partition_format`` names (Azure's ``dataset.partition_keys``)."""
         if self.partition_format is None:
             return []
-        from ..inputs.mltable import PartitionFormat
+        from raypar.inputs.mltable import PartitionFormat
 
         return list(PartitionFormat(self.partition_format).columns)
 
@@ -121,13 +121,13 @@ class DatasetInput:
 
         Returns a tabular dataset whose ``partition_keys`` are these keys (their columns come last).
         """
-        from .v1_partition import partition_by
+        from raypar.azureml.v1_partition import partition_by
 
         return partition_by(self, partition_keys, target)
 
     def to_pandas_dataframe(self):
         """The whole tabular dataset as a DataFrame, read as a job's workers read it."""
-        from .v1_partition import read_dataset
+        from raypar.azureml.v1_partition import read_dataset
 
         return read_dataset(self).to_pandas()
 

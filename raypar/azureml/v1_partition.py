@@ -17,11 +17,11 @@ import json
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from ..errors import SpecError
-from . import v1_paths
+from raypar.azureml import v1_paths
+from raypar.errors import SpecError
 
 if TYPE_CHECKING:
-    from .v1_data import DatasetInput
+    from raypar.azureml.v1_data import DatasetInput
 
 DONE_MARKER = "_RAYPAR_PARTITIONED"
 PART_FILE = "part-0.parquet"
@@ -29,9 +29,9 @@ PART_FILE = "part-0.parquet"
 
 def _open(dataset: "DatasetInput"):
     """(source, reader) of the dataset as a job input, read as a table."""
-    from ..inputs.base import BatchReader, check_input
-    from ..inputs.source import open_source
-    from ..spec import spec_from_dict
+    from raypar.inputs.base import BatchReader, check_input
+    from raypar.inputs.source import open_source
+    from raypar.spec.loading import spec_from_dict
 
     if dataset.table_format is None:
         raise ValueError("this is a file dataset: only a tabular dataset (Dataset.Tabular) is read as a table")
@@ -48,8 +48,8 @@ def _tables(source, reader):
     """(file name, its rows as an Arrow table) per file, in listing order."""
     import pyarrow as pa
 
-    from ..inputs import tabular
-    from ..inputs.base import MiniBatch
+    from raypar.inputs import tabular
+    from raypar.inputs.base import MiniBatch
 
     for ordinal, name in enumerate(source.files()):
         batch = MiniBatch(ordinal=ordinal, kind=tabular.KIND,
@@ -73,8 +73,8 @@ def partition_by(dataset: "DatasetInput", partition_keys: list, target) -> "Data
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from ..credentials import open_fs, resolve_storage
-    from .v1_data import DatasetInput
+    from raypar.azureml.v1_data import DatasetInput
+    from raypar.credentials import open_fs, resolve_storage
 
     if not isinstance(partition_keys, list) or not partition_keys or \
             not all(isinstance(k, str) for k in partition_keys) or len(set(partition_keys)) != len(partition_keys):

@@ -19,8 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from ..errors import SpecError
-from ..storage import is_url
+from raypar.errors import SpecError
+from raypar.storage import is_url
 
 
 class AssetTypes:
@@ -477,7 +477,7 @@ class ParallelJob(_Node):
 
     def to_spec(self):
         """The validated :class:`raypar.spec.JobSpec` (raises :class:`raypar.errors.SpecError`)."""
-        from ..spec import spec_from_dict
+        from raypar.spec.loading import spec_from_dict
 
         return spec_from_dict(self.to_dict(), source=self._label)
 

@@ -20,13 +20,13 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError, RuntimeEnvSe
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..credentials import describe_error
-from ..errors import PlacementError
-from ..metrics import JobMetrics
-from ..runtime_env import without_inherited_pip
-from ..spec import JobSpec
-from ..worker import Worker
-from .transport import SetupFailed, Transport, WorkerLost, WorkerRaised
+from raypar.credentials import describe_error
+from raypar.engine.metrics import JobMetrics
+from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
+from raypar.errors import PlacementError
+from raypar.spec.models import JobSpec
+from raypar.spec.runtime_env import without_inherited_pip
+from raypar.worker.actor import Worker
 
 log = logging.getLogger("raypar")
 
@@ -36,7 +36,7 @@ class Placement:
 
     def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict,
                  runtime_env: Optional[dict] = None, echo: Callable[[str], None] = log.info):
-        from .. import cluster
+        from raypar.engine import cluster
 
         self.spec, self.job_url, self.run = spec, job_url, run
         # The embedded Ray (started by this driver, or by the pipeline running it) knows its

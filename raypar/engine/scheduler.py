@@ -22,13 +22,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from ..inputs.base import MiniBatch
-from ..jobdir.ledger import Ledger
-from ..jobdir.records import FailedRecord
-from ..progress import Snapshot
-from ..runtime_env import pip_verdict, setup_failure
-from ..spec import JobSpec
-from .transport import SetupFailed, Transport, WorkerLost, WorkerRaised
+from raypar.engine.progress import Snapshot
+from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
+from raypar.inputs.base import MiniBatch
+from raypar.jobdir.ledger import Ledger
+from raypar.jobdir.records import FailedRecord
+from raypar.spec.models import JobSpec
+from raypar.spec.runtime_env import pip_verdict, setup_failure
 
 log = logging.getLogger("raypar")
 

@@ -11,10 +11,10 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..credentials import describe_error
-from ..errors import LeaseHeldError
-from ..jobdir.lease import FENCE_FRACTION, LEASE_TTL
-from ..jobdir.ledger import Ledger
+from raypar.credentials import describe_error
+from raypar.errors import LeaseHeldError
+from raypar.jobdir.lease import FENCE_FRACTION, LEASE_TTL
+from raypar.jobdir.ledger import Ledger
 
 log = logging.getLogger("raypar")
 Echo = Callable[[str], None]

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .transport import Transport, WorkerLost, WorkerRaised
+from raypar.engine.transport import Transport, WorkerLost, WorkerRaised
 
 
 @dataclass

@@ -7,10 +7,11 @@ import logging
 import time
 from typing import Callable
 
-from ..jobdir.ledger import Ledger
-from ..reports import write_reports
-from ..spec import JobSpec, bind
-from ..state import JobState
+from raypar.engine.reports import write_reports
+from raypar.jobdir.ledger import Ledger
+from raypar.jobdir.state import JobState
+from raypar.spec.binding import bind
+from raypar.spec.models import JobSpec
 
 log = logging.getLogger("raypar")
 

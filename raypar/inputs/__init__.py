@@ -7,6 +7,6 @@ Files (source.py lists them), file lists (files.py), tables (tabular.py),
 partition keys (partitioned.py) and MLTable files (mltable.py) each have a module.
 """
 
-from .base import BatchReader, MiniBatch, MiniBatchContext, check_input, plan_batches
+from raypar.inputs.base import BatchReader, MiniBatch, MiniBatchContext, check_input, plan_batches
 
 __all__ = ["BatchReader", "MiniBatch", "MiniBatchContext", "check_input", "plan_batches"]

@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from ..errors import SpecError
+from raypar.errors import SpecError
 
 if TYPE_CHECKING:  # the worker side imports this module without pydantic
-    from ..spec import JobSpec
+    from raypar.spec.models import JobSpec
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def ordinal_of(batch: str) -> int:
 def check_input(spec: JobSpec, storage: Optional[dict] = None) -> dict:
     """The input described as plain values (see source.describe); SpecError now for an input
     raypar cannot plan, before any job dir is written."""
-    from .source import describe
+    from raypar.inputs.source import describe
 
     desc = describe(spec, storage or {})
     desc["name"] = spec.data_input_name  # for mini_batch_context.dataset
@@ -95,7 +95,7 @@ def check_input(spec: JobSpec, storage: Optional[dict] = None) -> dict:
 def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> Iterator[MiniBatch]:
     """The deterministic stream of mini-batches for the spec's ``input_data``, each carrying the
     versions of the input files it is the first to read (see ``MiniBatch.inputs``)."""
-    from .source import open_source
+    from raypar.inputs.source import open_source
 
     source = open_source(desc, storage or {})
     for batch in plan_source(spec, source):
@@ -104,8 +104,8 @@ def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> I
 
 def plan_source(spec: JobSpec, source) -> Iterator[MiniBatch]:
     """The batches of an opened source, numbered from 0."""
-    from ..spec import DEFAULT_BYTES_PER_BATCH
-    from . import files, partitioned, tabular
+    from raypar.inputs import files, partitioned, tabular
+    from raypar.spec.models import DEFAULT_BYTES_PER_BATCH
 
     desc = source.desc
     if spec.partition_keys:
@@ -155,7 +155,7 @@ class BatchReader:
     """Worker side: turns a batch's payload into what ``run()`` receives."""
 
     def __init__(self, desc: dict, storage: Optional[dict] = None):
-        from .source import open_source
+        from raypar.inputs.source import open_source
 
         self.source = open_source(desc, storage or {})
         self.desc = desc
@@ -164,7 +164,7 @@ class BatchReader:
 
     def read(self, batch: MiniBatch) -> tuple[Any, MiniBatchContext, Optional[str]]:
         """(mini_batch, its context, a temporary folder to remove after run() or None)."""
-        from . import files, tabular
+        from raypar.inputs import files, tabular
 
         # [[key, value], ...]: manifest lines sort their keys, a list keeps partition_keys' order
         key = dict(batch.payload.get("key") or [])
@@ -201,11 +201,11 @@ class BatchReader:
     def _table(self, batch: MiniBatch, context: MiniBatchContext):
         import pyarrow as pa
 
-        from . import partitioned, tabular
+        from raypar.inputs import partitioned, tabular
 
         desc, source = self.desc, self.source
         if desc["partition_format"] and self._partition_format is None:
-            from .mltable import PartitionFormat
+            from raypar.inputs.mltable import PartitionFormat
             self._partition_format = PartitionFormat(desc["partition_format"])
         tables = []
         for piece in batch.payload["pieces"]:

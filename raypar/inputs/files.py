@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from typing import Iterator
 
-from .source import Source, file_version
+from raypar.inputs.source import Source, file_version
 
 KIND = "files"
 

@@ -30,8 +30,8 @@ from typing import Optional
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import SpecError
-from ..storage import is_url
+from raypar.errors import SpecError
+from raypar.storage import is_url
 
 PATH_KINDS = ("file", "folder", "pattern")
 HEADERS = ("no_header", "from_first_file", "all_files_different_headers", "all_files_same_headers")

@@ -15,9 +15,9 @@ import json
 from typing import Iterator, Optional
 from urllib.parse import unquote
 
-from ..errors import SpecError
-from .source import Source
-from . import tabular
+from raypar.errors import SpecError
+from raypar.inputs import tabular
+from raypar.inputs.source import Source
 
 
 def path_values(source: Source, name: str, partition_format) -> dict:
@@ -38,7 +38,7 @@ def plan(source: Source, keys: list[str]) -> Iterator[tuple[dict, list[str], lis
     fmt = source.desc.get("partition_format")
     partition_format = None
     if fmt:
-        from .mltable import PartitionFormat
+        from raypar.inputs.mltable import PartitionFormat
         partition_format = PartitionFormat(fmt)
     names = list(source.files())
     if not names:
@@ -70,7 +70,7 @@ def key_values_in(source: Source, name: str, keys: list[str], data_keys: list[st
     fmt = source.desc.get("partition_format")
     partition_format = None
     if fmt:
-        from .mltable import PartitionFormat
+        from raypar.inputs.mltable import PartitionFormat
         partition_format = PartitionFormat(fmt)
     known = path_values(source, name, partition_format)
     return [tuple({**known, **combo}[k] for k in keys) for combo in _data_combinations(source, name, data_keys)]

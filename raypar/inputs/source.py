@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..credentials import describe_error, open_fs, redact
-from ..errors import SpecError, StorageError
-from ..storage import is_url
+from raypar.credentials import describe_error, open_fs, redact
+from raypar.errors import SpecError, StorageError
+from raypar.storage import is_url
 
 if TYPE_CHECKING:
-    from ..spec import JobSpec
+    from raypar.spec.models import JobSpec
 
 # Extension → table format, for folders and files read as tables.
 TABLE_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
@@ -71,7 +71,7 @@ def _inside(root: str, code: str) -> bool:
 
 
 def _describe_mltable(desc: dict, fs, path: str, where: str) -> None:
-    from .mltable import load_mltable
+    from raypar.inputs.mltable import load_mltable
 
     _check_exists(fs, path, "mltable", desc["path"], f"{where}.path")
     folder_url = desc["path"].rstrip("/")

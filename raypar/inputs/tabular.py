@@ -18,9 +18,9 @@ import io
 import math
 from typing import Any, Iterator, Optional
 
-from ..credentials import describe_error
-from ..errors import SpecError, StorageError
-from .source import Source, table_format_of
+from raypar.credentials import describe_error
+from raypar.errors import SpecError, StorageError
+from raypar.inputs.source import Source, table_format_of
 
 KIND = "table"
 _SCAN = 64 * 1024

@@ -28,8 +28,8 @@ import socket
 import time
 from typing import Optional
 
-from ..errors import LeaseHeldError
-from .store import Store
+from raypar.errors import LeaseHeldError
+from raypar.jobdir.store import Store
 
 LEASE_TTL = 30.0
 FENCE_FRACTION = 2 / 3  # a holder that could not renew for this part of the TTL stops writing

@@ -16,26 +16,43 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from .. import __version__
-from ..errors import LedgerError, UsageError
-from ..inputs.base import MiniBatch, ordinal_of
-from ..state import JobState
-from .layout import SEGMENT_SUFFIX, attempt_name, chunk_name, compact_name, inputs_name, log_name, void_key_of
-from .lease import Lease
-from .records import DoneRecord, FailedRecord, _sealed, _unseal, _verified
-from .store import open_store
-from .tables import (
-    LEAN_COLUMNS, ChunkedLines, DoneIndex, DoneSet, Manifest, choose, empty_table, from_ipc, ipc_batches,
-    records_table, to_ipc,
+from raypar import __version__
+from raypar.errors import LedgerError, UsageError
+from raypar.inputs.base import MiniBatch, ordinal_of
+from raypar.jobdir.layout import (
+    SEGMENT_SUFFIX,
+    attempt_name,
+    chunk_name,
+    compact_name,
+    inputs_name,
+    log_name,
+    void_key_of,
 )
-from .writers import DoneWriter, segment_records, writer_for
+from raypar.jobdir.lease import Lease
+from raypar.jobdir.records import DoneRecord, FailedRecord, _sealed, _unseal, _verified
+from raypar.jobdir.state import JobState
+from raypar.jobdir.store import open_store
+from raypar.jobdir.tables import (
+    LEAN_COLUMNS,
+    ChunkedLines,
+    DoneIndex,
+    DoneSet,
+    Manifest,
+    choose,
+    empty_table,
+    from_ipc,
+    ipc_batches,
+    records_table,
+    to_ipc,
+)
+from raypar.jobdir.writers import DoneWriter, segment_records, writer_for
 
 log = logging.getLogger("raypar")
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from typing import Optional
 
-from .layout import log_piece_name
+from raypar.jobdir.layout import log_piece_name
 
 # Not flush_seconds: the log grows with every batch (raypar's markers), and a piece a second per
 # worker would be 3,600 objects per worker-hour; one per 30 s is 120, for a log people read.

@@ -29,8 +29,8 @@ from typing import Optional, Sequence, Union
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import LedgerError
-from ..storage import _PACKAGE_FOR_PROTOCOL
+from raypar.errors import LedgerError
+from raypar.storage import _PACKAGE_FOR_PROTOCOL
 
 Ranges = list[Union[bytes, BaseException]]
 

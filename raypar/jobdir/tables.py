@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from ..inputs.base import MiniBatch, batch_id, ordinal_of
-from .records import DoneRecord
+from raypar.inputs.base import MiniBatch, batch_id, ordinal_of
+from raypar.jobdir.records import DoneRecord
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 SCHEMA = pa.schema([

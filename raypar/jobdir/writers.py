@@ -11,9 +11,9 @@ import time
 from dataclasses import replace
 from typing import Optional
 
-from .layout import segment_name
-from .records import DoneRecord, _sealed, encode_segment, segment_records_span
-from .store import Store
+from raypar.jobdir.layout import segment_name
+from raypar.jobdir.records import DoneRecord, _sealed, encode_segment, segment_records_span
+from raypar.jobdir.store import Store
 
 SEGMENT_TAIL = 64 * 1024  # bytes read from a segment's end to find its records
 

@@ -4,7 +4,6 @@ import argparse
 import json
 
 import numpy as np
-
 from azureml.core.model import Model
 
 

@@ -1,0 +1,104 @@
+"""Connecting to Ray: an existing cluster, or an embedded one on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import ray
+
+from raypar.engine.signals import stop_on_sigterm
+from raypar.errors import RayparError
+
+# True while the Ray this process is connected to is the embedded one raypar started: a
+# pipeline starts it once and its steps' drivers find it running (and must know what it is).
+_embedded = False
+# True when the embedded Ray forwards no worker output: drivers show it from the job dir's logs
+# instead (raypar.console_relay), where Ray's forwarding loses the last lines of short jobs.
+_relayed = False
+
+
+def connect(address: Optional[str] = None, min_cpus: float = 0, relay_output: bool = False) -> bool:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
+
+    Returns True when raypar started the Ray instance (and must stop it).
+    The embedded Ray offers at least ``min_cpus`` logical CPUs (see
+    :func:`cpus_for`), so every instance of the job fits on a small laptop
+    (Azure oversubscribes processes per node the same way).
+    ``relay_output``: the caller shows the workers' output itself (local job dirs); an embedded
+    Ray then forwards none of it, so no line shows twice.
+    The embedded Ray listens on loopback only: a Ray reachable from the
+    network runs anyone's code (ShadowRay, CVE-2023-48022).
+    """
+    global _embedded, _relayed
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+            stop_on_sigterm()  # ray.init installed its own, which exits without cleaning up
+            return False
+        _loopback_only()
+        # Our own loopback cluster: Ray's notice that it generated a token is noise here.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 num_cpus=max(_detected_cpus(), math.ceil(min_cpus)), _node_ip_address="127.0.0.1",
+                 log_to_driver=not relay_output)
+        stop_on_sigterm()
+        _embedded, _relayed = True, relay_output
+        return True
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "an embedded local Ray"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RayparError(f"cannot connect to Ray at {where}: {first}") from None
+
+
+def _loopback_only() -> None:
+    """Make this process and every Ray process it spawns bind to 127.0.0.1 only.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray`` is imported,
+    into ``ray_constants.ENABLE_RAY_CLUSTER``; ``ray`` is already imported here,
+    so the constant is set too (the spawned processes read the variable).
+    tests/test_cli.py checks the listening sockets, so a Ray upgrade that moves
+    this fails loudly.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _detected_cpus() -> int:
+    """The CPUs Ray would detect by itself (container CPU limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except Exception:  # a Ray without that helper: the plain count
+        return os.cpu_count() or 1
+
+
+def is_embedded() -> bool:
+    """True when this process runs on the embedded Ray raypar started (one node, this machine's)."""
+    return _embedded and ray.is_initialized()
+
+
+def output_relayed() -> bool:
+    """True when workers' output reaches this driver only if it relays it (see :func:`connect`)."""
+    return is_embedded() and _relayed
+
+
+def cpus_for(spec) -> float:
+    """The logical CPUs all instances of ``spec`` take together: an embedded Ray offers at least
+    that many, so ``instance_count`` instances packed onto its one node fit."""
+    w = spec.raypar.worker
+    return w.num_cpus * spec.max_concurrency_per_instance * spec.resources.instance_count
+
+
+def disconnect() -> None:
+    global _embedded, _relayed
+    _embedded = _relayed = False
+    ray.shutdown()

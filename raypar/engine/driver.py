@@ -1,0 +1,397 @@
+"""One driver session: claim the job dir, plan, run what is pending, assemble.
+
+``run_job`` creates a job dir from a spec (or continues one that holds the
+same spec); ``resume_job`` needs nothing but the job dir. Both end in
+``_drive``, which is the only place that moves a job between states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from raypar.credentials import options_for, redact, resolve_storage
+from raypar.engine.console_relay import ConsoleRelay
+from raypar.engine.planning import PlanFeed
+from raypar.engine.progress import ProgressDisplay
+from raypar.engine.replan import check_input_files, refuse_gone, replan
+from raypar.engine.replan import names as replan_names
+from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
+from raypar.engine.signals import interrupt_reason
+from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, write_session_reports
+from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, UsageError
+from raypar.inputs import check_input, plan_batches
+from raypar.inputs.source import open_source
+from raypar.jobdir.ledger import Ledger, new_run_id
+from raypar.jobdir.state import JobState
+from raypar.outputs.assembly import assemble
+from raypar.spec.binding import bind, fill_output_paths, worker_plan
+from raypar.spec.loading import load_spec, relocate_code, spec_from_dict
+from raypar.spec.models import JobSpec
+from raypar.spec.runtime_env import ENVIRONMENT_WARNED, pip_packages, worker_runtime_env
+from raypar.storage import is_url
+from raypar.worker.actor import code_copies_dir
+
+log = logging.getLogger("raypar")
+
+Echo = Callable[[str], None]
+Show = Callable[..., None]  # show(snapshot, final=False): where progress goes
+MAX_ASSEMBLY_ROUNDS = 3
+
+
+@dataclass
+class Outcome:
+    """How a driver session ended; ``exit_code`` follows the CLI's convention."""
+
+    state: JobState
+    job_dir: str
+    total: int
+    completed: int
+    failed: int
+    pending: int
+    output: Optional[str]
+    reason: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return {JobState.SUCCEEDED: 0, JobState.CANCELED: 130}.get(self.state, 1)
+
+
+def default_job_dir(spec: JobSpec) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = (spec.name or "job").replace("/", "-")
+    return str(Path("raypar-jobs", f"{name}-{stamp}-{uuid.uuid4().hex[:4]}").resolve())
+
+
+def _as_spec(spec: Union[str, os.PathLike, dict, JobSpec]) -> JobSpec:
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_dict(spec)
+    if hasattr(spec, "to_spec"):  # a job built in Python (raypar.azureml: ParallelJob, ParallelRunStep)
+        return spec.to_spec()
+    if hasattr(spec, "to_dict"):
+        return spec_from_dict(spec.to_dict())
+    return load_spec(spec)
+
+
+def _normalize_dir(job_dir: str) -> str:
+    return job_dir if is_url(job_dir) else str(Path(job_dir).expanduser().resolve())
+
+
+@dataclass
+class _Session:
+    """What one driver session works with: the spec, the input description, credentials."""
+
+    spec: JobSpec
+    desc: dict
+    storage: dict  # resolved credentials: memory only, never written
+    runtime_env: Optional[dict] = None  # of the worker actors (resolved env vars: memory only)
+    show: Optional[Show] = None
+
+    def plan(self):
+        return plan_batches(self.spec, self.desc, self.storage)
+
+
+def check_files(spec: JobSpec) -> _Session:
+    """Fail before anything is written when the code or the input is missing or unusable."""
+    if is_url(spec.task.code):
+        raise SpecError(f"task.code: {spec.task.code}: must be a local folder (workers import the entry script "
+                        f"from the same path on every node)")
+    entry = bind(spec).entry_script_path
+    if not os.path.isfile(entry):
+        raise SpecError(f"task.entry_script: {entry} not found")
+    storage = resolve_storage(spec.raypar.storage_options)
+    runtime_env = worker_runtime_env(spec)
+    return _Session(spec, check_input(spec, storage), storage, runtime_env)
+
+
+def _primed(batches):
+    """The planner with its first batch already computed: an input that cannot be read
+    fails here, before the job dir exists."""
+    first = next(batches, None)
+    if first is None:
+        return iter(())
+    return itertools.chain([first], batches)
+
+
+def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
+            echo: Echo = print, progress: Optional[Show] = None, code_dir: Optional[str] = None) -> Outcome:
+    """Run a spec. A job dir that already holds this same spec is resumed, not restarted.
+
+    Args:
+        spec: a path to the YAML, a dict in the YAML's shape, or a JobSpec.
+        job_dir: where the ledger lives (local path or fsspec URL); default
+            ``./raypar-jobs/<name>-<time>-<id>``.
+        address: a Ray cluster address; default ``RAY_ADDRESS`` or an
+            embedded local Ray bound to 127.0.0.1.
+        echo: where messages go.
+        progress: ``progress(snapshot, final=False)`` gets progress snapshots
+            (default: plain lines through ``echo`` every few seconds).
+        code_dir: where ``task.code`` is in this process (a submitted job runs
+            Ray's copy of it); the job dir keeps the spec as given.
+    """
+    spec = _as_spec(spec)
+    job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
+    spec = fill_output_paths(spec, f"{job_dir}/outputs")
+    session = _open_session(spec, code_dir, echo, progress)
+    ledger = Ledger(job_dir, options_for(job_dir, session.storage))
+    if ledger.exists():
+        frozen = ledger.load_job()["spec"]
+        if frozen != spec.to_dict():
+            changed = ", ".join(_changed_keys(frozen, spec.to_dict())[:3])
+            raise UsageError(f"{job_dir}: holds a different job (changed: {changed}); use a new --job-dir, "
+                             f"or `raypar resume {job_dir}`")
+        announce = f"raypar: {job_dir} already holds this job: resuming it"
+        planned = None
+    else:
+        planned = _primed(session.plan())
+        ledger.create(spec.to_dict(), spec.to_yaml())
+        announce = f"raypar: job dir {job_dir}"
+    return _drive(ledger, session, address, echo, announce, planned)
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec dicts (what makes a job dir hold another job)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix or "spec"] if old != new else []
+    changed = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        changed += _changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+    return changed
+
+
+def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print,
+               progress: Optional[Show] = None, code_dir: Optional[str] = None) -> Outcome:
+    """Run exactly the mini-batches of ``job_dir`` that are not done, then assemble.
+
+    ``echo``, ``progress`` and ``code_dir`` are as for :func:`run_job`.
+    """
+    job_dir = _normalize_dir(job_dir)
+    ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
+    spec = JobSpec.model_validate(ledger.load_job()["spec"])
+    session = _open_session(spec, code_dir, echo, progress)
+    ledger = Ledger(job_dir, options_for(job_dir, session.storage))
+    return _drive(ledger, session, address, echo, f"raypar: resuming {job_dir}")
+
+
+def _open_session(spec: JobSpec, code_dir: Optional[str], echo: Echo, progress: Optional[Show]) -> _Session:
+    """Check the spec's files, with task.code where this process has it; say what of its environment is unused."""
+    session = check_files(relocate_code(spec, code_dir) if code_dir else spec)
+    _, warning = pip_packages(session.spec)
+    if warning and not os.environ.get(ENVIRONMENT_WARNED):  # a submitter already said it
+        echo(f"raypar: warning: {warning}")
+    session.show = progress or ProgressDisplay(echo=echo).update
+    return session
+
+
+def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState:
+    """Stop the job in ``job_dir`` and wait (bounded) until its driver has stopped.
+
+    A live driver is asked through the job dir and stops within about a
+    second; a job whose driver is gone is marked ``canceled`` directly.
+    """
+    job_dir = _normalize_dir(job_dir)
+    ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
+    job = ledger.load_job()
+    lease = ledger.lease.read()
+    if not ledger.lease.is_live(lease):
+        state = JobState(ledger.read_state()["state"])
+        if state.is_terminal():
+            echo(f"raypar: nothing to cancel: the job is {state.value}")
+            return state
+        run = new_run_id()
+        # Another host's silent lease is taken only after a TTL without a sign of life.
+        claim_lease(ledger, run, echo, JobSpec.model_validate(job["spec"]).raypar.lease_ttl)
+        try:
+            _set_state(ledger, JobState.CANCELED, run, "canceled by `raypar cancel` (no driver was running)")
+        finally:
+            ledger.lease.release(run)
+        echo(f"raypar: canceled (no driver was running); continue it with: raypar resume {ledger.url}")
+        return JobState.CANCELED
+    ledger.request_cancel(lease["run"])
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        saved = ledger.read_state()
+        if saved.get("run") == lease["run"] and JobState(saved["state"]).is_terminal():
+            echo(f"raypar: job {saved['state']}; continue it with: raypar resume {ledger.url}")
+            return JobState(saved["state"])
+        time.sleep(0.2)
+    raise RayparError(f"{ledger.url}: cancel requested, but the driver (pid {lease.get('pid')} on "
+                      f"{lease.get('host')}) has not stopped within {wait:.0f}s")
+
+
+def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo, announce: str,
+           planned=None) -> Outcome:
+    spec = session.spec
+    run = new_run_id()
+    ttl = spec.raypar.lease_ttl
+    claim_lease(ledger, run, echo, ttl)
+    echo(announce)
+    beat = Heartbeat(ledger, run, ttl)
+    beat.start()
+    state, reason, detail = JobState.FAILED, "", ""
+    manifest = view = feed = None
+    try:
+        _set_state(ledger, JobState.RUNNING, run)
+        _make_output_folders(spec)
+        manifest = ledger.read_manifest()
+        if manifest is not None:
+            manifest = _replan_changed_inputs(ledger, session, manifest, echo)
+        if manifest is None:  # planning never finished: plan (again) while running
+            prefix = ledger.read_manifest_prefix()
+            done = ledger.view(prefix, lean=True).done if len(prefix) else frozenset()
+            feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done)
+            feed.start()
+        stop = StopSignal(ledger, run, beat)
+        reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop)
+        if not beat.held():  # lost while assembling: the output is whole, but this session is not the holder
+            reason = reason or beat.lost
+        state = JobState.CANCELED if stop.canceled else JobState.FAILED if reason else JobState.SUCCEEDED
+        failed = view.failed_batches() if view is not None else ()
+        if failed and not reason:
+            echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
+                 f"`raypar resume {ledger.url}` retries them")
+    except KeyboardInterrupt as exc:
+        # Workers are gone with the scheduler; finished batches are in the ledger.
+        state, reason = JobState.CANCELED, interrupt_reason(exc)
+    except RayparError as exc:  # a placement error, an input file gone: named, as the CLI prints it
+        state, reason = JobState.FAILED, exc.headline
+        raise
+    except BaseException as exc:
+        state, reason = JobState.FAILED, f"driver error: {redact(str(exc), session.storage)}"
+        raise
+    finally:
+        if feed is not None:
+            feed.stop()
+        view = None
+        try:
+            if beat.held():  # only the lease holder may write; the heartbeat goes on meanwhile
+                _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
+                                                      session.storage))
+                compact(ledger, run)
+                view = final_view(ledger)
+                write_session_reports(ledger, spec, state, reason, view)
+        finally:
+            beat.stopped.set()
+            beat.join(timeout=5)
+            if beat.held():
+                ledger.lease.release(run)
+    view = view or final_view(ledger)  # nothing is written after the reports: their view is the final one
+    return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
+                   **view.counts())
+
+
+def _replan_changed_inputs(ledger: Ledger, session: _Session, manifest, echo: Echo):
+    """The manifest after planning again the batches of input files that changed since they were
+    planned (see raypar/engine/replan.py); SpecError if a planned file is gone."""
+    spec = session.spec
+    changes = check_input_files(ledger, spec, session.desc, session.storage)
+    if changes is None:
+        return manifest
+    source = open_source(session.desc, session.storage)
+    if changes.added:
+        echo(f"raypar: {len(changes.added)} input file(s) added after this job was planned are not part of it "
+             f"({replan_names(changes.added, source)}); run them as a new job")
+    if not changes:
+        return manifest
+    refuse_gone(changes, source, f"inputs.{spec.data_input_name}")
+    retired = replan(ledger, spec, session.desc, session.storage, manifest, changes)
+    echo(f"raypar: {len(changes.changed)} input file(s) changed since they were planned "
+         f"({replan_names(changes.changed, source)}): their {retired} mini-batch(es) are planned again "
+         f"from the new content")
+    return ledger.read_manifest()
+
+
+def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, interrupt):
+    """Run what is pending, then assemble; batches whose parts fail verification run again."""
+    spec = session.spec
+    target = bind(spec).append_row_path
+    # Lean: which batches are done, not where their rows are (a bit per batch, see DoneSet).
+    view = ledger.view(manifest, lean=True) if manifest is not None else None
+    for _ in range(MAX_ASSEMBLY_ROUNDS):
+        pending = view.pending() if view is not None else []
+        if pending or feed is not None:
+            total = len(manifest) if manifest is not None else "?"
+            echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
+                 else "raypar: planning mini-batches while running them")
+            before = view if view is not None else ledger.view(feed.prefix, lean=True)
+            reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed)
+            if feed is not None:
+                feed.join()
+                manifest, feed = ledger.read_manifest(), None
+                if manifest is not None and not reason:
+                    echo(f"raypar: planned {len(manifest)} mini-batch(es)")
+            view = ledger.view(manifest, lean=not target) if manifest is not None else None
+            if reason:
+                return reason, detail, view
+            if manifest is None:
+                return "planning did not finish", "", view  # (a planning error is the scheduler's reason)
+        if not target:
+            return "", "", view
+        if view.lean:
+            view = ledger.view(manifest)  # the records: where each batch's rows are
+        try:
+            assemble(ledger, view, target, spec.raypar.append_row_format, options_for(target, session.storage))
+            return "", "", view
+        except OutputSchemaError as exc:  # rows of different batches cannot form one table
+            return f"append_row_to: {exc}", "", view
+        except CorruptPartsError as exc:
+            for record in exc.records:
+                ledger.void(record, "output part does not match its sha256")
+            echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
+            view = ledger.view(manifest, lean=True)
+    return "output parts keep failing verification (storage corrupting data?)", "", view
+
+
+def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> None:
+    JobState(ledger.read_state()["state"]).check_transition(new)
+    ledger.write_state(new, run, reason)
+
+
+def _make_output_folders(spec: JobSpec) -> None:
+    """Folder outputs exist before init() runs, as Azure's mounted outputs do."""
+    for output in spec.outputs.values():
+        if output.type in ("uri_folder", "mltable") and output.path and not is_url(output.path):
+            os.makedirs(output.path, exist_ok=True)
+
+
+def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None) -> tuple[str, str]:
+    """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
+    from raypar.engine import cluster
+    from raypar.engine.ray_transport import Placement, RayTransport
+    from raypar.engine.scheduler import Progress, Scheduler
+
+    spec = session.spec
+    logs = ledger.store.local_path("logs")  # worker logs the driver can tail, or None (object stores)
+    owned = cluster.connect(address, min_cpus=cluster.cpus_for(spec), relay_output=logs is not None)
+    relay = ConsoleRelay(logs, run, echo) if cluster.output_relayed() else None
+    try:
+        total = len(view.manifest)
+        progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
+        plan = worker_plan(spec, session.desc, session.storage)
+        # Failed batches of earlier sessions run again now: only done batches' item failures carry over.
+        progress.failed_items = view.done.failed_items()
+        progress.planning = feed is not None
+        reporter = Compactor(ledger, run, Reporter(session.show))
+        placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
+                              runtime_env=session.runtime_env, echo=echo)
+        scheduler = Scheduler(ledger, spec, run, pending, RayTransport(placement), progress, reporter, interrupt,
+                              feed, may_write=interrupt.lease_held)
+        with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
+            reason = scheduler.run()
+        reporter(progress, final=True)
+        return reason or "", scheduler.stop_detail
+    finally:
+        # Copies of the code folder left by workers that were killed, not stopped (this node's only)
+        shutil.rmtree(code_copies_dir(run), ignore_errors=True)
+        if owned:
+            cluster.disconnect()

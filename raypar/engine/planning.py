@@ -1,0 +1,107 @@
+"""Streamed planning: batches run while the input is still being listed.
+
+A background thread pulls batches from the planner, writes them to the
+manifest chunk by chunk, and only then hands them to the scheduler, so the
+first mini-batch starts long before a huge folder is listed, and a batch
+that ran is always in the manifest. A session that resumes an unfinished
+plan lists again and checks that the input still gives the same batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Iterator, Optional
+
+from raypar.errors import LedgerError, RayparError
+from raypar.inputs.base import MiniBatch
+from raypar.jobdir.ledger import CHUNK_SIZE, Ledger
+
+FLUSH_EVERY = 0.5  # seconds: how long planned batches may wait for their chunk
+
+
+class PlanFeed(threading.Thread):
+    """Plans in the background; ``take()`` returns the batches whose chunk is written."""
+
+    def __init__(self, ledger: Ledger, batches: Iterator[MiniBatch], done=frozenset()):
+        super().__init__(daemon=True, name="raypar-planner")
+        self.batches, self.done = batches, done
+        self.prefix = ledger.read_manifest_prefix()
+        self.writer = ledger.manifest_writer(self.prefix.lines)
+        self.prefix_versions = ledger.read_prefix_versions(self.writer.chunks)
+        self.ready: collections.deque = collections.deque()
+        self.planned = 0
+        self.error: Optional[str] = None
+        self.finished = threading.Event()
+        self.wake = threading.Condition()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._plan()
+        except RayparError as exc:
+            self.error = f"planning failed: {exc.headline}"
+        except Exception as exc:  # noqa: BLE001 - any listing/reading error ends the job, named
+            self.error = f"planning failed: {type(exc).__name__}: {exc}"
+        finally:
+            with self.wake:
+                self.finished.set()
+                self.wake.notify_all()
+
+    def _plan(self) -> None:
+        held: list[MiniBatch] = []
+        last = 0.0
+        for batch in self.batches:
+            if self.halt.is_set():
+                return
+            if batch.ordinal < len(self.prefix):
+                if batch.to_json().encode() != self.prefix.lines[batch.ordinal]:
+                    raise LedgerError(f"the input changed since this job started planning ({batch.id} differs); "
+                                      f"start a new job")
+                changed = [n for n, v in (batch.inputs or {}).items() if self.prefix_versions.get(n, v) != v]
+                if changed:
+                    raise LedgerError(f"the input changed since this job started planning ({changed[0]} is not the "
+                                      f"file planned in {batch.id}); start a new job")
+                self._release([batch])
+                continue
+            self.writer.add(batch)
+            held.append(batch)
+            now = time.monotonic()
+            if len(held) >= CHUNK_SIZE or now - last >= FLUSH_EVERY:
+                self.writer.flush()
+                self._release(held)
+                held, last = [], now
+        if len(self.prefix) > self.writer.count + len(self.writer.buffer):
+            raise LedgerError("the input changed since this job started planning (fewer batches now); "
+                              "start a new job")
+        self.writer.complete()
+        self._release(held)
+
+    def _release(self, batches: list[MiniBatch]) -> None:
+        with self.wake:
+            self.planned += len(batches)
+            self.ready.extend(b for b in batches if b.id not in self.done)
+            self.wake.notify_all()
+
+    def take(self) -> list[MiniBatch]:
+        """The batches released since the last call (never blocks)."""
+        out = []
+        while self.ready:
+            out.append(self.ready.popleft())
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        """Planning ended and every released batch was taken."""
+        return self.finished.is_set() and not self.ready
+
+    def wait(self, timeout: float) -> None:
+        """Block until more batches are released or planning ends (at most ``timeout``)."""
+        with self.wake:
+            if not self.ready and not self.finished.is_set():
+                self.wake.wait(timeout)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=30)

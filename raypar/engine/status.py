@@ -1,0 +1,87 @@
+"""What a job dir says about its job: state and mini-batch counts (no Ray needed)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from raypar.jobdir.ledger import Ledger
+from raypar.jobdir.state import JobState
+from raypar.spec.binding import bind
+from raypar.spec.models import JobSpec
+
+
+def job_status(job_dir: str, errors: int = 3) -> dict:
+    """State, counts of mini-batches, output path and the last errors of ``job_dir``.
+
+    ``state`` is ``interrupted`` when the last driver said "running" but no
+    live driver holds the lease any more (it was killed): resume it.
+    """
+    ledger = Ledger(job_dir)
+    job = ledger.load_job()
+    spec = JobSpec.model_validate(job["spec"])
+    saved = ledger.read_state()
+    state = JobState(saved["state"])
+    lease = ledger.lease.read()
+    driver_alive = ledger.lease.is_live(lease)
+    if saved.get("epoch", 0) < ledger.lease.current_epoch():  # written by a driver fenced off since
+        state = JobState.RUNNING if driver_alive else JobState.INTERRUPTED
+        saved["reason"] = "" if driver_alive else "the last state was written by a driver that had lost the lease"
+    if state is JobState.RUNNING and not driver_alive:
+        state = JobState.INTERRUPTED
+    manifest = ledger.read_manifest()
+    planned = manifest is not None
+    # Counts so far while planning; lean: which batches are done, not where their rows are.
+    view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True)
+    last_errors = []
+    for batch in sorted(view.failed_batches())[:errors]:
+        record = view.failed[batch][-1]
+        last_errors.append({"batch": batch, "kind": record.kind, "error": record.error})
+    reason = saved.get("reason") or ""
+    inputs = _input_changes(ledger, spec) if planned and not driver_alive else None
+    return {
+        "job_dir": ledger.url,
+        "name": spec.name,
+        "job_id": job["job_id"],
+        "state": state.value,
+        "reason": reason,
+        **view.counts(),
+        "planning_complete": planned,
+        "failed_items": view.failed_items(),
+        "unreturned_items": view.unreturned_items(),
+        "output": bind(spec).append_row_path,
+        "driver": lease if driver_alive else None,
+        "errors": last_errors,
+        "input_changes": inputs,
+    }
+
+
+def _input_changes(ledger: Ledger, spec: JobSpec) -> Optional[dict]:
+    """Input files that changed, are gone, or were added since planning (what a resume will do
+    about them), or None when the job dir predates input versions. Never fails the status."""
+    from raypar.credentials import resolve_storage
+    from raypar.engine.replan import check_input_files
+    from raypar.errors import RayparError
+    from raypar.inputs import check_input
+
+    try:
+        storage = resolve_storage(spec.raypar.storage_options)
+        changes = check_input_files(ledger, spec, check_input(spec, storage), storage)
+    except RayparError as exc:
+        return {"error": exc.headline}
+    except Exception as exc:  # noqa: BLE001 - storage, auth: named, the rest of the status stands
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if changes is None:
+        return None
+    return {"changed": changes.changed, "gone": changes.gone, "added": changes.added}
+
+
+def failed_items_text(failed: int, unreturned: int) -> str:
+    """Failed items, split as Azure counts them: items of failed mini-batches, and items of done
+    mini-batches that run() returned no result for (a script that returns [] on purpose, such as
+    many-models training, has every item counted here)."""
+    if failed == 0:
+        return "0 failed"
+    if unreturned == failed:
+        return f"{failed} failed, all of them not returned by run() of done mini-batches"
+    return (f"{failed} failed: {failed - unreturned} in failed mini-batches, "
+            f"{unreturned} not returned by run() of done ones")

@@ -1,0 +1,45 @@
+"""What one batch's output part holds: run()'s result counted and, for append_row, serialized.
+
+Runs in the workers. ``text`` (the default) is Azure's append_row format: the
+part is the batch's lines. ``csv``, ``jsonl`` and ``parquet`` store the part as
+an Arrow IPC stream (formats.py); assembly (assembly.py, on the
+driver) writes one file of them at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from raypar.errors import ResultError
+
+FORMATS = ("text", "csv", "jsonl", "parquet")
+
+
+def count_and_serialize(result: Any, with_rows: bool, fmt: str = "text") -> tuple[int, Optional[bytes]]:
+    """The number of succeeded items in ``result`` and, for append_row, its rows as bytes.
+
+    ``text``: a list or tuple element is one line via ``str()``; a DataFrame
+    row is one line, space-separated, no header, no index (Azure's format).
+    Table formats: the rows as an Arrow IPC stream; a DataFrame's columns
+    (without the index), dict keys, ``c0, c1...`` for list/tuple elements, or
+    one ``value`` column. An empty result is a part with no rows.
+    """
+    pd = sys.modules.get("pandas")  # a DataFrame means pandas is loaded; never import it here
+    is_frame = pd is not None and isinstance(result, pd.DataFrame)
+    if not is_frame and not isinstance(result, (list, tuple)):
+        raise ResultError(
+            f"run() returned {type(result).__name__}; it must return a list, a tuple or a pandas DataFrame"
+        )
+    if not with_rows:
+        return len(result), None
+    if fmt != "text":
+        from raypar.outputs import formats as output_formats
+
+        if fmt not in output_formats.SINKS:
+            raise ValueError(f"unknown append_row_format {fmt!r}; expected one of {FORMATS}")
+        return len(result), output_formats.encode_part(output_formats.to_table(result, pd))
+    if is_frame:
+        text = result.to_csv(sep=" ", header=False, index=False) if len(result) else ""
+        return len(result), text.encode()
+    return len(result), "".join(f"{row}\n" for row in result).encode()
