@@ -8,47 +8,49 @@ printed as the CLI prints them (``raypar: WARNING ...``) unless the program
 configured logging itself (:mod:`raypar.api_log`).
 """
 
-__version__ = "0.1.0"
-
-from raypar.errors import RayparError  # noqa: E402
+from raypar.errors import RayparError
+from raypar.version import __version__
 
 
 def run(spec, job_dir=None, address=None, wait=True, **kwargs):
     """Run a job spec from this process: a path to YAML, a dict, a JobSpec, or a job built in Python
     (:func:`parallel_run_function`'s job, a :class:`ParallelRunStep`).
 
-    Returns a :class:`raypar.handles.LocalJob`. With ``wait=True`` (default) the
+    Returns a :class:`raypar.launch.handles.LocalJob`. With ``wait=True`` (default) the
     job has ended when it returns (``.wait()`` gives the outcome at once);
     with ``wait=False`` the driver runs in a background thread. Other keyword
-    arguments (``echo``, ``progress``) are :func:`raypar.driver.run_job`'s.
+    arguments (``echo``, ``progress``) are :func:`raypar.engine.driver.run_job`'s.
     """
     from raypar.api_log import install
-    from raypar.engine.driver import _as_spec, _normalize_dir, default_job_dir, run_job
+    from raypar.engine.driver import default_job_dir, run_job
     from raypar.launch.handles import LocalJob
+    from raypar.spec.loading import as_spec
+    from raypar.storage import normalize_path
 
     install()
-    spec = _as_spec(spec)
-    job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
+    spec = as_spec(spec)
+    job_dir = normalize_path(job_dir) if job_dir else default_job_dir(spec)
     return LocalJob(job_dir, lambda: run_job(spec, job_dir=job_dir, address=address, **kwargs), background=not wait)
 
 
 def resume(job_dir, address=None, wait=True, **kwargs):
     """Resume the job in ``job_dir``: run exactly the mini-batches that are not done. Returns a LocalJob."""
     from raypar.api_log import install
-    from raypar.engine.driver import _normalize_dir, resume_job
+    from raypar.engine.driver import resume_job
     from raypar.launch.handles import LocalJob
+    from raypar.storage import normalize_path
 
     install()
-    job_dir = _normalize_dir(job_dir)
+    job_dir = normalize_path(job_dir)
     return LocalJob(job_dir, lambda: resume_job(job_dir, address=address, **kwargs), background=not wait)
 
 
 def submit(spec, address=None, job_dir=None, wait=False, **kwargs):
     """Send a job spec (as :func:`run` takes) to a Ray cluster's Jobs API (``address``: ``http://HEAD:8265``).
 
-    Returns a :class:`raypar.submission.SubmittedJob`; ``wait=True`` also waits for
+    Returns a :class:`raypar.launch.submission.SubmittedJob`; ``wait=True`` also waits for
     the job to end. Other keyword arguments (``headers``, ``shared_paths``,
-    ``env``, ``echo``) are :func:`raypar.submission.submit_job`'s.
+    ``env``, ``echo``) are :func:`raypar.launch.submission.submit_job`'s.
     """
     from raypar.api_log import install
     from raypar.launch.submission import submit_job

@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Optional
 
-from raypar import __version__
 from raypar.errors import RayparError
+from raypar.version import __version__
 
 
 def _parser() -> argparse.ArgumentParser:

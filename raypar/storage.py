@@ -82,3 +82,8 @@ def atomic_output(url: str, storage_options: Optional[dict] = None):
         with open(staged, "wb") as f:
             yield f
         fs.put_file(staged, path)  # adlfs: one upload_blob; large files commit their blocks at once
+
+
+def normalize_path(path: str) -> str:
+    """A URL as it is; a local path absolute, ``~`` expanded (how job dirs and outputs are named)."""
+    return path if is_url(path) else os.path.realpath(os.path.expanduser(path))

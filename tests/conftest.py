@@ -14,7 +14,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 JOBS_API = "http://127.0.0.1:8265"
 
-import pytest
+import pytest  # noqa: E402 - after the environment above, which Ray reads when it starts
 
 pytest_plugins = ["azurite"]  # tests/azurite.py: the Azure Blob emulator fixture
 ENTRY_DIR = Path(__file__).parent / "entry"

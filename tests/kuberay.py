@@ -610,7 +610,7 @@ def _deletion_violations(spec: dict, autoscaling: bool, gates: Mapping[str, bool
         ttls[key][policy] = ttl
     for (field, value), by_policy in ttls.items():  # validateTTLConsistency: Workers <= Cluster <= Self
         order = [(p, by_policy[p]) for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in by_policy]
-        for (before, t1), (after, t2) in zip(order, order[1:]):
+        for (before, t1), (after, t2) in zip(order, order[1:], strict=False):
             if t2 < t1:
                 out.append(f"spec.deletionStrategy.deletionRules: for {field} '{value}': "
                            f"{after} TTL ({t2}) must be >= {before} TTL ({t1})")

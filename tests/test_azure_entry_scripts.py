@@ -244,7 +244,7 @@ def test_scratch_folders_of_dead_workers_on_this_host_are_removed(tmp_path, monk
     import socket
     import subprocess
 
-    from raypar.azureml.compat import worker_env
+    from raypar.worker import azure_env as worker_env
 
     monkeypatch.setattr(worker_env, "SCRATCH_ROOT", str(tmp_path))
     host = socket.gethostname()

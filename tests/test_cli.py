@@ -107,7 +107,7 @@ def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
         assert running["state"] == "running" and running["total"] == 3 and running["pending"] == 3
         listeners = _listening_addresses(proc.pid)
         assert len(listeners) >= 3, listeners  # gcs, raylet, object manager... were seen
-        exposed = {l for l in listeners if not _is_loopback(l[1])}
+        exposed = {sock for sock in listeners if not _is_loopback(sock[1])}
         assert not exposed, f"Ray listens beyond loopback: {exposed}"
         second = cli("resume", str(job))
         assert_one_line_error(second, 2, "another raypar driver is running this job", f"pid {proc.pid}")

@@ -58,7 +58,7 @@ def write(path: Path, df: pd.DataFrame, kind: str) -> None:
     if kind == "csv":
         df.to_csv(path, index=False)
     elif kind == "jsonl":
-        path.write_text("".join(json.dumps({"id": int(i), "x": x}) + "\n" for i, x in zip(df["id"], df["x"])))
+        path.write_text("".join(json.dumps({"id": int(i), "x": x}) + "\n" for i, x in zip(df["id"], df["x"], strict=True)))
     else:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=20)
 

@@ -129,7 +129,7 @@ class EmulatedRayCluster:
     def shutdown(self):
         try:
             self.cluster.shutdown()
-        except Exception:  # already killed: nothing left to stop
+        except Exception:  # noqa: BLE001 - already killed: nothing left to stop
             pass
 
 

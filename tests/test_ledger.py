@@ -220,8 +220,8 @@ def test_done_batches_are_in_the_view(tmp_path):
     finish(ledger, 10)
     assert bid(1) in ledger.view().done
     assert bid(10) in ledger.view().done
-    assert not bid(0) in ledger.view().done
-    assert not bid(11) in ledger.view().done
+    assert bid(0) not in ledger.view().done
+    assert bid(11) not in ledger.view().done
 
 
 def test_torn_done_record_is_not_done(tmp_path):
@@ -230,7 +230,7 @@ def test_torn_done_record_is_not_done(tmp_path):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
     assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
-    assert not bid(1) in ledger.view().done
+    assert bid(1) not in ledger.view().done
 
 
 def test_tampered_done_record_is_not_done(tmp_path):
@@ -241,7 +241,7 @@ def test_tampered_done_record_is_not_done(tmp_path):
     path.write_text(json.dumps(body, sort_keys=True))
 
     assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
-    assert not bid(1) in ledger.view().done
+    assert bid(1) not in ledger.view().done
 
 
 def test_done_record_without_checksum_is_not_done(tmp_path):
@@ -259,7 +259,7 @@ def test_done_record_with_missing_part_is_not_done(tmp_path):
     os.unlink(ledger.store.path("parts", record.part))
 
     assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
-    assert not bid(1) in ledger.view().done
+    assert bid(1) not in ledger.view().done
 
 
 def test_done_record_with_truncated_part_is_not_done(tmp_path):
@@ -268,7 +268,7 @@ def test_done_record_with_truncated_part_is_not_done(tmp_path):
     Path(ledger.store.path("parts", record.part)).write_bytes(b"a\nb\n")
 
     assert pending_ids(ledger) == [bid(0), bid(1), bid(2)]
-    assert not bid(1) in ledger.view().done
+    assert bid(1) not in ledger.view().done
 
 
 def test_summary_only_done_record_needs_no_part(tmp_path):

@@ -81,9 +81,9 @@ def write_jsonl(path: Path, df: pd.DataFrame) -> Path:
 def row_bytes(df: pd.DataFrame, fmt: str, path: Path | None = None) -> dict[int, float]:
     """How many bytes of its file each row takes (parquet: the file's compressed average)."""
     if fmt == "csv":
-        return {i: len(line.encode()) for i, line in zip(df["id"], csv_lines(df))}
+        return {i: len(line.encode()) for i, line in zip(df["id"], csv_lines(df), strict=True)}
     if fmt == "json_lines":
-        return {i: len(line.encode()) for i, line in zip(df["id"], jsonl_lines(df))}
+        return {i: len(line.encode()) for i, line in zip(df["id"], jsonl_lines(df), strict=True)}
     per_row = _parquet_data_bytes(path) / len(df)
     return dict.fromkeys(df["id"].tolist(), per_row)
 
@@ -305,7 +305,7 @@ def test_parquet_files_with_other_schemas_are_not_combined(tmp_path):
         write_parquet(data / f"part-{i}.parquet", df)
     frames = frames_of(job(data, size="1mb"))
     assert len(frames) == len(dfs)  # alternating schemas: no two neighbours can share a batch
-    for frame, df in zip(frames, dfs):
+    for frame, df in zip(frames, dfs, strict=True):
         assert frame["id"].tolist() == df["id"].tolist()
         assert list(frame.columns) == list(df.columns)
 
@@ -326,7 +326,7 @@ def test_row_larger_than_the_size_is_whole_in_one_batch(tmp_path, kind):
     holder = [f for f in frames if 77 in set(f["id"])]
     assert len(holder) == 1 and holder[0].set_index("id").loc[77, "text"] == "x" * (5 * KB)
     if kind.startswith("parquet"):  # about what a row takes in the file
-        sizes = {i: len(t) + len(n.encode()) + 24 for i, t, n in zip(df["id"], df["text"], df["name"])}
+        sizes = {i: len(t) + len(n.encode()) + 24 for i, t, n in zip(df["id"], df["text"], df["name"], strict=True)}
     else:
         sizes = row_bytes(df, "csv" if kind == "csv" else "json_lines")
     assert sizes[77] > KB
@@ -599,7 +599,7 @@ def test_include_path_column(tmp_path, column):
     frames = frames_of(delimited(tmp_path / "t", size="1kb", **options))
     every = pd.concat(frames, ignore_index=True)
     column = column or "Path"
-    for path, df in zip(paths, dfs):
+    for path, df in zip(paths, dfs, strict=True):
         mine = every[every["id"].isin(df["id"])]
         assert set(mine[column]) == {str(path)}
     assert_same_rows(frames, pd.concat(dfs, ignore_index=True))
@@ -721,7 +721,7 @@ def test_partition_hive_folders_as_tables(tmp_path):
 
     keys = [(ctx.partition_key_value["store"], ctx.partition_key_value["brand"]) for _, ctx in out]
     assert sorted(keys) == sorted(parts) and len(keys) == len(parts)  # one batch per combination
-    for (frame, ctx), key in zip(out, keys):
+    for (frame, ctx), key in zip(out, keys, strict=True):
         assert ctx.partition_key_value == {"store": key[0], "brand": key[1]}
         assert list(ctx.partition_key_value) == ["store", "brand"]  # in partition_keys' order
         expected = pd.concat(parts[key], ignore_index=True)

@@ -3,7 +3,7 @@
 
 ``create_or_update`` starts the job in a background thread of this process and
 returns at once, as Azure returns once the job is submitted: a pipeline from
-``@pipeline`` runs through :mod:`raypar.pipeline_run` (its YAML written once
+``@pipeline`` runs through :mod:`raypar.pipelines.run` (its YAML written once
 into raypar's cache, so ``raypar status`` / ``raypar resume`` work on its
 pipeline dir), a parallel job (``parallel_run_function``, a ``ParallelRunStep``)
 through :func:`raypar.run`. Ray is the one at ``address`` (an ``MLClient``
@@ -19,9 +19,16 @@ import queue
 import threading
 from typing import Optional, Union
 
+import raypar
 from raypar.azureml.components import Component
 from raypar.azureml.dsl import PipelineJob, single_step
+from raypar.azureml.v1_paths import cache_dir
+from raypar.engine.driver import default_job_dir
 from raypar.errors import RayparError
+from raypar.pipelines.loading import load_pipeline
+from raypar.pipelines.run import run_pipeline
+from raypar.spec.loading import as_spec
+from raypar.storage import normalize_path
 
 
 class JobFailed(RayparError):
@@ -73,9 +80,6 @@ class JobOperations:
         return handle
 
     def _pipeline(self, job: PipelineJob, experiment_name, job_dir):
-        from raypar.azureml.v1_paths import cache_dir
-        from raypar.pipelines.loading import load_pipeline
-        from raypar.pipelines.run import run_pipeline
 
         text = job.to_yaml()
         path = cache_dir("pipelines", hashlib.sha256(text.encode()).hexdigest()[:16] + ".yml")
@@ -90,11 +94,9 @@ class JobOperations:
         return handle, lambda echo: run_pipeline(plan, address=self._address, echo=echo, warn=echo)
 
     def _parallel(self, job, experiment_name, job_dir):
-        import raypar
-        from raypar.engine.driver import _as_spec, _normalize_dir, default_job_dir
 
-        spec = _as_spec(job)
-        folder = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
+        spec = as_spec(job)
+        folder = normalize_path(job_dir) if job_dir else default_job_dir(spec)
         handle = Job(folder, spec.display_name or spec.name or "job", experiment_name or spec.experiment_name,
                      {k: o.path or f"{folder}/outputs/{k}" for k, o in spec.outputs.items()})
 

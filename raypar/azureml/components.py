@@ -7,8 +7,8 @@ gives a node (a step, inside ``@pipeline``) whose ``outputs`` wire into other
 nodes' inputs, as ``parallel_run_function`` jobs do. A node becomes a
 component step of the ``type: pipeline`` YAML (``component: FILE`` or an
 inline mapping, with ``inputs:`` and ``outputs:`` bindings), so
-:mod:`raypar.pipeline` binds and checks it as it does a YAML pipeline's, and
-:mod:`raypar.pipeline_run` runs a command step locally, in its code folder.
+:mod:`raypar.pipelines.loading` binds and checks it as it does a YAML pipeline's, and
+:mod:`raypar.pipelines.run` runs a command step locally, in its code folder.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from raypar.azureml.v2 import (
     absolute,
 )
 from raypar.errors import SpecError
+from raypar.spec.components import read_yaml
 
 COMPONENT_TYPES = ("command", "parallel")
 # Python values given as command() inputs, and the literal type each declares.
@@ -128,7 +129,6 @@ def load_component(source=None, *, relative_origin: Optional[str] = None, params
     Raises:
         SpecError: not a file, not YAML, ``azureml:`` (registered) components, other component types.
     """
-    from raypar.spec.components import read_yaml
 
     if source is None or not isinstance(source, (str, os.PathLike)):
         raise SpecError(f"load_component: give the path of a component YAML file, not {type(source).__name__}")

@@ -19,11 +19,11 @@ from typing import Optional
 
 import yaml
 
-from raypar import __version__
 from raypar.azureml.v1 import ParallelRunConfig, ParallelRunStep
 from raypar.azureml.v1_data import DatasetInput, OutputFileDatasetConfig
 from raypar.azureml.v2 import absolute
 from raypar.errors import SpecError, UsageError
+from raypar.version import __version__
 
 _CONFIG_KEYS = set(inspect.signature(ParallelRunConfig).parameters) | {"compute_target_name"}
 _STEP_KEYS = {"parallel_run_config", "name", "inputs", "output", "side_inputs", "arguments", "allow_reuse", "raypar"}
@@ -141,7 +141,7 @@ def _run(path: Path) -> dict:
             return runpy.run_path(str(path.resolve()), run_name="__raypar_convert__")
         except SystemExit as exc:
             raise SpecError(f"{path}: exited ({exc.code}) while raypar ran it") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the user's script failed: one line naming it
             raise SpecError(f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 

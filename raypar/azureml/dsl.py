@@ -8,8 +8,8 @@ after the local variable that holds it, as Azure names them; passing a
 parameter or a step's output to another step wires it
 (``${{parent.inputs.X}}``, ``${{parent.jobs.S.outputs.Y}}``); the returned dict
 names the pipeline's outputs. ``to_dict()`` is the same ``type: pipeline``
-mapping a pipeline YAML holds, and :mod:`raypar.pipeline` /
-:mod:`raypar.pipeline_run` plan and run it (``MLClient.jobs.create_or_update``,
+mapping a pipeline YAML holds, and :mod:`raypar.pipelines.loading` /
+:mod:`raypar.pipelines.run` plan and run it (``MLClient.jobs.create_or_update``,
 ``raypar.azureml.client``).
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from raypar.azureml.components import LITERAL_OF, Component
-from raypar.azureml.v2 import _BUILDERS, Input, Output, _Node, _Ports
+from raypar.azureml.v2 import _BUILDERS, Input, Output, _Node, _Ports, absolute
 
 _PROVISIONAL = re.compile(r"parent\.jobs\.(__node\d+__)\.")
 
@@ -220,7 +220,6 @@ class PipelineJob:
 
     def dump(self, path) -> str:
         """Write the pipeline YAML to ``path``; returns the path."""
-        from raypar.azureml.v2 import absolute
 
         path = absolute(path)
         with open(path, "w") as f:

@@ -13,8 +13,10 @@ import os
 from typing import Any, Optional
 
 from raypar.azureml import v1_paths
+from raypar.azureml.v1_partition import partition_by, read_dataset
 from raypar.azureml.v2 import AssetTypes, Input, Output, is_url
 from raypar.errors import SpecError
+from raypar.inputs.mltable import PartitionFormat
 
 
 class PipelineParameter:
@@ -72,7 +74,6 @@ class DatasetInput:
         self.mode = mode
         self.type = type
         if partition_format is not None:
-            from raypar.inputs.mltable import PartitionFormat
 
             try:
                 PartitionFormat(partition_format)
@@ -89,7 +90,6 @@ class DatasetInput:
         """The columns ``partition_format`` names (Azure's ``dataset.partition_keys``)."""
         if self.partition_format is None:
             return []
-        from raypar.inputs.mltable import PartitionFormat
 
         return list(PartitionFormat(self.partition_format).columns)
 
@@ -121,13 +121,11 @@ class DatasetInput:
 
         Returns a tabular dataset whose ``partition_keys`` are these keys (their columns come last).
         """
-        from raypar.azureml.v1_partition import partition_by
 
         return partition_by(self, partition_keys, target)
 
     def to_pandas_dataframe(self):
         """The whole tabular dataset as a DataFrame, read as a job's workers read it."""
-        from raypar.azureml.v1_partition import read_dataset
 
         return read_dataset(self).to_pandas()
 

@@ -17,8 +17,15 @@ import json
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+import pyarrow as pa
+
 from raypar.azureml import v1_paths
+from raypar.credentials import open_fs, resolve_storage
 from raypar.errors import SpecError
+from raypar.inputs import tabular
+from raypar.inputs.base import BatchReader, MiniBatch, check_input
+from raypar.inputs.source import open_source
+from raypar.spec.loading import spec_from_dict
 
 if TYPE_CHECKING:
     from raypar.azureml.v1_data import DatasetInput
@@ -29,9 +36,6 @@ PART_FILE = "part-0.parquet"
 
 def _open(dataset: "DatasetInput"):
     """(source, reader) of the dataset as a job input, read as a table."""
-    from raypar.inputs.base import BatchReader, check_input
-    from raypar.inputs.source import open_source
-    from raypar.spec.loading import spec_from_dict
 
     if dataset.table_format is None:
         raise ValueError("this is a file dataset: only a tabular dataset (Dataset.Tabular) is read as a table")
@@ -46,10 +50,7 @@ def _open(dataset: "DatasetInput"):
 
 def _tables(source, reader):
     """(file name, its rows as an Arrow table) per file, in listing order."""
-    import pyarrow as pa
 
-    from raypar.inputs import tabular
-    from raypar.inputs.base import MiniBatch
 
     for ordinal, name in enumerate(source.files()):
         batch = MiniBatch(ordinal=ordinal, kind=tabular.KIND,
@@ -60,7 +61,6 @@ def _tables(source, reader):
 
 def read_dataset(dataset: "DatasetInput"):
     """The whole dataset as one Arrow table."""
-    import pyarrow as pa
 
     tables = [table for _, table in _tables(*_open(dataset))]
     if not tables:
@@ -70,11 +70,8 @@ def read_dataset(dataset: "DatasetInput"):
 
 def partition_by(dataset: "DatasetInput", partition_keys: list, target) -> "DatasetInput":
     """See the module docstring; ``target`` is a folder, a URL, a ``(datastore, path)`` pair or a DataPath."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # noqa: PLC0415 - lazy: only jobs of that format load it
 
-    from raypar.azureml.v1_data import DatasetInput
-    from raypar.credentials import open_fs, resolve_storage
 
     if not isinstance(partition_keys, list) or not partition_keys or \
             not all(isinstance(k, str) for k in partition_keys) or len(set(partition_keys)) != len(partition_keys):
@@ -89,7 +86,7 @@ def partition_by(dataset: "DatasetInput", partition_keys: list, target) -> "Data
                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = v1_paths.join(root[0].rstrip("/"), digest)
     fmt = f"{digest}/" + "/".join(f"{{{k}}}" for k in partition_keys) + f"/{PART_FILE}"
-    result = DatasetInput(v1_paths.join(folder, f"**/{PART_FILE}"), table_format="parquet", partition_format=fmt)
+    result = type(dataset)(v1_paths.join(folder, f"**/{PART_FILE}"), table_format="parquet", partition_format=fmt)
     fs, fs_folder = open_fs(folder, resolve_storage({}))
     if fs.exists(f"{fs_folder}/{DONE_MARKER}"):
         return result
@@ -122,7 +119,7 @@ def _version(source, name: str) -> str:
 
 
 def _write_parquet(fs, path: str, table) -> None:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:

@@ -22,6 +22,7 @@ from typing import Union
 import yaml
 
 from raypar.azureml.v2 import absolute, is_url
+from raypar.credentials import open_fs, resolve_storage
 
 _GLOB = re.compile(r"[*?\[]")
 
@@ -107,7 +108,6 @@ def path_entry(path: str) -> dict:
         return {"folder": path.rstrip("/") or "/"}
     if not is_url(path):
         return {"file" if os.path.isfile(path) else "folder": path}
-    from raypar.credentials import open_fs, resolve_storage
 
     fs, fs_path = open_fs(path, resolve_storage({}))
     return {"file" if fs.isfile(fs_path) else "folder": path}

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from raypar.errors import SpecError
+from raypar.spec.loading import spec_from_dict
 from raypar.storage import is_url
 
 
@@ -477,7 +478,6 @@ class ParallelJob(_Node):
 
     def to_spec(self):
         """The validated :class:`raypar.spec.JobSpec` (raises :class:`raypar.errors.SpecError`)."""
-        from raypar.spec.loading import spec_from_dict
 
         return spec_from_dict(self.to_dict(), source=self._label)
 

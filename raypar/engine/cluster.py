@@ -65,7 +65,7 @@ def _loopback_only() -> None:
     tests/test_cli.py checks the listening sockets, so a Ray upgrade that moves
     this fails loudly.
     """
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # noqa: PLC0415 - lazy: Ray's private API, only when starting an embedded Ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -74,10 +74,10 @@ def _loopback_only() -> None:
 def _detected_cpus() -> int:
     """The CPUs Ray would detect by itself (container CPU limits included)."""
     try:
-        from ray._private.utils import get_num_cpus
+        from ray._private.utils import get_num_cpus  # noqa: PLC0415 - lazy: Ray's private API, only when starting an embedded Ray
 
         return int(get_num_cpus())
-    except Exception:  # a Ray without that helper: the plain count
+    except Exception:  # noqa: BLE001 - a Ray without that helper: the plain count
         return os.cpu_count() or 1
 
 

@@ -16,14 +16,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from raypar.credentials import options_for, redact, resolve_storage
+from raypar.engine import cluster
 from raypar.engine.console_relay import ConsoleRelay
 from raypar.engine.planning import PlanFeed
 from raypar.engine.progress import ProgressDisplay
+from raypar.engine.ray_transport import Placement, RayTransport
 from raypar.engine.replan import check_input_files, refuse_gone, replan
 from raypar.engine.replan import names as replan_names
+from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
 from raypar.engine.signals import interrupt_reason
 from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, write_session_reports
@@ -34,10 +37,10 @@ from raypar.jobdir.ledger import Ledger, new_run_id
 from raypar.jobdir.state import JobState
 from raypar.outputs.assembly import assemble
 from raypar.spec.binding import bind, fill_output_paths, worker_plan
-from raypar.spec.loading import load_spec, relocate_code, spec_from_dict
+from raypar.spec.loading import as_spec, changed_keys, relocate_code
 from raypar.spec.models import JobSpec
 from raypar.spec.runtime_env import ENVIRONMENT_WARNED, pip_packages, worker_runtime_env
-from raypar.storage import is_url
+from raypar.storage import is_url, normalize_path
 from raypar.worker.actor import code_copies_dir
 
 log = logging.getLogger("raypar")
@@ -69,22 +72,6 @@ def default_job_dir(spec: JobSpec) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = (spec.name or "job").replace("/", "-")
     return str(Path("raypar-jobs", f"{name}-{stamp}-{uuid.uuid4().hex[:4]}").resolve())
-
-
-def _as_spec(spec: Union[str, os.PathLike, dict, JobSpec]) -> JobSpec:
-    if isinstance(spec, JobSpec):
-        return spec
-    if isinstance(spec, dict):
-        return spec_from_dict(spec)
-    if hasattr(spec, "to_spec"):  # a job built in Python (raypar.azureml: ParallelJob, ParallelRunStep)
-        return spec.to_spec()
-    if hasattr(spec, "to_dict"):
-        return spec_from_dict(spec.to_dict())
-    return load_spec(spec)
-
-
-def _normalize_dir(job_dir: str) -> str:
-    return job_dir if is_url(job_dir) else str(Path(job_dir).expanduser().resolve())
 
 
 @dataclass
@@ -139,15 +126,15 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
         code_dir: where ``task.code`` is in this process (a submitted job runs
             Ray's copy of it); the job dir keeps the spec as given.
     """
-    spec = _as_spec(spec)
-    job_dir = _normalize_dir(job_dir) if job_dir else default_job_dir(spec)
+    spec = as_spec(spec)
+    job_dir = normalize_path(job_dir) if job_dir else default_job_dir(spec)
     spec = fill_output_paths(spec, f"{job_dir}/outputs")
     session = _open_session(spec, code_dir, echo, progress)
     ledger = Ledger(job_dir, options_for(job_dir, session.storage))
     if ledger.exists():
         frozen = ledger.load_job()["spec"]
         if frozen != spec.to_dict():
-            changed = ", ".join(_changed_keys(frozen, spec.to_dict())[:3])
+            changed = ", ".join(changed_keys(frozen, spec.to_dict())[:3])
             raise UsageError(f"{job_dir}: holds a different job (changed: {changed}); use a new --job-dir, "
                              f"or `raypar resume {job_dir}`")
         announce = f"raypar: {job_dir} already holds this job: resuming it"
@@ -159,23 +146,13 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
     return _drive(ledger, session, address, echo, announce, planned)
 
 
-def _changed_keys(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two spec dicts (what makes a job dir hold another job)."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [prefix or "spec"] if old != new else []
-    changed = []
-    for key in [*old, *(k for k in new if k not in old)]:
-        changed += _changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
-    return changed
-
-
 def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print,
                progress: Optional[Show] = None, code_dir: Optional[str] = None) -> Outcome:
     """Run exactly the mini-batches of ``job_dir`` that are not done, then assemble.
 
     ``echo``, ``progress`` and ``code_dir`` are as for :func:`run_job`.
     """
-    job_dir = _normalize_dir(job_dir)
+    job_dir = normalize_path(job_dir)
     ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
     spec = JobSpec.model_validate(ledger.load_job()["spec"])
     session = _open_session(spec, code_dir, echo, progress)
@@ -199,7 +176,7 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
     A live driver is asked through the job dir and stops within about a
     second; a job whose driver is gone is marked ``canceled`` directly.
     """
-    job_dir = _normalize_dir(job_dir)
+    job_dir = normalize_path(job_dir)
     ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
     job = ledger.load_job()
     lease = ledger.lease.read()
@@ -366,9 +343,6 @@ def _make_output_folders(spec: JobSpec) -> None:
 
 def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
-    from raypar.engine import cluster
-    from raypar.engine.ray_transport import Placement, RayTransport
-    from raypar.engine.scheduler import Progress, Scheduler
 
     spec = session.spec
     logs = ledger.store.local_path("logs")  # worker logs the driver can tail, or None (object stores)

@@ -21,7 +21,7 @@ _SECONDS_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
 
 @functools.lru_cache(maxsize=1)
 def _instruments():
-    from ray.util.metrics import Counter, Histogram
+    from ray.util.metrics import Counter, Histogram  # noqa: PLC0415 - lazy: only inside a running Ray job
 
     return (
         Counter("raypar_batches_done", description="mini-batches done", tag_keys=_TAGS),
@@ -38,7 +38,7 @@ class JobMetrics:
         self.tags = {"raypar_job": job, "raypar_job_dir": job_dir}
         try:
             self.done, self.failed, self.seconds = _instruments()
-        except Exception as exc:  # a Ray without metrics support
+        except Exception as exc:  # noqa: BLE001 - a Ray without metrics support
             log.debug("Ray metrics unavailable: %s", exc)
             self.done = None
 

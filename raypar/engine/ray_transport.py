@@ -21,6 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raypar.credentials import describe_error
+from raypar.engine import cluster
 from raypar.engine.metrics import JobMetrics
 from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
 from raypar.errors import PlacementError
@@ -36,7 +37,6 @@ class Placement:
 
     def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict,
                  runtime_env: Optional[dict] = None, echo: Callable[[str], None] = log.info):
-        from raypar.engine import cluster
 
         self.spec, self.job_url, self.run = spec, job_url, run
         # The embedded Ray (started by this driver, or by the pipeline running it) knows its
@@ -136,7 +136,7 @@ class Placement:
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
-            except Exception as exc:  # the cluster may already be gone
+            except Exception as exc:  # noqa: BLE001 - the cluster may already be gone
                 log.debug("removing placement group failed: %s", exc)
             self.pg = None
 
@@ -196,7 +196,7 @@ class RayTransport(Transport):
     def kill(self, worker: Any) -> None:
         try:
             ray.kill(worker, no_restart=True)
-        except Exception as exc:  # already dead
+        except Exception as exc:  # noqa: BLE001 - already dead
             log.debug("kill: %s", exc)
 
     def batch_done(self, seconds: Optional[float]) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from raypar.errors import SpecError
+from raypar.inputs import partitioned, tabular
 from raypar.inputs.base import MiniBatch, files_of, files_read_by, plan_source
 from raypar.inputs.source import Source, open_source
 
@@ -134,7 +135,6 @@ def _replan_runs(spec, source: Source, manifest: Manifest, touched: dict, change
         current = {f: changes.versions.get(f, versions.get(f)) for f in files}
         restricted = source.restricted(files, current)
         if source.desc["read"].get("header") == "from_first_file" and first_file not in (None, files[0]):
-            from raypar.inputs import tabular
             restricted.first_header = tabular.first_file_header(source, first_file)
         batches = []
         for batch in plan_source(spec, restricted):
@@ -151,7 +151,6 @@ def _replan_partitions(spec, source: Source, manifest: Manifest, touched: dict, 
     A changed file may now hold other key values (a column key): it joins the combinations it
     holds now and leaves those it no longer holds; a value no batch was planned for is an error.
     """
-    from raypar.inputs import partitioned, tabular
 
     changed = set(changes.changed)
     data_keys = next((b.payload.get("filter") or [] for b in touched.values()), [])
@@ -167,7 +166,7 @@ def _replan_partitions(spec, source: Source, manifest: Manifest, touched: dict, 
             unplanned = [c for c in found if c not in combos]
             if unplanned:
                 raise SpecError(f"{source.url(name)}: changed since it was planned and now holds partition key "
-                                f"values no mini-batch was planned for ({dict(zip(spec.partition_keys, unplanned[0]))}); "
+                                f"values no mini-batch was planned for ({dict(zip(spec.partition_keys, unplanned[0], strict=True))}); "
                                 f"start a new job dir")
             holds[name] = set(found)
             touched.update({b.ordinal: b for c, b in combos.items() if c in holds[name]})

@@ -323,7 +323,7 @@ class Scheduler:
         """``text`` as ``logs/<name>`` in the job dir; its location, or None if it could not be written."""
         try:
             self.ledger.store.write_atomic(text.encode(), "logs", name)
-        except Exception as exc:  # the job's reason matters more than its details
+        except Exception as exc:  # noqa: BLE001 - the job's reason matters more than its details
             log.warning("could not write %s to the job dir: %s", name, exc)
             return None
         return self.ledger.store.url("logs", name)
@@ -416,7 +416,7 @@ class Scheduler:
         running = [s.calls[0] for s in self.slots if s.calls and s.calls[0].started is not None]
         stragglers = sorted((c for c in running if now - c.started >= threshold and c.batch.id not in self.copies),
                             key=lambda c: c.started)
-        for call, slot in zip(stragglers, idle):
+        for call, slot in zip(stragglers, idle, strict=False):  # as many copies as there are idle slots
             log.info("%s has run %.0fs (median %.1fs): a second attempt on %s", call.batch.id,
                      now - call.started, median, slot.label)
             self.queue.appendleft((call.batch, 0))
@@ -559,7 +559,7 @@ class Scheduler:
             return set()
         try:
             return self.ledger.recent_done(slot.writer, slot.position)
-        except Exception as exc:  # storage unreachable: run them again rather than trust nothing
+        except Exception as exc:  # noqa: BLE001 - storage unreachable: run them again rather than trust nothing
             log.warning("%s: could not read what the lost worker stored: %s", slot.label, exc)
             return set()
 

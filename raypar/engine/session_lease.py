@@ -42,7 +42,7 @@ class Heartbeat(threading.Thread):
             except LeaseHeldError as exc:
                 self.lost = exc.headline  # another driver owns the job now: stop ours
                 return
-            except Exception as exc:  # storage hiccup: try again soon, until the fence
+            except Exception as exc:  # noqa: BLE001 - storage hiccup: try again soon, until the fence
                 self.error = describe_error(exc)
                 log.warning("lease heartbeat failed: %s", self.error)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from raypar.credentials import resolve_storage
+from raypar.engine.replan import check_input_files
+from raypar.errors import RayparError
+from raypar.inputs import check_input
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
 from raypar.spec.binding import bind
@@ -58,10 +62,6 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
 def _input_changes(ledger: Ledger, spec: JobSpec) -> Optional[dict]:
     """Input files that changed, are gone, or were added since planning (what a resume will do
     about them), or None when the job dir predates input versions. Never fails the status."""
-    from raypar.credentials import resolve_storage
-    from raypar.engine.replan import check_input_files
-    from raypar.errors import RayparError
-    from raypar.inputs import check_input
 
     try:
         storage = resolve_storage(spec.raypar.storage_options)

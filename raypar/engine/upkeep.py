@@ -22,7 +22,7 @@ def compact(ledger: Ledger, run: str) -> None:
     """The next resume reads one file instead of every record; never fail a job over it."""
     try:
         ledger.compact(run)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
         log.warning("could not compact the ledger: %s", exc)
 
 
@@ -34,7 +34,7 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
         write_reports(ledger, view, state.value, reason, bind(spec).append_row_path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them
         log.warning("could not write reports: %s", exc)
 
 

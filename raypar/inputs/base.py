@@ -6,7 +6,12 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
+import pyarrow as pa
+
 from raypar.errors import SpecError
+from raypar.inputs import files, partitioned, tabular
+from raypar.inputs.mltable import PartitionFormat
+from raypar.inputs.source import describe, open_source
 
 if TYPE_CHECKING:  # the worker side imports this module without pydantic
     from raypar.spec.models import JobSpec
@@ -77,7 +82,6 @@ def ordinal_of(batch: str) -> int:
 def check_input(spec: JobSpec, storage: Optional[dict] = None) -> dict:
     """The input described as plain values (see source.describe); SpecError now for an input
     raypar cannot plan, before any job dir is written."""
-    from raypar.inputs.source import describe
 
     desc = describe(spec, storage or {})
     desc["name"] = spec.data_input_name  # for mini_batch_context.dataset
@@ -95,7 +99,6 @@ def check_input(spec: JobSpec, storage: Optional[dict] = None) -> dict:
 def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> Iterator[MiniBatch]:
     """The deterministic stream of mini-batches for the spec's ``input_data``, each carrying the
     versions of the input files it is the first to read (see ``MiniBatch.inputs``)."""
-    from raypar.inputs.source import open_source
 
     source = open_source(desc, storage or {})
     for batch in plan_source(spec, source):
@@ -104,8 +107,6 @@ def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> I
 
 def plan_source(spec: JobSpec, source) -> Iterator[MiniBatch]:
     """The batches of an opened source, numbered from 0."""
-    from raypar.inputs import files, partitioned, tabular
-    from raypar.spec.models import DEFAULT_BYTES_PER_BATCH
 
     desc = source.desc
     if spec.partition_keys:
@@ -118,8 +119,7 @@ def plan_source(spec: JobSpec, source) -> Iterator[MiniBatch]:
                                 item_count=len(names))
         return
     if desc["tabular"]:
-        size = spec.batch_size().value if spec.mini_batch_size is not None else DEFAULT_BYTES_PER_BATCH
-        for ordinal, (pieces, rows) in enumerate(tabular.plan(source, size)):
+        for ordinal, (pieces, rows) in enumerate(tabular.plan(source, spec.table_batch_bytes())):
             yield MiniBatch(ordinal=ordinal, kind=tabular.KIND, payload={"pieces": pieces}, item_count=rows)
         return
     for ordinal, names in enumerate(files.plan(source, spec.batch_size().value)):
@@ -155,7 +155,6 @@ class BatchReader:
     """Worker side: turns a batch's payload into what ``run()`` receives."""
 
     def __init__(self, desc: dict, storage: Optional[dict] = None):
-        from raypar.inputs.source import open_source
 
         self.source = open_source(desc, storage or {})
         self.desc = desc
@@ -164,7 +163,6 @@ class BatchReader:
 
     def read(self, batch: MiniBatch) -> tuple[Any, MiniBatchContext, Optional[str]]:
         """(mini_batch, its context, a temporary folder to remove after run() or None)."""
-        from raypar.inputs import files, tabular
 
         # [[key, value], ...]: manifest lines sort their keys, a list keeps partition_keys' order
         key = dict(batch.payload.get("key") or [])
@@ -199,13 +197,10 @@ class BatchReader:
         return total
 
     def _table(self, batch: MiniBatch, context: MiniBatchContext):
-        import pyarrow as pa
 
-        from raypar.inputs import partitioned, tabular
 
         desc, source = self.desc, self.source
         if desc["partition_format"] and self._partition_format is None:
-            from raypar.inputs.mltable import PartitionFormat
             self._partition_format = PartitionFormat(desc["partition_format"])
         tables = []
         for piece in batch.payload["pieces"]:

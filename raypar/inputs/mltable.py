@@ -338,7 +338,7 @@ class PartitionFormat:
             return None
         values: dict[str, object] = {}
         dates: dict[str, dict[str, int]] = {}
-        for (column, part), text in zip(self._groups, m.groups()):
+        for (column, part), text in zip(self._groups, m.groups(), strict=True):
             if part is None:
                 values[column] = text
             else:

@@ -15,8 +15,11 @@ import json
 from typing import Iterator, Optional
 from urllib.parse import unquote
 
+import pyarrow as pa
+
 from raypar.errors import SpecError
 from raypar.inputs import tabular
+from raypar.inputs.mltable import PartitionFormat
 from raypar.inputs.source import Source
 
 
@@ -38,7 +41,6 @@ def plan(source: Source, keys: list[str]) -> Iterator[tuple[dict, list[str], lis
     fmt = source.desc.get("partition_format")
     partition_format = None
     if fmt:
-        from raypar.inputs.mltable import PartitionFormat
         partition_format = PartitionFormat(fmt)
     names = list(source.files())
     if not names:
@@ -62,7 +64,7 @@ def plan(source: Source, keys: list[str]) -> Iterator[tuple[dict, list[str], lis
     for combo in sorted(groups, key=_sort_key):
         files = groups[combo]
         pieces = [tabular.pieces_of_whole_file(source, n) for n in files] if source.desc["tabular"] else []
-        yield dict(zip(keys, combo)), files, data_keys, pieces
+        yield dict(zip(keys, combo, strict=True)), files, data_keys, pieces
 
 
 def key_values_in(source: Source, name: str, keys: list[str], data_keys: list[str]) -> list[tuple]:
@@ -70,7 +72,6 @@ def key_values_in(source: Source, name: str, keys: list[str], data_keys: list[st
     fmt = source.desc.get("partition_format")
     partition_format = None
     if fmt:
-        from raypar.inputs.mltable import PartitionFormat
         partition_format = PartitionFormat(fmt)
     known = path_values(source, name, partition_format)
     return [tuple({**known, **combo}[k] for k in keys) for combo in _data_combinations(source, name, data_keys)]
@@ -107,8 +108,7 @@ def _sort_key(combo: tuple):
 
 def keep_rows(table, key: dict, data_keys: list[str], where: str):
     """Only the rows of ``table`` whose data keys equal the batch's values."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     mask: Optional[object] = None
     for k in data_keys:

@@ -19,6 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from raypar.credentials import describe_error, open_fs, redact
 from raypar.errors import SpecError, StorageError
+from raypar.inputs.mltable import load_mltable
 from raypar.storage import is_url
 
 if TYPE_CHECKING:
@@ -71,7 +72,6 @@ def _inside(root: str, code: str) -> bool:
 
 
 def _describe_mltable(desc: dict, fs, path: str, where: str) -> None:
-    from raypar.inputs.mltable import load_mltable
 
     _check_exists(fs, path, "mltable", desc["path"], f"{where}.path")
     folder_url = desc["path"].rstrip("/")
@@ -97,7 +97,7 @@ def _parent(path: str) -> str:
 def _fs(url: str, storage: dict, where: str):
     try:
         return open_fs(url, storage)
-    except Exception as exc:  # a missing fsspec package, a bad URL
+    except Exception as exc:  # noqa: BLE001 - a missing fsspec package, a bad URL
         raise SpecError(f"{where}: {getattr(exc, 'headline', exc)}") from None
 
 
@@ -108,7 +108,7 @@ def _check_exists(fs, path: str, kind: str, shown: str, where: str) -> None:
         raise SpecError(f"{where}: {shown} not found") from None
     except PermissionError as exc:
         raise SpecError(f"{where}: {shown}: permission denied ({exc})") from None
-    except Exception as exc:  # auth, network: named, never read as "absent", and not the spec's fault
+    except Exception as exc:  # noqa: BLE001 - auth, network: named, never read as "absent", and not the spec's fault
         raise StorageError(f"{where}: {redact(shown)}: cannot access ({describe_error(exc)})") from None
     is_file = info.get("type") == "file"
     if kind == "uri_file" and not is_file:
@@ -223,10 +223,10 @@ class Source:
             raise SpecError(f"{self.url_of(folder)}: input folder not found") from None
         except PermissionError as exc:
             raise SpecError(f"{self.url_of(folder)}: cannot list input folder ({exc.strerror or exc})") from None
-        except Exception as exc:  # auth, network
+        except Exception as exc:  # noqa: BLE001 - auth, network
             raise StorageError(f"{redact(self.url_of(folder))}: cannot list input folder "
                                f"({describe_error(exc)})") from None
-        for key, name, version in sorted(entries):
+        for _key, name, version in sorted(entries):
             rel = f"{prefix}{name}"
             if version is None:
                 yield from self._walk(f"{folder.rstrip('/')}/{name}", f"{rel}/")

@@ -15,8 +15,11 @@ where a newline is not one byte) files are never cut.
 from __future__ import annotations
 
 import io
+import json
 import math
 from typing import Any, Iterator, Optional
+
+import pyarrow as pa
 
 from raypar.credentials import describe_error
 from raypar.errors import SpecError, StorageError
@@ -88,8 +91,7 @@ def pieces_of_whole_file(source: Source, name: str) -> dict:
 
 
 def _parquet_meta(source: Source, name: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     try:
         return pq.read_metadata(_open(source, name))
@@ -99,7 +101,7 @@ def _parquet_meta(source: Source, name: str):
         if isinstance(exc, OSError):
             raise StorageError(f"{source.url(name)}: cannot read ({describe_error(exc)})") from None
         raise SpecError(f"{source.url(name)}: cannot read as parquet ({exc})") from None
-    except Exception as exc:  # auth, network: the storage, not the file
+    except Exception as exc:  # noqa: BLE001 - auth, network: the storage, not the file
         raise StorageError(f"{source.url(name)}: cannot read ({describe_error(exc)})") from None
 
 
@@ -243,7 +245,7 @@ def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None,
 
 
 def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns):
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     pf = pq.ParquetFile(_open(source, name))
     groups, first, offset = [], None, 0
@@ -259,8 +261,7 @@ def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns)
 
 def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text_columns=(),
                embedded_header: bool = False):
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
+    import pyarrow.csv as pcsv  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     encoding = _CODECS.get(read.get("encoding", "utf8"), "utf-8")
     delimiter = read.get("delimiter") or ("\t" if where.endswith(".tsv") else ",")
@@ -292,8 +293,7 @@ def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text
 
 def _text_types(data: bytes, reading, parsing, read: dict, text_columns, no_header: bool) -> dict:
     """Columns to read as strings: all of them when types are not inferred, else ``text_columns``."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
+    import pyarrow.csv as pcsv  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     if read.get("infer_column_types") is not False and not text_columns:
         return {}
@@ -305,10 +305,8 @@ def _text_types(data: bytes, reading, parsing, read: dict, text_columns, no_head
 
 
 def _parse_json_lines(data: bytes, read: dict, where: str):
-    import json
 
-    import pyarrow as pa
-    import pyarrow.json as pjson
+    import pyarrow.json as pjson  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     encoding = _CODECS.get(read.get("encoding", "utf8"), "utf-8")
     if encoding not in ("utf-8",):

@@ -28,6 +28,8 @@ import socket
 import time
 from typing import Optional
 
+import psutil
+
 from raypar.errors import LeaseHeldError
 from raypar.jobdir.store import Store
 
@@ -175,10 +177,8 @@ def _body(run: str, ttl: float, epoch: int) -> bytes:
 
 def _process_start(pid: int) -> Optional[float]:
     try:
-        import psutil
-
         return psutil.Process(pid).create_time()
-    except Exception:  # psutil missing or process gone: no start time to compare
+    except psutil.Error:  # the process is gone or hidden: no start time to compare
         return None
 
 

@@ -23,7 +23,6 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from raypar import __version__
 from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, ordinal_of
 from raypar.jobdir.layout import (
@@ -53,6 +52,7 @@ from raypar.jobdir.tables import (
     to_ipc,
 )
 from raypar.jobdir.writers import DoneWriter, segment_records, writer_for
+from raypar.version import __version__
 
 log = logging.getLogger("raypar")
 
@@ -503,7 +503,7 @@ class Ledger:
             paths = [self.store.path("compact", f["file"]) for f in files]
             data = self.store.read_many(paths)  # concurrently on object stores
             if all(p in data and hashlib.sha256(data[p]).hexdigest() == f["file_sha256"]
-                   for p, f in zip(paths, files)):
+                   for p, f in zip(paths, files, strict=True)):
                 tables = [from_ipc(data[p]) for p in paths]
                 return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]), index["covers"], files
         return empty_table(), {}, []

@@ -99,7 +99,7 @@ class Store:
         """Whole files, read at once (concurrently on object stores); absent files are skipped."""
         got = self.read_ranges(paths, [None] * len(paths), [None] * len(paths)) if paths else []
         out = {}
-        for path, value in zip(paths, got):
+        for path, value in zip(paths, got, strict=True):
             if isinstance(value, FileNotFoundError):
                 continue
             if isinstance(value, BaseException):
@@ -156,7 +156,7 @@ class LocalStore(Store):
 
     def read_ranges(self, paths, starts, ends) -> Ranges:
         out: Ranges = []
-        for path, start, end in zip(paths, starts, ends):
+        for path, start, end in zip(paths, starts, ends, strict=True):
             try:
                 with open(path, "rb") as f:
                     start = start or 0

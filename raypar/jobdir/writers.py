@@ -184,7 +184,7 @@ def segment_records(store: Store, sizes: dict[str, int]) -> dict[str, list[bytes
     starts = [max(sizes[p] - SEGMENT_TAIL, 0) for p in paths]
     tails = store.read_ranges(paths, starts, [sizes[p] for p in paths])
     out, longer = {}, []
-    for path, start, tail in zip(paths, starts, tails):
+    for path, start, tail in zip(paths, starts, tails, strict=True):
         if isinstance(tail, FileNotFoundError):
             continue
         if isinstance(tail, BaseException):
@@ -197,7 +197,7 @@ def segment_records(store: Store, sizes: dict[str, int]) -> dict[str, list[bytes
         else:
             longer.append((path, span))
     blocks = store.read_ranges([p for p, _ in longer], [s for _, (s, _e) in longer], [e for _, (_s, e) in longer])
-    for (path, _), block in zip(longer, blocks):
+    for (path, _), block in zip(longer, blocks, strict=True):
         if isinstance(block, BaseException):
             raise block
         out[os.path.basename(path)] = block.split(b"\n")[:-1]

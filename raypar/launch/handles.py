@@ -1,5 +1,5 @@
 """Handles on running jobs for the Python API: ``raypar.run`` / ``raypar.resume`` return a
-:class:`LocalJob`, ``raypar.submit`` a :class:`raypar.submission.SubmittedJob`.
+:class:`LocalJob`, ``raypar.submit`` a :class:`raypar.launch.submission.SubmittedJob`.
 
 Both offer ``status()``, ``wait()`` and ``cancel()``; ``wait()`` returns an
 outcome whose ``exit_code`` is the CLI's (0 succeeded, 1 failed, 130 canceled).
@@ -11,7 +11,9 @@ import threading
 from typing import Callable, Optional
 
 from raypar.engine.driver import Outcome, cancel_job
+from raypar.engine.status import job_status
 from raypar.errors import RayparError
+from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
 
 
@@ -33,7 +35,7 @@ class LocalJob:
     def _run(self) -> None:
         try:
             self._outcome = self._drive()
-        except BaseException as exc:  # handed to wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to wait()
             self._error = exc
 
     @property
@@ -53,8 +55,6 @@ class LocalJob:
 
     def status(self) -> dict:
         """State and mini-batch counts from the job dir (``planning`` before the job dir exists)."""
-        from raypar.engine.status import job_status
-        from raypar.jobdir.ledger import Ledger
 
         if not self.finished and not Ledger(self.job_dir).exists():
             return {"job_dir": self.job_dir, "state": "planning", "completed": 0, "failed": 0, "pending": 0,
@@ -63,7 +63,6 @@ class LocalJob:
 
     def cancel(self, wait: float = 60.0, echo: Callable[[str], None] = lambda line: None) -> JobState:
         """Stop the driver (it marks the job canceled: resumable) and wait until it has."""
-        from raypar.jobdir.ledger import Ledger
 
         if self.finished:
             return self.wait().state

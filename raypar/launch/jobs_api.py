@@ -8,6 +8,7 @@ the cause.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -79,7 +80,7 @@ class JobsApi:
     """The Jobs API of one cluster."""
 
     def __init__(self, address: Optional[str] = None, headers: Optional[dict] = None):
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobSubmissionClient  # noqa: PLC0415 - lazy: the Jobs API client is only for submit/follow
 
         # Its "no token was found" warning would be a second line beside ours.
         logging.getLogger("ray._private.authentication.http_token_authentication").setLevel(logging.ERROR)
@@ -96,7 +97,7 @@ class JobsApi:
     @contextlib.contextmanager
     def calling(self, what: str, job: Optional[str] = None) -> Iterator[None]:
         """Turn the SDK's errors into one line naming the address (and job)."""
-        from ray.exceptions import AuthenticationError
+        from ray.exceptions import AuthenticationError  # noqa: PLC0415 - lazy: the Jobs API client is only for submit/follow
 
         where = f"Ray Jobs API at {self.address}"
         try:
@@ -150,7 +151,6 @@ class JobsApi:
 
     def tail(self, submission_id: str) -> Iterator[str]:
         """The job's log as it is written, in chunks, until the job ends."""
-        import asyncio
 
         loop = asyncio.new_event_loop()
         stream = self.client.tail_job_logs(submission_id)

@@ -30,7 +30,6 @@ from typing import Callable, Optional
 
 import yaml
 
-from raypar import __version__
 from raypar.errors import UsageError
 from raypar.launch.submission import (
     META_CODE,
@@ -41,7 +40,7 @@ from raypar.launch.submission import (
     check_reachable,
     default_remote_job_dir,
 )
-from raypar.spec.loading import relocate_code
+from raypar.spec.loading import as_spec, relocate_code
 from raypar.spec.models import JobSpec, parse_bytes
 from raypar.spec.runtime_env import (
     ENVIRONMENT_WARNED,
@@ -50,7 +49,8 @@ from raypar.spec.runtime_env import (
     inline_files,
     pip_packages,
 )
-from raypar.storage import is_url
+from raypar.storage import is_url, normalize_path
+from raypar.version import __version__
 
 RAY_VERSION = "2.60.0"  # the pinned ray[default]>=2.60,<2.61; deploy/docker/Dockerfile builds on it
 DEFAULT_IMAGE = f"raypar:{__version__}"  # what deploy/docker/Dockerfile builds (see docs/kubernetes.md)
@@ -247,11 +247,10 @@ def render(spec, image: Optional[str] = None, job_dir: Optional[str] = None, nam
     ``code_in_image`` is where the image already holds task.code (the ConfigMap
     then holds only the spec).
     """
-    from raypar.engine.driver import _as_spec, _normalize_dir
 
-    spec = inline_files(_as_spec(spec))
+    spec = inline_files(as_spec(spec))
     rayjob = rayjob_name(spec, name)
-    job_dir = _normalize_dir(job_dir) if job_dir else default_remote_job_dir(rayjob, "raypar kube render")
+    job_dir = normalize_path(job_dir) if job_dir else default_remote_job_dir(rayjob, "raypar kube render")
     if not is_url(job_dir) and not any(job_dir.startswith(s) for s in shared_paths):
         raise UsageError(f"job dir {job_dir}: a KubeRay retry runs on a fresh cluster, so the job dir must be a URL "
                          f"(e.g. az://container/raypar-jobs/{rayjob}) or a path every pod mounts (--shared-path)")
@@ -301,9 +300,8 @@ def render(spec, image: Optional[str] = None, job_dir: Optional[str] = None, nam
 def render_raycluster(spec, image: Optional[str] = None, name: str = "raypar", namespace: Optional[str] = None,
                       secret: str = DEFAULT_SECRET) -> dict:
     """A standing RayCluster shaped for ``spec``: for `raypar submit` from a laptop, and RayJobs with --cluster."""
-    from raypar.engine.driver import _as_spec
 
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _metadata(rayjob_name(spec, name), namespace),
             "spec": ray_cluster_spec(spec, image or DEFAULT_IMAGE, secret)}
 

@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import raypar
 from raypar.credentials import describe_error
 from raypar.engine.progress import ProgressDisplay, parse_line
+from raypar.engine.status import job_status
 from raypar.errors import RayparError, UsageError
+from raypar.jobdir.ledger import Ledger
 from raypar.launch.jobs_api import JobsApi
-from raypar.spec.loading import spec_from_yaml
+from raypar.spec.loading import as_spec, spec_from_yaml
 from raypar.spec.models import InputSpec, JobSpec
 from raypar.spec.runtime_env import ENVIRONMENT_WARNED, forwarded_variables, inline_files, pip_packages
-from raypar.storage import is_url
+from raypar.storage import is_url, normalize_path
 
 SPEC_VARIABLE = "RAYPAR_SPEC"
 # A submitted driver prints progress this often, so `--wait` can draw a live bar from its log.
@@ -94,7 +95,7 @@ def _job_slug(spec: JobSpec) -> str:
 
 
 def _raypar_package() -> str:
-    return str(Path(raypar.__file__).resolve().parent)
+    return str(Path(__file__).resolve().parents[1])  # the raypar package
 
 
 def runtime_env_for(spec: JobSpec, code_dir: str, job_dir: str, extra_env: Optional[dict] = None,
@@ -141,11 +142,10 @@ def submit_job(spec, address: Optional[str] = None, job_dir: Optional[str] = Non
                shared_paths: tuple[str, ...] = (), env: Optional[dict] = None, echo: Echo = print,
                api: Optional[JobsApi] = None) -> "SubmittedJob":
     """Submit a spec to a cluster's Jobs API; returns at once with a handle (see ``SubmittedJob.wait``)."""
-    from raypar.engine.driver import _as_spec, _normalize_dir
 
-    spec = inline_files(_as_spec(spec))
+    spec = inline_files(as_spec(spec))
     slug = _job_slug(spec)
-    job_dir = _normalize_dir(job_dir) if job_dir else default_remote_job_dir(slug)
+    job_dir = normalize_path(job_dir) if job_dir else default_remote_job_dir(slug)
     _check_code(spec.task.code, spec.task.entry_script)
     check_reachable(spec, job_dir, shared_paths)
     api = api or JobsApi(address, headers)
@@ -158,7 +158,6 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
                   code_dir: Optional[str] = None, shared_paths: tuple[str, ...] = (), env: Optional[dict] = None,
                   echo: Echo = print, api: Optional[JobsApi] = None) -> "SubmittedJob":
     """Submit a driver that continues a job: ``target`` is a submission ID or the job dir URL."""
-    from raypar.jobdir.ledger import Ledger
 
     api = api or JobsApi(address, headers)
     if is_url(target) or os.path.isabs(target):
@@ -237,8 +236,6 @@ class SubmittedJob:
 
     def status(self) -> dict:
         """raypar's view from the job dir when it is readable here; else the driver's last progress line."""
-        from raypar.engine.status import job_status
-        from raypar.jobdir.ledger import Ledger
 
         info = self.api.info(self.submission_id)
         ray_status = str(info.status.value)
@@ -250,7 +247,7 @@ class SubmittedJob:
                 state = ray_status.lower() if self._terminal(info) else "starting"
                 status = {"job_dir": self.job_dir, "name": (info.metadata or {}).get(META_NAME), "state": state,
                           "source": "Ray (no job dir yet)"}
-        except Exception as exc:  # no credentials here, or a path only the cluster sees
+        except Exception as exc:  # noqa: BLE001 - no credentials here, or a path only the cluster sees
             status = {"job_dir": self.job_dir, "name": (info.metadata or {}).get(META_NAME),
                       "state": ray_status.lower(), "source": f"driver log (job dir not readable here: "
                                                               f"{describe_error(exc)})"}

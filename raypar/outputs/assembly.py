@@ -21,6 +21,7 @@ from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.jobdir.records import DoneRecord
 from raypar.jobdir.tables import DoneIndex
+from raypar.outputs import formats
 from raypar.outputs.rows import FORMATS
 from raypar.storage import atomic_output
 
@@ -45,7 +46,6 @@ def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text",
     if fmt == "text":
         schema, formats = None, None
     else:
-        from raypar.outputs import formats
 
         schema = _unified_schema(ledger, view, fmt)
     corrupt = []
@@ -151,7 +151,6 @@ def _unified_schema(ledger: Ledger, view: LedgerView, fmt: str):
     corrupted one: then every part is verified, and CorruptPartsError wins
     over the schema error (the driver re-runs those batches).
     """
-    from raypar.outputs import formats
 
     union = formats.SchemaUnion(fmt)
     try:
@@ -200,7 +199,7 @@ def _done_in_order(view: LedgerView) -> Iterator[_Part]:
         table = table.take(pa.array(np.argsort(position[view.done.ordinals], kind="stable")))
     for chunk in table.to_batches(max_chunksize=50_000):
         values = chunk.to_pydict()
-        for ordinal, *where in zip(*(values[c] for c in columns)):
+        for ordinal, *where in zip(*(values[c] for c in columns), strict=True):
             if where[0] is not None:
                 yield _Part(batch_id(ordinal), *where)
 
@@ -248,7 +247,7 @@ def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]
     paths = [ledger.store.path("parts", part) for part, _, _ in spans]
     got = ledger.store.read_ranges(paths, [a for _, a, _ in spans], [b for _, _, b in spans])
     data_of: dict[str, list] = collections.defaultdict(list)
-    for (part, lo, hi), data in zip(spans, got):
+    for (part, lo, hi), data in zip(spans, got, strict=True):
         if isinstance(data, BaseException):
             raise data
         data_of[part].append((lo, hi, data))

@@ -9,6 +9,7 @@ row work happens in Arrow's C++ kernels: no Python loop runs per row.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from itertools import zip_longest
 from typing import Any, Callable
 
@@ -72,7 +73,7 @@ def _rows_table(rows) -> pa.Table:
         if not (names and len(types) == 1):
             names = [f"c{i}" for i in range(len(columns))]
         arrays = []
-        for name, column in zip(names, columns):
+        for name, column in zip(names, columns, strict=True):
             try:
                 arrays.append(pa.array(column))
             except _CONVERSION_ERRORS as exc:
@@ -309,7 +310,6 @@ class CsvSink(TableSink):
 
     def __init__(self, out, schema):
         super().__init__(out, schema)
-        from concurrent.futures import ThreadPoolExecutor
 
         self.threads = os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raypar-csv")
@@ -333,7 +333,7 @@ class CsvSink(TableSink):
 
 
 def _csv_bytes(table: pa.Table, header: bool = False) -> pa.Buffer:
-    import pyarrow.csv as pa_csv
+    import pyarrow.csv as pa_csv  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     sink = pa.BufferOutputStream()
     pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=header))
@@ -358,7 +358,7 @@ class ParquetSink(TableSink):
         self.writer.close()
 
     def _open(self, dictionary) -> None:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # noqa: PLC0415 - lazy: only jobs of that format load it
 
         self.writer = pq.ParquetWriter(self.stream, self.schema, use_dictionary=dictionary)
 
@@ -372,7 +372,7 @@ def _dictionary_columns(table: pa.Table):
     if any(pa.types.is_nested(field.type) for field in table.schema):
         return True  # use_dictionary names leaf paths; keep parquet's default for nested columns
     sample, names = table.slice(0, 65536), []
-    for name, column in zip(sample.column_names, sample.columns):
+    for name, column in zip(sample.column_names, sample.columns, strict=True):
         if pa.types.is_null(column.type) or pa.types.is_boolean(column.type):
             continue  # parquet never dictionary-encodes these
         try:

@@ -5,6 +5,7 @@ Used by the ``jsonl`` append_row_format (output_formats.JsonlSink); no Python lo
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 def json_lines(batch: pa.RecordBatch) -> pa.Array:
     """One JSON object per row, each ending in a newline, built from whole-column kernels."""
     pieces, close = [], "{"
-    for field, column in zip(batch.schema, batch.columns):
+    for field, column in zip(batch.schema, batch.columns, strict=True):
         text, quoted = json_values(column)
         text = text.cast(_TEXT)
         key = close + json.dumps(field.name, ensure_ascii=False) + ":"
@@ -102,7 +103,6 @@ def _json_python(array) -> pa.Array:
 
 def _json_default(value) -> Any:
     if isinstance(value, bytes):
-        import base64
 
         return base64.b64encode(value).decode("ascii")
     return str(value)
@@ -113,7 +113,7 @@ _ESCAPES = {0x5C: "\\\\", 0x22: '\\"', 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x
 
 def _escape(array: pa.Array) -> pa.Array:
     """Strings with JSON escapes, via whole-column replaces of only the characters present."""
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 - lazy: only arrays of numbers need it
 
     if isinstance(array, pa.ChunkedArray) or pa.types.is_string_view(array.type):
         array = pc.cast(array, pa.large_string())
@@ -128,7 +128,7 @@ def _escape(array: pa.Array) -> pa.Array:
 
 def string_offsets(array: pa.Array):
     """The value offsets of a string array (numpy, zero-copy), ``len(array) + 1`` of them."""
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 - lazy: only arrays of numbers need it
 
     kind = np.int64 if pa.types.is_large_string(array.type) else np.int32
     return np.frombuffer(array.buffers()[1], dtype=kind)[array.offset:array.offset + len(array) + 1]

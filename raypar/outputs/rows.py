@@ -12,6 +12,7 @@ import sys
 from typing import Any, Optional
 
 from raypar.errors import ResultError
+from raypar.outputs import formats as output_formats
 
 FORMATS = ("text", "csv", "jsonl", "parquet")
 
@@ -34,7 +35,6 @@ def count_and_serialize(result: Any, with_rows: bool, fmt: str = "text") -> tupl
     if not with_rows:
         return len(result), None
     if fmt != "text":
-        from raypar.outputs import formats as output_formats
 
         if fmt not in output_formats.SINKS:
             raise ValueError(f"unknown append_row_format {fmt!r}; expected one of {FORMATS}")

@@ -10,7 +10,7 @@ validated job spec and each command step's command line. Datastore URLs and
 pipeline's ``raypar.datastores`` over ``RAYPAR_DATASTORES``; ``${{name}}`` is the
 pipeline's name for its own inputs and outputs, the step's for a step's), and
 ``--set jobs.STEP.outputs.NAME=PATH`` moves a step's output. Every error is one
-line naming the step and the key. :mod:`raypar.pipeline_run` runs the plan.
+line naming the step and the key. :mod:`raypar.pipelines.run` runs the plan.
 
 Reads YAML files and checks that code folders and entry scripts exist; writes nothing.
 """
@@ -25,16 +25,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence, Union
 
+from raypar.engine.driver import default_job_dir
 from raypar.errors import SpecError, UsageError
 from raypar.spec import datastores
 from raypar.spec.binding import bind
 from raypar.spec.components import (
-    REF_RE,
     bind_inputs,
     bind_outputs,
     component_job,
     drop_optional_blocks,
     is_component,
+    job_from_file,
     load_component,
     local_or_url,
     parse_sets,
@@ -42,7 +43,7 @@ from raypar.spec.components import (
     use_component,
 )
 from raypar.spec.loading import spec_from_dict
-from raypar.spec.models import JobSpec
+from raypar.spec.models import BINDING_RE, JobSpec
 from raypar.storage import is_url
 
 PIPELINE_KEYS = {"$schema", "type", "name", "display_name", "description", "tags", "experiment_name", "compute",
@@ -122,7 +123,6 @@ def prepare_run(path: str, sets: Sequence[str] = (), job_dir: Optional[str] = No
             raise UsageError("--code-dir applies to a single job, not to a pipeline")
         return load_pipeline(path, sets, job_dir)
     if sets or is_component(data):
-        from raypar.spec.components import job_from_file
 
         return job_from_file(path, sets)
     return path
@@ -144,7 +144,6 @@ def load_pipeline(path: str, sets: Sequence[str] = (), job_dir: Optional[str] = 
         raise SpecError(f"{source}: not a pipeline (type: pipeline)")
     name = str(data.get("name") or data.get("display_name") or Path(source.partition("env:")[2] or source).stem)
     if job_dir is None:
-        from raypar.engine.driver import default_job_dir
 
         job_dir = default_job_dir(SimpleNamespace(name=slug(name)))  # it reads only the name
     if is_url(job_dir):
@@ -455,4 +454,4 @@ def _bind_command(command: str, inputs: dict, outputs: dict, where: str) -> str:
         text = item["path"] if isinstance(item, dict) else str(item).lower() if isinstance(item, bool) else str(item)
         return shlex.quote(text)
 
-    return REF_RE.sub(value, command)
+    return BINDING_RE.sub(value, command)

@@ -1,4 +1,4 @@
-"""Running a resolved pipeline (see :mod:`raypar.pipeline`) in its pipeline dir, and that dir's status.
+"""Running a resolved pipeline (see :mod:`raypar.pipelines.loading`) in its pipeline dir, and that dir's status.
 
 Steps run one after another in the plan's order: a parallel step through the
 driver (``run_job``) with its own job dir ``<pipeline dir>/<step>``, a command
@@ -22,9 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
+from raypar.engine import cluster
+from raypar.engine.driver import run_job
 from raypar.engine.signals import interrupt_reason
 from raypar.errors import LeaseHeldError, RayparError, SpecError, UsageError
 from raypar.pipelines.loading import Pipeline, Step, load_pipeline
+from raypar.spec.loading import changed_keys
 from raypar.storage import is_url
 
 PLAN_FILE = "pipeline.json"
@@ -59,7 +62,7 @@ def run_pipeline(pipeline: Pipeline, address: Optional[str] = None, echo: Echo =
         address: the Ray cluster of the parallel steps (default: ``RAY_ADDRESS``, else an
             embedded local Ray on 127.0.0.1, started once for the whole pipeline).
         echo: where progress lines go (a command step's output too, prefixed with its name).
-        progress: the parallel steps' progress display (see :func:`raypar.driver.run_job`).
+        progress: the parallel steps' progress display (see :func:`raypar.engine.driver.run_job`).
         warn: where the failure lines go.
     """
     folder = Path(pipeline.job_dir)
@@ -104,7 +107,6 @@ def run_pipeline(pipeline: Pipeline, address: Optional[str] = None, echo: Echo =
                 echo(f"raypar: step {step.name}: succeeded in {time.time() - started:.1f}s")
         finally:
             if owned:
-                from raypar.engine import cluster
 
                 cluster.disconnect()
         for name, path in pipeline.outputs.items():
@@ -117,14 +119,12 @@ def _connect(pipeline: Pipeline, address: Optional[str]) -> bool:
     """One Ray for every parallel step (an embedded one is started once, big enough for the largest step,
     all its instances on the one node). Step job dirs are local folders: their drivers relay the
     workers' output from them (see raypar.console_relay)."""
-    from raypar.engine import cluster
 
     need = max((cluster.cpus_for(s.job) for s in pipeline.steps if s.job is not None), default=0)
     return cluster.connect(address, min_cpus=need, relay_output=True)
 
 
 def _run_parallel(step: Step, step_dir: Path, address, echo: Echo, progress) -> tuple[int, str]:
-    from raypar.engine.driver import run_job
 
     outcome = run_job(step.job, job_dir=str(step_dir), address=address, echo=echo, progress=progress)
     if outcome.exit_code == 0:
@@ -224,9 +224,8 @@ def _freeze(pipeline: Pipeline) -> None:
                            "sets": pipeline.sets, "set_base": pipeline.set_base, "plan": plan})
         return
     if frozen.get("plan") != plan:
-        from raypar.engine.driver import _changed_keys
 
-        changed = ", ".join(_changed_keys(_keyed(frozen.get("plan")), _keyed(plan))[:3])
+        changed = ", ".join(changed_keys(_keyed(frozen.get("plan")), _keyed(plan))[:3])
         raise UsageError(f"{pipeline.job_dir}: holds a different pipeline (changed: {changed}); "
                          f"use a new --job-dir")
 

@@ -163,3 +163,24 @@ def relocate_code(spec: JobSpec, code_dir: str) -> JobSpec:
     return map_local_paths(spec, move)
 
 
+def as_spec(spec: Union[str, os.PathLike, dict, JobSpec]) -> JobSpec:
+    """A spec from what the API accepts: a JobSpec, a dict, a job built in Python, or a path to YAML."""
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_dict(spec)
+    if hasattr(spec, "to_spec"):  # a job built in Python (raypar.azureml: ParallelJob, ParallelRunStep)
+        return spec.to_spec()
+    if hasattr(spec, "to_dict"):
+        return spec_from_dict(spec.to_dict())
+    return load_spec(spec)
+
+
+def changed_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec dicts (what makes a job dir hold another job)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix or "spec"] if old != new else []
+    changed = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        changed += changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+    return changed

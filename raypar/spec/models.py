@@ -379,6 +379,10 @@ class JobSpec(_Model):
             return parse_size(self.mini_batch_size)
         return BatchSize(DEFAULT_FILES_PER_BATCH, is_bytes=False)
 
+    def table_batch_bytes(self) -> int:
+        """Bytes of a table input per mini-batch: ``mini_batch_size``, or Azure's default of 1 MB."""
+        return self.batch_size().value if self.mini_batch_size is not None else DEFAULT_BYTES_PER_BATCH
+
     def predefined_arguments(self) -> Predefined:
         """Azure's predefined flags in program_arguments, with literal inputs bound (data inputs are no values)."""
         def literal(match) -> str:

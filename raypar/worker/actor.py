@@ -27,8 +27,6 @@ import traceback
 import uuid
 from typing import Any, Optional
 
-import raypar
-from raypar.azureml.compat.worker_env import EntryEnvironment
 from raypar.credentials import describe_error, options_for, redact
 from raypar.errors import ResultError
 from raypar.inputs.base import BatchReader, MiniBatch
@@ -37,6 +35,7 @@ from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.log_shipper import LogShipper
 from raypar.jobdir.records import DoneRecord
 from raypar.outputs.rows import count_and_serialize
+from raypar.worker.azure_env import EntryEnvironment
 from raypar.worker.staging import stage_outputs
 
 log = logging.getLogger("raypar")
@@ -45,7 +44,7 @@ log = logging.getLogger("raypar")
 # Code folders up to this size are copied per worker; bigger ones (models kept beside the script)
 # run in place rather than cost every worker a copy.
 WORKING_COPY_LIMIT = 64 << 20
-_RAYPAR_DIR = os.path.dirname(os.path.abspath(raypar.__file__)) + os.sep
+_RAYPAR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the raypar package
 _RAY_DIR = list(importlib.util.find_spec("ray").submodule_search_locations)[0] + os.sep
 
 
@@ -95,7 +94,7 @@ class Worker:
 
     @staticmethod
     def _node_id() -> Optional[str]:
-        import ray
+        import ray  # noqa: PLC0415 - lazy: Ray is loaded by the actor's process, not by importing this module
 
         if not ray.is_initialized():  # not inside Ray (unit tests)
             return None
@@ -103,7 +102,7 @@ class Worker:
 
     @staticmethod
     def _gpu_ids() -> list:
-        import ray
+        import ray  # noqa: PLC0415 - lazy: Ray is loaded by the actor's process, not by importing this module
 
         return list(ray.get_gpu_ids()) if ray.is_initialized() else []
 

@@ -123,7 +123,7 @@ def run(mini_batch):
         _inject_fault(*args.fault)
     fixed = args.fixed_flag and os.path.exists(args.fixed_flag)
     rows = []
-    for path, name in zip(mini_batch, names):
+    for path, name in zip(mini_batch, names, strict=True):
         with open(path) as f:
             text = f.read().strip()
         if "bad" in text and not fixed:

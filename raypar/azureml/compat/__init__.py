@@ -1,13 +1,11 @@
-"""What entry scripts written for Azure ML expect around them, on Ray.
+"""Azure ML's semantics that a spec and an entry script rely on, below the spec and the worker.
 
 - ``arguments``: Azure's predefined program arguments (``--allowed_failed_percent``,
   ``--first_task_creation_timeout``, ...): read on the driver side, pure.
-- ``worker_env``: inside a worker, the folders and environment variables Azure's
-  runtime provides (``AZUREML_BI_OUTPUT_PATH``, ``AZ_BATCHAI_GPU_COUNT_FOUND``),
-  ``--profiling_module``, and the import path of the shim below.
-- ``shim/azureml_user/parallel_run.py``: ``from azureml_user.parallel_run import
-  EntryScript``. Only ``shim/`` is put on a worker's ``sys.path``, so the name
-  ``azureml_user`` exists inside raypar workers and nowhere else.
+- ``models``: the model mapping behind ``Model.get_model_path``: merged by the spec,
+  resolved inside workers by the shim (raypar/worker/shim/azureml/core/model.py).
 
+Inside a worker, the folders and variables Azure's runtime provides and the
+``azureml_user`` / ``azureml.core`` shim live in ``raypar.worker`` (azure_env.py, shim/).
 See docs/entry-scripts.md.
 """

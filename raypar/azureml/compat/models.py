@@ -11,7 +11,7 @@ none, so the user sets a mapping once, in either place:
 
 A key is a model name or ``name:version``. The driver merges the two (the spec
 wins per key) and gives every worker the result in its own ``RAYPAR_MODELS``;
-the shim (``shim/azureml/core/model.py``) resolves names there. A URL is copied
+the shim (raypar/worker/shim/azureml/core/model.py) resolves names there. A URL is copied
 once per host into a local cache, since Azure also hands scripts a local path.
 """
 
@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from typing import Mapping, Optional
 
+from raypar.credentials import open_fs, resolve_storage
 from raypar.errors import ModelNotFoundError, SpecError
 from raypar.storage import is_url
 
@@ -84,7 +85,6 @@ def model_path(name: str, version=None, environ: Mapping[str, str] = os.environ)
 
 def local_copy(url: str) -> str:
     """A local copy of the file or folder at ``url``, downloaded once per host (a cache under $TMPDIR)."""
-    from raypar.credentials import open_fs, resolve_storage
 
     target = os.path.join(CACHE_ROOT, hashlib.sha256(url.encode()).hexdigest()[:16],
                           posixpath.basename(url.rstrip("/")) or "model")

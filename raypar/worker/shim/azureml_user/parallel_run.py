@@ -2,7 +2,7 @@
 
 Azure ships this module only on its compute. raypar's worker puts this
 stand-in on its ``sys.path`` and sets the variables read below before it
-imports the entry script (raypar/azureml/compat/worker_env.py), so scripts
+imports the entry script (raypar/worker/azure_env.py), so scripts
 written for Azure run unchanged.
 """
 
