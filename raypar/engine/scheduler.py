@@ -499,8 +499,10 @@ class Scheduler:
         """The job stops early (a threshold, `raypar cancel`, a planning error): keep what workers
         finished but hold unstored. Their queued calls are canceled (Ray drops an actor call that
         has not started); each finishes the batch it runs, at most STORE_ON_STOP_TIMEOUT, then
-        stores its records. What is still unstored after that runs again on resume."""
-        slots = [s for s in self.slots if s.ready and (s.unflushed or s.calls)]
+        stores its records. What is still unstored after that runs again on resume. A worker that
+        holds nothing unstored (every worker on local disk, which stores each batch as it ends) is
+        not waited for: the stop is not held up by a batch that runs again on resume anyway."""
+        slots = [s for s in self.slots if s.ready and s.unflushed]
         for slot in slots:
             for call in list(slot.calls)[1:]:
                 self.transport.cancel(call.ref)
