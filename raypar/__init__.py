@@ -22,14 +22,15 @@ def run(spec, job_dir=None, address=None, wait=True, **kwargs):
     arguments (``echo``, ``progress``) are :func:`raypar.engine.driver.run_job`'s.
     """
     from raypar.api_log import install
-    from raypar.engine.driver import default_job_dir, run_job
+    from raypar.engine.driver import run_job
+    from raypar.jobdir.layout import default_job_dir
     from raypar.launch.handles import LocalJob
     from raypar.spec.loading import as_spec
     from raypar.storage import normalize_path
 
     install()
     spec = as_spec(spec)
-    job_dir = normalize_path(job_dir) if job_dir else default_job_dir(spec)
+    job_dir = normalize_path(job_dir) if job_dir else default_job_dir(spec.name)
     return LocalJob(job_dir, lambda: run_job(spec, job_dir=job_dir, address=address, **kwargs), background=not wait)
 
 

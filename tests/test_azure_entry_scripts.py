@@ -237,7 +237,7 @@ def test_azureml_user_exists_only_inside_workers_and_ships_with_raypar():
 
     assert importlib.util.find_spec("azureml_user") is None  # never on this process's path
     root = Path(raypar.__file__).parent.parent
-    assert "raypar.azureml_compat.shim.azureml_user" in find_packages(str(root), include=["raypar*"])
+    assert "raypar.worker.shim.azureml_user" in find_packages(str(root), include=["raypar*"])
 
 
 def test_scratch_folders_of_dead_workers_on_this_host_are_removed(tmp_path, monkeypatch):

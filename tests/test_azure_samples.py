@@ -78,7 +78,7 @@ def test_model_mapping_resolves_names_and_versions_and_names_what_is_missing(pro
 
 
 def test_a_model_at_a_url_is_copied_once_to_a_local_path(project, monkeypatch):
-    monkeypatch.setattr("raypar.azureml_compat.models.CACHE_ROOT", str(project / "model-cache"))
+    monkeypatch.setattr("raypar.azureml.compat.models.CACHE_ROOT", str(project / "model-cache"))
     write_files(project / "store" / "mnist", {"offset.txt": "3"})
     env = {"RAYPAR_MODELS": json.dumps({"mnist-prs": f"file://{project}/store/mnist"})}
     local = model_path("mnist-prs", environ=env)
@@ -93,10 +93,10 @@ def test_spec_models_are_absolute_and_reach_the_workers_environment(project, mon
                            "input_data": "${{inputs.d}}", "task": {"code": "Code", "entry_script": "digits.py"},
                            "raypar": {"models": {"b": "models/b"}}}, base_dir=project)
     assert spec.raypar.models == {"b": str(project / "models" / "b")}
-    from raypar.spec.binding import worker_plan
+    from raypar.engine.worker_plan import worker_plan
 
     plan = worker_plan(spec, {}, {})
-    assert json.loads(plan["env"]["RAYPAR_MODELS"]) == {"a": "/env/a", "b": str(project / "models" / "b")}
+    assert json.loads(plan.env["RAYPAR_MODELS"]) == {"a": "/env/a", "b": str(project / "models" / "b")}
 
 
 # -- v1 data objects (no Ray) -------------------------------------------------------------------

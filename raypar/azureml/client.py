@@ -23,8 +23,8 @@ import raypar
 from raypar.azureml.components import Component
 from raypar.azureml.dsl import PipelineJob, single_step
 from raypar.azureml.v1_paths import cache_dir
-from raypar.engine.driver import default_job_dir
 from raypar.errors import RayparError
+from raypar.jobdir.layout import default_job_dir
 from raypar.pipelines.loading import load_pipeline
 from raypar.pipelines.run import run_pipeline
 from raypar.spec.loading import as_spec
@@ -96,7 +96,7 @@ class JobOperations:
     def _parallel(self, job, experiment_name, job_dir):
 
         spec = as_spec(job)
-        folder = normalize_path(job_dir) if job_dir else default_job_dir(spec)
+        folder = normalize_path(job_dir) if job_dir else default_job_dir(spec.name)
         handle = Job(folder, spec.display_name or spec.name or "job", experiment_name or spec.experiment_name,
                      {k: o.path or f"{folder}/outputs/{k}" for k, o in spec.outputs.items()})
 

@@ -13,9 +13,7 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 from raypar.credentials import options_for, redact, resolve_storage
@@ -30,13 +28,15 @@ from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
 from raypar.engine.signals import interrupt_reason
 from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, write_session_reports
+from raypar.engine.worker_plan import worker_plan
 from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, UsageError
 from raypar.inputs import check_input, plan_batches
 from raypar.inputs.source import open_source
+from raypar.jobdir.layout import default_job_dir
 from raypar.jobdir.ledger import Ledger, new_run_id
 from raypar.jobdir.state import JobState
 from raypar.outputs.assembly import assemble
-from raypar.spec.binding import bind, fill_output_paths, worker_plan
+from raypar.spec.binding import bind, fill_output_paths
 from raypar.spec.loading import as_spec, changed_keys, relocate_code
 from raypar.spec.models import JobSpec
 from raypar.spec.runtime_env import ENVIRONMENT_WARNED, pip_packages, worker_runtime_env
@@ -66,12 +66,6 @@ class Outcome:
     @property
     def exit_code(self) -> int:
         return {JobState.SUCCEEDED: 0, JobState.CANCELED: 130}.get(self.state, 1)
-
-
-def default_job_dir(spec: JobSpec) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = (spec.name or "job").replace("/", "-")
-    return str(Path("raypar-jobs", f"{name}-{stamp}-{uuid.uuid4().hex[:4]}").resolve())
 
 
 @dataclass
@@ -127,7 +121,7 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
             Ray's copy of it); the job dir keeps the spec as given.
     """
     spec = as_spec(spec)
-    job_dir = normalize_path(job_dir) if job_dir else default_job_dir(spec)
+    job_dir = normalize_path(job_dir) if job_dir else default_job_dir(spec.name)
     spec = fill_output_paths(spec, f"{job_dir}/outputs")
     session = _open_session(spec, code_dir, echo, progress)
     ledger = Ledger(job_dir, options_for(job_dir, session.storage))

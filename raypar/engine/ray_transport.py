@@ -28,6 +28,7 @@ from raypar.errors import PlacementError
 from raypar.spec.models import JobSpec
 from raypar.spec.runtime_env import without_inherited_pip
 from raypar.worker.actor import Worker
+from raypar.worker.plan import WorkerPlan
 
 log = logging.getLogger("raypar")
 
@@ -35,7 +36,7 @@ log = logging.getLogger("raypar")
 class Placement:
     """The placement group and the factory of worker actors pinned into it."""
 
-    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: dict,
+    def __init__(self, spec: JobSpec, job_url: str, run: str, owned_cluster: bool, plan: WorkerPlan,
                  runtime_env: Optional[dict] = None, echo: Callable[[str], None] = log.info):
 
         self.spec, self.job_url, self.run = spec, job_url, run
@@ -44,7 +45,7 @@ class Placement:
         self.owned = owned_cluster or cluster.is_embedded()
         self.echo = echo
         self.pg = None
-        self.plan = plan  # spec.worker_plan()
+        self.plan = plan  # engine.worker_plan.worker_plan(): what each worker is told
         # runtime_env.worker_runtime_env(), less what a submitted job's own env already installs
         self.runtime_env = without_inherited_pip(runtime_env, dict(ray.get_runtime_context().runtime_env))
         self._remote = _worker_actor()

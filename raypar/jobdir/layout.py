@@ -40,6 +40,7 @@ The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
@@ -93,3 +94,10 @@ def void_key_of(name: str) -> Optional[str]:
         return f"{ordinal_of(batch)}~{run}~{int(attempt)}"
     except ValueError:
         return None
+
+
+def default_job_dir(name: Optional[str]) -> str:
+    """A new job's dir when none is given: ``./raypar-jobs/<name>-<time>-<4 hex>``, absolute."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    slug = (name or "job").replace("/", "-")
+    return os.path.realpath(os.path.join("raypar-jobs", f"{slug}-{stamp}-{uuid.uuid4().hex[:4]}"))

@@ -28,9 +28,7 @@ from typing import Callable, Optional
 
 from raypar.credentials import describe_error
 from raypar.engine.progress import ProgressDisplay, parse_line
-from raypar.engine.status import job_status
 from raypar.errors import RayparError, UsageError
-from raypar.jobdir.ledger import Ledger
 from raypar.launch.jobs_api import JobsApi
 from raypar.spec.loading import as_spec, spec_from_yaml
 from raypar.spec.models import InputSpec, JobSpec
@@ -154,6 +152,13 @@ def submit_job(spec, address: Optional[str] = None, job_dir: Optional[str] = Non
     return _send(api, spec, job_dir, entrypoint, runtime_env, {}, slug)
 
 
+def _spec_in(job_dir: str) -> JobSpec:
+    """The spec a job dir holds (its job.json)."""
+    from raypar.jobdir.ledger import Ledger  # noqa: PLC0415 - lazy: a submit never loads the ledger's pyarrow
+
+    return JobSpec.model_validate(Ledger(job_dir).load_job()["spec"])
+
+
 def resume_remote(target: str, address: Optional[str] = None, headers: Optional[dict] = None,
                   code_dir: Optional[str] = None, shared_paths: tuple[str, ...] = (), env: Optional[dict] = None,
                   echo: Echo = print, api: Optional[JobsApi] = None) -> "SubmittedJob":
@@ -162,7 +167,7 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
     api = api or JobsApi(address, headers)
     if is_url(target) or os.path.isabs(target):
         job_dir, resumes = target, ""
-        spec = JobSpec.model_validate(Ledger(job_dir).load_job()["spec"])
+        spec = _spec_in(job_dir)
     else:
         info = api.info(target)
         job_dir, resumes = _job_dir_of(info, target), target
@@ -170,7 +175,7 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
         if spec_yaml:
             spec = spec_from_yaml(spec_yaml, source=f"{target}'s spec")
         else:  # submitted by other means (a KubeRay RayJob): the job dir has the spec
-            spec = JobSpec.model_validate(Ledger(job_dir).load_job()["spec"])
+            spec = _spec_in(job_dir)
     code = str(Path(code_dir).expanduser().resolve()) if code_dir else spec.task.code
     if not os.path.isdir(code):
         raise UsageError(f"task.code {code} is not on this machine: give the job's code folder with --code DIR")
@@ -236,6 +241,8 @@ class SubmittedJob:
 
     def status(self) -> dict:
         """raypar's view from the job dir when it is readable here; else the driver's last progress line."""
+        from raypar.engine.status import job_status  # noqa: PLC0415 - lazy: a submit never loads pyarrow
+        from raypar.jobdir.ledger import Ledger  # noqa: PLC0415 - lazy: a submit never loads pyarrow
 
         info = self.api.info(self.submission_id)
         ray_status = str(info.status.value)

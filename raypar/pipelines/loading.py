@@ -22,11 +22,10 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional, Sequence, Union
 
-from raypar.engine.driver import default_job_dir
 from raypar.errors import SpecError, UsageError
+from raypar.jobdir.layout import default_job_dir
 from raypar.spec import datastores
 from raypar.spec.binding import bind
 from raypar.spec.components import (
@@ -145,7 +144,7 @@ def load_pipeline(path: str, sets: Sequence[str] = (), job_dir: Optional[str] = 
     name = str(data.get("name") or data.get("display_name") or Path(source.partition("env:")[2] or source).stem)
     if job_dir is None:
 
-        job_dir = default_job_dir(SimpleNamespace(name=slug(name)))  # it reads only the name
+        job_dir = default_job_dir(slug(name))
     if is_url(job_dir):
         raise UsageError(f"{job_dir}: a pipeline dir must be a local folder (its command steps run here); "
                          f"a step's outputs may still be URLs")

@@ -8,10 +8,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
-from raypar.azureml.compat.models import model_mapping_env
 from raypar.errors import SpecError
 from raypar.spec.models import APPEND_ROW_FILE_NAME, BINDING_RE, InputSpec, JobSpec, OutputSpec, single_binding
-from raypar.storage import is_url
 
 log = logging.getLogger("raypar")
 
@@ -23,35 +21,6 @@ class BoundJob:
     argv: list[str]
     append_row_path: Optional[str]
     entry_script_path: str
-
-
-def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> dict:
-    """What a worker needs, as plain JSON: workers never import pydantic (faster starts).
-
-    ``storage`` holds resolved credentials: the plan lives in memory only, never in the job dir.
-    """
-    bound = bind(spec)
-    note = spec.program_arguments_note()
-    if note:  # here, not per worker: the driver calls this once as the workers start
-        log.warning(note)
-    return {
-        "code": spec.task.code,
-        "entry_script": spec.task.entry_script,
-        "entry_path": bound.entry_script_path,
-        "argv": bound.argv,
-        # RAYPAR_MODELS (raypar.models over the driver's RAYPAR_MODELS) for azureml.core's Model.get_model_path
-        "env": {**model_mapping_env(spec.raypar.models), **spec.environment_variables},
-        "logging_level": spec.logging_level,
-        "with_rows": bound.append_row_path is not None,
-        "append_row_format": spec.raypar.append_row_format,
-        "profiling_module": spec.predefined_arguments().profiling_module,  # --profiling_module: profile each run()
-        "input": input_desc,
-        "storage": storage,
-        "ledger": spec.raypar.ledger.plan(),
-        # Remote folder outputs the entry script writes as local folders (see staging.py).
-        "staged_outputs": [o.path.rstrip("/") for o in spec.outputs.values()
-                           if o.path and is_url(o.path) and o.type != "uri_file" and o.mode != "direct"],
-    }
 
 
 def fill_output_paths(spec: JobSpec, default_root: str) -> JobSpec:

@@ -36,6 +36,7 @@ from raypar.jobdir.log_shipper import LogShipper
 from raypar.jobdir.records import DoneRecord
 from raypar.outputs.rows import count_and_serialize
 from raypar.worker.azure_env import EntryEnvironment
+from raypar.worker.plan import WorkerPlan
 from raypar.worker.staging import stage_outputs
 
 log = logging.getLogger("raypar")
@@ -71,20 +72,25 @@ def _user_traceback(exc: BaseException) -> str:
 class Worker:
     """Body of the Ray actor (wrapped with ``ray.remote`` by the scheduler)."""
 
-    def __init__(self, job_url: str, plan: dict, run: str, instance: int, slot: int):
-        self.plan = plan  # raypar.spec.worker_plan(): plain values, no pydantic here
+    def __init__(self, job_url: str, plan: WorkerPlan, run: str, instance: int, slot: int):
+        self.plan = plan
         # A name no other process uses: this worker's segments and log are its alone.
         self.writer = f"{run}~i{instance}s{slot}-{uuid.uuid4().hex[:8]}"
-        self.ledger = Ledger(job_url, options_for(job_url, plan["storage"]))
-        self.done = self.ledger.done_writer(self.writer, plan.get("ledger"))
+        self.ledger = Ledger(job_url, options_for(job_url, plan.storage))
+        self.done = self.ledger.done_writer(self.writer, plan.ledger)
         self.run_id = run
         self.instance, self.slot = instance, slot
-        self.with_rows = plan["with_rows"]
+        self.with_rows = plan.with_rows
         self.module: Any = None
         self.entry_env: Optional[EntryEnvironment] = None
         self.copy_dir: Optional[str] = None  # holds code_copy, this worker's copy of the code folder
         self.shipper: Optional[LogShipper] = None  # stores the log of an object-store job dir
         self.code_copy = ""
+        self.started = False  # init() succeeded: only then does shutdown() run
+        self.context_as: Optional[str] = None  # how run() takes mini_batch_context (_context_argument)
+        self.reader: Optional[BatchReader] = None  # made once the entry script has loaded
+        self.staged: list = []  # remote output folders written locally (staging.py)
+        self.log = None  # this worker's log stream, once its output is captured
         self.name = f"instance{instance}-slot{slot}"
         self.node = self._node_id()
         # Set here, not in a per-actor runtime_env: that would keep Ray from
@@ -113,9 +119,9 @@ class Worker:
         try:
             self._load_entry_script()
             if not callable(getattr(self.module, "run", None)):
-                raise AttributeError(f"{self.plan['entry_script']} has no run(mini_batch) function")
+                raise AttributeError(f"{self.plan.entry_script} has no run(mini_batch) function")
             self.context_as = _context_argument(self.module.run)
-            self.reader = BatchReader(self.plan["input"], self.plan["storage"])
+            self.reader = BatchReader(self.plan.input, self.plan.storage)
             init = getattr(self.module, "init", None)
             if init is not None:
                 stage = "init()"
@@ -131,26 +137,26 @@ class Worker:
         return {**info, "ok": True}
 
     def _load_entry_script(self) -> None:
-        code, entry_path = self._working_copy(self.plan["code"], self.plan["entry_path"])
-        os.environ.update(self.plan["env"])
+        code, entry_path = self._working_copy(self.plan.code, self.plan.entry_path)
+        os.environ.update(self.plan.env)
         self._capture_user_output()
-        logging.basicConfig(level=self.plan["logging_level"], force=True, stream=sys.stderr,
+        logging.basicConfig(level=self.plan.logging_level, force=True, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
         # What Azure's runtime gives entry scripts: EntryScript's folders, AZUREML_BI_OUTPUT_PATH,
         # the GPU count, `import azureml_user`, --profiling_module.
-        self.entry_env = EntryEnvironment(self.ledger, self.writer, self.name, self.plan["storage"],
-                                          self._gpu_ids(), self.plan.get("profiling_module"))
+        self.entry_env = EntryEnvironment(self.ledger, self.writer, self.name, self.plan.storage,
+                                          self._gpu_ids(), self.plan.profiling_module)
         if code not in sys.path:
             sys.path.insert(0, code)
         os.chdir(code)  # sibling files of the entry script open with relative paths (as on Azure)
-        sys.argv, self.staged = stage_outputs(list(self.plan["argv"]), self.plan["staged_outputs"],
-                                              self.plan["storage"])
+        sys.argv, self.staged = stage_outputs(list(self.plan.argv), self.plan.staged_outputs,
+                                              self.plan.storage)
         self.staged += self.entry_env.staged  # EntryScript's folders of a job dir on object storage
-        name = os.path.splitext(os.path.basename(self.plan["entry_script"]))[0]
+        name = os.path.splitext(os.path.basename(self.plan.entry_script))[0]
         loader_spec = importlib.util.spec_from_file_location(name, entry_path)
         if loader_spec is None or loader_spec.loader is None:
-            raise ImportError(f"cannot load entry script {self.plan['entry_path']}")
+            raise ImportError(f"cannot load entry script {self.plan.entry_path}")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module
         loader_spec.loader.exec_module(module)
@@ -201,9 +207,8 @@ class Worker:
             self.shipper = None
 
     def _mark(self, text: str) -> None:
-        log = getattr(self, "log", None)
-        if log is not None:
-            log.write(f"[raypar] {text}\n")
+        if self.log is not None:
+            self.log.write(f"[raypar] {text}\n")
 
     def run_batch(self, batch_json: str, attempt: int) -> dict:
         """Run one mini-batch; on success its part and done record are durable before returning."""
@@ -218,13 +223,13 @@ class Worker:
             mini_batch, context, temp = self.reader.read(batch)
             items = len(mini_batch) if batch.kind == "table" else batch.item_count
             result = self.entry_env.call(self._call_run, mini_batch, context)
-            returned, rows = count_and_serialize(result, self.with_rows, self.plan["append_row_format"])
+            returned, rows = count_and_serialize(result, self.with_rows, self.plan.append_row_format)
             self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:
             self._mark(f"end {batch.id} attempt {attempt}: failed")
-            error = redact(f"ResultError: {exc}", self.plan["storage"])
+            error = redact(f"ResultError: {exc}", self.plan.storage)
             return {**base, **self.flushed(), "ok": False, "items": items, "error": error}
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             self._mark(f"end {batch.id} attempt {attempt}: failed")
             if items is None:  # the input could not be read: its items failed, so thresholds hold
                 items = self.reader.items_of_unreadable(batch)
@@ -242,7 +247,7 @@ class Worker:
             self._mark(f"end {batch.id} attempt {attempt}: not stored")
             return {**base, **self.flushed(), "ok": False, "storage": True, "items": items,
                     "error": f"raypar could not store {batch.id} in the job dir: "
-                             f"{describe_error(exc, self.plan['storage'])}"}
+                             f"{describe_error(exc, self.plan.storage)}"}
         self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
                 "seconds": record.seconds, "index": self.done.written}
@@ -270,8 +275,8 @@ class Worker:
     def _error_text(self, exc: BaseException) -> str:
         text = _user_traceback(exc)
         if self.copy_dir:  # the user's own paths, not this worker's copy of them
-            text = text.replace(self.code_copy, os.path.normpath(self.plan["code"]))
-        return redact(text, self.plan["storage"])
+            text = text.replace(self.code_copy, os.path.normpath(self.plan.code))
+        return redact(text, self.plan.storage)
 
     def stop(self) -> Optional[str]:
         """Call the entry script's ``shutdown()``; returns its traceback if it raised."""
@@ -291,17 +296,17 @@ class Worker:
 
     def _shutdown(self) -> Optional[str]:
         shutdown = getattr(self.module, "shutdown", None)
-        if shutdown is None or not getattr(self, "started", False):  # never after a failed init()
+        if shutdown is None or not self.started:  # never after a failed init()
             return None
         try:
             shutdown()
             self._upload_outputs()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             return self._error_text(exc)
         return None
 
     def _upload_outputs(self) -> None:
-        for output in getattr(self, "staged", ()):
+        for output in self.staged:
             output.upload_changes()
 
 
