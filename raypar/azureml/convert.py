@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
+from raypar import yamlfile
 from raypar.azureml.v1 import ParallelRunConfig, ParallelRunStep
 from raypar.azureml.v1_data import DatasetInput, OutputFileDatasetConfig
 from raypar.azureml.v2 import absolute
@@ -60,10 +59,7 @@ def convert_file(path: str, step: Optional[str] = None, relative_to: Optional[st
 
 def step_from_yaml(path: Path) -> ParallelRunStep:
     """The ParallelRunStep a v1 YAML file describes."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = yamlfile.parse(path.read_text(), str(path))
     if not isinstance(data, dict) or not isinstance(data.get("parallel_run_config"), dict):
         raise SpecError(f"{path}: a v1 config is a mapping with a parallel_run_config: mapping")
     _no_unknown(data, _STEP_KEYS, path, "")

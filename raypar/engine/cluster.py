@@ -9,6 +9,7 @@ from typing import Optional
 
 import ray
 
+from raypar.engine import ray_private
 from raypar.engine.signals import stop_on_sigterm
 from raypar.errors import RayparError
 
@@ -41,12 +42,11 @@ def connect(address: Optional[str] = None, min_cpus: float = 0, relay_output: bo
             ray.init(address=address, logging_level=logging.WARNING)
             stop_on_sigterm()  # ray.init installed its own, which exits without cleaning up
             return False
-        _loopback_only()
-        # Our own loopback cluster: Ray's notice that it generated a token is noise here.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                 num_cpus=max(_detected_cpus(), math.ceil(min_cpus)), _node_ip_address="127.0.0.1",
-                 log_to_driver=not relay_output)
+        ray_private.bind_loopback_only()
+        ray_private.quiet(ray_private.TOKEN_SETUP_LOGGER)  # our own loopback cluster: its new token is no news
+        ray_private.init_on_loopback(include_dashboard=False, logging_level=logging.WARNING,
+                                     num_cpus=max(_detected_cpus(), math.ceil(min_cpus)),
+                                     log_to_driver=not relay_output)
         stop_on_sigterm()
         _embedded, _relayed = True, relay_output
         return True
@@ -56,27 +56,10 @@ def connect(address: Optional[str] = None, min_cpus: float = 0, relay_output: bo
         raise RayparError(f"cannot connect to Ray at {where}: {first}") from None
 
 
-def _loopback_only() -> None:
-    """Make this process and every Ray process it spawns bind to 127.0.0.1 only.
-
-    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray`` is imported,
-    into ``ray_constants.ENABLE_RAY_CLUSTER``; ``ray`` is already imported here,
-    so the constant is set too (the spawned processes read the variable).
-    tests/test_cli.py checks the listening sockets, so a Ray upgrade that moves
-    this fails loudly.
-    """
-    from ray._private import ray_constants  # noqa: PLC0415 - lazy: Ray's private API, only when starting an embedded Ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
 def _detected_cpus() -> int:
     """The CPUs Ray would detect by itself (container CPU limits included)."""
     try:
-        from ray._private.utils import get_num_cpus  # noqa: PLC0415 - lazy: Ray's private API, only when starting an embedded Ray
-
-        return int(get_num_cpus())
+        return ray_private.detected_cpus()
     except Exception:  # noqa: BLE001 - a Ray without that helper: the plain count
         return os.cpu_count() or 1
 

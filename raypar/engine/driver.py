@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from raypar.credentials import options_for, redact, resolve_storage
-from raypar.engine import cluster
+from raypar.engine import cluster, signals
 from raypar.engine.console_relay import ConsoleRelay
 from raypar.engine.planning import PlanFeed
 from raypar.engine.progress import ProgressDisplay
@@ -26,7 +26,6 @@ from raypar.engine.replan import check_input_files, refuse_gone, replan
 from raypar.engine.replan import names as replan_names
 from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
-from raypar.engine.signals import interrupt_reason
 from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, write_session_reports
 from raypar.engine.worker_plan import worker_plan
 from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, UsageError
@@ -204,6 +203,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
            planned=None) -> Outcome:
     spec = session.spec
     run = new_run_id()
+    signals.forget()
     ttl = spec.raypar.lease_ttl
     claim_lease(ledger, run, echo, ttl)
     echo(announce)
@@ -233,7 +233,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
                  f"`raypar resume {ledger.url}` retries them")
     except KeyboardInterrupt as exc:
         # Workers are gone with the scheduler; finished batches are in the ledger.
-        state, reason = JobState.CANCELED, interrupt_reason(exc)
+        state, reason = JobState.CANCELED, signals.interrupt_reason(exc)
     except RayparError as exc:  # a placement error, an input file gone: named, as the CLI prints it
         state, reason = JobState.FAILED, exc.headline
         raise

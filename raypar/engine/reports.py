@@ -26,7 +26,8 @@ COLUMNS = ["batch", "run", "attempt", "status", "node", "worker", "started", "se
            "items", "succeeded", "error"]
 
 
-def one_line(error: str) -> str:
+def last_line(error: str) -> str:
+    """A recorded error's last non-empty line: a traceback's exception line."""
     lines = [line for line in error.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
 
@@ -45,7 +46,7 @@ def attempt_rows(view: LedgerView) -> list[dict]:
             rows.append({"batch": r.batch, "run": r.run, "attempt": r.attempt,
                          "status": STATUS_OF_KIND.get(r.kind, r.kind), "node": r.node, "worker": r.worker,
                          "started": r.started, "seconds": "", "items": r.items if r.items is not None else items,
-                         "succeeded": 0, "error": one_line(r.error)})
+                         "succeeded": 0, "error": last_line(r.error)})
     rows.sort(key=lambda row: (row["batch"], row["run"], row["attempt"]))
     for row in rows:
         if row["started"]:

@@ -29,6 +29,12 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def forget() -> None:
+    """A new driver session starts: a SIGTERM an earlier session of this process got is not its reason."""
+    global _received
+    _received = None
+
+
 def interrupt_reason(exc: BaseException) -> str:
     """Why the driver was interrupted: Ray may re-raise a signal's exception as a bare KeyboardInterrupt."""
     return _received or str(exc) or "interrupted (Ctrl-C)"

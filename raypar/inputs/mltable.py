@@ -27,9 +27,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-import yaml
 from fsspec.implementations.local import LocalFileSystem
 
+from raypar import yamlfile
 from raypar.errors import SpecError
 from raypar.storage import is_url
 
@@ -193,12 +193,7 @@ def parse_mltable(text: str, base: str, source: str) -> MLTableDef:
     Raises:
         SpecError: One line naming ``source`` and the problem.
     """
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{source}: not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from None
+    doc = yamlfile.parse(text, source)
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: expected a YAML mapping with 'paths', got {type(doc).__name__}")
     for key in doc:

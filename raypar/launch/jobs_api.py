@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from raypar.engine import ray_private
 from raypar.errors import RayparError, UsageError
 
 TOKEN_FILE = Path("~/.ray/auth_token")
@@ -83,7 +83,7 @@ class JobsApi:
         from ray.job_submission import JobSubmissionClient  # noqa: PLC0415 - lazy: the Jobs API client is only for submit/follow
 
         # Its "no token was found" warning would be a second line beside ours.
-        logging.getLogger("ray._private.authentication.http_token_authentication").setLevel(logging.ERROR)
+        ray_private.quiet(ray_private.HTTP_TOKEN_LOGGER)
         self.address = resolve_address(address)
         self.headers = dict(headers or {})
         self.token_source = "an Authorization header"

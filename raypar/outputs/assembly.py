@@ -43,14 +43,10 @@ def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text",
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown append_row_format {fmt!r}; expected one of {FORMATS}")
-    if fmt == "text":
-        schema, formats = None, None
-    else:
-
-        schema = _unified_schema(ledger, view, fmt)
+    schema = None if fmt == "text" else _unified_schema(ledger, view, fmt)
     corrupt = []
     with atomic_output(target, storage_options) as out:
-        with formats.SINKS[fmt](out, schema) if formats else _TextSink(out) as sink:
+        with _TextSink(out) if fmt == "text" else formats.SINKS[fmt](out, schema) as sink:
             try:
                 for record, data in _ReadAhead(_parts(ledger, view)):
                     if data is None:

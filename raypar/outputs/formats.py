@@ -41,7 +41,7 @@ def to_table(result: Any, pd: Any) -> pa.Table:
     except ResultError:
         raise
     except _CONVERSION_ERRORS as exc:
-        raise ResultError(f"run()'s rows cannot be written as a table: {one_line(exc)}") from None
+        raise ResultError(f"run()'s rows cannot be written as a table: {conversion_error(exc)}") from None
     if len(set(table.column_names)) != table.num_columns:
         raise ResultError(f"run()'s rows have duplicate column names: {table.column_names}")
     # Plain columns: categoricals as their values, no pandas metadata; parts of all batches then unify.
@@ -66,7 +66,7 @@ def _rows_table(rows) -> pa.Table:
         except _CONVERSION_ERRORS as exc:
             keys = dict.fromkeys(k for row in rows for k in row)  # error path only: name the key
             bad = next((k for k in keys if not _converts([row.get(k) for row in rows])), None)
-            raise ResultError(f"key {bad!r}: {one_line(exc)}" if bad is not None else one_line(exc)) from None
+            raise ResultError(f"key {bad!r}: {conversion_error(exc)}" if bad is not None else conversion_error(exc)) from None
     if kind == "lists/tuples":
         names = getattr(rows[0], "_fields", None)  # namedtuples name their columns
         columns = list(zip_longest(*rows))  # short rows: null
@@ -77,7 +77,7 @@ def _rows_table(rows) -> pa.Table:
             try:
                 arrays.append(pa.array(column))
             except _CONVERSION_ERRORS as exc:
-                raise ResultError(f"column {name!r}: {one_line(exc)}") from None
+                raise ResultError(f"column {name!r}: {conversion_error(exc)}") from None
         return pa.Table.from_arrays(arrays, names=list(names))
     return pa.table({"value": pa.array(rows)})
 
@@ -96,7 +96,7 @@ def _converts(values) -> bool:
         return False
 
 
-def one_line(exc: BaseException) -> str:
+def conversion_error(exc: BaseException) -> str:
     """The error in one line (pandas conversion errors carry the column as a second argument)."""
     parts = [(str(arg).splitlines() or [""])[0] for arg in exc.args] if exc.args else [str(exc)]
     return "; ".join(p for p in parts if p) or type(exc).__name__
@@ -147,7 +147,7 @@ class SchemaUnion:
         try:
             schema = schema_of(head)
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            raise OutputSchemaError(f"batch {batch}: its output part is not an Arrow stream ({one_line(exc)})") \
+            raise OutputSchemaError(f"batch {batch}: its output part is not an Arrow stream ({conversion_error(exc)})") \
                 from None
         try:
             merged = pa.unify_schemas([self.schema, schema], promote_options="permissive")
@@ -170,7 +170,7 @@ class SchemaUnion:
                     return OutputSchemaError(
                         f"column {field.name!r} is {mine.type} in batch {self.origin.get(field.name)} "
                         f"but {field.type} in batch {batch}: their rows cannot share one {self.fmt} file")
-        return OutputSchemaError(f"batch {batch}'s columns do not fit the others': {one_line(exc)}")
+        return OutputSchemaError(f"batch {batch}'s columns do not fit the others': {conversion_error(exc)}")
 
     def check(self) -> pa.Schema:
         """The final schema, if the format can hold every column."""
@@ -198,7 +198,7 @@ def conform(table: pa.Table, schema: pa.Schema, batch: str) -> pa.Table:
                 column = pc.cast(column, options=pc.CastOptions(field.type, allow_float_truncate=True))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise OutputSchemaError(f"column {field.name!r} of batch {batch} cannot be written as "
-                                        f"{field.type}: {one_line(exc)}") from None
+                                        f"{field.type}: {conversion_error(exc)}") from None
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=schema)
 

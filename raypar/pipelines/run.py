@@ -11,7 +11,6 @@ step whose marker says succeeded is skipped when the pipeline runs again.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -21,6 +20,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
+
+from filelock import FileLock, Timeout
 
 from raypar.engine import cluster
 from raypar.engine.driver import run_job
@@ -187,31 +188,27 @@ def _claim_dir(folder: Path) -> None:
 @contextmanager
 def _locked(folder: Path):
     """One raypar per pipeline dir (an OS lock: released when the process ends, however it ends)."""
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(folder / LOCK_FILE)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LeaseHeldError(f"{folder}: another raypar is running this pipeline") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise LeaseHeldError(f"{folder}: another raypar is running this pipeline") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _is_locked(folder: Path) -> bool:
-    try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
+    if not (folder / LOCK_FILE).exists():
         return False
+    probe = FileLock(folder / LOCK_FILE)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
+        probe.acquire(timeout=0)
+    except Timeout:
         return True
-    finally:
-        os.close(fd)
+    probe.release()
+    return False
 
 
 def _freeze(pipeline: Pipeline) -> None:

@@ -21,9 +21,10 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from raypar import yamlfile
 from raypar.errors import SpecError, UsageError
 from raypar.spec.datastores import is_datastore_url
-from raypar.spec.loading import spec_from_dict, spec_from_yaml
+from raypar.spec.loading import spec_from_dict
 from raypar.spec.models import BINDING_RE, JobSpec
 from raypar.storage import is_url
 
@@ -51,25 +52,8 @@ Layers = Sequence[tuple[dict, Path]]  # (bindings, the folder their relative pat
 
 def read_yaml(path: Union[str, os.PathLike]) -> tuple[Any, Path, str]:
     """The parsed YAML of a file (or ``env:NAME``), its folder and its name for messages."""
-    source = str(path)
-    if source.startswith("env:"):
-        name = source[len("env:"):]
-        if name not in os.environ:
-            raise SpecError(f"{source}: environment variable {name} is not set")
-        text, base = os.environ[name], Path.cwd()
-    else:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise SpecError(f"{source}: file not found") from None
-        except OSError as exc:
-            raise SpecError(f"{source}: cannot read: {exc.strerror or exc}") from None
-        base = Path(path).parent.resolve()
-    try:
-        return yaml.safe_load(text), base, source
-    except yaml.YAMLError:
-        spec_from_yaml(text, source=source)  # raises the spec loader's one-line "not valid YAML" error
-        raise
+    text, base, source = yamlfile.read_source(path)
+    return yamlfile.parse(text, source), base, source
 
 
 def is_component(data: Any) -> bool:

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
 from pydantic import ValidationError
 
+from raypar import yamlfile
 from raypar.errors import SpecError
 from raypar.spec import datastores
 from raypar.spec.models import JobSpec
@@ -29,30 +29,13 @@ def load_spec(path: Union[str, os.PathLike]) -> JobSpec:
     Raises:
         SpecError: with one line naming the file and the problem.
     """
-    if str(path).startswith("env:"):
-        name = str(path)[len("env:"):]
-        if name not in os.environ:
-            raise SpecError(f"{path}: environment variable {name} is not set")
-        return spec_from_yaml(os.environ[name], base_dir=Path.cwd(), source=str(path))
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec file: {exc.strerror or exc}") from None
-    return spec_from_yaml(text, base_dir=path.parent.resolve(), source=str(path))
+    text, base, source = yamlfile.read_source(path, "spec file")
+    return spec_from_yaml(text, base_dir=base, source=source)
 
 
 def spec_from_yaml(text: str, base_dir: Union[str, Path, None] = None, source: str = "spec") -> JobSpec:
     """Parse and validate spec YAML text."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return spec_from_dict(data, base_dir=base_dir, source=source)
+    return spec_from_dict(yamlfile.parse(text, source), base_dir=base_dir, source=source)
 
 
 def spec_from_dict(data: Any, base_dir: Union[str, Path, None] = None, source: str = "spec") -> JobSpec:
