@@ -16,8 +16,11 @@ from conftest import make_spec, wait_for
 CLI = [sys.executable, "-m", "raypar.cli"]
 
 
-def cli(*args, cwd=None, timeout=120):
+def cli(*args, cwd=None, timeout=120, cluster=None):
+    """``raypar ARGS`` in a fresh process; with ``cluster``, on that Ray (``--address``), not an embedded one."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    if cluster is not None:
+        args = (*args, "--address", cluster.address)
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
@@ -229,7 +232,7 @@ def test_a_pipeline_step_with_instance_count_2_packs_on_the_embedded_ray(tmp_pat
 
 
 @pytest.mark.timeout(180)
-def test_failed_job_exit_1_then_cli_resume_exit_0(tmp_path):
+def test_failed_job_exit_1_then_cli_resume_exit_0(ray_cluster, tmp_path):
     flag = tmp_path / "fixed"
     files = {"a.txt": "bad", "b.txt": "good"}
     spec = make_spec(tmp_path, files, mini_batch_error_threshold=0, mini_batch_size="1", **{
@@ -237,14 +240,14 @@ def test_failed_job_exit_1_then_cli_resume_exit_0(tmp_path):
         "retry_settings.max_retries": 0, "task.program_arguments": f"--fixed-flag {flag}",
     })
     job = str(tmp_path / "job")
-    first = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", job)
+    first = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", job, cluster=ray_cluster)
     assert first.returncode == 1
     assert "mini_batch_error_threshold=0" in first.stderr
     text = cli("status", job).stdout
     assert "state:     failed" in text and "bad record" in text
 
     flag.touch()
-    second = cli("resume", job)
+    second = cli("resume", job, cluster=ray_cluster)
     assert second.returncode == 0, second.stderr
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text() == "a.txt BAD\nb.txt GOOD\n"
 
@@ -258,9 +261,9 @@ def _kill_tree(proc_list):
     psutil.wait_procs(proc_list, timeout=30)
 
 
-def start_held_run(tmp_path, count: int, hold_after: int):
-    """`raypar run` (embedded Ray) over ``count`` one-file batches, one worker; the batch after
-    ``hold_after`` done ones blocks until gate/release. Returns files, exec log, gate, job, process."""
+def start_held_run(tmp_path, count: int, hold_after: int, cluster=None):
+    """`raypar run` (embedded Ray, or ``cluster``) over ``count`` one-file batches, one worker; the batch
+    after ``hold_after`` done ones blocks until gate/release. Returns files, exec log, gate, job, process."""
     log, gate = tmp_path / "exec", tmp_path / "gate"
     log.mkdir()
     gate.mkdir()
@@ -271,7 +274,8 @@ def start_held_run(tmp_path, count: int, hold_after: int):
     })
     job = tmp_path / "job"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job)],
+    address = ["--address", cluster.address] if cluster is not None else []
+    proc = subprocess.Popen([*CLI, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job), *address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return files, log, gate, job, proc
 
@@ -308,8 +312,8 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("how", ["raypar cancel", "ctrl-c"])
-def test_cancel_stops_the_job_and_it_resumes_exactly(tmp_path, how):
-    files, log, gate, job, proc = start_held_run(tmp_path, count=8, hold_after=3)
+def test_cancel_stops_the_job_and_it_resumes_exactly(ray_cluster, tmp_path, how):
+    files, log, gate, job, proc = start_held_run(tmp_path, count=8, hold_after=3, cluster=ray_cluster)
     try:
         wait_for(lambda: (gate / "holding").exists(), "the 4th batch to be running")
         if how == "raypar cancel":
@@ -329,7 +333,7 @@ def test_cancel_stops_the_job_and_it_resumes_exactly(tmp_path, how):
     for p in log.iterdir():
         p.unlink()
     (gate / "release").touch()
-    resumed = cli("resume", str(job))
+    resumed = cli("resume", str(job), cluster=ray_cluster)
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(p.read_text() for p in log.iterdir()) == [f"f{i:02d}.txt" for i in range(3, 8)]
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \

@@ -72,8 +72,11 @@ LAUNCHER = textwrap.dedent("""
 """)
 
 
-def run_cli(args, crash_point=None):
+def run_cli(args, crash_point=None, cluster=None):
+    """The CLI in a fresh process; with ``cluster``, on that Ray (``--address``), not an embedded one."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if cluster is not None:
+        args = [*args, "--address", cluster.address]
     if crash_point:
         env["CRASH_POINT"] = crash_point
         cmd = [sys.executable, "-c", LAUNCHER, *args]
@@ -103,12 +106,12 @@ def executed(log):
     ("assembly", 0),        # every batch was done: resume only assembles
     ("after-assembly", 0),
 ])
-def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(tmp_path, point, reran):
+def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(ray_cluster, tmp_path, point, reran):
     files, log, spec_path = job_files(tmp_path)
     job = str(tmp_path / "job")
     output = tmp_path / "out" / "parallel_run_step.txt"
 
-    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point=point)
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point=point, cluster=ray_cluster)
 
     assert crashed.returncode == 9, crashed.stderr
     if point != "after-assembly":
@@ -121,7 +124,7 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(tmp_path, po
     for p in log.iterdir():
         p.unlink()
 
-    resumed = run_cli(["resume", job])
+    resumed = run_cli(["resume", job], cluster=ray_cluster)
 
     assert resumed.returncode == 0, resumed.stderr
     assert len(executed(log)) == reran
@@ -133,14 +136,14 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(tmp_path, po
     assert os.listdir(output.parent) == [output.name]  # no temp file left behind
 
 
-def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(tmp_path):
+def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster, tmp_path):
     files, log, spec_path = job_files(tmp_path)
     job = str(tmp_path / "job")
-    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point="listing")
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point="listing", cluster=ray_cluster)
     assert crashed.returncode == 9, crashed.stderr
     (tmp_path / "data" / "f00.txt").unlink()  # the first batch is planned differently now
 
-    resumed = run_cli(["resume", job])
+    resumed = run_cli(["resume", job], cluster=ray_cluster)
 
     assert resumed.returncode == 1
     status = json.loads(run_cli(["status", job, "--json"]).stdout)
@@ -152,7 +155,7 @@ def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(tmp_path):
 @pytest.mark.parametrize("store, point, state", [  # (local, assembly) is above
     ("azurite", "assembly", "interrupted"), ("local", "compaction", "succeeded"), ("azurite", "compaction", "succeeded")])
 def test_driver_killed_while_assembling_or_compacting_leaves_a_job_that_resumes_exactly(
-        tmp_path, request, monkeypatch, store, point, state):
+        ray_cluster, tmp_path, request, monkeypatch, store, point, state):
     files, log, spec_path = job_files(tmp_path)
     if store == "azurite":
         azurite = request.getfixturevalue("azurite")
@@ -162,7 +165,7 @@ def test_driver_killed_while_assembling_or_compacting_leaves_a_job_that_resumes_
         job = str(tmp_path / "job")
     output = tmp_path / "out" / "parallel_run_step.txt"
 
-    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point=point)
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point=point, cluster=ray_cluster)
 
     assert crashed.returncode == 9, crashed.stderr
     assert output.exists() == (point == "compaction")  # assembly never leaves a partial output
@@ -171,7 +174,7 @@ def test_driver_killed_while_assembling_or_compacting_leaves_a_job_that_resumes_
     for p in log.iterdir():
         p.unlink()
 
-    resumed = run_cli(["resume", job])
+    resumed = run_cli(["resume", job], cluster=ray_cluster)
 
     assert resumed.returncode == 0, resumed.stderr
     assert executed(log) == []  # every batch was stored before the crash: nothing runs again

@@ -23,8 +23,10 @@ def env():
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def cli(*args, prefix=()):
-    return [*prefix, sys.executable, "-m", "raypar.cli", *args]
+def cli(*args, prefix=(), cluster=None):
+    """The command line of ``raypar ARGS``; with ``cluster``, on that Ray (``--address``), not an embedded one."""
+    address = ["--address", cluster.address] if cluster is not None else []
+    return [*prefix, sys.executable, "-m", "raypar.cli", *args, *address]
 
 
 def held_job(tmp_path):
@@ -52,9 +54,9 @@ def state(job):
     return json.loads((open(os.path.join(job, "state.json")).read()))
 
 
-def test_a_driver_that_cannot_renew_its_lease_stops_and_the_job_resumes(tmp_path):
+def test_a_driver_that_cannot_renew_its_lease_stops_and_the_job_resumes(ray_cluster, tmp_path):
     spec, gate, job = held_job(tmp_path)
-    driver = subprocess.Popen(cli("run", str(spec), "--job-dir", job), env=env(), text=True,
+    driver = subprocess.Popen(cli("run", str(spec), "--job-dir", job, cluster=ray_cluster), env=env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: holding(gate), "a batch to be held")
@@ -74,24 +76,25 @@ def test_a_driver_that_cannot_renew_its_lease_stops_and_the_job_resumes(tmp_path
     os.unlink(lease)
     os.rename(lease + ".aside", lease)
     (gate / "release").touch()
-    resumed = subprocess.run(cli("resume", job), env=env(), capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(cli("resume", job, cluster=ray_cluster), env=env(), capture_output=True, text=True,
+                             timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert output(tmp_path) == EXPECTED
 
 
-def test_a_frozen_driver_is_taken_over_from_another_host_and_fenced_when_it_thaws(tmp_path):
+def test_a_frozen_driver_is_taken_over_from_another_host_and_fenced_when_it_thaws(ray_cluster, tmp_path):
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "--uts", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare --uts (a second host name) on this machine")
     spec, gate, job = held_job(tmp_path)
-    frozen = subprocess.Popen(cli("run", str(spec), "--job-dir", job), env=env(), text=True,
+    frozen = subprocess.Popen(cli("run", str(spec), "--job-dir", job, cluster=ray_cluster), env=env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: holding(gate), "a batch to be held")
         os.kill(frozen.pid, signal.SIGSTOP)  # its workers go on; the driver stops beating
         (gate / "release").touch()  # the frozen driver's worker finishes its batch and stores it
         other_host = ["unshare", "--uts", "sh", "-c", 'hostname other-host && exec "$@"', "sh"]
-        live = subprocess.run(cli("resume", job, prefix=other_host), env=env(), capture_output=True,
+        live = subprocess.run(cli("resume", job, prefix=other_host, cluster=ray_cluster), env=env(), capture_output=True,
                               text=True, timeout=180)
         assert live.returncode == 0, live.stderr
         assert "is leased by pid" in live.stdout + live.stderr  # it waited out the silent lease

@@ -9,7 +9,7 @@ import yaml
 from raypar.errors import SpecError
 from raypar.spec.binding import bind, fill_output_paths
 from raypar.spec.loading import load_spec, spec_from_dict
-from raypar.spec.models import APPEND_ROW_FILE_NAME, BatchSize, parse_size
+from raypar.spec.models import APPEND_ROW_FILE_NAME, BatchSize, parse_bytes, parse_size
 
 FULL_AZURE_YAML = """\
 $schema: https://azuremlschemas.azureedge.net/latest/parallelJob.schema.json
@@ -588,3 +588,17 @@ def test_datastore_urls_resolve_through_the_spec_and_the_environment_mapping(tmp
     monkeypatch.setenv("RAYPAR_DATASTORES", "{not json")
     with pytest.raises(SpecError, match="RAYPAR_DATASTORES: expected a mapping of datastore name -> folder or URL"):
         spec_from_dict(data, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (3, 3), ("4096", 4096), ("2gb", 2 * 1024**3), ("2GB", 2 * 1024**3), ("2Gi", 2 * 1024**3), ("2GiB", 2 * 1024**3),
+    ("512Mi", 512 * 1024**2), ("1.5gb", 3 * 1024**3 // 2), ("100kb", 102400), ("2G", 2 * 1024**3), ("1Ti", 1024**4),
+])
+def test_memory_sizes_read_as_azure_and_kubernetes_write_them(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "2 bananas", "-1gb", "0", "0.1b", "1e9", True, 1.5])
+def test_a_memory_size_that_is_not_one_is_refused(text):
+    with pytest.raises(ValueError):
+        parse_bytes(text)

@@ -26,6 +26,7 @@ DEFAULT_BYTES_PER_BATCH = 1024 * 1024
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]b)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?)?b?\s*$", re.IGNORECASE)
 BINDING_RE = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
 
 
@@ -55,8 +56,21 @@ def parse_size(value: Union[int, str], field: str = "mini_batch_size") -> BatchS
 
 
 def parse_bytes(value: Union[int, str], field: str = "memory") -> int:
-    """A memory amount: an int (bytes) or a size string such as ``"2gb"``."""
-    return parse_size(value, field).value
+    """An amount of memory or data: bytes as an int, or a size as Azure and Kubernetes write one.
+
+    ``"2gb"`` (Azure), ``"2Gi"`` / ``"512Mi"`` (Kubernetes), ``"2G"``, ``"1.5gb"``: every unit is
+    a power of 1024, as ``mini_batch_size``'s are (a Kubernetes ``2G`` is 7% less: reserving
+    the larger is the safe side).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{field} must be a byte count or a size like '2gb' or '512Mi', not {value!r}")
+    match = _BYTES_RE.match(str(value))
+    if not match:
+        raise ValueError(f"{field} {value!r} is not a size (e.g. '2gb', '512Mi', '1.5Gi' or a byte count)")
+    amount = int(float(match.group(1)) * 1024 ** " kmgt".index((match.group(2) or " ").lower()))
+    if amount < 1:
+        raise ValueError(f"{field} must be at least 1 byte, got {value!r}")
+    return amount
 
 
 class _Model(BaseModel):
