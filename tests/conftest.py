@@ -50,10 +50,12 @@ def start_cluster(workers: int = 2, **head_args):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The 3-node cluster the test process drives jobs on."""
+    """The 3-node cluster of the whole session: the test process drives jobs on it, CLI tests
+    connect to it with --address, and its head serves the Jobs API on 127.0.0.1:8265 (JOBS_API)
+    for the submit tests."""
     import ray
 
-    cluster = start_cluster(include_dashboard=False)
+    cluster = start_cluster(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8265)
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()

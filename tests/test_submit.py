@@ -36,12 +36,10 @@ def status(submission, **kwargs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def jobs_cluster():
-    """A 3-node cluster of its own whose head serves the Jobs API on 127.0.0.1:8265; this
-    process only talks HTTP to it, as a laptop does."""
-    cluster = start_cluster(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8265)
-    yield cluster
-    cluster.shutdown()
+def jobs_cluster(ray_cluster):
+    """The session's 3-node cluster, whose head serves the Jobs API on 127.0.0.1:8265; these tests
+    only talk HTTP to it, as a laptop does."""
+    return ray_cluster
 
 
 def wait_for_jobs_api(address: str) -> str:

@@ -14,6 +14,9 @@ class JobState(str, Enum):
     # Never written by a driver: status reports it when the state says
     # "running" but no live driver holds the lease (the driver was killed).
     INTERRUPTED = "interrupted"
+    # Before the job dir exists, so never in one: the states a handle reports until then.
+    PLANNING = "planning"  # a driver in this process is checking the input (raypar.run)
+    STARTING = "starting"  # a submitted driver has not created the job dir yet (raypar.submit)
 
     def is_terminal(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
@@ -32,4 +35,6 @@ _ALLOWED = {
     JobState.FAILED: {JobState.RUNNING},
     JobState.CANCELED: {JobState.RUNNING},
     JobState.INTERRUPTED: {JobState.RUNNING, JobState.CANCELED},
+    JobState.PLANNING: set(),
+    JobState.STARTING: set(),
 }

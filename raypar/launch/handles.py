@@ -57,7 +57,7 @@ class LocalJob:
         """State and mini-batch counts from the job dir (``planning`` before the job dir exists)."""
 
         if not self.finished and not Ledger(self.job_dir).exists():
-            return {"job_dir": self.job_dir, "state": "planning", "completed": 0, "failed": 0, "pending": 0,
+            return {"job_dir": self.job_dir, "state": JobState.PLANNING.value, "completed": 0, "failed": 0, "pending": 0,
                     "total": 0, "planning_complete": False}
         return job_status(self.job_dir)
 

@@ -37,6 +37,7 @@ from raypar.launch.submission import (
     META_NAME,
     REMOTE_PROGRESS_INTERVAL,
     STOP_GRACE_SECONDS,
+    check_code,
     check_reachable,
     default_remote_job_dir,
 )
@@ -263,10 +264,7 @@ def render(spec, image: Optional[str] = None, job_dir: Optional[str] = None, nam
         backoff_limit = 0
     image = image or DEFAULT_IMAGE
     if code_in_image is None:
-        if not os.path.isdir(spec.task.code):
-            raise UsageError(f"task.code: {spec.task.code} is not a folder on this machine")
-        if not os.path.isfile(os.path.join(spec.task.code, spec.task.entry_script)):
-            raise UsageError(f"task.entry_script: {os.path.join(spec.task.code, spec.task.entry_script)} not found")
+        check_code(spec.task.code, spec.task.entry_script, "it goes into the ConfigMap")
         files = code_files(spec.task.code)
     else:
         files = []  # the image has task.code; the ConfigMap holds only the spec

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 from raypar.credentials import describe_error
 from raypar.engine.progress import ProgressDisplay, parse_line
 from raypar.errors import RayparError, UsageError
+from raypar.jobdir.state import JobState
 from raypar.launch.jobs_api import JobsApi
 from raypar.spec.loading import as_spec, spec_from_yaml
 from raypar.spec.models import InputSpec, JobSpec
@@ -144,7 +145,7 @@ def submit_job(spec, address: Optional[str] = None, job_dir: Optional[str] = Non
     spec = inline_files(as_spec(spec))
     slug = _job_slug(spec)
     job_dir = normalize_path(job_dir) if job_dir else default_remote_job_dir(slug)
-    _check_code(spec.task.code, spec.task.entry_script)
+    check_code(spec.task.code, spec.task.entry_script)
     check_reachable(spec, job_dir, shared_paths)
     api = api or JobsApi(address, headers)
     runtime_env = runtime_env_for(spec, spec.task.code, job_dir, env, echo)
@@ -179,7 +180,7 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
     code = str(Path(code_dir).expanduser().resolve()) if code_dir else spec.task.code
     if not os.path.isdir(code):
         raise UsageError(f"task.code {code} is not on this machine: give the job's code folder with --code DIR")
-    _check_code(code, spec.task.entry_script)
+    check_code(code, spec.task.entry_script)
     check_reachable(spec, job_dir, shared_paths)
     runtime_env = runtime_env_for(spec, code, job_dir, env, echo)
     entrypoint = f"python -m raypar resume {shlex.quote(job_dir)} --code-dir ."
@@ -187,9 +188,10 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
                  _job_slug(spec))
 
 
-def _check_code(code: str, entry_script: str) -> None:
+def check_code(code: str, entry_script: str, sent: str = "it is uploaded to the cluster") -> None:
+    """task.code is a folder here with the entry script in it: what is ``sent`` from this machine."""
     if not os.path.isdir(code):
-        raise UsageError(f"task.code: {code} is not a folder on this machine (it is uploaded to the cluster)")
+        raise UsageError(f"task.code: {code} is not a folder on this machine ({sent})")
     if not os.path.isfile(os.path.join(code, entry_script)):
         raise UsageError(f"task.entry_script: {os.path.join(code, entry_script)} not found")
 
@@ -251,7 +253,7 @@ class SubmittedJob:
                 status = job_status(self.job_dir)
                 status["source"] = "job dir"
             else:  # the driver is starting, or failed before it could create the job dir
-                state = ray_status.lower() if self._terminal(info) else "starting"
+                state = ray_status.lower() if self._terminal(info) else JobState.STARTING.value
                 status = {"job_dir": self.job_dir, "name": (info.metadata or {}).get(META_NAME), "state": state,
                           "source": "Ray (no job dir yet)"}
         except Exception as exc:  # noqa: BLE001 - no credentials here, or a path only the cluster sees
