@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,6 +34,7 @@ from raypar.jobdir.layout import default_job_dir
 from raypar.jobdir.ledger import Ledger, new_run_id
 from raypar.jobdir.state import JobState
 from raypar.outputs.assembly import assemble
+from raypar.polling import poll
 from raypar.spec.binding import bind, fill_output_paths
 from raypar.spec.loading import as_spec, changed_keys, relocate_code
 from raypar.spec.models import JobSpec
@@ -188,13 +188,17 @@ def cancel_job(job_dir: str, wait: float = 60.0, echo: Echo = print) -> JobState
         echo(f"raypar: canceled (no driver was running); continue it with: raypar resume {ledger.url}")
         return JobState.CANCELED
     ledger.request_cancel(lease["run"])
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
+
+    def ended() -> Optional[JobState]:  # the state the driver of that run wrote as it stopped
         saved = ledger.read_state()
         if saved.get("run") == lease["run"] and JobState(saved["state"]).is_terminal():
-            echo(f"raypar: job {saved['state']}; continue it with: raypar resume {ledger.url}")
             return JobState(saved["state"])
-        time.sleep(0.2)
+        return None
+
+    state = poll(ended, wait, 0.2)
+    if state is not None:
+        echo(f"raypar: job {state.value}; continue it with: raypar resume {ledger.url}")
+        return state
     raise RayparError(f"{ledger.url}: cancel requested, but the driver (pid {lease.get('pid')} on "
                       f"{lease.get('host')}) has not stopped within {wait:.0f}s")
 

@@ -139,13 +139,13 @@ class JobsApi:
 
     def submit(self, **kwargs) -> str:
         """Submit; Ray answers 500 "No available agent" while the head's agent (re)registers: retry."""
-        deadline = time.time() + AGENT_WAIT_SECONDS
+        deadline = time.monotonic() + AGENT_WAIT_SECONDS
         while True:
             try:
                 with self.calling("submit"):
                     return self.client.submit_job(**kwargs)
             except JobsApiError as exc:
-                if "No available agent" not in exc.headline or time.time() > deadline:
+                if "No available agent" not in exc.headline or time.monotonic() > deadline:
                     raise
             time.sleep(2)
 

@@ -31,6 +31,7 @@ from raypar.engine.progress import ProgressDisplay, parse_line
 from raypar.errors import RayparError, UsageError
 from raypar.jobdir.state import JobState
 from raypar.launch.jobs_api import JobsApi
+from raypar.polling import poll
 from raypar.spec.loading import as_spec, spec_from_yaml
 from raypar.spec.models import InputSpec, JobSpec
 from raypar.spec.runtime_env import ENVIRONMENT_WARNED, forwarded_variables, inline_files, pip_packages
@@ -274,17 +275,14 @@ class SubmittedJob:
     def cancel(self, wait: float = 60.0, echo: Echo = print) -> RemoteOutcome:
         """Stop the driver (SIGTERM: it marks the job canceled, resumable) and wait until it has ended."""
         self.api.stop(self.submission_id)
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            if self._terminal(self.api.info(self.submission_id)):
-                return self.outcome()
-            time.sleep(0.5)
+        if poll(self._ended, wait, 0.5):
+            return self.outcome()
         raise RayparError(f"{self.submission_id}: stop requested, but the job has not ended within {wait:.0f}s")
 
     def wait(self, timeout: Optional[float] = None, echo: Echo = print, show=None) -> RemoteOutcome:
         """Follow the driver's log until the job ends: progress lines go to ``show(snapshot)``,
         other lines to ``echo``. Without ``show``, every line goes to ``echo``."""
-        deadline = None if timeout is None else time.time() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         partial = ""
         for chunk in self.api.tail(self.submission_id):
             *lines, partial = (partial + chunk).split("\n")
@@ -294,15 +292,17 @@ class SubmittedJob:
                     show(snapshot)
                 elif line.strip():
                     echo(line)
-            if deadline is not None and time.time() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise RayparError(f"{self.submission_id}: still running after {timeout:.0f}s")
         if partial.strip():
             echo(partial)
-        while not self._terminal(self.api.info(self.submission_id)):  # the log can end just before the status
-            if deadline is not None and time.time() > deadline:
-                raise RayparError(f"{self.submission_id}: still running after {timeout:.0f}s")
-            time.sleep(0.2)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not poll(self._ended, left, 0.2):  # the log can end just before the status does
+            raise RayparError(f"{self.submission_id}: still running after {timeout:.0f}s")
         return self.outcome()
+
+    def _ended(self) -> bool:
+        return self._terminal(self.api.info(self.submission_id))
 
     def outcome(self) -> RemoteOutcome:
         info = self.api.info(self.submission_id)
