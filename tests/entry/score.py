@@ -18,7 +18,8 @@ Arguments (parse_known_args, as Azure scripts do):
                     in flight)
   --fault NAME MODE D  the first run() given file NAME writes D/fault ("<pid> <node id>"), then:
                     hang (sleep for an hour), segfault, or hold (wait to be killed);
-                    segfault-always crashes every attempt (a crash loop); jobdir-once and
+                    segfault-always crashes every attempt (a crash loop); raypar-once makes
+                    raypar's own worker code raise once, after run() returns; jobdir-once and
                     jobdir-always make raypar's own store of the batch fail (a folder takes the
                     name of this worker's segment file), unless D/off exists
 """
@@ -26,6 +27,7 @@ Arguments (parse_known_args, as Azure scripts do):
 import argparse
 import logging
 import os
+import sys
 import time
 import uuid
 
@@ -64,6 +66,18 @@ def _inject_fault(name, mode, folder):
             log_dir = os.environ["RAYPAR_LOG_DIR"]  # <job dir>/logs/user/<run>~<worker>
             job = os.path.dirname(os.path.dirname(os.path.dirname(log_dir)))
             os.makedirs(os.path.join(job, "parts", os.path.basename(log_dir) + ".data"), exist_ok=True)
+        return
+    if mode == "raypar-once":  # raypar's own worker code raises once, after this run() returns
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            actor = sys.modules["raypar.worker.actor"]
+            done_record = actor.DoneRecord
+
+            def broken(*args, **kwargs):
+                actor.DoneRecord = done_record
+                raise RuntimeError("injected: a bug in raypar's worker code")
+
+            actor.DoneRecord = broken
         return
     if mode == "segfault-always":
         import ctypes
