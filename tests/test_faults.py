@@ -164,13 +164,20 @@ def test_a_crash_loop_ends_after_the_system_failure_bound(ray_cluster, tmp_path)
     assert [(r.kind, r.final) for r in history] == [("system", False)] * 3 + [("system", True)]
 
 
-def test_a_job_dir_write_that_fails_reruns_the_batch_without_spending_a_try(ray_cluster, tmp_path):
-    # run() succeeded; raypar could not store its result: neither the user's try nor a lost worker.
+@pytest.mark.parametrize("fault, kind, error", [
+    # run() succeeded; raypar could not store its result
+    ("jobdir-once", "storage", "raypar could not store mb-0000000 in the job dir: FileExistsError"),
+    # run() returned; raypar's own code in the worker then raised (a bug)
+    ("raypar-once", "raypar", "raypar error in the worker: RuntimeError: injected: a bug in raypar's worker code"),
+])
+def test_raypars_own_failure_in_a_worker_reruns_the_batch_without_spending_a_try(ray_cluster, tmp_path, fault,
+                                                                                kind, error):
+    # Neither the user's try nor a lost worker: the batch runs again on a replaced worker, recorded as ``kind``.
     files = texts(6)
-    log, fault = folders(tmp_path, "exec", "fault")
+    log, faults = folders(tmp_path, "exec", "fault")
     spec = make_spec(tmp_path, files, **one_worker(**{
         "retry_settings.max_retries": 0,
-        "task.program_arguments": f"--exec-log {log} --fault f000.txt jobdir-once {fault}",
+        "task.program_arguments": f"--exec-log {log} --fault f000.txt {fault} {faults}",
     }))
 
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
@@ -179,30 +186,8 @@ def test_a_job_dir_write_that_fails_reruns_the_batch_without_spending_a_try(ray_
     assert output_lines(tmp_path) == expected_rows(files)
     assert executions(log).count(("f000.txt", "f001.txt")) == 2
     history = Ledger(str(tmp_path / "job")).view().failed["mb-0000000"]
-    assert [(r.kind, r.final) for r in history] == [("storage", False)]
-    assert history[0].error.startswith("raypar could not store mb-0000000 in the job dir: FileExistsError")
-
-
-def test_a_raypar_error_in_the_worker_reruns_the_batch_on_a_fresh_worker_without_spending_a_try(
-        ray_cluster, tmp_path):
-    # run() returned; raypar's own code in the worker then raised (a bug, not the user's, not a lost
-    # worker): the batch runs again on a replaced worker, recorded as kind "raypar".
-    files = texts(6)
-    log, fault = folders(tmp_path, "exec", "fault")
-    spec = make_spec(tmp_path, files, **one_worker(**{
-        "retry_settings.max_retries": 0,
-        "task.program_arguments": f"--exec-log {log} --fault f000.txt raypar-once {fault}",
-    }))
-
-    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
-
-    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
-    assert output_lines(tmp_path) == expected_rows(files)
-    assert executions(log).count(("f000.txt", "f001.txt")) == 2
-    history = Ledger(str(tmp_path / "job")).view().failed["mb-0000000"]
-    assert [(r.kind, r.final) for r in history] == [("raypar", False)]
-    assert history[0].error.startswith("raypar error in the worker:")
-    assert "injected: a bug in raypar's worker code" in history[0].error
+    assert [(r.kind, r.final) for r in history] == [(kind, False)]
+    assert history[0].error.startswith(error)
 
 
 def test_a_job_dir_that_cannot_be_written_stops_the_job_resumable(ray_cluster, tmp_path):
