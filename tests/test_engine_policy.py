@@ -153,3 +153,15 @@ def test_an_idle_worker_takes_back_calls_queued_behind_a_long_batch(tmp_path):
 
     assert reason is None and scheduler.progress.done == 12
     assert cluster.now < 55.0  # the batches queued behind batch 8 ran elsewhere meanwhile
+
+
+def test_a_stopped_job_does_not_wait_for_a_running_batch_when_nothing_is_unstored(tmp_path):
+    # Every simulated worker stores each batch as it ends (as on local disk): when a threshold stops
+    # the job, nothing is left to store, so the 1000 s batch still running is not waited for.
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1000.0) if ordinal(b) == 0 else Outcome(1.0, "user"),
+        batches=4, slots=2, **{"retry_settings.max_retries": 0, "mini_batch_error_threshold": 1})
+
+    assert reason == "2 mini-batch(es) failed, more than mini_batch_error_threshold=1"
+    assert cluster.now < 1.0 + 10.0  # stopped at the second failure, not after the long batch (or 30 s)
+    assert "mb-0000000" not in ledger.view().done
