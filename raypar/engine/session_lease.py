@@ -15,6 +15,7 @@ from raypar.credentials import describe_error
 from raypar.errors import LeaseHeldError
 from raypar.jobdir.lease import FENCE_FRACTION, LEASE_TTL
 from raypar.jobdir.ledger import Ledger
+from raypar.polling import poll
 
 log = logging.getLogger("raypar")
 Echo = Callable[[str], None]
@@ -75,16 +76,18 @@ def claim_lease(ledger: Ledger, run: str, echo: Echo, ttl: float = LEASE_TTL) ->
     wait = held.get("ttl", LEASE_TTL)
     echo(f"raypar: {ledger.url} is leased by pid {held.get('pid')} on {held.get('host')}; "
          f"waiting {wait:.0f}s for a sign of life from that driver")
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        time.sleep(min(1.0, wait / 10))  # one storage read a second, at most
+    def sign_of_life() -> Optional[str]:
         current = ledger.lease.read()
         if current is None:
-            break  # released: the holder finished
+            return "released"  # the holder finished
         if (current.get("run"), current.get("generation"), current.get("heartbeat")) != \
                 (held.get("run"), held.get("generation"), held.get("heartbeat")):
-            ledger.lease.acquire(run, ttl)  # raises LeaseHeldError naming the live driver
-            return
+            return "alive"
+        return None
+
+    if poll(sign_of_life, timeout=wait, interval=min(1.0, wait / 10)) == "alive":  # a read a second at most
+        ledger.lease.acquire(run, ttl)  # raises LeaseHeldError naming the live driver
+        return
     ledger.lease.acquire(run, ttl, silent=True)
 
 

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 from raypar.engine import ray_private
 from raypar.errors import RayparError, UsageError
+from raypar.polling import poll
 
 TOKEN_FILE = Path("~/.ray/auth_token")
 AGENT_WAIT_SECONDS = 60
@@ -139,15 +139,22 @@ class JobsApi:
 
     def submit(self, **kwargs) -> str:
         """Submit; Ray answers 500 "No available agent" while the head's agent (re)registers: retry."""
-        deadline = time.monotonic() + AGENT_WAIT_SECONDS
-        while True:
+        busy: list[JobsApiError] = []
+
+        def attempt() -> Optional[str]:
             try:
                 with self.calling("submit"):
                     return self.client.submit_job(**kwargs)
             except JobsApiError as exc:
-                if "No available agent" not in exc.headline or time.monotonic() > deadline:
+                if "No available agent" not in exc.headline:
                     raise
-            time.sleep(2)
+                busy.append(exc)
+                return None
+
+        submission_id = poll(attempt, timeout=AGENT_WAIT_SECONDS, interval=2)
+        if submission_id is None:
+            raise busy[-1]
+        return submission_id
 
     def tail(self, submission_id: str) -> Iterator[str]:
         """The job's log as it is written, in chunks, until the job ends."""
