@@ -37,8 +37,11 @@ def executions(log_dir):
     return sorted(tuple(p.read_text().split()) for p in log_dir.iterdir())
 
 
-@pytest.mark.parametrize("mode", ["ro_mount", "download"])
-def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster, blob, tmp_path, mode):
+@pytest.mark.parametrize("mode, cache_size", [("ro_mount", "10gb"), ("download", "10gb"),
+                                              ("ro_mount", 16)],  # a cache smaller than a batch: evicts always
+                         ids=["ro_mount", "download", "ro_mount-evicting"])
+def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster, blob, tmp_path, mode,
+                                                                     cache_size):
     container, fs = blob
     files = {f"f{i:02d}.txt": ("bad " if i == 7 else "") + f"value {i}" for i in range(12)}
     upload(fs, container, files)
@@ -49,6 +52,8 @@ def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster
         "outputs.out": {"type": "uri_folder", "path": f"az://{container}/out"},
         "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}",
         "mini_batch_error_threshold": 0, "retry_settings.max_retries": 0,
+        "raypar.mount_cache.max_size": cache_size,
+        "environment_variables": {"RAYPAR_CACHE_DIR": str(tmp_path / "cache")},
     })
     job = f"az://{container}/jobs/j1"
 
@@ -74,6 +79,12 @@ def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster
     rows = fs.cat_file(f"{container}/out/parallel_run_step.txt").decode().splitlines()
     # the entry script's rows are "<file name> <TEXT>": both modes hand it local copies
     assert rows == [f"{name} {text.upper()}" for name, text in sorted(files.items())]
+    if mode == "ro_mount":  # the node's cache: within its limit (plus one batch), no batch folder left
+        [cache] = (tmp_path / "cache").iterdir()
+        cached = [p for p in cache.iterdir() if p.is_file() and p.name != ".lock"]  # f00.txt ...
+        assert sum(p.stat().st_size for p in cached) <= (16 + 2 * 8 if cache_size == 16 else 10 ** 10)
+        assert len(cached) == (len(files) if cache_size == "10gb" else len(cached))
+        assert not any((cache / ".batches").iterdir())
     assert fs.exists(f"{container}/jobs/j1/job.json")
     assert not any("AccountKey" in fs.cat_file(p).decode(errors="ignore")
                    for p in fs.find(f"{container}/jobs/j1"))  # the secret is nowhere in the job dir

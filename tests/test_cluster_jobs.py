@@ -1,6 +1,7 @@
 """End-to-end jobs on a real 3-node Ray cluster (in-process, 127.0.0.1)."""
 
 import collections
+import json
 import sys
 from pathlib import Path
 
@@ -172,6 +173,23 @@ def test_resume_of_a_finished_job_runs_nothing(ray_cluster, tmp_path):
     assert again.state is resumed.state is JobState.SUCCEEDED
     assert executions(log) == before
     assert len(before) == 3
+
+
+def test_the_same_spec_resumes_a_job_dir_written_before_a_key_was_added(ray_cluster, tmp_path):
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, texts(6), **{"task.program_arguments": f"--exec-log {log}"})
+    job = tmp_path / "job"
+    raypar.run(spec, job_dir=str(job), echo=quiet).wait()
+    before = executions(log)
+    frozen = json.loads((job / "job.json").read_text())
+    del frozen["spec"]["raypar"]["mount_cache"]  # as an older raypar wrote it, before the key existed
+    (job / "job.json").write_text(json.dumps(frozen))
+
+    again = raypar.run(spec, job_dir=str(job), echo=quiet).wait()  # after an upgrade: still this job
+
+    assert again.state is JobState.SUCCEEDED
+    assert executions(log) == before
 
 
 def test_run_refuses_a_job_dir_holding_another_job(ray_cluster, tmp_path):

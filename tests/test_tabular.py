@@ -942,25 +942,89 @@ def test_memory_download_mode_gives_local_copies_in_a_temp_folder(memory_root, t
 
 def test_memory_ro_mount_caches_files_reuses_them_and_refetches_changed_ones(memory_root, tmp_path, monkeypatch):
     fs, url, root = memory_root
-    monkeypatch.setenv("RAYPAR_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAYPAR_CACHE_DIR", str(cache))
     _fill(fs, root, MEMORY_FILES)
     spec = job(url, size=10, mode="ro_mount")
     desc = check_input(spec)
     [batch] = list(plan_batches(spec, desc))
     paths, _, temp = BatchReader(desc).read(batch)
-    assert temp is None
-    assert all(p.startswith(str(tmp_path / "cache") + os.sep) for p in paths)
+    # run() gets the batch's own hard links to the cached files, in a folder removed after run()
+    assert temp is not None and temp.startswith(str(cache) + os.sep)
+    assert all(p.startswith(temp + os.sep) for p in paths)
     assert sorted(Path(p).read_bytes() for p in paths) == sorted(MEMORY_FILES.values())
 
-    fetched = {p: os.stat(p).st_ino for p in paths}
-    again, _, _ = BatchReader(desc).read(batch)  # a retry, another worker: the cached copies, not fetched again
-    assert again == paths and {p: os.stat(p).st_ino for p in again} == fetched
+    fetched = sorted(os.stat(p).st_ino for p in paths)
+    input_files.cleanup(temp)
+    again, _, temp = BatchReader(desc).read(batch)  # a retry, another worker: the cached copies, not fetched again
+    assert sorted(os.stat(p).st_ino for p in again) == fetched
+    input_files.cleanup(temp)
 
     for name in MEMORY_FILES:  # the remote changed (a later job): never the stale copy
         fs.pipe(f"{root}/{name}", b"changed")
     changed, _, _ = BatchReader(desc).read(batch)
-    assert changed == paths
     assert [Path(p).read_bytes() for p in changed] == [b"changed"] * len(paths)
+    assert not set(os.stat(p).st_ino for p in changed) & set(fetched)
+
+
+def _cached_files(cache: Path) -> dict:
+    """Cached file name -> size, the cache's own bookkeeping left out."""
+    [root] = cache.iterdir()
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+            if p.is_file() and p.relative_to(root).parts[0] not in (".versions", ".batches", ".lock")}
+
+
+def test_memory_ro_mount_cache_keeps_the_most_recently_used_files_within_its_limit(memory_root, tmp_path,
+                                                                                    monkeypatch):
+    fs, url, root = memory_root
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAYPAR_CACHE_DIR", str(cache))
+    files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(12)}
+    _fill(fs, root, files)
+    spec = job(url, size=2, mode="ro_mount")
+    desc = check_input(spec)
+    reader = BatchReader(desc, cache_bytes=450)
+    for batch in plan_batches(spec, desc):
+        paths, _, temp = reader.read(batch)
+        assert [Path(p).read_bytes() for p in paths] == [files[os.path.basename(p)] for p in paths]
+        input_files.cleanup(temp)
+        assert sum(_cached_files(cache).values()) <= 450 + 200  # one batch fetched past the last look
+    kept = _cached_files(cache)
+    assert set(kept) >= {"f10.bin", "f11.bin"}  # the last batch's files were used last
+    assert "f00.bin" not in kept and len(kept) < len(files)
+    assert not list((cache / next(cache.iterdir()).name / ".batches").iterdir())  # every batch folder removed
+
+
+def test_memory_ro_mount_files_stay_readable_while_another_worker_evicts_them(memory_root, tmp_path, monkeypatch):
+    fs, url, root = memory_root
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAYPAR_CACHE_DIR", str(cache))
+    _fill(fs, root, MEMORY_FILES)
+    spec = job(url, size=10, mode="ro_mount")
+    desc = check_input(spec)
+    [batch] = list(plan_batches(spec, desc))
+    paths, _, temp = BatchReader(desc).read(batch)  # run() holds these
+    other = input_files.FileFetcher(open_source(desc, {}), max_bytes=0)  # another worker, a tiny limit
+    other.evict()
+    assert _cached_files(cache) == {}
+    assert sorted(Path(p).read_bytes() for p in paths) == sorted(MEMORY_FILES.values())
+    input_files.cleanup(temp)
+
+
+def test_memory_ro_mount_removes_batch_folders_of_workers_that_died(memory_root, tmp_path, monkeypatch):
+    fs, url, root = memory_root
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAYPAR_CACHE_DIR", str(cache))
+    _fill(fs, root, MEMORY_FILES)
+    spec = job(url, size=10, mode="ro_mount")
+    desc = check_input(spec)
+    [batch] = list(plan_batches(spec, desc))
+    _, _, mine = BatchReader(desc).read(batch)
+    dead = Path(mine).parent / "999999999-deadbeef"  # no such process: a worker killed mid-batch
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "b.txt").write_bytes(b"beta")
+    BatchReader(desc).read(batch)  # a new worker looks at the cache with its first batch
+    assert not dead.exists() and Path(mine).exists()  # a live worker's folder stays
 
 
 def test_default_mode_is_ro_mount(memory_root, tmp_path, monkeypatch):

@@ -125,7 +125,7 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
     session = _open_session(spec, code_dir, echo, progress)
     ledger = Ledger(job_dir, options_for(job_dir, session.storage))
     if ledger.exists():
-        frozen = ledger.load_job()["spec"]
+        frozen = _with_todays_defaults(ledger.load_job()["spec"])
         if frozen != spec.to_dict():
             changed = ", ".join(changed_keys(frozen, spec.to_dict())[:3])
             raise UsageError(f"{job_dir}: holds a different job (changed: {changed}); use a new --job-dir, "
@@ -151,6 +151,15 @@ def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print,
     session = _open_session(spec, code_dir, echo, progress)
     ledger = Ledger(job_dir, options_for(job_dir, session.storage))
     return _drive(ledger, session, address, echo, f"raypar: resuming {job_dir}")
+
+
+def _with_todays_defaults(frozen: dict) -> dict:
+    """A frozen spec with this raypar's defaults for keys added since it was written, so that
+    running the same spec again after an upgrade resumes the job instead of refusing it."""
+    try:
+        return as_spec(frozen).to_dict()
+    except SpecError:
+        return frozen  # the comparison names what differs
 
 
 def _open_session(spec: JobSpec, code_dir: Optional[str], echo: Echo, progress: Optional[Show]) -> _Session:

@@ -33,6 +33,7 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> WorkerPlan:
         input=input_desc,
         storage=storage,
         ledger=spec.raypar.ledger.plan(),
+        mount_cache_bytes=spec.raypar.mount_cache.max_bytes(),
         # Remote folder outputs the entry script writes as local folders (see staging.py).
         staged_outputs=[o.path.rstrip("/") for o in spec.outputs.values()
                         if o.path and is_url(o.path) and o.type != "uri_file" and o.mode != "direct"],

@@ -154,11 +154,12 @@ class MiniBatchContext:
 class BatchReader:
     """Worker side: turns a batch's payload into what ``run()`` receives."""
 
-    def __init__(self, desc: dict, storage: Optional[dict] = None):
+    def __init__(self, desc: dict, storage: Optional[dict] = None, cache_bytes: Optional[int] = None):
 
         self.source = open_source(desc, storage or {})
         self.desc = desc
         self._fetcher = None
+        self._cache_bytes = cache_bytes  # raypar.mount_cache.max_size (None: the default)
         self._partition_format = None
 
     def read(self, batch: MiniBatch) -> tuple[Any, MiniBatchContext, Optional[str]]:
@@ -170,12 +171,17 @@ class BatchReader:
         context = MiniBatchContext(key, batch.id, dataset)
         if batch.kind == files.KIND:
             if self._fetcher is None:
-                self._fetcher = files.FileFetcher(self.source)
+                self._fetcher = files.FileFetcher(self.source, self._cache_bytes)
             paths, temp = self._fetcher.paths(batch.payload["files"])
             return paths, context, temp
         if batch.kind == tabular.KIND:
             return self._table(batch, context), context, None
         raise ValueError(f"unknown mini-batch kind {batch.kind!r} in the manifest")
+
+    def close(self) -> None:
+        """The worker stops: leave the node's mount cache tidy (batch folders of killed workers)."""
+        if self._fetcher is not None:
+            self._fetcher.remove_orphan_batches()
 
     def items_of_unreadable(self, batch: MiniBatch) -> int:
         """How many items a batch that could not be read holds, so thresholds count them as failed:

@@ -8,20 +8,35 @@ into a cache folder shared by the node's workers and kept for later batches,
 retries and other workers -- what a mount with a local file cache does. A
 cached file is used only while the remote one is unchanged (etag, or size and
 modification time): a later job never reads stale data.
+
+The cache holds at most ``raypar.mount_cache.max_size`` bytes: past it, the
+least recently used files go first. ``run()`` receives hard links to the
+cached files in a folder of its batch's own, removed after ``run()``, so a file
+evicted by another worker while ``run()`` reads it stays readable until then.
+(fsspec's ``filecache`` has neither a size limit nor safety between processes
+sharing one cache folder.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from typing import Iterator, Optional
+
+from filelock import FileLock, Timeout
 
 from raypar.inputs.source import Source, file_version
 
 KIND = "files"
+DEFAULT_CACHE_BYTES = 10 * 1024 ** 3
+PRUNE_TO = 0.8  # eviction frees down to this share of the limit, so it does not run on every fetch
+_INTERNAL = (".versions", ".batches", ".lock")  # cache entries that are not cached files
+
+log = logging.getLogger("raypar")
 
 
 def plan(source: Source, files_per_batch: int) -> Iterator[list[str]]:
@@ -43,11 +58,15 @@ def cache_root() -> str:
 class FileFetcher:
     """Turns manifest file names into what run() receives, per the input mode."""
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, max_bytes: Optional[int] = None):
         self.source = source
         self.mode = source.desc["mode"]
         root_key = hashlib.sha1(source.desc["root"].encode()).hexdigest()[:16]
         self.cache = os.path.join(cache_root(), root_key)
+        self.max_bytes = DEFAULT_CACHE_BYTES if max_bytes is None else max_bytes
+        # Bytes this process added since it last looked at the cache's size; the first batch looks
+        # at once (a cache left larger by an earlier job, batch folders of killed workers).
+        self.fetched = self.max_bytes
 
     def paths(self, names: list[str]) -> tuple[list[str], str | None]:
         """(what run() receives, a temporary folder to remove after run() or None)."""
@@ -59,7 +78,72 @@ class FileFetcher:
         if self.mode == "download":
             folder = tempfile.mkdtemp(prefix="raypar-download-")
             return [self._fetch(n, os.path.join(folder, _local_name(n))) for n in names], folder
-        return [self._cached(n) for n in names], None
+        linked = self._linked(names)
+        if self.fetched > self.max_bytes * (1 - PRUNE_TO):  # a scan costs a listing: not per fetch
+            self.evict()  # after linking: this batch's files stay readable whatever it removes
+        return linked
+
+    def _linked(self, names: list[str], again: bool = True) -> tuple[list[str], str | None]:
+        """Hard links to the batch's cached files in a folder of its own (named by the pid, so a
+        folder a killed worker left behind is known as such), or the cached paths where links fail."""
+        folder = os.path.join(self.cache, ".batches", f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        cached, links = [self._cached(n) for n in names], []
+        try:
+            for name, path in zip(names, cached, strict=True):
+                link = os.path.join(folder, _local_name(name))
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                os.link(path, link)
+                links.append(link)
+        except FileNotFoundError:
+            cleanup(folder)  # another worker evicted it between fetch and link: fetch again, once
+            if again:
+                return self._linked(names, again=False)
+            raise
+        except OSError:  # a filesystem without hard links: the cache's own paths
+            cleanup(folder)
+            return cached, None
+        return links, folder
+
+    def evict(self) -> None:
+        """Remove the least recently used files until the cache is within its limit, and the
+        batch folders of workers that no longer run. One worker of the node at a time."""
+        self.fetched = 0
+        try:
+            with FileLock(os.path.join(self.cache, ".lock"), timeout=0):
+                files, total = [], 0
+                for folder, dirs, names in os.walk(self.cache):
+                    if folder == self.cache:
+                        dirs[:] = [d for d in dirs if d not in _INTERNAL]
+                    for name in names:
+                        path = os.path.join(folder, name)
+                        if folder == self.cache and name in _INTERNAL or ".tmp-" in name:
+                            continue
+                        try:
+                            st = os.stat(path)
+                        except FileNotFoundError:
+                            continue
+                        files.append((st.st_mtime, st.st_size, path))
+                        total += st.st_size
+                if total > self.max_bytes:
+                    files.sort()
+                    for _, size, path in files:
+                        if total <= self.max_bytes * PRUNE_TO:
+                            break
+                        _remove(path)
+                        _remove(os.path.join(self.cache, ".versions", os.path.relpath(path, self.cache)))
+                        total -= size
+                    log.info("mount cache %s: evicted down to %d bytes", self.cache, total)
+                self.remove_orphan_batches()
+        except Timeout:
+            pass  # another worker of this node is evicting now
+
+    def remove_orphan_batches(self) -> None:
+        """Remove the batch folders of worker processes that are gone (killed mid-batch)."""
+        batches = os.path.join(self.cache, ".batches")
+        for entry in os.listdir(batches) if os.path.isdir(batches) else []:
+            pid = entry.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                cleanup(os.path.join(batches, entry))
 
     def _cached(self, name: str) -> str:
         """The cached copy, fetched again when the remote file changed (its etag, or size and time)."""
@@ -68,11 +152,13 @@ class FileFetcher:
         version = file_version(self.source.fs.info(self.source.fs_path(name)))
         try:
             with open(marker) as f:
-                if f.read() == version and os.path.exists(target):
+                if f.read() == version:
+                    os.utime(target)  # its last use, which eviction goes by
                     return target
         except FileNotFoundError:
             pass
         self._fetch(name, target)
+        self.fetched += os.path.getsize(target)
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         tmp = f"{marker}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "w") as f:
@@ -95,6 +181,23 @@ class FileFetcher:
 def _local_name(name: str) -> str:
     """A manifest name as a relative local path (URLs of files outside the root keep their path)."""
     return name.split("://", 1)[-1].lstrip("/")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def cleanup(folder: str | None) -> None:

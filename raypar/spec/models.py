@@ -220,6 +220,26 @@ class LedgerSettings(_Model):
                 "flush_bytes": parse_bytes(self.flush_bytes, "flush_bytes")}
 
 
+class MountCacheSettings(_Model):
+    """The node-local cache of ``ro_mount`` inputs (raypar extension; see raypar/inputs/files.py).
+
+    Files fetched for ``run()`` stay in ``$RAYPAR_CACHE_DIR`` (default: the temp folder's
+    ``raypar-cache``) for later batches, retries and jobs; past ``max_size`` bytes the least
+    recently used go first. Files of batches still running stay readable either way.
+    """
+
+    max_size: Union[StrictInt, str] = "10gb"
+
+    @field_validator("max_size")
+    @classmethod
+    def _size(cls, value):
+        parse_bytes(value, "max_size")
+        return value
+
+    def max_bytes(self) -> int:
+        return parse_bytes(self.max_size, "max_size")
+
+
 class SpeculationSettings(_Model):
     """Second attempts of straggling mini-batches (raypar extension).
 
@@ -246,6 +266,7 @@ class RayparSpec(_Model):
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     # Second attempts of straggling mini-batches at the end of a job.
     speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
+    mount_cache: MountCacheSettings = Field(default_factory=MountCacheSettings)
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
     # Seconds a driver's lease on the job dir outlives its last heartbeat (renewed every third of it;

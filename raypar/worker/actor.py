@@ -121,7 +121,7 @@ class Worker:
             if not callable(getattr(self.module, "run", None)):
                 raise AttributeError(f"{self.plan.entry_script} has no run(mini_batch) function")
             self.context_as = _context_argument(self.module.run)
-            self.reader = BatchReader(self.plan.input, self.plan.storage)
+            self.reader = BatchReader(self.plan.input, self.plan.storage, self.plan.mount_cache_bytes)
             init = getattr(self.module, "init", None)
             if init is not None:
                 stage = "init()"
@@ -287,6 +287,8 @@ class Worker:
             self._close_log()
             if self.entry_env is not None:
                 self.entry_env.close()
+            if self.reader is not None:
+                self.reader.close()
             self._remove_copy()
 
     def _remove_copy(self) -> None:

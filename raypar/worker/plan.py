@@ -27,3 +27,4 @@ class WorkerPlan:
     ledger: Optional[dict] = None  # raypar.ledger flush settings (object-store job dirs)
     profiling_module: Optional[str] = None  # Azure's --profiling_module: profile each run()
     staged_outputs: list[str] = field(default_factory=list)  # remote folder outputs written locally
+    mount_cache_bytes: Optional[int] = None  # raypar.mount_cache.max_size: the ro_mount cache's limit
