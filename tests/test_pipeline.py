@@ -310,6 +310,19 @@ BROKEN = {
                          "jobs.prep.type: 'sweep' steps are not supported"),
     "bad binding": ("${{parent.inputs.count}}", "n-${{parent.inputs.count}}",
                     "jobs.prep.inputs.count: 'n-${{parent.inputs.count}}': a binding is one whole"),
+    # The YAML's shape (pydantic models of Azure's pipeline and command step schemas)
+    "unknown pipeline key": ("settings:", "setting:", "unknown key 'setting'"),
+    "raypar key of a step": ("settings:", "raypar: {placement_timeout: 5}\nsettings:",
+                             "unknown key 'placement_timeout' at raypar.placement_timeout (a pipeline's raypar: "
+                             "block holds datastores; other raypar settings go in each step)"),
+    "no steps": ("jobs:\n", "jobs: {}\nnot_jobs:\n", "jobs: Dictionary should have at least 1 item"),
+    "unknown command key": ("    environment: azureml", "    environ: azureml", "jobs.report: unknown key 'environ'"),
+    "blank command": ("command: PY prep.py ${{inputs.count}} ${{outputs.docs}} STEPLOG", "command: ' '",
+                      "jobs.prep: command: is empty (a command step needs a command)"),
+    "input declaration": ("  count: 5", "  count: {type: int, default: 5}",
+                          "inputs.count: type: Input should be 'boolean', 'custom_model', 'integer'"),
+    "output declaration": ("    mode: rw_mount", "    mode: rw_mount\n    colour: blue",
+                           "outputs.final: unknown key 'colour'"),
 }
 
 

@@ -26,6 +26,15 @@ from typing import Any, Optional, Sequence, Union
 
 from raypar.errors import SpecError, UsageError
 from raypar.jobdir.layout import default_job_dir
+from raypar.pipelines.shapes import (
+    COMMAND_HINTS,
+    COMMAND_IGNORED,
+    HINTS,
+    PIPELINE_IGNORED,
+    CommandStepShape,
+    PipelineRaypar,
+    PipelineShape,
+)
 from raypar.spec import datastores
 from raypar.spec.binding import bind
 from raypar.spec.components import (
@@ -41,19 +50,10 @@ from raypar.spec.components import (
     read_yaml,
     use_component,
 )
-from raypar.spec.loading import spec_from_dict
+from raypar.spec.loading import check_shape, spec_from_dict
 from raypar.spec.models import BINDING_RE, JobSpec
 from raypar.storage import is_url
 
-PIPELINE_KEYS = {"$schema", "type", "name", "display_name", "description", "tags", "experiment_name", "compute",
-                 "settings", "inputs", "outputs", "jobs", "identity", "properties", "raypar"}
-PIPELINE_RAYPAR_KEYS = {"datastores"}  # a pipeline's own raypar: block (each step has its full one)
-PIPELINE_IGNORED = ("compute", "identity")  # Azure compute and identity: no meaning on Ray (settings: each key)
-COMMAND_KEYS = {"type", "component", "command", "code", "inputs", "outputs", "environment_variables",
-                "$schema", "name", "version", "display_name", "description", "tags", "is_deterministic",
-                "experiment_name", "properties"}
-COMMAND_IGNORED = {"environment", "compute", "resources", "distribution", "limits", "identity", "services",
-                   "queue_settings"}
 STEP_TYPES = ("parallel", "command")
 
 _PARENT_RE = re.compile(r"^\s*\$\{\{\s*parent\.([^}]*?)\s*\}\}\s*$")
@@ -181,19 +181,12 @@ class _Draft:
 
 
 def _resolve(data: dict, base: Path, sets: dict, set_base: Path, job_dir: str, name: str):
-    unknown = sorted(set(data) - PIPELINE_KEYS)
-    if unknown:
-        raise SpecError(f"unknown key '{unknown[0]}'")
-    own_stores = _pipeline_datastores(data.get("raypar"), base)
+    shape = check_shape(PipelineShape, data, "", HINTS)
+    own_stores = _pipeline_datastores(shape.raypar, base)
     stores = datastores.merged(own_stores)
     ignored = [k for k in PIPELINE_IGNORED if data.get(k) is not None]
-    settings = data.get("settings") or {}
-    if not isinstance(settings, dict):
-        raise SpecError("settings: must be a mapping")
-    ignored += [f"settings.{k}" for k in settings]
-    jobs = data.get("jobs")
-    if not isinstance(jobs, dict) or not jobs:
-        raise SpecError("jobs: a pipeline needs a mapping of steps (step name -> job)")
+    ignored += [f"settings.{k}" for k in shape.settings or {}]
+    jobs = shape.jobs
     declared_inputs = data.get("inputs") or {}
     # The pipeline's own paths get its name for ${{name}}; each step's, the step's name.
     inputs = _resolve_paths(bind_inputs(declared_inputs, [(sets["inputs"], set_base)], "", base), name, stores,
@@ -219,17 +212,11 @@ def _resolve(data: dict, base: Path, sets: dict, set_base: Path, job_dir: str, n
     return steps, outputs, ignored
 
 
-def _pipeline_datastores(block: Any, base: Path) -> dict[str, str]:
+def _pipeline_datastores(block: Optional[PipelineRaypar], base: Path) -> dict[str, str]:
     """``raypar: {datastores: {...}}`` at the top of a pipeline: the mapping of every step's paths."""
     if block is None:
         return {}
-    if not isinstance(block, dict):
-        raise SpecError("raypar: must be a mapping (a pipeline's raypar: block holds datastores)")
-    unknown = sorted(set(block) - PIPELINE_RAYPAR_KEYS)
-    if unknown:
-        raise SpecError(f"raypar.{unknown[0]}: unknown key (a pipeline's raypar: block holds datastores; "
-                        f"other raypar settings go in each step)")
-    return datastores.absolute(datastores.check(block.get("datastores") or {}, "raypar.datastores"), base)
+    return datastores.absolute(datastores.check(block.datastores or {}, "raypar.datastores"), base)
 
 
 def _resolve_paths(items: dict, name: str, stores: dict, where: str) -> dict:
@@ -261,10 +248,8 @@ def _draft(name: Any, step: Any, base: Path, ignored: list) -> _Draft:
     if kind not in STEP_TYPES:
         raise SpecError(f"{where}.type: {kind!r} steps are not supported (raypar runs parallel and command steps)")
     if kind == "command":
-        unknown = sorted(set(definition) - COMMAND_KEYS - COMMAND_IGNORED)
-        if unknown:
-            raise SpecError(f"{where}: unknown key '{unknown[0]}' for a command step")
-        ignored += [f"{where}.{k}" for k in sorted(COMMAND_IGNORED & set(definition))]
+        check_shape(CommandStepShape, definition, where, COMMAND_HINTS)
+        ignored += [f"{where}.{k}" for k in sorted(set(COMMAND_IGNORED) & set(definition))]
     elif definition.get("compute") is not None:
         ignored.append(f"{where}.compute")
     if uses:
@@ -426,17 +411,12 @@ def _finish(draft: _Draft, job_dir: str, own_stores: dict, stores: dict) -> Step
     definition = draft.definition
     inputs = _resolve_paths(bind_inputs(definition.get("inputs") or {}, layers, where, draft.base), draft.name, stores,
                             f"{where}inputs")
-    command = definition.get("command")
-    if not isinstance(command, str) or not command.strip():
-        raise SpecError(f"{where}command: a command step needs a command")
-    command = drop_optional_blocks(command, set(inputs), f"{where}command")
+    command = drop_optional_blocks(definition["command"], set(inputs), f"{where}command")
     code = definition.get("code")
     cwd = local_or_url(code, draft.base, f"{where}code") if code else str(draft.base)
     if is_url(cwd) or not os.path.isdir(cwd):
         raise SpecError(f"{where}code: {cwd}: must be a local folder (the command runs in it)")
-    env = definition.get("environment_variables") or {}
-    if not isinstance(env, dict):
-        raise SpecError(f"{where}environment_variables: must be a mapping")
+    env = definition.get("environment_variables") or {}  # a mapping: CommandStepShape
     command = _bind_command(command, inputs, draft.outputs, f"{where}command")
     return Step(draft.name, "command", needs, draft.outputs, command=command, cwd=cwd,
                 env={str(k): str(v) for k, v in env.items()})

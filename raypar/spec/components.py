@@ -17,14 +17,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from raypar import yamlfile
 from raypar.errors import SpecError, UsageError
 from raypar.spec.datastores import is_datastore_url
-from raypar.spec.loading import spec_from_dict
+from raypar.spec.loading import check_shape, spec_from_dict
 from raypar.spec.models import BINDING_RE, JobSpec
 from raypar.storage import is_url
 
@@ -32,8 +33,7 @@ DATA_TYPES = {"uri_folder", "uri_file", "mltable"}
 # Azure's model types are folders (or files) to raypar: the entry script gets their path.
 MODEL_TYPES = {"custom_model", "mlflow_model", "triton_model"}
 LITERAL_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
-DECLARATION_KEYS = {"type", "description", "default", "optional", "min", "max", "enum", "mode"}
-OUTPUT_KEYS = {"type", "mode", "path", "description"}
+INPUT_TYPES = tuple(sorted(DATA_TYPES | MODEL_TYPES | set(LITERAL_TYPES)))
 COMPONENT_SCHEMA = "parallelComponent.schema.json"
 # Keys a component has and a job does not (component metadata).
 COMPONENT_ONLY_KEYS = ("version",)
@@ -43,6 +43,30 @@ USE_KEYS = ("type", "component", "inputs", "outputs")
 _OPTIONAL_BLOCK_RE = re.compile(r"\$\[\[(.*?)\]\]", re.S)
 # inputs.NAME, outputs.NAME (and Azure CLI's NAME.path), jobs.STEP.outputs.NAME of a pipeline step.
 _SET_RE = re.compile(r"^(?:jobs\.([A-Za-z_][\w-]*)\.)?(inputs|outputs)\.([A-Za-z_][\w-]*)(\.path)?$")
+
+class InputDeclaration(BaseModel):
+    """A declared input of a component or pipeline (Azure's component schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal[INPUT_TYPES]  # type: ignore[valid-type]
+    description: Optional[str] = None
+    default: Any = None
+    optional: bool = False
+    min: Optional[float] = None
+    max: Optional[float] = None
+    enum: Optional[list] = None
+    mode: Optional[str] = None
+
+
+class OutputDeclaration(BaseModel):
+    """A declared output: its type, mode and (optionally) where it goes."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Optional[str] = None
+    mode: Optional[str] = None
+    path: Optional[str] = None
+    description: Optional[str] = None
+
 
 Layers = Sequence[tuple[dict, Path]]  # (bindings, the folder their relative paths are relative to)
 
@@ -184,14 +208,7 @@ def _layered(declared: Any, layers: Layers, key: str, noun: str) -> dict[str, tu
 
 
 def _check_declaration(decl: dict, key: str) -> str:
-    unknown = sorted(set(decl) - DECLARATION_KEYS)
-    if unknown:
-        raise SpecError(f"{key}: unknown key '{unknown[0]}'")
-    kind = decl.get("type")
-    if kind not in DATA_TYPES | MODEL_TYPES | set(LITERAL_TYPES):
-        allowed = ", ".join(sorted(DATA_TYPES | MODEL_TYPES | set(LITERAL_TYPES)))
-        raise SpecError(f"{key}.type: {kind!r} is not an input type ({allowed})")
-    return kind
+    return check_shape(InputDeclaration, decl, key).type
 
 
 def _unbound_input(decl: dict, yaml_base: Path, key: str, where: str):
@@ -271,11 +288,7 @@ def bind_outputs(declared: Optional[dict], layers: Layers, where: str, yaml_base
     for name, decl in declared.items():
         key = f"{where}outputs.{name}"
         decl = decl or {}
-        if not isinstance(decl, dict):
-            raise SpecError(f"{key}: must be a mapping (type, mode, path)")
-        unknown = sorted(set(decl) - OUTPUT_KEYS)
-        if unknown:
-            raise SpecError(f"{key}: unknown key '{unknown[0]}'")
+        check_shape(OutputDeclaration, decl, key)
         out = {k: v for k, v in decl.items() if k in ("type", "mode", "description")}
         kind = out.get("type", "uri_folder")
         out["type"] = kind if kind in DATA_TYPES else "uri_folder" if kind in MODEL_TYPES else kind

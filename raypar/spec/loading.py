@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from raypar import yamlfile
 from raypar.errors import SpecError
@@ -53,6 +53,19 @@ def spec_from_dict(data: Any, base_dir: Union[str, Path, None] = None, source: s
         return absolutize(spec, Path(base_dir) if base_dir else Path.cwd())
     except SpecError as exc:
         raise SpecError(f"{source}: {exc.headline}") from None
+
+
+def check_shape(model: type[BaseModel], data: Any, where: str, hints: Optional[dict] = None) -> BaseModel:
+    """``data`` validated against a pydantic model of a YAML block's shape; otherwise one line
+    naming ``where`` and the key, with the hint of the block the first problem is in."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        line = describe_validation_error(exc)
+        loc = exc.errors()[0]["loc"]
+        hint = (hints or {}).get(loc[0] if loc else None)
+        line += f" ({hint})" if hint else ""
+        raise SpecError(f"{where}: {line}" if where else line) from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
