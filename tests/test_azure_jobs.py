@@ -144,3 +144,57 @@ def test_wrong_credentials_are_one_line_exit_nonzero_and_nothing_written(ray_clu
     assert "inputs.data" in lines[0] and "authentication failed" in lines[0]
     assert wrong_key not in result.stderr
     assert good.find(f"{container}") == [f"{container}/input/a.txt"]  # nothing written
+
+
+READS_AHEAD = '''\
+import argparse, glob, os, time
+
+def init():
+    global args
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--wait-next", type=int, default=-1)  # batches below this wait for the next one's read
+    args, _ = parser.parse_known_args()
+
+def run(mini_batch):
+    [path] = mini_batch
+    k = int(os.path.basename(path)[1:3])
+    cache = os.environ["RAYPAR_CACHE_DIR"]
+    def next_fetched():  # batch k+1's file, fetched into the node's cache by its read
+        return bool(glob.glob(os.path.join(cache, "*", f"f{k + 1:02d}.txt")))
+    seen = next_fetched()
+    deadline = time.monotonic() + 60
+    while k < args.wait_next and not seen and time.monotonic() < deadline:
+        time.sleep(0.01)  # until batch k+1 has been read while this run() works, or a minute
+        seen = next_fetched()
+    return [f"f{k:02d}.txt {open(path).read()} next-read:{seen}"]
+'''
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_a_worker_reads_the_next_mini_batch_while_run_works(ray_cluster, blob, tmp_path, prefetch):
+    container, fs = blob
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(10)}
+    upload(fs, container, files)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "reads_ahead.py").write_text(READS_AHEAD)
+    cache = tmp_path / "cache"
+    spec = make_spec(tmp_path, {}, mini_batch_size="1", **{
+        "inputs.data": {"type": "uri_folder", "path": f"az://{container}/input"},
+        "resources.instance_count": 1, "max_concurrency_per_instance": 1,
+        "task.entry_script": "reads_ahead.py",
+        # with a read ahead, run() of the first five batches waits until the next batch was read meanwhile
+        "task.program_arguments": f"--wait-next {5 if prefetch else -1}",
+        "environment_variables": {"RAYPAR_CACHE_DIR": str(cache)},
+        "raypar.prefetch": prefetch,
+    })
+
+    done = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert done.state is JobState.SUCCEEDED, done.reason
+    rows = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert [r.rsplit(" ", 1)[0] for r in rows] == [f"{n} {t}" for n, t in sorted(files.items())]
+    seen = [r.rsplit(" ", 1)[1] == "next-read:True" for r in rows]
+    if prefetch:  # batch k+1 was read (its file fetched) while run() worked on batch k
+        assert all(seen[:5])
+    else:  # one worker, nothing read ahead: batch k+1 is fetched only once run() of batch k returned
+        assert not any(seen)

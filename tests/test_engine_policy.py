@@ -57,6 +57,21 @@ def test_every_batch_runs_once_on_healthy_workers(tmp_path):
     assert ledger.view().failed == {}
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_a_worker_is_told_to_read_each_queued_batch_before_its_turn(tmp_path, prefetch):
+    reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(1.0), batches=30,
+                                             **{"raypar.prefetch": prefetch})
+
+    assert reason is None and scheduler.progress.done == 30
+    hinted = [ordinal(b) for b, _ in cluster.asides]
+    assert all(waiting for _, waiting in cluster.asides)  # each hint came while its batch waited its turn
+    assert len(hinted) == len(set(hinted))  # once each
+    if prefetch == 0:
+        assert hinted == []
+    else:  # every batch that waited behind another call was read ahead
+        assert sorted(hinted) == sorted(ordinal(b) for b in cluster.queued) and len(hinted) >= 20
+
+
 def test_a_user_error_is_retried_then_the_batch_fails(tmp_path):
     reason, scheduler, cluster, ledger = run(
         tmp_path, lambda b, a, w: Outcome(1.0, "user", "ValueError: bad row") if ordinal(b) == 2 else Outcome(1.0))

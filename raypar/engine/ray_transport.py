@@ -31,6 +31,7 @@ from raypar.worker.actor import Worker
 from raypar.worker.plan import WorkerPlan
 
 log = logging.getLogger("raypar")
+ASIDE = "aside"  # the actor's concurrency group for hints, beside its ordered calls
 
 
 class Placement:
@@ -145,7 +146,8 @@ class Placement:
 @functools.lru_cache(maxsize=1)
 def _worker_actor():
     """The actor class, made once per process: Ray exports (pickles) a class per ray.remote() call."""
-    return ray.remote(Worker)
+    # The "aside" group: one thread beside the ordered calls, for hints (reading a batch ahead).
+    return ray.remote(concurrency_groups={ASIDE: 1})(Worker)
 
 
 class RayTransport(Transport):
@@ -169,6 +171,9 @@ class RayTransport(Transport):
 
     def call(self, worker: Any, method: str, *args) -> Any:
         return getattr(worker, method).remote(*args)
+
+    def call_aside(self, worker: Any, method: str, *args) -> None:
+        getattr(worker, method).options(concurrency_group=ASIDE).remote(*args)
 
     def wait(self, calls, timeout: float) -> list:
         calls = list(calls)

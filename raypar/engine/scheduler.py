@@ -49,6 +49,7 @@ class Call:
     batch: MiniBatch
     attempt: int
     started: Optional[float]  # None while queued behind another call on the actor
+    read_ahead: bool = False  # the worker was told to read its batch while the calls before it run
 
 
 class Unstored:
@@ -101,6 +102,7 @@ class Slot:
     flush_ref: Any = None
     answers: int = 0
     mean_seconds: float = 0.0  # moving average of this worker's batch durations
+    ahead: int = 0  # raypar.prefetch: queued calls whose batches the worker reads ahead
 
     def depth(self, now: float) -> int:
         """How many calls this worker may hold right now."""
@@ -109,8 +111,8 @@ class Slot:
                 now - head.started > max(4 * self.mean_seconds, 0.5):
             return 1  # its batch runs long: queue nothing behind it
         if self.answers >= 2 and self.mean_seconds < FAST_BATCH_SECONDS:
-            return FAST_PREFETCH
-        return PREFETCH
+            return max(FAST_PREFETCH, 1 + self.ahead)
+        return max(PREFETCH, 1 + self.ahead)
 
     def observe(self, seconds: float) -> None:
         self.answers += 1
@@ -162,7 +164,7 @@ class Scheduler:
         self.interrupt = interrupt  # returns a reason to stop now (lease lost, later cancel)
         self.may_write = may_write  # False once the lease is lost: the job dir is another driver's
         self.slots = [
-            Slot(instance=i, index=s)
+            Slot(instance=i, index=s, ahead=spec.raypar.prefetch)
             for i in range(spec.resources.instance_count)
             for s in range(spec.max_concurrency_per_instance)
         ]
@@ -370,6 +372,18 @@ class Scheduler:
         self.calls[ref] = (slot, call)
         if call.started is not None:
             self._deadline(slot, call)
+        self._read_ahead(slot)
+
+    def _read_ahead(self, slot: Slot) -> None:
+        """Tell the worker to read the batches queued behind its running one now (raypar.prefetch),
+        so that run() does not wait for their input. A hint: the worker reads a batch itself when
+        the hint came too late or its read failed, and the error is then the batch's own."""
+        for position, call in enumerate(slot.calls):
+            if position > slot.ahead:
+                break
+            if position and not call.read_ahead:
+                call.read_ahead = True
+                self.transport.call_aside(slot.actor, "prefetch", call.batch.to_json())
 
     def _deadline(self, slot: Slot, call: Call) -> None:
         """``call`` started running: its timeout deadline joins the heap."""
@@ -612,6 +626,7 @@ class Scheduler:
         if slot.calls and slot.calls[0].started is None:
             slot.calls[0].started = now
             self._deadline(slot, slot.calls[0])
+        self._read_ahead(slot)
 
     def _on_user_failure(self, call: Call, error: str, kind: str, slot: Slot,
                          started: Optional[float] = None, items: Optional[int] = None) -> None:

@@ -52,6 +52,9 @@ class SimulatedCluster(Transport):
         self.ended_calls: set[int] = set()
         self.ids = itertools.count(1)
         self.stats = {"workers": 0, "run_batch": 0, "canceled": 0, "killed": 0, "done": 0, "failed": 0}
+        self.run_starts: dict[str, float] = {}  # batch json -> when its last run_batch call starts
+        self.queued: list[str] = []  # batches whose run_batch waited behind another call
+        self.asides: list[tuple[str, bool]] = []  # (batch json, its run_batch had not started) per hint
 
     def placed_instances(self) -> set[int]:
         return self.instances if self.instances is not None else {s.instance for s in
@@ -72,6 +75,9 @@ class SimulatedCluster(Transport):
             seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}"}
         elif method == "run_batch":
             self.stats["run_batch"] += 1
+            self.run_starts[args[0]] = start
+            if start > self.now:
+                self.queued.append(args[0])
             outcome = self.behaviour(args[0], args[1], worker)
             seconds = outcome.seconds
             if outcome.result == "ok":
@@ -96,6 +102,10 @@ class SimulatedCluster(Transport):
         self.results[cid] = (end, kind, value, worker)
         heapq.heappush(self.events, (end, cid))
         return cid
+
+    def call_aside(self, worker: int, method: str, *args) -> None:
+        if method == "prefetch":
+            self.asides.append((args[0], self.run_starts.get(args[0], self.now) > self.now))
 
     def wait(self, calls, timeout: float) -> list:
         """Advance the clock to the next end among ``calls`` (or by ``timeout``)."""

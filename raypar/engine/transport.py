@@ -54,6 +54,10 @@ class Transport:
         """Call a worker method (calls on one worker run in order); returns the call's handle."""
         raise NotImplementedError
 
+    def call_aside(self, worker: Any, method: str, *args) -> None:
+        """Call a worker method beside its ordered calls (while one runs), answer unwanted:
+        a hint such as reading a queued batch ahead. Transports without it ignore it."""
+
     def wait(self, calls, timeout: float) -> list:
         """The calls that have ended, once one has or ``timeout`` seconds have passed ([] then).
         ``calls``: a list, or a mapping whose keys are the calls (``in`` must be fast)."""

@@ -34,6 +34,7 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> WorkerPlan:
         storage=storage,
         ledger=spec.raypar.ledger.plan(),
         mount_cache_bytes=spec.raypar.mount_cache.max_bytes(),
+        prefetch=spec.raypar.prefetch,
         # Remote folder outputs the entry script writes as local folders (see staging.py).
         staged_outputs=[o.path.rstrip("/") for o in spec.outputs.values()
                         if o.path and is_url(o.path) and o.type != "uri_file" and o.mode != "direct"],

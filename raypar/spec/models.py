@@ -267,6 +267,8 @@ class RayparSpec(_Model):
     # Second attempts of straggling mini-batches at the end of a job.
     speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
     mount_cache: MountCacheSettings = Field(default_factory=MountCacheSettings)
+    # Queued mini-batches each worker reads (fetches, decodes) while run() works on the one before.
+    prefetch: StrictInt = Field(1, ge=0, le=8)
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
     # Seconds a driver's lease on the job dir outlives its last heartbeat (renewed every third of it;

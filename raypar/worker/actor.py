@@ -37,6 +37,7 @@ from raypar.jobdir.records import DoneRecord
 from raypar.outputs.rows import count_and_serialize
 from raypar.worker.azure_env import EntryEnvironment
 from raypar.worker.plan import WorkerPlan
+from raypar.worker.read_ahead import ReadAhead
 from raypar.worker.staging import stage_outputs
 
 log = logging.getLogger("raypar")
@@ -89,6 +90,7 @@ class Worker:
         self.started = False  # init() succeeded: only then does shutdown() run
         self.context_as: Optional[str] = None  # how run() takes mini_batch_context (_context_argument)
         self.reader: Optional[BatchReader] = None  # made once the entry script has loaded
+        self.ahead: Optional[ReadAhead] = None  # batches read while run() works (raypar.prefetch)
         self.staged: list = []  # remote output folders written locally (staging.py)
         self.log = None  # this worker's log stream, once its output is captured
         self.name = f"instance{instance}-slot{slot}"
@@ -122,6 +124,7 @@ class Worker:
                 raise AttributeError(f"{self.plan.entry_script} has no run(mini_batch) function")
             self.context_as = _context_argument(self.module.run)
             self.reader = BatchReader(self.plan.input, self.plan.storage, self.plan.mount_cache_bytes)
+            self.ahead = ReadAhead(self.reader, self.plan.prefetch)
             init = getattr(self.module, "init", None)
             if init is not None:
                 stage = "init()"
@@ -220,7 +223,7 @@ class Worker:
         temp = None
         items = None  # a table batch cut by bytes knows its rows only once read
         try:
-            mini_batch, context, temp = self.reader.read(batch)
+            mini_batch, context, temp = self.ahead.read(batch)
             items = len(mini_batch) if batch.kind == "table" else batch.item_count
             result = self.entry_env.call(self._call_run, mini_batch, context)
             returned, rows = count_and_serialize(result, self.with_rows, self.plan.append_row_format)
@@ -251,6 +254,12 @@ class Worker:
         self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
                 "seconds": record.seconds, "index": self.done.written}
+
+    def prefetch(self, batch_json: str) -> None:
+        """Read a queued mini-batch while run() works on the one before: called on the actor's
+        "aside" thread, beside the ordered calls (raypar/worker/read_ahead.py)."""
+        if self.ahead is not None:  # not before init() succeeded
+            self.ahead.prefetch(MiniBatch.from_json(batch_json))
 
     def flush(self) -> dict:
         """Store the buffered done records, and the log so far (the driver asks an idle worker,
@@ -287,6 +296,8 @@ class Worker:
             self._close_log()
             if self.entry_env is not None:
                 self.entry_env.close()
+            if self.ahead is not None:
+                self.ahead.close()
             if self.reader is not None:
                 self.reader.close()
             self._remove_copy()

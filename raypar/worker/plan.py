@@ -27,4 +27,5 @@ class WorkerPlan:
     ledger: Optional[dict] = None  # raypar.ledger flush settings (object-store job dirs)
     profiling_module: Optional[str] = None  # Azure's --profiling_module: profile each run()
     staged_outputs: list[str] = field(default_factory=list)  # remote folder outputs written locally
+    prefetch: int = 1  # raypar.prefetch: how many queued batches the driver has this worker read ahead
     mount_cache_bytes: Optional[int] = None  # raypar.mount_cache.max_size: the ro_mount cache's limit
