@@ -349,9 +349,9 @@ class Scheduler:
         ready = [s for s in candidates if s.ready and not s.retired]
         # Fill in waves (one call per worker per wave) so the first batches spread out.
         for wave in range(1, FAST_PREFETCH + 1):
-            if wave > 1 and len(self.queue) <= len(self.slots) * wave and \
+            if wave > 1 and len(self.queue) <= len(self.slots) * wave and len(self.slots) > 1 and \
                     len(self.queue) <= sum(s.ready and not s.retired for s in self.slots) * wave:
-                break  # the tail: keep work in the queue for whichever worker frees first
+                break  # the tail: keep work in the queue for whichever worker frees first (if another can)
             for slot in ready:
                 if not self.queue:
                     self.queue_was_empty = True
