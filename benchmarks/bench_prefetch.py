@@ -31,10 +31,9 @@ import pyarrow.parquet as pq
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
+from common import batch_phase, print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 from raypar.inputs import BatchReader, check_input, plan_batches  # noqa: E402
-from raypar.jobdir.ledger import Ledger  # noqa: E402
 from raypar.spec.loading import spec_from_dict  # noqa: E402
 
 ENTRY = textwrap.dedent("""
@@ -97,11 +96,6 @@ def read_seconds(spec: dict) -> tuple[int, float]:
         times.append(time.perf_counter() - started)
         del frame
     return len(batches), statistics.median(times)
-
-
-def batch_phase(job_dir: str) -> float:
-    records = list(Ledger(job_dir).view().done.values())
-    return max(r.started + r.seconds for r in records) - min(r.started for r in records)
 
 
 def main() -> int:

@@ -19,6 +19,15 @@ def run_raypar(spec: dict, job_dir: str, verbose: bool):
     return raypar.run(spec, job_dir=job_dir, echo=echo).wait()
 
 
+def batch_phase(job_dir: str) -> float:
+    """Seconds from the first mini-batch's start to the last one's end, from the done records
+    (Ray's start, the workers' init() and the output's assembly left out)."""
+    from raypar.jobdir.ledger import Ledger  # noqa: PLC0415 - only the scripts that time batch phases need it
+
+    records = list(Ledger(job_dir).view().done.values())
+    return max(r.started + r.seconds for r in records) - min(r.started for r in records)
+
+
 def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
     """Finished actors and tasks give their CPUs back asynchronously: start each phase on an idle cluster."""
     deadline = time.time() + timeout
