@@ -43,7 +43,7 @@ from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa
 
 import raypar  # noqa: E402
 
-TARGET_RATIO = 0.80
+TARGET_RATIO = 1.30  # issue 16: batches of milliseconds go several to a call
 
 ENTRY_SCRIPT = textwrap.dedent('''\
     """Benchmark entry script: one row per file, "<basename> <characters>"."""

@@ -72,6 +72,58 @@ def test_a_worker_is_told_to_read_each_queued_batch_before_its_turn(tmp_path, pr
         assert sorted(hinted) == sorted(ordinal(b) for b in cluster.queued) and len(hinted) >= 20
 
 
+# -- batches of milliseconds go several to a call (groups) -----------------------------------
+
+
+def test_batches_of_milliseconds_go_several_to_a_call_each_answered_as_its_own(tmp_path):
+    seen = []
+
+    def behaviour(batch, attempt, worker):
+        seen.append((ordinal(batch), attempt))
+        return Outcome(0.002)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=400)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (400, 0)
+    assert sorted(seen) == [(i, 1) for i in range(400)]  # each batch once
+    calls = cluster.stats["groups"] + cluster.stats["run_batch"] - cluster.stats["grouped"]  # Ray calls made
+    assert cluster.stats["grouped"] > 300 and calls < 100  # most batches went several to a call
+    assert ledger.view().failed == {}
+
+
+def test_a_user_error_inside_a_group_is_charged_to_its_batch_alone(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(0.002, "user", "ValueError: bad") if (ordinal(b), a) == (300, 1)
+        else Outcome(0.002), batches=400)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (400, 0)
+    assert cluster.stats["groups"] >= 10
+    assert {b: history(ledger, int(b[3:])) for b in ledger.view().failed} == {"mb-0000300": [("user", False)]}
+
+
+def test_a_worker_that_dies_in_a_group_charges_no_batch_until_the_culprit_runs_alone(tmp_path):
+    # Batch 300 kills its worker every time: the group it is in is lost with no batch charged,
+    # its batches run again one to a call, and only 300 is charged, as a system failure.
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(0.002, "lost") if ordinal(b) == 300 else Outcome(0.002), batches=400,
+        **{"retry_settings.max_retries": 0})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (399, 1)
+    assert cluster.stats["groups"] >= 10
+    failed = ledger.view().failed
+    assert set(failed) == {"mb-0000300"}
+    assert history(ledger, 300)[-1] == ("system", True) and all(k == "system" for k, _ in history(ledger, 300))
+
+
+def test_a_group_past_the_timeout_charges_no_try_and_the_hanging_batch_times_out_alone(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1000.0) if ordinal(b) == 300 else Outcome(0.002), batches=400)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (399, 1)
+    assert set(ledger.view().failed) == {"mb-0000300"}
+    assert history(ledger, 300) == [("timeout", False), ("timeout", True)]  # its own two tries, alone
+
+
 def test_a_user_error_is_retried_then_the_batch_fails(tmp_path):
     reason, scheduler, cluster, ledger = run(
         tmp_path, lambda b, a, w: Outcome(1.0, "user", "ValueError: bad row") if ordinal(b) == 2 else Outcome(1.0))

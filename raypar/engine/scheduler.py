@@ -10,6 +10,13 @@ so it never idles on a round trip. The queue is ``PREFETCH`` deep, deeper
 milliseconds (where Ray's round trip is the cost), and no queue at all for a
 worker whose current batch runs long or in the tail of the job: a slow worker
 never sits on work others could take.
+
+Batches that take milliseconds are also sent several to a call (a *group*,
+``run_batches``): one Ray round trip for up to ``GROUP_MAX`` of them, each still
+run, recorded and answered as its own. A group must end within one batch's
+timeout; when it does not, or its worker is lost, no batch in it is charged a
+try: those its worker stored are done, the others run again *solo*, one to a
+call, where a batch that hangs or kills its worker is charged as usual.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ log = logging.getLogger("raypar")
 PREFETCH = 2
 FAST_PREFETCH = 4
 FAST_BATCH_SECONDS = 0.2  # batches faster than this make the round trip worth hiding
+GROUP_MAX = 32  # mini-batches per call at most, for batches that take milliseconds
+GROUP_SECONDS = 0.05  # ... as many as take about this long together
 MAX_STARTS_PER_SLOT = 3  # init() tries per slot before the slot is given up
 MAX_DEATHS_PER_SLOT = 5  # worker processes lost per slot before the slot is given up
 MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not user tries)
@@ -50,6 +59,7 @@ class Call:
     attempt: int
     started: Optional[float]  # None while queued behind another call on the actor
     read_ahead: bool = False  # the worker was told to read its batch while the calls before it run
+    members: Optional[list["Call"]] = None  # a group: its batches' own calls (ref None), in order
 
 
 class Unstored:
@@ -110,9 +120,14 @@ class Slot:
         if head is not None and head.started is not None and \
                 now - head.started > max(4 * self.mean_seconds, 0.5):
             return 1  # its batch runs long: queue nothing behind it
-        if self.answers >= 2 and self.mean_seconds < FAST_BATCH_SECONDS:
+        if self.fast:
             return max(FAST_PREFETCH, 1 + self.ahead)
         return max(PREFETCH, 1 + self.ahead)
+
+    @property
+    def fast(self) -> bool:
+        """Its batches take milliseconds: queue deeper, group them, read nothing ahead."""
+        return self.answers >= 2 and self.mean_seconds < FAST_BATCH_SECONDS
 
     def observe(self, seconds: float) -> None:
         self.answers += 1
@@ -187,6 +202,7 @@ class Scheduler:
         self.seq = 0
         self.copies: dict[str, list[Call]] = {}  # batch -> its live attempts, while it runs twice
         self.settled: set[str] = set()  # batches one attempt finished while another still ran
+        self.solo: set[str] = set()  # batches whose group ended without an answer: one to a call now
         self.last_init_error: Optional[str] = None
         self.last_init_stage = "init()"
 
@@ -363,25 +379,47 @@ class Scheduler:
         return slot.instance, slot.index
 
     def _submit(self, slot: Slot, now: float) -> None:
-        batch, _ = self.queue.popleft()
-        self.attempts[batch.id] += 1
-        attempt = self.attempts[batch.id]
-        ref = self.transport.call(slot.actor, "run_batch", batch.to_json(), attempt)
-        call = Call(ref=ref, batch=batch, attempt=attempt, started=None if slot.calls else now)
+        size = self._group_size(slot)
+        batches = [self.queue.popleft()[0]]
+        while len(batches) < size and self.queue and self.queue[0][0].id not in self.solo \
+                and batches[0].id not in self.solo:
+            batches.append(self.queue.popleft()[0])
+        for batch in batches:
+            self.attempts[batch.id] += 1
+        started = None if slot.calls else now
+        if len(batches) == 1:
+            batch = batches[0]
+            ref = self.transport.call(slot.actor, "run_batch", batch.to_json(), self.attempts[batch.id])
+            call = Call(ref=ref, batch=batch, attempt=self.attempts[batch.id], started=started)
+        else:
+            members = [Call(ref=None, batch=b, attempt=self.attempts[b.id], started=started) for b in batches]
+            ref = self.transport.call(slot.actor, "run_batches", [[m.batch.to_json(), m.attempt] for m in members])
+            call = Call(ref=ref, batch=batches[0], attempt=0, started=started, members=members)
         slot.calls.append(call)
         self.calls[ref] = (slot, call)
         if call.started is not None:
             self._deadline(slot, call)
         self._read_ahead(slot)
 
+    def _group_size(self, slot: Slot) -> int:
+        """How many queued batches the next call to ``slot`` takes: one, unless its batches take
+        milliseconds and the queue is far from its tail (every ready worker keeps getting work)."""
+        if not slot.fast or self.spec.raypar.speculation.enabled:
+            return 1
+        ready = sum(s.ready and not s.retired for s in self.slots)
+        share = len(self.queue) // (2 * FAST_PREFETCH * max(ready, 1))  # the tail stays one to a call
+        return max(1, min(GROUP_MAX, int(GROUP_SECONDS / max(slot.mean_seconds, 1e-4)), share))
+
     def _read_ahead(self, slot: Slot) -> None:
         """Tell the worker to read the batches queued behind its running one now (raypar.prefetch),
         so that run() does not wait for their input. A hint: the worker reads a batch itself when
         the hint came too late or its read failed, and the error is then the batch's own."""
+        if slot.fast:
+            return  # batches of milliseconds: a hint would cost what it saves
         for position, call in enumerate(slot.calls):
             if position > slot.ahead:
                 break
-            if position and not call.read_ahead:
+            if position and not call.read_ahead and call.members is None:
                 call.read_ahead = True
                 self.transport.call_aside(slot.actor, "prefetch", call.batch.to_json())
 
@@ -414,7 +452,7 @@ class Scheduler:
             call = donor.calls.pop()
             self.transport.cancel(call.ref)
             self.calls.pop(call.ref, None)
-            self.queue.append((call.batch, 0))
+            self.queue.extend((b, 0) for b in _batches(call))
         self._dispatch(self.clock())
 
     # -- speculation --------------------------------------------------------
@@ -427,7 +465,8 @@ class Scheduler:
             return
         idle = [s for s in self.slots if s.ready and not s.retired and not s.calls]
         median = statistics.median(self.recent)
-        running = [s.calls[0] for s in self.slots if s.calls and s.calls[0].started is not None]
+        running = [s.calls[0] for s in self.slots
+                   if s.calls and s.calls[0].started is not None and s.calls[0].members is None]
         stragglers = sorted((c for c in running if now - c.started >= threshold and c.batch.id not in self.copies),
                             key=lambda c: c.started)
         for call, slot in zip(stragglers, idle, strict=False):  # as many copies as there are idle slots
@@ -595,6 +634,21 @@ class Scheduler:
     def _handle(self, slot: Slot, call: Call, answer: dict, now: float) -> None:
         self.calls.pop(call.ref, None)
         self._pop_call(slot, call, now)
+        if call.members is None:
+            self._account(slot, call, answer, now)
+            return
+        parts = answer["parts"]  # in order; the worker stops a group at raypar's own failure
+        for member, part in zip(call.members, parts, strict=False):
+            self._account(slot, member, part, now)
+        rest = call.members[len(parts):]  # not run: the group stopped at raypar's own failure
+        failed = rest.pop(0) if answer.get("raised") else None
+        for member in reversed(rest):  # never started: no try spent
+            self.queue.appendleft((member.batch, 0))
+        if failed is not None:
+            self._on_job_dir_failure(slot, failed, f"raypar error in the worker: {answer['raised']}", "raypar")
+
+    def _account(self, slot: Slot, call: Call, answer: dict, now: float) -> None:
+        """What one batch's answer means: done, a failed try, or raypar's own failure."""
         if call.batch.id in self.settled:  # the other attempt won: this one's record is a spare
             self._confirm(slot, answer)
             return
@@ -619,8 +673,9 @@ class Scheduler:
 
     def _pop_call(self, slot: Slot, call: Call, now: float) -> None:
         if call.started is not None:
-            slot.observe(now - call.started)
-            self.recent.append(now - call.started)
+            each = (now - call.started) / len(_batches(call))  # per batch, whether grouped or not
+            slot.observe(each)
+            self.recent.extend([each] * len(_batches(call)))
         slot.calls.remove(call)
         self.dirty.add(slot)
         if slot.calls and slot.calls[0].started is None:
@@ -669,6 +724,9 @@ class Scheduler:
 
     def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot, recorded: set[str],
                                       kind: str = "system") -> None:
+        if call.members is not None:
+            self._requeue_group(call, recorded)
+            return
         batch = call.batch
         if self._drop_copy(call):
             return  # another attempt of it runs (or won): no retry
@@ -701,8 +759,8 @@ class Scheduler:
             slot.calls.remove(call)
             self.calls.pop(call.ref, None)
         running = self._replace(slot, error.splitlines()[0], lost=False)
-        if running is not None:
-            self.queue.appendleft((running.batch, 0))  # killed by us mid-batch: no try spent
+        if running is not None:  # killed by us mid-batch: no try spent
+            self.queue.extendleft((b, 0) for b in reversed(_batches(running)))
         if call is not None:
             self._requeue_after_system_failure(call, error, slot, set(), kind=kind)
         if self.job_dir_failures >= max(JOB_DIR_FAILURES_TO_STOP, len(self.slots)):
@@ -724,10 +782,11 @@ class Scheduler:
         for call in calls:
             self.calls.pop(call.ref, None)
         for call in reversed(calls[1:]):  # never started: no try spent
-            self.queue.appendleft((call.batch, 0))
+            self.queue.extendleft((b, 0) for b in reversed(_batches(call)))
         self._kill(slot)
         slot.deaths += lost  # a worker we killed for a timeout was not lost to the system
-        log.warning("%s: %s; %d queued batch(es) handed back", slot.label, why, max(len(calls) - 1, 0))
+        log.warning("%s: %s; %d queued batch(es) handed back", slot.label, why,
+                    sum(len(_batches(c)) for c in calls[1:]))
         if slot.deaths > MAX_DEATHS_PER_SLOT:
             slot.retired = True
             log.warning("%s given up after %d lost workers", slot.label, slot.deaths)
@@ -747,12 +806,29 @@ class Scheduler:
             head, slot = entry[2], entry[3]
             if self.transport.ended([head.ref]):
                 continue  # it answered just now: handled next step, not a timeout
+            if head.members is not None:  # which of its batches hangs is not known: each runs alone now
+                recorded = self._recorded(slot)
+                self._replace(slot, f"a group of {len(head.members)} mini-batches ran past "
+                                    f"retry_settings.timeout={timeout}s; worker killed", lost=False, recorded=recorded)
+                self._requeue_group(head, recorded)
+                continue
             running = self._replace(slot, f"{head.batch.id} ran past retry_settings.timeout={timeout}s; "
                                           f"worker killed", lost=False)
             if self._drop_copy(running):
                 continue  # its other attempt goes on
             self._on_user_failure(running, f"TimeoutError: run() did not return within {timeout}s; the worker "
                                   f"process was killed and replaced", "timeout", slot)
+
+    def _requeue_group(self, group: Call, recorded: set[str]) -> None:
+        """A group ended without an answer (its worker lost or killed): the batches its worker
+        stored are done; the others run again one to a call, no try spent."""
+        for member in reversed(group.members):
+            if member.batch.id in recorded:
+                self.progress.done += 1
+                self.transport.batch_done(None)
+            else:
+                self.solo.add(member.batch.id)
+                self.queue.appendleft((member.batch, 0))
 
     def _check_thresholds(self) -> None:
         spec, p = self.spec, self.progress
@@ -818,3 +894,8 @@ class Scheduler:
         self.calls.clear()
         self.starts.clear()
         self.flushes.clear()
+
+
+def _batches(call: Call) -> list[MiniBatch]:
+    """The mini-batches a call carries: its group's, or its own."""
+    return [m.batch for m in call.members] if call.members is not None else [call.batch]

@@ -90,6 +90,30 @@ class SimulatedCluster(Transport):
                 kind, value = "raised", outcome.error
             else:
                 kind, value = "lost", "ActorDiedError"
+        elif method == "run_batches":  # a group: its batches one after the other, answered together
+            self.stats["groups"] = self.stats.get("groups", 0) + 1
+            self.stats["grouped"] = self.stats.get("grouped", 0) + len(args[0])
+            parts = []
+            for batch_json, attempt in args[0]:
+                self.stats["run_batch"] += 1
+                self.run_starts[batch_json] = start + seconds
+                outcome = self.behaviour(batch_json, attempt, worker)
+                seconds += outcome.seconds
+                if outcome.result == "lost":
+                    kind, value = "lost", "ActorDiedError"
+                    break
+                if outcome.result == "raised":  # the worker answers the parts before it, as run_batches does
+                    value = {"parts": parts, "raised": outcome.error}
+                    break
+                if outcome.result == "ok":
+                    w.written += 1
+                    parts.append({"ok": True, "items": 1, "returned": 1, "seconds": outcome.seconds,
+                                  "durable": w.written, "position": 0, "index": w.written})
+                else:
+                    parts.append({"ok": False, "items": 1, "error": outcome.error, "durable": w.written,
+                                  "position": 0})
+            else:
+                value = {"parts": parts}
         elif method == "flush":
             value = {"durable": w.written, "position": 0}
         end = start + seconds

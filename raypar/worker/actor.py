@@ -255,6 +255,21 @@ class Worker:
         return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
                 "seconds": record.seconds, "index": self.done.written}
 
+    def run_batches(self, items: list) -> dict:
+        """Several mini-batches that take milliseconds, in one call (the driver groups them to save
+        Ray round trips): each runs and is recorded as by run_batch, and answers as its own. The
+        group stops after a batch raypar could not store, or at raypar's own error."""
+        parts: list[dict] = []
+        for batch_json, attempt in items:
+            try:
+                part = self.run_batch(batch_json, attempt)
+            except Exception as exc:  # noqa: BLE001 - raypar's own error: the driver replaces this worker
+                return {"parts": parts, "raised": describe_error(exc, self.plan.storage)}
+            parts.append(part)
+            if part.get("storage"):
+                break
+        return {"parts": parts}
+
     def prefetch(self, batch_json: str) -> None:
         """Read a queued mini-batch while run() works on the one before: called on the actor's
         "aside" thread, beside the ordered calls (raypar/worker/read_ahead.py)."""
