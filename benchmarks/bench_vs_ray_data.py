@@ -13,11 +13,18 @@ and write one row per input row, ``id, score``, as parquet (or ``--output csv``)
   in the configuration (batch_format, batch_size, concurrency,
   override_num_blocks) that was fastest in a tuning pass over the candidates
   of ``RAY_DATA_CONFIGS`` (``--ray-data NAME`` skips the tuning).
+* in-process pyarrow: the machine's limit for this job, one process and a thread per CPU,
+  no Ray: each row group read whole (every column, as run() gets them), scored from its
+  Arrow columns and written, in order, to one file; nothing durable, no retries.
 * raypar: ``raypar.run(spec, job_dir=...)``, ``mini_batch_size: 64mb``,
   ``instance_count: 1``, ``max_concurrency_per_instance: 2``, worker
   ``num_cpus: 1``, ``raypar.append_row_format: parquet``: planning, the job
   dir, workers that get a pandas DataFrame, a part and a done record per
   batch, and the assembly of ONE output file, all timed.
+
+Each round runs the three side by side; the ratios printed are raypar against Ray Data
+(target ``TARGET_RATIO``) and raypar against the in-process baseline (target
+``TARGET_OF_LIMIT``), parquet or CSV output alike.
 
 Timed: from "start this side" to "its output is written". Not timed: Ray
 start-up, data generation, verification. The sides alternate (Ray Data,
@@ -64,7 +71,8 @@ from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa
 
 import raypar  # noqa: E402
 
-TARGET_RATIO = 1.0
+TARGET_RATIO = 2.0  # raypar's rows/s over Ray Data's best configuration's (issue 16)
+TARGET_OF_LIMIT = 0.85  # raypar's rows/s over the in-process, all-cores pyarrow baseline's
 MIB = 1024 * 1024
 
 
@@ -318,6 +326,33 @@ def run_ray_data(inputs: str, output: str, fmt: str, config: dict):
     else:
         ds.write_csv(output)
     return ds
+
+
+# -- the machine's limit: one process, every core, no Ray ------------------------------------------------------------
+
+
+def run_in_process(inputs: str, output: str, fmt: str, threads: int) -> None:
+    """Every row group read whole, scored and written in order to one file, by ``threads`` threads
+    (pyarrow's reads and numpy's kernels release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.csv as pcsv
+
+    tasks = [(path, i) for path in _parquet_files(inputs) for i in range(pq.ParquetFile(path).num_row_groups)]
+
+    def work(task):
+        path, i = task
+        return _score_pyarrow(pq.ParquetFile(path).read_row_group(i))
+
+    writer = None
+    with ThreadPoolExecutor(threads) as pool:
+        for table in pool.map(work, tasks):  # in order, computed ahead by the pool
+            if writer is None:
+                writer = pq.ParquetWriter(output, table.schema) if fmt == "parquet" else \
+                    pcsv.CSVWriter(output, table.schema)
+            writer.write_table(table)
+    if writer is not None:
+        writer.close()
 
 
 # -- raypar ----------------------------------------------------------------------------------------------------------
@@ -685,6 +720,25 @@ def main(argv=None) -> int:
                     os.remove(output)
             return seconds, cpu
 
+        def in_process_round(label: str) -> tuple[float, float]:
+            nonlocal ok
+            output = os.path.join(root, "outputs", f"in-process-{label}.{fmt}")
+            threads = os.cpu_count() or 2
+            wait_for_free_cpus(2)
+            with CpuMeter() as meter:
+                t = time.perf_counter()
+                run_in_process(inputs, output, fmt, threads)
+                seconds = time.perf_counter() - t
+            print(f"  {label}: {rate_line(f'in-process pyarrow [{threads} threads]', expected.rows, seconds, in_mb, meter.seconds)}",
+                  flush=True)
+            problems = check_output("in-process pyarrow", output, fmt, expected, ordered=True)
+            for p in problems:
+                print(f"  ERROR: {p}")
+            ok = ok and not problems
+            if not args.keep and os.path.exists(output):
+                os.remove(output)
+            return seconds, meter.seconds
+
         name, tried = args.ray_data, {}
         if name is None:
             print("tuning Ray Data: each configuration once", flush=True)
@@ -693,10 +747,11 @@ def main(argv=None) -> int:
         config = RAY_DATA_CONFIGS[name]
         print(f"Ray Data configuration: {name} = {config}", flush=True)
 
-        rd_times, rp_times = [], []
+        rd_times, rp_times, ip_times = [], [], []
         for rnd in range(1, args.rounds + 1):
             rd_times.append(ray_data_round(name, f"round {rnd}"))
             rp_times.append(raypar_round(f"round {rnd}"))
+            ip_times.append(in_process_round(f"round {rnd}"))
 
         (rd, rd_cpu), (rp, rp_cpu) = min(rd_times), min(rp_times)  # the fastest round of each side
         ratio = rd / rp  # rows/s raypar / rows/s Ray Data
@@ -707,6 +762,10 @@ def main(argv=None) -> int:
         print(f"ratio raypar/Ray Data = {ratio:.2f} rows/s (target >= {TARGET_RATIO:.2f}: {verdict}); "
               f"CPU-s raypar/Ray Data = {rp_cpu / rd_cpu:.2f} (min {min(c for _, c in rp_times):.1f} vs "
               f"{min(c for _, c in rd_times):.1f} CPU-s over all rounds)")
+        ip, ip_cpu = min(ip_times)
+        print(rate_line("in-process pyarrow", expected.rows, ip, in_mb, ip_cpu))
+        verdict = "meets" if ip / rp >= TARGET_OF_LIMIT else "BELOW"
+        print(f"ratio raypar/in-process pyarrow = {ip / rp:.2f} rows/s (target >= {TARGET_OF_LIMIT:.2f}: {verdict})")
         fastest = min([*tried.items(), *((name, t) for t in rd_times)], key=lambda kv: kv[1][0])
         print(f"ratio raypar/Ray Data against Ray Data's fastest run of any configuration, tuning included: "
               f"{fastest[1][0] / rp:.2f} ({fastest[0]}, {fastest[1][0]:.2f}s)")

@@ -308,3 +308,30 @@ def test_thresholds_not_crossed_let_the_job_succeed(ray_cluster, tmp_path):
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1
     assert output_lines(tmp_path) == expected_rows(files, skip={"f000.txt", "f001.txt"})
+
+
+# -- batches of milliseconds, several to a call (groups) ----------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["segfault", "hang"])
+def test_a_fault_inside_a_group_of_tiny_batches_charges_no_try_and_reruns_only_the_unstored(ray_cluster, tmp_path,
+                                                                                           mode):
+    # One-file batches that take milliseconds go several to a call. The worker crashes (or hangs
+    # past the timeout) in f060's first attempt, inside such a group: no batch is charged a try;
+    # the group's batches stored before the fault are done, the rest run again alone.
+    files = texts(120)
+    log, fault = folders(tmp_path, "exec", "fault")
+    spec = make_spec(tmp_path, files, mini_batch_size="1", **one_worker(**{
+        "retry_settings.max_retries": 0, "retry_settings.timeout": 10,
+        "task.program_arguments": f"--exec-log {log} --fault f060.txt {mode} {fault}",
+    }))
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert output_lines(tmp_path) == expected_rows(files)
+    ran = executions(log)
+    assert ran.count(("f060.txt",)) == 2  # the faulty first attempt, then alone
+    assert sorted(set(ran)) == [(name,) for name in sorted(files)] and len(ran) == len(files) + 1
+    # A single call would leave a failed try on f060 (a lost worker, or a timeout): a group leaves none.
+    assert Ledger(str(tmp_path / "job")).view().failed == {}

@@ -126,7 +126,7 @@ class Slot:
 
     @property
     def fast(self) -> bool:
-        """Its batches take milliseconds: queue deeper, group them, read nothing ahead."""
+        """Its batches take milliseconds: queue deeper, and send them several to a call."""
         return self.answers >= 2 and self.mean_seconds < FAST_BATCH_SECONDS
 
     def observe(self, seconds: float) -> None:
@@ -414,12 +414,10 @@ class Scheduler:
         """Tell the worker to read the batches queued behind its running one now (raypar.prefetch),
         so that run() does not wait for their input. A hint: the worker reads a batch itself when
         the hint came too late or its read failed, and the error is then the batch's own."""
-        if slot.fast:
-            return  # batches of milliseconds: a hint would cost what it saves
         for position, call in enumerate(slot.calls):
             if position > slot.ahead:
                 break
-            if position and not call.read_ahead and call.members is None:
+            if position and not call.read_ahead and call.members is None:  # a group: its batches take ms
                 call.read_ahead = True
                 self.transport.call_aside(slot.actor, "prefetch", call.batch.to_json())
 
