@@ -417,6 +417,23 @@ def test_one_large_parquet_file_gives_many_batches(tmp_path):
     check_batch_sizes(frames, row_bytes(df, "parquet", path), 256 * KB, {len(frames) - 1})
 
 
+def test_a_row_group_up_to_twice_the_size_is_one_batch_so_it_is_decoded_once(tmp_path):
+    from raypar.inputs.tabular import _rg_bytes
+
+    df = make_rows(6000, text_len=100)  # one row group
+    path = write_parquet(tmp_path / "data" / "rg.parquet", df)
+    rg_bytes = _rg_bytes(pq.read_metadata(path).row_group(0))
+    size = int(rg_bytes / 1.6) // 1024 * 1024
+
+    frames = frames_of(job(path, input_type="uri_file", size=f"{size // 1024}kb"))
+
+    assert len(frames) == 1  # not two slices that would each decode the whole row group
+    assert_same_rows(frames, df)
+    smaller = frames_of(job(path, input_type="uri_file", size=f"{rg_bytes // 3 // 1024}kb"))
+    assert len(smaller) >= 3  # more than twice the size: cut, as before
+    assert_same_rows(smaller, df)
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: a row group larger than the batch is cut into equal row counts, "
                    "so a skewed row group (long rows first) gives batches many times the size")
 def test_skewed_row_group_is_cut_by_bytes_not_row_counts(tmp_path):
