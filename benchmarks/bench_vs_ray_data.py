@@ -368,7 +368,8 @@ def write_code(root: str) -> str:
     return code
 
 
-def raypar_spec(inputs: str, code: str, output: str, fmt: str, batch: str, profile: str = "") -> dict:
+def raypar_spec(inputs: str, code: str, output: str, fmt: str, batch: str, profile: str = "",
+                prefetch: int = 1, batch_format: str = "pandas") -> dict:
     return {
         "type": "parallel",
         "name": "bench-vs-ray-data",
@@ -387,7 +388,8 @@ def raypar_spec(inputs: str, code: str, output: str, fmt: str, batch: str, profi
             "program_arguments": f"--profile {profile}" if profile else None,
             "append_row_to": "${{outputs.scores}}",
         },
-        "raypar": {"worker": {"num_cpus": 1}, "append_row_format": fmt},
+        "raypar": {"worker": {"num_cpus": 1}, "append_row_format": fmt, "prefetch": prefetch,
+                   "batch_format": batch_format},
     }
 
 
@@ -638,6 +640,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side; best is reported (default 3)")
     parser.add_argument("--ray-data", choices=sorted(RAY_DATA_CONFIGS),
                         help="use this Ray Data configuration and skip the tuning pass")
+    parser.add_argument("--prefetch", type=int, default=1, help="raypar.prefetch (default 1)")
+    parser.add_argument("--batch-format", choices=("pandas", "pyarrow"), default="pandas",
+                        help="raypar.batch_format: what run() gets (default pandas, as Azure)")
     parser.add_argument("--profile", action="store_true", help="add one instrumented raypar run and print where its time goes")
     parser.add_argument("--verbose", action="store_true", help="show raypar's progress lines and Ray Data's stats")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (job dirs, outputs) for inspection")
@@ -699,7 +704,8 @@ def main(argv=None) -> int:
             nonlocal ok
             output = os.path.join(root, "outputs", f"raypar-{label}.{fmt}")
             job_dir = os.path.join(root, "jobs", label)
-            spec = raypar_spec(inputs, code, output, fmt, args.mini_batch_size)
+            spec = raypar_spec(inputs, code, output, fmt, args.mini_batch_size, prefetch=args.prefetch,
+                               batch_format=args.batch_format)
             wait_for_free_cpus(2)
             with CpuMeter() as meter:
                 t = time.perf_counter()

@@ -137,7 +137,14 @@ def test_table_formats_reject_what_text_rejects(result):
     with pytest.raises(ResultError) as info:
         count_and_serialize(result, True, "parquet")
     assert str(info.value) == (f"run() returned {type(result).__name__}; "
-                               "it must return a list, a tuple or a pandas DataFrame")
+                               "it must return a list, a tuple, a pandas DataFrame or a pyarrow Table")
+
+
+@pytest.mark.parametrize("fmt", ["text", "csv", "jsonl", "parquet"])
+def test_a_pyarrow_table_is_written_as_the_same_rows_as_its_dataframe(fmt):
+    table = pa.table({"id": [1, 2, 3], "name": ["a", "b c", None], "score": [0.5, 1.25, -2.0]})
+    assert count_and_serialize(table, True, fmt) == count_and_serialize(table.to_pandas(), True, fmt)
+    assert count_and_serialize(table, False, fmt) == (3, None)
 
 
 # -- assembly: one file, in mini-batch order ------------------------------------------------------------------

@@ -132,6 +132,27 @@ def test_append_row_formats_hold_exactly_the_returned_rows_with_their_columns(ra
     assert out["double"].tolist() == (source["x"] * 2).tolist()
 
 
+@pytest.mark.parametrize("fmt", ["text", "parquet"])
+def test_run_gets_and_returns_pyarrow_tables_with_batch_format_pyarrow(ray_cluster, tmp_path, fmt):
+    data = tmp_path / "data"
+    data.mkdir()
+    source = table(0, 6000)
+    pq.write_table(pa.Table.from_pandas(source, preserve_index=False), data / "t.parquet", row_group_size=1000)
+    spec = table_spec(tmp_path, mini_batch_size="16kb", **{
+        "raypar.batch_format": "pyarrow", "raypar.append_row_format": fmt,
+        "task.program_arguments": f"--exec-log {tmp_path / 'exec'} --arrow"})
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason  # run() asserts it got a pyarrow Table
+    assert outcome.total > 3
+    path = tmp_path / "out" / f"parallel_run_step.{'txt' if fmt == 'text' else fmt}"
+    out = pd.read_parquet(path) if fmt == "parquet" else \
+        pd.read_csv(path, sep=" ", header=None, names=["id", "double"])
+    assert out["id"].tolist() == source["id"].tolist()
+    assert out["double"].tolist() == (source["x"] * 2).tolist()
+
+
 def test_a_failed_csv_batch_counts_its_rows_as_failed_items(ray_cluster, tmp_path):
     # CSV batches are cut by bytes: their row count is known only once read, never from the plan.
     data = tmp_path / "data"

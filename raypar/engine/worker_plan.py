@@ -30,7 +30,7 @@ def worker_plan(spec: JobSpec, input_desc: dict, storage: dict) -> WorkerPlan:
         with_rows=bound.append_row_path is not None,
         append_row_format=spec.raypar.append_row_format,
         profiling_module=spec.predefined_arguments().profiling_module,  # --profiling_module: profile each run()
-        input=input_desc,
+        input={**input_desc, "batch_format": spec.raypar.batch_format},  # table batches as pandas or pyarrow
         storage=storage,
         ledger=spec.raypar.ledger.plan(),
         mount_cache_bytes=spec.raypar.mount_cache.max_bytes(),

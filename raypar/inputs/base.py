@@ -231,4 +231,6 @@ class BatchReader:
             table = table.select([c for c in desc["keep_columns"] if c in table.column_names])
         if desc["drop_columns"]:
             table = table.drop_columns([c for c in desc["drop_columns"] if c in table.column_names])
+        if desc.get("batch_format") == "pyarrow":  # raypar.batch_format: no conversion at all
+            return table
         return table.to_pandas()

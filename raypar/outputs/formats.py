@@ -34,7 +34,9 @@ _CONVERSION_ERRORS = (pa.ArrowException, ValueError, TypeError, OverflowError)
 def to_table(result: Any, pd: Any) -> pa.Table:
     """``result`` (a DataFrame or a list/tuple, checked by the caller) as an Arrow table."""
     try:
-        if pd is not None and isinstance(result, pd.DataFrame):
+        if isinstance(result, pa.Table):
+            table = result
+        elif pd is not None and isinstance(result, pd.DataFrame):
             table = pa.Table.from_pandas(result, preserve_index=False)
         else:
             table = _rows_table(result)

@@ -21,16 +21,25 @@ def count_and_serialize(result: Any, with_rows: bool, fmt: str = "text") -> tupl
     """The number of succeeded items in ``result`` and, for append_row, its rows as bytes.
 
     ``text``: a list or tuple element is one line via ``str()``; a DataFrame
-    row is one line, space-separated, no header, no index (Azure's format).
+    row is one line, space-separated, no header, no index (Azure's format);
+    a pyarrow Table (``raypar.batch_format: pyarrow``) as its DataFrame.
     Table formats: the rows as an Arrow IPC stream; a DataFrame's columns
     (without the index), dict keys, ``c0, c1...`` for list/tuple elements, or
     one ``value`` column. An empty result is a part with no rows.
     """
     pd = sys.modules.get("pandas")  # a DataFrame means pandas is loaded; never import it here
+    pa = sys.modules.get("pyarrow")  # likewise for a pyarrow Table
+    if pa is not None and isinstance(result, pa.Table):
+        if not with_rows:
+            return result.num_rows, None
+        if fmt == "text":
+            result = result.to_pandas()
     is_frame = pd is not None and isinstance(result, pd.DataFrame)
-    if not is_frame and not isinstance(result, (list, tuple)):
+    is_table = pa is not None and isinstance(result, pa.Table)
+    if not is_frame and not is_table and not isinstance(result, (list, tuple)):
         raise ResultError(
-            f"run() returned {type(result).__name__}; it must return a list, a tuple or a pandas DataFrame"
+            f"run() returned {type(result).__name__}; it must return a list, a tuple, a pandas DataFrame "
+            f"or a pyarrow Table"
         )
     if not with_rows:
         return len(result), None

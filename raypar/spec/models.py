@@ -269,6 +269,8 @@ class RayparSpec(_Model):
     mount_cache: MountCacheSettings = Field(default_factory=MountCacheSettings)
     # Queued mini-batches each worker reads (fetches, decodes) while run() works on the one before.
     prefetch: StrictInt = Field(1, ge=0, le=8)
+    # What run() gets for a table mini-batch: a pandas DataFrame (Azure's), or a pyarrow Table.
+    batch_format: Literal["pandas", "pyarrow"] = "pandas"
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
     # Seconds a driver's lease on the job dir outlives its last heartbeat (renewed every third of it;

@@ -4,6 +4,7 @@ Options (parse_known_args, as Azure requires):
   --exec-log DIR   write DIR/<mini-batch id> holding the number of rows, per run() call
   --fail-id N      run() raises for the batch holding row id N
   --side-dir DIR   run() also writes DIR/<mini-batch id>.csv with the ids it got (an output folder)
+  --arrow          run() must get a pyarrow Table (raypar.batch_format: pyarrow), and returns one
 Returns one row per input row: id, double (= 2 * x), and the partition key values.
 """
 
@@ -19,10 +20,17 @@ def init():
     parser.add_argument("--exec-log")
     parser.add_argument("--fail-id", type=int)
     parser.add_argument("--side-dir")
+    parser.add_argument("--arrow", action="store_true")
     args, _ = parser.parse_known_args()
 
 
 def run(mini_batch, mini_batch_context):
+    if args.arrow:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        assert isinstance(mini_batch, pa.Table), type(mini_batch)
+        return pa.table({"id": mini_batch["id"], "double": pc.multiply(mini_batch["x"], 2)})
     assert isinstance(mini_batch, pd.DataFrame), type(mini_batch)
     if args.exec_log:
         with open(os.path.join(args.exec_log, f"{mini_batch_context.mini_batch_id}-{os.getpid()}"), "w") as f:
