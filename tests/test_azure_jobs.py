@@ -37,9 +37,8 @@ def executions(log_dir):
     return sorted(tuple(p.read_text().split()) for p in log_dir.iterdir())
 
 
-@pytest.mark.parametrize("mode, cache_size", [("ro_mount", "10gb"), ("download", "10gb"),
-                                              ("ro_mount", 16)],  # a cache smaller than a batch: evicts always
-                         ids=["ro_mount", "download", "ro_mount-evicting"])
+# ro_mount with a cache smaller than a batch: it evicts on every batch, while another worker reads.
+@pytest.mark.parametrize("mode, cache_size", [("ro_mount", 16), ("download", "10gb")], ids=["ro_mount", "download"])
 def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster, blob, tmp_path, mode,
                                                                      cache_size):
     container, fs = blob
@@ -82,8 +81,7 @@ def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster
     if mode == "ro_mount":  # the node's cache: within its limit (plus one batch), no batch folder left
         [cache] = (tmp_path / "cache").iterdir()
         cached = [p for p in cache.iterdir() if p.is_file() and p.name != ".lock"]  # f00.txt ...
-        assert sum(p.stat().st_size for p in cached) <= (16 + 2 * 8 if cache_size == 16 else 10 ** 10)
-        assert len(cached) == (len(files) if cache_size == "10gb" else len(cached))
+        assert sum(p.stat().st_size for p in cached) <= 16 + 2 * 8
         assert not any((cache / ".batches").iterdir())
     assert fs.exists(f"{container}/jobs/j1/job.json")
     assert not any("AccountKey" in fs.cat_file(p).decode(errors="ignore")

@@ -159,37 +159,31 @@ def assert_reports(job: Path, bad_batches: dict):
     assert everything.count("scoring ") == 12  # 8 good batches + 2 x 2 failed attempts
 
 
-def test_resume_of_a_finished_job_runs_nothing(ray_cluster, tmp_path):
-    log = tmp_path / "exec"
-    log.mkdir()
-    spec = make_spec(tmp_path, texts(6), **{"task.program_arguments": f"--exec-log {log}"})
-    job = str(tmp_path / "job")
-    raypar.run(spec, job_dir=job, echo=quiet).wait()
-    before = executions(log)
-
-    again = raypar.run(spec, job_dir=job, echo=quiet).wait()  # same spec, same job dir: a resume
-    resumed = raypar.resume(job, echo=quiet).wait()
-
-    assert again.state is resumed.state is JobState.SUCCEEDED
-    assert executions(log) == before
-    assert len(before) == 3
-
-
-def test_the_same_spec_resumes_a_job_dir_written_before_a_key_was_added(ray_cluster, tmp_path):
+def test_resume_of_a_finished_job_runs_nothing_and_keeps_its_output(ray_cluster, tmp_path):
     log = tmp_path / "exec"
     log.mkdir()
     spec = make_spec(tmp_path, texts(6), **{"task.program_arguments": f"--exec-log {log}"})
     job = tmp_path / "job"
     raypar.run(spec, job_dir=str(job), echo=quiet).wait()
     before = executions(log)
+    output = tmp_path / "out" / "parallel_run_step.txt"
+    rows, written = output.read_text(), output.stat()
     frozen = json.loads((job / "job.json").read_text())
     del frozen["spec"]["raypar"]["mount_cache"]  # as an older raypar wrote it, before the key existed
     (job / "job.json").write_text(json.dumps(frozen))
+    said = []
 
-    again = raypar.run(spec, job_dir=str(job), echo=quiet).wait()  # after an upgrade: still this job
+    again = raypar.run(spec, job_dir=str(job), echo=said.append).wait()  # same spec, same job dir: a resume
+    resumed = raypar.resume(str(job), echo=quiet).wait()
 
-    assert again.state is JobState.SUCCEEDED
+    assert again.state is resumed.state is JobState.SUCCEEDED  # even after an upgrade added a key
     assert executions(log) == before
+    assert len(before) == 3
+    assert (output.stat().st_ino, output.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # kept
+    assert any("kept as it is" in line for line in said)
+    output.unlink()  # the user removed it: the next resume writes it again, from the parts
+    raypar.resume(str(job), echo=quiet).wait()
+    assert output.read_text() == rows
 
 
 def test_run_refuses_a_job_dir_holding_another_job(ray_cluster, tmp_path):

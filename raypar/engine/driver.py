@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from raypar.credentials import options_for, redact, resolve_storage
+from raypar.credentials import open_fs, options_for, redact, resolve_storage
 from raypar.engine import cluster, signals
 from raypar.engine.console_relay import ConsoleRelay
 from raypar.engine.planning import PlanFeed
@@ -225,6 +225,8 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     state, reason, detail = JobState.FAILED, "", ""
     manifest = view = feed = None
     try:
+        # A job whose last session succeeded has its output: a resume with nothing to run keeps it.
+        assembled = ledger.read_state()["state"] == JobState.SUCCEEDED.value
         _set_state(ledger, JobState.RUNNING, run)
         _make_output_folders(spec)
         manifest = ledger.read_manifest()
@@ -236,7 +238,8 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done)
             feed.start()
         stop = StopSignal(ledger, run, beat)
-        reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop)
+        reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop,
+                                                 assembled)
         if not beat.held():  # lost while assembling: the output is whole, but this session is not the holder
             reason = reason or beat.lost
         state = JobState.CANCELED if stop.canceled else JobState.FAILED if reason else JobState.SUCCEEDED
@@ -295,8 +298,10 @@ def _replan_changed_inputs(ledger: Ledger, session: _Session, manifest, echo: Ec
     return ledger.read_manifest()
 
 
-def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, interrupt):
-    """Run what is pending, then assemble; batches whose parts fail verification run again."""
+def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, interrupt, assembled=False):
+    """Run what is pending, then assemble; batches whose parts fail verification run again.
+    ``assembled``: the last session succeeded, so its output holds every done batch's rows;
+    with nothing to run, that output is kept as it is (unless it was removed)."""
     spec = session.spec
     target = bind(spec).append_row_path
     # Lean: which batches are done, not where their rows are (a bit per batch, see DoneSet).
@@ -321,6 +326,9 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
                 return "planning did not finish", "", view  # (a planning error is the scheduler's reason)
         if not target:
             return "", "", view
+        if assembled and _exists(target, session.storage):
+            echo(f"raypar: nothing to run; {target} is the last session's, kept as it is")
+            return "", "", view
         if view.lean:
             view = ledger.view(manifest)  # the records: where each batch's rows are
         try:
@@ -334,6 +342,14 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
             echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
             view = ledger.view(manifest, lean=True)
     return "output parts keep failing verification (storage corrupting data?)", "", view
+
+
+def _exists(target: str, storage: dict) -> bool:
+    try:
+        fs, path = open_fs(target, storage)
+        return fs.exists(path)
+    except Exception:  # noqa: BLE001 - cannot tell: assemble again, which is always right
+        return False
 
 
 def _set_state(ledger: Ledger, new: JobState, run: str, reason: str = "") -> None:
