@@ -33,7 +33,7 @@ def run(tmp_path, behaviour, batches=6, slots=2, **spec_keys):
         for part in path:
             target = target.setdefault(part, {})
         target[last] = value
-    cluster = SimulatedCluster(behaviour, start_seconds=1.0)
+    cluster = SimulatedCluster(behaviour, start_seconds=1.0, record=True)
     scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, Progress(total=batches))
     return scheduler.run(), scheduler, cluster, ledger
 

@@ -41,7 +41,7 @@ class SimulatedCluster(Transport):
     MiniBatch.to_json() gives it, unparsed: parsing is the behaviour's cost, not the scheduler's)."""
 
     def __init__(self, behaviour: Callable[[dict, int, int], Outcome], start_seconds: float = 1.0,
-                 instances: Optional[set] = None):
+                 instances: Optional[set] = None, record: bool = False):
         self.behaviour, self.start_seconds = behaviour, start_seconds
         self.now = 0.0
         self.clock = lambda: self.now
@@ -52,6 +52,8 @@ class SimulatedCluster(Transport):
         self.ended_calls: set[int] = set()
         self.ids = itertools.count(1)
         self.stats = {"workers": 0, "run_batch": 0, "canceled": 0, "killed": 0, "done": 0, "failed": 0}
+        # With ``record`` (tests), what the read-ahead hints were about; each grows with the job.
+        self.record = record
         self.run_starts: dict[str, float] = {}  # batch json -> when its last run_batch call starts
         self.queued: list[str] = []  # batches whose run_batch waited behind another call
         self.asides: list[tuple[str, bool]] = []  # (batch json, its run_batch had not started) per hint
@@ -75,9 +77,10 @@ class SimulatedCluster(Transport):
             seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}"}
         elif method == "run_batch":
             self.stats["run_batch"] += 1
-            self.run_starts[args[0]] = start
-            if start > self.now:
-                self.queued.append(args[0])
+            if self.record:
+                self.run_starts[args[0]] = start
+                if start > self.now:
+                    self.queued.append(args[0])
             outcome = self.behaviour(args[0], args[1], worker)
             seconds = outcome.seconds
             if outcome.result == "ok":
@@ -96,7 +99,6 @@ class SimulatedCluster(Transport):
             parts = []
             for batch_json, attempt in args[0]:
                 self.stats["run_batch"] += 1
-                self.run_starts[batch_json] = start + seconds
                 outcome = self.behaviour(batch_json, attempt, worker)
                 seconds += outcome.seconds
                 if outcome.result == "lost":
@@ -128,7 +130,8 @@ class SimulatedCluster(Transport):
         return cid
 
     def call_aside(self, worker: int, method: str, *args) -> None:
-        if method == "prefetch":
+        self.stats["asides"] = self.stats.get("asides", 0) + 1
+        if self.record and method == "prefetch":
             self.asides.append((args[0], self.run_starts.get(args[0], self.now) > self.now))
 
     def wait(self, calls, timeout: float) -> list:
