@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import batch_phase, print_load, run_raypar, tear_down  # noqa: E402
+from common import batch_phase, file_per_batch_job, print_load, run_raypar, tear_down  # noqa: E402
 
 FEATURES = 64
 
@@ -110,24 +110,10 @@ def write_data(folder: str, batches: int, rows: int) -> None:
 
 def job(root: str, data: str, tag: str, *, workers: int, num_gpus: float, prefetch: int, layers: int,
         width: int, dry_run: bool) -> dict:
-    code = os.path.join(root, "code")
-    os.makedirs(code, exist_ok=True)
-    with open(os.path.join(code, "entry.py"), "w") as f:
-        f.write(ENTRY)
-    biggest = max(os.path.getsize(os.path.join(data, n)) for n in os.listdir(data))
-    return {
-        "type": "parallel", "name": f"gpu-{tag}",
-        "inputs": {"data": {"type": "uri_folder", "path": data}},
-        "outputs": {"out": {"type": "uri_folder", "path": os.path.join(root, tag, "out")}},
-        "input_data": "${{inputs.data}}", "mini_batch_size": str(biggest),  # one file per mini-batch
-        "resources": {"instance_count": 1}, "max_concurrency_per_instance": workers,
-        "retry_settings": {"max_retries": 0, "timeout": 600},
-        "task": {"type": "run_function", "code": code, "entry_script": "entry.py",
-                 "program_arguments": f"--layers {layers} --width {width}" + (" --dry-run" if dry_run else ""),
-                 "append_row_to": "${{outputs.out}}"},
-        "raypar": {"worker": {"num_cpus": 1, "num_gpus": 0 if dry_run else num_gpus},
-                   "input_format": "parquet", "prefetch": prefetch, "placement_timeout": 60},
-    }
+    arguments = f"--layers {layers} --width {width}" + (" --dry-run" if dry_run else "")
+    return file_per_batch_job(root, data, f"gpu-{tag}", ENTRY, arguments, workers, {
+        "worker": {"num_cpus": 1, "num_gpus": 0 if dry_run else num_gpus},
+        "prefetch": prefetch, "placement_timeout": 60})
 
 
 def read_seconds(spec: dict) -> float:
@@ -214,7 +200,7 @@ def main() -> int:
             if outcome.state.value != "succeeded":
                 problems.append(f"{label}: {outcome.state.value}: {outcome.reason}")
                 continue
-            rows = [line.split() for line in open(os.path.join(root, tag, "out", "parallel_run_step.txt"))]
+            rows = [line.split() for line in open(os.path.join(spec["outputs"]["out"]["path"], "parallel_run_step.txt"))]
             if [r[0] for r in rows] != [str(args.rows)] * args.batches:
                 problems.append(f"{label}: {len(rows)} rows, not one per batch with its row count")
             workers_seen = {(r[4], r[2], r[3]) for r in rows}  # (pid, CUDA_VISIBLE_DEVICES, Ray's GPU ids)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import batch_phase, print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
+from common import batch_phase, file_per_batch_job, print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402,E501
 
 from raypar.inputs import BatchReader, check_input, plan_batches  # noqa: E402
 from raypar.spec.loading import spec_from_dict  # noqa: E402
@@ -65,22 +65,8 @@ def write_data(folder: str, batches: int, rows: int) -> None:
 
 
 def job(root: str, data: str, seconds: float, prefetch: int, tag: str) -> dict:
-    code = os.path.join(root, "code")
-    os.makedirs(code, exist_ok=True)
-    with open(os.path.join(code, "entry.py"), "w") as f:
-        f.write(ENTRY)
-    biggest = max(os.path.getsize(os.path.join(data, n)) for n in os.listdir(data))
-    return {
-        "type": "parallel", "name": f"prefetch-{tag}",
-        "inputs": {"data": {"type": "uri_folder", "path": data}},
-        "outputs": {"out": {"type": "uri_folder", "path": os.path.join(root, tag, "out")}},
-        "input_data": "${{inputs.data}}", "mini_batch_size": str(biggest),  # one file per mini-batch
-        "resources": {"instance_count": 1}, "max_concurrency_per_instance": 1,
-        "retry_settings": {"max_retries": 0, "timeout": 600},
-        "task": {"type": "run_function", "code": code, "entry_script": "entry.py",
-                 "program_arguments": f"--seconds {seconds}", "append_row_to": "${{outputs.out}}"},
-        "raypar": {"worker": {"num_cpus": 1}, "input_format": "parquet", "prefetch": prefetch},
-    }
+    return file_per_batch_job(root, data, f"prefetch-{tag}", ENTRY, f"--seconds {seconds}", 1,
+                              {"worker": {"num_cpus": 1}, "prefetch": prefetch})
 
 
 def read_seconds(spec: dict) -> tuple[int, float]:
@@ -123,7 +109,7 @@ def main() -> int:
                 spec = job(root, data, t_run, prefetch, tag)
                 wait_for_free_cpus(2)
                 outcome = run_raypar(spec, os.path.join(root, tag, "job"), verbose=False)
-                rows = open(os.path.join(root, tag, "out", "parallel_run_step.txt")).read().split()
+                rows = open(os.path.join(spec["outputs"]["out"]["path"], "parallel_run_step.txt")).read().split()
                 assert outcome.state.value == "succeeded" and rows == [str(args.rows)] * planned, outcome
                 phases[prefetch].append(batch_phase(os.path.join(root, tag, "job")))
                 print(f"round {r + 1}: prefetch {prefetch}: batch phase {phases[prefetch][-1]:.2f}s "

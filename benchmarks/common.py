@@ -19,6 +19,28 @@ def run_raypar(spec: dict, job_dir: str, verbose: bool):
     return raypar.run(spec, job_dir=job_dir, echo=echo).wait()
 
 
+def file_per_batch_job(root: str, data: str, name: str, entry: str, program_arguments: str, workers: int,
+                       raypar_block: dict) -> dict:
+    """A parallel job over the folder ``data``, one file per mini-batch (mini_batch_size: the
+    largest file's bytes), running ``entry`` (written to ``root``/code) on ``workers`` workers."""
+    code = os.path.join(root, "code")
+    os.makedirs(code, exist_ok=True)
+    with open(os.path.join(code, "entry.py"), "w") as f:
+        f.write(entry)
+    biggest = max(os.path.getsize(os.path.join(data, n)) for n in os.listdir(data))
+    return {
+        "type": "parallel", "name": name,
+        "inputs": {"data": {"type": "uri_folder", "path": data}},
+        "outputs": {"out": {"type": "uri_folder", "path": os.path.join(root, name, "out")}},
+        "input_data": "${{inputs.data}}", "mini_batch_size": str(biggest),
+        "resources": {"instance_count": 1}, "max_concurrency_per_instance": workers,
+        "retry_settings": {"max_retries": 0, "timeout": 600},
+        "task": {"type": "run_function", "code": code, "entry_script": "entry.py",
+                 "program_arguments": program_arguments, "append_row_to": "${{outputs.out}}"},
+        "raypar": {"input_format": "parquet", **raypar_block},
+    }
+
+
 def batch_phase(job_dir: str) -> float:
     """Seconds from the first mini-batch's start to the last one's end, from the done records
     (Ray's start, the workers' init() and the output's assembly left out)."""

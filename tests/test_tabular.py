@@ -957,7 +957,8 @@ def test_memory_download_mode_gives_local_copies_in_a_temp_folder(memory_root, t
     assert seen == MEMORY_FILES
 
 
-def test_memory_ro_mount_caches_files_reuses_them_and_refetches_changed_ones(memory_root, tmp_path, monkeypatch):
+def _one_ro_mount_batch(memory_root, tmp_path, monkeypatch):
+    """MEMORY_FILES in one ro_mount mini-batch, cached under tmp_path/cache: (fs, root, cache, desc, batch)."""
     fs, url, root = memory_root
     cache = tmp_path / "cache"
     monkeypatch.setenv("RAYPAR_CACHE_DIR", str(cache))
@@ -965,6 +966,11 @@ def test_memory_ro_mount_caches_files_reuses_them_and_refetches_changed_ones(mem
     spec = job(url, size=10, mode="ro_mount")
     desc = check_input(spec)
     [batch] = list(plan_batches(spec, desc))
+    return fs, root, cache, desc, batch
+
+
+def test_memory_ro_mount_caches_files_reuses_them_and_refetches_changed_ones(memory_root, tmp_path, monkeypatch):
+    fs, root, cache, desc, batch = _one_ro_mount_batch(memory_root, tmp_path, monkeypatch)
     paths, _, temp = BatchReader(desc).read(batch)
     # run() gets the batch's own hard links to the cached files, in a folder removed after run()
     assert temp is not None and temp.startswith(str(cache) + os.sep)
@@ -1013,13 +1019,7 @@ def test_memory_ro_mount_cache_keeps_the_most_recently_used_files_within_its_lim
 
 
 def test_memory_ro_mount_files_stay_readable_while_another_worker_evicts_them(memory_root, tmp_path, monkeypatch):
-    fs, url, root = memory_root
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("RAYPAR_CACHE_DIR", str(cache))
-    _fill(fs, root, MEMORY_FILES)
-    spec = job(url, size=10, mode="ro_mount")
-    desc = check_input(spec)
-    [batch] = list(plan_batches(spec, desc))
+    fs, root, cache, desc, batch = _one_ro_mount_batch(memory_root, tmp_path, monkeypatch)
     paths, _, temp = BatchReader(desc).read(batch)  # run() holds these
     other = input_files.FileFetcher(open_source(desc, {}), max_bytes=0)  # another worker, a tiny limit
     other.evict()
@@ -1029,13 +1029,7 @@ def test_memory_ro_mount_files_stay_readable_while_another_worker_evicts_them(me
 
 
 def test_memory_ro_mount_removes_batch_folders_of_workers_that_died(memory_root, tmp_path, monkeypatch):
-    fs, url, root = memory_root
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("RAYPAR_CACHE_DIR", str(cache))
-    _fill(fs, root, MEMORY_FILES)
-    spec = job(url, size=10, mode="ro_mount")
-    desc = check_input(spec)
-    [batch] = list(plan_batches(spec, desc))
+    fs, root, cache, desc, batch = _one_ro_mount_batch(memory_root, tmp_path, monkeypatch)
     _, _, mine = BatchReader(desc).read(batch)
     dead = Path(mine).parent / "999999999-deadbeef"  # no such process: a worker killed mid-batch
     (dead / "sub").mkdir(parents=True)

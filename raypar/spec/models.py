@@ -92,6 +92,14 @@ def _no_bool(value):
     return value
 
 
+def _byte_sizes(*fields: str):
+    """A validator: ``fields`` hold byte sizes as parse_bytes reads them (an int or "32mb")."""
+    def check(cls, value, info):
+        parse_bytes(value, info.field_name)
+        return value
+    return field_validator(*fields)(classmethod(check))
+
+
 class InputSpec(_Model):
     type: Literal["uri_folder", "uri_file", "mltable"]
     path: str
@@ -208,12 +216,7 @@ class LedgerSettings(_Model):
     flush_bytes: Union[StrictInt, str] = "32mb"  # buffered output rows before a flush
 
     _numbers = field_validator("flush_seconds", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
-
-    @field_validator("flush_bytes")
-    @classmethod
-    def _size(cls, value):
-        parse_bytes(value, "flush_bytes")
-        return value
+    _sizes = _byte_sizes("flush_bytes")
 
     def plan(self) -> dict:
         return {"flush_batches": self.flush_batches, "flush_seconds": self.flush_seconds,
@@ -229,12 +232,7 @@ class MountCacheSettings(_Model):
     """
 
     max_size: Union[StrictInt, str] = "10gb"
-
-    @field_validator("max_size")
-    @classmethod
-    def _size(cls, value):
-        parse_bytes(value, "max_size")
-        return value
+    _sizes = _byte_sizes("max_size")
 
     def max_bytes(self) -> int:
         return parse_bytes(self.max_size, "max_size")
