@@ -93,9 +93,10 @@ def _no_bool(value):
 
 
 def _byte_sizes(*fields: str):
-    """A validator: ``fields`` hold byte sizes as parse_bytes reads them (an int or "32mb")."""
+    """A validator: ``fields`` hold byte sizes as parse_bytes reads them (an int or "32mb"), or None."""
     def check(cls, value, info):
-        parse_bytes(value, info.field_name)
+        if value is not None:
+            parse_bytes(value, info.field_name)
         return value
     return field_validator(*fields)(classmethod(check))
 
@@ -158,12 +159,7 @@ class WorkerResources(_Model):
     _numbers = field_validator("num_cpus", "num_gpus", "resources", mode="before")(
         classmethod(lambda cls, v: {k: _no_bool(x) for k, x in v.items()} if isinstance(v, dict) else _no_bool(v)))
 
-    @field_validator("memory")
-    @classmethod
-    def _memory_size(cls, value):
-        if value is not None:
-            parse_bytes(value)
-        return value
+    _sizes = _byte_sizes("memory")
 
     @model_validator(mode="after")
     def _reserve_something(self):
