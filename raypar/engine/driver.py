@@ -309,6 +309,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
     for _ in range(MAX_ASSEMBLY_ROUNDS):
         pending = view.pending() if view is not None else []
         if pending or feed is not None:
+            assembled = False  # this session adds rows: the output is written again
             total = len(manifest) if manifest is not None else "?"
             echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
                  else "raypar: planning mini-batches while running them")
