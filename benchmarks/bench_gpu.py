@@ -9,10 +9,11 @@ features, one file per mini-batch. The model's depth is chosen so that its forwa
 about as long as raypar's reader takes to read a batch (both timed here first), the case where
 overlapping them matters most.
 
-Three runs on one Ray started here with every GPU of the machine:
+Five runs on one Ray started here with every GPU of the machine:
   1. one worker (`raypar.worker.num_gpus: 1`), `raypar.prefetch: 0`
   2. the same with `raypar.prefetch: 1` (the default)
   3. two workers sharing each GPU (`num_gpus: 0.5`), prefetch 1
+  4. and 5. runs 2 and 3 with `raypar.batch_format: pyarrow` (run() gets Arrow columns, no DataFrame)
 For each: the batch phase (done records: first start to last end), the sum of the batches'
 GPU time, and GPU busy = that sum / (batch phase x GPUs used). It checks that every worker saw
 CUDA_VISIBLE_DEVICES set to exactly the GPU ids Ray gave it, and that every row is there.
@@ -72,7 +73,11 @@ ENTRY = textwrap.dedent("""
         return ",".join(str(i) for i in ray.get_gpu_ids()) or "-"
 
     def run(mini_batch):
-        x = mini_batch[[f"f{i}" for i in range(64)]].to_numpy(np.float32)
+        names = [f"f{i}" for i in range(64)]
+        if hasattr(mini_batch, "to_pandas"):  # raypar.batch_format: pyarrow: Arrow columns, no DataFrame
+            x = np.column_stack([mini_batch.column(n).to_numpy() for n in names])
+        else:
+            x = mini_batch[names].to_numpy(np.float32)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES") or "-"
         if args.dry_run:
             for w in model:
@@ -109,11 +114,11 @@ def write_data(folder: str, batches: int, rows: int) -> None:
 
 
 def job(root: str, data: str, tag: str, *, workers: int, num_gpus: float, prefetch: int, layers: int,
-        width: int, dry_run: bool) -> dict:
+        width: int, dry_run: bool, batch_format: str = "pandas") -> dict:
     arguments = f"--layers {layers} --width {width}" + (" --dry-run" if dry_run else "")
     return file_per_batch_job(root, data, f"gpu-{tag}", ENTRY, arguments, workers, {
         "worker": {"num_cpus": 1, "num_gpus": 0 if dry_run else num_gpus},
-        "prefetch": prefetch, "placement_timeout": 60})
+        "prefetch": prefetch, "placement_timeout": 60, "batch_format": batch_format})
 
 
 def read_seconds(spec: dict) -> float:
@@ -188,14 +193,16 @@ def main() -> int:
           f"model: {layers} hidden layers of {width}, bf16, forward {t_gpu:.3f}s")
     ray.init(num_cpus=min(os.cpu_count() or 2, 8), include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
-    runs = [("1 worker, prefetch 0", 1, 1.0, 0), ("1 worker, prefetch 1", 1, 1.0, 1),
-            ("2 workers per GPU, prefetch 1", 2, 0.5, 1)]
+    runs = [("1 worker, prefetch 0", 1, 1.0, 0, "pandas"), ("1 worker, prefetch 1", 1, 1.0, 1, "pandas"),
+            ("2 workers per GPU, prefetch 1", 2, 0.5, 1, "pandas"),
+            ("1 worker, prefetch 1, batch_format pyarrow", 1, 1.0, 1, "pyarrow"),
+            ("2 workers per GPU, prefetch 1, batch_format pyarrow", 2, 0.5, 1, "pyarrow")]
     problems = []
     try:
-        for tag_index, (label, workers, num_gpus, prefetch) in enumerate(runs):
+        for tag_index, (label, workers, num_gpus, prefetch, batch_format) in enumerate(runs):
             tag = f"run{tag_index}"
             spec = job(root, data, tag, workers=workers, num_gpus=num_gpus, prefetch=prefetch, layers=layers,
-                       width=width, dry_run=args.dry_run)
+                       width=width, dry_run=args.dry_run, batch_format=batch_format)
             outcome = run_raypar(spec, os.path.join(root, tag, "job"), verbose=False)
             if outcome.state.value != "succeeded":
                 problems.append(f"{label}: {outcome.state.value}: {outcome.reason}")
