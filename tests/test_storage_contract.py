@@ -472,6 +472,24 @@ def test_ledger_lease_race_has_one_owner(backend):
     assert ledgers[0].lease.read()["run"] == f"r{winners[0]}"
 
 
+def test_a_lease_taken_between_the_look_and_the_claim_makes_the_claim_fail(backend, monkeypatch):
+    # The interleaving behind a race with two winners: a rival takes the lease just after this
+    # driver listed the free lease folder. The claim must fail, not take the generation after.
+    first, second = backend.ledger(), backend.ledger(own_client=True)
+    listing = second.lease.store.list_files
+
+    def rival_claims_after_the_listing(*parts):
+        found = listing(*parts)
+        if not first.lease.epoch:
+            first.lease.acquire("r1")
+        return found
+
+    monkeypatch.setattr(second.lease.store, "list_files", rival_claims_after_the_listing)
+    with pytest.raises(LeaseHeldError, match="at the same moment"):
+        second.lease.acquire("r2")
+    assert first.lease.read()["run"] == "r1"
+
+
 def test_a_heartbeat_whose_reply_was_lost_keeps_the_lease(backend):
     # The store took the next generation but the reply never came (a timeout): the retry finds
     # its own generation there and must not read it as a takeover.

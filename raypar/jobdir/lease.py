@@ -55,17 +55,22 @@ class Lease:
 
     def read(self) -> Optional[dict]:
         """The current lease (its body, with ``generation``), or None when the job dir is free."""
+        return self._look()[1]
+
+    def _look(self) -> tuple[int, Optional[dict]]:
+        """(the newest generation, the lease it holds or None): one listing, so a caller that
+        writes the next generation writes the one after what it judged, never a later one."""
         newest = self._newest()
         if newest == 0:
-            return self._legacy()
+            return 0, self._legacy()
         try:
             body = json.loads(self.store.read_bytes(FOLDER, _name(newest)))
         except FileNotFoundError:  # its holder moved on between the listing and the read
-            return self.read()
+            return self._look()
         except ValueError:
             body = {"corrupt": True}
         body["generation"] = newest
-        return None if body.get("released") else body
+        return newest, (None if body.get("released") else body)
 
     def current_epoch(self) -> int:
         """The epoch of the newest generation, released or not (0 when none): a state stamped
@@ -111,7 +116,7 @@ class Lease:
         process is gone; from another host the caller watched it stay ``silent`` for a whole
         TTL. Of two drivers taking the same lease, the exclusive create lets one win.
         """
-        current = self.read()
+        generation, current = self._look()
         if current is not None and current.get("run") != run and not current.get("corrupt"):
             same_host = current.get("host") == socket.gethostname()
             alive = _process_alive(current.get("pid"), current.get("pid_started")) if same_host else not silent
@@ -121,7 +126,6 @@ class Lease:
                     f"{self.url}: another raypar driver is running this job "
                     f"(pid {current.get('pid')} on {current.get('host')}, heartbeat {age:.0f}s ago); "
                     f"wait for it to finish, or stop that process")
-        generation = (current or {}).get("generation") or self._newest()
         if not self.store.write_new(_body(run, ttl, generation + 1), FOLDER, _name(generation + 1)):
             raise LeaseHeldError(f"{self.url}: another raypar driver claimed this job at the same moment")
         self.generation = self.epoch = generation + 1
