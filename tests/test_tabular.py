@@ -1028,6 +1028,24 @@ def test_memory_ro_mount_files_stay_readable_while_another_worker_evicts_them(me
     input_files.cleanup(temp)
 
 
+def test_memory_ro_mount_file_evicted_between_its_fetch_and_its_link_is_fetched_again(memory_root, tmp_path,
+                                                                                       monkeypatch):
+    # Another worker with a tiny cache prunes right after each of this worker's fetches.
+    fs, root, cache, desc, batch = _one_ro_mount_batch(memory_root, tmp_path, monkeypatch)
+    other = input_files.FileFetcher(open_source(desc, {}), max_bytes=0)
+    fetch = input_files.FileFetcher._cached
+
+    def fetch_then_other_evicts(self, name):
+        path = fetch(self, name)
+        other.evict()
+        return path
+
+    monkeypatch.setattr(input_files.FileFetcher, "_cached", fetch_then_other_evicts)
+    paths, _, temp = BatchReader(desc).read(batch)
+    assert sorted(Path(p).read_bytes() for p in paths) == sorted(MEMORY_FILES.values())
+    input_files.cleanup(temp)
+
+
 def test_memory_ro_mount_removes_batch_folders_of_workers_that_died(memory_root, tmp_path, monkeypatch):
     fs, root, cache, desc, batch = _one_ro_mount_batch(memory_root, tmp_path, monkeypatch)
     _, _, mine = BatchReader(desc).read(batch)

@@ -83,33 +83,40 @@ class FileFetcher:
             self.evict()  # after linking: this batch's files stay readable whatever it removes
         return linked
 
-    def _linked(self, names: list[str], again: bool = True) -> tuple[list[str], str | None]:
+    def _linked(self, names: list[str]) -> tuple[list[str], str | None]:
         """Hard links to the batch's cached files in a folder of its own (named by the pid, so a
-        folder a killed worker left behind is known as such), or the cached paths where links fail."""
+        folder a killed worker left behind is known as such), or the cached paths where links fail.
+
+        The links are made under the lock eviction holds, so no file goes between its check and
+        its link; one evicted since it was fetched (another worker pruned a small cache) is
+        fetched again straight into the batch's folder."""
+        cached = [self._cached(n) for n in names]  # fetches run outside the lock: they are slow
         folder = os.path.join(self.cache, ".batches", f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        cached, links = [self._cached(n) for n in names], []
-        try:
+        links = []
+        with FileLock(self._lock_path()):
             for name, path in zip(names, cached, strict=True):
                 link = os.path.join(folder, _local_name(name))
                 os.makedirs(os.path.dirname(link), exist_ok=True)
-                os.link(path, link)
+                try:
+                    os.link(path, link)
+                except FileNotFoundError:
+                    self._fetch(name, link)
+                except OSError:  # a filesystem without hard links: the cache's own paths
+                    cleanup(folder)
+                    return cached, None
                 links.append(link)
-        except FileNotFoundError:
-            cleanup(folder)  # another worker evicted it between fetch and link: fetch again, once
-            if again:
-                return self._linked(names, again=False)
-            raise
-        except OSError:  # a filesystem without hard links: the cache's own paths
-            cleanup(folder)
-            return cached, None
         return links, folder
+
+    def _lock_path(self) -> str:
+        os.makedirs(self.cache, exist_ok=True)
+        return os.path.join(self.cache, ".lock")
 
     def evict(self) -> None:
         """Remove the least recently used files until the cache is within its limit, and the
         batch folders of workers that no longer run. One worker of the node at a time."""
         self.fetched = 0
         try:
-            with FileLock(os.path.join(self.cache, ".lock"), timeout=0):
+            with FileLock(self._lock_path(), timeout=0):
                 files, total = [], 0
                 for folder, dirs, names in os.walk(self.cache):
                     if folder == self.cache:
@@ -155,7 +162,7 @@ class FileFetcher:
                 if f.read() == version:
                     os.utime(target)  # its last use, which eviction goes by
                     return target
-        except FileNotFoundError:
+        except FileNotFoundError:  # not cached, or evicted between the marker and the file
             pass
         self._fetch(name, target)
         self.fetched += os.path.getsize(target)
