@@ -17,9 +17,17 @@ from typing import Any, Optional
 import fsspec
 
 from raypar.errors import SpecError
-from raypar.storage import _PACKAGE_FOR_PROTOCOL, azure_options_from_env, is_url
+from raypar.storage import (
+    _PACKAGE_FOR_PROTOCOL,
+    azure_options_from_env,
+    gcs_options_from_env,
+    is_url,
+    s3_options_from_env,
+)
 
 _AZURE = ("az", "abfs", "abfss")
+_S3 = ("s3", "s3a")
+_GCS = ("gs", "gcs")
 # Option names that hold secrets: a spec may only give them as $VAR references.
 SECRET_WORDS = ("key", "secret", "token", "password", "sas", "connection_string", "credential")
 _ENV_REF_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$|^\$([A-Za-z_][A-Za-z0-9_]*)$")
@@ -34,7 +42,8 @@ def resolve_storage(spec_options: dict[str, dict[str, Any]]) -> dict[str, dict[s
     """``{protocol: options}`` with every ``$VAR`` replaced by its value from the environment.
 
     Azure protocols without options in the spec get them from the standard
-    ``AZURE_STORAGE_*`` variables, so workers can authenticate too.
+    ``AZURE_STORAGE_*`` variables, S3 and GCS from ``AWS_*`` and the Google variables
+    (under the spec's own), so workers on other nodes can authenticate too.
     """
     storage: dict[str, dict[str, Any]] = {}
     for protocol, options in spec_options.items():
@@ -52,6 +61,12 @@ def resolve_storage(spec_options: dict[str, dict[str, Any]]) -> dict[str, dict[s
         azure = azure_options_from_env()
     for protocol in _AZURE:
         storage.setdefault(protocol, azure)
+    # S3 and GCS: the variables fill what the spec leaves out (an endpoint in the spec, keys in
+    # the environment); Azure's spec options replace its variables (their precedence is adlfs's).
+    for family, from_env in ((_S3, s3_options_from_env), (_GCS, gcs_options_from_env)):
+        given, from_variables = next((storage[p] for p in family if p in storage), {}), from_env()
+        for protocol in family:
+            storage[protocol] = {**from_variables, **storage.get(protocol, given)}
     return storage
 
 

@@ -3,6 +3,7 @@ publishing an output file whole. The job dir's own store is raypar/jobdir/store.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -21,8 +22,8 @@ def is_url(path: str) -> bool:
 
 
 _PACKAGE_FOR_PROTOCOL = {
-    "az": "'raypar[azure]'", "abfs": "'raypar[azure]'", "abfss": "'raypar[azure]'", "s3": "s3fs", "s3a": "s3fs",
-    "gs": "gcsfs", "gcs": "gcsfs",
+    "az": "'raypar[azure]'", "abfs": "'raypar[azure]'", "abfss": "'raypar[azure]'",
+    "s3": "'raypar[s3]'", "s3a": "'raypar[s3]'", "gs": "'raypar[gcs]'", "gcs": "'raypar[gcs]'",
 }
 
 
@@ -49,6 +50,53 @@ def azure_options_from_env(env: Optional[Mapping] = None) -> dict:
         options["sas_token"] = env["AZURE_STORAGE_SAS_TOKEN"]
     elif all(env.get(f"AZURE_STORAGE_{v}") for v in ("CLIENT_ID", "CLIENT_SECRET", "TENANT_ID")):
         options.update({v.lower(): env[f"AZURE_STORAGE_{v}"] for v in ("CLIENT_ID", "CLIENT_SECRET", "TENANT_ID")})
+    return options
+
+
+def s3_options_from_env(env: Optional[Mapping] = None) -> dict:
+    """s3fs options from the standard ``AWS_*`` variables; {} when none is set.
+
+    botocore reads the same variables itself, but only in the process that has them: the
+    driver hands these options to workers on other nodes. Keys go together (an access key id
+    without its secret is not passed on); without keys, each node uses its own chain
+    (``~/.aws``, an instance role).
+    """
+    env = os.environ if env is None else env
+    options: dict = {}
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        options.update(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
+        if env.get("AWS_SESSION_TOKEN"):
+            options["token"] = env["AWS_SESSION_TOKEN"]
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def gcs_options_from_env(env: Optional[Mapping] = None) -> dict:
+    """gcsfs options from the standard Google variables; {} when none is set.
+
+    ``STORAGE_EMULATOR_HOST`` (an emulator, no auth) wins; else the key file that
+    ``GOOGLE_APPLICATION_CREDENTIALS`` names is read here, so workers on nodes without that
+    file authenticate with its contents; ``GOOGLE_CLOUD_PROJECT`` names the project.
+    Without them, each node uses its own (the metadata server, ``gcloud`` login).
+    """
+    env = os.environ if env is None else env
+    options: dict = {}
+    if env.get("STORAGE_EMULATOR_HOST"):
+        options.update(endpoint_url=env["STORAGE_EMULATOR_HOST"], token="anon")
+    elif env.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        path = env["GOOGLE_APPLICATION_CREDENTIALS"]
+        try:
+            with open(path) as f:
+                options["token"] = json.load(f)
+        except (OSError, ValueError):
+            pass  # gcsfs names the unreadable file itself, and only to a job that uses gs://
+    if env.get("GOOGLE_CLOUD_PROJECT"):
+        options["project"] = env["GOOGLE_CLOUD_PROJECT"]
     return options
 
 

@@ -13,10 +13,12 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 JOBS_API = "http://127.0.0.1:8265"
+# Credentials a cluster's processes never inherit: a job must bring them to its workers.
+STORAGE_VARIABLES = ("AZURE_STORAGE_", "AWS_", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
 
 import pytest  # noqa: E402 - after the environment above, which Ray reads when it starts
 
-pytest_plugins = ["azurite"]  # tests/azurite.py: the Azure Blob emulator fixture
+pytest_plugins = ["azurite", "object_stores"]  # the Azure Blob, S3 and GCS emulator fixtures
 ENTRY_DIR = Path(__file__).parent / "entry"
 
 
@@ -33,7 +35,7 @@ def start_cluster(workers: int = 2, **head_args):
     """
     from ray.cluster_utils import Cluster
 
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AZURE_STORAGE_")}
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(STORAGE_VARIABLES)}
     try:
         cluster = Cluster(initialize_head=True, head_node_args={
             # The head's agent would take Ray's fixed default port: a second cluster's head (or an

@@ -1,4 +1,5 @@
-"""One storage contract, run on local disk and on Azure Blob (Azurite, the real protocol).
+"""One storage contract, run on local disk, Azure Blob (Azurite), S3 (moto's server) and GCS
+(gcp-storage-emulator): the real protocols.
 
 ``raypar.jobdir.store`` and ``raypar.jobdir.ledger.Ledger`` must behave the same on
 both: only a missing file reads as "absent", exclusive creates have exactly
@@ -44,12 +45,15 @@ class Backend:
         return {**self.options, "skip_instance_cache": True} if own_client else dict(self.options)
 
 
-@pytest.fixture(params=["local", "azure"])
+@pytest.fixture(params=["local", "azure", "s3", "gcs"])
 def backend(request, tmp_path) -> Backend:
     if request.param == "local":
         return Backend("local", str(tmp_path / "job"), {})
-    azurite = request.getfixturevalue("azurite")  # started only when an Azure case runs
-    return Backend("azure", f"az://{azurite.new_container()}/job", {"connection_string": azurite.connection_string})
+    if request.param == "azure":
+        azurite = request.getfixturevalue("azurite")  # started only when an Azure case runs
+        return Backend("azure", f"az://{azurite.new_container()}/job", {"connection_string": azurite.connection_string})
+    server = request.getfixturevalue({"s3": "s3_server", "gcs": "gcs_server"}[request.param])
+    return Backend(request.param, f"{server.protocol}://{server.new_bucket()}/job", server.options)
 
 
 def race(count: int, action) -> list:

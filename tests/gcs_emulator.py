@@ -1,0 +1,56 @@
+"""gcp-storage-emulator with the one GCS precondition raypar relies on, as GCS documents it.
+
+raypar's exclusive create on GCS (the lease, write-once records) is gcsfs's upload with
+``ifGenerationMatch=0``: GCS answers ``412 Precondition Failed`` when the object exists, and
+gcsfs raises FileExistsError. The emulator ignores preconditions (every upload succeeds), so a
+lease race would have two winners there and the contract tests could not tell a raypar bug
+from an emulator gap. This launcher adds that precondition to the emulator's upload handler,
+atomically (the emulator serves requests on several threads), and nothing else: the request
+must still carry ``ifGenerationMatch=0`` for an upload to be refused, so the tests check that
+gcsfs sends it.
+
+Usage: python gcs_emulator.py HOST PORT
+"""
+
+import sys
+import threading
+from http import HTTPStatus
+
+from gcp_storage_emulator import server
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+
+_uploads = threading.Lock()  # one upload at a time: the check and the write are one step
+_insert = objects.insert
+
+
+def _object_name(request):
+    if "name" in request.query:
+        return request.query["name"][0]
+    data = request.data if isinstance(request.data, dict) else {}
+    return (data.get("meta") or {}).get("name") or data.get("name")
+
+
+def insert_unless_it_exists(request, response, storage, *args, **kwargs):
+    with _uploads:
+        if request.query.get("ifGenerationMatch") == ["0"]:
+            try:
+                storage.get_file_obj(request.params["bucket_name"], _object_name(request))
+            except NotFound:
+                pass
+            else:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+        return _insert(request, response, storage, *args, **kwargs)
+
+
+objects.insert = insert_unless_it_exists  # server.py's fallback route looks it up at call time
+for _, handlers in server.HANDLERS:
+    for method, handler in list(handlers.items()):
+        if handler is _insert:
+            handlers[method] = insert_unless_it_exists
+
+if __name__ == "__main__":
+    host, port = sys.argv[1], int(sys.argv[2])
+    emulator = server.create_server(host, port, in_memory=True)
+    emulator.run()
