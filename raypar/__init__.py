@@ -12,6 +12,18 @@ from raypar.errors import RayparError
 from raypar.version import __version__
 
 
+def item_failed(item, error) -> None:
+    """From ``run()``: report one item of the mini-batch as failed, with its error (a string or
+    an exception). ``item`` is one of the paths run() got (or its place in the list) for a
+    batch of files; for a table batch, a row's place in the batch (an int, a list of them, or a
+    slice of the DataFrame run() got). Reported items are recorded with the batch: ``raypar
+    failed JOB_DIR`` writes them out as a new job's input. A reported item counts as failed
+    for ``error_threshold``, whether or not run() also returned a row for it."""
+    from raypar.worker.items import report
+
+    report(item, error)
+
+
 def run(spec, job_dir=None, address=None, wait=True, **kwargs):
     """Run a job spec from this process: a path to YAML, a dict, a JobSpec, or a job built in Python
     (:func:`parallel_run_function`'s job, a :class:`ParallelRunStep`).

@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     _remote_options(status, submitting=False)
 
+    failed = sub.add_parser("failed", help="the items that failed (reported by run(), or of failed mini-batches), "
+                                           "with their error, as a new job's input")
+    failed.add_argument("target", metavar="JOB_DIR")
+    failed.add_argument("-o", "--output", metavar="FILE|FOLDER",
+                        help="where to write them (a path or URL; a folder for mltable); default stdout")
+    failed.add_argument("--format", choices=("txt", "csv", "parquet", "mltable"),
+                        help="txt: one path per line (files jobs; their default); csv (table jobs' default), "
+                             "parquet: the items with raypar_error and raypar_batch columns; mltable: a folder "
+                             "that is directly a job's input")
+
     kube = sub.add_parser("kube", help="Kubernetes (KubeRay) manifests for a job")
     kube_sub = kube.add_subparsers(dest="kube_command", required=True, metavar="KUBE_COMMAND")
     render = kube_sub.add_parser("render", help="print a ready KubeRay RayJob (and a ConfigMap with task.code)")
@@ -154,6 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "convert":
         return _convert(args)
+    if args.command == "failed":
+        return _failed(args)
     if _is_remote(args):
         return _remote(args)
     if args.command in ("status", "resume"):
@@ -203,6 +215,23 @@ def _dispatch(args) -> int:
         print(f"raypar: details: raypar status {outcome.job_dir}; continue: raypar resume {outcome.job_dir}",
               file=sys.stderr)
     return outcome.exit_code
+
+
+def _failed(args) -> int:
+    """`raypar failed JOB_DIR`: see raypar/engine/failed_export.py."""
+    from raypar.credentials import resolve_storage
+    from raypar.engine.failed_export import collect, describe, write
+    from raypar.storage import normalize_path
+
+    items = collect(normalize_path(args.target))
+    fmt = args.format or ("txt" if items.kind == "files" else "csv")
+    target = normalize_path(args.output) if args.output else None
+    data = write(items, fmt, target, resolve_storage({}))
+    if data is not None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    print(describe(items, target, fmt), file=sys.stderr)
+    return 0
 
 
 def _echo(line: str) -> None:

@@ -741,6 +741,37 @@ def test_compaction_covers_what_it_read_and_later_appends_still_count(tmp_path):
     assert [f["rows"] for f in index["files"]] == [3, 3]
 
 
+def test_reported_failed_items_survive_compaction_and_count_as_failed(tmp_path):
+    ledger = planned(tmp_path, 3)
+    out = ledger.done_writer("r1~w1")
+    failed = json.dumps({"ValueError: flaky": [1, 3]})
+    out.write(DoneRecord(batch=bid(0), run="r1", attempt=1, items=4, returned=4, part=None, reported=2,
+                         failed=failed), b"rows\n")  # run() also returned a row for each
+    out.write(DoneRecord(batch=bid(1), run="r1", attempt=1, items=4, returned=3, part=None), b"rows\n")
+    assert ledger.compact("r1") is True
+    finish(ledger, 2, run="r2")
+
+    fresh = Ledger(str(tmp_path / "job"))
+    assert fresh.view().done[bid(0)].failed == failed and fresh.view().done[bid(1)].failed is None
+    assert fresh.view().unreturned_items() == fresh.view(lean=True).unreturned_items() == 2 + 1
+
+
+def test_compact_files_written_before_reported_items_read_as_none_reported(tmp_path):
+    from raypar.jobdir import tables
+
+    ledger = planned(tmp_path, 2)
+    for i in (0, 1):
+        finish(ledger, i)
+    old = tables.empty_table().drop_columns(["reported", "failed"])  # the schema before them
+    assert tables.from_ipc(tables.to_ipc(old)).schema == tables.SCHEMA
+    path = tmp_path / "old.arrow"
+    record = ledger.view().done.table.drop_columns(["reported", "failed"])
+    path.write_bytes(tables.to_ipc(record))
+    [batch] = list(tables.ipc_batches(str(path), tables.LEAN_COLUMNS))
+    assert batch.column("reported").to_pylist() == [0, 0]
+    assert tables.from_ipc(path.read_bytes()).column("failed").to_pylist() == [None, None]
+
+
 def test_compaction_merges_its_delta_files_past_the_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(ledger_module, "MAX_COMPACT_FILES", 3)
     ledger = planned(tmp_path, 8)

@@ -657,7 +657,7 @@ class Scheduler:
         if answer["ok"]:
             self.progress.done += 1
             self.transport.batch_done(answer.get("seconds", 0.0))
-            unreturned = max(answer["items"] - answer["returned"], 0)
+            unreturned = max(answer["items"] - answer["returned"], answer.get("reported", 0), 0)
             self.progress.failed_items += unreturned
             if "index" in answer:
                 slot.unflushed.add(call, answer["index"], unreturned)

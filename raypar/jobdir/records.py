@@ -79,10 +79,14 @@ class DoneRecord:
     worker: Optional[str] = None
     seconds: float = 0.0
     started: Optional[float] = None
+    # Items run() reported failed (raypar.item_failed): how many, and which, as JSON
+    # {error: [position in the batch, ...]} (a file's place in the batch, a table row's).
+    reported: int = 0
+    failed: Optional[str] = None
 
     @property
     def failed_items(self) -> int:
-        return max(self.items - self.returned, 0)
+        return max(self.items - self.returned, self.reported, 0)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ SCHEMA = pa.schema([
     ("ordinal", pa.int64()), ("run", _DICT), ("attempt", pa.int64()), ("items", pa.int64()),
     ("returned", pa.int64()), ("part", _DICT), ("part_offset", pa.int64()), ("part_bytes", pa.int64()),
     ("part_sha256", pa.string()), ("node", _DICT), ("worker", _DICT), ("seconds", pa.float64()),
-    ("started", pa.float64()),
+    ("started", pa.float64()), ("reported", pa.int64()), ("failed", pa.string()),
 ])
+_ADDED = {"reported": 0, "failed": None}  # columns newer than some compact files: their value there
 # The done record as sealed in the ledger (batch ID instead of ordinal, plain strings).
 _RECORD = pa.schema([("batch", pa.string())] + [
     pa.field(f.name, pa.string() if f.type == _DICT else f.type) for f in SCHEMA if f.name != "ordinal"
@@ -45,7 +46,22 @@ def records_table(lines: list[bytes]) -> pa.Table:
         raw.column(f.name).dictionary_encode() if f.type == _DICT else raw.column(f.name)
         for f in SCHEMA if f.name != "ordinal"
     ]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    table = pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return table.set_column(SCHEMA.get_field_index("reported"), "reported", table.column("reported").fill_null(0))
+
+
+def _conform(batch, columns: list[str]):
+    """A table or record batch of a compact file written before a column existed, with that
+    column added (its value in those records) and the columns in ``columns``' order."""
+    missing = [c for c in columns if c not in batch.schema.names]
+    if not missing:
+        return batch
+    arrays = {name: batch.column(name) for name in batch.schema.names}
+    for name in missing:
+        field = SCHEMA.field(name)
+        arrays[name] = pa.array([_ADDED[name]] * batch.num_rows, field.type)
+    make = pa.Table.from_arrays if isinstance(batch, pa.Table) else pa.RecordBatch.from_arrays
+    return make([arrays[c] for c in columns], schema=pa.schema([SCHEMA.field(c) for c in columns]))
 
 
 def empty_table() -> pa.Table:
@@ -54,7 +70,7 @@ def empty_table() -> pa.Table:
 
 ROWS_PER_BATCH = 1 << 20  # a compact file holds record batches of this many rows: read one at a time
 # What a resume plans with and `status` counts: DoneSet reads only these columns of a compact file.
-LEAN_COLUMNS = ["ordinal", "run", "attempt", "items", "returned", "part", "part_offset", "part_bytes"]
+LEAN_COLUMNS = ["ordinal", "run", "attempt", "items", "returned", "part", "part_offset", "part_bytes", "reported"]
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -66,7 +82,7 @@ def to_ipc(table: pa.Table) -> bytes:
 
 
 def from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    return _conform(pa.ipc.open_file(pa.BufferReader(data)).read_all(), SCHEMA.names)
 
 
 def ipc_batches(source, columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -74,10 +90,10 @@ def ipc_batches(source, columns: list[str]) -> Iterator[pa.RecordBatch]:
     source = pa.OSFile(source) if isinstance(source, str) else pa.BufferReader(source)
     with source:
         reader = pa.ipc.open_file(source)
-        fields = [reader.schema.get_field_index(c) for c in columns]
+        fields = [reader.schema.get_field_index(c) for c in columns if c in reader.schema.names]
         reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=fields))
         for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
+            yield _conform(reader.get_batch(i), columns)
 
 
 def _valid(table, part_sizes: dict[str, int], voided: set[str]) -> np.ndarray:
@@ -164,8 +180,7 @@ class DoneIndex(Mapping):
     def failed_items(self) -> int:
         if not len(self):
             return 0
-        items, returned = self.table.column("items").to_numpy(), self.table.column("returned").to_numpy()
-        return int(np.maximum(items - returned, 0).sum())
+        return int(_failed_items(self.table).sum())
 
     def mask(self, size: int) -> np.ndarray:
         """A bool per ordinal below ``size``: done or not."""
@@ -198,7 +213,7 @@ class DoneSet:
             table = table.unify_dictionaries().combine_chunks()
         keep = _valid(table, part_sizes, voided)
         ordinals = table.column("ordinal").to_numpy()[keep]
-        unreturned = np.maximum(table.column("items").to_numpy() - table.column("returned").to_numpy(), 0)[keep]
+        unreturned = _failed_items(table)[keep]
         top = int(ordinals.max(initial=-1)) + 1
         if top > len(self.done):
             self.done = np.concatenate([self.done, np.zeros(top - len(self.done), dtype=bool)])
@@ -237,6 +252,12 @@ class DoneSet:
         n = min(size, len(self.done))
         out[:n] = self.done[:n]
         return out
+
+
+def _failed_items(table) -> np.ndarray:
+    """Per record: the items run() did not return a row for, or reported failed, if more."""
+    items, returned = table.column("items").to_numpy(), table.column("returned").to_numpy()
+    return np.maximum(np.maximum(items - returned, table.column("reported").to_numpy()), 0)
 
 
 def _record(row: dict) -> DoneRecord:

@@ -35,6 +35,7 @@ from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.log_shipper import LogShipper
 from raypar.jobdir.records import DoneRecord
 from raypar.outputs.rows import count_and_serialize
+from raypar.worker import items as failed_items
 from raypar.worker.azure_env import EntryEnvironment
 from raypar.worker.plan import WorkerPlan
 from raypar.worker.read_ahead import ReadAhead
@@ -225,7 +226,11 @@ class Worker:
         try:
             mini_batch, context, temp = self.ahead.read(batch)
             items = len(mini_batch) if batch.kind == "table" else batch.item_count
-            result = self.entry_env.call(self._call_run, mini_batch, context)
+            failed = failed_items.collect(batch.kind, mini_batch)
+            try:
+                result = self.entry_env.call(self._call_run, mini_batch, context)
+            finally:
+                failed_items.stop()
             returned, rows = count_and_serialize(result, self.with_rows, self.plan.append_row_format)
             self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:
@@ -242,7 +247,7 @@ class Worker:
         record = DoneRecord(
             batch=batch.id, run=self.run_id, attempt=attempt, items=items, returned=returned,
             part=None, node=self.node, worker=self.name, seconds=round(time.time() - started, 6),
-            started=round(started, 3),
+            started=round(started, 3), **failed.record_fields(),
         )
         try:
             self.done.write(record, rows)  # stored now, or with this worker's next flush
@@ -253,7 +258,7 @@ class Worker:
                              f"{describe_error(exc, self.plan.storage)}"}
         self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
-                "seconds": record.seconds, "index": self.done.written}
+                "reported": record.reported, "seconds": record.seconds, "index": self.done.written}
 
     def run_batches(self, items: list) -> dict:
         """Several mini-batches that take milliseconds, in one call (the driver groups them to save

@@ -3,6 +3,8 @@
 Arguments (parse_known_args, as Azure scripts do):
   --exec-log DIR    write one file per run() call listing the batch's files
   --fixed-flag F    files whose text contains "bad" raise unless F exists
+  --report-flaky    files whose text contains "flaky" are reported failed (raypar.item_failed),
+                    no row, unless the --fixed-flag file exists; the batch goes on
   --with-node       append "<instance> <ray node id>" to every row
   --gate DIR        init() writes DIR/started-<pid> and waits for DIR/release
   --barrier DIR N   a worker's first run() writes DIR/<pid> and waits until N workers did
@@ -48,6 +50,7 @@ def init():
     parser.add_argument("--hold-after", nargs=2)
     parser.add_argument("--init-log")
     parser.add_argument("--fault", nargs=3)
+    parser.add_argument("--report-flaky", action="store_true")
     parser.add_argument("--hold-from", nargs=2)
     args, _ = parser.parse_known_args()
     if args.init_log:
@@ -140,6 +143,11 @@ def run(mini_batch):
     for path, name in zip(mini_batch, names, strict=True):
         with open(path) as f:
             text = f.read().strip()
+        if "flaky" in text and args.report_flaky and not fixed:  # this item fails; the batch goes on
+            import raypar
+
+            raypar.item_failed(path, ValueError(f"cannot score {name}: flaky record"))
+            continue
         if "bad" in text and not fixed:
             raise ValueError(f"cannot score {name}: bad record")
         row = f"{name} {text.upper()}"

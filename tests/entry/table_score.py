@@ -5,6 +5,7 @@ Options (parse_known_args, as Azure requires):
   --fail-id N      run() raises for the batch holding row id N
   --side-dir DIR   run() also writes DIR/<mini-batch id>.csv with the ids it got (an output folder)
   --arrow          run() must get a pyarrow Table (raypar.batch_format: pyarrow), and returns one
+  --report-every N rows whose id % N == 7 are reported failed (raypar.item_failed), no row
 Returns one row per input row: id, double (= 2 * x), and the partition key values.
 """
 
@@ -21,6 +22,7 @@ def init():
     parser.add_argument("--fail-id", type=int)
     parser.add_argument("--side-dir")
     parser.add_argument("--arrow", action="store_true")
+    parser.add_argument("--report-every", type=int)
     args, _ = parser.parse_known_args()
 
 
@@ -37,6 +39,13 @@ def run(mini_batch, mini_batch_context):
             f.write(str(len(mini_batch)))
     if args.fail_id is not None and (mini_batch["id"] == args.fail_id).any():
         raise ValueError(f"row {args.fail_id} is bad")
+    if args.report_every:  # rows whose id % N == 7 fail alone; the others are scored
+        import raypar
+
+        flaky = mini_batch[mini_batch["id"] % args.report_every == 7]
+        if len(flaky):
+            raypar.item_failed(flaky, "ValueError: flaky row")
+        mini_batch = mini_batch.drop(flaky.index)
     if args.side_dir:
         mini_batch[["id"]].to_csv(os.path.join(args.side_dir, f"{mini_batch_context.mini_batch_id}.csv"), index=False)
     out = pd.DataFrame({"id": mini_batch["id"].to_numpy(), "double": (mini_batch["x"] * 2).to_numpy()})
