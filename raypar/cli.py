@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--code", metavar="DIR", help="with an http address: the job's task.code folder here "
                                                       "(default: the path in its spec)")
     resume.add_argument("--wait", action="store_true", help="with an http address: follow it until it ends")
+    resume.add_argument("--retry-failed-items", action="store_true",
+                        help="also run again the items run() reported failed (raypar.item_failed) in done "
+                             "mini-batches, just them; their rows follow their batch's in the output")
     _remote_options(resume, address=False)
 
     cancel = sub.add_parser("cancel", help="stop a running job (it stays resumable)")
@@ -200,7 +203,8 @@ def _dispatch(args) -> int:
                               progress=display.update, code_dir=args.code_dir)
         else:
             outcome = resume_job(args.target, address=args.address, echo=display.echo,
-                                 progress=display.update, code_dir=args.code_dir)
+                                 progress=display.update, code_dir=args.code_dir,
+                                 retry_failed_items=args.retry_failed_items)
     finally:
         display.close()
     if outcome.state.value == "canceled":
@@ -360,7 +364,7 @@ def _remote(args) -> int:
     api = _api(args)
     if args.command == "resume":
         job = resume_remote(args.target, api=api, code_dir=args.code, shared_paths=tuple(args.shared_path),
-                            env=parse_env(args.env), echo=_echo)
+                            env=parse_env(args.env), echo=_echo, retry_failed_items=args.retry_failed_items)
         return _submitted(job, args.wait)
     job = SubmittedJob(api, args.target)
     if args.command == "status":

@@ -121,6 +121,67 @@ def test_reported_rows_of_a_table_come_out_with_their_columns_and_run_again(ray_
     assert rescored.column("double").to_pylist() == [i * 1.0 for i in flaky]
 
 
+@pytest.mark.ray
+def test_resume_retries_just_the_reported_items_and_the_output_holds_every_row_once(ray_cluster, tmp_path):
+    files = texts(12, flaky={3, 8})
+    log, fixed = tmp_path / "exec", tmp_path / "fixed"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, **{
+        "task.program_arguments": f"--report-flaky --fixed-flag {fixed} --exec-log {log}", "error_threshold": -1,
+    })
+    job = str(tmp_path / "job")
+    assert raypar.run(spec, job_dir=job, echo=quiet).wait().state is JobState.SUCCEEDED
+    for p in log.iterdir():
+        p.unlink()
+    fixed.touch()  # the cause is fixed: the flaky files score now
+    said = []
+
+    resumed = raypar.resume(job, echo=said.append, retry_failed_items=True).wait()
+
+    assert resumed.state is JobState.SUCCEEDED, resumed.reason
+    assert "raypar: 2 item(s) reported failed in 2 done mini-batch(es) run again" in "\n".join(said)
+    assert sorted(n for p in log.iterdir() for n in p.read_text().split()) == ["f03.txt", "f08.txt"]  # just them
+    rows = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    # Each retried item's row follows the rows of the batch it was in.
+    order = ["f00", "f01", "f02", "f03", "f04", "f05", "f06", "f07", "f09", "f08", "f10", "f11"]
+    assert [r.split()[0] for r in rows] == [f"{n}.txt" for n in order]
+    assert rows == [f"{n}.txt {files[n + '.txt'].upper()}" for n in order]
+    status = json.loads(cli("status", job, "--json").stdout)
+    # 6 batches of 2 files; each of the 2 with a reported item became a carry and a retry batch.
+    assert (status["completed"], status["total"], status["failed_items"]) == (6 - 2 + 4, 6 - 2 + 4, 0)
+    assert cli("failed", job).stdout == ""
+
+    nothing = []
+    again = raypar.resume(job, echo=nothing.append, retry_failed_items=True).wait()
+    assert again.state is JobState.SUCCEEDED
+    assert any("nothing to retry item by item" in line for line in nothing)
+    assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == rows
+
+
+@pytest.mark.ray
+def test_retried_table_rows_that_fail_again_are_reported_again(ray_cluster, tmp_path):
+    table = pa.table({"id": range(200), "x": [i * 0.5 for i in range(200)]})
+    (tmp_path / "tables").mkdir()
+    pq.write_table(table, tmp_path / "tables" / "t.parquet", row_group_size=50)
+    spec = make_spec(tmp_path, {}, **{
+        "inputs.data": {"type": "uri_folder", "path": str(tmp_path / "tables")},
+        "mini_batch_size": "2kb", "task.entry_script": "table_score.py",
+        "task.program_arguments": "--report-every 50", "error_threshold": -1,
+        "raypar.append_row_format": "parquet",
+    })
+    job = str(tmp_path / "job")
+    assert raypar.run(spec, job_dir=job, echo=quiet).wait().state is JobState.SUCCEEDED
+
+    resumed = raypar.resume(job, echo=quiet, retry_failed_items=True).wait()  # not fixed: they fail again
+
+    assert resumed.state is JobState.SUCCEEDED
+    scored = pq.read_table(tmp_path / "out" / "parallel_run_step.parquet")
+    assert scored.column("id").to_pylist() == [i for i in range(200) if i % 50 != 7]
+    exported = cli("failed", job, "--format", "csv")
+    frame = pd.read_csv(__import__("io").StringIO(exported.stdout))
+    assert frame["id"].tolist() == [7, 57, 107, 157]  # reported again, by the retry batches
+
+
 def test_txt_is_refused_for_rows_and_parquet_needs_a_target():
     from raypar.engine.failed_export import FailedItems, write
     from raypar.errors import UsageError

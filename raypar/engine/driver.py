@@ -23,6 +23,7 @@ from raypar.engine.progress import ProgressDisplay
 from raypar.engine.ray_transport import Placement, RayTransport
 from raypar.engine.replan import check_input_files, refuse_gone, replan
 from raypar.engine.replan import names as replan_names
+from raypar.engine.retry_items import plan_item_retries
 from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
 from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, write_session_reports
@@ -76,6 +77,7 @@ class _Session:
     storage: dict  # resolved credentials: memory only, never written
     runtime_env: Optional[dict] = None  # of the worker actors (resolved env vars: memory only)
     show: Optional[Show] = None
+    retry_failed_items: bool = False  # raypar resume --retry-failed-items
 
     def plan(self):
         return plan_batches(self.spec, self.desc, self.storage)
@@ -140,15 +142,18 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
 
 
 def resume_job(job_dir: str, address: Optional[str] = None, echo: Echo = print,
-               progress: Optional[Show] = None, code_dir: Optional[str] = None) -> Outcome:
+               progress: Optional[Show] = None, code_dir: Optional[str] = None,
+               retry_failed_items: bool = False) -> Outcome:
     """Run exactly the mini-batches of ``job_dir`` that are not done, then assemble.
 
-    ``echo``, ``progress`` and ``code_dir`` are as for :func:`run_job`.
+    ``retry_failed_items``: also run again the items run() reported failed in done batches
+    (raypar/engine/retry_items.py). ``echo``, ``progress`` and ``code_dir`` are as for :func:`run_job`.
     """
     job_dir = normalize_path(job_dir)
     ledger = Ledger(job_dir, options_for(job_dir, resolve_storage({})))
     spec = JobSpec.model_validate(ledger.load_job()["spec"])
     session = _open_session(spec, code_dir, echo, progress)
+    session.retry_failed_items = retry_failed_items
     ledger = Ledger(job_dir, options_for(job_dir, session.storage))
     return _drive(ledger, session, address, echo, f"raypar: resuming {job_dir}")
 
@@ -232,6 +237,8 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
         manifest = ledger.read_manifest()
         if manifest is not None:
             manifest = _replan_changed_inputs(ledger, session, manifest, echo)
+        if manifest is not None and session.retry_failed_items:
+            manifest = _retry_failed_items(ledger, manifest, echo)
         if manifest is None:  # planning never finished: plan (again) while running
             prefix = ledger.read_manifest_prefix()
             done = ledger.view(prefix, lean=True).done if len(prefix) else frozenset()
@@ -275,6 +282,17 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     view = view or final_view(ledger)  # nothing is written after the reports: their view is the final one
     return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
                    **view.counts())
+
+
+def _retry_failed_items(ledger: Ledger, manifest, echo: Echo):
+    """The manifest after planning again the items run() reported failed (--retry-failed-items)."""
+    batches, items = plan_item_retries(ledger, manifest)
+    if not batches:
+        echo("raypar: no item was reported failed in a done mini-batch: nothing to retry item by item")
+        return manifest
+    echo(f"raypar: {items} item(s) reported failed in {batches} done mini-batch(es) run again "
+         f"(their rows follow their batch's in the output)")
+    return ledger.read_manifest()
 
 
 def _replan_changed_inputs(ledger: Ledger, session: _Session, manifest, echo: Echo):

@@ -231,6 +231,8 @@ class BatchReader:
             table = table.select([c for c in desc["keep_columns"] if c in table.column_names])
         if desc["drop_columns"]:
             table = table.drop_columns([c for c in desc["drop_columns"] if c in table.column_names])
+        if batch.payload.get("take") is not None:  # some rows of the batch (failed items planned again)
+            table = table.take(pa.array(batch.payload["take"], pa.int64()))
         if desc.get("batch_format") == "pyarrow":  # raypar.batch_format: no conversion at all
             return table
         return table.to_pandas()

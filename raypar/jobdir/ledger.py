@@ -228,7 +228,7 @@ class Ledger:
         if planned != marker["batches"]:
             raise LedgerError(f"{self.url}/manifest: the chunks hold {planned} batches, "
                               f"COMPLETE.json says {marker['batches']}")
-        revisions = []
+        revisions, carried = [], {}
         for rev in self._revisions():
             if rev["first"] != planned:
                 raise LedgerError(f"{self.url}/manifest/{rev['name']}: adds batches from {rev['first']}, "
@@ -236,8 +236,9 @@ class Ledger:
             chunks.extend(rev["chunks"])
             planned += sum(c["count"] for c in rev["chunks"])
             revisions.append([(run["retired"], tuple(run["added"])) for run in rev["runs"]])
+            carried.update({new: old for new, old in rev.get("carried", [])})
         lines = ChunkedLines([c["count"] for c in chunks], lambda indices: self._load_chunks(chunks, indices))
-        return Manifest(lines, revisions, planned=marker["batches"])
+        return Manifest(lines, revisions, planned=marker["batches"], carried=carried)
 
     def _load_chunks(self, chunks: list[dict], indices: list[int], key: str = "name") -> dict[int, list[bytes]]:
         """{index: lines} of the manifest chunks ``indices`` (or with ``key="inputs"`` of their input
@@ -303,10 +304,11 @@ class Ledger:
         return versions
 
     def write_revision(self, runs: list[tuple[list[int], list[MiniBatch]]], versions: dict,
-                       changed: list[str]) -> None:
+                       changed: list[str], carried: Optional[dict] = None) -> None:
         """Retire batches and append the ones that replace them, as one sealed revision.
 
-        ``runs``: (retired ordinals, their replacements, numbered after the plan). The new
+        ``runs``: (retired ordinals, their replacements, numbered after the plan). ``carried``:
+        {replacement: retired} whose done record carries over (see Manifest.carried). The new
         chunks and input versions are written first; the sealed record last, so a crash
         in between leaves the plan as it was.
         """
@@ -328,6 +330,7 @@ class Ledger:
                 self.store.write_atomic(data, "manifest", entry["inputs"])
             chunks.append(entry)
         body = {"first": first, "chunks": chunks, "changed": changed, "written": time.time(),
+                "carried": sorted([new, old] for new, old in (carried or {}).items()),
                 "runs": [{"retired": retired, "added": [batches[0].ordinal, batches[-1].ordinal + 1]
                           if batches else [0, 0]} for retired, batches in runs]}
         self.store.write_atomic(_sealed(body), "manifest", f"{prefix}.json")  # last: the revision counts now
@@ -387,6 +390,8 @@ class Ledger:
         manifest = manifest if manifest is not None else self.read_manifest()
         done = self._done_set(len(manifest) if manifest is not None else 0) if lean else self._done_records()
         failed = self._failed_records()
+        if getattr(manifest, "carried", None):
+            done = done.carry(manifest.carried)  # before the retired records leave
         retired = getattr(manifest, "retired", None)
         if retired is not None and len(retired):
             done = done.without(retired)

@@ -161,6 +161,32 @@ class DoneIndex(Mapping):
             return self
         return DoneIndex(self.table.filter(pa.array(~np.isin(self.ordinals, ordinals))))
 
+    def carry(self, carried: dict[int, int]) -> "DoneIndex":
+        """This index plus, for each ``{new: old}``, old's record as new's, less the items run()
+        reported failed (a retry batch of their own runs them): see Manifest.carried."""
+        if not len(self) or not carried:
+            return self
+        olds = np.fromiter(carried.values(), dtype=np.int64)
+        news = np.fromiter(carried.keys(), dtype=np.int64)
+        rows = self.table.filter(pa.array(np.isin(self.ordinals, olds)))
+        if not rows.num_rows:
+            return self
+        new_of = dict(zip(olds.tolist(), news.tolist(), strict=True))
+        moved = np.array([new_of[o] for o in rows.column("ordinal").to_pylist()], dtype=np.int64)
+        own = np.isin(moved, self.ordinals)  # the new batch ran itself (its old record was not valid)
+        rows, moved = rows.filter(pa.array(~own)), moved[~own]
+        if not rows.num_rows:
+            return self
+        reported = rows.column("reported").to_numpy()
+        rows = rows.set_column(0, "ordinal", pa.array(moved, pa.int64()))
+        rows = rows.set_column(SCHEMA.get_field_index("items"), "items",
+                               pa.array(rows.column("items").to_numpy() - reported, pa.int64()))
+        rows = rows.set_column(SCHEMA.get_field_index("reported"), "reported", pa.array(np.zeros(len(reported),
+                                                                                                  np.int64)))
+        rows = rows.set_column(SCHEMA.get_field_index("failed"), "failed", pa.nulls(len(reported), pa.string()))
+        table = pa.concat_tables([self.table, rows.cast(self.table.schema)], promote_options="permissive")
+        return DoneIndex(table.take(pa.array(np.argsort(table.column("ordinal").to_numpy(), kind="stable"))))
+
     def __getitem__(self, batch) -> DoneRecord:
         i = self._row(batch)
         if i is None:
@@ -204,6 +230,7 @@ class DoneSet:
     def __init__(self, size: int = 0):
         self.done = np.zeros(size, dtype=bool)
         self.unreturned = np.zeros(size, dtype=np.int32)
+        self.reported = np.zeros(size, dtype=np.int32)  # of those, reported by run() (raypar.item_failed)
 
     def add(self, table, part_sizes: dict[str, int], voided: set[str]) -> None:
         """Count the valid records of ``table`` (a record batch or table with LEAN_COLUMNS)."""
@@ -214,12 +241,26 @@ class DoneSet:
         keep = _valid(table, part_sizes, voided)
         ordinals = table.column("ordinal").to_numpy()[keep]
         unreturned = _failed_items(table)[keep]
-        top = int(ordinals.max(initial=-1)) + 1
-        if top > len(self.done):
-            self.done = np.concatenate([self.done, np.zeros(top - len(self.done), dtype=bool)])
-            self.unreturned = np.concatenate([self.unreturned, np.zeros(top - len(self.unreturned), np.int32)])
+        self._grow(int(ordinals.max(initial=-1)) + 1)
         self.done[ordinals] = True
         self.unreturned[ordinals] = unreturned
+        self.reported[ordinals] = table.column("reported").to_numpy()[keep]
+
+    def _grow(self, top: int) -> None:
+        if top > len(self.done):
+            more = top - len(self.done)
+            self.done = np.concatenate([self.done, np.zeros(more, dtype=bool)])
+            self.unreturned = np.concatenate([self.unreturned, np.zeros(more, np.int32)])
+            self.reported = np.concatenate([self.reported, np.zeros(more, np.int32)])
+
+    def carry(self, carried: dict[int, int]) -> "DoneSet":
+        """As DoneIndex.carry: each new ordinal done when its old one is, less the reported items."""
+        for new, old in carried.items():
+            if old < len(self.done) and self.done[old]:
+                self._grow(new + 1)
+                self.done[new] = True
+                self.unreturned[new] = max(int(self.unreturned[old]) - int(self.reported[old]), 0)
+        return self
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self.done))
@@ -240,7 +281,7 @@ class DoneSet:
 
     def without(self, ordinals: np.ndarray) -> "DoneSet":
         out = DoneSet()
-        out.done, out.unreturned = self.done.copy(), self.unreturned
+        out.done, out.unreturned, out.reported = self.done.copy(), self.unreturned, self.reported
         out.done[ordinals[ordinals < len(out.done)]] = False
         return out
 
@@ -315,9 +356,13 @@ class Manifest(Sequence):
     since they were planned. The replacements take their run's place in the output.
     """
 
-    def __init__(self, lines: Sequence[bytes], revisions: Sequence = (), planned: Optional[int] = None):
+    def __init__(self, lines: Sequence[bytes], revisions: Sequence = (), planned: Optional[int] = None,
+                 carried: Optional[dict] = None):
         self.lines = lines  # a list, or ChunkedLines read on demand
         self.revisions = list(revisions)
+        # {new ordinal: retired ordinal}: a batch whose done record is the retired one's, less the
+        # items run() reported failed (raypar resume --retry-failed-items plans those again).
+        self.carried = dict(carried or {})
         self.planned = len(lines) if planned is None else planned  # batches of the original plan
         runs = [run for revision in self.revisions for run in revision]
         self.retired = np.unique(np.array([o for retired, _ in runs for o in retired], dtype=np.int64))

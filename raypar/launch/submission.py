@@ -163,8 +163,10 @@ def _spec_in(job_dir: str) -> JobSpec:
 
 def resume_remote(target: str, address: Optional[str] = None, headers: Optional[dict] = None,
                   code_dir: Optional[str] = None, shared_paths: tuple[str, ...] = (), env: Optional[dict] = None,
-                  echo: Echo = print, api: Optional[JobsApi] = None) -> "SubmittedJob":
-    """Submit a driver that continues a job: ``target`` is a submission ID or the job dir URL."""
+                  echo: Echo = print, api: Optional[JobsApi] = None,
+                  retry_failed_items: bool = False) -> "SubmittedJob":
+    """Submit a driver that continues a job: ``target`` is a submission ID or the job dir URL.
+    ``retry_failed_items``: as ``raypar resume --retry-failed-items``."""
 
     api = api or JobsApi(address, headers)
     if is_url(target) or os.path.isabs(target):
@@ -185,6 +187,8 @@ def resume_remote(target: str, address: Optional[str] = None, headers: Optional[
     check_reachable(spec, job_dir, shared_paths)
     runtime_env = runtime_env_for(spec, code, job_dir, env, echo)
     entrypoint = f"python -m raypar resume {shlex.quote(job_dir)} --code-dir ."
+    if retry_failed_items:
+        entrypoint += " --retry-failed-items"
     return _send(api, spec, job_dir, entrypoint, runtime_env, {"raypar.resumes": resumes} if resumes else {},
                  _job_slug(spec))
 
