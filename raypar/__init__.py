@@ -88,4 +88,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'raypar' has no attribute {name!r}")
 
 
-__all__ = ["run", "resume", "submit", "RayparError", "__version__", *_AZUREML_NAMES]
+__all__ = ["run", "resume", "submit", "item_failed", "RayparError", "__version__", *_AZUREML_NAMES]
