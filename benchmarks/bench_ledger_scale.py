@@ -50,6 +50,29 @@ rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": len(pending), "total": len(manifest)}))
 """
 
+# With --failed-every: what `raypar failed` reads (every done record, the reported ones' batches),
+# then what `raypar resume --retry-failed-items` adds before it schedules (the revision, a view with
+# the carried records). Run once, last: the revision changes the job dir.
+FAILED = r"""
+import json, sys, time
+from raypar.engine.retry_items import plan_item_retries
+from raypar.jobdir.ledger import Ledger
+ledger = Ledger(sys.argv[1])
+started = time.perf_counter()
+manifest = ledger.read_manifest()
+done = ledger.view(manifest).done.table
+reported = done.filter(done.column("failed").is_valid())
+items = [manifest[o].payload["files"][0] for o in reported.column("ordinal").to_pylist()]
+export = time.perf_counter() - started
+started = time.perf_counter()
+batches, _ = plan_item_retries(ledger, manifest)
+pending = ledger.view(ledger.read_manifest(), lean=True).pending()
+retry = time.perf_counter() - started
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps({"export": export, "items": len(items), "retry": retry, "retried": batches,
+                  "pending": len(pending), "rss_mib": rss}))
+"""
+
 STATUS = r"""
 import json, sys, time
 from raypar.jobdir.ledger import Ledger
@@ -63,7 +86,7 @@ print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": counts["pending
 """
 
 
-def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16) -> None:
+def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16, failed_every: int = 0) -> None:
     from raypar.inputs.base import MiniBatch
     from raypar.jobdir.ledger import Ledger
     from raypar.jobdir.records import DoneRecord
@@ -78,8 +101,11 @@ def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16
 
     def write(w: int, start: int, end: int) -> None:
         for i in range(start + w, end, writers):
-            record = DoneRecord(batch=f"mb-{i:07d}", run="r1", attempt=1, items=1, returned=1, part=None,
-                                node="0" * 56, worker=f"instance0-slot{w}", seconds=0.01, started=1.7e9 + i)
+            flaky = failed_every and i % failed_every == 0  # its one item reported failed, no row
+            record = DoneRecord(batch=f"mb-{i:07d}", run="r1", attempt=1, items=1, returned=0 if flaky else 1,
+                                part=None, node="0" * 56, worker=f"instance0-slot{w}", seconds=0.01,
+                                started=1.7e9 + i, reported=1 if flaky else 0,
+                                failed='{"ValueError: flaky": [0]}' if flaky else None)
             out[w].write(record, f"f{i:07d}.txt 42\n".encode())
         out[w].flush()
 
@@ -102,6 +128,9 @@ def main() -> int:
     parser.add_argument("--uncompacted", type=int, default=COMPACT_EVERY)
     parser.add_argument("--store", choices=["local", "azurite"], default="local")
     parser.add_argument("--keep", action="store_true", help="keep the job dir and print its path")
+    parser.add_argument("--failed-every", type=int, default=0, metavar="K",
+                        help="every K-th done batch reports its item failed; then time `raypar failed`'s read "
+                             "and `resume --retry-failed-items`'s planning")
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="raypar-ledger-scale-")
@@ -115,7 +144,7 @@ def main() -> int:
         job = "az://scale/job"
     try:
         started = time.time()
-        build(job, args.batches, args.done, args.uncompacted)
+        build(job, args.batches, args.done, args.uncompacted, failed_every=args.failed_every)
         print(f"built {args.batches:,} batches, {args.done:,} done ({args.uncompacted:,} after the last "
               f"compaction) on {args.store} in {time.time() - started:.0f}s")
         targets = {"local": (2, 2), "azurite": (5, 3)}[args.store]  # seconds: resume planning, status
@@ -131,6 +160,15 @@ def main() -> int:
             print(f"{what}: {best['pending']:,} pending of {best['total']:,} in {best['seconds']:.2f}s "
                   f"(best of 3; target <= {target} s); peak RSS {rss:.0f} MiB (target < 1024)")
             ok = ok and best["seconds"] <= target and rss < 1024
+        if args.failed_every:
+            out = subprocess.run([sys.executable, "-c", FAILED, job], capture_output=True, text=True, check=True)
+            got = json.loads(out.stdout)
+            flaky = len(range(0, args.done, args.failed_every))
+            assert got["items"] == got["retried"] == flaky, got
+            assert got["pending"] == args.batches - args.done + flaky, got  # each retry batch is pending
+            print(f"failed items: {got['items']:,} read in {got['export']:.2f}s; retry planned and the view "
+                  f"with carried records read in {got['retry']:.2f}s ({got['pending']:,} pending); "
+                  f"peak RSS {got['rss_mib']:.0f} MiB")
         print("targets: " + ("met" if ok else "MISSED"))
         print_load()
         return 0
