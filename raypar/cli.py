@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                              "parquet: the items with raypar_error and raypar_batch columns; mltable: a folder "
                              "that is directly a job's input")
 
+    report = sub.add_parser("report", help="one self-contained HTML page of a job: timeline, throughput, "
+                                           "slowest mini-batches, failures, settings")
+    report.add_argument("target", metavar="JOB_DIR")
+    report.add_argument("-o", "--output", metavar="FILE",
+                        help="where to write it (a path or URL); default JOB_DIR/reports/report.html")
+
     kube = sub.add_parser("kube", help="Kubernetes (KubeRay) manifests for a job")
     kube_sub = kube.add_subparsers(dest="kube_command", required=True, metavar="KUBE_COMMAND")
     render = kube_sub.add_parser("render", help="print a ready KubeRay RayJob (and a ConfigMap with task.code)")
@@ -169,6 +175,8 @@ def _dispatch(args) -> int:
         return _convert(args)
     if args.command == "failed":
         return _failed(args)
+    if args.command == "report":
+        return _report(args)
     if _is_remote(args):
         return _remote(args)
     if args.command in ("status", "resume"):
@@ -235,6 +243,32 @@ def _failed(args) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     print(describe(items, target, fmt), file=sys.stderr)
+    return 0
+
+
+def _report(args) -> int:
+    """`raypar report JOB_DIR`: see raypar/engine/report_html.py."""
+    from raypar.credentials import options_for, resolve_storage
+    from raypar.engine.report_html import html_report
+    from raypar.engine.upkeep import final_view
+    from raypar.jobdir.layout import REPORT_HTML as REPORT
+    from raypar.jobdir.ledger import Ledger
+    from raypar.storage import atomic_output, normalize_path
+
+    job_dir = normalize_path(args.target)
+    storage = resolve_storage({})
+    ledger = Ledger(job_dir, options_for(job_dir, storage))
+    ledger.load_job()  # a clear error when it is not a job dir
+    saved = ledger.read_state()
+    page = html_report(ledger, final_view(ledger), saved["state"], saved.get("reason") or "").encode()
+    if args.output:
+        target = normalize_path(args.output)
+        with atomic_output(target, options_for(target, storage)) as f:
+            f.write(page)
+    else:
+        ledger.store.write_atomic(page, "reports", REPORT)
+        target = f"{job_dir}/reports/{REPORT}"
+    _echo(f"raypar: report written to {target}")
     return 0
 
 
@@ -423,10 +457,18 @@ def _print_status(status: dict) -> None:
         print(f"from:      {status['source']}")
     if status.get("output"):
         print(f"output:    {status['output']}")
+    if status.get("report"):
+        print(f"report:    {status['report']} (timeline, throughput, slowest, failures)")
     for err in status.get("errors", []):
         last = err["error"].strip().splitlines()[-1] if err["error"].strip() else ""
         print(f"error:     {err['batch']} ({err['kind']}): {last}")
     _print_input_changes(status.get("input_changes"))
+    added = status.get("last_added")
+    if added:
+        from raypar.engine.replan import names
+
+        print(f"added:     {len(added['files'])} input file(s) by the last run that grew the job "
+              f"({names(added['files'])}): {added['batches']} mini-batch(es)")
 
 
 def _print_input_changes(changes) -> None:
@@ -444,7 +486,7 @@ def _print_input_changes(changes) -> None:
         print(f"inputs:    {len(changes['gone'])} gone ({names(changes['gone'])}): resume refuses until restored")
     if changes.get("added"):
         print(f"inputs:    {len(changes['added'])} added after planning ({names(changes['added'])}): "
-              f"not part of this job")
+              f"`raypar run` of the same spec on this job dir adds them; a resume does not")
 
 
 def _logs(args) -> int:

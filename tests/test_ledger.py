@@ -876,3 +876,22 @@ def test_a_beating_lease_from_another_host_is_refused(tmp_path):
         stop.set()
         beating.join()
     assert ledger.lease.read()["run"] == "other"
+
+
+def test_an_added_file_that_a_batch_already_reads_is_never_planned_again(tmp_path):
+    # Job dirs planned before every input's version was recorded (an MLTable's folders) list
+    # such files as "added": a growing run records their versions and plans nothing for them.
+    from raypar.engine.replan import InputChanges, append_added
+
+    ledger = Ledger(str(tmp_path / "job"))
+    batches = make_batches(3)
+    batches[0] = MiniBatch(ordinal=0, kind="files", payload=batches[0].payload, item_count=2,
+                           inputs={"f0.txt": "size:1 mtime:1"})  # versions recorded for some files only
+    ledger.write_manifest(batches)
+    changes = InputChanges(added=["g1.txt"], added_versions={"g1.txt": "size:1 mtime:2"})
+
+    assert append_added(ledger, None, {}, {}, ledger.read_manifest(), changes) == ([], 0)
+
+    manifest = ledger.read_manifest()
+    assert len(manifest) == 3 and manifest.live == 3
+    assert ledger.read_input_versions()["g1.txt"] == "size:1 mtime:2"

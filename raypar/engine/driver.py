@@ -21,7 +21,7 @@ from raypar.engine.console_relay import ConsoleRelay
 from raypar.engine.planning import PlanFeed
 from raypar.engine.progress import ProgressDisplay
 from raypar.engine.ray_transport import Placement, RayTransport
-from raypar.engine.replan import check_input_files, refuse_gone, replan
+from raypar.engine.replan import append_added, check_input_files, refuse_gone, replan
 from raypar.engine.replan import names as replan_names
 from raypar.engine.retry_items import plan_item_retries
 from raypar.engine.scheduler import Progress, Scheduler
@@ -78,6 +78,7 @@ class _Session:
     runtime_env: Optional[dict] = None  # of the worker actors (resolved env vars: memory only)
     show: Optional[Show] = None
     retry_failed_items: bool = False  # raypar resume --retry-failed-items
+    grow_input: bool = False  # the same spec run again: input files added since are planned too
 
     def plan(self):
         return plan_batches(self.spec, self.desc, self.storage)
@@ -133,6 +134,7 @@ def run_job(spec, job_dir: Optional[str] = None, address: Optional[str] = None,
             raise UsageError(f"{job_dir}: holds a different job (changed: {changed}); use a new --job-dir, "
                              f"or `raypar resume {job_dir}`")
         announce = f"raypar: {job_dir} already holds this job: resuming it"
+        session.grow_input = True
         planned = None
     else:
         planned = _primed(session.plan())
@@ -303,17 +305,26 @@ def _replan_changed_inputs(ledger: Ledger, session: _Session, manifest, echo: Ec
     if changes is None:
         return manifest
     source = open_source(session.desc, session.storage)
-    if changes.added:
+    grow = session.grow_input and not spec.partition_keys
+    if changes.added and not grow:
+        how = "partitioned jobs plan their combinations once: run them as a new job" if spec.partition_keys \
+            else f"run the same spec again (raypar run SPEC --job-dir {ledger.url}) to add them"
         echo(f"raypar: {len(changes.added)} input file(s) added after this job was planned are not part of it "
-             f"({replan_names(changes.added, source)}); run them as a new job")
-    if not changes:
-        return manifest
-    refuse_gone(changes, source, f"inputs.{spec.data_input_name}")
-    retired = replan(ledger, spec, session.desc, session.storage, manifest, changes)
-    echo(f"raypar: {len(changes.changed)} input file(s) changed since they were planned "
-         f"({replan_names(changes.changed, source)}): their {retired} mini-batch(es) are planned again "
-         f"from the new content")
-    return ledger.read_manifest()
+             f"({replan_names(changes.added, source)}); {how}")
+    if changes:
+        refuse_gone(changes, source, f"inputs.{spec.data_input_name}")
+        retired = replan(ledger, spec, session.desc, session.storage, manifest, changes)
+        echo(f"raypar: {len(changes.changed)} input file(s) changed since they were planned "
+             f"({replan_names(changes.changed, source)}): their {retired} mini-batch(es) are planned again "
+             f"from the new content")
+        manifest = ledger.read_manifest()
+    if changes.added and grow:
+        added, batches = append_added(ledger, spec, session.desc, session.storage, manifest, changes)
+        if added:
+            echo(f"raypar: {len(added)} input file(s) added since the job was planned "
+                 f"({replan_names(added, source)}): {batches} new mini-batch(es), after the others")
+        manifest = ledger.read_manifest()
+    return manifest
 
 
 def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, interrupt, assembled=False):

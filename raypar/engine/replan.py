@@ -45,6 +45,7 @@ class InputChanges:
     gone: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)  # the current version of each changed file
+    added_versions: dict = field(default_factory=dict)  # ... and of each added one
 
     def __bool__(self) -> bool:
         return bool(self.changed or self.gone)
@@ -59,6 +60,7 @@ def compare(planned: dict, source: Source) -> InputChanges:
         before = remaining.pop(name, None)
         if before is None:
             changes.added.append(name)
+            changes.added_versions[name] = version
         elif version != before:
             changes.changed.append(name)
             changes.versions[name] = version
@@ -100,6 +102,36 @@ def replan(ledger: Ledger, spec: JobSpec, desc: dict, storage: dict, manifest: M
         runs = _replan_runs(spec, source, manifest, touched, changes, ledger)
     ledger.write_revision(runs, changes.versions, sorted(changed))
     return sum(len(retired) for retired, _ in runs)
+
+
+def append_added(ledger: Ledger, spec: JobSpec, desc: dict, storage: dict, manifest: Manifest,
+                 changes: InputChanges) -> tuple[list[str], int]:
+    """Plan the input files added since the job was planned as new batches after all the others
+    (an incremental run: the same spec again over a grown input); returns the files and how many
+    batches. Writes one revision of the manifest, which names the files it added (``raypar
+    status`` shows them) and records their versions.
+
+    A listed file without a recorded version that a batch already reads is not new: job dirs
+    planned before versions were recorded for every input (an MLTable's folders) have such
+    files. Its version is recorded now; it is never planned twice."""
+    wanted = set(changes.added)
+    planned = {f for b in _batches_reading(manifest, wanted).values() for f in files_read_by(b.payload) & wanted}
+    if planned:
+        changes = InputChanges(added=[f for f in changes.added if f not in planned],
+                               added_versions=changes.added_versions)
+    if not changes.added:
+        ledger.write_revision([], changes.added_versions, [])
+        return [], 0
+    source = open_source(desc, storage)
+    versions = ledger.read_input_versions() or {}
+    first_file = next(iter(versions), None)
+    restricted = source.restricted(changes.added, changes.added_versions)
+    if source.desc["read"].get("header") == "from_first_file" and first_file is not None:
+        restricted.first_header = tabular.first_file_header(source, first_file)
+    batches = [MiniBatch(ordinal=len(manifest) + i, kind=b.kind, payload=b.payload, item_count=b.item_count)
+               for i, b in enumerate(plan_source(spec, restricted))]
+    ledger.write_revision([([], batches)], changes.added_versions, [], added=list(changes.added))
+    return list(changes.added), len(batches)
 
 
 def _batches_reading(manifest: Manifest, files: set[str]) -> dict[int, MiniBatch]:

@@ -7,6 +7,8 @@ Written to ``JOB_DIR/reports/`` (regenerated each session; the ledger stays the 
                                 start time, seconds, items in, succeeded, error (one line)
     errors/<batch>.txt          every failed attempt of that batch with its full traceback
     job_result.txt              the outcome in a few lines, and where to look next
+    report.html                 one self-contained page: timeline, throughput, slowest, failures
+                                (raypar/engine/report_html.py; also `raypar report JOB_DIR -o FILE`)
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from raypar.credentials import resolve_storage
 from raypar.engine.replan import check_input_files
 from raypar.errors import RayparError
 from raypar.inputs import check_input
+from raypar.jobdir.layout import REPORT_HTML as REPORT
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
 from raypar.spec.binding import bind
@@ -56,7 +57,20 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         "driver": lease if driver_alive else None,
         "errors": last_errors,
         "input_changes": inputs,
+        "last_added": ledger.last_added() if planned else None,
+        "report": _report_of(ledger, state),
     }
+
+
+def _report_of(ledger: Ledger, state: JobState) -> Optional[str]:
+    """The HTML report a finished session wrote (see raypar/engine/report_html.py), if any."""
+    if not state.is_terminal() and state is not JobState.INTERRUPTED:
+        return None
+    try:
+        ledger.store.size(ledger.store.path("reports", REPORT))
+    except FileNotFoundError:
+        return None
+    return f"{ledger.url}/reports/{REPORT}"
 
 
 def _input_changes(ledger: Ledger, spec: JobSpec) -> Optional[dict]:

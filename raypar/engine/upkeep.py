@@ -7,7 +7,9 @@ import logging
 import time
 from typing import Callable
 
+from raypar.engine.report_html import html_report
 from raypar.engine.reports import write_reports
+from raypar.jobdir.layout import REPORT_HTML as REPORT
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
 from raypar.spec.binding import bind
@@ -34,6 +36,7 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
         write_reports(ledger, view, state.value, reason, bind(spec).append_row_path)
+        ledger.store.write_atomic(html_report(ledger, view, state.value, reason).encode(), "reports", REPORT)
     except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them
         log.warning("could not write reports: %s", exc)
 

@@ -186,8 +186,8 @@ class Source:
         elif entry["kind"] == "folder":
             if not self.fs.isdir(target):
                 raise SpecError(f"{self.desc['path']}/MLTable: folder {entry['value']} not found")
-            for rel in self._walk(target, ""):
-                yield self._name(f"{target.rstrip('/')}/{rel}")
+            # Named (and versioned: the key a resume compares by) as the manifest names them.
+            yield from self._walk(target, self._name(target.rstrip("/")) + "/")
         else:
             found = self.fs.glob(target, detail=True)
             matches = sorted(p for p, info in found.items() if info.get("type") == "file")

@@ -19,7 +19,8 @@ Everything is JSON or Arrow; nothing here is ever unpickled or executed::
     cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
     logs/<run>~<worker>.log     one worker process's entry-script logging, stdout and stderr
     logs/<run>~<worker>~NNNNNN.log  object stores: that log, stored in pieces as it grows
-    reports/                    derived at the end of each session (see raypar/engine/reports.py)
+    reports/                    derived at the end of each session (see raypar/engine/reports.py;
+                                reports/report.html: raypar/engine/report_html.py)
     state.json                  last state written by the driver holding the lease
     lease/NNNNNNNNNNNN.json     which driver owns the job dir: one generation per heartbeat, each
                                 created exclusively (see raypar/jobdir/lease.py)
@@ -49,6 +50,7 @@ from typing import Optional
 from raypar.inputs.base import ordinal_of
 
 SEGMENT_SUFFIX = ".seg"
+REPORT_HTML = "report.html"  # under reports/: the job's one-page report
 _LOG_PIECE = re.compile(r"^(.+)~(\d{6})\.log$")  # one piece of a worker's log on object storage
 
 

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, ordinal_of
@@ -230,7 +231,7 @@ class Ledger:
                               f"COMPLETE.json says {marker['batches']}")
         revisions, carried = [], {}
         for rev in self._revisions():
-            if rev["first"] != planned:
+            if rev["first"] not in (None, planned):  # None: the revision added no batch
                 raise LedgerError(f"{self.url}/manifest/{rev['name']}: adds batches from {rev['first']}, "
                                   f"the plan has {planned}")
             chunks.extend(rev["chunks"])
@@ -282,6 +283,15 @@ class Ledger:
             out.append({**body, "name": name})
         return out
 
+    def last_added(self) -> Optional[dict]:
+        """The input files the newest growing run added (``files``) and its new batches
+        (``batches``), or None when no run added any (see raypar/engine/replan.py, append_added)."""
+        for rev in reversed(self._revisions()):
+            if rev.get("added"):
+                batches = sum(end - first for run in rev["runs"] if not run["retired"] for first, end in [run["added"]])
+                return {"files": rev["added"], "batches": batches, "when": rev.get("written")}
+        return None
+
     def read_input_versions(self) -> Optional[dict]:
         """name -> version of every planned input file (the newest one a revision recorded), or None for
         a job dir planned before raypar recorded input versions."""
@@ -304,10 +314,11 @@ class Ledger:
         return versions
 
     def write_revision(self, runs: list[tuple[list[int], list[MiniBatch]]], versions: dict,
-                       changed: list[str], carried: Optional[dict] = None) -> None:
+                       changed: list[str], carried: Optional[dict] = None, added: Optional[list] = None) -> None:
         """Retire batches and append the ones that replace them, as one sealed revision.
 
-        ``runs``: (retired ordinals, their replacements, numbered after the plan). ``carried``:
+        ``runs``: (retired ordinals, their replacements, numbered after the plan; no retired
+        ordinals: batches of ``added`` input files, after all the others). ``carried``:
         {replacement: retired} whose done record carries over (see Manifest.carried). The new
         chunks and input versions are written first; the sealed record last, so a crash
         in between leaves the plan as it was.
@@ -330,7 +341,7 @@ class Ledger:
                 self.store.write_atomic(data, "manifest", entry["inputs"])
             chunks.append(entry)
         body = {"first": first, "chunks": chunks, "changed": changed, "written": time.time(),
-                "carried": sorted([new, old] for new, old in (carried or {}).items()),
+                "carried": sorted([new, old] for new, old in (carried or {}).items()), "added": added or [],
                 "runs": [{"retired": retired, "added": [batches[0].ordinal, batches[-1].ordinal + 1]
                           if batches else [0, 0]} for retired, batches in runs]}
         self.store.write_atomic(_sealed(body), "manifest", f"{prefix}.json")  # last: the revision counts now
@@ -410,6 +421,19 @@ class Ledger:
     def _done_records(self) -> DoneIndex:
         parts, part_sizes, voided = self._proof()
         return choose(self._done_table(parts).table, part_sizes, voided)
+
+    def spare_done_records(self, chosen: DoneIndex) -> list[DoneRecord]:
+        """Done records the view did not choose: the results of a batch's other attempts (a
+        speculative second attempt that lost, a re-run whose first result was also stored)."""
+        table = self._done_table().table
+        if table.num_rows <= len(chosen):
+            return []
+        keys = pc.binary_join_element_wise(*(pc.cast(t.column(c), pa.string()) for t in [table] for c in
+                                             ("ordinal", "run", "attempt")), "~")
+        picked = pc.binary_join_element_wise(*(pc.cast(chosen.table.column(c), pa.string()) for c in
+                                               ("ordinal", "run", "attempt")), "~") if len(chosen) else pa.array([], pa.string())
+        spare = table.filter(pc.invert(pc.is_in(keys, value_set=picked)))
+        return list(DoneIndex(spare).values()) if spare.num_rows else []
 
     def _done_set(self, size: int) -> DoneSet:
         """The done batches, from the compact files a record batch at a time (only LEAN_COLUMNS

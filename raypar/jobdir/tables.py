@@ -377,11 +377,14 @@ class Manifest(Sequence):
         return i < len(self.retired) and self.retired[i] == ordinal
 
     def output_order(self) -> Optional[np.ndarray]:
-        """The live ordinals in output order, or None when no revision changed it (ordinal order)."""
+        """The live ordinals in output order, or None when no revision changed it (ordinal order).
+        Batches of added input files (a run that retired nothing) come after all the others."""
         if not len(self.retired):
             return None
         # Each run of retired batches is contiguous; its replacements are spliced in where it was.
-        runs = {retired[0]: (len(retired), added) for revision in self.revisions for retired, added in revision}
+        runs = {retired[0]: (len(retired), added) for revision in self.revisions for retired, added in revision
+                if retired}
+        appended = [added for revision in self.revisions for retired, added in revision if not retired]
         starts = np.array(sorted(runs), dtype=np.int64)
 
         def expand(lo: int, hi: int) -> list:
@@ -394,7 +397,7 @@ class Manifest(Sequence):
             pieces.append(np.arange(at, hi, dtype=np.int64))
             return pieces
 
-        return np.concatenate(expand(0, self.planned))
+        return np.concatenate([*expand(0, self.planned), *(p for first, end in appended for p in expand(first, end))])
 
     def __len__(self) -> int:
         return len(self.lines)

@@ -1,0 +1,84 @@
+"""The job's report page: one self-contained HTML file, opened in a real browser (headless
+Chromium from npm, as the README's test command installs it): it draws, with no console error
+and no network request, a timeline with a bar per attempt, and names the failures."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_spec, quiet
+
+import raypar
+from raypar.engine import report_html
+from raypar.jobdir.state import JobState
+
+REPO = Path(__file__).resolve().parent.parent
+CHECK = Path(__file__).with_name("browser") / "check_page.mjs"
+pytestmark = pytest.mark.timeout(240)
+
+
+def open_in_browser(page: Path, tmp_path: Path) -> dict:
+    if not (REPO / "node_modules" / "@sparticuz" / "chromium").exists() or not shutil.which("node"):
+        pytest.fail("headless Chromium not installed: run the README's test command (.ci/run), whose npm "
+                    "install brings @sparticuz/chromium and puppeteer-core into node_modules/", pytrace=False)
+    out = subprocess.run(["node", str(CHECK), str(page), str(tmp_path / "shot.png")], capture_output=True,
+                         text=True, timeout=180, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "raypar", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.ray
+def test_the_report_of_a_job_with_failures_draws_in_a_browser(ray_cluster, tmp_path):
+    files = {f"f{i:02d}.txt": ("bad " if i == 5 else "") + f"value {i}" for i in range(12)}
+    spec = make_spec(tmp_path, files, **{"retry_settings.max_retries": 1, "mini_batch_error_threshold": -1})
+    job = str(tmp_path / "job")
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1
+
+    status = json.loads(cli("status", job, "--json").stdout)
+    assert status["report"] == f"{job}/reports/report.html"  # written by the session, named by status
+    written = cli("report", job, "-o", str(tmp_path / "report.html"))
+    assert written.returncode == 0, written.stderr
+
+    page = open_in_browser(tmp_path / "report.html", tmp_path)
+
+    assert page["errors"] == [] and page["requests"] == []  # self-contained: nothing fetched
+    svgs = {s["id"]: s["rects"] for s in page["svgs"]}
+    assert svgs["timeline"] == 5 + 2  # a bar per attempt: 5 done batches, 2 tries of the failed one
+    assert svgs["throughput"] >= 1
+    assert page["pixels"]["nonWhite"] > 0.02 and page["pixels"]["colours"] >= 5  # not blank: drawn
+    assert (tmp_path / "shot.png").stat().st_size > 10_000
+    html = (tmp_path / "report.html").read_text()
+    assert "ValueError: cannot score f05.txt: bad record" in html and "mb-0000002" in html
+    assert "mini_batch_size" in html  # the settings
+
+
+def test_a_large_job_is_drawn_in_time_slices_with_a_page_of_bounded_size(monkeypatch):
+    class Record:
+        def __init__(self, i):
+            self.batch, self.node, self.worker = f"mb-{i:07d}", "n" * 56, f"instance0-slot{i % 8}"
+            self.started, self.seconds = 1000.0 + i * 0.01, 0.08
+
+    class View:
+        failed = {}
+
+        def __init__(self, count):
+            self.done = type("D", (), {"values": lambda _: (Record(i) for i in range(count))})()
+
+        def counts(self):
+            return {"completed": 0, "failed": 0, "pending": 0, "total": 0}
+
+    small = report_html.render(View(1000), [], "name: x", "succeeded", "", "job")
+    assert small.count("<rect class=bar") == 1000  # a bar each, with a tooltip
+    binned = report_html.render(View(20_000), [], "name: x", "succeeded", "", "job")
+    larger = report_html.render(View(200_000), [], "name: x", "succeeded", "", "job")
+    for page in (binned, larger):  # binned: at most a slice per worker and time bin
+        assert 0 < page.count("<rect class=bar") <= 8 * report_html.TIME_BINS
+    assert len(larger) < 1.2 * len(binned)  # ten times the attempts, about the same page
