@@ -890,7 +890,8 @@ def test_an_added_file_that_a_batch_already_reads_is_never_planned_again(tmp_pat
     ledger.write_manifest(batches)
     changes = InputChanges(added=["g1.txt"], added_versions={"g1.txt": "size:1 mtime:2"})
 
-    assert append_added(ledger, None, {}, {}, ledger.read_manifest(), changes) == ([], 0)
+    mltable_with_a_folder = {"entries": [{"kind": "folder", "value": "./rows"}]}
+    assert append_added(ledger, None, mltable_with_a_folder, {}, ledger.read_manifest(), changes) == ([], 0)
 
     manifest = ledger.read_manifest()
     assert len(manifest) == 3 and manifest.live == 3

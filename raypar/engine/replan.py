@@ -115,7 +115,10 @@ def append_added(ledger: Ledger, spec: JobSpec, desc: dict, storage: dict, manif
     planned before versions were recorded for every input (an MLTable's folders) have such
     files. Its version is recorded now; it is never planned twice."""
     wanted = set(changes.added)
-    planned = {f for b in _batches_reading(manifest, wanted).values() for f in files_read_by(b.payload) & wanted}
+    # Only MLTable folder entries went without versions; the check reads the manifest (O(batches)).
+    unversioned = any(e["kind"] == "folder" for e in desc.get("entries") or ())
+    planned = {f for b in _batches_reading(manifest, wanted).values() for f in files_read_by(b.payload) & wanted} \
+        if unversioned else set()
     if planned:
         changes = InputChanges(added=[f for f in changes.added if f not in planned],
                                added_versions=changes.added_versions)
