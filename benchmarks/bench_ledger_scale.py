@@ -73,6 +73,22 @@ print(json.dumps({"export": export, "items": len(items), "retry": retry, "retrie
                   "pending": len(pending), "rss_mib": rss}))
 """
 
+# With --report: what the end of a session adds for reports/report.html (the full view, as
+# assembly reads it, then the page).
+REPORT = r"""
+import json, sys, time
+from raypar.engine.report_html import html_report
+from raypar.jobdir.ledger import Ledger
+ledger = Ledger(sys.argv[1])
+started = time.perf_counter()
+view = ledger.view(ledger.read_manifest())
+read = time.perf_counter() - started
+page = html_report(ledger, view, "succeeded", "")
+seconds = time.perf_counter() - started
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps({"read": read, "seconds": seconds, "bytes": len(page), "rss_mib": rss}))
+"""
+
 STATUS = r"""
 import json, sys, time
 from raypar.jobdir.ledger import Ledger
@@ -128,6 +144,8 @@ def main() -> int:
     parser.add_argument("--uncompacted", type=int, default=COMPACT_EVERY)
     parser.add_argument("--store", choices=["local", "azurite"], default="local")
     parser.add_argument("--keep", action="store_true", help="keep the job dir and print its path")
+    parser.add_argument("--report", action="store_true",
+                        help="also time reports/report.html: the full view, then the page")
     parser.add_argument("--failed-every", type=int, default=0, metavar="K",
                         help="every K-th done batch reports its item failed; then time `raypar failed`'s read "
                              "and `resume --retry-failed-items`'s planning")
@@ -160,6 +178,11 @@ def main() -> int:
             print(f"{what}: {best['pending']:,} pending of {best['total']:,} in {best['seconds']:.2f}s "
                   f"(best of 3; target <= {target} s); peak RSS {rss:.0f} MiB (target < 1024)")
             ok = ok and best["seconds"] <= target and rss < 1024
+        if args.report:
+            out = subprocess.run([sys.executable, "-c", REPORT, job], capture_output=True, text=True, check=True)
+            got = json.loads(out.stdout)
+            print(f"report.html: {got['bytes'] / 1024:.0f} KiB in {got['seconds']:.2f}s (of which reading the "
+                  f"records {got['read']:.2f}s); peak RSS {got['rss_mib']:.0f} MiB")
         if args.failed_every:
             out = subprocess.run([sys.executable, "-c", FAILED, job], capture_output=True, text=True, check=True)
             got = json.loads(out.stdout)

@@ -18,7 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from raypar.engine.reports import STATUS_OF_KIND, last_line
+from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 
 MAX_BARS = 5000  # attempts drawn one by one; more are binned per worker
@@ -33,48 +36,81 @@ LEGEND = {"done": "done (first try)", "retried": "done after a failed try", "spa
           "job-dir-error": "job dir refused the result", "raypar-error": "raypar error"}
 
 
+STATUSES = list(COLORS)  # status codes: an attempt's status is an index into this list
+
+
 @dataclass
-class Attempt:
-    batch: str
-    worker: str
-    start: float
-    end: float
-    status: str  # a COLORS key
-    error: str = ""
+class Attempts:
+    """Every recorded attempt with a start time, as columns (a million attempts stay arrays)."""
+
+    workers: list  # row labels, "instance<i>-slot<s> @ <node>"
+    worker: np.ndarray  # per attempt: index into workers
+    start: np.ndarray
+    end: np.ndarray
+    status: np.ndarray  # index into STATUSES
+    batch: list  # per attempt: the mini-batch ID
+    error: dict  # attempt index -> the error line (failed attempts)
+
+    def __len__(self) -> int:
+        return len(self.start)
 
 
-def attempts(view, spares=()) -> list[Attempt]:
-    """Every recorded attempt with a start time: the chosen done records, ``spares`` (done
-    records another attempt beat), and the failed attempts (their end: the next attempt's start
-    on that worker, or their start when none is known)."""
-    failed_batches = set(view.failed)
-    out = []
-    for r in view.done.values():
-        if r.started is None:
-            continue
-        status = "retried" if r.batch in failed_batches else "done"
-        out.append(Attempt(r.batch, _worker(r), r.started, r.started + (r.seconds or 0), status))
-    for r in spares:
-        if r.started is not None:
-            out.append(Attempt(r.batch, _worker(r), r.started, r.started + (r.seconds or 0), "spare"))
-    by_worker = collections.defaultdict(list)
-    for a in out:
-        by_worker[a.worker].append(a.start)
-    for records in view.failed.values():
-        for r in records:
-            if r.started is None:
-                continue
-            later = [s for s in by_worker.get(_worker(r), ()) if s > r.started]
-            end = min(later) if later else r.started
-            out.append(Attempt(r.batch, _worker(r), r.started, end, STATUS_OF_KIND.get(r.kind, r.kind),
-                               last_line(r.error)))
-    out.sort(key=lambda a: (a.worker, a.start))
-    return out
+def attempts(view, spares=()) -> Attempts:
+    """The chosen done records, ``spares`` (done records another attempt beat), and the failed
+    attempts (which end when the next attempt on their worker starts, or at once if none does)."""
+    failed_ids = set(view.failed)
+    table = getattr(view.done, "table", None)
+    if table is not None and table.num_rows:  # a DoneIndex: columns, not a record each
+        started = table.column("started").to_numpy(zero_copy_only=False)
+        keep = ~np.isnan(started.astype(float))
+        ordinals = table.column("ordinal").to_numpy()[keep]
+        starts = started[keep].astype(float)
+        ends = starts + np.nan_to_num(table.column("seconds").to_numpy(zero_copy_only=False)[keep].astype(float))
+        labels = [_label(w, n) for w, n in zip(table.column("worker").to_pylist(), table.column("node").to_pylist(),
+                                               strict=True)]
+        labels = [label for label, k in zip(labels, keep, strict=True) if k]
+        failed_ordinals = np.array(sorted(ordinal_of(b) for b in failed_ids), dtype=np.int64)
+        status = np.where(np.isin(ordinals, failed_ordinals), STATUSES.index("retried"), STATUSES.index("done"))
+        batches = [batch_id(int(o)) for o in ordinals]
+    else:
+        records = [r for r in view.done.values() if r.started is not None]
+        starts = np.array([r.started for r in records], dtype=float)
+        ends = starts + np.array([r.seconds or 0 for r in records], dtype=float)
+        labels = [_label(r.worker, r.node) for r in records]
+        status = np.array([STATUSES.index("retried" if r.batch in failed_ids else "done") for r in records],
+                          dtype=np.int64)
+        batches = [r.batch for r in records]
+    spares = [r for r in spares if r.started is not None]
+    starts = np.concatenate([starts, [r.started for r in spares]])
+    ends = np.concatenate([ends, [r.started + (r.seconds or 0) for r in spares]])
+    labels += [_label(r.worker, r.node) for r in spares]
+    status = np.concatenate([status, np.full(len(spares), STATUSES.index("spare"))]).astype(np.int64)
+    batches += [r.batch for r in spares]
+    failed = [r for records in view.failed.values() for r in records if r.started is not None]
+    workers = sorted({*labels, *(_label(r.worker, r.node) for r in failed)})
+    index = {w: i for i, w in enumerate(workers)}
+    worker = np.array([index[label] for label in labels], dtype=np.int64)
+    next_start = {}  # per worker: its attempts' starts, sorted, to find when a failed one ended
+    for i in range(len(workers)):
+        next_start[i] = np.sort(starts[worker == i]) if len(worker) else np.array([])
+    error, extra = {}, []
+    for r in failed:
+        w = index[_label(r.worker, r.node)]
+        later = next_start[w][np.searchsorted(next_start[w], r.started, side="right"):]
+        extra.append((w, r.started, later[0] if len(later) else r.started,
+                      STATUSES.index(STATUS_OF_KIND.get(r.kind, "raypar-error")), r.batch))
+        error[len(batches) + len(extra) - 1] = last_line(r.error)
+    if extra:
+        worker = np.concatenate([worker, [e[0] for e in extra]]).astype(np.int64)
+        starts = np.concatenate([starts, [e[1] for e in extra]])
+        ends = np.concatenate([ends, [e[2] for e in extra]])
+        status = np.concatenate([status, [e[3] for e in extra]]).astype(np.int64)
+        batches += [e[4] for e in extra]
+    return Attempts(workers, worker, starts, ends, status, batches, error)
 
 
-def _worker(record) -> str:
-    node = (record.node or "?")[:8]
-    return f"{record.worker or '?'} @ {node}"
+def _label(worker, node) -> str:
+    return f"{worker or '?'} @ {(node or '?')[:8]}"
 
 
 def html_report(ledger: Ledger, view: LedgerView, state: str, reason: str) -> str:
@@ -98,8 +134,8 @@ def render(view, spares, spec_yaml: str, state: str, reason: str, job_url: str,
              f"<p class=summary><b>{_e(state)}</b>{(': ' + _e(reason.splitlines()[0])) if reason else ''} · "
              f"{counts['completed']} done, {counts['failed']} failed, {counts['pending']} pending of "
              f"{counts['total']} mini-batches · generated {_e(_when(now or time.time()))}</p>"]
-    if runs:
-        t0, t1 = min(a.start for a in runs), max(a.end for a in runs)
+    if len(runs):
+        t0, t1 = float(runs.start.min()), float(runs.end.max())
         span = max(t1 - t0, 1e-6)
         parts += ["<h2>Timeline</h2>", _legend(), _timeline(runs, t0, span),
                   "<h2>Throughput</h2>", _throughput(runs, t0, span)]
@@ -110,71 +146,67 @@ def render(view, spares, spec_yaml: str, state: str, reason: str, job_url: str,
     return "\n".join(parts)
 
 
-def _timeline(runs: list[Attempt], t0: float, span: float) -> str:
-    workers = sorted({a.worker for a in runs})
-    row_of = {w: i for i, w in enumerate(workers)}
+def _timeline(runs: Attempts, t0: float, span: float) -> str:
     label = 230
-    height = ROW * len(workers) + 30
+    height = ROW * len(runs.workers) + 30
     out = [f'<svg id=timeline width="{label + WIDTH + 10}" height="{height}" role=img '
            f'aria-label="attempts per worker over time">']
-    for w, i in row_of.items():
+    for i, w in enumerate(runs.workers):
         out.append(f'<text x="0" y="{i * ROW + 11}" class=lab>{_e(w)}</text>')
     if len(runs) <= MAX_BARS:
-        for a in runs:
-            x = label + (a.start - t0) / span * WIDTH
-            w = max((a.end - a.start) / span * WIDTH, 1.5)
-            tip = f"{a.batch} {a.status} {a.end - a.start:.2f}s" + (f": {a.error}" if a.error else "")
-            out.append(f'<rect class=bar x="{x:.1f}" y="{row_of[a.worker] * ROW + 2}" width="{w:.1f}" '
-                       f'height="{ROW - 3}" fill="{COLORS.get(a.status, "#000")}"><title>{_e(tip)}</title></rect>')
-    else:  # one slice per TIME_BINS of each row, coloured by the worst status that ran in it
-        worst = {}
-        rank = {s: i for i, s in enumerate(COLORS)}
-        for a in runs:
-            first = int((a.start - t0) / span * (TIME_BINS - 1))
-            last = int((a.end - t0) / span * (TIME_BINS - 1))
-            for b in range(first, last + 1):
-                key = (a.worker, b)
-                if rank.get(a.status, 0) >= rank.get(worst.get(key, "done"), 0):
-                    worst[key] = a.status
+        for i in np.argsort(runs.start, kind="stable"):
+            start, end, status = float(runs.start[i]), float(runs.end[i]), STATUSES[runs.status[i]]
+            x = label + (start - t0) / span * WIDTH
+            w = max((end - start) / span * WIDTH, 1.5)
+            tip = f"{runs.batch[i]} {status} {end - start:.2f}s" + (f": {runs.error[i]}" if i in runs.error else "")
+            out.append(f'<rect class=bar x="{x:.1f}" y="{runs.worker[i] * ROW + 2}" width="{w:.1f}" '
+                       f'height="{ROW - 3}" fill="{COLORS[status]}"><title>{_e(tip)}</title></rect>')
+    else:  # a slice per TIME_BINS of each row, coloured by the worst status that ran in it
+        first = ((runs.start - t0) / span * (TIME_BINS - 1)).astype(np.int64)
+        last = ((runs.end - t0) / span * (TIME_BINS - 1)).astype(np.int64)
+        worst = np.full((len(runs.workers), TIME_BINS), -1, dtype=np.int64)
+        np.maximum.at(worst, (runs.worker, first), runs.status)
+        for i in np.flatnonzero(last > first):  # the few attempts longer than a slice
+            row = worst[runs.worker[i], first[i]:last[i] + 1]
+            np.maximum(row, runs.status[i], out=row)
         step = WIDTH / TIME_BINS
-        runs_of = collections.defaultdict(list)  # per worker: [first bin, last bin, status], merged
-        for (w, b), status in sorted(worst.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-            merged = runs_of[w]
-            if merged and merged[-1][1] == b - 1 and merged[-1][2] == status:
-                merged[-1][1] = b
-            else:
-                merged.append([b, b, status])
-        for w, merged in runs_of.items():
-            for first, last, status in merged:
-                out.append(f'<rect class=bar x="{label + first * step:.1f}" y="{row_of[w] * ROW + 2}" '
-                           f'width="{(last - first + 1) * step:.2f}" height="{ROW - 3}" '
-                           f'fill="{COLORS.get(status, "#000")}"/>')
+        for row in range(len(runs.workers)):
+            b = 0
+            while b < TIME_BINS:  # runs of equal slices: one rect each
+                status, e = worst[row, b], b
+                while e + 1 < TIME_BINS and worst[row, e + 1] == status:
+                    e += 1
+                if status >= 0:
+                    out.append(f'<rect class=bar x="{label + b * step:.1f}" y="{row * ROW + 2}" '
+                               f'width="{(e - b + 1) * step:.2f}" height="{ROW - 3}" fill="{COLORS[STATUSES[status]]}"/>')
+                b = e + 1
     out.append(f'<text x="{label}" y="{height - 6}" class=lab>0 s</text>'
                f'<text x="{label + WIDTH - 60}" y="{height - 6}" class=lab>{span:.1f} s</text></svg>')
     return "".join(out)
 
 
-def _throughput(runs: list[Attempt], t0: float, span: float) -> str:
+def _throughput(runs: Attempts, t0: float, span: float) -> str:
     bins = min(TIME_BINS, max(10, len(runs) // 5))
-    done = [0] * bins
-    for a in runs:
-        if a.status in ("done", "retried"):
-            done[min(int((a.end - t0) / span * bins), bins - 1)] += 1
-    top = max(done) or 1
+    finished = runs.end[np.isin(runs.status, [STATUSES.index("done"), STATUSES.index("retried")])]
+    done = np.histogram(finished, bins=bins, range=(t0, t0 + span))[0]
+    top = int(done.max()) if len(done) and done.max() else 1
     height, step = 120, WIDTH / bins
     bars = "".join(f'<rect x="{i * step:.1f}" y="{height - n / top * height:.1f}" width="{max(step - 0.5, 0.5):.2f}" '
-                   f'height="{n / top * height:.1f}" fill="#2e7d32"/>' for i, n in enumerate(done) if n)
-    rate = sum(done) / span
+                   f'height="{n / top * height:.1f}" fill="#2e7d32"/>' for i, n in enumerate(done.tolist()) if n)
+    rate = len(finished) / span
     return (f'<svg id=throughput width="{WIDTH + 10}" height="{height + 20}" role=img '
             f'aria-label="mini-batches finished over time">{bars}'
             f'<text x="0" y="{height + 15}" class=lab>peak {top} per {span / bins:.2f} s; '
             f'{rate:.2f} mini-batches/s overall</text></svg>')
 
 
-def _slowest(runs: list[Attempt]) -> str:
-    done = sorted((a for a in runs if a.status in ("done", "retried", "spare")), key=lambda a: a.start - a.end)
-    rows = "".join(f"<tr><td>{_e(a.batch)}</td><td>{a.end - a.start:.2f}</td><td>{_e(a.worker)}</td>"
-                   f"<td>{_e(a.status)}</td></tr>" for a in done[:SLOWEST])
+def _slowest(runs: Attempts) -> str:
+    ran = np.flatnonzero(np.isin(runs.status, [STATUSES.index(s) for s in ("done", "retried", "spare")]))
+    seconds = runs.end[ran] - runs.start[ran]
+    top = ran[np.argsort(-seconds, kind="stable")[:SLOWEST]]
+    rows = "".join(f"<tr><td>{_e(runs.batch[i])}</td><td>{runs.end[i] - runs.start[i]:.2f}</td>"
+                   f"<td>{_e(runs.workers[runs.worker[i]])}</td><td>{_e(STATUSES[runs.status[i]])}</td></tr>"
+                   for i in top)
     return f"<table id=slowest><tr><th>mini-batch</th><th>seconds</th><th>worker</th><th>result</th></tr>{rows}</table>"
 
 
