@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 from raypar.engine.reports import STATUS_OF_KIND, last_line
 from raypar.inputs.base import batch_id, ordinal_of
@@ -61,17 +62,15 @@ def attempts(view, spares=()) -> Attempts:
     failed_ids = set(view.failed)
     table = getattr(view.done, "table", None)
     if table is not None and table.num_rows:  # a DoneIndex: columns, not a record each
-        started = table.column("started").to_numpy(zero_copy_only=False)
-        keep = ~np.isnan(started.astype(float))
+        started = table.column("started").to_numpy(zero_copy_only=False).astype(float)
+        keep = ~np.isnan(started)
         ordinals = table.column("ordinal").to_numpy()[keep]
-        starts = started[keep].astype(float)
+        starts = started[keep]
         ends = starts + np.nan_to_num(table.column("seconds").to_numpy(zero_copy_only=False)[keep].astype(float))
-        labels = [_label(w, n) for w, n in zip(table.column("worker").to_pylist(), table.column("node").to_pylist(),
-                                               strict=True)]
-        labels = [label for label, k in zip(labels, keep, strict=True) if k]
+        labels = _labels(table.filter(pa.array(keep)))
         failed_ordinals = np.array(sorted(ordinal_of(b) for b in failed_ids), dtype=np.int64)
         status = np.where(np.isin(ordinals, failed_ordinals), STATUSES.index("retried"), STATUSES.index("done"))
-        batches = [batch_id(int(o)) for o in ordinals]
+        batches = _BatchIds(ordinals)
     else:
         records = [r for r in view.done.values() if r.started is not None]
         starts = np.array([r.started for r in records], dtype=float)
@@ -80,16 +79,19 @@ def attempts(view, spares=()) -> Attempts:
         status = np.array([STATUSES.index("retried" if r.batch in failed_ids else "done") for r in records],
                           dtype=np.int64)
         batches = [r.batch for r in records]
+    if isinstance(labels, list):
+        labels = _LabelCodes.of(labels)
     spares = [r for r in spares if r.started is not None]
     starts = np.concatenate([starts, [r.started for r in spares]])
     ends = np.concatenate([ends, [r.started + (r.seconds or 0) for r in spares]])
-    labels += [_label(r.worker, r.node) for r in spares]
+    labels = labels.plus([_label(r.worker, r.node) for r in spares])
     status = np.concatenate([status, np.full(len(spares), STATUSES.index("spare"))]).astype(np.int64)
     batches += [r.batch for r in spares]
     failed = [r for records in view.failed.values() for r in records if r.started is not None]
-    workers = sorted({*labels, *(_label(r.worker, r.node) for r in failed)})
+    workers = sorted({*labels.names, *(_label(r.worker, r.node) for r in failed)})
     index = {w: i for i, w in enumerate(workers)}
-    worker = np.array([index[label] for label in labels], dtype=np.int64)
+    worker = np.array([index[n] for n in labels.names], dtype=np.int64)[labels.codes] if len(labels.codes) \
+        else np.zeros(0, dtype=np.int64)
     next_start = {}  # per worker: its attempts' starts, sorted, to find when a failed one ended
     for i in range(len(workers)):
         next_start[i] = np.sort(starts[worker == i]) if len(worker) else np.array([])
@@ -111,6 +113,53 @@ def attempts(view, spares=()) -> Attempts:
 
 def _label(worker, node) -> str:
     return f"{worker or '?'} @ {(node or '?')[:8]}"
+
+
+@dataclass
+class _LabelCodes:
+    """Row labels of many attempts as a few names and a code per attempt."""
+
+    names: list
+    codes: np.ndarray
+
+    @classmethod
+    def of(cls, labels: list) -> "_LabelCodes":
+        names = sorted(set(labels))
+        at = {n: i for i, n in enumerate(names)}
+        return cls(names, np.array([at[label] for label in labels], dtype=np.int64))
+
+    def plus(self, labels: list) -> "_LabelCodes":
+        return _LabelCodes.of([*(self.names[c] for c in self.codes), *labels]) if labels else self
+
+
+def _labels(table) -> _LabelCodes:
+    """The worker and node columns (dictionary-encoded) as label codes, one label per pair."""
+    worker, node = (table.column(c).combine_chunks() for c in ("worker", "node"))
+    w = worker.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+    n = node.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+    pairs, codes = np.unique(w * (len(node.dictionary) + 1) + n, return_inverse=True)
+    workers, nodes = [None, *worker.dictionary.to_pylist()], [None, *node.dictionary.to_pylist()]
+    names = [_label(workers[p // (len(nodes))], nodes[p % len(nodes)]) for p in pairs.tolist()]
+    return _LabelCodes(names, codes.astype(np.int64))
+
+
+class _BatchIds(list):
+    """Mini-batch IDs by attempt: the done records' from their ordinals, made when asked for."""
+
+    def __init__(self, ordinals: np.ndarray):
+        super().__init__()
+        self.ordinals = ordinals
+
+    def __len__(self) -> int:
+        return len(self.ordinals) + super().__len__()
+
+    def __getitem__(self, i):
+        i = int(i)
+        return batch_id(int(self.ordinals[i])) if i < len(self.ordinals) else super().__getitem__(i - len(self.ordinals))
+
+    def __iadd__(self, more):
+        self.extend(more)
+        return self
 
 
 def html_report(ledger: Ledger, view: LedgerView, state: str, reason: str) -> str:
