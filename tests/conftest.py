@@ -87,7 +87,9 @@ def make_spec(tmp_path: Path, files: dict, **overrides) -> dict:
         "input_data": "${{inputs.data}}",
         "mini_batch_size": "2",
         "resources": {"instance_count": 3},
-        "max_concurrency_per_instance": 2,
+        # One worker per instance: each worker is a Ray process start (about a second of CPU on
+        # these 2 cores). Tests about several workers of an instance say 2 themselves.
+        "max_concurrency_per_instance": 1,
         "retry_settings": {"max_retries": 1, "timeout": 60},
         "task": {
             "type": "run_function",

@@ -57,7 +57,7 @@ def notes(caplog) -> list[str]:
 def test_v1_style_script_logs_to_the_job_dir_once_per_record_with_distinct_agent_names(
         ray_cluster, tmp_path, caplog):
     files = texts(12)
-    spec = azure_spec(tmp_path, files, "batch_scoring.py", **{
+    spec = azure_spec(tmp_path, files, "batch_scoring.py", **{"max_concurrency_per_instance": 2, 
         "task.program_arguments": "--model_label resnet --resource_monitor_interval 0 --copy_logs_to_parent True"})
     job = tmp_path / "job"
 
@@ -121,7 +121,7 @@ def test_partition_keys_reach_run_in_mini_batch_context(ray_cluster, tmp_path):
 @pytest.mark.ray
 def test_predefined_arguments_are_honoured_or_named_and_the_script_sees_them(ray_cluster, tmp_path, caplog):
     files = texts(12)
-    spec = azure_spec(tmp_path, files, "predefined_args.py", **{"task.program_arguments": (
+    spec = azure_spec(tmp_path, files, "predefined_args.py", **{"max_concurrency_per_instance": 2, "task.program_arguments": (
         "--model_name m1 --first_task_creation_timeout 45 --resource_monitor_interval 0 "
         "--copy_logs_to_parent True --profiling_module cProfile")})
     del spec["raypar"]["placement_timeout"]  # so --first_task_creation_timeout sets it
@@ -181,7 +181,8 @@ def test_each_gpu_worker_sees_its_own_cuda_device(ray_cluster, tmp_path):
     ray_cluster.wait_for_nodes()
     try:
         spec = azure_spec(tmp_path, texts(4), "gpu_device.py", **{
-            "resources.instance_count": 1, "raypar.worker": {"num_cpus": 0.1, "num_gpus": 1}})
+            "resources.instance_count": 1, "max_concurrency_per_instance": 2,
+            "raypar.worker": {"num_cpus": 0.1, "num_gpus": 1}})
         outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     finally:
         ray_cluster.remove_node(gpu_node)

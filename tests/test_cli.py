@@ -100,7 +100,7 @@ def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
     gate = tmp_path / "gate"
     gate.mkdir()
     files = {f"f{i}.txt": f"v{i}" for i in range(6)}
-    spec = make_spec(tmp_path, files, **{
+    spec = make_spec(tmp_path, files, **{"max_concurrency_per_instance": 2, 
         "resources.instance_count": 1, "task.program_arguments": f"--gate {gate}",
         "raypar.worker": {"num_cpus": 0.5},
     })
@@ -150,7 +150,8 @@ def test_instance_count_2_on_the_embedded_ray_packs_both_instances_onto_this_mac
     barrier.mkdir()  # all 4 workers hold a batch before any finishes: both instances ran
     files = {f"f{i:02d}.txt": f"v{i}" for i in range(12)}
     spec = make_spec(tmp_path, files, **{
-        "resources.instance_count": 2, "task.program_arguments": f"--with-node --barrier {barrier} 4",
+        "resources.instance_count": 2, "max_concurrency_per_instance": 2,
+        "task.program_arguments": f"--with-node --barrier {barrier} 4",
         "raypar.placement_timeout": 600})
 
     result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"), timeout=170)
@@ -167,7 +168,7 @@ def test_instance_count_2_on_the_embedded_ray_packs_both_instances_onto_this_mac
 @pytest.mark.timeout(120)
 def test_embedded_ray_refuses_at_once_what_its_one_node_cannot_hold(tmp_path):
     # A resource this machine lacks: the embedded Ray knows it cannot appear, whatever the timeout.
-    spec = make_spec(tmp_path, {"a.txt": "x"}, **{
+    spec = make_spec(tmp_path, {"a.txt": "x"}, **{"max_concurrency_per_instance": 2, 
         "resources.instance_count": 2, "raypar.placement_timeout": 600,
         "raypar.worker": {"num_cpus": 0.5, "resources": {"fpga": 1}}})
     result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"))

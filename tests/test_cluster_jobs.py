@@ -41,7 +41,7 @@ def test_rows_exact_and_instances_pinned_to_distinct_nodes(ray_cluster, tmp_path
     barrier.mkdir()  # every worker holds a batch before any finishes, so every instance gets work
     shutdowns.mkdir()
     args = f"--with-node --barrier {barrier} 6 --shutdown-log {shutdowns}"
-    spec = make_spec(tmp_path, files, **{"task.program_arguments": args})
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": args, "max_concurrency_per_instance": 2})
 
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
@@ -68,7 +68,7 @@ def test_slow_worker_does_not_hold_back_the_others(ray_cluster, tmp_path):
     # Slot 0 blocks in its first run() until 10 batches ran: only pulled work lets that finish.
     args = f"--exec-log {log} --slow-slot 0 10"
     spec = make_spec(tmp_path, files, **{"task.program_arguments": args, "resources.instance_count": 1,
-                                         "raypar.worker": {"num_cpus": 0.5}})
+                                         "max_concurrency_per_instance": 2, "raypar.worker": {"num_cpus": 0.5}})
 
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
@@ -220,7 +220,7 @@ def test_instance_count_2_on_a_multi_node_cluster_spreads_over_two_nodes(ray_clu
     barrier = tmp_path / "barrier"
     barrier.mkdir()  # all 4 workers hold a batch at once: both instances' nodes are in the rows
     files = texts(12)
-    spec = make_spec(tmp_path, files, **{"resources.instance_count": 2,
+    spec = make_spec(tmp_path, files, **{"resources.instance_count": 2, "max_concurrency_per_instance": 2,
                                          "task.program_arguments": f"--with-node --barrier {barrier} 4"})
     lines = []
 
@@ -338,7 +338,7 @@ def test_gpu_worker_sees_only_its_gpu(ray_cluster, tmp_path):
             "            time.sleep(0.05)\n"
             "    return [f\"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}\" for _ in mini_batch]\n"
         )
-        spec = make_spec(tmp_path, texts(8), **{
+        spec = make_spec(tmp_path, texts(8), **{"max_concurrency_per_instance": 2, 
             "task.entry_script": "gpu.py", "resources.instance_count": 1, "mini_batch_size": "1",
             "raypar.worker": {"num_cpus": 0.1, "num_gpus": 1},
         })

@@ -35,7 +35,7 @@ def test_relay_shows_complete_lines_once_skips_markers_and_other_runs(tmp_path):
 @pytest.mark.timeout(180)
 def test_every_print_of_a_short_job_reaches_the_console_exactly_once(tmp_path):
     files = {f"f{i}.txt": f"v{i}" for i in range(8)}
-    spec = make_spec(tmp_path, files, **{"resources.instance_count": 2, "mini_batch_size": "1"})
+    spec = make_spec(tmp_path, files, **{"max_concurrency_per_instance": 2, "resources.instance_count": 2, "mini_batch_size": "1"})
     (tmp_path / "code" / "talk.py").write_text(textwrap.dedent("""
         import os, sys
 

@@ -154,7 +154,7 @@ def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(blob,
 def test_worker_logs_are_stored_in_an_object_store_job_dir(ray_cluster, blob, tmp_path):
     container, fs = blob
     files = {f"f{i:02d}.txt": ("bad " if i == 3 else "") + f"v{i}" for i in range(8)}
-    spec = make_spec(tmp_path, files, **{"mini_batch_size": "1", "retry_settings.max_retries": 0,
+    spec = make_spec(tmp_path, files, **{"max_concurrency_per_instance": 2, "mini_batch_size": "1", "retry_settings.max_retries": 0,
                                          "resources.instance_count": 1})  # score.py prints "scoring <file>"
     job = f"az://{container}/jobs/logs"
 
