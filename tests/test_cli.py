@@ -182,13 +182,15 @@ def test_embedded_ray_refuses_at_once_what_its_one_node_cannot_hold(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_python_api_warnings_carry_the_raypar_prefix(tmp_path):
+def test_python_api_warnings_carry_the_raypar_prefix(ray_cluster, tmp_path):
+    # A program of its own (its logging as a user's script leaves it), on the session cluster.
     spec = make_spec(tmp_path, {"a.txt": "x"}, **{
         "resources.instance_count": 1, "task.program_arguments": "--task_overhead_timeout 10"})
-    script = "import raypar, sys; sys.exit(raypar.run(sys.argv[1], job_dir=sys.argv[2]).wait().exit_code)"
+    script = ("import raypar, sys; sys.exit(raypar.run(sys.argv[1], job_dir=sys.argv[2], address=sys.argv[3])"
+              ".wait().exit_code)")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, "-c", script, str(write_spec(tmp_path, spec)), str(tmp_path / "job")],
-                            capture_output=True, text=True, env=env, timeout=110)
+    result = subprocess.run([sys.executable, "-c", script, str(write_spec(tmp_path, spec)), str(tmp_path / "job"),
+                             ray_cluster.address], capture_output=True, text=True, env=env, timeout=110)
     assert result.returncode == 0, result.stderr
     warned = [line for line in result.stderr.splitlines() if "accepted but not used on Ray" in line]
     assert warned and all(line.startswith("raypar: WARNING task.program_arguments: ") for line in warned), \
