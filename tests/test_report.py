@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_spec, quiet
 
@@ -82,3 +83,23 @@ def test_a_large_job_is_drawn_in_time_slices_with_a_page_of_bounded_size(monkeyp
     for page in (binned, larger):  # binned: at most a slice per worker and time bin
         assert 0 < page.count("<rect class=bar") <= 8 * report_html.TIME_BINS
     assert len(larger) < 1.2 * len(binned)  # ten times the attempts, about the same page
+
+
+def test_a_batch_with_two_stored_results_shows_the_one_not_chosen_as_a_spare(tmp_path):
+    from raypar.inputs.base import MiniBatch
+    from raypar.jobdir.ledger import Ledger
+    from raypar.jobdir.records import DoneRecord
+
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest([MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
+                           for i in range(2)])
+    out = ledger.done_writer("r1~w1")
+    for batch, attempt, started in (("mb-0000000", 1, 100.0), ("mb-0000001", 1, 101.0), ("mb-0000000", 2, 102.0)):
+        out.write(DoneRecord(batch=batch, run="r1", attempt=attempt, items=1, returned=1, part=None,
+                             worker="instance0-slot0", node="n" * 56, started=started, seconds=0.5), b"row\n")
+    view = ledger.view()
+    assert [(r.batch, r.attempt) for r in view.done.without(np.array([1])).spare_records()] == [("mb-0000000", 2)]
+
+    page = report_html.html_report(ledger, view, "succeeded", "")
+
+    assert "mb-0000000 spare 0.50s" in page and page.count("<rect class=bar") == 3

@@ -168,7 +168,8 @@ def html_report(ledger: Ledger, view: LedgerView, state: str, reason: str) -> st
         spec_yaml = ledger.store.read_bytes("spec.yml").decode()
     except FileNotFoundError:
         spec_yaml = "(spec.yml not found in the job dir)"
-    return render(view, ledger.spare_done_records(view.done), spec_yaml, state, reason, ledger.url)
+    spares = view.done.spare_records() if hasattr(view.done, "spare_records") else []
+    return render(view, spares, spec_yaml, state, reason, ledger.url)
 
 
 def render(view, spares, spec_yaml: str, state: str, reason: str, job_url: str,

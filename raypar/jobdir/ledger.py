@@ -22,7 +22,6 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, ordinal_of
@@ -421,19 +420,6 @@ class Ledger:
     def _done_records(self) -> DoneIndex:
         parts, part_sizes, voided = self._proof()
         return choose(self._done_table(parts).table, part_sizes, voided)
-
-    def spare_done_records(self, chosen: DoneIndex) -> list[DoneRecord]:
-        """Done records the view did not choose: the results of a batch's other attempts (a
-        speculative second attempt that lost, a re-run whose first result was also stored)."""
-        table = self._done_table().table
-        if table.num_rows <= len(chosen):
-            return []
-        keys = pc.binary_join_element_wise(*(pc.cast(t.column(c), pa.string()) for t in [table] for c in
-                                             ("ordinal", "run", "attempt")), "~")
-        picked = pc.binary_join_element_wise(*(pc.cast(chosen.table.column(c), pa.string()) for c in
-                                               ("ordinal", "run", "attempt")), "~") if len(chosen) else pa.array([], pa.string())
-        spare = table.filter(pc.invert(pc.is_in(keys, value_set=picked)))
-        return list(DoneIndex(spare).values()) if spare.num_rows else []
 
     def _done_set(self, size: int) -> DoneSet:
         """The done batches, from the compact files a record batch at a time (only LEAN_COLUMNS

@@ -131,15 +131,27 @@ def choose(table: pa.Table, part_sizes: dict[str, int], voided: set[str]) -> "Do
     ordinals = table.column("ordinal").to_numpy()
     first = np.ones(len(ordinals), dtype=bool)
     first[1:] = ordinals[1:] != ordinals[:-1]
-    return DoneIndex(table.filter(pa.array(first)))
+    chosen = DoneIndex(table.filter(pa.array(first)))
+    if not first.all():  # other valid results of a batch: a speculative loser, a re-run also stored
+        chosen.spares = table.filter(pa.array(~first))
+    return chosen
 
 
 class DoneIndex(Mapping):
     """batch ID -> DoneRecord, one per batch, stored as Arrow columns sorted by ordinal."""
 
+    spares: Optional[pa.Table] = None  # valid records choose() did not pick (the report shows them)
+
     def __init__(self, table: pa.Table):
         self.table = table.unify_dictionaries().combine_chunks() if table.num_rows else table
         self.ordinals = self.table.column("ordinal").to_numpy() if table.num_rows else np.empty(0, np.int64)
+
+    def spare_records(self) -> list[DoneRecord]:
+        return list(DoneIndex(self.spares).values()) if self.spares is not None else []
+
+    def _keeping_spares(self, out: "DoneIndex") -> "DoneIndex":
+        out.spares = self.spares
+        return out
 
     def __len__(self) -> int:
         return len(self.ordinals)
@@ -159,7 +171,7 @@ class DoneIndex(Mapping):
         """This index less the records of ``ordinals`` (sorted)."""
         if not len(self):
             return self
-        return DoneIndex(self.table.filter(pa.array(~np.isin(self.ordinals, ordinals))))
+        return self._keeping_spares(DoneIndex(self.table.filter(pa.array(~np.isin(self.ordinals, ordinals)))))
 
     def carry(self, carried: dict[int, int]) -> "DoneIndex":
         """This index plus, for each ``{new: old}``, old's record as new's, less the items run()
@@ -185,7 +197,8 @@ class DoneIndex(Mapping):
                                                                                                   np.int64)))
         rows = rows.set_column(SCHEMA.get_field_index("failed"), "failed", pa.nulls(len(reported), pa.string()))
         table = pa.concat_tables([self.table, rows.cast(self.table.schema)], promote_options="permissive")
-        return DoneIndex(table.take(pa.array(np.argsort(table.column("ordinal").to_numpy(), kind="stable"))))
+        return self._keeping_spares(
+            DoneIndex(table.take(pa.array(np.argsort(table.column("ordinal").to_numpy(), kind="stable")))))
 
     def __getitem__(self, batch) -> DoneRecord:
         i = self._row(batch)
