@@ -2,6 +2,7 @@
 records them with their batch, `raypar failed` writes them (and the items of failed batches)
 as a new job's input, and that job runs exactly them. On the 3-node loopback cluster."""
 
+import io
 import json
 import subprocess
 import sys
@@ -28,6 +29,19 @@ def texts(count, flaky=(), bad=()):
             for i in range(count)}
 
 
+def flaky_table_job(tmp_path, rows: int) -> dict:
+    """A parquet table of ``rows`` rows (id, x) whose rows with id % 50 == 7 run() reports failed."""
+    (tmp_path / "tables").mkdir()
+    pq.write_table(pa.table({"id": range(rows), "x": [i * 0.5 for i in range(rows)]}),
+                   tmp_path / "tables" / "t.parquet", row_group_size=50)
+    return make_spec(tmp_path, {}, **{
+        "inputs.data": {"type": "uri_folder", "path": str(tmp_path / "tables")},
+        "mini_batch_size": "2kb", "task.entry_script": "table_score.py",
+        "task.program_arguments": "--report-every 50", "error_threshold": -1,
+        "raypar.append_row_format": "parquet",
+    })
+
+
 @pytest.mark.ray
 def test_reported_files_and_a_failed_batch_come_out_and_run_again_as_a_new_job(ray_cluster, tmp_path):
     files = texts(12, flaky={3, 8}, bad={10})  # f10 fails its whole batch (f10, f11)
@@ -52,7 +66,7 @@ def test_reported_files_and_a_failed_batch_come_out_and_run_again_as_a_new_job(r
     assert "4 failed file(s) written to stdout (txt)" in listed.stderr
 
     table = cli("failed", job, "--format", "csv")
-    frame = pd.read_csv(__import__("io").StringIO(table.stdout))
+    frame = pd.read_csv(io.StringIO(table.stdout))
     assert frame["raypar_error"].tolist() == ["ValueError: cannot score f03.txt: flaky record",
                                               "ValueError: cannot score f08.txt: flaky record",
                                               "ValueError: cannot score f10.txt: bad record",
@@ -82,15 +96,7 @@ def test_reported_files_and_a_failed_batch_come_out_and_run_again_as_a_new_job(r
 
 @pytest.mark.ray
 def test_reported_rows_of_a_table_come_out_with_their_columns_and_run_again(ray_cluster, tmp_path):
-    table = pa.table({"id": range(400), "x": [i * 0.5 for i in range(400)]})
-    (tmp_path / "tables").mkdir()
-    pq.write_table(table, tmp_path / "tables" / "t.parquet", row_group_size=50)
-    spec = make_spec(tmp_path, {}, **{
-        "inputs.data": {"type": "uri_folder", "path": str(tmp_path / "tables")},
-        "mini_batch_size": "2kb", "task.entry_script": "table_score.py",
-        "task.program_arguments": "--report-every 50", "error_threshold": -1,
-        "raypar.append_row_format": "parquet",
-    })
+    spec = flaky_table_job(tmp_path, 400)
     job = str(tmp_path / "job")
 
     outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
@@ -160,15 +166,7 @@ def test_resume_retries_just_the_reported_items_and_the_output_holds_every_row_o
 
 @pytest.mark.ray
 def test_retried_table_rows_that_fail_again_are_reported_again(ray_cluster, tmp_path):
-    table = pa.table({"id": range(200), "x": [i * 0.5 for i in range(200)]})
-    (tmp_path / "tables").mkdir()
-    pq.write_table(table, tmp_path / "tables" / "t.parquet", row_group_size=50)
-    spec = make_spec(tmp_path, {}, **{
-        "inputs.data": {"type": "uri_folder", "path": str(tmp_path / "tables")},
-        "mini_batch_size": "2kb", "task.entry_script": "table_score.py",
-        "task.program_arguments": "--report-every 50", "error_threshold": -1,
-        "raypar.append_row_format": "parquet",
-    })
+    spec = flaky_table_job(tmp_path, 200)
     job = str(tmp_path / "job")
     assert raypar.run(spec, job_dir=job, echo=quiet).wait().state is JobState.SUCCEEDED
 
@@ -178,7 +176,7 @@ def test_retried_table_rows_that_fail_again_are_reported_again(ray_cluster, tmp_
     scored = pq.read_table(tmp_path / "out" / "parallel_run_step.parquet")
     assert scored.column("id").to_pylist() == [i for i in range(200) if i % 50 != 7]
     exported = cli("failed", job, "--format", "csv")
-    frame = pd.read_csv(__import__("io").StringIO(exported.stdout))
+    frame = pd.read_csv(io.StringIO(exported.stdout))
     assert frame["id"].tolist() == [7, 57, 107, 157]  # reported again, by the retry batches
 
 
