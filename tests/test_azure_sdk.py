@@ -20,6 +20,7 @@ from raypar import (
     RunFunction,
     parallel_run_function,
 )
+from raypar.azureml import JobResourceConfiguration
 from raypar.azureml.v1 import Dataset, PipelineData, PipelineParameter
 from raypar.errors import SpecError
 from raypar.jobdir.state import JobState
@@ -351,3 +352,14 @@ def test_convert_python_runs_the_file_and_takes_its_step(project):
 def test_convert_errors_are_one_line_exit_2(project, name, text, fragments):
     (project / name).write_text(text)
     assert_one_line_error(cli("convert", name, cwd=project), 2, *fragments)
+
+
+def test_v2_resources_with_max_instance_count_make_an_elastic_job(project):
+    job = parallel_run_function(
+        name="score", inputs={"docs": Input(path="data")}, input_data="${{inputs.docs}}",
+        task=RunFunction(code="code", entry_script="score.py"),
+        resources=JobResourceConfiguration(instance_count=2, max_instance_count=6))
+
+    assert job.to_dict()["resources"] == {"instance_count": 2, "max_instance_count": 6}
+    spec = job.to_spec()
+    assert (spec.resources.instance_count, spec.resources.max_instance_count, spec.resources.elastic) == (2, 6, True)

@@ -18,8 +18,10 @@ def ordinal(batch_json: str) -> int:
     return json.loads(batch_json)["ordinal"]
 
 
-def run(tmp_path, behaviour, batches=6, slots=2, **spec_keys):
-    """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger)."""
+def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, **spec_keys):
+    """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
+    ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
+    then gets (batch, attempt, instance, now)."""
     ledger = Ledger(str(tmp_path / "job"))
     pending = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(batches)]
     ledger.write_manifest(pending)
@@ -34,6 +36,9 @@ def run(tmp_path, behaviour, batches=6, slots=2, **spec_keys):
             target = target.setdefault(part, {})
         target[last] = value
     cluster = SimulatedCluster(behaviour, start_seconds=1.0, record=True)
+    if nodes is not None:
+        cluster.with_nodes(*nodes)
+        cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.instance, cluster.now)
     scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, Progress(total=batches))
     return scheduler.run(), scheduler, cluster, ledger
 
@@ -232,3 +237,62 @@ def test_a_stopped_job_does_not_wait_for_a_running_batch_when_nothing_is_unstore
     assert reason == "2 mini-batch(es) failed, more than mini_batch_error_threshold=1"
     assert cluster.now < 1.0 + 10.0  # stopped at the second failure, not after the long batch (or 30 s)
     assert "mb-0000000" not in ledger.view().done
+
+
+# -- elastic instances: nodes join and leave mid-job -----------------------------------------
+
+
+def run_elastic(tmp_path, batches, first, timeline, **spec_keys):
+    """An elastic job, one worker per instance, batches of 2 s; returns (reason, scheduler, ledger,
+    calls), calls being (ordinal, attempt, instance, when) of each batch sent to a worker."""
+    calls = []
+
+    def behaviour(batch, attempt, instance, now):
+        calls.append((ordinal(batch), attempt, instance, now))
+        return Outcome(2.0)
+
+    reason, scheduler, _, ledger = run(tmp_path, behaviour, batches=batches, slots=1, nodes=(first, timeline),
+                                       **{"resources.max_instance_count": 4, **spec_keys})
+    return reason, scheduler, ledger, calls
+
+
+def test_an_instance_joins_with_its_node_and_one_leaves_with_its_node_and_every_batch_runs_once(tmp_path):
+    # Instance 0 from the start, 1 joins at 5 s, 0 leaves at 11 s (mid-batch): 2 joins at 15 s.
+    reason, scheduler, ledger, calls = run_elastic(
+        tmp_path, 20, [0], [(5.0, "join", 1), (11.0, "leave", 0), (15.0, "join", 2)])
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (20, 0)
+    ran = {b for b, *_ in calls}
+    assert ran == set(range(20))
+    assert {i for _, _, i, _ in calls} == {0, 1, 2}
+    assert all(when < 11.0 for _, _, i, when in calls if i == 0)  # nothing sent to the left instance after
+    assert all(when >= 5.0 for _, _, i, when in calls if i == 1)
+    lost = [b for b in ledger.view().failed]  # the batch instance 0 ran when its node left
+    assert len(lost) == 1 and history(ledger, int(lost[0][3:])) == [("system", False)]  # no try spent
+    assert [b for b, *_ in calls].count(int(lost[0][3:])) == 2  # and it ran again elsewhere
+    assert {s.instance: s.left for s in scheduler.slots} == {0: True, 1: False, 2: False}
+
+
+def test_a_job_whose_every_node_left_waits_for_one_to_join(tmp_path):
+    reason, scheduler, ledger, calls = run_elastic(
+        tmp_path, 10, [0], [(5.0, "leave", 0), (40.0, "join", 1)], **{"raypar.placement_timeout": 60})
+
+    assert reason is None and scheduler.progress.done == 10
+    assert {b for b, _, i, _ in calls if i == 1} >= set(range(3, 10))  # the rest ran on the newcomer
+
+
+def test_a_job_whose_every_node_left_stops_after_the_placement_timeout_resumable(tmp_path):
+    reason, scheduler, ledger, calls = run_elastic(
+        tmp_path, 10, [0], [(5.0, "leave", 0), (100.0, "join", 1)], **{"raypar.placement_timeout": 30})
+
+    assert reason == "every instance's node left the cluster and none joined within raypar.placement_timeout=30s"
+    assert scheduler.progress.done == 2 and scheduler.progress.failed == 0  # the rest is left for a resume
+    assert not any(i == 1 for _, _, i, _ in calls)
+
+
+def test_an_instance_that_joins_after_the_last_batch_was_sent_starts_no_worker(tmp_path):
+    reason, scheduler, ledger, calls = run_elastic(tmp_path, 4, [0, 1], [(3.5, "join", 2)])
+
+    assert reason is None and scheduler.progress.done == 4
+    joined = [s for s in scheduler.slots if s.instance == 2]
+    assert len(joined) == 1 and joined[0].generation == 0  # no worker process was started for it

@@ -64,8 +64,9 @@ def assert_shaped_for_its_spec(objects):
             continue
         cluster = rayjob["spec"]["rayClusterSpec"]
         group = cluster["workerGroupSpecs"][0]
-        count = spec.resources.instance_count
-        assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (count, count, count)
+        low, high = spec.resources.instance_count, spec.resources.max_instance_count or spec.resources.instance_count
+        assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (low, low, high)
+        assert cluster.get("enableInTreeAutoscaling", False) is spec.resources.elastic
         assert worker_container(rayjob)["resources"]["limits"] == kube.worker_pod_resources(spec)
         assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # instances land on workers only
         containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0], worker_container(rayjob)]
@@ -214,6 +215,18 @@ def test_worker_pods_have_room_for_max_concurrency_workers(tmp_path, worker, exp
     container = worker_container(rendered.objects[-1])
     assert container["resources"]["limits"] == container["resources"]["requests"] == expected
     assert rendered.objects[-1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
+
+
+@pytest.mark.parametrize("resources", [{"instance_count": "2..6"}, {"instance_count": 2, "max_instance_count": 6}])
+def test_an_elastic_job_gets_a_cluster_that_autoscales_between_its_bounds(tmp_path, resources):
+    spec = project(tmp_path, resources=resources)
+    rendered = kube.render(str(spec), job_dir="az://c/jobs/x", echo=print)
+    assert_valid(rendered.objects)
+    assert_shaped_for_its_spec(rendered.objects)
+    cluster = rendered.objects[-1]["spec"]["rayClusterSpec"]
+    group = cluster["workerGroupSpecs"][0]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 6)
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["version"] == "v2"
 
 
 def test_custom_worker_resources_become_the_worker_rayStartParams(tmp_path):

@@ -294,6 +294,12 @@ ERROR_CASES = [
                  id="mini-batch-error-threshold-minus-two"),
     pytest.param({"max_concurrency_per_instance": 0}, ["max_concurrency_per_instance"], id="concurrency-zero"),
     pytest.param({"resources.instance_count": 0}, ["resources.instance_count"], id="instance-count-zero"),
+    pytest.param({"resources.instance_count": "2-8"}, ["resources", "'2-8'", "'2..8'"], id="instance-range-typo"),
+    pytest.param({"resources.instance_count": "8..2"}, ["resources", "max_instance_count 2 is below instance_count 8"],
+                 id="instance-range-backwards"),
+    pytest.param({"resources.instance_count": "1..4", "resources.max_instance_count": 4},
+                 ["resources", "give one of them"], id="instance-range-and-max"),
+    pytest.param({"resources.max_instance_count": 0}, ["resources.max_instance_count"], id="max-instances-zero"),
     pytest.param({"logging_level": "LOUD"}, ["logging_level", "INFO"], id="bad-logging-level"),
     pytest.param({"task.entry_script": "score.sh"}, ["entry_script", ".py", "score.sh"], id="entry-script-not-py"),
     pytest.param({"task.type": "command"}, ["task.type"], id="task-type"),
@@ -602,3 +608,13 @@ def test_memory_sizes_read_as_azure_and_kubernetes_write_them(text, expected):
 def test_a_memory_size_that_is_not_one_is_refused(text):
     with pytest.raises(ValueError):
         parse_bytes(text)
+
+
+@pytest.mark.parametrize("resources", [{"instance_count": "2..8"}, {"instance_count": 2, "max_instance_count": 8}])
+def test_elastic_instances_as_a_range_or_azures_max_instance_count(resources):
+    spec = spec_from_dict({**minimal_dict(), "resources": resources})
+
+    assert (spec.resources.instance_count, spec.resources.max_instance_count, spec.resources.elastic) == (2, 8, True)
+    again = spec_from_dict(spec.model_dump(exclude_none=True))  # as the job dir keeps it
+    assert (again.resources.instance_count, again.resources.max_instance_count) == (2, 8)
+    assert not spec_from_dict(minimal_dict()).resources.elastic

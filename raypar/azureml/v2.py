@@ -245,7 +245,8 @@ def _plain(value):
     return {"type": str(getattr(value, "type", None) or type(value).__name__)}
 
 
-_RESOURCE_KEYS = ("instance_count", "instance_type", "shm_size", "docker_args", "properties", "locations")
+_RESOURCE_KEYS = ("instance_count", "max_instance_count", "instance_type", "shm_size", "docker_args", "properties",
+                  "locations")
 
 
 def parallel_run_function(
@@ -305,7 +306,7 @@ def _resources_object(given) -> JobResourceConfiguration:
     if given is None:
         return JobResourceConfiguration()
     if isinstance(given, dict):
-        unknown = sorted(set(given) - set(_RESOURCE_KEYS) - {"max_instance_count"})
+        unknown = sorted(set(given) - set(_RESOURCE_KEYS))
         if unknown:
             raise TypeError(f"resources: unknown key(s) {', '.join(unknown)}")
         return JobResourceConfiguration(**given)

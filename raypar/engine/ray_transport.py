@@ -6,7 +6,8 @@ STRICT_SPREAD reserves all instances on distinct nodes atomically (or not at
 all, so a job never starts half-placed) and GCS re-places a bundle whose node
 died; plain node affinity can do neither. On the embedded one-node Ray the
 instances are packed onto that node instead (STRICT_PACK): every Azure sample
-asks for 2 nodes, and a laptop has one.
+asks for 2 nodes, and a laptop has one. Elastic instances (``max_instance_count``) are placed
+one group each, joining and leaving with their nodes: raypar/engine/elastic.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raypar.credentials import describe_error
 from raypar.engine import cluster
+from raypar.engine.elastic import ElasticInstances
 from raypar.engine.metrics import JobMetrics
 from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
 from raypar.errors import PlacementError
@@ -46,6 +48,7 @@ class Placement:
         self.owned = owned_cluster or cluster.is_embedded()
         self.echo = echo
         self.pg = None
+        self.elastic: Optional[ElasticInstances] = None  # set by reserve() for an elastic job on a cluster
         self.plan = plan  # engine.worker_plan.worker_plan(): what each worker is told
         # runtime_env.worker_runtime_env(), less what a submitted job's own env already installs
         self.runtime_env = without_inherited_pip(runtime_env, dict(ray.get_runtime_context().runtime_env))
@@ -59,15 +62,24 @@ class Placement:
         bundle.update({k: v * n for k, v in w.resources.items()})
         return {k: v for k, v in bundle.items() if v > 0}
 
-    def reserve(self) -> None:
+    def reserve(self) -> Optional[list[int]]:
         """Reserve instance_count distinct nodes (on the embedded one-node Ray: that node for
-        all of them), or raise PlacementError saying why not."""
-        bundle, count = self.bundle(), self.spec.resources.instance_count
+        all of them), or raise PlacementError saying why not. Returns the instances of an
+        elastic job (None: ``range(instance_count)``)."""
+        resources = self.spec.resources
+        bundle, count = self.bundle(), resources.instance_count
         timeout = self.spec.raypar.placement_timeout
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        if self.owned and len(alive) == 1 and count > 1:
+        if self.owned and len(alive) == 1 and (count > 1 or resources.elastic):
+            if resources.elastic:
+                self.echo(f"raypar: elastic instances on a one-node Ray, which never grows: "
+                          f"running instance_count={count}")
             self._reserve_packed(alive[0], bundle, count, timeout)
-            return
+            return None
+        if resources.elastic:
+            self.elastic = ElasticInstances(bundle, count, resources.max_instance_count, self.run,
+                                            0.0 if self.owned else timeout, self.echo)
+            return self.elastic.reserve()
         fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
         need = (
             f"the job needs {count} node(s) with {_fmt(bundle)} each "
@@ -107,12 +119,17 @@ class Placement:
         return self._remote.options(
             num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory_bytes(),
             resources=w.resources or None, max_restarts=0, max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.instance),
+            scheduling_strategy=self._strategy(slot.instance),
             # The same runtime env for every actor (set before the process starts), so Ray can
             # share worker processes between them.
             runtime_env=self.runtime_env,
             name=self.actor_name(slot),
         ).remote(self.job_url, self.plan, self.run, slot.instance, slot.index)
+
+    def _strategy(self, instance: int) -> PlacementGroupSchedulingStrategy:
+        if self.elastic is not None:
+            return PlacementGroupSchedulingStrategy(self.elastic.group_of(instance), placement_group_bundle_index=0)
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=instance)
 
     def actor_name(self, slot) -> str:
         """Job, node, instance and slot, as the dashboard's actor list shows them."""
@@ -123,18 +140,24 @@ class Placement:
 
     def node_of(self, instance: int) -> Optional[str]:
         """The node ID the instance's bundle sits on now (None while Ray re-places it)."""
+        if self.elastic is not None:
+            return self.elastic.node_of(instance)
         if self.pg is None:
             return None
         return ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {}).get(instance) or None
 
     def placed_instances(self) -> set[int]:
         """Instances whose bundle currently sits on a live node (a lost node's wait for re-placement)."""
+        if self.elastic is not None:
+            return self.elastic.placed_instances()
         if self.pg is None:
             return set()
         table = ray.util.placement_group_table(self.pg)
         return {int(i) for i, node in table.get("bundles_to_node_id", {}).items() if node}
 
     def release(self) -> None:
+        if self.elastic is not None:
+            self.elastic.release()
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
@@ -157,8 +180,18 @@ class RayTransport(Transport):
         self.placement = placement
         self.metrics = JobMetrics(placement.spec.name or "job", placement.job_url)
 
-    def reserve(self) -> None:
-        self.placement.reserve()
+    def reserve(self) -> Optional[list[int]]:
+        return self.placement.reserve()
+
+    @property
+    def elastic(self) -> bool:
+        return self.placement.elastic is not None
+
+    def changes(self) -> tuple[list[int], list[int]]:
+        return self.placement.elastic.changes()
+
+    def drop(self, instance: int) -> None:
+        self.placement.elastic.drop(instance)
 
     def release(self) -> None:
         self.placement.release()

@@ -50,6 +50,7 @@ MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not 
 JOB_DIR_FAILURES_TO_STOP = 3  # raypar's own failures in workers in a row (at least one per slot) that stop the job
 STOP_TIMEOUT = 30.0  # seconds shutdown() may take on each worker
 STORE_ON_STOP_TIMEOUT = 30.0  # seconds a stopped job waits for workers to store the batches they finished
+INSTANCE_POLL_SECONDS = 1.0  # elastic jobs: how often the transport is asked which instances joined or left
 
 
 @dataclass(eq=False)
@@ -100,6 +101,7 @@ class Slot:
     start_ref: Any = None
     ready: bool = False
     retired: bool = False
+    left: bool = False  # elastic jobs: its instance's node left the cluster (retired too)
     starts_failed: int = 0
     deaths: int = 0
     node: Optional[str] = None
@@ -178,11 +180,7 @@ class Scheduler:
         self.progress, self.on_progress = progress, on_progress
         self.interrupt = interrupt  # returns a reason to stop now (lease lost, later cancel)
         self.may_write = may_write  # False once the lease is lost: the job dir is another driver's
-        self.slots = [
-            Slot(instance=i, index=s, ahead=spec.raypar.prefetch)
-            for i in range(spec.resources.instance_count)
-            for s in range(spec.max_concurrency_per_instance)
-        ]
+        self.slots = [slot for i in range(spec.resources.instance_count) for slot in self._new_slots(i)]
         self.calls: dict[Any, tuple[Slot, Call]] = {}
         self.starts: dict[Any, Slot] = {}
         self.flushes: dict[Any, Slot] = {}
@@ -205,12 +203,20 @@ class Scheduler:
         self.solo: set[str] = set()  # batches whose group ended without an answer: one to a call now
         self.last_init_error: Optional[str] = None
         self.last_init_stage = "init()"
+        self.next_poll = 0.0  # elastic jobs: when to ask the transport for joined and left instances
+        self.starved_since: Optional[float] = None  # elastic jobs: since when no instance is left
+
+    def _new_slots(self, instance: int) -> list[Slot]:
+        return [Slot(instance=instance, index=s, ahead=self.spec.raypar.prefetch)
+                for s in range(self.spec.max_concurrency_per_instance)]
 
     # -- lifecycle ------------------------------------------------------
 
     def run(self) -> Optional[str]:
         """Run until every batch is done or failed, or a stop condition; returns the stop reason."""
-        self.transport.reserve()
+        instances = self.transport.reserve()
+        if instances is not None:  # elastic: the instances the cluster had room for
+            self.slots = [slot for i in instances for slot in self._new_slots(i)]
         try:
             for slot in self.slots:
                 self._start(slot)
@@ -252,6 +258,7 @@ class Scheduler:
             self._stop(reason)
             return
         self._pull_planned()
+        self._follow_instances(now)
         self._dispatch(now)
         self._steal()
         self._speculate(now)
@@ -262,6 +269,8 @@ class Scheduler:
             return
         if not waiting:
             if self.queue and not any(s.ready or s.start_ref for s in self.slots):
+                if self._await_instances(now):
+                    return
                 if self.last_init_error:
                     self._stop(f"no worker could start: {self.last_init_stage} failed on every worker",
                                self.last_init_error)
@@ -289,6 +298,66 @@ class Scheduler:
                           if c.started and c.batch.id not in self.copies and c.started + threshold > now]
         return max(0.0, min([1.0, *(d - now for d in deadlines)]))
 
+    # -- elastic instances ------------------------------------------------
+
+    def _follow_instances(self, now: float) -> None:
+        """Elastic jobs: take the instances placed on nodes that joined, end those whose node left."""
+        if not self.transport.elastic or now < self.next_poll:
+            return
+        self.next_poll = now + INSTANCE_POLL_SECONDS
+        joined, left = self.transport.changes()
+        for instance in left:
+            self._leave(instance, now)
+        for instance in joined:
+            self._join(instance)
+
+    def _live_instances(self) -> int:
+        return len({s.instance for s in self.slots if not s.left})
+
+    def _join(self, instance: int) -> None:
+        slots = self._new_slots(instance)
+        self.slots.extend(slots)
+        self.starved_since = None
+        log.warning("instance %d joined on a new node: %d instance(s) now", instance, self._live_instances())
+        if self.stop_reason is None:
+            self.unstarted.update(slots)  # started by the next dispatch, if there is work left
+            self.queue_was_empty = True
+
+    def _leave(self, instance: int, now: float) -> None:
+        """The instance's node is gone: its workers are lost (their batches run elsewhere), the
+        instance ends and its reservation is given back."""
+        for slot in [s for s in self.slots if s.instance == instance and not s.left]:
+            if slot.actor is not None:
+                self._on_worker_lost(slot, WorkerLost("NodeLost", "the instance's node left the cluster"), now)
+            self._mark_left(slot)
+        self.transport.drop(instance)
+
+    def _mark_left(self, slot: Slot) -> None:
+        if not slot.left:
+            slot.left = slot.retired = True
+            self.unstarted.discard(slot)
+            self.dirty.discard(slot)
+            if slot.index == 0:
+                log.warning("instance %d left with its node: the job goes on with %d instance(s)",
+                            slot.instance, self._live_instances())
+
+    def _await_instances(self, now: float) -> bool:
+        """Elastic jobs whose every instance left: wait up to raypar.placement_timeout for a node to
+        join (True while waiting), then stop."""
+        if not self.transport.elastic or any(not s.retired for s in self.slots):
+            return False
+        timeout = self.spec.raypar.placement_timeout
+        if self.starved_since is None:
+            self.starved_since = now
+            log.warning("every instance of the job left with its node; waiting up to %gs "
+                        "(raypar.placement_timeout) for a node to join", timeout)
+        if now - self.starved_since >= timeout:
+            self._stop(f"every instance's node left the cluster and none joined within "
+                       f"raypar.placement_timeout={timeout:g}s")
+            return True
+        self.transport.idle(min(INSTANCE_POLL_SECONDS, timeout - (now - self.starved_since)))
+        return True
+
     # -- starting workers -------------------------------------------------
 
     def _start(self, slot: Slot) -> None:
@@ -308,6 +377,10 @@ class Scheduler:
             # Not pip refusing a requirement (a race or a hiccup of Ray's env setup): another try may pass.
             answer = {"ok": False, "error": setup_failure(str(exc)), "stage": "setting up the runtime env"}
         except (WorkerLost, WorkerRaised) as exc:
+            if self.transport.elastic and slot.instance not in self.transport.placed_instances():
+                self._kill(slot)
+                self._mark_left(slot)  # its node left while the worker started
+                return
             answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
         if answer.get("ok"):
             slot.ready, slot.node = True, answer.get("node")
@@ -793,6 +866,9 @@ class Scheduler:
             self.unstarted.add(slot)
         elif self.stop_reason is None:
             if lost and slot.instance not in self.transport.placed_instances():
+                if self.transport.elastic:  # the instance ends with its node; the others go on
+                    self._mark_left(slot)
+                    return calls[0] if calls else None
                 log.warning("instance %d lost its node; the job goes on with the other instances "
                             "until Ray places it on another node", slot.instance)
             self._start(slot)

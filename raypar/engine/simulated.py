@@ -57,6 +57,50 @@ class SimulatedCluster(Transport):
         self.run_starts: dict[str, float] = {}  # batch json -> when its last run_batch call starts
         self.queued: list[str] = []  # batches whose run_batch waited behind another call
         self.asides: list[tuple[str, bool]] = []  # (batch json, its run_batch had not started) per hint
+        # Elastic instances (see elastic()): node arrivals and departures at chosen instants.
+        self.timeline: list[tuple[float, str, int]] = []  # heap of (when, "join" | "leave", instance)
+        self.joined: list[int] = []
+        self.left: list[int] = []
+        self.first_instances: Optional[list[int]] = None
+
+    def with_nodes(self, instances: list[int], timeline: list[tuple[float, str, int]]) -> "SimulatedCluster":
+        """Make this an elastic cluster: ``instances`` placed at the start, then each
+        ``(when, "join" | "leave", instance)``: an instance placed on a node that joined, or one
+        whose node left (its workers die at that instant)."""
+        self.first_instances, self.instances = list(instances), set(instances)
+        self.timeline = list(timeline)
+        heapq.heapify(self.timeline)
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.first_instances is not None
+
+    def reserve(self) -> Optional[list[int]]:
+        return self.first_instances
+
+    def changes(self) -> tuple[list[int], list[int]]:
+        joined, left, self.joined, self.left = self.joined, self.left, [], []
+        return joined, left
+
+    def idle(self, seconds: float) -> None:
+        self.wait([], seconds)
+
+    def _node_event(self, action: str, instance: int) -> None:
+        if action == "join":
+            self.instances.add(instance)
+            self.joined.append(instance)
+            return
+        self.instances.discard(instance)
+        self.left.append(instance)
+        for wid, w in self.workers.items():
+            if w.slot.instance != instance:
+                continue
+            w.dies_at = min(w.dies_at, self.now) if w.dies_at is not None else self.now
+            for cid in w.calls:  # its calls not yet ended end now, lost
+                if cid in self.results and self.results[cid][0] > self.now:
+                    self.results[cid] = (self.now, "lost", "NodeDied", wid)
+                    heapq.heappush(self.events, (self.now, cid))
 
     def placed_instances(self) -> set[int]:
         return self.instances if self.instances is not None else {s.instance for s in
@@ -137,16 +181,25 @@ class SimulatedCluster(Transport):
     def wait(self, calls, timeout: float) -> list:
         """Advance the clock to the next end among ``calls`` (or by ``timeout``)."""
         wanted = set(calls) if isinstance(calls, (list, tuple)) else calls  # anything with a fast "in"
-        while self.events and (self.events[0][1] not in self.results or self.events[0][1] in self.ended_calls):
-            heapq.heappop(self.events)  # canceled, or a killed worker's
+        while True:
+            while self.events and (self.events[0][1] not in self.results or self.events[0][1] in self.ended_calls
+                                   or self.results[self.events[0][1]][0] != self.events[0][0]):
+                heapq.heappop(self.events)  # canceled, a killed worker's, or one a node's departure ended sooner
+            limit = min(self.now + timeout, self.events[0][0] if self.events else float("inf"))
+            if not self.timeline or self.timeline[0][0] > limit:
+                break
+            when, action, instance = heapq.heappop(self.timeline)
+            timeout -= max(0.0, when - self.now)
+            self.now = max(self.now, when)
+            self._node_event(action, instance)
         if not self.events or self.events[0][0] > self.now + timeout:
             self.now += timeout
             return []
         self.now = max(self.now, self.events[0][0])
         ready = []
         while self.events and self.events[0][0] <= self.now:
-            _, cid = heapq.heappop(self.events)
-            if cid in self.results:
+            end, cid = heapq.heappop(self.events)
+            if cid in self.results and self.results[cid][0] == end:
                 self.ended_calls.add(cid)
                 if cid in wanted:
                     ready.append(cid)

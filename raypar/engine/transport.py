@@ -36,8 +36,22 @@ class Transport:
 
     clock: Callable[[], float] = staticmethod(time.monotonic)
 
-    def reserve(self) -> None:
-        """Reserve the instances' nodes (or raise PlacementError)."""
+    elastic = False  # instances join and leave with nodes: see changes()
+
+    def reserve(self) -> Optional[list[int]]:
+        """Reserve the instances' nodes (or raise PlacementError); returns the instances placed
+        when they are not ``range(instance_count)`` (elastic jobs)."""
+
+    def changes(self) -> tuple[list[int], list[int]]:
+        """Elastic jobs: (instances placed since the last call, instances whose node left)."""
+        return [], []
+
+    def drop(self, instance: int) -> None:
+        """Elastic jobs: give a left instance's reservation back."""
+
+    def idle(self, seconds: float) -> None:
+        """Wait ``seconds`` with nothing to wait for (an elastic job whose every node left)."""
+        time.sleep(seconds)
 
     def release(self) -> None:
         """Give the reservation back."""

@@ -12,6 +12,8 @@ What the rendered objects do:
 - Worker replicas are ``instance_count``; each worker pod has room for
   ``max_concurrency_per_instance`` workers of ``raypar.worker``'s size. The head has
   ``num-cpus: 0``, so raypar's placement (one instance per node) uses only workers.
+  An elastic job (``max_instance_count``) gets KubeRay's autoscaler: ``instance_count``
+  worker pods at first, up to ``max_instance_count``.
 - Credentials come from a Kubernetes Secret (``envFrom``) on every Ray pod; the
   manifest names it and never holds a secret value.
 """
@@ -155,8 +157,15 @@ def _container(name: str, image: str, resources: dict, secret: str, ports: Optio
     return container
 
 
+# Elastic jobs (max_instance_count): KubeRay's autoscaler adds worker pods up to maxReplicas as the
+# job asks for them (raypar/engine/elastic.py) and removes them a minute after they idle.
+AUTOSCALING = {"enableInTreeAutoscaling": True,
+               "autoscalerOptions": {"version": "v2", "upscalingMode": "Default", "idleTimeoutSeconds": 60}}
+
+
 def ray_cluster_spec(spec: JobSpec, image: str, secret: str) -> dict:
-    """Head (no CPUs for tasks: the driver only) plus one worker group of instance_count pods."""
+    """Head (no CPUs for tasks: the driver only) plus one worker group of instance_count pods
+    (between instance_count and max_instance_count, autoscaled, for an elastic job)."""
     head_ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}]
     resources = worker_pod_resources(spec)
@@ -168,7 +177,8 @@ def ray_cluster_spec(spec: JobSpec, image: str, secret: str) -> dict:
     if "nvidia.com/gpu" in resources:
         worker_template["spec"]["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    count = spec.resources.instance_count
+    low = spec.resources.instance_count
+    high = spec.resources.max_instance_count or low
     return {
         "rayVersion": RAY_VERSION,
         "authOptions": {"mode": "token"},  # the operator makes the token Secret; `raypar submit` needs it
@@ -178,9 +188,10 @@ def ray_cluster_spec(spec: JobSpec, image: str, secret: str) -> dict:
                 _container("ray-head", image, HEAD_RESOURCES, secret, head_ports)]}},
         },
         "workerGroupSpecs": [{
-            "groupName": "workers", "replicas": count, "minReplicas": count, "maxReplicas": count,
+            "groupName": "workers", "replicas": low, "minReplicas": low, "maxReplicas": high,
             "rayStartParams": worker_start, "template": worker_template,
         }],
+        **(AUTOSCALING if spec.resources.elastic else {}),
     }
 
 

@@ -116,14 +116,46 @@ class OutputSpec(_Model):
     description: Optional[str] = None
 
 
+_RANGE_RE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
+
+
 class ResourcesSpec(_Model):
     instance_count: StrictInt = Field(1, ge=1)
+    # Elastic instances: up to this many, one per node as nodes join; instance_count is the least
+    # the job starts with (Azure's key for elastic training). ``instance_count: "2..8"`` says the same.
+    max_instance_count: Optional[StrictInt] = Field(None, ge=1)
     # Azure compute knobs: accepted so Azure YAML loads, meaningless on Ray.
     instance_type: Any = None
     shm_size: Any = None
     docker_args: Any = None
     properties: Any = None
     locations: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range(cls, data: Any) -> Any:
+        """``instance_count: "2..8"``: at least 2 instances, up to 8 as nodes join."""
+        count = data.get("instance_count") if isinstance(data, dict) else None
+        if not isinstance(count, str):
+            return data
+        match = _RANGE_RE.match(count)
+        if not match:
+            raise ValueError(f"instance_count {count!r} is not a count (e.g. 2) or a range (e.g. '2..8')")
+        if data.get("max_instance_count") is not None:
+            raise ValueError("instance_count is a range and max_instance_count is set: give one of them")
+        return {**data, "instance_count": int(match.group(1)), "max_instance_count": int(match.group(2))}
+
+    @model_validator(mode="after")
+    def _max_not_below_min(self) -> "ResourcesSpec":
+        if self.max_instance_count is not None and self.max_instance_count < self.instance_count:
+            raise ValueError(f"max_instance_count {self.max_instance_count} is below instance_count "
+                             f"{self.instance_count}")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        """Instances join and leave with nodes, between instance_count and max_instance_count."""
+        return self.max_instance_count is not None
 
 
 class RetrySettings(_Model):

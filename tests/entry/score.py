@@ -18,6 +18,8 @@ Arguments (parse_known_args, as Azure scripts do):
   --hold-from NAME D  run() given a file named NAME or later (sorted) writes D/holding-<pid>
                     (holding its Ray node id) and waits for D/release (a job stopped with work
                     in flight)
+  --step D          run() writes D/ran-<first file>-<attempt> (holding its Ray node id) and waits
+                    for D/go-<first file> or D/free (a test paces the job batch by batch)
   --fault NAME MODE D  the first run() given file NAME writes D/fault ("<pid> <node id>"), then:
                     hang (sleep for an hour), segfault, or hold (wait to be killed);
                     segfault-always crashes every attempt (a crash loop); raypar-once makes
@@ -52,6 +54,7 @@ def init():
     parser.add_argument("--fault", nargs=3)
     parser.add_argument("--report-flaky", action="store_true")
     parser.add_argument("--hold-from", nargs=2)
+    parser.add_argument("--step")
     args, _ = parser.parse_known_args()
     if args.init_log:
         open(os.path.join(args.init_log, str(os.getpid())), "w").close()
@@ -136,6 +139,14 @@ def run(mini_batch):
         with open(os.path.join(gate, f"holding-{os.getpid()}"), "w") as f:
             f.write(ray.get_runtime_context().get_node_id())
         _wait(lambda: os.path.exists(os.path.join(gate, "release")), timeout=600)
+    if args.step:
+        import ray
+
+        attempt = len([n for n in os.listdir(args.step) if n.startswith(f"ran-{names[0]}-")]) + 1
+        with open(os.path.join(args.step, f"ran-{names[0]}-{attempt}"), "w") as f:
+            f.write(ray.get_runtime_context().get_node_id())
+        _wait(lambda: os.path.exists(os.path.join(args.step, f"go-{names[0]}"))
+              or os.path.exists(os.path.join(args.step, "free")), timeout=600)
     if args.fault and args.fault[0] in names:
         _inject_fault(*args.fault)
     fixed = args.fixed_flag and os.path.exists(args.fixed_flag)

@@ -1,0 +1,80 @@
+"""Elastic instances on the loopback cluster: nodes started by hand join a running job, a node
+removed mid-batch leaves it, and the output is exact. The nodes carry a resource only these
+tests' workers ask for, so the session cluster's own nodes never host an instance."""
+
+import pytest
+from conftest import make_spec, quiet, wait_for
+from test_faults import expected_rows, output_lines, texts
+
+import raypar
+from raypar.errors import PlacementError
+from raypar.jobdir.ledger import Ledger
+from raypar.jobdir.state import JobState
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+def elastic_spec(tmp_path, files, step, **extra):
+    return make_spec(tmp_path, files, **{
+        "resources.instance_count": "1..2", "max_concurrency_per_instance": 1,
+        "retry_settings.max_retries": 0,  # a batch lost with its node must not spend the only try
+        "raypar.worker": {"num_cpus": 0.5, "resources": {"elastic": 1}},
+        "task.program_arguments": f"--with-node --step {step}", **extra,
+    })
+
+
+def ran(step) -> dict[str, str]:
+    """batch's first file and attempt -> the node it ran on, as run() wrote them."""
+    return {p.name[4:]: p.read_text() for p in step.iterdir() if p.name.startswith("ran-") and p.read_text()}
+
+
+def test_a_node_that_joins_takes_work_and_a_node_that_leaves_mid_batch_loses_nothing(ray_cluster, tmp_path):
+    first = ray_cluster.add_node(num_cpus=1, resources={"elastic": 1})
+    ray_cluster.wait_for_nodes()
+    nodes = [first]
+    step = tmp_path / "step"
+    step.mkdir()
+    files = texts(12)  # 6 mini-batches of 2 files
+    spec = elastic_spec(tmp_path, files, step)
+
+    job = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet, wait=False)  # the driver in a thread:
+    try:  # nodes are added from this one (Ray's Node wants the main thread)
+        wait_for(lambda: "f000.txt-1" in ran(step), "the first batch to run")
+        assert ran(step)["f000.txt-1"] == first.node_id
+        nodes.append(ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}))  # a node started by hand
+        second = nodes[-1].node_id
+        (step / "go-f000.txt").touch()
+        wait_for(lambda: second in ran(step).values(), "a batch to run on the node that joined")
+        wait_for(lambda: any(k != "f000.txt-1" and n == first.node_id for k, n in ran(step).items()),
+                 "the first node to hold a second batch")
+        ray_cluster.remove_node(first)  # mid-batch: that batch must run again on the other node
+        nodes.remove(first)
+    finally:
+        (step / "free").touch()
+        outcome = job.wait()
+        for node in nodes:
+            ray_cluster.remove_node(node)
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    rows = [line.split(" ") for line in output_lines(tmp_path)]
+    assert [" ".join(r[:3]) for r in rows] == expected_rows(files)  # every row once, in order
+    by_node = {r[0]: r[4] for r in rows}
+    second = {node for node in by_node.values() if node != first.node_id}
+    assert len(second) == 1  # the rest ran on the node that joined
+    runs = ran(step)
+    lost = [k.rsplit("-", 1)[0] for k, node in runs.items() if node == first.node_id and k != "f000.txt-1"]
+    assert len(lost) == 1 and f"{lost[0]}-2" in runs  # the batch caught by the removal ran again...
+    assert by_node[lost[0]] in second  # ...and its rows are the second node's
+    failed = Ledger(str(tmp_path / "job")).view().failed
+    assert [(r.kind, r.final) for records in failed.values() for r in records] == [("system", False)]
+
+
+def test_an_elastic_job_that_finds_too_few_nodes_says_what_it_lacks(ray_cluster, tmp_path):
+    spec = make_spec(tmp_path, texts(2), **{
+        "resources.instance_count": "2..4", "raypar.placement_timeout": 1,
+        "raypar.worker": {"num_cpus": 0.5, "resources": {"elastic_none": 1}},
+    })
+
+    with pytest.raises(PlacementError, match=r"at least 2 node\(s\) with .*elastic_none.*0 placed, the cluster "
+                                               r"has 0 such node\(s\) of 3 alive; waited 1s"):
+        raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
