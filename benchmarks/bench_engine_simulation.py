@@ -7,14 +7,16 @@ raypar.engine.simulated.SimulatedCluster: workers that exist only as times on a 
 clock. Durations are log-normal around --seconds (default 30 s of simulated time); 1% of
 attempts fail in run() (a user error, retried: max_retries 2); 0.5% straggle (10x); a few
 workers die mid-batch (--lost, default 5). Failed attempts are written to the job dir by the
-real ledger, as a driver writes them.
+real ledger, as a driver writes them. With --churn N the job is elastic (issue 17): N instances'
+nodes leave at random instants (their workers die mid-batch) and N new instances join, spread
+over the job's expected length.
 
 It prints, per worker count: scheduling decisions (dispatches + answers handled) per CPU
 second of the scheduler, CPU per mini-batch, and the process's peak memory; and checks
 that every batch ended done or failed. Targets (issue 14): >= 20,000 decisions/s on one core
 of this machine, <= 1 GiB, at 1,000 workers.
 
-    python benchmarks/bench_engine_simulation.py [--batches N] [--workers 10 100 1000] [--seed 1]
+    python benchmarks/bench_engine_simulation.py [--batches N] [--workers 10 100 1000] [--seed 1] [--churn N]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from raypar.spec.loading import spec_from_dict
 
 root, batches, workers, seconds, lost, seed = sys.argv[1], *map(int, sys.argv[2:4]), float(sys.argv[4]), \
     int(sys.argv[5]), int(sys.argv[6])
+churn = int(sys.argv[7])
 ledger = Ledger(f"{root}/job")
 started = time.perf_counter()
 ledger.write_manifest(MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i:08d}.txt"]}, item_count=1)
@@ -49,7 +52,9 @@ per_instance = 10 if workers % 10 == 0 else 1
 spec = spec_from_dict({
     "type": "parallel", "name": "simulation",
     "inputs": {"data": {"type": "uri_folder", "path": f"{root}/data"}}, "input_data": "${{inputs.data}}",
-    "resources": {"instance_count": workers // per_instance}, "max_concurrency_per_instance": per_instance,
+    "resources": {"instance_count": workers // per_instance,
+                  **({"max_instance_count": workers // per_instance + churn} if churn else {})},
+    "max_concurrency_per_instance": per_instance,
     "retry_settings": {"max_retries": 2, "timeout": int(100 * seconds)},
     "mini_batch_error_threshold": -1, "mini_batch_size": "1",
     "task": {"code": root, "entry_script": "score.py"},
@@ -71,6 +76,13 @@ def behaviour(batch_json, attempt, worker):
     return Outcome(duration)
 
 cluster = SimulatedCluster(behaviour, start_seconds=5.0)
+if churn:  # nodes leave and join at random instants over the job's expected length
+    instances = workers // per_instance
+    length = batches * seconds / workers
+    leaving = rng.sample(range(instances), min(churn, instances - 1))
+    cluster.with_nodes(list(range(instances)),
+                       [(rng.uniform(0, length), "leave", i) for i in leaving]
+                       + [(rng.uniform(0, length), "join", instances + k) for k in range(churn)])
 scheduler = Scheduler(ledger, spec, "r1", pending, cluster, Progress(total=len(pending)))
 cpu = time.process_time()
 reason = scheduler.run()
@@ -80,7 +92,7 @@ progress = scheduler.progress
 assert progress.done + progress.failed == batches, (progress.done, progress.failed)
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 calls = cluster.stats["run_batch"]
-print(json.dumps({"workers": len(scheduler.slots), "batches": batches, "cpu": cpu, "calls": calls,
+print(json.dumps({"workers": len(scheduler.slots), "left": sum(s.left for s in scheduler.slots), "batches": batches, "cpu": cpu, "calls": calls,
                   "decisions": 2 * calls, "done": progress.done, "failed": progress.failed,
                   "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built}))
 """
@@ -93,19 +105,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--lost", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--churn", type=int, default=0, help="elastic: instances that leave, and as many that join")
     args = parser.parse_args()
     ok = None
     for workers in args.workers:
         with tempfile.TemporaryDirectory(prefix="raypar-sim-") as root:
             out = subprocess.run([sys.executable, "-c", ONE, root, str(args.batches), str(workers),
-                                  str(args.seconds), str(args.lost), str(args.seed)],
+                                  str(args.seconds), str(args.lost), str(args.seed), str(args.churn)],
                                  capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr, file=sys.stderr)
                 return 1
             r = json.loads(out.stdout.strip().splitlines()[-1])
         rate = r["decisions"] / r["cpu"]
-        print(f"{r['workers']:>5} workers, {r['batches']:,} batches ({r['done']:,} done, {r['failed']:,} failed, "
+        churn = (f" ({r['left']} slots left with their nodes, {r['workers'] - workers} joined)"
+                 if args.churn else "")
+        print(f"{r['workers']:>5} workers{churn}, {r['batches']:,} batches ({r['done']:,} done, {r['failed']:,} failed, "
               f"{r['calls']:,} attempts, {r['simulated_hours']:.1f} simulated hours): scheduler CPU {r['cpu']:.1f}s "
               f"= {1e6 * r['cpu'] / r['batches']:.0f} us per batch, {rate:,.0f} decisions/s; "
               f"peak memory {r['rss_mib']:.0f} MiB", flush=True)

@@ -2,6 +2,8 @@
 removed mid-batch leaves it, and the output is exact. The nodes carry a resource only these
 tests' workers ask for, so the session cluster's own nodes never host an instance."""
 
+import json
+
 import pytest
 from conftest import make_spec, quiet, wait_for
 from test_faults import expected_rows, output_lines, texts
@@ -23,6 +25,17 @@ def elastic_spec(tmp_path, files, step, **extra):
     })
 
 
+def autoscaler_request() -> list:
+    """What the cluster's autoscaler is asked to make room for (Ray's v1 request channel; the
+    loopback cluster runs no autoscaler v2)."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    assert not is_autoscaler_v2()
+    return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
+
+
 def ran(step) -> dict[str, str]:
     """batch's first file and attempt -> the node it ran on, as run() wrote them."""
     return {p.name[4:]: p.read_text() for p in step.iterdir() if p.name.startswith("ran-") and p.read_text()}
@@ -41,6 +54,7 @@ def test_a_node_that_joins_takes_work_and_a_node_that_leaves_mid_batch_loses_not
     try:  # nodes are added from this one (Ray's Node wants the main thread)
         wait_for(lambda: "f000.txt-1" in ran(step), "the first batch to run")
         assert ran(step)["f000.txt-1"] == first.node_id
+        assert autoscaler_request() == [{"CPU": 0.5, "elastic": 1}] * 2  # room for max_instance_count
         nodes.append(ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}))  # a node started by hand
         second = nodes[-1].node_id
         (step / "go-f000.txt").touch()
@@ -56,6 +70,7 @@ def test_a_node_that_joins_takes_work_and_a_node_that_leaves_mid_batch_loses_not
             ray_cluster.remove_node(node)
 
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert autoscaler_request() == []  # withdrawn at the end
     rows = [line.split(" ") for line in output_lines(tmp_path)]
     assert [" ".join(r[:3]) for r in rows] == expected_rows(files)  # every row once, in order
     by_node = {r[0]: r[4] for r in rows}
