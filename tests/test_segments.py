@@ -112,7 +112,7 @@ def cli(*args):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=180)
 
 
-def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(blob, tmp_path):
+def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(ray_cluster, blob, tmp_path):
     container, fs = blob
     # One worker, batches in order; a segment every 3 batches: f00-f02 and f03-f05 stored, f06 not.
     files, log, gate, spec = job_spec(tmp_path, 10, "f07.txt", {"flush_batches": 3, "flush_seconds": 3600}, **{
@@ -120,7 +120,10 @@ def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(blob,
     (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
     job = f"az://{container}/jobs/killed-driver"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([*CLI, "run", str(tmp_path / "job.yml"), "--job-dir", job],
+    # On the session cluster: the killed driver's workers end with it (Ray ends the actors of a
+    # driver that is gone), as a dead host's embedded Ray would.
+    proc = subprocess.Popen([*CLI, "run", str(tmp_path / "job.yml"), "--job-dir", job,
+                             "--address", ray_cluster.address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     spawned = []
     try:
@@ -129,7 +132,7 @@ def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(blob,
         proc.kill()  # SIGKILL: the driver stores nothing more
         proc.wait(timeout=30)
     finally:
-        for p in spawned:  # its embedded Ray, as a dead host's would be
+        for p in spawned:  # anything it started, as on a dead host
             try:
                 p.kill()
             except psutil.NoSuchProcess:
@@ -142,7 +145,7 @@ def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(blob,
         p.unlink()
     (gate / "release").touch()
 
-    resumed = cli("resume", job)
+    resumed = cli("resume", job, "--address", ray_cluster.address)
 
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(f for _, f in runs(log)) == [f"f{i:02d}.txt" for i in range(6, 10)]  # unstored f06, then on
