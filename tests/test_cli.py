@@ -289,7 +289,7 @@ def start_held_run(tmp_path, count: int, hold_after: int, cluster=None):
 
 
 @pytest.mark.timeout(240)
-def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
+def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(ray_cluster, tmp_path):
     files, log, gate, job, proc = start_held_run(tmp_path, count=10, hold_after=5)
     spawned = []
     try:
@@ -309,7 +309,7 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(tmp_path):
     for p in log.iterdir():
         p.unlink()
     (gate / "release").touch()
-    resumed = cli("resume", str(job))
+    resumed = cli("resume", str(job), "--address", ray_cluster.address)  # the host is gone: another cluster
 
     assert resumed.returncode == 0, resumed.stderr
     rerun = sorted(p.read_text() for p in log.iterdir())
