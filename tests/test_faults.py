@@ -322,7 +322,8 @@ def test_a_fault_inside_a_group_of_tiny_batches_charges_no_try_and_reruns_only_t
     files = texts(120)
     log, fault = folders(tmp_path, "exec", "fault")
     spec = make_spec(tmp_path, files, mini_batch_size="1", **one_worker(**{
-        "retry_settings.max_retries": 0, "retry_settings.timeout": 10,
+        # 5 s: a group of these batches takes well under a second, even on a loaded machine.
+        "retry_settings.max_retries": 0, "retry_settings.timeout": 5,
         "task.program_arguments": f"--exec-log {log} --fault f060.txt {mode} {fault}",
     }))
 
