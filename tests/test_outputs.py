@@ -464,17 +464,18 @@ def test_small_parts_are_decoded_in_groups_in_order(tmp_path, monkeypatch, group
     def result(i):  # runs of parts with one schema, then another: groups end where the schema changes
         return [{"i": i, "s": f"x{i}"}] if (i // 4) % 2 else [{"i": i, "f": i / 2}, {"i": -i, "f": None}]
 
-    ledger, view, _ = job(tmp_path, {i: result(i) for i in range(30)}, "jsonl", order=list(range(29, -1, -1)))
+    # Arrow parts (parquet's; csv and jsonl parts are text when their columns allow, see below).
+    ledger, view, _ = job(tmp_path, {i: result(i) for i in range(30)}, "parquet", order=list(range(29, -1, -1)))
     decoded = []
     decode = output_formats.decode_part
     monkeypatch.setattr(output_formats, "decode_part", lambda data: decoded.append(1) or decode(data))
     monkeypatch.setattr(output_formats, "GROUP_BYTES", group_bytes)
-    target = tmp_path / "out.jsonl"
+    target = tmp_path / "out.parquet"
 
-    assemble(ledger, view, str(target), "jsonl")
+    assemble(ledger, view, str(target), "parquet")
 
     expected = [{"i": row["i"], "s": row.get("s"), "f": row.get("f")} for i in range(30) for row in result(i)]
-    assert read_back(target, "jsonl") == expected
+    assert read_back(target, "parquet") == expected
     assert len(decoded) == {1: 30, 1000: 15, 8 << 20: 8}[group_bytes]  # alone, in 2s, a run of 4 at once
 
 
@@ -488,3 +489,86 @@ def test_parquet_dictionary_encodes_only_columns_that_repeat(tmp_path):
     assert "RLE_DICTIONARY" in encodings["label"]
     assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" not in encodings["score"]
     assert pq.read_table(target).to_pylist() == rows
+
+
+# -- csv and jsonl rows encoded by the workers (text parts) ------------------------------------------------
+
+
+TRICKY = ["plain", "", None, 'quote " inside', "comma, and\nnewline", "NA", "nan", "null", "ünïcødé ✓", "\\back\tslash"]
+
+
+def tricky_result(i):
+    """Rows whose text is easy to get wrong: quotes, separators, newlines, empty vs null, NaN and
+    infinities, strings that look like nulls; every fourth batch lacks a column and has ints as floats."""
+    rows = []
+    for k, text in enumerate(TRICKY):
+        row = {"id": i * 100 + k, "text": text, "score": [1.5, float("nan"), float("inf"), -0.0, 1e-310, None][k % 6],
+               "ok": [True, False, None][k % 3]}
+        if i % 4 == 3:
+            del row["ok"]
+            row["score"] = k  # an int column here: promoted to double in the output
+        rows.append(row)
+    return rows
+
+
+def assembled_bytes(root, results, fmt, text_parts=True, monkeypatch=None):
+    if not text_parts:  # what assembly did before workers encoded text: every part an Arrow stream
+        monkeypatch.setattr(output_formats, "encode_text_part", lambda table, fmt: output_formats.encode_part(table))
+    ledger, view, _ = job(root, results, fmt, order=sorted(results, reverse=True))
+    if not text_parts:
+        monkeypatch.undo()
+    target = Path(root) / f"out.{fmt}"
+    assemble(ledger, view, str(target), fmt)
+    return target.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_text_parts_give_the_very_file_arrow_parts_give(tmp_path, monkeypatch, fmt):
+    results = {i: tricky_result(i) for i in range(12)}
+    expected = assembled_bytes(tmp_path / "arrow", results, fmt, text_parts=False, monkeypatch=monkeypatch)
+    read = []
+    real_read = output_formats.read_text
+    monkeypatch.setattr(output_formats, "read_text", lambda *a: read.append(1) or real_read(*a))
+
+    got = assembled_bytes(tmp_path / "text", results, fmt)
+
+    assert got == expected
+    assert len(read) == 3  # only the batches whose schema is not the output's were read back (3, 7, 11)
+    assert read_back(tmp_path / "text" / f"out.{fmt}", fmt)[0]["text"] == "plain"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_text_parts_of_the_outputs_schema_are_copied_not_decoded(tmp_path, monkeypatch, fmt):
+    results = {i: [{"id": i, "score": i / 3, "label": f"l{i}"}] for i in range(20)}
+    touched = []
+    for name in ("read_text", "decode_part"):
+        real = getattr(output_formats, name)
+        monkeypatch.setattr(output_formats, name, lambda *a, real=real: touched.append(1) or real(*a))
+
+    got = assembled_bytes(tmp_path, results, fmt)
+
+    assert touched == []
+    expected = [{"id": i, "score": i / 3, "label": f"l{i}"} for i in range(20)]
+    assert read_back(tmp_path / f"out.{fmt}", fmt) == expected and got.count(b"\n") == 20 + (fmt == "csv")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_text_and_arrow_parts_mix_in_one_file_in_batch_order(tmp_path, fmt):
+    # Dates have no exact text form here: those batches stay Arrow parts; the others are text.
+    def result(i):
+        row = {"id": i, "name": f"n{i}"}
+        if i % 3 == 0:
+            row["day"] = datetime.date(2026, 1, 1 + i)
+        return [row]
+
+    parts = {i: count_and_serialize(result(i), True, fmt)[1] for i in range(9)}
+    kinds = [output_formats.text_of(p, output_formats.head_size(p)) is not None for p in parts.values()]
+    assert kinds == [i % 3 != 0 for i in range(9)]
+    ledger, view, _ = job(tmp_path, {i: result(i) for i in range(9)}, fmt)
+    target = tmp_path / f"out.{fmt}"
+
+    assemble(ledger, view, str(target), fmt)
+
+    rows = read_back(target, fmt)
+    assert [(r["id"], r["name"]) for r in rows] == [(i, f"n{i}") for i in range(9)]
+    assert [r["day"] is not None for r in rows] == [i % 3 == 0 for i in range(9)]

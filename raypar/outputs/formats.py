@@ -4,6 +4,15 @@ A worker turns what run() returned into an Arrow table and stores it as an
 Arrow IPC stream (the part). The driver reads every part's schema, unifies
 them, then streams the parts, in mini-batch order, through one writer. All
 row work happens in Arrow's C++ kernels: no Python loop runs per row.
+
+For ``csv`` and ``jsonl`` the worker also encodes the rows as the final text
+(a *text part*: its schema, an empty Arrow stream's end, a marker, the text).
+Assembly copies the text of every part whose schema is the output's, so on a
+cluster the encoding is spread over the workers instead of left to the
+driver at the end; a part whose schema differs (a column missing, a type
+promoted) is read back from its text and encoded again. Only columns whose
+text reads back exactly are sent as text (numbers, booleans, strings, nulls);
+other parts stay Arrow streams.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from itertools import zip_longest
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,6 +34,7 @@ FLUSH_ROWS = 1024 * 1024  # rows buffered before one write: one parquet row grou
 FLUSH_BYTES = 128 * 1024 * 1024  # ... or this many bytes of Arrow data
 GROUP_BYTES = 8 * 1024 * 1024  # parts smaller than this are decoded in groups of up to this size
 _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end of an IPC stream
+TEXT_MARKS = {"csv": b"RAYPAR:CSV\n", "jsonl": b"RAYPAR:JSONL\n"}  # after a text part's schema and _EOS
 _CONVERSION_ERRORS = (pa.ArrowException, ValueError, TypeError, OverflowError)
 
 
@@ -115,6 +125,56 @@ def encode_part(table: pa.Table) -> bytes:
     with pa.ipc.new_stream(sink, table.schema, options=IPC_OPTIONS) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+def encode_text_part(table: pa.Table, fmt: str) -> bytes:
+    """A text part (``csv`` or ``jsonl`` rows, encoded here), or an Arrow part when a column's text
+    would not read back exactly."""
+    if not table.num_columns or not all(map(_reads_back, table.schema.types)):
+        return encode_part(table)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=IPC_OPTIONS):
+        pass  # the schema, then the stream's end: no record batch
+    pieces = [sink.getvalue(), TEXT_MARKS[fmt]]
+    pieces += [_csv_bytes(table)] if fmt == "csv" else list(_jsonl_bytes(table))
+    return b"".join(pieces)
+
+
+def _reads_back(kind: pa.DataType) -> bool:
+    """A column of this type read from its csv or jsonl text is the column written."""
+    return (pa.types.is_null(kind) or pa.types.is_boolean(kind) or pa.types.is_integer(kind)
+            or pa.types.is_float32(kind) or pa.types.is_float64(kind)
+            or pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def text_of(part: bytes, need: int) -> Optional[tuple[str, memoryview]]:
+    """(format, encoded rows) of a text part whose schema message is ``need`` bytes; None for an Arrow part."""
+    if part[need:need + 8] != _EOS or len(part) == need + 8:
+        return None
+    rest = memoryview(part)[need + 8:]
+    for fmt, mark in TEXT_MARKS.items():
+        if rest[:len(mark)] == mark:
+            return fmt, rest[len(mark):]
+    return None
+
+
+def read_text(fmt: str, text: memoryview, schema: pa.Schema) -> pa.Table:
+    """The rows of a text part, as the table its worker encoded."""
+    if not len(text):
+        return schema.empty_table()
+    if fmt == "csv":
+        import pyarrow.csv as pa_csv  # noqa: PLC0415 - lazy: only jobs of that format load it
+
+        return pa_csv.read_csv(
+            pa.py_buffer(text), read_options=pa_csv.ReadOptions(column_names=schema.names),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            # Only an unquoted empty field is null (as written): "nan", "NA", "null" are values.
+            convert_options=pa_csv.ConvertOptions(column_types=schema, null_values=[""], strings_can_be_null=True,
+                                                  quoted_strings_can_be_null=False))
+    import pyarrow.json as pa_json  # noqa: PLC0415 - lazy: only jobs of that format load it
+
+    table = pa_json.read_json(pa.py_buffer(text), parse_options=pa_json.ParseOptions(explicit_schema=schema))
+    return table.select(schema.names)
 
 
 # -- driver: schemas ---------------------------------------------------------------------------------------
@@ -221,6 +281,14 @@ class TableSink:
         self.stream = pa.BufferedOutputStream(pa.PythonFile(self.shield, mode="w"), buffer_size=8 << 20)
         self.schema, self.pending, self.rows, self.bytes = schema, [], 0, 0
         self.head, self.group, self.group_bytes, self.group_batches = None, [], 0, []
+        self.output_heads: dict[bytes, bool] = {}  # a part's schema message -> it is the output's schema
+
+    text_format: Optional[str] = None  # the text parts this file is made of, copied as they are
+
+    def _is_output_schema(self, head: bytes) -> bool:
+        if head not in self.output_heads:
+            self.output_heads[head] = schema_of(head).equals(self.schema)
+        return self.output_heads[head]
 
     def __enter__(self) -> TableSink:
         return self
@@ -233,11 +301,20 @@ class TableSink:
 
     def write(self, part: bytes, batch: str) -> None:
         """Add the rows of one part (``batch``'s)."""
+        need = head_size(part)
+        text = text_of(part, need)
+        if text is not None:
+            self._decode_group()
+            if text[0] == self.text_format and self._is_output_schema(part[:need]):
+                self.flush()
+                self.stream.write(text[1])  # encoded by its worker as this file wants it: copied
+            else:
+                self._add(conform(read_text(*text, schema_of(part[:need])), self.schema, batch))
+            return
         if len(part) >= GROUP_BYTES or part[-8:] != _EOS:
             self._decode_group()
             self._add(conform(decode_part(part), self.schema, batch))
             return
-        need = head_size(part)
         if part[:need] != self.head or self.group_bytes + len(part) > GROUP_BYTES:
             self._decode_group()
             self.head = part[:need]
@@ -307,8 +384,10 @@ class _Shield:
 
 
 class CsvSink(TableSink):
-    """CSV with one header line. Slices are encoded on all cores (pyarrow releases the GIL):
-    the driver writes this file alone, after the last batch, while the workers are idle."""
+    """CSV with one header line. The workers' text parts are copied; Arrow parts are encoded here,
+    in slices on all cores (pyarrow releases the GIL)."""
+
+    text_format = "csv"
 
     def __init__(self, out, schema):
         super().__init__(out, schema)
@@ -387,17 +466,25 @@ def _dictionary_columns(table: pa.Table):
 
 
 class JsonlSink(TableSink):
-    """JSON lines (see jsonl_encoding.py)."""
+    """JSON lines (see jsonl.py). The workers' text parts are copied."""
+
+    text_format = "jsonl"
 
     def _write(self, table):
         if not table.num_columns:
             return
-        # Slices of ~64 MiB of Arrow data: their JSON text is well within one array's limits.
-        per_slice = max(1, int(table.num_rows * (64 << 20) / max(table.get_total_buffer_size(), 1)))
-        for batch in table.to_batches(max_chunksize=per_slice):
-            lines = json_lines(batch)
-            ends = string_offsets(lines)
-            self.stream.write(lines.buffers()[2][ends[0]:ends[-1]])  # the lines, back to back
+        for data in _jsonl_bytes(table):
+            self.stream.write(data)
+
+
+def _jsonl_bytes(table: pa.Table):
+    """The rows as JSON lines, in slices of ~64 MiB of Arrow data (their text stays well within
+    one array's limits)."""
+    per_slice = max(1, int(table.num_rows * (64 << 20) / max(table.get_total_buffer_size(), 1)))
+    for batch in table.to_batches(max_chunksize=per_slice):
+        lines = json_lines(batch)
+        ends = string_offsets(lines)
+        yield lines.buffers()[2][ends[0]:ends[-1]]  # the lines, back to back
 
 SINKS: dict[str, Callable[[Any, pa.Schema], TableSink]] = {
     "csv": CsvSink, "jsonl": JsonlSink, "parquet": ParquetSink,

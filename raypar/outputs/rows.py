@@ -1,9 +1,9 @@
 """What one batch's output part holds: run()'s result counted and, for append_row, serialized.
 
 Runs in the workers. ``text`` (the default) is Azure's append_row format: the
-part is the batch's lines. ``csv``, ``jsonl`` and ``parquet`` store the part as
-an Arrow IPC stream (formats.py); assembly (assembly.py, on the
-driver) writes one file of them at the end.
+part is the batch's lines. ``parquet`` stores the part as an Arrow IPC stream;
+``csv`` and ``jsonl`` as the rows' final text after their schema (formats.py);
+assembly (assembly.py, on the driver) writes one file of them at the end.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def count_and_serialize(result: Any, with_rows: bool, fmt: str = "text") -> tupl
 
         if fmt not in output_formats.SINKS:
             raise ValueError(f"unknown append_row_format {fmt!r}; expected one of {FORMATS}")
-        return len(result), output_formats.encode_part(output_formats.to_table(result, pd))
+        table = output_formats.to_table(result, pd)
+        if fmt in output_formats.TEXT_MARKS:  # encoded here, copied by assembly (formats.py)
+            return len(result), output_formats.encode_text_part(table, fmt)
+        return len(result), output_formats.encode_part(table)
     if is_frame:
         text = result.to_csv(sep=" ", header=False, index=False) if len(result) else ""
         return len(result), text.encode()
