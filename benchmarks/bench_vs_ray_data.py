@@ -171,7 +171,9 @@ PROFILE_MODULE = textwrap.dedent('''\
 
 
     def _batch_ends():
-        SPANS.append((STATE.pop("batch_start", None), time.time()))
+        start = STATE.pop("batch_start", None)
+        if start is not None:  # a store that ends no batch read (a log or a flush of the tail) is no batch
+            SPANS.append((start, time.time()))
 
 
     def install(out):
@@ -201,6 +203,7 @@ PROFILE_MODULE = textwrap.dedent('''\
                                                        "read_piece)")
         _timed(output_formats, "to_table", "  result -> Arrow (from_pandas)")
         _timed(output_formats, "encode_part", "  Arrow -> IPC part bytes")
+        _timed(output_formats, "encode_text_part", "  Arrow -> csv/jsonl text part bytes")
         _timed(worker, "count_and_serialize", "batch: serialize result (all)")
         _timed(writers.SegmentWriter, "write", "batch: sha256 + append part and record", at_end=_batch_ends)
         inner = entry.run
