@@ -296,3 +296,45 @@ def test_an_instance_that_joins_after_the_last_batch_was_sent_starts_no_worker(t
     assert reason is None and scheduler.progress.done == 4
     joined = [s for s in scheduler.slots if s.instance == 2]
     assert len(joined) == 1 and joined[0].generation == 0  # no worker process was started for it
+
+
+# -- a retry goes to another worker --------------------------------------------------------------------------
+
+
+def test_a_batch_that_failed_on_a_worker_is_retried_on_another(tmp_path):
+    # Slot 0's worker is broken (a dead GPU): everything it runs fails, at once. With one retry
+    # per batch, each batch it failed succeeds on slot 1; none is lost to the broken worker twice.
+    ran = []
+    ledger = Ledger(str(tmp_path / "job"))
+    pending = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(12)]
+    ledger.write_manifest(pending)
+    spec = spec_from_dict({"type": "parallel", "name": "policy",
+                           "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
+                           "input_data": "${{inputs.data}}", "max_concurrency_per_instance": 2,
+                           "retry_settings": {"max_retries": 1, "timeout": 100},
+                           "task": {"code": str(tmp_path), "entry_script": "score.py"}})
+
+    def behaviour(batch, attempt, worker):
+        slot = cluster.workers[worker].slot.index
+        ran.append((ordinal(batch), slot))
+        return Outcome(0.5, "user", "RuntimeError: CUDA error") if slot == 0 else Outcome(5.0)
+
+    cluster = SimulatedCluster(behaviour, start_seconds=1.0)
+    scheduler = Scheduler(ledger, spec, "r1", pending, cluster, Progress(total=12))
+
+    assert scheduler.run() is None
+    assert (scheduler.progress.done, scheduler.progress.failed) == (12, 0)
+    failed_on_0 = {b for b, slot in ran if slot == 0}
+    assert failed_on_0  # the broken worker did get work...
+    assert all(ran.count((b, 0)) == 1 for b in failed_on_0)  # ...but never the same batch twice
+    assert {b for b, slot in ran if slot == 1} == set(range(12))
+    assert all(history(ledger, b) == [("user", False)] for b in failed_on_0)
+
+
+def test_with_one_worker_left_a_retry_runs_where_it_failed(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1.0, "user", "ValueError: bad") if (ordinal(b), a) == (2, 1)
+        else Outcome(1.0), slots=1)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert history(ledger, 2) == [("user", False)]

@@ -131,6 +131,26 @@ def test_worker_killed_mid_batch_reruns_it_without_spending_a_try(ray_cluster, t
     assert [(r.kind, r.final) for r in history] == [("system", False)]
 
 
+def test_a_batch_that_failed_on_a_broken_worker_is_retried_on_another(ray_cluster, tmp_path):
+    # The worker in slot 0 fails every batch it runs (a dead GPU): with one retry each, every
+    # batch it failed runs again on the other worker, and the job succeeds.
+    files = texts(12)
+    spec = make_spec(tmp_path, files, **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 2, "retry_settings.max_retries": 1,
+        "task.program_arguments": "--broken-slot 0",
+    })
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert output_lines(tmp_path) == expected_rows(files)
+    view = Ledger(str(tmp_path / "job")).view()
+    assert {record.worker for record in view.done.values()} == {"instance0-slot1"}
+    tries = [r for records in view.failed.values() for r in records]
+    assert tries and all((r.worker, r.kind, r.final) == ("instance0-slot0", "user", False) for r in tries)
+    assert all(len(records) == 1 for records in view.failed.values())  # one failed try per batch, no more
+
+
 def test_segfault_in_user_code_reruns_the_batch_on_a_fresh_worker(ray_cluster, tmp_path):
     files = texts(6)
     log, inits, fault = folders(tmp_path, "exec", "inits", "fault")

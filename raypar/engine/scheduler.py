@@ -201,6 +201,7 @@ class Scheduler:
         self.copies: dict[str, list[Call]] = {}  # batch -> its live attempts, while it runs twice
         self.settled: set[str] = set()  # batches one attempt finished while another still ran
         self.solo: set[str] = set()  # batches whose group ended without an answer: one to a call now
+        self.avoid: dict[str, Slot] = {}  # batches to retry, and the worker they failed on: another takes them
         self.last_init_error: Optional[str] = None
         self.last_init_stage = "init()"
         self.next_poll = 0.0  # elastic jobs: when to ask the transport for joined and left instances
@@ -452,13 +453,24 @@ class Scheduler:
         return slot.instance, slot.index
 
     def _submit(self, slot: Slot, now: float) -> None:
+        aside = []  # retries of batches that failed on this worker: another worker takes them
+        if self.avoid and self.avoid.get(self.queue[0][0].id) is slot and self._another_worker(slot):
+            while self.queue and self.avoid.get(self.queue[0][0].id) is slot:
+                aside.append(self.queue.popleft())
+            if not self.queue:
+                self.queue.extendleft(reversed(aside))
+                return
         size = self._group_size(slot)
         batches = [self.queue.popleft()[0]]
         while len(batches) < size and self.queue and self.queue[0][0].id not in self.solo \
-                and batches[0].id not in self.solo:
+                and batches[0].id not in self.solo and self.avoid.get(self.queue[0][0].id) is not slot:
             batches.append(self.queue.popleft()[0])
+        if aside:
+            self.queue.extendleft(reversed(aside))
         for batch in batches:
             self.attempts[batch.id] += 1
+            if self.avoid:
+                self.avoid.pop(batch.id, None)
         started = None if slot.calls else now
         if len(batches) == 1:
             batch = batches[0]
@@ -473,6 +485,10 @@ class Scheduler:
         if call.started is not None:
             self._deadline(slot, call)
         self._read_ahead(slot)
+
+    def _another_worker(self, slot: Slot) -> bool:
+        """Another worker is up, or starting, to take what failed on ``slot``."""
+        return any(s is not slot and (s.ready or s.start_ref is not None) and not s.retired for s in self.slots)
 
     def _group_size(self, slot: Slot) -> int:
         """How many queued batches the next call to ``slot`` takes: one, unless its batches take
@@ -777,6 +793,7 @@ class Scheduler:
             self._check_thresholds()
         else:
             self.queue.appendleft((batch, 0))  # retry soon, so thresholds are known early
+            self.avoid[batch.id] = slot
 
     def _on_worker_lost(self, slot: Slot, exc: WorkerLost, now: float) -> None:
         """The worker process died: a system failure, not one of the user's tries."""

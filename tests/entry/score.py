@@ -10,6 +10,7 @@ Arguments (parse_known_args, as Azure scripts do):
   --barrier DIR N   a worker's first run() writes DIR/<pid> and waits until N workers did
                     (every worker holds a batch before any batch finishes)
   --slow-slot S N   the worker in slot S waits in run() until N batches are in --exec-log
+  --broken-slot S   the worker in slot S raises on every batch (a broken GPU)
   --shutdown-log D  shutdown() writes D/<pid>
   --dataframe       return a DataFrame (name, text) instead of a list
   --hold-after N D  once more than N batches are in --exec-log, run() writes D/holding and
@@ -47,6 +48,7 @@ def init():
     parser.add_argument("--gate")
     parser.add_argument("--barrier", nargs=2)
     parser.add_argument("--slow-slot", nargs=2, type=int)
+    parser.add_argument("--broken-slot", type=int)
     parser.add_argument("--shutdown-log")
     parser.add_argument("--dataframe", action="store_true")
     parser.add_argument("--hold-after", nargs=2)
@@ -122,6 +124,8 @@ def run(mini_batch):
         if not os.path.exists(mark):
             open(mark, "w").close()
             _wait(lambda: len(os.listdir(folder)) >= count)
+    if args.broken_slot is not None and int(os.environ["RAYPAR_SLOT"]) == args.broken_slot:
+        raise RuntimeError(f"CUDA error on slot {args.broken_slot}")
     if args.slow_slot and int(os.environ["RAYPAR_SLOT"]) == args.slow_slot[0]:
         _wait(lambda: len(os.listdir(args.exec_log)) >= args.slow_slot[1])
     if args.exec_log:
