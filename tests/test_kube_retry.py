@@ -133,20 +133,6 @@ class EmulatedRayCluster:
             pass
 
 
-@pytest.fixture(scope="module")
-def spare_cluster(azurite, tmp_path_factory):
-    """A cluster of the rendered shape, started once for the module: the fresh cluster of the
-    retry (nothing of the killed one lives in it), then the cluster of the cancel-and-resume test."""
-    tmp = tmp_path_factory.mktemp("shape")
-    container = azurite.new_container()
-    rayjob = render(str(job_spec(tmp, container, "")), image="raypar:test", job_dir=f"az://{container}/jobs/shape",
-                    echo=lambda line: None).objects[-1]
-    cluster = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"],
-                                 {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
-    yield cluster
-    cluster.shutdown()
-
-
 def _is_raypar_driver(process) -> bool:
     try:
         return "raypar run" in " ".join(process.cmdline())
@@ -175,7 +161,7 @@ def submit_like_kuberay(rayjob, mount, address):
     return submission
 
 
-def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, spare_cluster, tmp_path, monkeypatch):
+def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, tmp_path, monkeypatch):
     container = azurite.new_container()
     secret_env = {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)  # to read the ledger here
@@ -220,13 +206,15 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, spare_cluster
     for p in log.iterdir():
         p.unlink()
     (hold / "release").touch()
-    second = spare_cluster
-    assert not second.node_ids() & first.node_ids()
-    submission = submit_like_kuberay(rayjob, mount, second.address)
-    client = jobs_client(second.address)
-    wait_for(lambda: client.get_job_status(submission).is_terminal(), "the retried job to end", timeout=240)
-    driver_log = client.get_job_logs(submission)
-    assert client.get_job_status(submission) == "SUCCEEDED", driver_log
+    second = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"], secret_env)
+    try:
+        submission = submit_like_kuberay(rayjob, mount, second.address)
+        client = jobs_client(second.address)
+        wait_for(lambda: client.get_job_status(submission).is_terminal(), "the retried job to end", timeout=240)
+        driver_log = client.get_job_logs(submission)
+        assert client.get_job_status(submission) == "SUCCEEDED", driver_log
+    finally:
+        second.shutdown()
 
     assert "already holds this job: resuming it" in driver_log
     assert sorted(p.read_text() for p in log.iterdir()) == NAMES[4:]  # done batches never ran again
@@ -238,8 +226,7 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, spare_cluster
     assert job["spec"]["task"]["code"] == "/home/ray/raypar/code"  # the same spec on every attempt
 
 
-def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azurite, spare_cluster, tmp_path,
-                                                                           monkeypatch):
+def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azurite, tmp_path, monkeypatch):
     # What docs/kubernetes.md tells users: port-forward 8265, then raypar cancel / resume by submission ID.
     container = azurite.new_container()
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
@@ -250,7 +237,8 @@ def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azu
     configmap, rayjob = render(str(spec), image="raypar:test", job_dir=job_dir, echo=lambda line: None).objects
     mount = tmp_path / "submitter-pod"
     mount_configmap(configmap, rayjob["spec"]["submitterPodTemplate"]["spec"]["volumes"][0], mount)
-    cluster = spare_cluster  # the same shape: rendered from the same spec
+    cluster = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"],
+                                 {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
     try:
         submission = submit_like_kuberay(rayjob, mount, cluster.address)
         wait_for(lambda: len([p for p in hold.glob("holding-*") if p.read_text()]) == 2,
@@ -271,7 +259,7 @@ def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azu
                              "--code", str(tmp_path / "laptop" / "code"), "--wait")
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     finally:
-        (hold / "release").touch()  # a held batch never outlives the test (the module's cluster ends later)
+        cluster.shutdown()
     assert sorted(p.read_text() for p in log.iterdir()) == NAMES[4:]
     fs = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
     assert fs.cat_file(f"{container}/out/rows.txt").decode().splitlines() == [
