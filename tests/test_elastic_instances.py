@@ -9,6 +9,7 @@ from conftest import make_spec, quiet, wait_for
 from test_faults import expected_rows, output_lines, texts
 
 import raypar
+from raypar.engine import elastic
 from raypar.errors import PlacementError
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -93,3 +94,44 @@ def test_an_elastic_job_that_finds_too_few_nodes_says_what_it_lacks(ray_cluster,
     with pytest.raises(PlacementError, match=r"at least 2 node\(s\) with .*elastic_none.*0 placed, the cluster "
                                                r"has 0 such node\(s\) of 3 alive; waited 1s"):
         raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+
+def test_a_node_that_fits_but_is_busy_does_not_keep_a_joining_node_out(ray_cluster, tmp_path, monkeypatch):
+    # Two instances at most. Node "busy" fits one but another job's actor holds its room: the
+    # job starts on "free" and offers "busy" its second place; when "busy" cannot take it within
+    # PLACE_SECONDS, the place goes to the node that joins next.
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class Holder:  # another job's worker (defined here: Ray ships it by value)
+        def ready(self):
+            return True
+
+    monkeypatch.setattr(elastic, "PLACE_SECONDS", 1.0)
+    free, busy = (ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}) for _ in range(2))
+    ray_cluster.wait_for_nodes()
+    nodes = [free, busy]
+    other_job = ray.remote(num_cpus=0, resources={"elastic": 1})(Holder).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(busy.node_id, soft=False)).remote()
+    ray.get(other_job.ready.remote())
+    step = tmp_path / "step"
+    step.mkdir()
+    files = texts(8)
+    job = raypar.run(elastic_spec(tmp_path, files, step), job_dir=str(tmp_path / "job"), echo=quiet, wait=False)
+    try:
+        wait_for(lambda: "f000.txt-1" in ran(step), "the first batch to run")
+        nodes.append(ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}))
+        joined = nodes[-1].node_id
+        (step / "go-f000.txt").touch()
+        wait_for(lambda: joined in ran(step).values(), "a batch to run on the node that joined")
+    finally:
+        (step / "free").touch()
+        outcome = job.wait()
+        ray.kill(other_job)
+        for node in nodes:
+            ray_cluster.remove_node(node)
+
+    assert outcome.state is JobState.SUCCEEDED
+    rows = [line.split(" ") for line in output_lines(tmp_path)]
+    assert [" ".join(r[:3]) for r in rows] == expected_rows(files)
+    assert {r[4] for r in rows} <= {free.node_id, joined} and busy.node_id not in set(ran(step).values())

@@ -26,6 +26,8 @@ from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_
 from raypar.errors import PlacementError
 
 log = logging.getLogger("raypar")
+PLACE_SECONDS = 10.0  # a node that fits but has no room free (another job's workers) for this long...
+BUSY_SECONDS = 30.0  # ...is not offered again for this long: it must not hold a place other nodes could take
 
 
 class ElasticInstances:
@@ -36,7 +38,8 @@ class ElasticInstances:
         self.bundle, self.least, self.most, self.run = bundle, least, most, run
         self.timeout, self.echo = timeout, echo
         self.placed: dict[int, tuple] = {}  # instance -> (placement group, node id)
-        self.waiting: dict[int, tuple] = {}  # instance -> (placement group, node id, its ready() ref)
+        self.waiting: dict[int, tuple] = {}  # instance -> (placement group, node id, its ready() ref, since)
+        self.busy: dict[str, float] = {}  # node id -> until when it is not offered again
         self.next_instance = 0
         self.asked_autoscaler = False
 
@@ -82,12 +85,17 @@ class ElasticInstances:
         nodes that joined, up to ``most`` instances."""
         alive = self._alive_nodes()
         left = [i for i, (_, node) in self.placed.items() if node not in alive]
-        for instance, (group, node, _) in list(self.waiting.items()):
-            if node not in alive:  # its node left before Ray placed it
+        now = time.monotonic()
+        joined = self._collect(wait=0)
+        for instance, (group, node, _, since) in list(self.waiting.items()):
+            if node not in alive or now - since > PLACE_SECONDS:  # gone, or busy with other work
                 _remove(group)
                 del self.waiting[instance]
+                if node in alive:
+                    self.busy[node] = now + BUSY_SECONDS
+                    log.info("node %s has no room free for an instance; offered again in %gs", node[:8], BUSY_SECONDS)
         self._offer(alive)
-        return self._collect(wait=0), left
+        return joined, left
 
     def drop(self, instance: int) -> None:
         """Give a left instance's placement group back."""
@@ -111,15 +119,16 @@ class ElasticInstances:
     def _offer(self, alive: dict[str, dict]) -> None:
         """A placement group on each fitting node that has no instance, up to ``most`` in all."""
         used = {node for _, node, *_ in [*self.placed.values(), *self.waiting.values()]}
+        now = time.monotonic()
         for node_id, node in alive.items():
             if len(self.placed) + len(self.waiting) >= self.most:
                 return
-            if node_id in used or not self._fits(node):
+            if node_id in used or not self._fits(node) or self.busy.get(node_id, 0) > now:
                 continue
             instance, self.next_instance = self.next_instance, self.next_instance + 1
             group = placement_group([self.bundle], strategy="STRICT_PACK", name=f"raypar-{self.run}-{instance}",
                                     bundle_label_selector=[{NODE_ID_LABEL_KEY: node_id}])
-            self.waiting[instance] = (group, node_id, group.ready())
+            self.waiting[instance] = (group, node_id, group.ready(), now)
 
     def _collect(self, wait: float) -> list[int]:
         """Move the groups Ray has placed (waiting up to ``wait`` seconds for one) into ``placed``."""
@@ -130,7 +139,7 @@ class ElasticInstances:
         joined = []
         for ref in ready:
             instance = refs[ref]
-            group, node, _ = self.waiting.pop(instance)
+            group, node, *_ = self.waiting.pop(instance)
             self.placed[instance] = (group, node)
             joined.append(instance)
         return sorted(joined)
