@@ -290,6 +290,15 @@ def test_a_job_whose_every_node_left_stops_after_the_placement_timeout_resumable
     assert not any(i == 1 for _, _, i, _ in calls)
 
 
+def test_an_elastic_job_whose_workers_all_crash_stops_as_any_job_does_without_waiting_for_nodes(tmp_path):
+    reason, scheduler, _, _ = run(tmp_path, lambda b, a, instance, now: Outcome(1.0, "lost"), slots=1,
+                                  nodes=([0], []), **{"resources.max_instance_count": 2,
+                                                      "raypar.placement_timeout": 600})
+
+    assert reason == "every worker slot was given up after repeated worker losses"
+    assert scheduler.transport.now < 600  # it did not wait out the placement timeout
+
+
 def test_an_instance_that_joins_after_the_last_batch_was_sent_starts_no_worker(tmp_path):
     reason, scheduler, ledger, calls = run_elastic(tmp_path, 4, [0, 1], [(3.5, "join", 2)])
 

@@ -345,8 +345,8 @@ class Scheduler:
     def _await_instances(self, now: float) -> bool:
         """Elastic jobs whose every instance left: wait up to raypar.placement_timeout for a node to
         join (True while waiting), then stop."""
-        if not self.transport.elastic or any(not s.retired for s in self.slots):
-            return False
+        if not self.transport.elastic or any(not s.retired for s in self.slots) or not any(s.left for s in self.slots):
+            return False  # a worker is left, or none left with a node (given up: the usual stop)
         timeout = self.spec.raypar.placement_timeout
         if self.starved_since is None:
             self.starved_since = now
