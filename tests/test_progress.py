@@ -152,8 +152,9 @@ def test_azure_credentials_are_forwarded_only_when_azure_storage_is_used(tmp_pat
 
 
 @pytest.mark.timeout(180)
-def test_raypar_run_on_a_terminal_draws_the_bar(tmp_path):
-    """stdout is a pseudo-terminal: the bar is redrawn in place and ends on its own line."""
+def test_raypar_run_on_a_terminal_draws_the_bar(ray_cluster, tmp_path):
+    """stdout is a pseudo-terminal: the bar is redrawn in place and ends on its own line.
+    (On the session cluster: the bar does not depend on which Ray runs the job.)"""
     import os
     import pty
     import subprocess
@@ -167,7 +168,8 @@ def test_raypar_run_on_a_terminal_draws_the_bar(tmp_path):
     leader, follower = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "raypar", "run", str(tmp_path / "job.yml"),
-                             "--job-dir", str(tmp_path / "job")], stdout=follower, stderr=subprocess.DEVNULL,
+                             "--job-dir", str(tmp_path / "job"), "--address", ray_cluster.address],
+                            stdout=follower, stderr=subprocess.DEVNULL,
                             env=env)
     os.close(follower)
     chunks = []
