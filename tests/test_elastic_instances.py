@@ -91,7 +91,8 @@ def test_an_elastic_job_that_finds_too_few_nodes_says_what_it_lacks(ray_cluster,
         "raypar.worker": {"num_cpus": 0.5, "resources": {"elastic_none": 1}},
     })
 
-    with pytest.raises(PlacementError, match=r"at least 2 node\(s\) with .*elastic_none.*0 placed, the cluster "
+    with pytest.raises(PlacementError, match=r"at least 2 node\(s\) with \{CPU 0.5, elastic_none 1\} free each "
+                                               r"\(instance_count=2, max_instance_count=4\); 0 placed, the cluster "
                                                r"has 0 such node\(s\) of 3 alive; waited 1s"):
         raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 

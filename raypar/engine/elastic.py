@@ -34,8 +34,9 @@ class ElasticInstances:
     """The job's instances, each a placement group on one node; new ones wait until Ray places them."""
 
     def __init__(self, bundle: dict[str, float], least: int, most: int, run: str, timeout: float,
-                 echo: Callable[[str], None] = log.info):
+                 echo: Callable[[str], None] = log.info, shape: str = ""):
         self.bundle, self.least, self.most, self.run = bundle, least, most, run
+        self.shape = shape or str(bundle)  # the bundle as messages show it
         self.timeout, self.echo = timeout, echo
         self.placed: dict[int, tuple] = {}  # instance -> (placement group, node id)
         self.waiting: dict[int, tuple] = {}  # instance -> (placement group, node id, its ready() ref, since)
@@ -60,7 +61,7 @@ class ElasticInstances:
                 fitting = sum(self._fits(n) for n in alive.values())
                 self.release()
                 raise PlacementError(
-                    f"the job needs at least {self.least} node(s) with {self.bundle} free each (instance_count="
+                    f"the job needs at least {self.least} node(s) with {self.shape} free each (instance_count="
                     f"{self.least}, max_instance_count={self.most}); {len(self.placed)} placed, the cluster has "
                     f"{fitting} such node(s) of {len(alive)} alive; waited {self.timeout:.0f}s "
                     f"(raypar.placement_timeout)")

@@ -78,7 +78,7 @@ class Placement:
             return None
         if resources.elastic:
             self.elastic = ElasticInstances(bundle, count, resources.max_instance_count, self.run,
-                                            0.0 if self.owned else timeout, self.echo)
+                                            0.0 if self.owned else timeout, self.echo, _fmt(bundle))
             return self.elastic.reserve()
         fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
         need = (
