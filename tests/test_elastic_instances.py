@@ -136,3 +136,41 @@ def test_a_node_that_fits_but_is_busy_does_not_keep_a_joining_node_out(ray_clust
     rows = [line.split(" ") for line in output_lines(tmp_path)]
     assert [" ".join(r[:3]) for r in rows] == expected_rows(files)
     assert {r[4] for r in rows} <= {free.node_id, joined} and busy.node_id not in set(ran(step).values())
+
+
+def test_a_busy_node_does_not_keep_a_free_one_out_at_the_start(ray_cluster, tmp_path, monkeypatch):
+    # Two instances needed to start, at most two: "busy" (the first in the order nodes are offered
+    # places: by node ID) is offered one but another job holds its room; the place goes to the
+    # third node within PLACE_SECONDS.
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class Holder:  # another job's worker (defined here: Ray ships it by value)
+        def ready(self):
+            return True
+
+    monkeypatch.setattr(elastic, "PLACE_SECONDS", 1.0)
+    nodes = [ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}) for _ in range(3)]
+    ray_cluster.wait_for_nodes()
+    try:
+        busy = min(nodes, key=lambda node: node.node_id)
+        other_job = ray.remote(num_cpus=0, resources={"elastic": 1})(Holder).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(busy.node_id, soft=False)).remote()
+        ray.get(other_job.ready.remote())
+        files = texts(8)
+        spec = make_spec(tmp_path, files, **{
+            "resources.instance_count": "2..2", "max_concurrency_per_instance": 1,
+            "raypar.worker": {"num_cpus": 0.5, "resources": {"elastic": 1}}, "raypar.placement_timeout": 30,
+            "task.program_arguments": "--with-node",
+        })
+
+        outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+        ray.kill(other_job)
+    finally:
+        for node in nodes:
+            ray_cluster.remove_node(node)
+
+    assert outcome.state is JobState.SUCCEEDED
+    rows = [line.split(" ") for line in output_lines(tmp_path)]
+    assert [" ".join(r[:3]) for r in rows] == expected_rows(files)
+    assert {r[4] for r in rows} <= {node.node_id for node in nodes if node is not busy}  # it started: 2 placed

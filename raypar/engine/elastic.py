@@ -53,6 +53,7 @@ class ElasticInstances:
         deadline = time.monotonic() + self.timeout
         while True:
             alive = self._alive_nodes()
+            self._expire(alive)  # a busy node must not keep a free one out at the start either
             self._offer(alive)
             self._collect(wait=min(0.5, max(0.0, deadline - time.monotonic())))
             if len(self.placed) >= self.least:
@@ -86,8 +87,14 @@ class ElasticInstances:
         nodes that joined, up to ``most`` instances."""
         alive = self._alive_nodes()
         left = [i for i, (_, node) in self.placed.items() if node not in alive]
-        now = time.monotonic()
         joined = self._collect(wait=0)
+        self._expire(alive)
+        self._offer(alive)
+        return joined, left
+
+    def _expire(self, alive: dict[str, dict]) -> None:
+        """Give up the places offered to nodes that left, or that had no room free in PLACE_SECONDS."""
+        now = time.monotonic()
         for instance, (group, node, _, since) in list(self.waiting.items()):
             if node not in alive or now - since > PLACE_SECONDS:  # gone, or busy with other work
                 _remove(group)
@@ -95,8 +102,6 @@ class ElasticInstances:
                 if node in alive:
                     self.busy[node] = now + BUSY_SECONDS
                     log.info("node %s has no room free for an instance; offered again in %gs", node[:8], BUSY_SECONDS)
-        self._offer(alive)
-        return joined, left
 
     def drop(self, instance: int) -> None:
         """Give a left instance's placement group back."""
@@ -121,7 +126,8 @@ class ElasticInstances:
         """A placement group on each fitting node that has no instance, up to ``most`` in all."""
         used = {node for _, node, *_ in [*self.placed.values(), *self.waiting.values()]}
         now = time.monotonic()
-        for node_id, node in alive.items():
+        for node_id in sorted(alive):  # in a fixed order, whatever order Ray lists them in
+            node = alive[node_id]
             if len(self.placed) + len(self.waiting) >= self.most:
                 return
             if node_id in used or not self._fits(node) or self.busy.get(node_id, 0) > now:
