@@ -97,24 +97,32 @@ def test_an_elastic_job_that_finds_too_few_nodes_says_what_it_lacks(ray_cluster,
         raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
 
 
+def hold_the_room_of(node):
+    """Another job's worker on ``node``, holding its "elastic" room; ray.kill() the handle returned."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class Holder:  # defined here: Ray ships it by value (workers cannot import this module)
+        def ready(self):
+            return True
+
+    holder = ray.remote(num_cpus=0, resources={"elastic": 1})(Holder).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
+    ray.get(holder.ready.remote())
+    return holder
+
+
 def test_a_node_that_fits_but_is_busy_does_not_keep_a_joining_node_out(ray_cluster, tmp_path, monkeypatch):
     # Two instances at most. Node "busy" fits one but another job's actor holds its room: the
     # job starts on "free" and offers "busy" its second place; when "busy" cannot take it within
     # PLACE_SECONDS, the place goes to the node that joins next.
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    class Holder:  # another job's worker (defined here: Ray ships it by value)
-        def ready(self):
-            return True
 
     monkeypatch.setattr(elastic, "PLACE_SECONDS", 1.0)
     free, busy = (ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}) for _ in range(2))
     ray_cluster.wait_for_nodes()
     nodes = [free, busy]
-    other_job = ray.remote(num_cpus=0, resources={"elastic": 1})(Holder).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(busy.node_id, soft=False)).remote()
-    ray.get(other_job.ready.remote())
+    other_job = hold_the_room_of(busy)
     step = tmp_path / "step"
     step.mkdir()
     files = texts(8)
@@ -143,20 +151,13 @@ def test_a_busy_node_does_not_keep_a_free_one_out_at_the_start(ray_cluster, tmp_
     # places: by node ID) is offered one but another job holds its room; the place goes to the
     # third node within PLACE_SECONDS.
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    class Holder:  # another job's worker (defined here: Ray ships it by value)
-        def ready(self):
-            return True
 
     monkeypatch.setattr(elastic, "PLACE_SECONDS", 1.0)
     nodes = [ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}) for _ in range(3)]
     ray_cluster.wait_for_nodes()
     try:
         busy = min(nodes, key=lambda node: node.node_id)
-        other_job = ray.remote(num_cpus=0, resources={"elastic": 1})(Holder).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(busy.node_id, soft=False)).remote()
-        ray.get(other_job.ready.remote())
+        other_job = hold_the_room_of(busy)
         files = texts(8)
         spec = make_spec(tmp_path, files, **{
             "resources.instance_count": "2..2", "max_concurrency_per_instance": 1,
