@@ -92,19 +92,30 @@ def claim_lease(ledger: Ledger, run: str, echo: Echo, ttl: float = LEASE_TTL) ->
 
 
 class StopSignal:
-    """Why the driver must stop now: its lease was taken over, or `raypar cancel` asked."""
+    """Why the driver must stop now: its lease was taken over, or `raypar cancel` asked.
+
+    The cancel marker is looked for on a thread of its own: on an object store each look is a
+    request, which must not stall the scheduler loop that calls this every step."""
 
     def __init__(self, ledger: Ledger, run: str, beat: Heartbeat, every: float = 0.5):
         self.ledger, self.run_id, self.beat, self.every = ledger, run, beat, every
-        self.canceled, self.checked = False, 0.0
+        self.requested = False  # the marker was seen (set by the watcher thread)
+        self.canceled = False  # the scheduler was told: only then is the session canceled
+        threading.Thread(target=self._watch, daemon=True, name="raypar-cancel-watch").start()
+
+    def _watch(self) -> None:
+        while not self.beat.stopped.wait(self.every):
+            try:
+                if self.ledger.cancel_requested(self.run_id):
+                    self.requested = True
+                    return
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup: look again; the lease fences real loss
+                log.debug("looking for a cancel request failed: %s", describe_error(exc))
 
     def __call__(self) -> Optional[str]:
         if not self.beat.held():
             return self.beat.lost
-        now = time.monotonic()
-        if not self.canceled and now - self.checked >= self.every:  # one cheap look per interval
-            self.checked = now
-            self.canceled = self.ledger.cancel_requested(self.run_id)
+        self.canceled = self.canceled or self.requested
         return "canceled by `raypar cancel`" if self.canceled else None
 
     def lease_held(self) -> bool:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the worker side imports this module without pydantic
     from raypar.spec.models import JobSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no per-batch __dict__: a resume may hold millions
 class MiniBatch:
     """One unit of work: an ordinal (its place in the output), a stable ID and a payload.
 

@@ -615,7 +615,10 @@ class Ledger:
         self.store.write_atomic(json.dumps(body).encode(), "cancel", f"{run}.json")
 
     def cancel_requested(self, run: str) -> bool:
-        return self.store.exists("cancel", f"{run}.json")
+        # A read, not exists(): on object stores a missing name costs one GET, where a HEAD
+        # is followed by a listing (is it a folder?); the driver loop asks every few seconds.
+        marker = self.store.path("cancel", f"{run}.json")
+        return marker in self.store.read_many([marker])
 
 def _inputs_lines(versions: dict) -> bytes:
     """Input file versions as JSON lines, in the order the planner met the files."""
