@@ -259,6 +259,8 @@ def test_wait_exits_with_the_jobs_exit_code(jobs_api, tmp_path):
     (tmp_path / "code" / "data" / "b.txt").write_text("now fine")
     fixed = cli("resume", "--address", jobs_api, str(job_dir), "--shared-path", str(tmp_path), "--wait")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    # The wait returns once the job ended and its log went quiet: the driver's last line came, once.
+    assert fixed.stdout.count("raypar: succeeded: 3/3 mini-batches done; output") == 1, fixed.stdout
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
         ["a.txt TEXT OF A.TXT", "b.txt NOW FINE", "c.txt TEXT OF C.TXT"]
 

@@ -21,6 +21,7 @@ from raypar.polling import poll
 
 TOKEN_FILE = Path("~/.ray/auth_token")
 AGENT_WAIT_SECONDS = 60
+QUIET_SECONDS = 0.5  # a log stream this quiet: has the job ended?
 
 
 class JobsApiError(RayparError):
@@ -157,20 +158,40 @@ class JobsApi:
         return submission_id
 
     def tail(self, submission_id: str) -> Iterator[str]:
-        """The job's log as it is written, in chunks, until the job ends."""
+        """The job's log as it is written, in chunks, until the job ends.
 
+        Ray's server closes the stream only after a pause past the job's end (it looks for
+        late lines again); once the job has ended and the stream is quiet, the rest of the log
+        is read at once instead, so a `--wait` returns when the job does."""
         loop = asyncio.new_event_loop()
         stream = self.client.tail_job_logs(submission_id)
+        sent, next_chunk = 0, None
         try:
             while True:
                 with self.calling("follow logs", submission_id):
-                    try:
-                        chunk = loop.run_until_complete(stream.__anext__())
-                    except StopAsyncIteration:
-                        return
-                yield chunk
+                    if next_chunk is None:
+                        next_chunk = asyncio.ensure_future(stream.__anext__(), loop=loop)
+                    loop.run_until_complete(asyncio.wait({next_chunk}, timeout=QUIET_SECONDS))
+                    if next_chunk.done():
+                        try:
+                            chunk, next_chunk, ended = next_chunk.result(), None, False
+                        except StopAsyncIteration:
+                            return
+                    elif self.client.get_job_status(submission_id).is_terminal():
+                        chunk, ended = self.client.get_job_logs(submission_id)[sent:], True
+                    else:
+                        continue
+                if chunk:
+                    sent += len(chunk)
+                    yield chunk
+                if ended:
+                    return
         finally:
-            loop.run_until_complete(stream.aclose())
+            if next_chunk is not None and not next_chunk.done():
+                next_chunk.cancel()
+                loop.run_until_complete(asyncio.wait({next_chunk}))
+            with contextlib.suppress(Exception):  # a stream cut short: nothing left to close cleanly
+                loop.run_until_complete(stream.aclose())
             loop.close()
 
 
