@@ -981,13 +981,20 @@ def test_memory_ro_mount_caches_files_reuses_them_and_refetches_changed_ones(mem
     input_files.cleanup(temp)
     again, _, temp = BatchReader(desc).read(batch)  # a retry, another worker: the cached copies, not fetched again
     assert sorted(os.stat(p).st_ino for p in again) == fetched
+    # Held open, the old copies keep their inodes: a new file cannot be given one of their numbers.
+    held = [open(p, "rb") for p in again]
     input_files.cleanup(temp)
 
-    for name in MEMORY_FILES:  # the remote changed (a later job): never the stale copy
-        fs.pipe(f"{root}/{name}", b"changed")
-    changed, _, _ = BatchReader(desc).read(batch)
-    assert [Path(p).read_bytes() for p in changed] == [b"changed"] * len(paths)
-    assert not set(os.stat(p).st_ino for p in changed) & set(fetched)
+    try:
+        for name in MEMORY_FILES:  # the remote changed (a later job): never the stale copy
+            fs.pipe(f"{root}/{name}", b"changed")
+        changed, _, _ = BatchReader(desc).read(batch)
+        assert [Path(p).read_bytes() for p in changed] == [b"changed"] * len(paths)
+        assert not set(os.stat(p).st_ino for p in changed) & set(fetched)  # new files, not rewritten in place
+        assert sorted(f.read() for f in held) == sorted(MEMORY_FILES.values())
+    finally:
+        for f in held:
+            f.close()
 
 
 def _cached_files(cache: Path) -> dict:
