@@ -12,6 +12,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Token auth on, as Ray 2.60 clusters run it, with a token of this session (not ~/.ray/auth_token).
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+# Ray's runtime-env agent tries an environment that fails 3 times, each a fresh virtualenv and pip
+# run (about 10 s on a clean machine); the tests of a failing environment assert the same with one.
+os.environ["RUNTIME_ENV_RETRY_TIMES"] = "1"
 JOBS_API = "http://127.0.0.1:8265"
 # Credentials a cluster's processes never inherit: a job must bring them to its workers.
 STORAGE_VARIABLES = ("AZURE_STORAGE_", "AWS_", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
