@@ -114,3 +114,31 @@ def test_a_frozen_driver_is_taken_over_from_another_host_and_fenced_when_it_thaw
     status = json.loads(subprocess.run(cli("status", job, "--json"), env=env(), capture_output=True,
                                        text=True, timeout=60).stdout)
     assert (status["state"], status["completed"], status["total"]) == ("succeeded", 4, 4)
+
+
+def test_a_cancel_request_is_seen_past_a_failing_look_and_counts_once_the_loop_reads_it(tmp_path, caplog):
+    # The driver looks for `raypar cancel`'s marker on a thread of its own (each look is a request
+    # on object stores). A look that fails is retried; a marker seen only counts as a cancel once
+    # the scheduler loop asks, so a request after its last step never turns a finished job canceled.
+    import logging
+
+    from raypar.engine.session_lease import Heartbeat, StopSignal
+    from raypar.jobdir.ledger import Ledger, new_run_id
+
+    ledger, run = Ledger(str(tmp_path / "job")), new_run_id()
+    ledger.lease.acquire(run)
+    beat = Heartbeat(ledger, run)  # not started: it holds the lease for a TTL from now
+    marker = tmp_path / "job" / "cancel" / f"{run}.json"
+    marker.mkdir(parents=True)  # a folder where the marker goes: every look fails
+    caplog.set_level(logging.DEBUG, logger="raypar")
+    stop = StopSignal(ledger, run, beat, every=0.05)
+    try:
+        wait_for(lambda: "looking for a cancel request failed" in caplog.text, "a failed look")
+        assert stop() is None
+        marker.rmdir()
+        ledger.request_cancel(run)
+        wait_for(lambda: stop.requested, "the marker to be seen")
+        assert not stop.canceled  # seen, but the loop has not asked yet
+        assert stop() == "canceled by `raypar cancel`" and stop.canceled
+    finally:
+        beat.stopped.set()

@@ -22,6 +22,7 @@ from raypar.polling import poll
 TOKEN_FILE = Path("~/.ray/auth_token")
 AGENT_WAIT_SECONDS = 60
 QUIET_SECONDS = 0.5  # a log stream this quiet: has the job ended?
+SHORTCUT_LOG_CHARS = 8 << 20  # past this much log, wait for Ray to close the stream (no whole-log read)
 
 
 class JobsApiError(RayparError):
@@ -162,7 +163,8 @@ class JobsApi:
 
         Ray's server closes the stream only after a pause past the job's end (it looks for
         late lines again); once the job has ended and the stream is quiet, the rest of the log
-        is read at once instead, so a `--wait` returns when the job does."""
+        is read at once instead, so a `--wait` returns when the job does. Ray reads logs only
+        whole: a log past SHORTCUT_LOG_CHARS waits for the stream's close instead."""
         loop = asyncio.new_event_loop()
         stream = self.client.tail_job_logs(submission_id)
         sent, next_chunk = 0, None
@@ -177,7 +179,7 @@ class JobsApi:
                             chunk, next_chunk, ended = next_chunk.result(), None, False
                         except StopAsyncIteration:
                             return
-                    elif self.client.get_job_status(submission_id).is_terminal():
+                    elif sent <= SHORTCUT_LOG_CHARS and self.client.get_job_status(submission_id).is_terminal():
                         chunk, ended = self.client.get_job_logs(submission_id)[sent:], True
                     else:
                         continue
