@@ -1,9 +1,12 @@
 """Shared fixtures: a real 3-node Ray cluster on 127.0.0.1 and job builders."""
 
+import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -124,3 +127,21 @@ def wait_for(predicate, what: str, timeout: float = 120) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def cli_in_process(capsys, *args):
+    """``raypar ARGS`` as the CLI gives it, run in this process: for errors found before Ray
+    starts, where a fresh interpreter per case is most of the time. What ``main`` sets process-wide
+    (logging, the SIGTERM handler) is put back; test_cli.py's usage-error test keeps the real process."""
+    root = logging.getLogger()
+    handlers, level, sigterm = root.handlers[:], root.level, signal.getsignal(signal.SIGTERM)
+    from raypar.cli import main  # here: the environment above is set before raypar (and Ray) load
+
+    try:
+        code = main(list(args))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        signal.signal(signal.SIGTERM, sigterm)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import make_spec, wait_for
+from conftest import cli_in_process, make_spec, wait_for
 
 CLI = [sys.executable, "-m", "raypar.cli"]
 # The CLI as a terminal starts it, Ctrl-C raising KeyboardInterrupt: a process started with SIGINT
@@ -57,10 +57,10 @@ def assert_one_line_error(result, code, *fragments):
     (lambda s: s["raypar"].update(speculation={"enabled": True, "multiple": 1}), ["raypar.speculation.multiple"]),
     (lambda s: s["raypar"].update(lease_ttl=1), ["raypar.lease_ttl"]),
 ])
-def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, mutate, fragments):
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, mutate, fragments):
     spec = make_spec(tmp_path, {"a.txt": "x"})
     mutate(spec)
-    result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"))
+    result = cli_in_process(capsys, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"))
     assert_one_line_error(result, 2, *fragments)
     assert not (tmp_path / "job").exists()
 

@@ -15,6 +15,7 @@ import pytest
 import ray
 import tomllib
 import yaml
+from conftest import cli_in_process
 from kuberay import KUBECTL, controller_violations, kustomize, validate
 
 from raypar.errors import UsageError
@@ -280,9 +281,9 @@ def raypar_cli(*args, cwd=None):
     ({}, ["--job-dir", "az://c/j", "--name", "Bad_Name"], "--name Bad_Name: a RayJob name is lowercase"),
     ({}, ["--job-dir", "az://c/j", "--backoff-limit", "-1"], "--backoff-limit -1: must be 0 or more"),
 ])
-def test_render_refuses_what_a_cluster_cannot_run_with_one_line(tmp_path, monkeypatch, change, args, message):
+def test_render_refuses_what_a_cluster_cannot_run_with_one_line(tmp_path, monkeypatch, capsys, change, args, message):
     monkeypatch.delenv("RAYPAR_JOB_ROOT", raising=False)
-    result = raypar_cli("kube", "render", str(project(tmp_path, **change)), *args)
+    result = cli_in_process(capsys, "kube", "render", str(project(tmp_path, **change)), *args)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
