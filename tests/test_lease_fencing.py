@@ -3,6 +3,7 @@ itself; a driver frozen past its TTL is taken over by a driver on another host, 
 thaws it writes nothing as the holder. Every case ends with every row exactly once."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -12,6 +13,9 @@ import sys
 import pytest
 import yaml
 from conftest import make_spec, wait_for
+
+from raypar.engine.session_lease import Heartbeat, StopSignal
+from raypar.jobdir.ledger import Ledger, new_run_id
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -120,11 +124,6 @@ def test_a_cancel_request_is_seen_past_a_failing_look_and_counts_once_the_loop_r
     # The driver looks for `raypar cancel`'s marker on a thread of its own (each look is a request
     # on object stores). A look that fails is retried; a marker seen only counts as a cancel once
     # the scheduler loop asks, so a request after its last step never turns a finished job canceled.
-    import logging
-
-    from raypar.engine.session_lease import Heartbeat, StopSignal
-    from raypar.jobdir.ledger import Ledger, new_run_id
-
     ledger, run = Ledger(str(tmp_path / "job")), new_run_id()
     ledger.lease.acquire(run)
     beat = Heartbeat(ledger, run)  # not started: it holds the lease for a TTL from now
