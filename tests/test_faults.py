@@ -133,11 +133,13 @@ def test_worker_killed_mid_batch_reruns_it_without_spending_a_try(ray_cluster, t
 
 def test_a_batch_that_failed_on_a_broken_worker_is_retried_on_another(ray_cluster, tmp_path):
     # The worker in slot 0 fails every batch it runs (a dead GPU): with one retry each, every
-    # batch it failed runs again on the other worker, and the job succeeds.
+    # batch it failed runs again on the other worker, and the job succeeds. The barrier makes
+    # both workers hold a batch before any ends: a slow-starting slot 0 must still get one.
     files = texts(12)
+    barrier, = folders(tmp_path, "barrier")
     spec = make_spec(tmp_path, files, **{
         "resources.instance_count": 1, "max_concurrency_per_instance": 2, "retry_settings.max_retries": 1,
-        "task.program_arguments": "--broken-slot 0",
+        "task.program_arguments": f"--barrier {barrier} 2 --broken-slot 0",
     })
 
     outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
