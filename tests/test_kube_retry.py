@@ -76,6 +76,7 @@ class EmulatedRayCluster:
     def __init__(self, cluster_spec, secret_env):
         from ray.cluster_utils import Cluster
 
+        self.spec = cluster_spec
         head = cluster_spec["headGroupSpec"]
         assert cluster_spec["authOptions"] == {"mode": "token"}  # the session runs RAY_AUTH_MODE=token
         self.dashboard_port = free_port()
@@ -161,7 +162,20 @@ def submit_like_kuberay(rayjob, mount, address):
     return submission
 
 
-def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def fresh_cluster(azurite, tmp_path_factory):
+    """A loopback cluster as the rendered RayJob's rayClusterSpec describes, with the storage
+    Secret's variables, started before a test needs it: the retry test's fresh cluster (KubeRay's
+    retry), then the cluster the cancel test submits to."""
+    spec = job_spec(tmp_path_factory.mktemp("cluster-spec"), "any-container", "")
+    _, rayjob = render(str(spec), image="raypar:test", job_dir="az://any-container/job", echo=lambda line: None).objects
+    cluster = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"],
+                                 {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
+    yield cluster
+    cluster.shutdown()
+
+
+def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, fresh_cluster, tmp_path, monkeypatch):
     container = azurite.new_container()
     secret_env = {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)  # to read the ledger here
@@ -202,19 +216,18 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, tmp_path, mon
     assert len(done_before) == 4
     assert sorted(p.read_text() for p in log.iterdir())[:4] == NAMES[:4]
 
-    # Attempt 2: KubeRay's retry, a fresh cluster and the same entrypoint.
+    # Attempt 2: KubeRay's retry, a fresh cluster (one the job never ran on) and the same entrypoint.
     for p in log.iterdir():
         p.unlink()
     (hold / "release").touch()
-    second = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"], secret_env)
-    try:
-        submission = submit_like_kuberay(rayjob, mount, second.address)
-        client = jobs_client(second.address)
-        wait_for(lambda: client.get_job_status(submission).is_terminal(), "the retried job to end", timeout=240)
-        driver_log = client.get_job_logs(submission)
-        assert client.get_job_status(submission) == "SUCCEEDED", driver_log
-    finally:
-        second.shutdown()
+    second = fresh_cluster
+    assert second.spec == rayjob["spec"]["rayClusterSpec"] and not second.node_ids() & first.node_ids()
+    submission = submit_like_kuberay(rayjob, mount, second.address)
+    client = jobs_client(second.address)
+    assert len(client.list_jobs()) == 1  # no job ran on it before
+    wait_for(lambda: client.get_job_status(submission).is_terminal(), "the retried job to end", timeout=240)
+    driver_log = client.get_job_logs(submission)
+    assert client.get_job_status(submission) == "SUCCEEDED", driver_log
 
     assert "already holds this job: resuming it" in driver_log
     assert sorted(p.read_text() for p in log.iterdir()) == NAMES[4:]  # done batches never ran again
@@ -226,7 +239,8 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, tmp_path, mon
     assert job["spec"]["task"]["code"] == "/home/ray/raypar/code"  # the same spec on every attempt
 
 
-def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azurite, tmp_path, monkeypatch):
+def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azurite, fresh_cluster, tmp_path,
+                                                                             monkeypatch):
     # What docs/kubernetes.md tells users: port-forward 8265, then raypar cancel / resume by submission ID.
     container = azurite.new_container()
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
@@ -237,29 +251,26 @@ def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azu
     configmap, rayjob = render(str(spec), image="raypar:test", job_dir=job_dir, echo=lambda line: None).objects
     mount = tmp_path / "submitter-pod"
     mount_configmap(configmap, rayjob["spec"]["submitterPodTemplate"]["spec"]["volumes"][0], mount)
-    cluster = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"],
-                                 {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
-    try:
-        submission = submit_like_kuberay(rayjob, mount, cluster.address)
-        wait_for(lambda: len([p for p in hold.glob("holding-*") if p.read_text()]) == 2,
-                 "both workers to hold a batch", timeout=180)
+    cluster = fresh_cluster
+    assert cluster.spec == rayjob["spec"]["rayClusterSpec"]
+    submission = submit_like_kuberay(rayjob, mount, cluster.address)
+    wait_for(lambda: len([p for p in hold.glob("holding-*") if p.read_text()]) == 2,
+             "both workers to hold a batch", timeout=180)
 
-        def raypar_cli(*args):
-            return subprocess.run([sys.executable, "-m", "raypar", *args], capture_output=True, text=True,
-                                  timeout=240, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    def raypar_cli(*args):
+        return subprocess.run([sys.executable, "-m", "raypar", *args], capture_output=True, text=True,
+                              timeout=240, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
 
-        canceled = raypar_cli("cancel", "--address", cluster.address, submission)
-        assert canceled.returncode == 0, canceled.stderr
-        assert "canceled (Ray status STOPPED)" in canceled.stdout
-        assert len(Ledger(job_dir).view().done) == 4
-        for p in log.iterdir():
-            p.unlink()
-        (hold / "release").touch()
-        resumed = raypar_cli("resume", "--address", cluster.address, submission,
-                             "--code", str(tmp_path / "laptop" / "code"), "--wait")
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    finally:
-        cluster.shutdown()
+    canceled = raypar_cli("cancel", "--address", cluster.address, submission)
+    assert canceled.returncode == 0, canceled.stderr
+    assert "canceled (Ray status STOPPED)" in canceled.stdout
+    assert len(Ledger(job_dir).view().done) == 4
+    for p in log.iterdir():
+        p.unlink()
+    (hold / "release").touch()
+    resumed = raypar_cli("resume", "--address", cluster.address, submission,
+                         "--code", str(tmp_path / "laptop" / "code"), "--wait")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert sorted(p.read_text() for p in log.iterdir()) == NAMES[4:]
     fs = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
     assert fs.cat_file(f"{container}/out/rows.txt").decode().splitlines() == [
