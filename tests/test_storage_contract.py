@@ -144,6 +144,34 @@ def test_file_sizes_and_list_files(backend):
     assert store.file_sizes("done")[store.path("done", "f.json")] == 4
 
 
+def test_listings_of_several_folders_at_once(backend):
+    store = backend.store()
+    store.write_atomic(b"a", "done", "a.json")
+    store.write_atomic(b"bb", "parts", "b.seg")
+    store.write_atomic(b"ccc", "parts", "sub", "c.seg")  # a sub-folder's file is not a file of parts/
+
+    assert store.listings(["done", "parts", "void"]) == {
+        "done": {store.path("done", "a.json"): 1},
+        "parts": {store.path("parts", "b.seg"): 2},
+        "void": {},  # absent: empty, as file_sizes says
+    }
+    assert store.listings([]) == {}
+
+
+def test_write_many_writes_each_file_whole(backend):
+    store = backend.store()
+    store.write_atomic(b"old", "reports", "job_result.txt")
+    files = {"reports/job_result.txt": b"new", "reports/errors/batch-1.txt": b"trace 1",
+             **{f"reports/errors/batch-{i}.txt": f"trace {i}".encode() for i in range(2, 40)}}
+
+    store.write_many(files)
+
+    reader = backend.store(own_client=True)
+    assert reader.read_many([reader.path(name) for name in files]) == {
+        reader.path(name): data for name, data in files.items()}  # the old file replaced
+    store.write_many({})  # nothing to write: no request, no error
+
+
 def test_read_many_skips_absent_files(backend):
     store = backend.store()
     store.write_atomic(b"one", "failed", "1.json")

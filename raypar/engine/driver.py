@@ -244,7 +244,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
         if manifest is None:  # planning never finished: plan (again) while running
             prefix = ledger.read_manifest_prefix()
             done = ledger.view(prefix, lean=True).done if len(prefix) else frozenset()
-            feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done)
+            feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done, prefix)
             feed.start()
         stop = StopSignal(ledger, run, beat)
         reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop,

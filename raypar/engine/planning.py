@@ -24,10 +24,11 @@ FLUSH_EVERY = 0.5  # seconds: how long planned batches may wait for their chunk
 class PlanFeed(threading.Thread):
     """Plans in the background; ``take()`` returns the batches whose chunk is written."""
 
-    def __init__(self, ledger: Ledger, batches: Iterator[MiniBatch], done=frozenset()):
+    def __init__(self, ledger: Ledger, batches: Iterator[MiniBatch], done=frozenset(), prefix=None):
+        """``prefix``: the ledger's manifest prefix, when already read."""
         super().__init__(daemon=True, name="raypar-planner")
         self.batches, self.done = batches, done
-        self.prefix = ledger.read_manifest_prefix()
+        self.prefix = prefix if prefix is not None else ledger.read_manifest_prefix()
         self.writer = ledger.manifest_writer(self.prefix.lines)
         self.prefix_versions = ledger.read_prefix_versions(self.writer.chunks)
         self.ready: collections.deque = collections.deque()

@@ -56,17 +56,18 @@ def attempt_rows(view: LedgerView) -> list[dict]:
     return rows
 
 
-def write_reports(ledger: Ledger, view: LedgerView, state: str, reason: str, output: Optional[str]) -> None:
-    store = ledger.store
+def report_files(ledger: Ledger, view: LedgerView, state: str, reason: str,
+                 output: Optional[str]) -> dict[str, bytes]:
+    """{path under the job dir: bytes} of the session's text reports."""
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(attempt_rows(view))
-    store.write_atomic(table.getvalue().encode(), "reports", "processed_mini_batches.csv")
+    files = {"reports/processed_mini_batches.csv": table.getvalue().encode()}
     for batch, records in view.failed.items():
         text = "".join(f"=== {r.batch} run {r.run} attempt {r.attempt}: {STATUS_OF_KIND.get(r.kind, r.kind)} "
                        f"on {r.worker or '?'} (node {r.node or '?'})\n{r.error.rstrip()}\n\n" for r in records)
-        store.write_atomic(text.encode(), "reports", "errors", f"{batch}.txt")
+        files[f"reports/errors/{batch}.txt"] = text.encode()
     counts = view.counts()
     lines = [
         f"state: {state}",
@@ -81,7 +82,8 @@ def write_reports(ledger: Ledger, view: LedgerView, state: str, reason: str, out
     ]
     if state != "succeeded" or counts["failed"]:
         lines.append(f"continue: raypar resume {ledger.url}")
-    store.write_atomic(("\n".join(lines) + "\n").encode(), "reports", "job_result.txt")
+    files["reports/job_result.txt"] = ("\n".join(lines) + "\n").encode()
+    return files
 
 
 def batch_log_sections(ledger: Ledger, batch: str) -> list[tuple[str, str]]:

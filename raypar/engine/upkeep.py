@@ -8,7 +8,7 @@ import time
 from typing import Callable
 
 from raypar.engine.report_html import html_report
-from raypar.engine.reports import write_reports
+from raypar.engine.reports import report_files
 from raypar.jobdir.layout import REPORT_HTML as REPORT
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -35,8 +35,9 @@ def final_view(ledger: Ledger):
 def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view) -> None:
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
-        write_reports(ledger, view, state.value, reason, bind(spec).append_row_path)
-        ledger.store.write_atomic(html_report(ledger, view, state.value, reason).encode(), "reports", REPORT)
+        files = report_files(ledger, view, state.value, reason, bind(spec).append_row_path)
+        files[f"reports/{REPORT}"] = html_report(ledger, view, state.value, reason).encode()
+        ledger.store.write_many(files)  # at once: a job with many failed batches has a file for each
     except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them
         log.warning("could not write reports: %s", exc)
 

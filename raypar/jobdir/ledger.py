@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -148,6 +150,7 @@ class Ledger:
         self.url = url.rstrip("/")
         self.store = open_store(self.url, storage_options)
         self.lease = Lease(self.store, self.url)
+        self._snapshot = threading.local()  # see _listed: per thread, as the driver reads from several
 
     # -- identity -------------------------------------------------------
 
@@ -398,8 +401,13 @@ class Ledger:
         Records of batches a revision retired (their input changed) are left out: they never count.
         """
         manifest = manifest if manifest is not None else self.read_manifest()
-        done = self._done_set(len(manifest) if manifest is not None else 0) if lean else self._done_records()
-        failed = self._failed_records()
+        if lean and manifest is not None and not len(manifest):
+            # No batch planned yet (a fresh job): none can be done or have failed, as a batch is
+            # handed out only once its manifest chunk is written. Nothing to list.
+            return LedgerView(manifest=manifest, done=DoneSet(0), lean=True)
+        with self._listed("parts", "void", "compact", "done", "failed"):
+            done = self._done_set(len(manifest) if manifest is not None else 0) if lean else self._done_records()
+            failed = self._failed_records()
         if getattr(manifest, "carried", None):
             done = done.carry(manifest.carried)  # before the retired records leave
         retired = getattr(manifest, "retired", None)
@@ -408,9 +416,29 @@ class Ledger:
             failed = {b: r for b, r in failed.items() if not manifest.is_retired(ordinal_of(b))}
         return LedgerView(manifest=manifest, done=done, failed=failed, lean=lean)
 
+    @contextmanager
+    def _listed(self, *folders: str):
+        """List ``folders`` at once (one round trip on an object store, not one per folder) and
+        answer this thread's listings of them from that until the block ends. A record listed
+        without the part it names is not counted, in whatever order the listings were taken,
+        so listing together is as safe as listing one after the other."""
+        outer = getattr(self._snapshot, "listings", {})
+        self._snapshot.listings = {**outer, **self.store.listings(folders)}
+        try:
+            yield
+        finally:
+            self._snapshot.listings = outer
+
+    def _file_sizes(self, folder: str) -> dict[str, int]:
+        listed = getattr(self._snapshot, "listings", {}).get(folder)
+        return listed if listed is not None else self.store.file_sizes(folder)
+
+    def _list_files(self, folder: str) -> list[str]:
+        return sorted(self._file_sizes(folder))
+
     def _records(self, folder: str) -> Iterator[dict]:
         """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line."""
-        paths = [p for p in self.store.list_files(folder) if p.endswith((".json", ".jsonl"))]
+        paths = [p for p in self._list_files(folder) if p.endswith((".json", ".jsonl"))]
         for path, data in self.store.read_many(paths).items():
             for chunk in data.split(b"\n") if path.endswith(".jsonl") else [data]:
                 body = _unseal(chunk) if chunk else None
@@ -459,9 +487,9 @@ class Ledger:
     def _proof(self) -> tuple[dict, dict, set]:
         """What a done record is checked against: the listing of parts/ ({path: size}), the
         sizes by file name, and the voided records' keys."""
-        parts = self.store.file_sizes("parts")
+        parts = self._file_sizes("parts")
         part_sizes = {os.path.basename(p): size for p, size in parts.items()}
-        voided = {void_key_of(os.path.basename(p)) for p in self.store.list_files("void")}
+        voided = {void_key_of(os.path.basename(p)) for p in self._list_files("void")}
         return parts, part_sizes, voided - {None}
 
     # -- compaction -----------------------------------------------------
@@ -477,14 +505,14 @@ class Ledger:
         """
         base, covered, files = self._latest_compact(load=base)
         coverage, lines = dict(covered), []
-        sizes = self.store.file_sizes("done")
+        sizes = self._file_sizes("done")
         new = [p for p in sizes if p.endswith(".json") and os.path.basename(p) not in covered]
         for path, data in self.store.read_many(new).items():  # object stores: concurrent reads
             body = _verified(data)
             if body is not None:  # a torn record is read again next time
                 lines.append(body)
                 coverage[os.path.basename(path)] = sizes[path]
-        parts = self.store.file_sizes("parts") if parts is None else parts
+        parts = self._file_sizes("parts") if parts is None else parts
         segments = {p: size for p, size in parts.items()
                     if p.endswith(SEGMENT_SUFFIX) and os.path.basename(p) not in covered}
         for name, records in segment_records(self.store, segments).items():  # object stores
@@ -505,7 +533,7 @@ class Ledger:
         """(the compacted records, their coverage, the files holding them) of the newest intact
         compact index; an index whose files are missing or damaged is passed over for an older one.
         ``load=False``: the newest sealed index, its files neither read nor checked (no records)."""
-        for path in sorted(self.store.list_files("compact"), reverse=True):
+        for path in sorted(self._list_files("compact"), reverse=True):
             if not path.endswith(".idx"):
                 continue
             index = _unseal(self.store.read_bytes("compact", os.path.basename(path)))
@@ -531,13 +559,14 @@ class Ledger:
         to the files it keeps; once an index would name more than MAX_COMPACT_FILES, everything is
         merged into one file instead. Files and indexes the new index supersedes are removed.
         """
-        read = self._done_table(base=False)  # what the compact files cover, not their records
-        if read.coverage == read.covered:
-            return False
+        with self._listed("compact", "done", "parts"):
+            read = self._done_table(base=False)  # what the compact files cover, not their records
+            if read.coverage == read.covered:
+                return False
+            merge = len(read.files) + 1 > MAX_COMPACT_FILES
+            if merge:
+                read = self._done_table()
         name = compact_name(run)
-        merge = len(read.files) + 1 > MAX_COMPACT_FILES
-        if merge:
-            read = self._done_table()
         table, files = (read.table, []) if merge else (read.fresh, list(read.files))
         if table.num_rows:
             data = to_ipc(table.unify_dictionaries().combine_chunks())

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Optional, Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Optional, Sequence, Union
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -122,11 +123,22 @@ class Store:
         """Full paths of the files directly in a folder; [] when the folder is absent."""
         return sorted(self.file_sizes(*parts))
 
+    def listings(self, folders: Sequence[str]) -> dict[str, dict[str, int]]:
+        """{folder: :meth:`file_sizes` of it} for several top-level folders (concurrently on
+        object stores, where each listing is a round trip)."""
+        return {folder: self.file_sizes(folder) for folder in folders}
+
     def write_atomic(self, data: bytes, *parts: str) -> str:
         """Write a whole file so readers see all of it or nothing; returns its path."""
         target = self.path(*parts)
         self.put(target, data)
         return target
+
+    def write_many(self, files: Mapping[str, bytes]) -> None:
+        """:meth:`write_atomic` of each file, keyed by its path under the root (concurrently on
+        object stores)."""
+        for name, data in files.items():
+            self.write_atomic(data, *name.split("/"))
 
     def write_new(self, data: bytes, *parts: str) -> bool:
         """Create a whole file only if it does not exist yet; False if it already did."""
@@ -238,6 +250,15 @@ class ObjectStore(Store):
         except FileNotFoundError:
             return {}
         return {e["name"]: e.get("size") for e in entries if e.get("type") == "file"}
+
+    def listings(self, folders: Sequence[str]) -> dict[str, dict[str, int]]:
+        # Threads, not the async API: any fsspec filesystem answers ls from several threads.
+        with ThreadPoolExecutor(len(folders) or 1, thread_name_prefix="raypar-list") as pool:
+            return dict(zip(folders, pool.map(self.file_sizes, folders), strict=True))
+
+    def write_many(self, files: Mapping[str, bytes]) -> None:
+        if files:  # fsspec's pipe of a dict: concurrent PUTs on async stores (adlfs, s3fs, gcsfs)
+            self.fs.pipe({self.path(*name.split("/")): data for name, data in files.items()})
 
     def size(self, path: str) -> int:
         # Not fs.exists: fsspec's default answers False on *any* error (auth, network).
