@@ -268,22 +268,25 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     finally:
         if feed is not None:
             feed.stop()
-        view = None
+        # The assembly's view, when it holds every record, is the final one: the workers are gone,
+        # and nothing but compaction (which changes no outcome) writes after it.
+        view = view if view is not None and not view.lean else None
+        counts = None
         try:
             if beat.held():  # only the lease holder may write; the heartbeat goes on meanwhile
                 _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
                                                       session.storage))
-                compact(ledger, run)
-                view = final_view(ledger)
+                view = view or final_view(ledger)
                 write_session_reports(ledger, spec, state, reason, view)
+                counts, view = view.counts(), None  # not held while compaction reads (a million records)
+                compact(ledger, run)
         finally:
             beat.stopped.set()
             beat.join(timeout=5)
             if beat.held():
                 ledger.lease.release(run)
-    view = view or final_view(ledger)  # nothing is written after the reports: their view is the final one
-    return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
-                   **view.counts())
+    counts = counts or (view or final_view(ledger)).counts()
+    return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason, **counts)
 
 
 def _retry_failed_items(ledger: Ledger, manifest, echo: Echo):
