@@ -14,7 +14,8 @@ seconds and peak resident memory against the targets.
 
 --store azurite builds the same job dir on Azure Blob (Azurite on 127.0.0.1,
 started here), written as workers write it there: segment objects of
-``raypar.ledger.flush_batches`` (1,000) batches, written by 16 writers at once.
+1,000 batches (``raypar.ledger.flush_batches`` was 1,000 when these figures were taken; it is
+10,000 now, and larger segments only mean fewer objects to list), written by 16 writers at once.
 Targets there (issue 13): status <= 3 s, resume planning <= 5 s, peak < 1 GiB.
 
     python benchmarks/bench_ledger_scale.py [--batches N] [--done N] [--uncompacted N] [--store local|azurite] [--keep]

@@ -239,7 +239,7 @@ class LedgerSettings(_Model):
     append every batch at once and ignore these.
     """
 
-    flush_batches: StrictInt = Field(1000, ge=1)  # finished mini-batches per segment at most
+    flush_batches: StrictInt = Field(10_000, ge=1)  # finished mini-batches per segment at most
     flush_seconds: float = Field(1.0, ge=0)  # oldest unwritten batch's age before a flush
     flush_bytes: Union[StrictInt, str] = "32mb"  # buffered output rows before a flush
 
