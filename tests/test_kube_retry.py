@@ -208,6 +208,7 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, fresh_cluster
         # The 4 finished batches are stored within raypar.ledger.flush_seconds (1 s), even while
         # their workers hold the next one; what a cluster loss takes before that runs again.
         wait_for(lambda: len(Ledger(job_dir).view().done) == 4, "the 4 finished batches to be stored")
+        first_nodes = first.node_ids()
         first.kill()
     except BaseException:
         first.shutdown()
@@ -221,7 +222,7 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, fresh_cluster
         p.unlink()
     (hold / "release").touch()
     second = fresh_cluster
-    assert second.spec == rayjob["spec"]["rayClusterSpec"] and not second.node_ids() & first.node_ids()
+    assert second.spec == rayjob["spec"]["rayClusterSpec"] and not second.node_ids() & first_nodes
     submission = submit_like_kuberay(rayjob, mount, second.address)
     client = jobs_client(second.address)
     assert len(client.list_jobs()) == 1  # no job ran on it before
