@@ -12,6 +12,7 @@ import base64
 import gc
 import json
 import os
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -422,6 +423,68 @@ def test_a_worker_stores_a_lone_done_batch_within_flush_seconds(backend):
     done(writer, 1)  # then the worker runs a long batch: nobody calls the writer again
     wait_for(lambda: bid(1) in backend.ledger(own_client=True).view().done, "the record to be stored by the clock")
     assert writer.durable == 1
+
+
+def azure_ledger(azurite) -> Ledger:
+    return Ledger(f"az://{azurite.new_container()}/job", {"connection_string": azurite.connection_string})
+
+
+def test_a_segment_the_clock_is_storing_does_not_hold_up_the_next_batches(azurite):
+    # Azure Blob frozen (SIGSTOP) while the clock thread stores a segment: that PUT waits, the
+    # worker's next batches do not (before, the clock held the buffer's lock through its PUT).
+    from conftest import wait_for
+
+    ledger = azure_ledger(azurite)
+    ledger.write_manifest(make_batches(5))
+    writer = ledger.done_writer("r1~w1", {"flush_batches": 100, "flush_bytes": 1 << 30, "flush_seconds": 0.2})
+    os.kill(azurite.pid, signal.SIGSTOP)
+    try:
+        written = dict([done(writer, 0)])
+        wait_for(lambda: writer.cut is not None, "the clock to start storing the first segment")
+        later = threading.Thread(target=lambda: written.update(done(writer, o) for o in range(1, 5)))
+        later.start()
+        later.join(timeout=10)
+        assert not later.is_alive()  # four more batches written while the PUT is stuck
+        assert (writer.written, writer.durable, writer.position) == (5, 0, 0)
+    finally:
+        os.kill(azurite.pid, signal.SIGCONT)
+    writer.flush()  # the stuck segment first, then the four written meanwhile
+
+    assert (writer.durable, writer.position) == (5, 2)
+    assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg", "r1~w1~000001.seg"]
+    view = Ledger(ledger.url, {"connection_string": azurite.connection_string}).view()
+    assert sorted(view.done) == [bid(o) for o in range(5)]
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
+
+
+def test_a_segment_whose_put_failed_is_stored_again_under_its_name(azurite):
+    # The container is gone when the first flush runs: that PUT fails, the next flush stores the
+    # same segment under the same name (its records name it), then what came after it.
+    ledger = azure_ledger(azurite)
+    ledger.write_manifest(make_batches(4))
+    container = ledger.url.split("/")[2]
+    writer = ledger.done_writer("r1~w1", {"flush_batches": 2, "flush_bytes": 1 << 30, "flush_seconds": 3600})
+    written = dict([done(writer, 0)])
+    fs = ledger.store.fs
+    manifest = {p: fs.cat_file(p) for p in fs.find(container)}
+    fs.rm(container, recursive=True)
+    from azure.core.exceptions import ResourceNotFoundError
+
+    with pytest.raises(ResourceNotFoundError):
+        done(writer, 1)  # the second: flush_batches reached, stored now, and that fails
+    assert (writer.written, writer.durable) == (2, 0)
+    fs.mkdir(container)
+    fs.pipe(manifest)
+    written.update([done(writer, 2)])  # into the next segment: the failed one is not reopened
+    writer.flush()
+
+    assert (writer.durable, writer.position) == (3, 2)
+    assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg", "r1~w1~000001.seg"]
+    view = Ledger(ledger.url, {"connection_string": azurite.connection_string}).view()
+    assert sorted(view.done) == [bid(0), bid(1), bid(2)]
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
 
 
 def test_ledger_failed_records(backend):

@@ -30,6 +30,10 @@ class DoneWriter:
     durable = 0
     position = 0
 
+    def progress(self) -> tuple[int, int]:
+        """(``durable``, ``position``), read together."""
+        return self.durable, self.position
+
     def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
         raise NotImplementedError
 
@@ -89,6 +93,11 @@ class ObjectSegmentWriter(DoneWriter):
     records or ``flush_bytes`` of rows are buffered, when the oldest buffered record is
     ``flush_seconds`` old (a thread watches the clock, so a long-running batch does not hold
     the records of the ones before it), and whenever the driver asks (an idle worker, a stop).
+
+    The clock's flush cuts the buffer and stores it while the worker goes on writing into a fresh
+    one: a PUT of megabytes of rows never holds up run(). Segments are stored one at a time, in
+    the order cut (``storing``); a cut whose PUT failed is kept and stored first next time, under
+    the same name, so the records that name it stay right.
     """
 
     def __init__(self, store: Store, writer: str, limits: dict):
@@ -97,14 +106,26 @@ class ObjectSegmentWriter(DoneWriter):
         self.records: list[bytes] = []
         self.size = 0
         self.oldest: Optional[float] = None
-        self.lock = threading.Lock()
+        self.next = 0  # the number of the segment the buffered records go to
+        self.cut: Optional[tuple[int, bytes, int]] = None  # (number, bytes, records) cut, not yet stored
+        self.lock = threading.Lock()  # the buffer and the counts
+        self.storing = threading.Lock()  # taken before ``lock``, never after: one PUT at a time, in order
         self.failure: Optional[BaseException] = None  # of a flush by the clock thread: raised to the caller
         self.clock: Optional[threading.Thread] = None
+
+    @property
+    def position(self) -> int:
+        """Where the records after the durable ones start: the segment being stored, if one is."""
+        return self.cut[0] if self.cut is not None else self.next
+
+    def progress(self) -> tuple[int, int]:
+        with self.lock:
+            return self.durable, self.position
 
     def write(self, record: DoneRecord, rows: Optional[bytes]) -> DoneRecord:
         with self.lock:
             if rows is not None:
-                record = replace(record, part=segment_name(self.writer, self.position), part_offset=self.size,
+                record = replace(record, part=segment_name(self.writer, self.next), part_offset=self.size,
                                  part_bytes=len(rows), part_sha256=hashlib.sha256(rows).hexdigest())
                 self.rows.append(rows)
                 self.size += len(rows)
@@ -112,32 +133,52 @@ class ObjectSegmentWriter(DoneWriter):
             self.written += 1
             if self.oldest is None:
                 self.oldest = time.monotonic()
-            if self._due():
-                self._flush()
+            # Full: stored now, by this thread (it waits for a segment the clock is storing). Old:
+            # the clock's to store, unless there is no clock (flush_seconds 0: every batch at once).
+            due = self._full() or (self._old() and not self._clocked())
+        if due:
+            self._store_buffered()
         self._start_clock()
         return record
 
-    def _due(self) -> bool:
-        if not self.records:
-            return False
-        return len(self.records) >= self.limits["flush_batches"] or self.size >= self.limits["flush_bytes"] \
-            or time.monotonic() - self.oldest >= self.limits["flush_seconds"]
+    def _full(self) -> bool:
+        return len(self.records) >= self.limits["flush_batches"] or self.size >= self.limits["flush_bytes"]
+
+    def _old(self) -> bool:
+        return self.oldest is not None and time.monotonic() - self.oldest >= self.limits["flush_seconds"]
+
+    def _clocked(self) -> bool:
+        return 0 < self.limits["flush_seconds"] < float("inf")
 
     def flush(self) -> None:
-        with self.lock:
-            self._flush()
+        self._store_buffered()
 
-    def _flush(self) -> None:
-        if self.failure is not None:
-            failure, self.failure = self.failure, None
-            raise failure
-        if not self.records:
-            return
-        data = encode_segment(b"".join(self.rows), self.records)
-        self.store.write_once(data, "parts", segment_name(self.writer, self.position))
-        self.durable += len(self.records)
-        self.position += 1
-        self.rows, self.records, self.size, self.oldest = [], [], 0, None
+    def _store_buffered(self, drain: bool = True) -> None:
+        """Store the segment cut before and not stored yet, then cut and store what is buffered,
+        until nothing is (``drain=False``: one segment, what the clock stores); raises the clock
+        thread's failure first, if it had one."""
+        with self.storing:
+            with self.lock:
+                failure, self.failure = self.failure, None
+            if failure is not None:
+                raise failure
+            while True:
+                with self.lock:
+                    if self.cut is None and self.records:
+                        data = encode_segment(b"".join(self.rows), self.records)
+                        self.cut = (self.next, data, len(self.records))
+                        self.next += 1
+                        self.rows, self.records, self.size, self.oldest = [], [], 0, None
+                    cut = self.cut
+                if cut is None:
+                    return
+                number, data, count = cut
+                self.store.write_once(data, "parts", segment_name(self.writer, number))  # not under ``lock``
+                with self.lock:
+                    self.durable += count
+                    self.cut = None
+                if not drain:
+                    return
 
     @staticmethod
     def records_after(store: Store, writer: str, position: int) -> list[bytes]:
@@ -153,7 +194,7 @@ class ObjectSegmentWriter(DoneWriter):
             seq += 1
 
     def _start_clock(self) -> None:
-        if self.clock is None and 0 < self.limits["flush_seconds"] < float("inf"):
+        if self.clock is None and self._clocked():
             self.clock = threading.Thread(target=self._tick, name="raypar-segment-flush", daemon=True)
             self.clock.start()
 
@@ -162,10 +203,12 @@ class ObjectSegmentWriter(DoneWriter):
         while True:
             time.sleep(period)
             with self.lock:
-                if self.failure is None and self._due():
-                    try:
-                        self._flush()
-                    except BaseException as exc:  # noqa: BLE001 - the next write or flush raises it
+                due = self.failure is None and (self._old() or self._full())
+            if due:
+                try:
+                    self._store_buffered(drain=False)
+                except BaseException as exc:  # noqa: BLE001 - the next write or flush raises it
+                    with self.lock:
                         self.failure = exc
 
 

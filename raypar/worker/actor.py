@@ -292,7 +292,8 @@ class Worker:
 
     def flushed(self) -> dict:
         """How many of this worker's done batches are stored, and where later ones would be."""
-        return {"durable": self.done.durable, "position": self.done.position}
+        durable, position = self.done.progress()
+        return {"durable": durable, "position": position}
 
     def _call_run(self, mini_batch, context):
         if self.context_as == "positional":
