@@ -13,12 +13,17 @@ started here, job dir on local disk then on Azurite, and prints side by side:
 - ``raypar status --json`` and ``raypar resume`` of the finished job (nothing to do), each as
   a fresh CLI process, the way a user runs them.
 
+--row-kib K pads every row to about K KiB and --run-ms M makes each run() sleep M ms first (the
+GIL released, as inference releases it): a job whose workers store megabytes per second, where a
+segment's PUT takes long enough to matter.
+
 Each figure is the best of --repeat runs (default 3), local and Azurite alternating, so a
 burst of load on this 2-core machine does not decide a ratio.
 
 Targets (issue 13): object store <= 1.3x local at both sizes; <= 1 object per 20 batches.
 
-    python benchmarks/bench_jobdir_object_store.py [--sizes 2000 20000] [--repeat 3] [--cli] [--keep] [--verbose]
+    python benchmarks/bench_jobdir_object_store.py [--sizes 2000 20000] [--repeat 3] [--cli]
+        [--row-kib K] [--run-ms M] [--keep] [--verbose]
 """
 
 from __future__ import annotations
@@ -38,13 +43,19 @@ from common import print_load, run_raypar, start_azurite, tear_down  # noqa: E40
 
 ENTRY = """
 import os
+import time
+
+RUN_SECONDS, PAD = {run_seconds!r}, {pad!r}
+
 
 def run(mini_batch):
-    return [f"{os.path.basename(p)} {open(p).read().strip()}" for p in mini_batch]
+    if RUN_SECONDS:
+        time.sleep(RUN_SECONDS)  # the GIL released, as model inference releases it
+    return [f"{{os.path.basename(p)}} {{open(p).read().strip()}}{{PAD}}" for p in mini_batch]
 """
 
 
-def spec_for(root: str, count: int) -> dict:
+def spec_for(root: str, count: int, row_kib: int = 0, run_ms: float = 0) -> dict:
     data = os.path.join(root, f"data-{count}")
     if not os.path.isdir(data):
         for i in range(count):
@@ -52,10 +63,10 @@ def spec_for(root: str, count: int) -> dict:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"f{i:06d}.txt"), "w") as f:
                 f.write(f"value {i}\n")
-    code = os.path.join(root, "code")
+    code = os.path.join(root, f"code-{row_kib}-{run_ms}")
     os.makedirs(code, exist_ok=True)
     with open(os.path.join(code, "entry.py"), "w") as f:
-        f.write(ENTRY)
+        f.write(ENTRY.format(run_seconds=run_ms / 1000, pad=" " + "x" * (row_kib * 1024) if row_kib else ""))
     return {
         "type": "parallel", "name": "bench-jobdir",
         "inputs": {"data": {"type": "uri_folder", "path": data}},
@@ -84,19 +95,19 @@ def cli_seconds(*args) -> float:
     return time.perf_counter() - started
 
 
-def measure(root: str, count: int, job: str, fs, verbose: bool, cli: bool) -> dict:
-    spec = spec_for(root, count)
+def measure(root: str, count: int, job: str, fs, args) -> dict:
+    spec = spec_for(root, count, args.row_kib, args.run_ms)
     started = time.perf_counter()
-    outcome = run_raypar(spec, job, verbose)
+    outcome = run_raypar(spec, job, args.verbose)
     seconds = time.perf_counter() - started
     if outcome.state.value != "succeeded" or outcome.completed != count:
         raise RuntimeError(f"{job}: {outcome.state.value} ({outcome.reason})")
     figures = {"run": seconds, "objects": objects_under(job, fs),
                "status": cli_seconds("status", job, "--json"), "resume": cli_seconds("resume", job)}
-    if cli:  # the same job again, as a fresh `raypar run` process with its embedded Ray
+    if args.cli:  # the same job again, as a fresh `raypar run` process with its embedded Ray
         path = os.path.join(root, f"spec-{uuid.uuid4().hex[:6]}.yml")
         with open(path, "w") as f:
-            yaml.safe_dump(spec_for(root, count), f)
+            yaml.safe_dump(spec_for(root, count, args.row_kib, args.run_ms), f)
         figures["cli run"] = cli_seconds("run", path, "--job-dir", f"{job}-cli")
     return figures
 
@@ -106,6 +117,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cli", action="store_true", help="also time `raypar run` as a fresh process")
+    parser.add_argument("--row-kib", type=int, default=0, help="pad each row to about this many KiB")
+    parser.add_argument("--run-ms", type=float, default=0, help="each run() sleeps this long first")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
@@ -128,7 +141,7 @@ def main() -> int:
             for attempt in range(args.repeat):
                 for where, job in (("local", os.path.join(root, f"job-{count}-{attempt}")),
                                    ("azurite", f"az://bench/job-{count}-{attempt}")):
-                    runs[where].append(measure(root, count, job, fs, args.verbose, args.cli))
+                    runs[where].append(measure(root, count, job, fs, args))
             figures = {where: {k: min(m[k] for m in ms) for k in ms[0]} for where, ms in runs.items()}
             for where, m in figures.items():
                 print(f"{count:>8,} {where:>8} {m['run']:>8.1f} {1000 * m['run'] / count:>8.1f}ms "
