@@ -165,14 +165,23 @@ def submit_like_kuberay(rayjob, mount, address):
 @pytest.fixture(scope="module")
 def fresh_cluster(azurite, tmp_path_factory):
     """A loopback cluster as the rendered RayJob's rayClusterSpec describes, with the storage
-    Secret's variables, started before a test needs it: the retry test's fresh cluster (KubeRay's
-    retry), then the cluster the cancel test submits to."""
-    spec = job_spec(tmp_path_factory.mktemp("cluster-spec"), "any-container", "")
-    _, rayjob = render(str(spec), image="raypar:test", job_dir="az://any-container/job", echo=lambda line: None).objects
-    cluster = EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"],
-                                 {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
+    Secret's variables, started on the first call and the same one after: the retry test's fresh
+    cluster (KubeRay's retry, started once the first cluster is gone, as KubeRay starts it), then
+    the cluster the cancel test submits to."""
+    started = []
+
+    def cluster() -> EmulatedRayCluster:
+        if not started:
+            spec = job_spec(tmp_path_factory.mktemp("cluster-spec"), "any-container", "")
+            _, rayjob = render(str(spec), image="raypar:test", job_dir="az://any-container/job",
+                               echo=lambda line: None).objects
+            started.append(EmulatedRayCluster(rayjob["spec"]["rayClusterSpec"],
+                                              {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}))
+        return started[0]
+
     yield cluster
-    cluster.shutdown()
+    for one in started:
+        one.shutdown()
 
 
 def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, fresh_cluster, tmp_path, monkeypatch):
@@ -221,7 +230,7 @@ def test_kuberay_retry_on_a_fresh_cluster_resumes_the_job(azurite, fresh_cluster
     for p in log.iterdir():
         p.unlink()
     (hold / "release").touch()
-    second = fresh_cluster
+    second = fresh_cluster()
     assert second.spec == rayjob["spec"]["rayClusterSpec"] and not second.node_ids() & first_nodes
     submission = submit_like_kuberay(rayjob, mount, second.address)
     client = jobs_client(second.address)
@@ -252,7 +261,7 @@ def test_a_rayjob_submission_is_canceled_and_resumed_by_its_id_from_a_laptop(azu
     configmap, rayjob = render(str(spec), image="raypar:test", job_dir=job_dir, echo=lambda line: None).objects
     mount = tmp_path / "submitter-pod"
     mount_configmap(configmap, rayjob["spec"]["submitterPodTemplate"]["spec"]["volumes"][0], mount)
-    cluster = fresh_cluster
+    cluster = fresh_cluster()
     assert cluster.spec == rayjob["spec"]["rayClusterSpec"]
     submission = submit_like_kuberay(rayjob, mount, cluster.address)
     wait_for(lambda: len([p for p in hold.glob("holding-*") if p.read_text()]) == 2,
