@@ -13,7 +13,7 @@ import fsspec
 import pytest
 import requests
 import yaml
-from conftest import ENTRY_DIR, JOBS_API, free_port, quiet, start_cluster, wait_for
+from conftest import ENTRY_DIR, JOBS_API, cli_in_process, free_port, quiet, start_cluster, wait_for
 
 import raypar
 from raypar.jobdir.ledger import Ledger
@@ -29,8 +29,17 @@ def cli(*args, env=None, drop=(), timeout=240):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=full, timeout=timeout)
 
 
-def status(submission, **kwargs) -> dict:
-    result = cli("status", "--address", JOBS_API, submission, "--json", **kwargs)
+def status(capsys, submission, drop=()) -> dict:
+    """`raypar status --address JOBS_API SUBMISSION --json`. Run in this process when it sees what
+    this process sees (polled until a count shows, a fresh interpreter per look costs a second
+    and more); in a fresh one without ``drop``, environment variables it must not see (a laptop
+    without the storage credentials: this process's storage clients already hold them)."""
+    if drop:
+        result = cli("status", "--address", JOBS_API, submission, "--json", drop=drop)
+    else:
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv("RAY_ADDRESS", raising=False)
+            result = cli_in_process(capsys, "status", "--address", JOBS_API, submission, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -108,7 +117,7 @@ def executed(log_dir):
     return sorted(p.read_text() for p in log_dir.iterdir())
 
 
-def test_submit_poll_cancel_resume_remotely_gives_exact_output(jobs_cluster, jobs_api, blob, tmp_path):
+def test_submit_poll_cancel_resume_remotely_gives_exact_output(jobs_cluster, jobs_api, blob, tmp_path, capsys):
     container, fs = blob
     log, hold = tmp_path / "exec", tmp_path / "hold"
     log.mkdir(), hold.mkdir()
@@ -132,20 +141,20 @@ def test_submit_poll_cancel_resume_remotely_gives_exact_output(jobs_cluster, job
     # (Which worker finishes which batch is a race, so the done records may name one node.)
     assert len(set(holders())) == 2 and set(holders()) <= {n.node_id for n in jobs_cluster.list_all_nodes()}
     # Workers store finished batches within raypar.ledger.flush_seconds (1 s), even while holding one.
-    wait_for(lambda: status(submission).get("completed") == 4, "the 4 finished batches to be stored")
-    running = status(submission)
+    wait_for(lambda: status(capsys, submission).get("completed") == 4, "the 4 finished batches to be stored")
+    running = status(capsys, submission)
     assert (running["state"], running["ray_status"], running["source"]) == ("running", "RUNNING", "job dir")
     assert (running["completed"], running["failed"], running["total"]) == (4, 0, 12)
     # Without the storage credentials the counts come from the driver's progress lines.
-    from_log = status(submission, drop=("AZURE_STORAGE_CONNECTION_STRING",))
+    from_log = status(capsys, submission, drop=("AZURE_STORAGE_CONNECTION_STRING",))
     assert from_log["source"].startswith("driver log")
-    wait_for(lambda: status(submission, drop=("AZURE_STORAGE_CONNECTION_STRING",)).get("completed") == 4,
+    wait_for(lambda: status(capsys, submission, drop=("AZURE_STORAGE_CONNECTION_STRING",)).get("completed") == 4,
              "the driver to print 4 done")
 
     canceled = cli("cancel", "--address", jobs_api, submission)
     assert canceled.returncode == 0, canceled.stderr
     assert "canceled (Ray status STOPPED)" in canceled.stdout
-    after = status(submission)
+    after = status(capsys, submission)
     assert (after["state"], after["ray_status"], after["completed"]) == ("canceled", "STOPPED", 4)
     assert "SIGTERM" in after["reason"]
     ran = executed(log)
@@ -243,7 +252,7 @@ def test_paths_the_cluster_cannot_reach_are_refused_before_submitting(jobs_api, 
     assert jobs_now() == before
 
 
-def test_wait_exits_with_the_jobs_exit_code(jobs_api, tmp_path):
+def test_wait_exits_with_the_jobs_exit_code(jobs_api, tmp_path, capsys):
     names = ["a.txt", "b.txt", "c.txt"]
     spec = project(tmp_path, names=names, output=str(tmp_path / "out"), mini_batch_error_threshold=0,
                    retry_settings={"max_retries": 0, "timeout": 60})
@@ -253,7 +262,7 @@ def test_wait_exits_with_the_jobs_exit_code(jobs_api, tmp_path):
                  "--shared-path", str(tmp_path), "--wait")
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "failed" in failed.stderr and "raypar resume --address" in failed.stderr
-    assert json.loads(cli("status", str(job_dir), "--json").stdout)["state"] == "failed"
+    assert json.loads(cli_in_process(capsys, "status", str(job_dir), "--json").stdout)["state"] == "failed"
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
 
     (tmp_path / "code" / "data" / "b.txt").write_text("now fine")
