@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import make_spec
+from conftest import cli_in_process, make_spec
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -106,7 +106,7 @@ def executed(log):
     ("assembly", 0),        # every batch was done: resume only assembles
     ("after-assembly", 0),
 ])
-def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(ray_cluster, tmp_path, point, reran):
+def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(ray_cluster, tmp_path, capsys, point, reran):
     files, log, spec_path = job_files(tmp_path)
     job = str(tmp_path / "job")
     output = tmp_path / "out" / "parallel_run_step.txt"
@@ -116,7 +116,7 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(ray_cluster,
     assert crashed.returncode == 9, crashed.stderr
     if point != "after-assembly":
         assert not output.exists()  # never a partial output file
-    status = json.loads(run_cli(["status", job, "--json"]).stdout)
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert status["state"] == "interrupted"
     if point == "listing":  # status shows the plan so far
         assert (status["planning_complete"], status["total"], status["completed"]) == (False, 1, 1)
@@ -136,7 +136,7 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(ray_cluster,
     assert os.listdir(output.parent) == [output.name]  # no temp file left behind
 
 
-def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster, tmp_path):
+def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster, tmp_path, capsys):
     files, log, spec_path = job_files(tmp_path)
     job = str(tmp_path / "job")
     crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point="listing", cluster=ray_cluster)
@@ -146,7 +146,7 @@ def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster,
     resumed = run_cli(["resume", job], cluster=ray_cluster)
 
     assert resumed.returncode == 1
-    status = json.loads(run_cli(["status", job, "--json"]).stdout)
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert status["state"] == "failed"
     assert "planning failed: the input changed since this job started planning (mb-0000000 differs)" \
         in status["reason"]
@@ -155,7 +155,7 @@ def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster,
 @pytest.mark.parametrize("store, point, state", [  # (local, assembly) is above
     ("azurite", "assembly", "interrupted"), ("local", "compaction", "succeeded"), ("azurite", "compaction", "succeeded")])
 def test_driver_killed_while_assembling_or_compacting_leaves_a_job_that_resumes_exactly(
-        ray_cluster, tmp_path, request, monkeypatch, store, point, state):
+        ray_cluster, tmp_path, request, monkeypatch, capsys, store, point, state):
     files, log, spec_path = job_files(tmp_path)
     if store == "azurite":
         azurite = request.getfixturevalue("azurite")
@@ -169,7 +169,7 @@ def test_driver_killed_while_assembling_or_compacting_leaves_a_job_that_resumes_
 
     assert crashed.returncode == 9, crashed.stderr
     assert output.exists() == (point == "compaction")  # assembly never leaves a partial output
-    status = json.loads(run_cli(["status", job, "--json"]).stdout)
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert (status["state"], status["completed"], status["pending"]) == (state, 5, 0)
     for p in log.iterdir():
         p.unlink()

@@ -14,7 +14,7 @@ import fsspec
 import psutil
 import pytest
 import yaml
-from conftest import make_spec, quiet, wait_for
+from conftest import cli_in_process, make_spec, quiet, wait_for
 
 import raypar
 from raypar.jobdir.ledger import Ledger
@@ -112,7 +112,7 @@ def cli(*args):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=180)
 
 
-def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(ray_cluster, blob, tmp_path):
+def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(ray_cluster, blob, tmp_path, capsys):
     container, fs = blob
     # One worker, batches in order; a segment every 3 batches: f00-f02 and f03-f05 stored, f06 not.
     files, log, gate, spec = job_spec(tmp_path, 10, "f07.txt", {"flush_batches": 3, "flush_seconds": 3600}, **{
@@ -138,7 +138,7 @@ def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(ray_c
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(spawned, timeout=30)
-    status = json.loads(cli("status", job, "--json").stdout)
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert (status["state"], status["completed"], status["pending"]) == ("interrupted", 6, 4)
     assert sorted(f for _, f in runs(log)) == [f"f{i:02d}.txt" for i in range(8)]
     for p in log.iterdir():
