@@ -142,7 +142,8 @@ class ObjectSegmentWriter(DoneWriter):
         return record
 
     def _full(self) -> bool:
-        return len(self.records) >= self.limits["flush_batches"] or self.size >= self.limits["flush_bytes"]
+        return bool(self.records) and (len(self.records) >= self.limits["flush_batches"]
+                                       or self.size >= self.limits["flush_bytes"])
 
     def _old(self) -> bool:
         return self.oldest is not None and time.monotonic() - self.oldest >= self.limits["flush_seconds"]
