@@ -18,10 +18,10 @@ def ordinal(batch_json: str) -> int:
     return json.loads(batch_json)["ordinal"]
 
 
-def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, **spec_keys):
+def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
-    then gets (batch, attempt, instance, now)."""
+    then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger."""
     ledger = Ledger(str(tmp_path / "job"))
     pending = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(batches)]
     ledger.write_manifest(pending)
@@ -35,7 +35,7 @@ def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, **spec_keys):
         for part in path:
             target = target.setdefault(part, {})
         target[last] = value
-    cluster = SimulatedCluster(behaviour, start_seconds=1.0, record=True)
+    cluster = SimulatedCluster(behaviour, start_seconds=1.0, record=True, ledger=ledger if store else None)
     if nodes is not None:
         cluster.with_nodes(*nodes)
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.instance, cluster.now)
@@ -118,6 +118,25 @@ def test_a_worker_that_dies_in_a_group_charges_no_batch_until_the_culprit_runs_a
     failed = ledger.view().failed
     assert set(failed) == {"mb-0000300"}
     assert history(ledger, 300)[-1] == ("system", True) and all(k == "system" for k, _ in history(ledger, 300))
+
+
+def test_batches_a_lost_worker_stored_in_calls_it_never_answered_are_done_not_run_again(tmp_path):
+    # The worker dies in batch 300; Ray also fails the call it answered just before (its answer
+    # was lost with it). What the worker stored in either call is done: the ledger says so.
+    ran = []
+
+    def behaviour(batch, attempt, worker):
+        ran.append(ordinal(batch))
+        if (ordinal(batch), attempt) == (300, 1):
+            return Outcome(0.002, "lost", loses_answer_before=True)
+        return Outcome(0.002)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=400, slots=1, store=True,
+                                             **{"retry_settings.max_retries": 0})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (400, 0)
+    assert sorted(set(ran)) == list(range(400)) and len(ran) == 401  # only 300 twice
+    assert cluster.stats["groups"] >= 10
 
 
 def test_a_group_past_the_timeout_charges_no_try_and_the_hanging_batch_times_out_alone(tmp_path):

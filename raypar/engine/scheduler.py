@@ -870,8 +870,13 @@ class Scheduler:
         slot.calls.clear()
         for call in calls:
             self.calls.pop(call.ref, None)
-        for call in reversed(calls[1:]):  # never started: no try spent
-            self.queue.extendleft((b, 0) for b in reversed(_batches(call)))
+        for call in reversed(calls[1:]):  # never started, as far as answers tell: no try spent
+            if any(b.id in (recorded or ()) for b in _batches(call)):
+                # It ran after all: Ray failed it with the worker, its answer lost. What the
+                # worker stored is done; the rest runs again, one to a call if it was a group.
+                self._requeue_after_system_failure(call, "", slot, recorded)
+            else:
+                self.queue.extendleft((b, 0) for b in reversed(_batches(call)))
         self._kill(slot)
         slot.deaths += lost  # a worker we killed for a timeout was not lost to the system
         log.warning("%s: %s; %d queued batch(es) handed back", slot.label, why,

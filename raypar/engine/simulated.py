@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from raypar.engine.transport import Transport, WorkerLost, WorkerRaised
+from raypar.inputs.base import MiniBatch
+from raypar.jobdir.records import DoneRecord
 
 
 @dataclass
@@ -25,6 +27,9 @@ class Outcome:
     seconds: float
     result: str = "ok"  # "ok", "user" (run() raised), "lost" (the worker dies in it), "raised" (raypar raised)
     error: str = "ValueError: simulated"
+    # "lost": the answer of the worker's call before this one is lost with it (Ray can fail a call
+    # that ended just before its worker died, as if the worker had died in it).
+    loses_answer_before: bool = False
 
 
 @dataclass
@@ -34,6 +39,8 @@ class _Worker:
     dies_at: Optional[float] = None
     written: int = 0
     calls: set = field(default_factory=set)  # its calls not yet answered
+    last_call: Optional[int] = None
+    writer: Any = None  # its DoneWriter, with a ledger
 
 
 class SimulatedCluster(Transport):
@@ -41,11 +48,12 @@ class SimulatedCluster(Transport):
     MiniBatch.to_json() gives it, unparsed: parsing is the behaviour's cost, not the scheduler's)."""
 
     def __init__(self, behaviour: Callable[[dict, int, int], Outcome], start_seconds: float = 1.0,
-                 instances: Optional[set] = None, record: bool = False):
+                 instances: Optional[set] = None, record: bool = False, ledger=None):
         self.behaviour, self.start_seconds = behaviour, start_seconds
         self.now = 0.0
         self.clock = lambda: self.now
         self.instances = instances  # placed instances (None: all)
+        self.ledger = ledger  # with one, each worker stores its done records there, as real ones do
         self.workers: dict[int, _Worker] = {}
         self.events: list = []  # (end, call id) of calls not yet ended
         self.results: dict[int, tuple] = {}  # call id -> (end, kind, value)
@@ -119,6 +127,8 @@ class SimulatedCluster(Transport):
         kind, value, seconds = "ok", None, 0.0
         if method == "start":
             seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}"}
+        elif method in ("run_batch", "run_batches") and w.dies_at is not None:
+            pass  # queued on a worker that dies before it: it never runs (it ends with the worker, below)
         elif method == "run_batch":
             self.stats["run_batch"] += 1
             if self.record:
@@ -128,6 +138,7 @@ class SimulatedCluster(Transport):
             outcome = self.behaviour(args[0], args[1], worker)
             seconds = outcome.seconds
             if outcome.result == "ok":
+                self._store(worker, args[0], args[1])
                 w.written += 1
                 value = {"ok": True, "items": 1, "returned": 1, "seconds": seconds, "durable": w.written,
                          "position": 0, "index": w.written}
@@ -152,6 +163,7 @@ class SimulatedCluster(Transport):
                     value = {"parts": parts, "raised": outcome.error}
                     break
                 if outcome.result == "ok":
+                    self._store(worker, batch_json, attempt)
                     w.written += 1
                     parts.append({"ok": True, "items": 1, "returned": 1, "seconds": outcome.seconds,
                                   "durable": w.written, "position": 0, "index": w.written})
@@ -167,11 +179,25 @@ class SimulatedCluster(Transport):
             end, kind, value = w.dies_at, "lost", "ActorDiedError"
         elif kind == "lost":
             w.dies_at = end
-        w.free_at = end
+            if outcome.loses_answer_before and w.last_call in self.results:
+                before = self.results[w.last_call]
+                self.results[w.last_call] = (before[0], "lost", "ActorDiedError", worker)
+        w.free_at, w.last_call = end, cid
         w.calls.add(cid)
         self.results[cid] = (end, kind, value, worker)
         heapq.heappush(self.events, (end, cid))
         return cid
+
+    def _store(self, worker: int, batch_json: str, attempt: int) -> None:
+        """The worker's done record of a batch, in the ledger (stored as the call is made: fine for
+        what tests ask, which batches a lost worker had stored)."""
+        w = self.workers[worker]
+        if self.ledger is None or w.dies_at is not None:
+            return
+        if w.writer is None:
+            w.writer = self.ledger.done_writer(f"w{worker}")  # the name its start answer gives
+        w.writer.write(DoneRecord(batch=MiniBatch.from_json(batch_json).id, run="r1", attempt=attempt, items=1,
+                                  returned=1, part=None), None)
 
     def call_aside(self, worker: int, method: str, *args) -> None:
         self.stats["asides"] = self.stats.get("asides", 0) + 1
