@@ -372,7 +372,7 @@ def write_code(root: str) -> str:
 
 
 def raypar_spec(inputs: str, code: str, output: str, fmt: str, batch: str, profile: str = "",
-                prefetch: int = 1, batch_format: str = "pandas") -> dict:
+                prefetch: int = 1, batch_format: str = "pandas", assemble: str = "running") -> dict:
     return {
         "type": "parallel",
         "name": "bench-vs-ray-data",
@@ -392,7 +392,7 @@ def raypar_spec(inputs: str, code: str, output: str, fmt: str, batch: str, profi
             "append_row_to": "${{outputs.scores}}",
         },
         "raypar": {"worker": {"num_cpus": 1}, "append_row_format": fmt, "prefetch": prefetch,
-                   "batch_format": batch_format},
+                   "batch_format": batch_format, "assemble_while_running": assemble == "running"},
     }
 
 
@@ -523,12 +523,14 @@ class DriverTimers:
 
     def __init__(self):
         from raypar.engine import driver, ray_transport, scheduler
+        from raypar.outputs import live
 
         self.spans: dict[str, list[tuple[float, float]]] = {}
         self.undo = []
         self._wrap(scheduler.Scheduler, "run", "Scheduler.run: start workers, run every batch, stop workers")
         self._wrap(ray_transport.Placement, "reserve", "placement group")
         self._wrap(driver, "assemble", "outputs.assemble: the output file")
+        self._wrap(live.LiveAssembly, "finish", "LiveAssembly.finish: the output's tail")
         self._wrap(driver, "compact", "ledger compaction")
         self._wrap(driver, "write_session_reports", "reports")
 
@@ -646,6 +648,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prefetch", type=int, default=1, help="raypar.prefetch (default 1)")
     parser.add_argument("--batch-format", choices=("pandas", "pyarrow"), default="pandas",
                         help="raypar.batch_format: what run() gets (default pandas, as Azure)")
+    parser.add_argument("--assemble", choices=("running", "after"), default="running",
+                        help="raypar.assemble_while_running: write the output while batches run (default) "
+                             "or after the last")
     parser.add_argument("--profile", action="store_true", help="add one instrumented raypar run and print where its time goes")
     parser.add_argument("--verbose", action="store_true", help="show raypar's progress lines and Ray Data's stats")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (job dirs, outputs) for inspection")
@@ -708,7 +713,7 @@ def main(argv=None) -> int:
             output = os.path.join(root, "outputs", f"raypar-{label}.{fmt}")
             job_dir = os.path.join(root, "jobs", label)
             spec = raypar_spec(inputs, code, output, fmt, args.mini_batch_size, prefetch=args.prefetch,
-                               batch_format=args.batch_format)
+                               batch_format=args.batch_format, assemble=args.assemble)
             wait_for_free_cpus(2)
             with CpuMeter() as meter:
                 t = time.perf_counter()

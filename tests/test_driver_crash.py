@@ -41,8 +41,8 @@ LAUNCHER = textwrap.dedent("""
                     die()
                 yield name
         source.Source.files = slow_listing
-    elif point == "assembly":  # half of the output written to its temp file
-        write = outputs._TextSink.write
+    elif point in ("assembly", "live-assembly"):  # half of the output written to its temp file
+        write = outputs.TextSink.write
         calls = []
         def crashing_write(self, data, batch):
             calls.append(batch)
@@ -50,7 +50,7 @@ LAUNCHER = textwrap.dedent("""
                 self.out.flush()
                 die()
             return write(self, data, batch)
-        outputs._TextSink.write = crashing_write
+        outputs.TextSink.write = crashing_write
     elif point == "compaction":  # the compact's .arrow stored, its .idx (which makes it count) not
         import raypar.jobdir.store as store
         write_atomic = store.Store.write_atomic
@@ -85,12 +85,15 @@ def run_cli(args, crash_point=None, cluster=None):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
 
 
-def job_files(tmp_path):
+def job_files(tmp_path, live=False):
+    """``live``: the output is written while batches run; else after the last, so that a crash
+    while writing it comes after every batch was done."""
     files = {f"f{i:02d}.txt": f"v{i}" for i in range(10)}
     log = tmp_path / "exec"
     log.mkdir()
     spec = make_spec(tmp_path, files, mini_batch_size="2", **{
         "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log}",
+        "raypar.assemble_while_running": live,
     })
     path = tmp_path / "job.yml"
     path.write_text(yaml.safe_dump(spec))
@@ -134,6 +137,29 @@ def test_driver_killed_at_an_exact_point_resumes_to_the_same_output(ray_cluster,
         assert len(ran_before) == 5  # the crash came after every batch was done once
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     assert os.listdir(output.parent) == [output.name]  # no temp file left behind
+
+
+def test_driver_killed_while_writing_the_output_during_the_run_resumes_to_the_same_output(
+        ray_cluster, tmp_path, capsys):
+    files, log, spec_path = job_files(tmp_path, live=True)
+    job = str(tmp_path / "job")
+    output = tmp_path / "out" / "parallel_run_step.txt"
+
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point="live-assembly", cluster=ray_cluster)
+
+    assert crashed.returncode == 9, crashed.stderr
+    assert not output.exists()  # never a partial output file (its temp file goes with the next session)
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
+    assert status["state"] == "interrupted" and status["completed"] >= 3  # the 3rd part was being written
+    for p in log.iterdir():
+        p.unlink()
+
+    resumed = run_cli(["resume", job], cluster=ray_cluster)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(executed(log)) == 5 - status["completed"]  # only what was not done ran again
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert os.listdir(output.parent) == [output.name]
 
 
 def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster, tmp_path, capsys):

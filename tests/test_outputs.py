@@ -20,7 +20,9 @@ from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.jobdir.records import DoneRecord
 from raypar.outputs import assembly as outputs
 from raypar.outputs import formats as output_formats
+from raypar.outputs import live as live_assembly
 from raypar.outputs.assembly import assemble
+from raypar.outputs.live import LiveAssembly
 from raypar.outputs.rows import count_and_serialize
 
 TABLE_FORMATS = ["csv", "jsonl", "parquet"]
@@ -403,7 +405,7 @@ def fake_parts(count: int, size: int, log: list):
 
 def test_read_ahead_holds_at_most_its_limit():
     produced, held = [], []
-    for record, rows in outputs._ReadAhead(fake_parts(20, 100, produced), limit=250):
+    for record, rows in outputs.ReadAhead(fake_parts(20, 100, produced), limit=250):
         held.append(len(produced) - int(record.batch[3:]))  # parts read but not yet written
         assert rows == bytes(100)
     assert len(held) == 20 and max(held) <= 4  # 2 waiting + 1 being handed over + 1 read, blocked
@@ -411,7 +413,7 @@ def test_read_ahead_holds_at_most_its_limit():
 
 def test_read_ahead_stops_when_its_consumer_stops_and_passes_on_errors():
     produced = []
-    reader = outputs._ReadAhead(fake_parts(1000, 10, produced), limit=100)
+    reader = outputs.ReadAhead(fake_parts(1000, 10, produced), limit=100)
     for _ in reader:
         break
     assert not reader.thread.is_alive() and len(produced) < 1000
@@ -421,7 +423,7 @@ def test_read_ahead_stops_when_its_consumer_stops_and_passes_on_errors():
         raise OSError("disk gone")
 
     with pytest.raises(OSError, match="disk gone"):
-        list(outputs._ReadAhead(failing()))
+        list(outputs.ReadAhead(failing()))
 
 
 def test_parts_of_interleaved_segments_read_in_windows(tmp_path, monkeypatch):
@@ -572,3 +574,113 @@ def test_text_and_arrow_parts_mix_in_one_file_in_batch_order(tmp_path, fmt):
     rows = read_back(target, fmt)
     assert [(r["id"], r["name"]) for r in rows] == [(i, f"n{i}") for i in range(9)]
     assert [r["day"] is not None for r in rows] == [i % 3 == 0 for i in range(9)]
+
+
+
+# -- assembly while batches run (outputs/live.py) -----------------------------------------------------------
+
+
+def live_and_after(root, results, fmt, reported, failed=(), count=None, corrupt=()):
+    """LiveAssembly told that ``reported`` batches are stored (in that order) and ``failed`` failed
+    for good, finished with the ledger's view (where the batches never reported are found); and
+    assemble() from the same view. Returns (live target, assemble()'s target, the LiveAssembly)."""
+    ledger, view, records = job(root, results, fmt, order=sorted(results, reverse=True), count=count)
+    for ordinal in corrupt:
+        flip_byte(ledger, records[ordinal], at=records[ordinal].part_bytes - 20)
+    live_target, end_target = Path(root) / "live" / f"out.{fmt}", Path(root) / "end" / f"out.{fmt}"
+    live = LiveAssembly(ledger, str(live_target), fmt)
+    for ordinal in reported:
+        r = records[ordinal]
+        live.stored(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256] if r.part else None)
+    for ordinal in failed:
+        live.failed(bid(ordinal))
+    written = live.finish(view)
+    assert written is None or written == live_target.stat().st_size
+    if not corrupt:
+        assemble(ledger, view, str(end_target), fmt)
+    return live_target, end_target, live
+
+
+@pytest.mark.parametrize("fmt", ["text"] + TABLE_FORMATS)
+def test_the_file_written_while_running_is_the_file_written_after(tmp_path, fmt):
+    results = {i: (rows_of(i) if fmt != "text" else [f"row {i}.{k}" for k in range(3)]) for i in range(12)}
+    del results[5]  # failed for good: no record
+    results[7] = []  # no rows
+    reported = [3, 0, 2, 1, 6, 4, 9, 8, 7]  # 10 and 11 never reported (a lost worker's: found in the ledger)
+
+    live, end, assembly = live_and_after(tmp_path, results, fmt, reported, failed=[5], count=12)
+
+    assert live.read_bytes() == end.read_bytes()
+    assert (assembly.written_while_running, assembly.written) == (9, 11)  # 0-9 but 5 were settled in order
+    assert os.listdir(live.parent) == [live.name]  # no temp file left
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+def test_tricky_rows_give_the_same_file_live_or_after(tmp_path, fmt):
+    results = {i: tricky_result(i) for i in range(3)}  # (batch 3 would promote a column: see below)
+    live, end, assembly = live_and_after(tmp_path, results, fmt, reported=[2, 0, 1])
+    assert live.read_bytes() == end.read_bytes() and assembly.gave_up is None
+
+
+@pytest.mark.parametrize("fmt", TABLE_FORMATS)
+def test_a_part_that_changes_the_output_schema_leaves_the_output_to_assemble(tmp_path, fmt):
+    results = {0: [{"id": 1}], 1: [{"id": 2, "x": 0.5}], 2: [{"id": 3}]}
+
+    live, end, assembly = live_and_after(tmp_path, results, fmt, reported=[0, 1, 2])
+
+    assert assembly.published is None and "schema" in assembly.gave_up
+    assert os.listdir(live.parent) == []  # nothing published, no temp file left
+    assert read_back(end, fmt) == [{"id": 1, "x": None}, {"id": 2, "x": 0.5}, {"id": 3, "x": None}]
+
+
+@pytest.mark.parametrize("fmt", ["text", "parquet"])
+def test_a_corrupt_part_leaves_the_output_to_assemble_which_names_it(tmp_path, fmt):
+    results = {i: rows_of(i) if fmt != "text" else [f"row {i}"] for i in range(4)}
+
+    live, _, assembly = live_and_after(tmp_path, results, fmt, reported=[0, 1, 2, 3], corrupt=[2])
+
+    assert assembly.published is None and "sha256" in assembly.gave_up
+    assert os.listdir(live.parent) == []
+
+
+def test_a_stored_part_the_ledger_does_not_choose_is_never_published(tmp_path):
+    """Two attempts of batch 0 stored: the file written while running used the one the view does not hold."""
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": []}, item_count=1) for i in range(2)]
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(manifest)
+    parts = {}
+    for writer, attempt in (("r1~a", 1), ("r1~b", 2)):
+        r = ledger.done_writer(writer).write(
+            DoneRecord(batch=bid(0), run="r1", attempt=attempt, items=1, returned=1, part=None), f"try {attempt}\n".encode())
+        parts[attempt] = [r.part, r.part_offset, r.part_bytes, r.part_sha256]
+    view = ledger.view(manifest)
+    chosen = view.done[bid(0)].attempt
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+    live.stored(bid(0), parts[3 - chosen])  # the other attempt's
+
+    assert live.finish(view) is None and "not the ledger's" in live.gave_up
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_too_many_batches_stored_behind_one_that_is_not_gives_up_and_frees_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
+    ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(5)}, "text")
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+    for ordinal in (1, 2, 3, 4):  # batch 0 is never reported
+        r = records[ordinal]
+        live.stored(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256])
+
+    assert live.finish(view) is None and "wait for 0" in live.gave_up
+    assert live.waiting == {}  # what it held is let go
+
+
+def test_an_abandoned_session_leaves_no_file(tmp_path):
+    ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(3)}, "text")
+    out = tmp_path / "out"
+    live = LiveAssembly(ledger, str(out / "rows.txt"), "text")
+    for r in records.values():
+        live.stored(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256])
+
+    live.abandon()
+
+    assert not out.exists() or os.listdir(out) == []

@@ -11,6 +11,7 @@ from conftest import make_spec, quiet
 import raypar
 from raypar.engine.status import job_status
 from raypar.jobdir.state import JobState
+from raypar.outputs.live import LiveAssembly
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -130,6 +131,31 @@ def test_append_row_formats_hold_exactly_the_returned_rows_with_their_columns(ra
     assert list(out.columns) == ["id", "double"]  # a header / schema, unlike Azure's text
     assert out["id"].tolist() == source["id"].tolist()
     assert out["double"].tolist() == (source["x"] * 2).tolist()
+
+
+def test_the_output_written_while_batches_run_is_the_file_written_after_the_last(ray_cluster, tmp_path,
+                                                                                  monkeypatch):
+    finished = []
+    finish = LiveAssembly.finish
+    monkeypatch.setattr(LiveAssembly, "finish", lambda self, view: finished.append(self) or finish(self, view))
+    outputs = {}
+    for live in (True, False):
+        root = tmp_path / str(live)
+        (root / "data").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pandas(table(0, 6000), preserve_index=False), root / "data" / "t.parquet",
+                       row_group_size=1000)
+        spec = table_spec(root, mini_batch_size="16kb", **{
+            "raypar.append_row_format": "parquet", "raypar.assemble_while_running": live})
+
+        outcome = raypar.run(spec, job_dir=str(root / "job"), echo=quiet).wait()
+
+        assert outcome.state is JobState.SUCCEEDED, outcome.reason
+        outputs[live] = (root / "out" / "parallel_run_step.parquet").read_bytes()
+    assert outputs[True] == outputs[False]
+    assert pq.read_table(pa.py_buffer(outputs[True])).column("id").to_pylist() == list(range(6000))
+    [assembly] = finished  # only the job that writes while running made one, and it published the file
+    assert assembly.published == len(outputs[True])
+    assert assembly.written_while_running == assembly.written == outcome.completed  # every batch, before the end
 
 
 @pytest.mark.parametrize("fmt", ["text", "parquet"])

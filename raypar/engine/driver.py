@@ -35,6 +35,7 @@ from raypar.jobdir.layout import default_job_dir
 from raypar.jobdir.ledger import Ledger, new_run_id
 from raypar.jobdir.state import JobState
 from raypar.outputs.assembly import assemble
+from raypar.outputs.live import LiveAssembly
 from raypar.polling import poll
 from raypar.spec.binding import bind, fill_output_paths
 from raypar.spec.loading import as_spec, changed_keys, relocate_code
@@ -338,43 +339,63 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
     target = bind(spec).append_row_path
     # Lean: which batches are done, not where their rows are (a bit per batch, see DoneSet).
     view = ledger.view(manifest, lean=True) if manifest is not None else None
-    for _ in range(MAX_ASSEMBLY_ROUNDS):
-        pending = view.pending() if view is not None else []
-        if pending or feed is not None:
-            assembled = False  # this session adds rows: the output is written again
-            total = len(manifest) if manifest is not None else "?"
-            echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
-                 else "raypar: planning mini-batches while running them")
-            before = view if view is not None else ledger.view(feed.prefix, lean=True)
-            reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed)
-            if feed is not None:
-                feed.join()
-                manifest, feed = ledger.read_manifest(), None
-                if manifest is not None and not reason:
-                    echo(f"raypar: planned {len(manifest)} mini-batch(es)")
-            view = ledger.view(manifest, lean=not target) if manifest is not None else None
-            if reason:
-                return reason, detail, view
-            if manifest is None:
-                return "planning did not finish", "", view  # (a planning error is the scheduler's reason)
-        if not target:
-            return "", "", view
-        if assembled and _exists(target, session.storage):
-            echo(f"raypar: nothing to run; {target} is the last session's, kept as it is")
-            return "", "", view
-        if view.lean:
-            view = ledger.view(manifest)  # the records: where each batch's rows are
-        try:
-            assemble(ledger, view, target, spec.raypar.append_row_format, options_for(target, session.storage))
-            return "", "", view
-        except OutputSchemaError as exc:  # rows of different batches cannot form one table
-            return f"append_row_to: {exc}", "", view
-        except CorruptPartsError as exc:
-            for record in exc.records:
-                ledger.void(record, "output part does not match its sha256")
-            echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
-            view = ledger.view(manifest, lean=True)
-    return "output parts keep failing verification (storage corrupting data?)", "", view
+    live = None  # the output written while the batches run (outputs/live.py)
+    try:
+        for _ in range(MAX_ASSEMBLY_ROUNDS):
+            pending = view.pending() if view is not None else []
+            if pending or feed is not None:
+                assembled = False  # this session adds rows: the output is written again
+                total = len(manifest) if manifest is not None else "?"
+                echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
+                     else "raypar: planning mini-batches while running them")
+                before = view if view is not None else ledger.view(feed.prefix, lean=True)
+                live = _live_assembly(ledger, session, target, before)
+                reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed,
+                                          live)
+                if feed is not None:
+                    feed.join()
+                    manifest, feed = ledger.read_manifest(), None
+                    if manifest is not None and not reason:
+                        echo(f"raypar: planned {len(manifest)} mini-batch(es)")
+                view = ledger.view(manifest, lean=not target) if manifest is not None else None
+                if reason:
+                    return reason, detail, view
+                if manifest is None:
+                    return "planning did not finish", "", view  # (a planning error is the scheduler's reason)
+            if not target:
+                return "", "", view
+            if assembled and _exists(target, session.storage):
+                echo(f"raypar: nothing to run; {target} is the last session's, kept as it is")
+                return "", "", view
+            if view.lean:
+                view = ledger.view(manifest)  # the records: where each batch's rows are
+            if live is not None:
+                written, live = live.finish(view), None
+                if written is not None:
+                    return "", "", view
+            try:
+                assemble(ledger, view, target, spec.raypar.append_row_format, options_for(target, session.storage))
+                return "", "", view
+            except OutputSchemaError as exc:  # rows of different batches cannot form one table
+                return f"append_row_to: {exc}", "", view
+            except CorruptPartsError as exc:
+                for record in exc.records:
+                    ledger.void(record, "output part does not match its sha256")
+                echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
+                view = ledger.view(manifest, lean=True)
+        return "output parts keep failing verification (storage corrupting data?)", "", view
+    finally:
+        if live is not None:  # no output this session: its temporary file goes
+            live.abandon()
+
+
+def _live_assembly(ledger, session, target, before) -> Optional[LiveAssembly]:
+    """A LiveAssembly for a session that starts with no batch done and runs in ordinal order, else None."""
+    spec = session.spec
+    order = getattr(before.manifest, "output_order", None)
+    if not target or not spec.raypar.assemble_while_running or len(before.done) or (order and order() is not None):
+        return None
+    return LiveAssembly(ledger, target, spec.raypar.append_row_format, options_for(target, session.storage))
 
 
 def _exists(target: str, storage: dict) -> bool:
@@ -397,7 +418,7 @@ def _make_output_folders(spec: JobSpec) -> None:
             os.makedirs(output.path, exist_ok=True)
 
 
-def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None) -> tuple[str, str]:
+def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None, live=None) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
 
     spec = session.spec
@@ -415,7 +436,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)
         scheduler = Scheduler(ledger, spec, run, pending, RayTransport(placement), progress, reporter, interrupt,
-                              feed, may_write=interrupt.lease_held)
+                              feed, may_write=interrupt.lease_held, output=live)
         with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
             reason = scheduler.run()
         reporter(progress, final=True)

@@ -70,19 +70,24 @@ class Unstored:
 
     def __init__(self):
         self.heap: list[tuple[int, int]] = []  # (index, key)
-        self.calls: dict[int, tuple[Call, int]] = {}  # key -> (call, its unreturned items)
+        self.calls: dict[int, tuple[Call, int, Any]] = {}  # key -> (call, its unreturned items, its part)
 
-    def add(self, call: Call, index: int, unreturned: int) -> None:
+    def add(self, call: Call, index: int, unreturned: int, part: Any = None) -> None:
         heapq.heappush(self.heap, (index, id(call)))
-        self.calls[id(call)] = (call, unreturned)
+        self.calls[id(call)] = (call, unreturned, part)
 
-    def confirm(self, durable: int) -> None:
+    def confirm(self, durable: int) -> list[tuple[Call, Any]]:
+        """Forget the first ``durable`` records; returns the (call, part) of those it held."""
+        confirmed = []
         while self.heap and self.heap[0][0] <= durable:
-            self.calls.pop(heapq.heappop(self.heap)[1], None)
+            entry = self.calls.pop(heapq.heappop(self.heap)[1], None)
+            if entry is not None:
+                confirmed.append((entry[0], entry[2]))
+        return confirmed
 
     def take_all(self) -> list[tuple[Call, int]]:
         """Every (call, unreturned items), in the order the worker wrote them; empties this."""
-        taken = [self.calls[key] for _, key in sorted(self.heap)]
+        taken = [self.calls[key][:2] for _, key in sorted(self.heap)]
         self.heap, self.calls = [], {}
         return taken
 
@@ -169,7 +174,7 @@ class Scheduler:
                  transport: Transport, progress: Progress,
                  on_progress: Callable[[Progress], None] = lambda p: None,
                  interrupt: Callable[[], Optional[str]] = lambda: None, feed=None,
-                 may_write: Callable[[], bool] = lambda: True):
+                 may_write: Callable[[], bool] = lambda: True, output=None):
         self.ledger, self.spec, self.run_id, self.transport = ledger, spec, run, transport
         self.clock = transport.clock
         self.failed_percent_limit = spec.failed_percent_limit()  # parsed from program_arguments once
@@ -180,6 +185,7 @@ class Scheduler:
         self.progress, self.on_progress = progress, on_progress
         self.interrupt = interrupt  # returns a reason to stop now (lease lost, later cancel)
         self.may_write = may_write  # False once the lease is lost: the job dir is another driver's
+        self.output = output  # outputs.live.LiveAssembly: told each batch stored or failed for good
         self.slots = [slot for i in range(spec.resources.instance_count) for slot in self._new_slots(i)]
         self.calls: dict[Any, tuple[Slot, Call]] = {}
         self.starts: dict[Any, Slot] = {}
@@ -683,7 +689,9 @@ class Scheduler:
         if answer["durable"] > slot.durable:
             self.job_dir_failures = 0  # the job dir takes writes again
         slot.durable, slot.position = answer["durable"], answer["position"]
-        slot.unflushed.confirm(slot.durable)
+        for call, part in slot.unflushed.confirm(slot.durable):
+            if self.output is not None:
+                self.output.stored(call.batch.id, part)
 
     def _hand_back_unflushed(self, slot: Slot, recorded: set[str]) -> None:
         """The worker is gone: done batches it never stored run again (no try spent)."""
@@ -749,7 +757,7 @@ class Scheduler:
             unreturned = max(answer["items"] - answer["returned"], answer.get("reported", 0), 0)
             self.progress.failed_items += unreturned
             if "index" in answer:
-                slot.unflushed.add(call, answer["index"], unreturned)
+                slot.unflushed.add(call, answer["index"], unreturned, answer.get("part"))
             self._confirm(slot, answer)
             self._check_thresholds()
         elif answer.get("storage"):  # run() succeeded; storing its result did not
@@ -786,6 +794,8 @@ class Scheduler:
         log.warning("%s failed on %s (try %d of %d): %s", batch.id, slot.label,
                     self.tries[batch.id], self.max_tries, last_line)
         if final:
+            if self.output is not None:
+                self.output.failed(batch.id)
             self.progress.failed += 1
             self.transport.batch_failed()
             # Table batches cut by bytes learn their row count when read: the worker reports it.

@@ -46,9 +46,9 @@ def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text",
     schema = None if fmt == "text" else _unified_schema(ledger, view, fmt)
     corrupt = []
     with atomic_output(target, storage_options) as out:
-        with _TextSink(out) if fmt == "text" else formats.SINKS[fmt](out, schema) as sink:
+        with TextSink(out) if fmt == "text" else formats.SINKS[fmt](out, schema) as sink:
             try:
-                for record, data in _ReadAhead(_parts(ledger, view)):
+                for record, data in ReadAhead(_parts(ledger, view)):
                     if data is None:
                         corrupt.append(record)
                     elif not corrupt:  # after the first bad part only verify: the rest is never published
@@ -61,13 +61,13 @@ def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text",
         return out.tell()
 
 
-class _TextSink:
+class TextSink:
     """Azure's text format: the parts, back to back."""
 
     def __init__(self, out):
         self.out = out
 
-    def __enter__(self) -> _TextSink:
+    def __enter__(self) -> TextSink:
         return self
 
     def __exit__(self, *_) -> None:
@@ -79,19 +79,19 @@ class _TextSink:
 
 def _raise_if_corrupt(ledger: Ledger, view: LedgerView) -> None:
     """CorruptPartsError if any part fails its sha256: a corrupted part can look like a schema error."""
-    corrupt = [part for part, data in _ReadAhead(_parts(ledger, view)) if data is None]
+    corrupt = [part for part, data in ReadAhead(_parts(ledger, view)) if data is None]
     if corrupt:
         raise CorruptPartsError(_done_records(view, corrupt)) from None
 
 
-class _ReadAhead:
+class ReadAhead:
     """(record, its part's bytes, or None if they fail their sha256), read and checked by a thread.
 
     Reading and hashing release the GIL, so they overlap the writer's
     encoding; at most ``limit`` bytes of parts wait in memory.
     """
 
-    def __init__(self, parts: Iterator[tuple[_Part, bytes]], limit: Optional[int] = None):
+    def __init__(self, parts: Iterator[tuple[Part, bytes]], limit: Optional[int] = None):
         self.limit = limit if limit is not None else READ_AHEAD
         self.ready: collections.deque = collections.deque()
         self.waiting, self.finished, self.stopped, self.error = 0, False, False, None
@@ -103,7 +103,7 @@ class _ReadAhead:
         try:
             with closing(parts):
                 for record, data in parts:
-                    checked = data if _intact(record, data) else None
+                    checked = data if intact(record, data) else None
                     with self.cond:
                         while self.waiting and self.waiting + len(data) > self.limit and not self.stopped:
                             self.cond.wait()
@@ -161,11 +161,11 @@ def _unified_schema(ledger: Ledger, view: LedgerView, fmt: str):
         raise
 
 
-def _intact(record: _Part, data: bytes) -> bool:
+def intact(record: Part, data: bytes) -> bool:
     return record.part_sha256 is None or hashlib.sha256(data).hexdigest() == record.part_sha256
 
 
-class _Part(NamedTuple):
+class Part(NamedTuple):
     """What assembly needs of a done record: its batch and where its part is."""
 
     batch: str
@@ -175,7 +175,7 @@ class _Part(NamedTuple):
     part_sha256: Optional[str]
 
 
-def _done_in_order(view: LedgerView) -> Iterator[_Part]:
+def done_in_order(view: LedgerView) -> Iterator[Part]:
     """The parts of the done records, in mini-batch order.
 
     Read straight from the DoneIndex's columns: building a DoneRecord per
@@ -184,7 +184,7 @@ def _done_in_order(view: LedgerView) -> Iterator[_Part]:
     if not isinstance(view.done, DoneIndex):
         for r in sorted(view.done.values(), key=lambda r: ordinal_of(r.batch)):
             if r.part is not None:
-                yield _Part(r.batch, r.part, r.part_offset, r.part_bytes, r.part_sha256)
+                yield Part(r.batch, r.part, r.part_offset, r.part_bytes, r.part_sha256)
         return
     columns = ["ordinal", "part", "part_offset", "part_bytes", "part_sha256"]
     table = view.done.table.select(columns)
@@ -197,14 +197,14 @@ def _done_in_order(view: LedgerView) -> Iterator[_Part]:
         values = chunk.to_pydict()
         for ordinal, *where in zip(*(values[c] for c in columns), strict=True):
             if where[0] is not None:
-                yield _Part(batch_id(ordinal), *where)
+                yield Part(batch_id(ordinal), *where)
 
 
 def _done_records(view: LedgerView, parts: list) -> list[DoneRecord]:
     return [view.done[p.batch] for p in parts]
 
 
-def _parts(ledger: Ledger, view: LedgerView, head: Optional[int] = None) -> Iterator[tuple[_Part, bytes]]:
+def _parts(ledger: Ledger, view: LedgerView, head: Optional[int] = None) -> Iterator[tuple[Part, bytes]]:
     """(record, its part's bytes, or only the first ``head`` of them) in mini-batch order.
 
     Read a window at a time (at most READ_AHEAD bytes or 1,024 batches), concurrently on
@@ -212,16 +212,16 @@ def _parts(ledger: Ledger, view: LedgerView, head: Optional[int] = None) -> Iter
     """
     size = (lambda r: min(r.part_bytes, head)) if head else (lambda r: r.part_bytes)
     window, window_bytes = [], 0
-    for record in _done_in_order(view):
+    for record in done_in_order(view):
         window.append(record)
         window_bytes += size(record)
         if window_bytes >= READ_AHEAD or len(window) >= 1024:
-            yield from _fetch(ledger, window, size)
+            yield from fetch(ledger, window, size)
             window, window_bytes = [], 0
-    yield from _fetch(ledger, window, size)
+    yield from fetch(ledger, window, size)
 
 
-def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]:
+def fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[Part, bytes]]:
     """The window's parts, read concurrently, one ranged GET per segment object it touches.
 
     A segment holds up to ``raypar.ledger.flush_batches`` batches, mostly near each other in
@@ -253,6 +253,6 @@ def _fetch(ledger: Ledger, records: list, size) -> Iterator[tuple[_Part, bytes]]
         yield r, data[start - lo:end - lo]
 
 
-def _read_range(ledger: Ledger, record: _Part, length: int) -> bytes:
+def _read_range(ledger: Ledger, record: Part, length: int) -> bytes:
     return ledger.store.read_range(ledger.store.path("parts", record.part), record.part_offset,
                                    record.part_offset + length)

@@ -304,6 +304,9 @@ class RayparSpec(_Model):
     lease_ttl: float = Field(30.0, ge=3)
     # Format of the assembled append_row_to file: Azure's space-separated text, or a real table format.
     append_row_format: Literal["text", "csv", "jsonl", "parquet"] = "text"
+    # Write the append_row_to file while batches run (only its tail is left after the last batch);
+    # false: after the last batch, as Azure does.
+    assemble_while_running: bool = True
     # Read a uri_folder / uri_file as a table in this format (default: from the file extensions).
     input_format: Optional[Literal["parquet", "csv", "json_lines"]] = None
     # fsspec options per protocol (az, abfs, s3, gs, ...); secrets only as $ENV_VAR references.

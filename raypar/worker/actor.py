@@ -250,7 +250,7 @@ class Worker:
             started=round(started, 3), **failed.record_fields(),
         )
         try:
-            self.done.write(record, rows)  # stored now, or with this worker's next flush
+            record = self.done.write(record, rows)  # stored now, or with this worker's next flush
         except Exception as exc:  # noqa: BLE001 - the job dir, not run(): never one of the user's tries
             self._mark(f"end {batch.id} attempt {attempt}: not stored")
             return {**base, **self.flushed(), "ok": False, "storage": True, "items": items,
@@ -258,7 +258,8 @@ class Worker:
                              f"{describe_error(exc, self.plan.storage)}"}
         self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
-                "reported": record.reported, "seconds": record.seconds, "index": self.done.written}
+                "reported": record.reported, "seconds": record.seconds, "index": self.done.written,
+                "part": [record.part, record.part_offset, record.part_bytes, record.part_sha256] if record.part else None}
 
     def run_batches(self, items: list) -> dict:
         """Several mini-batches that take milliseconds, in one call (the driver groups them to save

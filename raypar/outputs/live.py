@@ -1,0 +1,209 @@
+"""The append_row_to file, written while the batches run (``raypar.assemble_while_running``).
+
+Runs on the driver, in a thread of its own. The scheduler says which batches are stored (their
+part is durable) and which failed for good; the thread writes each stored batch's part as soon as
+every batch before it is settled, in batch order, into the same temporary file assemble() would
+write. When the session ends, finish() checks that what was written is exactly the first parts of
+the ledger's final view, writes the rest from that view and publishes: only the tail is left for
+after the last batch. The file is byte for byte what assemble() writes from the ledger.
+
+Anything it cannot vouch for gives up, and the driver assembles from the ledger as before: a part
+whose schema would change the output's (assemble() unifies every part's schema first, this writes
+the first part's), a part failing its sha256 (assemble() names it, and the batch runs again), a
+stored batch the view does not hold as written, or more than MAX_WAITING batches stored behind one
+that is not. Used for sessions that start with no batch done (a resume's output starts with rows of
+batches it never saw) and whose output order is the ordinal order (no re-planned batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+from typing import Iterator, Optional
+
+from raypar.errors import OutputSchemaError
+from raypar.inputs.base import ordinal_of
+from raypar.jobdir.ledger import Ledger, LedgerView
+from raypar.outputs import assembly, formats
+from raypar.outputs.assembly import Part, ReadAhead, done_in_order, fetch, intact
+from raypar.storage import atomic_output
+
+log = logging.getLogger("raypar")
+
+MAX_WAITING = 100_000  # stored batches held (a few names each) behind one that is not, before giving up
+WINDOW = 1024  # batches read together (one span per segment object they share)
+_FAILED = object()  # a batch that failed for good: its place is settled, it has no rows
+
+
+class GaveUp(Exception):
+    """Why the file written while running is not the output: assemble() writes it instead."""
+
+
+class LiveAssembly:
+    """The output file of a session, written in batch order as batches are stored."""
+
+    def __init__(self, ledger: Ledger, target: str, fmt: str, storage_options: Optional[dict] = None):
+        self.ledger, self.target, self.fmt, self.options = ledger, target, fmt, storage_options
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: dict[int, object] = {}  # ordinal -> its Part (or _FAILED), stored ahead of ``next``
+        self.next = 0  # the ordinal written next
+        self.written = 0  # parts written
+        self.chain = hashlib.sha256()  # of the parts written, in order: finish() compares the view's with it
+        self.union: Optional[formats.SchemaUnion] = None
+        self.schema = None
+        self.files: Optional[contextlib.ExitStack] = None  # the temporary file (atomic_output)
+        self.out = self.sink = None
+        self.published: Optional[int] = None  # bytes, once published
+        self.written_while_running: Optional[int] = None  # parts written before finish()
+        self.gave_up: Optional[str] = None
+        self.stopped = threading.Event()  # abandon(): nothing more is written, nothing published
+        self.thread = threading.Thread(target=self._run, name="raypar-live-assembly", daemon=True)
+        self.thread.start()
+
+    # -- the scheduler's side (its thread) -----------------------------------------------------
+
+    def stored(self, batch: str, part: Optional[list]) -> None:
+        """``batch`` is done and its record durable; ``part``: [name, offset, bytes, sha256], or None (no rows)."""
+        if self.gave_up is None:
+            self.events.put((ordinal_of(batch), Part(batch, *part) if part else None))
+
+    def failed(self, batch: str) -> None:
+        """``batch`` failed for good: the output goes on without it."""
+        if self.gave_up is None:
+            self.events.put((ordinal_of(batch), _FAILED))
+
+    # -- the driver's side ---------------------------------------------------------------------
+
+    def finish(self, view: LedgerView) -> Optional[int]:
+        """Write the rest from ``view`` (the full ledger view after the last batch) and publish;
+        the bytes written, or None when this gave up (assemble() then writes the output)."""
+        self.events.put(("finish", view))
+        self.thread.join()
+        return self.published
+
+    def abandon(self) -> None:
+        """The session ends without an output: the temporary file is removed."""
+        self.stopped.set()  # also while finish() writes the tail (the driver was interrupted)
+        if self.thread.is_alive():
+            self.events.put(("abandon", None))
+            self.thread.join()
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                ordinal, value = self.events.get()
+                if ordinal == "abandon":
+                    raise GaveUp("the session ended without an output")
+                if ordinal == "finish":
+                    self._finish(value)
+                    return
+                self.waiting[ordinal] = value
+                if len(self.waiting) > MAX_WAITING:
+                    raise GaveUp(f"{len(self.waiting)} stored mini-batches wait for {self.next} to be stored")
+                self._advance()
+        except Exception as exc:  # noqa: BLE001 - any doubt: assemble() writes the output from the ledger
+            self.gave_up = str(exc) or type(exc).__name__
+            self.waiting.clear()
+            log.debug("raypar: the output written while running is dropped: %s", exc)
+            self._discard()
+
+    def _discard(self) -> None:
+        """Remove the temporary file (whatever state its writing was left in)."""
+        dropped = GaveUp(self.gave_up)
+        with contextlib.suppress(Exception):
+            if self.sink is not None:
+                self.sink.__exit__(GaveUp, dropped, None)  # writes nothing more
+        with contextlib.suppress(Exception):
+            if self.files is not None:
+                self.files.__exit__(GaveUp, dropped, None)
+        self.sink = self.files = None
+
+    def _advance(self) -> None:
+        """Write the parts of the settled batches from ``next`` on, a window at a time."""
+        while self.next in self.waiting:
+            window = []
+            while self.next in self.waiting and len(window) < WINDOW:
+                value = self.waiting.pop(self.next)
+                self.next += 1
+                if isinstance(value, Part):
+                    window.append(value)
+            for record, data in fetch(self.ledger, window, lambda r: r.part_bytes):
+                self._write(record, data if intact(record, data) else None)
+
+    def _write(self, record: Part, data: Optional[bytes]) -> None:
+        """Write one verified part (``data`` None: it failed its sha256)."""
+        if self.stopped.is_set():
+            raise GaveUp("the session ended without an output")
+        if data is None:
+            raise GaveUp(f"the part of {record.batch} does not match its sha256")
+        if self.fmt != "text":
+            self._check_schema(record, data)
+        if self.sink is None:
+            self._open()
+        self.sink.write(data, record.batch)
+        self.written += 1
+        self.chain.update(_key(record))
+
+    def _check_schema(self, record: Part, data: bytes) -> None:
+        head = data[:formats.head_size(data)]
+        if self.union is None:
+            self.union = formats.SchemaUnion(self.fmt)
+            self.union.add(head, record.batch)
+            self.schema = self.union.check()
+            return
+        try:
+            self.union.add(head, record.batch)
+        except OutputSchemaError as exc:
+            raise GaveUp(str(exc)) from None
+        if not self.union.schema.equals(self.schema):
+            raise GaveUp(f"{record.batch}'s columns change the output's schema")
+
+    def _open(self) -> None:
+        self.files = contextlib.ExitStack()
+        self.out = self.files.enter_context(atomic_output(self.target, self.options))
+        sink = assembly.TextSink(self.out) if self.fmt == "text" else formats.SINKS[self.fmt](self.out, self.schema)
+        self.sink = sink.__enter__()  # left before the file: the file's size is read in between
+
+    def _finish(self, view: LedgerView) -> None:
+        self.written_while_running = self.written
+        if self.sink is None:
+            raise GaveUp("nothing was written while running")
+        parts = done_in_order(view)
+        chain = hashlib.sha256()
+        for _ in range(self.written):
+            record = next(parts, None)
+            if record is None:
+                raise GaveUp("the ledger holds fewer parts than were written")
+            chain.update(_key(record))
+        if chain.digest() != self.chain.digest():
+            raise GaveUp("the parts written are not the ledger's")
+        for record, data in ReadAhead(_windows(self.ledger, parts)):  # checked by its thread
+            self._write(record, data)
+        self.sink.__exit__(None, None, None)  # the end of the file (a parquet footer)
+        size = self.out.tell()
+        if self.stopped.is_set():
+            raise GaveUp("the session ended without an output")
+        self.files.close()  # atomic_output publishes it
+        self.published = size
+        log.info("raypar: %d of %d output parts were written while batches ran", self.written_while_running,
+                 self.written)
+
+
+def _key(record: Part) -> bytes:
+    return f"{record.batch}\0{record.part}\0{record.part_offset}\0{record.part_bytes}\0{record.part_sha256}\n".encode()
+
+
+def _windows(ledger: Ledger, parts: Iterator[Part]) -> Iterator[tuple[Part, bytes]]:
+    """(record, its part's bytes) for the rest of ``parts``, read a window at a time."""
+    window: list[Part] = []
+    for record in parts:
+        window.append(record)
+        if len(window) >= WINDOW:
+            yield from fetch(ledger, window, lambda r: r.part_bytes)
+            window = []
+    yield from fetch(ledger, window, lambda r: r.part_bytes)
