@@ -552,13 +552,14 @@ class DriverTimers:
             setattr(owner, attr, inner)
 
 
-def profile_raypar(inputs, code, root, fmt, batch, expected, verbose) -> bool:
-    """One instrumented raypar run: a timeline of the driver, the workers' steps, cProfile of the driver."""
+def profile_raypar(inputs, code, root, fmt, batch, expected, verbose, **settings) -> bool:
+    """One instrumented raypar run: a timeline of the driver, the workers' steps, cProfile of the driver.
+    ``settings``: raypar_spec's prefetch, batch_format and assemble, as the measured rounds had them."""
     print("profile: one more raypar run, instrumented (not part of the figures above)")
     prof_dir = os.path.join(root, "profile")
     os.makedirs(prof_dir, exist_ok=True)
     output = os.path.join(root, "outputs", f"profile.{fmt}")
-    spec = raypar_spec(inputs, code, output, fmt, batch, profile=prof_dir)
+    spec = raypar_spec(inputs, code, output, fmt, batch, profile=prof_dir, **settings)
     timers = DriverTimers()
     profiler = cProfile.Profile()
     wait_for_free_cpus(2)
@@ -784,7 +785,8 @@ def main(argv=None) -> int:
         print(f"ratio raypar/Ray Data against Ray Data's fastest run of any configuration, tuning included: "
               f"{fastest[1][0] / rp:.2f} ({fastest[0]}, {fastest[1][0]:.2f}s)")
         if args.profile:
-            ok = profile_raypar(inputs, code, root, fmt, args.mini_batch_size, expected, args.verbose) and ok
+            ok = profile_raypar(inputs, code, root, fmt, args.mini_batch_size, expected, args.verbose,
+                                prefetch=args.prefetch, batch_format=args.batch_format, assemble=args.assemble) and ok
         print(f"rows: {'OK' if ok else 'MISMATCH'} ({expected.rows:,} expected in every output, ids and scores checked)")
         print_load()
     finally:
