@@ -580,6 +580,11 @@ def test_text_and_arrow_parts_mix_in_one_file_in_batch_order(tmp_path, fmt):
 # -- assembly while batches run (outputs/live.py) -----------------------------------------------------------
 
 
+def part_of(record: DoneRecord):
+    """Where a record's rows are, as a worker's answer gives it."""
+    return [record.part, record.part_offset, record.part_bytes, record.part_sha256] if record.part else None
+
+
 def live_and_after(root, results, fmt, reported, failed=(), count=None, corrupt=()):
     """LiveAssembly told that ``reported`` batches are stored (in that order) and ``failed`` failed
     for good, finished with the ledger's view (where the batches never reported are found); and
@@ -591,7 +596,7 @@ def live_and_after(root, results, fmt, reported, failed=(), count=None, corrupt=
     live = LiveAssembly(ledger, str(live_target), fmt)
     for ordinal in reported:
         r = records[ordinal]
-        live.stored(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256] if r.part else None)
+        live.stored([(r.batch, part_of(r))])
     for ordinal in failed:
         live.failed(bid(ordinal))
     written = live.finish(view)
@@ -656,7 +661,7 @@ def test_a_stored_part_the_ledger_does_not_choose_is_never_published(tmp_path):
     view = ledger.view(manifest)
     chosen = view.done[bid(0)].attempt
     live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
-    live.stored(bid(0), parts[3 - chosen])  # the other attempt's
+    live.stored([(bid(0), parts[3 - chosen])])  # the other attempt's
 
     assert live.finish(view) is None and "not the ledger's" in live.gave_up
     assert not (tmp_path / "out.txt").exists()
@@ -666,9 +671,7 @@ def test_too_many_batches_stored_behind_one_that_is_not_gives_up_and_frees_them(
     monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
     ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(5)}, "text")
     live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
-    for ordinal in (1, 2, 3, 4):  # batch 0 is never reported
-        r = records[ordinal]
-        live.stored(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256])
+    live.stored([(records[i].batch, part_of(records[i])) for i in (1, 2, 3, 4)])  # batch 0 is never reported
 
     assert live.finish(view) is None and "wait for 0" in live.gave_up
     assert live.waiting == {}  # what it held is let go
@@ -678,9 +681,32 @@ def test_an_abandoned_session_leaves_no_file(tmp_path):
     ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(3)}, "text")
     out = tmp_path / "out"
     live = LiveAssembly(ledger, str(out / "rows.txt"), "text")
-    for r in records.values():
-        live.stored(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256])
+    live.stored([(r.batch, part_of(r)) for r in records.values()])
 
     live.abandon()
 
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_batches_stored_together_are_read_with_one_request_per_segment(tmp_path, monkeypatch):
+    """A worker's flush stores many batches in one segment object: the file written while running
+    reads them with one ranged GET, never one per batch."""
+    root = f"memory://raypar-test-{uuid.uuid4().hex}/job"
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": []}, item_count=1) for i in range(50)]
+    ledger = Ledger(root)
+    ledger.write_manifest(manifest)
+    writer = ledger.done_writer("r1~a", {"flush_batches": 1000, "flush_bytes": 1 << 30, "flush_seconds": float("inf")})
+    records = [writer.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None),
+                            f"row {i}\n".encode()) for i in range(50)]
+    writer.flush()  # one segment object
+    view = ledger.view(manifest)
+    reads = []
+    read_ranges = ledger.store.read_ranges
+    monkeypatch.setattr(ledger.store, "read_ranges", lambda paths, *a: reads.append(len(paths)) or read_ranges(paths, *a))
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+
+    live.stored([(r.batch, part_of(r)) for r in records])  # as the driver hears of one flush
+    written = live.finish(view)
+
+    assert written is not None and (tmp_path / "out.txt").read_text() == "".join(f"row {i}\n" for i in range(50))
+    assert reads == [1]  # one request, one span of the one segment

@@ -689,9 +689,9 @@ class Scheduler:
         if answer["durable"] > slot.durable:
             self.job_dir_failures = 0  # the job dir takes writes again
         slot.durable, slot.position = answer["durable"], answer["position"]
-        for call, part in slot.unflushed.confirm(slot.durable):
-            if self.output is not None:
-                self.output.stored(call.batch.id, part)
+        confirmed = slot.unflushed.confirm(slot.durable)
+        if self.output is not None:
+            self.output.stored([(call.batch.id, part) for call, part in confirmed])
 
     def _hand_back_unflushed(self, slot: Slot, recorded: set[str]) -> None:
         """The worker is gone: done batches it never stored run again (no try spent)."""

@@ -65,15 +65,16 @@ class LiveAssembly:
 
     # -- the scheduler's side (its thread) -----------------------------------------------------
 
-    def stored(self, batch: str, part: Optional[list]) -> None:
-        """``batch`` is done and its record durable; ``part``: [name, offset, bytes, sha256], or None (no rows)."""
-        if self.gave_up is None:
-            self.events.put((ordinal_of(batch), Part(batch, *part) if part else None))
+    def stored(self, batches: list[tuple[str, Optional[list]]]) -> None:
+        """These batches are done and their records durable (a worker's flush stores many at once):
+        (batch, [part name, offset, bytes, sha256], or None when it has no rows)."""
+        if self.gave_up is None and batches:
+            self.events.put(("settled", [(ordinal_of(b), Part(b, *part) if part else None) for b, part in batches]))
 
     def failed(self, batch: str) -> None:
         """``batch`` failed for good: the output goes on without it."""
         if self.gave_up is None:
-            self.events.put((ordinal_of(batch), _FAILED))
+            self.events.put(("settled", [(ordinal_of(batch), _FAILED)]))
 
     # -- the driver's side ---------------------------------------------------------------------
 
@@ -96,16 +97,21 @@ class LiveAssembly:
     def _run(self) -> None:
         try:
             while True:
-                ordinal, value = self.events.get()
-                if ordinal == "abandon":
-                    raise GaveUp("the session ended without an output")
-                if ordinal == "finish":
-                    self._finish(value)
-                    return
-                self.waiting[ordinal] = value
+                kind, value = self.events.get()
+                while kind == "settled":  # and whatever else has come meanwhile: read in large windows
+                    self.waiting.update(value)
+                    try:
+                        kind, value = self.events.get_nowait()
+                    except queue.Empty:
+                        kind = None
                 if len(self.waiting) > MAX_WAITING:
                     raise GaveUp(f"{len(self.waiting)} stored mini-batches wait for {self.next} to be stored")
                 self._advance()
+                if kind == "abandon":
+                    raise GaveUp("the session ended without an output")
+                if kind == "finish":
+                    self._finish(value)
+                    return
         except Exception as exc:  # noqa: BLE001 - any doubt: assemble() writes the output from the ledger
             self.gave_up = str(exc) or type(exc).__name__
             self.waiting.clear()
