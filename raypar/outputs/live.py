@@ -196,7 +196,7 @@ class LiveAssembly:
             raise GaveUp("the session ended without an output")
         self.files.close()  # atomic_output publishes it
         self.published = size
-        log.info("raypar: %d of %d output parts were written while batches ran", self.written_while_running,
+        log.debug("raypar: %d of %d output parts were written while batches ran", self.written_while_running,
                  self.written)
 
 
