@@ -138,7 +138,7 @@ def run_bare_pool(inputs: str, script: str, files_per_batch: int, actors: int,
 # -- (b) raypar ---------------------------------------------------------------
 
 
-def raypar_spec(inputs: str, code: str, output: str, files_per_batch: int) -> dict:
+def raypar_spec(inputs: str, code: str, output: str, files_per_batch: int, assemble: str = "running") -> dict:
     return {
         "type": "parallel",
         "name": "bench-vs-actor-pool",
@@ -156,7 +156,7 @@ def raypar_spec(inputs: str, code: str, output: str, files_per_batch: int) -> di
             "entry_script": "entry.py",
             "append_row_to": "${{outputs.rows}}",
         },
-        "raypar": {"worker": {"num_cpus": 1}},
+        "raypar": {"worker": {"num_cpus": 1}, "assemble_while_running": assemble == "running"},
     }
 
 
@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--files-per-batch", type=int, default=10, help="files per mini-batch (default 10)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side; best is reported")
     parser.add_argument("--in-flight", type=int, default=4, help="bare pool: calls queued per actor (default 4)")
+    parser.add_argument("--assemble", choices=("running", "after"), default="running",
+                        help="raypar.assemble_while_running: the output written while batches run (default) or after")
     parser.add_argument("--verbose", action="store_true", help="show raypar's progress lines")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (job dirs, outputs) for inspection")
     args = parser.parse_args(argv)
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
             wait_for_free_cpus(actors)
             job_dir = os.path.join(root, "jobs", f"round-{rnd}")
             output = os.path.join(root, "outputs", f"round-{rnd}.txt")
-            spec = raypar_spec(inputs, code, output, args.files_per_batch)
+            spec = raypar_spec(inputs, code, output, args.files_per_batch, args.assemble)
             t = time.perf_counter()
             outcome = run_raypar(spec, job_dir, args.verbose)
             seconds = time.perf_counter() - t

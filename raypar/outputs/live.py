@@ -22,6 +22,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from typing import Iterator, Optional
 
 from raypar.errors import OutputSchemaError
@@ -35,6 +36,7 @@ log = logging.getLogger("raypar")
 
 MAX_WAITING = 100_000  # stored batches held (a few names each) behind one that is not, before giving up
 WINDOW = 1024  # batches read together (one span per segment object they share)
+GATHER_SECONDS = 0.2  # how long settled batches are gathered before they are written
 _FAILED = object()  # a batch that failed for good: its place is settled, it has no rows
 
 
@@ -98,10 +100,15 @@ class LiveAssembly:
         try:
             while True:
                 kind, value = self.events.get()
-                while kind == "settled":  # and whatever else has come meanwhile: read in large windows
+                # Gather what comes for a moment before writing: reads in large windows, and few
+                # wakeups of this thread (the scheduler's loop shares the GIL with it).
+                until, fresh = time.monotonic() + GATHER_SECONDS, 0
+                while kind == "settled":
                     self.waiting.update(value)
+                    fresh += len(value)
+                    wait = until - time.monotonic() if fresh < WINDOW else 0
                     try:
-                        kind, value = self.events.get_nowait()
+                        kind, value = self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait()
                     except queue.Empty:
                         kind = None
                 if len(self.waiting) > MAX_WAITING:
