@@ -17,12 +17,11 @@ batches it never saw) and whose output order is the ordinal order (no re-planned
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
-import queue
 import threading
-import time
 from typing import Iterator, Optional
 
 from raypar.errors import OutputSchemaError
@@ -36,7 +35,7 @@ log = logging.getLogger("raypar")
 
 MAX_WAITING = 100_000  # stored batches held (a few names each) behind one that is not, before giving up
 WINDOW = 1024  # batches read together (one span per segment object they share)
-GATHER_SECONDS = 0.2  # how long settled batches are gathered before they are written
+GATHER_SECONDS = 0.2  # how often the thread looks for settled batches to write
 _FAILED = object()  # a batch that failed for good: its place is settled, it has no rows
 
 
@@ -49,7 +48,11 @@ class LiveAssembly:
 
     def __init__(self, ledger: Ledger, target: str, fmt: str, storage_options: Optional[dict] = None):
         self.ledger, self.target, self.fmt, self.options = ledger, target, fmt, storage_options
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        # The scheduler only appends here; this thread drains it every GATHER_SECONDS (or at once
+        # when woken for finish/abandon). Waking it per event made the two threads trade the GIL
+        # thousands of times a second, and the scheduler's loop waited for it each time.
+        self.events: collections.deque = collections.deque()
+        self.wake = threading.Event()
         self.waiting: dict[int, object] = {}  # ordinal -> its Part (or _FAILED), stored ahead of ``next``
         self.next = 0  # the ordinal written next
         self.written = 0  # parts written
@@ -71,19 +74,20 @@ class LiveAssembly:
         """These batches are done and their records durable (a worker's flush stores many at once):
         (batch, [part name, offset, bytes, sha256], or None when it has no rows)."""
         if self.gave_up is None and batches:
-            self.events.put(("settled", [(ordinal_of(b), Part(b, *part) if part else None) for b, part in batches]))
+            self.events.append(("settled", batches))
 
     def failed(self, batch: str) -> None:
         """``batch`` failed for good: the output goes on without it."""
         if self.gave_up is None:
-            self.events.put(("settled", [(ordinal_of(batch), _FAILED)]))
+            self.events.append(("failed", batch))
 
     # -- the driver's side ---------------------------------------------------------------------
 
     def finish(self, view: LedgerView) -> Optional[int]:
         """Write the rest from ``view`` (the full ledger view after the last batch) and publish;
         the bytes written, or None when this gave up (assemble() then writes the output)."""
-        self.events.put(("finish", view))
+        self.events.append(("finish", view))
+        self.wake.set()
         self.thread.join()
         return self.published
 
@@ -91,7 +95,8 @@ class LiveAssembly:
         """The session ends without an output: the temporary file is removed."""
         self.stopped.set()  # also while finish() writes the tail (the driver was interrupted)
         if self.thread.is_alive():
-            self.events.put(("abandon", None))
+            self.events.append(("abandon", None))
+            self.wake.set()
             self.thread.join()
 
     # -- the thread ----------------------------------------------------------------------------
@@ -99,24 +104,16 @@ class LiveAssembly:
     def _run(self) -> None:
         try:
             while True:
-                kind, value = self.events.get()
-                # Gather what comes for a moment before writing: reads in large windows, and few
-                # wakeups of this thread (the scheduler's loop shares the GIL with it).
-                until, fresh = time.monotonic() + GATHER_SECONDS, 0
-                while kind == "settled":
-                    self.waiting.update(value)
-                    fresh += len(value)
-                    wait = until - time.monotonic() if fresh < WINDOW else 0
-                    try:
-                        kind, value = self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait()
-                    except queue.Empty:
-                        kind = None
+                self.wake.wait(GATHER_SECONDS)
+                self.wake.clear()
+                last = self._gather()
                 if len(self.waiting) > MAX_WAITING:
                     raise GaveUp(f"{len(self.waiting)} stored mini-batches wait for {self.next} to be stored")
                 self._advance()
-                if kind == "abandon":
-                    raise GaveUp("the session ended without an output")
-                if kind == "finish":
+                if last is not None:
+                    kind, value = last
+                    if kind == "abandon":
+                        raise GaveUp("the session ended without an output")
                     self._finish(value)
                     return
         except Exception as exc:  # noqa: BLE001 - any doubt: assemble() writes the output from the ledger
@@ -124,6 +121,19 @@ class LiveAssembly:
             self.waiting.clear()
             log.debug("raypar: the output written while running is dropped: %s", exc)
             self._discard()
+
+    def _gather(self) -> Optional[tuple]:
+        """Take what the scheduler said since the last look into ``waiting``; the finish or
+        abandon event, if one came (nothing comes after it)."""
+        while self.events:
+            kind, value = self.events.popleft()
+            if kind == "settled":
+                self.waiting.update((ordinal_of(b), Part(b, *part) if part else None) for b, part in value)
+            elif kind == "failed":
+                self.waiting[ordinal_of(value)] = _FAILED
+            else:
+                return kind, value
+        return None
 
     def _discard(self) -> None:
         """Remove the temporary file (whatever state its writing was left in)."""
