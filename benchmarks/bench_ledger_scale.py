@@ -51,7 +51,7 @@ rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": len(pending), "total": len(manifest)}))
 """
 
-# With --failed-every: what `raypar failed` reads (every done record, the reported ones' batches),
+# With --failed-every: what `raypar failed` reads (the lean view and the reporting records, their batches),
 # then what `raypar resume --retry-failed-items` adds before it schedules (the revision, a view with
 # the carried records). Run once, last: the revision changes the job dir.
 FAILED = r"""
@@ -61,8 +61,7 @@ from raypar.jobdir.ledger import Ledger
 ledger = Ledger(sys.argv[1])
 started = time.perf_counter()
 manifest = ledger.read_manifest()
-done = ledger.view(manifest).done.table
-reported = done.filter(done.column("failed").is_valid())
+reported = ledger.view(manifest, lean=True, reported=True).reported  # as `raypar failed` reads
 items = [manifest[o].payload["files"][0] for o in reported.column("ordinal").to_pylist()]
 export = time.perf_counter() - started
 started = time.perf_counter()

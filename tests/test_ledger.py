@@ -756,6 +756,54 @@ def test_reported_failed_items_survive_compaction_and_count_as_failed(tmp_path):
     assert fresh.view().unreturned_items() == fresh.view(lean=True).unreturned_items() == 2 + 1
 
 
+def reporting(ledger: Ledger, ordinal: int, places, run: str = "r1", attempt: int = 1) -> DoneRecord:
+    """A done batch of 4 items whose run() reported the items at ``places`` failed."""
+    rows = f"rows of {ordinal} ({run}/{attempt})\n".encode()
+    part = ledger.write_part(f"{bid(ordinal)}~{run}~{attempt}", rows)
+    failed = json.dumps({f"ValueError: {run}/{attempt}": list(places)}) if places else None
+    record = DoneRecord(batch=bid(ordinal), run=run, attempt=attempt, items=4, returned=4, part=part,
+                        part_bytes=len(rows), reported=len(places), failed=failed)
+    ledger.record_done(record)
+    return record
+
+
+def test_the_reporting_records_read_lean_are_those_the_full_view_chose(tmp_path):
+    ledger = planned(tmp_path, 6)
+    reporting(ledger, 0, [1])
+    reporting(ledger, 1, [])
+    reporting(ledger, 2, [0, 2], run="r2")  # chosen below: r1 sorts first
+    reporting(ledger, 3, [3], run="r2")
+    ledger.compact("r1")  # what follows is read from records, not the compact file
+    reporting(ledger, 2, [], run="r1")  # batch 2's chosen record reports nothing
+    reporting(ledger, 3, [2], run="r1")  # batch 3's chosen record reports item 2, not item 3
+    reporting(ledger, 4, [0, 1])
+    gone = reporting(ledger, 5, [0])
+    os.remove(os.path.join(ledger.url, "parts", gone.part))  # its rows are gone: not done
+
+    def rows(table):
+        return list(zip(*(table.column(c).to_pylist() for c in ("ordinal", "items", "failed")), strict=True))
+
+    full = ledger.view().done.table
+    lean = ledger.view(lean=True, reported=True)
+    assert rows(lean.reported) == rows(full.filter(full.column("failed").is_valid()).select(
+        ["ordinal", "items", "failed"]))
+    assert [(o, json.loads(f)) for o, _, f in rows(lean.reported)] == [
+        (0, {"ValueError: r1/1": [1]}), (3, {"ValueError: r1/1": [2]}), (4, {"ValueError: r1/1": [0, 1]})]
+    assert ledger.view(lean=True).reported is None  # only when asked for
+
+
+def test_the_reporting_records_survive_a_damaged_compact_file(tmp_path):
+    ledger = planned(tmp_path, 3)
+    reporting(ledger, 0, [1])
+    reporting(ledger, 1, [])
+    ledger.compact("r1")
+    arrow = next(p for p in (tmp_path / "job" / "compact").iterdir() if p.suffix == ".arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-10])
+    reporting(ledger, 2, [0])
+
+    assert ledger.view(lean=True, reported=True).reported.column("ordinal").to_pylist() == [0, 2]
+
+
 def test_compact_files_written_before_reported_items_read_as_none_reported(tmp_path):
     from raypar.jobdir import tables
 

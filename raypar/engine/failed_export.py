@@ -58,11 +58,12 @@ def collect(job_dir: str) -> FailedItems:
     manifest = ledger.read_manifest()
     if manifest is None:
         manifest = ledger.read_manifest_prefix()
-    view = ledger.view(manifest)
+    # Lean: which batches are done, and only the records that reported items failed (a million
+    # batches' records are never all in memory).
+    view = ledger.view(manifest, lean=True, reported=True)
     failures: dict[int, list] = {}  # ordinal -> [(places or None for all, error)]
-    done = view.done.table if hasattr(view.done, "table") else None
-    if done is not None and done.num_rows and "failed" in done.schema.names:
-        reported = done.filter(done.column("failed").is_valid())
+    reported = view.reported
+    if reported is not None and reported.num_rows:
         for ordinal, text in zip(reported.column("ordinal").to_pylist(), reported.column("failed").to_pylist(),
                                  strict=True):
             failures[ordinal] = [(places, error) for error, places in json.loads(text).items()]

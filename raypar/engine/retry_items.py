@@ -25,8 +25,7 @@ from raypar.jobdir.tables import Manifest
 
 def plan_item_retries(ledger: Ledger, manifest: Manifest) -> tuple[int, int]:
     """Write the revision; returns (retired batches, items planned again)."""
-    done = ledger.view(manifest).done.table
-    reported = done.filter(done.column("failed").is_valid()) if done.num_rows else done
+    reported = ledger.view(manifest, lean=True, reported=True).reported  # not every record: see ReportedRecords
     runs, carried, items, ordinal = [], {}, 0, len(manifest)
     for old, text, count in zip(reported.column("ordinal").to_pylist(), reported.column("failed").to_pylist(),
                                 reported.column("items").to_pylist(), strict=True):

@@ -46,6 +46,7 @@ from raypar.jobdir.tables import (
     DoneIndex,
     DoneSet,
     Manifest,
+    ReportedRecords,
     choose,
     empty_table,
     from_ipc,
@@ -94,6 +95,7 @@ class LedgerView:
     done: Mapping[str, DoneRecord]  # a DoneIndex when read from the ledger, a DoneSet when lean
     failed: dict[str, list[FailedRecord]] = field(default_factory=dict)
     lean: bool = False  # done is a DoneSet: no records, so nothing to assemble or report from
+    reported: Optional[pa.Table] = None  # view(lean=True, reported=True): ordinal, items, failed
 
     def pending(self) -> list[MiniBatch]:
         """The resume rule, written once: every planned batch without a done record."""
@@ -390,7 +392,8 @@ class Ledger:
         return self.store.read_range(self.store.path("parts", record.part), record.part_offset,
                                      record.part_offset + record.part_bytes)
 
-    def view(self, manifest: Optional[Sequence[MiniBatch]] = None, lean: bool = False) -> LedgerView:
+    def view(self, manifest: Optional[Sequence[MiniBatch]] = None, lean: bool = False,
+             reported: bool = False) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it.
 
         ``lean``: the done batches as a :class:`DoneSet` (which are done, and their unreturned
@@ -398,23 +401,32 @@ class Ledger:
         in a bit and an int per batch. Otherwise every chosen done record (:class:`DoneIndex`),
         which assembly and the reports need.
 
+        ``reported`` (with ``lean``): also the chosen records whose run() reported items failed,
+        as a table of ordinal, items and failed (:class:`ReportedRecords`), in ``view.reported``.
+
         Records of batches a revision retired (their input changed) are left out: they never count.
         """
         manifest = manifest if manifest is not None else self.read_manifest()
         if lean and manifest is not None and not len(manifest):
             # No batch planned yet (a fresh job): none can be done or have failed, as a batch is
             # handed out only once its manifest chunk is written. Nothing to list.
-            return LedgerView(manifest=manifest, done=DoneSet(0), lean=True)
+            return LedgerView(manifest=manifest, done=DoneSet(0), lean=True,
+                              reported=ReportedRecords().table() if reported else None)
+        collector = ReportedRecords() if lean and reported else None
         with self._listed("parts", "void", "compact", "done", "failed"):
-            done = self._done_set(len(manifest) if manifest is not None else 0) if lean else self._done_records()
+            done = self._done_set(len(manifest) if manifest is not None else 0, collector) if lean \
+                else self._done_records()
             failed = self._failed_records()
         if getattr(manifest, "carried", None):
             done = done.carry(manifest.carried)  # before the retired records leave
+        table = collector.table() if collector is not None else None
         retired = getattr(manifest, "retired", None)
         if retired is not None and len(retired):
             done = done.without(retired)
             failed = {b: r for b, r in failed.items() if not manifest.is_retired(ordinal_of(b))}
-        return LedgerView(manifest=manifest, done=done, failed=failed, lean=lean)
+            if table is not None:
+                table = table.filter(pa.array(~np.isin(table.column("ordinal").to_numpy(), retired)))
+        return LedgerView(manifest=manifest, done=done, failed=failed, lean=lean, reported=table)
 
     @contextmanager
     def _listed(self, *folders: str):
@@ -449,24 +461,45 @@ class Ledger:
         parts, part_sizes, voided = self._proof()
         return choose(self._done_table(parts).table, part_sizes, voided)
 
-    def _done_set(self, size: int) -> DoneSet:
+    def _done_set(self, size: int, reported: Optional[ReportedRecords] = None) -> DoneSet:
         """The done batches, from the compact files a record batch at a time (only LEAN_COLUMNS
-        decoded) plus the records read since; a damaged compact file falls back to a full read."""
+        decoded) plus the records read since; a damaged compact file falls back to a full read.
+        ``reported``: also gather the reporting records there (their ``failed`` column decoded)."""
         parts, part_sizes, voided = self._proof()
         read = self._done_table(parts, base=False)
+        columns = ReportedRecords.COLUMNS if reported is not None else LEAN_COLUMNS
         done = DoneSet(size)
         try:
-            for entry in read.files:
-                for batch in self._compact_batches(entry):
-                    done.add(batch, part_sizes, voided)
+            for batch in self._record_batches(read, columns):
+                keep = done.add(batch, part_sizes, voided)
+                if reported is not None:
+                    reported.add(batch, keep)
         except LedgerError:
+            chosen = self._done_records().table  # it passes over damaged files
             done = DoneSet(size)
-            done.add(self._done_records().table, part_sizes, voided)  # it passes over damaged files
+            keep = done.add(chosen, part_sizes, voided)
+            if reported is not None:
+                reported.clear()
+                reported.add(chosen, keep)
             return done
-        done.add(read.fresh, part_sizes, voided)
+        if reported is not None and len(ambiguous := reported.ambiguous()):
+            # Read again only the records of batches with several valid ones: choose() decides.
+            rows = [b.filter(pa.array(np.isin(b.column("ordinal").to_numpy(), ambiguous)))
+                    for b in self._record_batches(read, columns)]
+            rows = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in rows]
+            reported.decided = choose(pa.concat_tables(rows, promote_options="permissive"), part_sizes,
+                                      voided).table
         return done
 
-    def _compact_batches(self, entry: dict) -> Iterator:
+    def _record_batches(self, read: "_DoneRead", columns: list[str]) -> Iterator:
+        """The done records of ``read`` with ``columns``: each compact file a record batch at a
+        time, then those read since the newest compaction."""
+        for entry in read.files:
+            yield from self._compact_batches(entry, columns)
+        if read.fresh.num_rows:
+            yield read.fresh.select(columns)
+
+    def _compact_batches(self, entry: dict, columns: list[str] = LEAN_COLUMNS) -> Iterator:
         """The record batches of one compact file, checked against its sha256 first (streamed from
         local disk, so the file is never whole in memory there)."""
         name = entry["file"]
@@ -482,7 +515,7 @@ class Ledger:
             raise LedgerError(f"{self.url}/compact/{name}: missing") from None
         if digest != entry["file_sha256"]:
             raise LedgerError(f"{self.url}/compact/{name}: corrupted (checksum mismatch)")
-        yield from ipc_batches(source, LEAN_COLUMNS)
+        yield from ipc_batches(source, columns)
 
     def _proof(self) -> tuple[dict, dict, set]:
         """What a done record is checked against: the listing of parts/ ({path: size}), the

@@ -245,10 +245,11 @@ class DoneSet:
         self.unreturned = np.zeros(size, dtype=np.int32)
         self.reported = np.zeros(size, dtype=np.int32)  # of those, reported by run() (raypar.item_failed)
 
-    def add(self, table, part_sizes: dict[str, int], voided: set[str]) -> None:
-        """Count the valid records of ``table`` (a record batch or table with LEAN_COLUMNS)."""
+    def add(self, table, part_sizes: dict[str, int], voided: set[str]) -> np.ndarray:
+        """Count the valid records of ``table`` (a record batch or table with LEAN_COLUMNS);
+        returns which records were valid."""
         if not table.num_rows:
-            return
+            return np.zeros(0, dtype=bool)
         if isinstance(table, pa.Table):
             table = table.unify_dictionaries().combine_chunks()
         keep = _valid(table, part_sizes, voided)
@@ -258,6 +259,7 @@ class DoneSet:
         self.done[ordinals] = True
         self.unreturned[ordinals] = unreturned
         self.reported[ordinals] = table.column("reported").to_numpy()[keep]
+        return keep
 
     def _grow(self, top: int) -> None:
         if top > len(self.done):
@@ -306,6 +308,65 @@ class DoneSet:
         n = min(size, len(self.done))
         out[:n] = self.done[:n]
         return out
+
+
+class ReportedRecords:
+    """The chosen done records whose run() reported items failed (``raypar.item_failed``),
+    gathered while a DoneSet is built a record batch at a time: what ``raypar failed`` and
+    ``resume --retry-failed-items`` need, without every record in memory (per batch two bits,
+    plus the reporting records themselves).
+
+    A reporting record is its batch's chosen one when it is the batch's only valid record. A
+    batch with several (rare: a re-run whose first result was also stored, a speculative
+    loser) is ``ambiguous``: the ledger reads that batch's records again and choose() decides.
+    """
+
+    COLUMNS = [*LEAN_COLUMNS, "failed"]  # read from compact files when these are wanted
+    KEPT = ["ordinal", "items", "failed"]
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.kept: list[pa.Table] = []
+        self.seen = np.zeros(0, dtype=bool)  # a valid record of this ordinal was added
+        self.twice = np.zeros(0, dtype=bool)  # ... and another one
+        self.decided: Optional[pa.Table] = None  # choose()'s records of the ambiguous batches
+
+    def add(self, table, keep: np.ndarray) -> None:
+        """Note the valid records (``keep``) of ``table`` (COLUMNS) and keep the reporting ones."""
+        ordinals = table.column("ordinal").to_numpy()[keep]
+        if not len(ordinals):
+            return
+        top = int(ordinals.max()) + 1
+        if top > len(self.seen):
+            self.seen = np.concatenate([self.seen, np.zeros(top - len(self.seen), dtype=bool)])
+            self.twice = np.concatenate([self.twice, np.zeros(top - len(self.twice), dtype=bool)])
+        unique, counts = np.unique(ordinals, return_counts=True)
+        self.twice[unique[(counts > 1) | self.seen[unique]]] = True
+        self.seen[unique] = True
+        reporting = keep & table.column("failed").is_valid().to_numpy(zero_copy_only=False)
+        if reporting.any():
+            rows = table.filter(pa.array(reporting)).select(self.KEPT)
+            self.kept.append(rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows]))
+
+    def ambiguous(self) -> np.ndarray:
+        """The ordinals of reporting records whose batch has more than one valid record."""
+        ordinals = np.concatenate([t.column("ordinal").to_numpy() for t in self.kept]) if self.kept \
+            else np.empty(0, np.int64)
+        return np.unique(ordinals[self.twice[ordinals]])
+
+    def table(self) -> pa.Table:
+        """ordinal, items, failed of each batch's chosen reporting record, by ordinal."""
+        schema = pa.schema([SCHEMA.field(c) for c in self.KEPT])
+        out = pa.concat_tables(self.kept).cast(schema) if self.kept else schema.empty_table()
+        decided = self.decided
+        if decided is not None:
+            ordinals = out.column("ordinal").to_numpy()
+            out = out.filter(pa.array(~np.isin(ordinals, decided.column("ordinal").to_numpy())))
+            decided = decided.filter(decided.column("failed").is_valid()).select(self.KEPT).cast(schema)
+            out = pa.concat_tables([out, decided])
+        return out.take(pc.sort_indices(out, [("ordinal", "ascending")])) if out.num_rows else out
 
 
 def _failed_items(table) -> np.ndarray:
