@@ -73,11 +73,12 @@ print(json.dumps({"export": export, "items": len(items), "retry": retry, "retrie
                   "pending": len(pending), "rss_mib": rss}))
 """
 
-# With --report: what the end of a session adds for reports/report.html (the full view, as
-# assembly reads it, then the page).
+# With --report: what the end of a session adds for its reports (the full view, as assembly
+# reads it, then reports/report.html, then the text reports: processed_mini_batches.csv...).
 REPORT = r"""
 import json, sys, time
 from raypar.engine.report_html import html_report
+from raypar.engine.reports import report_files
 from raypar.jobdir.ledger import Ledger
 ledger = Ledger(sys.argv[1])
 started = time.perf_counter()
@@ -85,8 +86,12 @@ view = ledger.view(ledger.read_manifest())
 read = time.perf_counter() - started
 page = html_report(ledger, view, "succeeded", "")
 seconds = time.perf_counter() - started
+started = time.perf_counter()
+files = report_files(ledger, view, "succeeded", "", None)
+text = time.perf_counter() - started
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-print(json.dumps({"read": read, "seconds": seconds, "bytes": len(page), "rss_mib": rss}))
+print(json.dumps({"read": read, "seconds": seconds, "bytes": len(page), "text": text,
+                  "text_bytes": sum(map(len, files.values())), "rss_mib": rss}))
 """
 
 STATUS = r"""
@@ -182,7 +187,8 @@ def main() -> int:
             out = subprocess.run([sys.executable, "-c", REPORT, job], capture_output=True, text=True, check=True)
             got = json.loads(out.stdout)
             print(f"report.html: {got['bytes'] / 1024:.0f} KiB in {got['seconds']:.2f}s (of which reading the "
-                  f"records {got['read']:.2f}s); peak RSS {got['rss_mib']:.0f} MiB")
+                  f"records {got['read']:.2f}s); text reports: {got['text_bytes'] / 2**20:.0f} MiB in "
+                  f"{got['text']:.2f}s; peak RSS {got['rss_mib']:.0f} MiB")
         if args.failed_every:
             out = subprocess.run([sys.executable, "-c", FAILED, job], capture_output=True, text=True, check=True)
             got = json.loads(out.stdout)

@@ -322,6 +322,28 @@ def test_failed_batches_are_final_failures_not_yet_done(tmp_path):
     assert ledger.view().failed_batches() == {bid(2)}
 
 
+def test_processed_mini_batches_csv_lists_every_attempt_in_batch_run_attempt_order(tmp_path):
+    import csv
+    import io
+
+    from raypar.engine.reports import report_files
+
+    ledger = planned(tmp_path, 3)
+    finish(ledger, 2, run="r1")
+    fail(ledger, 0, final=False, run="r2", attempt=1)
+    fail(ledger, 0, final=False, run="r1", attempt=2)
+    finish(ledger, 0, run="r2", attempt=2)
+    fail(ledger, 1, final=True, run="r1", attempt=1)
+
+    files = report_files(ledger, ledger.view(), "failed", "", None)
+    rows = list(csv.DictReader(io.StringIO(files["reports/processed_mini_batches.csv"].decode())))
+    assert [(r["batch"], r["run"], r["attempt"], r["status"]) for r in rows] == [
+        (bid(0), "r1", "2", "exception"), (bid(0), "r2", "1", "exception"), (bid(0), "r2", "2", "done"),
+        (bid(1), "r1", "1", "exception"), (bid(2), "r1", "1", "done")]
+    assert [(r["items"], r["succeeded"], r["error"], r["seconds"]) for r in rows][:3] == [
+        ("2", "0", "boom 2", ""), ("2", "0", "boom 1", ""), ("2", "2", "", "0.0")]
+
+
 def test_torn_failed_record_is_ignored(tmp_path):
     ledger = planned(tmp_path, 2)
     path = record_file(ledger, fail(ledger, 0, final=True))

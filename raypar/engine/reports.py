@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from typing import Optional
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from raypar.engine.status import failed_items_text
-from raypar.inputs.base import ordinal_of
+from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 
 STATUS_OF_KIND = {"user": "exception", "timeout": "timeout", "system": "worker-lost", "storage": "job-dir-error",
                   "raypar": "raypar-error"}
 COLUMNS = ["batch", "run", "attempt", "status", "node", "worker", "started", "seconds",
            "items", "succeeded", "error"]
+# The attempts as Arrow columns (the batch as its ordinal, to sort on).
+ATTEMPTS = pa.schema([("ordinal", pa.int64()), ("run", pa.string()), ("attempt", pa.int64()),
+                      ("status", pa.string()), ("node", pa.string()), ("worker", pa.string()),
+                      ("started", pa.float64()), ("seconds", pa.float64()), ("items", pa.int64()),
+                      ("succeeded", pa.int64()), ("error", pa.string())])
+CSV_ROWS = 65_536  # attempts turned into Python values at a time: memory stays bounded
 
 
 def last_line(error: str) -> str:
@@ -34,36 +42,60 @@ def last_line(error: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def attempt_rows(view: LedgerView) -> list[dict]:
-    """Every recorded attempt, done or failed, ordered by batch, run and attempt."""
-    rows = [
-        {"batch": r.batch, "run": r.run, "attempt": r.attempt, "status": "done", "node": r.node,
-         "worker": r.worker, "started": r.started, "seconds": r.seconds, "items": r.items,
-         "succeeded": r.returned, "error": ""}
-        for r in view.done.values()
-    ]
-    for records in view.failed.values():
-        items = view.manifest[ordinal_of(records[0].batch)].item_count if view.manifest is not None else ""
-        for r in records:
-            rows.append({"batch": r.batch, "run": r.run, "attempt": r.attempt,
-                         "status": STATUS_OF_KIND.get(r.kind, r.kind), "node": r.node, "worker": r.worker,
-                         "started": r.started, "seconds": "", "items": r.items if r.items is not None else items,
-                         "succeeded": 0, "error": last_line(r.error)})
-    rows.sort(key=lambda row: (row["batch"], row["run"], row["attempt"]))
-    for row in rows:
-        if row["started"]:
-            row["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["started"]))
-    return rows
+def attempts_table(view: LedgerView) -> pa.Table:
+    """Every recorded attempt, done or failed, as Arrow columns (COLUMNS, ``ordinal`` for ``batch``)
+    ordered by batch, run and attempt: built from the done records' columns, never a Python
+    object per done batch (a million of them made this 14 s and 800 MiB at a session's end)."""
+    done = view.done.table
+    count = done.num_rows
+    tables = [pa.table({
+        "ordinal": done["ordinal"], "run": done["run"].cast(pa.string()), "attempt": done["attempt"],
+        "status": pa.repeat("done", count), "node": done["node"].cast(pa.string()),
+        "worker": done["worker"].cast(pa.string()), "started": done["started"], "seconds": done["seconds"],
+        "items": done["items"], "succeeded": done["returned"], "error": pa.repeat("", count),
+    }, schema=ATTEMPTS)]
+    failed = [r for records in view.failed.values() for r in records]
+    if failed:
+        def planned(r):
+            return view.manifest[ordinal_of(r.batch)].item_count if view.manifest is not None else None
+
+        tables.append(pa.table({
+            "ordinal": [ordinal_of(r.batch) for r in failed], "run": [r.run for r in failed],
+            "attempt": [r.attempt for r in failed], "status": [STATUS_OF_KIND.get(r.kind, r.kind) for r in failed],
+            "node": [r.node for r in failed], "worker": [r.worker for r in failed],
+            "started": [r.started for r in failed], "seconds": [None] * len(failed),
+            "items": [r.items if r.items is not None else planned(r) for r in failed],
+            "succeeded": [0] * len(failed), "error": [last_line(r.error) for r in failed],
+        }, schema=ATTEMPTS))
+    if len(tables) == 1:
+        return tables[0]  # the done records alone: one per batch, already in batch order
+    table = pa.concat_tables(tables)
+    return table.take(pc.sort_indices(table, [("ordinal", "ascending"), ("run", "ascending"),
+                                              ("attempt", "ascending")]))
+
+
+def attempts_csv(view: LedgerView) -> bytes:
+    """processed_mini_batches.csv: one row per attempt, ``started`` in UTC to the second."""
+    table = attempts_table(view)
+    out = io.BytesIO()
+    text = io.TextIOWrapper(out, encoding="utf-8", newline="")  # encoded as written: one copy of the file
+    writer = csv.writer(text)
+    writer.writerow(COLUMNS)
+    for chunk in table.to_batches(max_chunksize=CSV_ROWS):
+        started = pc.strftime(pc.cast(pc.cast(pc.floor(chunk["started"]), pa.int64()), pa.timestamp("s", "UTC")),
+                              format="%Y-%m-%dT%H:%M:%SZ")
+        columns = [[batch_id(o) for o in chunk["ordinal"].to_pylist()],
+                   *(chunk[name].to_pylist() for name in COLUMNS[1:6]), started.to_pylist(),
+                   *(chunk[name].to_pylist() for name in COLUMNS[7:])]
+        writer.writerows(zip(*columns, strict=True))
+    text.flush()
+    return out.getvalue()
 
 
 def report_files(ledger: Ledger, view: LedgerView, state: str, reason: str,
                  output: Optional[str]) -> dict[str, bytes]:
     """{path under the job dir: bytes} of the session's text reports."""
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(attempt_rows(view))
-    files = {"reports/processed_mini_batches.csv": table.getvalue().encode()}
+    files = {"reports/processed_mini_batches.csv": attempts_csv(view)}
     for batch, records in view.failed.items():
         text = "".join(f"=== {r.batch} run {r.run} attempt {r.attempt}: {STATUS_OF_KIND.get(r.kind, r.kind)} "
                        f"on {r.worker or '?'} (node {r.node or '?'})\n{r.error.rstrip()}\n\n" for r in records)
