@@ -13,6 +13,9 @@ started here, job dir on local disk then on Azurite, and prints side by side:
 - ``raypar status --json`` and ``raypar resume`` of the finished job (nothing to do), each as
   a fresh CLI process, the way a user runs them.
 
+--fail-every K makes run() raise for every K-th file, on each of its 3 tries (error_threshold -1: the job
+succeeds without them): a job whose driver records many failed tries.
+
 --row-kib K pads every row to about K KiB and --run-ms M makes each run() sleep M ms first (the
 GIL released, as inference releases it): a job whose workers store megabytes per second, where a
 segment's PUT takes long enough to matter.
@@ -26,7 +29,7 @@ already running it shows the fixed cost per session (the Azure SDK's import in e
 the driver's few dozen requests), which a small job on 2 cores feels most.
 
     python benchmarks/bench_jobdir_object_store.py [--sizes 2000 20000] [--repeat 3] [--no-cli]
-        [--row-kib K] [--run-ms M] [--keep] [--verbose]
+        [--row-kib K] [--run-ms M] [--fail-every K] [--keep] [--verbose]
 """
 
 from __future__ import annotations
@@ -48,17 +51,19 @@ ENTRY = """
 import os
 import time
 
-RUN_SECONDS, PAD = {run_seconds!r}, {pad!r}
+RUN_SECONDS, PAD, FAIL_EVERY = {run_seconds!r}, {pad!r}, {fail_every!r}
 
 
 def run(mini_batch):
     if RUN_SECONDS:
         time.sleep(RUN_SECONDS)  # the GIL released, as model inference releases it
+    if FAIL_EVERY and any(int(os.path.basename(p)[1:7]) % FAIL_EVERY == 0 for p in mini_batch):
+        raise ValueError(f"bad input: {{mini_batch}}")
     return [f"{{os.path.basename(p)}} {{open(p).read().strip()}}{{PAD}}" for p in mini_batch]
 """
 
 
-def spec_for(root: str, count: int, row_kib: int = 0, run_ms: float = 0) -> dict:
+def spec_for(root: str, count: int, row_kib: int = 0, run_ms: float = 0, fail_every: int = 0) -> dict:
     data = os.path.join(root, f"data-{count}")
     if not os.path.isdir(data):
         for i in range(count):
@@ -66,17 +71,19 @@ def spec_for(root: str, count: int, row_kib: int = 0, run_ms: float = 0) -> dict
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"f{i:06d}.txt"), "w") as f:
                 f.write(f"value {i}\n")
-    code = os.path.join(root, f"code-{row_kib}-{run_ms}")
+    code = os.path.join(root, f"code-{row_kib}-{run_ms}-{fail_every}")
     os.makedirs(code, exist_ok=True)
     with open(os.path.join(code, "entry.py"), "w") as f:
-        f.write(ENTRY.format(run_seconds=run_ms / 1000, pad=" " + "x" * (row_kib * 1024) if row_kib else ""))
+        f.write(ENTRY.format(run_seconds=run_ms / 1000, pad=" " + "x" * (row_kib * 1024) if row_kib else "",
+                             fail_every=fail_every))
     return {
         "type": "parallel", "name": "bench-jobdir",
         "inputs": {"data": {"type": "uri_folder", "path": data}},
         "outputs": {"out": {"type": "uri_folder", "path": os.path.join(root, f"out-{uuid.uuid4().hex[:6]}")}},
         "input_data": "${{inputs.data}}", "mini_batch_size": "1",
         "resources": {"instance_count": 1}, "max_concurrency_per_instance": 2,
-        "retry_settings": {"max_retries": 0, "timeout": 600},
+        "retry_settings": {"max_retries": 2 if fail_every else 0, "timeout": 600},
+        "error_threshold": -1,
         "task": {"type": "run_function", "code": code, "entry_script": "entry.py",
                  "append_row_to": "${{outputs.out}}"},
         "raypar": {"worker": {"num_cpus": 1}},
@@ -99,18 +106,19 @@ def cli_seconds(*args) -> float:
 
 
 def measure(root: str, count: int, job: str, fs, args) -> dict:
-    spec = spec_for(root, count, args.row_kib, args.run_ms)
+    spec = spec_for(root, count, args.row_kib, args.run_ms, args.fail_every)
     started = time.perf_counter()
     outcome = run_raypar(spec, job, args.verbose)
     seconds = time.perf_counter() - started
-    if outcome.state.value != "succeeded" or outcome.completed != count:
+    failing = len(range(0, count, args.fail_every)) if args.fail_every else 0
+    if outcome.state.value != "succeeded" or outcome.completed != count - failing or outcome.failed != failing:
         raise RuntimeError(f"{job}: {outcome.state.value} ({outcome.reason})")
     figures = {"run": seconds, "objects": objects_under(job, fs),
                "status": cli_seconds("status", job, "--json"), "resume": cli_seconds("resume", job)}
     if args.cli:  # the same job again, as a fresh `raypar run` process with its embedded Ray
         path = os.path.join(root, f"spec-{uuid.uuid4().hex[:6]}.yml")
         with open(path, "w") as f:
-            yaml.safe_dump(spec_for(root, count, args.row_kib, args.run_ms), f)
+            yaml.safe_dump(spec_for(root, count, args.row_kib, args.run_ms, args.fail_every), f)
         figures["cli run"] = cli_seconds("run", path, "--job-dir", f"{job}-cli")
     return figures
 
@@ -123,6 +131,8 @@ def main() -> int:
                         help="leave out `raypar run` as a fresh process (the issue's measure)")
     parser.add_argument("--row-kib", type=int, default=0, help="pad each row to about this many KiB")
     parser.add_argument("--run-ms", type=float, default=0, help="each run() sleeps this long first")
+    parser.add_argument("--fail-every", type=int, default=0, metavar="K",
+                        help="every K-th file's run() raises, three tries each (error_threshold -1)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()

@@ -59,6 +59,14 @@ LAUNCHER = textwrap.dedent("""
                 die()
             return write_atomic(self, data, *parts)
         store.Store.write_atomic = crashing_write_atomic
+    elif point == "failed-gathered":  # a batch's last try failed: its record gathered, not stored
+        import raypar.jobdir.writers as writers
+        add = writers.FailedLog.add
+        def crashing_add(self, body):
+            add(self, body)
+            if body["final"]:
+                die()
+        writers.FailedLog.add = crashing_add
     elif point == "after-assembly":  # output published, state not yet written
         set_state = driver._set_state
         def crashing_set_state(ledger_, new, run, reason=""):
@@ -160,6 +168,37 @@ def test_driver_killed_while_writing_the_output_during_the_run_resumes_to_the_sa
     assert len(executed(log)) == 5 - status["completed"]  # only what was not done ran again
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     assert os.listdir(output.parent) == [output.name]
+
+
+def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_output(ray_cluster, tmp_path, capsys):
+    files = {f"f{i:02d}.txt": ("bad v" if i == 4 else "v") + str(i) for i in range(10)}
+    log, fixed = tmp_path / "exec", tmp_path / "fixed"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, mini_batch_size="2", **{
+        "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}"})
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
+    job = str(tmp_path / "job")
+    output = tmp_path / "out" / "parallel_run_step.txt"
+
+    crashed = run_cli(["run", str(tmp_path / "job.yml"), "--job-dir", job], crash_point="failed-gathered",
+                      cluster=ray_cluster)
+
+    assert crashed.returncode == 9, crashed.stderr
+    assert not output.exists()
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
+    # The driver died holding the failed tries of batch 2: lost with it, so the batch is pending,
+    # not failed; what was done stays done.
+    assert status["state"] == "interrupted" and status["failed"] == 0 and status["completed"] < 5
+    assert sum("f04.txt" in t for t in executed(log)) == 2  # both tries ran
+    for p in log.iterdir():
+        p.unlink()
+    fixed.touch()
+
+    resumed = run_cli(["resume", job], cluster=ray_cluster)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(executed(log)) == 5 - status["completed"] and any("f04.txt" in t for t in executed(log))
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
 
 
 def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster, tmp_path, capsys):

@@ -502,6 +502,31 @@ def test_ledger_failed_records(backend):
     assert view.counts() == {"total": 4, "completed": 1, "failed": 1, "pending": 2}
 
 
+def test_a_sessions_failed_records_are_stored_a_segment_at_a_time(backend, monkeypatch):
+    import raypar.jobdir.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 250)
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(400))
+    ledger.gather_failures("r1", seconds=3600)  # no flush by age in this test
+    for i in range(300):
+        ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, error=f"bad input {i}", kind="user",
+                                          final=i % 2 == 0))
+    # 250 gathered: stored as one segment; the other 50 wait. Another reader sees only what is stored.
+    assert [p.rsplit("/", 1)[-1] for p in ledger.store.list_files("failed")] == ["r1~000000.jsonl"]
+    other = backend.ledger()
+    assert len(other.view().failed) == 250
+    ledger.flush_failures(due_only=True)  # not old enough: nothing stored
+    assert len(backend.ledger().view().failed) == 250
+
+    view = ledger.view()  # the session's own view stores what it gathered first
+    assert len(view.failed) == 300 and view.failed_batches() == {bid(i) for i in range(0, 300, 2)}
+    assert len(ledger.store.list_files("failed")) == 2
+    ledger.end_gathering_failures()
+    ledger.record_failed(FailedRecord(batch=bid(399), run="r2", attempt=1, error="late", kind="user", final=True))
+    assert bid(399) in backend.ledger().view().failed  # one by one again, stored at once
+
+
 def test_ledger_void_makes_a_batch_pending_again(backend):
     ledger = backend.ledger()
     ledger.write_manifest(make_batches(3))

@@ -433,6 +433,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         progress.failed_items = view.done.failed_items()
         progress.planning = feed is not None
         reporter = Compactor(ledger, run, Reporter(session.show))
+        ledger.gather_failures(run)  # stored a segment at a time, not a file or object each
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)
         scheduler = Scheduler(ledger, spec, run, pending, RayTransport(placement), progress, reporter, interrupt,
@@ -440,8 +441,11 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
             reason = scheduler.run()
         reporter(progress, final=True)
+        ledger.end_gathering_failures()
         return reason or "", scheduler.stop_detail
     finally:
+        with contextlib.suppress(Exception):  # after an error: what can still be stored
+            ledger.end_gathering_failures()
         # Copies of the code folder left by workers that were killed, not stopped (this node's only)
         shutil.rmtree(code_copies_dir(run), ignore_errors=True)
         if owned:

@@ -44,12 +44,14 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
 
 class Compactor:
     """Folds done records into a compact file every COMPACT_EVERY batches, so a resume after a
-    crash reads at most that many records one by one (see Ledger.compact)."""
+    crash reads at most that many records one by one (see Ledger.compact); stores the failed
+    records the session gathered once they are a second old (see FailedLog)."""
 
     def __init__(self, ledger: Ledger, run: str, then: Callable):
         self.ledger, self.run_id, self.then, self.at = ledger, run, then, None
 
     def __call__(self, p, final: bool = False) -> None:
+        self.ledger.flush_failures(due_only=not final)  # failed records gathered for a second or more
         if self.at is None:
             self.at = p.done
         if p.done - self.at >= COMPACT_EVERY:

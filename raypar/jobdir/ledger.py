@@ -54,7 +54,7 @@ from raypar.jobdir.tables import (
     records_table,
     to_ipc,
 )
-from raypar.jobdir.writers import DoneWriter, segment_records, writer_for
+from raypar.jobdir.writers import DoneWriter, FailedLog, segment_records, writer_for
 from raypar.version import __version__
 
 log = logging.getLogger("raypar")
@@ -65,6 +65,8 @@ FORMAT = 2
 READS = (1, 2)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
 CHUNK_SIZE = 10_000
 MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges them into one
+FAILED_FLUSH_SECONDS = 1.0  # a driver's failed records wait at most this long to be stored...
+FAILED_FLUSH_RECORDS = 1000  # ... or until this many are gathered
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Ledger:
         self.store = open_store(self.url, storage_options)
         self.lease = Lease(self.store, self.url)
         self._snapshot = threading.local()  # see _listed: per thread, as the driver reads from several
+        self.failed_log: Optional[FailedLog] = None  # gather_failures(): the driver's session
 
     # -- identity -------------------------------------------------------
 
@@ -379,8 +382,26 @@ class Ledger:
         self.store.write_once(_sealed(record.__dict__), "done", f"{name}.json")
 
     def record_failed(self, record: FailedRecord) -> None:
+        if self.failed_log is not None:  # a driver's session: stored a segment at a time
+            self.failed_log.add(record.__dict__)
+            return
         name = attempt_name(record.batch, record.run, record.attempt)
         self.store.write_atomic(_sealed(record.__dict__), "failed", f"{name}.json")
+
+    def gather_failures(self, run: str, seconds: float = FAILED_FLUSH_SECONDS) -> None:
+        """From now on, failed records are gathered and stored as segments (:class:`FailedLog`)."""
+        self.failed_log = FailedLog(self.store, run, seconds, FAILED_FLUSH_RECORDS)
+
+    def flush_failures(self, due_only: bool = False) -> None:
+        """Store the gathered failed records (``due_only``: only once the oldest is old enough)."""
+        if self.failed_log is not None:
+            self.failed_log.flush(due_only)
+
+    def end_gathering_failures(self) -> None:
+        """Store what is gathered; failed records are written one by one again."""
+        log, self.failed_log = self.failed_log, None
+        if log is not None:
+            log.flush()
 
     def void(self, record: DoneRecord, why: str) -> None:
         """Mark a done record invalid (its part failed verification): the batch runs again."""
@@ -406,6 +427,7 @@ class Ledger:
 
         Records of batches a revision retired (their input changed) are left out: they never count.
         """
+        self.flush_failures()  # this session's own failures are part of what it reads
         manifest = manifest if manifest is not None else self.read_manifest()
         if lean and manifest is not None and not len(manifest):
             # No batch planned yet (a fresh job): none can be done or have failed, as a batch is

@@ -213,6 +213,45 @@ class ObjectSegmentWriter(DoneWriter):
                         self.failure = exc
 
 
+class FailedLog:
+    """A driver session's failed records, stored a batch of them at a time as segment files of
+    sealed lines (``failed/<run>~NNNNNN.jsonl``), not one file each: on an object store a flood
+    of failures (a bad tenth of a million inputs, each tried three times) cost a PUT each in the
+    scheduler's loop and a GET each in every later view.
+
+    Stored when ``limit`` records are gathered, when the oldest is ``seconds`` old (the driver's
+    upkeep calls :meth:`flush` with ``due_only`` after every scheduler step), and before the
+    session reads the ledger. A driver that dies loses at most those records: their batches have
+    no done record, so a resume runs them again, as it runs every failed batch; only their
+    history (status, reports) is short of them.
+    """
+
+    def __init__(self, store: Store, run: str, seconds: float, limit: int):
+        self.store, self.run, self.seconds, self.limit = store, run, seconds, limit
+        self.lines: list[bytes] = []
+        self.oldest: Optional[float] = None
+        self.next = 0  # the number of the next segment
+        self.lock = threading.Lock()
+
+    def add(self, body: dict) -> None:
+        with self.lock:
+            self.lines.append(_sealed(body))
+            if self.oldest is None:
+                self.oldest = time.monotonic()
+            full = len(self.lines) >= self.limit
+        if full:
+            self.flush()
+
+    def flush(self, due_only: bool = False) -> None:
+        with self.lock:
+            if not self.lines or (due_only and time.monotonic() - self.oldest < self.seconds):
+                return
+            data = b"".join(line + b"\n" for line in self.lines)
+            self.store.write_once(data, "failed", f"{self.run}~{self.next:06d}.jsonl")
+            self.next += 1
+            self.lines, self.oldest = [], None
+
+
 def writer_for(store: Store) -> type[DoneWriter]:
     """How a worker stores its records on ``store``: appended where the store appends."""
     return SegmentWriter if store.appends else ObjectSegmentWriter
