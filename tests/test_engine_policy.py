@@ -359,6 +359,20 @@ def test_a_batch_that_failed_on_a_worker_is_retried_on_another(tmp_path):
     assert all(history(ledger, b) == [("user", False)] for b in failed_on_0)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seconds", [0.002, 1.0])
+def test_retries_that_failed_on_every_busy_worker_still_reach_an_idle_one(tmp_path, seconds):
+    # Half the batches fail on every try. A retry is kept from the worker it failed on; a worker
+    # that found only such retries in the queue went idle and was never looked at again (nothing
+    # it ran changed), while the retries waited for it: the driver spun at full CPU for ever.
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(seconds, "user", "ValueError: bad") if ordinal(b) % 2 == 0
+        else Outcome(seconds), batches=40, **{"retry_settings.max_retries": 2})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (20, 20)
+    assert all(history(ledger, b) == [("user", False), ("user", False), ("user", True)] for b in range(0, 40, 2))
+
+
 def test_with_one_worker_left_a_retry_runs_where_it_failed(tmp_path):
     reason, scheduler, cluster, ledger = run(
         tmp_path, lambda b, a, w: Outcome(1.0, "user", "ValueError: bad") if (ordinal(b), a) == (2, 1)

@@ -200,6 +200,9 @@ class Scheduler:
         self.recent = collections.deque(maxlen=1000)  # seconds of the last batches: their median
         # What a step looks at, so that its cost does not grow with the number of workers:
         self.dirty: set[Slot] = set()  # slots whose calls, readiness or unstored batches changed
+        # Slots that had room but got nothing, every queued batch having failed on them: they look
+        # again at the next dispatch (nothing else may change for them while they idle).
+        self.passed_over: set[Slot] = set()
         self.queue_was_empty = True  # then every slot may have room: the next dispatch looks at all
         self.unstarted: set[Slot] = set()  # slots left without a worker until there is work
         self.deadlines: list = []  # heap of (timeout deadline, seq, call, slot) of running calls
@@ -440,8 +443,10 @@ class Scheduler:
                     self._start(slot)
             self.unstarted.clear()
         # Only slots that changed can have room, unless the queue ran dry since the last look.
-        candidates = self.slots if self.queue_was_empty else sorted(self.dirty, key=self._order)
+        candidates = self.slots if self.queue_was_empty else \
+            sorted(self.dirty | self.passed_over, key=self._order)
         self.queue_was_empty = False
+        self.passed_over.clear()
         ready = [s for s in candidates if s.ready and not s.retired]
         # Fill in waves (one call per worker per wave) so the first batches spread out.
         for wave in range(1, FAST_PREFETCH + 1):
@@ -452,20 +457,21 @@ class Scheduler:
                 if not self.queue:
                     self.queue_was_empty = True
                     return
-                if len(slot.calls) < wave <= slot.depth(now):
-                    self._submit(slot, now)
+                if len(slot.calls) < wave <= slot.depth(now) and not self._submit(slot, now):
+                    self.passed_over.add(slot)
 
     def _order(self, slot: Slot) -> tuple:
         return slot.instance, slot.index
 
-    def _submit(self, slot: Slot, now: float) -> None:
+    def _submit(self, slot: Slot, now: float) -> bool:
+        """Send ``slot`` its next call; False when every queued batch failed on it (another worker takes them)."""
         aside = []  # retries of batches that failed on this worker: another worker takes them
         if self.avoid and self.avoid.get(self.queue[0][0].id) is slot and self._another_worker(slot):
             while self.queue and self.avoid.get(self.queue[0][0].id) is slot:
                 aside.append(self.queue.popleft())
             if not self.queue:
                 self.queue.extendleft(reversed(aside))
-                return
+                return False
         size = self._group_size(slot)
         batches = [self.queue.popleft()[0]]
         while len(batches) < size and self.queue and self.queue[0][0].id not in self.solo \
@@ -491,6 +497,7 @@ class Scheduler:
         if call.started is not None:
             self._deadline(slot, call)
         self._read_ahead(slot)
+        return True
 
     def _another_worker(self, slot: Slot) -> bool:
         """Another worker is up, or starting, to take what failed on ``slot``."""
@@ -567,8 +574,10 @@ class Scheduler:
             log.info("%s has run %.0fs (median %.1fs): a second attempt on %s", call.batch.id,
                      now - call.started, median, slot.label)
             self.queue.appendleft((call.batch, 0))
-            self._submit(slot, now)
-            self.copies[call.batch.id] = [call, slot.calls[-1]]
+            if self._submit(slot, now):
+                self.copies[call.batch.id] = [call, slot.calls[-1]]
+            else:  # it failed on this slot before: no second attempt here
+                self.queue.popleft()
 
     def _straggler_threshold(self) -> Optional[float]:
         """Seconds after which a running batch gets a second attempt now, or None when none may
