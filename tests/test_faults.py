@@ -153,6 +153,23 @@ def test_a_batch_that_failed_on_a_broken_worker_is_retried_on_another(ray_cluste
     assert all(len(records) == 1 for records in view.failed.values())  # one failed try per batch, no more
 
 
+def test_a_job_whose_retries_all_fail_again_ends_with_those_batches_failed(ray_cluster, tmp_path):
+    # Half the files are bad on every try. Each retry goes to the worker it did not fail on; a
+    # worker that found only retries of its own failures in the queue used to idle unseen while
+    # they waited for it, and the driver spun for ever (about one run in two on this machine).
+    files = texts(20, bad=set(range(0, 20, 2)))
+    spec = make_spec(tmp_path, files, mini_batch_size="1", error_threshold=-1, **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 2, "retry_settings.max_retries": 2,
+    })
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED and (outcome.completed, outcome.failed) == (10, 10)
+    assert output_lines(tmp_path) == expected_rows(files, skip={f"f{i:03d}.txt" for i in range(0, 20, 2)})
+    view = Ledger(str(tmp_path / "job")).view()
+    assert sorted(len(records) for records in view.failed.values()) == [3] * 10  # every try recorded
+
+
 def test_segfault_in_user_code_reruns_the_batch_on_a_fresh_worker(ray_cluster, tmp_path):
     files = texts(6)
     log, inits, fault = folders(tmp_path, "exec", "inits", "fault")

@@ -527,6 +527,17 @@ def test_a_sessions_failed_records_are_stored_a_segment_at_a_time(backend, monke
     assert bid(399) in backend.ledger().view().failed  # one by one again, stored at once
 
 
+def test_gathered_failed_records_are_stored_once_they_are_old_enough(tmp_path):
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(make_batches(2))
+    ledger.gather_failures("r1", seconds=0)  # any gathered record is due at once
+    ledger.record_failed(FailedRecord(batch=bid(0), run="r1", attempt=1, error="bad", kind="user", final=True))
+
+    ledger.flush_failures(due_only=True)  # as the driver's upkeep does after each step
+
+    assert Ledger(str(tmp_path / "job")).view().failed_batches() == {bid(0)}
+
+
 def test_ledger_void_makes_a_batch_pending_again(backend):
     ledger = backend.ledger()
     ledger.write_manifest(make_batches(3))

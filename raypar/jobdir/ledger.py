@@ -399,9 +399,9 @@ class Ledger:
 
     def end_gathering_failures(self) -> None:
         """Store what is gathered; failed records are written one by one again."""
-        log, self.failed_log = self.failed_log, None
-        if log is not None:
-            log.flush()
+        gathered, self.failed_log = self.failed_log, None
+        if gathered is not None:
+            gathered.flush()
 
     def void(self, record: DoneRecord, why: str) -> None:
         """Mark a done record invalid (its part failed verification): the batch runs again."""
