@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import pyarrow as pa
@@ -15,6 +15,10 @@ from raypar.inputs.source import describe, open_source
 
 if TYPE_CHECKING:  # the worker side imports this module without pydantic
     from raypar.spec.models import JobSpec
+
+# One encoder for every manifest line: json.dumps with options builds a new one per call,
+# a third of the line's cost when a million batches are planned.
+_LINE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 @dataclass(frozen=True, slots=True)  # no per-batch __dict__: a resume may hold millions
@@ -39,11 +43,8 @@ class MiniBatch:
         return batch_id(self.ordinal)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"id": self.id, "ordinal": self.ordinal, "kind": self.kind,
-             "items": self.item_count, "payload": self.payload},
-            separators=(",", ":"), sort_keys=True,
-        )
+        return _LINE({"id": self.id, "ordinal": self.ordinal, "kind": self.kind,
+                      "items": self.item_count, "payload": self.payload})
 
     @classmethod
     def from_json(cls, line: str) -> "MiniBatch":
@@ -101,8 +102,8 @@ def plan_batches(spec: JobSpec, desc: dict, storage: Optional[dict] = None) -> I
     versions of the input files it is the first to read (see ``MiniBatch.inputs``)."""
 
     source = open_source(desc, storage or {})
-    for batch in plan_source(spec, source):
-        yield replace(batch, inputs=source.take_versions(files_of(batch.payload)))
+    for b in plan_source(spec, source):
+        yield MiniBatch(b.ordinal, b.kind, b.payload, b.item_count, source.take_versions(files_of(b.payload)))
 
 
 def plan_source(spec: JobSpec, source) -> Iterator[MiniBatch]:
