@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 import raypar.jobdir.ledger as ledger_module
+from raypar.engine.planning import PLANNING_SWITCH_INTERVAL, PlanFeed
 from raypar.engine.status import job_status
 from raypar.errors import CorruptPartsError, LeaseHeldError, LedgerError, ResultError, UsageError
 from raypar.inputs.base import MiniBatch
@@ -946,6 +948,34 @@ def test_a_beating_lease_from_another_host_is_refused(tmp_path):
         stop.set()
         beating.join()
     assert ledger.lease.read()["run"] == "other"
+
+
+@pytest.mark.parametrize("listing_fails", [False, True])
+def test_planning_hands_the_process_its_switch_interval_back(tmp_path, listing_fails):
+    """The planner shortens Python's switch interval while it runs, so that the scheduler's thread
+    gets Python's lock back soon after each call into Ray; a program that runs raypar in-process
+    gets its own interval back when planning ends, also when the listing fails."""
+    seen = []
+
+    def batches():
+        for batch in make_batches(3):
+            seen.append(sys.getswitchinterval())
+            yield batch
+        if listing_fails:
+            raise OSError("the listing broke")
+
+    own = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        feed = PlanFeed(Ledger(str(tmp_path / "job")), batches())
+        feed.start()
+        feed.join(timeout=30)
+        assert seen == [PLANNING_SWITCH_INTERVAL] * 3
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        assert feed.finished.is_set()
+        assert (feed.error or "").startswith("planning failed: OSError: the listing broke") == listing_fails
+    finally:
+        sys.setswitchinterval(own)
 
 
 def test_an_added_file_that_a_batch_already_reads_is_never_planned_again(tmp_path):
