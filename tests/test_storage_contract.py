@@ -376,7 +376,7 @@ def test_ledger_done_records_and_the_resume_rule(backend):
     record, rows = done(other.done_writer("r1~w2"), 2)
     written[record] = rows
     view = ledger.view()
-    assert view.pending() == [b for b in make_batches(6) if b.ordinal in (0, 3, 5)]
+    assert [b.to_json() for b in view.pending()] == [b.to_json() for b in make_batches(6) if b.ordinal in (0, 3, 5)]
     assert sorted(view.done) == [bid(1), bid(2), bid(4)]
     for record, rows in written.items():
         assert ledger.read_rows(view.done[record.batch]) == rows

@@ -16,7 +16,7 @@ import time
 from typing import Iterator, Optional
 
 from raypar.errors import LedgerError, RayparError
-from raypar.inputs.base import MiniBatch
+from raypar.inputs.base import MiniBatch, QueuedBatch
 from raypar.jobdir.ledger import CHUNK_SIZE, Ledger
 
 FLUSH_EVERY = 0.5  # seconds: how long planned batches may wait for their chunk
@@ -60,23 +60,23 @@ class PlanFeed(threading.Thread):
                 self.wake.notify_all()
 
     def _plan(self) -> None:
-        held: list[MiniBatch] = []
+        held: list[QueuedBatch] = []
         last = 0.0
         for batch in self.batches:
             if self.halt.is_set():
                 return
             if batch.ordinal < len(self.prefix):
-                if batch.to_json().encode() != self.prefix.lines[batch.ordinal]:
+                line = self.prefix.lines[batch.ordinal]
+                if batch.to_json().encode() != line:
                     raise LedgerError(f"the input changed since this job started planning ({batch.id} differs); "
                                       f"start a new job")
                 changed = [n for n, v in (batch.inputs or {}).items() if self.prefix_versions.get(n, v) != v]
                 if changed:
                     raise LedgerError(f"the input changed since this job started planning ({changed[0]} is not the "
                                       f"file planned in {batch.id}); start a new job")
-                self._release([batch])
+                self._release([QueuedBatch(batch.ordinal, line.decode())])
                 continue
-            self.writer.add(batch)
-            held.append(batch)
+            held.append(QueuedBatch(batch.ordinal, self.writer.add(batch)))
             now = time.monotonic()
             if len(held) >= CHUNK_SIZE or now - last >= FLUSH_EVERY:
                 self.writer.flush()
@@ -88,13 +88,13 @@ class PlanFeed(threading.Thread):
         self.writer.complete()
         self._release(held)
 
-    def _release(self, batches: list[MiniBatch]) -> None:
+    def _release(self, batches: list[QueuedBatch]) -> None:
         with self.wake:
             self.planned += len(batches)
             self.ready.extend(b for b in batches if b.id not in self.done)
             self.wake.notify_all()
 
-    def take(self) -> list[MiniBatch]:
+    def take(self) -> list[QueuedBatch]:
         """The batches released since the last call (never blocks)."""
         out = []
         while self.ready:

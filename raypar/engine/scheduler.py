@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 from raypar.engine.progress import Snapshot
 from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
-from raypar.inputs.base import MiniBatch
+from raypar.inputs.base import QueuedBatch
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.records import FailedRecord
 from raypar.spec.models import JobSpec
@@ -56,7 +56,7 @@ INSTANCE_POLL_SECONDS = 1.0  # elastic jobs: how often the transport is asked wh
 @dataclass(eq=False)
 class Call:
     ref: Any
-    batch: MiniBatch
+    batch: QueuedBatch
     attempt: int
     started: Optional[float]  # None while queued behind another call on the actor
     read_ahead: bool = False  # the worker was told to read its batch while the calls before it run
@@ -170,7 +170,7 @@ class Progress:
 class Scheduler:
     """Runs the pending batches of one driver session on a set of worker slots."""
 
-    def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[MiniBatch],
+    def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[QueuedBatch],
                  transport: Transport, progress: Progress,
                  on_progress: Callable[[Progress], None] = lambda p: None,
                  interrupt: Callable[[], Optional[str]] = lambda: None, feed=None,
@@ -1012,6 +1012,6 @@ class Scheduler:
         self.flushes.clear()
 
 
-def _batches(call: Call) -> list[MiniBatch]:
+def _batches(call: Call) -> list[QueuedBatch]:
     """The mini-batches a call carries: its group's, or its own."""
     return [m.batch for m in call.members] if call.members is not None else [call.batch]

@@ -56,6 +56,31 @@ class MiniBatch:
         return batch
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedBatch:
+    """A planned mini-batch as the scheduler queues it: its ordinal and its manifest line, the
+    JSON a call carries, parsed only when asked. A million may wait in the queue: this is a third
+    of a parsed MiniBatch's memory, and no line is encoded again to send the batch."""
+
+    ordinal: int
+    line: str
+
+    @classmethod
+    def of(cls, batch: MiniBatch) -> "QueuedBatch":
+        return cls(batch.ordinal, batch.to_json())
+
+    @property
+    def id(self) -> str:
+        return batch_id(self.ordinal)
+
+    @property
+    def item_count(self) -> int:
+        return json.loads(self.line)["items"]
+
+    def to_json(self) -> str:
+        return self.line
+
+
 def files_of(payload: dict) -> list[str]:
     """The input files whose data a batch's payload holds, in order."""
     if "files" in payload:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypar.errors import LedgerError, UsageError
-from raypar.inputs.base import MiniBatch, ordinal_of
+from raypar.inputs.base import MiniBatch, QueuedBatch, ordinal_of
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
     attempt_name,
@@ -99,7 +99,7 @@ class LedgerView:
     lean: bool = False  # done is a DoneSet: no records, so nothing to assemble or report from
     reported: Optional[pa.Table] = None  # view(lean=True, reported=True): ordinal, items, failed
 
-    def pending(self) -> list[MiniBatch]:
+    def pending(self) -> list[QueuedBatch]:
         """The resume rule, written once: every planned batch without a done record."""
         if self.manifest is None:
             raise LedgerError("the manifest is incomplete; the job must be planned again")
@@ -115,7 +115,8 @@ class LedgerView:
         ordinals = np.flatnonzero(todo)
         if isinstance(self.manifest, Manifest):
             self.manifest.prefetch(ordinals)  # the chunks of pending batches only, read at once
-        return [self.manifest[int(i)] for i in ordinals]
+            return [self.manifest.queued(int(i)) for i in ordinals]
+        return [QueuedBatch.of(self.manifest[int(i)]) for i in ordinals]
 
     def counts(self) -> dict:
         """Mini-batch counts: total, completed, failed (tries spent), pending (never finished)."""
@@ -741,12 +742,15 @@ class ManifestWriter:
             self.count += n
             index += 1
 
-    def add(self, batch: MiniBatch) -> None:
+    def add(self, batch: MiniBatch) -> str:
+        """Buffer ``batch`` for the next chunk; returns its manifest line."""
         if batch.ordinal != self.count + len(self.buffer):
             raise LedgerError(f"planner produced ordinal {batch.ordinal}, expected {self.count + len(self.buffer)}")
-        self.buffer.append(batch.to_json())
+        line = batch.to_json()
+        self.buffer.append(line)
         if batch.inputs:
             self.inputs.update(batch.inputs)
+        return line
 
     def flush(self) -> int:
         """Write the buffered batches as the next chunk (their input versions first); returns how many."""

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from raypar.inputs.base import MiniBatch, batch_id, ordinal_of
+from raypar.inputs.base import MiniBatch, QueuedBatch, batch_id, ordinal_of
 from raypar.jobdir.records import DoneRecord
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -485,6 +485,10 @@ class Manifest(Sequence):
         if isinstance(i, slice):
             return [MiniBatch.from_json(line) for line in self.lines[i]]
         return MiniBatch.from_json(self.lines[i])
+
+    def queued(self, i: int) -> QueuedBatch:
+        """Batch ``i`` as the scheduler queues it: its line, unparsed."""
+        return QueuedBatch(i, self.lines[i].decode())
 
     def __eq__(self, other) -> bool:
         if isinstance(other, (list, Manifest)):
