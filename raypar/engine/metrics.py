@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Optional
 
 log = logging.getLogger("raypar")
 
 _TAGS = ("raypar_job", "raypar_job_dir")  # not "job": Prometheus keeps that label for its scrape job
 _SECONDS_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+# The done counter is added up and recorded once a second: each record is a few microseconds of
+# the scheduler's thread, seconds at a million batches (Ray exports metrics every few seconds).
+COUNT_EVERY = 1.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,6 +40,7 @@ class JobMetrics:
 
     def __init__(self, job: str, job_dir: str):
         self.tags = {"raypar_job": job, "raypar_job_dir": job_dir}
+        self.uncounted, self.counted_at = 0, time.monotonic()
         try:
             self.done, self.failed, self.seconds = _instruments()
         except Exception as exc:  # noqa: BLE001 - a Ray without metrics support
@@ -45,9 +50,17 @@ class JobMetrics:
     def batch_done(self, seconds: Optional[float]) -> None:
         """``seconds`` is None when the run time is unknown (the worker died after recording)."""
         if self.done is not None:
-            self.done.inc(1, tags=self.tags)
+            self.uncounted += 1
             if seconds is not None:
                 self.seconds.observe(seconds, tags=self.tags)
+            if time.monotonic() - self.counted_at >= COUNT_EVERY:
+                self.flush()
+
+    def flush(self) -> None:
+        """Record the done batches not counted yet (at the session's end, and once a second)."""
+        if self.done is not None and self.uncounted:
+            self.done.inc(self.uncounted, tags=self.tags)
+        self.uncounted, self.counted_at = 0, time.monotonic()
 
     def batch_failed(self) -> None:
         if self.done is not None:

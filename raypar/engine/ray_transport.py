@@ -194,6 +194,7 @@ class RayTransport(Transport):
         self.placement.elastic.drop(instance)
 
     def release(self) -> None:
+        self.metrics.flush()
         self.placement.release()
 
     def placed_instances(self) -> set[int]:
