@@ -978,6 +978,40 @@ def test_planning_hands_the_process_its_switch_interval_back(tmp_path, listing_f
         sys.setswitchinterval(own)
 
 
+def test_two_planners_at_once_give_the_switch_interval_back_when_the_last_one_ends(tmp_path):
+    """Two jobs run from threads of one program plan at once: the planner that started first and
+    ends first leaves the short interval to the other, and the program's own comes back when the
+    other ends."""
+    later_started, earlier_ended = threading.Event(), threading.Event()
+    seen_by_later = []
+
+    def earlier():
+        yield from make_batches(2)
+        assert later_started.wait(30)
+
+    def later():
+        later_started.set()
+        yield from make_batches(2)
+        assert earlier_ended.wait(30)
+        seen_by_later.append(sys.getswitchinterval())
+
+    own = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        first = PlanFeed(Ledger(str(tmp_path / "earlier")), earlier())
+        first.start()
+        second = PlanFeed(Ledger(str(tmp_path / "later")), later())
+        second.start()
+        first.join(timeout=30)
+        earlier_ended.set()
+        second.join(timeout=30)
+        assert first.error is None and second.error is None
+        assert seen_by_later == [PLANNING_SWITCH_INTERVAL]
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(own)
+
+
 def test_an_added_file_that_a_batch_already_reads_is_never_planned_again(tmp_path):
     # Job dirs planned before every input's version was recorded (an MLTable's folders) list
     # such files as "added": a growing run records their versions and plans nothing for them.

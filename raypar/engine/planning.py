@@ -27,6 +27,32 @@ FLUSH_EVERY = 0.5  # seconds: how long planned batches may wait for their chunk
 PLANNING_SWITCH_INTERVAL = 0.0005
 
 
+class _ShortTurns:
+    """The short switch interval while any planner of this process runs; the process's own back
+    when the last one ends (two jobs run from threads of one program may plan at once)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.planners = 0
+        self.own = sys.getswitchinterval()
+
+    def __enter__(self):
+        with self.lock:
+            if not self.planners:
+                self.own = sys.getswitchinterval()
+                sys.setswitchinterval(min(self.own, PLANNING_SWITCH_INTERVAL))
+            self.planners += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.planners -= 1
+            if not self.planners:
+                sys.setswitchinterval(self.own)
+
+
+_short_turns = _ShortTurns()
+
+
 class PlanFeed(threading.Thread):
     """Plans in the background; ``take()`` returns the batches whose chunk is written."""
 
@@ -45,16 +71,14 @@ class PlanFeed(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, PLANNING_SWITCH_INTERVAL))
         try:
-            self._plan()
+            with _short_turns:
+                self._plan()
         except RayparError as exc:
             self.error = f"planning failed: {exc.headline}"
         except Exception as exc:  # noqa: BLE001 - any listing/reading error ends the job, named
             self.error = f"planning failed: {type(exc).__name__}: {exc}"
         finally:
-            sys.setswitchinterval(interval)
             with self.wake:
                 self.finished.set()
                 self.wake.notify_all()
