@@ -57,6 +57,25 @@ def test_workers_are_named_by_job_node_and_slot_and_batches_are_ray_metrics(ray_
     wait_for(lambda: scrape("ray_raypar_batch_seconds_count", "observed") == 7, "7 batch latencies", 60)
 
 
+def test_done_batches_are_in_the_metrics_while_a_long_batch_still_runs(ray_cluster, tmp_path):
+    """The done counter is recorded once a second, not per batch: two quick batches followed by one
+    that does not end are counted while it runs, not only when the session ends."""
+    files = {f"f{i:02d}.txt": f"v{i}" for i in range(3)}
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    spec = make_spec(tmp_path, files, name="counted", mini_batch_size="1",
+                     **{"resources.instance_count": 1, "max_concurrency_per_instance": 1,
+                        "task.program_arguments": f"--hold-from f02.txt {hold}"})
+    job = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet, wait=False)
+    try:
+        wait_for(lambda: list(hold.glob("holding-*")), "the worker to hold f02")
+        wait_for(lambda: scrape("ray_raypar_batches_done_total", "counted") == 2, "2 done batches in the metrics", 60)
+    finally:
+        (hold / "release").touch()
+    assert job.wait().completed == 3
+    wait_for(lambda: scrape("ray_raypar_batches_done_total", "counted") == 3, "3 done batches in the metrics", 60)
+
+
 def test_local_handle_runs_in_the_background_cancels_and_resumes(ray_cluster, tmp_path):
     files = {f"f{i:02d}.txt": f"v{i}" for i in range(6)}
     hold = tmp_path / "hold"

@@ -53,8 +53,13 @@ class JobMetrics:
             self.uncounted += 1
             if seconds is not None:
                 self.seconds.observe(seconds, tags=self.tags)
-            if time.monotonic() - self.counted_at >= COUNT_EVERY:
-                self.flush()
+            self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Record the uncounted done batches once a second has passed since the last record (the
+        driver's loop asks at every step: a burst before a long batch is counted while it runs)."""
+        if self.uncounted and time.monotonic() - self.counted_at >= COUNT_EVERY:
+            self.flush()
 
     def flush(self) -> None:
         """Record the done batches not counted yet (at the session's end, and once a second)."""

@@ -210,6 +210,7 @@ class RayTransport(Transport):
         getattr(worker, method).options(concurrency_group=ASIDE).remote(*args)
 
     def wait(self, calls, timeout: float) -> list:
+        self.metrics.flush_if_due()
         calls = list(calls)
         ready, _ = ray.wait(calls, num_returns=1, timeout=timeout)
         if ready:
