@@ -59,6 +59,35 @@ def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def wait_for_quiet_cpus(max_busy: float = 0.15, window: float = 0.2, timeout: float = 15.0) -> None:
+    """Wait until the machine's CPUs are at most ``max_busy`` busy over ``window`` seconds.
+
+    A side's teardown goes on after its call returns (Ray ends its worker processes and starts idle
+    ones to replace them, each importing Ray): without this wait that work lands in the next side's
+    timed round. Gives up after ``timeout`` (someone else's load) and says so; no-op without /proc/stat."""
+    if not os.path.exists("/proc/stat"):
+        return
+    deadline = time.time() + timeout
+    busy, total = _cpu_jiffies()
+    while True:
+        time.sleep(window)
+        busy2, total2 = _cpu_jiffies()
+        if busy2 - busy <= max_busy * max(total2 - total, 1):
+            return
+        if time.time() > deadline:
+            print(f"  (the CPUs stayed over {max_busy:.0%} busy for {timeout:.0f}s: timing anyway)", flush=True)
+            return
+        busy, total = busy2, total2
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
