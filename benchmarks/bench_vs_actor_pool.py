@@ -40,7 +40,7 @@ import time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import ray  # noqa: E402
-from common import print_load, run_raypar, tear_down, wait_for_free_cpus, wait_for_quiet_cpus  # noqa: E402
+from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 import raypar  # noqa: E402
 
@@ -216,7 +216,6 @@ def main(argv=None) -> int:
         for rnd in range(1, args.rounds + 1):
             # (a) bare pool
             wait_for_free_cpus(actors)
-            wait_for_quiet_cpus()
             t = time.perf_counter()
             rows = run_bare_pool(inputs, script, args.files_per_batch, actors, args.in_flight)
             seconds = time.perf_counter() - t
@@ -234,7 +233,6 @@ def main(argv=None) -> int:
 
             # (b) raypar
             wait_for_free_cpus(actors)
-            wait_for_quiet_cpus()
             job_dir = os.path.join(root, "jobs", f"round-{rnd}")
             output = os.path.join(root, "outputs", f"round-{rnd}.txt")
             spec = raypar_spec(inputs, code, output, args.files_per_batch, args.assemble)

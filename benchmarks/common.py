@@ -51,12 +51,14 @@ def batch_phase(job_dir: str) -> float:
 
 
 def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
-    """Finished actors and tasks give their CPUs back asynchronously: start each phase on an idle cluster."""
+    """Finished actors and tasks give their CPUs back asynchronously: start each phase on an idle cluster
+    (Ray's CPUs free, then the machine's CPUs quiet)."""
     deadline = time.time() + timeout
     while ray.available_resources().get("CPU", 0) < want:
         if time.time() > deadline:
             raise RuntimeError(f"CPUs not released after {timeout:.0f}s: {ray.available_resources()}")
         time.sleep(0.05)
+    wait_for_quiet_cpus()
 
 
 def _cpu_jiffies() -> tuple[int, int]:
