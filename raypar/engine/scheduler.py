@@ -179,7 +179,7 @@ class Scheduler:
         self.clock = transport.clock
         self.failed_percent_limit = spec.failed_percent_limit()  # parsed from program_arguments once
         self.max_tries = spec.max_tries
-        self.queue: collections.deque = collections.deque((b, 0) for b in pending)
+        self.queue: collections.deque[QueuedBatch] = collections.deque(pending)  # the planned order; retries in front
         self.feed = feed  # planning.PlanFeed while the input is still being planned
         self.plan_complete = feed is None
         self.progress, self.on_progress = progress, on_progress
@@ -252,7 +252,7 @@ class Scheduler:
         """Queue the batches the planner released since the last step."""
         if self.feed is None:
             return
-        self.queue.extend((b, 0) for b in self.feed.take())
+        self.queue.extend(self.feed.take())
         self.progress.total = self.feed.planned
         self.progress.planning = not self.feed.exhausted
         if self.feed.error:
@@ -466,17 +466,17 @@ class Scheduler:
     def _submit(self, slot: Slot, now: float) -> bool:
         """Send ``slot`` its next call; False when every queued batch failed on it (another worker takes them)."""
         aside = []  # retries of batches that failed on this worker: another worker takes them
-        if self.avoid and self.avoid.get(self.queue[0][0].id) is slot and self._another_worker(slot):
-            while self.queue and self.avoid.get(self.queue[0][0].id) is slot:
+        if self.avoid and self.avoid.get(self.queue[0].id) is slot and self._another_worker(slot):
+            while self.queue and self.avoid.get(self.queue[0].id) is slot:
                 aside.append(self.queue.popleft())
             if not self.queue:
                 self.queue.extendleft(reversed(aside))
                 return False
         size = self._group_size(slot)
-        batches = [self.queue.popleft()[0]]
-        while len(batches) < size and self.queue and self.queue[0][0].id not in self.solo \
-                and batches[0].id not in self.solo and self.avoid.get(self.queue[0][0].id) is not slot:
-            batches.append(self.queue.popleft()[0])
+        batches = [self.queue.popleft()]
+        while len(batches) < size and self.queue and self.queue[0].id not in self.solo \
+                and batches[0].id not in self.solo and self.avoid.get(self.queue[0].id) is not slot:
+            batches.append(self.queue.popleft())
         if aside:
             self.queue.extendleft(reversed(aside))
         for batch in batches:
@@ -553,7 +553,7 @@ class Scheduler:
             call = donor.calls.pop()
             self.transport.cancel(call.ref)
             self.calls.pop(call.ref, None)
-            self.queue.extend((b, 0) for b in _batches(call))
+            self.queue.extend(_batches(call))
         self._dispatch(self.clock())
 
     # -- speculation --------------------------------------------------------
@@ -573,7 +573,7 @@ class Scheduler:
         for call, slot in zip(stragglers, idle, strict=False):  # as many copies as there are idle slots
             log.info("%s has run %.0fs (median %.1fs): a second attempt on %s", call.batch.id,
                      now - call.started, median, slot.label)
-            self.queue.appendleft((call.batch, 0))
+            self.queue.appendleft(call.batch)
             if self._submit(slot, now):
                 self.copies[call.batch.id] = [call, slot.calls[-1]]
             else:  # it failed on this slot before: no second attempt here
@@ -709,7 +709,7 @@ class Scheduler:
             self.progress.done -= 1
             self.progress.failed_items -= items
             self.settled.discard(call.batch.id)  # its winning record was never stored: it runs again
-            self.queue.appendleft((call.batch, 0))
+            self.queue.appendleft(call.batch)
         if lost:
             log.warning("%s: %d done mini-batch(es) were not stored yet; they run again", slot.label, len(lost))
 
@@ -748,7 +748,7 @@ class Scheduler:
         rest = call.members[len(parts):]  # not run: the group stopped at raypar's own failure
         failed = rest.pop(0) if answer.get("raised") else None
         for member in reversed(rest):  # never started: no try spent
-            self.queue.appendleft((member.batch, 0))
+            self.queue.appendleft(member.batch)
         if failed is not None:
             self._on_job_dir_failure(slot, failed, f"raypar error in the worker: {answer['raised']}", "raypar")
 
@@ -811,7 +811,7 @@ class Scheduler:
             self.progress.failed_items += self.rows_seen.get(batch.id, batch.item_count)
             self._check_thresholds()
         else:
-            self.queue.appendleft((batch, 0))  # retry soon, so thresholds are known early
+            self.queue.appendleft(batch)  # retry soon, so thresholds are known early
             self.avoid[batch.id] = slot
 
     def _on_worker_lost(self, slot: Slot, exc: WorkerLost, now: float) -> None:
@@ -854,7 +854,7 @@ class Scheduler:
             batch=batch.id, run=self.run_id, attempt=call.attempt, error=error, kind=kind,
             final=False, node=slot.node, worker=slot.worker_name, started=self._wall(call.started),
         ))
-        self.queue.appendleft((batch, 0))
+        self.queue.appendleft(batch)
 
     def _on_job_dir_failure(self, slot: Slot, call: Optional[Call], error: str, kind: str) -> None:
         """raypar's own work in a worker failed (storing in the job dir: ``storage``; a raypar bug:
@@ -868,7 +868,7 @@ class Scheduler:
             self.calls.pop(call.ref, None)
         running = self._replace(slot, error.splitlines()[0], lost=False)
         if running is not None:  # killed by us mid-batch: no try spent
-            self.queue.extendleft((b, 0) for b in reversed(_batches(running)))
+            self.queue.extendleft(reversed(_batches(running)))
         if call is not None:
             self._requeue_after_system_failure(call, error, slot, set(), kind=kind)
         if self.job_dir_failures >= max(JOB_DIR_FAILURES_TO_STOP, len(self.slots)):
@@ -895,7 +895,7 @@ class Scheduler:
                 # worker stored is done; the rest runs again, one to a call if it was a group.
                 self._requeue_after_system_failure(call, "", slot, recorded)
             else:
-                self.queue.extendleft((b, 0) for b in reversed(_batches(call)))
+                self.queue.extendleft(reversed(_batches(call)))
         self._kill(slot)
         slot.deaths += lost  # a worker we killed for a timeout was not lost to the system
         log.warning("%s: %s; %d queued batch(es) handed back", slot.label, why,
@@ -944,7 +944,7 @@ class Scheduler:
                 self.transport.batch_done(None)
             else:
                 self.solo.add(member.batch.id)
-                self.queue.appendleft((member.batch, 0))
+                self.queue.appendleft(member.batch)
 
     def _check_thresholds(self) -> None:
         spec, p = self.spec, self.progress
