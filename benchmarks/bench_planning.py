@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
+import threading
 import time
 
 # Read by every Ray process this script starts: bind to 127.0.0.1 only.
@@ -103,6 +105,35 @@ def rates(job_dir: str, planned_at: float) -> tuple[float, float, int]:
     return while_planning, after_planning, during
 
 
+def rss_mib() -> float:
+    """This process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except OSError:
+        return 0.0
+
+
+class RssSampler(threading.Thread):
+    """The driver's (this process's) resident memory, sampled twice a second while a job runs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: list[float] = []
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(0.5):
+            self.samples.append(rss_mib())
+
+    def summary(self) -> str:
+        self.stopped.set()
+        self.join()
+        if not self.samples:
+            return "driver RSS: no sample"
+        return f"driver RSS median {statistics.median(self.samples) / 1024:.2f} GiB, peak {max(self.samples) / 1024:.2f} GiB"
+
+
 def run_job(root: str, inputs: str, code: str, label: str, rnd: int, interval: float, files: int) -> tuple:
     planning.PLANNING_SWITCH_INTERVAL = interval
     ended = []
@@ -117,9 +148,12 @@ def run_job(root: str, inputs: str, code: str, label: str, rnd: int, interval: f
         wait_for_free_cpus(2)
         job_dir = os.path.join(root, "jobs", f"{label}-{rnd}")
         output = os.path.join(root, "outputs", f"{label}-{rnd}.txt")
+        sampler = RssSampler()
+        sampler.start()
         t = time.perf_counter()
         outcome = run_raypar(raypar_spec(inputs, code, output, 1), job_dir, verbose=False)
         seconds = time.perf_counter() - t
+        memory = sampler.summary()
     finally:
         planning.PlanFeed.run = original
     if outcome.exit_code != 0 or outcome.completed != files:
@@ -129,7 +163,7 @@ def run_job(root: str, inputs: str, code: str, label: str, rnd: int, interval: f
     shutil.rmtree(job_dir)
     os.remove(output)
     print(f"  round {rnd} {label:>22}: {seconds:6.1f} s; while planning {during:7.0f} batches/s "
-          f"({done_during} done); after {after:7.0f} batches/s", flush=True)
+          f"({done_during} done); after {after:7.0f} batches/s; {memory}", flush=True)
     return seconds, during, after
 
 
