@@ -19,7 +19,8 @@ and write one row per input row, ``id, score``, as parquet (or ``--output csv``)
 * raypar: ``raypar.run(spec, job_dir=...)``, ``mini_batch_size: 64mb``,
   ``instance_count: 1``, ``max_concurrency_per_instance: 2``, worker
   ``num_cpus: 1``, ``raypar.append_row_format: parquet``: planning, the job
-  dir, workers that get a pandas DataFrame, a part and a done record per
+  dir, workers that get a pandas DataFrame or an Arrow table (``--batch-format``; the
+  entry script answers in the same frame), a part and a done record per
   batch, and the assembly of ONE output file, all timed.
 
 Each round runs the three side by side; the ratios printed are raypar against Ray Data
