@@ -45,10 +45,11 @@ from raypar.spec.loading import as_spec  # noqa: E402
 DEFAULT_SWITCH_INTERVAL = 0.005  # Python's own
 
 
-def peak_rss_mib() -> float:
+def memory_mib(field: str = "VmHWM") -> float:
+    """This process's memory from /proc/self/status: VmHWM its peak, VmRSS its resident size now."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -90,7 +91,7 @@ def part_one(root: str, inputs: str, code: str, files: int) -> None:
         shutil.rmtree(job_dir)
     print(f"listing alone:     {best_list:6.2f} s ({best_list / files * 1e6:.1f} us per file)")
     print(f"raypar's planning: {best_plan:6.2f} s ({best_plan / files * 1e6:.1f} us per batch), "
-          f"{best_plan / best_list:.1f}x the listing; peak memory so far {peak_rss_mib():.0f} MiB", flush=True)
+          f"{best_plan / best_list:.1f}x the listing; peak memory so far {memory_mib():.0f} MiB", flush=True)
 
 
 def rates(job_dir: str, planned_at: float) -> tuple[float, float, int]:
@@ -105,15 +106,6 @@ def rates(job_dir: str, planned_at: float) -> tuple[float, float, int]:
     return while_planning, after_planning, during
 
 
-def rss_mib() -> float:
-    """This process's resident memory now (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
-    except OSError:
-        return 0.0
-
-
 class RssSampler(threading.Thread):
     """The driver's (this process's) resident memory, sampled twice a second while a job runs."""
 
@@ -124,7 +116,7 @@ class RssSampler(threading.Thread):
 
     def run(self):
         while not self.stopped.wait(0.5):
-            self.samples.append(rss_mib())
+            self.samples.append(memory_mib("VmRSS"))
 
     def summary(self) -> str:
         self.stopped.set()
