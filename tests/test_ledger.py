@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import raypar.jobdir.ledger as ledger_module
+import raypar.jobdir.tables as tables_module
 from raypar.engine.planning import PLANNING_SWITCH_INTERVAL, PlanFeed
 from raypar.engine.status import job_status
 from raypar.errors import CorruptPartsError, LeaseHeldError, LedgerError, ResultError, UsageError
@@ -140,7 +141,7 @@ def test_manifest_round_trip_in_several_chunks(tmp_path, monkeypatch):
 def test_empty_manifest(tmp_path):
     ledger = planned(tmp_path, 0)
     assert ledger.read_manifest() == []
-    assert ledger.view().pending() == []
+    assert list(ledger.view().pending()) == []
 
 
 def test_manifest_refuses_ordinal_gaps(tmp_path):
@@ -183,6 +184,24 @@ def test_counts_and_a_resume_read_only_the_chunks_they_need(tmp_path, monkeypatc
     view = Ledger(str(tmp_path / "job")).view()
     assert view.counts() == {"total": 5, "completed": 4, "failed": 0, "pending": 1}
     assert [b.id for b in view.pending()] == [bid(4)]
+
+
+def test_a_resume_queues_its_pending_batches_reading_a_few_chunks_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "CHUNK_SIZE", 2)
+    monkeypatch.setattr(tables_module, "CHUNKS_READ_TOGETHER", 2)
+    ledger = planned(tmp_path, 11)  # 6 chunks
+    for ordinal in (0, 1, 4, 7):
+        finish(ledger, ordinal)
+    manifest = Ledger(str(tmp_path / "job")).read_manifest()
+    reads = []
+    load = manifest.lines.load
+    monkeypatch.setattr(manifest.lines, "load", lambda chunks: reads.append(sorted(chunks)) or load(chunks))
+
+    queue = Ledger(str(tmp_path / "job")).view(manifest).pending()
+
+    assert reads == [[1], [2, 3], [4, 5]]  # chunk 0 holds only done batches: never read
+    assert manifest.lines.chunks == {}  # the queue holds the lines now, packed
+    assert [b.to_json() for b in queue] == [manifest[i].to_json() for i in (2, 3, 5, 6, 8, 9, 10)]
 
 
 def test_torn_complete_marker_reads_as_none(tmp_path):
@@ -754,7 +773,7 @@ def test_compaction_covers_what_it_read_and_later_appends_still_count(tmp_path):
     view = ledger.view()
 
     assert sorted(view.done) == [bid(i) for i in range(6)]
-    assert view.pending() == []
+    assert list(view.pending()) == []
     assert ledger.compact("r2") is True
     assert sorted(Ledger(str(tmp_path / "job")).view().done) == [bid(i) for i in range(6)]
     names = sorted(os.listdir(tmp_path / "job" / "compact"))

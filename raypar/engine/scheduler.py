@@ -27,11 +27,12 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from raypar.engine.progress import Snapshot
 from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
 from raypar.inputs.base import QueuedBatch
+from raypar.inputs.pending import PendingQueue
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.records import FailedRecord
 from raypar.spec.models import JobSpec
@@ -170,7 +171,7 @@ class Progress:
 class Scheduler:
     """Runs the pending batches of one driver session on a set of worker slots."""
 
-    def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: list[QueuedBatch],
+    def __init__(self, ledger: Ledger, spec: JobSpec, run: str, pending: Iterable[QueuedBatch],
                  transport: Transport, progress: Progress,
                  on_progress: Callable[[Progress], None] = lambda p: None,
                  interrupt: Callable[[], Optional[str]] = lambda: None, feed=None,
@@ -179,7 +180,7 @@ class Scheduler:
         self.clock = transport.clock
         self.failed_percent_limit = spec.failed_percent_limit()  # parsed from program_arguments once
         self.max_tries = spec.max_tries
-        self.queue: collections.deque[QueuedBatch] = collections.deque(pending)  # the planned order; retries in front
+        self.queue = pending if isinstance(pending, PendingQueue) else PendingQueue(pending)  # retries in front
         self.feed = feed  # planning.PlanFeed while the input is still being planned
         self.plan_complete = feed is None
         self.progress, self.on_progress = progress, on_progress
@@ -466,16 +467,16 @@ class Scheduler:
     def _submit(self, slot: Slot, now: float) -> bool:
         """Send ``slot`` its next call; False when every queued batch failed on it (another worker takes them)."""
         aside = []  # retries of batches that failed on this worker: another worker takes them
-        if self.avoid and self.avoid.get(self.queue[0].id) is slot and self._another_worker(slot):
-            while self.queue and self.avoid.get(self.queue[0].id) is slot:
+        if self.avoid and self.avoid.get(self.queue.first().id) is slot and self._another_worker(slot):
+            while self.queue and self.avoid.get(self.queue.first().id) is slot:
                 aside.append(self.queue.popleft())
             if not self.queue:
                 self.queue.extendleft(reversed(aside))
                 return False
         size = self._group_size(slot)
         batches = [self.queue.popleft()]
-        while len(batches) < size and self.queue and self.queue[0].id not in self.solo \
-                and batches[0].id not in self.solo and self.avoid.get(self.queue[0].id) is not slot:
+        while len(batches) < size and self.queue and self.queue.first().id not in self.solo \
+                and batches[0].id not in self.solo and self.avoid.get(self.queue.first().id) is not slot:
             batches.append(self.queue.popleft())
         if aside:
             self.queue.extendleft(reversed(aside))

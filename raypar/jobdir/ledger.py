@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, QueuedBatch, ordinal_of
+from raypar.inputs.pending import PendingQueue
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
     attempt_name,
@@ -99,8 +100,8 @@ class LedgerView:
     lean: bool = False  # done is a DoneSet: no records, so nothing to assemble or report from
     reported: Optional[pa.Table] = None  # view(lean=True, reported=True): ordinal, items, failed
 
-    def pending(self) -> list[QueuedBatch]:
-        """The resume rule, written once: every planned batch without a done record."""
+    def pending(self) -> PendingQueue:
+        """The resume rule, written once: every planned batch without a done record, queued."""
         if self.manifest is None:
             raise LedgerError("the manifest is incomplete; the job must be planned again")
         if isinstance(self.done, (DoneIndex, DoneSet)):
@@ -114,9 +115,8 @@ class LedgerView:
             todo[retired] = False
         ordinals = np.flatnonzero(todo)
         if isinstance(self.manifest, Manifest):
-            self.manifest.prefetch(ordinals)  # the chunks of pending batches only, read at once
-            return [self.manifest.queued(int(i)) for i in ordinals]
-        return [QueuedBatch.of(self.manifest[int(i)]) for i in ordinals]
+            return PendingQueue(self.manifest.queued_all(ordinals))  # the chunks of pending batches only
+        return PendingQueue(QueuedBatch.of(self.manifest[int(i)]) for i in ordinals)
 
     def counts(self) -> dict:
         """Mini-batch counts: total, completed, failed (tries spent), pending (never finished)."""

@@ -1,0 +1,65 @@
+"""The scheduler's queue of pending batches: packed, yet every batch comes out as planned, in order."""
+
+import collections
+import random
+
+import pytest
+
+from raypar.inputs import pending
+from raypar.inputs.base import MiniBatch, QueuedBatch
+from raypar.inputs.pending import PendingQueue
+
+
+def planned(first: int, count: int) -> list[QueuedBatch]:
+    return [QueuedBatch.of(MiniBatch(i, "files", {"files": [f"dir é/part {i}.txt", "x\"y"]}, 2))
+            for i in range(first, first + count)]
+
+
+def test_a_million_batches_come_out_in_order_with_their_lines():
+    batches = planned(0, 1_000_000)
+    queue = PendingQueue(batches)
+    assert len(queue) == 1_000_000
+    assert len(queue.packs) == 1_000_000 // pending.PACK_SIZE  # held packed, not as objects
+    out = [queue.popleft() for _ in range(len(batches))]
+    assert out == batches
+    assert not queue
+    with pytest.raises(IndexError):
+        queue.first()
+
+
+def test_put_back_batches_run_first_and_planning_appends_after_all(monkeypatch):
+    monkeypatch.setattr(pending, "PACK_SIZE", 3)
+    queue = PendingQueue(planned(0, 7))  # two packs and a tail of one
+    first = queue.popleft()
+    queue.extend(planned(7, 4))  # released by the planner later
+    queue.appendleft(first)  # a retry
+    queue.extendleft(reversed(planned(100, 2)))  # a lost worker's two batches, in their order
+    expected = [100, 101, 0, *range(1, 11)]
+    assert [b.ordinal for b in queue] == expected  # iterating takes nothing
+    assert queue.first().ordinal == 100
+    assert [queue.popleft().ordinal for _ in range(len(queue))] == expected
+
+
+def test_matches_a_deque_under_any_mix_of_operations(monkeypatch):
+    monkeypatch.setattr(pending, "PACK_SIZE", 4)
+    rng = random.Random(7)
+    queue, model = PendingQueue(), collections.deque()
+    planned_next = 0
+    for _ in range(5_000):
+        op = rng.random()
+        if op < 0.35:
+            new = planned(planned_next, rng.randint(0, 9))
+            planned_next += len(new)
+            queue.extend(new)
+            model.extend(new)
+        elif op < 0.5 and model:
+            back = [model.popleft() for _ in range(min(len(model), rng.randint(1, 3)))]
+            for batch in back:
+                assert queue.popleft() == batch
+            queue.extendleft(reversed(back))
+            model.extendleft(reversed(back))
+        elif model:
+            assert queue.first() == model[0]
+            assert queue.popleft() == model.popleft()
+        assert len(queue) == len(model)
+    assert list(queue) == list(model)
