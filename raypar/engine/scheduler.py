@@ -700,6 +700,8 @@ class Scheduler:
             self.job_dir_failures = 0  # the job dir takes writes again
         slot.durable, slot.position = answer["durable"], answer["position"]
         confirmed = slot.unflushed.confirm(slot.durable)
+        for call, _ in confirmed:  # stored for good: never sent again this session (a million entries else)
+            self.attempts.pop(call.batch.id, None)
         if self.output is not None:
             self.output.stored([(call.batch.id, part) for call, part in confirmed])
 
