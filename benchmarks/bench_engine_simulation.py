@@ -9,7 +9,8 @@ attempts fail in run() (a user error, retried: max_retries 2); 0.5% straggle (10
 workers die mid-batch (--lost, default 5). Failed attempts are written to the job dir by the
 real ledger, as a driver writes them. With --churn N the job is elastic (issue 17): N instances'
 nodes leave at random instants (their workers die mid-batch) and N new instances join, spread
-over the job's expected length.
+over the job's expected length. An elastic job (--elastic, or --churn) runs twice, its idle
+instances given back at the tail and kept to the end, and prints the instance-hours each reserved.
 
 It prints, per worker count: scheduling decisions (dispatches + answers handled) per CPU
 second of the scheduler, CPU per mini-batch, and the process's peak memory; and checks
@@ -17,6 +18,7 @@ that every batch ended done or failed. Targets (issue 14): >= 20,000 decisions/s
 of this machine, <= 1 GiB, at 1,000 workers.
 
     python benchmarks/bench_engine_simulation.py [--batches N] [--workers 10 100 1000] [--seed 1] [--churn N]
+    python benchmarks/bench_engine_simulation.py --workers 1000 --batches 100000 --elastic   # the tail's give-back
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from raypar.spec.loading import spec_from_dict
 
 root, batches, workers, seconds, lost, seed = sys.argv[1], *map(int, sys.argv[2:4]), float(sys.argv[4]), \
     int(sys.argv[5]), int(sys.argv[6])
-churn = int(sys.argv[7])
+churn, elastic, give_back = int(sys.argv[7]), sys.argv[8] == "1", sys.argv[9] == "1"
 ledger = Ledger(f"{root}/job")
 started = time.perf_counter()
 ledger.write_manifest(MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i:08d}.txt"]}, item_count=1)
@@ -53,7 +55,8 @@ spec = spec_from_dict({
     "type": "parallel", "name": "simulation",
     "inputs": {"data": {"type": "uri_folder", "path": f"{root}/data"}}, "input_data": "${{inputs.data}}",
     "resources": {"instance_count": workers // per_instance,
-                  **({"max_instance_count": workers // per_instance + churn} if churn else {})},
+                  **({"max_instance_count": workers // per_instance + churn} if elastic else {})},
+    "raypar": {"give_back_idle_instances": give_back},
     "max_concurrency_per_instance": per_instance,
     "retry_settings": {"max_retries": 2, "timeout": int(100 * seconds)},
     "mini_batch_error_threshold": -1, "mini_batch_size": "1",
@@ -76,13 +79,14 @@ def behaviour(batch_json, attempt, worker):
     return Outcome(duration)
 
 cluster = SimulatedCluster(behaviour, start_seconds=5.0)
-if churn:  # nodes leave and join at random instants over the job's expected length
-    instances = workers // per_instance
+instances = workers // per_instance
+held_from = {i: 0.0 for i in range(instances)}  # elastic: when each instance was placed
+if elastic:  # with churn, nodes leave and join at random instants over the job's expected length
     length = batches * seconds / workers
     leaving = rng.sample(range(instances), min(churn, instances - 1))
-    cluster.with_nodes(list(range(instances)),
-                       [(rng.uniform(0, length), "leave", i) for i in leaving]
-                       + [(rng.uniform(0, length), "join", instances + k) for k in range(churn)])
+    joining = [(rng.uniform(0, length), "join", instances + k) for k in range(churn)]
+    held_from.update({i: when for when, _, i in joining})
+    cluster.with_nodes(list(range(instances)), [(rng.uniform(0, length), "leave", i) for i in leaving] + joining)
 scheduler = Scheduler(ledger, spec, "r1", pending, cluster, Progress(total=len(pending)))
 cpu = time.process_time()
 reason = scheduler.run()
@@ -91,11 +95,31 @@ assert reason is None, reason
 progress = scheduler.progress
 assert progress.done + progress.failed == batches, (progress.done, progress.failed)
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+# Instance-hours reserved: from placement to the instance's give-back (at the tail, or as its node
+# left: the scheduler drops it then) or to the job's end.
+held_until = {}
+for when, instance in cluster.given_back:
+    held_until.setdefault(instance, when)
+placed = {s.instance for s in scheduler.slots}
+instance_hours = sum(held_until.get(i, cluster.now) - held_from[i] for i in placed) / 3600
 calls = cluster.stats["run_batch"]
 print(json.dumps({"workers": len(scheduler.slots), "left": sum(s.left for s in scheduler.slots), "batches": batches, "cpu": cpu, "calls": calls,
                   "decisions": 2 * calls, "done": progress.done, "failed": progress.failed,
-                  "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built}))
+                  "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built,
+                  "instance_hours": instance_hours, "given_back": len(cluster.given_back)}))
 """
+
+
+def simulate(args, workers: int, elastic: bool, give_back: bool) -> dict | None:
+    """One simulated job in a fresh interpreter: its figures, or None (its error printed)."""
+    with tempfile.TemporaryDirectory(prefix="raypar-sim-") as root:
+        out = subprocess.run([sys.executable, "-c", ONE, root, str(args.batches), str(workers), str(args.seconds),
+                              str(args.lost), str(args.seed), str(args.churn), str(int(elastic)), str(int(give_back))],
+                             capture_output=True, text=True)
+    if out.returncode:
+        print(out.stderr, file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -106,26 +130,35 @@ def main() -> int:
     parser.add_argument("--lost", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--churn", type=int, default=0, help="elastic: instances that leave, and as many that join")
+    parser.add_argument("--elastic", action="store_true",
+                        help="an elastic job (implied by --churn), run twice: instances given back at the tail "
+                             "and kept (raypar.give_back_idle_instances), their instance-hours side by side")
     args = parser.parse_args()
+    elastic = args.elastic or args.churn > 0
     ok = None
     for workers in args.workers:
-        with tempfile.TemporaryDirectory(prefix="raypar-sim-") as root:
-            out = subprocess.run([sys.executable, "-c", ONE, root, str(args.batches), str(workers),
-                                  str(args.seconds), str(args.lost), str(args.seed), str(args.churn)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr, file=sys.stderr)
+        held = {}
+        for give_back in (True, False) if elastic else (True,):
+            r = simulate(args, workers, elastic, give_back)
+            if r is None:
                 return 1
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-        rate = r["decisions"] / r["cpu"]
-        churn = (f" ({r['left']} slots left with their nodes, {r['workers'] - workers} joined)"
-                 if args.churn else "")
-        print(f"{r['workers']:>5} workers{churn}, {r['batches']:,} batches ({r['done']:,} done, {r['failed']:,} failed, "
-              f"{r['calls']:,} attempts, {r['simulated_hours']:.1f} simulated hours): scheduler CPU {r['cpu']:.1f}s "
-              f"= {1e6 * r['cpu'] / r['batches']:.0f} us per batch, {rate:,.0f} decisions/s; "
-              f"peak memory {r['rss_mib']:.0f} MiB", flush=True)
-        if workers >= 1000:
-            ok = (ok is not False) and rate >= 20_000 and r["rss_mib"] <= 1024
+            rate = r["decisions"] / r["cpu"]
+            churn = (f" ({r['left']} slots left with their nodes, {r['workers'] - workers} joined)"
+                     if args.churn else "")
+            side = (f", instances {'given back at the tail' if give_back else 'kept to the end'}: "
+                    f"{r['instance_hours']:.1f} instance-hours reserved" if elastic else "")
+            print(f"{r['workers']:>5} workers{churn}, {r['batches']:,} batches ({r['done']:,} done, "
+                  f"{r['failed']:,} failed, {r['calls']:,} attempts, {r['simulated_hours']:.2f} simulated hours"
+                  f"{side}): scheduler CPU {r['cpu']:.1f}s = {1e6 * r['cpu'] / r['batches']:.0f} us per batch, "
+                  f"{rate:,.0f} decisions/s; peak memory {r['rss_mib']:.0f} MiB", flush=True)
+            held[give_back] = r
+            if workers >= 1000 and give_back:
+                ok = (ok is not False) and rate >= 20_000 and r["rss_mib"] <= 1024
+        if elastic:
+            on, off = held[True], held[False]
+            print(f"      giving idle instances back at the tail: {off['instance_hours'] - on['instance_hours']:.1f} "
+                  f"instance-hours less ({1 - on['instance_hours'] / off['instance_hours']:.1%}), the job "
+                  f"{on['simulated_hours']:.2f} h against {off['simulated_hours']:.2f} h", flush=True)
     if ok is not None:
         print("targets at 1,000 workers (>= 20,000 decisions/s, <= 1 GiB): " + ("met" if ok else "MISSED"))
     print_load()

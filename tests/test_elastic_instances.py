@@ -175,3 +175,48 @@ def test_a_busy_node_does_not_keep_a_free_one_out_at_the_start(ray_cluster, tmp_
     rows = [line.split(" ") for line in output_lines(tmp_path)]
     assert [" ".join(r[:3]) for r in rows] == expected_rows(files)
     assert {r[4] for r in rows} <= {node.node_id for node in nodes if node is not busy}  # it started: 2 placed
+
+
+def test_at_the_tail_an_instance_with_nothing_left_to_run_gives_its_node_back(ray_cluster, tmp_path):
+    # Two instances; the first batch waits for the test, every other runs at once. Once nothing is
+    # left to send, the instance that finished its batches stops its worker (shutdown() runs) and
+    # gives its node back: its placement group is removed and the autoscaler is asked for one
+    # instance, while the first batch still runs.
+    import ray
+
+    nodes = [ray_cluster.add_node(num_cpus=1, resources={"elastic": 1}) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    step, stopped = tmp_path / "step", tmp_path / "stopped"
+    step.mkdir()
+    stopped.mkdir()
+    files = texts(12)  # 6 mini-batches of 2 files
+    for name in sorted(files)[2::2]:
+        (step / f"go-{name}").touch()
+    spec = elastic_spec(tmp_path, files, step, **{
+        "resources.instance_count": "2..2",
+        "task.program_arguments": f"--with-node --step {step} --shutdown-log {stopped}"})
+    before = set(ray.util.placement_group_table())
+    bundle = {"CPU": 0.5, "elastic": 1}
+
+    job = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet, wait=False)
+    try:
+        wait_for(lambda: "f000.txt-1" in ran(step), "the first batch to run")
+        holder = ran(step)["f000.txt-1"]
+        wait_for(lambda: autoscaler_request() == [bundle], "the request to shrink to one instance")
+        groups = {k: g for k, g in ray.util.placement_group_table().items() if k not in before}
+        removed = [g for g in groups.values() if g["state"] == "REMOVED"]
+        assert len(groups) == 2 and len(removed) == 1
+        assert set(removed[0]["bundles_to_node_id"].values()) != {holder}  # the idle instance's
+        assert len(list(stopped.iterdir())) == 1  # its worker ran shutdown() before it went
+        assert "f000.txt-2" not in ran(step)  # the first batch still runs, once
+    finally:
+        (step / "free").touch()
+        outcome = job.wait()
+        for node in nodes:
+            ray_cluster.remove_node(node)
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert autoscaler_request() == []
+    rows = [line.split(" ") for line in output_lines(tmp_path)]
+    assert [" ".join(r[:3]) for r in rows] == expected_rows(files)  # every row once, in order
+    assert len(list(stopped.iterdir())) == 2

@@ -329,6 +329,64 @@ def test_an_instance_that_joins_after_the_last_batch_was_sent_starts_no_worker(t
     assert len(joined) == 1 and joined[0].generation == 0  # no worker process was started for it
 
 
+def run_tail(tmp_path, timeline=(), **spec_keys):
+    """An elastic job of 6 batches on instances 0 and 1, one worker each: batch 0's first attempt
+    takes 60 s, every other 2 s. Returns (reason, scheduler, cluster, calls as in run_elastic)."""
+    calls = []
+
+    def behaviour(batch, attempt, instance, now):
+        calls.append((ordinal(batch), attempt, instance, now))
+        return Outcome(60.0) if (ordinal(batch), attempt) == (0, 1) else Outcome(2.0)
+
+    reason, scheduler, cluster, _ = run(tmp_path, behaviour, batches=6, slots=1, nodes=([0, 1], list(timeline)),
+                                        **{"resources.max_instance_count": 4, **spec_keys})
+    assert calls[0][:3] == (0, 1, 0)  # the first slot, instance 0's, takes the long batch
+    return reason, scheduler, cluster, calls
+
+
+def test_at_the_tail_an_instance_with_nothing_left_to_run_is_given_back(tmp_path):
+    reason, scheduler, cluster, calls = run_tail(tmp_path)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert sorted(b for b, *_ in calls) == list(range(6))  # each once
+    last_on_1 = max(when for _, _, i, when in calls if i == 1)
+    (when, instance), = cluster.given_back
+    assert instance == 1 and last_on_1 < when < 20.0  # long before batch 0 ends at 61 s
+    assert cluster.wants == [(when, 1)]  # the autoscaler is asked for one instance from then on
+    assert cluster.now > 60.0  # batch 0 still ran to its end on instance 0
+    assert [s.retired for s in scheduler.slots] == [False, True]
+
+
+def test_work_that_comes_back_after_the_tail_asks_for_the_nodes_again(tmp_path):
+    # Instance 1 is given back at the tail; then instance 0's node leaves mid-batch, and its batch
+    # runs on an instance that joins.
+    reason, scheduler, cluster, calls = run_tail(tmp_path, [(30.0, "leave", 0), (40.0, "join", 2)],
+                                                 **{"raypar.placement_timeout": 60})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert [(b, a, i) for b, a, i, when in calls if when >= 30.0] == [(0, 2, 2)]
+    (tail, counted), (again, wanted) = cluster.wants
+    assert counted == 1 and wanted is None and 30.0 <= again < 40.0
+    assert [i for _, i in cluster.given_back] == [1, 0]  # at the tail, then with its node
+
+
+def test_with_give_back_off_every_instance_stays_to_the_end(tmp_path):
+    reason, scheduler, cluster, calls = run_tail(tmp_path, **{"raypar.give_back_idle_instances": False})
+
+    assert reason is None and scheduler.progress.done == 6
+    assert cluster.given_back == [] and cluster.wants == []
+    assert not any(s.retired for s in scheduler.slots)
+
+
+def test_with_speculation_idle_instances_are_kept_for_second_attempts(tmp_path):
+    reason, scheduler, cluster, calls = run_tail(
+        tmp_path, **{"raypar.speculation": {"enabled": True, "multiple": 4, "min_seconds": 0}})
+
+    assert reason is None and scheduler.progress.done == 6
+    assert cluster.given_back == [] and cluster.wants == []
+    assert (0, 2, 1) in [(b, a, i) for b, a, i, _ in calls]  # the idle instance ran the second attempt
+
+
 # -- a retry goes to another worker --------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ class ElasticInstances:
         self.waiting: dict[int, tuple] = {}  # instance -> (placement group, node id, its ready() ref, since)
         self.busy: dict[str, float] = {}  # node id -> until when it is not offered again
         self.next_instance = 0
+        self.wanted = most  # fewer at the job's tail, once instances have no work left (want())
         self.asked_autoscaler = False
 
     # -- the session's start and end ---------------------------------------
@@ -104,10 +105,20 @@ class ElasticInstances:
                     log.info("node %s has no room free for an instance; offered again in %gs", node[:8], BUSY_SECONDS)
 
     def drop(self, instance: int) -> None:
-        """Give a left instance's placement group back."""
+        """Give an instance's placement group back (its node left, or it has no work left)."""
         entry = self.placed.pop(instance, None)
         if entry is not None:
             _remove(entry[0])
+
+    def want(self, count: Optional[int]) -> None:
+        """Use at most ``count`` instances from now on (None: ``most`` again): no node is offered
+        beyond them, and the autoscaler is asked for only as many, so it may remove the others."""
+        self.wanted = self.most if count is None else count
+        if count is not None:
+            for group, *_ in self.waiting.values():  # offered, not placed yet: no longer wanted
+                _remove(group)
+            self.waiting.clear()
+        self._ask_autoscaler(self.wanted)
 
     def node_of(self, instance: int) -> Optional[str]:
         entry = self.placed.get(instance)
@@ -128,7 +139,7 @@ class ElasticInstances:
         now = time.monotonic()
         for node_id in sorted(alive):  # in a fixed order, whatever order Ray lists them in
             node = alive[node_id]
-            if len(self.placed) + len(self.waiting) >= self.most:
+            if len(self.placed) + len(self.waiting) >= self.wanted:
                 return
             if node_id in used or not self._fits(node) or self.busy.get(node_id, 0) > now:
                 continue

@@ -193,6 +193,9 @@ class RayTransport(Transport):
     def drop(self, instance: int) -> None:
         self.placement.elastic.drop(instance)
 
+    def want(self, count: Optional[int]) -> None:
+        self.placement.elastic.want(count)
+
     def release(self) -> None:
         self.metrics.flush()
         self.placement.release()

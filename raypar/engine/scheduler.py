@@ -216,6 +216,8 @@ class Scheduler:
         self.last_init_stage = "init()"
         self.next_poll = 0.0  # elastic jobs: when to ask the transport for joined and left instances
         self.starved_since: Optional[float] = None  # elastic jobs: since when no instance is left
+        self.wanted: Optional[int] = None  # elastic jobs: instances still wanted at the tail (None: all)
+        self.next_tail_look = 0.0  # elastic jobs: when to look for instances with nothing left to run
 
     def _new_slots(self, instance: int) -> list[Slot]:
         return [Slot(instance=instance, index=s, ahead=self.spec.raypar.prefetch)
@@ -271,6 +273,7 @@ class Scheduler:
         self._pull_planned()
         self._follow_instances(now)
         self._dispatch(now)
+        self._give_back_idle_instances(now)
         self._steal()
         self._speculate(now)
         self._flush_idle()
@@ -321,6 +324,43 @@ class Scheduler:
             self._leave(instance, now)
         for instance in joined:
             self._join(instance)
+
+    def _give_back_idle_instances(self, now: float) -> None:
+        """The job's tail: nothing is left to send, and an instance whose every worker idles is
+        stopped and its node given back (its reservation, and its share of the autoscaler's
+        request), so that a cluster that scales down removes the node while the last batches run
+        elsewhere. Work that comes back and that no worker took (a lost batch) asks for the nodes
+        again. Looked at after each dispatch, about once a second."""
+        if not self.transport.elastic or now < self.next_tail_look or not self.spec.raypar.give_back_idle_instances:
+            return
+        self.next_tail_look = now + INSTANCE_POLL_SECONDS
+        if self.queue or not self.plan_complete:
+            if self.queue and self.wanted is not None:
+                self.wanted = None
+                self.transport.want(None)
+            return
+        if self.stop_reason is not None or self.spec.raypar.speculation.enabled:
+            return  # speculation gives idle workers second attempts of the slowest batches
+        instances = collections.defaultdict(list)
+        for slot in self.slots:
+            if not slot.retired:
+                instances[slot.instance].append(slot)
+        idle = [i for i, slots in instances.items() if all(_idles(s) for s in slots)]
+        if not idle or len(idle) == len(instances):
+            return  # work everywhere, or the job ends now anyway
+        for instance in idle:
+            slots = instances[instance]
+            self._stop_workers([s for s in slots if s.ready])
+            for slot in slots:
+                self._kill(slot)
+                slot.retired = True
+                self.unstarted.discard(slot)
+                self.passed_over.discard(slot)
+            self.transport.drop(instance)
+        self.wanted = len(instances) - len(idle)
+        self.transport.want(self.wanted)
+        log.warning("%d instance(s) given back: nothing left to send them; %d still run the last batches",
+                    len(idle), self.wanted)
 
     def _live_instances(self) -> int:
         return len({s.instance for s in self.slots if not s.left})
@@ -981,8 +1021,12 @@ class Scheduler:
         # Starting workers whose instance has a node are included: actor calls run
         # in order, so stop() follows their init(). One waiting for a lost node is not.
         placed = self.transport.placed_instances()
-        refs = {self.transport.call(s.actor, "stop"): s for s in self.slots
-                if s.actor is not None and (s.ready or (s.start_ref is not None and s.instance in placed))}
+        self._stop_workers([s for s in self.slots
+                            if s.actor is not None and (s.ready or (s.start_ref is not None and s.instance in placed))])
+
+    def _stop_workers(self, slots: list[Slot]) -> None:
+        """Let each of ``slots``' workers run shutdown(), STOP_TIMEOUT seconds at most in all."""
+        refs = {self.transport.call(s.actor, "stop"): s for s in slots}
         done = self.transport.ended(refs)
         deadline = self.clock() + STOP_TIMEOUT
         while len(done) < len(refs) and self.clock() < deadline:
@@ -1013,6 +1057,11 @@ class Scheduler:
         self.calls.clear()
         self.starts.clear()
         self.flushes.clear()
+
+
+def _idles(slot: Slot) -> bool:
+    """The slot's worker has nothing to run, store or start (or it has no worker)."""
+    return not slot.calls and not slot.unflushed and slot.flush_ref is None and slot.start_ref is None
 
 
 def _batches(call: Call) -> list[QueuedBatch]:

@@ -70,6 +70,8 @@ class SimulatedCluster(Transport):
         self.joined: list[int] = []
         self.left: list[int] = []
         self.first_instances: Optional[list[int]] = None
+        self.given_back: list[tuple[float, int]] = []  # (when, instance) of each drop()
+        self.wants: list[tuple[float, Optional[int]]] = []  # (when, count) of each want()
 
     def with_nodes(self, instances: list[int], timeline: list[tuple[float, str, int]]) -> "SimulatedCluster":
         """Make this an elastic cluster: ``instances`` placed at the start, then each
@@ -93,6 +95,13 @@ class SimulatedCluster(Transport):
 
     def idle(self, seconds: float) -> None:
         self.wait([], seconds)
+
+    def drop(self, instance: int) -> None:
+        self.given_back.append((self.now, instance))
+        self.instances.discard(instance)
+
+    def want(self, count: Optional[int]) -> None:
+        self.wants.append((self.now, count))
 
     def _node_event(self, action: str, instance: int) -> None:
         if action == "join":

@@ -47,7 +47,10 @@ class Transport:
         return [], []
 
     def drop(self, instance: int) -> None:
-        """Elastic jobs: give a left instance's reservation back."""
+        """Elastic jobs: give an instance's reservation back (its node left, or it has no work left)."""
+
+    def want(self, count: Optional[int]) -> None:
+        """Elastic jobs: use at most ``count`` instances from now on (None: up to max_instance_count)."""
 
     def idle(self, seconds: float) -> None:
         """Wait ``seconds`` with nothing to wait for (an elastic job whose every node left)."""

@@ -299,6 +299,9 @@ class RayparSpec(_Model):
     batch_format: Literal["pandas", "pyarrow"] = "pandas"
     # How long to wait for the cluster to offer instance_count nodes.
     placement_timeout: float = Field(60.0, ge=0)
+    # Elastic jobs: at the tail, give back each instance with nothing left to run (its node, and its
+    # share of the autoscaler's request); false keeps every instance until the job ends.
+    give_back_idle_instances: bool = True
     # Seconds a driver's lease on the job dir outlives its last heartbeat (renewed every third of it;
     # a driver that cannot renew for two thirds of it stops; another driver may take over after all of it).
     lease_ttl: float = Field(30.0, ge=3)
