@@ -40,6 +40,16 @@ def test_put_back_batches_run_first_and_planning_appends_after_all(monkeypatch):
     assert [queue.popleft().ordinal for _ in range(len(queue))] == expected
 
 
+def test_lines_queued_as_bytes_come_out_after_what_was_queued_before(monkeypatch):
+    monkeypatch.setattr(pending, "PACK_SIZE", 3)
+    queue = PendingQueue(planned(0, 2))  # a tail not packed yet
+    later = planned(2, 7)
+    queue.extend_lines([b.ordinal for b in later], [b.line.encode() for b in later])
+    queue.extend(planned(9, 1))
+    assert len(queue) == 10
+    assert [queue.popleft() for _ in range(10)] == planned(0, 10)
+
+
 def test_matches_a_deque_under_any_mix_of_operations(monkeypatch):
     monkeypatch.setattr(pending, "PACK_SIZE", 4)
     rng = random.Random(7)
@@ -50,7 +60,10 @@ def test_matches_a_deque_under_any_mix_of_operations(monkeypatch):
         if op < 0.35:
             new = planned(planned_next, rng.randint(0, 9))
             planned_next += len(new)
-            queue.extend(new)
+            if op < 0.1:  # as a resume queues them: ordinals and lines
+                queue.extend_lines([b.ordinal for b in new], [b.line.encode() for b in new])
+            else:
+                queue.extend(new)
             model.extend(new)
         elif op < 0.5 and model:
             back = [model.popleft() for _ in range(min(len(model), rng.randint(1, 3)))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import zlib
 from array import array
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from raypar.inputs.base import QueuedBatch
 
@@ -53,6 +53,15 @@ class PendingQueue:
             self.count += 1
             if len(self.tail) >= PACK_SIZE:
                 self._pack_tail()
+
+    def extend_lines(self, ordinals: Sequence[int], lines: list[bytes]) -> None:
+        """Queue planned batches given as their ordinals and manifest lines, after every batch
+        queued: packed as given, with no object made per batch."""
+        if self.tail:
+            self._pack_tail()  # queued before these
+        for k in range(0, len(lines), PACK_SIZE):
+            self.packs.append((array("q", ordinals[k:k + PACK_SIZE]), zlib.compress(b"\n".join(lines[k:k + PACK_SIZE]), 1)))
+        self.count += len(lines)
 
     def appendleft(self, batch: QueuedBatch) -> None:
         """Put ``batch`` back in front: it runs next."""

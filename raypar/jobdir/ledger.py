@@ -115,7 +115,7 @@ class LedgerView:
             todo[retired] = False
         ordinals = np.flatnonzero(todo)
         if isinstance(self.manifest, Manifest):
-            return PendingQueue(self.manifest.queued_all(ordinals))  # the chunks of pending batches only
+            return self.manifest.queue(ordinals)  # reads the chunks of pending batches only
         return PendingQueue(QueuedBatch.of(self.manifest[int(i)]) for i in ordinals)
 
     def counts(self) -> dict:
