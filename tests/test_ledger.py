@@ -199,7 +199,7 @@ def test_a_resume_queues_its_pending_batches_reading_a_few_chunks_at_a_time(tmp_
 
     queue = Ledger(str(tmp_path / "job")).view(manifest).pending()
 
-    assert reads == [[1], [2, 3], [4, 5]]  # chunk 0 holds only done batches: never read
+    assert reads == [[1, 2], [3, 4], [5]]  # chunk 0 holds only done batches: never read
     assert manifest.lines.chunks == {}  # the queue holds the lines now, packed
     assert [b.to_json() for b in queue] == [manifest[i].to_json() for i in (2, 3, 5, 6, 8, 9, 10)]
 

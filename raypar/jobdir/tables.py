@@ -502,14 +502,16 @@ class Manifest(Sequence):
         if not isinstance(self.lines, ChunkedLines):
             queue.extend(self.queued(int(i)) for i in ordinals)
             return queue
-        chunk_of = np.searchsorted(self.lines.ends, ordinals, side="right")
-        group = chunk_of // CHUNKS_READ_TOGETHER
-        for part in np.split(np.arange(len(ordinals)), np.flatnonzero(np.diff(group)) + 1):
-            self.lines.prefetch(ordinals[part])
-            for one in np.split(part, np.flatnonzero(np.diff(chunk_of[part])) + 1):
-                k = int(chunk_of[one[0]])
+        ends = np.searchsorted(ordinals, self.lines.ends)  # per chunk: where its pending ordinals end
+        starts = np.concatenate(([0], ends[:-1]))
+        holding = np.flatnonzero(ends > starts)  # the chunks that hold pending batches
+        for g in range(0, len(holding), CHUNKS_READ_TOGETHER):
+            group = holding[g:g + CHUNKS_READ_TOGETHER]
+            self.lines.prefetch(ordinals[starts[group[0]]:ends[group[-1]]])
+            for k in group.tolist():
+                mine = ordinals[starts[k]:ends[k]]
                 lines, first = self.lines.chunks[k], int(self.lines.ends[k - 1]) if k else 0
-                queue.extend_lines(ordinals[one], [lines[i] for i in (ordinals[one] - first).tolist()])
+                queue.extend_lines(mine.tolist(), [lines[i] for i in (mine - first).tolist()])
             self.lines.forget()
         return queue
 
