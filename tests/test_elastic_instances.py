@@ -37,6 +37,15 @@ def autoscaler_request() -> list:
     return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
 
 
+def end_job(ray_cluster, job, step, nodes):
+    """Let every waiting batch go, wait for the job, remove the nodes the test added; the outcome."""
+    (step / "free").touch()
+    outcome = job.wait()
+    for node in nodes:
+        ray_cluster.remove_node(node)
+    return outcome
+
+
 def ran(step) -> dict[str, str]:
     """batch's first file and attempt -> the node it ran on, as run() wrote them."""
     return {p.name[4:]: p.read_text() for p in step.iterdir() if p.name.startswith("ran-") and p.read_text()}
@@ -65,10 +74,7 @@ def test_a_node_that_joins_takes_work_and_a_node_that_leaves_mid_batch_loses_not
         ray_cluster.remove_node(first)  # mid-batch: that batch must run again on the other node
         nodes.remove(first)
     finally:
-        (step / "free").touch()
-        outcome = job.wait()
-        for node in nodes:
-            ray_cluster.remove_node(node)
+        outcome = end_job(ray_cluster, job, step, nodes)
 
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
     assert autoscaler_request() == []  # withdrawn at the end
@@ -210,10 +216,7 @@ def test_at_the_tail_an_instance_with_nothing_left_to_run_gives_its_node_back(ra
         assert len(list(stopped.iterdir())) == 1  # its worker ran shutdown() before it went
         assert "f000.txt-2" not in ran(step)  # the first batch still runs, once
     finally:
-        (step / "free").touch()
-        outcome = job.wait()
-        for node in nodes:
-            ray_cluster.remove_node(node)
+        outcome = end_job(ray_cluster, job, step, nodes)
 
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
     assert autoscaler_request() == []

@@ -215,6 +215,22 @@ def test_crossing_the_failed_batch_threshold_stops_the_job(tmp_path):
     assert scheduler.progress.done < 8  # stopped before the rest ran
 
 
+def test_a_batch_stored_for_good_leaves_nothing_behind_in_the_scheduler_and_retries_count_on(tmp_path):
+    # A million-batch job must not end holding an entry per batch: once a worker reports a batch
+    # stored, its attempt count goes; a batch that failed first is sent again as attempt 2.
+    sent = []
+
+    def behaviour(batch, attempt, worker):
+        sent.append((ordinal(batch), attempt))
+        return Outcome(1.0, "user") if (ordinal(batch), attempt) == (2, 1) else Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, store=True)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
+    assert sorted(sent) == [(0, 1), (1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (5, 1)]
+    assert dict(scheduler.attempts) == {}
+
+
 def test_a_straggler_gets_a_second_attempt_and_the_first_to_finish_wins(tmp_path):
     sent = []
 
