@@ -365,6 +365,44 @@ def test_processed_mini_batches_csv_lists_every_attempt_in_batch_run_attempt_ord
         ("2", "0", "boom 2", ""), ("2", "0", "boom 1", ""), ("2", "2", "", "0.0")]
 
 
+def test_failed_attempts_go_to_one_errors_file_in_batch_order_and_the_result_names_the_most_frequent(tmp_path):
+    from raypar.engine.reports import COMMON_ERRORS, report_files
+
+    ledger = planned(tmp_path, 12)
+    for ordinal in (11, 3, 7):  # recorded out of batch order
+        fail(ledger, ordinal, final=False, attempt=1)
+        fail(ledger, ordinal, final=True, attempt=2)
+    for ordinal in (0, 1, 2, 4, 5):  # five more distinct error lines, once each
+        ledger.record_failed(FailedRecord(batch=bid(ordinal), run="r1", attempt=1, error=f"Traceback\nKeyError: {ordinal}",
+                                          kind="user", final=True))
+    finish(ledger, 6)
+
+    files = report_files(ledger, ledger.view(), "failed", "", None)
+    assert not any(name.startswith("reports/errors/") for name in files)  # one file, not one per failed batch
+    errors = files["reports/errors.txt"].decode()
+    headers = [line.split()[1] for line in errors.splitlines() if line.startswith("=== ")]
+    assert headers == [bid(o) for o in (0, 1, 2, 3, 3, 4, 5, 7, 7, 11, 11)]  # every failed attempt, by batch
+    assert "Traceback\nKeyError: 4\n" in errors  # whole tracebacks
+
+    result = files["reports/job_result.txt"].decode().splitlines()
+    first = result.index("failed attempts: 11 in 8 mini-batch(es), tracebacks in reports/errors.txt "
+                         "(one mini-batch's: `raypar logs JOB_DIR --batch ID`); the most frequent errors:")
+    assert result[first + 1:first + 3] == ["  3x boom 1", "  3x boom 2"]
+    assert result[first + 3].startswith("  1x KeyError: ")
+    assert result[first + COMMON_ERRORS + 1] == "  ... and 4 other error(s)"
+
+
+def test_a_job_without_failed_attempts_has_no_errors_file(tmp_path):
+    from raypar.engine.reports import report_files
+
+    ledger = planned(tmp_path, 2)
+    finish(ledger, 0)
+    finish(ledger, 1)
+    files = report_files(ledger, ledger.view(), "succeeded", "", None)
+    assert "reports/errors.txt" not in files
+    assert not any(line.startswith("failed attempts") for line in files["reports/job_result.txt"].decode().splitlines())
+
+
 def test_torn_failed_record_is_ignored(tmp_path):
     ledger = planned(tmp_path, 2)
     path = record_file(ledger, fail(ledger, 0, final=True))

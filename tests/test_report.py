@@ -103,3 +103,30 @@ def test_a_batch_with_two_stored_results_shows_the_one_not_chosen_as_a_spare(tmp
     page = report_html.html_report(ledger, view, "succeeded", "")
 
     assert "mb-0000000 spare 0.50s" in page and page.count("<rect class=bar") == 3
+
+
+def test_failures_by_error_keep_the_most_frequent_and_sum_the_rest_in_one_row(tmp_path):
+    from raypar.inputs.base import MiniBatch
+    from raypar.jobdir.ledger import Ledger
+    from raypar.jobdir.records import FailedRecord
+
+    batches = report_html.FAILURE_GROUPS + 30
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest([MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
+                           for i in range(batches)])
+    for i in range(batches):  # an error line naming its file: a group each, but for the first three batches
+        error = "OSError: disk full" if i < 3 else f"ValueError: cannot parse f{i}"
+        ledger.record_failed(FailedRecord(batch=f"mb-{i:07d}", run="r1", attempt=1, error=f"Traceback\n{error}",
+                                          kind="user", final=True, worker="instance0-slot0", node="n" * 56,
+                                          started=100.0 + i))
+
+    page = report_html.html_report(ledger, ledger.view(), "failed", "")
+
+    table = page[page.index("<table id=failures>"):]
+    table = table[:table.index("</table>")]
+    rows = table.split("<tr>")[2:]  # the header row left out
+    assert len(rows) == report_html.FAILURE_GROUPS + 1
+    assert "OSError: disk full" in rows[0] and rows[0].startswith("<td>3</td>")  # the most frequent first
+    assert f"<td>{batches - 3 - (report_html.FAILURE_GROUPS - 1)}</td>" in rows[-1]  # attempts of the rest
+    assert f"{batches - 3 - (report_html.FAILURE_GROUPS - 1)} other errors" in rows[-1]
+    assert table.count("ValueError: cannot parse") == report_html.FAILURE_GROUPS - 1  # not a row per line

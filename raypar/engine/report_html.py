@@ -30,6 +30,7 @@ TIME_BINS = 600  # slices of a worker's row, and bars of the throughput chart, w
 WIDTH = 1100  # px of the time axis
 ROW = 14  # px per worker row
 SLOWEST = 20
+FAILURE_GROUPS = 50  # rows of the failures-by-error table; the rest summed in one row
 COLORS = {"done": "#2e7d32", "retried": "#1565c0", "spare": "#9e9e9e", "exception": "#c62828",
           "timeout": "#ef6c00", "worker-lost": "#6a1b9a", "job-dir-error": "#ad1457", "raypar-error": "#4e342e"}
 LEGEND = {"done": "done (first try)", "retried": "done after a failed try", "spare": "spare result (another "
@@ -267,10 +268,15 @@ def _failures(view) -> str:
             groups[(STATUS_OF_KIND.get(r.kind, r.kind), last_line(r.error))].append(r.batch)
     if not groups:
         return "<p id=failures>No failed attempt.</p>"
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
     rows = "".join(
         f"<tr><td>{len(batches)}</td><td>{_e(kind)}</td><td><code>{_e(error)}</code></td>"
         f"<td>{_e(', '.join(sorted(set(batches))[:5]))}{' …' if len(set(batches)) > 5 else ''}</td></tr>"
-        for (kind, error), batches in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+        for (kind, error), batches in ranked[:FAILURE_GROUPS])
+    if len(ranked) > FAILURE_GROUPS:  # errors naming their item differ by batch: the page stays a page
+        rest = ranked[FAILURE_GROUPS:]
+        rows += (f"<tr><td>{sum(len(b) for _, b in rest)}</td><td></td><td>{len(rest)} other errors, less frequent "
+                 f"(every one in reports/errors.txt)</td><td></td></tr>")
     return (f"<table id=failures><tr><th>attempts</th><th>kind</th><th>error</th><th>mini-batches</th></tr>"
             f"{rows}</table>")
 

@@ -5,7 +5,7 @@ Written to ``JOB_DIR/reports/`` (regenerated each session; the ledger stays the 
     processed_mini_batches.csv  one row per attempt: batch, run, attempt, status
                                 (done / exception / timeout / worker-lost), node, worker,
                                 start time, seconds, items in, succeeded, error (one line)
-    errors/<batch>.txt          every failed attempt of that batch with its full traceback
+    errors.txt                  every failed attempt with its full traceback, batch by batch
     job_result.txt              the outcome in a few lines, and where to look next
     report.html                 one self-contained page: timeline, throughput, slowest, failures
                                 (raypar/engine/report_html.py; also `raypar report JOB_DIR -o FILE`)
@@ -13,6 +13,7 @@ Written to ``JOB_DIR/reports/`` (regenerated each session; the ledger stays the 
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 from typing import Optional
@@ -34,6 +35,8 @@ ATTEMPTS = pa.schema([("ordinal", pa.int64()), ("run", pa.string()), ("attempt",
                       ("started", pa.float64()), ("seconds", pa.float64()), ("items", pa.int64()),
                       ("succeeded", pa.int64()), ("error", pa.string())])
 CSV_ROWS = 65_536  # attempts turned into Python values at a time: memory stays bounded
+ERRORS = "reports/errors.txt"
+COMMON_ERRORS = 3  # the most frequent error lines job_result.txt names
 
 
 def last_line(error: str) -> str:
@@ -92,14 +95,41 @@ def attempts_csv(view: LedgerView) -> bytes:
     return out.getvalue()
 
 
+def errors_text(view: LedgerView) -> bytes:
+    """errors.txt: every failed attempt with its traceback, in batch order. One file however many
+    batches failed: a file per failed batch cost a request each on object storage, at every
+    session's end (10,000 failed batches: 25 s on Azurite, 3.6 s on local disk)."""
+    out = io.BytesIO()
+    text = io.TextIOWrapper(out, encoding="utf-8")  # encoded as written: one copy of the file
+    for batch in sorted(view.failed, key=ordinal_of):
+        for r in view.failed[batch]:
+            text.write(f"=== {r.batch} run {r.run} attempt {r.attempt}: {STATUS_OF_KIND.get(r.kind, r.kind)} "
+                       f"on {r.worker or '?'} (node {r.node or '?'})\n{r.error.rstrip()}\n\n")
+    text.flush()
+    return out.getvalue()
+
+
+def error_summary(view: LedgerView) -> list[str]:
+    """job_result.txt's lines on failed attempts: how many, and the most frequent error lines."""
+    counts = collections.Counter(last_line(r.error) for records in view.failed.values() for r in records)
+    if not counts:
+        return []
+    total = sum(counts.values())
+    lines = [f"failed attempts: {total} in {len(view.failed)} mini-batch(es), tracebacks in {ERRORS} "
+             f"(one mini-batch's: `raypar logs JOB_DIR --batch ID`); the most frequent errors:"]
+    frequent = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:COMMON_ERRORS]  # ties: by text
+    lines += [f"  {n}x {error or '(no message)'}" for error, n in frequent]
+    if len(counts) > COMMON_ERRORS:
+        lines.append(f"  ... and {len(counts) - COMMON_ERRORS} other error(s)")
+    return lines
+
+
 def report_files(ledger: Ledger, view: LedgerView, state: str, reason: str,
                  output: Optional[str]) -> dict[str, bytes]:
     """{path under the job dir: bytes} of the session's text reports."""
     files = {"reports/processed_mini_batches.csv": attempts_csv(view)}
-    for batch, records in view.failed.items():
-        text = "".join(f"=== {r.batch} run {r.run} attempt {r.attempt}: {STATUS_OF_KIND.get(r.kind, r.kind)} "
-                       f"on {r.worker or '?'} (node {r.node or '?'})\n{r.error.rstrip()}\n\n" for r in records)
-        files[f"reports/errors/{batch}.txt"] = text.encode()
+    if view.failed:
+        files[ERRORS] = errors_text(view)
     counts = view.counts()
     lines = [
         f"state: {state}",
@@ -109,8 +139,8 @@ def report_files(ledger: Ledger, view: LedgerView, state: str, reason: str,
            else "planning did not finish"),
         f"failed items: {failed_items_text(view.failed_items(), view.unreturned_items())}",
         f"output: {output or '(summary only)'}",
-        "attempts: reports/processed_mini_batches.csv; tracebacks: reports/errors/<batch>.txt; "
-        "worker logs: logs/ (or `raypar logs JOB_DIR`)",
+        *error_summary(view),
+        "attempts: reports/processed_mini_batches.csv; worker logs: logs/ (or `raypar logs JOB_DIR`)",
     ]
     if state != "succeeded" or counts["failed"]:
         lines.append(f"continue: raypar resume {ledger.url}")

@@ -37,7 +37,7 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
     try:
         files = report_files(ledger, view, state.value, reason, bind(spec).append_row_path)
         files[f"reports/{REPORT}"] = html_report(ledger, view, state.value, reason).encode()
-        ledger.store.write_many(files)  # at once: a job with many failed batches has a file for each
+        ledger.store.write_many(files)  # concurrently on object stores: four files, however many batches failed
     except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them
         log.warning("could not write reports: %s", exc)
 
