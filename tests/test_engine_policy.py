@@ -18,7 +18,7 @@ def ordinal(batch_json: str) -> int:
     return json.loads(batch_json)["ordinal"]
 
 
-def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, **spec_keys):
+def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
     then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger."""
@@ -39,7 +39,7 @@ def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, **spec
     if nodes is not None:
         cluster.with_nodes(*nodes)
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.instance, cluster.now)
-    scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, Progress(total=batches))
+    scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, progress or Progress(total=batches))
     return scheduler.run(), scheduler, cluster, ledger
 
 
@@ -213,6 +213,47 @@ def test_crossing_the_failed_batch_threshold_stops_the_job(tmp_path):
 
     assert reason == "2 mini-batch(es) failed, more than mini_batch_error_threshold=1"
     assert scheduler.progress.done < 8  # stopped before the rest ran
+
+
+def test_a_script_that_fails_every_batch_stops_the_job_after_a_few_instead_of_spending_every_try(tmp_path):
+    sent = []
+
+    def behaviour(batch, attempt, worker):
+        sent.append((ordinal(batch), attempt))
+        return Outcome(1.0, "user", "ModuleNotFoundError: No module named 'torch'")
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=1000, slots=2)
+
+    assert reason.startswith("11 mini-batch(es) failed and none has succeeded")  # Azure's thresholds are -1 here
+    assert "raypar.failures_before_first_success=10; -1 turns this off" in reason
+    # The other worker's batch, running when the job stopped, may end as a 12th; queued ones are tried once.
+    assert scheduler.progress.failed in (11, 12) and len({b for b, _ in sent}) < 20  # of 1,000
+    final = [b for b, records in ledger.view().failed.items() if records[-1].final]
+    assert len(final) == scheduler.progress.failed and all(len(ledger.view().failed[b]) == 2 for b in final)
+
+
+def test_without_the_limit_a_script_that_fails_every_batch_spends_every_try_as_on_azure(tmp_path):
+    reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(1.0, "user"), batches=30,
+                                             **{"raypar.failures_before_first_success": -1})
+
+    assert reason is None and scheduler.progress.failed == 30  # every batch tried twice and skipped
+    assert len(ledger.view().failed) == 30
+
+
+def test_once_a_batch_succeeded_failures_count_only_against_the_thresholds(tmp_path):
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1.0) if ordinal(b) == 0 else Outcome(1.0, "user"), batches=30, slots=1)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (1, 29)
+
+
+def test_a_resume_whose_remaining_batches_all_fail_runs_them_all(tmp_path):
+    # Done batches of an earlier session count as successes: a job with a few bad inputs retried on
+    # resume ends as it did, every bad batch tried and skipped.
+    reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(1.0, "user"), batches=20,
+                                             progress=Progress(total=120, done=100, done_before=100))
+
+    assert reason is None and scheduler.progress.failed == 20
 
 
 def test_a_batch_stored_for_good_leaves_nothing_behind_in_the_scheduler_and_retries_count_on(tmp_path):

@@ -389,7 +389,7 @@ def test_failed_attempts_go_to_one_errors_file_in_batch_order_and_the_result_nam
                          "(one mini-batch's: `raypar logs JOB_DIR --batch ID`); the most frequent errors:")
     assert result[first + 1:first + 3] == ["  3x boom 1", "  3x boom 2"]
     assert result[first + 3].startswith("  1x KeyError: ")
-    assert result[first + COMMON_ERRORS + 1] == "  ... and 4 other error(s)"
+    assert result[first + COMMON_ERRORS + 1] == "  ... and 4 other error line(s); by exception: 5x KeyError, 3x boom 1, 3x boom 2"
 
 
 def test_a_job_without_failed_attempts_has_no_errors_file(tmp_path):

@@ -119,8 +119,12 @@ def error_summary(view: LedgerView) -> list[str]:
              f"(one mini-batch's: `raypar logs JOB_DIR --batch ID`); the most frequent errors:"]
     frequent = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:COMMON_ERRORS]  # ties: by text
     lines += [f"  {n}x {error or '(no message)'}" for error, n in frequent]
-    if len(counts) > COMMON_ERRORS:
-        lines.append(f"  ... and {len(counts) - COMMON_ERRORS} other error(s)")
+    if len(counts) > COMMON_ERRORS:  # messages that name their item differ: their exception types do not
+        types = collections.Counter()
+        for error, n in counts.items():
+            types[error.split(":", 1)[0].strip() or "(no message)"] += n
+        by_type = ", ".join(f"{n}x {name}" for name, n in sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
+        lines.append(f"  ... and {len(counts) - COMMON_ERRORS} other error line(s); by exception: {by_type}")
     return lines
 
 

@@ -991,7 +991,12 @@ class Scheduler:
 
     def _check_thresholds(self) -> None:
         spec, p = self.spec, self.progress
-        if spec.mini_batch_error_threshold >= 0 and p.failed > spec.mini_batch_error_threshold:
+        before_success = spec.raypar.failures_before_first_success
+        if p.done == 0 and before_success >= 0 and p.failed > before_success:  # done counts earlier sessions'
+            self._stop(f"{p.failed} mini-batch(es) failed and none has succeeded: the entry script or the cluster "
+                       f"fails every mini-batch, so the job stops before it spends every try of every one "
+                       f"(raypar.failures_before_first_success={before_success}; -1 turns this off)")
+        elif spec.mini_batch_error_threshold >= 0 and p.failed > spec.mini_batch_error_threshold:
             self._stop(f"{p.failed} mini-batch(es) failed, more than mini_batch_error_threshold="
                        f"{spec.mini_batch_error_threshold}")
         elif spec.error_threshold >= 0 and p.failed_items > spec.error_threshold:

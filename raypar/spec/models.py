@@ -302,6 +302,9 @@ class RayparSpec(_Model):
     # Elastic jobs: at the tail, give back each instance with nothing left to run (its node, and its
     # share of the autoscaler's request); false keeps every instance until the job ends.
     give_back_idle_instances: bool = True
+    # Failed mini-batches allowed while no mini-batch of the job has succeeded; more stops the job (failed,
+    # resumable): a script or cluster that fails everything stops within a few tries. -1: no limit.
+    failures_before_first_success: StrictInt = Field(10, ge=-1)
     # Seconds a driver's lease on the job dir outlives its last heartbeat (renewed every third of it;
     # a driver that cannot renew for two thirds of it stops; another driver may take over after all of it).
     lease_ttl: float = Field(30.0, ge=3)
