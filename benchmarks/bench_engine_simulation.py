@@ -19,6 +19,7 @@ of this machine, <= 1 GiB, at 1,000 workers.
 
     python benchmarks/bench_engine_simulation.py [--batches N] [--workers 10 100 1000] [--seed 1] [--churn N]
     python benchmarks/bench_engine_simulation.py --workers 1000 --batches 100000 --elastic   # the tail's give-back
+    python benchmarks/bench_engine_simulation.py --workers 100 1000 --batches 100000 --broken   # a script failing all
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from raypar.spec.loading import spec_from_dict
 root, batches, workers, seconds, lost, seed = sys.argv[1], *map(int, sys.argv[2:4]), float(sys.argv[4]), \
     int(sys.argv[5]), int(sys.argv[6])
 churn, elastic, give_back = int(sys.argv[7]), sys.argv[8] == "1", sys.argv[9] == "1"
+broken, before_success = sys.argv[10] == "1", int(sys.argv[11])
 ledger = Ledger(f"{root}/job")
 started = time.perf_counter()
 ledger.write_manifest(MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i:08d}.txt"]}, item_count=1)
@@ -56,7 +58,7 @@ spec = spec_from_dict({
     "inputs": {"data": {"type": "uri_folder", "path": f"{root}/data"}}, "input_data": "${{inputs.data}}",
     "resources": {"instance_count": workers // per_instance,
                   **({"max_instance_count": workers // per_instance + churn} if elastic else {})},
-    "raypar": {"give_back_idle_instances": give_back},
+    "raypar": {"give_back_idle_instances": give_back, "failures_before_first_success": before_success},
     "max_concurrency_per_instance": per_instance,
     "retry_settings": {"max_retries": 2, "timeout": int(100 * seconds)},
     "mini_batch_error_threshold": -1, "mini_batch_size": "1",
@@ -70,6 +72,8 @@ def behaviour(batch_json, attempt, worker):
     duration = rng.lognormvariate(0, 0.5) * seconds
     draw = rng.random()
     at = batch_json.index(ORDINAL) + len(ORDINAL)
+    if broken:  # the script loads its model, then raises on every mini-batch
+        return Outcome(duration / 2, "user")
     if attempt == 1 and int(batch_json[at:batch_json.index(",", at)]) in lost_at:
         return Outcome(duration / 2, "lost")
     if draw < 0.01:
@@ -91,9 +95,12 @@ scheduler = Scheduler(ledger, spec, "r1", pending, cluster, Progress(total=len(p
 cpu = time.process_time()
 reason = scheduler.run()
 cpu = time.process_time() - cpu
-assert reason is None, reason
 progress = scheduler.progress
-assert progress.done + progress.failed == batches, (progress.done, progress.failed)
+if not broken or before_success < 0:
+    assert reason is None, reason
+    assert progress.done + progress.failed == batches, (progress.done, progress.failed)
+else:
+    assert reason.startswith(f"{before_success + 1} mini-batch(es) failed and none has succeeded"), reason
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 # Instance-hours reserved: from placement to the instance's give-back (at the tail, or as its node
 # left: the scheduler drops it then) or to the job's end.
@@ -106,15 +113,17 @@ calls = cluster.stats["run_batch"]
 print(json.dumps({"workers": len(scheduler.slots), "left": sum(s.left for s in scheduler.slots), "batches": batches, "cpu": cpu, "calls": calls,
                   "decisions": 2 * calls, "done": progress.done, "failed": progress.failed,
                   "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built,
-                  "instance_hours": instance_hours, "given_back": len(cluster.given_back)}))
+                  "instance_hours": instance_hours, "given_back": len(cluster.given_back),
+                  "worker_hours": sum(cluster.now - held_from[i] for i in placed) * per_instance / 3600}))
 """
 
 
-def simulate(args, workers: int, elastic: bool, give_back: bool) -> dict | None:
+def simulate(args, workers: int, elastic: bool, give_back: bool, before_success: int = 10) -> dict | None:
     """One simulated job in a fresh interpreter: its figures, or None (its error printed)."""
     with tempfile.TemporaryDirectory(prefix="raypar-sim-") as root:
         out = subprocess.run([sys.executable, "-c", ONE, root, str(args.batches), str(workers), str(args.seconds),
-                              str(args.lost), str(args.seed), str(args.churn), str(int(elastic)), str(int(give_back))],
+                              str(args.lost), str(args.seed), str(args.churn), str(int(elastic)), str(int(give_back)),
+                              str(int(args.broken)), str(before_success)],
                              capture_output=True, text=True)
     if out.returncode:
         print(out.stderr, file=sys.stderr)
@@ -133,7 +142,12 @@ def main() -> int:
     parser.add_argument("--elastic", action="store_true",
                         help="an elastic job (implied by --churn), run twice: instances given back at the tail "
                              "and kept (raypar.give_back_idle_instances), their instance-hours side by side")
+    parser.add_argument("--broken", action="store_true",
+                        help="every attempt fails in run() (after half its time): run with "
+                             "raypar.failures_before_first_success at 10 and at -1, their worker-hours side by side")
     args = parser.parse_args()
+    if args.broken:
+        return broken_script(args)
     elastic = args.elastic or args.churn > 0
     ok = None
     for workers in args.workers:
@@ -161,6 +175,21 @@ def main() -> int:
                   f"{on['simulated_hours']:.2f} h against {off['simulated_hours']:.2f} h", flush=True)
     if ok is not None:
         print("targets at 1,000 workers (>= 20,000 decisions/s, <= 1 GiB): " + ("met" if ok else "MISSED"))
+    print_load()
+    return 0
+
+
+def broken_script(args) -> int:
+    """A script that fails every mini-batch: what the job spends before it ends, stopped early or not."""
+    for workers in args.workers:
+        for before_success in (10, -1):
+            r = simulate(args, workers, False, True, before_success)
+            if r is None:
+                return 1
+            print(f"{workers:>5} workers, {args.batches:,} batches, every attempt fails, "
+                  f"failures_before_first_success={before_success}: {r['failed']:,} failed, {r['calls']:,} attempts, "
+                  f"the job {r['simulated_hours'] * 3600:,.0f} simulated s, {r['worker_hours']:,.1f} worker-hours "
+                  f"reserved; peak memory {r['rss_mib']:.0f} MiB", flush=True)
     print_load()
     return 0
 
