@@ -392,14 +392,14 @@ def test_failed_attempts_go_to_one_errors_file_in_batch_order_and_the_result_nam
     assert result[first + COMMON_ERRORS + 1] == "  ... and 4 other error line(s); by exception: 5x KeyError, 3x boom 1, 3x boom 2"
 
 
-def test_a_job_without_failed_attempts_has_no_errors_file(tmp_path):
+def test_a_job_without_failed_attempts_has_an_empty_errors_file(tmp_path):
     from raypar.engine.reports import report_files
 
     ledger = planned(tmp_path, 2)
     finish(ledger, 0)
     finish(ledger, 1)
     files = report_files(ledger, ledger.view(), "succeeded", "", None)
-    assert "reports/errors.txt" not in files
+    assert files["reports/errors.txt"] == b""
     assert not any(line.startswith("failed attempts") for line in files["reports/job_result.txt"].decode().splitlines())
 
 

@@ -109,6 +109,11 @@ def errors_text(view: LedgerView) -> bytes:
     return out.getvalue()
 
 
+def _ranked(counts: collections.Counter) -> list[tuple[str, int]]:
+    """Most frequent first; ties in text order, so the same ledger gives the same report."""
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def error_summary(view: LedgerView) -> list[str]:
     """job_result.txt's lines on failed attempts: how many, and the most frequent error lines."""
     counts = collections.Counter(last_line(r.error) for records in view.failed.values() for r in records)
@@ -117,13 +122,12 @@ def error_summary(view: LedgerView) -> list[str]:
     total = sum(counts.values())
     lines = [f"failed attempts: {total} in {len(view.failed)} mini-batch(es), tracebacks in {ERRORS} "
              f"(one mini-batch's: `raypar logs JOB_DIR --batch ID`); the most frequent errors:"]
-    frequent = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:COMMON_ERRORS]  # ties: by text
-    lines += [f"  {n}x {error or '(no message)'}" for error, n in frequent]
+    lines += [f"  {n}x {error or '(no message)'}" for error, n in _ranked(counts)[:COMMON_ERRORS]]
     if len(counts) > COMMON_ERRORS:  # messages that name their item differ: their exception types do not
         types = collections.Counter()
         for error, n in counts.items():
             types[error.split(":", 1)[0].strip() or "(no message)"] += n
-        by_type = ", ".join(f"{n}x {name}" for name, n in sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
+        by_type = ", ".join(f"{n}x {name}" for name, n in _ranked(types)[:5])
         lines.append(f"  ... and {len(counts) - COMMON_ERRORS} other error line(s); by exception: {by_type}")
     return lines
 
@@ -132,8 +136,7 @@ def report_files(ledger: Ledger, view: LedgerView, state: str, reason: str,
                  output: Optional[str]) -> dict[str, bytes]:
     """{path under the job dir: bytes} of the session's text reports."""
     files = {"reports/processed_mini_batches.csv": attempts_csv(view)}
-    if view.failed:
-        files[ERRORS] = errors_text(view)
+    files[ERRORS] = errors_text(view)  # empty when nothing failed: never a stale one from an earlier session
     counts = view.counts()
     lines = [
         f"state: {state}",
