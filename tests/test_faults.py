@@ -352,8 +352,8 @@ def test_thresholds_not_crossed_let_the_job_succeed(ray_cluster, tmp_path):
 
 def test_a_script_that_fails_every_batch_stops_after_a_few_and_a_fixed_one_resumes_the_rest(ray_cluster, tmp_path):
     # Azure's thresholds are -1 (no limit): without raypar's first-success rule this job would spend
-    # both tries of each of its 40 batches before ending.
-    files = texts(80, bad=set(range(0, 80, 2)))  # every batch of 2 files holds a bad one
+    # both tries of each of its 100 batches, 200 calls of run(), before ending.
+    files = texts(200, bad=set(range(0, 200, 2)))  # every batch of 2 files holds a bad one
     log, = folders(tmp_path, "exec")
     flag = tmp_path / "fixed"
     spec = make_spec(tmp_path, files, **{"retry_settings.max_retries": 1, "raypar.failures_before_first_success": 3,
@@ -366,11 +366,12 @@ def test_a_script_that_fails_every_batch_stops_after_a_few_and_a_fixed_one_resum
     assert failed.reason.startswith("4 mini-batch(es) failed and none has succeeded")
     assert "raypar.failures_before_first_success=3" in failed.reason
     # Each batch fails in milliseconds, so the first worker up may give every batch its first try
-    # before a second worker takes the retries (a retry avoids the worker it failed on); the job
-    # stops at the 4th batch out of tries, with the others running at most: not 80 tries.
+    # before a second worker takes the retries (a retry avoids the worker it failed on). The job
+    # stops at the 4th batch out of tries; what the workers already held still ends or is killed.
     final = [b for b, records in Ledger(job).view().failed.items() if records[-1].final]
-    assert 4 <= len(final) <= 6  # the 4th, and what the other two workers were running
-    assert len(executions(log)) <= 40 + len(final)  # first tries, and the second tries of those
+    calls = executions(log)
+    second_tries = len(calls) - len(set(calls))
+    assert 4 <= len(final) < 30 and second_tries < 30  # not the 100 second tries of Azure's behaviour
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
     result = (tmp_path / "job" / "reports" / "job_result.txt").read_text().splitlines()
     assert any(line.startswith("  2x ValueError: cannot score ") for line in result)  # both tries, one error
