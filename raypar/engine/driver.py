@@ -26,7 +26,7 @@ from raypar.engine.replan import names as replan_names
 from raypar.engine.retry_items import plan_item_retries
 from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
-from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, write_session_reports
+from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, give_memory_back, write_session_reports
 from raypar.engine.worker_plan import worker_plan
 from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, UsageError
 from raypar.inputs import check_input, plan_batches
@@ -343,6 +343,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
     try:
         for _ in range(MAX_ASSEMBLY_ROUNDS):
             pending = view.pending() if view is not None else []
+            give_memory_back()  # what reading the records and queuing took, before the run's own memory
             if pending or feed is not None:
                 assembled = False  # this session adds rows: the output is written again
                 total = len(manifest) if manifest is not None else "?"

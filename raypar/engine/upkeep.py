@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Callable
 
+import pyarrow as pa
+
 from raypar.engine.report_html import html_report
 from raypar.engine.reports import report_files
 from raypar.jobdir.layout import REPORT_HTML as REPORT
@@ -26,6 +28,15 @@ def compact(ledger: Ledger, run: str) -> None:
         ledger.compact(run)
     except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
         log.warning("could not compact the ledger: %s", exc)
+    finally:
+        give_memory_back()
+
+
+def give_memory_back() -> None:
+    """Return to the OS what Arrow's allocator keeps of the buffers just freed. It keeps them for
+    Arrow's next allocations, but the driver's next ones are mostly Python's: after reading a
+    million records the kept buffers stayed resident (484 MiB, 285 MiB once given back)."""
+    pa.default_memory_pool().release_unused()
 
 
 def final_view(ledger: Ledger):
@@ -40,6 +51,8 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
         ledger.store.write_many(files)  # concurrently on object stores: four files, however many batches failed
     except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them
         log.warning("could not write reports: %s", exc)
+    finally:
+        give_memory_back()
 
 
 class Compactor:

@@ -122,20 +122,25 @@ def choose(table: pa.Table, part_sizes: dict[str, int], voided: set[str]) -> "Do
     if table.num_rows == 0:
         return DoneIndex(table)
     table = table.unify_dictionaries().combine_chunks()
-    table = table.filter(pa.array(_valid(table, part_sizes, voided)))
+    valid = _valid(table, part_sizes, voided)
+    if not valid.all():  # each filter or take copies every column: a million records, ~150 MB each time
+        table = table.filter(pa.array(valid)).combine_chunks()
     if table.num_rows == 0:
         return DoneIndex(table)
-    table = table.combine_chunks()
+    ordinals = table.column("ordinal").to_numpy()
+    if (ordinals[1:] > ordinals[:-1]).all():  # a record per batch, in batch order: nothing to choose
+        return DoneIndex(table)
     run = table.column("run").chunk(0)
     run_rank = np.argsort(np.argsort(np.array(run.dictionary.to_pylist(), dtype=object)))[run.indices.to_numpy()]
-    order = np.lexsort((table.column("attempt").to_numpy(), run_rank, table.column("ordinal").to_numpy()))
+    order = np.lexsort((table.column("attempt").to_numpy(), run_rank, ordinals))
     table = table.take(pa.array(order))
-    ordinals = table.column("ordinal").to_numpy()
+    ordinals = ordinals[order]
     first = np.ones(len(ordinals), dtype=bool)
     first[1:] = ordinals[1:] != ordinals[:-1]
+    if first.all():  # a record per batch (the usual case): the sorted table is the choice
+        return DoneIndex(table)
     chosen = DoneIndex(table.filter(pa.array(first)))
-    if not first.all():  # other valid results of a batch: a speculative loser, a re-run also stored
-        chosen.spares = table.filter(pa.array(~first))
+    chosen.spares = table.filter(pa.array(~first))  # other valid results: a speculative loser, a re-run
     return chosen
 
 
