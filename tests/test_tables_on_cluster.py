@@ -54,6 +54,28 @@ def test_one_large_parquet_file_is_split_and_every_row_comes_back_once(ray_clust
     assert out["double"].tolist() == (source["x"] * 2).tolist()
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_a_row_group_cut_into_many_slices_gives_every_row_once_in_order(ray_cluster, tmp_path, prefetch):
+    # One row group cut into slices: each worker keeps it decoded for the next slice it takes
+    # (read by its read-ahead thread with prefetch 1), and every slice is its own rows.
+    data = tmp_path / "data"
+    data.mkdir()
+    source = table(0, 40_000)
+    pq.write_table(pa.Table.from_pandas(source, preserve_index=False), data / "one.parquet")
+    assert pq.read_metadata(data / "one.parquet").num_row_groups == 1
+    spec = table_spec(tmp_path, mini_batch_size="16kb", **{"raypar.prefetch": prefetch})
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    runs = executions(tmp_path)
+    assert len(runs) == outcome.total > 10
+    assert sum(runs.values()) == len(source)
+    out = pd.read_csv(tmp_path / "out" / "parallel_run_step.txt", sep=" ", header=None, names=["id", "double"])
+    assert out["id"].tolist() == source["id"].tolist()
+    assert out["double"].tolist() == (source["x"] * 2).tolist()
+
+
 def test_csv_and_json_lines_cut_at_lines_cover_every_row(ray_cluster, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

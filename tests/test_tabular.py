@@ -434,6 +434,83 @@ def test_a_row_group_up_to_twice_the_size_is_one_batch_so_it_is_decoded_once(tmp
     assert_same_rows(smaller, df)
 
 
+def _count_decodes(monkeypatch) -> list:
+    """Every real ``read_row_groups`` call (the row groups it decodes), recorded."""
+    calls, real = [], pq.ParquetFile.read_row_groups
+
+    def counted(self, row_groups, *args, **kwargs):
+        calls.append(tuple(row_groups))
+        return real(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counted)
+    return calls
+
+
+def test_the_slices_of_a_cut_row_group_decode_it_once_per_worker(tmp_path, monkeypatch):
+    df = make_rows(30_000, text_len=100)  # one row group of ~3.5 MB, cut into 14 slices of 256kb
+    path = write_parquet(tmp_path / "data" / "big.parquet", df)
+    spec = job(path, input_type="uri_file", size="256kb")
+    batches = plan(spec)
+    assert len(batches) > 8
+    decodes = _count_decodes(monkeypatch)
+
+    frames = frames_of(spec)  # one reader: one worker reading the slices in order
+
+    assert_same_rows(frames, df)
+    assert [len(f) for f in frames] == [b.payload["pieces"][0]["rows"][1] - b.payload["pieces"][0]["rows"][0]
+                                        for b in batches]
+    assert decodes == [(0,)]
+
+    # Two workers taking turns (the driver's waves): each decodes the row group once.
+    decodes.clear()
+    desc = check_input(spec)
+    workers = [BatchReader(desc), BatchReader(desc)]
+    turns = [workers[i % 2].read(batch)[0] for i, batch in enumerate(batches)]
+    assert_same_rows(turns, df)
+    assert [f["id"].iloc[0] for f in turns] == [f["id"].iloc[0] for f in frames]
+    assert decodes == [(0,), (0,)]
+
+
+def test_planning_says_once_which_row_groups_are_cut_and_the_size_that_keeps_them_whole(tmp_path, caplog):
+    for name in ("a", "b"):
+        write_parquet(tmp_path / "data" / f"{name}.parquet", make_rows(30_000, text_len=100))  # ~3 MiB row groups
+    caplog.set_level("WARNING", logger="raypar")
+
+    assert len(plan(job(tmp_path / "data", size="256kb"))) > 20
+
+    cut = [r.getMessage() for r in caplog.records if "row groups" in r.getMessage()]
+    assert len(cut) == 1, cut
+    assert "a.parquet" in cut[0] and "(0.25 MiB)" in cut[0] and "at least 2 MiB" in cut[0]
+    caplog.clear()
+    assert len(plan(job(tmp_path / "data", size="2mb"))) == 2  # each row group whole: nothing to say
+    assert not [r for r in caplog.records if "row groups" in r.getMessage()]
+
+
+def test_a_cut_row_group_is_decoded_again_only_when_a_worker_moved_on(tmp_path, monkeypatch):
+    a = write_parquet(tmp_path / "data" / "a.parquet", make_rows(20_000, text_len=100))
+    b = write_parquet(tmp_path / "data" / "b.parquet", make_rows(20_000, start=100_000, text_len=100))
+    whole = write_parquet(tmp_path / "data" / "c.parquet", make_rows(50, start=200_000))  # a small file: one batch
+    batches = plan(job(tmp_path / "data", size="256kb"))
+    of = {name: [x for x in batches if x.payload["pieces"][0]["file"].endswith(name)] for name in
+          ("a.parquet", "b.parquet", "c.parquet")}
+    assert len(of["a.parquet"]) > 3 and len(of["b.parquet"]) > 3 and len(of["c.parquet"]) == 1
+    reader = BatchReader(check_input(job(tmp_path / "data", size="256kb")))
+    decodes = _count_decodes(monkeypatch)
+
+    # Interleaved files, a slice out of order, a whole file between slices: every read right.
+    order = [of["a.parquet"][0], of["b.parquet"][0], of["a.parquet"][2], of["a.parquet"][1],
+             of["c.parquet"][0], of["a.parquet"][3], *of["b.parquet"][1:]]
+    frames = [reader.read(x)[0] for x in order]
+
+    expected = pd.concat([pd.read_parquet(p) for p in (a, b, whole)], ignore_index=True)
+    for frame, x in zip(frames, order, strict=True):  # each slice is exactly its planned rows
+        start, end = x.payload["pieces"][0]["rows"]
+        source = pd.read_parquet(tmp_path / "data" / x.payload["pieces"][0]["file"].rsplit("/", 1)[-1])
+        pd.testing.assert_frame_equal(frame.reset_index(drop=True), source.iloc[start:end].reset_index(drop=True))
+    assert sorted(pd.concat(frames)["id"]) == sorted(expected[expected["id"].isin(pd.concat(frames)["id"])]["id"])
+    # a0, b0, a2 (a again), a1 (cached), c (whole: not kept), a3 (a again), the rest of b (b again, then cached)
+    assert len(decodes) == 6
+
 @pytest.mark.xfail(strict=True, reason="BUG: a row group larger than the batch is cut into equal row counts, "
                    "so a skewed row group (long rows first) gives batches many times the size")
 def test_skewed_row_group_is_cut_by_bytes_not_row_counts(tmp_path):

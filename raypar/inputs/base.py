@@ -187,6 +187,7 @@ class BatchReader:
         self._fetcher = None
         self._cache_bytes = cache_bytes  # raypar.mount_cache.max_size (None: the default)
         self._partition_format = None
+        self._row_groups = tabular.RowGroupCache()  # a cut row group, decoded once for its slices
 
     def read(self, batch: MiniBatch) -> tuple[Any, MiniBatchContext, Optional[str]]:
         """(mini_batch, its context, a temporary folder to remove after run() or None)."""
@@ -240,7 +241,7 @@ class BatchReader:
             columns = None
             if desc["keep_columns"] and not self._partition_format:  # the keys are needed to keep the rows
                 columns = [*desc["keep_columns"], *(k for k in keys if k not in desc["keep_columns"])]
-            table = tabular.read_piece(source, piece, columns, text_columns=keys)
+            table = tabular.read_piece(source, piece, columns, text_columns=keys, cache=self._row_groups)
             if self._partition_format is not None:  # MLTable partition columns join the data, as in Azure
                 for column, value in (self._partition_format.extract(piece["file"]) or {}).items():
                     if column not in table.column_names:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import threading
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
@@ -24,6 +26,8 @@ import pyarrow as pa
 from raypar.credentials import describe_error
 from raypar.errors import SpecError, StorageError
 from raypar.inputs.source import Source, table_format_of
+
+log = logging.getLogger("raypar")
 
 KIND = "table"
 _SCAN = 64 * 1024
@@ -49,6 +53,7 @@ def plan(source: Source, size: int) -> Iterator[tuple[list[dict], int]]:
     """Batches as (pieces, row count or 0 when unknown until read), in file order."""
     group: list[dict] = []
     group_rows, group_bytes, group_schema = 0, 0, None
+    warned = False
     for name in source.files():
         fmt = file_format(source, name)
         if fmt == "parquet":
@@ -67,6 +72,7 @@ def plan(source: Source, size: int) -> Iterator[tuple[list[dict], int]]:
                 group, group_rows = [{"file": name, "rows": [0, meta.num_rows]}], meta.num_rows
                 group_bytes, group_schema = _parquet_bytes(meta), meta.schema.to_arrow_schema()
                 continue
+            warned = warned or _warn_if_cut(source, name, meta, size)
             for start, end in _parquet_ranges(meta, size):
                 yield [{"file": name, "rows": [start, end]}], end - start
         else:
@@ -112,6 +118,18 @@ def _parquet_bytes(meta) -> int:
 def _rg_bytes(rg) -> int:
     # Compressed bytes on storage: what "a 64mb batch" of a parquet file means to its owner.
     return sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+
+
+def _warn_if_cut(source: Source, name: str, meta, size: int) -> bool:
+    """Say, once per plan, that row groups are cut into slices (each slice decodes its row group)."""
+    largest = max((_rg_bytes(meta.row_group(i)) for i in range(meta.num_row_groups)), default=0)
+    if largest <= 2 * size:
+        return False
+    log.warning("parquet row groups of up to %.0f MiB (%s) are more than twice mini_batch_size (%s) and are "
+                "cut into slices by rows: every worker that takes a slice decodes the whole row group. A "
+                "mini_batch_size of at least %.0f MiB, or smaller row groups, reads each once",
+                largest / 2**20, source.url(name), f"{size / 2**20:g} MiB", math.ceil(largest / 2 / 2**20))
+    return True
 
 
 def _parquet_ranges(meta, size: int) -> Iterator[tuple[int, int]]:
@@ -234,10 +252,11 @@ def _open(source: Source, name: str):
 
 
 def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None,
-               text_columns: tuple = ()):
-    """One piece as a pyarrow Table; CSV ``text_columns`` are read as strings, not inferred."""
+               text_columns: tuple = (), cache: Optional[RowGroupCache] = None):
+    """One piece as a pyarrow Table; CSV ``text_columns`` are read as strings, not inferred.
+    ``cache`` keeps a cut row group decoded for the next slice of it (a worker passes its own)."""
     if "rows" in piece:
-        return _read_parquet_rows(source, piece["file"], *piece["rows"], columns)
+        return _read_parquet_rows(source, piece["file"], *piece["rows"], columns, cache)
     data = source.fs.cat_file(source.fs_path(piece["file"]), start=piece["bytes"][0], end=piece["bytes"][1])
     if piece["format"] == "json_lines":
         return _parse_json_lines(data, source.desc["read"], source.url(piece["file"]))
@@ -249,9 +268,44 @@ def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None,
                       embedded_header=piece.get("embedded_header", False))
 
 
-def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns):
+class RowGroupCache:
+    """The row groups a worker decoded last when its batch was a slice of them.
+
+    A row group larger than twice ``mini_batch_size`` is cut into slices by
+    rows, and parquet decodes a row group whole, so every slice would decode
+    all of it again. The slices are consecutive batches, and the driver hands
+    them out in order, so a worker's next slice is often of the same row
+    group: it is cut from the decoded one instead. One entry, holding nothing
+    more than the worker holds anyway while run() works on a slice (a slice
+    shares its row group's buffers); a batch of whole row groups clears it.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()  # the read-ahead thread and the batch's call both read
+        self.key: Optional[tuple] = None  # (file, columns, first row, rows)
+        self.table: Optional[pa.Table] = None
+
+    def slice(self, name: str, columns, start: int, end: int) -> Optional[pa.Table]:
+        with self.lock:
+            if self.key is None or self.key[:2] != (name, columns):
+                return None
+            first, rows = self.key[2:]
+            if first <= start and end <= first + rows:
+                return self.table.slice(start - first, end - start)
+            return None
+
+    def keep(self, key: Optional[tuple], table: Optional[pa.Table]) -> None:
+        with self.lock:
+            self.key, self.table = key, table
+
+
+def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns,
+                       cache: Optional[RowGroupCache] = None):
     import pyarrow.parquet as pq  # noqa: PLC0415 - lazy: only jobs of that format load it
 
+    columns_key = tuple(columns) if columns is not None else None
+    if cache is not None and (cut := cache.slice(name, columns_key, start, end)) is not None:
+        return cut
     pf = pq.ParquetFile(_open(source, name))
     groups, first, offset = [], None, 0
     for i in range(pf.metadata.num_row_groups):
@@ -261,7 +315,11 @@ def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns)
             first = offset if first is None else first
         offset += rows
     table = pf.read_row_groups(groups, columns=columns)
-    return table.slice(start - (first or 0), end - start)
+    first = first or 0
+    if cache is not None:
+        whole = start == first and end == first + table.num_rows
+        cache.keep(None if whole else (name, columns_key, first, table.num_rows), None if whole else table)
+    return table.slice(start - first, end - start)
 
 
 def _parse_csv(header: bytes, data: bytes, read: dict, where: str, columns, text_columns=(),
