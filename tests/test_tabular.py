@@ -511,6 +511,30 @@ def test_a_cut_row_group_is_decoded_again_only_when_a_worker_moved_on(tmp_path, 
     # a0, b0, a2 (a again), a1 (cached), c (whole: not kept), a3 (a again), the rest of b (b again, then cached)
     assert len(decodes) == 6
 
+def test_a_worker_lets_its_last_row_group_go_before_decoding_another(tmp_path, monkeypatch):
+    for name, start in (("a", 0), ("b", 100_000)):
+        write_parquet(tmp_path / "data" / f"{name}.parquet", make_rows(20_000, start=start, text_len=100))
+    spec = job(tmp_path / "data", size="256kb")
+    batches = plan(spec)
+    first_of_b = next(x for x in batches if x.payload["pieces"][0]["file"].endswith("b.parquet"))
+    reader = BatchReader(check_input(spec))
+    held, real = [], pq.ParquetFile.read_row_groups
+
+    def measured(self, row_groups, *args, **kwargs):
+        held.append(pa.total_allocated_bytes())  # Arrow memory alive as this decode starts
+        return real(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", measured)
+    baseline = pa.total_allocated_bytes()
+    frame = reader.read(batches[0])[0]  # a DataFrame: the worker's own Arrow memory is its cache only
+    kept = pa.total_allocated_bytes() - baseline
+    frame_b = reader.read(first_of_b)[0]
+
+    assert kept > 1_000_000  # a's row group, kept for its next slice
+    assert held[1] - baseline < kept // 10  # ... and let go before b's was decoded
+    assert len(frame) and len(frame_b) and frame_b["id"].iloc[0] == 100_000
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: a row group larger than the batch is cut into equal row counts, "
                    "so a skewed row group (long rows first) gives batches many times the size")
 def test_skewed_row_group_is_cut_by_bytes_not_row_counts(tmp_path):

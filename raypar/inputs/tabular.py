@@ -257,6 +257,8 @@ def read_piece(source: Source, piece: dict, columns: Optional[list[str]] = None,
     ``cache`` keeps a cut row group decoded for the next slice of it (a worker passes its own)."""
     if "rows" in piece:
         return _read_parquet_rows(source, piece["file"], *piece["rows"], columns, cache)
+    if cache is not None:
+        cache.keep(None, None)
     data = source.fs.cat_file(source.fs_path(piece["file"]), start=piece["bytes"][0], end=piece["bytes"][1])
     if piece["format"] == "json_lines":
         return _parse_json_lines(data, source.desc["read"], source.url(piece["file"]))
@@ -277,7 +279,7 @@ class RowGroupCache:
     them out in order, so a worker's next slice is often of the same row
     group: it is cut from the decoded one instead. One entry, holding nothing
     more than the worker holds anyway while run() works on a slice (a slice
-    shares its row group's buffers); a batch of whole row groups clears it.
+    shares its row group's buffers), let go before any other piece is read.
     """
 
     def __init__(self):
@@ -304,8 +306,10 @@ def _read_parquet_rows(source: Source, name: str, start: int, end: int, columns,
     import pyarrow.parquet as pq  # noqa: PLC0415 - lazy: only jobs of that format load it
 
     columns_key = tuple(columns) if columns is not None else None
-    if cache is not None and (cut := cache.slice(name, columns_key, start, end)) is not None:
-        return cut
+    if cache is not None:
+        if (cut := cache.slice(name, columns_key, start, end)) is not None:
+            return cut
+        cache.keep(None, None)  # let the last row group go before decoding another: not two at once
     pf = pq.ParquetFile(_open(source, name))
     groups, first, offset = [], None, 0
     for i in range(pf.metadata.num_row_groups):
