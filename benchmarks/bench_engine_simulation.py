@@ -20,6 +20,7 @@ of this machine, <= 1 GiB, at 1,000 workers.
     python benchmarks/bench_engine_simulation.py [--batches N] [--workers 10 100 1000] [--seed 1] [--churn N]
     python benchmarks/bench_engine_simulation.py --workers 1000 --batches 100000 --elastic   # the tail's give-back
     python benchmarks/bench_engine_simulation.py --workers 100 1000 --batches 100000 --broken   # a script failing all
+    python benchmarks/bench_engine_simulation.py --workers 2 100 1000 --batches 124000 --slices 124   # row groups' slices
 """
 
 from __future__ import annotations
@@ -46,10 +47,23 @@ root, batches, workers, seconds, lost, seed = sys.argv[1], *map(int, sys.argv[2:
     int(sys.argv[5]), int(sys.argv[6])
 churn, elastic, give_back = int(sys.argv[7]), sys.argv[8] == "1", sys.argv[9] == "1"
 broken, before_success = sys.argv[10] == "1", int(sys.argv[11])
+slices, reserve = int(sys.argv[12]), sys.argv[13] == "1"
+if not reserve:  # the dispatch before row groups' slices were kept for one worker
+    import raypar.engine.scheduler
+    raypar.engine.scheduler.RESERVE_MAX = 0
+
+
+def planned(i):
+    if not slices:
+        return MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i:08d}.txt"]}, item_count=1)
+    group, k = divmod(i, slices)  # slice k of a row group cut into `slices`, as the planner writes it
+    return MiniBatch(ordinal=i, kind="table", item_count=100, payload={
+        "pieces": [{"file": f"t{group:07d}.parquet", "row_group": 0, "rows": [100 * k, 100 * k + 100]}]})
+
+
 ledger = Ledger(f"{root}/job")
 started = time.perf_counter()
-ledger.write_manifest(MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i:08d}.txt"]}, item_count=1)
-                      for i in range(batches))
+ledger.write_manifest(planned(i) for i in range(batches))
 built = time.perf_counter() - started
 pending = ledger.view(ledger.read_manifest(), lean=True).pending()
 per_instance = 10 if workers % 10 == 0 else 1
@@ -67,14 +81,18 @@ spec = spec_from_dict({
 rng = random.Random(seed)
 lost_at = set(rng.sample(range(batches), lost))
 ORDINAL = '"ordinal":'
+decoded = set()  # (row group, worker): each pair decodes that row group once
 
 def behaviour(batch_json, attempt, worker):
     duration = rng.lognormvariate(0, 0.5) * seconds
     draw = rng.random()
     at = batch_json.index(ORDINAL) + len(ORDINAL)
+    ordinal = int(batch_json[at:batch_json.index(",", at)])
+    if slices:
+        decoded.add((ordinal // slices, worker))
     if broken:  # the script loads its model, then raises on every mini-batch
         return Outcome(duration / 2, "user")
-    if attempt == 1 and int(batch_json[at:batch_json.index(",", at)]) in lost_at:
+    if attempt == 1 and ordinal in lost_at:
         return Outcome(duration / 2, "lost")
     if draw < 0.01:
         return Outcome(duration, "user")
@@ -113,17 +131,18 @@ calls = cluster.stats["run_batch"]
 print(json.dumps({"workers": len(scheduler.slots), "left": sum(s.left for s in scheduler.slots), "batches": batches, "cpu": cpu, "calls": calls,
                   "decisions": 2 * calls, "done": progress.done, "failed": progress.failed,
                   "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built,
-                  "instance_hours": instance_hours, "given_back": len(cluster.given_back),
+                  "instance_hours": instance_hours, "given_back": len(cluster.given_back), "decoded": len(decoded),
                   "worker_hours": sum(cluster.now - held_from[i] for i in placed) * per_instance / 3600}))
 """
 
 
-def simulate(args, workers: int, elastic: bool, give_back: bool, before_success: int = 10) -> dict | None:
+def simulate(args, workers: int, elastic: bool, give_back: bool, before_success: int = 10,
+             reserve: bool = True) -> dict | None:
     """One simulated job in a fresh interpreter: its figures, or None (its error printed)."""
     with tempfile.TemporaryDirectory(prefix="raypar-sim-") as root:
         out = subprocess.run([sys.executable, "-c", ONE, root, str(args.batches), str(workers), str(args.seconds),
                               str(args.lost), str(args.seed), str(args.churn), str(int(elastic)), str(int(give_back)),
-                              str(int(args.broken)), str(before_success)],
+                              str(int(args.broken)), str(before_success), str(args.slices), str(int(reserve))],
                              capture_output=True, text=True)
     if out.returncode:
         print(out.stderr, file=sys.stderr)
@@ -145,9 +164,14 @@ def main() -> int:
     parser.add_argument("--broken", action="store_true",
                         help="every attempt fails in run() (after half its time): run with "
                              "raypar.failures_before_first_success at 10 and at -1, their worker-hours side by side")
+    parser.add_argument("--slices", type=int, default=0,
+                        help="the batches are slices of parquet row groups cut into this many: run with the slices "
+                             "of a row group kept for one worker and dealt out in turn, row groups decoded side by side")
     args = parser.parse_args()
     if args.broken:
         return broken_script(args)
+    if args.slices:
+        return sliced_row_groups(args)
     elastic = args.elastic or args.churn > 0
     ok = None
     for workers in args.workers:
@@ -175,6 +199,24 @@ def main() -> int:
                   f"{on['simulated_hours']:.2f} h against {off['simulated_hours']:.2f} h", flush=True)
     if ok is not None:
         print("targets at 1,000 workers (>= 20,000 decisions/s, <= 1 GiB): " + ("met" if ok else "MISSED"))
+    print_load()
+    return 0
+
+
+def sliced_row_groups(args) -> int:
+    """Row groups cut into slices: how often each is decoded (once per worker that runs a slice of
+    it), with its slices kept for one worker and dealt out in turn as before."""
+    groups = -(-args.batches // args.slices)
+    for workers in args.workers:
+        for reserve in (True, False):
+            r = simulate(args, workers, False, True, reserve=reserve)
+            if r is None:
+                return 1
+            print(f"{workers:>5} workers, {args.batches:,} slices of {groups:,} row groups, slices "
+                  f"{'kept for one worker' if reserve else 'dealt out in turn'}: row groups decoded "
+                  f"{r['decoded']:,} times ({r['decoded'] / groups:.2f} each), the job {r['simulated_hours']:.2f} "
+                  f"simulated hours; scheduler CPU {1e6 * r['cpu'] / r['batches']:.0f} us per batch, "
+                  f"{r['decisions'] / r['cpu']:,.0f} decisions/s; peak memory {r['rss_mib']:.0f} MiB", flush=True)
     print_load()
     return 0
 

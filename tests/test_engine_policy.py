@@ -18,12 +18,15 @@ def ordinal(batch_json: str) -> int:
     return json.loads(batch_json)["ordinal"]
 
 
-def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, **spec_keys):
+def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, pending=None, **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
-    then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger."""
+    then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger.
+    ``pending``: the batches, when not ``batches`` one-file ones."""
     ledger = Ledger(str(tmp_path / "job"))
-    pending = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(batches)]
+    pending = pending or [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
+                          for i in range(batches)]
+    batches = len(pending)
     ledger.write_manifest(pending)
     spec = {"type": "parallel", "name": "policy", "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
             "input_data": "${{inputs.data}}", "resources": {"instance_count": 1},
@@ -316,6 +319,89 @@ def test_a_stopped_job_does_not_wait_for_a_running_batch_when_nothing_is_unstore
     assert reason == "2 mini-batch(es) failed, more than mini_batch_error_threshold=1"
     assert cluster.now < 1.0 + 10.0  # stopped at the second failure, not after the long batch (or 30 s)
     assert "mb-0000000" not in ledger.view().done
+
+
+# -- slices of a cut parquet row group: kept for the worker that decodes it ------------------
+
+
+def slices(row_groups: int, per_group: int) -> list[MiniBatch]:
+    """``per_group`` slices of each of ``row_groups`` row groups, as the planner writes them."""
+    return [MiniBatch(ordinal=g * per_group + k, kind="table", item_count=100,
+                      payload={"pieces": [{"file": f"t{g}.parquet", "row_group": 0, "rows": [100 * k, 100 * k + 100]}]})
+            for g in range(row_groups) for k in range(per_group)]
+
+
+def workers_by_row_group(ran: list, per_group: int) -> dict[int, set]:
+    out: dict[int, set] = {}
+    for batch, worker in ran:
+        out.setdefault(batch // per_group, set()).add(worker)
+    return out
+
+
+def test_the_slices_of_a_row_group_run_on_the_worker_that_took_its_first(tmp_path):
+    ran = []
+
+    def behaviour(batch, attempt, worker):
+        ran.append((ordinal(batch), worker))
+        return Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, pending=slices(4, 10))
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (40, 0)
+    assert sorted(b for b, _ in ran) == list(range(40))  # each slice once
+    assert all(len(w) == 1 for w in workers_by_row_group(ran, 10).values())  # each row group decoded once
+    assert cluster.now == pytest.approx(1.0 + 20.0)  # and both workers busy to the end
+    assert scheduler.reserved == 0
+
+
+def test_an_idle_worker_takes_half_of_what_is_kept_for_a_slower_one(tmp_path):
+    # One row group of 40 slices; the first worker takes 3 s a slice, the other 1 s. Kept for the
+    # slow one alone, its share would end at 61 s; the fast one takes half of it whenever it idles.
+    ran, first = [], []
+
+    def behaviour(batch, attempt, worker):
+        first.append(worker) if not first else None
+        ran.append((ordinal(batch), worker))
+        return Outcome(3.0 if worker == first[0] else 1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, pending=slices(1, 40))
+
+    assert reason is None and scheduler.progress.done == 40
+    assert sorted(b for b, _ in ran) == list(range(40))
+    assert cluster.now == pytest.approx(1.0 + 30.0)  # 40 slices at 4/3 a second, as one-file batches
+    assert scheduler.reserved == 0
+
+
+def test_a_lost_worker_hands_back_the_slices_kept_for_it(tmp_path):
+    ran = []
+
+    def behaviour(batch, attempt, worker):
+        ran.append((ordinal(batch), attempt))
+        return Outcome(1.0, "lost") if (ordinal(batch), attempt) == (3, 1) else Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, pending=slices(2, 10), store=True,
+                                             **{"retry_settings.max_retries": 0})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (20, 0)
+    assert sorted(b for b, _ in ran) == sorted([*range(20), 3])  # only the lost one twice
+    assert history(ledger, 3) == [("system", False)]
+    assert scheduler.reserved == 0
+
+
+def test_whole_row_groups_and_files_are_dealt_out_as_before(tmp_path):
+    ran = []
+
+    def behaviour(batch, attempt, worker):
+        ran.append((ordinal(batch), worker))
+        return Outcome(1.0)
+
+    whole = [MiniBatch(ordinal=i, kind="table", item_count=100,
+                       payload={"pieces": [{"file": "t.parquet", "rows": [100 * i, 100 * i + 100]}]}) for i in range(10)]
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, pending=whole)
+
+    assert reason is None and scheduler.progress.done == 10
+    assert [w for _, w in sorted(ran)[:2]] != [ran[0][1]] * 2  # the first two went to both workers
+    assert scheduler.reserved == 0 and cluster.now == pytest.approx(1.0 + 5.0)
 
 
 # -- elastic instances: nodes join and leave mid-job -----------------------------------------

@@ -1087,3 +1087,41 @@ def test_an_added_file_that_a_batch_already_reads_is_never_planned_again(tmp_pat
     manifest = ledger.read_manifest()
     assert len(manifest) == 3 and manifest.live == 3
     assert ledger.read_input_versions()["g1.txt"] == "size:1 mtime:2"
+
+
+def test_an_unfinished_plan_whose_slices_name_no_row_group_goes_on_with_its_lines_as_written(tmp_path):
+    # A plan left unfinished by a raypar whose manifest lines did not name a slice's row group:
+    # listing again gives the same slices with their row group, which is the same plan.
+    def sliced(count, named, first_rows=0):
+        for i in range(count):
+            piece = {"file": "t.parquet", "rows": [first_rows + 100 * i, first_rows + 100 * i + 100]}
+            if named:
+                piece["row_group"] = 0
+            yield MiniBatch(ordinal=i, kind="table", payload={"pieces": [piece]}, item_count=100)
+
+    ledger = Ledger(str(tmp_path / "job"))
+    writer = ledger.manifest_writer([])
+    for batch in sliced(3, named=False):
+        writer.add(batch)
+    writer.flush()  # chunks written, the plan not complete: the driver died while listing
+    assert len(ledger.read_manifest_prefix()) == 3 and ledger.read_manifest() is None
+
+    second = PlanFeed(ledger, sliced(5, named=True))
+    second.start()
+    second.join(timeout=30)
+
+    assert second.error is None
+    queued = second.take()
+    assert [q.row_group for q in queued] == [None] * 3 + [("t.parquet", 0)] * 2  # the old lines, as written
+    assert [json.loads(q.line)["payload"]["pieces"][0]["rows"] for q in queued] == \
+        [[100 * i, 100 * i + 100] for i in range(5)]
+
+    other = Ledger(str(tmp_path / "other"))
+    writer = other.manifest_writer([])
+    for batch in sliced(3, named=False):
+        writer.add(batch)
+    writer.flush()
+    changed = PlanFeed(other, sliced(5, named=True, first_rows=50))  # slices that differ: still refused
+    changed.start()
+    changed.join(timeout=30)
+    assert "the input changed since this job started planning (mb-0000000 differs)" in changed.error

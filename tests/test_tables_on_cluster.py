@@ -10,6 +10,7 @@ from conftest import make_spec, quiet
 
 import raypar
 from raypar.engine.status import job_status
+from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
 from raypar.outputs.live import LiveAssembly
 
@@ -74,6 +75,35 @@ def test_a_row_group_cut_into_many_slices_gives_every_row_once_in_order(ray_clus
     out = pd.read_csv(tmp_path / "out" / "parallel_run_step.txt", sep=" ", header=None, names=["id", "double"])
     assert out["id"].tolist() == source["id"].tolist()
     assert out["double"].tolist() == (source["x"] * 2).tolist()
+
+
+def test_the_slices_of_a_row_group_run_on_the_worker_that_took_the_first(ray_cluster, tmp_path):
+    # Six row groups, each cut into about 20 slices, two workers on two nodes: the worker that takes
+    # a row group's first slice runs the rest of it (and decodes the row group once). Dealt out in
+    # turn, every row group would run on both workers; only the first (the planner released its
+    # first slice alone) and the last (split at the tail, so that no worker idles) may here.
+    data = tmp_path / "data"
+    data.mkdir()
+    source = table(0, 60_000)
+    pq.write_table(pa.Table.from_pandas(source, preserve_index=False), data / "six.parquet", row_group_size=10_000)
+    (tmp_path / "barrier").mkdir()
+    spec = table_spec(tmp_path, mini_batch_size="16kb")
+    spec["task"]["program_arguments"] += f" --barrier {tmp_path / 'barrier'} 2"  # both hold a slice first
+
+    outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    out = pd.read_csv(tmp_path / "out" / "parallel_run_step.txt", sep=" ", header=None, names=["id", "double"])
+    assert out["id"].tolist() == source["id"].tolist()
+    ledger = Ledger(str(tmp_path / "job"))
+    row_group = {b.id: b.payload["pieces"][0]["row_group"] for b in ledger.read_manifest()}
+    assert len(row_group) > 6 * 10  # every row group cut
+    workers = {}
+    for record in ledger.view().done.values():
+        workers.setdefault(row_group[record.batch], set()).add((record.node, record.worker))
+    assert sorted(workers) == list(range(6))
+    assert sum(len(w) for w in workers.values()) <= 6 + 2, workers
+    assert len(set().union(*workers.values())) == 2  # both workers ran row groups
 
 
 def test_csv_and_json_lines_cut_at_lines_cover_every_row(ray_cluster, tmp_path):

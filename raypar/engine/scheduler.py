@@ -17,6 +17,13 @@ run, recorded and answered as its own. A group must end within one batch's
 timeout; when it does not, or its worker is lost, no batch in it is charged a
 try: those its worker stored are done, the others run again *solo*, one to a
 call, where a batch that hangs or kills its worker is charged as usual.
+
+The slices of a parquet row group cut by the planner are *reserved*: the
+worker that takes the first slice keeps the ones after it (a fair share of
+the queue at most), because it decodes the row group once and cuts each
+slice from it, where slices dealt out in turn are decoded by every worker
+that takes one. An idle worker with nothing queued takes half of the largest
+reservation; a lost worker's reservation goes back to the queue.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ FAST_PREFETCH = 4
 FAST_BATCH_SECONDS = 0.2  # batches faster than this make the round trip worth hiding
 GROUP_MAX = 32  # mini-batches per call at most, for batches that take milliseconds
 GROUP_SECONDS = 0.05  # ... as many as take about this long together
+RESERVE_MAX = 1024  # slices of one parquet row group kept for the worker that decodes it, at most
 MAX_STARTS_PER_SLOT = 3  # init() tries per slot before the slot is given up
 MAX_DEATHS_PER_SLOT = 5  # worker processes lost per slot before the slot is given up
 MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not user tries)
@@ -121,6 +129,8 @@ class Slot:
     answers: int = 0
     mean_seconds: float = 0.0  # moving average of this worker's batch durations
     ahead: int = 0  # raypar.prefetch: queued calls whose batches the worker reads ahead
+    # The next slices of the parquet row group this worker decodes, kept for it (see _reserve).
+    reserved: collections.deque = field(default_factory=collections.deque)
 
     def depth(self, now: float) -> int:
         """How many calls this worker may hold right now."""
@@ -205,6 +215,7 @@ class Scheduler:
         # again at the next dispatch (nothing else may change for them while they idle).
         self.passed_over: set[Slot] = set()
         self.queue_was_empty = True  # then every slot may have room: the next dispatch looks at all
+        self.reserved = 0  # batches in the slots' reserved deques, out of the queue
         self.unstarted: set[Slot] = set()  # slots left without a worker until there is work
         self.deadlines: list = []  # heap of (timeout deadline, seq, call, slot) of running calls
         self.seq = 0
@@ -248,7 +259,7 @@ class Scheduler:
             self._stop(self.feed.error)  # a planning error is the reason, even before any batch ran
         if self.stop_reason is not None:
             return True
-        return not self.queue and not self.calls and not self.flushes and \
+        return not self.queue and not self.reserved and not self.calls and not self.flushes and \
             not any(s.unflushed for s in self.slots) and (self.feed is None or self.feed.exhausted)
 
     def _pull_planned(self) -> None:
@@ -334,7 +345,7 @@ class Scheduler:
         if not self.transport.elastic or now < self.next_tail_look or not self.spec.raypar.give_back_idle_instances:
             return
         self.next_tail_look = now + INSTANCE_POLL_SECONDS
-        if self.queue or not self.plan_complete:
+        if self.queue or self.reserved or not self.plan_complete:
             if self.queue and self.wanted is not None:
                 self.wanted = None
                 self.transport.want(None)
@@ -475,7 +486,9 @@ class Scheduler:
     def _dispatch(self, now: float) -> None:
         if self.stop_reason is not None:
             return
-        if not self.queue:
+        if not self.queue and self.reserved:
+            self._share_reserved()
+        if not self.queue and not self.reserved:
             self.queue_was_empty = True
             return
         if self.unstarted:  # a slot left empty at the tail (a stopped straggler) takes work again
@@ -491,13 +504,18 @@ class Scheduler:
         ready = [s for s in candidates if s.ready and not s.retired]
         # Fill in waves (one call per worker per wave) so the first batches spread out.
         for wave in range(1, FAST_PREFETCH + 1):
-            if wave > 1 and len(self.queue) <= len(self.slots) * wave and len(self.slots) > 1 and \
-                    len(self.queue) <= sum(s.ready and not s.retired for s in self.slots) * wave:
-                break  # the tail: keep work in the queue for whichever worker frees first (if another can)
+            # The tail: keep work in the queue for whichever worker frees first (if another can).
+            # (What is kept for workers counts: it is theirs, but not the tail yet.)
+            queued = len(self.queue) + self.reserved
+            if wave > 1 and queued <= len(self.slots) * wave and len(self.slots) > 1 and \
+                    queued <= sum(s.ready and not s.retired for s in self.slots) * wave:
+                break
             for slot in ready:
-                if not self.queue:
-                    self.queue_was_empty = True
-                    return
+                if not self.queue and not slot.reserved:
+                    if not self.reserved:
+                        self.queue_was_empty = True
+                        return
+                    continue
                 if len(slot.calls) < wave <= slot.depth(now) and not self._submit(slot, now):
                     self.passed_over.add(slot)
 
@@ -506,6 +524,14 @@ class Scheduler:
 
     def _submit(self, slot: Slot, now: float) -> bool:
         """Send ``slot`` its next call; False when every queued batch failed on it (another worker takes them)."""
+        if slot.reserved:
+            size = self._group_size(slot)
+            batches = [slot.reserved.popleft()]
+            while len(batches) < size and slot.reserved and batches[0].id not in self.solo \
+                    and slot.reserved[0].id not in self.solo:
+                batches.append(slot.reserved.popleft())
+            self.reserved -= len(batches)
+            return self._send(slot, batches, now)
         aside = []  # retries of batches that failed on this worker: another worker takes them
         if self.avoid and self.avoid.get(self.queue.first().id) is slot and self._another_worker(slot):
             while self.queue and self.avoid.get(self.queue.first().id) is slot:
@@ -520,6 +546,45 @@ class Scheduler:
             batches.append(self.queue.popleft())
         if aside:
             self.queue.extendleft(reversed(aside))
+        self._reserve(slot, batches[-1])
+        return self._send(slot, batches, now)
+
+    def _reserve(self, slot: Slot, batch: QueuedBatch) -> None:
+        """``batch`` (the last ``slot`` takes) is a slice of a cut parquet row group: keep the slices
+        after it, at the head of the queue, for ``slot``. Its worker decodes the row group once and cuts them all from it
+        (tabular.RowGroupCache), where slices dealt out in turn are decoded by every worker that
+        takes one. At most a fair share of the queue is kept, so every worker has work; an idle
+        worker takes half of the largest reservation when the queue is empty (_share_reserved)."""
+        if self.spec.raypar.speculation.enabled or (key := batch.row_group) is None:
+            return
+        limit = min(RESERVE_MAX, len(self.queue) // len(self.slots))
+        while len(slot.reserved) < limit and self.queue and self.queue.first().row_group == key \
+                and self.avoid.get(self.queue.first().id) is not slot:
+            slot.reserved.append(self.queue.popleft())
+            self.reserved += 1
+
+    def _share_reserved(self) -> None:
+        """The queue is empty and batches are kept for busy workers: each idle worker takes the later
+        half (at least one) of the largest reservation: it decodes that row group too, rather than idle."""
+        idle = [s for s in self.slots if s.ready and not s.retired and not s.calls and not s.reserved]
+        for _ in idle:
+            donor = max(self.slots, key=lambda s: len(s.reserved))
+            if not donor.reserved:
+                return
+            taken = [donor.reserved.pop() for _ in range(max(1, len(donor.reserved) // 2))]  # the last first
+            self.reserved -= len(taken)
+            self.queue.extendleft(taken)
+            self.queue_was_empty = True  # every idle slot may take them
+
+    def _release_reserved(self, slot: Slot) -> None:
+        """The slot's worker is gone: what was kept for it goes back to the front of the queue."""
+        if slot.reserved:
+            self.queue.extendleft(reversed(slot.reserved))
+            self.reserved -= len(slot.reserved)
+            slot.reserved.clear()
+
+    def _send(self, slot: Slot, batches: list[QueuedBatch], now: float) -> bool:
+        """One call to ``slot`` carrying ``batches`` (a group when several)."""
         for batch in batches:
             self.attempts[batch.id] += 1
             if self.avoid:
@@ -928,6 +993,7 @@ class Scheduler:
         if slot.unflushed and recorded is None:
             recorded = self._recorded(slot)
         self._hand_back_unflushed(slot, recorded or set())
+        self._release_reserved(slot)  # behind the calls handed back below
         calls = list(slot.calls)
         slot.calls.clear()
         for call in calls:

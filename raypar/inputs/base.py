@@ -46,6 +46,11 @@ class MiniBatch:
         return _LINE({"id": self.id, "ordinal": self.ordinal, "kind": self.kind,
                       "items": self.item_count, "payload": self.payload})
 
+    @property
+    def row_group(self) -> Optional[tuple[str, int]]:
+        """(file, row group) when the batch is a slice of a cut parquet row group, else None."""
+        return _row_group_of(self.payload)
+
     @classmethod
     def from_json(cls, line: str) -> "MiniBatch":
         data = json.loads(line)
@@ -77,8 +82,21 @@ class QueuedBatch:
     def item_count(self) -> int:
         return json.loads(self.line)["items"]
 
+    @property
+    def row_group(self) -> Optional[tuple[str, int]]:
+        """(file, row group) when the batch is a slice of a cut parquet row group, else None.
+        Parsed only for such lines: the scheduler asks it of every batch it reserves."""
+        return _row_group_of(json.loads(self.line)["payload"]) if '"row_group":' in self.line else None
+
     def to_json(self) -> str:
         return self.line
+
+
+def _row_group_of(payload: dict) -> Optional[tuple[str, int]]:
+    pieces = payload.get("pieces") or ()
+    if len(pieces) != 1 or "row_group" not in pieces[0]:
+        return None
+    return pieces[0]["file"], pieces[0]["row_group"]
 
 
 def files_of(payload: dict) -> list[str]:

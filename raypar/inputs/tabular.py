@@ -73,8 +73,11 @@ def plan(source: Source, size: int) -> Iterator[tuple[list[dict], int]]:
                 group_bytes, group_schema = _parquet_bytes(meta), meta.schema.to_arrow_schema()
                 continue
             warned = warned or _warn_if_cut(source, name, meta, size)
-            for start, end in _parquet_ranges(meta, size):
-                yield [{"file": name, "rows": [start, end]}], end - start
+            for start, end, row_group in _parquet_ranges(meta, size):
+                piece = {"file": name, "rows": [start, end]}
+                if row_group is not None:  # a slice: the driver sends a row group's slices to one worker
+                    piece["row_group"] = row_group
+                yield [piece], end - start
         else:
             if group:
                 yield group, group_rows
@@ -132,8 +135,9 @@ def _warn_if_cut(source: Source, name: str, meta, size: int) -> bool:
     return True
 
 
-def _parquet_ranges(meta, size: int) -> Iterator[tuple[int, int]]:
-    """Row ranges of about ``size`` bytes: whole row groups, or rows of a large one.
+def _parquet_ranges(meta, size: int) -> Iterator[tuple[int, int, Optional[int]]]:
+    """Row ranges of about ``size`` bytes: whole row groups (row group None), or rows of a large
+    one (its index).
 
     A row group up to twice the size stays whole: every slice of a row group decodes all of
     it (parquet reads a row group as one piece), so cutting one of 1.9x the size in two would
@@ -145,21 +149,21 @@ def _parquet_ranges(meta, size: int) -> Iterator[tuple[int, int]]:
         rows, nbytes = rg.num_rows, _rg_bytes(rg)
         if nbytes > 2 * size:  # cut inside this row group, in equal row slices
             if row > start:
-                yield start, row
+                yield start, row, None
             parts = math.ceil(nbytes / size)
             step = math.ceil(rows / parts)
             for lo in range(row, row + rows, step):
-                yield lo, min(lo + step, row + rows)
+                yield lo, min(lo + step, row + rows), i
             row += rows
             start, acc = row, 0
             continue
         if acc and acc + nbytes > size:
-            yield start, row
+            yield start, row, None
             start, acc = row, 0
         row += rows
         acc += nbytes
     if row > start:
-        yield start, row
+        yield start, row, None
 
 
 # -- CSV and JSON lines ------------------------------------------------------

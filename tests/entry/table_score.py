@@ -6,11 +6,13 @@ Options (parse_known_args, as Azure requires):
   --side-dir DIR   run() also writes DIR/<mini-batch id>.csv with the ids it got (an output folder)
   --arrow          run() must get a pyarrow Table (raypar.batch_format: pyarrow), and returns one
   --report-every N rows whose id % N == 7 are reported failed (raypar.item_failed), no row
+  --barrier DIR N  a worker's first run() writes DIR/<pid> and waits until N workers did
 Returns one row per input row: id, double (= 2 * x), and the partition key values.
 """
 
 import argparse
 import os
+import time
 
 import pandas as pd
 
@@ -23,10 +25,19 @@ def init():
     parser.add_argument("--side-dir")
     parser.add_argument("--arrow", action="store_true")
     parser.add_argument("--report-every", type=int)
+    parser.add_argument("--barrier", nargs=2)
     args, _ = parser.parse_known_args()
 
 
 def run(mini_batch, mini_batch_context):
+    if args.barrier:  # every worker holds a batch before any batch finishes
+        folder, count = args.barrier[0], int(args.barrier[1])
+        mark = os.path.join(folder, str(os.getpid()))
+        if not os.path.exists(mark):
+            open(mark, "w").close()
+            deadline = time.time() + 120
+            while len(os.listdir(folder)) < count and time.time() < deadline:
+                time.sleep(0.05)
     if args.arrow:
         import pyarrow as pa
         import pyarrow.compute as pc
