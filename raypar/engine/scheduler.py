@@ -576,12 +576,14 @@ class Scheduler:
             self.queue.extendleft(taken)
             self.queue_was_empty = True  # every idle slot may take them
 
-    def _release_reserved(self, slot: Slot) -> None:
+    def _release_reserved(self, slot: Slot) -> int:
         """The slot's worker is gone: what was kept for it goes back to the front of the queue."""
-        if slot.reserved:
+        count = len(slot.reserved)
+        if count:
             self.queue.extendleft(reversed(slot.reserved))
-            self.reserved -= len(slot.reserved)
+            self.reserved -= count
             slot.reserved.clear()
+        return count
 
     def _send(self, slot: Slot, batches: list[QueuedBatch], now: float) -> bool:
         """One call to ``slot`` carrying ``batches`` (a group when several)."""
@@ -993,7 +995,7 @@ class Scheduler:
         if slot.unflushed and recorded is None:
             recorded = self._recorded(slot)
         self._hand_back_unflushed(slot, recorded or set())
-        self._release_reserved(slot)  # behind the calls handed back below
+        reserved = self._release_reserved(slot)  # behind the calls handed back below
         calls = list(slot.calls)
         slot.calls.clear()
         for call in calls:
@@ -1008,7 +1010,7 @@ class Scheduler:
         self._kill(slot)
         slot.deaths += lost  # a worker we killed for a timeout was not lost to the system
         log.warning("%s: %s; %d queued batch(es) handed back", slot.label, why,
-                    sum(len(_batches(c)) for c in calls[1:]))
+                    reserved + sum(len(_batches(c)) for c in calls[1:]))
         if slot.deaths > MAX_DEATHS_PER_SLOT:
             slot.retired = True
             log.warning("%s given up after %d lost workers", slot.label, slot.deaths)

@@ -124,13 +124,14 @@ def _rg_bytes(rg) -> int:
 
 
 def _warn_if_cut(source: Source, name: str, meta, size: int) -> bool:
-    """Say, once per plan, that row groups are cut into slices (each slice decodes its row group)."""
+    """Say, once per plan, that row groups are cut into slices (parquet decodes a row group whole)."""
     largest = max((_rg_bytes(meta.row_group(i)) for i in range(meta.num_row_groups)), default=0)
     if largest <= 2 * size:
         return False
-    log.warning("parquet row groups of up to %.0f MiB (%s) are more than twice mini_batch_size (%s) and are "
-                "cut into slices by rows: every worker that takes a slice decodes the whole row group. A "
-                "mini_batch_size of at least %.0f MiB, or smaller row groups, reads each once",
+    log.warning("parquet row groups of up to %.0f MiB (%s) are more than twice mini_batch_size (%s): each is cut "
+                "into slices by rows, and the worker that runs them holds the whole row group decoded in memory "
+                "(a row group split between workers is decoded by each). A mini_batch_size of at least %.0f MiB, "
+                "or smaller row groups, avoids that",
                 largest / 2**20, source.url(name), f"{size / 2**20:g} MiB", math.ceil(largest / 2 / 2**20))
     return True
 
@@ -279,11 +280,11 @@ class RowGroupCache:
 
     A row group larger than twice ``mini_batch_size`` is cut into slices by
     rows, and parquet decodes a row group whole, so every slice would decode
-    all of it again. The slices are consecutive batches, and the driver hands
-    them out in order, so a worker's next slice is often of the same row
-    group: it is cut from the decoded one instead. One entry, holding nothing
-    more than the worker holds anyway while run() works on a slice (a slice
-    shares its row group's buffers), let go before any other piece is read.
+    all of it again. The driver sends a row group's slices to the worker that
+    took the first (Scheduler._reserve): each next slice is cut from the
+    decoded row group instead. One entry, holding nothing more than the worker
+    holds anyway while run() works on a slice (a slice shares its row group's
+    buffers), let go before any other piece is read.
     """
 
     def __init__(self):
