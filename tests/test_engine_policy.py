@@ -18,11 +18,13 @@ def ordinal(batch_json: str) -> int:
     return json.loads(batch_json)["ordinal"]
 
 
-def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, pending=None, **spec_keys):
+def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, pending=None, by_slot=False,
+        **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
     then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger.
-    ``pending``: the batches, when not ``batches`` one-file ones."""
+    ``pending``: the batches, when not ``batches`` one-file ones. ``by_slot``: ``behaviour`` gets
+    the worker's slot index instead of its worker id."""
     ledger = Ledger(str(tmp_path / "job"))
     pending = pending or [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
                           for i in range(batches)]
@@ -42,6 +44,8 @@ def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progre
     if nodes is not None:
         cluster.with_nodes(*nodes)
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.instance, cluster.now)
+    elif by_slot:
+        cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.index)
     scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, progress or Progress(total=batches))
     return scheduler.run(), scheduler, cluster, ledger
 
@@ -386,6 +390,22 @@ def test_a_lost_worker_hands_back_the_slices_kept_for_it(tmp_path):
     assert sorted(b for b, _ in ran) == sorted([*range(20), 3])  # only the lost one twice
     assert history(ledger, 3) == [("system", False)]
     assert scheduler.reserved == 0
+
+
+def test_a_slot_given_up_hands_the_slices_kept_for_it_to_the_others(tmp_path):
+    # Slot 0's worker dies in every batch it gets (a broken node) until the slot is given up; what
+    # was kept for it runs on slot 1, and the job ends (a reservation left behind would hang it).
+    ran = []
+
+    def behaviour(batch, attempt, slot):
+        ran.append((ordinal(batch), slot))
+        return Outcome(1.0, "lost") if slot == 0 else Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, pending=slices(2, 30), by_slot=True)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (60, 0)
+    assert sorted(b for b, s in ran if s == 1) == list(range(60))  # each done once, all on slot 1
+    assert scheduler.slots[0].retired and scheduler.reserved == 0
 
 
 def test_whole_row_groups_and_files_are_dealt_out_as_before(tmp_path):

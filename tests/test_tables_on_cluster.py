@@ -1,12 +1,16 @@
 """Table inputs end to end on the 3-node loopback cluster: every input row reaches run()
 exactly once, the output holds exactly the rows run() returned, partition keys reach run()."""
 
+import os
+import signal
+import threading
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_spec, quiet
+from conftest import make_spec, quiet, wait_for
 
 import raypar
 from raypar.engine.status import job_status
@@ -104,6 +108,46 @@ def test_the_slices_of_a_row_group_run_on_the_worker_that_took_the_first(ray_clu
     assert sorted(workers) == list(range(6))
     assert sum(len(w) for w in workers.values()) <= 6 + 2, workers
     assert len(set().union(*workers.values())) == 2  # both workers ran row groups
+
+
+def test_a_worker_killed_in_a_slice_hands_back_the_slices_kept_for_it(ray_cluster, tmp_path, caplog):
+    # The worker running row group 0 is killed (SIGKILL) in one of its slices while the rest of
+    # that row group waits for it: the slice runs again without spending a try, the slices kept
+    # for the dead worker run elsewhere, once each, and the output is every row once, in order.
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "fault").mkdir()
+    source = table(0, 40_000)
+    pq.write_table(pa.Table.from_pandas(source, preserve_index=False), data / "two.parquet", row_group_size=20_000)
+    spec = table_spec(tmp_path, mini_batch_size="16kb", **{"retry_settings.max_retries": 0})
+    spec["task"]["program_arguments"] += f" --hold-id 5000 {tmp_path / 'fault'}"
+
+    def kill_the_worker():
+        wait_for(lambda: (tmp_path / "fault" / "fault").exists(), "the slice to be held")
+        os.kill(int((tmp_path / "fault" / "fault").read_text().split()[0]), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker, daemon=True)
+    killer.start()
+    with caplog.at_level("WARNING", logger="raypar"):
+        outcome = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+    killer.join(timeout=5)
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0, outcome.reason
+    out = pd.read_csv(tmp_path / "out" / "parallel_run_step.txt", sep=" ", header=None, names=["id", "double"])
+    assert out["id"].tolist() == source["id"].tolist()
+    runs = executions(tmp_path)  # run() calls that got past the hold, by batch
+    assert len(runs) == outcome.total and sum(runs.values()) == len(source)
+    ledger = Ledger(str(tmp_path / "job"))
+    manifest = list(ledger.read_manifest())
+    held = next(b.id for b in manifest if b.payload["pieces"][0]["rows"][0] <= 5000 < b.payload["pieces"][0]["rows"][1])
+    # No try spent: the killed slice ran alone (a lost worker, not counted), or in a group of
+    # slices lost with it (nothing recorded); no other batch has a failed record.
+    failed = {b: [(r.kind, r.final) for r in records] for b, records in ledger.view().failed.items()}
+    assert failed in ({}, {held: [("system", False)]}), failed
+    after = [b.id for b in manifest if b.payload["pieces"][0]["row_group"] == 0 and b.id > held]
+    assert after  # slices of the row group were still to run when its worker died
+    handed = [r.getMessage() for r in caplog.records if "queued batch(es) handed back" in r.getMessage()]
+    assert len(handed) == 1 and "worker process lost" in handed[0], handed
 
 
 def test_csv_and_json_lines_cut_at_lines_cover_every_row(ray_cluster, tmp_path):

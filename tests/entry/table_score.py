@@ -7,6 +7,8 @@ Options (parse_known_args, as Azure requires):
   --arrow          run() must get a pyarrow Table (raypar.batch_format: pyarrow), and returns one
   --report-every N rows whose id % N == 7 are reported failed (raypar.item_failed), no row
   --barrier DIR N  a worker's first run() writes DIR/<pid> and waits until N workers did
+  --hold-id N DIR  the first run() given row id N writes DIR/fault ("<pid> <node id>") and waits
+                   to be killed; later tries of that batch go on
 Returns one row per input row: id, double (= 2 * x), and the partition key values.
 """
 
@@ -26,6 +28,7 @@ def init():
     parser.add_argument("--arrow", action="store_true")
     parser.add_argument("--report-every", type=int)
     parser.add_argument("--barrier", nargs=2)
+    parser.add_argument("--hold-id", nargs=2)
     args, _ = parser.parse_known_args()
 
 
@@ -45,6 +48,17 @@ def run(mini_batch, mini_batch_context):
         assert isinstance(mini_batch, pa.Table), type(mini_batch)
         return pa.table({"id": mini_batch["id"], "double": pc.multiply(mini_batch["x"], 2)})
     assert isinstance(mini_batch, pd.DataFrame), type(mini_batch)
+    if args.hold_id and (mini_batch["id"] == int(args.hold_id[0])).any():
+        marker = os.path.join(args.hold_id[1], "fault")
+        if not os.path.exists(marker):
+            import ray
+
+            with open(marker + ".tmp", "w") as f:
+                f.write(f"{os.getpid()} {ray.get_runtime_context().get_node_id()}")
+            os.replace(marker + ".tmp", marker)
+            deadline = time.time() + 600
+            while time.time() < deadline:  # killed by the test
+                time.sleep(0.05)
     if args.exec_log:
         with open(os.path.join(args.exec_log, f"{mini_batch_context.mini_batch_id}-{os.getpid()}"), "w") as f:
             f.write(str(len(mini_batch)))
