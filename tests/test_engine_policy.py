@@ -441,6 +441,26 @@ def run_elastic(tmp_path, batches, first, timeline, **spec_keys):
     return reason, scheduler, ledger, calls
 
 
+def test_slices_kept_for_a_worker_go_to_instances_that_join_and_come_back_from_one_that_leaves(tmp_path):
+    # One row group of 30 slices, all kept for instance 0's worker; instance 1 joins at 5 s and
+    # takes half of what is left; instance 0 leaves at 11 s mid-slice: its slices run on 1.
+    calls = []
+
+    def behaviour(batch, attempt, instance, now):
+        calls.append((ordinal(batch), instance, now))
+        return Outcome(2.0)
+
+    reason, scheduler, _, ledger = run(tmp_path, behaviour, pending=slices(1, 30), slots=1,
+                                       nodes=([0], [(5.0, "join", 1), (11.0, "leave", 0)]),
+                                       **{"resources.max_instance_count": 4})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (30, 0)
+    assert {b for b, *_ in calls} == set(range(30))
+    assert any(i == 1 and when < 11.0 for _, i, when in calls)  # the joined instance got work at once
+    assert all(when < 11.0 for _, i, when in calls if i == 0)
+    assert len(calls) == 31 and scheduler.reserved == 0  # only the slice running as 0 left, twice
+
+
 def test_an_instance_joins_with_its_node_and_one_leaves_with_its_node_and_every_batch_runs_once(tmp_path):
     # Instance 0 from the start, 1 joins at 5 s, 0 leaves at 11 s (mid-batch): 2 joins at 15 s.
     reason, scheduler, ledger, calls = run_elastic(
