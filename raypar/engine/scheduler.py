@@ -551,10 +551,11 @@ class Scheduler:
 
     def _reserve(self, slot: Slot, batch: QueuedBatch) -> None:
         """``batch`` (the last ``slot`` takes) is a slice of a cut parquet row group: keep the slices
-        after it, at the head of the queue, for ``slot``. Its worker decodes the row group once and cuts them all from it
-        (tabular.RowGroupCache), where slices dealt out in turn are decoded by every worker that
-        takes one. At most a fair share of the queue is kept, so every worker has work; an idle
-        worker takes half of the largest reservation when the queue is empty (_share_reserved)."""
+        after it, at the head of the queue, for ``slot``. Its worker decodes the row group once and
+        cuts them all from it (tabular.RowGroupCache), where slices dealt out in turn are decoded by
+        every worker that takes one. At most a fair share of the queue is kept, so every worker has
+        work; an idle worker takes half of the largest reservation when the queue is empty
+        (_share_reserved)."""
         if self.spec.raypar.speculation.enabled or (key := batch.row_group) is None:
             return
         limit = min(RESERVE_MAX, len(self.queue) // len(self.slots))
