@@ -38,14 +38,13 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_load, run_raypar, start_azurite, tear_down  # noqa: E402
+from common import azurite_and_ray, print_load, run_raypar  # noqa: E402
 
 ENTRY = """
 import os
@@ -137,17 +136,8 @@ def main() -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
 
-    import fsspec
-    import ray
-
-    root = tempfile.mkdtemp(prefix="raypar-bench-jobdir-")
-    azurite, connection = start_azurite(root)
-    try:
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        fs = fsspec.filesystem("az", connection_string=connection, use_listings_cache=False)
+    with azurite_and_ray("raypar-bench-jobdir-", args.keep) as (root, fs):
         fs.mkdir("bench")
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
         print(f"{'batches':>8} {'job dir':>8} {'run s':>8} {'per batch':>10} {'objects':>8} {'obj/batch':>9} "
               f"{'status s':>9} {'resume s':>9}" + (f" {'cli run s':>10}" if args.cli else ""))
         for count in args.sizes:
@@ -171,10 +161,6 @@ def main() -> int:
                      if args.cli else "  (the targets are on `raypar run`: run without --no-cli)"))
         print_load()
         return 0
-    finally:
-        azurite.terminate()
-        azurite.wait(timeout=30)
-        tear_down(root, args.keep)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import uuid
 
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_load, run_raypar, start_azurite, tear_down  # noqa: E402
+from common import azurite_and_ray, print_load, run_raypar  # noqa: E402
 
 ENTRY = """
 def run(mini_batch):
@@ -86,22 +85,15 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
 
-    root = tempfile.mkdtemp(prefix="raypar-table-input-")
-    azurite, connection = start_azurite(root)
-    try:
-        import fsspec  # noqa: PLC0415 - after the environment is set
-
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
+    with azurite_and_ray("raypar-table-input-", args.keep) as (root, fs):
         local = os.path.join(root, "data")
         rows, largest = write_input(local, args.files, args.row_groups, args.row_group_mb)
         container = f"bench{uuid.uuid4().hex[:12]}"
-        fs = fsspec.filesystem("az", connection_string=connection, use_listings_cache=False)
         fs.mkdir(container)
         for name in sorted(os.listdir(local)):
             fs.put_file(os.path.join(local, name), f"{container}/data/{name}")
         print(f"input: {args.files} files x {args.row_groups} row groups of {largest / 2**20:.0f} MiB "
               f"({rows:,} rows), local and on Azurite; mini_batch_size {args.mini_batch_size}", flush=True)
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
         import raypar  # noqa: PLC0415 - the raypar on PYTHONPATH
 
         print(f"raypar from {os.path.dirname(raypar.__file__)}; ray {ray.__version__}", flush=True)
@@ -125,10 +117,6 @@ def main() -> int:
               f"({best['azurite'] / best['local']:.2f}x); rows: OK ({rows:,}, each once)")
         print_load()
         return 0
-    finally:
-        azurite.terminate()
-        azurite.wait(timeout=30)
-        tear_down(root, args.keep)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 
 import ray
 
@@ -140,3 +142,24 @@ def start_azurite(workdir: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.1)
     proc.kill()
     sys.exit(f"Azurite did not start: {open(log).read()}")
+
+
+@contextmanager
+def azurite_and_ray(prefix: str, keep: bool):
+    """A temp folder, Azurite in it (its connection string in AZURE_STORAGE_CONNECTION_STRING) and a
+    2-CPU Ray on 127.0.0.1; yields (the folder, an fsspec filesystem on Azurite). Stops both and
+    removes the folder (unless ``keep``) on the way out."""
+    import fsspec  # noqa: PLC0415 - only the object-store benchmarks need it
+
+    root = tempfile.mkdtemp(prefix=prefix)
+    azurite, connection = start_azurite(root)
+    try:
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        fs = fsspec.filesystem("az", connection_string=connection, use_listings_cache=False)
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        yield root, fs
+    finally:
+        azurite.terminate()
+        azurite.wait(timeout=30)
+        tear_down(root, keep)
