@@ -376,20 +376,24 @@ def test_an_idle_worker_takes_half_of_what_is_kept_for_a_slower_one(tmp_path):
     assert scheduler.reserved == 0
 
 
-def test_a_lost_worker_hands_back_the_slices_kept_for_it(tmp_path):
+def test_a_lost_worker_hands_back_the_slices_kept_for_it(tmp_path, caplog):
     ran = []
 
     def behaviour(batch, attempt, worker):
         ran.append((ordinal(batch), attempt))
         return Outcome(1.0, "lost") if (ordinal(batch), attempt) == (3, 1) else Outcome(1.0)
 
-    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, pending=slices(2, 10), store=True,
-                                             **{"retry_settings.max_retries": 0})
+    with caplog.at_level("WARNING", logger="raypar"):
+        reason, scheduler, cluster, ledger = run(tmp_path, behaviour, pending=slices(2, 10), store=True,
+                                                 **{"retry_settings.max_retries": 0})
 
     assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (20, 0)
     assert sorted(b for b, _ in ran) == sorted([*range(20), 3])  # only the lost one twice
     assert history(ledger, 3) == [("system", False)]
     assert scheduler.reserved == 0
+    # Its queued call (slice 4) and the slices kept for it (5 to 9) went back to the queue at once.
+    assert [r.getMessage().rsplit("; ", 1)[-1] for r in caplog.records if "handed back" in r.getMessage()] == \
+        ["6 queued batch(es) handed back"]
 
 
 def test_a_slot_given_up_hands_the_slices_kept_for_it_to_the_others(tmp_path):
