@@ -7,9 +7,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+# Each test process (each pytest-xdist worker) keeps its Ray sessions in a temp dir of its own:
+# Ray's job supervisor points a submitted driver at the cluster that last started under that dir
+# (RAY_ADDRESS=auto), so two clusters sharing /tmp/ray would take each other's jobs.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")  # short: Ray's socket paths
 # Every Ray process started by the tests binds to loopback; must be set before Ray starts.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Token auth on, as Ray 2.60 clusters run it, with a token of this session (not ~/.ray/auth_token).
@@ -18,7 +23,6 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 # Ray's runtime-env agent tries an environment that fails 3 times, each a fresh virtualenv and pip
 # run (about 10 s on a clean machine); the tests of a failing environment assert the same with one.
 os.environ["RUNTIME_ENV_RETRY_TIMES"] = "1"
-JOBS_API = "http://127.0.0.1:8265"
 # Credentials a cluster's processes never inherit: a job must bring them to its workers.
 STORAGE_VARIABLES = ("AZURE_STORAGE_", "AWS_", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
 
@@ -32,6 +36,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# The session cluster's Jobs API: a free port, not Ray's 8265, so the suite's parallel
+# workers (pytest-xdist) each serve their own.
+JOBS_PORT = free_port()
+JOBS_API = f"http://127.0.0.1:{JOBS_PORT}"
 
 
 def start_cluster(workers: int = 2, **head_args):
@@ -59,11 +69,11 @@ def start_cluster(workers: int = 2, **head_args):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The 3-node cluster of the whole session: the test process drives jobs on it, CLI tests
-    connect to it with --address, and its head serves the Jobs API on 127.0.0.1:8265 (JOBS_API)
+    connect to it with --address, and its head serves the Jobs API at JOBS_API
     for the submit tests."""
     import ray
 
-    cluster = start_cluster(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8265)
+    cluster = start_cluster(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=JOBS_PORT)
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()
@@ -145,3 +155,14 @@ def cli_in_process(capsys, *args):
         signal.signal(signal.SIGTERM, sigterm)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+# The files that take longest (a minute or more of the suite's 13 test-minutes) go to the two
+# processes first, so that neither is left running one alone at the end (`--no-loadscope-reorder`
+# in pyproject.toml keeps this order).
+SLOWEST_FILES = ("test_cli.py", "test_submit.py", "test_faults.py", "test_kube_retry.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: rank for rank, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order

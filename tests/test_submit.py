@@ -1,5 +1,5 @@
 """`raypar submit` against a real Jobs server: the session cluster's head serves the Jobs API on
-127.0.0.1:8265 with token auth on. Jobs span 2 of the 3 nodes; their job dirs and outputs live on
+JOBS_API (a free port of 127.0.0.1) with token auth on. Jobs span 2 of the 3 nodes; their job dirs and outputs live on
 Azure Blob (Azurite), whose credentials only the submitter has: raypar must forward them."""
 
 import json
@@ -46,7 +46,7 @@ def status(capsys, submission, drop=()) -> dict:
 
 @pytest.fixture(scope="module")
 def jobs_cluster(ray_cluster):
-    """The session's 3-node cluster, whose head serves the Jobs API on 127.0.0.1:8265; these tests
+    """The session's 3-node cluster, whose head serves the Jobs API at JOBS_API; these tests
     only talk HTTP to it, as a laptop does."""
     return ray_cluster
 
