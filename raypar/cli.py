@@ -180,7 +180,7 @@ def _dispatch(args) -> int:
     if _is_remote(args):
         return _remote(args)
     if args.command in ("status", "resume"):
-        from raypar.pipelines.run import is_pipeline_dir
+        from raypar.pipelines.pipeline_dir import is_pipeline_dir
 
         if is_pipeline_dir(args.target):
             return _pipeline_dir(args)
@@ -278,11 +278,13 @@ def _echo(line: str) -> None:
 
 def _pipeline_dir(args) -> int:
     """`raypar status` / `raypar resume` of a pipeline dir (see docs/pipelines.md)."""
-    from raypar.engine.progress import ProgressDisplay
-    from raypar.pipelines.run import print_pipeline_status, resume_pipeline
-
     if args.command == "status":
+        from raypar.pipelines.pipeline_dir import print_pipeline_status
+
         return print_pipeline_status(args.target, as_json=args.json)
+    from raypar.engine.progress import ProgressDisplay
+    from raypar.pipelines.run import resume_pipeline
+
     display = ProgressDisplay()
     try:
         return resume_pipeline(args.target, address=args.address, echo=display.echo, progress=display.update)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,3 +167,11 @@ SLOWEST_FILES = ("test_cli.py", "test_submit.py", "test_faults.py", "test_kube_r
 def pytest_collection_modifyitems(items):
     first = {name: rank for rank, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
+def imports_ray(*args) -> bool:
+    """Whether ``raypar ARGS``, in a fresh process, imports Ray (`status` only reads the dir: it must not)."""
+    code = "import sys; from raypar.cli import main; main(sys.argv[1:]); print('ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()[-1] == "True"

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import cli_in_process, make_spec, wait_for
+from conftest import cli_in_process, imports_ray, make_spec, wait_for
 
 CLI = [sys.executable, "-m", "raypar.cli"]
 # The CLI as a terminal starts it, Ctrl-C raising KeyboardInterrupt: a process started with SIGINT
@@ -130,6 +130,7 @@ def test_embedded_ray_listens_on_loopback_only_and_status_json(tmp_path):
         {"state": "succeeded", "total": 3, "completed": 3, "failed": 0, "pending": 0}
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
         [f"f{i}.txt V{i}" for i in range(6)]
+    assert not imports_ray("status", job)  # it reads the job dir: no Ray to start in every poll
 
 
 def _instances_and_nodes(rows):

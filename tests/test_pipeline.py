@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ENTRY_DIR, write_files
+from conftest import ENTRY_DIR, imports_ray, write_files
 
 from raypar.cli import main
 from raypar.errors import UsageError
@@ -281,6 +281,7 @@ jobs:
     assert steps_log.read_text().split() == ["first", "second"]
     _, status, _ = run(capsys, "status", pdir)
     assert "state:     failed" in status and "step:      third (command) not started" in status
+    assert not imports_ray("status", pdir)  # it reads the pipeline dir: no Ray to start
 
     flag.touch()
     code, out, err = run(capsys, "run", pipeline, "--job-dir", pdir)

@@ -1,4 +1,5 @@
-"""Running a resolved pipeline (see :mod:`raypar.pipelines.loading`) in its pipeline dir, and that dir's status.
+"""Running a resolved pipeline (see :mod:`raypar.pipelines.loading`) in its pipeline dir (its files and
+status: :mod:`raypar.pipelines.pipeline_dir`).
 
 Steps run one after another in the plan's order: a parallel step through the
 driver (``run_job``) with its own job dir ``<pipeline dir>/<step>``, a command
@@ -28,12 +29,10 @@ from raypar.engine.driver import run_job
 from raypar.engine.signals import interrupt_reason
 from raypar.errors import LeaseHeldError, RayparError, SpecError, UsageError
 from raypar.pipelines.loading import Pipeline, Step, load_pipeline
+from raypar.pipelines.pipeline_dir import LOCK_FILE, PLAN_FILE, STEP_FILE, read_json, write_json
 from raypar.spec.loading import changed_keys
 from raypar.storage import is_url
 
-PLAN_FILE = "pipeline.json"
-STEP_FILE = "step.json"
-LOCK_FILE = "pipeline.lock"
 LOG_FILE = "std_log.txt"  # a command step's stdout and stderr (Azure's name for it)
 
 Echo = Callable[[str], None]
@@ -77,27 +76,27 @@ def run_pipeline(pipeline: Pipeline, address: Optional[str] = None, echo: Echo =
         try:
             for index, step in enumerate(pipeline.steps):
                 step_dir = pipeline.step_dir(step)
-                if (_read_json(step_dir / STEP_FILE) or {}).get("state") == "succeeded":
+                if (read_json(step_dir / STEP_FILE) or {}).get("state") == "succeeded":
                     echo(f"raypar: step {step.name}: already succeeded in this pipeline dir, skipped")
                     continue
                 if step.kind == "parallel" and not owned:
                     owned = _connect(pipeline, address)
                 echo(f"raypar: step {step.name} ({step.kind}): started")
                 started = time.time()
-                _write_json(step_dir / STEP_FILE, {"state": "running", "started": started})
+                write_json(step_dir / STEP_FILE, {"state": "running", "started": started})
                 try:
                     code, detail = (_run_parallel(step, step_dir, address, echo, progress) if step.kind == "parallel"
                                     else _run_command(step, step_dir, echo))
                 except RayparError as exc:
-                    _write_json(step_dir / STEP_FILE, {"state": "failed", "exit_code": exc.exit_code,
+                    write_json(step_dir / STEP_FILE, {"state": "failed", "exit_code": exc.exit_code,
                                                        "reason": exc.headline})
                     raise StepError(f"jobs.{step.name}: {exc.headline}", exc.exit_code) from None
                 except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the step ran, it did not fail
-                    _write_json(step_dir / STEP_FILE, {"state": "interrupted", "exit_code": 130,
+                    write_json(step_dir / STEP_FILE, {"state": "interrupted", "exit_code": 130,
                                                        "reason": interrupt_reason(exc)})
                     raise
                 state = "succeeded" if code == 0 else "canceled" if code == 130 else "failed"
-                _write_json(step_dir / STEP_FILE, {"state": state, "exit_code": code, "reason": detail,
+                write_json(step_dir / STEP_FILE, {"state": state, "exit_code": code, "reason": detail,
                                                    "started": started, "seconds": round(time.time() - started, 3)})
                 if code:
                     rest = [s.name for s in pipeline.steps[index + 1:]]
@@ -199,25 +198,13 @@ def _locked(folder: Path):
         lock.release()
 
 
-def _is_locked(folder: Path) -> bool:
-    if not (folder / LOCK_FILE).exists():
-        return False
-    probe = FileLock(folder / LOCK_FILE)
-    try:
-        probe.acquire(timeout=0)
-    except Timeout:
-        return True
-    probe.release()
-    return False
-
-
 def _freeze(pipeline: Pipeline) -> None:
     """Write ``pipeline.json`` on the first run; later runs must resolve to the same plan."""
     path = Path(pipeline.job_dir, PLAN_FILE)
     plan = json.loads(json.dumps(pipeline.plan()))  # as it reads back (tuples become lists)
-    frozen = _read_json(path)
+    frozen = read_json(path)
     if frozen is None:
-        _write_json(path, {"format": 1, "kind": "raypar-pipeline", "name": pipeline.name, "source": pipeline.source,
+        write_json(path, {"format": 1, "kind": "raypar-pipeline", "name": pipeline.name, "source": pipeline.source,
                            "sets": pipeline.sets, "set_base": pipeline.set_base, "plan": plan})
         return
     if frozen.get("plan") != plan:
@@ -233,67 +220,7 @@ def _keyed(plan: Optional[dict]) -> dict:
     return {"jobs": {s["name"]: s for s in plan.get("steps", [])}, "outputs": plan.get("outputs")}
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        raise RayparError(f"{path}: corrupted (not JSON)") from None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Whole or not at all: a crash never leaves half a marker."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-# -- status and resume of a pipeline dir -----------------------------------
-
-
-def is_pipeline_dir(target: str) -> bool:
-    return not is_url(target) and Path(target, PLAN_FILE).is_file()
-
-
-def pipeline_status(target: str) -> dict:
-    """State of the pipeline and of each step, from the pipeline dir alone (no Ray)."""
-    folder = Path(target).resolve()
-    frozen = _read_json(folder / PLAN_FILE) or {}
-    running = _is_locked(folder)
-    steps = []
-    for planned in frozen.get("plan", {}).get("steps", []):
-        step_dir = folder / planned["name"]
-        marker = _read_json(step_dir / STEP_FILE) or {}
-        state = marker.get("state", "not started")
-        if state == "running" and not running:
-            state = "interrupted"
-        entry = {"name": planned["name"], "kind": planned["kind"], "state": state, "dir": str(step_dir)}
-        for key in ("exit_code", "reason"):
-            if marker.get(key) not in (None, ""):
-                entry[key] = marker[key]
-        steps.append(entry)
-    states = {s["state"] for s in steps}
-    overall = "running" if running else "succeeded" if states == {"succeeded"} else \
-        next((s for s in ("failed", "canceled", "interrupted") if s in states), "incomplete")
-    return {"pipeline_dir": str(folder), "name": frozen.get("name"), "source": frozen.get("source"),
-            "state": overall, "steps": steps, "outputs": frozen.get("plan", {}).get("outputs", {})}
-
-
-def print_pipeline_status(target: str, as_json: bool = False) -> int:
-    status = pipeline_status(target)
-    if as_json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(f"pipeline:  {status['name']} ({status['pipeline_dir']})")
-    print(f"state:     {status['state']}")
-    for step in status["steps"]:
-        extra = f": {step['reason']}" if step.get("reason") and step["state"] != "succeeded" else ""
-        print(f"step:      {step['name']} ({step['kind']}) {step['state']}{extra}")
-    for name, path in status["outputs"].items():
-        print(f"output:    {name}: {path}")
-    return 0
+# -- resume of a pipeline dir ----------------------------------------------
 
 
 def resume_pipeline(target: str, address: Optional[str] = None, echo: Echo = print, progress=None) -> int:
@@ -301,7 +228,7 @@ def resume_pipeline(target: str, address: Optional[str] = None, echo: Echo = pri
 
     The YAML and ``--set`` bindings recorded at the first run must still resolve to the same plan.
     """
-    frozen = _read_json(Path(target, PLAN_FILE)) or {}
+    frozen = read_json(Path(target, PLAN_FILE)) or {}
     source = frozen.get("source")
     try:
         pipeline = load_pipeline(source, frozen.get("sets") or [], job_dir=target, set_base=frozen.get("set_base"))
