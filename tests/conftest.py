@@ -175,3 +175,10 @@ def imports_ray(*args) -> bool:
     result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()[-1] == "True"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A passing run removes its Ray sessions (the software-environment test's virtualenv alone is
+    0.9 GB); a failing one keeps them, logs and all, under RAY_TMPDIR."""
+    if exitstatus == 0:
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
