@@ -19,7 +19,7 @@ from raypar.engine.status import job_status
 from raypar.errors import CorruptPartsError, LeaseHeldError, LedgerError, ResultError, UsageError
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger
-from raypar.jobdir.records import DoneRecord, FailedRecord
+from raypar.jobdir.records import DoneRecord, FailedRecord, _sealed, unseal_all
 from raypar.jobdir.state import JobState
 from raypar.outputs.assembly import assemble
 from raypar.outputs.rows import count_and_serialize
@@ -408,6 +408,16 @@ def test_torn_failed_record_is_ignored(tmp_path):
     path = record_file(ledger, fail(ledger, 0, final=True))
     path.write_bytes(path.read_bytes()[:10])
     assert ledger.view().failed_batches() == set()
+
+
+def test_a_segment_keeps_its_whole_records_in_order_and_leaves_out_torn_and_edited_ones():
+    a, b, c, d = ({"batch": f"mb-{i}", "n": i} for i in range(4))
+    sealed = json.loads(_sealed(c))  # the same record rewritten by a tool: its checksum first
+    reformatted = json.dumps({"sha256": sealed.pop("sha256"), **sealed}, separators=(",", ":")).encode()
+    edited = _sealed(d).replace(b'"n":3', b'"n":7')  # its checksum no longer matches
+    chunks = [_sealed(a), _sealed(b)[:-5], reformatted, b"", edited, _sealed(d)]
+    assert unseal_all(chunks) == [a, c, d]
+    assert unseal_all([]) == []
 
 
 # -- lease ---------------------------------------------------------------------------------

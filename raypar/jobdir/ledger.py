@@ -38,7 +38,7 @@ from raypar.jobdir.layout import (
     void_key_of,
 )
 from raypar.jobdir.lease import Lease
-from raypar.jobdir.records import DoneRecord, FailedRecord, _sealed, _unseal, _verified
+from raypar.jobdir.records import DoneRecord, FailedRecord, _sealed, _unseal, _verified, unseal_all
 from raypar.jobdir.state import JobState
 from raypar.jobdir.store import open_store
 from raypar.jobdir.tables import (
@@ -475,10 +475,8 @@ class Ledger:
         """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line."""
         paths = [p for p in self._list_files(folder) if p.endswith((".json", ".jsonl"))]
         for path, data in self.store.read_many(paths).items():
-            for chunk in data.split(b"\n") if path.endswith(".jsonl") else [data]:
-                body = _unseal(chunk) if chunk else None
-                if body is not None:  # torn or corrupted: as if never written
-                    yield body
+            # torn or corrupted records are left out: as if never written
+            yield from unseal_all(data.split(b"\n") if path.endswith(".jsonl") else [data])
 
     def _done_records(self) -> DoneIndex:
         parts, part_sizes, voided = self._proof()

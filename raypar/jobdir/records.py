@@ -51,6 +51,24 @@ def _unseal(data: bytes) -> Optional[dict]:
     return body if isinstance(body, dict) else None
 
 
+def unseal_all(chunks: list[bytes]) -> list[dict]:
+    """The bodies of the whole, unmodified records among ``chunks``, in order (torn or edited ones
+    left out). The verified ones are parsed as one JSON array: a segment of 10,000 records is one
+    parse instead of 10,000 (json.loads' own cost per call is most of a small record's)."""
+    verified = [_verified(c) for c in chunks]
+    whole = [v for v in verified if v is not None]
+    try:
+        bodies = iter(json.loads(b"[" + b",".join(whole) + b"]"))
+    except ValueError:  # a hash-verified record that is not JSON: only a bug writes one
+        return [b for b in map(_unseal, chunks) if b is not None]
+    out = []
+    for chunk, canonical in zip(chunks, verified, strict=True):
+        body = next(bodies) if canonical is not None else _unseal(chunk) if chunk else None
+        if isinstance(body, dict):
+            out.append(body)
+    return out
+
+
 def _unseal_slow(data: bytes) -> Optional[dict]:
     """A sealed record whose checksum is not where _sealed puts it (edited by hand, reformatted)."""
     try:
