@@ -93,7 +93,9 @@ def s3_server(tmp_path_factory):
                "client_kwargs": {"region_name": "eu-west-1"}}
     server = ObjectStoreServer("s3", endpoint, env, options)
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    yield from _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], server, log)
+    # moto with its conditional writes made atomic (see s3_emulator.py): a lease race has one winner.
+    command = [sys.executable, str(Path(__file__).with_name("s3_emulator.py")), "-H", "127.0.0.1", "-p", str(port)]
+    yield from _serve(command, server, log)
 
 
 @pytest.fixture(scope="session")
