@@ -48,7 +48,7 @@ from raypar.jobdir.ledger import Ledger
 started = time.perf_counter()
 ledger = Ledger(sys.argv[1])
 manifest = ledger.read_manifest()
-pending = ledger.view(manifest, lean=True).pending()  # as `raypar resume` plans
+pending = ledger.view(manifest, lean=True, failed=False).pending()  # as `raypar resume` plans
 seconds = time.perf_counter() - started
 # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the parent's peak across fork+exec.
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024

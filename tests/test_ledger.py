@@ -403,6 +403,17 @@ def test_a_job_without_failed_attempts_has_an_empty_errors_file(tmp_path):
     assert not any(line.startswith("failed attempts") for line in files["reports/job_result.txt"].decode().splitlines())
 
 
+def test_a_view_without_failed_records_plans_the_same_batches(tmp_path):
+    ledger = planned(tmp_path, 5)
+    finish(ledger, 0)
+    fail(ledger, 1, final=False)
+    fail(ledger, 1, final=True, attempt=2)
+    finish(ledger, 3)
+    full, lean = ledger.view(lean=True), ledger.view(lean=True, failed=False)  # what a resume plans from
+    assert [b.id for b in lean.pending()] == [b.id for b in full.pending()] == [bid(i) for i in (1, 2, 4)]
+    assert full.failed_batches() == {bid(1)} and lean.failed == {}
+
+
 def test_torn_failed_record_is_ignored(tmp_path):
     ledger = planned(tmp_path, 2)
     path = record_file(ledger, fail(ledger, 0, final=True))

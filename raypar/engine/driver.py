@@ -244,7 +244,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             manifest = _retry_failed_items(ledger, manifest, echo)
         if manifest is None:  # planning never finished: plan (again) while running
             prefix = ledger.read_manifest_prefix()
-            done = ledger.view(prefix, lean=True).done if len(prefix) else frozenset()
+            done = ledger.view(prefix, lean=True, failed=False).done if len(prefix) else frozenset()
             feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done, prefix)
             feed.start()
         stop = StopSignal(ledger, run, beat)
@@ -337,8 +337,11 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
     with nothing to run, that output is kept as it is (unless it was removed)."""
     spec = session.spec
     target = bind(spec).append_row_path
-    # Lean: which batches are done, not where their rows are (a bit per batch, see DoneSet).
-    view = ledger.view(manifest, lean=True) if manifest is not None else None
+    # Lean: which batches are done, not where their rows are (a bit per batch, see DoneSet). No
+    # failed records: what runs is every batch not done, and a failed batch is one of them (the
+    # view that reports failures is read after the run, or is this one when nothing is pending,
+    # and then no batch is failed).
+    view = ledger.view(manifest, lean=True, failed=False) if manifest is not None else None
     live = None  # the output written while the batches run (outputs/live.py)
     try:
         for _ in range(MAX_ASSEMBLY_ROUNDS):
@@ -349,7 +352,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
                 total = len(manifest) if manifest is not None else "?"
                 echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
                      else "raypar: planning mini-batches while running them")
-                before = view if view is not None else ledger.view(feed.prefix, lean=True)
+                before = view if view is not None else ledger.view(feed.prefix, lean=True, failed=False)
                 live = _live_assembly(ledger, session, target, before)
                 reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed,
                                           live)

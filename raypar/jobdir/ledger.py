@@ -415,7 +415,7 @@ class Ledger:
                                      record.part_offset + record.part_bytes)
 
     def view(self, manifest: Optional[Sequence[MiniBatch]] = None, lean: bool = False,
-             reported: bool = False) -> LedgerView:
+             reported: bool = False, failed: bool = True) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it.
 
         ``lean``: the done batches as a :class:`DoneSet` (which are done, and their unreturned
@@ -425,6 +425,9 @@ class Ledger:
 
         ``reported`` (with ``lean``): also the chosen records whose run() reported items failed,
         as a table of ordinal, items and failed (:class:`ReportedRecords`), in ``view.reported``.
+
+        ``failed=False``: no failed records (``view.failed`` is empty), for a caller that plans from
+        the done set alone: with tracebacks, they are most of what a view of a flaky job reads.
 
         Records of batches a revision retired (their input changed) are left out: they never count.
         """
@@ -436,10 +439,10 @@ class Ledger:
             return LedgerView(manifest=manifest, done=DoneSet(0), lean=True,
                               reported=ReportedRecords().table() if reported else None)
         collector = ReportedRecords() if lean and reported else None
-        with self._listed("parts", "void", "compact", "done", "failed"):
+        with self._listed("parts", "void", "compact", "done", *(("failed",) if failed else ())):
             done = self._done_set(len(manifest) if manifest is not None else 0, collector) if lean \
                 else self._done_records()
-            failed = self._failed_records()
+            failed = self._failed_records() if failed else {}
         if getattr(manifest, "carried", None):
             done = done.carry(manifest.carried)  # before the retired records leave
         table = collector.table() if collector is not None else None
