@@ -1,5 +1,6 @@
 """The job directory (ledger, lease, state), output rows and assembly, status (no Ray)."""
 
+import hashlib
 import json
 import os
 import socket
@@ -429,6 +430,9 @@ def test_a_segment_keeps_its_whole_records_in_order_and_leaves_out_torn_and_edit
     chunks = [_sealed(a), _sealed(b)[:-5], reformatted, b"", edited, _sealed(d)]
     assert unseal_all(chunks) == [a, c, d]
     assert unseal_all([]) == []
+    two_values = _sealed(a)[:-len(b',"sha256":""}') - 64] + b"},{" + b'"n":9}'  # sealed as one text by hand
+    two_values = two_values[:-1] + b',"sha256":"' + hashlib.sha256(two_values).hexdigest().encode() + b'"}'
+    assert unseal_all([_sealed(b), two_values]) == [b]  # the record of two values is not one record
 
 
 # -- lease ---------------------------------------------------------------------------------

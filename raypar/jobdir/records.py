@@ -58,9 +58,12 @@ def unseal_all(chunks: list[bytes]) -> list[dict]:
     verified = [_verified(c) for c in chunks]
     whole = [v for v in verified if v is not None]
     try:
-        bodies = iter(json.loads(b"[" + b",".join(whole) + b"]"))
+        parsed = json.loads(b"[" + b",".join(whole) + b"]")
     except ValueError:  # a hash-verified record that is not JSON: only a bug writes one
+        parsed = None
+    if parsed is None or len(parsed) != len(whole):  # (a record of two values, sealed by hand)
         return [b for b in map(_unseal, chunks) if b is not None]
+    bodies = iter(parsed)
     out = []
     for chunk, canonical in zip(chunks, verified, strict=True):
         body = next(bodies) if canonical is not None else _unseal(chunk) if chunk else None
