@@ -4,9 +4,11 @@ import collections
 import datetime
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 
+import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -675,6 +677,47 @@ def test_too_many_batches_stored_behind_one_that_is_not_gives_up_and_frees_them(
 
     assert live.finish(view) is None and "wait for 0" in live.gave_up
     assert live.waiting == {}  # what it held is let go
+
+
+def test_a_local_output_is_pushed_to_disk_while_batches_run(tmp_path, monkeypatch):
+    """So that publishing it waits for the last parts' bytes only, not for the whole file's."""
+    monkeypatch.setattr(live_assembly, "SYNC_BYTES", 1)
+    synced_sizes, synced, real_fdatasync = [], threading.Event(), os.fdatasync
+
+    def fdatasync(fd):
+        real_fdatasync(fd)
+        synced_sizes.append(os.fstat(fd).st_size)
+        synced.set()
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(3)}, "text")
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+
+    live.stored([(records[0].batch, part_of(records[0]))])
+    assert synced.wait(30)  # on disk before the session ends
+    assert synced_sizes == [len("row 0\n")]
+    live.stored([(records[i].batch, part_of(records[i])) for i in (1, 2)])
+    assert live.finish(view) is not None
+
+    assert (tmp_path / "out.txt").read_text() == "row 0\nrow 1\nrow 2\n"
+    assert synced_sizes == [6, 12, 18]
+
+
+def test_a_remote_output_is_staged_without_pushing_the_staged_file_to_disk(tmp_path, monkeypatch):
+    """The staged copy is uploaded whole when published: syncing it to the local disk gains nothing."""
+    monkeypatch.setattr(live_assembly, "SYNC_BYTES", 1)
+    calls = []
+    monkeypatch.setattr(os, "fdatasync", calls.append)
+    ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(3)}, "text")
+    target = f"memory://raypar-test-{uuid.uuid4().hex}/out.txt"
+    live = LiveAssembly(ledger, target, "text")
+
+    live.stored([(r.batch, part_of(r)) for r in records.values()])
+    assert live.finish(view) is not None
+
+    with fsspec.open(target, "rb") as f:
+        assert f.read() == b"row 0\nrow 1\nrow 2\n"
+    assert calls == []
 
 
 def test_an_abandoned_session_leaves_no_file(tmp_path):

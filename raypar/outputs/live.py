@@ -21,6 +21,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from typing import Iterator, Optional
 
@@ -29,13 +30,16 @@ from raypar.inputs.base import ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
 from raypar.outputs.assembly import Part, ReadAhead, done_in_order, fetch, intact
-from raypar.storage import atomic_output
+from raypar.storage import atomic_output, is_url
 
 log = logging.getLogger("raypar")
 
 MAX_WAITING = 100_000  # stored batches held (a few names each) behind one that is not, before giving up
 WINDOW = 1024  # batches read together (one span per segment object they share)
 GATHER_SECONDS = 0.2  # how often the thread looks for settled batches to write
+# A local output is pushed to disk each time it grows by this much while batches run, so the fsync
+# that publishes it waits only for the tail (904 MiB took 0.24 s to fsync at the end, here).
+SYNC_BYTES = 128 << 20
 _FAILED = object()  # a batch that failed for good: its place is settled, it has no rows
 
 
@@ -61,6 +65,7 @@ class LiveAssembly:
         self.schema = None
         self.files: Optional[contextlib.ExitStack] = None  # the temporary file (atomic_output)
         self.out = self.sink = None
+        self.synced = 0 if not is_url(target) else None  # bytes of a local output on disk (None: remote)
         self.published: Optional[int] = None  # bytes, once published
         self.written_while_running: Optional[int] = None  # parts written before finish()
         self.gave_up: Optional[str] = None
@@ -171,6 +176,14 @@ class LiveAssembly:
         self.sink.write(data, record.batch)
         self.written += 1
         self.chain.update(_key(record))
+        self._sync_behind()
+
+    def _sync_behind(self) -> None:
+        """Push a local output's new bytes to disk (the OS's background writeback may wait longer)."""
+        if self.synced is not None and self.out.tell() - self.synced >= SYNC_BYTES:
+            self.out.flush()
+            os.fdatasync(self.out.fileno())
+            self.synced = self.out.tell()
 
     def _check_schema(self, record: Part, data: bytes) -> None:
         head = data[:formats.head_size(data)]
