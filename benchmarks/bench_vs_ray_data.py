@@ -206,7 +206,7 @@ PROFILE_MODULE = textwrap.dedent('''\
         _timed(output_formats, "encode_part", "  Arrow -> IPC part bytes")
         _timed(output_formats, "encode_text_part", "  Arrow -> csv/jsonl text part bytes")
         _timed(worker, "count_and_serialize", "batch: serialize result (all)")
-        _timed(writers.SegmentWriter, "write", "batch: sha256 + append part and record", at_end=_batch_ends)
+        _timed(writers.SegmentWriter, "write", "batch: checksum + append part and record", at_end=_batch_ends)
         inner = entry.run
 
         def run(mini_batch):

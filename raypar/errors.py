@@ -67,7 +67,7 @@ class ResultError(RayparError, TypeError):
 
 
 class CorruptPartsError(RayparError):
-    """Parts whose content does not match the sha256 their done record holds."""
+    """Parts whose content does not match the checksum their done record holds."""
 
     def __init__(self, records):
         super().__init__(f"{len(records)} output part(s) failed verification")

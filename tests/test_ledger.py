@@ -926,6 +926,24 @@ def test_compact_files_written_before_reported_items_read_as_none_reported(tmp_p
     assert tables.from_ipc(path.read_bytes()).column("failed").to_pylist() == [None, None]
 
 
+def test_compact_files_written_before_crc32_keep_their_parts_sha256(tmp_path):
+    """A compact file of an older raypar has no part_crc32 column: its parts are checked by sha256."""
+    from raypar.jobdir import tables
+
+    ledger = planned(tmp_path, 2)
+    for i in (0, 1):
+        finish(ledger, i)
+    sha = tables.SCHEMA.get_field_index("part_sha256")
+    before = ledger.view().done.table.drop_columns(["part_crc32"])
+    before = before.set_column(sha, "part_sha256", before.column("part").cast("string"))  # any value, kept as is
+
+    read = tables.from_ipc(tables.to_ipc(before))
+
+    assert read.schema == tables.SCHEMA
+    assert read.column("part_crc32").to_pylist() == [None, None]
+    assert read.column("part_sha256").to_pylist() == before.column("part").cast("string").to_pylist()
+
+
 def test_compaction_merges_its_delta_files_past_the_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(ledger_module, "MAX_COMPACT_FILES", 3)
     ledger = planned(tmp_path, 8)

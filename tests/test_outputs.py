@@ -2,6 +2,7 @@
 
 import collections
 import datetime
+import hashlib
 import json
 import os
 import threading
@@ -19,7 +20,7 @@ import pytest
 from raypar.errors import CorruptPartsError, OutputSchemaError, ResultError
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger, LedgerView
-from raypar.jobdir.records import DoneRecord
+from raypar.jobdir.records import DoneRecord, _sealed, part_checksum
 from raypar.outputs import assembly as outputs
 from raypar.outputs import formats as output_formats
 from raypar.outputs import live as live_assembly
@@ -248,6 +249,42 @@ def test_corrupted_parts_publish_nothing_and_are_all_listed(tmp_path, fmt, where
 
     assert sorted(r.batch for r in info.value.records) == [bid(1), bid(3)]
     assert os.listdir(target.parent) == []  # no output, no temp file left behind
+
+
+def test_a_part_is_checked_by_the_crc32_its_record_holds(tmp_path):
+    ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(3)}, "text")
+    assert [(r.part_crc32, r.part_sha256) for r in records.values()] == [
+        (part_checksum(f"row {i}\n".encode()), None) for i in range(3)]
+    flip_byte(ledger, records[1], at=2)
+
+    with pytest.raises(CorruptPartsError) as info:
+        assemble(ledger, view, str(tmp_path / "out.txt"), "text")
+    assert [r.batch for r in info.value.records] == [bid(1)]
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_parts_of_records_written_before_crc32_are_checked_by_their_sha256(tmp_path, compacted):
+    """A job dir of an older raypar: its done records hold each part's sha256, and no part_crc32."""
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": []}, item_count=1) for i in range(3)]
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(manifest)
+    for i in range(3):
+        rows = f"row {i}\n".encode()
+        record = DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=f"{bid(i)}~r1~1.part",
+                            part_bytes=len(rows), part_sha256=hashlib.sha256(rows).hexdigest())
+        old_body = {k: v for k, v in record.__dict__.items() if k != "part_crc32"}
+        ledger.store.write_once(rows, "parts", record.part)
+        ledger.store.write_once(_sealed(old_body), "done", f"{bid(i)}~r1~1.json")
+    if compacted:
+        assert ledger.compact("r2")
+    view = ledger.view(manifest)
+    assemble(ledger, view, str(tmp_path / "out.txt"), "text")
+    assert (tmp_path / "out.txt").read_text() == "row 0\nrow 1\nrow 2\n"
+
+    flip_byte(ledger, view.done[bid(2)], at=1)
+    with pytest.raises(CorruptPartsError) as info:
+        assemble(ledger, ledger.view(manifest), str(tmp_path / "again.txt"), "text")
+    assert [r.batch for r in info.value.records] == [bid(2)]
 
 
 @pytest.mark.parametrize("fmt", TABLE_FORMATS)
@@ -584,7 +621,7 @@ def test_text_and_arrow_parts_mix_in_one_file_in_batch_order(tmp_path, fmt):
 
 def part_of(record: DoneRecord):
     """Where a record's rows are, as a worker's answer gives it."""
-    return [record.part, record.part_offset, record.part_bytes, record.part_sha256] if record.part else None
+    return [record.part, record.part_offset, record.part_bytes, record.part_sha256, record.part_crc32] if record.part else None
 
 
 def live_and_after(root, results, fmt, reported, failed=(), count=None, corrupt=()):
@@ -646,7 +683,7 @@ def test_a_corrupt_part_leaves_the_output_to_assemble_which_names_it(tmp_path, f
 
     live, _, assembly = live_and_after(tmp_path, results, fmt, reported=[0, 1, 2, 3], corrupt=[2])
 
-    assert assembly.published is None and "sha256" in assembly.gave_up
+    assert assembly.published is None and "checksum" in assembly.gave_up
     assert os.listdir(live.parent) == []
 
 
@@ -659,7 +696,7 @@ def test_a_stored_part_the_ledger_does_not_choose_is_never_published(tmp_path):
     for writer, attempt in (("r1~a", 1), ("r1~b", 2)):
         r = ledger.done_writer(writer).write(
             DoneRecord(batch=bid(0), run="r1", attempt=attempt, items=1, returned=1, part=None), f"try {attempt}\n".encode())
-        parts[attempt] = [r.part, r.part_offset, r.part_bytes, r.part_sha256]
+        parts[attempt] = [r.part, r.part_offset, r.part_bytes, r.part_sha256, r.part_crc32]
     view = ledger.view(manifest)
     chosen = view.done[bid(0)].attempt
     live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")

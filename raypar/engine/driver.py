@@ -384,7 +384,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
                 return f"append_row_to: {exc}", "", view
             except CorruptPartsError as exc:
                 for record in exc.records:
-                    ledger.void(record, "output part does not match its sha256")
+                    ledger.void(record, "output part does not match its checksum")
                 echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
                 view = ledger.view(manifest, lean=True)
         return "output parts keep failing verification (storage corrupting data?)", "", view

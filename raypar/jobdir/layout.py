@@ -28,7 +28,7 @@ Everything is JSON or Arrow; nothing here is ever unpickled or executed::
 Every file has one writer and a name nobody else uses (run ID + worker, or
 run ID + attempt); nothing is ever read-modified-written. A done record is
 sealed with the sha256 of its own content and holds the offset, length and
-sha256 of its rows, which are written first: a record torn by a crash, or
+CRC-32 of its rows, which are written first: a record torn by a crash, or
 whose rows are missing, short or different, counts as not done.
 
 Local disk appends to per-worker segment files because creating a file

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,6 +86,21 @@ def _unseal_slow(data: bytes) -> Optional[dict]:
     return body if claimed == hashlib.sha256(canonical.encode()).hexdigest() else None
 
 
+def part_checksum(rows: bytes) -> str:
+    """A part's checksum, as its done record holds it (``part_crc32``): CRC-32, as object stores use to
+    check what they store. It detects a torn or corrupted part; nobody who can rewrite a part can be kept
+    from rewriting its record too. Computed by the worker and again when the output is assembled: sha256
+    (what records before it hold) cost 0.51 CPU-s per GB here, each time; CRC-32 0.15."""
+    return format(zlib.crc32(rows), "08x")
+
+
+def part_intact(data: bytes, crc32: Optional[str], sha256: Optional[str]) -> bool:
+    """``data`` is the part its done record describes (by the checksum the record holds)."""
+    if crc32 is not None:
+        return part_checksum(data) == crc32
+    return sha256 is None or hashlib.sha256(data).hexdigest() == sha256
+
+
 @dataclass(frozen=True)
 class DoneRecord:
     batch: str
@@ -95,7 +111,7 @@ class DoneRecord:
     part: Optional[str]  # file name under parts/, None in summary-only jobs
     part_offset: int = 0
     part_bytes: int = 0
-    part_sha256: Optional[str] = None
+    part_sha256: Optional[str] = None  # of parts written before part_crc32 (still checked)
     node: Optional[str] = None
     worker: Optional[str] = None
     seconds: float = 0.0
@@ -104,6 +120,7 @@ class DoneRecord:
     # {error: [position in the batch, ...]} (a file's place in the batch, a table row's).
     reported: int = 0
     failed: Optional[str] = None
+    part_crc32: Optional[str] = None  # of the rows (part_checksum), checked when the output is assembled
 
     @property
     def failed_items(self) -> int:

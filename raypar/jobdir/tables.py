@@ -27,9 +27,9 @@ SCHEMA = pa.schema([
     ("ordinal", pa.int64()), ("run", _DICT), ("attempt", pa.int64()), ("items", pa.int64()),
     ("returned", pa.int64()), ("part", _DICT), ("part_offset", pa.int64()), ("part_bytes", pa.int64()),
     ("part_sha256", pa.string()), ("node", _DICT), ("worker", _DICT), ("seconds", pa.float64()),
-    ("started", pa.float64()), ("reported", pa.int64()), ("failed", pa.string()),
+    ("started", pa.float64()), ("reported", pa.int64()), ("failed", pa.string()), ("part_crc32", pa.string()),
 ])
-_ADDED = {"reported": 0, "failed": None}  # columns newer than some compact files: their value there
+_ADDED = {"reported": 0, "failed": None, "part_crc32": None}  # columns newer than some compact files: their value there
 # The done record as sealed in the ledger (batch ID instead of ordinal, plain strings).
 _RECORD = pa.schema([("batch", pa.string())] + [
     pa.field(f.name, pa.string() if f.type == _DICT else f.type) for f in SCHEMA if f.name != "ordinal"

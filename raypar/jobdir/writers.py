@@ -4,7 +4,6 @@ objects where it does not (object stores). See raypar/jobdir/ledger.py."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -12,7 +11,7 @@ from dataclasses import replace
 from typing import Optional
 
 from raypar.jobdir.layout import segment_name
-from raypar.jobdir.records import DoneRecord, _sealed, encode_segment, segment_records_span
+from raypar.jobdir.records import DoneRecord, _sealed, encode_segment, part_checksum, segment_records_span
 from raypar.jobdir.store import Store
 
 SEGMENT_TAIL = 64 * 1024  # bytes read from a segment's end to find its records
@@ -75,7 +74,7 @@ class SegmentWriter(DoneWriter):
             self.rows.write(rows)
             self.rows.flush()  # in the OS before the record that points at it
             record = replace(record, part=f"{self.name}.data", part_offset=self.offset, part_bytes=len(rows),
-                             part_sha256=hashlib.sha256(rows).hexdigest())
+                             part_crc32=part_checksum(rows))
             self.offset += len(rows)
         self.records.write(_sealed(record.__dict__) + b"\n")
         self.records.flush()
@@ -126,7 +125,7 @@ class ObjectSegmentWriter(DoneWriter):
         with self.lock:
             if rows is not None:
                 record = replace(record, part=segment_name(self.writer, self.next), part_offset=self.size,
-                                 part_bytes=len(rows), part_sha256=hashlib.sha256(rows).hexdigest())
+                                 part_bytes=len(rows), part_crc32=part_checksum(rows))
                 self.rows.append(rows)
                 self.size += len(rows)
             self.records.append(_sealed(record.__dict__))

@@ -8,7 +8,6 @@ written as one table file (formats.py).
 from __future__ import annotations
 
 import collections
-import hashlib
 import threading
 from contextlib import closing
 from typing import Iterator, NamedTuple, Optional
@@ -19,7 +18,7 @@ import pyarrow as pa
 from raypar.errors import CorruptPartsError, OutputSchemaError
 from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
-from raypar.jobdir.records import DoneRecord
+from raypar.jobdir.records import DoneRecord, part_intact
 from raypar.jobdir.tables import DoneIndex
 from raypar.outputs import formats
 from raypar.outputs.rows import FORMATS
@@ -34,7 +33,7 @@ def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text",
 
     Only parts named by done records are read, one per batch, so the file
     holds each batch's rows exactly once. Every part is checked against the
-    sha256 in its record first; if any fails, nothing is published and
+    checksum in its record first; if any fails, nothing is published and
     CorruptPartsError names all of them. Table formats first read each part's
     schema and unify them; columns that cannot be unified raise
     OutputSchemaError, and nothing is published either. Parts are streamed:
@@ -78,14 +77,14 @@ class TextSink:
 
 
 def _raise_if_corrupt(ledger: Ledger, view: LedgerView) -> None:
-    """CorruptPartsError if any part fails its sha256: a corrupted part can look like a schema error."""
+    """CorruptPartsError if any part fails its checksum: a corrupted part can look like a schema error."""
     corrupt = [part for part, data in ReadAhead(_parts(ledger, view)) if data is None]
     if corrupt:
         raise CorruptPartsError(_done_records(view, corrupt)) from None
 
 
 class ReadAhead:
-    """(record, its part's bytes, or None if they fail their sha256), read and checked by a thread.
+    """(record, its part's bytes, or None if they fail their checksum), read and checked by a thread.
 
     Reading and hashing release the GIL, so they overlap the writer's
     encoding; at most ``limit`` bytes of parts wait in memory.
@@ -162,7 +161,7 @@ def _unified_schema(ledger: Ledger, view: LedgerView, fmt: str):
 
 
 def intact(record: Part, data: bytes) -> bool:
-    return record.part_sha256 is None or hashlib.sha256(data).hexdigest() == record.part_sha256
+    return part_intact(data, record.part_crc32, record.part_sha256)
 
 
 class Part(NamedTuple):
@@ -172,7 +171,8 @@ class Part(NamedTuple):
     part: str
     part_offset: int
     part_bytes: int
-    part_sha256: Optional[str]
+    part_sha256: Optional[str]  # records written before part_crc32
+    part_crc32: Optional[str] = None
 
 
 def done_in_order(view: LedgerView) -> Iterator[Part]:
@@ -184,9 +184,9 @@ def done_in_order(view: LedgerView) -> Iterator[Part]:
     if not isinstance(view.done, DoneIndex):
         for r in sorted(view.done.values(), key=lambda r: ordinal_of(r.batch)):
             if r.part is not None:
-                yield Part(r.batch, r.part, r.part_offset, r.part_bytes, r.part_sha256)
+                yield Part(r.batch, r.part, r.part_offset, r.part_bytes, r.part_sha256, r.part_crc32)
         return
-    columns = ["ordinal", "part", "part_offset", "part_bytes", "part_sha256"]
+    columns = ["ordinal", "part", "part_offset", "part_bytes", "part_sha256", "part_crc32"]
     table = view.done.table.select(columns)
     order = view.manifest.output_order() if hasattr(view.manifest, "output_order") else None
     if order is not None and table.num_rows:  # re-planned batches take the place of those they replace

@@ -118,7 +118,7 @@ def encode_part(table: pa.Table) -> bytes:
     """An Arrow IPC stream: schema first, so assembly reads a part's schema from its head.
 
     Uncompressed: measured on local disk, lz4 cost workers ~10-15% more CPU
-    (encode + sha256 + write) for 3x smaller parts, and assembly took the same
+    (encode + checksum + write) for 3x smaller parts, and assembly took the same
     time either way (it is bound by writing the output file).
     """
     sink = pa.BufferOutputStream()

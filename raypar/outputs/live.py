@@ -9,7 +9,7 @@ after the last batch. The file is byte for byte what assemble() writes from the 
 
 Anything it cannot vouch for gives up, and the driver assembles from the ledger as before: a part
 whose schema would change the output's (assemble() unifies every part's schema first, this writes
-the first part's), a part failing its sha256 (assemble() names it, and the batch runs again), a
+the first part's), a part failing its checksum (assemble() names it, and the batch runs again), a
 stored batch the view does not hold as written, or more than MAX_WAITING batches stored behind one
 that is not. Used for sessions that start with no batch done (a resume's output starts with rows of
 batches it never saw) and whose output order is the ordinal order (no re-planned batches).
@@ -77,7 +77,7 @@ class LiveAssembly:
 
     def stored(self, batches: list[tuple[str, Optional[list]]]) -> None:
         """These batches are done and their records durable (a worker's flush stores many at once):
-        (batch, [part name, offset, bytes, sha256], or None when it has no rows)."""
+        (batch, [part name, offset, bytes, sha256, crc32], or None when it has no rows)."""
         if self.gave_up is None and batches:
             self.events.append(("settled", batches))
 
@@ -164,11 +164,11 @@ class LiveAssembly:
                 self._write(record, data if intact(record, data) else None)
 
     def _write(self, record: Part, data: Optional[bytes]) -> None:
-        """Write one verified part (``data`` None: it failed its sha256)."""
+        """Write one verified part (``data`` None: it failed its checksum)."""
         if self.stopped.is_set():
             raise GaveUp("the session ended without an output")
         if data is None:
-            raise GaveUp(f"the part of {record.batch} does not match its sha256")
+            raise GaveUp(f"the part of {record.batch} does not match its checksum")
         if self.fmt != "text":
             self._check_schema(record, data)
         if self.sink is None:
@@ -231,7 +231,8 @@ class LiveAssembly:
 
 
 def _key(record: Part) -> bytes:
-    return f"{record.batch}\0{record.part}\0{record.part_offset}\0{record.part_bytes}\0{record.part_sha256}\n".encode()
+    return (f"{record.batch}\0{record.part}\0{record.part_offset}\0{record.part_bytes}\0{record.part_sha256}\0"
+            f"{record.part_crc32}\n").encode()
 
 
 def _windows(ledger: Ledger, parts: Iterator[Part]) -> Iterator[tuple[Part, bytes]]:

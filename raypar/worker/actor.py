@@ -259,7 +259,8 @@ class Worker:
         self._mark(f"end {batch.id} attempt {attempt}: done")
         return {**base, **self.flushed(), "ok": True, "items": items, "returned": returned,
                 "reported": record.reported, "seconds": record.seconds, "index": self.done.written,
-                "part": [record.part, record.part_offset, record.part_bytes, record.part_sha256] if record.part else None}
+                "part": [record.part, record.part_offset, record.part_bytes, record.part_sha256, record.part_crc32]
+                if record.part else None}
 
     def run_batches(self, items: list) -> dict:
         """Several mini-batches that take milliseconds, in one call (the driver groups them to save
