@@ -270,19 +270,20 @@ def _kill_tree(proc_list):
     psutil.wait_procs(proc_list, timeout=30)
 
 
-def start_held_run(tmp_path, count: int, hold_after: int, cluster=None):
+def start_held_run(tmp_path, count: int, hold_after: int, cluster=None, job=None, env=None, **overrides):
     """`raypar run` (embedded Ray, or ``cluster``) over ``count`` one-file batches, one worker; the batch
-    after ``hold_after`` done ones blocks until gate/release. Returns files, exec log, gate, job, process."""
+    after ``hold_after`` done ones blocks until gate/release. ``job``: the job dir (tmp_path/job), ``env``:
+    more variables for the driver, ``overrides``: of the spec. Returns files, exec log, gate, job, process."""
     log, gate = tmp_path / "exec", tmp_path / "gate"
     log.mkdir()
     gate.mkdir()
     files = {f"f{i:02d}.txt": f"v{i}" for i in range(count)}
     spec = make_spec(tmp_path, files, mini_batch_size="1", **{
         "resources.instance_count": 1, "max_concurrency_per_instance": 1,
-        "task.program_arguments": f"--exec-log {log} --hold-after {hold_after} {gate}",
+        "task.program_arguments": f"--exec-log {log} --hold-after {hold_after} {gate}", **overrides,
     })
-    job = tmp_path / "job"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = job or tmp_path / "job"
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     address = ["--address", cluster.address] if cluster is not None else []
     proc = subprocess.Popen([*AS_FROM_A_TERMINAL, "run", str(write_spec(tmp_path, spec)), "--job-dir", str(job), *address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -347,6 +348,41 @@ def test_cancel_stops_the_job_and_it_resumes_exactly(ray_cluster, tmp_path, how)
     assert sorted(p.read_text() for p in log.iterdir()) == [f"f{i:02d}.txt" for i in range(3, 8)]
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
         [f"{name} {text.upper()}" for name, text in sorted(files.items())]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_driver_has_its_workers_store_what_they_finished(ray_cluster, s3_server, tmp_path, sig):
+    """An object-store job dir: a worker buffers its finished batches (here it would for an hour) and
+    stores them as one segment. Interrupted (SIGTERM: `ray job stop`, a deleted pod; SIGINT: Ctrl-C), the
+    driver has each worker store them, beside the batch it runs, before it kills it: none runs again."""
+    job = f"s3://{s3_server.new_bucket()}/jobs/j1"
+    files, log, gate, job, proc = start_held_run(
+        tmp_path, count=6, hold_after=3, cluster=ray_cluster, job=job, env=s3_server.env,
+        **{"raypar.ledger.flush_seconds": 3600})
+    try:
+        wait_for(lambda: (gate / "holding").exists(), "the 4th batch to be running")
+        from raypar.jobdir.ledger import Ledger
+
+        assert len(Ledger(job, s3_server.options).view().done) == 0  # 3 finished, buffered in the worker
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+
+    env = {**os.environ, **s3_server.env}
+    status = json.loads(subprocess.run([sys.executable, "-m", "raypar", "status", job, "--json"], env=env,
+                                       capture_output=True, text=True, timeout=120).stdout)
+    assert (status["state"], status["completed"]) == ("canceled", 3)
+    for p in log.iterdir():
+        p.unlink()
+    (gate / "release").touch()
+    resumed = subprocess.run([sys.executable, "-m", "raypar", "resume", job, "--address", ray_cluster.address],
+                             env={k: v for k, v in env.items() if k != "RAY_ADDRESS"}, capture_output=True,
+                             text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.read_text() for p in log.iterdir()) == [f"f{i:02d}.txt" for i in range(3, 6)]
 
 
 def test_cancel_of_a_job_without_a_driver_marks_it_canceled(tmp_path):

@@ -33,7 +33,9 @@ from raypar.worker.actor import Worker
 from raypar.worker.plan import WorkerPlan
 
 log = logging.getLogger("raypar")
-ASIDE = "aside"  # the actor's concurrency group for hints, beside its ordered calls
+ASIDE = "aside"  # the actor's concurrency group for calls beside its ordered ones (while one runs)
+STORE = "store"  # a thread of its own for an interrupted driver's last request: never behind a read ahead
+GROUP_OF = {"store_finished": STORE}  # the calls aside that are not hints (ASIDE: the rest)
 
 
 class Placement:
@@ -169,8 +171,9 @@ class Placement:
 @functools.lru_cache(maxsize=1)
 def _worker_actor():
     """The actor class, made once per process: Ray exports (pickles) a class per ray.remote() call."""
-    # The "aside" group: one thread beside the ordered calls, for hints (reading a batch ahead).
-    return ray.remote(concurrency_groups={ASIDE: 1})(Worker)
+    # Two threads beside the ordered calls: "aside" for hints (reading a batch ahead), "store" for an
+    # interrupted driver's last request (store the finished batches now), idle until then.
+    return ray.remote(concurrency_groups={ASIDE: 1, STORE: 1})(Worker)
 
 
 class RayTransport(Transport):
@@ -209,8 +212,8 @@ class RayTransport(Transport):
     def call(self, worker: Any, method: str, *args) -> Any:
         return getattr(worker, method).remote(*args)
 
-    def call_aside(self, worker: Any, method: str, *args) -> None:
-        getattr(worker, method).options(concurrency_group=ASIDE).remote(*args)
+    def call_aside(self, worker: Any, method: str, *args) -> Any:
+        return getattr(worker, method).options(concurrency_group=GROUP_OF.get(method, ASIDE)).remote(*args)
 
     def wait(self, calls, timeout: float) -> list:
         self.metrics.flush_if_due()

@@ -59,6 +59,9 @@ MAX_SYSTEM_FAILURES_PER_BATCH = 3  # worker losses while running one batch (not 
 JOB_DIR_FAILURES_TO_STOP = 3  # raypar's own failures in workers in a row (at least one per slot) that stop the job
 STOP_TIMEOUT = 30.0  # seconds shutdown() may take on each worker
 STORE_ON_STOP_TIMEOUT = 30.0  # seconds a stopped job waits for workers to store the batches they finished
+# Seconds an interrupted driver (Ctrl-C, SIGTERM) waits for workers to store what they finished: Ray
+# kills a stopped job's driver 3 s after SIGTERM unless RAY_JOB_STOP_WAIT_TIME_S says otherwise.
+STORE_ON_INTERRUPT_TIMEOUT = 2.5
 INSTANCE_POLL_SECONDS = 1.0  # elastic jobs: how often the transport is asked which instances joined or left
 
 
@@ -244,8 +247,13 @@ class Scheduler:
         try:
             for slot in self.slots:
                 self._start(slot)
-            while not self._finished():
-                self.step(self.clock())
+            try:
+                while not self._finished():
+                    self.step(self.clock())
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (signals.Stopped): the workers are killed next
+                if self.may_write():
+                    self._store_finished_now()
+                raise
             if self.stop_reason is not None and self.may_write():
                 self._store_before_stop()
             self._retire_all(graceful=self.stop_reason is None)
@@ -799,6 +807,29 @@ class Scheduler:
         if unstored:
             log.warning("%d finished mini-batch(es) were not stored before the stop; a resume runs them again",
                         unstored)
+
+    def _store_finished_now(self) -> None:
+        """Interrupted: every worker stores the finished batches it holds unstored (an object-store
+        job dir's, up to raypar.ledger.flush_seconds of them) beside the batch it runs, which is not
+        waited for; at most STORE_ON_INTERRUPT_TIMEOUT. Otherwise the kill loses them and a resume
+        runs them again. A second Ctrl-C ends the wait."""
+        asked = {}
+        for slot in self.slots:
+            if slot.ready and slot.actor is not None:
+                ref = self.transport.call_aside(slot.actor, "store_finished")
+                if ref is not None:
+                    asked[ref] = slot
+        deadline = self.clock() + STORE_ON_INTERRUPT_TIMEOUT
+        while asked and self.clock() < deadline:
+            for ref in self.transport.wait(asked, deadline - self.clock()):
+                slot = asked.pop(ref)
+                try:
+                    self.transport.get(ref)
+                except (WorkerLost, WorkerRaised) as exc:
+                    log.warning("%s could not store its finished batches: %s", slot.label, exc)
+        if asked:
+            log.warning("%d worker(s) had not stored their finished batches %.1f s after the interrupt; a resume "
+                        "runs those again", len(asked), STORE_ON_INTERRUPT_TIMEOUT)
 
     def _confirm(self, slot: Slot, answer: dict) -> None:
         """Forget the done batches the worker reports stored (answers may be handled out of order)."""

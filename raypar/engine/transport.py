@@ -71,9 +71,11 @@ class Transport:
         """Call a worker method (calls on one worker run in order); returns the call's handle."""
         raise NotImplementedError
 
-    def call_aside(self, worker: Any, method: str, *args) -> None:
-        """Call a worker method beside its ordered calls (while one runs), answer unwanted:
-        a hint such as reading a queued batch ahead. Transports without it ignore it."""
+    def call_aside(self, worker: Any, method: str, *args) -> Any:
+        """Call a worker method beside its ordered calls (while one runs): a hint such as reading
+        a queued batch ahead, or storing what it finished. Returns the call's handle, for a caller
+        that waits for it; transports without such calls ignore it and return None."""
+        return None
 
     def wait(self, calls, timeout: float) -> list:
         """The calls that have ended, once one has or ``timeout`` seconds have passed ([] then).

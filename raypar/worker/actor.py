@@ -292,6 +292,14 @@ class Worker:
             self.shipper.ship()
         return self.flushed()
 
+    def store_finished(self) -> dict:
+        """Store the buffered done records now, beside the batch that runs and any read ahead: called
+        on the actor's "store" thread by an interrupted driver (Ctrl-C, SIGTERM), which kills the
+        workers next without waiting for running batches. The writer's own clock thread stores the
+        same way."""
+        self.done.flush()
+        return self.flushed()
+
     def flushed(self) -> dict:
         """How many of this worker's done batches are stored, and where later ones would be."""
         durable, position = self.done.progress()
