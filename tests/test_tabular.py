@@ -13,6 +13,7 @@ import json
 import os
 import random
 import uuid
+import weakref
 from pathlib import Path
 
 import fsspec
@@ -518,20 +519,23 @@ def test_a_worker_lets_its_last_row_group_go_before_decoding_another(tmp_path, m
     batches = plan(spec)
     first_of_b = next(x for x in batches if x.payload["pieces"][0]["file"].endswith("b.parquet"))
     reader = BatchReader(check_input(spec))
-    held, real = [], pq.ParquetFile.read_row_groups
+    decoded, alive_at_decode, real = [], [], pq.ParquetFile.read_row_groups
 
     def measured(self, row_groups, *args, **kwargs):
-        held.append(pa.total_allocated_bytes())  # Arrow memory alive as this decode starts
-        return real(self, row_groups, *args, **kwargs)
+        alive_at_decode.append([ref() is not None for ref in decoded])  # row groups still held
+        table = real(self, row_groups, *args, **kwargs)
+        decoded.append(weakref.ref(table))
+        return table
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", measured)
-    baseline = pa.total_allocated_bytes()
     frame = reader.read(batches[0])[0]  # a DataFrame: the worker's own Arrow memory is its cache only
-    kept = pa.total_allocated_bytes() - baseline
+    kept = decoded[0]() is not None
     frame_b = reader.read(first_of_b)[0]
 
-    assert kept > 1_000_000  # a's row group, kept for its next slice
-    assert held[1] - baseline < kept // 10  # ... and let go before b's was decoded
+    # The process-wide Arrow allocation counter is no measure here: other threads of the process
+    # and the parquet reader's own buffering move it (it read 7.6 MB alive where 2.9 MB was decoded).
+    assert kept  # a's row group, kept for its next slice
+    assert alive_at_decode == [[], [False]]  # ... and let go before b's was decoded
     assert len(frame) and len(frame_b) and frame_b["id"].iloc[0] == 100_000
 
 
