@@ -40,6 +40,14 @@ adds one instrumented raypar run that shows where its time goes (a timeline
 of the driver and the workers, and per worker: parquet decode, to_pandas,
 run(), part encoding, part write; cProfile of the driver).
 
+``--drivers separate`` runs raypar and Ray Data each as a new program that joins
+this Ray (``ray.init(address=...)``), as a user runs a job. By default every round
+runs in this one process, so Ray Data's tasks find the pooled worker processes
+of its earlier rounds still warm (a Ray worker process takes about 0.6 s to
+start here), while raypar's actors start processes of their own every job. Its
+seconds are counted from after the new driver connected; its CPU-s include the
+new program's start.
+
 Exit status: 0 when every output holds exactly the input's rows (ids and
 scores checked); 1 otherwise. The ratio is reported, never enforced.
 
@@ -59,6 +67,7 @@ import logging
 import os
 import pstats
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -647,7 +656,41 @@ def profile_raypar(inputs, code, root, fmt, batch, expected, verbose, **settings
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
+def run_as_child(job: dict) -> int:
+    """One side's run in a driver of its own (``--drivers separate``): a new program joins the
+    benchmark's Ray, as a user's job does, so no worker process of an earlier round serves it.
+    Prints the run's seconds, counted from after the connection, as the last line."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address=job["address"], logging_level=logging.WARNING)
+    if job["side"] == "ray-data":
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        t = time.perf_counter()
+        run_ray_data(job["inputs"], job["output"], job["fmt"], job["config"])
+        print(json.dumps({"seconds": time.perf_counter() - t}))
+        return 0
+    t = time.perf_counter()
+    outcome = run_raypar(job["spec"], job["job_dir"], False)
+    print(json.dumps({"seconds": time.perf_counter() - t, "exit_code": outcome.exit_code,
+                      "state": outcome.state.value, "completed": outcome.completed, "total": outcome.total,
+                      "reason": outcome.reason}))
+    return 0
+
+
+def in_own_driver(job: dict) -> dict:
+    """Run ``run_as_child`` in a new Python process; its last line, parsed."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)],
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {job['side']} driver failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
+    if argv is None and sys.argv[1:2] == ["--child"]:
+        return run_as_child(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.0, help="input size on disk in GiB (default 2)")
     parser.add_argument("--files", type=int, default=8, help="parquet files (default 8)")
@@ -665,6 +708,10 @@ def main(argv=None) -> int:
     parser.add_argument("--assemble", choices=("running", "after"), default="running",
                         help="raypar.assemble_while_running: write the output while batches run (default) "
                              "or after the last")
+    parser.add_argument("--drivers", choices=("shared", "separate"), default="shared",
+                        help="shared: every round in this process, one Ray job, so Ray Data's pooled worker "
+                             "processes stay warm between its rounds (default); separate: raypar and Ray Data "
+                             "each run as a new program, as users run jobs")
     parser.add_argument("--profile", action="store_true", help="add one instrumented raypar run and print where its time goes")
     parser.add_argument("--verbose", action="store_true", help="show raypar's progress lines and Ray Data's stats")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (job dirs, outputs) for inspection")
@@ -697,6 +744,7 @@ def main(argv=None) -> int:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices (progress bars off, ...)
+        address = ray.get_runtime_context().gcs_address  # where a separate driver joins
         print(f"ray {ray.__version__} started in {time.perf_counter() - t:.1f}s (2 CPUs, 127.0.0.1); "
               f"raypar {raypar.__version__}; pyarrow {pa.__version__}; python {sys.version.split()[0]}", flush=True)
 
@@ -704,16 +752,21 @@ def main(argv=None) -> int:
             nonlocal ok
             output = os.path.join(root, "outputs", f"ray-data-{label}")
             wait_for_free_cpus(2)
+            ds = None
             with CpuMeter() as meter:
                 t = time.perf_counter()
-                ds = run_ray_data(inputs, output, fmt, RAY_DATA_CONFIGS[name])
-                seconds = time.perf_counter() - t
+                if args.drivers == "separate":
+                    seconds = in_own_driver({"side": "ray-data", "address": address, "inputs": inputs,
+                                             "output": output, "fmt": fmt, "config": RAY_DATA_CONFIGS[name]})["seconds"]
+                else:
+                    ds = run_ray_data(inputs, output, fmt, RAY_DATA_CONFIGS[name])
+                    seconds = time.perf_counter() - t
             cpu = meter.seconds
             problems = check_output(f"Ray Data ({name})", output, fmt, expected, ordered=False)
             files = len(glob.glob(os.path.join(output, "*")))
             print(f"  {label}: {rate_line(f'Ray Data [{name}]', expected.rows, seconds, in_mb, cpu)}; "
                   f"{files} files, {_size(output) / MIB:.0f} MiB", flush=True)
-            if args.verbose:
+            if args.verbose and ds is not None:
                 print(textwrap.indent(ds.stats(), "      "))
             for p in problems:
                 print(f"  ERROR: {p}")
@@ -731,13 +784,19 @@ def main(argv=None) -> int:
             wait_for_free_cpus(2)
             with CpuMeter() as meter:
                 t = time.perf_counter()
-                outcome = run_raypar(spec, job_dir, args.verbose)
-                seconds = time.perf_counter() - t
+                if args.drivers == "separate":
+                    outcome = in_own_driver({"side": "raypar", "address": address, "spec": spec, "job_dir": job_dir})
+                    seconds = outcome["seconds"]
+                else:
+                    ran = run_raypar(spec, job_dir, args.verbose)
+                    seconds = time.perf_counter() - t
+                    outcome = {"exit_code": ran.exit_code, "state": ran.state.value, "completed": ran.completed,
+                               "total": ran.total, "reason": ran.reason}
             cpu = meter.seconds
-            print(f"  {label}: {rate_line('raypar', expected.rows, seconds, in_mb, cpu)}; {outcome.total} mini-batches, "
-                  f"1 file, {_size(output) / MIB if os.path.exists(output) else 0:.0f} MiB", flush=True)
-            problems = [] if outcome.exit_code == 0 else [
-                f"raypar ended {outcome.state.value}, {outcome.completed}/{outcome.total} done: {outcome.reason}"]
+            print(f"  {label}: {rate_line('raypar', expected.rows, seconds, in_mb, cpu)}; {outcome['total']} "
+                  f"mini-batches, 1 file, {_size(output) / MIB if os.path.exists(output) else 0:.0f} MiB", flush=True)
+            problems = [] if outcome["exit_code"] == 0 else [
+                f"raypar ended {outcome['state']}, {outcome['completed']}/{outcome['total']} done: {outcome['reason']}"]
             problems += check_output("raypar", output, fmt, expected, ordered=True)
             for p in problems:
                 print(f"  ERROR: {p}")
@@ -774,6 +833,9 @@ def main(argv=None) -> int:
             name = min(tried, key=lambda n: tried[n][0])
         config = RAY_DATA_CONFIGS[name]
         print(f"Ray Data configuration: {name} = {config}", flush=True)
+        if args.drivers == "separate":
+            print("drivers: separate (raypar and Ray Data each run as a new program joining this Ray; "
+                  "seconds from after it connected, CPU-s including its start)", flush=True)
 
         rd_times, rp_times, ip_times = [], [], []
         sides = [lambda label: rd_times.append(ray_data_round(name, label)),
