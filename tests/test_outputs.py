@@ -716,7 +716,8 @@ def test_too_many_batches_stored_behind_one_that_is_not_gives_up_and_frees_them(
     assert live.waiting == {}  # what it held is let go
 
 
-def test_a_local_output_is_pushed_to_disk_while_batches_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
+def test_a_local_output_is_pushed_to_disk_while_batches_run(tmp_path, monkeypatch, as_url):
     """So that publishing it waits for the last parts' bytes only, not for the whole file's."""
     monkeypatch.setattr(live_assembly, "SYNC_BYTES", 1)
     synced_sizes, synced, real_fdatasync = [], threading.Event(), os.fdatasync
@@ -728,7 +729,8 @@ def test_a_local_output_is_pushed_to_disk_while_batches_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(3)}, "text")
-    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+    target = (tmp_path / "out.txt").as_uri() if as_url else str(tmp_path / "out.txt")
+    live = LiveAssembly(ledger, target, "text")
 
     live.stored([(records[0].batch, part_of(records[0]))])
     assert synced.wait(30)  # on disk before the session ends

@@ -30,7 +30,7 @@ from raypar.inputs.base import ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
 from raypar.outputs.assembly import Part, ReadAhead, done_in_order, fetch, intact
-from raypar.storage import atomic_output, is_url
+from raypar.storage import atomic_output, on_local_disk
 
 log = logging.getLogger("raypar")
 
@@ -65,7 +65,7 @@ class LiveAssembly:
         self.schema = None
         self.files: Optional[contextlib.ExitStack] = None  # the temporary file (atomic_output)
         self.out = self.sink = None
-        self.synced = 0 if not is_url(target) else None  # bytes of a local output on disk (None: remote)
+        self.synced = 0 if on_local_disk(target) else None  # bytes of a local output on disk (None: remote)
         self.published: Optional[int] = None  # bytes, once published
         self.written_while_running: Optional[int] = None  # parts written before finish()
         self.gave_up: Optional[str] = None
