@@ -180,6 +180,22 @@ def imports_ray(*args) -> bool:
     return result.stdout.splitlines()[-1] == "True"
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    """The versions the run used, at the end where CI's excerpt shows them: a clean machine may
+    hold older releases that the pins allow."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    names = ("ray", "pyarrow", "pandas", "numpy", "fsspec", "adlfs", "s3fs", "gcsfs", "moto")
+    terminalreporter.write_line("versions: " + ", ".join(f"{n} {of(n)}" for n in names))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A passing run removes its Ray sessions (the software-environment test's virtualenv alone is
     0.9 GB); a failing one keeps them, logs and all, under RAY_TMPDIR."""
