@@ -656,6 +656,14 @@ def profile_raypar(inputs, code, root, fmt, batch, expected, verbose, **settings
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
+def quiet_ray_data() -> None:
+    """No progress bars, start banners or notices from Ray Data in this process."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices (progress bars off, ...)
+
+
 def run_as_child(job: dict) -> int:
     """One side's run in a driver of its own (``--drivers separate``): a new program joins the
     benchmark's Ray, as a user's job does, so no worker process of an earlier round serves it.
@@ -663,10 +671,7 @@ def run_as_child(job: dict) -> int:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=job["address"], logging_level=logging.WARNING)
     if job["side"] == "ray-data":
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        quiet_ray_data()
         t = time.perf_counter()
         run_ray_data(job["inputs"], job["output"], job["fmt"], job["config"])
         print(json.dumps({"seconds": time.perf_counter() - t}))
@@ -740,10 +745,7 @@ def main(argv=None) -> int:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
                  _node_ip_address="127.0.0.1")
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices (progress bars off, ...)
+        quiet_ray_data()
         address = ray.get_runtime_context().gcs_address  # where a separate driver joins
         print(f"ray {ray.__version__} started in {time.perf_counter() - t:.1f}s (2 CPUs, 127.0.0.1); "
               f"raypar {raypar.__version__}; pyarrow {pa.__version__}; python {sys.version.split()[0]}", flush=True)

@@ -100,11 +100,6 @@ def gcs_options_from_env(env: Optional[Mapping] = None) -> dict:
     return options
 
 
-def on_local_disk(url: str) -> bool:
-    """A plain path or a ``file://`` URL: written on this machine's disk, not uploaded."""
-    return fsspec.core.split_protocol(url)[0] in (None, *LocalFileSystem.protocol)
-
-
 @contextmanager
 def atomic_output(url: str, storage_options: Optional[dict] = None):
     """A binary file handle whose content appears at ``url`` whole, or not at all."""

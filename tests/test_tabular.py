@@ -528,7 +528,7 @@ def test_a_worker_lets_its_last_row_group_go_before_decoding_another(tmp_path, m
         return table
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", measured)
-    frame = reader.read(batches[0])[0]  # a DataFrame: the worker's own Arrow memory is its cache only
+    frame = reader.read(batches[0])[0]  # a DataFrame, so only the worker's cache can hold the table
     kept = decoded[0]() is not None
     frame_b = reader.read(first_of_b)[0]
 

@@ -25,12 +25,15 @@ import os
 import threading
 from typing import Iterator, Optional
 
+from fsspec.implementations.local import LocalFileSystem
+
+from raypar.credentials import protocol_of
 from raypar.errors import OutputSchemaError
 from raypar.inputs.base import ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
 from raypar.outputs.assembly import Part, ReadAhead, done_in_order, fetch, intact
-from raypar.storage import atomic_output, on_local_disk
+from raypar.storage import atomic_output
 
 log = logging.getLogger("raypar")
 
@@ -65,7 +68,8 @@ class LiveAssembly:
         self.schema = None
         self.files: Optional[contextlib.ExitStack] = None  # the temporary file (atomic_output)
         self.out = self.sink = None
-        self.synced = 0 if on_local_disk(target) else None  # bytes of a local output on disk (None: remote)
+        # bytes of an output on this machine's disk, a path or a file:// URL (None: uploaded at the end)
+        self.synced = 0 if protocol_of(target) in LocalFileSystem.protocol else None
         self.published: Optional[int] = None  # bytes, once published
         self.written_while_running: Optional[int] = None  # parts written before finish()
         self.gave_up: Optional[str] = None
