@@ -9,11 +9,13 @@ import re
 import tempfile
 import uuid
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from raypar.held_upload import open_held
 
 
 def is_url(path: str) -> bool:
@@ -122,14 +124,24 @@ def atomic_output(url: str, storage_options: Optional[dict] = None):
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
-    # Staged in a local temp file, then one upload: an fsspec write handle left open by an
-    # exception still commits what it holds when garbage-collected (adlfs's discard() is a
-    # no-op), so a remote handle cannot promise "nothing" on failure.
+    held = open_held(fs, path)
+    if held is not None:  # uploaded while written, published by commit() only
+        try:
+            yield held
+            held.close()
+            held.commit()
+        except BaseException:
+            with suppress(Exception):
+                held.discard()
+            raise
+        return
+    # Elsewhere staged in a local temp file, then one upload: an fsspec write handle left open by
+    # an exception may still commit what it holds when garbage-collected.
     with tempfile.TemporaryDirectory(prefix="raypar-output-") as folder:
         staged = os.path.join(folder, os.path.basename(path) or "output")
         with open(staged, "wb") as f:
             yield f
-        fs.put_file(staged, path)  # adlfs: one upload_blob; large files commit their blocks at once
+        fs.put_file(staged, path)
 
 
 def normalize_path(path: str) -> str:

@@ -9,6 +9,10 @@ atomically (the emulator serves requests on several threads), and nothing else: 
 must still carry ``ifGenerationMatch=0`` for an upload to be refused, so the tests check that
 gcsfs sends it.
 
+It also cancels a resumable upload session on ``DELETE`` of its URI, answering 499 as GCS does
+(the emulator answers 501, which gcsfs retries for half a minute): raypar cancels the upload of
+an output that fails.
+
 Usage: python gcs_emulator.py HOST PORT
 """
 
@@ -49,6 +53,26 @@ for _, handlers in server.HANDLERS:
     for method, handler in list(handlers.items()):
         if handler is _insert:
             handlers[method] = insert_unless_it_exists
+
+
+
+def cancel_upload(request, response, storage, *args, **kwargs):
+    upload_id = request.query.get("upload_id", [None])[0]
+    if upload_id is None:
+        response.status = HTTPStatus.BAD_REQUEST
+        return None
+    try:
+        storage.delete_resumable_file_obj(upload_id)
+    except NotFound:
+        response.status = HTTPStatus.NOT_FOUND
+        return None
+    response.status = 499  # "Client Closed Request": what GCS answers a canceled session
+    return None
+
+
+for _, handlers in server.HANDLERS:
+    if handlers.get("PUT") is objects.upload_partial:  # the upload endpoint
+        handlers["DELETE"] = cancel_upload
 
 if __name__ == "__main__":
     host, port = sys.argv[1], int(sys.argv[2])

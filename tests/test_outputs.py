@@ -17,6 +17,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import pytest
 
+from raypar import held_upload
 from raypar.errors import CorruptPartsError, OutputSchemaError, ResultError
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger, LedgerView
@@ -27,6 +28,7 @@ from raypar.outputs import live as live_assembly
 from raypar.outputs.assembly import assemble
 from raypar.outputs.live import LiveAssembly
 from raypar.outputs.rows import count_and_serialize
+from raypar.polling import poll
 
 TABLE_FORMATS = ["csv", "jsonl", "parquet"]
 
@@ -757,6 +759,42 @@ def test_a_remote_output_is_staged_without_pushing_the_staged_file_to_disk(tmp_p
     with fsspec.open(target, "rb") as f:
         assert f.read() == b"row 0\nrow 1\nrow 2\n"
     assert calls == []
+
+
+def s3_uploads(s3_server, bucket: str, key: str) -> list[int]:
+    """The sizes of the parts of every unfinished multipart upload of ``key``, as moto holds them."""
+    fs = s3_server.filesystem()
+    uploads = [u for u in fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", [])
+               if u["Key"] == key]
+    return [p["Size"] for u in uploads
+            for p in fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=u["UploadId"]).get("Parts", [])]
+
+
+@pytest.mark.parametrize("ending", ["finish", "abandon"])
+def test_a_remote_output_is_uploaded_while_batches_run(tmp_path, monkeypatch, s3_server, ending):
+    """Not staged on the driver's disk and uploaded after the last batch: only the tail is left
+    then. Nothing is visible before the end, and an abandoned session's upload is aborted."""
+    monkeypatch.setattr(held_upload, "PART_BYTES", 5 << 20)  # S3's smallest part
+    row = "x" * 1021  # a 1 KiB line
+    ledger, view, records = job(tmp_path, {i: [f"{i} {row}"] * 3072 for i in range(3)}, "text")  # 3 MiB each
+    bucket = s3_server.new_bucket()
+    target = f"s3://{bucket}/out/rows.txt"
+    live = LiveAssembly(ledger, target, "text", s3_server.options)
+
+    live.stored([(records[i].batch, part_of(records[i])) for i in (0, 1)])
+    assert poll(lambda: s3_uploads(s3_server, bucket, "out/rows.txt"), timeout=30, interval=0.05) == [6 << 20]
+    assert not s3_server.filesystem().exists(target)
+    if ending == "abandon":
+        live.abandon()
+        assert s3_uploads(s3_server, bucket, "out/rows.txt") == []  # aborted: S3 bills no parts
+        assert not s3_server.filesystem().exists(target)
+        return
+    live.stored([(records[2].batch, part_of(records[2]))])
+    assert live.finish(view) == 9 << 20
+
+    with s3_server.filesystem().open(target, "rb") as f:
+        assert f.read() == "".join(f"{i} {row}\n" * 3072 for i in range(3)).encode()
+    assert s3_uploads(s3_server, bucket, "out/rows.txt") == []
 
 
 def test_an_abandoned_session_leaves_no_file(tmp_path):

@@ -13,17 +13,21 @@ import gc
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 
 import pytest
 
+from raypar import held_upload
 from raypar.errors import LeaseHeldError, LedgerError, UsageError
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.records import DoneRecord, FailedRecord
 from raypar.jobdir.store import Store, open_store
 from raypar.jobdir.writers import ObjectSegmentWriter, SegmentWriter
+from raypar.polling import poll
 from raypar.storage import atomic_output, azure_options_from_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -252,6 +256,100 @@ def test_atomic_output_publishes_nothing_on_error(backend):
         else:
             assert store.read_bytes("out", "result.txt") == content
             assert store.list_files("out") == [store.path("out", "result.txt")]
+
+
+def uploaded_so_far(backend: Backend, url: str, handle=None) -> int:
+    """Bytes of ``url`` the service holds but does not show yet, as the service answers (GCS: of
+    the upload session of ``handle``, a write handle or its session's URI)."""
+    fs = backend.store(own_client=True).fs
+    bucket, key = url.split("://", 1)[1].split("/", 1)
+    if backend.name == "s3":
+        uploads = [u for u in fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", [])
+                   if u["Key"] == key]
+        return sum(part["Size"] for u in uploads
+                   for part in fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=u["UploadId"]).get("Parts", []))
+    if backend.name == "azure":
+        from azure.storage.blob import BlobClient
+
+        blob = BlobClient.from_connection_string(backend.options["connection_string"], bucket, key)
+        try:
+            return sum(b.size for b in blob.get_block_list("uncommitted")[1])
+        except Exception:  # noqa: BLE001 - no blob at all, not even uncommitted blocks
+            return 0
+    session = handle if isinstance(handle, str) else handle.handle.location
+    if session is None:
+        return 0  # not started yet
+    headers, _ = fs.call("PUT", session, headers={"Content-Range": "bytes */*", "Content-Length": "0"})
+    return int(headers["Range"].rsplit("-", 1)[1]) + 1 if "Range" in headers else 0  # a GCS upload session
+
+
+@pytest.mark.parametrize("backend", ["azure", "s3", "gcs"], indirect=True)
+def test_a_remote_output_is_uploaded_while_written_and_appears_only_when_committed(backend, monkeypatch):
+    monkeypatch.setattr(held_upload, "PART_BYTES", 5 << 20)  # S3's smallest part
+    store = backend.store()
+    url = backend.url + "/out/result.bin"
+    chunk = os.urandom(1 << 20)
+    with atomic_output(url, backend.options) as f:
+        for _ in range(12):
+            f.write(chunk)
+        # two parts are on the service already (a thread of the handle's sends them)
+        assert poll(lambda: uploaded_so_far(backend, url, f) >= 10 << 20, timeout=30, interval=0.05)
+        assert not store.exists("out", "result.bin")  # and nothing is visible before the end
+
+    assert store.read_bytes("out", "result.bin") == chunk * 12
+    if backend.name != "gcs":  # (a GCS session is asked through its handle, gone now)
+        assert uploaded_so_far(backend, url) == 0  # nothing left uncommitted
+    assert store.list_files("out") == [store.path("out", "result.bin")]
+
+
+@pytest.mark.parametrize("backend", ["azure", "s3", "gcs"], indirect=True)
+def test_an_output_that_fails_after_its_first_parts_are_uploaded_publishes_nothing(backend, monkeypatch):
+    monkeypatch.setattr(held_upload, "PART_BYTES", 5 << 20)
+    store = backend.store()
+    url = backend.url + "/out/result.txt"
+    with pytest.raises(RuntimeError), atomic_output(url, backend.options) as f:
+        f.write(os.urandom(6 << 20))
+        assert poll(lambda: uploaded_so_far(backend, url, f) >= 5 << 20, timeout=30, interval=0.05)
+        session = getattr(f.handle, "location", None)  # (GCS: its upload session, which discard() forgets)
+        raise RuntimeError("corrupt part")
+    gc.collect()  # nor when its handle is collected
+    assert not store.exists("out", "result.txt")
+    assert store.list_files("out") == []
+    if backend.name == "s3":
+        assert uploaded_so_far(backend, url) == 0  # the multipart upload was aborted, not left billing
+    if backend.name == "gcs":
+        with pytest.raises(FileNotFoundError):
+            uploaded_so_far(backend, url, session)  # the upload session was canceled
+
+
+KILLED_WRITER = """
+import sys
+from raypar import held_upload
+from raypar.storage import atomic_output
+held_upload.PART_BYTES = 5 << 20
+with atomic_output(sys.argv[1], {options}) as f:
+    f.write(b"old rows " * (2 << 20))
+    sys.stdin.read()  # killed while here, its output half uploaded
+"""
+
+
+@pytest.mark.parametrize("backend", ["azure", "s3"], indirect=True)
+def test_a_writer_killed_mid_upload_leaves_nothing_visible_and_the_next_one_clears_its_parts(backend):
+    store = backend.store()
+    url = backend.url + "/out/result.txt"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(options=repr(backend.options)), url],
+                              stdin=subprocess.PIPE)
+    try:
+        assert poll(lambda: uploaded_so_far(backend, url) >= 10 << 20, timeout=30, interval=0.05)  # its parts
+    finally:
+        writer.kill()  # SIGKILL: nothing of it runs after this
+        writer.wait(timeout=30)
+    assert not store.exists("out", "result.txt")
+
+    with atomic_output(url, backend.options) as f:
+        f.write(b"new rows\n")
+    assert store.read_bytes("out", "result.txt") == b"new rows\n"
+    assert uploaded_so_far(backend, url) == 0  # S3: aborted by the new writer; Azure: dropped by its commit
 
 
 def test_an_auth_error_never_reads_as_absent(azurite):
