@@ -51,6 +51,17 @@ LAUNCHER = textwrap.dedent("""
                 die()
             return write(self, data, batch)
         outputs.TextSink.write = crashing_write
+    elif point == "output-part-uploaded":  # a remote output's first part is on S3, the rest is not
+        import s3fs
+        import raypar.held_upload as held
+        held.PART_BYTES = 5 << 20
+        upload = s3fs.core.S3File._upload_chunk
+        def crashing_upload(self, final=False):
+            result = upload(self, final)
+            if self.parts:
+                die()
+            return result
+        s3fs.core.S3File._upload_chunk = crashing_upload
     elif point == "compaction":  # the compact's .arrow stored, its .idx (which makes it count) not
         import raypar.jobdir.store as store
         write_atomic = store.Store.write_atomic
@@ -245,3 +256,44 @@ def test_driver_killed_while_assembling_or_compacting_leaves_a_job_that_resumes_
     assert executed(log) == []  # every batch was stored before the crash: nothing runs again
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     assert os.listdir(output.parent) == [output.name]
+
+
+def test_driver_killed_while_uploading_the_output_leaves_nothing_visible_and_resumes_exactly(
+        ray_cluster, tmp_path, s3_server, monkeypatch, capsys):
+    """A remote output is uploaded while batches run: the upload a killed driver leaves is never
+    visible, and the resumed driver's output replaces it whole (its parts aborted, not billed)."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = s3_server.new_bucket()
+    files = {f"f{i:02d}.txt": f"v{i} " + "x" * (1 << 20) for i in range(10)}  # a row of 1 MiB per file
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, **{
+        "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log}",
+        "outputs.out": {"type": "uri_folder", "path": f"s3://{bucket}/out"},
+    })
+    spec_path = tmp_path / "job.yml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    job = str(tmp_path / "job")
+    fs = s3_server.filesystem()
+    key = "out/parallel_run_step.txt"
+
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point="output-part-uploaded",
+                      cluster=ray_cluster)
+
+    assert crashed.returncode == 9, crashed.stderr
+    assert not fs.exists(f"{bucket}/{key}")  # never a partial output
+    uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", [])
+    assert len(uploads) == 1  # what the killed driver had sent
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
+    assert status["state"] == "interrupted" and status["completed"] >= 3  # 5 MiB of rows were written
+    for p in log.iterdir():
+        p.unlink()
+
+    resumed = run_cli(["resume", job], cluster=ray_cluster)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(executed(log)) == 5 - status["completed"]  # only what was not done ran again
+    rows = fs.cat_file(f"{bucket}/{key}").decode().splitlines()
+    assert rows == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", []) == []
