@@ -47,6 +47,31 @@ def open_held(fs, path: str) -> Optional[Uploading]:
     return None
 
 
+def missing_bucket(fs, path: str) -> Optional[str]:
+    """The bucket or container of ``path`` when the service answers that it does not exist; None
+    when it does, or when the answer is anything else (a role may write objects without the
+    right to look at their bucket: the upload then says what is wrong)."""
+    protocols = set(_protocols(fs))
+    bucket = path.split("/", 1)[0]
+    try:
+        if protocols & {"s3", "s3a"}:
+            fs.call_s3("head_bucket", Bucket=bucket)  # s3fs: a 404 is FileNotFoundError, a 403 PermissionError
+        elif protocols & {"gs", "gcs"}:
+            fs.call("GET", "b/{}", bucket, json_out=True)
+        elif protocols & {"az", "abfs", "abfss"} and hasattr(fs, "service_client"):
+            from azure.core.exceptions import ResourceNotFoundError  # noqa: PLC0415 - lazy: raypar[azure] only
+
+            try:
+                sync(fs.loop, fs.service_client.get_container_client(bucket).get_container_properties)
+            except ResourceNotFoundError:
+                return bucket
+    except FileNotFoundError:
+        return bucket
+    except Exception as exc:  # noqa: BLE001 - cannot tell
+        log.debug("raypar: could not look at %s: %s", bucket, exc)
+    return None
+
+
 def _protocols(fs) -> tuple:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 

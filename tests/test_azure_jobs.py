@@ -198,3 +198,29 @@ def test_a_worker_reads_the_next_mini_batch_while_run_works(ray_cluster, blob, t
         assert all(seen[:5])
     else:  # one worker, nothing read ahead: batch k+1 is fetched only once run() of batch k returned
         assert not any(seen)
+
+
+def test_an_output_container_that_does_not_exist_fails_before_any_batch_runs(ray_cluster, azurite, tmp_path):
+    container = azurite.new_container()
+    fs = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
+    fs.pipe_file(f"{container}/input/a.txt", b"x")
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, {}, **{"inputs.data": {"type": "uri_folder", "path": f"az://{container}/input"},
+                                      "outputs.out": {"type": "uri_folder", "path": "az://nosuchcontainer/out"},
+                                      "task.program_arguments": f"--exec-log {log}"})
+    path = tmp_path / "job.yml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
+    env.pop("RAY_ADDRESS", None)
+
+    result = subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), "--job-dir",
+                             str(tmp_path / "job"), "--address", ray_cluster.address],
+                            capture_output=True, text=True, env=env, timeout=120)
+
+    assert result.returncode == 2, result.stderr  # a wrong spec, found before anything runs
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["raypar: error: task.append_row_to: az://nosuchcontainer/out/parallel_run_step.txt: "
+                     "the bucket or container 'nosuchcontainer' does not exist"], result.stderr
+    assert list(log.iterdir()) == []  # no batch ran
+    assert not (tmp_path / "job").exists()  # nothing written

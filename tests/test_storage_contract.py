@@ -322,6 +322,15 @@ def test_an_output_that_fails_after_its_first_parts_are_uploaded_publishes_nothi
             uploaded_so_far(backend, url, session)  # the upload session was canceled
 
 
+@pytest.mark.parametrize("backend", ["azure", "s3", "gcs"], indirect=True)
+def test_a_missing_bucket_is_told_from_one_that_exists(backend):
+    """What the driver asks before a job whose output goes there runs (not after its last batch)."""
+    fs = backend.store().fs
+    bucket = backend.url.split("://", 1)[1].split("/", 1)[0]
+    assert held_upload.missing_bucket(fs, f"{bucket}/out/x.txt") is None
+    assert held_upload.missing_bucket(fs, "raypar-no-such-bucket/out/x.txt") == "raypar-no-such-bucket"
+
+
 KILLED_WRITER = """
 import sys
 from raypar import held_upload

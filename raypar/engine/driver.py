@@ -29,6 +29,7 @@ from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
 from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, give_memory_back, write_session_reports
 from raypar.engine.worker_plan import worker_plan
 from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, UsageError
+from raypar.held_upload import missing_bucket
 from raypar.inputs import check_input, plan_batches
 from raypar.inputs.source import open_source
 from raypar.jobdir.layout import default_job_dir
@@ -95,7 +96,20 @@ def check_files(spec: JobSpec) -> _Session:
         raise SpecError(f"task.entry_script: {entry} not found")
     storage = resolve_storage(spec.raypar.storage_options)
     runtime_env = worker_runtime_env(spec)
+    _check_output_bucket(spec, storage)
     return _Session(spec, check_input(spec, storage), storage, runtime_env)
+
+
+def _check_output_bucket(spec: JobSpec, storage: dict) -> None:
+    """An append_row_to file in a bucket or container that does not exist fails now, not after
+    the last mini-batch (where its upload would be refused)."""
+    target = bind(spec).append_row_path
+    if not target or not is_url(target):
+        return
+    fs, path = open_fs(target, storage)
+    bucket = missing_bucket(fs, path)
+    if bucket is not None:
+        raise SpecError(f"task.append_row_to: {redact(target)}: the bucket or container {bucket!r} does not exist")
 
 
 def _primed(batches):
