@@ -36,13 +36,12 @@ PART_BYTES = 64 << 20
 def open_held(fs, path: str) -> Optional[Uploading]:
     """A write handle for ``path`` that publishes on commit() only; None where the backend
     cannot hold an upload back (the caller stages the file and uploads it at the end)."""
-    protocols = set(_protocols(fs))
-    if protocols & {"s3", "s3a"}:
+    backend = _backend(fs)
+    if backend == "s3":
         abort_stale(fs, path)
+    if backend in ("s3", "gs"):
         return Uploading(fs.open(path, "wb", autocommit=False, block_size=PART_BYTES))
-    if protocols & {"gs", "gcs"}:
-        return Uploading(fs.open(path, "wb", autocommit=False, block_size=PART_BYTES))
-    if protocols & {"az", "abfs", "abfss"} and hasattr(fs, "service_client"):
+    if backend == "az":
         return Uploading(AzureHeldBlob(fs, path, block_size=PART_BYTES))
     return None
 
@@ -51,14 +50,14 @@ def missing_bucket(fs, path: str) -> Optional[str]:
     """The bucket or container of ``path`` when the service answers that it does not exist; None
     when it does, or when the answer is anything else (a role may write objects without the
     right to look at their bucket: the upload then says what is wrong)."""
-    protocols = set(_protocols(fs))
+    backend = _backend(fs)
     bucket = path.split("/", 1)[0]
     try:
-        if protocols & {"s3", "s3a"}:
+        if backend == "s3":
             fs.call_s3("head_bucket", Bucket=bucket)  # s3fs: a 404 is FileNotFoundError, a 403 PermissionError
-        elif protocols & {"gs", "gcs"}:
+        elif backend == "gs":
             fs.call("GET", "b/{}", bucket, json_out=True)
-        elif protocols & {"az", "abfs", "abfss"} and hasattr(fs, "service_client"):
+        elif backend == "az":
             from azure.core.exceptions import ResourceNotFoundError  # noqa: PLC0415 - lazy: raypar[azure] only
 
             try:
@@ -72,8 +71,14 @@ def missing_bucket(fs, path: str) -> Optional[str]:
     return None
 
 
-def _protocols(fs) -> tuple:
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+_BACKENDS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
+
+
+def _backend(fs) -> Optional[str]:
+    """Which of s3fs ("s3"), gcsfs ("gs") and adlfs ("az") ``fs`` is; None for any other filesystem."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    backend = next((_BACKENDS[p] for p in protocols if p in _BACKENDS), None)
+    return None if backend == "az" and not hasattr(fs, "service_client") else backend
 
 
 def abort_stale(fs, path: str) -> None:
