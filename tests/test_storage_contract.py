@@ -232,6 +232,16 @@ def test_atomic_output_is_published_whole(backend):
     assert store.list_files("out") == [store.path("out", "result.txt")]
 
 
+def test_an_empty_atomic_output_is_published_empty(backend):
+    """A job whose batches all returned no rows still has its (empty) output file."""
+    store = backend.store()
+    url = backend.url + "/out/result.txt"
+    with atomic_output(url, backend.options):
+        pass
+    assert store.read_bytes("out", "result.txt") == b""
+    assert store.list_files("out") == [store.path("out", "result.txt")]
+
+
 def write_then_fail(url: str, options: dict) -> None:
     """As outputs.assemble does on a corrupt part: the handle dies with this frame."""
     with atomic_output(url, options) as out:
