@@ -123,7 +123,13 @@ def describe_error(exc: BaseException, storage: Optional[dict] = None) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     name = type(exc).__name__
-    if any(sign in str(exc) for sign in ("AuthenticationFailed", "failed to authenticate", "AuthorizationFailure")) \
-            or name == "ClientAuthenticationError":
+    if refused_credentials(exc):
         first = "authentication failed: check the storage credentials (AZURE_STORAGE_* or raypar.storage_options)"
     return redact(f"{name}: {first}" if first else name, storage)
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """True when the storage refused the credentials themselves (a wrong key or signature), as
+    opposed to a right the credentials lack."""
+    return any(sign in str(exc) for sign in ("AuthenticationFailed", "failed to authenticate", "AuthorizationFailure")) \
+        or type(exc).__name__ == "ClientAuthenticationError"

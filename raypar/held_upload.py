@@ -46,29 +46,23 @@ def open_held(fs, path: str) -> Optional[Uploading]:
     return None
 
 
-def missing_bucket(fs, path: str) -> Optional[str]:
-    """The bucket or container of ``path`` when the service answers that it does not exist; None
-    when it does, or when the answer is anything else (a role may write objects without the
-    right to look at their bucket: the upload then says what is wrong)."""
+def look_at_bucket(fs, path: str) -> None:
+    """Ask the service about the bucket or container of ``path``: FileNotFoundError when it
+    answers that it does not exist; the service's own error for anything else (a wrong key, a
+    role without the right to look)."""
     backend = _backend(fs)
     bucket = path.split("/", 1)[0]
-    try:
-        if backend == "s3":
-            fs.call_s3("head_bucket", Bucket=bucket)  # s3fs: a 404 is FileNotFoundError, a 403 PermissionError
-        elif backend == "gs":
-            fs.call("GET", "b/{}", bucket, json_out=True)
-        elif backend == "az":
-            from azure.core.exceptions import ResourceNotFoundError  # noqa: PLC0415 - lazy: raypar[azure] only
+    if backend == "s3":
+        fs.call_s3("head_bucket", Bucket=bucket)  # s3fs: a 404 is FileNotFoundError, a 403 PermissionError
+    elif backend == "gs":
+        fs.call("GET", "b/{}", bucket, json_out=True)  # gcsfs: a 404 is FileNotFoundError
+    elif backend == "az":
+        from azure.core.exceptions import ResourceNotFoundError  # noqa: PLC0415 - lazy: raypar[azure] only
 
-            try:
-                sync(fs.loop, fs.service_client.get_container_client(bucket).get_container_properties)
-            except ResourceNotFoundError:
-                return bucket
-    except FileNotFoundError:
-        return bucket
-    except Exception as exc:  # noqa: BLE001 - cannot tell
-        log.debug("raypar: could not look at %s: %s", bucket, exc)
-    return None
+        try:
+            sync(fs.loop, fs.service_client.get_container_client(bucket).get_container_properties)
+        except ResourceNotFoundError:
+            raise FileNotFoundError(bucket) from None
 
 
 _BACKENDS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}

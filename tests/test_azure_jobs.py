@@ -224,3 +224,33 @@ def test_an_output_container_that_does_not_exist_fails_before_any_batch_runs(ray
                      "the bucket or container 'nosuchcontainer' does not exist"], result.stderr
     assert list(log.iterdir()) == []  # no batch ran
     assert not (tmp_path / "job").exists()  # nothing written
+
+
+def test_output_credentials_the_storage_refuses_fail_before_any_batch_runs(ray_cluster, azurite, tmp_path):
+    """The input and the job dir are local: only the output's storage can say the key is wrong."""
+    container = azurite.new_container()
+    fs = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, {"a.txt": "x"}, **{"outputs.out": {"type": "uri_folder", "path": f"az://{container}/out"},
+                                                  "task.program_arguments": f"--exec-log {log}"})
+    path = tmp_path / "job.yml"
+    path.write_text(yaml.safe_dump(spec))
+    wrong_key = "A" * 86 + "=="
+    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING":
+           azurite.connection_string.replace(azurite.account_key, wrong_key)}
+    env.pop("RAY_ADDRESS", None)
+
+    result = subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), "--job-dir",
+                             str(tmp_path / "job"), "--address", ray_cluster.address],
+                            capture_output=True, text=True, env=env, timeout=120)
+
+    assert result.returncode == 1, result.stderr  # the storage refused the key: not a wrong spec (2)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"raypar: error: task.append_row_to: az://{container}/out/parallel_run_step.txt: "
+                               "cannot access (") and "authentication failed" in lines[0], lines[0]
+    assert wrong_key not in result.stderr
+    assert list(log.iterdir()) == []  # no batch ran
+    assert not (tmp_path / "job").exists()  # nothing written
+    assert fs.find(container) == []

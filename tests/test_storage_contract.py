@@ -337,8 +337,9 @@ def test_a_missing_bucket_is_told_from_one_that_exists(backend):
     """What the driver asks before a job whose output goes there runs (not after its last batch)."""
     fs = backend.store().fs
     bucket = backend.url.split("://", 1)[1].split("/", 1)[0]
-    assert held_upload.missing_bucket(fs, f"{bucket}/out/x.txt") is None
-    assert held_upload.missing_bucket(fs, "raypar-no-such-bucket/out/x.txt") == "raypar-no-such-bucket"
+    held_upload.look_at_bucket(fs, f"{bucket}/out/x.txt")  # there: no answer
+    with pytest.raises(FileNotFoundError):
+        held_upload.look_at_bucket(fs, "raypar-no-such-bucket/out/x.txt")
 
 
 KILLED_WRITER = """

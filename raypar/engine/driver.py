@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from raypar.credentials import open_fs, options_for, redact, resolve_storage
+from raypar.credentials import describe_error, open_fs, options_for, redact, refused_credentials, resolve_storage
 from raypar.engine import cluster, signals
 from raypar.engine.console_relay import ConsoleRelay
 from raypar.engine.planning import PlanFeed
@@ -28,8 +28,8 @@ from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
 from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, give_memory_back, write_session_reports
 from raypar.engine.worker_plan import worker_plan
-from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, UsageError
-from raypar.held_upload import missing_bucket
+from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, StorageError, UsageError
+from raypar.held_upload import look_at_bucket
 from raypar.inputs import check_input, plan_batches
 from raypar.inputs.source import open_source
 from raypar.jobdir.layout import default_job_dir
@@ -101,15 +101,25 @@ def check_files(spec: JobSpec) -> _Session:
 
 
 def _check_output_bucket(spec: JobSpec, storage: dict) -> None:
-    """An append_row_to file in a bucket or container that does not exist fails now, not after
-    the last mini-batch (where its upload would be refused)."""
+    """An append_row_to file in a bucket or container that does not exist, or whose storage
+    refuses the credentials, fails now, not after the last mini-batch (where its upload would be
+    refused). Any other answer is not judged: a role may write objects without the right to look
+    at their bucket, and the upload then says what is wrong."""
     target = bind(spec).append_row_path
     if not target or not is_url(target):
         return
     fs, path = open_fs(target, storage)
-    bucket = missing_bucket(fs, path)
-    if bucket is not None:
-        raise SpecError(f"task.append_row_to: {redact(target)}: the bucket or container {bucket!r} does not exist")
+    try:
+        look_at_bucket(fs, path)
+    except FileNotFoundError:
+        bucket = path.split("/", 1)[0]
+        raise SpecError(f"task.append_row_to: {redact(target)}: the bucket or container {bucket!r} "
+                        f"does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - judged below
+        if refused_credentials(exc):
+            raise StorageError(f"task.append_row_to: {redact(target)}: cannot access "
+                               f"({describe_error(exc, storage)})") from None
+        log.debug("raypar: could not look at the bucket of %s: %s", redact(target), exc)
 
 
 def _primed(batches):
