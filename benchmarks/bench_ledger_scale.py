@@ -19,10 +19,11 @@ started here), written as workers write it there: segment objects of
 Targets there (issue 13): status <= 3 s, resume planning <= 5 s, peak < 1 GiB.
 
 --report times what the end of a session adds (report.html, the text reports, and storing them);
---failed-batches N gives N of the batches not done two failed attempts first.
+--failed-batches N gives N of the batches not done two failed attempts first; --same-error gives
+them all one traceback (a bug in run() that every batch hits), not one naming its file.
 
     python benchmarks/bench_ledger_scale.py [--batches N] [--done N] [--uncompacted N] [--store local|azurite]
-        [--report] [--failed-batches N] [--failed-every K] [--keep]
+        [--report] [--failed-batches N] [--same-error] [--failed-every K] [--keep]
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": counts["pending
 TRACEBACK = "Traceback (most recent call last):\n" + '  File "/app/score.py", line 42, in run\n    x = parse(f)\n' * 12
 
 def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16, failed_every: int = 0,
-          failed_batches: int = 0) -> None:
+          failed_batches: int = 0, same_error: bool = False) -> None:
     from raypar.inputs.base import MiniBatch
     from raypar.jobdir.ledger import Ledger
     from raypar.jobdir.records import DoneRecord, FailedRecord
@@ -154,7 +155,8 @@ def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16
     for i in range(done, done + failed_batches):  # two tries each, a traceback of about 1 KB
         for attempt in (1, 2):
             ledger.record_failed(FailedRecord(batch=f"mb-{i:07d}", run="r1", attempt=attempt, kind="user",
-                                              error=f"{TRACEBACK}ValueError: cannot parse f{i:07d}.txt",
+                                              error=f"{TRACEBACK}NameError: name 'modle' is not defined"
+                                              if same_error else f"{TRACEBACK}ValueError: cannot parse f{i:07d}.txt",
                                               final=attempt == 2, node="0" * 56, worker="instance0-slot0"))
     ledger.end_gathering_failures()
 
@@ -171,6 +173,9 @@ def main() -> int:
     parser.add_argument("--failed-batches", type=int, default=0, metavar="N",
                         help="N of the batches not done failed twice (a 1 KB traceback each); with --report: "
                              "what their reports cost")
+    parser.add_argument("--same-error", action="store_true",
+                        help="every failed attempt has the same traceback (a bug in run() every batch hits), "
+                             "not one naming its file")
     parser.add_argument("--failed-every", type=int, default=0, metavar="K",
                         help="every K-th done batch reports its item failed; then time `raypar failed`'s read "
                              "and `resume --retry-failed-items`'s planning")
@@ -188,7 +193,7 @@ def main() -> int:
     try:
         started = time.time()
         build(job, args.batches, args.done, args.uncompacted, failed_every=args.failed_every,
-              failed_batches=args.failed_batches)
+              failed_batches=args.failed_batches, same_error=args.same_error)
         print(f"built {args.batches:,} batches, {args.done:,} done ({args.uncompacted:,} after the last "
               f"compaction) on {args.store} in {time.time() - started:.0f}s")
         targets = {"local": (2, 2), "azurite": (5, 3)}[args.store]  # seconds: resume planning, status

@@ -645,6 +645,36 @@ def test_a_sessions_failed_records_are_stored_a_segment_at_a_time(backend, monke
     assert bid(399) in backend.ledger().view().failed  # one by one again, stored at once
 
 
+def test_a_view_reads_failed_records_a_window_at_a_time_and_keeps_one_copy_of_each_traceback(backend, monkeypatch):
+    """A bug in run() that every batch hits: a million records of the same kilobyte. The view reads
+    them a few files at a time and keeps each distinct text once (2.6 GiB -> 384 MiB for a million
+    attempts, benchmarks/README.md)."""
+    import raypar.jobdir.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 10)
+    monkeypatch.setattr(ledger_module, "RECORDS_WINDOW", 1)  # every file a window of its own
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(60))
+    ledger.gather_failures("r1", seconds=3600)
+    same = "Traceback (most recent call last):\n  ...\nNameError: name 'modle' is not defined"
+    for i in range(50):
+        ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, kind="user", final=True, node="n" * 56,
+                                          error=same if i < 40 else f"ValueError: bad row {i}"))
+    ledger.end_gathering_failures()
+    reads = []
+    read_many = ledger.store.read_many
+    monkeypatch.setattr(ledger.store, "read_many", lambda paths: reads.append(len(paths)) or read_many(paths))
+
+    view = ledger.view()
+
+    assert len(ledger.store.list_files("failed")) == 5 and reads.count(1) >= 5  # one segment per read
+    assert sorted(view.failed) == [bid(i) for i in range(50)]
+    assert [view.failed[bid(i)][0].error for i in (0, 39, 40, 49)] == [same, same, "ValueError: bad row 40",
+                                                                       "ValueError: bad row 49"]
+    assert len({id(view.failed[bid(i)][0].error) for i in range(40)}) == 1  # one copy, not forty
+    assert len({id(view.failed[bid(i)][0].node) for i in range(50)}) == 1
+
+
 def test_gathered_failed_records_are_stored_once_they_are_old_enough(tmp_path):
     ledger = Ledger(str(tmp_path / "job"))
     ledger.write_manifest(make_batches(2))

@@ -68,6 +68,8 @@ CHUNK_SIZE = 10_000
 MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges them into one
 FAILED_FLUSH_SECONDS = 1.0  # a driver's failed records wait at most this long to be stored...
 FAILED_FLUSH_RECORDS = 1000  # ... or until this many are gathered
+RECORDS_WINDOW = 32 << 20  # bytes of record files read at once (a view's failed records)
+_REPEATED_TEXTS = ("error", "node", "worker", "run", "kind")  # failed records' fields kept once per distinct value
 
 
 @dataclass
@@ -384,10 +386,10 @@ class Ledger:
 
     def record_failed(self, record: FailedRecord) -> None:
         if self.failed_log is not None:  # a driver's session: stored a segment at a time
-            self.failed_log.add(record.__dict__)
+            self.failed_log.add(record.fields())
             return
         name = attempt_name(record.batch, record.run, record.attempt)
-        self.store.write_atomic(_sealed(record.__dict__), "failed", f"{name}.json")
+        self.store.write_atomic(_sealed(record.fields()), "failed", f"{name}.json")
 
     def gather_failures(self, run: str, seconds: float = FAILED_FLUSH_SECONDS) -> None:
         """From now on, failed records are gathered and stored as segments (:class:`FailedLog`)."""
@@ -475,8 +477,21 @@ class Ledger:
         return sorted(self._file_sizes(folder))
 
     def _records(self, folder: str) -> Iterator[dict]:
-        """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line."""
-        paths = [p for p in self._list_files(folder) if p.endswith((".json", ".jsonl"))]
+        """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line.
+        Read RECORDS_WINDOW bytes of files at a time (concurrently on object stores): a million
+        failed attempts are a gigabyte of tracebacks, never all in memory at once."""
+        sizes = self._file_sizes(folder)
+        window: list[str] = []
+        window_bytes = 0
+        for path in sorted(p for p in sizes if p.endswith((".json", ".jsonl"))):
+            window.append(path)
+            window_bytes += sizes[path]
+            if window_bytes >= RECORDS_WINDOW:
+                yield from self._unseal_files(window)
+                window, window_bytes = [], 0
+        yield from self._unseal_files(window)
+
+    def _unseal_files(self, paths: list[str]) -> Iterator[dict]:
         for path, data in self.store.read_many(paths).items():
             # torn or corrupted records are left out: as if never written
             yield from unseal_all(data.split(b"\n") if path.endswith(".jsonl") else [data])
@@ -648,7 +663,14 @@ class Ledger:
 
     def _failed_records(self) -> dict[str, list[FailedRecord]]:
         out: dict[str, list[FailedRecord]] = {}
+        # One copy of each distinct traceback, node, worker, run and kind: a bug in run() that
+        # every batch hits repeats the same kilobyte in millions of records.
+        texts: dict[str, str] = {}
         for body in self._records("failed"):
+            for key in _REPEATED_TEXTS:
+                value = body.get(key)
+                if isinstance(value, str):
+                    body[key] = texts.setdefault(value, value)
             try:
                 record = FailedRecord(**body)
             except TypeError:

@@ -127,7 +127,7 @@ class DoneRecord:
         return max(self.items - self.returned, self.reported, 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no per-record __dict__: a failing job may hold millions
 class FailedRecord:
     batch: str
     run: str
@@ -140,6 +140,10 @@ class FailedRecord:
     worker: Optional[str] = None
     started: Optional[float] = None
     items: Optional[int] = None  # rows of a table batch, once read (the manifest may not know them)
+
+    def fields(self) -> dict:
+        """The record as the plain dict that is stored."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 # A segment object: the batches' rows back to back, their sealed records (one per line), then
