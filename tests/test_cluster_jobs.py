@@ -146,7 +146,13 @@ def assert_reports(job: Path, bad_batches: dict):
     errors = (job / "reports" / "errors.txt").read_text()
     headers = [line.split()[1] for line in errors.splitlines() if line.startswith("=== ")]
     assert headers == [b for b in sorted(bad_batches) for _ in range(2)]  # each failed attempt, in batch order
-    assert errors.count("ValueError: cannot score") == 2 * len(bad_batches)
+    # each batch's traceback once: its second attempt raised the same, and names the first
+    assert errors.count("ValueError: cannot score") == len(bad_batches)
+    seconds = {b: section for b in bad_batches for section in errors.split("\n\n")
+               if section.startswith(f"=== {b} ") and " attempt 2: " in section}
+    assert sorted(seconds) == sorted(bad_batches)
+    assert all(section.endswith(" attempt 1)") and f"\n(the same traceback as {b} run " in section
+               for b, section in seconds.items())
     result = (job / "reports" / "job_result.txt").read_text()
     assert "state: succeeded" in result
     most_frequent = [line.strip() for line in result.splitlines() if line.startswith("  ")]

@@ -384,6 +384,11 @@ def test_failed_attempts_go_to_one_errors_file_in_batch_order_and_the_result_nam
     headers = [line.split()[1] for line in errors.splitlines() if line.startswith("=== ")]
     assert headers == [bid(o) for o in (0, 1, 2, 3, 3, 4, 5, 7, 7, 11, 11)]  # every failed attempt, by batch
     assert "Traceback\nKeyError: 4\n" in errors  # whole tracebacks
+    # a traceback written before is named, not written again (a bug every batch hits: one copy)
+    assert errors.count("boom 1") == errors.count("boom 2") == 1
+    sections = errors.split("\n\n")
+    assert f"=== {bid(7)} run r1 attempt 1: exception on ? (node ?)\n(the same traceback as {bid(3)} run r1 attempt 1)" \
+        in sections
 
     result = files["reports/job_result.txt"].decode().splitlines()
     first = result.index("failed attempts: 11 in 8 mini-batch(es), tracebacks in reports/errors.txt "
