@@ -123,26 +123,33 @@ def test_table_job_on_azure_blob_reads_ranges_and_writes_one_output(ray_cluster,
     assert ids == list(range(20_000))
 
 
+WRONG_KEY = "A" * 86 + "=="
+
+
+def run_as_user(spec: dict, tmp_path, connection_string: str, *args: str) -> subprocess.CompletedProcess:
+    """`raypar run SPEC ARGS` in a fresh process with that Azure connection string, as a user runs it."""
+    path = tmp_path / "job.yml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": connection_string}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
 def test_wrong_credentials_are_one_line_exit_nonzero_and_nothing_written(ray_cluster, azurite, tmp_path):
     container = azurite.new_container()
     good = fsspec.filesystem("az", connection_string=azurite.connection_string, use_listings_cache=False)
     good.pipe_file(f"{container}/input/a.txt", b"x")
     spec = make_spec(tmp_path, {}, **{"inputs.data": {"type": "uri_folder", "path": f"az://{container}/input"}})
-    path = tmp_path / "job.yml"
-    path.write_text(yaml.safe_dump(spec))
-    wrong_key = "A" * 86 + "=="
-    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING":
-           azurite.connection_string.replace(azurite.account_key, wrong_key)}
-    env.pop("RAY_ADDRESS", None)
 
-    result = subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), "--job-dir",
-                             f"az://{container}/jobs/x"], capture_output=True, text=True, env=env, timeout=120)
+    result = run_as_user(spec, tmp_path, azurite.connection_string.replace(azurite.account_key, WRONG_KEY),
+                         "--job-dir", f"az://{container}/jobs/x")
 
     assert result.returncode == 1  # the storage refused the key: not a wrong spec (2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "inputs.data" in lines[0] and "authentication failed" in lines[0]
-    assert wrong_key not in result.stderr
+    assert WRONG_KEY not in result.stderr
     assert good.find(f"{container}") == [f"{container}/input/a.txt"]  # nothing written
 
 
@@ -209,14 +216,9 @@ def test_an_output_container_that_does_not_exist_fails_before_any_batch_runs(ray
     spec = make_spec(tmp_path, {}, **{"inputs.data": {"type": "uri_folder", "path": f"az://{container}/input"},
                                       "outputs.out": {"type": "uri_folder", "path": "az://nosuchcontainer/out"},
                                       "task.program_arguments": f"--exec-log {log}"})
-    path = tmp_path / "job.yml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
-    env.pop("RAY_ADDRESS", None)
 
-    result = subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), "--job-dir",
-                             str(tmp_path / "job"), "--address", ray_cluster.address],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = run_as_user(spec, tmp_path, azurite.connection_string, "--job-dir", str(tmp_path / "job"),
+                         "--address", ray_cluster.address)
 
     assert result.returncode == 2, result.stderr  # a wrong spec, found before anything runs
     lines = result.stderr.strip().splitlines()
@@ -234,23 +236,16 @@ def test_output_credentials_the_storage_refuses_fail_before_any_batch_runs(ray_c
     log.mkdir()
     spec = make_spec(tmp_path, {"a.txt": "x"}, **{"outputs.out": {"type": "uri_folder", "path": f"az://{container}/out"},
                                                   "task.program_arguments": f"--exec-log {log}"})
-    path = tmp_path / "job.yml"
-    path.write_text(yaml.safe_dump(spec))
-    wrong_key = "A" * 86 + "=="
-    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING":
-           azurite.connection_string.replace(azurite.account_key, wrong_key)}
-    env.pop("RAY_ADDRESS", None)
 
-    result = subprocess.run([sys.executable, "-m", "raypar.cli", "run", str(path), "--job-dir",
-                             str(tmp_path / "job"), "--address", ray_cluster.address],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = run_as_user(spec, tmp_path, azurite.connection_string.replace(azurite.account_key, WRONG_KEY),
+                         "--job-dir", str(tmp_path / "job"), "--address", ray_cluster.address)
 
     assert result.returncode == 1, result.stderr  # the storage refused the key: not a wrong spec (2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"raypar: error: task.append_row_to: az://{container}/out/parallel_run_step.txt: "
                                "cannot access (") and "authentication failed" in lines[0], lines[0]
-    assert wrong_key not in result.stderr
+    assert WRONG_KEY not in result.stderr
     assert list(log.iterdir()) == []  # no batch ran
     assert not (tmp_path / "job").exists()  # nothing written
     assert fs.find(container) == []
