@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -69,7 +70,8 @@ MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges 
 FAILED_FLUSH_SECONDS = 1.0  # a driver's failed records wait at most this long to be stored...
 FAILED_FLUSH_RECORDS = 1000  # ... or until this many are gathered
 RECORDS_WINDOW = 32 << 20  # bytes of record files read at once (a view's failed records)
-_REPEATED_TEXTS = ("error", "node", "worker", "run", "kind")  # failed records' fields kept once per distinct value
+_SHORT_TEXTS = ("node", "worker", "run", "kind")  # failed records' fields with few values: interned
+DISTINCT_TRACEBACKS = 10_000  # distinct tracebacks a view keeps one copy of (the rest as read)
 
 
 @dataclass
@@ -664,13 +666,19 @@ class Ledger:
     def _failed_records(self) -> dict[str, list[FailedRecord]]:
         out: dict[str, list[FailedRecord]] = {}
         # One copy of each distinct traceback, node, worker, run and kind: a bug in run() that
-        # every batch hits repeats the same kilobyte in millions of records.
-        texts: dict[str, str] = {}
+        # every batch hits repeats the same kilobyte in millions of records. Tracebacks that name
+        # their item are all distinct: past DISTINCT_TRACEBACKS, they are kept as read.
+        tracebacks: dict[str, str] = {}
         for body in self._records("failed"):
-            for key in _REPEATED_TEXTS:
-                value = body.get(key)
-                if isinstance(value, str):
-                    body[key] = texts.setdefault(value, value)
+            for key in _SHORT_TEXTS:
+                if isinstance(body.get(key), str):
+                    body[key] = sys.intern(body[key])
+            error = body.get("error")
+            if isinstance(error, str):
+                kept = tracebacks.get(error)
+                if kept is None and len(tracebacks) < DISTINCT_TRACEBACKS:
+                    tracebacks[error] = error
+                body["error"] = kept or error
             try:
                 record = FailedRecord(**body)
             except TypeError:

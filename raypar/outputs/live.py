@@ -68,7 +68,7 @@ class LiveAssembly:
         self.schema = None
         self.files: Optional[contextlib.ExitStack] = None  # the temporary file (atomic_output)
         self.out = self.sink = None
-        # bytes of an output on this machine's disk, a path or a file:// URL (None: uploaded at the end)
+        # bytes of an output on this machine's disk, a path or a file:// URL (None: a remote output)
         self.synced = 0 if protocol_of(target) in LocalFileSystem.protocol else None
         self.published: Optional[int] = None  # bytes, once published
         self.written_while_running: Optional[int] = None  # parts written before finish()
