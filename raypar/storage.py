@@ -102,10 +102,14 @@ def gcs_options_from_env(env: Optional[Mapping] = None) -> dict:
     return options
 
 
-@contextmanager
 def atomic_output(url: str, storage_options: Optional[dict] = None):
     """A binary file handle whose content appears at ``url`` whole, or not at all."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return atomic_file(*fsspec.core.url_to_fs(url, **(storage_options or {})))
+
+
+@contextmanager
+def atomic_file(fs, path: str):
+    """A binary file handle whose content appears at ``path`` of ``fs`` whole, or not at all."""
     if isinstance(fs, LocalFileSystem):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)

@@ -344,11 +344,18 @@ def test_failed_batches_are_final_failures_not_yet_done(tmp_path):
     assert ledger.view().failed_batches() == {bid(2)}
 
 
+def reports_of(ledger: Ledger, state: str) -> dict[str, bytes]:
+    """The session's text reports as the end of a session stores them: {path under the job dir: bytes}."""
+    from raypar.engine.reports import write_reports
+
+    write_reports(ledger, ledger.view(), state, "", None)
+    root = Path(ledger.url)
+    return {str(p.relative_to(root)): p.read_bytes() for p in (root / "reports").rglob("*") if p.is_file()}
+
+
 def test_processed_mini_batches_csv_lists_every_attempt_in_batch_run_attempt_order(tmp_path):
     import csv
     import io
-
-    from raypar.engine.reports import report_files
 
     ledger = planned(tmp_path, 3)
     finish(ledger, 2, run="r1")
@@ -357,17 +364,17 @@ def test_processed_mini_batches_csv_lists_every_attempt_in_batch_run_attempt_ord
     finish(ledger, 0, run="r2", attempt=2)
     fail(ledger, 1, final=True, run="r1", attempt=1)
 
-    files = report_files(ledger, ledger.view(), "failed", "", None)
+    files = reports_of(ledger, "failed")
     rows = list(csv.DictReader(io.StringIO(files["reports/processed_mini_batches.csv"].decode())))
     assert [(r["batch"], r["run"], r["attempt"], r["status"]) for r in rows] == [
         (bid(0), "r1", "2", "exception"), (bid(0), "r2", "1", "exception"), (bid(0), "r2", "2", "done"),
         (bid(1), "r1", "1", "exception"), (bid(2), "r1", "1", "done")]
-    assert [(r["items"], r["succeeded"], r["error"], r["seconds"]) for r in rows][:3] == [
-        ("2", "0", "boom 2", ""), ("2", "0", "boom 1", ""), ("2", "2", "", "0.0")]
+    assert [(r["items"], r["succeeded"], r["error"], r["seconds"] and float(r["seconds"])) for r in rows][:3] == [
+        ("2", "0", "boom 2", ""), ("2", "0", "boom 1", ""), ("2", "2", "", 0.0)]
 
 
 def test_failed_attempts_go_to_one_errors_file_in_batch_order_and_the_result_names_the_most_frequent(tmp_path):
-    from raypar.engine.reports import COMMON_ERRORS, report_files
+    from raypar.engine.reports import COMMON_ERRORS
 
     ledger = planned(tmp_path, 12)
     for ordinal in (11, 3, 7):  # recorded out of batch order
@@ -378,8 +385,8 @@ def test_failed_attempts_go_to_one_errors_file_in_batch_order_and_the_result_nam
                                           kind="user", final=True))
     finish(ledger, 6)
 
-    files = report_files(ledger, ledger.view(), "failed", "", None)
-    assert not any(name.startswith("reports/errors/") for name in files)  # one file, not one per failed batch
+    files = reports_of(ledger, "failed")
+    assert "reports/errors.txt" in files and not any(name.startswith("reports/errors/") for name in files)  # one file
     errors = files["reports/errors.txt"].decode()
     headers = [line.split()[1] for line in errors.splitlines() if line.startswith("=== ")]
     assert headers == [bid(o) for o in (0, 1, 2, 3, 3, 4, 5, 7, 7, 11, 11)]  # every failed attempt, by batch
@@ -399,12 +406,10 @@ def test_failed_attempts_go_to_one_errors_file_in_batch_order_and_the_result_nam
 
 
 def test_a_job_without_failed_attempts_has_an_empty_errors_file(tmp_path):
-    from raypar.engine.reports import report_files
-
     ledger = planned(tmp_path, 2)
     finish(ledger, 0)
     finish(ledger, 1)
-    files = report_files(ledger, ledger.view(), "succeeded", "", None)
+    files = reports_of(ledger, "succeeded")
     assert files["reports/errors.txt"] == b""
     assert not any(line.startswith("failed attempts") for line in files["reports/job_result.txt"].decode().splitlines())
 
@@ -425,6 +430,30 @@ def test_torn_failed_record_is_ignored(tmp_path):
     path = record_file(ledger, fail(ledger, 0, final=True))
     path.write_bytes(path.read_bytes()[:10])
     assert ledger.view().failed_batches() == set()
+
+
+def test_failed_records_sealed_by_hand_are_read_and_records_that_are_no_failed_record_left_out(tmp_path):
+    """Records are parsed together in C++; one that does not fit the rest (written by hand or by
+    another tool) must neither be taken as a failure nor hide the others of its file."""
+    ledger = planned(tmp_path, 7)
+
+    def body(ordinal: int, **changes) -> dict:
+        return {**FailedRecord(batch=bid(ordinal), run="r1", attempt=1, error="Traceback\nValueError: boom",
+                               kind="user", final=True, node="n1").fields(), **changes}
+
+    sealed = json.loads(_sealed(body(1)))  # rewritten by a tool: its checksum first
+    reformatted = json.dumps({"sha256": sealed.pop("sha256"), **sealed}, separators=(",", ":")).encode()
+    no_final = body(4)
+    del no_final["final"]
+    lines = [_sealed(body(0)), reformatted, _sealed(body(2, colour="red")), _sealed(body(3, attempt="two")),
+             _sealed(no_final), _sealed(body(5)).replace(b"boom", b"bang"), _sealed(body(6, attempt=2))[:-9]]
+    ledger.store.write_atomic(b"\n".join(lines) + b"\n", "failed", "r9~000000.jsonl")
+
+    view = ledger.view()
+
+    assert sorted(view.failed) == [bid(0), bid(1)] == sorted(view.failed_batches())
+    assert view.failed[bid(1)] == [FailedRecord(**body(1))]
+    assert view.failed_items() == 4 and view.counts()["failed"] == 2  # two planned items each
 
 
 def test_a_segment_keeps_its_whole_records_in_order_and_leaves_out_torn_and_edited_ones():

@@ -15,6 +15,7 @@ from conftest import make_spec, quiet
 import raypar
 from raypar.engine import report_html
 from raypar.jobdir.state import JobState
+from raypar.jobdir.tables import FailedRecords
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK = Path(__file__).with_name("browser") / "check_page.mjs"
@@ -68,7 +69,7 @@ def test_a_large_job_is_drawn_in_time_slices_with_a_page_of_bounded_size(monkeyp
             self.started, self.seconds = 1000.0 + i * 0.01, 0.08
 
     class View:
-        failed = {}
+        failed = FailedRecords()
 
         def __init__(self, count):
             self.done = type("D", (), {"values": lambda _: (Record(i) for i in range(count))})()

@@ -671,8 +671,70 @@ def test_a_view_reads_failed_records_a_window_at_a_time_and_keeps_one_copy_of_ea
     assert sorted(view.failed) == [bid(i) for i in range(50)]
     assert [view.failed[bid(i)][0].error for i in (0, 39, 40, 49)] == [same, same, "ValueError: bad row 40",
                                                                        "ValueError: bad row 49"]
-    assert len({id(view.failed[bid(i)][0].error) for i in range(40)}) == 1  # one copy, not forty
-    assert len({id(view.failed[bid(i)][0].node) for i in range(50)}) == 1
+    columns = view.failed.table.combine_chunks()
+    assert len(columns.column("error").chunks[0].dictionary) == 11  # one copy of the repeated one, not forty
+    assert len(columns.column("node").chunks[0].dictionary) == 1
+
+
+def test_the_session_reports_are_written_as_they_are_composed_and_replace_the_last_ones(backend, monkeypatch):
+    """The attempts CSV and errors.txt grow with the attempts (a million failed ones: 386 MB): they go
+    to the job dir a slice of attempts at a time, uploaded while composed on object stores, and
+    replace the last session's whole."""
+    import csv
+    import io
+    from contextlib import contextmanager
+
+    from raypar.engine import reports
+
+    monkeypatch.setattr(reports, "CSV_ROWS", 4)  # a slice of four attempts at a time
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(10))
+    ledger.store.write_atomic(b"a stale report", "reports", "errors.txt")
+    writer = ledger.done_writer("r2~w1")
+    for ordinal in (0, 2, 3, 5, 6, 7, 8, 9):
+        done(writer, ordinal, run="r2", attempt=2 if ordinal == 3 else 1)
+    writer.flush()
+    for ordinal, attempt, final in ((3, 1, False), (4, 1, False), (4, 2, True), (1, 1, True)):
+        ledger.record_failed(FailedRecord(batch=bid(ordinal), run="r2", attempt=attempt, kind="user", final=final,
+                                          error=f"Traceback\nValueError: bad {ordinal}", node="n1", worker="w1"))
+    writes: dict[str, int] = {}
+    writing = ledger.store.writing
+
+    class Counted(io.RawIOBase):
+        def __init__(self, out, name):
+            super().__init__()
+            self.out, self.name = out, name
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            writes[self.name] = writes.get(self.name, 0) + 1
+            return self.out.write(data)
+
+    @contextmanager
+    def counted(*parts):
+        with writing(*parts) as out:
+            yield Counted(out, "/".join(parts))
+
+    monkeypatch.setattr(ledger.store, "writing", counted)
+
+    reports.write_reports(ledger, ledger.view(), "succeeded", "", None)
+
+    reader = backend.ledger(own_client=True).store
+    rows = list(csv.DictReader(io.StringIO(reader.read_bytes("reports", "processed_mini_batches.csv").decode())))
+    assert [(r["batch"], r["attempt"], r["status"], r["error"]) for r in rows] == [
+        (bid(0), "1", "done", ""), (bid(1), "1", "exception", "ValueError: bad 1"),
+        (bid(2), "1", "done", ""), (bid(3), "1", "exception", "ValueError: bad 3"), (bid(3), "2", "done", ""),
+        (bid(4), "1", "exception", "ValueError: bad 4"), (bid(4), "2", "exception", "ValueError: bad 4"),
+        *((bid(o), "1", "done", "") for o in range(5, 10))]
+    errors = reader.read_bytes("reports", "errors.txt").decode()
+    assert errors.count("=== ") == 4 and "a stale report" not in errors
+    assert f"=== {bid(4)} run r2 attempt 2: exception on w1 (node n1)\n(the same traceback as {bid(4)} run r2 " \
+           f"attempt 1)\n" in errors
+    assert writes["reports/processed_mini_batches.csv"] >= 3 and writes["reports/errors.txt"] == 1  # 12 rows; 4
+    assert sorted(os.path.basename(p) for p in reader.list_files("reports")) == [
+        "errors.txt", "job_result.txt", "processed_mini_batches.csv"]
 
 
 def test_gathered_failed_records_are_stored_once_they_are_old_enough(tmp_path):

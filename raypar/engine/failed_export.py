@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from raypar.credentials import options_for, resolve_storage
+from raypar.engine.reports import last_lines
 from raypar.errors import UsageError
 from raypar.inputs import files as input_files
-from raypar.inputs.base import BatchReader, batch_id, check_input, ordinal_of
+from raypar.inputs.base import BatchReader, batch_id, check_input
 from raypar.inputs.files import cleanup
 from raypar.jobdir.ledger import Ledger
 from raypar.spec.models import JobSpec
@@ -67,9 +68,9 @@ def collect(job_dir: str) -> FailedItems:
         for ordinal, text in zip(reported.column("ordinal").to_pylist(), reported.column("failed").to_pylist(),
                                  strict=True):
             failures[ordinal] = [(places, error) for error, places in json.loads(text).items()]
-    for batch in view.failed_batches():
-        last = view.failed[batch][-1]
-        failures[ordinal_of(batch)] = [(None, _last_line(last.error))]
+    last = view.failed.last_rows(view.failed_ordinals())
+    for ordinal, error in zip(last.column("ordinal").to_pylist(), last_lines(last.column("error")).to_pylist(), strict=True):
+        failures[ordinal] = [(None, error)]
     desc = check_input(spec, storage)
     reader = BatchReader(desc, storage)
     out = FailedItems(kind=input_files.KIND if desc.get("format") is None else "table")
@@ -94,12 +95,6 @@ def collect(job_dir: str) -> FailedItems:
             out.rows.append(rows.append_column(BATCH, pa.array([batch_id(ordinal)] * rows.num_rows, pa.string())))
     reader.close()
     return out
-
-
-def _last_line(error: str) -> str:
-    """The exception line of a traceback (what a table of failed items shows per item)."""
-    lines = [line for line in error.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else error
 
 
 def table_of(items: FailedItems) -> pa.Table:

@@ -12,7 +12,6 @@ million-batch job gives a page of the same size as a ten-thousand-batch one.
 
 from __future__ import annotations
 
-import collections
 import html
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from raypar.engine.reports import STATUS_OF_KIND, last_line
+from raypar.engine.reports import STATUS_OF_KIND, last_lines, status_of_kinds
 from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 
@@ -60,7 +59,7 @@ class Attempts:
 def attempts(view, spares=()) -> Attempts:
     """The chosen done records, ``spares`` (done records another attempt beat), and the failed
     attempts (which end when the next attempt on their worker starts, or at once if none does)."""
-    failed_ids = set(view.failed)
+    retried = view.failed.batches  # sorted ordinals of batches with a failed attempt
     table = getattr(view.done, "table", None)
     if table is not None and table.num_rows:  # a DoneIndex: columns, not a record each
         started = table.column("started").to_numpy(zero_copy_only=False).astype(float)
@@ -69,47 +68,46 @@ def attempts(view, spares=()) -> Attempts:
         starts = started[keep]
         ends = starts + np.nan_to_num(table.column("seconds").to_numpy(zero_copy_only=False)[keep].astype(float))
         labels = _labels(table.filter(pa.array(keep)))
-        failed_ordinals = np.array(sorted(ordinal_of(b) for b in failed_ids), dtype=np.int64)
-        status = np.where(np.isin(ordinals, failed_ordinals), STATUSES.index("retried"), STATUSES.index("done"))
-        batches = _BatchIds(ordinals)
     else:
         records = [r for r in view.done.values() if r.started is not None]
+        ordinals = np.array([ordinal_of(r.batch) for r in records], dtype=np.int64)
         starts = np.array([r.started for r in records], dtype=float)
         ends = starts + np.array([r.seconds or 0 for r in records], dtype=float)
-        labels = [_label(r.worker, r.node) for r in records]
-        status = np.array([STATUSES.index("retried" if r.batch in failed_ids else "done") for r in records],
-                          dtype=np.int64)
-        batches = [r.batch for r in records]
-    if isinstance(labels, list):
-        labels = _LabelCodes.of(labels)
+        labels = _LabelCodes.of([_label(r.worker, r.node) for r in records])
+    status = np.where(np.isin(ordinals, retried), STATUSES.index("retried"), STATUSES.index("done"))
     spares = [r for r in spares if r.started is not None]
+    ordinals = np.concatenate([ordinals, [ordinal_of(r.batch) for r in spares]]).astype(np.int64)
     starts = np.concatenate([starts, [r.started for r in spares]])
     ends = np.concatenate([ends, [r.started + (r.seconds or 0) for r in spares]])
     labels = labels.plus([_label(r.worker, r.node) for r in spares])
     status = np.concatenate([status, np.full(len(spares), STATUSES.index("spare"))]).astype(np.int64)
-    batches += [r.batch for r in spares]
-    failed = [r for records in view.failed.values() for r in records if r.started is not None]
-    workers = sorted({*labels.names, *(_label(r.worker, r.node) for r in failed)})
-    index = {w: i for i, w in enumerate(workers)}
-    worker = np.array([index[n] for n in labels.names], dtype=np.int64)[labels.codes] if len(labels.codes) \
-        else np.zeros(0, dtype=np.int64)
-    next_start = {}  # per worker: its attempts' starts, sorted, to find when a failed one ended
-    for i in range(len(workers)):
-        next_start[i] = np.sort(starts[worker == i]) if len(worker) else np.array([])
-    error, extra = {}, []
-    for r in failed:
-        w = index[_label(r.worker, r.node)]
-        later = next_start[w][np.searchsorted(next_start[w], r.started, side="right"):]
-        extra.append((w, r.started, later[0] if len(later) else r.started,
-                      STATUSES.index(STATUS_OF_KIND.get(r.kind, "raypar-error")), r.batch))
-        error[len(batches) + len(extra) - 1] = last_line(r.error)
-    if extra:
-        worker = np.concatenate([worker, [e[0] for e in extra]]).astype(np.int64)
-        starts = np.concatenate([starts, [e[1] for e in extra]])
-        ends = np.concatenate([ends, [e[2] for e in extra]])
-        status = np.concatenate([status, [e[3] for e in extra]]).astype(np.int64)
-        batches += [e[4] for e in extra]
-    return Attempts(workers, worker, starts, ends, status, batches, error)
+    failed = view.failed.table
+    failed = failed.filter(failed.column("started").is_valid())
+    failed_labels = _labels(failed) if failed.num_rows else _LabelCodes([], np.zeros(0, np.int64))
+    workers = sorted({*labels.names, *failed_labels.names})
+    worker, failed_worker = (np.array([workers.index(n) for n in codes.names], dtype=np.int64)[codes.codes]
+                             if len(codes.codes) else np.zeros(0, dtype=np.int64) for codes in (labels, failed_labels))
+    failed_starts = failed.column("started").to_numpy(zero_copy_only=False).astype(float)
+    failed_ends = failed_starts.copy()
+    for i in np.unique(failed_worker):  # a failed attempt ends when the next one on its worker starts
+        later = np.sort(starts[worker == i])
+        mine = np.flatnonzero(failed_worker == i)
+        at = np.searchsorted(later, failed_starts[mine], side="right")
+        has = at < len(later)
+        failed_ends[mine[has]] = later[at[has]]
+    kinds = failed.column("kind").combine_chunks()
+    codes = np.array([STATUSES.index(STATUS_OF_KIND.get(k, "raypar-error")) for k in kinds.dictionary.to_pylist()],
+                     dtype=np.int64)
+    error = {}
+    if len(starts) + failed.num_rows <= MAX_BARS:  # the error lines are bars' tooltips
+        lines = last_lines(failed.column("error")).to_pylist()
+        error = {len(starts) + j: line for j, line in enumerate(lines)}
+    return Attempts(workers, np.concatenate([worker, failed_worker]).astype(np.int64),
+                    np.concatenate([starts, failed_starts]), np.concatenate([ends, failed_ends]),
+                    np.concatenate([status, codes[kinds.indices.to_numpy(zero_copy_only=False)]
+                                    if failed.num_rows else np.zeros(0, np.int64)]).astype(np.int64),
+                    _BatchIds(np.concatenate([ordinals, failed.column("ordinal").to_numpy()]).astype(np.int64)),
+                    error)
 
 
 def _label(worker, node) -> str:
@@ -144,23 +142,17 @@ def _labels(table) -> _LabelCodes:
     return _LabelCodes(names, codes.astype(np.int64))
 
 
-class _BatchIds(list):
-    """Mini-batch IDs by attempt: the done records' from their ordinals, made when asked for."""
+class _BatchIds:
+    """Mini-batch IDs by attempt, made from their ordinals when asked for."""
 
     def __init__(self, ordinals: np.ndarray):
-        super().__init__()
         self.ordinals = ordinals
 
     def __len__(self) -> int:
-        return len(self.ordinals) + super().__len__()
+        return len(self.ordinals)
 
     def __getitem__(self, i):
-        i = int(i)
-        return batch_id(int(self.ordinals[i])) if i < len(self.ordinals) else super().__getitem__(i - len(self.ordinals))
-
-    def __iadd__(self, more):
-        self.extend(more)
-        return self
+        return batch_id(int(self.ordinals[int(i)]))
 
 
 def html_report(ledger: Ledger, view: LedgerView, state: str, reason: str) -> str:
@@ -262,20 +254,24 @@ def _slowest(runs: Attempts) -> str:
 
 
 def _failures(view) -> str:
-    groups = collections.defaultdict(list)
-    for records in view.failed.values():
-        for r in records:
-            groups[(STATUS_OF_KIND.get(r.kind, r.kind), last_line(r.error))].append(r.batch)
-    if not groups:
+    failed = view.failed.table
+    if not failed.num_rows:
         return "<p id=failures>No failed attempt.</p>"
-    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    rows = "".join(
-        f"<tr><td>{len(batches)}</td><td>{_e(kind)}</td><td><code>{_e(error)}</code></td>"
-        f"<td>{_e(', '.join(sorted(set(batches))[:5]))}{' …' if len(set(batches)) > 5 else ''}</td></tr>"
-        for (kind, error), batches in ranked[:FAILURE_GROUPS])
+    attempts = pa.table({"status": status_of_kinds(failed["kind"]), "error": last_lines(failed["error"]).fill_null(""),
+                         "ordinal": failed["ordinal"]})
+    groups = attempts.group_by(["status", "error"]).aggregate([("ordinal", "count"), ("ordinal", "distinct")])
+    ranked = sorted(zip(groups["ordinal_count"].to_pylist(), groups["status"].to_pylist(),
+                        groups["error"].to_pylist(), range(groups.num_rows), strict=True),
+                    key=lambda g: (-g[0], g[1], g[2]))
+    rows = ""
+    for count, kind, error, k in ranked[:FAILURE_GROUPS]:
+        batches = np.sort(groups["ordinal_distinct"][k].values.to_numpy())
+        rows += (f"<tr><td>{count}</td><td>{_e(kind)}</td><td><code>{_e(error)}</code></td>"
+                 f"<td>{_e(', '.join(batch_id(int(o)) for o in batches[:5]))}{' …' if len(batches) > 5 else ''}"
+                 f"</td></tr>")
     if len(ranked) > FAILURE_GROUPS:  # errors naming their item differ by batch: the page stays a page
         rest = ranked[FAILURE_GROUPS:]
-        rows += (f"<tr><td>{sum(len(b) for _, b in rest)}</td><td></td><td>{len(rest)} other errors, less frequent "
+        rows += (f"<tr><td>{sum(g[0] for g in rest)}</td><td></td><td>{len(rest)} other errors, less frequent "
                  f"(every one in reports/errors.txt)</td><td></td></tr>")
     return (f"<table id=failures><tr><th>attempts</th><th>kind</th><th>error</th><th>mini-batches</th></tr>"
             f"{rows}</table>")

@@ -14,15 +14,15 @@ Written to ``JOB_DIR/reports/`` (regenerated each session; the ledger stays the 
 from __future__ import annotations
 
 import collections
-import csv
-import io
-from typing import Optional
+from typing import Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from raypar.engine.status import failed_items_text
-from raypar.inputs.base import batch_id, ordinal_of
+from raypar.inputs.base import batch_ids
 from raypar.jobdir.ledger import Ledger, LedgerView
 
 STATUS_OF_KIND = {"user": "exception", "timeout": "timeout", "system": "worker-lost", "storage": "job-dir-error",
@@ -46,76 +46,144 @@ def last_line(error: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def attempts_table(view: LedgerView) -> pa.Table:
-    """Every recorded attempt, done or failed, as Arrow columns (COLUMNS, ``ordinal`` for ``batch``)
-    ordered by batch, run and attempt: built from the done records' columns, never a Python
-    object per done batch (a million of them made this 14.7 s and a 1.3 GiB peak at a session's end)."""
-    done = view.done.table
+def last_lines(errors) -> pa.Array:
+    """last_line of each error of a dictionary-encoded column (a view's failed records), worked out
+    once per distinct error: a million attempts of one bug split one traceback, not a million."""
+    encoded = errors.combine_chunks() if isinstance(errors, pa.ChunkedArray) else errors
+    if not pa.types.is_dictionary(encoded.type):
+        encoded = encoded.dictionary_encode()
+    return pa.array([last_line(e) for e in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
+
+
+def status_of_kinds(kinds) -> pa.Array:
+    """STATUS_OF_KIND of a dictionary-encoded column of failure kinds."""
+    encoded = kinds.combine_chunks() if isinstance(kinds, pa.ChunkedArray) else kinds
+    return pa.array([STATUS_OF_KIND.get(k, k) for k in encoded.dictionary.to_pylist()], pa.string()).take(
+        encoded.indices)
+
+
+def attempt_slices(view: LedgerView) -> Iterator[pa.Table]:
+    """Every recorded attempt, done or failed, as tables of at most CSV_ROWS rows in ATTEMPTS (the
+    batch as its ordinal), ordered by batch, run and attempt. Only the sort keys are ordered as a
+    whole; each slice's rows are taken from the records' columns when it is written (a million
+    failed attempts: the whole table sorted at once was half a gigabyte more at a session's end)."""
+    done, failed = view.done.table, view.failed.table
+    runs = sorted({*_dictionary(done["run"]).dictionary.to_pylist(), *_dictionary(failed["run"]).dictionary.to_pylist()})
+    keys = [np.concatenate([table[name].to_numpy() if name != "run" else _ranks(table["run"], runs)
+                            for table in (done, failed)]) for name in ("attempt", "run", "ordinal")]
+    order = np.lexsort(keys)  # the last key first: ordinal, then run, then attempt
+    items = _failed_items(view) if failed.num_rows else None
+    for at in range(0, len(order), CSV_ROWS):
+        rows = order[at:at + CSV_ROWS]
+        is_done = rows < done.num_rows
+        mine = pa.array(rows[~is_done] - done.num_rows)
+        part = pa.concat_tables([_done_attempts(done.take(pa.array(rows[is_done]))),
+                                 _failed_attempts(failed.take(mine), items.take(mine) if items is not None else None)])
+        place = np.where(is_done, np.cumsum(is_done) - 1, np.count_nonzero(is_done) + np.cumsum(~is_done) - 1)
+        yield part.take(pa.array(place))
+
+
+def _dictionary(column) -> pa.DictionaryArray:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _ranks(column, names: list[str]) -> np.ndarray:
+    """Per row of a dictionary-encoded column: its value's place in ``names`` (sorted)."""
+    encoded = _dictionary(column)
+    at = np.searchsorted(np.array(names, dtype=object), np.array(encoded.dictionary.to_pylist(), dtype=object))
+    return at.astype(np.int64)[encoded.indices.to_numpy(zero_copy_only=False)] if len(encoded) else \
+        np.zeros(0, np.int64)
+
+
+def _done_attempts(done: pa.Table) -> pa.Table:
     count = done.num_rows
-    tables = [pa.table({
+    return pa.table({
         "ordinal": done["ordinal"], "run": done["run"].cast(pa.string()), "attempt": done["attempt"],
         "status": pa.repeat("done", count), "node": done["node"].cast(pa.string()),
         "worker": done["worker"].cast(pa.string()), "started": done["started"], "seconds": done["seconds"],
         "items": done["items"], "succeeded": done["returned"], "error": pa.repeat("", count),
-    }, schema=ATTEMPTS)]
-    failed = [r for records in view.failed.values() for r in records]
-    if failed:
-        def planned(r):
-            return view.manifest[ordinal_of(r.batch)].item_count if view.manifest is not None else None
-
-        tables.append(pa.table({
-            "ordinal": [ordinal_of(r.batch) for r in failed], "run": [r.run for r in failed],
-            "attempt": [r.attempt for r in failed], "status": [STATUS_OF_KIND.get(r.kind, r.kind) for r in failed],
-            "node": [r.node for r in failed], "worker": [r.worker for r in failed],
-            "started": [r.started for r in failed], "seconds": [None] * len(failed),
-            "items": [r.items if r.items is not None else planned(r) for r in failed],
-            "succeeded": [0] * len(failed), "error": [last_line(r.error) for r in failed],
-        }, schema=ATTEMPTS))
-    if len(tables) == 1:
-        return tables[0]  # the done records alone: one per batch, already in batch order
-    table = pa.concat_tables(tables)
-    return table.take(pc.sort_indices(table, [("ordinal", "ascending"), ("run", "ascending"),
-                                              ("attempt", "ascending")]))
+    }, schema=ATTEMPTS)
 
 
-def attempts_csv(view: LedgerView) -> bytes:
-    """processed_mini_batches.csv: one row per attempt, ``started`` in UTC to the second."""
-    table = attempts_table(view)
-    out = io.BytesIO()
-    text = io.TextIOWrapper(out, encoding="utf-8", newline="")  # encoded as written: one copy of the file
-    writer = csv.writer(text)
-    writer.writerow(COLUMNS)
-    for chunk in table.to_batches(max_chunksize=CSV_ROWS):
-        started = pc.strftime(pc.cast(pc.cast(pc.floor(chunk["started"]), pa.int64()), pa.timestamp("s", "UTC")),
-                              format="%Y-%m-%dT%H:%M:%SZ")
-        columns = [[batch_id(o) for o in chunk["ordinal"].to_pylist()],
-                   *(chunk[name].to_pylist() for name in COLUMNS[1:6]), started.to_pylist(),
-                   *(chunk[name].to_pylist() for name in COLUMNS[7:])]
-        writer.writerows(zip(*columns, strict=True))
-    text.flush()
-    return out.getvalue()
+def _failed_attempts(failed: pa.Table, items: Optional[pa.Array]) -> pa.Table:
+    count = failed.num_rows
+    if not count:
+        return ATTEMPTS.empty_table()
+    return pa.table({
+        "ordinal": failed["ordinal"], "run": failed["run"].cast(pa.string()), "attempt": failed["attempt"],
+        "status": status_of_kinds(failed["kind"]), "node": failed["node"].cast(pa.string()),
+        "worker": failed["worker"].cast(pa.string()), "started": failed["started"],
+        "seconds": pa.nulls(count, pa.float64()), "items": items, "succeeded": pa.repeat(0, count),
+        "error": last_lines(failed["error"]).fill_null(""),
+    }, schema=ATTEMPTS)
 
 
-def errors_text(view: LedgerView) -> bytes:
-    """errors.txt: every failed attempt with its traceback, in batch order. One file however many
-    batches failed: a file per failed batch cost a request each on object storage, at every
-    session's end (10,000 failed batches: 25 s on Azurite, 3.6 s on local disk). A traceback
-    written before is named, not written again: a bug that every batch hits made the file a
-    gigabyte per million attempts of the same kilobyte."""
-    out = io.BytesIO()
-    text = io.TextIOWrapper(out, encoding="utf-8")  # encoded as written: one copy of the file
-    first_of: dict[str, str] = {}  # traceback -> the attempt it was written under
-    for batch in sorted(view.failed, key=ordinal_of):
-        for r in view.failed[batch]:
-            attempt = f"{r.batch} run {r.run} attempt {r.attempt}"
-            error = r.error.rstrip()
-            seen = first_of.get(error)
-            if seen is None and len(first_of) < REMEMBERED_TRACEBACKS:
-                first_of[error] = attempt
-            text.write(f"=== {attempt}: {STATUS_OF_KIND.get(r.kind, r.kind)} on {r.worker or '?'} "
-                       f"(node {r.node or '?'})\n{error if seen is None else f'(the same traceback as {seen})'}\n\n")
-    text.flush()
-    return out.getvalue()
+def _failed_items(view: LedgerView) -> pa.Array:
+    """Per failed attempt: the items it read, or its batch's planned count (looked up once a batch)."""
+    failed = view.failed
+    items = failed.table.column("items").combine_chunks()
+    if view.manifest is None or not items.null_count:
+        return items
+    unknown = np.unique(failed.ordinals[items.is_null().to_numpy(zero_copy_only=False)])
+    planned = view.planned_items(unknown)
+    at = np.searchsorted(unknown, failed.ordinals).clip(0, max(len(unknown) - 1, 0))
+    return pc.coalesce(items, pa.array(planned[at] if len(unknown) else np.zeros(len(at), np.int64)))
+
+
+def write_attempts_csv(view: LedgerView, out) -> None:
+    """processed_mini_batches.csv to the binary file ``out``: one row per attempt, ``started`` in UTC
+    to the second. Arrow's CSV writer, CSV_ROWS attempts at a time: a million attempts were 2.9 s
+    of Python's csv module and a Python value each, and the whole file in memory twice."""
+    schema = pa.schema([pa.field(name, pa.string() if name in ("batch", "started") else ATTEMPTS.field(name).type)
+                        for name in COLUMNS])
+    with pa_csv.CSVWriter(out, schema) as writer:
+        for part in attempt_slices(view):
+            started = pc.strftime(pc.cast(pc.cast(pc.floor(part["started"]), pa.int64()), pa.timestamp("s", "UTC")),
+                                  format="%Y-%m-%dT%H:%M:%SZ")
+            writer.write_table(pa.table([batch_ids(part["ordinal"]), *(part[n] for n in COLUMNS[1:6]), started,
+                                         *(part[n] for n in COLUMNS[7:])], schema=schema))
+
+
+def write_errors_text(view: LedgerView, out) -> None:
+    """errors.txt to the binary file ``out``: every failed attempt with its traceback, in batch order.
+    One file however many batches failed: a file per failed batch cost a request each on object
+    storage, at every session's end (10,000 failed batches: 25 s on Azurite, 3.6 s on local disk).
+    A traceback written before is named, not written again: a bug that every batch hits made the
+    file a gigabyte per million attempts of the same kilobyte. Composed by Arrow, CSV_ROWS
+    attempts at a time (a Python loop over a million attempts took 3.7 s)."""
+    failed = view.failed.table
+    if not failed.num_rows:
+        return
+    errors = failed.column("error").combine_chunks()
+    index = errors.indices.to_numpy(zero_copy_only=False)
+    distinct, first = np.unique(index, return_index=True)  # each distinct traceback's first attempt
+    first_of = np.zeros(len(errors.dictionary), dtype=np.int64)
+    first_of[distinct] = first
+    remembered = np.zeros(len(errors.dictionary), dtype=bool)  # the first REMEMBERED_TRACEBACKS seen
+    remembered[distinct[np.argsort(first)][:REMEMBERED_TRACEBACKS]] = True
+    in_full = (first_of[index] == np.arange(len(index))) | ~remembered[index]
+    attempt = pc.binary_join_element_wise(batch_ids(failed["ordinal"]), " run ", failed["run"].cast(pa.string()),
+                                          " attempt ", failed["attempt"].cast(pa.string()), "")
+    tracebacks = pc.utf8_rtrim_whitespace(errors.dictionary).cast(pa.large_string())
+    for at in range(0, failed.num_rows, CSV_ROWS):
+        rows = slice(at, at + CSV_ROWS)
+        same = pc.binary_join_element_wise("(the same traceback as ", attempt.take(pa.array(first_of[index[rows]])),
+                                           ")", "").cast(pa.large_string())
+        body = pc.if_else(pa.array(in_full[rows]), tracebacks.take(pa.array(index[rows])), same)
+        part = failed.slice(at, CSV_ROWS)
+        header = pc.binary_join_element_wise(
+            "=== ", attempt[rows], ": ", status_of_kinds(part["kind"]), " on ",
+            part["worker"].cast(pa.string()).fill_null("?"), " (node ", part["node"].cast(pa.string()).fill_null("?"),
+            ")\n", "").cast(pa.large_string())
+        out.write(_values(pc.binary_join_element_wise(header, body, pa.scalar("\n\n", pa.large_string()),
+                                                      pa.scalar("", pa.large_string()))))
+
+
+def _values(strings) -> memoryview:
+    """The bytes of an Arrow (large) string array's values back to back (no nulls)."""
+    strings = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64, count=len(strings) + 1, offset=8 * strings.offset)
+    return memoryview(strings.buffers()[2])[offsets[0]:offsets[-1]]
 
 
 def _ranked(counts: collections.Counter) -> list[tuple[str, int]]:
@@ -125,9 +193,12 @@ def _ranked(counts: collections.Counter) -> list[tuple[str, int]]:
 
 def error_summary(view: LedgerView) -> list[str]:
     """job_result.txt's lines on failed attempts: how many, and the most frequent error lines."""
-    counts = collections.Counter(last_line(r.error) for records in view.failed.values() for r in records)
-    if not counts:
+    errors = view.failed.table.column("error")
+    if not len(errors):
         return []
+    counts = collections.Counter()
+    for row in pc.value_counts(last_lines(errors)).to_pylist():
+        counts[row["values"]] += row["counts"]
     total = sum(counts.values())
     lines = [f"failed attempts: {total} in {len(view.failed)} mini-batch(es), tracebacks in {ERRORS} "
              f"(one mini-batch's: `raypar logs JOB_DIR --batch ID`); the most frequent errors:"]
@@ -141,11 +212,21 @@ def error_summary(view: LedgerView) -> list[str]:
     return lines
 
 
-def report_files(ledger: Ledger, view: LedgerView, state: str, reason: str,
-                 output: Optional[str]) -> dict[str, bytes]:
-    """{path under the job dir: bytes} of the session's text reports."""
-    files = {"reports/processed_mini_batches.csv": attempts_csv(view)}
-    files[ERRORS] = errors_text(view)  # empty when nothing failed: never a stale one from an earlier session
+def write_reports(ledger: Ledger, view: LedgerView, state: str, reason: str, output: Optional[str],
+                  more: Optional[dict[str, bytes]] = None) -> None:
+    """Store the session's text reports, and ``more`` ({path under the job dir: bytes}), in the job
+    dir. The two that grow with the attempts are written as they are composed (uploaded while
+    composed on object stores), never whole in memory."""
+    with ledger.store.writing("reports", "processed_mini_batches.csv") as out:
+        write_attempts_csv(view, out)
+    with ledger.store.writing(*ERRORS.split("/")) as out:  # empty when nothing failed: never a stale one
+        write_errors_text(view, out)
+    ledger.store.write_many({"reports/job_result.txt": job_result(ledger, view, state, reason, output),
+                             **(more or {})})
+
+
+def job_result(ledger: Ledger, view: LedgerView, state: str, reason: str, output: Optional[str]) -> bytes:
+    """job_result.txt: the outcome in a few lines, and where to look next."""
     counts = view.counts()
     lines = [
         f"state: {state}",
@@ -160,8 +241,7 @@ def report_files(ledger: Ledger, view: LedgerView, state: str, reason: str,
     ]
     if state != "succeeded" or counts["failed"]:
         lines.append(f"continue: raypar resume {ledger.url}")
-    files["reports/job_result.txt"] = ("\n".join(lines) + "\n").encode()
-    return files
+    return ("\n".join(lines) + "\n").encode()
 
 
 def batch_log_sections(ledger: Ledger, batch: str) -> list[tuple[str, str]]:

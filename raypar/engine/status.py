@@ -8,6 +8,7 @@ from raypar.credentials import resolve_storage
 from raypar.engine.replan import check_input_files
 from raypar.errors import RayparError
 from raypar.inputs import check_input
+from raypar.inputs.base import batch_id
 from raypar.jobdir.layout import REPORT_HTML as REPORT
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -37,10 +38,8 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
     planned = manifest is not None
     # Counts so far while planning; lean: which batches are done, not where their rows are.
     view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True)
-    last_errors = []
-    for batch in sorted(view.failed_batches())[:errors]:
-        record = view.failed[batch][-1]
-        last_errors.append({"batch": batch, "kind": record.kind, "error": record.error})
+    last = view.failed.last_rows(view.failed_ordinals()[:errors]).to_pylist()
+    last_errors = [{"batch": batch_id(r["ordinal"]), "kind": r["kind"], "error": r["error"]} for r in last]
     reason = saved.get("reason") or ""
     inputs = _input_changes(ledger, spec) if planned and not driver_alive else None
     return {

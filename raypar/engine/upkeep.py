@@ -10,7 +10,7 @@ from typing import Callable
 import pyarrow as pa
 
 from raypar.engine.report_html import html_report
-from raypar.engine.reports import report_files
+from raypar.engine.reports import write_reports
 from raypar.jobdir.layout import REPORT_HTML as REPORT
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -46,9 +46,8 @@ def final_view(ledger: Ledger):
 def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view) -> None:
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
-        files = report_files(ledger, view, state.value, reason, bind(spec).append_row_path)
-        files[f"reports/{REPORT}"] = html_report(ledger, view, state.value, reason).encode()
-        ledger.store.write_many(files)  # concurrently on object stores: four files, however many batches failed
+        page = html_report(ledger, view, state.value, reason).encode()
+        write_reports(ledger, view, state.value, reason, bind(spec).append_row_path, {f"reports/{REPORT}": page})
     except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them
         log.warning("could not write reports: %s", exc)
     finally:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypar.errors import SpecError
 from raypar.inputs import files, partitioned, tabular
@@ -114,6 +115,11 @@ def files_read_by(payload: dict) -> set[str]:
 def batch_id(ordinal: int) -> str:
     """Stable, sortable ID of the batch at ``ordinal`` in the plan."""
     return f"mb-{ordinal:07d}"
+
+
+def batch_ids(ordinals) -> pa.Array:
+    """batch_id of each of an Arrow column of ordinals, as Arrow strings."""
+    return pc.binary_join_element_wise("mb-", pc.utf8_lpad(pc.cast(ordinals, pa.string()), 7, "0"), "")
 
 
 def ordinal_of(batch: str) -> int:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypar.errors import LedgerError, UsageError
-from raypar.inputs.base import MiniBatch, QueuedBatch, ordinal_of
+from raypar.inputs.base import MiniBatch, QueuedBatch, batch_id, ordinal_of
 from raypar.inputs.pending import PendingQueue
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
@@ -39,7 +38,7 @@ from raypar.jobdir.layout import (
     void_key_of,
 )
 from raypar.jobdir.lease import Lease
-from raypar.jobdir.records import DoneRecord, FailedRecord, _sealed, _unseal, _verified, unseal_all
+from raypar.jobdir.records import DoneRecord, FailedRecord, _sealed, _unseal, _verified
 from raypar.jobdir.state import JobState
 from raypar.jobdir.store import open_store
 from raypar.jobdir.tables import (
@@ -47,10 +46,12 @@ from raypar.jobdir.tables import (
     ChunkedLines,
     DoneIndex,
     DoneSet,
+    FailedRecords,
     Manifest,
     ReportedRecords,
     choose,
     empty_table,
+    failed_table,
     from_ipc,
     ipc_batches,
     records_table,
@@ -70,8 +71,6 @@ MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges 
 FAILED_FLUSH_SECONDS = 1.0  # a driver's failed records wait at most this long to be stored...
 FAILED_FLUSH_RECORDS = 1000  # ... or until this many are gathered
 RECORDS_WINDOW = 32 << 20  # bytes of record files read at once (a view's failed records)
-_SHORT_TEXTS = ("node", "worker", "run", "kind")  # failed records' fields with few values: interned
-DISTINCT_TRACEBACKS = 10_000  # distinct tracebacks a view keeps one copy of (the rest as read)
 
 
 @dataclass
@@ -100,7 +99,7 @@ class LedgerView:
 
     manifest: Optional[Sequence[MiniBatch]]
     done: Mapping[str, DoneRecord]  # a DoneIndex when read from the ledger, a DoneSet when lean
-    failed: dict[str, list[FailedRecord]] = field(default_factory=dict)
+    failed: Mapping[str, list[FailedRecord]] = field(default_factory=FailedRecords)  # by batch
     lean: bool = False  # done is a DoneSet: no records, so nothing to assemble or report from
     reported: Optional[pa.Table] = None  # view(lean=True, reported=True): ordinal, items, failed
 
@@ -125,7 +124,7 @@ class LedgerView:
     def counts(self) -> dict:
         """Mini-batch counts: total, completed, failed (tries spent), pending (never finished)."""
         total = getattr(self.manifest, "live", len(self.manifest)) if self.manifest is not None else None
-        failed = len(self.failed_batches())
+        failed = len(self.failed_ordinals())
         pending = None if total is None else total - len(self.done) - failed
         return {"total": total, "completed": len(self.done), "failed": failed, "pending": pending}
 
@@ -135,21 +134,36 @@ class LedgerView:
             sum(r.failed_items for r in self.done.values())
 
     def failed_items(self) -> int:
-        """Items that did not succeed: unreturned items of done batches + every item of failed ones."""
+        """Items that did not succeed: unreturned items of done batches + every item of failed ones:
+        the most rows any try read, or the planned count when no try reported one."""
         done = self.unreturned_items()
-        sizes = 0
-        if self.manifest is not None:
-            for b in self.failed_batches():
-                known = [r.items for r in self.failed[b] if r.items is not None]
-                sizes += max(known) if known else self.manifest[ordinal_of(b)].item_count
-        return done + sizes
+        failed = self.failed_ordinals()
+        if self.manifest is None or not len(failed):
+            return done
+        table = self.failed.table
+        known = np.where(np.isin(self.failed.ordinals, failed),
+                         table.column("items").fill_null(-1).to_numpy(zero_copy_only=False), -1)
+        most = np.maximum.reduceat(known, self.failed.starts)[np.searchsorted(self.failed.batches, failed)]
+        return done + int(most[most >= 0].sum()) + int(self.planned_items(failed[most < 0]).sum())
+
+    def planned_items(self, ordinals: np.ndarray) -> np.ndarray:
+        """The planned item count of each batch of ``ordinals``."""
+        if isinstance(self.manifest, Manifest):
+            return self.manifest.item_counts(ordinals)
+        return np.array([self.manifest[int(o)].item_count for o in ordinals], dtype=np.int64)
+
+    def failed_ordinals(self) -> np.ndarray:
+        """Batches (sorted ordinals) whose tries were spent and that are still not done."""
+        final = self.failed.final_ordinals()
+        if not len(final):
+            return final
+        if isinstance(self.done, (DoneIndex, DoneSet)):
+            return final[~self.done.mask(int(final[-1]) + 1)[final]]
+        return np.array([o for o in final.tolist() if batch_id(o) not in self.done], dtype=np.int64)
 
     def failed_batches(self) -> set[str]:
         """Batches whose tries were spent and that are still not done."""
-        return {
-            b for b, records in self.failed.items()
-            if b not in self.done and any(r.final for r in records)
-        }
+        return {batch_id(o) for o in self.failed_ordinals().tolist()}
 
 
 class Ledger:
@@ -446,14 +460,14 @@ class Ledger:
         with self._listed("parts", "void", "compact", "done", *(("failed",) if failed else ())):
             done = self._done_set(len(manifest) if manifest is not None else 0, collector) if lean \
                 else self._done_records()
-            failed = self._failed_records() if failed else {}
+            failed = self._failed_records() if failed else FailedRecords()
         if getattr(manifest, "carried", None):
             done = done.carry(manifest.carried)  # before the retired records leave
         table = collector.table() if collector is not None else None
         retired = getattr(manifest, "retired", None)
         if retired is not None and len(retired):
             done = done.without(retired)
-            failed = {b: r for b, r in failed.items() if not manifest.is_retired(ordinal_of(b))}
+            failed = failed.without(retired)
             if table is not None:
                 table = table.filter(pa.array(~np.isin(table.column("ordinal").to_numpy(), retired)))
         return LedgerView(manifest=manifest, done=done, failed=failed, lean=lean, reported=table)
@@ -478,10 +492,10 @@ class Ledger:
     def _list_files(self, folder: str) -> list[str]:
         return sorted(self._file_sizes(folder))
 
-    def _records(self, folder: str) -> Iterator[dict]:
-        """Sealed records of a folder: ``.json`` files hold one, ``.jsonl`` segments one per line.
-        Read RECORDS_WINDOW bytes of files at a time (concurrently on object stores): a million
-        failed attempts are a gigabyte of tracebacks, never all in memory at once."""
+    def _record_windows(self, folder: str) -> Iterator[list[bytes]]:
+        """The sealed records of a folder (``.json`` files hold one, ``.jsonl`` segments one per
+        line), RECORDS_WINDOW bytes of files at a time (read concurrently on object stores): a
+        million failed attempts are a gigabyte of tracebacks, never all in memory at once."""
         sizes = self._file_sizes(folder)
         window: list[str] = []
         window_bytes = 0
@@ -489,14 +503,14 @@ class Ledger:
             window.append(path)
             window_bytes += sizes[path]
             if window_bytes >= RECORDS_WINDOW:
-                yield from self._unseal_files(window)
+                yield self._chunks(window)
                 window, window_bytes = [], 0
-        yield from self._unseal_files(window)
+        if window:
+            yield self._chunks(window)
 
-    def _unseal_files(self, paths: list[str]) -> Iterator[dict]:
-        for path, data in self.store.read_many(paths).items():
-            # torn or corrupted records are left out: as if never written
-            yield from unseal_all(data.split(b"\n") if path.endswith(".jsonl") else [data])
+    def _chunks(self, paths: list[str]) -> list[bytes]:
+        return [chunk for path, data in self.store.read_many(paths).items()
+                for chunk in (data.split(b"\n") if path.endswith(".jsonl") else [data])]
 
     def _done_records(self) -> DoneIndex:
         parts, part_sizes, voided = self._proof()
@@ -663,30 +677,11 @@ class Ledger:
                 except OSError as exc:  # a leftover costs space, never correctness
                     log.warning("could not remove the superseded %s: %s", name, exc)
 
-    def _failed_records(self) -> dict[str, list[FailedRecord]]:
-        out: dict[str, list[FailedRecord]] = {}
-        # One copy of each distinct traceback, node, worker, run and kind: a bug in run() that
-        # every batch hits repeats the same kilobyte in millions of records. Tracebacks that name
-        # their item are all distinct: past DISTINCT_TRACEBACKS, they are kept as read.
-        tracebacks: dict[str, str] = {}
-        for body in self._records("failed"):
-            for key in _SHORT_TEXTS:
-                if isinstance(body.get(key), str):
-                    body[key] = sys.intern(body[key])
-            error = body.get("error")
-            if isinstance(error, str):
-                kept = tracebacks.get(error)
-                if kept is None and len(tracebacks) < DISTINCT_TRACEBACKS:
-                    tracebacks[error] = error
-                body["error"] = kept or error
-            try:
-                record = FailedRecord(**body)
-            except TypeError:
-                continue
-            out.setdefault(record.batch, []).append(record)
-        for records in out.values():
-            records.sort(key=lambda r: (r.run, r.attempt))
-        return out
+    def _failed_records(self) -> FailedRecords:
+        # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
+        # one copy of its traceback, not a million (2.6 GiB for `raypar status` before, ...).
+        tables = [failed_table(chunks) for chunks in self._record_windows("failed")]
+        return FailedRecords(pa.concat_tables(tables) if tables else None)
 
     # -- state ----------------------------------------------------------
 

@@ -31,7 +31,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from raypar.errors import LedgerError
-from raypar.storage import _PACKAGE_FOR_PROTOCOL
+from raypar.storage import _PACKAGE_FOR_PROTOCOL, atomic_file
 
 Ranges = list[Union[bytes, BaseException]]
 
@@ -140,6 +140,11 @@ class Store:
         for name, data in files.items():
             self.write_atomic(data, *name.split("/"))
 
+    def writing(self, *parts: str):
+        """A binary file handle whose content appears under the root whole when the block ends,
+        or not at all: for a file too large to build in memory first (a million attempts' reports)."""
+        return atomic_file(self.fs, self.path(*parts))
+
     def write_new(self, data: bytes, *parts: str) -> bool:
         """Create a whole file only if it does not exist yet; False if it already did."""
         return self.create(self.path(*parts), data)
@@ -158,6 +163,7 @@ class LocalStore(Store):
     """Local disk (or a shared file system mounted on every node)."""
 
     appends = True
+    fs = LocalFileSystem()
 
     def __init__(self, root: str, root_path: str):
         super().__init__(root, root_path)
