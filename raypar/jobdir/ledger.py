@@ -99,7 +99,7 @@ class LedgerView:
 
     manifest: Optional[Sequence[MiniBatch]]
     done: Mapping[str, DoneRecord]  # a DoneIndex when read from the ledger, a DoneSet when lean
-    failed: Mapping[str, list[FailedRecord]] = field(default_factory=FailedRecords)  # by batch
+    failed: FailedRecords = field(default_factory=FailedRecords)  # batch ID -> its failed attempts
     lean: bool = False  # done is a DoneSet: no records, so nothing to assemble or report from
     reported: Optional[pa.Table] = None  # view(lean=True, reported=True): ordinal, items, failed
 
@@ -493,8 +493,8 @@ class Ledger:
         return sorted(self._file_sizes(folder))
 
     def _record_windows(self, folder: str) -> Iterator[list[bytes]]:
-        """The sealed records of a folder (``.json`` files hold one, ``.jsonl`` segments one per
-        line), RECORDS_WINDOW bytes of files at a time (read concurrently on object stores): a
+        """The files of sealed records of a folder (``.json`` files hold one, ``.jsonl`` segments one
+        per line), RECORDS_WINDOW bytes of them at a time (read concurrently on object stores): a
         million failed attempts are a gigabyte of tracebacks, never all in memory at once."""
         sizes = self._file_sizes(folder)
         window: list[str] = []
@@ -503,14 +503,10 @@ class Ledger:
             window.append(path)
             window_bytes += sizes[path]
             if window_bytes >= RECORDS_WINDOW:
-                yield self._chunks(window)
+                yield list(self.store.read_many(window).values())
                 window, window_bytes = [], 0
         if window:
-            yield self._chunks(window)
-
-    def _chunks(self, paths: list[str]) -> list[bytes]:
-        return [chunk for path, data in self.store.read_many(paths).items()
-                for chunk in (data.split(b"\n") if path.endswith(".jsonl") else [data])]
+            yield list(self.store.read_many(window).values())
 
     def _done_records(self) -> DoneIndex:
         parts, part_sizes, voided = self._proof()
@@ -680,7 +676,10 @@ class Ledger:
     def _failed_records(self) -> FailedRecords:
         # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
         # one copy of its traceback, not a million (2.6 GiB for `raypar status` before, ...).
-        tables = [failed_table(chunks) for chunks in self._record_windows("failed")]
+        tables = []
+        for files in self._record_windows("failed"):
+            tables.append(failed_table(files))
+            del files  # before the next window is read
         return FailedRecords(pa.concat_tables(tables) if tables else None)
 
     # -- state ----------------------------------------------------------

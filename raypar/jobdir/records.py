@@ -29,15 +29,21 @@ _SEAL_TAIL = len(b',"sha256":""}') + 64
 
 
 def _verified(data: bytes) -> Optional[bytes]:
-    """The canonical body bytes of a sealed record if it is whole and unmodified, else None.
+    """The canonical body bytes of a sealed record if it is whole and unmodified, else None."""
+    return data[:-_SEAL_TAIL] + b"}" if seal_intact(data) else None
+
+
+def seal_intact(data: bytes) -> bool:
+    """A sealed record is whole and unmodified, as _sealed wrote it.
 
     _sealed writes the canonical body with the checksum appended as the last
-    key, so the check hashes the raw bytes: no parsing, no second serialization.
+    key, so the check hashes the raw bytes: no parsing, no second serialization, no copy.
     """
     if len(data) < _SEAL_TAIL + 2 or data[-_SEAL_TAIL:-66] != b',"sha256":"' or not data.endswith(b'"}'):
-        return None
-    canonical = data[:-_SEAL_TAIL] + b"}"
-    return canonical if hashlib.sha256(canonical).hexdigest().encode() == data[-66:-2] else None
+        return False
+    digest = hashlib.sha256(memoryview(data)[:-_SEAL_TAIL])
+    digest.update(b"}")
+    return digest.hexdigest().encode() == data[-66:-2]
 
 
 def _unseal(data: bytes) -> Optional[dict]:

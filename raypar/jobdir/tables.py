@@ -20,7 +20,7 @@ import pyarrow.json as pa_json
 
 from raypar.inputs.base import MiniBatch, QueuedBatch, batch_id, ordinal_of
 from raypar.inputs.pending import PendingQueue
-from raypar.jobdir.records import DoneRecord, FailedRecord, unseal_all, verified_lines
+from raypar.jobdir.records import DoneRecord, FailedRecord, seal_intact, unseal_all, verified_lines
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 SCHEMA = pa.schema([
@@ -56,28 +56,40 @@ _FAILED = pa.schema([("batch", pa.string()), ("run", pa.string()), ("attempt", p
                      ("kind", pa.string()), ("final", pa.bool_()), ("node", pa.string()), ("worker", pa.string()),
                      ("started", pa.float64()), ("items", pa.int64())])
 _FAILED_REQUIRED = ("batch", "run", "attempt", "error", "kind", "final")
+_SEALED_FAILED = _FAILED.append(pa.field("sha256", pa.string()))  # as stored: the seal's checksum last
 # A view's failed records: the batch as its ordinal, texts dictionary-encoded (a bug in run() that
 # every batch hits repeats one kilobyte of traceback in millions of records: one copy here).
 FAILED_SCHEMA = pa.schema([pa.field("ordinal", pa.int64()), *(
     pa.field(f.name, _DICT if f.type == pa.string() else f.type) for f in _FAILED if f.name != "batch")])
 
 
-def failed_table(chunks: list[bytes]) -> pa.Table:
-    """The whole, unmodified failed records among ``chunks`` (sealed JSON, one each) in FAILED_SCHEMA,
-    parsed in C++: a million records of a kilobyte were 3.5 s of json.loads and 5.5 s of a Python
-    loop (benchmarks/README.md). Records that are not FailedRecords are left out."""
-    lines = verified_lines(chunks)
+def failed_table(files: list[bytes]) -> pa.Table:
+    """The whole, unmodified failed records of ``files`` (sealed JSON, one per line) in FAILED_SCHEMA,
+    parsed together in C++: a million records of a kilobyte were 3.5 s of json.loads and 5.5 s of a
+    Python loop (benchmarks/README.md). A file whose records are all intact is parsed as it is, no
+    copy of a record each; records that are not FailedRecords are left out."""
+    pieces, count, longest = [], 0, 0
+    for data in files:
+        lines = [line for line in data.split(b"\n") if line]
+        if all(map(seal_intact, lines)):  # as written: the seal's key is one more column
+            pieces.append(data)
+        else:  # torn or edited records left out, those sealed by hand in canonical form
+            lines = verified_lines(lines)
+            pieces.append(b"\n".join(lines))
+        count += len(lines)
+        longest = max(longest, *map(len, lines)) if lines else longest
     table = None
-    if lines:
+    if count:
+        text = b"\n".join(pieces)  # (blank lines are passed over)
         try:
             table = pa_json.read_json(
-                pa.BufferReader(b"\n".join(lines)),
-                read_options=pa_json.ReadOptions(block_size=max(1 << 20, 2 * max(map(len, lines)))),
-                parse_options=pa_json.ParseOptions(explicit_schema=_FAILED, unexpected_field_behavior="error"))
+                pa.BufferReader(text),
+                read_options=pa_json.ReadOptions(block_size=max(1 << 20, 2 * longest)),
+                parse_options=pa_json.ParseOptions(explicit_schema=_SEALED_FAILED, unexpected_field_behavior="error"))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             table = None
-        if table is None or table.num_rows != len(lines):  # a value of another type, a field no record has...
-            table = _failed_one_by_one(chunks)
+        if table is None or table.num_rows != count:  # a value of another type, a field no record has...
+            table = _failed_one_by_one([line for data in files for line in data.split(b"\n")])
     if table is None or not table.num_rows:
         return FAILED_SCHEMA.empty_table()
     valid = np.ones(table.num_rows, dtype=bool)
