@@ -708,14 +708,30 @@ def test_a_stored_part_the_ledger_does_not_choose_is_never_published(tmp_path):
     assert not (tmp_path / "out.txt").exists()
 
 
-def test_too_many_batches_stored_behind_one_that_is_not_gives_up_and_frees_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["text", "parquet"])
+def test_too_many_batches_stored_behind_one_that_is_not_stop_the_writing_and_finish_writes_the_rest(
+        tmp_path, monkeypatch, fmt):
+    """A straggler (a batch waiting for its retry while many small ones finish) must neither hold every
+    stored batch behind it in memory nor throw away what was written: the rest comes from the view."""
+    monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
+    results = {i: rows_of(i) if fmt != "text" else [f"row {i}"] for i in range(8)}
+    reported = [0, 1, 3, 4, 5, 6, 7]  # 2 is stored last (its retry): the view finds it
+
+    live, end, assembly = live_and_after(tmp_path, results, fmt, reported)
+
+    assert live.read_bytes() == end.read_bytes() and assembly.gave_up is None
+    assert "waited for mb-0000002" in assembly.paused and assembly.waiting == {}  # what it held is let go
+    assert (assembly.written_while_running, assembly.written) == (2, 8)  # 0 and 1 kept, 2-7 at the end
+
+
+def test_a_straggler_before_anything_was_written_leaves_the_output_to_assemble(tmp_path, monkeypatch):
     monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
     ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(5)}, "text")
     live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
     live.stored([(records[i].batch, part_of(records[i])) for i in (1, 2, 3, 4)])  # batch 0 is never reported
 
-    assert live.finish(view) is None and "wait for 0" in live.gave_up
-    assert live.waiting == {}  # what it held is let go
+    assert live.finish(view) is None and "nothing was written" in live.gave_up  # assemble() writes it all
+    assert live.waiting == {}
 
 
 @pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
@@ -770,13 +786,15 @@ def s3_uploads(s3_server, bucket: str, key: str) -> list[int]:
             for p in fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=u["UploadId"]).get("Parts", [])]
 
 
-@pytest.mark.parametrize("ending", ["finish", "abandon"])
+@pytest.mark.parametrize("ending", ["finish", "abandon", "straggler"])
 def test_a_remote_output_is_uploaded_while_batches_run(tmp_path, monkeypatch, s3_server, ending):
     """Not staged on the driver's disk and uploaded after the last batch: only the tail is left
-    then. Nothing is visible before the end, and an abandoned session's upload is aborted."""
+    then. Nothing is visible before the end, and an abandoned session's upload is aborted. Batches
+    stored behind a straggler stop the writing, not the upload of what was written before it."""
     monkeypatch.setattr(held_upload, "PART_BYTES", 5 << 20)  # S3's smallest part
+    monkeypatch.setattr(live_assembly, "MAX_WAITING", 1)
     row = "x" * 1021  # a 1 KiB line
-    ledger, view, records = job(tmp_path, {i: [f"{i} {row}"] * 3072 for i in range(3)}, "text")  # 3 MiB each
+    ledger, view, records = job(tmp_path, {i: [f"{i} {row}"] * 3072 for i in range(5)}, "text")  # 3 MiB each
     bucket = s3_server.new_bucket()
     target = f"s3://{bucket}/out/rows.txt"
     live = LiveAssembly(ledger, target, "text", s3_server.options)
@@ -789,12 +807,16 @@ def test_a_remote_output_is_uploaded_while_batches_run(tmp_path, monkeypatch, s3
         assert s3_uploads(s3_server, bucket, "out/rows.txt") == []  # aborted: S3 bills no parts
         assert not s3_server.filesystem().exists(target)
         return
-    live.stored([(records[2].batch, part_of(records[2]))])
-    assert live.finish(view) == 9 << 20
+    later = (3, 4) if ending == "straggler" else (2, 3, 4)  # the straggler, 2, is stored after the last
+    live.stored([(records[i].batch, part_of(records[i])) for i in later])
+    if ending == "straggler":
+        assert poll(lambda: live.paused, timeout=30, interval=0.05).startswith("2 stored mini-batches waited")
+    assert live.finish(view) == 15 << 20
 
     with s3_server.filesystem().open(target, "rb") as f:
-        assert f.read() == "".join(f"{i} {row}\n" * 3072 for i in range(3)).encode()
+        assert f.read() == "".join(f"{i} {row}\n" * 3072 for i in range(5)).encode()
     assert s3_uploads(s3_server, bucket, "out/rows.txt") == []
+    assert live.written_while_running == (2 if ending == "straggler" else 5)
 
 
 def test_an_abandoned_session_leaves_no_file(tmp_path):

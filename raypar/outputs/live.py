@@ -10,9 +10,13 @@ after the last batch. The file is byte for byte what assemble() writes from the 
 Anything it cannot vouch for gives up, and the driver assembles from the ledger as before: a part
 whose schema would change the output's (assemble() unifies every part's schema first, this writes
 the first part's), a part failing its checksum (assemble() names it, and the batch runs again), a
-stored batch the view does not hold as written, or more than MAX_WAITING batches stored behind one
-that is not. Used for sessions that start with no batch done (a resume's output starts with rows of
-batches it never saw) and whose output order is the ordinal order (no re-planned batches).
+stored batch the view does not hold as written. Used for sessions that start with no batch done (a
+resume's output starts with rows of batches it never saw) and whose output order is the ordinal
+order (no re-planned batches).
+
+When more than MAX_WAITING batches are stored behind one that is not (a straggler, a batch waiting
+for its retry while a hundred thousand small ones finish), it stops writing and lets them go: what
+it wrote stays (on object storage, uploaded), and finish() writes the rest from the view.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from raypar.credentials import protocol_of
 from raypar.errors import OutputSchemaError
-from raypar.inputs.base import ordinal_of
+from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
 from raypar.outputs.assembly import Part, ReadAhead, done_in_order, fetch, intact
@@ -73,6 +77,7 @@ class LiveAssembly:
         self.published: Optional[int] = None  # bytes, once published
         self.written_while_running: Optional[int] = None  # parts written before finish()
         self.gave_up: Optional[str] = None
+        self.paused: Optional[str] = None  # why it stopped writing before finish() (the rest is written then)
         self.stopped = threading.Event()  # abandon(): nothing more is written, nothing published
         self.thread = threading.Thread(target=self._run, name="raypar-live-assembly", daemon=True)
         self.thread.start()
@@ -82,12 +87,12 @@ class LiveAssembly:
     def stored(self, batches: list[tuple[str, Optional[list]]]) -> None:
         """These batches are done and their records durable (a worker's flush stores many at once):
         (batch, [part name, offset, bytes, sha256, crc32], or None when it has no rows)."""
-        if self.gave_up is None and batches:
+        if self.gave_up is None and self.paused is None and batches:
             self.events.append(("settled", batches))
 
     def failed(self, batch: str) -> None:
         """``batch`` failed for good: the output goes on without it."""
-        if self.gave_up is None:
+        if self.gave_up is None and self.paused is None:
             self.events.append(("failed", batch))
 
     # -- the driver's side ---------------------------------------------------------------------
@@ -116,9 +121,11 @@ class LiveAssembly:
                 self.wake.wait(GATHER_SECONDS)
                 self.wake.clear()
                 last = self._gather()
-                if len(self.waiting) > MAX_WAITING:
-                    raise GaveUp(f"{len(self.waiting)} stored mini-batches wait for {self.next} to be stored")
                 self._advance()
+                if len(self.waiting) > MAX_WAITING:  # their places are the view's to tell, at finish()
+                    self.paused = f"{len(self.waiting)} stored mini-batches waited for {batch_id(self.next)}"
+                    self.waiting.clear()
+                    log.debug("raypar: the output is written on after the last batch: %s", self.paused)
                 if last is not None:
                     kind, value = last
                     if kind == "abandon":
@@ -136,6 +143,8 @@ class LiveAssembly:
         abandon event, if one came (nothing comes after it)."""
         while self.events:
             kind, value = self.events.popleft()
+            if self.paused is not None and kind in ("settled", "failed"):
+                continue  # (told before it paused)
             if kind == "settled":
                 self.waiting.update((ordinal_of(b), Part(b, *part) if part else None) for b, part in value)
             elif kind == "failed":
