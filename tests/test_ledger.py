@@ -446,7 +446,8 @@ def test_failed_records_sealed_by_hand_are_read_and_records_that_are_no_failed_r
     no_final = body(4)
     del no_final["final"]
     lines = [_sealed(body(0)), reformatted, _sealed(body(2, colour="red")), _sealed(body(3, attempt="two")),
-             _sealed(no_final), _sealed(body(5)).replace(b"boom", b"bang"), _sealed(body(6, attempt=2))[:-9]]
+             _sealed(no_final), _sealed(body(5)).replace(b"boom", b"bang"), _sealed(body(6, attempt=2))[:-9],
+             _sealed({**body(6), "batch": "not-a-batch"})]
     ledger.store.write_atomic(b"\n".join(lines) + b"\n", "failed", "r9~000000.jsonl")
 
     view = ledger.view()

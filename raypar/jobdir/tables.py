@@ -92,7 +92,8 @@ def failed_table(files: list[bytes]) -> pa.Table:
             table = _failed_one_by_one([line for data in files for line in data.split(b"\n")])
     if table is None or not table.num_rows:
         return FAILED_SCHEMA.empty_table()
-    valid = np.ones(table.num_rows, dtype=bool)
+    valid = pc.match_substring_regex(table.column("batch"), r"^mb-[0-9]+$").fill_null(False).to_numpy(
+        zero_copy_only=False)  # a batch ID (its ordinal is the key)
     for name in _FAILED_REQUIRED:
         valid &= pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)
     table = table.filter(pa.array(valid)) if not valid.all() else table
