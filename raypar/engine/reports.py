@@ -72,13 +72,15 @@ def attempt_slices(view: LedgerView) -> Iterator[pa.Table]:
     keys = [np.concatenate([table[name].to_numpy() if name != "run" else _ranks(table["run"], runs)
                             for table in (done, failed)]) for name in ("attempt", "run", "ordinal")]
     order = np.lexsort(keys)  # the last key first: ordinal, then run, then attempt
-    items = _failed_items(view) if failed.num_rows else None
+    # worked out for all failed attempts at once: a slice shares the whole column's dictionary
+    items, errors = (_failed_items(view), last_lines(failed["error"])) if failed.num_rows else (None, None)
     for at in range(0, len(order), CSV_ROWS):
         rows = order[at:at + CSV_ROWS]
         is_done = rows < done.num_rows
         mine = pa.array(rows[~is_done] - done.num_rows)
         part = pa.concat_tables([_done_attempts(done.take(pa.array(rows[is_done]))),
-                                 _failed_attempts(failed.take(mine), items.take(mine) if items is not None else None)])
+                                 _failed_attempts(failed.take(mine), items.take(mine) if items is not None else None,
+                                                  errors.take(mine) if errors is not None else None)])
         place = np.where(is_done, np.cumsum(is_done) - 1, np.count_nonzero(is_done) + np.cumsum(~is_done) - 1)
         yield part.take(pa.array(place))
 
@@ -105,7 +107,7 @@ def _done_attempts(done: pa.Table) -> pa.Table:
     }, schema=ATTEMPTS)
 
 
-def _failed_attempts(failed: pa.Table, items: Optional[pa.Array]) -> pa.Table:
+def _failed_attempts(failed: pa.Table, items: Optional[pa.Array], errors: Optional[pa.Array]) -> pa.Table:
     count = failed.num_rows
     if not count:
         return ATTEMPTS.empty_table()
@@ -114,7 +116,7 @@ def _failed_attempts(failed: pa.Table, items: Optional[pa.Array]) -> pa.Table:
         "status": status_of_kinds(failed["kind"]), "node": failed["node"].cast(pa.string()),
         "worker": failed["worker"].cast(pa.string()), "started": failed["started"],
         "seconds": pa.nulls(count, pa.float64()), "items": items, "succeeded": pa.repeat(0, count),
-        "error": last_lines(failed["error"]).fill_null(""),
+        "error": errors.fill_null(""),
     }, schema=ATTEMPTS)
 
 
@@ -164,12 +166,13 @@ def write_errors_text(view: LedgerView, out) -> None:
     in_full = (first_of[index] == np.arange(len(index))) | ~remembered[index]
     attempt = pc.binary_join_element_wise(batch_ids(failed["ordinal"]), " run ", failed["run"].cast(pa.string()),
                                           " attempt ", failed["attempt"].cast(pa.string()), "")
-    tracebacks = pc.utf8_rtrim_whitespace(errors.dictionary).cast(pa.large_string())
     for at in range(0, failed.num_rows, CSV_ROWS):
         rows = slice(at, at + CSV_ROWS)
         same = pc.binary_join_element_wise("(the same traceback as ", attempt.take(pa.array(first_of[index[rows]])),
                                            ")", "").cast(pa.large_string())
-        body = pc.if_else(pa.array(in_full[rows]), tracebacks.take(pa.array(index[rows])), same)
+        tracebacks = pc.utf8_rtrim_whitespace(errors.dictionary.take(pa.array(index[rows]))).cast(pa.large_string())
+        body = pc.if_else(pa.array(in_full[rows]), tracebacks, same)  # (trimmed a slice at a time: distinct ones
+        # that name their item are a gigabyte per million)
         part = failed.slice(at, CSV_ROWS)
         header = pc.binary_join_element_wise(
             "=== ", attempt[rows], ": ", status_of_kinds(part["kind"]), " on ",

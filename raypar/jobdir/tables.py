@@ -97,6 +97,7 @@ def failed_table(files: list[bytes]) -> pa.Table:
     for name in _FAILED_REQUIRED:
         valid &= pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)
     table = table.filter(pa.array(valid)) if not valid.all() else table
+    table = table.combine_chunks()  # one dictionary a window, not one copy of it per block Arrow parsed
     ordinal = pc.cast(pc.utf8_slice_codeunits(table.column("batch"), 3), pa.int64())
     return pa.Table.from_arrays(
         [ordinal, *(table.column(f.name).dictionary_encode() if f.type == _DICT else table.column(f.name)
@@ -139,7 +140,7 @@ class FailedRecords(Mapping):
             keys = pa.table({"ordinal": table.column("ordinal"), "attempt": table.column("attempt"),
                              "run": table.column("run").cast(pa.string())})  # dictionaries are not sorted on
             order = pc.sort_indices(keys, [("ordinal", "ascending"), ("run", "ascending"), ("attempt", "ascending")])
-            table = table.take(order).unify_dictionaries().combine_chunks()
+            table = table.unify_dictionaries().combine_chunks().take(order)  # (the take moves indices only)
         self.table = table
         self.ordinals = table.column("ordinal").to_numpy() if table.num_rows else np.empty(0, np.int64)
         self.batches, self.starts = np.unique(self.ordinals, return_index=True)
