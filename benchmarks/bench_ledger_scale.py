@@ -106,7 +106,8 @@ from raypar.jobdir.ledger import Ledger
 started = time.perf_counter()
 ledger = Ledger(sys.argv[1])
 ledger.read_state(), ledger.lease.read()
-counts = ledger.view(ledger.read_manifest(), lean=True).counts()  # as `raypar status` counts
+view = ledger.view(ledger.read_manifest(), lean=True, errors_of=3)  # as `raypar status` reads:
+counts, shown = view.counts(), view.failed.last_rows(view.failed_ordinals()[:3])  # counts, 3 last errors
 seconds = time.perf_counter() - started
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": counts["pending"], "total": counts["total"]}))

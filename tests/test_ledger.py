@@ -767,6 +767,33 @@ def test_status_counts(tmp_path):
     assert status["driver"]["run"] == "r2"
 
 
+def test_status_holds_the_tracebacks_of_the_failed_batches_it_shows_only(tmp_path, monkeypatch):
+    """A million tracebacks that name their item are a gigabyte: status shows the last error of the
+    first failed batches and keeps no other, in whatever order the records were stored."""
+    import raypar.jobdir.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 1)  # a segment per record, in the order stored
+    monkeypatch.setattr(ledger_module, "RECORDS_WINDOW", 1)  # each segment a window of its own
+    ledger = status_ledger(tmp_path, planned_count=8)
+    ledger.gather_failures("r1", seconds=3600)
+    for ordinal, attempt, final in ((6, 1, True), (5, 1, False), (5, 2, True), (0, 1, True), (2, 1, True),
+                                    (4, 1, True), (3, 1, False), (3, 2, True)):
+        ledger.record_failed(FailedRecord(batch=bid(ordinal), run="r1", attempt=attempt, kind="user", final=final,
+                                          error=f"Traceback\nValueError: bad {ordinal}.{attempt}"))
+    ledger.end_gathering_failures()
+    finish(ledger, 0, run="r2")  # retried on resume and done: no longer failed
+    finish(ledger, 1, run="r2")
+
+    status = job_status(ledger.url, errors=2)
+
+    assert status["errors"] == [{"batch": bid(2), "kind": "user", "error": "Traceback\nValueError: bad 2.1"},
+                                {"batch": bid(3), "kind": "user", "error": "Traceback\nValueError: bad 3.2"}]
+    assert status["failed"] == 5 and status["failed_items"] == 5 * ledger.read_manifest()[2].item_count
+    held = ledger.view(lean=True, errors_of=2).failed.table.column("error")
+    assert set(held.drop_null().to_pylist()) == {"Traceback\nValueError: bad 2.1", "Traceback\nValueError: bad 3.2"}
+    assert sum(len(chunk.dictionary) for chunk in held.chunks) == 2  # the windows' other tracebacks let go
+
+
 def test_status_running_without_a_live_driver_is_interrupted(tmp_path):
     ledger = status_ledger(tmp_path, planned_count=3)
     finish(ledger, 0)

@@ -37,7 +37,7 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
     manifest = ledger.read_manifest()
     planned = manifest is not None
     # Counts so far while planning; lean: which batches are done, not where their rows are.
-    view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True)
+    view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True, errors_of=errors)
     last = view.failed.last_rows(view.failed_ordinals()[:errors]).to_pylist()
     last_errors = [{"batch": batch_id(r["ordinal"]), "kind": r["kind"], "error": r["error"]} for r in last]
     reason = saved.get("reason") or ""

@@ -433,7 +433,7 @@ class Ledger:
                                      record.part_offset + record.part_bytes)
 
     def view(self, manifest: Optional[Sequence[MiniBatch]] = None, lean: bool = False,
-             reported: bool = False, failed: bool = True) -> LedgerView:
+             reported: bool = False, failed: bool = True, errors_of: Optional[int] = None) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it.
 
         ``lean``: the done batches as a :class:`DoneSet` (which are done, and their unreturned
@@ -446,6 +446,9 @@ class Ledger:
 
         ``failed=False``: no failed records (``view.failed`` is empty), for a caller that plans from
         the done set alone: with tracebacks, they are most of what a view of a flaky job reads.
+
+        ``errors_of``: keep the tracebacks of the first ``errors_of`` failed batches only (by ordinal;
+        what ``status`` shows), not of every failed attempt: a million distinct ones are a gigabyte.
 
         Records of batches a revision retired (their input changed) are left out: they never count.
         """
@@ -460,7 +463,8 @@ class Ledger:
         with self._listed("parts", "void", "compact", "done", *(("failed",) if failed else ())):
             done = self._done_set(len(manifest) if manifest is not None else 0, collector) if lean \
                 else self._done_records()
-            failed = self._failed_records() if failed else FailedRecords()
+            failed = self._failed_records(errors_of, done, getattr(manifest, "retired", None)) if failed \
+                else FailedRecords()
         if getattr(manifest, "carried", None):
             done = done.carry(manifest.carried)  # before the retired records leave
         table = collector.table() if collector is not None else None
@@ -673,13 +677,18 @@ class Ledger:
                 except OSError as exc:  # a leftover costs space, never correctness
                     log.warning("could not remove the superseded %s: %s", name, exc)
 
-    def _failed_records(self) -> FailedRecords:
+    def _failed_records(self, errors_of: Optional[int] = None, done=None, retired=None) -> FailedRecords:
         # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
         # one copy of its traceback, not a million (2.6 GiB for `raypar status` before, ...).
-        tables = []
+        tables, shown = [], np.empty(0, dtype=np.int64)
         for files in self._record_windows("failed"):
-            tables.append(failed_table(files))
+            table = failed_table(files)
             del files  # before the next window is read
+            if errors_of is not None and table.num_rows:
+                table, shown = _first_errors_only(table, shown, errors_of, done, retired)
+            tables.append(table)
+        if errors_of is not None and tables:  # those of batches shown for a while, then passed by lower ones
+            tables = [_errors_of(table, shown) for table in tables if table.num_rows]
         return FailedRecords(pa.concat_tables(tables) if tables else None)
 
     # -- state ----------------------------------------------------------
@@ -732,6 +741,33 @@ class Ledger:
 
 
 _VERSION_LINE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per line
+
+
+def _first_errors_only(table: pa.Table, shown: np.ndarray, count: int, done, retired) -> tuple[pa.Table, np.ndarray]:
+    """A window of failed records (FAILED_SCHEMA) with the tracebacks of only the ``count`` lowest
+    batches failed for good so far (``shown``, and those of this window), and those batches. A batch
+    among the lowest at the end was among them from its final record on, so its last record's
+    traceback is kept (records are read in the order they were stored)."""
+    ordinals = table.column("ordinal").to_numpy()
+    failed = table.column("final").to_numpy(zero_copy_only=False) & ~done.mask(int(ordinals.max()) + 1)[ordinals]
+    if retired is not None and len(retired):
+        failed &= ~np.isin(ordinals, retired)
+    shown = np.unique(np.concatenate([shown, ordinals[failed]]))[:count]
+    return _errors_of(table, shown), shown
+
+
+def _errors_of(table: pa.Table, shown: np.ndarray) -> pa.Table:
+    """``table`` (FAILED_SCHEMA) with the tracebacks of the batches ``shown`` only; the dictionary
+    goes with the tracebacks let go."""
+    keep = np.isin(table.column("ordinal").to_numpy(), shown)
+    error = table.column("error").combine_chunks()
+    keep &= error.is_valid().to_numpy(zero_copy_only=False)  # (let go already)
+    indices = error.indices.fill_null(0).to_numpy()
+    used = np.unique(indices[keep])
+    kept = pa.DictionaryArray.from_arrays(
+        pa.array(np.searchsorted(used, indices).clip(0, max(len(used) - 1, 0)).astype(np.int32), mask=~keep),
+        error.dictionary.take(pa.array(used, pa.int64())))
+    return table.set_column(table.schema.get_field_index("error"), "error", kept)
 
 
 def _inputs_lines(versions: dict) -> bytes:
