@@ -679,7 +679,7 @@ class Ledger:
 
     def _failed_records(self, errors_of: Optional[int] = None, done=None, retired=None) -> FailedRecords:
         # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
-        # one copy of its traceback, not a million (2.6 GiB for `raypar status` before, ...).
+        # one copy of its traceback, not a million (a Python string each took `raypar status` to 2.6 GiB).
         tables, shown = [], np.empty(0, dtype=np.int64)
         for files in self._record_windows("failed"):
             table = failed_table(files)
