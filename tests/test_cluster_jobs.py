@@ -367,3 +367,41 @@ def test_gpu_worker_sees_only_its_gpu(ray_cluster, tmp_path):
         assert sorted(seen) == ["0", "1"]
     finally:
         ray_cluster.remove_node(gpu_node)
+
+
+def test_a_straggler_stops_the_output_written_while_running_and_the_rest_is_written_at_the_end(
+        ray_cluster, tmp_path, monkeypatch):
+    """Batch 1 holds while the batches after it finish: past MAX_WAITING of them the live assembly
+    stops writing, keeps batch 0's rows, and the session's end writes the rest, every row once."""
+    from conftest import wait_for
+
+    from raypar.outputs import live as live_assembly
+
+    monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
+    made = []
+    init = live_assembly.LiveAssembly.__init__
+    monkeypatch.setattr(live_assembly.LiveAssembly, "__init__",
+                        lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    files, step = texts(12), tmp_path / "step"  # 6 batches of 2 files
+    step.mkdir()
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--step {step}"})
+
+    def release(name):
+        wait_for(lambda: (step / f"ran-{name}-1").exists(), f"{name}'s batch to start")
+        (step / f"go-{name}").write_text("")
+
+    job = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet, wait=False)  # the driver in a thread
+    release("f000.txt")
+    wait_for(lambda: made and made[0].written == 1, "batch 0 written while running")
+    for name in ("f004.txt", "f006.txt", "f008.txt", "f010.txt"):  # free; f002.txt's batch 1 holds
+        (step / f"go-{name}").write_text("")
+    wait_for(lambda: made[0].paused is not None, "the writing to stop")
+    release("f002.txt")
+    outcome = job.wait()
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    assert output_lines(tmp_path) == expected_rows(files)
+    [assembly] = made
+    assert assembly.paused.endswith("waited for mb-0000001") and assembly.gave_up is None
+    assert (assembly.written_while_running, assembly.written) == (1, 6)
+    assert assembly.published == (tmp_path / "out" / "parallel_run_step.txt").stat().st_size
