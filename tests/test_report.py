@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_spec, quiet
+from conftest import make_spec
 
 import raypar
 from raypar.engine import report_html
@@ -41,8 +41,11 @@ def test_the_report_of_a_job_with_failures_draws_in_a_browser(ray_cluster, tmp_p
     files = {f"f{i:02d}.txt": ("bad " if i == 5 else "") + f"value {i}" for i in range(12)}
     spec = make_spec(tmp_path, files, **{"retry_settings.max_retries": 1, "mini_batch_error_threshold": -1})
     job = str(tmp_path / "job")
-    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+    said = []
+    outcome = raypar.run(spec, job_dir=job, echo=said.append).wait()
     assert outcome.state is JobState.SUCCEEDED and outcome.failed == 1
+    assert f"raypar: 1 mini-batch(es) failed and were skipped (thresholds allow it); `raypar resume {job}` " \
+           "retries them" in said
 
     status = json.loads(cli("status", job, "--json").stdout)
     assert status["report"] == f"{job}/reports/report.html"  # written by the session, named by status

@@ -277,8 +277,8 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
         if not beat.held():  # lost while assembling: the output is whole, but this session is not the holder
             reason = reason or beat.lost
         state = JobState.CANCELED if stop.canceled else JobState.FAILED if reason else JobState.SUCCEEDED
-        failed = view.failed_batches() if view is not None else ()
-        if failed and not reason:
+        failed = view.failed_ordinals() if view is not None else ()  # (not a million batch IDs to count them)
+        if len(failed) and not reason:
             echo(f"raypar: {len(failed)} mini-batch(es) failed and were skipped (thresholds allow it); "
                  f"`raypar resume {ledger.url}` retries them")
     except KeyboardInterrupt as exc:
