@@ -369,15 +369,18 @@ def test_gpu_worker_sees_only_its_gpu(ray_cluster, tmp_path):
         ray_cluster.remove_node(gpu_node)
 
 
-def test_a_straggler_stops_the_output_written_while_running_and_the_rest_is_written_at_the_end(
-        ray_cluster, tmp_path, monkeypatch):
-    """Batch 1 holds while the batches after it finish: past MAX_WAITING of them the live assembly
-    stops writing, keeps batch 0's rows, and the session's end writes the rest, every row once."""
+@pytest.mark.parametrize("ahead", ["waits", "stops"])
+def test_batches_stored_behind_a_straggler_wait_for_it_or_past_max_ahead_the_rest_is_written_at_the_end(
+        ray_cluster, tmp_path, monkeypatch, ahead):
+    """Batch 1 holds while the batches after it finish. They wait for it (in a few bytes each), and
+    all six are written while running; or, stored more than MAX_AHEAD ahead of it, the live assembly
+    stops writing, keeps batch 0's rows, and the session's end writes the rest. Every row once."""
     from conftest import wait_for
 
     from raypar.outputs import live as live_assembly
 
-    monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
+    if ahead == "stops":
+        monkeypatch.setattr(live_assembly, "MAX_AHEAD", 2)
     made = []
     init = live_assembly.LiveAssembly.__init__
     monkeypatch.setattr(live_assembly.LiveAssembly, "__init__",
@@ -395,13 +398,20 @@ def test_a_straggler_stops_the_output_written_while_running_and_the_rest_is_writ
     wait_for(lambda: made and made[0].written == 1, "batch 0 written while running")
     for name in ("f004.txt", "f006.txt", "f008.txt", "f010.txt"):  # free; f002.txt's batch 1 holds
         (step / f"go-{name}").write_text("")
-    wait_for(lambda: made[0].paused is not None, "the writing to stop")
+    if ahead == "stops":
+        wait_for(lambda: made[0].paused is not None, "the writing to stop")
+    else:
+        wait_for(lambda: len(made[0].waiting) == 4, "batches 2-5 to wait for batch 1")
     release("f002.txt")
     outcome = job.wait()
 
     assert outcome.state is JobState.SUCCEEDED, outcome.reason
     assert output_lines(tmp_path) == expected_rows(files)
     [assembly] = made
-    assert assembly.paused.endswith("waited for mb-0000001") and assembly.gave_up is None
-    assert (assembly.written_while_running, assembly.written) == (1, 6)
+    assert assembly.gave_up is None
+    if ahead == "stops":
+        assert assembly.paused.endswith("waited for mb-0000001")
+        assert (assembly.written_while_running, assembly.written) == (1, 6)
+    else:
+        assert assembly.paused is None and (assembly.written_while_running, assembly.written) == (6, 6)
     assert assembly.published == (tmp_path / "out" / "parallel_run_step.txt").stat().st_size

@@ -22,6 +22,7 @@ from raypar.errors import CorruptPartsError, OutputSchemaError, ResultError
 from raypar.inputs.base import MiniBatch
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.jobdir.records import DoneRecord, _sealed, part_checksum
+from raypar.outputs import ahead
 from raypar.outputs import assembly as outputs
 from raypar.outputs import formats as output_formats
 from raypar.outputs import live as live_assembly
@@ -713,25 +714,96 @@ def test_too_many_batches_stored_behind_one_that_is_not_stop_the_writing_and_fin
         tmp_path, monkeypatch, fmt):
     """A straggler (a batch waiting for its retry while many small ones finish) must neither hold every
     stored batch behind it in memory nor throw away what was written: the rest comes from the view."""
-    monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
+    monkeypatch.setattr(live_assembly, "MAX_AHEAD", 2)
     results = {i: rows_of(i) if fmt != "text" else [f"row {i}"] for i in range(8)}
     reported = [0, 1, 3, 4, 5, 6, 7]  # 2 is stored last (its retry): the view finds it
 
     live, end, assembly = live_and_after(tmp_path, results, fmt, reported)
 
     assert live.read_bytes() == end.read_bytes() and assembly.gave_up is None
-    assert "waited for mb-0000002" in assembly.paused and assembly.waiting == {}  # what it held is let go
+    assert assembly.paused == "5 stored mini-batches, up to mb-0000007, waited for mb-0000002"
+    assert len(assembly.waiting) == 0 and assembly.waiting.chunks == {}  # what it held is let go
     assert (assembly.written_while_running, assembly.written) == (2, 8)  # 0 and 1 kept, 2-7 at the end
 
 
+def test_the_batches_stored_ahead_come_back_in_order_as_they_were_stored(monkeypatch):
+    monkeypatch.setattr(ahead, "CHUNK", 4)
+    waiting = ahead.StoredAhead()
+    where = {i: [f"seg-{i // 3}", 10 * i, 10, None, format(i * 2654435761 % (1 << 32), "08x")] for i in range(14)}
+    where[5] = ["old", 50, 10, "ab" * 32, None]  # a record of before CRC-32
+    for i in (9, 3, 1, 13, 2, 0, 5, 4, 6, 8, 7):  # 10-12 not yet; 11 failed for good, 12 has no rows
+        waiting.put(i, where[i])
+    waiting.put(11, None)
+    waiting.put(12, None)
+    waiting.put(8, ["retry", 0, 11, None, "0000abcd"])  # stored again: the later report counts
+
+    taken = []
+    while (value := waiting.take_next()) is not ahead.ABSENT:
+        taken.append(value)
+
+    expect = {**where, 8: ["retry", 0, 11, None, "0000abcd"]}
+    assert taken == [outputs.Part(bid(i), *expect[i]) for i in range(10)]
+    assert (waiting.next, len(waiting), waiting.ahead()) == (10, 3, 3)
+    assert sorted(waiting.chunks) == [2, 3]  # chunks 0 and 1 (ordinals 0-7) freed as the writing passed them
+    waiting.put(4, where[4])  # written already: ignored
+    waiting.put(10, where[10])
+    assert [waiting.take_next() for _ in range(5)] == [outputs.Part(bid(10), *where[10]), None, None,
+                                                       outputs.Part(bid(13), *where[13]), ahead.ABSENT]
+    assert (len(waiting), sorted(waiting.chunks)) == (0, [3])
+
+
+def test_a_batch_stored_ahead_takes_a_few_bytes():
+    """A million batches stored behind a straggler must not take a Part each (about 400 bytes)."""
+    import tracemalloc
+
+    count = 200_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        waiting = ahead.StoredAhead()
+        for i in range(1, count + 1):  # a part name per worker flush of 1,000, as workers store them
+            waiting.put(i, [f"r1~i0s{i % 16}-{uuid.UUID(int=i // 1000)}", i * 20, 20, None, format(i, "08x")])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert len(waiting) == count and held < 40 * count  # 37 here: 4 chunks of 65,536 slots
+
+
+def test_a_hundred_thousand_batches_stored_behind_a_straggler_wait_for_it_and_are_written_while_running(tmp_path):
+    """Batch 0 is stored last, after 100,100 others (more than the 100,000 Parts the live assembly held
+    before it gave up): they wait in a few bytes each and are written once it is stored, in order."""
+    count = 100_101
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": []}, item_count=1) for i in range(count)]
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(manifest)
+    writer = ledger.done_writer("r1~w1", {"flush_batches": 1000, "flush_bytes": 1 << 30, "flush_seconds": 1e9})
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+    order = list(range(1, count)) + [0]
+    for start in range(0, count, 1000):  # as a worker's flushes report them
+        stored = [writer.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None),
+                               f"{i}\n".encode()) for i in order[start:start + 1000]]
+        writer.flush()
+        live.stored([(r.batch, part_of(r)) for r in stored])
+        if start == count - 1001:
+            assert poll(lambda: len(live.waiting) == count - 1, timeout=60, interval=0.05)
+            assert live.written == 0 and live.paused is None and live.waiting.nbytes() <= 2 * (1 << 16) * 25
+
+    assert live.finish(ledger.view(manifest)) is not None and live.gave_up is None and live.paused is None
+
+    assert (tmp_path / "out.txt").read_text() == "".join(f"{i}\n" for i in range(count))
+    assert (live.written_while_running, live.written) == (count, count)
+    assert len(live.waiting) == 0 and live.waiting.chunks == {}
+
+
 def test_a_straggler_before_anything_was_written_leaves_the_output_to_assemble(tmp_path, monkeypatch):
-    monkeypatch.setattr(live_assembly, "MAX_WAITING", 2)
+    monkeypatch.setattr(live_assembly, "MAX_AHEAD", 2)
     ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(5)}, "text")
     live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
     live.stored([(records[i].batch, part_of(records[i])) for i in (1, 2, 3, 4)])  # batch 0 is never reported
 
     assert live.finish(view) is None and "nothing was written" in live.gave_up  # assemble() writes it all
-    assert live.waiting == {}
+    assert len(live.waiting) == 0 and live.waiting.chunks == {}
 
 
 @pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
@@ -792,7 +864,7 @@ def test_a_remote_output_is_uploaded_while_batches_run(tmp_path, monkeypatch, s3
     then. Nothing is visible before the end, and an abandoned session's upload is aborted. Batches
     stored behind a straggler stop the writing, not the upload of what was written before it."""
     monkeypatch.setattr(held_upload, "PART_BYTES", 5 << 20)  # S3's smallest part
-    monkeypatch.setattr(live_assembly, "MAX_WAITING", 1)
+    monkeypatch.setattr(live_assembly, "MAX_AHEAD", 1)
     row = "x" * 1021  # a 1 KiB line
     ledger, view, records = job(tmp_path, {i: [f"{i} {row}"] * 3072 for i in range(5)}, "text")  # 3 MiB each
     bucket = s3_server.new_bucket()
@@ -810,7 +882,8 @@ def test_a_remote_output_is_uploaded_while_batches_run(tmp_path, monkeypatch, s3
     later = (3, 4) if ending == "straggler" else (2, 3, 4)  # the straggler, 2, is stored after the last
     live.stored([(records[i].batch, part_of(records[i])) for i in later])
     if ending == "straggler":
-        assert poll(lambda: live.paused, timeout=30, interval=0.05).startswith("2 stored mini-batches waited")
+        assert poll(lambda: live.paused, timeout=30, interval=0.05) == (
+            "2 stored mini-batches, up to mb-0000004, waited for mb-0000002")
     assert live.finish(view) == 15 << 20
 
     with s3_server.filesystem().open(target, "rb") as f:

@@ -14,9 +14,10 @@ stored batch the view does not hold as written. Used for sessions that start wit
 resume's output starts with rows of batches it never saw) and whose output order is the ordinal
 order (no re-planned batches).
 
-When more than MAX_WAITING batches are stored behind one that is not (a straggler, a batch waiting
-for its retry while a hundred thousand small ones finish), it stops writing and lets them go: what
-it wrote stays (on object storage, uploaded), and finish() writes the rest from the view.
+The batches stored behind one that is not (a straggler, a batch waiting for its retry while a
+million small ones finish) wait in 25 bytes each (ahead.py) and are written once it is stored. When
+one is stored more than MAX_AHEAD batches ahead of the one written next, it stops writing and lets
+them go: what it wrote stays (on object storage, uploaded), and finish() writes the rest from the view.
 """
 
 from __future__ import annotations
@@ -36,18 +37,18 @@ from raypar.errors import OutputSchemaError
 from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
+from raypar.outputs.ahead import ABSENT, StoredAhead
 from raypar.outputs.assembly import Part, ReadAhead, done_in_order, fetch, intact
 from raypar.storage import atomic_output
 
 log = logging.getLogger("raypar")
 
-MAX_WAITING = 100_000  # stored batches held (a few names each) behind one that is not, before giving up
+MAX_AHEAD = 1 << 21  # how far ahead of the batch written next batches may wait: 2,097,152 (52 MiB)
 WINDOW = 1024  # batches read together (one span per segment object they share)
 GATHER_SECONDS = 0.2  # how often the thread looks for settled batches to write
 # A local output is pushed to disk each time it grows by this much while batches run, so the fsync
 # that publishes it waits only for the tail (904 MiB took 0.24 s to fsync at the end, here).
 SYNC_BYTES = 128 << 20
-_FAILED = object()  # a batch that failed for good: its place is settled, it has no rows
 
 
 class GaveUp(Exception):
@@ -64,8 +65,7 @@ class LiveAssembly:
         # thousands of times a second, and the scheduler's loop waited for it each time.
         self.events: collections.deque = collections.deque()
         self.wake = threading.Event()
-        self.waiting: dict[int, object] = {}  # ordinal -> its Part (or _FAILED), stored ahead of ``next``
-        self.next = 0  # the ordinal written next
+        self.waiting = StoredAhead()  # the batches stored from the one written next on
         self.written = 0  # parts written
         self.chain = hashlib.sha256()  # of the parts written, in order: finish() compares the view's with it
         self.union: Optional[formats.SchemaUnion] = None
@@ -122,8 +122,9 @@ class LiveAssembly:
                 self.wake.clear()
                 last = self._gather()
                 self._advance()
-                if len(self.waiting) > MAX_WAITING:  # their places are the view's to tell, at finish()
-                    self.paused = f"{len(self.waiting)} stored mini-batches waited for {batch_id(self.next)}"
+                if self.waiting.ahead() > MAX_AHEAD:  # their places are the view's to tell, at finish()
+                    self.paused = (f"{len(self.waiting)} stored mini-batches, up to {batch_id(self.waiting.highest)}, "
+                                   f"waited for {batch_id(self.waiting.next)}")
                     self.waiting.clear()
                     log.debug("raypar: the output is written on after the last batch: %s", self.paused)
                 if last is not None:
@@ -146,9 +147,10 @@ class LiveAssembly:
             if self.paused is not None and kind in ("settled", "failed"):
                 continue  # (told before it paused)
             if kind == "settled":
-                self.waiting.update((ordinal_of(b), Part(b, *part) if part else None) for b, part in value)
+                for batch, part in value:
+                    self.waiting.put(ordinal_of(batch), part or None)
             elif kind == "failed":
-                self.waiting[ordinal_of(value)] = _FAILED
+                self.waiting.put(ordinal_of(value), None)
             else:
                 return kind, value
         return None
@@ -166,12 +168,11 @@ class LiveAssembly:
 
     def _advance(self) -> None:
         """Write the parts of the settled batches from ``next`` on, a window at a time."""
-        while self.next in self.waiting:
+        value = None
+        while value is not ABSENT:
             window = []
-            while self.next in self.waiting and len(window) < WINDOW:
-                value = self.waiting.pop(self.next)
-                self.next += 1
-                if isinstance(value, Part):
+            while len(window) < WINDOW and (value := self.waiting.take_next()) is not ABSENT:
+                if value is not None:
                     window.append(value)
             for record, data in fetch(self.ledger, window, lambda r: r.part_bytes):
                 self._write(record, data if intact(record, data) else None)
@@ -220,6 +221,7 @@ class LiveAssembly:
 
     def _finish(self, view: LedgerView) -> None:
         self.written_while_running = self.written
+        self.waiting.clear()  # (what it holds of the last batches' chunk)
         if self.sink is None:
             raise GaveUp("nothing was written while running")
         parts = done_in_order(view)
