@@ -770,6 +770,23 @@ def test_a_batch_stored_ahead_takes_a_few_bytes():
     assert len(waiting) == count and held < 40 * count  # 37 here: 4 chunks of 65,536 slots
 
 
+def test_the_session_end_checks_the_parts_written_against_the_ledger_from_columns():
+    """finish() composes the chain of the parts written from the view's columns: the same bytes as the
+    live thread hashed part by part, or every live output would be thrown away and assembled again."""
+    count = (1 << 16) + 3  # more than one slice
+    table = pa.table({"ordinal": pa.array(range(count), pa.int64()),
+                      "part": pa.array([f"r1~w{i // 1000}" for i in range(count)]).dictionary_encode(),
+                      "part_offset": pa.array([7 * (i % 1000) for i in range(count)], pa.int64()),
+                      "part_bytes": pa.array([7] * count, pa.int64()),
+                      "part_sha256": pa.array(["ab" * 32 if i == 5 else None for i in range(count)], pa.string()),
+                      "part_crc32": pa.array([None if i == 5 else format(i, "08x") for i in range(count)])})
+    for rows in (table, table.slice(0, count - 2), table.slice(0, 0)):
+        chain = hashlib.sha256()
+        for part in outputs.parts_of(rows):
+            chain.update(live_assembly._key(part))
+        assert live_assembly._chain(rows) == chain.digest()
+
+
 def test_a_hundred_thousand_batches_stored_behind_a_straggler_wait_for_it_and_are_written_while_running(tmp_path):
     """Batch 0 is stored last, after 100,100 others (more than the 100,000 Parts the live assembly held
     before it gave up): they wait in a few bytes each and are written once it is stored, in order."""

@@ -14,6 +14,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypar.errors import CorruptPartsError, OutputSchemaError
 from raypar.inputs.base import batch_id, ordinal_of
@@ -175,29 +176,42 @@ class Part(NamedTuple):
     part_crc32: Optional[str] = None
 
 
+PART_SCHEMA = pa.schema([("ordinal", pa.int64()), ("part", pa.string()), ("part_offset", pa.int64()),
+                         ("part_bytes", pa.int64()), ("part_sha256", pa.string()), ("part_crc32", pa.string())])
+PART_COLUMNS = PART_SCHEMA.names
+
+
 def done_in_order(view: LedgerView) -> Iterator[Part]:
     """The parts of the done records, in mini-batch order.
 
     Read straight from the DoneIndex's columns: building a DoneRecord per
     batch would cost ten times as much, twice per assembly.
     """
-    if not isinstance(view.done, DoneIndex):
-        for r in sorted(view.done.values(), key=lambda r: ordinal_of(r.batch)):
-            if r.part is not None:
-                yield Part(r.batch, r.part, r.part_offset, r.part_bytes, r.part_sha256, r.part_crc32)
-        return
-    columns = ["ordinal", "part", "part_offset", "part_bytes", "part_sha256", "part_crc32"]
-    table = view.done.table.select(columns)
+    return parts_of(done_parts(view))
+
+
+def done_parts(view: LedgerView) -> pa.Table:
+    """The done records that have a part, in output order: PART_COLUMNS."""
+    if not isinstance(view.done, DoneIndex):  # a plain mapping of DoneRecords
+        rows = [{"ordinal": ordinal_of(r.batch), **{c: getattr(r, c) for c in PART_COLUMNS[1:]}}
+                for r in view.done.values() if r.part is not None]
+        table = pa.Table.from_pylist(rows, schema=PART_SCHEMA)
+        return table.take(pc.sort_indices(table, [("ordinal", "ascending")]))
+    table = view.done.table.select(PART_COLUMNS)
     order = view.manifest.output_order() if hasattr(view.manifest, "output_order") else None
     if order is not None and table.num_rows:  # re-planned batches take the place of those they replace
         position = np.full(len(view.manifest), len(order), dtype=np.int64)
         position[order] = np.arange(len(order))
         table = table.take(pa.array(np.argsort(position[view.done.ordinals], kind="stable")))
+    return table.filter(pc.is_valid(table.column("part")))
+
+
+def parts_of(table: pa.Table) -> Iterator[Part]:
+    """A Part for each row of done_parts()'s table."""
     for chunk in table.to_batches(max_chunksize=50_000):
         values = chunk.to_pydict()
-        for ordinal, *where in zip(*(values[c] for c in columns), strict=True):
-            if where[0] is not None:
-                yield Part(batch_id(ordinal), *where)
+        for ordinal, *where in zip(*(values[c] for c in PART_COLUMNS), strict=True):
+            yield Part(batch_id(ordinal), *where)
 
 
 def _done_records(view: LedgerView, parts: list) -> list[DoneRecord]:

@@ -30,15 +30,18 @@ import os
 import threading
 from typing import Iterator, Optional
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from raypar.credentials import protocol_of
 from raypar.errors import OutputSchemaError
-from raypar.inputs.base import batch_id, ordinal_of
+from raypar.inputs.base import batch_id, batch_ids, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
 from raypar.outputs.ahead import ABSENT, StoredAhead
-from raypar.outputs.assembly import Part, ReadAhead, done_in_order, fetch, intact
+from raypar.outputs.assembly import PART_COLUMNS, Part, ReadAhead, done_parts, fetch, intact, parts_of
 from raypar.storage import atomic_output
 
 log = logging.getLogger("raypar")
@@ -224,15 +227,12 @@ class LiveAssembly:
         self.waiting.clear()  # (what it holds of the last batches' chunk)
         if self.sink is None:
             raise GaveUp("nothing was written while running")
-        parts = done_in_order(view)
-        chain = hashlib.sha256()
-        for _ in range(self.written):
-            record = next(parts, None)
-            if record is None:
-                raise GaveUp("the ledger holds fewer parts than were written")
-            chain.update(_key(record))
-        if chain.digest() != self.chain.digest():
+        parts = done_parts(view)
+        if parts.num_rows < self.written:
+            raise GaveUp("the ledger holds fewer parts than were written")
+        if _chain(parts.slice(0, self.written)) != self.chain.digest():
             raise GaveUp("the parts written are not the ledger's")
+        parts = parts_of(parts.slice(self.written))
         for record, data in ReadAhead(_windows(self.ledger, parts)):  # checked by its thread
             self._write(record, data)
         self.sink.__exit__(None, None, None)  # the end of the file (a parquet footer)
@@ -246,8 +246,24 @@ class LiveAssembly:
 
 
 def _key(record: Part) -> bytes:
+    """What the chain hashes of a part written (_chain() builds the same bytes from columns)."""
     return (f"{record.batch}\0{record.part}\0{record.part_offset}\0{record.part_bytes}\0{record.part_sha256}\0"
             f"{record.part_crc32}\n").encode()
+
+
+def _chain(parts: pa.Table) -> bytes:
+    """The chain of done_parts()'s rows: each row's _key(), composed by Arrow a slice at a time (a
+    Part per row cost 2.4 s of a million-batch session's end)."""
+    chain = hashlib.sha256()
+    for rows in parts.to_batches(max_chunksize=1 << 16):
+        text = [pc.cast(rows.column(c), pa.string()) for c in PART_COLUMNS[1:]]
+        keys = pc.binary_join_element_wise(batch_ids(rows.column("ordinal")), *text[:3],
+                                           *(pc.fill_null(c, "None") for c in text[3:]), "\0")
+        keys = pc.binary_join_element_wise(keys, "", "\n")  # each key ends in a newline
+        _, offsets, data = keys.buffers()
+        start, end = np.frombuffer(offsets, np.int32)[[keys.offset, keys.offset + len(keys)]]
+        chain.update(memoryview(data)[start:end])
+    return chain.digest()
 
 
 def _windows(ledger: Ledger, parts: Iterator[Part]) -> Iterator[tuple[Part, bytes]]:
