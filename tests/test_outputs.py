@@ -813,6 +813,36 @@ def test_a_hundred_thousand_batches_stored_behind_a_straggler_wait_for_it_and_ar
     assert len(live.waiting) == 0 and live.waiting.chunks == {}
 
 
+@pytest.mark.parametrize("ending", ["waited", "paused"])
+def test_the_parts_behind_a_straggler_are_read_a_window_of_read_ahead_bytes_at_a_time(tmp_path, monkeypatch, ending):
+    """A thousand 64 MB parts stored behind a straggler must not be read into memory at once, when it is
+    stored or, past MAX_AHEAD, when finish() writes them."""
+    row = "x" * 999
+    ledger, view, records = job(tmp_path, {i: [f"{i}{row}"[:1000]] for i in range(10)}, "text")
+    monkeypatch.setattr(outputs, "READ_AHEAD", 3000)  # three parts
+    if ending == "paused":
+        monkeypatch.setattr(live_assembly, "MAX_AHEAD", 5)
+    reads, read_ranges = [], ledger.store.read_ranges
+
+    def spy(paths, starts, ends):
+        reads.append(sum(e - s for s, e in zip(starts, ends, strict=True)))
+        return read_ranges(paths, starts, ends)
+
+    monkeypatch.setattr(ledger.store, "read_ranges", spy)
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+    live.stored([(records[0].batch, part_of(records[0]))])
+    assert poll(lambda: live.written == 1, timeout=30, interval=0.05)
+    live.stored([(records[i].batch, part_of(records[i])) for i in range(2, 10)])
+    if ending == "paused":
+        assert poll(lambda: live.paused, timeout=30, interval=0.05)
+    live.stored([(records[1].batch, part_of(records[1]))])  # the straggler
+
+    assert live.finish(view) is not None and live.gave_up is None
+    assert (tmp_path / "out.txt").read_text() == "".join(f"{i}{row}"[:1000] + "\n" for i in range(10))
+    assert sum(reads) == 10 * 1001 and max(reads) <= 3 * 1001  # the windows: at most READ_AHEAD and a part
+    assert live.written_while_running == (10 if ending == "waited" else 1)
+
+
 def test_a_straggler_before_anything_was_written_leaves_the_output_to_assemble(tmp_path, monkeypatch):
     monkeypatch.setattr(live_assembly, "MAX_AHEAD", 2)
     ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(5)}, "text")

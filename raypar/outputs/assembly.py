@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 from contextlib import closing
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,9 @@ from raypar.outputs.rows import FORMATS
 from raypar.storage import atomic_output
 
 READ_AHEAD = 64 * 1024 * 1024  # bytes of parts read ahead of the writer (and fetched at once from object stores)
+# Batches read at once, at most: tiny parts on an object store cost a round trip a window (100,000
+# 16-byte parts took 2.5 s from Azurite in windows of 1,024, 0.35 s in windows of 16,384).
+WINDOW = 16_384
 
 
 def assemble(ledger: Ledger, view: LedgerView, target: str, fmt: str = "text",
@@ -219,17 +222,20 @@ def _done_records(view: LedgerView, parts: list) -> list[DoneRecord]:
 
 
 def _parts(ledger: Ledger, view: LedgerView, head: Optional[int] = None) -> Iterator[tuple[Part, bytes]]:
-    """(record, its part's bytes, or only the first ``head`` of them) in mini-batch order.
-
-    Read a window at a time (at most READ_AHEAD bytes or 1,024 batches), concurrently on
-    object stores, one span per segment the window touches.
-    """
+    """(record, its part's bytes, or only the first ``head`` of them) in mini-batch order."""
     size = (lambda r: min(r.part_bytes, head)) if head else (lambda r: r.part_bytes)
+    return fetch_windows(ledger, done_in_order(view), size)
+
+
+def fetch_windows(ledger: Ledger, records: Iterable[Part], size=lambda r: r.part_bytes
+                  ) -> Iterator[tuple[Part, bytes]]:
+    """(record, its part's bytes) for each of ``records``, read a window at a time: at most READ_AHEAD
+    bytes or WINDOW batches, concurrently on object stores, one span per segment the window touches."""
     window, window_bytes = [], 0
-    for record in done_in_order(view):
+    for record in records:
         window.append(record)
         window_bytes += size(record)
-        if window_bytes >= READ_AHEAD or len(window) >= 1024:
+        if window_bytes >= READ_AHEAD or len(window) >= WINDOW:
             yield from fetch(ledger, window, size)
             window, window_bytes = [], 0
     yield from fetch(ledger, window, size)

@@ -41,13 +41,12 @@ from raypar.inputs.base import batch_id, batch_ids, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
 from raypar.outputs.ahead import ABSENT, StoredAhead
-from raypar.outputs.assembly import PART_COLUMNS, Part, ReadAhead, done_parts, fetch, intact, parts_of
+from raypar.outputs.assembly import PART_COLUMNS, Part, ReadAhead, done_parts, fetch_windows, intact, parts_of
 from raypar.storage import atomic_output
 
 log = logging.getLogger("raypar")
 
 MAX_AHEAD = 1 << 21  # how far ahead of the batch written next batches may wait: 2,097,152 (52 MiB)
-WINDOW = 1024  # batches read together (one span per segment object they share)
 GATHER_SECONDS = 0.2  # how often the thread looks for settled batches to write
 # A local output is pushed to disk each time it grows by this much while batches run, so the fsync
 # that publishes it waits only for the tail (904 MiB took 0.24 s to fsync at the end, here).
@@ -170,15 +169,14 @@ class LiveAssembly:
         self.sink = self.files = None
 
     def _advance(self) -> None:
-        """Write the parts of the settled batches from ``next`` on, a window at a time."""
-        value = None
-        while value is not ABSENT:
-            window = []
-            while len(window) < WINDOW and (value := self.waiting.take_next()) is not ABSENT:
-                if value is not None:
-                    window.append(value)
-            for record, data in fetch(self.ledger, window, lambda r: r.part_bytes):
-                self._write(record, data if intact(record, data) else None)
+        """Write the parts of the settled batches from the one written next on, a window at a time."""
+        for record, data in fetch_windows(self.ledger, self._settled()):
+            self._write(record, data if intact(record, data) else None)
+
+    def _settled(self) -> Iterator[Part]:
+        while (value := self.waiting.take_next()) is not ABSENT:
+            if value is not None:
+                yield value
 
     def _write(self, record: Part, data: Optional[bytes]) -> None:
         """Write one verified part (``data`` None: it failed its checksum)."""
@@ -233,7 +231,7 @@ class LiveAssembly:
         if _chain(parts.slice(0, self.written)) != self.chain.digest():
             raise GaveUp("the parts written are not the ledger's")
         parts = parts_of(parts.slice(self.written))
-        for record, data in ReadAhead(_windows(self.ledger, parts)):  # checked by its thread
+        for record, data in ReadAhead(fetch_windows(self.ledger, parts)):  # checked by its thread
             self._write(record, data)
         self.sink.__exit__(None, None, None)  # the end of the file (a parquet footer)
         size = self.out.tell()
@@ -264,14 +262,3 @@ def _chain(parts: pa.Table) -> bytes:
         start, end = np.frombuffer(offsets, np.int32)[[keys.offset, keys.offset + len(keys)]]
         chain.update(memoryview(data)[start:end])
     return chain.digest()
-
-
-def _windows(ledger: Ledger, parts: Iterator[Part]) -> Iterator[tuple[Part, bytes]]:
-    """(record, its part's bytes) for the rest of ``parts``, read a window at a time."""
-    window: list[Part] = []
-    for record in parts:
-        window.append(record)
-        if len(window) >= WINDOW:
-            yield from fetch(ledger, window, lambda r: r.part_bytes)
-            window = []
-    yield from fetch(ledger, window, lambda r: r.part_bytes)
