@@ -80,6 +80,7 @@ class LiveAssembly:
         self.written_while_running: Optional[int] = None  # parts written before finish()
         self.gave_up: Optional[str] = None
         self.paused: Optional[str] = None  # why it stopped writing before finish() (the rest is written then)
+        self.ending: Optional[tuple] = None  # ("finish", view) or ("abandon", None), once taken from events
         self.stopped = threading.Event()  # abandon(): nothing more is written, nothing published
         self.thread = threading.Thread(target=self._run, name="raypar-live-assembly", daemon=True)
         self.thread.start()
@@ -122,15 +123,15 @@ class LiveAssembly:
             while True:
                 self.wake.wait(GATHER_SECONDS)
                 self.wake.clear()
-                last = self._gather()
+                self._gather()
                 self._advance()
                 if self.waiting.ahead() > MAX_AHEAD:  # their places are the view's to tell, at finish()
                     self.paused = (f"{len(self.waiting)} stored mini-batches, up to {batch_id(self.waiting.highest)}, "
                                    f"waited for {batch_id(self.waiting.next)}")
                     self.waiting.clear()
                     log.debug("raypar: the output is written on after the last batch: %s", self.paused)
-                if last is not None:
-                    kind, value = last
+                if self.ending is not None:
+                    kind, value = self.ending
                     if kind == "abandon":
                         raise GaveUp("the session ended without an output")
                     self._finish(value)
@@ -141,10 +142,10 @@ class LiveAssembly:
             log.debug("raypar: the output written while running is dropped: %s", exc)
             self._discard()
 
-    def _gather(self) -> Optional[tuple]:
-        """Take what the scheduler said since the last look into ``waiting``; the finish or
-        abandon event, if one came (nothing comes after it)."""
-        while self.events:
+    def _gather(self) -> None:
+        """Take what the scheduler said since the last look into ``waiting``, up to the finish or
+        abandon event (``ending``: nothing comes after it)."""
+        while self.events and self.ending is None:
             kind, value = self.events.popleft()
             if self.paused is not None and kind in ("settled", "failed"):
                 continue  # (told before it paused)
@@ -154,8 +155,7 @@ class LiveAssembly:
             elif kind == "failed":
                 self.waiting.put(ordinal_of(value), None)
             else:
-                return kind, value
-        return None
+                self.ending = kind, value
 
     def _discard(self) -> None:
         """Remove the temporary file (whatever state its writing was left in)."""
@@ -174,7 +174,21 @@ class LiveAssembly:
             self._write(record, data if intact(record, data) else None)
 
     def _settled(self) -> Iterator[Part]:
-        while (value := self.waiting.take_next()) is not ABSENT:
+        """The parts to write next, in order, as long as they are settled. What the scheduler said
+        meanwhile is taken in every WINDOW parts and when they run out: catching up with half a
+        million batches behind a straggler, its lists (400 bytes a batch) would wait in ``events``."""
+        taken, gathered = 0, False
+        while True:
+            value = self.waiting.take_next()
+            if value is ABSENT:
+                if gathered or not self.events:
+                    return
+                self._gather()
+                gathered = True
+                continue
+            taken, gathered = taken + 1, False
+            if taken % assembly.WINDOW == 0:
+                self._gather()
             if value is not None:
                 yield value
 
