@@ -87,7 +87,13 @@ def test_dataframe_rows_are_space_separated_without_header_or_index(ray_cluster,
     assert output_lines(tmp_path) == ['a.txt X', 'b.txt "TWO WORDS"']
 
 
-def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tmp_path):
+def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tmp_path, monkeypatch):
+    from raypar.outputs import live as live_assembly
+
+    made = []
+    init = live_assembly.LiveAssembly.__init__
+    monkeypatch.setattr(live_assembly.LiveAssembly, "__init__",
+                        lambda self, *a, **k: made.append(self) or init(self, *a, **k))
     files = texts(20, bad={3, 12, 13})
     log, flag = tmp_path / "exec", tmp_path / "fixed"
     log.mkdir()
@@ -119,6 +125,9 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     assert (second.completed, second.failed, second.pending) == (10, 0, 0)
     assert executions(log) == bad_batches  # only the failed batches ran again
     assert output_lines(tmp_path) == expected_rows(files)
+    resumed = made[-1]  # the resume's output was written while its two batches ran, the 8 done before too
+    assert resumed.resumed is not None and resumed.gave_up is None
+    assert resumed.written_while_running == resumed.written == 10
 
     clean_dir = tmp_path / "clean"
     clean_dir.mkdir()

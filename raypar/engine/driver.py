@@ -377,7 +377,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
                 echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
                      else "raypar: planning mini-batches while running them")
                 before = view if view is not None else ledger.view(feed.prefix, lean=True, failed=False)
-                live = _live_assembly(ledger, session, target, before)
+                live = _live_assembly(ledger, session, target, before, planned=feed is None)
                 reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed,
                                           live)
                 if feed is not None:
@@ -417,13 +417,17 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
             live.abandon()
 
 
-def _live_assembly(ledger, session, target, before) -> Optional[LiveAssembly]:
-    """A LiveAssembly for a session that starts with no batch done and runs in ordinal order, else None."""
+def _live_assembly(ledger, session, target, before, planned: bool) -> Optional[LiveAssembly]:
+    """A LiveAssembly for a session whose output is in ordinal order, else None. A resume's (batches
+    done before it) reads where their rows are itself; only once the manifest is whole (``planned``)."""
     spec = session.spec
     order = getattr(before.manifest, "output_order", None)
-    if not target or not spec.raypar.assemble_while_running or len(before.done) or (order and order() is not None):
+    if not target or not spec.raypar.assemble_while_running or (order and order() is not None):
         return None
-    return LiveAssembly(ledger, target, spec.raypar.append_row_format, options_for(target, session.storage))
+    if len(before.done) and not planned:
+        return None
+    return LiveAssembly(ledger, target, spec.raypar.append_row_format, options_for(target, session.storage),
+                        resumed=before.manifest if len(before.done) else None)
 
 
 def _exists(target: str, storage: dict) -> bool:

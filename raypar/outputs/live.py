@@ -10,9 +10,9 @@ after the last batch. The file is byte for byte what assemble() writes from the 
 Anything it cannot vouch for gives up, and the driver assembles from the ledger as before: a part
 whose schema would change the output's (assemble() unifies every part's schema first, this writes
 the first part's), a part failing its checksum (assemble() names it, and the batch runs again), a
-stored batch the view does not hold as written. Used for sessions that start with no batch done (a
-resume's output starts with rows of batches it never saw) and whose output order is the ordinal
-order (no re-planned batches).
+stored batch the view does not hold as written. Used for sessions whose output order is the ordinal
+order (no re-planned batches). A resumed session's output begins with rows of batches done before
+it: the thread first reads where they are from the ledger, and they wait with the others.
 
 The batches stored behind one that is not (a straggler, a batch waiting for its retry while a
 million small ones finish) wait in 25 bytes each (ahead.py) and are written once it is stored. When
@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from raypar.credentials import protocol_of
 from raypar.errors import OutputSchemaError
-from raypar.inputs.base import batch_id, batch_ids, ordinal_of
+from raypar.inputs.base import MiniBatch, batch_id, batch_ids, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 from raypar.outputs import assembly, formats
 from raypar.outputs.ahead import ABSENT, StoredAhead
@@ -60,8 +60,12 @@ class GaveUp(Exception):
 class LiveAssembly:
     """The output file of a session, written in batch order as batches are stored."""
 
-    def __init__(self, ledger: Ledger, target: str, fmt: str, storage_options: Optional[dict] = None):
+    def __init__(self, ledger: Ledger, target: str, fmt: str, storage_options: Optional[dict] = None,
+                 resumed: Optional[Sequence[MiniBatch]] = None):
+        """``resumed``: the manifest of a session that starts with batches done (a resume): where their
+        parts are is read from the ledger by the thread, and they are written in order with the rest."""
         self.ledger, self.target, self.fmt, self.options = ledger, target, fmt, storage_options
+        self.resumed = resumed
         # The scheduler only appends here; this thread drains it every GATHER_SECONDS (or at once
         # when woken for finish/abandon). Waking it per event made the two threads trade the GIL
         # thousands of times a second, and the scheduler's loop waited for it each time.
@@ -120,6 +124,8 @@ class LiveAssembly:
 
     def _run(self) -> None:
         try:
+            if self.resumed is not None:
+                self._done_before(self.resumed)
             while True:
                 self.wake.wait(GATHER_SECONDS)
                 self.wake.clear()
@@ -141,6 +147,15 @@ class LiveAssembly:
             self.waiting.clear()
             log.debug("raypar: the output written while running is dropped: %s", exc)
             self._discard()
+
+    def _done_before(self, manifest: Sequence[MiniBatch]) -> None:
+        """The batches done before this session wait with their parts, as if stored first (the
+        session's own may be among them: stored twice, the same part)."""
+        parts = done_parts(self.ledger.view(manifest, failed=False))
+        for record in parts_of(parts):
+            if self.stopped.is_set():
+                raise GaveUp("the session ended without an output")
+            self.waiting.put(ordinal_of(record.batch), record[1:])
 
     def _gather(self) -> None:
         """Take what the scheduler said since the last look into ``waiting``, up to the finish or
