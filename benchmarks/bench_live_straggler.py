@@ -18,13 +18,19 @@ to the published file), and the peak RSS while the batches were stored less the 
 holding the stored batches costs). Targets: the straggler's tail close to the in-order tail, far
 below assemble()'s; the memory a few bytes a batch.
 
+--resume P plays a resumed session instead: the last P batches were not done before it (the job
+dir holds the others), the session stores them (writing their records, 1,000 a flush, at --rate),
+and its output, which begins with the rows of the batches done before, is written while they run
+(``resumed``: the thread reads where those rows are from the ledger first); against assemble() after
+its last batch, which is what a resume did before 2026-12-06.
+
 The rate is what a large cluster of tiny batches stores; a real driver also holds its own state, not
 measured here: this measures the output's side of the driver only.
 
 --store azurite puts the job dir and the output on Azure Blob (Azurite on 127.0.0.1, started here).
 
     python benchmarks/bench_live_straggler.py [--batches N] [--straggler K] [--late L] [--rate R]
-        [--store local|azurite]
+        [--store local|azurite] [--resume P]
 """
 
 from __future__ import annotations
@@ -55,7 +61,33 @@ def rss(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
 
 ledger = Ledger(job)
-view = ledger.view(ledger.read_manifest())  # the view the session's end reads, read first: not measured
+manifest = ledger.read_manifest()
+if case == "resume":  # the view is read by the thread (measured), and at the end
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = rss("VmRSS")
+    from raypar.jobdir.records import DoneRecord
+    pending = range(straggler, len(manifest))  # (--resume P: the last P batches)
+    live = LiveAssembly(ledger, target, "text", resumed=manifest)
+    limits = {"flush_batches": 1000, "flush_bytes": 1 << 30, "flush_seconds": float("inf")}
+    writer, flush, started = ledger.done_writer("r2~i0s0-bench", limits), [], time.perf_counter()
+    for n, i in enumerate(pending):  # the session's own batches, as a worker stores them
+        flush.append(writer.write(DoneRecord(batch=f"mb-{i:07d}", run="r2", attempt=1, items=1, returned=1,
+                                             part=None), f"f{i:07d}.txt 42\n".encode()))
+        if len(flush) == 1000 or n == len(pending) - 1:
+            writer.flush()
+            live.stored([(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256, r.part_crc32])
+                         for r in flush])
+            flush = []
+            time.sleep(max(0.0, started + (n + 1) / rate - time.perf_counter()))
+    peak = rss("VmHWM") - before
+    view = ledger.view(manifest)  # the view the session's end reads (either way: not in the tail)
+    ended, behind = time.perf_counter(), live.written
+    size = live.finish(view)
+    print(json.dumps({"while_running": live.written_while_running, "tail": time.perf_counter() - ended,
+                      "held_mib": peak, "bytes": size, "at_end": behind, "gave_up": live.gave_up}))
+    sys.exit()
+view = ledger.view(manifest)  # the view the session's end reads, read first: not measured
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak RSS starts again from here
 before = rss("VmRSS")
@@ -95,6 +127,8 @@ def main() -> int:
     parser.add_argument("--late", type=int, default=500_000, help="batches stored before the straggler")
     parser.add_argument("--rate", type=float, default=100_000, help="batches stored a second")
     parser.add_argument("--store", choices=["local", "azurite"], default="local")
+    parser.add_argument("--resume", type=int, default=0, metavar="P",
+                        help="a resumed session instead: the last P batches run in it, the others were done before")
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="raypar-live-straggler-")
@@ -108,13 +142,16 @@ def main() -> int:
         job, out = "az://live/job", "az://live/out"
     try:
         started = time.time()
-        build(job, args.batches, args.batches, 0)
-        print(f"built {args.batches:,} done batches on {args.store} in {time.time() - started:.0f}s; "
-              f"stored at {args.rate:,.0f} batches/s, straggler {args.straggler:,} stored {args.late:,} batches late")
+        build(job, args.batches, args.batches - args.resume, 0)
+        print(f"built {args.batches - args.resume:,} done batches of {args.batches:,} on {args.store} in {time.time() - started:.0f}s; "
+              f"stored at {args.rate:,.0f} batches/s, " + (f"the last {args.resume:,} in a resumed session" if args.resume
+              else f"straggler {args.straggler:,} stored {args.late:,} batches late"))
         got = {}
-        for case in ("assemble", "in order", "straggler"):
+        cases = ("assemble", "in order", "straggler") if not args.resume else ("resume", "assemble")
+        first = args.batches - args.resume if args.resume else args.straggler
+        for case in cases:
             target = f"{out}/{case.replace(' ', '-')}.txt"
-            run = subprocess.run([sys.executable, "-c", SESSION, job, target, case, str(args.straggler),
+            run = subprocess.run([sys.executable, "-c", SESSION, job, target, case, str(first),
                                   str(args.late), str(args.rate)], capture_output=True, text=True, check=True)
             got[case] = json.loads(run.stdout)
             r = got[case]
@@ -125,8 +162,8 @@ def main() -> int:
                   + (f" (gave up: {r['gave_up']})" if r.get("gave_up") else ""))
         assert len({r["bytes"] for r in got.values()}) == 1, "the three files differ in size"
         base = got["assemble"]["tail"]
-        print(f"tail against assemble(): in order {got['in order']['tail'] / base:.3f}, "
-              f"straggler {got['straggler']['tail'] / base:.3f}")
+        print("tail against assemble(): " + ", ".join(f"{case} {got[case]['tail'] / base:.3f}"
+                                                       for case in cases if case != "assemble"))
         print_load()
         return 0
     finally:
