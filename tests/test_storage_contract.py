@@ -876,3 +876,38 @@ def test_ledger_cancel_request(backend):
     backend.ledger(own_client=True).request_cancel("r1")
     assert ledger.cancel_requested("r1")
     assert not ledger.cancel_requested("r2")
+
+
+def test_a_resumed_session_writes_its_output_while_its_batches_run(backend):
+    """The job dir and the output on each store: the batches done before the session are found in
+    the ledger (segment objects on object stores) and written, with the session's own, before its end."""
+    from raypar.outputs.assembly import assemble
+    from raypar.outputs.live import LiveAssembly
+
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(8)]
+    ledger = Ledger(backend.url, backend.options)
+    ledger.write_manifest(manifest)
+
+    def store(writer, ordinals):
+        out = ledger.done_writer(writer, {"flush_batches": 100, "flush_bytes": 1 << 20, "flush_seconds": 1e9})
+        records = [out.write(DoneRecord(batch=f"mb-{i:07d}", run=writer[:2], attempt=1, items=1, returned=1,
+                                        part=None), f"row {i}\n".encode()) for i in ordinals]
+        out.flush()
+        return records
+
+    store("r1~w1", [0, 1, 3, 4, 6, 7])  # the earlier session: 2 and 5 failed there
+    target = backend.url.rsplit("/", 1)[0] + "/out/rows.txt"
+    live = LiveAssembly(ledger, target, "text", backend.options, resumed=manifest)
+    assert poll(lambda: live.written == 2, timeout=60, interval=0.05)  # 0 and 1, before this session's batches
+    live.stored([(r.batch, [r.part, r.part_offset, r.part_bytes, r.part_sha256, r.part_crc32])
+                 for r in store("r2~w1", [5, 2])])
+    view = ledger.view(manifest)
+
+    assert live.finish(view) == len("".join(f"row {i}\n" for i in range(8)))
+    assert (live.written_while_running, live.written, live.gave_up) == (8, 8, None)
+    with open_store(target.rsplit("/", 1)[0], backend.options).fs.open(target, "rb") as f:
+        written = f.read()
+    assert written == "".join(f"row {i}\n" for i in range(8)).encode()
+    assemble(ledger, view, target + ".end", "text", backend.options)  # byte for byte what assemble() writes
+    with open_store(target.rsplit("/", 1)[0], backend.options).fs.open(target + ".end", "rb") as f:
+        assert f.read() == written
