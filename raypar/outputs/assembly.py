@@ -195,11 +195,12 @@ def done_in_order(view: LedgerView) -> Iterator[Part]:
     return parts_of(done_parts(view))
 
 
-def done_parts(view: LedgerView) -> pa.Table:
-    """The done records that have a part, in output order: PART_COLUMNS."""
+def done_parts(view: LedgerView, rowless: bool = False) -> pa.Table:
+    """The done records that have a part (``rowless``: and those that have none), in output order:
+    PART_COLUMNS."""
     if not isinstance(view.done, DoneIndex):  # a plain mapping of DoneRecords
         rows = [{"ordinal": ordinal_of(r.batch), **{c: getattr(r, c) for c in PART_COLUMNS[1:]}}
-                for r in view.done.values() if r.part is not None]
+                for r in view.done.values() if r.part is not None or rowless]
         table = pa.Table.from_pylist(rows, schema=PART_SCHEMA)
         return table.take(pc.sort_indices(table, [("ordinal", "ascending")]))
     table = view.done.table.select(PART_COLUMNS)
@@ -208,7 +209,7 @@ def done_parts(view: LedgerView) -> pa.Table:
         position = np.full(len(view.manifest), len(order), dtype=np.int64)
         position[order] = np.arange(len(order))
         table = table.take(pa.array(np.argsort(position[view.done.ordinals], kind="stable")))
-    return table.filter(pc.is_valid(table.column("part")))
+    return table if rowless else table.filter(pc.is_valid(table.column("part")))
 
 
 def parts_of(table: pa.Table) -> Iterator[Part]:
