@@ -11,7 +11,7 @@ far ahead of the writing batches are stored, not how many there are.
 from __future__ import annotations
 
 from array import array
-from typing import Optional
+from typing import Optional, Sequence
 
 from raypar.inputs.base import batch_id
 from raypar.outputs.assembly import Part
@@ -45,7 +45,7 @@ class StoredAhead:
         self.name_index: dict[str, int] = {}
         self.sha256: dict[int, str] = {}  # records of before CRC-32 (none in a live session)
         self.count = 0  # ordinals stored from next on
-        self.highest = -1  # the highest stored
+        self.highest = -1  # the highest stored (in this session)
 
     def __len__(self) -> int:
         return self.count
@@ -54,9 +54,11 @@ class StoredAhead:
         """How far ahead of ``next`` a batch is stored (what the memory follows)."""
         return max(self.highest - self.next, 0)
 
-    def put(self, ordinal: int, part: Optional[list]) -> None:
+    def put(self, ordinal: int, part: Optional[Sequence], ahead: bool = True) -> None:
         """``part``: [name, offset, bytes, sha256, crc32] as a worker's answer gives it, or None (no
-        rows, or failed for good). A batch before ``next`` was written already: ignored."""
+        rows, or failed for good). A batch before ``next`` was written already: ignored.
+        ``ahead=False``: a batch done before the session, which ahead() does not count (a resume
+        holds them all, however far ahead of the first batch it runs)."""
         if ordinal < self.next:
             return
         chunk = self.chunks.get(ordinal // CHUNK)
@@ -64,7 +66,8 @@ class StoredAhead:
             chunk = self.chunks[ordinal // CHUNK] = _Chunk()
         i = ordinal % CHUNK
         self.count += chunk.kind[i] == _EMPTY
-        self.highest = max(self.highest, ordinal)
+        if ahead:
+            self.highest = max(self.highest, ordinal)
         self.sha256.pop(ordinal, None)
         if part is None:
             chunk.kind[i] = _NOTHING

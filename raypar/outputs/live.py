@@ -150,12 +150,13 @@ class LiveAssembly:
 
     def _done_before(self, manifest: Sequence[MiniBatch]) -> None:
         """The batches done before this session wait with their parts, as if stored first (the
-        session's own may be among them: stored twice, the same part)."""
+        session's own may be among them: stored twice, the same part). MAX_AHEAD does not count
+        them: 25 bytes each, a job's worth (25 MiB at a million batches)."""
         done = done_parts(self.ledger.view(manifest, failed=False), rowless=True)
         for record in parts_of(done):
             if self.stopped.is_set():
                 raise GaveUp("the session ended without an output")
-            self.waiting.put(ordinal_of(record.batch), record[1:] if record.part is not None else None)
+            self.waiting.put(ordinal_of(record.batch), record[1:] if record.part is not None else None, ahead=False)
 
     def _gather(self) -> None:
         """Take what the scheduler said since the last look into ``waiting``, up to the finish or
