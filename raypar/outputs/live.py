@@ -220,8 +220,9 @@ class LiveAssembly:
             self._open()
         self.sink.write(data, record.batch)
         self.written += 1
-        self.chain.update(_key(record))
-        self._sync_behind()
+        if self.written_while_running is None:  # finish() checks these; the tail needs neither
+            self.chain.update(_key(record))
+            self._sync_behind()
 
     def _sync_behind(self) -> None:
         """Push a local output's new bytes to disk (the OS's background writeback may wait longer)."""
