@@ -752,6 +752,32 @@ def test_the_batches_stored_ahead_come_back_in_order_as_they_were_stored(monkeyp
     assert (len(waiting), sorted(waiting.chunks)) == (0, [3])
 
 
+def test_the_batches_done_before_a_session_are_put_at_once_as_they_would_be_one_by_one(monkeypatch):
+    monkeypatch.setattr(ahead, "CHUNK", 4)
+    rows = {i: [f"seg-{i // 3}", 10 * i, 10, None, format(i * 2654435761 % (1 << 32), "08x")] for i in range(13)}
+    rows[5] = ["old", 50, 10, "ab" * 32, None]  # a record of before CRC-32
+    rows[6] = None  # no part
+    rows[9] = ["odd", 90, 10, None, "00ABCDEF"]  # not as part_checksum() spells it: parsed one by one
+    order = [9, 3, 12, 0, 5, 6, 1, 2, 4, 7, 8, 10, 11]
+    table = pa.table({"ordinal": pa.array(order, pa.int64()),
+                      "part": pa.array([rows[i] and rows[i][0] for i in order]).dictionary_encode(),
+                      **{c: pa.array([rows[i] and rows[i][k] for i in order], t) for k, (c, t) in enumerate(
+                          [("part_offset", pa.int64()), ("part_bytes", pa.int64()), ("part_sha256", pa.string()),
+                           ("part_crc32", pa.string())], start=1)}})
+    at_once, one_by_one = ahead.StoredAhead(), ahead.StoredAhead()
+    at_once.next = one_by_one.next = 1  # 0 was written already
+
+    at_once.put_done(table)
+    for i in order:
+        one_by_one.put(i, rows[i])
+
+    taken = [[w.take_next() for _ in range(13)] for w in (at_once, one_by_one)]
+    spelled = {**rows, 9: ["odd", 90, 10, None, "00abcdef"]}  # (finish() then finds the record differs)
+    assert taken[0] == taken[1] == [outputs.Part(bid(i), *spelled[i]) if rows[i] else None
+                                    for i in range(1, 13)] + [ahead.ABSENT]
+    assert (at_once.count, at_once.ahead(), one_by_one.ahead()) == (0, 0, 0)  # (next passed the highest)
+
+
 def test_a_batch_stored_ahead_takes_a_few_bytes():
     """A million batches stored behind a straggler must not take a Part each (about 400 bytes)."""
     import tracemalloc

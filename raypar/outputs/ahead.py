@@ -13,6 +13,10 @@ from __future__ import annotations
 from array import array
 from typing import Optional, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from raypar.inputs.base import batch_id
 from raypar.outputs.assembly import Part
 
@@ -21,6 +25,24 @@ SLOT_BYTES = 25  # per ordinal: kind 1 + name 4 + offset 8 + size 8 + crc 4
 
 ABSENT = object()  # take(): not stored (yet)
 _EMPTY, _PART, _PART_NO_CRC, _NOTHING = 0, 1, 2, 3  # _NOTHING: no rows, or failed for good
+
+
+_FIELDS = [("kind", np.uint8), ("name", np.uint32), ("offset", np.int64), ("size", np.int64), ("crc", np.uint32)]
+
+
+def _crc_values(crc: pa.Array) -> np.ndarray:
+    """CRC-32s as part_checksum() writes them (8 lowercase hex digits) to their values; any other
+    spelling one by one (take_next() spells them as part_checksum() does, and finish() then finds
+    the record differs: the output is assembled from the ledger)."""
+    _, offsets, data = crc.buffers()
+    start = np.frombuffer(offsets, np.int32)[crc.offset]
+    digits = np.frombuffer(data, np.uint8)[start:start + 8 * len(crc)] if data is not None else np.empty(0, np.uint8)
+    hexadecimal = ((digits >= ord("0")) & (digits <= ord("9"))) | ((digits >= ord("a")) & (digits <= ord("f")))
+    if len(digits) != 8 * len(crc) or not pc.all(pc.equal(pc.utf8_length(crc), 8)).as_py() or not hexadecimal.all():
+        return np.array([int(x, 16) if x else 0 for x in crc.to_pylist()], np.uint32)
+    digits = digits.reshape(-1, 8).astype(np.uint32)
+    digits = np.where(digits >= ord("a"), digits - (ord("a") - 10), digits - ord("0"))
+    return (digits << np.arange(28, -1, -4, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
 
 
 class _Chunk:
@@ -54,11 +76,9 @@ class StoredAhead:
         """How far ahead of ``next`` a batch is stored (what the memory follows)."""
         return max(self.highest - self.next, 0)
 
-    def put(self, ordinal: int, part: Optional[Sequence], ahead: bool = True) -> None:
+    def put(self, ordinal: int, part: Optional[Sequence]) -> None:
         """``part``: [name, offset, bytes, sha256, crc32] as a worker's answer gives it, or None (no
-        rows, or failed for good). A batch before ``next`` was written already: ignored.
-        ``ahead=False``: a batch done before the session, which ahead() does not count (a resume
-        holds them all, however far ahead of the first batch it runs)."""
+        rows, or failed for good). A batch before ``next`` was written already: ignored."""
         if ordinal < self.next:
             return
         chunk = self.chunks.get(ordinal // CHUNK)
@@ -66,22 +86,63 @@ class StoredAhead:
             chunk = self.chunks[ordinal // CHUNK] = _Chunk()
         i = ordinal % CHUNK
         self.count += chunk.kind[i] == _EMPTY
-        if ahead:
-            self.highest = max(self.highest, ordinal)
+        self.highest = max(self.highest, ordinal)
         self.sha256.pop(ordinal, None)
         if part is None:
             chunk.kind[i] = _NOTHING
             return
         name, offset, size, sha256, crc32 = part
-        index = self.name_index.get(name)
-        if index is None:
-            index = self.name_index[name] = len(self.names)
-            self.names.append(name)
+        index = self._name_id(name)
         chunk.kind[i] = _PART if crc32 is not None else _PART_NO_CRC
         chunk.name[i], chunk.offset[i], chunk.size[i] = index, offset, size
         chunk.crc[i] = int(crc32, 16) if crc32 is not None else 0
         if sha256 is not None:
             self.sha256[ordinal] = sha256
+
+    def put_done(self, done: pa.Table) -> None:
+        """The batches done before the session (done_parts(rowless=True)'s columns), put a chunk at
+        a time with numpy: a put() per batch held Python's lock 2.6 s at a million, while the
+        session's scheduler starts. Not counted by ahead(): a resume holds them all, however far
+        ahead of the first batch it runs."""
+        ordinals = done.column("ordinal").to_numpy()
+        keep = ordinals >= self.next
+        if not keep.all():
+            done, ordinals = done.filter(pa.array(keep)), ordinals[keep]
+        if not len(ordinals):
+            return
+        part = pc.dictionary_encode(done.column("part").cast(pa.string())).combine_chunks()
+        ids = np.array([self._name_id(name) for name in part.dictionary.to_pylist()] or [0], np.uint32)
+        has_part = part.is_valid().to_numpy(zero_copy_only=False)
+        crc = done.column("part_crc32").combine_chunks().cast(pa.string())
+        has_crc = has_part & crc.is_valid().to_numpy(zero_copy_only=False)
+        kinds = np.where(has_crc, _PART, np.where(has_part, _PART_NO_CRC, _NOTHING)).astype(np.uint8)
+        columns = {"kind": kinds,
+                   "name": ids[part.indices.fill_null(0).to_numpy()],
+                   "offset": done.column("part_offset").fill_null(0).to_numpy(),
+                   "size": done.column("part_bytes").fill_null(0).to_numpy(),
+                   "crc": _crc_values(crc.fill_null("00000000"))}
+        for i in np.flatnonzero(done.column("part_sha256").is_valid().to_numpy(zero_copy_only=False) & has_part):
+            self.sha256[int(ordinals[i])] = done.column("part_sha256")[int(i)].as_py()
+        order = np.argsort(ordinals, kind="stable")
+        ordinals = ordinals[order]
+        keys = ordinals // CHUNK
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(keys)], strict=True):
+            chunk = self.chunks.get(int(keys[start]))
+            if chunk is None:
+                chunk = self.chunks[int(keys[start])] = _Chunk()
+            slots, rows = ordinals[start:end] % CHUNK, order[start:end]
+            kind = np.frombuffer(chunk.kind, np.uint8)
+            self.count += int((kind[slots] == _EMPTY).sum())
+            for field, dtype in _FIELDS:
+                np.frombuffer(getattr(chunk, field), dtype)[slots] = columns[field][rows]
+
+    def _name_id(self, name: str) -> int:
+        index = self.name_index.get(name)
+        if index is None:
+            index = self.name_index[name] = len(self.names)
+            self.names.append(name)
+        return index
 
     def take_next(self):
         """``next``'s Part, or None, and move on; ABSENT (and stay) while it is not stored. A chunk

@@ -152,11 +152,7 @@ class LiveAssembly:
         """The batches done before this session wait with their parts, as if stored first (the
         session's own may be among them: stored twice, the same part). MAX_AHEAD does not count
         them: 25 bytes each, a job's worth (25 MiB at a million batches)."""
-        done = done_parts(self.ledger.view(manifest, failed=False), rowless=True)
-        for record in parts_of(done):
-            if self.stopped.is_set():
-                raise GaveUp("the session ended without an output")
-            self.waiting.put(ordinal_of(record.batch), record[1:] if record.part is not None else None, ahead=False)
+        self.waiting.put_done(done_parts(self.ledger.view(manifest, failed=False), rowless=True))
 
     def _gather(self) -> None:
         """Take what the scheduler said since the last look into ``waiting``, up to the finish or
