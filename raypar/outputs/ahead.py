@@ -100,42 +100,45 @@ class StoredAhead:
             self.sha256[ordinal] = sha256
 
     def put_done(self, done: pa.Table) -> None:
-        """The batches done before the session (done_parts(rowless=True)'s columns), put a chunk at
-        a time with numpy: a put() per batch held Python's lock 2.6 s at a million, while the
+        """The batches done before the session (done_parts(rowless=True)'s columns), put CHUNK rows
+        at a time with numpy: a put() per batch held Python's lock 2.6 s at a million, while the
         session's scheduler starts. Not counted by ahead(): a resume holds them all, however far
         ahead of the first batch it runs."""
-        ordinals = done.column("ordinal").to_numpy()
-        keep = ordinals >= self.next
-        if not keep.all():
-            done, ordinals = done.filter(pa.array(keep)), ordinals[keep]
+        for rows in done.to_batches(max_chunksize=CHUNK):
+            self._put_rows(rows)
+
+    def _put_rows(self, rows: pa.RecordBatch) -> None:
+        ordinals = rows.column("ordinal").to_numpy()
+        if not (keep := ordinals >= self.next).all():
+            rows, ordinals = rows.filter(pa.array(keep)), ordinals[keep]
         if not len(ordinals):
             return
-        part = pc.dictionary_encode(done.column("part").cast(pa.string())).combine_chunks()
+        part = rows.column("part")
+        part = part if pa.types.is_dictionary(part.type) else pc.dictionary_encode(part)
         ids = np.array([self._name_id(name) for name in part.dictionary.to_pylist()] or [0], np.uint32)
         has_part = part.is_valid().to_numpy(zero_copy_only=False)
-        crc = done.column("part_crc32").combine_chunks().cast(pa.string())
+        crc = rows.column("part_crc32").cast(pa.string())
         has_crc = has_part & crc.is_valid().to_numpy(zero_copy_only=False)
-        kinds = np.where(has_crc, _PART, np.where(has_part, _PART_NO_CRC, _NOTHING)).astype(np.uint8)
-        columns = {"kind": kinds,
+        columns = {"kind": np.where(has_crc, _PART, np.where(has_part, _PART_NO_CRC, _NOTHING)).astype(np.uint8),
                    "name": ids[part.indices.fill_null(0).to_numpy()],
-                   "offset": done.column("part_offset").fill_null(0).to_numpy(),
-                   "size": done.column("part_bytes").fill_null(0).to_numpy(),
+                   "offset": rows.column("part_offset").fill_null(0).to_numpy(),
+                   "size": rows.column("part_bytes").fill_null(0).to_numpy(),
                    "crc": _crc_values(crc.fill_null("00000000"))}
-        for i in np.flatnonzero(done.column("part_sha256").is_valid().to_numpy(zero_copy_only=False) & has_part):
-            self.sha256[int(ordinals[i])] = done.column("part_sha256")[int(i)].as_py()
+        sha256 = rows.column("part_sha256")
+        for i in np.flatnonzero(sha256.is_valid().to_numpy(zero_copy_only=False) & has_part):
+            self.sha256[int(ordinals[i])] = sha256[int(i)].as_py()
         order = np.argsort(ordinals, kind="stable")
-        ordinals = ordinals[order]
-        keys = ordinals // CHUNK
+        keys = ordinals[order] // CHUNK
         bounds = np.flatnonzero(np.diff(keys)) + 1
         for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(keys)], strict=True):
             chunk = self.chunks.get(int(keys[start]))
             if chunk is None:
                 chunk = self.chunks[int(keys[start])] = _Chunk()
-            slots, rows = ordinals[start:end] % CHUNK, order[start:end]
-            kind = np.frombuffer(chunk.kind, np.uint8)
-            self.count += int((kind[slots] == _EMPTY).sum())
+            at = order[start:end]
+            slots = ordinals[at] % CHUNK
+            self.count += int((np.frombuffer(chunk.kind, np.uint8)[slots] == _EMPTY).sum())
             for field, dtype in _FIELDS:
-                np.frombuffer(getattr(chunk, field), dtype)[slots] = columns[field][rows]
+                np.frombuffer(getattr(chunk, field), dtype)[slots] = columns[field][at]
 
     def _name_id(self, name: str) -> int:
         index = self.name_index.get(name)
