@@ -31,15 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_load, start_azurite  # noqa: E402
+from common import print_load, store_root  # noqa: E402
 
 from raypar.engine.upkeep import COMPACT_EVERY  # noqa: E402
 
@@ -180,16 +178,8 @@ def main() -> int:
                              "and `resume --retry-failed-items`'s planning")
     args = parser.parse_args()
 
-    root = tempfile.mkdtemp(prefix="raypar-ledger-scale-")
-    job, azurite = f"{root}/job", None
-    if args.store == "azurite":
-        import fsspec
-
-        azurite, connection = start_azurite(root)
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
-        fsspec.filesystem("az", connection_string=connection).mkdir("scale")
-        job = "az://scale/job"
-    try:
+    with store_root(args.store, "raypar-ledger-scale-", keep=args.keep) as (root, base):
+        job = f"{base}/job"
         started = time.time()
         build(job, args.batches, args.done, args.uncompacted, failed_every=args.failed_every,
               failed_batches=args.failed_batches, same_error=args.same_error)
@@ -227,15 +217,9 @@ def main() -> int:
                   f"peak RSS {got['rss_mib']:.0f} MiB")
         print("targets: " + ("met" if ok else "MISSED"))
         print_load()
-        return 0
-    finally:
-        if azurite is not None:
-            azurite.terminate()
-            azurite.wait(timeout=30)
-        if args.keep and azurite is None:
+        if args.keep and args.store == "local":
             print(f"job dir kept: {job}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        return 0
 
 
 if __name__ == "__main__":

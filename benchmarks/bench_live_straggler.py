@@ -38,15 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ledger_scale import build  # noqa: E402
-from common import print_load, start_azurite  # noqa: E402
+from common import print_load, store_root  # noqa: E402
 
 SESSION = r"""
 import json, sys, time
@@ -131,16 +129,8 @@ def main() -> int:
                         help="a resumed session instead: the last P batches run in it, the others were done before")
     args = parser.parse_args()
 
-    root = tempfile.mkdtemp(prefix="raypar-live-straggler-")
-    job, out, azurite = f"{root}/job", f"{root}/out", None
-    if args.store == "azurite":
-        import fsspec
-
-        azurite, connection = start_azurite(root)
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
-        fsspec.filesystem("az", connection_string=connection).mkdir("live")
-        job, out = "az://live/job", "az://live/out"
-    try:
+    with store_root(args.store, "raypar-live-straggler-") as (_, base):
+        job, out = f"{base}/job", f"{base}/out"
         started = time.time()
         build(job, args.batches, args.batches - args.resume, 0)
         print(f"built {args.batches - args.resume:,} done batches of {args.batches:,} on {args.store} in {time.time() - started:.0f}s; "
@@ -166,11 +156,6 @@ def main() -> int:
                                                        for case in cases if case != "assemble"))
         print_load()
         return 0
-    finally:
-        if azurite is not None:
-            azurite.terminate()
-            azurite.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,31 @@ def start_azurite(workdir: str) -> tuple[subprocess.Popen, str]:
 
 
 @contextmanager
+def store_root(store: str, prefix: str, keep: bool = False):
+    """Where a benchmark's job dirs go: a temp folder, or with ``store`` "azurite" a container on an
+    Azurite started in it (its connection string in AZURE_STORAGE_CONNECTION_STRING). Yields (the
+    folder, the root of the job dirs); stops Azurite and removes the folder (unless ``keep``)."""
+    root = tempfile.mkdtemp(prefix=prefix)
+    azurite = None
+    try:
+        base = root
+        if store == "azurite":
+            import fsspec  # noqa: PLC0415 - only the object-store benchmarks need it
+
+            azurite, connection = start_azurite(root)
+            os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
+            fsspec.filesystem("az", connection_string=connection).mkdir("bench")
+            base = "az://bench"
+        yield root, base
+    finally:
+        if azurite is not None:
+            azurite.terminate()
+            azurite.wait(timeout=30)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
 def azurite_and_ray(prefix: str, keep: bool):
     """A temp folder, Azurite in it (its connection string in AZURE_STORAGE_CONNECTION_STRING) and a
     2-CPU Ray on 127.0.0.1; yields (the folder, an fsspec filesystem on Azurite). Stops both and
