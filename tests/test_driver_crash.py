@@ -181,6 +181,41 @@ def test_driver_killed_while_writing_the_output_during_the_run_resumes_to_the_sa
     assert os.listdir(output.parent) == [output.name]
 
 
+def test_driver_killed_while_a_resume_writes_the_rows_done_before_it_resumes_to_the_same_output(
+        ray_cluster, tmp_path, capsys):
+    """A resume writes its output while its batches run, beginning with the rows of the batches done
+    before it: killed while writing them, it leaves no output and no temp file, and the next resume
+    runs only what is not done and writes every row once."""
+    files = {f"f{i:02d}.txt": ("bad v" if i == 8 else "v") + str(i) for i in range(10)}
+    log, fixed = tmp_path / "exec", tmp_path / "fixed"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, mini_batch_size="2", **{
+        "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}",
+        "raypar.assemble_while_running": True})
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
+    job = str(tmp_path / "job")
+    output = tmp_path / "out" / "parallel_run_step.txt"
+    first = run_cli(["run", str(tmp_path / "job.yml"), "--job-dir", job], cluster=ray_cluster)
+    assert first.returncode == 0, first.stderr  # batch 4 (f08, f09) failed, within the thresholds
+    fixed.touch()
+
+    second = run_cli(["resume", job], crash_point="live-assembly", cluster=ray_cluster)  # dies on the 3rd part
+
+    assert second.returncode == 9, second.stderr  # killed writing batch 2's part, done before the resume
+    assert "f08.txt" not in output.read_text()  # the first session's output stays until a session replaces it
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
+    assert status["state"] == "interrupted"
+    for p in log.iterdir():
+        p.unlink()
+
+    third = run_cli(["resume", job], cluster=ray_cluster)
+
+    assert third.returncode == 0, third.stderr
+    assert len(executed(log)) == 5 - status["completed"]  # only what was not done ran again
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert os.listdir(output.parent) == [output.name]  # the killed session's temp file is gone
+
+
 def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_output(ray_cluster, tmp_path, capsys):
     files = {f"f{i:02d}.txt": ("bad v" if i == 4 else "v") + str(i) for i in range(10)}
     log, fixed = tmp_path / "exec", tmp_path / "fixed"
