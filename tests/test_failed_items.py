@@ -128,7 +128,14 @@ def test_reported_rows_of_a_table_come_out_with_their_columns_and_run_again(ray_
 
 
 @pytest.mark.ray
-def test_resume_retries_just_the_reported_items_and_the_output_holds_every_row_once(ray_cluster, tmp_path):
+def test_resume_retries_just_the_reported_items_and_the_output_holds_every_row_once(ray_cluster, tmp_path,
+                                                                                    monkeypatch):
+    from raypar.outputs import live as live_assembly
+
+    made = []
+    init = live_assembly.LiveAssembly.__init__
+    monkeypatch.setattr(live_assembly.LiveAssembly, "__init__",
+                        lambda self, *a, **k: made.append(self) or init(self, *a, **k))
     files = texts(12, flaky={3, 8})
     log, fixed = tmp_path / "exec", tmp_path / "fixed"
     log.mkdir()
@@ -152,6 +159,9 @@ def test_resume_retries_just_the_reported_items_and_the_output_holds_every_row_o
     order = ["f00", "f01", "f02", "f03", "f04", "f05", "f06", "f07", "f09", "f08", "f10", "f11"]
     assert [r.split()[0] for r in rows] == [f"{n}.txt" for n in order]
     assert rows == [f"{n}.txt {files[n + '.txt'].upper()}" for n in order]
+    retried = made[-1]  # written while the two retry batches ran, in the output order of the revision
+    assert retried.place_of is not None and retried.gave_up is None
+    assert retried.written_while_running == retried.written == 8
     status = json.loads(cli("status", job, "--json").stdout)
     # 6 batches of 2 files; each of the 2 with a reported item became a carry and a retry batch.
     assert (status["completed"], status["total"], status["failed_items"]) == (6 - 2 + 4, 6 - 2 + 4, 0)

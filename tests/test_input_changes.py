@@ -164,8 +164,15 @@ def test_changed_file_in_a_finished_job_runs_again_and_unchanged_job_does_not(ra
     assert (tmp_path / "out.txt").read_text().splitlines() == expected({450: "12345.5"})
 
 
-def test_files_job_reruns_the_changed_file_only(ray_cluster, tmp_path):
-    """A list-of-files job: run() opens the files itself; a changed file's batch runs again."""
+def test_files_job_reruns_the_changed_file_only(ray_cluster, tmp_path, monkeypatch):
+    """A list-of-files job: run() opens the files itself; a changed file's batch runs again, in the
+    place of the batch it replaces; the resume's output is written while it runs."""
+    from raypar.outputs import live as live_assembly
+
+    made = []
+    init = live_assembly.LiveAssembly.__init__
+    monkeypatch.setattr(live_assembly.LiveAssembly, "__init__",
+                        lambda self, *a, **k: made.append(self) or init(self, *a, **k))
     data = tmp_path / "data"
     data.mkdir()
     for i in range(6):
@@ -197,6 +204,9 @@ def test_files_job_reruns_the_changed_file_only(ray_cluster, tmp_path):
     assert log.read_text().splitlines() == ["f2.txt f3.txt"]
     assert (tmp_path / "out.txt").read_text().splitlines() == [
         "f0.txt v0", "f1.txt v1", "f2.txt v2", "f3.txt fixed, and longer", "f4.txt v4", "f5.txt v5"]
+    resumed = made[-1]  # batch 1's replacement (ordinal 3) written in batch 1's place, the others before and after
+    assert resumed.place_of is not None and resumed.gave_up is None
+    assert resumed.written_while_running == resumed.written == 3
 
 
 def test_deleted_input_file_is_one_clear_line_and_nothing_runs(ray_cluster, tmp_path):

@@ -418,16 +418,15 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
 
 
 def _live_assembly(ledger, session, target, before, planned: bool) -> Optional[LiveAssembly]:
-    """A LiveAssembly for a session whose output is in ordinal order, else None. A resume's (batches
-    done before it) reads where their rows are itself; only once the manifest is whole (``planned``)."""
+    """A LiveAssembly for the session, or None. A resume's (batches done before it) reads where their
+    rows are itself, in the output order its manifest gives; only once the manifest is whole
+    (``planned``)."""
     spec = session.spec
+    if not target or not spec.raypar.assemble_while_running or (len(before.done) and not planned):
+        return None
     order = getattr(before.manifest, "output_order", None)
-    if not target or not spec.raypar.assemble_while_running or (order and order() is not None):
-        return None
-    if len(before.done) and not planned:
-        return None
     return LiveAssembly(ledger, target, spec.raypar.append_row_format, options_for(target, session.storage),
-                        resumed=before.manifest if len(before.done) else None)
+                        resumed=before.manifest if len(before.done) else None, order=order() if order else None)
 
 
 def _exists(target: str, storage: dict) -> bool:

@@ -58,9 +58,13 @@ class _Chunk:
 
 class StoredAhead:
     """The batches stored from ``next`` on: take_next() gives ``next``'s Part (None: settled with no
-    rows) and moves on, or ABSENT while it is not stored."""
+    rows) and moves on, or ABSENT while it is not stored.
 
-    def __init__(self):
+    Slots are places in the output: a batch's ordinal, or with ``ordinal_at`` (a job whose inputs
+    were planned again: the ordinals in output order) its index there."""
+
+    def __init__(self, ordinal_at: Optional[np.ndarray] = None):
+        self.ordinal_at = ordinal_at
         self.next = 0
         self.chunks: dict[int, _Chunk] = {}
         self.names: list[str] = []  # part names: one per worker flush, many batches each
@@ -162,8 +166,11 @@ class StoredAhead:
         if kind == _NOTHING:
             return None
         crc = format(chunk.crc[i], "08x") if kind == _PART else None
-        return Part(batch_id(ordinal), self.names[chunk.name[i]], chunk.offset[i], chunk.size[i],
+        return Part(self.batch_at(ordinal), self.names[chunk.name[i]], chunk.offset[i], chunk.size[i],
                               self.sha256.pop(ordinal, None), crc)
+
+    def batch_at(self, place: int) -> str:
+        return batch_id(int(self.ordinal_at[place]) if self.ordinal_at is not None else place)
 
     def clear(self) -> None:
         """Let every stored batch go (``next`` stays)."""

@@ -10,9 +10,10 @@ after the last batch. The file is byte for byte what assemble() writes from the 
 Anything it cannot vouch for gives up, and the driver assembles from the ledger as before: a part
 whose schema would change the output's (assemble() unifies every part's schema first, this writes
 the first part's), a part failing its checksum (assemble() names it, and the batch runs again), a
-stored batch the view does not hold as written. Used for sessions whose output order is the ordinal
-order (no re-planned batches). A resumed session's output begins with rows of batches done before
-it: the thread first reads where they are from the ledger, and they wait with the others.
+stored batch the view does not hold as written. A resumed session's output begins with rows of
+batches done before it: the thread first reads where they are from the ledger, and they wait with
+the others. Where a revision changed the output order (inputs planned again: their replacements
+take the retired batches' place), batches wait by their place in that order, not their ordinal.
 
 The batches stored behind one that is not (a straggler, a batch waiting for its retry while a
 million small ones finish) wait in 25 bytes each (ahead.py) and are written once it is stored. When
@@ -61,17 +62,22 @@ class LiveAssembly:
     """The output file of a session, written in batch order as batches are stored."""
 
     def __init__(self, ledger: Ledger, target: str, fmt: str, storage_options: Optional[dict] = None,
-                 resumed: Optional[Sequence[MiniBatch]] = None):
+                 resumed: Optional[Sequence[MiniBatch]] = None, order: Optional[np.ndarray] = None):
         """``resumed``: the manifest of a session that starts with batches done (a resume): where their
-        parts are is read from the ledger by the thread, and they are written in order with the rest."""
+        parts are is read from the ledger by the thread, and they are written in order with the rest.
+        ``order``: the ordinals in output order, when a revision changed it (Manifest.output_order)."""
         self.ledger, self.target, self.fmt, self.options = ledger, target, fmt, storage_options
         self.resumed = resumed
+        self.place_of = None  # ordinal -> its place in the output (-1: not in it), with ``order``
+        if order is not None:
+            self.place_of = np.full(int(order.max(initial=-1)) + 1, -1, np.int64)
+            self.place_of[order] = np.arange(len(order))
         # The scheduler only appends here; this thread drains it every GATHER_SECONDS (or at once
         # when woken for finish/abandon). Waking it per event made the two threads trade the GIL
         # thousands of times a second, and the scheduler's loop waited for it each time.
         self.events: collections.deque = collections.deque()
         self.wake = threading.Event()
-        self.waiting = StoredAhead()  # the batches stored from the one written next on
+        self.waiting = StoredAhead(order)  # the batches stored from the one written next on
         self.written = 0  # parts written
         self.chain = hashlib.sha256()  # of the parts written, in order: finish() compares the view's with it
         self.union: Optional[formats.SchemaUnion] = None
@@ -132,8 +138,9 @@ class LiveAssembly:
                 self._gather()
                 self._advance()
                 if self.waiting.ahead() > MAX_AHEAD:  # their places are the view's to tell, at finish()
-                    self.paused = (f"{len(self.waiting)} stored mini-batches, up to {batch_id(self.waiting.highest)}, "
-                                   f"waited for {batch_id(self.waiting.next)}")
+                    self.paused = (f"{len(self.waiting)} stored mini-batches, up to "
+                                   f"{self.waiting.batch_at(self.waiting.highest)}, waited for "
+                                   f"{self.waiting.batch_at(self.waiting.next)}")
                     self.waiting.clear()
                     log.debug("raypar: the output is written on after the last batch: %s", self.paused)
                 if self.ending is not None:
@@ -152,7 +159,16 @@ class LiveAssembly:
         """The batches done before this session wait with their parts, as if stored first (the
         session's own may be among them: stored twice, the same part). MAX_AHEAD does not count
         them: 25 bytes each, a job's worth (25 MiB at a million batches)."""
-        self.waiting.put_done(done_parts(self.ledger.view(manifest, failed=False), rowless=True))
+        done = done_parts(self.ledger.view(manifest, failed=False), rowless=True)
+        if self.place_of is not None:
+            places = self._places(done.column("ordinal").to_numpy())
+            done = done.set_column(0, "ordinal", pa.array(places)).filter(pa.array(places >= 0))
+        self.waiting.put_done(done)
+
+    def _places(self, ordinals: np.ndarray) -> np.ndarray:
+        """Where ``ordinals`` are in the output (-1: not in it)."""
+        inside = ordinals < len(self.place_of)
+        return np.where(inside, self.place_of[np.where(inside, ordinals, 0)], -1)
 
     def _gather(self) -> None:
         """Take what the scheduler said since the last look into ``waiting``, up to the finish or
@@ -163,11 +179,19 @@ class LiveAssembly:
                 continue  # (told before it paused)
             if kind == "settled":
                 for batch, part in value:
-                    self.waiting.put(ordinal_of(batch), part or None)
+                    self._put(ordinal_of(batch), part or None)
             elif kind == "failed":
-                self.waiting.put(ordinal_of(value), None)
+                self._put(ordinal_of(value), None)
             else:
                 self.ending = kind, value
+
+    def _put(self, ordinal: int, part: Optional[list]) -> None:
+        place = ordinal
+        if self.place_of is not None:
+            place = int(self.place_of[ordinal]) if ordinal < len(self.place_of) else -1
+            if place < 0:  # (a batch a revision retired: the scheduler never runs one)
+                raise GaveUp(f"{batch_id(ordinal)} has no place in the output")
+        self.waiting.put(place, part)
 
     def _discard(self) -> None:
         """Remove the temporary file (whatever state its writing was left in)."""
