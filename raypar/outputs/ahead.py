@@ -119,12 +119,16 @@ class StoredAhead:
             return
         part = rows.column("part")
         part = part if pa.types.is_dictionary(part.type) else pc.dictionary_encode(part)
-        ids = np.array([self._name_id(name) for name in part.dictionary.to_pylist()] or [0], np.uint32)
+        # Only the names this slice uses: the dictionary is the whole column's (a name per batch
+        # where each batch was a flush of its own).
+        used, name_at = np.unique(part.indices.fill_null(0).to_numpy(), return_inverse=True)
+        ids = np.array([self._name_id(name) for name in part.dictionary.take(pa.array(used)).to_pylist()]
+                       if len(part.dictionary) else [0] * len(used), np.uint32)
         has_part = part.is_valid().to_numpy(zero_copy_only=False)
         crc = rows.column("part_crc32").cast(pa.string())
         has_crc = has_part & crc.is_valid().to_numpy(zero_copy_only=False)
         columns = {"kind": np.where(has_crc, _PART, np.where(has_part, _PART_NO_CRC, _NOTHING)).astype(np.uint8),
-                   "name": ids[part.indices.fill_null(0).to_numpy()],
+                   "name": ids[name_at],
                    "offset": rows.column("part_offset").fill_null(0).to_numpy(),
                    "size": rows.column("part_bytes").fill_null(0).to_numpy(),
                    "crc": _crc_values(crc.fill_null("00000000"))}
