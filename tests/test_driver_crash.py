@@ -123,6 +123,18 @@ def executed(log):
     return sorted(p.read_text() for p in log.iterdir())
 
 
+def resumes_exactly(job, log, files, output, completed, cluster) -> None:
+    """A resume after a killed driver: only the batches not done ran, every row is in the output
+    once, in order, and no temp file is left."""
+    for p in log.iterdir():
+        p.unlink()
+    resumed = run_cli(["resume", job], cluster=cluster)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(executed(log)) == 5 - completed  # only what was not done ran again
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert os.listdir(output.parent) == [output.name]
+
+
 @pytest.mark.parametrize("point, reran", [
     ("listing", 4),         # batch 0 ran before listing finished: the other 4 run, after listing again
     ("assembly", 0),        # every batch was done: resume only assembles
@@ -170,15 +182,7 @@ def test_driver_killed_while_writing_the_output_during_the_run_resumes_to_the_sa
     assert not output.exists()  # never a partial output file (its temp file goes with the next session)
     status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert status["state"] == "interrupted" and status["completed"] >= 3  # the 3rd part was being written
-    for p in log.iterdir():
-        p.unlink()
-
-    resumed = run_cli(["resume", job], cluster=ray_cluster)
-
-    assert resumed.returncode == 0, resumed.stderr
-    assert len(executed(log)) == 5 - status["completed"]  # only what was not done ran again
-    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
-    assert os.listdir(output.parent) == [output.name]
+    resumes_exactly(job, log, files, output, status["completed"], ray_cluster)
 
 
 def test_driver_killed_while_a_resume_writes_the_rows_done_before_it_resumes_to_the_same_output(
@@ -205,15 +209,7 @@ def test_driver_killed_while_a_resume_writes_the_rows_done_before_it_resumes_to_
     assert "f08.txt" not in output.read_text()  # the first session's output stays until a session replaces it
     status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert status["state"] == "interrupted"
-    for p in log.iterdir():
-        p.unlink()
-
-    third = run_cli(["resume", job], cluster=ray_cluster)
-
-    assert third.returncode == 0, third.stderr
-    assert len(executed(log)) == 5 - status["completed"]  # only what was not done ran again
-    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
-    assert os.listdir(output.parent) == [output.name]  # the killed session's temp file is gone
+    resumes_exactly(job, log, files, output, status["completed"], ray_cluster)
 
 
 def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_output(ray_cluster, tmp_path, capsys):
