@@ -31,18 +31,19 @@ _FIELDS = [("kind", np.uint8), ("name", np.uint32), ("offset", np.int64), ("size
 
 
 def _crc_values(crc: pa.Array) -> np.ndarray:
-    """CRC-32s as part_checksum() writes them (8 lowercase hex digits) to their values; any other
-    spelling one by one (take_next() spells them as part_checksum() does, and finish() then finds
-    the record differs: the output is assembled from the ledger)."""
-    _, offsets, data = crc.buffers()
-    start = np.frombuffer(offsets, np.int32)[crc.offset]
-    digits = np.frombuffer(data, np.uint8)[start:start + 8 * len(crc)] if data is not None else np.empty(0, np.uint8)
-    hexadecimal = ((digits >= ord("0")) & (digits <= ord("9"))) | ((digits >= ord("a")) & (digits <= ord("f")))
-    if len(digits) != 8 * len(crc) or not pc.all(pc.equal(pc.utf8_length(crc), 8)).as_py() or not hexadecimal.all():
-        return np.array([int(x, 16) if x else 0 for x in crc.to_pylist()], np.uint32)
-    digits = digits.reshape(-1, 8).astype(np.uint32)
-    digits = np.where(digits >= ord("a"), digits - (ord("a") - 10), digits - ord("0"))
-    return (digits << np.arange(28, -1, -4, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    """CRC-32s (8 hex digits each, as part_checksum() writes them) to their values: the column's text
+    read as one hex string; any other spelling one by one. (take_next() spells them as
+    part_checksum() does: where a record spells one otherwise, finish() finds it differs and the
+    output is assembled from the ledger.)"""
+    if len(crc) and pc.all(pc.equal(pc.utf8_length(crc), 8)).as_py():
+        _, offsets, data = crc.buffers()
+        start = int(np.frombuffer(offsets, np.int32)[crc.offset])
+        try:
+            text = bytes(memoryview(data)[start:start + 8 * len(crc)]).decode("ascii")
+            return np.frombuffer(bytes.fromhex(text), ">u4").astype(np.uint32)
+        except ValueError:  # (not hex digits, or not ASCII)
+            pass
+    return np.array([int(x, 16) for x in crc.to_pylist()], np.uint32)
 
 
 class _Chunk:
