@@ -905,6 +905,58 @@ def test_a_resumed_session_writes_the_batches_done_before_it_while_its_own_run(t
     assert (live.written_while_running, live.written, live.paused) == (9, 9, None)
 
 
+def test_what_the_scheduler_says_while_the_thread_catches_up_is_taken_in_as_it_writes(tmp_path, monkeypatch):
+    """Writing thousands of batches that waited for a straggler takes a while: what is stored meanwhile
+    must not wait in the scheduler's lists (400 bytes a batch) until all are written."""
+    count = 3000
+    manifest = [MiniBatch(ordinal=i, kind="files", payload={"files": []}, item_count=1) for i in range(count)]
+    ledger = Ledger(str(tmp_path / "job"))
+    ledger.write_manifest(manifest)
+    writer = ledger.done_writer("r1~w1", {"flush_batches": 1000, "flush_bytes": 1 << 30, "flush_seconds": 1e9})
+    records = [writer.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None),
+                            f"{i}\n".encode()) for i in range(count)]
+    writer.flush()
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+    live.stored([(r.batch, part_of(r)) for r in records[1:-1]])  # batch 0 is the straggler
+    assert poll(lambda: len(live.waiting) == count - 2, timeout=30, interval=0.05)
+    queued, write = {}, live._write
+
+    def writing(record, data):
+        if live.written == 10:  # a batch stored while the thread catches up
+            live.stored([(records[-1].batch, part_of(records[-1]))])
+        if live.written == 1100:  # past the first window of 1,024
+            queued["events"] = len(live.events)
+        write(record, data)
+
+    monkeypatch.setattr(live, "_write", writing)
+    live.stored([(records[0].batch, part_of(records[0]))])
+    assert poll(lambda: queued, timeout=30, interval=0.05)  # (the session ends after its last batch)
+
+    assert queued == {"events": 0}  # taken in with the second window, not after the last part
+    assert live.finish(ledger.view(manifest)) is not None
+    assert (tmp_path / "out.txt").read_text() == "".join(f"{i}\n" for i in range(count))
+    assert (live.written_while_running, live.written) == (count, count)
+
+
+def test_the_tail_written_after_the_writing_stopped_is_not_synced_part_by_part(tmp_path, monkeypatch):
+    """finish() has checked the parts already: the tail after a stop is written as assemble() writes it."""
+    monkeypatch.setattr(live_assembly, "SYNC_BYTES", 1)
+    monkeypatch.setattr(live_assembly, "MAX_AHEAD", 1)
+    synced, real_fdatasync = [], os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(os.fstat(fd).st_size) or real_fdatasync(fd))
+    ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(5)}, "text")
+    live = LiveAssembly(ledger, str(tmp_path / "out.txt"), "text")
+    live.stored([(records[0].batch, part_of(records[0]))])
+    assert poll(lambda: live.written == 1, timeout=30, interval=0.05)
+    live.stored([(records[i].batch, part_of(records[i])) for i in (2, 3, 4)])  # 1 is the straggler
+    assert poll(lambda: live.paused, timeout=30, interval=0.05)
+
+    assert live.finish(view) is not None
+
+    assert (tmp_path / "out.txt").read_text() == "".join(f"row {i}\n" for i in range(5))
+    assert synced == [6] and (live.written_while_running, live.written) == (1, 5)
+
+
 def test_a_straggler_before_anything_was_written_leaves_the_output_to_assemble(tmp_path, monkeypatch):
     monkeypatch.setattr(live_assembly, "MAX_AHEAD", 2)
     ledger, view, records = job(tmp_path, {i: [f"row {i}"] for i in range(5)}, "text")
