@@ -49,7 +49,7 @@ def last_line(error: str) -> str:
 def last_lines(errors) -> pa.Array:
     """last_line of each error of a dictionary-encoded column (a view's failed records), worked out
     once per distinct error: a million attempts of one bug split one traceback, not a million."""
-    encoded = errors.combine_chunks() if isinstance(errors, pa.ChunkedArray) else errors
+    encoded = _dictionary(errors)
     if not pa.types.is_dictionary(encoded.type):
         encoded = encoded.dictionary_encode()
     return pa.array([last_line(e) for e in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
@@ -57,7 +57,7 @@ def last_lines(errors) -> pa.Array:
 
 def status_of_kinds(kinds) -> pa.Array:
     """STATUS_OF_KIND of a dictionary-encoded column of failure kinds."""
-    encoded = kinds.combine_chunks() if isinstance(kinds, pa.ChunkedArray) else kinds
+    encoded = _dictionary(kinds)
     return pa.array([STATUS_OF_KIND.get(k, k) for k in encoded.dictionary.to_pylist()], pa.string()).take(
         encoded.indices)
 
@@ -86,6 +86,7 @@ def attempt_slices(view: LedgerView) -> Iterator[pa.Table]:
 
 
 def _dictionary(column) -> pa.DictionaryArray:
+    """A column (chunked or not) as one array: a view's columns are dictionary-encoded."""
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
