@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -1039,6 +1040,160 @@ def test_compacted_records_are_checked_against_their_rows_again(tmp_path):
     rows.write_bytes(rows.read_bytes()[:-1])  # cut after compaction
 
     assert [b.id for b in ledger.view().pending()] == [bid(1)]
+
+
+# -- failed records compacted: their columns in Arrow, their tracebacks in pieces of their own ------
+
+
+def flaky_ledger(tmp_path: Path, monkeypatch) -> Ledger:
+    """12 planned batches; 0-9 failed twice (the second time for good), stored as a driver stores
+    them (segments of 4 records), tracebacks shared by some batches; one stored as a file of its own
+    (a record written outside a session); batch 3 done since."""
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 4)
+    monkeypatch.setattr(ledger_module, "RECORDS_WINDOW", 1)  # each record file a window of its own
+    ledger = status_ledger(tmp_path, planned_count=12)
+    ledger.gather_failures("r1", seconds=3600)
+    for ordinal in range(10):
+        for attempt in (1, 2):
+            ledger.record_failed(FailedRecord(batch=bid(ordinal), run="r1", attempt=attempt, kind="user",
+                                              final=attempt == 2, node="n1", worker="w1", items=2,
+                                              error=f"Traceback\nValueError: bad {ordinal % 4}.{attempt}"))
+    ledger.end_gathering_failures()
+    fail(ledger, 11, final=True)
+    finish(ledger, 3, run="r2")
+    return ledger
+
+
+def without_compaction(ledger: Ledger, tmp_path: Path) -> Ledger:
+    """A copy of the job dir with no failed compaction: what the records themselves say."""
+    shutil.copytree(ledger.url, tmp_path / "records")
+    shutil.rmtree(tmp_path / "records" / "failed-compact", ignore_errors=True)
+    return Ledger(str(tmp_path / "records"))
+
+
+def failed_views(ledger: Ledger) -> tuple:
+    """The failed records every reader sees: the full view's, status's (two errors shown) and the reports'."""
+    fresh = Ledger(ledger.url)
+    status = job_status(ledger.url, errors=2)
+    return (fresh.view().failed.table.to_pylist(), fresh.view(lean=True, errors_of=2).failed.table.to_pylist(),
+            status["errors"], status["failed"], status["failed_items"],
+            {name: data.replace(ledger.url.encode(), b"JOB") for name, data in reports_of(fresh, "failed").items()})
+
+
+def test_compacted_failed_records_read_as_the_records_themselves_and_status_reads_only_what_it_shows(
+        tmp_path, monkeypatch):
+    from raypar.jobdir import failed_compact
+
+    monkeypatch.setattr(failed_compact, "ERROR_ROWS", 2)  # several pieces of tracebacks
+    ledger = flaky_ledger(tmp_path, monkeypatch)
+    assert ledger.compact_failures("r2") is True
+    assert ledger.compact_failures("r2") is False  # nothing new: no second compaction
+    ledger.record_failed(FailedRecord(batch=bid(10), run="r3", attempt=1, kind="user", final=True,
+                                      error="Traceback\nKeyError: late"))  # stored after the compaction
+    ledger.record_failed(FailedRecord(batch=bid(0), run="r3", attempt=1, kind="user", final=True,
+                                      error="Traceback\nValueError: bad 0.2"))  # a batch failed again
+
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path))
+    status = job_status(ledger.url, errors=2)
+    assert [e["error"] for e in status["errors"]] == ["Traceback\nValueError: bad 0.2", "Traceback\nValueError: bad 1.2"]
+
+    read = []
+    spied = ledger.store.read_ranges
+
+    def spy(paths, starts, ends):
+        read.extend(os.path.relpath(p, ledger.url) for p in paths)
+        return spied(paths, starts, ends)
+
+    monkeypatch.setattr(ledger.store, "read_ranges", spy)
+    ledger.view(lean=True, errors_of=2)
+    failed = sorted(p for p in read if p.startswith("failed/"))
+    assert failed == [f"failed/{bid(0)}~r3~1.json", f"failed/{bid(10)}~r3~1.json"]  # not the records compacted
+    # The tracebacks of batches 0 and 1 (shown): the 2 pieces of their segment's 4, of the 11 pieces
+    # written (a piece of 1 for batch 11's file, 2 for each segment of 4 records).
+    pieces = sorted(p.rsplit(".errors-")[1] for p in read if ".errors-" in p)
+    assert pieces == ["00001.arrow", "00002.arrow"]
+    assert len(ledger.store.list_files("failed-compact")) == 1 + 1 + 11  # columns, index, pieces
+
+
+def test_failed_compactions_are_deltas_whose_columns_merge_and_whose_tracebacks_are_never_rewritten(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "MAX_COMPACT_FILES", 3)
+    ledger = planned(tmp_path, 8)
+    folder = tmp_path / "job" / "failed-compact"
+    columns_per_index, pieces = [], {}
+    for i in range(7):
+        ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, kind="user", final=True,
+                                          error=f"Traceback\nValueError: {i}"))
+        assert ledger.compact_failures("r1") is True
+        names = sorted(os.listdir(folder))
+        assert len([n for n in names if n.endswith(".idx")]) == 1
+        columns_per_index.append(len([n for n in names if n.endswith(".arrow") and ".errors-" not in n]))
+        for name in pieces:  # every piece written before is still there, untouched
+            assert (folder / name).stat().st_ino == pieces[name]
+        pieces.update({n: (folder / n).stat().st_ino for n in names if ".errors-" in n})
+        view = Ledger(ledger.url).view()
+        assert {b: [r.error for r in rs] for b, rs in view.failed.items()} == {
+            bid(k): [f"Traceback\nValueError: {k}"] for k in range(i + 1)}
+    assert columns_per_index == [1, 2, 3, 1, 2, 3, 1]  # the 4th and 7th compactions merged the columns
+    assert len(pieces) == 7
+
+
+@pytest.mark.parametrize("damaged", ["columns", "piece", "index"])
+def test_a_damaged_failed_compaction_is_passed_over_for_the_records(tmp_path, monkeypatch, caplog, damaged):
+    ledger = flaky_ledger(tmp_path, monkeypatch)
+    ledger.compact_failures("r2")
+    folder = tmp_path / "job" / "failed-compact"
+    names = sorted(os.listdir(folder))
+    target = folder / next(n for n in names if {"columns": n.endswith(".arrow") and ".errors-" not in n,
+                                                 "piece": ".errors-" in n, "index": n.endswith(".idx")}[damaged])
+    target.write_bytes(target.read_bytes()[:-10])
+
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path))
+    if damaged == "piece":
+        assert "missing or corrupted; reading the failed records themselves" in caplog.text
+
+
+def test_a_failed_compaction_that_stopped_before_its_index_counts_for_nothing_and_is_removed_by_the_next(
+        tmp_path, monkeypatch):
+    ledger = flaky_ledger(tmp_path, monkeypatch)
+    write_atomic = ledger.store.write_atomic
+
+    def stopped(data, *parts):
+        if parts[-1].endswith(".idx"):
+            raise OSError("the driver died here")
+        return write_atomic(data, *parts)
+
+    monkeypatch.setattr(ledger.store, "write_atomic", stopped)
+    with pytest.raises(OSError):
+        ledger.compact_failures("r2")
+    left = sorted(os.listdir(tmp_path / "job" / "failed-compact"))
+    assert left and not any(n.endswith(".idx") for n in left)  # its columns and pieces, no index
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path))
+    monkeypatch.setattr(ledger.store, "write_atomic", write_atomic)
+
+    assert ledger.compact_failures("r3") is True
+    assert not set(left) & set(os.listdir(tmp_path / "job" / "failed-compact"))  # the leftovers removed
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path / "again"))
+
+
+def test_a_session_compacts_its_failed_records_every_compact_every_attempts_stored(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from raypar.engine import upkeep
+
+    monkeypatch.setattr(upkeep, "COMPACT_EVERY", 3)
+    ledger = planned(tmp_path, 8)
+    ledger.gather_failures("r1", seconds=0)
+    shown = []
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p))
+    indexes = []
+    for i in range(7):
+        ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, kind="user", final=True, error=f"e{i}"))
+        compactor(SimpleNamespace(done=0))  # stores the gathered record (a second old here), maybe compacts
+        index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
+        indexes.append(json.loads(Path(index[0]).read_bytes())["rows"] if index else 0)
+    assert indexes == [0, 0, 3, 3, 3, 6, 6]
+    assert len(shown) == 7
 
 
 def lean_and_full(ledger: Ledger) -> tuple:

@@ -676,6 +676,46 @@ def test_a_view_reads_failed_records_a_window_at_a_time_and_keeps_one_copy_of_ea
     assert len(columns.column("node").chunks[0].dictionary) == 1
 
 
+def test_failed_records_compacted_are_read_as_the_records_and_a_status_reads_only_the_pieces_it_shows(
+        backend, monkeypatch):
+    """On every store: the failed records' columns in one Arrow file, their tracebacks in pieces; a
+    status-like view reads the columns, the records stored since, and the pieces of what it shows."""
+    import raypar.jobdir.failed_compact as failed_compact
+    import raypar.jobdir.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 10)
+    monkeypatch.setattr(failed_compact, "ERROR_ROWS", 4)
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(40))
+    ledger.gather_failures("r1", seconds=3600)
+    for i in range(30):
+        for attempt in (1, 2):
+            ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=attempt, kind="user", final=attempt == 2,
+                                              error=f"ValueError: bad row {i}.{attempt}"))
+    ledger.end_gathering_failures()
+    done(ledger.done_writer("r2~w1"), 0, run="r2")  # batch 0 retried and done
+    before = backend.ledger(own_client=True).view().failed.table.to_pylist()
+
+    assert ledger.compact_failures("r2") is True
+    assert ledger.compact_failures("r2") is False
+    ledger.record_failed(FailedRecord(batch=bid(35), run="r3", attempt=1, kind="user", final=True, error="late"))
+
+    fresh = backend.ledger(own_client=True)
+    assert fresh.view().failed.table.to_pylist() == before + [
+        {"ordinal": 35, "run": "r3", "attempt": 1, "error": "late", "kind": "user", "final": True,
+         "node": None, "worker": None, "started": None, "items": None}]
+    reads = []
+    read_many = fresh.store.read_many
+    monkeypatch.setattr(fresh.store, "read_many", lambda paths: reads.extend(paths) or read_many(paths))
+    shown = fresh.view(lean=True, errors_of=2)
+    assert shown.failed.last_rows(shown.failed_ordinals()[:2]).column("error").to_pylist() == [
+        "ValueError: bad row 1.2", "ValueError: bad row 2.2"]
+    names = [p.rsplit("/", 1)[-1] for p in reads]
+    assert [n for n in names if n.endswith(".jsonl") or n.startswith("mb-")] == [f"{bid(35)}~r3~1.json"]
+    assert [n.rsplit(".errors-")[1] for n in names if ".errors-" in n] == ["00000.arrow", "00001.arrow"]
+    assert len([p for p in fresh.store.list_files("failed-compact") if ".errors-" in p]) == 15  # 60 distinct, 4 a piece
+
+
 def test_the_session_reports_are_written_as_they_are_composed_and_replace_the_last_ones(backend, monkeypatch):
     """The attempts CSV and errors.txt grow with the attempts (a million failed ones: 386 MB): they go
     to the job dir a slice of attempts at a time, uploaded while composed on object stores, and

@@ -22,14 +22,18 @@ log = logging.getLogger("raypar")
 COMPACT_EVERY = 50_000
 
 
-def compact(ledger: Ledger, run: str) -> None:
-    """The next resume reads one file instead of every record; never fail a job over it."""
-    try:
-        ledger.compact(run)
-    except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
-        log.warning("could not compact the ledger: %s", exc)
-    finally:
-        give_memory_back()
+def compact(ledger: Ledger, run: str, done: bool = True, failed: bool = True) -> None:
+    """The next resume reads one file instead of every done record, the next status a few columns
+    instead of every failed one; never fail a job over it."""
+    for wanted, compaction, what in ((done, ledger.compact, "done"), (failed, ledger.compact_failures, "failed")):
+        if not wanted:
+            continue
+        try:
+            compaction(run)
+        except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
+            log.warning("could not compact the ledger's %s records: %s", what, exc)
+        finally:
+            give_memory_back()
 
 
 def give_memory_back() -> None:
@@ -56,19 +60,24 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
 
 class Compactor:
     """Folds done records into a compact file every COMPACT_EVERY batches, so a resume after a
-    crash reads at most that many records one by one (see Ledger.compact); stores the failed
-    records the session gathered once they are a second old (see FailedLog)."""
+    crash reads at most that many records one by one (see Ledger.compact), and failed records
+    every COMPACT_EVERY failed attempts (Ledger.compact_failures); stores the failed records the
+    session gathered once they are a second old (see FailedLog)."""
 
     def __init__(self, ledger: Ledger, run: str, then: Callable):
-        self.ledger, self.run_id, self.then, self.at = ledger, run, then, None
+        self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
 
     def __call__(self, p, final: bool = False) -> None:
         self.ledger.flush_failures(due_only=not final)  # failed records gathered for a second or more
         if self.at is None:
             self.at = p.done
         if p.done - self.at >= COMPACT_EVERY:
-            compact(self.ledger, self.run_id)
+            compact(self.ledger, self.run_id, failed=False)
             self.at = p.done
+        stored = self.ledger.failed_log.stored if self.ledger.failed_log is not None else 0
+        if stored - self.failed_at >= COMPACT_EVERY:
+            compact(self.ledger, self.run_id, done=False)
+            self.failed_at = stored
         self.then(p, final=final)
 
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, QueuedBatch, batch_id, ordinal_of
 from raypar.inputs.pending import PendingQueue
+from raypar.jobdir import failed_compact
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
     attempt_name,
@@ -460,7 +461,7 @@ class Ledger:
             return LedgerView(manifest=manifest, done=DoneSet(0), lean=True,
                               reported=ReportedRecords().table() if reported else None)
         collector = ReportedRecords() if lean and reported else None
-        with self._listed("parts", "void", "compact", "done", *(("failed",) if failed else ())):
+        with self._listed("parts", "void", "compact", "done", *(("failed", failed_compact.FOLDER) if failed else ())):
             done = self._done_set(len(manifest) if manifest is not None else 0, collector) if lean \
                 else self._done_records()
             failed = self._failed_records(errors_of, done, getattr(manifest, "retired", None)) if failed \
@@ -496,21 +497,24 @@ class Ledger:
     def _list_files(self, folder: str) -> list[str]:
         return sorted(self._file_sizes(folder))
 
-    def _record_windows(self, folder: str) -> Iterator[list[bytes]]:
+    def _record_windows(self, folder: str, compacted=None) -> Iterator[dict[str, bytes]]:
         """The files of sealed records of a folder (``.json`` files hold one, ``.jsonl`` segments one
-        per line), RECORDS_WINDOW bytes of them at a time (read concurrently on object stores): a
-        million failed attempts are a gigabyte of tracebacks, never all in memory at once."""
+        per line) that ``compacted`` does not cover, {path: bytes}, RECORDS_WINDOW bytes of them at a
+        time (read concurrently on object stores): a million failed attempts are a gigabyte of
+        tracebacks, never all in memory at once."""
         sizes = self._file_sizes(folder)
         window: list[str] = []
         window_bytes = 0
         for path in sorted(p for p in sizes if p.endswith((".json", ".jsonl"))):
+            if compacted is not None and compacted.covered(os.path.basename(path), sizes[path]):
+                continue
             window.append(path)
             window_bytes += sizes[path]
             if window_bytes >= RECORDS_WINDOW:
-                yield list(self.store.read_many(window).values())
+                yield self.store.read_many(window)
                 window, window_bytes = [], 0
         if window:
-            yield list(self.store.read_many(window).values())
+            yield self.store.read_many(window)
 
     def _done_records(self) -> DoneIndex:
         parts, part_sizes, voided = self._proof()
@@ -666,30 +670,92 @@ class Ledger:
         self._remove_superseded(f"{name}.idx", {f["file"] for f in files})
         return True
 
-    def _remove_superseded(self, index: str, kept: set[str]) -> None:
+    def _remove_superseded(self, index: str, kept: set[str], folder: str = "compact") -> None:
         """Remove the compact files and indexes older than ``index`` that it does not name (a
         reader still on one of them falls back to an older index, or to the records)."""
-        for path in self.store.list_files("compact"):
+        for path in self.store.list_files(folder):
             name = os.path.basename(path)
             if name < index and name not in kept:
                 try:
-                    self.store.remove("compact", name)
+                    self.store.remove(folder, name)
                 except OSError as exc:  # a leftover costs space, never correctness
                     log.warning("could not remove the superseded %s: %s", name, exc)
 
-    def _failed_records(self, errors_of: Optional[int] = None, done=None, retired=None) -> FailedRecords:
+    def _failed_records(self, errors_of: Optional[int] = None, done=None, retired=None,
+                        compacted: bool = True) -> FailedRecords:
+        """The failed records: the newest compaction's columns (its tracebacks: all, or with
+        ``errors_of`` only those shown) and the record files it does not cover, read in windows."""
+        latest = failed_compact.latest(self.store, self.url, self._file_sizes(failed_compact.FOLDER)) \
+            if compacted else None
+        tables, shown = [], np.empty(0, dtype=np.int64)
+        if latest is not None and errors_of is not None and latest.table.num_rows:
+            shown = _lowest_failed(latest.table, shown, errors_of, done, retired)
         # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
         # one copy of its traceback, not a million (a Python string each took `raypar status` to 2.6 GiB).
-        tables, shown = [], np.empty(0, dtype=np.int64)
-        for files in self._record_windows("failed"):
-            table = failed_table(files)
+        for files in self._record_windows("failed", latest):
+            table = failed_table(list(files.values()))
             del files  # before the next window is read
             if errors_of is not None and table.num_rows:
-                table, shown = _first_errors_only(table, shown, errors_of, done, retired)
+                shown = _lowest_failed(table, shown, errors_of, done, retired)
+                table = _errors_of(table, shown)
             tables.append(table)
+        if latest is not None:
+            try:  # the tracebacks last: only now is it known which are shown
+                tables.insert(0, latest.records(self.store, shown if errors_of is not None else None))
+            except LedgerError as exc:
+                log.warning("%s; reading the failed records themselves", exc)
+                return self._failed_records(errors_of, done, retired, compacted=False)
         if errors_of is not None and tables:  # those of batches shown for a while, then passed by lower ones
             tables = [_errors_of(table, shown) for table in tables if table.num_rows]
         return FailedRecords(pa.concat_tables(tables) if tables else None)
+
+    def compact_failures(self, run: str, afresh: bool = False) -> bool:
+        """Fold the failed records stored since the last compaction of them into a delta of columns
+        and pieces of tracebacks (see raypar/jobdir/failed_compact.py); False if nothing was new.
+
+        Past MAX_COMPACT_FILES column files they are merged into one; the pieces of tracebacks are
+        never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
+        damaged is started again from the records.
+        """
+        folder = failed_compact.FOLDER
+        with self._listed(folder, "failed"):
+            before = None if afresh else \
+                failed_compact.latest(self.store, self.url, self._file_sizes(folder), load=False)
+            sizes = self._file_sizes("failed")
+            name = compact_name(run)
+            files, pieces = (list(before.files), list(before.pieces)) if before is not None else ([], [])
+            covers = dict(before.covers) if before is not None else {}
+            tables, new = [], False
+            for window in self._record_windows("failed", before):
+                table, texts = failed_compact.columns_of(failed_table(list(window.values())), len(pieces))
+                for piece in texts:
+                    data = failed_compact.piece_bytes(piece)
+                    piece_name = f"{name}.errors-{len(pieces):05d}.arrow"
+                    self.store.write_atomic(data, folder, piece_name)
+                    pieces.append({"file": piece_name, "file_sha256": hashlib.sha256(data).hexdigest(),
+                                   "rows": len(piece)})
+                covers.update({os.path.basename(p): sizes[p] for p in window})
+                tables.append(table)
+                new = True
+        if not new:
+            return False
+        if len(files) + 1 > MAX_COMPACT_FILES:  # merge the columns; the pieces stay as they are
+            paths = [self.store.path(folder, f["file"]) for f in files]
+            data = self.store.read_many(paths)
+            if not all(p in data and hashlib.sha256(data[p]).hexdigest() == f["file_sha256"]
+                       for p, f in zip(paths, files, strict=True)):
+                return self.compact_failures(run, afresh=True)  # this one's pieces go as superseded
+            tables = [pa.ipc.open_file(pa.BufferReader(data.pop(p))).read_all() for p in paths] + tables
+            files = []
+        rows = sum(t.num_rows for t in tables)
+        if rows:
+            data, rows = failed_compact.columns_bytes(tables)
+            self.store.write_atomic(data, folder, f"{name}.arrow")
+            files.append({"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(), "rows": rows})
+        index = {"files": files, "errors": pieces, "rows": sum(f["rows"] for f in files), "covers": covers}
+        self.store.write_atomic(_sealed(index), folder, f"{name}.idx")  # last: the compaction now counts
+        self._remove_superseded(f"{name}.idx", {f["file"] for f in files} | {p["file"] for p in pieces}, folder)
+        return True
 
     # -- state ----------------------------------------------------------
 
@@ -743,17 +809,16 @@ class Ledger:
 _VERSION_LINE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per line
 
 
-def _first_errors_only(table: pa.Table, shown: np.ndarray, count: int, done, retired) -> tuple[pa.Table, np.ndarray]:
-    """A window of failed records (FAILED_SCHEMA) with the tracebacks of only the ``count`` lowest
-    batches failed for good so far (``shown``, and those of this window), and those batches. A batch
-    among the lowest at the end was among them from its final record on, so its last record's
-    traceback is kept (records are read in the order they were stored)."""
+def _lowest_failed(table: pa.Table, shown: np.ndarray, count: int, done, retired) -> np.ndarray:
+    """The ``count`` lowest batches failed for good among ``shown`` and those of ``table`` (failed
+    records). Whose tracebacks a view with ``errors_of`` keeps: a batch among the lowest at the end
+    was among them from its final record on, so its last record's traceback is kept (records are
+    read in the order they were stored; the compacted ones' tracebacks are read at the end)."""
     ordinals = table.column("ordinal").to_numpy()
     failed = table.column("final").to_numpy(zero_copy_only=False) & ~done.mask(int(ordinals.max()) + 1)[ordinals]
     if retired is not None and len(retired):
         failed &= ~np.isin(ordinals, retired)
-    shown = np.unique(np.concatenate([shown, ordinals[failed]]))[:count]
-    return _errors_of(table, shown), shown
+    return np.unique(np.concatenate([shown, ordinals[failed]]))[:count]
 
 
 def _errors_of(table: pa.Table, shown: np.ndarray) -> pa.Table:

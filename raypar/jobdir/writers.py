@@ -230,6 +230,7 @@ class FailedLog:
         self.lines: list[bytes] = []
         self.oldest: Optional[float] = None
         self.next = 0  # the number of the next segment
+        self.stored = 0  # records stored so far
         self.lock = threading.Lock()
 
     def add(self, body: dict) -> None:
@@ -248,6 +249,7 @@ class FailedLog:
             data = b"".join(line + b"\n" for line in self.lines)
             self.store.write_once(data, "failed", f"{self.run}~{self.next:06d}.jsonl")
             self.next += 1
+            self.stored += len(self.lines)
             self.lines, self.oldest = [], None
 
 
