@@ -20,10 +20,12 @@ Targets there (issue 13): status <= 3 s, resume planning <= 5 s, peak < 1 GiB.
 
 --report times what the end of a session adds (report.html, the text reports, and storing them);
 --failed-batches N gives N of the batches not done two failed attempts first; --same-error gives
-them all one traceback (a bug in run() that every batch hits), not one naming its file.
+them all one traceback (a bug in run() that every batch hits), not one naming its file. They are
+then compacted as a session's end compacts them (timed, in a fresh interpreter); with
+--failed-uncompacted they are left as a driver killed before that leaves them.
 
     python benchmarks/bench_ledger_scale.py [--batches N] [--done N] [--uncompacted N] [--store local|azurite]
-        [--report] [--failed-batches N] [--same-error] [--failed-every K] [--keep]
+        [--report] [--failed-batches N] [--same-error] [--failed-uncompacted] [--failed-every K] [--keep]
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ sizes = ledger.store.file_sizes("reports")
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps({"read": read, "seconds": seconds, "bytes": len(page), "text": text, "files": len(sizes),
                   "text_bytes": sum(sizes.values()) - len(page), "rss_mib": rss}))
+"""
+
+# With --failed-batches: what a session's end adds to fold its failed records into failed-compact/.
+COMPACT_FAILED = r"""
+import json, sys, time
+from raypar.jobdir.ledger import Ledger
+started = time.perf_counter()
+assert Ledger(sys.argv[1]).compact_failures("r2")
+seconds = time.perf_counter() - started
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps({"seconds": seconds, "rss_mib": rss}))
 """
 
 STATUS = r"""
@@ -173,6 +186,8 @@ def main() -> int:
     parser.add_argument("--same-error", action="store_true",
                         help="every failed attempt has the same traceback (a bug in run() every batch hits), "
                              "not one naming its file")
+    parser.add_argument("--failed-uncompacted", action="store_true",
+                        help="leave the failed records uncompacted (a driver killed before its session's end)")
     parser.add_argument("--failed-every", type=int, default=0, metavar="K",
                         help="every K-th done batch reports its item failed; then time `raypar failed`'s read "
                              "and `resume --retry-failed-items`'s planning")
@@ -185,6 +200,10 @@ def main() -> int:
               failed_batches=args.failed_batches, same_error=args.same_error)
         print(f"built {args.batches:,} batches, {args.done:,} done ({args.uncompacted:,} after the last "
               f"compaction) on {args.store} in {time.time() - started:.0f}s")
+        if args.failed_batches and not args.failed_uncompacted:
+            out = subprocess.run([sys.executable, "-c", COMPACT_FAILED, job], capture_output=True, text=True, check=True)
+            got = json.loads(out.stdout)
+            print(f"failed records compacted in {got['seconds']:.2f}s, peak RSS {got['rss_mib']:.0f} MiB")
         targets = {"local": (2, 2), "azurite": (5, 3)}[args.store]  # seconds: resume planning, status
         ok = True
         not_done = args.batches - args.done  # a resume runs the failed batches again; status counts them apart

@@ -70,6 +70,14 @@ LAUNCHER = textwrap.dedent("""
                 die()
             return write_atomic(self, data, *parts)
         store.Store.write_atomic = crashing_write_atomic
+    elif point == "failed-compaction":  # the failed records' columns and tracebacks stored, their .idx not
+        import raypar.jobdir.store as store
+        write_atomic = store.Store.write_atomic
+        def crashing_write_atomic(self, data, *parts):
+            if parts[0] == "failed-compact" and parts[-1].endswith(".idx"):
+                die()
+            return write_atomic(self, data, *parts)
+        store.Store.write_atomic = crashing_write_atomic
     elif point == "failed-gathered":  # a batch's last try failed: its record gathered, not stored
         import raypar.jobdir.writers as writers
         add = writers.FailedLog.add
@@ -241,6 +249,46 @@ def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_outp
     assert resumed.returncode == 0, resumed.stderr
     assert len(executed(log)) == 5 - status["completed"] and any("f04.txt" in t for t in executed(log))
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+
+
+def test_driver_killed_while_compacting_failed_records_leaves_them_readable_and_resumes_exactly(
+        ray_cluster, tmp_path, capsys):
+    """Killed after the failed records' columns and tracebacks were stored, before the index that
+    makes them count: status still shows every failure from the records, and the resume runs only the
+    failed batch, compacts again and removes what the killed driver left."""
+    files = {f"f{i:02d}.txt": ("bad v" if i == 4 else "v") + str(i) for i in range(10)}
+    log, fixed = tmp_path / "exec", tmp_path / "fixed"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, mini_batch_size="2", **{
+        "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}"})
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
+    job = str(tmp_path / "job")
+    output = tmp_path / "out" / "parallel_run_step.txt"
+
+    crashed = run_cli(["run", str(tmp_path / "job.yml"), "--job-dir", job], crash_point="failed-compaction",
+                      cluster=ray_cluster)
+
+    assert crashed.returncode == 9, crashed.stderr
+    left = sorted(os.listdir(os.path.join(job, "failed-compact")))
+    assert left and not any(n.endswith(".idx") for n in left)  # its columns and tracebacks, not its index
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
+    assert (status["completed"], status["failed"]) == (4, 1)
+    assert [e["batch"] for e in status["errors"]] == ["mb-0000002"] and "f04.txt" in status["errors"][0]["error"]
+    for p in log.iterdir():
+        p.unlink()
+    fixed.touch()
+
+    resumed = run_cli(["resume", job], cluster=ray_cluster)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert [t for t in executed(log) if "f04.txt" in t] == executed(log) and len(executed(log)) == 1
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    now = os.listdir(os.path.join(job, "failed-compact"))
+    assert not set(left) & set(now) and any(n.endswith(".idx") for n in now)  # compacted again, leftovers gone
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
+    assert (status["state"], status["completed"], status["failed"]) == ("succeeded", 5, 0)
+    errors = open(os.path.join(job, "reports", "errors.txt")).read()
+    assert errors.count("=== mb-0000002 run ") == 2  # the first session's two failed tries, still reported
 
 
 def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster, tmp_path, capsys):

@@ -1176,6 +1176,27 @@ def test_a_failed_compaction_that_stopped_before_its_index_counts_for_nothing_an
     assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path / "again"))
 
 
+def test_a_failed_segment_compacted_while_it_was_written_is_read_on_from_its_last_whole_line(tmp_path, monkeypatch):
+    """On local disk a segment is written in place: a compaction (or another process's) may list it
+    half written. What it covers ends at the last whole record; the rest is read from there."""
+    ledger = flaky_ledger(tmp_path, monkeypatch)
+    lines = [_sealed(FailedRecord(batch=bid(i), run="r9", attempt=attempt, kind="user", final=True,
+                                  error=f"Traceback\nOSError: {i}").fields()) + b"\n"
+             for i, attempt in ((10, 1), (11, 1), (10, 2))]
+    segment = tmp_path / "job" / "failed" / "r9~000000.jsonl"
+    segment.write_bytes(lines[0] + lines[1][:25])  # one record and the start of the next
+    assert ledger.compact_failures("r2") is True
+    assert [r.attempt for r in Ledger(ledger.url).view().failed[bid(10)]] == [1]
+    assert ledger.compact_failures("r2") is False  # the torn tail is not something new
+
+    segment.write_bytes(b"".join(lines))  # the write ends
+
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path))
+    assert [r.attempt for r in Ledger(ledger.url).view().failed[bid(10)]] == [1, 2]  # each once
+    assert ledger.compact_failures("r3") is True
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path / "again"))
+
+
 def test_a_session_compacts_its_failed_records_every_compact_every_attempts_stored(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

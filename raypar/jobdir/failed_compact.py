@@ -9,7 +9,8 @@ status`` needs their columns and the last traceback of three batches. So a compa
                                           a piece: written once, never merged or rewritten
     failed-compact/<id>.idx               sealed, written last (the compaction counts from then on):
                                           the column files and the pieces with their sha256, and the
-                                          files of failed/ it covers ({name: size})
+                                          files of failed/ it covers ({name: bytes}: a segment up to
+                                          its last whole line)
 
 The records in failed/ stay, as done records do: the compact files are a copy, for speed. A folder
 of its own, so that a raypar that does not know it reads the records as before.
@@ -46,9 +47,6 @@ class Compacted:
     pieces: list
     covers: dict
     url: str
-
-    def covered(self, name: str, size: int) -> bool:
-        return self.covers.get(name) == size
 
     def records(self, store, shown: Optional[np.ndarray] = None) -> pa.Table:
         """The records in FAILED_SCHEMA, with every traceback, or (``shown``) only those of these

@@ -16,6 +16,9 @@ Everything is JSON or Arrow; nothing here is ever unpickled or executed::
     void/<batch>~<run>~<try>.json   a done record whose rows failed verification
     compact/compact-<id>.arrow  every done record read so far, as Arrow columns (+ a sealed .idx
                                 naming what it covers): a large job resumes without parsing each
+    failed-compact/compact-<id>.arrow  every failed record read so far, as Arrow columns; their
+                                tracebacks in .errors-NNNNN.arrow pieces, a sealed .idx naming both and
+                                what it covers (raypar/jobdir/failed_compact.py): status reads columns
     cancel/<run>.json           `raypar cancel` asking the driver of that run to stop
     logs/<run>~<worker>.log     one worker process's entry-script logging, stdout and stderr
     logs/<run>~<worker>~NNNNNN.log  object stores: that log, stored in pieces as it grows

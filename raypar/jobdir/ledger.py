@@ -497,24 +497,38 @@ class Ledger:
     def _list_files(self, folder: str) -> list[str]:
         return sorted(self._file_sizes(folder))
 
-    def _record_windows(self, folder: str, compacted=None) -> Iterator[dict[str, bytes]]:
+    def _record_windows(self, folder: str, covers: Optional[dict] = None) -> Iterator[list[tuple[str, int, bytes]]]:
         """The files of sealed records of a folder (``.json`` files hold one, ``.jsonl`` segments one
-        per line) that ``compacted`` does not cover, {path: bytes}, RECORDS_WINDOW bytes of them at a
-        time (read concurrently on object stores): a million failed attempts are a gigabyte of
-        tracebacks, never all in memory at once."""
+        per line), past what ``covers`` ({name: bytes}) says was compacted, as (path, start, bytes),
+        RECORDS_WINDOW bytes of them at a time (read concurrently on object stores): a million
+        failed attempts are a gigabyte of tracebacks, never all in memory at once."""
         sizes = self._file_sizes(folder)
-        window: list[str] = []
+        covers = covers or {}
+        window: list[tuple[str, int]] = []
         window_bytes = 0
+
+        def read() -> list[tuple[str, int, bytes]]:
+            got = self.store.read_ranges([p for p, _ in window], [s for _, s in window],
+                                         [sizes[p] for p, _ in window])
+            out = []
+            for (path, start), data in zip(window, got, strict=True):
+                if isinstance(data, BaseException) and not isinstance(data, FileNotFoundError):
+                    raise data
+                if not isinstance(data, BaseException):
+                    out.append((path, start, data))
+            return out
+
         for path in sorted(p for p in sizes if p.endswith((".json", ".jsonl"))):
-            if compacted is not None and compacted.covered(os.path.basename(path), sizes[path]):
+            start = covers.get(os.path.basename(path), 0)
+            if start >= sizes[path]:
                 continue
-            window.append(path)
-            window_bytes += sizes[path]
+            window.append((path, start))
+            window_bytes += sizes[path] - start
             if window_bytes >= RECORDS_WINDOW:
-                yield self.store.read_many(window)
+                yield read()
                 window, window_bytes = [], 0
         if window:
-            yield self.store.read_many(window)
+            yield read()
 
     def _done_records(self) -> DoneIndex:
         parts, part_sizes, voided = self._proof()
@@ -692,8 +706,8 @@ class Ledger:
             shown = _lowest_failed(latest.table, shown, errors_of, done, retired)
         # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
         # one copy of its traceback, not a million (a Python string each took `raypar status` to 2.6 GiB).
-        for files in self._record_windows("failed", latest):
-            table = failed_table(list(files.values()))
+        for files in self._record_windows("failed", latest.covers if latest is not None else None):
+            table = failed_table([data for _, _, data in files])
             del files  # before the next window is read
             if errors_of is not None and table.num_rows:
                 shown = _lowest_failed(table, shown, errors_of, done, retired)
@@ -721,23 +735,24 @@ class Ledger:
         with self._listed(folder, "failed"):
             before = None if afresh else \
                 failed_compact.latest(self.store, self.url, self._file_sizes(folder), load=False)
-            sizes = self._file_sizes("failed")
             name = compact_name(run)
             files, pieces = (list(before.files), list(before.pieces)) if before is not None else ([], [])
-            covers = dict(before.covers) if before is not None else {}
-            tables, new = [], False
-            for window in self._record_windows("failed", before):
-                table, texts = failed_compact.columns_of(failed_table(list(window.values())), len(pieces))
+            covered = dict(before.covers) if before is not None else {}
+            covers, tables = dict(covered), []
+            for window in self._record_windows("failed", covered):
+                table, texts = failed_compact.columns_of(failed_table([data for _, _, data in window]), len(pieces))
                 for piece in texts:
                     data = failed_compact.piece_bytes(piece)
                     piece_name = f"{name}.errors-{len(pieces):05d}.arrow"
                     self.store.write_atomic(data, folder, piece_name)
                     pieces.append({"file": piece_name, "file_sha256": hashlib.sha256(data).hexdigest(),
                                    "rows": len(piece)})
-                covers.update({os.path.basename(p): sizes[p] for p in window})
+                # Up to the last whole line of a segment: one still being written is read on from there.
+                covers.update({os.path.basename(path): start + (data.rfind(b"\n") + 1 if path.endswith(".jsonl")
+                                                                else len(data))
+                               for path, start, data in window})
                 tables.append(table)
-                new = True
-        if not new:
+        if covers == covered:  # (a segment's torn last line is read each time, never covered)
             return False
         if len(files) + 1 > MAX_COMPACT_FILES:  # merge the columns; the pieces stay as they are
             paths = [self.store.path(folder, f["file"]) for f in files]
