@@ -220,15 +220,19 @@ def test_driver_killed_while_a_resume_writes_the_rows_done_before_it_resumes_to_
     resumes_exactly(job, log, files, output, status["completed"], ray_cluster)
 
 
-def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_output(ray_cluster, tmp_path, capsys):
+def job_with_a_bad_batch(tmp_path):
+    """Batch mb-0000002 (f04.txt) fails every try until the ``fixed`` file exists."""
     files = {f"f{i:02d}.txt": ("bad v" if i == 4 else "v") + str(i) for i in range(10)}
     log, fixed = tmp_path / "exec", tmp_path / "fixed"
     log.mkdir()
     spec = make_spec(tmp_path, files, mini_batch_size="2", **{
         "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}"})
     (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
-    job = str(tmp_path / "job")
-    output = tmp_path / "out" / "parallel_run_step.txt"
+    return files, log, fixed, str(tmp_path / "job"), tmp_path / "out" / "parallel_run_step.txt"
+
+
+def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_output(ray_cluster, tmp_path, capsys):
+    files, log, fixed, job, output = job_with_a_bad_batch(tmp_path)
 
     crashed = run_cli(["run", str(tmp_path / "job.yml"), "--job-dir", job], crash_point="failed-gathered",
                       cluster=ray_cluster)
@@ -256,14 +260,7 @@ def test_driver_killed_while_compacting_failed_records_leaves_them_readable_and_
     """Killed after the failed records' columns and tracebacks were stored, before the index that
     makes them count: status still shows every failure from the records, and the resume runs only the
     failed batch, compacts again and removes what the killed driver left."""
-    files = {f"f{i:02d}.txt": ("bad v" if i == 4 else "v") + str(i) for i in range(10)}
-    log, fixed = tmp_path / "exec", tmp_path / "fixed"
-    log.mkdir()
-    spec = make_spec(tmp_path, files, mini_batch_size="2", **{
-        "resources.instance_count": 1, "task.program_arguments": f"--exec-log {log} --fixed-flag {fixed}"})
-    (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
-    job = str(tmp_path / "job")
-    output = tmp_path / "out" / "parallel_run_step.txt"
+    files, log, fixed, job, output = job_with_a_bad_batch(tmp_path)
 
     crashed = run_cli(["run", str(tmp_path / "job.yml"), "--job-dir", job], crash_point="failed-compaction",
                       cluster=ray_cluster)
