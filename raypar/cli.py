@@ -507,12 +507,12 @@ def _logs(args) -> int:
             print(f"==> {where} <==")
             sys.stdout.write(text)
         return 0
-    view = ledger.view()
     try:
-        known = ordinal_of(args.batch) < (len(view.manifest) if view.manifest is not None else float("inf"))
+        ordinal_of(args.batch)
     except ValueError:
-        known = False
-    if not known:
+        raise UsageError(f"{args.target}: no mini-batch {args.batch} in this job") from None
+    view = ledger.view(errors_for=[args.batch])  # not every traceback: a million failed attempts are a gigabyte
+    if ordinal_of(args.batch) >= (len(view.manifest) if view.manifest is not None else float("inf")):
         raise UsageError(f"{args.target}: no mini-batch {args.batch} in this job")
     for record in view.failed.get(args.batch, []):
         print(f"=== attempt {record.attempt} (run {record.run}): {STATUS_OF_KIND.get(record.kind, record.kind)} "

@@ -1176,6 +1176,48 @@ def test_a_failed_compaction_that_stopped_before_its_index_counts_for_nothing_an
     assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path / "again"))
 
 
+@pytest.mark.parametrize("compacted", [True, False])
+def test_a_view_for_one_batch_holds_its_tracebacks_only_and_reads_only_their_pieces(tmp_path, monkeypatch, compacted):
+    """`raypar logs D --batch ID`: a million failed attempts' tracebacks took it to 1.7 GB."""
+    from raypar.jobdir import failed_compact
+
+    monkeypatch.setattr(failed_compact, "ERROR_ROWS", 2)
+    ledger = flaky_ledger(tmp_path, monkeypatch)
+    if compacted:
+        ledger.compact_failures("r2")
+    read = []
+    spied = ledger.store.read_ranges
+    monkeypatch.setattr(ledger.store, "read_ranges", lambda paths, starts, ends: read.extend(paths)
+                        or spied(paths, starts, ends))
+
+    view = ledger.view(errors_for=[bid(5)])
+
+    assert view.failed[bid(5)] == Ledger(ledger.url).view().failed[bid(5)]  # its two tries, whole
+    assert [r.error for r in view.failed[bid(6)]] == [None, None]  # the others' records, without tracebacks
+    assert set(view.failed.table.column("error").drop_null().to_pylist()) == {
+        "Traceback\nValueError: bad 1.1", "Traceback\nValueError: bad 1.2"}
+    pieces = [p for p in read if ".errors-" in p]
+    assert len(pieces) == (1 if compacted else 0)  # batch 5's segment holds 4 tracebacks in 2 pieces: one read
+
+
+def test_logs_of_one_batch_prints_its_tries_and_names_a_batch_the_job_does_not_have(tmp_path, monkeypatch, capsys):
+    from conftest import cli_in_process
+
+    ledger = flaky_ledger(tmp_path, monkeypatch)
+    ledger.compact_failures("r2")
+
+    shown = cli_in_process(capsys, "logs", ledger.url, "--batch", bid(5))
+
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[:6] == [
+        "=== attempt 1 (run r1): exception on w1, node n1", "Traceback", "ValueError: bad 1.1",
+        "=== attempt 2 (run r1): exception on w1, node n1", "Traceback", "ValueError: bad 1.2"]
+    for wrong in (bid(12), "batch-5"):
+        refused = cli_in_process(capsys, "logs", ledger.url, "--batch", wrong)
+        assert (refused.returncode, refused.stdout) == (2, "")
+        assert refused.stderr == f"raypar: error: {ledger.url}: no mini-batch {wrong} in this job\n"
+
+
 def test_a_failed_segment_compacted_while_it_was_written_is_read_on_from_its_last_whole_line(tmp_path, monkeypatch):
     """On local disk a segment is written in place: a compaction (or another process's) may list it
     half written. What it covers ends at the last whole record; the rest is read from there."""

@@ -434,7 +434,8 @@ class Ledger:
                                      record.part_offset + record.part_bytes)
 
     def view(self, manifest: Optional[Sequence[MiniBatch]] = None, lean: bool = False,
-             reported: bool = False, failed: bool = True, errors_of: Optional[int] = None) -> LedgerView:
+             reported: bool = False, failed: bool = True, errors_of: Optional[int] = None,
+             errors_for: Optional[Sequence[str]] = None) -> LedgerView:
         """Read the records; pass ``manifest`` when already in hand to skip re-reading it.
 
         ``lean``: the done batches as a :class:`DoneSet` (which are done, and their unreturned
@@ -450,6 +451,7 @@ class Ledger:
 
         ``errors_of``: keep the tracebacks of the first ``errors_of`` failed batches only (by ordinal;
         what ``status`` shows), not of every failed attempt: a million distinct ones are a gigabyte.
+        ``errors_for``: keep the tracebacks of these batches (IDs) only (what ``raypar logs --batch`` shows).
 
         Records of batches a revision retired (their input changed) are left out: they never count.
         """
@@ -464,8 +466,8 @@ class Ledger:
         with self._listed("parts", "void", "compact", "done", *(("failed", failed_compact.FOLDER) if failed else ())):
             done = self._done_set(len(manifest) if manifest is not None else 0, collector) if lean \
                 else self._done_records()
-            failed = self._failed_records(errors_of, done, getattr(manifest, "retired", None)) if failed \
-                else FailedRecords()
+            failed = self._failed_records(errors_of, done, getattr(manifest, "retired", None),
+                                          errors_for=errors_for) if failed else FailedRecords()
         if getattr(manifest, "carried", None):
             done = done.carry(manifest.carried)  # before the retired records leave
         table = collector.table() if collector is not None else None
@@ -696,12 +698,16 @@ class Ledger:
                     log.warning("could not remove the superseded %s: %s", name, exc)
 
     def _failed_records(self, errors_of: Optional[int] = None, done=None, retired=None,
-                        compacted: bool = True) -> FailedRecords:
+                        compacted: bool = True, errors_for: Optional[Sequence[str]] = None) -> FailedRecords:
         """The failed records: the newest compaction's columns (its tracebacks: all, or with
-        ``errors_of`` only those shown) and the record files it does not cover, read in windows."""
+        ``errors_of`` or ``errors_for`` only those shown) and the record files it does not cover,
+        read in windows."""
         latest = failed_compact.latest(self.store, self.url, self._file_sizes(failed_compact.FOLDER)) \
             if compacted else None
         tables, shown = [], np.empty(0, dtype=np.int64)
+        some = errors_of is not None or errors_for is not None  # only the tracebacks of ``shown``
+        if errors_for is not None:
+            shown = np.unique(np.array([ordinal_of(b) for b in errors_for], dtype=np.int64))
         if latest is not None and errors_of is not None and latest.table.num_rows:
             shown = _lowest_failed(latest.table, shown, errors_of, done, retired)
         # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
@@ -709,17 +715,18 @@ class Ledger:
         for files in self._record_windows("failed", latest.covers if latest is not None else None):
             table = failed_table([data for _, _, data in files])
             del files  # before the next window is read
-            if errors_of is not None and table.num_rows:
-                shown = _lowest_failed(table, shown, errors_of, done, retired)
+            if some and table.num_rows:
+                if errors_of is not None:
+                    shown = _lowest_failed(table, shown, errors_of, done, retired)
                 table = _errors_of(table, shown)
             tables.append(table)
         if latest is not None:
             try:  # the tracebacks last: only now is it known which are shown
-                tables.insert(0, latest.records(self.store, shown if errors_of is not None else None))
+                tables.insert(0, latest.records(self.store, shown if some else None))
             except LedgerError as exc:
                 log.warning("%s; reading the failed records themselves", exc)
-                return self._failed_records(errors_of, done, retired, compacted=False)
-        if errors_of is not None and tables:  # those of batches shown for a while, then passed by lower ones
+                return self._failed_records(errors_of, done, retired, compacted=False, errors_for=errors_for)
+        if some and tables:  # those of batches shown for a while, then passed by lower ones
             tables = [_errors_of(table, shown) for table in tables if table.num_rows]
         return FailedRecords(pa.concat_tables(tables) if tables else None)
 
