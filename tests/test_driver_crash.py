@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import cli_in_process, make_spec
 
+from raypar.jobdir.ledger import Ledger
+
 pytestmark = pytest.mark.timeout(240)
 
 # Runs `raypar run` in a fresh interpreter whose CRASH_POINT patch kills the process.
@@ -255,18 +257,26 @@ def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_outp
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
 
 
+@pytest.mark.parametrize("store", ["local", "azurite"])
 def test_driver_killed_while_compacting_failed_records_leaves_them_readable_and_resumes_exactly(
-        ray_cluster, tmp_path, capsys):
+        ray_cluster, tmp_path, capsys, request, monkeypatch, store):
     """Killed after the failed records' columns and tracebacks were stored, before the index that
     makes them count: status still shows every failure from the records, and the resume runs only the
     failed batch, compacts again and removes what the killed driver left."""
     files, log, fixed, job, output = job_with_a_bad_batch(tmp_path)
+    if store == "azurite":
+        azurite = request.getfixturevalue("azurite")
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+        job = f"az://{azurite.new_container()}/jobs/j1"
+
+    def compacted() -> list[str]:
+        return [p.rsplit("/", 1)[-1] for p in Ledger(job).store.list_files("failed-compact")]
 
     crashed = run_cli(["run", str(tmp_path / "job.yml"), "--job-dir", job], crash_point="failed-compaction",
                       cluster=ray_cluster)
 
     assert crashed.returncode == 9, crashed.stderr
-    left = sorted(os.listdir(os.path.join(job, "failed-compact")))
+    left = compacted()
     assert left and not any(n.endswith(".idx") for n in left)  # its columns and tracebacks, not its index
     status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert (status["completed"], status["failed"]) == (4, 1)
@@ -280,11 +290,11 @@ def test_driver_killed_while_compacting_failed_records_leaves_them_readable_and_
     assert resumed.returncode == 0, resumed.stderr
     assert [t for t in executed(log) if "f04.txt" in t] == executed(log) and len(executed(log)) == 1
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
-    now = os.listdir(os.path.join(job, "failed-compact"))
+    now = compacted()
     assert not set(left) & set(now) and any(n.endswith(".idx") for n in now)  # compacted again, leftovers gone
     status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert (status["state"], status["completed"], status["failed"]) == ("succeeded", 5, 0)
-    errors = open(os.path.join(job, "reports", "errors.txt")).read()
+    errors = Ledger(job).store.read_bytes("reports", "errors.txt").decode()
     assert errors.count("=== mb-0000002 run ") == 2  # the first session's two failed tries, still reported
 
 

@@ -1152,6 +1152,13 @@ def test_a_damaged_failed_compaction_is_passed_over_for_the_records(tmp_path, mo
     if damaged == "piece":
         assert "missing or corrupted; reading the failed records themselves" in caplog.text
 
+    # The next compaction sees the cut file in its listing and compacts again from the records.
+    assert ledger.compact_failures("r3") is True
+    assert target.name not in os.listdir(folder)
+    caplog.clear()
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path / "again"))
+    assert "reading the failed records themselves" not in caplog.text
+
 
 def test_a_failed_compaction_that_stopped_before_its_index_counts_for_nothing_and_is_removed_by_the_next(
         tmp_path, monkeypatch):

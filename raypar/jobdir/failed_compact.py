@@ -48,6 +48,13 @@ class Compacted:
     covers: dict
     url: str
 
+    def whole(self, listed: dict[str, int]) -> bool:
+        """Whether every file it names is listed ({path: size}) at the size it was written (a
+        cheap check, from the listing: the sha256s are checked where a file is read)."""
+        sizes = {os.path.basename(p): size for p, size in listed.items()}
+        return all(sizes.get(f["file"]) == f.get("bytes", sizes.get(f["file"], -1))
+                   for f in [*self.files, *self.pieces])
+
     def records(self, store, shown: Optional[np.ndarray] = None) -> pa.Table:
         """The records in FAILED_SCHEMA, with every traceback, or (``shown``) only those of these
         batches: only their pieces are read. A missing or damaged piece raises LedgerError."""

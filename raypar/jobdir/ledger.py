@@ -736,12 +736,14 @@ class Ledger:
 
         Past MAX_COMPACT_FILES column files they are merged into one; the pieces of tracebacks are
         never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
-        damaged is started again from the records.
+        missing, cut or damaged is started again from the records (a view passes it over meanwhile).
         """
         folder = failed_compact.FOLDER
         with self._listed(folder, "failed"):
-            before = None if afresh else \
-                failed_compact.latest(self.store, self.url, self._file_sizes(folder), load=False)
+            listed = self._file_sizes(folder)
+            before = None if afresh else failed_compact.latest(self.store, self.url, listed, load=False)
+            if before is not None and not before.whole(listed):
+                return self.compact_failures(run, afresh=True)
             name = compact_name(run)
             files, pieces = (list(before.files), list(before.pieces)) if before is not None else ([], [])
             covered = dict(before.covers) if before is not None else {}
@@ -753,7 +755,7 @@ class Ledger:
                     piece_name = f"{name}.errors-{len(pieces):05d}.arrow"
                     self.store.write_atomic(data, folder, piece_name)
                     pieces.append({"file": piece_name, "file_sha256": hashlib.sha256(data).hexdigest(),
-                                   "rows": len(piece)})
+                                   "rows": len(piece), "bytes": len(data)})
                 # Up to the last whole line of a segment: one still being written is read on from there.
                 covers.update({os.path.basename(path): start + (data.rfind(b"\n") + 1 if path.endswith(".jsonl")
                                                                 else len(data))
@@ -773,7 +775,8 @@ class Ledger:
         if rows:
             data, rows = failed_compact.columns_bytes(tables)
             self.store.write_atomic(data, folder, f"{name}.arrow")
-            files.append({"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(), "rows": rows})
+            files.append({"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(), "rows": rows,
+                          "bytes": len(data)})
         index = {"files": files, "errors": pieces, "rows": sum(f["rows"] for f in files), "covers": covers}
         self.store.write_atomic(_sealed(index), folder, f"{name}.idx")  # last: the compaction now counts
         self._remove_superseded(f"{name}.idx", {f["file"] for f in files} | {p["file"] for p in pieces}, folder)
