@@ -110,7 +110,9 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     runs = executions(log)
     assert all(runs.count(b) == 2 for b in bad_batches)  # max_retries 1 = 2 tries
     assert len(runs) == 8 + 2 * 2
-    status = job_status(job)
+    index = [p for p in Ledger(job).store.list_files("failed-compact") if p.endswith(".idx")]
+    assert len(index) == 1 and json.loads(Path(index[0]).read_text())["rows"] == 4  # compacted at the end
+    status = job_status(job)  # from those columns and pieces
     assert {e["batch"] for e in status["errors"]} == {"mb-0000001", "mb-0000006"}
     assert "bad record" in status["errors"][0]["error"]
     assert "f003.txt" not in (tmp_path / "out" / "parallel_run_step.txt").read_text()
