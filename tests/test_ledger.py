@@ -961,6 +961,27 @@ def test_the_reporting_records_read_lean_are_those_the_full_view_chose(tmp_path)
     assert ledger.view(lean=True).reported is None  # only when asked for
 
 
+def test_planning_the_retry_of_reported_items_reads_no_failed_record(tmp_path, monkeypatch):
+    """`resume --retry-failed-items` plans from the done records that reported items: the failed
+    attempts' tracebacks (a gigabyte per million) are not read for it."""
+    from raypar.engine.retry_items import plan_item_retries
+
+    ledger = planned(tmp_path, 4)  # 2 files a batch
+    ledger.record_done(DoneRecord(batch=bid(0), run="r1", attempt=1, items=2, returned=1, part=None, reported=1,
+                                  failed=json.dumps({"ValueError: unreadable": [1]})))
+    finish(ledger, 1)
+    fail(ledger, 2, final=True)
+    read = []
+    spied = ledger.store.read_ranges
+    monkeypatch.setattr(ledger.store, "read_ranges", lambda paths, starts, ends: read.extend(paths)
+                        or spied(paths, starts, ends))
+
+    assert plan_item_retries(ledger, ledger.read_manifest()) == (1, 1)  # batch 0 retired, its failed item planned again
+
+    assert not [p for p in read if "/failed" in p]
+    assert Ledger(ledger.url).view().failed_batches() == {bid(2)}
+
+
 def test_the_reporting_records_survive_a_damaged_compact_file(tmp_path):
     ledger = planned(tmp_path, 3)
     reporting(ledger, 0, [1])

@@ -25,7 +25,8 @@ from raypar.jobdir.tables import Manifest
 
 def plan_item_retries(ledger: Ledger, manifest: Manifest) -> tuple[int, int]:
     """Write the revision; returns (retired batches, items planned again)."""
-    reported = ledger.view(manifest, lean=True, reported=True).reported  # not every record: see ReportedRecords
+    # Not every record (see ReportedRecords), and no failed ones: their tracebacks are a gigabyte per million.
+    reported = ledger.view(manifest, lean=True, reported=True, failed=False).reported
     runs, carried, items, ordinal = [], {}, 0, len(manifest)
     for old, text, count in zip(reported.column("ordinal").to_pylist(), reported.column("failed").to_pylist(),
                                 reported.column("items").to_pylist(), strict=True):
