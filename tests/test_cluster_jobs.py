@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -426,3 +427,49 @@ def test_batches_stored_behind_a_straggler_wait_for_it_or_past_max_ahead_the_res
     else:
         assert assembly.paused is None and (assembly.written_while_running, assembly.written) == (6, 6)
     assert assembly.published == (tmp_path / "out" / "parallel_run_step.txt").stat().st_size
+
+
+def test_a_part_that_fails_verification_at_assembly_runs_its_batch_again_and_the_output_is_exact(
+        ray_cluster, tmp_path, monkeypatch):
+    """Storage that changed a stored part's bytes: assembly names it, the driver voids its record and
+    runs that batch alone again, under the next attempt number (the same one named the voided record,
+    so the rerun's rows were voided too and left out of an output called succeeded), and the output
+    holds every row once. A batch that failed for good is not tried again in that round."""
+    from raypar.engine import driver
+
+    files = texts(10, bad={6})
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--exec-log {log}",
+                                         "raypar.assemble_while_running": False})
+    job = str(tmp_path / "job")
+    calls = []
+    assemble = driver.assemble
+
+    def corrupting_assemble(ledger, view, *args, **kwargs):
+        calls.append(sorted(view.done))
+        if len(calls) == 1:  # the bytes of batch 2's rows change on disk after they were stored
+            record = view.done["mb-0000002"]
+            path = Path(ledger.store.path("parts", record.part))
+            data = bytearray(path.read_bytes())
+            data[record.part_offset] ^= 0x20
+            path.write_bytes(bytes(data))
+        return assemble(ledger, view, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "assemble", corrupting_assemble)
+
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+
+    assert (outcome.state, outcome.completed, outcome.failed, outcome.pending) == (JobState.SUCCEEDED, 4, 1, 0)
+    done = [f"mb-{i:07d}" for i in (0, 1, 2, 4)]
+    assert calls == [done, done]  # assembled twice, the second time with the rerun's record
+    runs = executions(log)
+    assert runs.count(("f004.txt", "f005.txt")) == 2  # batch 2 ran again, once
+    assert runs.count(("f006.txt", "f007.txt")) == 2  # batch 3's two tries, not tried again
+    assert len(runs) == 7
+    assert output_lines(tmp_path) == [row for row in expected_rows(files) if not row.startswith(("f006", "f007"))]
+    view = Ledger(job).view()
+    run = Ledger(job).read_state()["run"]
+    assert os.listdir(Path(job) / "void") == [f"mb-0000002~{run}~1.json"]
+    assert (view.done["mb-0000002"].run, view.done["mb-0000002"].attempt) == (run, 2)
+    assert [r.attempt for r in view.failed["mb-0000003"]] == [1, 2]  # no second record under either key

@@ -415,6 +415,19 @@ def test_a_job_without_failed_attempts_has_an_empty_errors_file(tmp_path):
     assert not any(line.startswith("failed attempts") for line in files["reports/job_result.txt"].decode().splitlines())
 
 
+def test_a_session_that_gathers_failures_again_stores_them_under_new_names(tmp_path):
+    """A round of batches after rows failed verification gathers the session's failures again: the
+    first round's segment must not be written over (nor the new one refused as existing)."""
+    ledger = planned(tmp_path, 4)
+    for ordinal in (1, 2):  # two rounds of one session
+        ledger.gather_failures("r1", seconds=3600)
+        fail(ledger, ordinal, final=True)
+        ledger.end_gathering_failures()
+
+    assert sorted(os.listdir(tmp_path / "job" / "failed")) == ["r1~000000.jsonl", "r1~000001.jsonl"]
+    assert Ledger(ledger.url).view().failed_batches() == {bid(1), bid(2)}
+
+
 def test_a_view_without_failed_records_plans_the_same_batches(tmp_path):
     ledger = planned(tmp_path, 5)
     finish(ledger, 0)

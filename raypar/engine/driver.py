@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
+
 from raypar.credentials import describe_error, open_fs, options_for, redact, refused_credentials, resolve_storage
 from raypar.engine import cluster, signals
 from raypar.engine.console_relay import ConsoleRelay
@@ -31,6 +33,7 @@ from raypar.engine.worker_plan import worker_plan
 from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, StorageError, UsageError
 from raypar.held_upload import look_at_bucket
 from raypar.inputs import check_input, plan_batches
+from raypar.inputs.base import ordinal_of
 from raypar.inputs.source import open_source
 from raypar.jobdir.layout import default_job_dir
 from raypar.jobdir.ledger import Ledger, new_run_id
@@ -367,9 +370,13 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
     # and then no batch is failed).
     view = ledger.view(manifest, lean=True, failed=False) if manifest is not None else None
     live = None  # the output written while the batches run (outputs/live.py)
+    voided: dict[str, int] = {}  # batch -> the attempt whose rows failed verification this session
     try:
         for _ in range(MAX_ASSEMBLY_ROUNDS):
-            pending = view.pending() if view is not None else []
+            # After a round whose rows failed verification, only those batches run again (not those
+            # that failed for good: their tries are spent for this session).
+            among = np.array([ordinal_of(b) for b in voided], dtype=np.int64) if voided else None
+            pending = view.pending(among) if view is not None else []
             give_memory_back()  # what reading the records and queuing took, before the run's own memory
             if pending or feed is not None:
                 assembled = False  # this session adds rows: the output is written again
@@ -379,7 +386,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
                 before = view if view is not None else ledger.view(feed.prefix, lean=True, failed=False)
                 live = _live_assembly(ledger, session, target, before, planned=feed is None)
                 reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed,
-                                          live)
+                                          live, attempts_before=voided)
                 if feed is not None:
                     feed.join()
                     manifest, feed = ledger.read_manifest(), None
@@ -409,8 +416,12 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
             except CorruptPartsError as exc:
                 for record in exc.records:
                     ledger.void(record, "output part does not match its checksum")
+                    if record.run == run:
+                        voided[record.batch] = max(voided.get(record.batch, 0), record.attempt)
+                    else:  # done in an earlier session: runs again with this session's attempt numbers
+                        voided.setdefault(record.batch, 0)
                 echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
-                view = ledger.view(manifest, lean=True)
+                view = ledger.view(manifest, lean=True, failed=False)  # as the first round's: what to run
         return "output parts keep failing verification (storage corrupting data?)", "", view
     finally:
         if live is not None:  # no output this session: its temporary file goes
@@ -449,7 +460,8 @@ def _make_output_folders(spec: JobSpec) -> None:
             os.makedirs(output.path, exist_ok=True)
 
 
-def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None, live=None) -> tuple[str, str]:
+def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed=None, live=None,
+             attempts_before: Optional[dict[str, int]] = None) -> tuple[str, str]:
     """Run the pending batches on Ray; returns (stop reason, detail), empty when all ran."""
 
     spec = session.spec
@@ -468,7 +480,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)
         scheduler = Scheduler(ledger, spec, run, pending, RayTransport(placement), progress, reporter, interrupt,
-                              feed, may_write=interrupt.lease_held, output=live)
+                              feed, may_write=interrupt.lease_held, output=live, attempts_before=attempts_before)
         with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
             reason = scheduler.run()
         reporter(progress, final=True)

@@ -188,7 +188,8 @@ class Scheduler:
                  transport: Transport, progress: Progress,
                  on_progress: Callable[[Progress], None] = lambda p: None,
                  interrupt: Callable[[], Optional[str]] = lambda: None, feed=None,
-                 may_write: Callable[[], bool] = lambda: True, output=None):
+                 may_write: Callable[[], bool] = lambda: True, output=None,
+                 attempts_before: Optional[dict[str, int]] = None):
         self.ledger, self.spec, self.run_id, self.transport = ledger, spec, run, transport
         self.clock = transport.clock
         self.failed_percent_limit = spec.failed_percent_limit()  # parsed from program_arguments once
@@ -206,7 +207,9 @@ class Scheduler:
         self.flushes: dict[Any, Slot] = {}
         self.tries: dict[str, int] = collections.Counter()  # user tries spent this session
         self.system_failures: dict[str, int] = collections.Counter()
-        self.attempts: dict[str, int] = collections.Counter()
+        # A batch's attempt numbers go on from ``attempts_before`` (its attempts in an earlier round of
+        # this session): a (run, attempt) names one record, and a void marker voids that one only.
+        self.attempts: dict[str, int] = collections.Counter(attempts_before or {})
         self.rows_seen: dict[str, int] = {}  # rows of table batches, as their tries read them
         self.stop_reason: Optional[str] = None
         self.stop_detail: str = ""

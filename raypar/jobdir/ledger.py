@@ -104,8 +104,9 @@ class LedgerView:
     lean: bool = False  # done is a DoneSet: no records, so nothing to assemble or report from
     reported: Optional[pa.Table] = None  # view(lean=True, reported=True): ordinal, items, failed
 
-    def pending(self) -> PendingQueue:
-        """The resume rule, written once: every planned batch without a done record, queued."""
+    def pending(self, among: Optional[np.ndarray] = None) -> PendingQueue:
+        """The resume rule, written once: every planned batch without a done record, queued
+        (``among``: only those of these ordinals)."""
         if self.manifest is None:
             raise LedgerError("the manifest is incomplete; the job must be planned again")
         if isinstance(self.done, (DoneIndex, DoneSet)):
@@ -117,6 +118,8 @@ class LedgerView:
         retired = getattr(self.manifest, "retired", None)
         if retired is not None and len(retired):
             todo[retired] = False
+        if among is not None:
+            todo &= np.isin(np.arange(len(todo)), among)
         ordinals = np.flatnonzero(todo)
         if isinstance(self.manifest, Manifest):
             return self.manifest.queue(ordinals)  # reads the chunks of pending batches only
@@ -176,6 +179,7 @@ class Ledger:
         self.lease = Lease(self.store, self.url)
         self._snapshot = threading.local()  # see _listed: per thread, as the driver reads from several
         self.failed_log: Optional[FailedLog] = None  # gather_failures(): the driver's session
+        self._failed_segments: dict[str, int] = {}  # run -> its next failed segment, across gatherings
 
     # -- identity -------------------------------------------------------
 
@@ -410,7 +414,10 @@ class Ledger:
 
     def gather_failures(self, run: str, seconds: float = FAILED_FLUSH_SECONDS) -> None:
         """From now on, failed records are gathered and stored as segments (:class:`FailedLog`)."""
-        self.failed_log = FailedLog(self.store, run, seconds, FAILED_FLUSH_RECORDS)
+        # A session gathers again for each round of batches (after rows failed verification): its
+        # segments are numbered on, never stored twice under one name.
+        self.failed_log = FailedLog(self.store, run, seconds, FAILED_FLUSH_RECORDS,
+                                    first=self._failed_segments.get(run, 0))
 
     def flush_failures(self, due_only: bool = False) -> None:
         """Store the gathered failed records (``due_only``: only once the oldest is old enough)."""
@@ -421,7 +428,10 @@ class Ledger:
         """Store what is gathered; failed records are written one by one again."""
         gathered, self.failed_log = self.failed_log, None
         if gathered is not None:
-            gathered.flush()
+            try:
+                gathered.flush()
+            finally:
+                self._failed_segments[gathered.run] = gathered.next
 
     def void(self, record: DoneRecord, why: str) -> None:
         """Mark a done record invalid (its part failed verification): the batch runs again."""

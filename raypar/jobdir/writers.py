@@ -225,11 +225,11 @@ class FailedLog:
     history (status, reports) is short of them.
     """
 
-    def __init__(self, store: Store, run: str, seconds: float, limit: int):
+    def __init__(self, store: Store, run: str, seconds: float, limit: int, first: int = 0):
         self.store, self.run, self.seconds, self.limit = store, run, seconds, limit
         self.lines: list[bytes] = []
         self.oldest: Optional[float] = None
-        self.next = 0  # the number of the next segment
+        self.next = first  # the number of the next segment
         self.stored = 0  # records stored so far
         self.lock = threading.Lock()
 
