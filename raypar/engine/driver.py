@@ -416,16 +416,23 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
             except CorruptPartsError as exc:
                 for record in exc.records:
                     ledger.void(record, "output part does not match its checksum")
-                    if record.run == run:
-                        voided[record.batch] = max(voided.get(record.batch, 0), record.attempt)
-                    else:  # done in an earlier session: runs again with this session's attempt numbers
-                        voided.setdefault(record.batch, 0)
                 echo(f"raypar: {len(exc.records)} output part(s) failed verification; running those batches again")
-                view = ledger.view(manifest, lean=True, failed=False)  # as the first round's: what to run
+                view = ledger.view(manifest, lean=True)
+                voided.update(_last_attempts(view, run, exc.records))
         return "output parts keep failing verification (storage corrupting data?)", "", view
     finally:
         if live is not None:  # no output this session: its temporary file goes
             live.abandon()
+
+
+def _last_attempts(view, run: str, records) -> dict[str, int]:
+    """The highest try number each batch of ``records`` had in this session, done or failed: its
+    rerun takes the next one, as a (run, try) names one record (a void marker voids that one)."""
+    last = {}
+    for record in records:
+        tries = [r.attempt for r in view.failed.get(record.batch, []) if r.run == run]
+        last[record.batch] = max([record.attempt if record.run == run else 0, *tries])
+    return last
 
 
 def _live_assembly(ledger, session, target, before, planned: bool) -> Optional[LiveAssembly]:
