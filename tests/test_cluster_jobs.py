@@ -435,28 +435,13 @@ def test_a_part_that_fails_verification_at_assembly_runs_its_batch_again_and_the
     runs that batch alone again, under the next attempt number (the same one named the voided record,
     so the rerun's rows were voided too and left out of an output called succeeded), and the output
     holds every row once. A batch that failed for good is not tried again in that round."""
-    from raypar.engine import driver
-
     files = texts(10, bad={6})
     log = tmp_path / "exec"
     log.mkdir()
     spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--exec-log {log}",
                                          "raypar.assemble_while_running": False})
     job = str(tmp_path / "job")
-    calls = []
-    assemble = driver.assemble
-
-    def corrupting_assemble(ledger, view, *args, **kwargs):
-        calls.append(sorted(view.done))
-        if len(calls) == 1:  # the bytes of batch 2's rows change on disk after they were stored
-            record = view.done["mb-0000002"]
-            path = Path(ledger.store.path("parts", record.part))
-            data = bytearray(path.read_bytes())
-            data[record.part_offset] ^= 0x20
-            path.write_bytes(bytes(data))
-        return assemble(ledger, view, *args, **kwargs)
-
-    monkeypatch.setattr(driver, "assemble", corrupting_assemble)
+    calls = corrupt_batch_2_at_assembly(monkeypatch, rounds=1)
 
     outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
 
@@ -473,3 +458,53 @@ def test_a_part_that_fails_verification_at_assembly_runs_its_batch_again_and_the
     assert os.listdir(Path(job) / "void") == [f"mb-0000002~{run}~1.json"]
     assert (view.done["mb-0000002"].run, view.done["mb-0000002"].attempt) == (run, 2)
     assert [r.attempt for r in view.failed["mb-0000003"]] == [1, 2]  # no second record under either key
+
+
+def corrupt_batch_2_at_assembly(monkeypatch, rounds: int) -> list:
+    """For the first ``rounds`` assemblies, the bytes of batch 2's rows change on disk after they
+    were stored; returns the done batches each assembly was given."""
+    from raypar.engine import driver
+
+    calls = []
+    assemble = driver.assemble
+
+    def corrupting_assemble(ledger, view, *args, **kwargs):
+        calls.append(sorted(view.done))
+        if len(calls) <= rounds:
+            record = view.done["mb-0000002"]
+            path = Path(ledger.store.path("parts", record.part))
+            data = bytearray(path.read_bytes())
+            data[record.part_offset] ^= 0x20
+            path.write_bytes(bytes(data))
+        return assemble(ledger, view, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "assemble", corrupting_assemble)
+    return calls
+
+
+def test_rows_that_keep_failing_verification_fail_the_job_which_resumes_to_the_exact_output(
+        ray_cluster, tmp_path, monkeypatch):
+    files = texts(10)
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--exec-log {log}",
+                                         "raypar.assemble_while_running": False})
+    job = str(tmp_path / "job")
+    calls = corrupt_batch_2_at_assembly(monkeypatch, rounds=99)
+
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+
+    assert outcome.state is JobState.FAILED
+    assert outcome.reason == "output parts keep failing verification (storage corrupting data?)"
+    assert len(calls) == 3 and not (tmp_path / "out" / "parallel_run_step.txt").exists()
+    assert executions(log).count(("f004.txt", "f005.txt")) == 3 and len(executions(log)) == 7  # 2 reruns
+    assert len(os.listdir(Path(job) / "void")) == 3  # each round's try of batch 2, voided
+    for p in log.iterdir():
+        p.unlink()
+    monkeypatch.undo()  # the storage is sound again
+
+    resumed = raypar.resume(job, echo=quiet).wait()
+
+    assert (resumed.state, resumed.completed) == (JobState.SUCCEEDED, 5)
+    assert executions(log) == [("f004.txt", "f005.txt")]  # the one batch whose rows were voided
+    assert output_lines(tmp_path) == expected_rows(files)
