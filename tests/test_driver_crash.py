@@ -298,6 +298,39 @@ def test_driver_killed_while_compacting_failed_records_leaves_them_readable_and_
     assert errors.count("=== mb-0000002 run ") == 2  # the first session's two failed tries, still reported
 
 
+def test_a_resume_of_an_unfinished_plan_writes_its_output_while_its_batches_run(ray_cluster, tmp_path, monkeypatch):
+    """The first session dies while the input is still listed: the resume plans while it runs, and
+    writes the output as its batches are stored (it wrote it after the last one before)."""
+    from conftest import quiet
+
+    import raypar
+    from raypar.outputs import live as live_assembly
+
+    made = []
+    init = live_assembly.LiveAssembly.__init__
+    monkeypatch.setattr(live_assembly.LiveAssembly, "__init__",
+                        lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    files, log, spec_path = job_files(tmp_path, live=True)
+    job = str(tmp_path / "job")
+    crashed = run_cli(["run", str(spec_path), "--job-dir", job], crash_point="listing", cluster=ray_cluster)
+    assert crashed.returncode == 9, crashed.stderr
+    before = len(executed(log))
+    assert before >= 1
+    for p in log.iterdir():
+        p.unlink()
+
+    outcome = raypar.resume(job, echo=quiet).wait()
+
+    assert (outcome.state.value, outcome.completed) == ("succeeded", 5)
+    assert len(executed(log)) == 5 - before  # the batches done before it did not run again
+    [resumed] = made
+    assert resumed.resumed is not None and resumed.gave_up is None and resumed.paused is None
+    assert resumed.written_while_running == resumed.written == 5
+    output = tmp_path / "out" / "parallel_run_step.txt"
+    assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    assert os.listdir(output.parent) == [output.name]
+
+
 def test_resume_of_an_unfinished_plan_refuses_an_input_that_changed(ray_cluster, tmp_path, capsys):
     files, log, spec_path = job_files(tmp_path)
     job = str(tmp_path / "job")

@@ -384,7 +384,7 @@ def _run_and_assemble(ledger, session, run, manifest, feed, address, echo, inter
                 echo(f"raypar: {len(pending)} of {total} mini-batch(es) to run" if feed is None
                      else "raypar: planning mini-batches while running them")
                 before = view if view is not None else ledger.view(feed.prefix, lean=True, failed=False)
-                live = _live_assembly(ledger, session, target, before, planned=feed is None)
+                live = _live_assembly(ledger, session, target, before)
                 reason, detail = _execute(ledger, session, run, before, pending, address, echo, interrupt, feed,
                                           live, attempts_before=voided)
                 if feed is not None:
@@ -435,12 +435,13 @@ def _last_attempts(view, run: str, records) -> dict[str, int]:
     return last
 
 
-def _live_assembly(ledger, session, target, before, planned: bool) -> Optional[LiveAssembly]:
+def _live_assembly(ledger, session, target, before) -> Optional[LiveAssembly]:
     """A LiveAssembly for the session, or None. A resume's (batches done before it) reads where their
-    rows are itself, in the output order its manifest gives; only once the manifest is whole
-    (``planned``)."""
+    rows are itself, in the output order its manifest gives. A resume whose first session never
+    finished planning starts from the chunks it wrote (``before.manifest``): only their batches
+    can be done, in ordinal order (a revision needs a whole plan)."""
     spec = session.spec
-    if not target or not spec.raypar.assemble_while_running or (len(before.done) and not planned):
+    if not target or not spec.raypar.assemble_while_running:
         return None
     order = getattr(before.manifest, "output_order", None)
     return LiveAssembly(ledger, target, spec.raypar.append_row_format, options_for(target, session.storage),
