@@ -78,7 +78,7 @@ class Compacted:
 
     def _pieces(self, store, needed: np.ndarray) -> tuple[pa.Array, np.ndarray]:
         """The tracebacks of the pieces ``needed`` (read concurrently), one after the other, and
-        where each piece's start in them."""
+        where each piece starts in them."""
         entries = [self.pieces[int(i)] for i in needed]
         paths = [store.path(FOLDER, e["file"]) for e in entries]
         data = store.read_many(paths)
