@@ -436,12 +436,7 @@ def test_a_part_that_fails_verification_at_assembly_runs_its_batch_again_and_the
     so the rerun's rows were voided too and left out of an output called succeeded), and the output
     holds every row once. A batch that failed for good is not tried again in that round."""
     files = texts(10, bad={6})
-    log = tmp_path / "exec"
-    log.mkdir()
-    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--exec-log {log}",
-                                         "raypar.assemble_while_running": False})
-    job = str(tmp_path / "job")
-    calls = corrupt_batch_2_at_assembly(monkeypatch, rounds=1)
+    log, spec, job, calls = job_with_batch_2_corrupted_at_assembly(tmp_path, monkeypatch, files, rounds=1)
 
     outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
 
@@ -460,10 +455,16 @@ def test_a_part_that_fails_verification_at_assembly_runs_its_batch_again_and_the
     assert [r.attempt for r in view.failed["mb-0000003"]] == [1, 2]  # no second record under either key
 
 
-def corrupt_batch_2_at_assembly(monkeypatch, rounds: int) -> list:
-    """For the first ``rounds`` assemblies, the bytes of batch 2's rows change on disk after they
-    were stored; returns the done batches each assembly was given."""
+def job_with_batch_2_corrupted_at_assembly(tmp_path, monkeypatch, files, rounds: int) -> tuple:
+    """A job over ``files`` whose output is written after the last batch; for its first ``rounds``
+    assemblies, the bytes of batch 2's rows change on disk after they were stored. Returns the exec
+    log, the spec, the job dir, and the done batches each assembly is given (as it runs)."""
     from raypar.engine import driver
+
+    log = tmp_path / "exec"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--exec-log {log}",
+                                         "raypar.assemble_while_running": False})
 
     calls = []
     assemble = driver.assemble
@@ -479,18 +480,13 @@ def corrupt_batch_2_at_assembly(monkeypatch, rounds: int) -> list:
         return assemble(ledger, view, *args, **kwargs)
 
     monkeypatch.setattr(driver, "assemble", corrupting_assemble)
-    return calls
+    return log, spec, str(tmp_path / "job"), calls
 
 
 def test_rows_that_keep_failing_verification_fail_the_job_which_resumes_to_the_exact_output(
         ray_cluster, tmp_path, monkeypatch):
     files = texts(10)
-    log = tmp_path / "exec"
-    log.mkdir()
-    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--exec-log {log}",
-                                         "raypar.assemble_while_running": False})
-    job = str(tmp_path / "job")
-    calls = corrupt_batch_2_at_assembly(monkeypatch, rounds=99)
+    log, spec, job, calls = job_with_batch_2_corrupted_at_assembly(tmp_path, monkeypatch, files, rounds=99)
 
     outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
 
