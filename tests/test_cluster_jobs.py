@@ -504,3 +504,28 @@ def test_rows_that_keep_failing_verification_fail_the_job_which_resumes_to_the_e
     assert (resumed.state, resumed.completed) == (JobState.SUCCEEDED, 5)
     assert executions(log) == [("f004.txt", "f005.txt")]  # the one batch whose rows were voided
     assert output_lines(tmp_path) == expected_rows(files)
+
+
+def test_a_session_compacts_its_failed_records_while_it_runs(ray_cluster, tmp_path, monkeypatch):
+    """Every COMPACT_EVERY failed records stored, not only at the end: a driver killed later leaves
+    at most that many for `raypar status` to read one by one."""
+    import raypar.jobdir.ledger as ledger_module
+    from raypar.engine import upkeep
+
+    monkeypatch.setattr(upkeep, "COMPACT_EVERY", 2)
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 1)  # each failed try stored at once
+    states = []
+    compact_failures = Ledger.compact_failures
+    monkeypatch.setattr(Ledger, "compact_failures", lambda self, run, **kw: states.append(
+        self.read_state()["state"]) or compact_failures(self, run, **kw))
+    files = texts(12, bad={3, 8})
+    spec = make_spec(tmp_path, files)
+    job = str(tmp_path / "job")
+
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+
+    assert (outcome.state, outcome.completed, outcome.failed) == (JobState.SUCCEEDED, 4, 2)
+    assert "running" in states and states[-1] == "succeeded"  # during the session, and at its end
+    index = [p for p in Ledger(job).store.list_files("failed-compact") if p.endswith(".idx")]
+    assert json.loads(Path(index[0]).read_text())["rows"] == 4  # both tries of both bad batches
+    assert [e["batch"] for e in job_status(job)["errors"]] == ["mb-0000001", "mb-0000004"]
