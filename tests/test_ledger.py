@@ -1194,6 +1194,28 @@ def test_a_damaged_failed_compaction_is_passed_over_for_the_records(tmp_path, mo
     assert "reading the failed records themselves" not in caplog.text
 
 
+def test_a_piece_damaged_in_place_is_compacted_again_once_a_view_of_the_session_found_it(tmp_path, monkeypatch, caplog):
+    """Bit rot keeps a file's size, which is all the next compaction's listing shows; the session's
+    own views read every piece and tell it."""
+    ledger = flaky_ledger(tmp_path, monkeypatch)
+    ledger.compact_failures("r2")
+    piece = next(p for p in (tmp_path / "job" / "failed-compact").iterdir() if ".errors-" in p.name)
+    data = bytearray(piece.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size
+    piece.write_bytes(bytes(data))
+    assert ledger.compact_failures("r3") is False  # nothing new, and nothing seen wrong
+
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path))  # (from the records)
+    ledger.view()  # as the session's end reads
+    assert "missing or corrupted; reading the failed records themselves" in caplog.text
+
+    assert ledger.compact_failures("r3") is True
+    assert not piece.exists()
+    caplog.clear()
+    assert failed_views(ledger) == failed_views(without_compaction(ledger, tmp_path / "again"))
+    assert "reading the failed records themselves" not in caplog.text
+
+
 def test_a_failed_compaction_that_stopped_before_its_index_counts_for_nothing_and_is_removed_by_the_next(
         tmp_path, monkeypatch):
     ledger = flaky_ledger(tmp_path, monkeypatch)

@@ -180,6 +180,7 @@ class Ledger:
         self._snapshot = threading.local()  # see _listed: per thread, as the driver reads from several
         self.failed_log: Optional[FailedLog] = None  # gather_failures(): the driver's session
         self._failed_segments: dict[str, int] = {}  # run -> its next failed segment, across gatherings
+        self._failed_compact_damaged = False  # a view found a piece damaged: the next compaction starts afresh
 
     # -- identity -------------------------------------------------------
 
@@ -735,6 +736,7 @@ class Ledger:
                 tables.insert(0, latest.records(self.store, shown if some else None))
             except LedgerError as exc:
                 log.warning("%s; reading the failed records themselves", exc)
+                self._failed_compact_damaged = True
                 return self._failed_records(errors_of, done, retired, compacted=False, errors_for=errors_for)
         if some and tables:  # those of batches shown for a while, then passed by lower ones
             tables = [_errors_of(table, shown) for table in tables if table.num_rows]
@@ -746,9 +748,11 @@ class Ledger:
 
         Past MAX_COMPACT_FILES column files they are merged into one; the pieces of tracebacks are
         never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
-        missing, cut or damaged is started again from the records (a view passes it over meanwhile).
+        missing, cut or damaged is started again from the records (a view passes it over meanwhile):
+        seen in the listing, or by a view of this ledger (a driver's session reads every piece).
         """
         folder = failed_compact.FOLDER
+        afresh, self._failed_compact_damaged = afresh or self._failed_compact_damaged, False
         with self._listed(folder, "failed"):
             listed = self._file_sizes(folder)
             before = None if afresh else failed_compact.latest(self.store, self.url, listed, load=False)
