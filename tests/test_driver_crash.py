@@ -257,17 +257,12 @@ def test_driver_killed_with_failed_tries_not_yet_stored_resumes_to_the_same_outp
     assert output.read_text().splitlines() == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
 
 
-@pytest.mark.parametrize("store", ["local", "azurite"])
 def test_driver_killed_while_compacting_failed_records_leaves_them_readable_and_resumes_exactly(
-        ray_cluster, tmp_path, capsys, request, monkeypatch, store):
+        ray_cluster, tmp_path, capsys):
     """Killed after the failed records' columns and tracebacks were stored, before the index that
     makes them count: status still shows every failure from the records, and the resume runs only the
     failed batch, compacts again and removes what the killed driver left."""
-    files, log, fixed, job, output = job_with_a_bad_batch(tmp_path)
-    if store == "azurite":
-        azurite = request.getfixturevalue("azurite")
-        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
-        job = f"az://{azurite.new_container()}/jobs/j1"
+    files, log, fixed, job, output = job_with_a_bad_batch(tmp_path)  # (on Azurite: test_storage_contract.py)
 
     def compacted() -> list[str]:
         return [p.rsplit("/", 1)[-1] for p in Ledger(job).store.list_files("failed-compact")]
