@@ -105,11 +105,9 @@ def latest(store, url: str, sizes: dict[str, int], load: bool = True) -> Optiona
         files, pieces, covers = index["files"], index["errors"], index["covers"]
         if not load:
             return Compacted(COLUMNS.empty_table(), files, pieces, covers, url)
-        paths = [store.path(FOLDER, f["file"]) for f in files]
-        data = store.read_many(paths)
-        if all(p in data and hashlib.sha256(data[p]).hexdigest() == f["file_sha256"]
-               for p, f in zip(paths, files, strict=True)):
-            tables = [pa.ipc.open_file(pa.BufferReader(data.pop(p))).read_all() for p in paths]
+        data = store.read_verified(FOLDER, files)
+        if data is not None:
+            tables = [pa.ipc.open_file(pa.BufferReader(d)).read_all() for d in data]
             table = pa.concat_tables(tables).unify_dictionaries() if tables else COLUMNS.empty_table()
             return Compacted(table, files, pieces, covers, url)
     return None

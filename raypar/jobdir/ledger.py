@@ -119,7 +119,9 @@ class LedgerView:
         if retired is not None and len(retired):
             todo[retired] = False
         if among is not None:
-            todo &= np.isin(np.arange(len(todo)), among)
+            wanted = np.zeros(len(todo), dtype=bool)
+            wanted[among[among < len(todo)]] = True
+            todo &= wanted
         ordinals = np.flatnonzero(todo)
         if isinstance(self.manifest, Manifest):
             return self.manifest.queue(ordinals)  # reads the chunks of pending batches only
@@ -662,11 +664,9 @@ class Ledger:
                                             "rows": index.get("rows")}]  # an index of one file (before deltas)
             if not load:
                 return empty_table(), index["covers"], files
-            paths = [self.store.path("compact", f["file"]) for f in files]
-            data = self.store.read_many(paths)  # concurrently on object stores
-            if all(p in data and hashlib.sha256(data[p]).hexdigest() == f["file_sha256"]
-                   for p, f in zip(paths, files, strict=True)):
-                tables = [from_ipc(data[p]) for p in paths]
+            data = self.store.read_verified("compact", files)
+            if data is not None:
+                tables = [from_ipc(d) for d in data]
                 return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]), index["covers"], files
         return empty_table(), {}, []
 
@@ -778,15 +778,12 @@ class Ledger:
         if covers == covered:  # (a segment's torn last line is read each time, never covered)
             return False
         if len(files) + 1 > MAX_COMPACT_FILES:  # merge the columns; the pieces stay as they are
-            paths = [self.store.path(folder, f["file"]) for f in files]
-            data = self.store.read_many(paths)
-            if not all(p in data and hashlib.sha256(data[p]).hexdigest() == f["file_sha256"]
-                       for p, f in zip(paths, files, strict=True)):
+            data = self.store.read_verified(folder, files)
+            if data is None:
                 return self.compact_failures(run, afresh=True)  # this one's pieces go as superseded
-            tables = [pa.ipc.open_file(pa.BufferReader(data.pop(p))).read_all() for p in paths] + tables
+            tables = [pa.ipc.open_file(pa.BufferReader(d)).read_all() for d in data] + tables
             files = []
-        rows = sum(t.num_rows for t in tables)
-        if rows:
+        if any(t.num_rows for t in tables):
             data, rows = failed_compact.columns_bytes(tables)
             self.store.write_atomic(data, folder, f"{name}.arrow")
             files.append({"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(), "rows": rows,

@@ -22,6 +22,7 @@ propagates, so it can never be mistaken for "this batch is not done".
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,16 @@ class Store:
                 raise value
             out[path] = value
         return out
+
+    def read_verified(self, folder: str, entries: Sequence[Mapping]) -> Optional[list[bytes]]:
+        """The files an index names (``{"file", "file_sha256"}`` each) in ``folder``, read at once;
+        None when one is missing or is not the bytes the index sealed (compact files)."""
+        paths = [self.path(folder, entry["file"]) for entry in entries]
+        data = self.read_many(paths)  # concurrently on object stores
+        if not all(path in data and hashlib.sha256(data[path]).hexdigest() == entry["file_sha256"]
+                   for path, entry in zip(paths, entries, strict=True)):
+            return None
+        return [data.pop(path) for path in paths]
 
     def exists(self, *parts: str) -> bool:
         try:
