@@ -432,6 +432,34 @@ def test_batches_stored_behind_a_straggler_wait_for_it_or_past_max_ahead_the_res
     assert assembly.published == (tmp_path / "out" / "parallel_run_step.txt").stat().st_size
 
 
+def test_a_batch_queued_behind_a_straggler_is_taken_back_and_runs_once_on_an_idle_worker(ray_cluster, tmp_path):
+    """Batch 1 holds until released. The calls queued behind it before it ran long are taken back
+    for the workers that ran out of work: every other batch is done while it still holds, each ran
+    once (one taken back under its next attempt number), and no try was spent."""
+    from conftest import wait_for
+
+    files, step = texts(24), tmp_path / "step"  # 12 batches of 2 files, on 3 workers
+    step.mkdir()
+    others = [f"f{i:03d}.txt" for i in range(0, 24, 2) if i != 2]
+    for name in others:
+        (step / f"go-{name}").write_text("")
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--step {step}"})
+    job = raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet, wait=False)  # the driver in a thread
+    ledger = Ledger(str(tmp_path / "job"))
+    wait_for(lambda: len(ledger.view().done) == 11, "every batch but batch 1 done while batch 1 holds")
+    assert (step / "ran-f002.txt-1").exists() and "mb-0000001" not in ledger.view().done
+    (step / "go-f002.txt").write_text("")
+    outcome = job.wait()
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    assert output_lines(tmp_path) == expected_rows(files)
+    assert sorted(p.name for p in step.glob("ran-*")) == sorted(f"ran-{n}-1" for n in [*others, "f002.txt"])  # once each
+    done = ledger.view().done
+    taken = [batch for batch, record in done.items() if record.attempt == 2]  # its attempt 1 never began
+    assert taken and all(done[b].worker != done["mb-0000001"].worker for b in taken)
+    assert ledger.view().failed == {}
+
+
 def test_a_part_that_fails_verification_at_assembly_runs_its_batch_again_and_the_output_is_exact(
         ray_cluster, tmp_path, monkeypatch):
     """Storage that changed a stored part's bytes: assembly names it, the driver voids its record and

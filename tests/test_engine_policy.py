@@ -19,12 +19,13 @@ def ordinal(batch_json: str) -> int:
 
 
 def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, pending=None, by_slot=False,
-        **spec_keys):
+        withdraw_seconds=0.0, **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
     then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger.
     ``pending``: the batches, when not ``batches`` one-file ones. ``by_slot``: ``behaviour`` gets
-    the worker's slot index instead of its worker id."""
+    the worker's slot index instead of its worker id. ``withdraw_seconds``: how long a request to take
+    calls back takes to reach a worker, and its answer to come back."""
     ledger = Ledger(str(tmp_path / "job"))
     pending = pending or [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
                           for i in range(batches)]
@@ -40,7 +41,8 @@ def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progre
         for part in path:
             target = target.setdefault(part, {})
         target[last] = value
-    cluster = SimulatedCluster(behaviour, start_seconds=1.0, record=True, ledger=ledger if store else None)
+    cluster = SimulatedCluster(behaviour, start_seconds=1.0, record=True, ledger=ledger if store else None,
+                               withdraw_seconds=withdraw_seconds)
     if nodes is not None:
         cluster.with_nodes(*nodes)
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.instance, cluster.now)
@@ -302,6 +304,66 @@ def test_without_speculation_the_job_waits_for_its_straggler(tmp_path):
     assert reason is None and cluster.stats["run_batch"] == 6 and cluster.now > 60.0
 
 
+def straggler_at_the_front(tmp_path, seconds, **keys):
+    """Two workers, ten batches of 1 s but batch 0, which takes ``seconds``: batch 2 is queued behind
+    it at the start, and the other worker runs out of work at 9 s. Returns (scheduler, cluster,
+    ledger, runs): runs maps each batch to its (attempt, slot) of every run."""
+    runs = {}
+
+    def behaviour(batch, attempt, slot):
+        runs.setdefault(ordinal(batch), []).append((attempt, slot))
+        return Outcome(seconds) if ordinal(batch) == 0 else Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=10, by_slot=True, **keys)
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (10, 0)
+    assert ledger.view().failed == {}  # taking a call back spends no try
+    return scheduler, cluster, ledger, runs
+
+
+def test_a_batch_queued_behind_a_straggler_is_taken_back_by_an_idle_worker_and_runs_once(tmp_path):
+    scheduler, cluster, ledger, runs = straggler_at_the_front(tmp_path, 100.0)
+
+    assert [ordinal(b) for b in cluster.withdrawn] == [2]
+    assert runs[2] == [(2, 1)]  # run once, on the idle worker, under the next attempt number
+    assert {b: r for b, r in runs.items() if b != 2} == {b: [(1, 0 if b == 0 else 1)] for b in range(10) if b != 2}
+    two = next(b for b in cluster.run_starts if ordinal(b) == 2)
+    assert cluster.run_starts[two] == pytest.approx(9.0)  # when the idle worker ran out, not after batch 0
+    assert cluster.now == pytest.approx(101.0)  # the straggler's end: nothing waited for it
+
+
+@pytest.mark.parametrize("trip, attempt, slot, taken", [
+    (1.0, 2, 1, True),  # withdrawn at 10 s, answered at 11 s: run on the idle worker then
+    (3.0, 2, 0, True),  # withdrawn at 12 s; its turn at 13 s answers "withdrawn" before the answer (15 s)
+    (5.0, 1, 0, False),  # the request reaches the worker at 14 s: batch 2 began at 13 s, and runs there
+])
+def test_a_call_is_taken_back_only_if_its_worker_withdrew_it_before_it_began(tmp_path, trip, attempt, slot, taken):
+    # Batch 0 runs from 1 s to 13 s; the other worker asks for batch 2 back at 9 s.
+    scheduler, cluster, ledger, runs = straggler_at_the_front(tmp_path, 12.0, withdraw_seconds=trip)
+
+    assert runs[2] == [(attempt, slot)]  # once, whatever the race
+    assert [ordinal(b) for b in cluster.withdrawn] == ([2] if taken else [])
+    assert sorted(runs) == list(range(10)) and all(len(r) == 1 for r in runs.values())
+
+
+def test_groups_queued_behind_a_straggler_are_taken_back_and_each_batch_runs_once(tmp_path):
+    # Batches of 10 ms go several to a call, up to 4 calls a worker; batch 150 takes 30 s.
+    runs = []
+
+    def behaviour(batch, attempt, slot):
+        runs.append((ordinal(batch), slot))
+        return Outcome(30.0) if ordinal(batch) == 150 else Outcome(0.01)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=400, by_slot=True)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (400, 0)
+    assert sorted(b for b, _ in runs) == list(range(400))  # each once
+    taken = [ordinal(b) for b in cluster.withdrawn]
+    assert len(taken) > 1 and cluster.stats["groups"] >= 10
+    straggler = next(slot for b, slot in runs if b == 150)
+    assert all(slot != straggler for b, slot in runs if b in taken)
+    assert ledger.view().failed == {}
+
+
 def test_an_idle_worker_takes_back_calls_queued_behind_a_long_batch(tmp_path):
     # Fast batches let a worker queue up to 4 calls; the long one holds the rest behind it.
     def behaviour(batch, attempt, worker):
@@ -447,7 +509,7 @@ def run_elastic(tmp_path, batches, first, timeline, **spec_keys):
 
 def test_slices_kept_for_a_worker_go_to_instances_that_join_and_come_back_from_one_that_leaves(tmp_path):
     # One row group of 30 slices, all kept for instance 0's worker; instance 1 joins at 5 s and
-    # takes half of what is left; instance 0 leaves at 11 s mid-slice: its slices run on 1.
+    # takes half of what is left; instance 0 leaves at 10 s mid-slice: its slices run on 1.
     calls = []
 
     def behaviour(batch, attempt, instance, now):
@@ -455,26 +517,26 @@ def test_slices_kept_for_a_worker_go_to_instances_that_join_and_come_back_from_o
         return Outcome(2.0)
 
     reason, scheduler, _, ledger = run(tmp_path, behaviour, pending=slices(1, 30), slots=1,
-                                       nodes=([0], [(5.0, "join", 1), (11.0, "leave", 0)]),
+                                       nodes=([0], [(5.0, "join", 1), (10.0, "leave", 0)]),
                                        **{"resources.max_instance_count": 4})
 
     assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (30, 0)
     assert {b for b, *_ in calls} == set(range(30))
-    assert any(i == 1 and when < 11.0 for _, i, when in calls)  # the joined instance got work at once
-    assert all(when < 11.0 for _, i, when in calls if i == 0)
+    assert any(i == 1 and when < 10.0 for _, i, when in calls)  # the joined instance got work at once
+    assert all(when < 10.0 for _, i, when in calls if i == 0)
     assert len(calls) == 31 and scheduler.reserved == 0  # only the slice running as 0 left, twice
 
 
 def test_an_instance_joins_with_its_node_and_one_leaves_with_its_node_and_every_batch_runs_once(tmp_path):
-    # Instance 0 from the start, 1 joins at 5 s, 0 leaves at 11 s (mid-batch): 2 joins at 15 s.
+    # Instance 0 from the start, 1 joins at 5 s, 0 leaves at 10 s (mid-batch): 2 joins at 15 s.
     reason, scheduler, ledger, calls = run_elastic(
-        tmp_path, 20, [0], [(5.0, "join", 1), (11.0, "leave", 0), (15.0, "join", 2)])
+        tmp_path, 20, [0], [(5.0, "join", 1), (10.0, "leave", 0), (15.0, "join", 2)])
 
     assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (20, 0)
     ran = {b for b, *_ in calls}
     assert ran == set(range(20))
     assert {i for _, _, i, _ in calls} == {0, 1, 2}
-    assert all(when < 11.0 for _, _, i, when in calls if i == 0)  # nothing sent to the left instance after
+    assert all(when < 10.0 for _, _, i, when in calls if i == 0)  # nothing sent to the left instance after
     assert all(when >= 5.0 for _, _, i, when in calls if i == 1)
     lost = [b for b in ledger.view().failed]  # the batch instance 0 ran when its node left
     assert len(lost) == 1 and history(ledger, int(lost[0][3:])) == [("system", False)]  # no try spent

@@ -1,6 +1,7 @@
 """Reading mini-batches ahead (raypar/worker/read_ahead.py) with a reader that counts its reads:
 a read ahead is taken once, a failed or late one is read by the batch's call, and reads that no
-call took leave nothing on disk."""
+call took leave nothing on disk. And calls taken back (raypar/worker/withdrawals.py): each is
+withdrawn or begun, never both."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from raypar.inputs.base import MiniBatch
 from raypar.worker.read_ahead import ReadAhead
+from raypar.worker.withdrawals import Withdrawals, call_name
 
 
 def batch(i: int) -> MiniBatch:
@@ -90,3 +92,37 @@ def test_reads_no_call_took_are_bounded_and_leave_no_temp_folder(tmp_path):
     assert len(list(tmp_path.glob("temp-*"))) <= 2
     ahead.close()
     assert list(tmp_path.glob("temp-*")) == []
+
+
+def test_a_read_whose_call_was_taken_back_is_freed_at_once(tmp_path):
+    reader = Reader(tmp_path)
+    ahead = ReadAhead(reader, keep=2)
+    ahead.prefetch(batch(1))
+    ahead.prefetch(batch(2))
+    ahead.drop(batch(1).id)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["temp-2-2"]  # batch 1's folder removed
+    assert ahead.read(batch(2))[0] == ["f2"]
+    assert ahead.read(batch(1))[0] == ["f1"] and reader.reads == [1, 2, 1]  # sent again: read again
+
+
+def test_a_call_is_withdrawn_or_begun_never_both():
+    withdrawals = Withdrawals()
+    assert withdrawals.begin(call_name("mb-0000001", 1))
+    assert withdrawals.withdraw([call_name("mb-0000001", 1), call_name("mb-0000002", 1)]) == ["mb-0000002~1"]
+    assert not withdrawals.begin(call_name("mb-0000002", 1))  # its turn: it does not run
+    assert withdrawals.begin(call_name("mb-0000002", 2))  # the batch sent again, under its next attempt
+    assert withdrawals.withdraw([call_name("mb-0000002", 2)]) == []
+    assert withdrawals.withdrawn == set()
+
+
+def test_begin_and_withdraw_racing_from_two_threads_agree_on_every_call():
+    withdrawals = Withdrawals()
+    names = [call_name(f"mb-{i:07d}", 1) for i in range(2000)]
+    ran, taken = [], []
+    runner = threading.Thread(target=lambda: ran.extend(n for n in names if withdrawals.begin(n)))
+    runner.start()
+    for start in range(0, len(names), 50):
+        taken.extend(withdrawals.withdraw(names[start:start + 50]))
+    runner.join()
+    assert sorted(ran + taken) == sorted(names)  # each either ran or was taken back
+    assert not set(ran) & set(taken)

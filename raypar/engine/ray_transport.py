@@ -34,8 +34,10 @@ from raypar.worker.plan import WorkerPlan
 
 log = logging.getLogger("raypar")
 ASIDE = "aside"  # the actor's concurrency group for calls beside its ordered ones (while one runs)
-STORE = "store"  # a thread of its own for an interrupted driver's last request: never behind a read ahead
-GROUP_OF = {"store_finished": STORE}  # the calls aside that are not hints (ASIDE: the rest)
+# A thread of its own for requests answered at once, never behind a read ahead: an interrupted
+# driver's last one (store what you finished), and taking back queued calls (worker/withdrawals.py).
+STORE = "store"
+GROUP_OF = {"store_finished": STORE, "withdraw": STORE}  # the calls aside that are not hints (ASIDE: the rest)
 
 
 class Placement:
@@ -171,8 +173,8 @@ class Placement:
 @functools.lru_cache(maxsize=1)
 def _worker_actor():
     """The actor class, made once per process: Ray exports (pickles) a class per ray.remote() call."""
-    # Two threads beside the ordered calls: "aside" for hints (reading a batch ahead), "store" for an
-    # interrupted driver's last request (store the finished batches now), idle until then.
+    # Two threads beside the ordered calls: "aside" for hints (reading a batch ahead), "store" for
+    # requests answered at once (store the finished batches now, take back queued calls).
     return ray.remote(concurrency_groups={ASIDE: 1, STORE: 1})(Worker)
 
 

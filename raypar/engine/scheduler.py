@@ -24,6 +24,12 @@ the queue at most), because it decodes the row group once and cuts each
 slice from it, where slices dealt out in turn are decoded by every worker
 that takes one. An idle worker with nothing queued takes half of the largest
 reservation; a lost worker's reservation goes back to the queue.
+
+A call already queued behind a batch that turns out to run long is taken back
+(*withdrawn*) when another worker idles with nothing left to take: the worker
+confirms which queued calls it withdrew before they began (raypar/worker/withdrawals.py),
+and only those go back to the queue, so no batch runs twice and none waits for a
+straggler it was queued behind.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.records import FailedRecord
 from raypar.spec.models import JobSpec
 from raypar.spec.runtime_env import pip_verdict, setup_failure
+from raypar.worker.withdrawals import call_name
 
 log = logging.getLogger("raypar")
 
@@ -62,6 +69,9 @@ STORE_ON_STOP_TIMEOUT = 30.0  # seconds a stopped job waits for workers to store
 # Seconds an interrupted driver (Ctrl-C, SIGTERM) waits for workers to store what they finished: Ray
 # kills a stopped job's driver 3 s after SIGTERM unless RAY_JOB_STOP_WAIT_TIME_S says otherwise.
 STORE_ON_INTERRUPT_TIMEOUT = 2.5
+# A call queued behind a batch that has run this long is taken back for a worker that idles (far
+# longer than the round trip that takes it back; batches of milliseconds are never held up so long).
+WITHDRAW_AFTER = 0.2
 INSTANCE_POLL_SECONDS = 1.0  # elastic jobs: how often the transport is asked which instances joined or left
 
 
@@ -73,6 +83,13 @@ class Call:
     started: Optional[float]  # None while queued behind another call on the actor
     read_ahead: bool = False  # the worker was told to read its batch while the calls before it run
     members: Optional[list["Call"]] = None  # a group: its batches' own calls (ref None), in order
+    withdrawing: bool = False  # the worker was asked to take it back (Scheduler._withdraw)
+
+    @property
+    def name(self) -> str:
+        """How the worker names this call (worker/withdrawals.py): its first batch and that one's attempt."""
+        first = self.members[0] if self.members is not None else self
+        return call_name(first.batch.id, first.attempt)
 
 
 class Unstored:
@@ -205,6 +222,8 @@ class Scheduler:
         self.calls: dict[Any, tuple[Slot, Call]] = {}
         self.starts: dict[Any, Slot] = {}
         self.flushes: dict[Any, Slot] = {}
+        self.withdrawals: dict[Any, tuple[Slot, list[Call]]] = {}  # asked to take back, not answered yet
+        self.next_withdraw: Optional[float] = None  # when a queued call may be taken back (_withdraw)
         self.tries: dict[str, int] = collections.Counter()  # user tries spent this session
         self.system_failures: dict[str, int] = collections.Counter()
         # A batch's attempt numbers go on from ``attempts_before`` (its attempts in an earlier round of
@@ -295,11 +314,11 @@ class Scheduler:
         self._pull_planned()
         self._follow_instances(now)
         self._dispatch(now)
+        self._withdraw(now)
         self._give_back_idle_instances(now)
-        self._steal()
         self._speculate(now)
         self._flush_idle()
-        waiting = collections.ChainMap(self.calls, self.starts, self.flushes)
+        waiting = collections.ChainMap(self.calls, self.starts, self.flushes, self.withdrawals)
         if not waiting and not self.queue and self.feed is not None and not self.feed.exhausted:
             self.feed.wait(0.5)  # the planner is still listing: wake when it releases batches
             return
@@ -323,11 +342,15 @@ class Scheduler:
             elif ref in self.calls:
                 slot, call = self.calls.pop(ref)
                 self._on_answer(slot, call, ref, now)
+            elif ref in self.withdrawals:
+                self._on_withdrawn(*self.withdrawals.pop(ref), ref, now)
         self._enforce_timeouts(now)
         self.on_progress(self.progress)
 
     def _wait_timeout(self, now: float) -> float:
         deadlines = [self._next_deadline()[0]] if self._next_deadline() else []
+        if self.next_withdraw is not None:
+            deadlines.append(self.next_withdraw)
         threshold = self._straggler_threshold()
         if threshold is not None:  # wake when a running batch becomes a straggler
             deadlines += [c.started + threshold for s in self.slots for c in list(s.calls)[:1]
@@ -356,7 +379,7 @@ class Scheduler:
         if not self.transport.elastic or now < self.next_tail_look or not self.spec.raypar.give_back_idle_instances:
             return
         self.next_tail_look = now + INSTANCE_POLL_SECONDS
-        if self.queue or self.reserved or not self.plan_complete:
+        if self.queue or self.reserved or not self.plan_complete or self.withdrawals:  # work for idle workers
             if self.queue and self.wanted is not None:
                 self.wanted = None
                 self.transport.want(None)
@@ -659,22 +682,66 @@ class Scheduler:
             heapq.heappop(self.deadlines)
         return None
 
-    def _steal(self) -> None:
-        """Speculation on, the queue empty and a worker idle while calls wait behind another
-        worker's running batch: take the last waiting call back for it. Ray drops an actor call
-        that has not started, but not always in time: one that starts meanwhile runs twice (its
-        output is still chosen once), so this is part of speculation's trade, never the default."""
-        if not self.spec.raypar.speculation.enabled or self.queue or self.stop_reason is not None:
-            return  # with speculation only: a call Ray did not drop in time runs twice
-        for _ in [s for s in self.slots if s.ready and not s.retired and not s.calls]:
-            donor = max(self.slots, key=lambda s: len(s.calls))
-            if len(donor.calls) < 2:
+    def _withdraw(self, now: float) -> None:
+        """Workers idle with nothing to take while calls wait behind batches that have run
+        WITHDRAW_AFTER or more: ask those workers to take back their last queued calls, one for
+        each idle worker. Only the calls a worker confirms it withdrew before they began go back
+        to the queue (_on_withdrawn); the others run where they are."""
+        self.next_withdraw = None
+        if self.queue or self.reserved or self.stop_reason is not None:
+            return
+        wanted = sum(s.ready and not s.retired and not s.calls for s in self.slots) - \
+            sum(len(calls) for _, calls in self.withdrawals.values())
+        if wanted <= 0:
+            return
+        donors = []
+        for slot in self.slots:
+            head = slot.calls[0] if len(slot.calls) > 1 else None
+            if head is None or head.started is None or not (waiting := [c for c in list(slot.calls)[1:]
+                                                                      if not c.withdrawing]):
+                continue
+            if head.started + WITHDRAW_AFTER > now:  # look again then
+                self.next_withdraw = min(self.next_withdraw or float("inf"), head.started + WITHDRAW_AFTER)
+                continue
+            donors.append((head.started, slot.index, slot, waiting))
+        for _, _, slot, waiting in sorted(donors, key=lambda d: d[:2]):  # behind the longest-running first
+            taken = waiting[-wanted:]  # the last queued: those before them would begin sooner
+            ref = self.transport.call_aside(slot.actor, "withdraw", [c.name for c in taken])
+            if ref is None:
+                return  # a transport without calls aside: nothing can be taken back
+            for call in taken:
+                call.withdrawing = True
+            self.withdrawals[ref] = (slot, taken)
+            wanted -= len(taken)
+            if wanted <= 0:
                 return
-            call = donor.calls.pop()
-            self.transport.cancel(call.ref)
-            self.calls.pop(call.ref, None)
-            self.queue.extend(_batches(call))
-        self._dispatch(self.clock())
+
+    def _on_withdrawn(self, slot: Slot, calls: list[Call], ref, now: float) -> None:
+        """The worker answered which of ``calls`` it withdrew: their batches go back to the queue."""
+        try:
+            withdrawn = set(self.transport.get(ref)["withdrawn"])
+        except (WorkerLost, WorkerRaised, SetupFailed):  # the worker is gone: its calls end with it
+            withdrawn = set()
+        for call in calls:
+            call.withdrawing = False
+            if call.name in withdrawn:
+                self._take_back(slot, call, now)
+
+    def _take_back(self, slot: Slot, call: Call, now: float) -> None:
+        """``call`` was withdrawn before it began: no try spent, its batches go to the front of the
+        queue. (Its own answer, ``{"withdrawn": True}``, may come first or never: either is this.)"""
+        if call not in slot.calls:
+            return  # handed back already: its worker was lost or replaced
+        slot.calls.remove(call)
+        self.calls.pop(call.ref, None)
+        if slot.calls and slot.calls[0].started is None:  # it was the head: the next call runs now
+            slot.calls[0].started = now
+            self._deadline(slot, slot.calls[0])
+        self.dirty.add(slot)
+        self.queue.extendleft(reversed(_batches(call)))
+        self.queue_was_empty = True  # every idle worker may take them
+        log.info("%s: %d queued mini-batch(es) taken back for an idle worker (%s runs long)", slot.label,
+                 len(_batches(call)), slot.calls[0].batch.id if slot.calls else "the batch before")
 
     # -- speculation --------------------------------------------------------
 
@@ -682,7 +749,7 @@ class Scheduler:
         """Nothing left to dispatch and a worker idles: give the slowest running batches (past
         ``multiple`` times the median, and ``min_seconds``) a second attempt on the idle workers."""
         threshold = self._straggler_threshold()
-        if threshold is None:
+        if threshold is None or self.withdrawals:  # batches taken back for idle workers come first
             return
         idle = [s for s in self.slots if s.ready and not s.retired and not s.calls]
         median = statistics.median(self.recent)
@@ -882,6 +949,9 @@ class Scheduler:
         self._handle(slot, call, answer, now)
 
     def _handle(self, slot: Slot, call: Call, answer: dict, now: float) -> None:
+        if answer.get("withdrawn"):  # its turn came after the worker withdrew it
+            self._take_back(slot, call, now)
+            return
         self.calls.pop(call.ref, None)
         self._pop_call(slot, call, now)
         if call.members is None:
@@ -1156,6 +1226,8 @@ class Scheduler:
             if slot.flush_ref is not None:
                 self.flushes.pop(slot.flush_ref, None)
                 slot.flush_ref = None
+            for ref in [r for r, (s, _) in self.withdrawals.items() if s is slot]:  # they end with it
+                del self.withdrawals[ref]
             self.transport.kill(slot.actor)
             slot.actor, slot.ready = None, False
 
@@ -1165,6 +1237,7 @@ class Scheduler:
         self.calls.clear()
         self.starts.clear()
         self.flushes.clear()
+        self.withdrawals.clear()
 
 
 def _idles(slot: Slot) -> bool:

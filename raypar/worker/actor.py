@@ -40,6 +40,7 @@ from raypar.worker.azure_env import EntryEnvironment
 from raypar.worker.plan import WorkerPlan
 from raypar.worker.read_ahead import ReadAhead
 from raypar.worker.staging import stage_outputs
+from raypar.worker.withdrawals import Withdrawals, call_name
 
 log = logging.getLogger("raypar")
 
@@ -92,6 +93,7 @@ class Worker:
         self.context_as: Optional[str] = None  # how run() takes mini_batch_context (_context_argument)
         self.reader: Optional[BatchReader] = None  # made once the entry script has loaded
         self.ahead: Optional[ReadAhead] = None  # batches read while run() works (raypar.prefetch)
+        self.withdrawals = Withdrawals()  # queued calls the driver took back (withdrawals.py)
         self.staged: list = []  # remote output folders written locally (staging.py)
         self.log = None  # this worker's log stream, once its output is captured
         self.name = f"instance{instance}-slot{slot}"
@@ -217,6 +219,11 @@ class Worker:
     def run_batch(self, batch_json: str, attempt: int) -> dict:
         """Run one mini-batch; on success its part and done record are durable before returning."""
         batch = MiniBatch.from_json(batch_json)
+        if not self.withdrawals.begin(call_name(batch.id, attempt)):
+            return {"withdrawn": True}
+        return self._run_batch(batch, attempt)
+
+    def _run_batch(self, batch: MiniBatch, attempt: int) -> dict:
         started = time.time()
         base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name,
                 "started": started}
@@ -267,9 +274,12 @@ class Worker:
         Ray round trips): each runs and is recorded as by run_batch, and answers as its own. The
         group stops after a batch raypar could not store, or at raypar's own error."""
         parts: list[dict] = []
-        for batch_json, attempt in items:
+        batches = [(MiniBatch.from_json(batch_json), attempt) for batch_json, attempt in items]
+        if not self.withdrawals.begin(call_name(batches[0][0].id, batches[0][1])):
+            return {"withdrawn": True}
+        for batch, attempt in batches:
             try:
-                part = self.run_batch(batch_json, attempt)
+                part = self._run_batch(batch, attempt)
             except Exception as exc:  # noqa: BLE001 - raypar's own error: the driver replaces this worker
                 return {"parts": parts, "raised": describe_error(exc, self.plan.storage)}
             parts.append(part)
@@ -282,6 +292,16 @@ class Worker:
         "aside" thread, beside the ordered calls (raypar/worker/read_ahead.py)."""
         if self.ahead is not None:  # not before init() succeeded
             self.ahead.prefetch(MiniBatch.from_json(batch_json))
+
+    def withdraw(self, names: list[str]) -> dict:
+        """Take back queued calls that have not begun (raypar/worker/withdrawals.py): called on the
+        actor's "store" thread, so a read ahead never holds it up. What was read ahead for them is
+        dropped."""
+        withdrawn = self.withdrawals.withdraw(names)
+        if self.ahead is not None:
+            for name in withdrawn:
+                self.ahead.drop(name.rsplit("~", 1)[0])
+        return {"withdrawn": withdrawn}
 
     def flush(self) -> dict:
         """Store the buffered done records, and the log so far (the driver asks an idle worker,

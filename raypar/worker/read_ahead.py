@@ -8,8 +8,8 @@ came after its call began, is read by its call as if there were no read ahead,
 so a read error is reported as the batch's own, with the same tries.
 
 Memory is bounded: the driver hints at most ``raypar.prefetch`` batches per
-worker, and this keeps at most ``keep`` reads (a read whose call was taken back
-by the driver is dropped by the newer ones).
+worker, and this keeps at most ``keep`` reads (a read whose call the driver took
+back is dropped then, or by the newer ones while it was still reading).
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ class ReadAhead:
             if entry.result is not None:
                 return entry.result
         return self.reader.read(batch)
+
+    def drop(self, batch_id: str) -> None:
+        """The driver took ``batch_id``'s call back: free what was read for it. (A read still in
+        progress is left to the bound: its files exist only once it ends.)"""
+        with self.lock:
+            entry = self.reads.get(batch_id)
+            if entry is _TAKEN or entry is None or not entry.done.is_set():
+                return
+            del self.reads[batch_id]
+        if entry.result is not None:
+            cleanup(entry.result[2])
 
     def close(self) -> None:
         """The worker stops: remove what reads that no call took left on disk."""
