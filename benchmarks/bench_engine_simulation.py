@@ -21,6 +21,10 @@ of this machine, <= 1 GiB, at 1,000 workers.
     python benchmarks/bench_engine_simulation.py --workers 1000 --batches 100000 --elastic   # the tail's give-back
     python benchmarks/bench_engine_simulation.py --workers 100 1000 --batches 100000 --broken   # a script failing all
     python benchmarks/bench_engine_simulation.py --workers 2 100 1000 --batches 124000 --slices 124   # row groups' slices
+    python benchmarks/bench_engine_simulation.py --workers 10 100 1000 --batches 20000 --take-back   # the tail
+
+With --take-back each job runs twice, calls queued behind a long batch taken back for idle
+workers (raypar.engine.scheduler.WITHDRAW_AFTER) and not, the job's simulated length side by side.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ root, batches, workers, seconds, lost, seed = sys.argv[1], *map(int, sys.argv[2:
 churn, elastic, give_back = int(sys.argv[7]), sys.argv[8] == "1", sys.argv[9] == "1"
 broken, before_success = sys.argv[10] == "1", int(sys.argv[11])
 slices, reserve = int(sys.argv[12]), sys.argv[13] == "1"
+sigma = float(sys.argv[15])
+if sys.argv[14] == "0":  # calls queued behind a long batch wait for it, as before they were taken back
+    import raypar.engine.scheduler
+    raypar.engine.scheduler.WITHDRAW_AFTER = float("inf")
 if not reserve:  # the dispatch before row groups' slices were kept for one worker
     import raypar.engine.scheduler
     raypar.engine.scheduler.RESERVE_MAX = 0
@@ -84,7 +92,7 @@ ORDINAL = '"ordinal":'
 decoded = set()  # (row group, worker): each pair decodes that row group once
 
 def behaviour(batch_json, attempt, worker):
-    duration = rng.lognormvariate(0, 0.5) * seconds
+    duration = rng.lognormvariate(0, sigma) * seconds
     draw = rng.random()
     at = batch_json.index(ORDINAL) + len(ORDINAL)
     ordinal = int(batch_json[at:batch_json.index(",", at)])
@@ -132,17 +140,19 @@ print(json.dumps({"workers": len(scheduler.slots), "left": sum(s.left for s in s
                   "decisions": 2 * calls, "done": progress.done, "failed": progress.failed,
                   "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built,
                   "instance_hours": instance_hours, "given_back": len(cluster.given_back), "decoded": len(decoded),
+                  "taken_back": len(cluster.withdrawn),
                   "worker_hours": sum(cluster.now - held_from[i] for i in placed) * per_instance / 3600}))
 """
 
 
 def simulate(args, workers: int, elastic: bool, give_back: bool, before_success: int = 10,
-             reserve: bool = True) -> dict | None:
+             reserve: bool = True, take_back: bool = True) -> dict | None:
     """One simulated job in a fresh interpreter: its figures, or None (its error printed)."""
     with tempfile.TemporaryDirectory(prefix="raypar-sim-") as root:
         out = subprocess.run([sys.executable, "-c", ONE, root, str(args.batches), str(workers), str(args.seconds),
                               str(args.lost), str(args.seed), str(args.churn), str(int(elastic)), str(int(give_back)),
-                              str(int(args.broken)), str(before_success), str(args.slices), str(int(reserve))],
+                              str(int(args.broken)), str(before_success), str(args.slices), str(int(reserve)),
+                              str(int(take_back)), str(args.sigma)],
                              capture_output=True, text=True)
     if out.returncode:
         print(out.stderr, file=sys.stderr)
@@ -155,6 +165,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--sigma", type=float, default=0.5,
+                        help="the spread of batch durations: log-normal around --seconds with this sigma")
     parser.add_argument("--lost", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--churn", type=int, default=0, help="elastic: instances that leave, and as many that join")
@@ -167,7 +179,12 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=0,
                         help="the batches are slices of parquet row groups cut into this many: run with the slices "
                              "of a row group kept for one worker and dealt out in turn, row groups decoded side by side")
+    parser.add_argument("--take-back", action="store_true",
+                        help="run each job with calls queued behind a long batch taken back for idle workers and "
+                             "without, the jobs' simulated lengths side by side")
     args = parser.parse_args()
+    if args.take_back:
+        return taken_back(args)
     if args.broken:
         return broken_script(args)
     if args.slices:
@@ -217,6 +234,26 @@ def sliced_row_groups(args) -> int:
                   f"{r['decoded']:,} times ({r['decoded'] / groups:.2f} each), the job {r['simulated_hours']:.2f} "
                   f"simulated hours; scheduler CPU {1e6 * r['cpu'] / r['batches']:.0f} us per batch, "
                   f"{r['decisions'] / r['cpu']:,.0f} decisions/s; peak memory {r['rss_mib']:.0f} MiB", flush=True)
+    print_load()
+    return 0
+
+
+def taken_back(args) -> int:
+    """The tail: calls queued behind a long batch taken back for workers that ran out of work, or
+    left to wait for it; the job's simulated length each way."""
+    for workers in args.workers:
+        length = {}
+        for take_back in (False, True):
+            r = simulate(args, workers, False, True, take_back=take_back)
+            if r is None:
+                return 1
+            length[take_back] = r["simulated_hours"] * 3600
+            print(f"{workers:>5} workers, {args.batches:,} batches ({args.batches / workers:,.0f} a worker), calls "
+                  f"{'taken back' if take_back else 'left to wait'}: the job {length[take_back]:,.0f} simulated s, "
+                  f"{r['taken_back']:,} batches taken back; scheduler CPU {1e6 * r['cpu'] / r['batches']:.0f} us per "
+                  f"batch", flush=True)
+        print(f"      taken back: the job {length[False] - length[True]:,.0f} s shorter "
+              f"({1 - length[True] / length[False]:.1%})", flush=True)
     print_load()
     return 0
 
