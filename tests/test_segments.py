@@ -22,7 +22,9 @@ from raypar.jobdir.state import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
-# Logs "<pid> <file>" per run() call; run() of HOLD_FILE writes GATE/holding-<pid> and waits for GATE/release.
+# Logs "<pid> <file>" per run() call. The first run() given HOLD_FILE or a later file by a worker that
+# ran a batch before (so it holds finished batches) writes GATE/holding-<pid> (holding the file's name)
+# and waits for GATE/release.
 ENTRY = textwrap.dedent("""
     import os, sys, time
 
@@ -34,8 +36,16 @@ ENTRY = textwrap.dedent("""
         names = [os.path.basename(p) for p in mini_batch]
         with open(os.path.join(log, f"{os.getpid()}-{names[0]}-{time.monotonic_ns()}"), "w") as f:
             f.write(f"{os.getpid()} {' '.join(names)}")
-        if hold in names and not os.path.exists(os.path.join(gate, "release")):
-            open(os.path.join(gate, f"holding-{os.getpid()}"), "w").close()
+        ran_before = any(p.startswith(f"{os.getpid()}-") and not p.startswith(f"{os.getpid()}-{names[0]}-")
+                         for p in os.listdir(log))
+        if names[0] >= hold and ran_before and not os.path.exists(os.path.join(gate, "release")):
+            try:  # one holder
+                os.close(os.open(os.path.join(gate, "held"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return [f"{n} {open(p).read().upper()}" for n, p in zip(names, mini_batch)]
+            with open(os.path.join(gate, f"holding-{os.getpid()}.tmp"), "w") as f:
+                f.write(names[0])
+            os.replace(os.path.join(gate, f"holding-{os.getpid()}.tmp"), os.path.join(gate, f"holding-{os.getpid()}"))
             while not os.path.exists(os.path.join(gate, "release")):
                 time.sleep(0.05)
         return [f"{n} {open(p).read().upper()}" for n, p in zip(names, mini_batch)]
@@ -81,9 +91,10 @@ def test_a_lost_worker_s_unstored_batches_run_again_and_nothing_runs_twice(ray_c
     victim = {}
 
     def kill_the_holder():
-        wait_for(lambda: list(gate.glob("holding-*")), "f09's batch to be held")
-        victim["pid"] = int(next(gate.glob("holding-*")).name.split("-")[1])
-        victim["finished"] = {f for pid, f in runs(log) if int(pid) == victim["pid"] and f != "f09.txt"}
+        wait_for(lambda: list(gate.glob("holding-[0-9]*[0-9]")), "a batch from f09 on to be held")
+        holding = next(gate.glob("holding-[0-9]*[0-9]"))
+        victim["pid"], victim["held"] = int(holding.name.split("-")[1]), holding.read_text()
+        victim["finished"] = {f for pid, f in runs(log) if int(pid) == victim["pid"] and f != victim["held"]}
         os.kill(victim["pid"], signal.SIGKILL)
         (gate / "release").touch()
 
@@ -97,7 +108,7 @@ def test_a_lost_worker_s_unstored_batches_run_again_and_nothing_runs_twice(ray_c
     count = {name: sum(1 for _, f in runs(log) if f == name) for name in files}
     # What the killed worker had finished was never stored: it ran again; everything else ran once.
     assert victim["finished"], "the killed worker had finished batches"
-    assert {n for n, c in count.items() if c == 2} == victim["finished"] | {"f09.txt"}
+    assert {n for n, c in count.items() if c == 2} == victim["finished"] | {victim["held"]}
     assert all(c in (1, 2) for c in count.values())
     segments = [p for p in fs.ls(f"{container}/jobs/lost-worker/parts") if p.endswith(".seg")]
     assert len(segments) <= 4  # one per flush, not one per batch (16 batches)
@@ -127,7 +138,7 @@ def test_a_driver_killed_with_unstored_batches_resumes_to_the_exact_output(ray_c
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     spawned = []
     try:
-        wait_for(lambda: list(gate.glob("holding-*")), "f07's batch to be held")
+        wait_for(lambda: list(gate.glob("holding-[0-9]*[0-9]")), "f07's batch to be held")
         spawned = psutil.Process(proc.pid).children(recursive=True)
         proc.kill()  # SIGKILL: the driver stores nothing more
         proc.wait(timeout=30)
@@ -183,7 +194,7 @@ def test_azurite_frozen_while_workers_store_segments_ends_with_every_row_once(ra
     seen = {}
 
     def freeze_then_thaw():
-        wait_for(lambda: list(gate.glob("holding-*")), "f20's batch to be held")
+        wait_for(lambda: list(gate.glob("holding-[0-9]*[0-9]")), "f20's batch to be held")
         os.kill(azurite.pid, signal.SIGSTOP)  # every request now waits: PUTs, listings, the lease
         try:
             (gate / "release").touch()

@@ -502,6 +502,8 @@ def test_ledger_done_records_and_the_resume_rule(backend):
 
 
 def test_a_worker_stores_its_done_batches_in_one_segment_per_flush(backend):
+    from conftest import wait_for
+
     ledger = backend.ledger()
     ledger.write_manifest(make_batches(8))
     writer = ledger.done_writer("r1~w1", {"flush_batches": 3, "flush_bytes": 1 << 30, "flush_seconds": 3600})
@@ -512,8 +514,8 @@ def test_a_worker_stores_its_done_batches_in_one_segment_per_flush(backend):
     assert (writer.written, writer.durable) == (2, 2 if local else 0)
     assert ledger.recent_done("r1~w1", 0) == ({bid(2), bid(5)} if local else set())
     before = writer.position
-    written.update([done(writer, 7)])  # the third: flush_batches reached
-    assert writer.durable == 3
+    written.update([done(writer, 7)])  # the third: flush_batches reached (stored by the clock's thread)
+    wait_for(lambda: writer.durable == 3, "the full segment to be stored")
     view = ledger.view()
     assert sorted(view.done) == [bid(2), bid(5), bid(7)]
     for record, rows in written.items():
@@ -576,6 +578,42 @@ def test_a_segment_the_clock_is_storing_does_not_hold_up_the_next_batches(azurit
         assert ledger.read_rows(view.done[record.batch]) == rows
 
 
+def test_a_full_segment_is_stored_beside_the_next_batches_and_the_next_full_one_waits_for_it(azurite):
+    # Azure Blob frozen (SIGSTOP): the write that fills a segment returns while the clock's thread
+    # stores it (before, the worker stored it itself, and its next run() waited for the PUT); the
+    # write that fills a second waits for the first, so no more than two are held.
+    from conftest import wait_for
+
+    ledger = azure_ledger(azurite)
+    ledger.write_manifest(make_batches(4))
+    writer = ledger.done_writer("r1~w1", {"flush_batches": 2, "flush_bytes": 1 << 30, "flush_seconds": 3600})
+    written = {}
+    os.kill(azurite.pid, signal.SIGSTOP)
+    try:
+        first = threading.Thread(target=lambda: written.update(done(writer, o) for o in (0, 1)))
+        first.start()
+        first.join(timeout=10)
+        assert not first.is_alive()  # the segment is full, its PUT stuck, and the writes returned
+        wait_for(lambda: writer.cut is not None, "the clock's thread to store the first segment")
+        second = threading.Thread(target=lambda: written.update(done(writer, o) for o in (2, 3)))
+        second.start()
+        second.join(timeout=0.5)
+        assert second.is_alive()  # it filled the second: it waits for the first to be stored
+        assert (writer.written, writer.durable) == (4, 0)
+    finally:
+        os.kill(azurite.pid, signal.SIGCONT)
+    second.join(timeout=30)
+    assert not second.is_alive()
+    writer.flush()
+
+    assert (writer.durable, writer.position) == (4, 2)
+    assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg", "r1~w1~000001.seg"]
+    view = Ledger(ledger.url, {"connection_string": azurite.connection_string}).view()
+    assert sorted(view.done) == [bid(o) for o in range(4)]
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
+
+
 def test_a_segment_whose_put_failed_is_stored_again_under_its_name(azurite):
     # The container is gone when the first flush runs: that PUT fails, the next flush stores the
     # same segment under the same name (its records name it), then what came after it.
@@ -588,14 +626,17 @@ def test_a_segment_whose_put_failed_is_stored_again_under_its_name(azurite):
     manifest = {p: fs.cat_file(p) for p in fs.find(container)}
     fs.rm(container, recursive=True)
     from azure.core.exceptions import ResourceNotFoundError
+    from conftest import wait_for
 
-    with pytest.raises(ResourceNotFoundError):
-        done(writer, 1)  # the second: flush_batches reached, stored now, and that fails
+    written.update([done(writer, 1)])  # the second: flush_batches reached, the clock's thread stores it
+    wait_for(lambda: writer.failure is not None, "the segment's PUT to fail")
     assert (writer.written, writer.durable) == (2, 0)
     fs.mkdir(container)
     fs.pipe(manifest)
     written.update([done(writer, 2)])  # into the next segment: the failed one is not reopened
-    writer.flush()
+    with pytest.raises(ResourceNotFoundError):
+        writer.flush()  # the failure, raised to the next caller that stores
+    writer.flush()  # the failed segment under its own name, then the next
 
     assert (writer.durable, writer.position) == (3, 2)
     assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg", "r1~w1~000001.seg"]

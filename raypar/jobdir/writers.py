@@ -93,10 +93,13 @@ class ObjectSegmentWriter(DoneWriter):
     ``flush_seconds`` old (a thread watches the clock, so a long-running batch does not hold
     the records of the ones before it), and whenever the driver asks (an idle worker, a stop).
 
-    The clock's flush cuts the buffer and stores it while the worker goes on writing into a fresh
-    one: a PUT of megabytes of rows never holds up run(). Segments are stored one at a time, in
-    the order cut (``storing``); a cut whose PUT failed is kept and stored first next time, under
-    the same name, so the records that name it stay right.
+    The clock's thread cuts the buffer and stores it while the worker goes on writing into a fresh
+    one: a PUT of megabytes of rows never holds up run(). A buffer that fills is handed to that
+    thread too (woken at once); the worker waits only when it fills another while the one before
+    is still being stored, so memory stays near twice ``flush_bytes``. (Without a clock,
+    ``flush_seconds`` 0, every batch is stored as it is written, by the worker.) Segments are
+    stored one at a time, in the order cut (``storing``); a cut whose PUT failed is kept and stored
+    first next time, under the same name, so the records that name it stay right.
     """
 
     def __init__(self, store: Store, writer: str, limits: dict):
@@ -108,6 +111,8 @@ class ObjectSegmentWriter(DoneWriter):
         self.next = 0  # the number of the segment the buffered records go to
         self.cut: Optional[tuple[int, bytes, int]] = None  # (number, bytes, records) cut, not yet stored
         self.lock = threading.Lock()  # the buffer and the counts
+        self.stored = threading.Condition(self.lock)  # notified when a cut is stored, or its PUT failed
+        self.wake = threading.Event()  # a full buffer for the clock's thread to store now
         self.storing = threading.Lock()  # taken before ``lock``, never after: one PUT at a time, in order
         self.failure: Optional[BaseException] = None  # of a flush by the clock thread: raised to the caller
         self.clock: Optional[threading.Thread] = None
@@ -132,13 +137,29 @@ class ObjectSegmentWriter(DoneWriter):
             self.written += 1
             if self.oldest is None:
                 self.oldest = time.monotonic()
-            # Full: stored now, by this thread (it waits for a segment the clock is storing). Old:
-            # the clock's to store, unless there is no clock (flush_seconds 0: every batch at once).
-            due = self._full() or (self._old() and not self._clocked())
-        if due:
+            # Full: handed to the clock's thread. Old: the clock's to store. Without a clock
+            # (flush_seconds 0: every batch at once) this thread stores it.
+            full, due = self._full(), self._full() or self._old()
+        if due and not self._clocked():
             self._store_buffered()
         self._start_clock()
+        if full and self._clocked():
+            self._hand_over()
         return record
+
+    def _hand_over(self) -> None:
+        """A full buffer: the clock's thread stores it while run() goes on. This thread waits only
+        while the segment cut before it is still being stored (one in flight, one filling), and
+        raises that one's failure."""
+        with self.lock:
+            while self.cut is not None and self.failure is None:
+                self.stored.wait()
+            if self.failure is None:
+                if self.records:  # cut here, so a segment holds at most flush_batches (a flush may have taken them)
+                    self._cut()
+                self.wake.set()
+                return
+        self._store_buffered()  # raises the failure: the caller reports its batch not stored
 
     def _full(self) -> bool:
         return bool(self.records) and (len(self.records) >= self.limits["flush_batches"]
@@ -165,10 +186,7 @@ class ObjectSegmentWriter(DoneWriter):
             while True:
                 with self.lock:
                     if self.cut is None and self.records:
-                        data = encode_segment(b"".join(self.rows), self.records)
-                        self.cut = (self.next, data, len(self.records))
-                        self.next += 1
-                        self.rows, self.records, self.size, self.oldest = [], [], 0, None
+                        self._cut()
                     cut = self.cut
                 if cut is None:
                     return
@@ -177,8 +195,15 @@ class ObjectSegmentWriter(DoneWriter):
                 with self.lock:
                     self.durable += count
                     self.cut = None
+                    self.stored.notify_all()
                 if not drain:
                     return
+
+    def _cut(self) -> None:
+        """Under ``lock``: what is buffered becomes the next segment, to be stored."""
+        self.cut = (self.next, encode_segment(b"".join(self.rows), self.records), len(self.records))
+        self.next += 1
+        self.rows, self.records, self.size, self.oldest = [], [], 0, None
 
     @staticmethod
     def records_after(store: Store, writer: str, position: int) -> list[bytes]:
@@ -201,15 +226,17 @@ class ObjectSegmentWriter(DoneWriter):
     def _tick(self) -> None:
         period = self.limits["flush_seconds"] / 2
         while True:
-            time.sleep(period)
-            with self.lock:
-                due = self.failure is None and (self._old() or self._full())
+            self.wake.wait(period)  # a full buffer wakes it at once
+            self.wake.clear()
+            with self.lock:  # a cut handed over (or one whose PUT failed, stored again) comes first
+                due = self.failure is None and (self.cut is not None or self._old() or self._full())
             if due:
                 try:
                     self._store_buffered(drain=False)
                 except BaseException as exc:  # noqa: BLE001 - the next write or flush raises it
                     with self.lock:
                         self.failure = exc
+                        self.stored.notify_all()
 
 
 class FailedLog:
