@@ -105,6 +105,20 @@ def test_a_read_whose_call_was_taken_back_is_freed_at_once(tmp_path):
     assert ahead.read(batch(1))[0] == ["f1"] and reader.reads == [1, 2, 1]  # sent again: read again
 
 
+def test_a_read_still_in_progress_when_its_call_is_taken_back_frees_what_it_read_as_it_ends(tmp_path):
+    reader = Reader(tmp_path)
+    ahead = ReadAhead(reader, keep=2)
+    reader.gate.clear()
+    aside = threading.Thread(target=ahead.prefetch, args=(batch(1),))
+    aside.start()
+    assert reader.started.wait(timeout=30)  # the aside thread is reading batch 1
+    ahead.drop(batch(1).id)
+    reader.gate.set()
+    aside.join()
+    assert reader.reads == [1] and list(tmp_path.iterdir()) == []  # read, then its folder removed
+    assert ahead.read(batch(1))[0] == ["f1"] and reader.reads == [1, 1]  # sent again: read again
+
+
 def test_a_call_is_withdrawn_or_begun_never_both():
     withdrawals = Withdrawals()
     assert withdrawals.begin(call_name("mb-0000001", 1))

@@ -9,7 +9,7 @@ so a read error is reported as the batch's own, with the same tries.
 
 Memory is bounded: the driver hints at most ``raypar.prefetch`` batches per
 worker, and this keeps at most ``keep`` reads (a read whose call the driver took
-back is dropped then, or by the newer ones while it was still reading).
+back is freed then, or as it ends if it was still reading).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class _Read:
     def __init__(self):
         self.done = threading.Event()
         self.result: Optional[tuple] = None  # what BatchReader.read gives; None: the call reads it
+        self.dropped = False  # its call was taken back while it read: it frees what it read itself
 
 
 class ReadAhead:
@@ -50,7 +51,11 @@ class ReadAhead:
         except BaseException:  # noqa: BLE001 - the call reads it again and reports the error as the batch's
             entry.result = None
         finally:
-            entry.done.set()
+            with self.lock:  # with drop(): a read ends either before it is dropped or knowing it was
+                entry.done.set()
+                dropped = entry.dropped
+            if dropped and entry.result is not None:
+                cleanup(entry.result[2])
 
     def read(self, batch: MiniBatch) -> tuple[Any, Any, Optional[str]]:
         """What ``BatchReader.read`` gives for ``batch``: read ahead, else read now."""
@@ -65,13 +70,16 @@ class ReadAhead:
         return self.reader.read(batch)
 
     def drop(self, batch_id: str) -> None:
-        """The driver took ``batch_id``'s call back: free what was read for it. (A read still in
-        progress is left to the bound: its files exist only once it ends.)"""
+        """The driver took ``batch_id``'s call back: free what was read for it (a read still in
+        progress frees it when it ends)."""
         with self.lock:
             entry = self.reads.get(batch_id)
-            if entry is _TAKEN or entry is None or not entry.done.is_set():
+            if entry is _TAKEN or entry is None:
                 return
             del self.reads[batch_id]
+            if not entry.done.is_set():
+                entry.dropped = True
+                return
         if entry.result is not None:
             cleanup(entry.result[2])
 
