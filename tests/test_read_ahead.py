@@ -47,13 +47,19 @@ def test_a_batch_read_ahead_is_not_read_again(tmp_path):
     assert reader.reads == [1]
 
 
-def test_the_call_waits_for_a_read_ahead_still_running(tmp_path):
+def reading_batch_1(tmp_path, keep):
+    """(reader, read ahead, its aside thread) with the aside thread reading batch 1, held by the gate."""
     reader = Reader(tmp_path)
-    ahead = ReadAhead(reader, keep=1)
+    ahead = ReadAhead(reader, keep=keep)
     reader.gate.clear()
     aside = threading.Thread(target=ahead.prefetch, args=(batch(1),))
     aside.start()
-    assert reader.started.wait(timeout=30)  # the aside thread is reading batch 1
+    assert reader.started.wait(timeout=30)
+    return reader, ahead, aside
+
+
+def test_the_call_waits_for_a_read_ahead_still_running(tmp_path):
+    reader, ahead, aside = reading_batch_1(tmp_path, keep=1)
     got = []
     call = threading.Thread(target=lambda: got.append(ahead.read(batch(1))))
     call.start()
@@ -106,12 +112,7 @@ def test_a_read_whose_call_was_taken_back_is_freed_at_once(tmp_path):
 
 
 def test_a_read_still_in_progress_when_its_call_is_taken_back_frees_what_it_read_as_it_ends(tmp_path):
-    reader = Reader(tmp_path)
-    ahead = ReadAhead(reader, keep=2)
-    reader.gate.clear()
-    aside = threading.Thread(target=ahead.prefetch, args=(batch(1),))
-    aside.start()
-    assert reader.started.wait(timeout=30)  # the aside thread is reading batch 1
+    reader, ahead, aside = reading_batch_1(tmp_path, keep=2)
     ahead.drop(batch(1).id)
     reader.gate.set()
     aside.join()
