@@ -5,9 +5,9 @@ raypar's exclusive create on GCS (the lease, write-once records) is gcsfs's uplo
 gcsfs raises FileExistsError. The emulator ignores preconditions (every upload succeeds), so a
 lease race would have two winners there and the contract tests could not tell a raypar bug
 from an emulator gap. This launcher adds that precondition to the emulator's upload handler,
-atomically (the emulator serves requests on several threads), and nothing else: the request
-must still carry ``ifGenerationMatch=0`` for an upload to be refused, so the tests check that
-gcsfs sends it.
+as one check-and-write under a lock (whatever the server's threading), and nothing else: the
+request must still carry ``ifGenerationMatch=0`` for an upload to be refused, so the tests
+check that gcsfs sends it.
 
 It also cancels a resumable upload session on ``DELETE`` of its URI, answering 499 as GCS does
 (the emulator answers 501, which gcsfs retries for half a minute): raypar cancels the upload of
