@@ -239,7 +239,7 @@ class SimulatedCluster(Transport):
             self._begin(worker, call, max(end, call.made))
 
     def _store(self, worker: int, batch_json: str, attempt: int) -> None:
-        """The worker's done record of a batch, in the ledger (stored as the call is made: fine for
+        """The worker's done record of a batch, in the ledger (stored as the call begins: fine for
         what tests ask, which batches a lost worker had stored)."""
         w = self.workers[worker]
         if self.ledger is None or w.dies_at is not None:

@@ -139,7 +139,8 @@ class ObjectSegmentWriter(DoneWriter):
                 self.oldest = time.monotonic()
             # Full: handed to the clock's thread. Old: the clock's to store. Without a clock
             # (flush_seconds 0: every batch at once) this thread stores it.
-            full, due = self._full(), self._full() or self._old()
+            full = self._full()
+            due = full or self._old()
         if due and not self._clocked():
             self._store_buffered()
         self._start_clock()

@@ -40,7 +40,7 @@ from raypar.worker.azure_env import EntryEnvironment
 from raypar.worker.plan import WorkerPlan
 from raypar.worker.read_ahead import ReadAhead
 from raypar.worker.staging import stage_outputs
-from raypar.worker.withdrawals import Withdrawals, call_name
+from raypar.worker.withdrawals import Withdrawals, batch_of, call_name
 
 log = logging.getLogger("raypar")
 
@@ -300,7 +300,7 @@ class Worker:
         withdrawn = self.withdrawals.withdraw(names)
         if self.ahead is not None:
             for name in withdrawn:
-                self.ahead.drop(name.rsplit("~", 1)[0])
+                self.ahead.drop(batch_of(name))
         return {"withdrawn": withdrawn}
 
     def flush(self) -> dict:

@@ -27,6 +27,11 @@ def call_name(batch_id: str, attempt: int) -> str:
     return f"{batch_id}~{attempt}"
 
 
+def batch_of(name: str) -> str:
+    """The batch a call name names (its first, for a group)."""
+    return name.rsplit("~", 1)[0]
+
+
 class Withdrawals:
     def __init__(self):
         self.lock = threading.Lock()
