@@ -115,7 +115,7 @@ def test_load_job_on_empty_dir(tmp_path):
     ('{"format": 1, "spec"', "corrupted"),
     ('{"format": 1}', "corrupted"),
     ('{"format": 99, "spec": {}, "raypar_version": "9.0"}', r"unsupported format 99 \(written by raypar 9.0; "
-                                                             r"this raypar .* reads formats 1, 2\)"),
+                                                             r"this raypar .* reads formats 1, 2, 3\)"),
     pytest.param("[]", "corrupted"),
 ])
 def test_load_job_corrupted(tmp_path, content, message):  # (and a newer format, refused in one line)

@@ -110,8 +110,8 @@ def test_a_lost_worker_s_unstored_batches_run_again_and_nothing_runs_twice(ray_c
     assert victim["finished"], "the killed worker had finished batches"
     assert {n for n, c in count.items() if c == 2} == victim["finished"] | {victim["held"]}
     assert all(c in (1, 2) for c in count.values())
-    segments = [p for p in fs.ls(f"{container}/jobs/lost-worker/parts") if p.endswith(".seg")]
-    assert len(segments) <= 4  # one per flush, not one per batch (16 batches)
+    segments = [p for p in fs.find(f"{container}/jobs/lost-worker/parts") if p.endswith(".seg")]
+    assert 1 <= len(segments) <= 4  # one per flush, not one per batch (16 batches)
     assert not fs.exists(f"{container}/jobs/lost-worker/done")  # no per-batch record objects
 
 
@@ -216,3 +216,78 @@ def test_azurite_frozen_while_workers_store_segments_ends_with_every_row_once(ra
     assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     assert sorted(f for _, f in runs(log)) == sorted(files)  # nobody was lost: nothing ran twice
     assert len(Ledger(job).view().done) == 40
+
+
+# Logs "<pid> <file>" per run() call; a file whose name ends in 7 fails until FLAG exists.
+FLAKY = textwrap.dedent("""
+    import os, sys, time
+
+    def init():
+        global log, flag
+        log, flag = sys.argv[1:3]
+
+    def run(mini_batch):
+        name = os.path.basename(mini_batch[0])
+        with open(os.path.join(log, f"{os.getpid()}-{name}-{time.monotonic_ns()}"), "w") as f:
+            f.write(f"{os.getpid()} {name}")
+        if name.endswith("7.txt") and not os.path.exists(flag):
+            raise ValueError(f"{name} is not ready")
+        return [f"{name} {open(mini_batch[0]).read().upper()}"]
+""")
+
+
+def listed_folders(job):
+    """A fresh view of ``job``, and the folders of parts/ its listings listed (by name there)."""
+    ledger = Ledger(job)
+    seen, entries = [], ledger.store.entries
+    root = ledger.store.path("parts")
+
+    def recording(folder):
+        if folder.startswith(root):
+            seen.append(folder[len(root):].lstrip("/"))
+        return entries(folder)
+
+    ledger.store.entries = recording
+    return ledger.view(lean=True), sorted(seen)
+
+
+def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_closed_folder(ray_cluster, blob, tmp_path,
+                                                                                          capsys):
+    # Every batch a segment of its own (as batches slower than flush_seconds leave them): one worker
+    # stores 108 of them, 100 to a folder. The session's end closes its folders: later views (status,
+    # the resume) list the top of parts/ only, and the resume runs exactly the failed batches.
+    container, fs = blob
+    files = {f"f{i:03d}.txt": f"v{i}" for i in range(120)}
+    log, flag = tmp_path / "exec", tmp_path / "ready"
+    log.mkdir()
+    spec = make_spec(tmp_path, files, mini_batch_size="1", **{
+        "task.program_arguments": f"{log} {flag}", "task.entry_script": "flaky_entry.py",
+        "retry_settings.max_retries": 0, "raypar.ledger": {"flush_batches": 1},
+        "resources.instance_count": 1, "max_concurrency_per_instance": 1})
+    (tmp_path / "code" / "flaky_entry.py").write_text(FLAKY)
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(spec))
+    job = f"az://{container}/jobs/one-batch-segments"
+    failing = sorted(n for n in files if n.endswith("7.txt"))
+
+    outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
+
+    assert (outcome.state, outcome.completed, outcome.failed) == (JobState.SUCCEEDED, 108, 12), outcome.reason
+    segments = sorted(p.split("/parts/", 1)[1] for p in fs.find(f"{container}/jobs/one-batch-segments/parts"))
+    folders = sorted({s.split("/")[0] for s in segments})
+    assert len(segments) == 108 and all(s.endswith(".seg") and s.count("/") == 1 for s in segments)
+    assert len(folders) == 2 and [s.split("/")[0] for s in segments].count(folders[0]) == 100
+    view, listed = listed_folders(job)
+    assert (len(view.done), listed) == (108, [""])  # both folders closed at the session's end
+    status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
+    assert (status["completed"], status["failed"]) == (108, 12)
+    for p in log.iterdir():
+        p.unlink()
+    flag.touch()
+
+    resumed = cli("resume", job, "--address", ray_cluster.address)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(f for _, f in runs(log)) == failing  # exactly the failed batches, once each
+    assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    view, listed = listed_folders(job)
+    assert (len(view.done), listed) == (120, [""])

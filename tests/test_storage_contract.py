@@ -23,6 +23,8 @@ import pytest
 from raypar import held_upload
 from raypar.errors import LeaseHeldError, LedgerError, UsageError
 from raypar.inputs.base import MiniBatch
+from raypar.jobdir import layout, writers
+from raypar.jobdir.layout import segment_name
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.records import DoneRecord, FailedRecord
 from raypar.jobdir.store import Store, open_store
@@ -155,10 +157,11 @@ def test_listings_of_several_folders_at_once(backend):
     store.write_atomic(b"bb", "parts", "b.seg")
     store.write_atomic(b"ccc", "parts", "sub", "c.seg")  # a sub-folder's file is not a file of parts/
 
-    assert store.listings(["done", "parts", "void"]) == {
-        "done": {store.path("done", "a.json"): 1},
-        "parts": {store.path("parts", "b.seg"): 2},
-        "void": {},  # absent: empty, as file_sizes says
+    assert store.listings(["done", "parts", "void", "parts/sub"]) == {
+        "done": ({store.path("done", "a.json"): 1}, []),
+        "parts": ({store.path("parts", "b.seg"): 2}, [store.path("parts", "sub")]),  # its folder, named
+        "void": ({}, []),  # absent: empty, as file_sizes says
+        "parts/sub": ({store.path("parts", "sub", "c.seg"): 3}, []),
     }
     assert store.listings([]) == {}
 
@@ -501,6 +504,16 @@ def test_ledger_done_records_and_the_resume_rule(backend):
     assert bid(2) in ledger.view().done and bid(3) not in ledger.view().done
 
 
+def stored_segments(ledger) -> list[str]:
+    """The segments under parts/, at any depth, by their names there."""
+    root = ledger.store.path("parts")
+    return sorted(p[len(root) + 1:] for p in ledger.store.fs.find(root) if p.endswith(".seg"))
+
+
+def seg(number: int, writer: str = "r1~w1") -> str:
+    return segment_name(writer, number)
+
+
 def test_a_worker_stores_its_done_batches_in_one_segment_per_flush(backend):
     from conftest import wait_for
 
@@ -523,13 +536,13 @@ def test_a_worker_stores_its_done_batches_in_one_segment_per_flush(backend):
     assert ledger.recent_done("r1~w1", before) == ({bid(7)} if local else {bid(2), bid(5), bid(7)})
     assert ledger.recent_done("r1~w1", writer.position) == set()
     if not local:  # one object for the three batches: rows, records and trailer
-        assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg"]
+        assert stored_segments(ledger) == [seg(0)]
         done(writer, 0)
         writer.flush()
         assert ledger.recent_done("r1~w1", before + 1) == {bid(0)}
     # A segment cut short (a foreign or damaged object) never counts; the others still do.
     if not local:
-        path = ledger.store.path("parts", "r1~w1~000001.seg")
+        path = ledger.store.path("parts", seg(1))
         ledger.store.put(path, ledger.store.read_range(path)[:-5])
         assert sorted(backend.ledger(own_client=True).view().done) == [bid(2), bid(5), bid(7)]
 
@@ -571,7 +584,7 @@ def test_a_segment_the_clock_is_storing_does_not_hold_up_the_next_batches(azurit
     writer.flush()  # the stuck segment first, then the four written meanwhile
 
     assert (writer.durable, writer.position) == (5, 2)
-    assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg", "r1~w1~000001.seg"]
+    assert stored_segments(ledger) == [seg(0), seg(1)]
     view = Ledger(ledger.url, {"connection_string": azurite.connection_string}).view()
     assert sorted(view.done) == [bid(o) for o in range(5)]
     for record, rows in written.items():
@@ -607,7 +620,7 @@ def test_a_full_segment_is_stored_beside_the_next_batches_and_the_next_full_one_
     writer.flush()
 
     assert (writer.durable, writer.position) == (4, 2)
-    assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg", "r1~w1~000001.seg"]
+    assert stored_segments(ledger) == [seg(0), seg(1)]
     view = Ledger(ledger.url, {"connection_string": azurite.connection_string}).view()
     assert sorted(view.done) == [bid(o) for o in range(4)]
     for record, rows in written.items():
@@ -639,11 +652,132 @@ def test_a_segment_whose_put_failed_is_stored_again_under_its_name(azurite):
     writer.flush()  # the failed segment under its own name, then the next
 
     assert (writer.durable, writer.position) == (3, 2)
-    assert [os.path.basename(p) for p in ledger.store.list_files("parts")] == ["r1~w1~000000.seg", "r1~w1~000001.seg"]
+    assert stored_segments(ledger) == [seg(0), seg(1)]
     view = Ledger(ledger.url, {"connection_string": azurite.connection_string}).view()
     assert sorted(view.done) == [bid(0), bid(1), bid(2)]
     for record, rows in written.items():
         assert ledger.read_rows(view.done[record.batch]) == rows
+
+
+OBJECT_STORES = ["azure", "s3", "gcs"]
+
+
+def listed_folders(ledger, monkeypatch) -> list[str]:
+    """Records the folders of parts/ each listing of ``ledger``'s store lists (by name there)."""
+    store, seen = ledger.store, []
+    entries = store.entries
+
+    def recording(folder):
+        root = store.path("parts")
+        if folder.startswith(root):
+            seen.append(folder[len(root):].lstrip("/"))
+        return entries(folder)
+
+    monkeypatch.setattr(store, "entries", recording)
+    return seen
+
+
+def one_per_segment(ledger, writer: str):
+    return ledger.done_writer(writer, {"flush_batches": 1, "flush_bytes": 1 << 30, "flush_seconds": 0})
+
+
+@pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
+def test_a_view_lists_only_the_segment_folders_no_compaction_closed(backend, monkeypatch):
+    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(10))
+    writer = one_per_segment(ledger, "r1~w1")
+    written = dict(done(writer, o) for o in range(7))  # segments 0-6: folders f0-f2 full, f3 begun
+    assert stored_segments(ledger) == [seg(n) for n in range(7)]
+    assert [seg(n).split("/")[0] for n in (0, 2, 4, 6)] == [f"r1~w1~f0000{f}" for f in range(4)]
+
+    seen = listed_folders(ledger, monkeypatch)
+    assert sorted(ledger.view().done) == [bid(o) for o in range(7)]
+    assert sorted(seen) == ["", "r1~w1~f00000", "r1~w1~f00001", "r1~w1~f00002", "r1~w1~f00003"]
+
+    # A compaction of that session closes the folders below the writer's last: they are whole.
+    assert ledger.compact("r1")
+    seen.clear()
+    view = ledger.view()
+    assert sorted(view.done) == [bid(o) for o in range(7)]
+    assert sorted(seen) == ["", "r1~w1~f00003"]
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
+
+    # A session after it closes the last folder of that session's writers too; its own are open.
+    written.update([done(one_per_segment(ledger, "r2~w1"), 7, run="r2")])
+    assert ledger.compact("r2")
+    seen.clear()
+    views = [ledger.view()]
+    assert sorted(seen) == ["", "r2~w1~f00000"]
+    for view in [*views, backend.ledger(own_client=True).view()]:
+        assert sorted(view.done) == [bid(o) for o in range(8)]
+        assert [b.id for b in view.pending()] == [bid(8), bid(9)]
+        for record, rows in written.items():
+            assert ledger.read_rows(view.done[record.batch]) == rows
+    index = json.loads(ledger.store.read_bytes("compact", sorted(
+        os.path.basename(p) for p in ledger.store.list_files("compact") if p.endswith(".idx"))[-1]).split(b"\n")[0])
+    assert index["closed"] == {"r1~w1": 4}
+    assert not [name for name in index["covers"] if name.startswith("r1~w1")]  # a closed folder's names are not kept
+
+
+@pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
+def test_a_segment_stored_into_a_closed_folder_is_never_read_and_its_batch_runs_again(backend, monkeypatch):
+    # Only a writer of a session that already lost the job dir could store one: like a segment
+    # lost in a crash, its batch counts as not done, and the one record it gets later is the output's.
+    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(4))
+    late = one_per_segment(ledger, "r1~w1")
+    done(late, 0)
+    assert ledger.compact("r2")  # another session's compaction: r1's folders are closed
+    done(late, 1)  # r1~w1's segment 1, into its closed folder f0
+    assert stored_segments(ledger) == [seg(0), seg(1)]
+    view = backend.ledger(own_client=True).view()
+    assert sorted(view.done) == [bid(0)]
+    assert [b.id for b in view.pending()] == [bid(1), bid(2), bid(3)]
+    record, rows = done(one_per_segment(ledger, "r2~w1"), 1, run="r2")
+    view = ledger.view()
+    assert sorted(view.done) == [bid(0), bid(1)]
+    assert (view.done[bid(1)].run, ledger.read_rows(view.done[bid(1)])) == ("r2", rows)
+
+
+@pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
+def test_a_view_falling_back_from_a_damaged_compaction_lists_the_folders_it_had_closed(backend, monkeypatch):
+    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(8))
+    writer = one_per_segment(ledger, "r1~w1")
+    written = dict(done(writer, o) for o in range(5))
+    assert ledger.compact("r1")  # closes f0 and f1
+    written.update(done(writer, o) for o in (5, 6))
+    assert ledger.compact("r1")  # closes f2: its records in a file of their own
+    newest = sorted(p for p in ledger.store.list_files("compact") if p.endswith(".arrow"))[-1]
+    ledger.store.put(newest, b"not the file the index sealed")
+
+    view = backend.ledger(own_client=True).view()
+    assert sorted(view.done) == [bid(o) for o in range(7)]
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
+    assert sorted(backend.ledger(own_client=True).view(lean=True).done) == [bid(o) for o in range(7)]
+
+
+@pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
+def test_a_format_2_job_dir_s_segments_at_the_top_of_parts_still_count(backend, monkeypatch):
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(4))
+    flat = lambda writer, seq: f"{writer}~{seq:06d}.seg"  # noqa: E731 - how format 2 named them
+    monkeypatch.setattr(writers, "segment_name", flat)
+    old = one_per_segment(ledger, "r1~w1")
+    written = dict(done(old, o) for o in (0, 1))
+    monkeypatch.undo()
+    assert stored_segments(ledger) == [flat("r1~w1", 0), flat("r1~w1", 1)]
+    assert ledger.compact("r2")
+    written.update([done(one_per_segment(ledger, "r2~w1"), 2, run="r2")])
+    for view in (backend.ledger(own_client=True).view(), ledger.view()):
+        assert sorted(view.done) == [bid(0), bid(1), bid(2)]
+        for record, rows in written.items():
+            assert ledger.read_rows(view.done[record.batch]) == rows
 
 
 def test_ledger_failed_records(backend):

@@ -307,7 +307,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
                 view = view or final_view(ledger)
                 write_session_reports(ledger, spec, state, reason, view)
                 counts, view = view.counts(), None  # not held while compaction reads (a million records)
-                compact(ledger, run)
+                compact(ledger, run, session_over=True)
         finally:
             beat.stopped.set()
             beat.join(timeout=5)

@@ -22,10 +22,12 @@ log = logging.getLogger("raypar")
 COMPACT_EVERY = 50_000
 
 
-def compact(ledger: Ledger, run: str, done: bool = True, failed: bool = True) -> None:
+def compact(ledger: Ledger, run: str, done: bool = True, failed: bool = True, session_over: bool = False) -> None:
     """The next resume reads one file instead of every done record, the next status a few columns
-    instead of every failed one; never fail a job over it."""
-    for wanted, compaction, what in ((done, ledger.compact, "done"), (failed, ledger.compact_failures, "failed")):
+    instead of every failed one; never fail a job over it. ``session_over``: the session's workers
+    are gone (its last compaction closes every segment folder it read)."""
+    for wanted, compaction, what in ((done, lambda r: ledger.compact(r, session_over), "done"),
+                                     (failed, ledger.compact_failures, "failed")):
         if not wanted:
             continue
         try:

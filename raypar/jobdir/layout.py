@@ -8,8 +8,11 @@ Everything is JSON or Arrow; nothing here is ever unpickled or executed::
     manifest/COMPLETE.json      written when planning ends: chunk names, counts, checksums
     done/<run>~<worker>.jsonl   local disk: one worker process's done records, appended
     parts/<run>~<worker>.data   local disk: that worker's output rows, appended
-    parts/<run>~<worker>~NNNNNN.seg object stores: one flush of a worker: the rows of up to
-                                ``raypar.ledger.flush_batches`` batches, their records, a trailer
+    parts/<run>~<worker>~fNNNNN/<run>~<worker>~NNNNNN.seg  object stores: one flush of a worker:
+                                the rows of up to ``raypar.ledger.flush_batches`` batches, their
+                                records, a trailer; SEGMENTS_PER_FOLDER of a worker's segments to a
+                                folder, so a view lists only the folders a compaction has not closed
+    parts/<run>~<worker>~NNNNNN.seg object stores, format 2: the same segments, not in folders
     done/<batch>~<run>~<try>.json   object stores, before segments: one done record per attempt
     parts/<batch>~<run>~<try>.part  object stores, before segments: one attempt's output rows
     failed/<batch>~<run>~<try>.json one failed attempt, with the error text
@@ -38,6 +41,10 @@ Local disk appends to per-worker segment files because creating a file
 costs more than running a small batch; on object stores, where a PUT is
 atomic and appends are not, each worker buffers its finished batches and
 stores them as one segment object per flush (a batch counts once stored).
+A worker stores its segments one after the other, so once its folder N+1
+exists, folder N holds all it ever will: a compaction that read it marks it
+closed, and later views list only the folders still open (see
+:meth:`raypar.jobdir.ledger.Ledger.compact`).
 
 The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
 """
@@ -53,6 +60,8 @@ from typing import Optional
 from raypar.inputs.base import ordinal_of
 
 SEGMENT_SUFFIX = ".seg"
+SEGMENTS_PER_FOLDER = 100  # a worker's segments to a folder: a view lists at most this many of each writer
+_SEGMENT_FOLDER = re.compile(r"^(.+)~f(\d{5,})$")  # parts/<writer>~fNNNNN: one folder of a writer's segments
 REPORT_HTML = "report.html"  # under reports/: the job's one-page report
 _LOG_PIECE = re.compile(r"^(.+)~(\d{6})\.log$")  # one piece of a worker's log on object storage
 
@@ -62,8 +71,17 @@ def attempt_name(batch: str, run: str, attempt: int) -> str:
 
 
 def segment_name(writer: str, seq: int) -> str:
-    """The ``seq``-th segment object of a worker (numbered from 0, stored one after the other)."""
-    return f"{writer}~{seq:06d}{SEGMENT_SUFFIX}"
+    """The ``seq``-th segment object of a worker (numbered from 0, stored one after the other),
+    under parts/: ``<writer>~fNNNNN/<writer>~NNNNNN.seg``, SEGMENTS_PER_FOLDER to a folder."""
+    return f"{writer}~f{seq // SEGMENTS_PER_FOLDER:05d}/{writer}~{seq:06d}{SEGMENT_SUFFIX}"
+
+
+def segment_folder(name: str) -> Optional[tuple[str, int]]:
+    """(writer, folder number) of a folder of parts/, or of a segment named in one (its
+    ``segment_name``); None for anything else (a format-2 segment at the top of parts/)."""
+    head = name.split("/", 1)[0]
+    match = _SEGMENT_FOLDER.match(head) if "." not in head else None  # a file's name has a suffix
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def log_piece_name(writer: str, seq: int) -> str:

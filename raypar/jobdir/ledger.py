@@ -28,7 +28,7 @@ import pyarrow as pa
 from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, QueuedBatch, batch_id, ordinal_of
 from raypar.inputs.pending import PendingQueue
-from raypar.jobdir import failed_compact
+from raypar.jobdir import failed_compact, parts_listing
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
     attempt_name,
@@ -65,8 +65,9 @@ log = logging.getLogger("raypar")
 
 # 2: segment objects on object stores, compact indexes of several files, the chunked manifest.
 # A raypar that reads format 1 only would miss segments and misread indexes: it refuses 2.
-FORMAT = 2
-READS = (1, 2)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
+# 3: segments in folders of parts/ (a raypar that reads 2 lists only the top: it refuses 3).
+FORMAT = 3
+READS = (1, 2, 3)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
 CHUNK_SIZE = 10_000
 MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges them into one
 FAILED_FLUSH_SECONDS = 1.0  # a driver's failed records wait at most this long to be stored...
@@ -83,6 +84,7 @@ class _DoneRead:
     coverage: dict
     covered: dict
     files: list
+    closed: dict  # the segment folders the compaction read from had closed (parts_listing)
 
     @property
     def table(self) -> pa.Table:
@@ -499,11 +501,27 @@ class Ledger:
         without the part it names is not counted, in whatever order the listings were taken,
         so listing together is as safe as listing one after the other."""
         outer = getattr(self._snapshot, "listings", {})
-        self._snapshot.listings = {**outer, **self.store.listings(folders)}
+        outer_indexes = getattr(self._snapshot, "indexes", None)
+        listed = self.store.listings(folders)
+        listings = {**outer, **{folder: files for folder, (files, _) in listed.items()}}
+        self._snapshot.listings = listings
+        self._snapshot.indexes = outer_indexes if outer_indexes is not None else {}
         try:
+            if "parts" in listed:  # its top, then the folders the newest compaction left open
+                listings["parts"] = self._parts_listing(listed["parts"])
             yield
         finally:
             self._snapshot.listings = outer
+            self._snapshot.indexes = outer_indexes
+
+    def _parts_listing(self, top: Optional[tuple] = None) -> parts_listing.PartsListing:
+        index = self._newest_index()
+        return parts_listing.PartsListing(self.store, top or self.store.entries(self.store.path("parts")),
+                                          parts_listing.closed_of(index[1] if index else None))
+
+    def _parts(self) -> parts_listing.PartsListing:
+        listed = getattr(self._snapshot, "listings", {}).get("parts")
+        return listed if listed is not None else self._parts_listing()
 
     def _file_sizes(self, folder: str) -> dict[str, int]:
         listed = getattr(self._snapshot, "listings", {}).get(folder)
@@ -546,15 +564,16 @@ class Ledger:
             yield read()
 
     def _done_records(self) -> DoneIndex:
-        parts, part_sizes, voided = self._proof()
-        return choose(self._done_table(parts).table, part_sizes, voided)
+        read = self._done_table()
+        part_sizes, voided = self._proof(read)
+        return choose(read.table, part_sizes, voided)
 
     def _done_set(self, size: int, reported: Optional[ReportedRecords] = None) -> DoneSet:
         """The done batches, from the compact files a record batch at a time (only LEAN_COLUMNS
         decoded) plus the records read since; a damaged compact file falls back to a full read.
         ``reported``: also gather the reporting records there (their ``failed`` column decoded)."""
-        parts, part_sizes, voided = self._proof()
-        read = self._done_table(parts, base=False)
+        read = self._done_table(base=False)
+        part_sizes, voided = self._proof(read)
         columns = ReportedRecords.COLUMNS if reported is not None else LEAN_COLUMNS
         done = DoneSet(size)
         try:
@@ -605,26 +624,27 @@ class Ledger:
             raise LedgerError(f"{self.url}/compact/{name}: corrupted (checksum mismatch)")
         yield from ipc_batches(source, columns)
 
-    def _proof(self) -> tuple[dict, dict, set]:
-        """What a done record is checked against: the listing of parts/ ({path: size}), the
-        sizes by file name, and the voided records' keys."""
-        parts = self._file_sizes("parts")
-        part_sizes = {os.path.basename(p): size for p, size in parts.items()}
+    def _proof(self, read: "_DoneRead") -> tuple[dict, set]:
+        """What the done records ``read`` are checked against: the sizes of parts/ by name there
+        (a closed folder's segments whole: the compaction read their records out of them), and
+        the voided records' keys."""
+        part_sizes = self._parts().proof(read.closed)
         voided = {void_key_of(os.path.basename(p)) for p in self._list_files("void")}
-        return parts, part_sizes, voided - {None}
+        return part_sizes, voided - {None}
 
     # -- compaction -----------------------------------------------------
 
-    def _done_table(self, parts: Optional[dict] = None, base: bool = True) -> "_DoneRead":
+    def _done_table(self, base: bool = True) -> "_DoneRead":
         """Every sealed done record (not yet checked against parts): the compacted ones, the ones
         read since, and what each covers.
 
         Starts from the newest intact compact file and adds only what it does
-        not cover: record files and segment objects it does not name, and
-        segment-file bytes past it. ``parts``: the listing of parts/, if in hand. ``base=False``
-        leaves the compact files unread (an incremental compaction needs only what they cover).
+        not cover: record files and segment objects it does not name (in the segment folders it
+        did not close), and segment-file bytes past it. ``base=False`` leaves the compact files
+        unread (an incremental compaction needs only what they cover).
         """
-        base, covered, files = self._latest_compact(load=base)
+        base, covered, files, closed = self._latest_compact(load=base)
+        listing = self._parts()
         coverage, lines = dict(covered), []
         sizes = self._file_sizes("done")
         new = [p for p in sizes if p.endswith(".json") and os.path.basename(p) not in covered]
@@ -633,12 +653,11 @@ class Ledger:
             if body is not None:  # a torn record is read again next time
                 lines.append(body)
                 coverage[os.path.basename(path)] = sizes[path]
-        parts = self._file_sizes("parts") if parts is None else parts
-        segments = {p: size for p, size in parts.items()
-                    if p.endswith(SEGMENT_SUFFIX) and os.path.basename(p) not in covered}
-        for name, records in segment_records(self.store, segments).items():  # object stores
+        segments = {p: size for p, size in listing.sizes(closed).items()
+                    if p.endswith(SEGMENT_SUFFIX) and listing.name(p) not in covered}
+        for path, records in segment_records(self.store, segments).items():  # object stores
             lines.extend(b for b in map(_verified, records) if b is not None)
-            coverage[name] = len(records)
+            coverage[listing.name(path)] = len(records)
         for path, size in sizes.items():
             name = os.path.basename(path)
             if name.endswith(".jsonl") and size > covered.get(name, 0):
@@ -648,7 +667,14 @@ class Ledger:
                 lines.extend(b for b in map(_verified, whole.split(b"\n")) if b is not None)
                 coverage[name] = start + len(whole)
         fresh = records_table(lines) if lines else empty_table()
-        return _DoneRead(base, fresh, coverage, covered, files)
+        return _DoneRead(base, fresh, coverage, covered, files, closed)
+
+    def _newest_index(self) -> Optional[tuple[str, dict]]:
+        """(name, body) of the newest sealed compact index, neither its files read nor checked."""
+        for path in sorted(self._list_files("compact"), reverse=True):
+            if path.endswith(".idx") and (index := self._index(os.path.basename(path))) is not None:
+                return os.path.basename(path), index
+        return None
 
     def _latest_compact(self, load: bool = True) -> tuple:
         """(the compacted records, their coverage, the files holding them) of the newest intact
@@ -657,22 +683,33 @@ class Ledger:
         for path in sorted(self._list_files("compact"), reverse=True):
             if not path.endswith(".idx"):
                 continue
-            index = _unseal(self.store.read_bytes("compact", os.path.basename(path)))
+            index = self._index(os.path.basename(path))
             if index is None:
                 continue
             files = index.get("files") or [{"file": index["file"], "file_sha256": index["file_sha256"],
                                             "rows": index.get("rows")}]  # an index of one file (before deltas)
+            closed = parts_listing.closed_of(index)
             if not load:
-                return empty_table(), index["covers"], files
+                return empty_table(), index["covers"], files, closed
             data = self.store.read_verified("compact", files)
             if data is not None:
                 tables = [from_ipc(d) for d in data]
-                return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]), index["covers"], files
-        return empty_table(), {}, []
+                return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]), index["covers"], files, closed
+        return empty_table(), {}, [], {}
 
-    def compact(self, run: str) -> bool:
+    def _index(self, name: str) -> Optional[dict]:
+        """A sealed compact index (None if torn), read once per listing (see _listed)."""
+        cache = getattr(self._snapshot, "indexes", None)
+        if cache is None or name not in cache:
+            index = _unseal(self.store.read_bytes("compact", name))
+            if cache is None:
+                return index
+            cache[name] = index
+        return cache[name]
+
+    def compact(self, run: str, session_over: bool = False) -> bool:
         """Fold the done records read since the last compaction into the compact index; False if
-        nothing was new.
+        nothing was new. ``session_over``: ``run``'s workers are gone (its session's last compaction).
 
         Incremental: the new records go to a delta file of their own, named by the new index next
         to the files it keeps; once an index would name more than MAX_COMPACT_FILES, everything is
@@ -680,11 +717,13 @@ class Ledger:
         """
         with self._listed("compact", "done", "parts"):
             read = self._done_table(base=False)  # what the compact files cover, not their records
-            if read.coverage == read.covered:
+            closed = self._parts().closing(read.closed, run, session_over)
+            if read.coverage == read.covered and closed == read.closed:
                 return False
             merge = len(read.files) + 1 > MAX_COMPACT_FILES
             if merge:
                 read = self._done_table()
+                closed = self._parts().closing(read.closed, run, session_over)
         name = compact_name(run)
         table, files = (read.table, []) if merge else (read.fresh, list(read.files))
         if table.num_rows:
@@ -692,7 +731,9 @@ class Ledger:
             self.store.write_atomic(data, "compact", f"{name}.arrow")
             files.append({"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(),
                           "rows": table.num_rows})
-        index = {"files": files, "rows": sum(f["rows"] or 0 for f in files), "covers": read.coverage}
+        # The segment folders it read whole are closed: later views list neither them nor their names.
+        index = {"files": files, "rows": sum(f["rows"] or 0 for f in files),
+                 "covers": parts_listing.prune(read.coverage, closed), "closed": closed}
         self.store.write_atomic(_sealed(index), "compact", f"{name}.idx")  # last: the compact now counts
         self._remove_superseded(f"{name}.idx", {f["file"] for f in files})
         return True

@@ -5,7 +5,8 @@ a few required, the rest derived):
 
 - ``read_ranges(paths, starts, ends)``: byte ranges of many files at once; per path the
   bytes or the exception (``FileNotFoundError`` when absent);
-- ``sizes(folder)``: {path: size} of the files directly in a folder ({} when absent);
+- ``entries(folder)``: ({path: size} of the files directly in a folder, the paths of the
+  folders directly in it); ({}, []) when absent;
 - ``size(path)``: one file's size, ``FileNotFoundError`` when absent;
 - ``put(path, data)``: write a whole file, replacing any: readers see all of it or nothing;
 - ``create(path, data)``: write a whole file only if the name is free (False if it was not);
@@ -35,6 +36,7 @@ from raypar.errors import LedgerError
 from raypar.storage import _PACKAGE_FOR_PROTOCOL, atomic_file
 
 Ranges = list[Union[bytes, BaseException]]
+LISTINGS_AT_ONCE = 32  # folders listed concurrently on an object store (a view's open segment folders)
 
 
 class Store:
@@ -52,7 +54,7 @@ class Store:
                     ends: Sequence[Optional[int]]) -> Ranges:
         raise NotImplementedError
 
-    def sizes(self, folder: str) -> dict[str, int]:
+    def entries(self, folder: str) -> tuple[dict[str, int], list[str]]:
         raise NotImplementedError
 
     def size(self, path: str) -> int:
@@ -126,6 +128,9 @@ class Store:
         except FileNotFoundError:
             return False
 
+    def sizes(self, folder: str) -> dict[str, int]:
+        return self.entries(folder)[0]
+
     def file_sizes(self, *parts: str) -> dict[str, int]:
         """{full path: size} of the files directly in a folder; {} when the folder is absent."""
         return self.sizes(self.path(*parts))
@@ -134,10 +139,10 @@ class Store:
         """Full paths of the files directly in a folder; [] when the folder is absent."""
         return sorted(self.file_sizes(*parts))
 
-    def listings(self, folders: Sequence[str]) -> dict[str, dict[str, int]]:
-        """{folder: :meth:`file_sizes` of it} for several top-level folders (concurrently on
-        object stores, where each listing is a round trip)."""
-        return {folder: self.file_sizes(folder) for folder in folders}
+    def listings(self, folders: Sequence[str]) -> dict[str, tuple[dict[str, int], list[str]]]:
+        """{folder: :meth:`entries` of it} for several folders under the root, each named by
+        its path there (``parts/x``); concurrently on object stores, where each is a round trip."""
+        return {folder: self.entries(self.path(*folder.split("/"))) for folder in folders}
 
     def write_atomic(self, data: bytes, *parts: str) -> str:
         """Write a whole file so readers see all of it or nothing; returns its path."""
@@ -195,13 +200,14 @@ class LocalStore(Store):
                 out.append(exc)
         return out
 
-    def sizes(self, folder: str) -> dict[str, int]:
+    def entries(self, folder: str) -> tuple[dict[str, int], list[str]]:
         try:  # os.scandir: a ledger folder may hold thousands of files
-            with os.scandir(folder) as entries:
-                return {e.path: e.stat().st_size for e in entries
-                        if e.is_file() and not e.name.startswith(".tmp-")}
+            with os.scandir(folder) as found:
+                found = list(found)
         except FileNotFoundError:
-            return {}
+            return {}, []
+        return ({e.path: e.stat().st_size for e in found if e.is_file() and not e.name.startswith(".tmp-")},
+                [e.path for e in found if e.is_dir()])
 
     def size(self, path: str) -> int:
         return os.stat(path).st_size
@@ -261,17 +267,18 @@ class ObjectStore(Store):
         # name first; cat_ranges runs the reads concurrently on async stores.
         return self.fs.cat_ranges(list(paths), list(starts), list(ends), on_error="return") if paths else []
 
-    def sizes(self, folder: str) -> dict[str, int]:
+    def entries(self, folder: str) -> tuple[dict[str, int], list[str]]:
         try:
-            entries = self.fs.ls(folder, detail=True)
+            found = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
-            return {}
-        return {e["name"]: e.get("size") for e in entries if e.get("type") == "file"}
+            return {}, []
+        return ({e["name"]: e.get("size") for e in found if e.get("type") == "file"},
+                [e["name"].rstrip("/") for e in found if e.get("type") == "directory"])
 
-    def listings(self, folders: Sequence[str]) -> dict[str, dict[str, int]]:
+    def listings(self, folders: Sequence[str]) -> dict[str, tuple[dict[str, int], list[str]]]:
         # Threads, not the async API: any fsspec filesystem answers ls from several threads.
-        with ThreadPoolExecutor(len(folders) or 1, thread_name_prefix="raypar-list") as pool:
-            return dict(zip(folders, pool.map(self.file_sizes, folders), strict=True))
+        with ThreadPoolExecutor(min(len(folders), LISTINGS_AT_ONCE) or 1, thread_name_prefix="raypar-list") as pool:
+            return dict(zip(folders, pool.map(lambda f: self.entries(self.path(*f.split("/"))), folders), strict=True))
 
     def write_many(self, files: Mapping[str, bytes]) -> None:
         if files:  # fsspec's pipe of a dict: concurrent PUTs on async stores (adlfs, s3fs, gcsfs)

@@ -216,7 +216,7 @@ class ObjectSegmentWriter(DoneWriter):
                 size = store.size(path)
             except FileNotFoundError:
                 return lines
-            lines.extend(segment_records(store, {path: size}).get(os.path.basename(path), []))
+            lines.extend(segment_records(store, {path: size}).get(path, []))
             seq += 1
 
     def _start_clock(self) -> None:
@@ -287,7 +287,7 @@ def writer_for(store: Store) -> type[DoneWriter]:
 
 
 def segment_records(store: Store, sizes: dict[str, int]) -> dict[str, list[bytes]]:
-    """{segment name: its sealed record lines} for whole segment objects among ``sizes`` ({path: size}).
+    """{path: its sealed record lines} for whole segment objects among ``sizes`` ({path: size}).
 
     One ranged read of each segment's last 64 KiB, concurrently (the records of about 180
     batches fit), and a second one of exactly the records where they are longer.
@@ -305,12 +305,12 @@ def segment_records(store: Store, sizes: dict[str, int]) -> dict[str, list[bytes
         if span is None:
             continue  # torn, or not a segment: never counted
         if span[0] >= start:
-            out[os.path.basename(path)] = tail[span[0] - start:span[1] - start].split(b"\n")[:-1]
+            out[path] = tail[span[0] - start:span[1] - start].split(b"\n")[:-1]
         else:
             longer.append((path, span))
     blocks = store.read_ranges([p for p, _ in longer], [s for _, (s, _e) in longer], [e for _, (_s, e) in longer])
     for (path, _), block in zip(longer, blocks, strict=True):
         if isinstance(block, BaseException):
             raise block
-        out[os.path.basename(path)] = block.split(b"\n")[:-1]
+        out[path] = block.split(b"\n")[:-1]
     return out

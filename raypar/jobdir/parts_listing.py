@@ -1,0 +1,111 @@
+"""What a view lists of parts/ on an object store: its top, and only the segment folders that no
+compaction has closed.
+
+A worker stores its segments one after the other, SEGMENTS_PER_FOLDER to a folder
+(``layout.segment_name``). So once a writer's folder N+1 exists, its folder N holds every segment
+it ever will; and a writer whose session ended (another session compacts) stores no more. A
+compaction that read every segment of such a folder records it closed in its index (``closed``:
+{writer: how many of its folders, from 0, are closed}); the records it read from them are in the
+compact files, and a view neither lists those folders again nor looks for their segments: a
+compacted record of a closed folder is proven by the compaction that read it out of its segment.
+A job of a million one-batch segments thus lists the top of parts/ (a name per folder) and at most
+SEGMENTS_PER_FOLDER segments per writer still writing, not a million names.
+
+A segment stored into a folder after a compaction closed it (only a writer of a session that had
+already lost the job dir could) is never read: like a segment lost in a crash, its batches run again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from raypar.jobdir.layout import segment_folder
+from raypar.jobdir.store import Store
+
+Closed = dict[str, int]  # writer -> its folders numbered below this are closed
+
+WHOLE = int(np.iinfo(np.int64).max)  # the size a closed folder's segment answers: its records are proven
+
+
+def is_closed(closed: Closed, name: str) -> bool:
+    """Whether ``name`` (a folder of parts/, or a segment in one) is in a closed folder."""
+    folder = segment_folder(name)
+    return folder is not None and folder[1] < closed.get(folder[0], 0)
+
+
+class PartSizes(dict):
+    """{name under parts/: size} as listed, where a segment of a closed folder answers WHOLE."""
+
+    def __init__(self, sizes: dict[str, int], closed: Closed):
+        super().__init__(sizes)
+        self.closed = closed
+
+    def get(self, name, default=None):
+        if name in self:
+            return self[name]
+        return WHOLE if is_closed(self.closed, name) else default
+
+
+class PartsListing:
+    """One view's listing of parts/: the files at its top (local disk's segment files, format-2
+    segments) and the files of every folder open by the newest compaction's ``closed``."""
+
+    def __init__(self, store: Store, top: tuple[dict[str, int], list[str]], closed: Closed):
+        self.store = store
+        self.root = store.path("parts")
+        files, folders = top
+        self.folders = [self.name(f) for f in folders]
+        self.closed = closed  # what the listing assumed: the folders it did not list
+        self.files = dict(files)
+        self._add([f for f in self.folders if not is_closed(closed, f)])
+
+    def name(self, path: str) -> str:
+        """A path's name under parts/ (``folder/segment`` for a segment in a folder)."""
+        return path[len(self.root) + 1:]
+
+    def _add(self, folders: list[str]) -> None:
+        for files, _ in self.store.listings([f"parts/{f}" for f in folders]).values():
+            self.files.update(files)
+
+    def sizes(self, closed: Closed) -> dict[str, int]:
+        """{path: size} of every file of parts/ outside the folders ``closed`` closes: listed now
+        where the listing assumed one closed that ``closed`` does not (an older compaction used
+        because the newest is damaged closed fewer)."""
+        missing = [f for f in self.folders if is_closed(self.closed, f) and not is_closed(closed, f)]
+        if missing:
+            self._add(missing)
+            self.closed = {w: min(n, closed.get(w, 0)) for w, n in self.closed.items()}
+        return self.files
+
+    def proof(self, closed: Closed) -> PartSizes:
+        """The sizes a done record is checked against: by name under parts/, a closed folder's
+        segments whole."""
+        return PartSizes({self.name(p): size for p, size in self.sizes(closed).items()}, closed)
+
+    def closing(self, closed: Closed, run: str, session_over: bool = False) -> Closed:
+        """``closed`` and what a compaction of session ``run`` that read every segment listed here
+        may close besides: each writer's folders below its highest listed one, and every folder of
+        a writer of another session (a session compacts only while it holds the job dir), or of
+        any session once ``run``'s workers are gone (``session_over``: its last compaction)."""
+        out = dict(closed)
+        for folder in self.folders:
+            found = segment_folder(folder)
+            if found is None:
+                continue
+            writer, number = found
+            last = number + 1 if session_over or writer.split("~", 1)[0] != run else number
+            if last > out.get(writer, 0):
+                out[writer] = last
+        return out
+
+
+def prune(covers: dict, closed: Closed) -> dict:
+    """An index's coverage without the segments of closed folders: a view never lists them again,
+    so the index need not name them (a million one-batch segments would be a million names)."""
+    return {name: count for name, count in covers.items() if not is_closed(closed, name)}
+
+
+def closed_of(index: Optional[dict]) -> Closed:
+    return dict((index or {}).get("closed") or {})
