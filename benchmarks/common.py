@@ -169,6 +169,59 @@ def store_root(store: str, prefix: str, keep: bool = False):
             shutil.rmtree(root, ignore_errors=True)
 
 
+def start_moto(workdir: str) -> tuple[subprocess.Popen, dict]:
+    """moto's S3 server on 127.0.0.1 (a free port; tests/s3_emulator.py: its conditional writes
+    atomic, as S3's are), with a bucket "bench"; returns it and the fsspec options to reach it."""
+    import socket  # noqa: PLC0415
+
+    import fsspec  # noqa: PLC0415 - only the object-store benchmarks need it
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = {"key": "testing", "secret": "testing-secret", "endpoint_url": f"http://127.0.0.1:{port}",
+               "client_kwargs": {"region_name": "eu-west-1"}}
+    with open(os.path.join(workdir, "moto.log"), "wb") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "s3_emulator.py"), "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    fs = fsspec.filesystem("s3", **options, skip_instance_cache=True, use_listings_cache=False)
+    deadline = time.time() + 60
+    while True:
+        try:
+            fs.mkdir("bench")
+            return proc, options
+        except Exception:  # noqa: BLE001 - not answering yet
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                sys.exit(f"moto did not start: {open(os.path.join(workdir, 'moto.log')).read()}")
+            time.sleep(0.2)
+
+
+@contextmanager
+def object_store_root(store: str, prefix: str):
+    """An emulator ("azurite" or "s3": moto) on 127.0.0.1 in a temp folder; yields (the URL of a
+    container or bucket on it, the fsspec options to reach it); stops it and removes the folder."""
+    root = tempfile.mkdtemp(prefix=prefix)
+    try:
+        if store == "azurite":
+            import fsspec  # noqa: PLC0415 - only the object-store benchmarks need it
+
+            proc, connection = start_azurite(root)
+            options = {"connection_string": connection}
+            fsspec.filesystem("az", **options).mkdir("bench")
+            base = "az://bench"
+        else:
+            proc, options = start_moto(root)
+            base = "s3://bench"
+        try:
+            yield base, options
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @contextmanager
 def azurite_and_ray(prefix: str, keep: bool):
     """A temp folder, Azurite in it (its connection string in AZURE_STORAGE_CONNECTION_STRING) and a
