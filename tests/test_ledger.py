@@ -1316,10 +1316,49 @@ def test_a_session_compacts_its_failed_records_every_compact_every_attempts_stor
     for i in range(7):
         ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, kind="user", final=True, error=f"e{i}"))
         compactor(SimpleNamespace(done=0))  # stores the gathered record (a second old here), maybe compacts
+        compactor.join()  # on its own thread
         index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
         indexes.append(json.loads(Path(index[0]).read_bytes())["rows"] if index else 0)
     assert indexes == [0, 0, 3, 3, 3, 6, 6]
     assert len(shown) == 7
+
+
+def test_a_session_s_compaction_runs_beside_the_scheduler_one_at_a_time(tmp_path, monkeypatch):
+    # On an object store a compaction reads every segment stored since the last: minutes at
+    # 50,000 one-batch segments, while in the scheduler's loop no batch was handed out.
+    import threading
+    from types import SimpleNamespace
+
+    from raypar.engine import upkeep
+
+    monkeypatch.setattr(upkeep, "COMPACT_EVERY", 2)
+    ledger = planned(tmp_path, 8)
+    out = ledger.done_writer("r1~w1")
+    started, release, compacted = threading.Event(), threading.Event(), []
+    compact = Ledger.compact
+
+    def slow(self, run, **kw):
+        started.set()
+        release.wait(timeout=30)
+        compacted.append(compact(self, run, **kw))
+
+    monkeypatch.setattr(Ledger, "compact", slow)
+    shown = []
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p.done))
+    compactor(SimpleNamespace(done=0))
+    for i in range(4):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+    compactor(SimpleNamespace(done=2))  # due: starts, and this call returns while it runs
+    assert started.wait(timeout=30) and not release.is_set()
+    compactor(SimpleNamespace(done=4))  # due again, but one runs: none starts
+    assert shown == [0, 2, 4] and compacted == []
+    release.set()
+    compactor.join()
+    assert compacted == [True]
+    assert sorted(Ledger(ledger.url).view().done) == [bid(i) for i in range(4)]
+    compactor(SimpleNamespace(done=4))  # the next one starts now that the first is over
+    compactor.join()
+    assert compacted == [True, False]  # nothing new since
 
 
 def lean_and_full(ledger: Ledger) -> tuple:

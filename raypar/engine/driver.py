@@ -476,6 +476,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
     logs = ledger.store.local_path("logs")  # worker logs the driver can tail, or None (object stores)
     owned = cluster.connect(address, min_cpus=cluster.cpus_for(spec), relay_output=logs is not None)
     relay = ConsoleRelay(logs, run, echo) if cluster.output_relayed() else None
+    reporter = None
     try:
         total = len(view.manifest)
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
@@ -495,6 +496,8 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         ledger.end_gathering_failures()
         return reason or "", scheduler.stop_detail
     finally:
+        if reporter is not None:
+            reporter.join()  # a compaction still running: the session's last one comes after it
         with contextlib.suppress(Exception):  # after an error: what can still be stored
             ledger.end_gathering_failures()
         # Copies of the code folder left by workers that were killed, not stopped (this node's only)

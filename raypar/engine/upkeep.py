@@ -4,8 +4,9 @@ at the end, the progress shown, and the reports written at the end (none of it m
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import pyarrow as pa
 
@@ -26,7 +27,7 @@ def compact(ledger: Ledger, run: str, done: bool = True, failed: bool = True, se
     """The next resume reads one file instead of every done record, the next status a few columns
     instead of every failed one; never fail a job over it. ``session_over``: the session's workers
     are gone (its last compaction closes every segment folder it read)."""
-    for wanted, compaction, what in ((done, lambda r: ledger.compact(r, session_over), "done"),
+    for wanted, compaction, what in ((done, lambda r: ledger.compact(r, session_over=session_over), "done"),
                                      (failed, ledger.compact_failures, "failed")):
         if not wanted:
             continue
@@ -64,23 +65,34 @@ class Compactor:
     """Folds done records into a compact file every COMPACT_EVERY batches, so a resume after a
     crash reads at most that many records one by one (see Ledger.compact), and failed records
     every COMPACT_EVERY failed attempts (Ledger.compact_failures); stores the failed records the
-    session gathered once they are a second old (see FailedLog)."""
+    session gathered once they are a second old (see FailedLog).
+
+    A compaction runs on a thread of its own, one at a time, while the scheduler goes on: on an
+    object store it reads every segment stored since the last one (a ranged GET each: 50,000
+    one-batch segments are minutes on an emulator), and in the scheduler's loop the workers ran
+    out of work meanwhile. :meth:`join` waits for it (before the session's last compaction)."""
 
     def __init__(self, ledger: Ledger, run: str, then: Callable):
         self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
+        self.thread: Optional[threading.Thread] = None
 
     def __call__(self, p, final: bool = False) -> None:
         self.ledger.flush_failures(due_only=not final)  # failed records gathered for a second or more
         if self.at is None:
             self.at = p.done
-        if p.done - self.at >= COMPACT_EVERY:
-            compact(self.ledger, self.run_id, failed=False)
-            self.at = p.done
         stored = self.ledger.failed_log.stored if self.ledger.failed_log is not None else 0
-        if stored - self.failed_at >= COMPACT_EVERY:
-            compact(self.ledger, self.run_id, done=False)
-            self.failed_at = stored
+        done, failed = p.done - self.at >= COMPACT_EVERY, stored - self.failed_at >= COMPACT_EVERY
+        if (done or failed) and not final and not (self.thread is not None and self.thread.is_alive()):
+            self.at, self.failed_at = (p.done if done else self.at), (stored if failed else self.failed_at)
+            self.thread = threading.Thread(target=compact, args=(self.ledger, self.run_id),
+                                           kwargs={"done": done, "failed": failed}, name="raypar-compact",
+                                           daemon=True)
+            self.thread.start()
         self.then(p, final=final)
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 class Reporter:

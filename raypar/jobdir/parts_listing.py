@@ -3,7 +3,7 @@ compaction has closed.
 
 A worker stores its segments one after the other, SEGMENTS_PER_FOLDER to a folder
 (``layout.segment_name``). So once a writer's folder N+1 exists, its folder N holds every segment
-it ever will; and a writer whose session ended (another session compacts) stores no more. A
+it ever will; and a writer whose session ended (a later session compacts) stores no more. A
 compaction that read every segment of such a folder records it closed in its index (``closed``:
 {writer: how many of its folders, from 0, are closed}); the records it read from them are in the
 compact files, and a view neither lists those folders again nor looks for their segments: a
@@ -87,15 +87,16 @@ class PartsListing:
     def closing(self, closed: Closed, run: str, session_over: bool = False) -> Closed:
         """``closed`` and what a compaction of session ``run`` that read every segment listed here
         may close besides: each writer's folders below its highest listed one, and every folder of
-        a writer of another session (a session compacts only while it holds the job dir), or of
-        any session once ``run``'s workers are gone (``session_over``: its last compaction)."""
+        a writer of an earlier session (a session compacts only while it holds the job dir, so an
+        earlier one's workers are gone; run IDs sort by their start), or of any session once
+        ``run``'s workers are gone (``session_over``: its last compaction)."""
         out = dict(closed)
         for folder in self.folders:
             found = segment_folder(folder)
             if found is None:
                 continue
             writer, number = found
-            last = number + 1 if session_over or writer.split("~", 1)[0] != run else number
+            last = number + 1 if session_over or writer.split("~", 1)[0] < run else number
             if last > out.get(writer, 0):
                 out[writer] = last
         return out
