@@ -1361,6 +1361,39 @@ def test_a_session_s_compaction_runs_beside_the_scheduler_one_at_a_time(tmp_path
     assert compacted == [True, False]  # nothing new since
 
 
+def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_are_new(tmp_path, monkeypatch):
+    # A slow job (one segment a batch on an object store) would take hours to reach COMPACT_EVERY,
+    # and every status and resume meanwhile reads each segment stored since the last compaction.
+    from types import SimpleNamespace
+
+    from raypar.engine import upkeep
+
+    monkeypatch.setattr(upkeep, "COMPACT_EVERY", 100)
+    monkeypatch.setattr(upkeep, "COMPACT_SOONER", 3)
+    ledger = planned(tmp_path, 8)
+    out = ledger.done_writer("r1~w1")
+    now = [0.0]
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, clock=lambda: now[0])
+    compactor(SimpleNamespace(done=0))
+
+    def step(done: int, at: float) -> int:
+        now[0] = at
+        compactor(SimpleNamespace(done=done))
+        compactor.join()
+        index = json.loads(open(sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))[-1],
+                                "rb").read().split(b"\n")[0]) if ledger.store.list_files("compact") else {}
+        return index.get("rows", 0)
+
+    for i in range(3):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+    assert step(3, upkeep.COMPACT_SECONDS - 1) == 0  # enough batches, not yet the time
+    assert step(3, upkeep.COMPACT_SECONDS) == 3
+    for i in range(3, 6):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+    assert step(5, 3 * upkeep.COMPACT_SECONDS) == 3  # the time, not yet enough batches (2 since)
+    assert step(6, 3 * upkeep.COMPACT_SECONDS) == 6
+
+
 def lean_and_full(ledger: Ledger) -> tuple:
     """What a resume plans with and status shows, from the lean view and from the full one."""
     views = [Ledger(ledger.url).view(lean=lean) for lean in (True, False)]

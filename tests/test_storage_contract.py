@@ -677,15 +677,21 @@ def listed_folders(ledger, monkeypatch) -> list[str]:
     return seen
 
 
+def two_segments_a_folder(backend, monkeypatch, batches: int):
+    """A ledger of ``batches`` planned, whose writers store two segments to a folder."""
+    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(batches))
+    return ledger
+
+
 def one_per_segment(ledger, writer: str):
     return ledger.done_writer(writer, {"flush_batches": 1, "flush_bytes": 1 << 30, "flush_seconds": 0})
 
 
 @pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
 def test_a_view_lists_only_the_segment_folders_no_compaction_closed(backend, monkeypatch):
-    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
-    ledger = backend.ledger()
-    ledger.write_manifest(make_batches(10))
+    ledger = two_segments_a_folder(backend, monkeypatch, 10)
     writer = one_per_segment(ledger, "r1~w1")
     written = dict(done(writer, o) for o in range(7))  # segments 0-6: folders f0-f2 full, f3 begun
     assert stored_segments(ledger) == [seg(n) for n in range(7)]
@@ -725,9 +731,7 @@ def test_a_view_lists_only_the_segment_folders_no_compaction_closed(backend, mon
 def test_a_segment_stored_into_a_closed_folder_is_never_read_and_its_batch_runs_again(backend, monkeypatch):
     # Only a writer of a session that already lost the job dir could store one: like a segment
     # lost in a crash, its batch counts as not done, and the one record it gets later is the output's.
-    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
-    ledger = backend.ledger()
-    ledger.write_manifest(make_batches(4))
+    ledger = two_segments_a_folder(backend, monkeypatch, 4)
     late = one_per_segment(ledger, "r1~w1")
     done(late, 0)
     assert ledger.compact("r2")  # another session's compaction: r1's folders are closed
@@ -744,9 +748,7 @@ def test_a_segment_stored_into_a_closed_folder_is_never_read_and_its_batch_runs_
 
 @pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
 def test_a_view_falling_back_from_a_damaged_compaction_lists_the_folders_it_had_closed(backend, monkeypatch):
-    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
-    ledger = backend.ledger()
-    ledger.write_manifest(make_batches(8))
+    ledger = two_segments_a_folder(backend, monkeypatch, 8)
     writer = one_per_segment(ledger, "r1~w1")
     written = dict(done(writer, o) for o in range(5))
     assert ledger.compact("r1")  # closes f0 and f1

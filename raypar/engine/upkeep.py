@@ -21,6 +21,10 @@ from raypar.spec.models import JobSpec
 log = logging.getLogger("raypar")
 
 COMPACT_EVERY = 50_000
+# ... or, once COMPACT_SOONER batches are done since the last, every COMPACT_SECONDS: a slow job on an
+# object store (a segment per batch) would otherwise leave hours of segments for every view to read.
+COMPACT_SECONDS = 600.0
+COMPACT_SOONER = 1_000
 
 
 def compact(ledger: Ledger, run: str, done: bool = True, failed: bool = True, session_over: bool = False) -> None:
@@ -62,8 +66,9 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
 
 
 class Compactor:
-    """Folds done records into a compact file every COMPACT_EVERY batches, so a resume after a
-    crash reads at most that many records one by one (see Ledger.compact), and failed records
+    """Folds done records into a compact file every COMPACT_EVERY batches, or every COMPACT_SECONDS
+    once COMPACT_SOONER are done since the last, so a resume after a crash or a status reads at
+    most that many records one by one (see Ledger.compact), and failed records
     every COMPACT_EVERY failed attempts (Ledger.compact_failures); stores the failed records the
     session gathered once they are a second old (see FailedLog).
 
@@ -72,8 +77,9 @@ class Compactor:
     one-batch segments are minutes on an emulator), and in the scheduler's loop the workers ran
     out of work meanwhile. :meth:`join` waits for it (before the session's last compaction)."""
 
-    def __init__(self, ledger: Ledger, run: str, then: Callable):
+    def __init__(self, ledger: Ledger, run: str, then: Callable, clock: Callable[[], float] = time.monotonic):
         self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
+        self.clock, self.since = clock, clock()  # when the last compaction started (or the session)
         self.thread: Optional[threading.Thread] = None
 
     def __call__(self, p, final: bool = False) -> None:
@@ -81,9 +87,12 @@ class Compactor:
         if self.at is None:
             self.at = p.done
         stored = self.ledger.failed_log.stored if self.ledger.failed_log is not None else 0
-        done, failed = p.done - self.at >= COMPACT_EVERY, stored - self.failed_at >= COMPACT_EVERY
+        new = p.done - self.at
+        done = new >= COMPACT_EVERY or (new >= COMPACT_SOONER and self.clock() - self.since >= COMPACT_SECONDS)
+        failed = stored - self.failed_at >= COMPACT_EVERY
         if (done or failed) and not final and not (self.thread is not None and self.thread.is_alive()):
             self.at, self.failed_at = (p.done if done else self.at), (stored if failed else self.failed_at)
+            self.since = self.clock() if done else self.since
             self.thread = threading.Thread(target=compact, args=(self.ledger, self.run_id),
                                            kwargs={"done": done, "failed": failed}, name="raypar-compact",
                                            daemon=True)
