@@ -1394,6 +1394,38 @@ def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_ar
     assert step(6, 3 * upkeep.COMPACT_SECONDS) == 6
 
 
+def test_a_session_compacts_its_failed_records_every_compact_seconds_if_any_were_stored(tmp_path, monkeypatch):
+    # A slow, flaky job stores a failed-records file for each failure (at most one a second): far
+    # fewer than COMPACT_EVERY records in hours, and every status reads each file not compacted.
+    from types import SimpleNamespace
+
+    from raypar.engine import upkeep
+
+    ledger = planned(tmp_path, 8)
+    ledger.gather_failures("r1", seconds=0)
+    now, runs = [0.0], []
+    compact_failures = Ledger.compact_failures
+    monkeypatch.setattr(Ledger, "compact_failures", lambda self, run, **kw: runs.append(now[0]) or
+                        compact_failures(self, run, **kw))
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, clock=lambda: now[0])
+
+    def step(at: float, failing: int | None = None) -> int:
+        if failing is not None:
+            ledger.record_failed(FailedRecord(batch=bid(failing), run="r1", attempt=1, kind="user", final=True,
+                                              error=f"e{failing}"))
+        now[0] = at
+        compactor(SimpleNamespace(done=0))  # stores the gathered record, maybe compacts
+        compactor.join()
+        index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
+        return json.loads(Path(index[0]).read_bytes())["rows"] if index else 0
+
+    period = upkeep.COMPACT_SECONDS
+    assert step(period - 1, failing=0) == 0 and runs == []  # stored, not yet the time
+    assert step(period) == 1 and runs == [period]
+    assert step(3 * period) == 1 and runs == [period]  # the time, but nothing new was stored
+    assert step(3 * period, failing=1) == 2 and runs == [period, 3 * period]
+
+
 def lean_and_full(ledger: Ledger) -> tuple:
     """What a resume plans with and status shows, from the lean view and from the full one."""
     views = [Ledger(ledger.url).view(lean=lean) for lean in (True, False)]

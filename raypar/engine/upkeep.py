@@ -68,9 +68,9 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
 class Compactor:
     """Folds done records into a compact file every COMPACT_EVERY batches, or every COMPACT_SECONDS
     once COMPACT_SOONER are done since the last, so a resume after a crash or a status reads at
-    most that many records one by one (see Ledger.compact), and failed records
-    every COMPACT_EVERY failed attempts (Ledger.compact_failures); stores the failed records the
-    session gathered once they are a second old (see FailedLog).
+    most that many records one by one (see Ledger.compact); and failed records every COMPACT_EVERY
+    failed attempts, or every COMPACT_SECONDS if any were stored (Ledger.compact_failures). Stores
+    the failed records the session gathered once they are a second old (see FailedLog).
 
     A compaction runs on a thread of its own, one at a time, while the scheduler goes on: on an
     object store it reads every segment stored since the last one (a ranged GET each: 50,000
@@ -79,7 +79,8 @@ class Compactor:
 
     def __init__(self, ledger: Ledger, run: str, then: Callable, clock: Callable[[], float] = time.monotonic):
         self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
-        self.clock, self.since = clock, clock()  # when the last compaction started (or the session)
+        self.clock = clock
+        self.since = self.failed_since = clock()  # when the last compactions started (or the session)
         self.thread: Optional[threading.Thread] = None
 
     def __call__(self, p, final: bool = False) -> None:
@@ -89,10 +90,14 @@ class Compactor:
         stored = self.ledger.failed_log.stored if self.ledger.failed_log is not None else 0
         new = p.done - self.at
         done = new >= COMPACT_EVERY or (new >= COMPACT_SOONER and self.clock() - self.since >= COMPACT_SECONDS)
-        failed = stored - self.failed_at >= COMPACT_EVERY
+        # Failed records are stored a file a second at most: a slow, flaky job leaves a file for
+        # each failure, and every status reads those not compacted. So any new ones, every COMPACT_SECONDS.
+        failed = stored - self.failed_at >= COMPACT_EVERY or (
+            stored > self.failed_at and self.clock() - self.failed_since >= COMPACT_SECONDS)
         if (done or failed) and not final and not (self.thread is not None and self.thread.is_alive()):
             self.at, self.failed_at = (p.done if done else self.at), (stored if failed else self.failed_at)
             self.since = self.clock() if done else self.since
+            self.failed_since = self.clock() if failed else self.failed_since
             self.thread = threading.Thread(target=compact, args=(self.ledger, self.run_id),
                                            kwargs={"done": done, "failed": failed}, name="raypar-compact",
                                            daemon=True)
