@@ -516,7 +516,7 @@ class Ledger:
 
     def _parts_listing(self, top: Optional[tuple] = None) -> parts_listing.PartsListing:
         index = self._newest_index()
-        return parts_listing.PartsListing(self.store, top or self.store.entries(self.store.path("parts")),
+        return parts_listing.PartsListing(self.store, top or self.store.entries_under("parts"),
                                           parts_listing.closed_of(index[1] if index else None))
 
     def _parts(self) -> parts_listing.PartsListing:

@@ -142,7 +142,11 @@ class Store:
     def listings(self, folders: Sequence[str]) -> dict[str, tuple[dict[str, int], list[str]]]:
         """{folder: :meth:`entries` of it} for several folders under the root, each named by
         its path there (``parts/x``); concurrently on object stores, where each is a round trip."""
-        return {folder: self.entries(self.path(*folder.split("/"))) for folder in folders}
+        return {folder: self.entries_under(folder) for folder in folders}
+
+    def entries_under(self, folder: str) -> tuple[dict[str, int], list[str]]:
+        """:meth:`entries` of a folder named by its path under the root (``parts/x``)."""
+        return self.entries(self.path(*folder.split("/")))
 
     def write_atomic(self, data: bytes, *parts: str) -> str:
         """Write a whole file so readers see all of it or nothing; returns its path."""
@@ -278,7 +282,7 @@ class ObjectStore(Store):
     def listings(self, folders: Sequence[str]) -> dict[str, tuple[dict[str, int], list[str]]]:
         # Threads, not the async API: any fsspec filesystem answers ls from several threads.
         with ThreadPoolExecutor(min(len(folders), LISTINGS_AT_ONCE) or 1, thread_name_prefix="raypar-list") as pool:
-            return dict(zip(folders, pool.map(lambda f: self.entries(self.path(*f.split("/"))), folders), strict=True))
+            return dict(zip(folders, pool.map(self.entries_under, folders), strict=True))
 
     def write_many(self, files: Mapping[str, bytes]) -> None:
         if files:  # fsspec's pipe of a dict: concurrent PUTs on async stores (adlfs, s3fs, gcsfs)
