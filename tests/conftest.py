@@ -133,6 +133,20 @@ def quiet(line: str) -> None:
     pass
 
 
+def record_parts_listings(store) -> list[str]:
+    """Has ``store`` record which folders of parts/ it lists (by name there, "" for parts/ itself);
+    returns the list they are added to."""
+    seen, entries, root = [], store.entries, store.path("parts")
+
+    def recording(folder):
+        if folder.startswith(root):
+            seen.append(folder[len(root):].lstrip("/"))
+        return entries(folder)
+
+    store.entries = recording
+    return seen
+
+
 def wait_for(predicate, what: str, timeout: float = 120) -> None:
     """Poll ``predicate`` until true (synchronisation on an observable condition, not a sleep)."""
     deadline = time.time() + timeout

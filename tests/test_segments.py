@@ -14,7 +14,7 @@ import fsspec
 import psutil
 import pytest
 import yaml
-from conftest import cli_in_process, make_spec, quiet, wait_for
+from conftest import cli_in_process, make_spec, quiet, record_parts_listings, wait_for
 
 import raypar
 from raypar.jobdir.ledger import Ledger
@@ -239,15 +239,7 @@ FLAKY = textwrap.dedent("""
 def listed_folders(job):
     """A fresh view of ``job``, and the folders of parts/ its listings listed (by name there)."""
     ledger = Ledger(job)
-    seen, entries = [], ledger.store.entries
-    root = ledger.store.path("parts")
-
-    def recording(folder):
-        if folder.startswith(root):
-            seen.append(folder[len(root):].lstrip("/"))
-        return entries(folder)
-
-    ledger.store.entries = recording
+    seen = record_parts_listings(ledger.store)
     return ledger.view(lean=True), sorted(seen)
 
 

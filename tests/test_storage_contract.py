@@ -662,21 +662,6 @@ def test_a_segment_whose_put_failed_is_stored_again_under_its_name(azurite):
 OBJECT_STORES = ["azure", "s3", "gcs"]
 
 
-def listed_folders(ledger, monkeypatch) -> list[str]:
-    """Records the folders of parts/ each listing of ``ledger``'s store lists (by name there)."""
-    store, seen = ledger.store, []
-    entries = store.entries
-
-    def recording(folder):
-        root = store.path("parts")
-        if folder.startswith(root):
-            seen.append(folder[len(root):].lstrip("/"))
-        return entries(folder)
-
-    monkeypatch.setattr(store, "entries", recording)
-    return seen
-
-
 def two_segments_a_folder(backend, monkeypatch, batches: int):
     """A ledger of ``batches`` planned, whose writers store two segments to a folder."""
     monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)
@@ -697,7 +682,9 @@ def test_a_view_lists_only_the_segment_folders_no_compaction_closed(backend, mon
     assert stored_segments(ledger) == [seg(n) for n in range(7)]
     assert [seg(n).split("/")[0] for n in (0, 2, 4, 6)] == [f"r1~w1~f0000{f}" for f in range(4)]
 
-    seen = listed_folders(ledger, monkeypatch)
+    from conftest import record_parts_listings
+
+    seen = record_parts_listings(ledger.store)
     assert sorted(ledger.view().done) == [bid(o) for o in range(7)]
     assert sorted(seen) == ["", "r1~w1~f00000", "r1~w1~f00001", "r1~w1~f00002", "r1~w1~f00003"]
 
