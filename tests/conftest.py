@@ -133,13 +133,13 @@ def quiet(line: str) -> None:
     pass
 
 
-def record_parts_listings(store) -> list[str]:
-    """Has ``store`` record which folders of parts/ it lists (by name there, "" for parts/ itself);
-    returns the list they are added to."""
-    seen, entries, root = [], store.entries, store.path("parts")
+def record_listings(store, folder: str = "parts") -> list[str]:
+    """Has ``store`` record which folders of ``folder`` (parts/, failed/) it lists (by name there,
+    "" for the folder itself); returns the list they are added to."""
+    seen, entries, root = [], store.entries, store.path(folder)
 
     def recording(folder):
-        if folder.startswith(root):
+        if folder == root or folder.startswith(root + "/"):
             seen.append(folder[len(root):].lstrip("/"))
         return entries(folder)
 

@@ -115,7 +115,7 @@ def test_load_job_on_empty_dir(tmp_path):
     ('{"format": 1, "spec"', "corrupted"),
     ('{"format": 1}', "corrupted"),
     ('{"format": 99, "spec": {}, "raypar_version": "9.0"}', r"unsupported format 99 \(written by raypar 9.0; "
-                                                             r"this raypar .* reads formats 1, 2, 3\)"),
+                                                             r"this raypar .* reads formats 1, 2, 3, 4\)"),
     pytest.param("[]", "corrupted"),
 ])
 def test_load_job_corrupted(tmp_path, content, message):  # (and a newer format, refused in one line)
@@ -424,7 +424,8 @@ def test_a_session_that_gathers_failures_again_stores_them_under_new_names(tmp_p
         fail(ledger, ordinal, final=True)
         ledger.end_gathering_failures()
 
-    assert sorted(os.listdir(tmp_path / "job" / "failed")) == ["r1~000000.jsonl", "r1~000001.jsonl"]
+    assert os.listdir(tmp_path / "job" / "failed") == ["r1~f00000"]  # a folder of the run's segments
+    assert sorted(os.listdir(tmp_path / "job" / "failed" / "r1~f00000")) == ["r1~000000.jsonl", "r1~000001.jsonl"]
     assert Ledger(ledger.url).view().failed_batches() == {bid(1), bid(2)}
 
 

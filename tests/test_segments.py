@@ -14,9 +14,10 @@ import fsspec
 import psutil
 import pytest
 import yaml
-from conftest import cli_in_process, make_spec, quiet, record_parts_listings, wait_for
+from conftest import cli_in_process, make_spec, quiet, record_listings, wait_for
 
 import raypar
+from raypar.inputs.base import batch_id
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
 
@@ -237,17 +238,24 @@ FLAKY = textwrap.dedent("""
 
 
 def listed_folders(job):
-    """A fresh view of ``job``, and the folders of parts/ its listings listed (by name there)."""
+    """A fresh view of ``job``, and the folders of parts/ and of failed/ its listings listed (by
+    name there, "" for the folder itself)."""
     ledger = Ledger(job)
-    seen = record_parts_listings(ledger.store)
-    return ledger.view(lean=True), sorted(seen)
+    parts, failed = record_listings(ledger.store), record_listings(ledger.store, "failed")
+    return ledger.view(lean=True), sorted(parts), sorted(failed)
 
 
 def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_closed_folder(ray_cluster, blob, tmp_path,
-                                                                                          capsys):
+                                                                                          capsys, monkeypatch):
     # Every batch a segment of its own (as batches slower than flush_seconds leave them): one worker
-    # stores 108 of them, 100 to a folder. The session's end closes its folders: later views (status,
-    # the resume) list the top of parts/ only, and the resume runs exactly the failed batches.
+    # stores 108 of them, 100 to a folder; the driver (in this process) each failure, 2 to a folder.
+    # The session's end closes their folders: later views (status, the resume) list the top of
+    # parts/ and of failed/ only, and the resume runs exactly the failed batches.
+    import raypar.jobdir.ledger as ledger_module
+    from raypar.jobdir import layout
+
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 1)
+    monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)  # the driver's: the workers store 100 a folder
     container, fs = blob
     files = {f"f{i:03d}.txt": f"v{i}" for i in range(120)}
     log, flag = tmp_path / "exec", tmp_path / "ready"
@@ -268,8 +276,11 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
     folders = sorted({s.split("/")[0] for s in segments})
     assert len(segments) == 108 and all(s.endswith(".seg") and s.count("/") == 1 for s in segments)
     assert len(folders) == 2 and [s.split("/")[0] for s in segments].count(folders[0]) == 100
-    view, listed = listed_folders(job)
-    assert (len(view.done), listed) == (108, [""])  # both folders closed at the session's end
+    failures = sorted(p.split("/failed/", 1)[1] for p in fs.find(f"{container}/jobs/one-batch-segments/failed"))
+    assert len(failures) == 12 and len({f.split("/")[0] for f in failures}) == 6  # a segment each, 2 a folder
+    view, parts, failed = listed_folders(job)
+    assert (len(view.done), parts, failed) == (108, [""], [""])  # every folder closed at the session's end
+    assert sorted(view.failed_batches()) == [batch_id(int(n[1:4])) for n in failing]  # f007.txt: the 8th batch
     status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert (status["completed"], status["failed"]) == (108, 12)
     for p in log.iterdir():
@@ -281,5 +292,5 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(f for _, f in runs(log)) == failing  # exactly the failed batches, once each
     assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
-    view, listed = listed_folders(job)
-    assert (len(view.done), listed) == (120, [""])
+    view, parts, failed = listed_folders(job)
+    assert (len(view.done), parts, failed) == (120, [""], [""])

@@ -682,9 +682,9 @@ def test_a_view_lists_only_the_segment_folders_no_compaction_closed(backend, mon
     assert stored_segments(ledger) == [seg(n) for n in range(7)]
     assert [seg(n).split("/")[0] for n in (0, 2, 4, 6)] == [f"r1~w1~f0000{f}" for f in range(4)]
 
-    from conftest import record_parts_listings
+    from conftest import record_listings
 
-    seen = record_parts_listings(ledger.store)
+    seen = record_listings(ledger.store)
     assert sorted(ledger.view().done) == [bid(o) for o in range(7)]
     assert sorted(seen) == ["", "r1~w1~f00000", "r1~w1~f00001", "r1~w1~f00002", "r1~w1~f00003"]
 
@@ -795,7 +795,7 @@ def test_a_sessions_failed_records_are_stored_a_segment_at_a_time(backend, monke
         ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, error=f"bad input {i}", kind="user",
                                           final=i % 2 == 0))
     # 250 gathered: stored as one segment; the other 50 wait. Another reader sees only what is stored.
-    assert [p.rsplit("/", 1)[-1] for p in ledger.store.list_files("failed")] == ["r1~000000.jsonl"]
+    assert [p.rsplit("/", 1)[-1] for p in ledger.store.list_files("failed", "r1~f00000")] == ["r1~000000.jsonl"]
     other = backend.ledger()
     assert len(other.view().failed) == 250
     ledger.flush_failures(due_only=True)  # not old enough: nothing stored
@@ -803,7 +803,7 @@ def test_a_sessions_failed_records_are_stored_a_segment_at_a_time(backend, monke
 
     view = ledger.view()  # the session's own view stores what it gathered first
     assert len(view.failed) == 300 and view.failed_batches() == {bid(i) for i in range(0, 300, 2)}
-    assert len(ledger.store.list_files("failed")) == 2
+    assert len(ledger.store.list_files("failed", "r1~f00000")) == 2
     ledger.end_gathering_failures()
     ledger.record_failed(FailedRecord(batch=bid(399), run="r2", attempt=1, error="late", kind="user", final=True))
     assert bid(399) in backend.ledger().view().failed  # one by one again, stored at once
@@ -832,13 +832,70 @@ def test_a_view_reads_failed_records_a_window_at_a_time_and_keeps_one_copy_of_ea
 
     view = ledger.view()
 
-    assert len(ledger.store.list_files("failed")) == 5 and reads.count(1) >= 5  # one segment per read
+    assert len(ledger.store.list_files("failed", "r1~f00000")) == 5 and reads.count(1) >= 5  # one segment per read
     assert sorted(view.failed) == [bid(i) for i in range(50)]
     assert [view.failed[bid(i)][0].error for i in (0, 39, 40, 49)] == [same, same, "ValueError: bad row 40",
                                                                        "ValueError: bad row 49"]
     columns = view.failed.table.combine_chunks()
     assert len(columns.column("error").chunks[0].dictionary) == 11  # one copy of the repeated one, not forty
     assert len(columns.column("node").chunks[0].dictionary) == 1
+
+
+def failed_view(backend, **view) -> tuple[dict[str, list[str]], list[str]]:
+    """A fresh ledger's view of the failed records ({batch: its tracebacks}), and the folders of
+    failed/ it listed (by name there, "" for failed/ itself)."""
+    from conftest import record_listings
+
+    ledger = backend.ledger()
+    seen = record_listings(ledger.store, "failed")
+    failed = ledger.view(**view).failed
+    return {b: [r.error for r in records] for b, records in failed.items()}, sorted(seen)
+
+
+def test_a_view_lists_only_the_failed_record_folders_no_compaction_closed(backend, monkeypatch):
+    """A slow, flaky job stores a segment of failed records a second at most: tens of thousands in
+    a long job. The compaction of failed records closes the folders it read whole, as parts/'s:
+    a view lists the top of failed/ and the folders still open, and still reads every failure."""
+    import raypar.jobdir.failed_compact as failed_compact
+    import raypar.jobdir.ledger as ledger_module
+
+    ledger = two_segments_a_folder(backend, monkeypatch, 20)
+    monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 1)  # every failure a segment of its own
+    errors = {}
+
+    def fail(run: str, ordinals) -> None:
+        ledger.gather_failures(run, seconds=3600)
+        for o in ordinals:
+            errors[bid(o)] = [f"Traceback\nValueError: bad {o} in {run}"]
+            ledger.record_failed(FailedRecord(batch=bid(o), run=run, attempt=1, kind="user", final=True,
+                                              error=errors[bid(o)][0]))
+        ledger.end_gathering_failures()
+
+    fail("r1", range(7))  # segments 0-6: folders f0-f2 full, f3 begun
+    r1 = [f"r1~f0000{f}" for f in range(4)]
+    assert failed_view(backend) == (errors, ["", *r1])
+
+    # The session's compaction closes the folders below its last: they are whole.
+    assert ledger.compact_failures("r1")
+    assert failed_view(backend) == (errors, ["", "r1~f00003"])
+    latest = failed_compact.latest(ledger.store, ledger.url, ledger.store.file_sizes("failed-compact"), load=False)
+    assert (latest.closed, sorted(latest.covers)) == ({"r1": 3}, ["r1~f00003/r1~000006.jsonl"])
+    shown, _ = failed_view(backend, lean=True, errors_of=2)  # what `raypar status` reads
+    assert shown == {bid(o): errors[bid(o)] if o < 2 else [None] for o in range(7)}
+
+    # A later session's compaction closes every folder of the earlier one, and its own below its last.
+    fail("r2", range(7, 10))  # its segments 0-2: f0 full, f1 begun
+    assert ledger.compact_failures("r2")
+    assert failed_view(backend) == (errors, ["", "r2~f00001"])
+    # Its last compaction, its failures all stored, closes the rest.
+    assert ledger.compact_failures("r2", session_over=True)
+    assert not ledger.compact_failures("r2", session_over=True)  # nothing new, nothing more to close
+    assert failed_view(backend) == (errors, [""])
+
+    # Tracebacks damaged in the compaction: the view reads the records themselves, every folder of them.
+    piece = next(p for p in ledger.store.list_files("failed-compact") if ".errors-" in p)
+    ledger.store.fs.pipe_file(piece, ledger.store.fs.cat_file(piece)[::-1])  # the same size, other bytes
+    assert failed_view(backend) == (errors, ["", *r1, "r2~f00000", "r2~f00001"])
 
 
 def test_failed_records_compacted_are_read_as_the_records_and_a_status_reads_only_the_pieces_it_shows(

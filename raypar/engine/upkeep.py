@@ -30,13 +30,12 @@ COMPACT_SOONER = 1_000
 def compact(ledger: Ledger, run: str, done: bool = True, failed: bool = True, session_over: bool = False) -> None:
     """The next resume reads one file instead of every done record, the next status a few columns
     instead of every failed one; never fail a job over it. ``session_over``: the session's workers
-    are gone (its last compaction closes every segment folder it read)."""
-    for wanted, compaction, what in ((done, lambda r: ledger.compact(r, session_over=session_over), "done"),
-                                     (failed, ledger.compact_failures, "failed")):
+    are gone (its last compaction closes every segment folder it read, of parts/ and failed/)."""
+    for wanted, compaction, what in ((done, ledger.compact, "done"), (failed, ledger.compact_failures, "failed")):
         if not wanted:
             continue
         try:
-            compaction(run)
+            compaction(run, session_over=session_over)
         except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
             log.warning("could not compact the ledger's %s records: %s", what, exc)
         finally:

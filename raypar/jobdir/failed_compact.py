@@ -10,7 +10,8 @@ status`` needs their columns and the last traceback of three batches. So a compa
     failed-compact/<id>.idx               sealed, written last (the compaction counts from then on):
                                           the column files and the pieces with their sha256, and the
                                           files of failed/ it covers ({name: bytes}: a segment up to
-                                          its last whole line)
+                                          its last whole line), and the segment folders of failed/
+                                          it closed (raypar/jobdir/segment_folders.py)
 
 The records in failed/ stay, as done records do: the compact files are a copy, for speed. A folder
 of its own, so that a raypar that does not know it reads the records as before.
@@ -28,6 +29,7 @@ import pyarrow as pa
 
 from raypar.errors import LedgerError
 from raypar.jobdir.records import _unseal
+from raypar.jobdir.segment_folders import closed_of
 from raypar.jobdir.tables import FAILED_SCHEMA, to_ipc
 
 FOLDER = "failed-compact"
@@ -47,6 +49,7 @@ class Compacted:
     pieces: list
     covers: dict
     url: str
+    closed: dict  # the segment folders of failed/ it read whole (see raypar/jobdir/segment_folders.py)
 
     def whole(self, listed: dict[str, int]) -> bool:
         """Whether every file it names is listed ({path: size}) at the size it was written (a
@@ -102,14 +105,14 @@ def latest(store, url: str, sizes: dict[str, int], load: bool = True) -> Optiona
         index = _unseal(store.read_bytes(FOLDER, os.path.basename(path)))
         if index is None:
             continue
-        files, pieces, covers = index["files"], index["errors"], index["covers"]
+        files, pieces, covers, closed = index["files"], index["errors"], index["covers"], closed_of(index)
         if not load:
-            return Compacted(COLUMNS.empty_table(), files, pieces, covers, url)
+            return Compacted(COLUMNS.empty_table(), files, pieces, covers, url, closed)
         data = store.read_verified(FOLDER, files)
         if data is not None:
             tables = [pa.ipc.open_file(pa.BufferReader(d)).read_all() for d in data]
             table = pa.concat_tables(tables).unify_dictionaries() if tables else COLUMNS.empty_table()
-            return Compacted(table, files, pieces, covers, url)
+            return Compacted(table, files, pieces, covers, url, closed)
     return None
 
 

@@ -15,7 +15,11 @@ Everything is JSON or Arrow; nothing here is ever unpickled or executed::
     parts/<run>~<worker>~NNNNNN.seg object stores, format 2: the same segments, not in folders
     done/<batch>~<run>~<try>.json   object stores, before segments: one done record per attempt
     parts/<batch>~<run>~<try>.part  object stores, before segments: one attempt's output rows
-    failed/<batch>~<run>~<try>.json one failed attempt, with the error text
+    failed/<run>~fNNNNN/<run>~NNNNNN.jsonl  a driver session's failed attempts (sealed lines with the
+                                error text), stored a second's worth at a time, SEGMENTS_PER_FOLDER
+                                to a folder as parts/'s segments are
+    failed/<run>~NNNNNN.jsonl   before format 4: the same, not in folders
+    failed/<batch>~<run>~<try>.json one failed attempt, outside a driver's session and in older job dirs
     void/<batch>~<run>~<try>.json   a done record whose rows failed verification
     compact/compact-<id>.arrow  every done record read so far, as Arrow columns (+ a sealed .idx
                                 naming what it covers): a large job resumes without parsing each
@@ -44,7 +48,7 @@ stores them as one segment object per flush (a batch counts once stored).
 A worker stores its segments one after the other, so once its folder N+1
 exists, folder N holds all it ever will: a compaction that read it marks it
 closed, and later views list only the folders still open (see
-:meth:`raypar.jobdir.ledger.Ledger.compact`).
+raypar/jobdir/segment_folders.py); a driver stores its failed records the same way.
 
 The one resume rule lives in :meth:`LedgerView.pending`: manifest - done.
 """
@@ -70,15 +74,16 @@ def attempt_name(batch: str, run: str, attempt: int) -> str:
     return f"{batch}~{run}~{attempt}"
 
 
-def segment_name(writer: str, seq: int) -> str:
-    """The ``seq``-th segment object of a worker (numbered from 0, stored one after the other),
-    under parts/: ``<writer>~fNNNNN/<writer>~NNNNNN.seg``, SEGMENTS_PER_FOLDER to a folder."""
-    return f"{writer}~f{seq // SEGMENTS_PER_FOLDER:05d}/{writer}~{seq:06d}{SEGMENT_SUFFIX}"
+def segment_name(writer: str, seq: int, suffix: str = SEGMENT_SUFFIX) -> str:
+    """The ``seq``-th segment of a writer (numbered from 0, stored one after the other): a
+    worker's under parts/, a driver's failed records (``.jsonl``) under failed/:
+    ``<writer>~fNNNNN/<writer>~NNNNNN<suffix>``, SEGMENTS_PER_FOLDER to a folder."""
+    return f"{writer}~f{seq // SEGMENTS_PER_FOLDER:05d}/{writer}~{seq:06d}{suffix}"
 
 
 def segment_folder(name: str) -> Optional[tuple[str, int]]:
-    """(writer, folder number) of a folder of parts/, or of a segment named in one (its
-    ``segment_name``); None for anything else (a format-2 segment at the top of parts/)."""
+    """(writer, folder number) of a segment folder (of parts/ or failed/), or of a segment named
+    in one (its ``segment_name``); None for anything else (a file at the top of the folder)."""
     head = name.split("/", 1)[0]
     match = _SEGMENT_FOLDER.match(head) if "." not in head else None  # a file's name has a suffix
     return (match.group(1), int(match.group(2))) if match else None

@@ -28,7 +28,7 @@ import pyarrow as pa
 from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, QueuedBatch, batch_id, ordinal_of
 from raypar.inputs.pending import PendingQueue
-from raypar.jobdir import failed_compact, parts_listing
+from raypar.jobdir import failed_compact, segment_folders
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
     attempt_name,
@@ -66,8 +66,9 @@ log = logging.getLogger("raypar")
 # 2: segment objects on object stores, compact indexes of several files, the chunked manifest.
 # A raypar that reads format 1 only would miss segments and misread indexes: it refuses 2.
 # 3: segments in folders of parts/ (a raypar that reads 2 lists only the top: it refuses 3).
-FORMAT = 3
-READS = (1, 2, 3)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
+# 4: failed records in folders of failed/ (a raypar that reads 3 would miss them: it refuses 4).
+FORMAT = 4
+READS = (1, 2, 3, 4)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
 CHUNK_SIZE = 10_000
 MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges them into one
 FAILED_FLUSH_SECONDS = 1.0  # a driver's failed records wait at most this long to be stored...
@@ -84,7 +85,7 @@ class _DoneRead:
     coverage: dict
     covered: dict
     files: list
-    closed: dict  # the segment folders the compaction read from had closed (parts_listing)
+    closed: dict  # the segment folders the compaction read from had closed (segment_folders)
 
     @property
     def table(self) -> pa.Table:
@@ -507,21 +508,20 @@ class Ledger:
         self._snapshot.listings = listings
         self._snapshot.indexes = outer_indexes if outer_indexes is not None else {}
         try:
-            if "parts" in listed:  # its top, then the folders the newest compaction left open
-                listings["parts"] = self._parts_listing(listed["parts"])
+            for folder in ("parts", "failed"):  # their tops; the open segment folders when asked for
+                if folder in listed:
+                    listings[folder] = segment_folders.SegmentListing(self.store, folder, listed[folder])
             yield
         finally:
             self._snapshot.listings = outer
             self._snapshot.indexes = outer_indexes
 
-    def _parts_listing(self, top: Optional[tuple] = None) -> parts_listing.PartsListing:
-        index = self._newest_index()
-        return parts_listing.PartsListing(self.store, top or self.store.entries_under("parts"),
-                                          parts_listing.closed_of(index[1] if index else None))
-
-    def _parts(self) -> parts_listing.PartsListing:
-        listed = getattr(self._snapshot, "listings", {}).get("parts")
-        return listed if listed is not None else self._parts_listing()
+    def _segments(self, folder: str) -> segment_folders.SegmentListing:
+        """The listing of ``parts`` or ``failed`` (this block's, see _listed): the top, and the
+        segment folders a compaction left open once asked for with its ``closed``."""
+        listed = getattr(self._snapshot, "listings", {}).get(folder)
+        return listed if listed is not None else \
+            segment_folders.SegmentListing(self.store, folder, self.store.entries_under(folder))
 
     def _file_sizes(self, folder: str) -> dict[str, int]:
         listed = getattr(self._snapshot, "listings", {}).get(folder)
@@ -530,13 +530,14 @@ class Ledger:
     def _list_files(self, folder: str) -> list[str]:
         return sorted(self._file_sizes(folder))
 
-    def _record_windows(self, folder: str, covers: Optional[dict] = None) -> Iterator[list[tuple[str, int, bytes]]]:
-        """The files of sealed records of a folder (``.json`` files hold one, ``.jsonl`` segments one
-        per line), past what ``covers`` ({name: bytes}) says was compacted, as (path, start, bytes),
-        RECORDS_WINDOW bytes of them at a time (read concurrently on object stores): a million
-        failed attempts are a gigabyte of tracebacks, never all in memory at once."""
-        sizes = self._file_sizes(folder)
-        covers = covers or {}
+    def _failed_windows(self, covers: dict, closed: segment_folders.Closed) -> Iterator[list[tuple[str, int, bytes]]]:
+        """The files of sealed failed records (``.json`` files hold one, ``.jsonl`` segments one per
+        line) outside the segment folders ``closed`` closes, past what ``covers`` ({name under
+        failed/: bytes}) says was compacted, as (path, start, bytes), RECORDS_WINDOW bytes of them
+        at a time (read concurrently on object stores): a million failed attempts are a gigabyte
+        of tracebacks, never all in memory at once."""
+        listing = self._segments("failed")
+        sizes = listing.sizes(closed)
         window: list[tuple[str, int]] = []
         window_bytes = 0
 
@@ -552,7 +553,7 @@ class Ledger:
             return out
 
         for path in sorted(p for p in sizes if p.endswith((".json", ".jsonl"))):
-            start = covers.get(os.path.basename(path), 0)
+            start = covers.get(listing.name(path), 0)
             if start >= sizes[path]:
                 continue
             window.append((path, start))
@@ -628,7 +629,7 @@ class Ledger:
         """What the done records ``read`` are checked against: the sizes of parts/ by name there
         (a closed folder's segments whole: the compaction read their records out of them), and
         the voided records' keys."""
-        part_sizes = self._parts().proof(read.closed)
+        part_sizes = self._segments("parts").proof(read.closed)
         voided = {void_key_of(os.path.basename(p)) for p in self._list_files("void")}
         return part_sizes, voided - {None}
 
@@ -644,7 +645,7 @@ class Ledger:
         unread (an incremental compaction needs only what they cover).
         """
         base, covered, files, closed = self._latest_compact(load=base)
-        listing = self._parts()
+        listing = self._segments("parts")
         coverage, lines = dict(covered), []
         sizes = self._file_sizes("done")
         new = [p for p in sizes if p.endswith(".json") and os.path.basename(p) not in covered]
@@ -669,13 +670,6 @@ class Ledger:
         fresh = records_table(lines) if lines else empty_table()
         return _DoneRead(base, fresh, coverage, covered, files, closed)
 
-    def _newest_index(self) -> Optional[tuple[str, dict]]:
-        """(name, body) of the newest sealed compact index, neither its files read nor checked."""
-        for path in sorted(self._list_files("compact"), reverse=True):
-            if path.endswith(".idx") and (index := self._index(os.path.basename(path))) is not None:
-                return os.path.basename(path), index
-        return None
-
     def _latest_compact(self, load: bool = True) -> tuple:
         """(the compacted records, their coverage, the files holding them) of the newest intact
         compact index; an index whose files are missing or damaged is passed over for an older one.
@@ -688,7 +682,7 @@ class Ledger:
                 continue
             files = index.get("files") or [{"file": index["file"], "file_sha256": index["file_sha256"],
                                             "rows": index.get("rows")}]  # an index of one file (before deltas)
-            closed = parts_listing.closed_of(index)
+            closed = segment_folders.closed_of(index)
             if not load:
                 return empty_table(), index["covers"], files, closed
             data = self.store.read_verified("compact", files)
@@ -717,13 +711,13 @@ class Ledger:
         """
         with self._listed("compact", "done", "parts"):
             read = self._done_table(base=False)  # what the compact files cover, not their records
-            closed = self._parts().closing(read.closed, run, session_over)
+            closed = self._segments("parts").closing(read.closed, run, session_over)
             if read.coverage == read.covered and closed == read.closed:
                 return False
             merge = len(read.files) + 1 > MAX_COMPACT_FILES
             if merge:
                 read = self._done_table()
-                closed = self._parts().closing(read.closed, run, session_over)
+                closed = self._segments("parts").closing(read.closed, run, session_over)
         name = compact_name(run)
         table, files = (read.table, []) if merge else (read.fresh, list(read.files))
         if table.num_rows:
@@ -733,7 +727,7 @@ class Ledger:
                           "rows": table.num_rows})
         # The segment folders it read whole are closed: later views list neither them nor their names.
         index = {"files": files, "rows": sum(f["rows"] or 0 for f in files),
-                 "covers": parts_listing.prune(read.coverage, closed), "closed": closed}
+                 "covers": segment_folders.prune(read.coverage, closed), "closed": closed}
         self.store.write_atomic(_sealed(index), "compact", f"{name}.idx")  # last: the compact now counts
         self._remove_superseded(f"{name}.idx", {f["file"] for f in files})
         return True
@@ -764,7 +758,8 @@ class Ledger:
             shown = _lowest_failed(latest.table, shown, errors_of, done, retired)
         # A window's texts are dictionary-encoded as it is read: a million attempts of one bug hold
         # one copy of its traceback, not a million (a Python string each took `raypar status` to 2.6 GiB).
-        for files in self._record_windows("failed", latest.covers if latest is not None else None):
+        covers, closed = (latest.covers, latest.closed) if latest is not None else ({}, {})
+        for files in self._failed_windows(covers, closed):
             table = failed_table([data for _, _, data in files])
             del files  # before the next window is read
             if some and table.num_rows:
@@ -783,9 +778,11 @@ class Ledger:
             tables = [_errors_of(table, shown) for table in tables if table.num_rows]
         return FailedRecords(pa.concat_tables(tables) if tables else None)
 
-    def compact_failures(self, run: str, afresh: bool = False) -> bool:
+    def compact_failures(self, run: str, afresh: bool = False, session_over: bool = False) -> bool:
         """Fold the failed records stored since the last compaction of them into a delta of columns
         and pieces of tracebacks (see raypar/jobdir/failed_compact.py); False if nothing was new.
+        The segment folders of failed/ it read whole are closed, as :meth:`compact` closes those
+        of parts/ (``session_over``: the session's driver stores no more failed records).
 
         Past MAX_COMPACT_FILES column files they are merged into one; the pieces of tracebacks are
         never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
@@ -798,12 +795,13 @@ class Ledger:
             listed = self._file_sizes(folder)
             before = None if afresh else failed_compact.latest(self.store, self.url, listed, load=False)
             if before is not None and not before.whole(listed):
-                return self.compact_failures(run, afresh=True)
+                return self.compact_failures(run, afresh=True, session_over=session_over)
             name = compact_name(run)
             files, pieces = (list(before.files), list(before.pieces)) if before is not None else ([], [])
             covered = dict(before.covers) if before is not None else {}
-            covers, tables = dict(covered), []
-            for window in self._record_windows("failed", covered):
+            was_closed = dict(before.closed) if before is not None else {}
+            covers, tables, listing = dict(covered), [], self._segments("failed")
+            for window in self._failed_windows(covered, was_closed):
                 table, texts = failed_compact.columns_of(failed_table([data for _, _, data in window]), len(pieces))
                 for piece in texts:
                     data = failed_compact.piece_bytes(piece)
@@ -812,16 +810,17 @@ class Ledger:
                     pieces.append({"file": piece_name, "file_sha256": hashlib.sha256(data).hexdigest(),
                                    "rows": len(piece), "bytes": len(data)})
                 # Up to the last whole line of a segment: one still being written is read on from there.
-                covers.update({os.path.basename(path): start + (data.rfind(b"\n") + 1 if path.endswith(".jsonl")
+                covers.update({listing.name(path): start + (data.rfind(b"\n") + 1 if path.endswith(".jsonl")
                                                                 else len(data))
                                for path, start, data in window})
                 tables.append(table)
-        if covers == covered:  # (a segment's torn last line is read each time, never covered)
+            closed = listing.closing(was_closed, run, session_over)
+        if covers == covered and closed == was_closed:  # (a torn last line is read each time, never covered)
             return False
         if len(files) + 1 > MAX_COMPACT_FILES:  # merge the columns; the pieces stay as they are
             data = self.store.read_verified(folder, files)
             if data is None:
-                return self.compact_failures(run, afresh=True)  # this one's pieces go as superseded
+                return self.compact_failures(run, afresh=True, session_over=session_over)  # its pieces go as superseded
             tables = [pa.ipc.open_file(pa.BufferReader(d)).read_all() for d in data] + tables
             files = []
         if any(t.num_rows for t in tables):
@@ -829,7 +828,9 @@ class Ledger:
             self.store.write_atomic(data, folder, f"{name}.arrow")
             files.append({"file": f"{name}.arrow", "file_sha256": hashlib.sha256(data).hexdigest(), "rows": rows,
                           "bytes": len(data)})
-        index = {"files": files, "errors": pieces, "rows": sum(f["rows"] for f in files), "covers": covers}
+        # The segment folders it read whole are closed: later views list neither them nor their names.
+        index = {"files": files, "errors": pieces, "rows": sum(f["rows"] for f in files),
+                 "covers": segment_folders.prune(covers, closed), "closed": closed}
         self.store.write_atomic(_sealed(index), folder, f"{name}.idx")  # last: the compaction now counts
         self._remove_superseded(f"{name}.idx", {f["file"] for f in files} | {p["file"] for p in pieces}, folder)
         return True

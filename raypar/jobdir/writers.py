@@ -242,7 +242,8 @@ class ObjectSegmentWriter(DoneWriter):
 
 class FailedLog:
     """A driver session's failed records, stored a batch of them at a time as segment files of
-    sealed lines (``failed/<run>~NNNNNN.jsonl``), not one file each: on an object store a flood
+    sealed lines (``failed/<run>~fNNNNN/<run>~NNNNNN.jsonl``, one after the other, so a compaction
+    can close a folder: see raypar/jobdir/segment_folders.py), not one file each: on an object store a flood
     of failures (a bad tenth of a million inputs, each tried three times) cost a PUT each in the
     scheduler's loop and a GET each in every later view.
 
@@ -275,7 +276,7 @@ class FailedLog:
             if not self.lines or (due_only and time.monotonic() - self.oldest < self.seconds):
                 return
             data = b"".join(line + b"\n" for line in self.lines)
-            self.store.write_once(data, "failed", f"{self.run}~{self.next:06d}.jsonl")
+            self.store.write_once(data, "failed", *segment_name(self.run, self.next, ".jsonl").split("/"))
             self.next += 1
             self.stored += len(self.lines)
             self.lines, self.oldest = [], None

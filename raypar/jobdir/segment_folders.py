@@ -1,15 +1,17 @@
-"""What a view lists of parts/ on an object store: its top, and only the segment folders that no
-compaction has closed.
+"""What a view lists of a folder of segments on an object store (parts/, failed/): its top, and
+only the segment folders that no compaction has closed.
 
-A worker stores its segments one after the other, SEGMENTS_PER_FOLDER to a folder
-(``layout.segment_name``). So once a writer's folder N+1 exists, its folder N holds every segment
-it ever will; and a writer whose session ended (a later session compacts) stores no more. A
-compaction that read every segment of such a folder records it closed in its index (``closed``:
-{writer: how many of its folders, from 0, are closed}); the records it read from them are in the
-compact files, and a view neither lists those folders again nor looks for their segments: a
-compacted record of a closed folder is proven by the compaction that read it out of its segment.
-A job of a million one-batch segments thus lists the top of parts/ (a name per folder) and at most
-SEGMENTS_PER_FOLDER segments per writer still writing, not a million names.
+A writer stores its segments one after the other, SEGMENTS_PER_FOLDER to a folder
+(``layout.segment_name``): a worker its done segments under parts/, a driver its failed records
+under failed/. So once a writer's folder N+1 exists, its folder N holds every segment it ever
+will; and a writer whose session ended (a later session compacts) stores no more. A compaction
+that read every segment of such a folder records it closed in its index (``closed``: {writer: how
+many of its folders, from 0, are closed}); the records it read from them are in the compact files,
+and a view neither lists those folders again nor looks for their segments: a compacted done record
+of a closed folder is proven by the compaction that read it out of its segment. A job of a million
+one-batch segments thus lists the top of parts/ (a name per folder) and at most
+SEGMENTS_PER_FOLDER segments per writer still writing, not a million names; a long, flaky job's
+failed records likewise.
 
 A segment stored into a folder after a compaction closed it (only a writer of a session that had
 already lost the job dir could) is never read: like a segment lost in a crash, its batches run again.
@@ -30,7 +32,7 @@ WHOLE = int(np.iinfo(np.int64).max)  # the size a closed folder's segment answer
 
 
 def is_closed(closed: Closed, name: str) -> bool:
-    """Whether ``name`` (a folder of parts/, or a segment in one) is in a closed folder."""
+    """Whether ``name`` (a folder, or a segment in one, named under parts/ or failed/) is in a closed folder."""
     folder = segment_folder(name)
     return folder is not None and folder[1] < closed.get(folder[0], 0)
 
@@ -56,36 +58,38 @@ class PartSizes(dict):
         return WHOLE if closed else default
 
 
-class PartsListing:
-    """One view's listing of parts/: the files at its top (local disk's segment files, format-2
-    segments) and the files of every folder open by the newest compaction's ``closed``."""
+class SegmentListing:
+    """One view's listing of a folder of segments (``parts``, ``failed``): the files at its top
+    (local disk's segment files, format-2 segments, records stored one a file) and the files of
+    the segment folders a compaction's ``closed`` leaves open, listed when first asked for."""
 
-    def __init__(self, store: Store, top: tuple[dict[str, int], list[str]], closed: Closed):
-        self.store = store
-        self.root = store.path("parts")
+    def __init__(self, store: Store, folder: str, top: tuple[dict[str, int], list[str]],
+                 closed: Optional[Closed] = None):
+        self.store, self.folder = store, folder
+        self.root = store.path(folder)
         files, folders = top
         self.folders = [self.name(f) for f in folders]
-        self.closed = closed  # what the listing assumed: the folders it did not list
         self.files = dict(files)
-        self._add([f for f in self.folders if not is_closed(closed, f)])
+        self.listed: set[str] = set()  # the folders whose files are in ``files``
+        if closed is not None:  # the closed a caller will ask with: listed now, with the top
+            self.sizes(closed)
 
     def name(self, path: str) -> str:
-        """A path's name under parts/ (``folder/segment`` for a segment in a folder)."""
+        """A path's name under the folder (``folder/segment`` for a segment in a folder)."""
         return path[len(self.root) + 1:]
 
-    def _add(self, folders: list[str]) -> None:
-        for files, _ in self.store.listings([f"parts/{f}" for f in folders]).values():
-            self.files.update(files)
-
     def sizes(self, closed: Closed) -> dict[str, int]:
-        """{path: size} of every file of parts/ outside the folders ``closed`` closes: listed now
-        where the listing assumed one closed that ``closed`` does not (an older compaction used
-        because the newest is damaged closed fewer)."""
-        missing = [f for f in self.folders if is_closed(self.closed, f) and not is_closed(closed, f)]
-        if missing:
-            self._add(missing)
-            self.closed = {w: min(n, closed.get(w, 0)) for w, n in self.closed.items()}
-        return self.files
+        """{path: size} of every file outside the folders ``closed`` closes (an older compaction,
+        used because the newest is damaged, closed fewer: the folders only the newer one closed
+        are listed now)."""
+        missing = [f for f in self.folders if f not in self.listed and not is_closed(closed, f)]
+        for files, _ in self.store.listings([f"{self.folder}/{f}" for f in missing]).values():
+            self.files.update(files)
+        self.listed.update(missing)
+        shut = {f for f in self.listed if is_closed(closed, f)}  # listed for a caller that closed fewer
+        if not shut:
+            return self.files
+        return {p: size for p, size in self.files.items() if self.name(p).partition("/")[0] not in shut}
 
     def proof(self, closed: Closed) -> PartSizes:
         """The sizes a done record is checked against: by name under parts/, a closed folder's
@@ -93,11 +97,11 @@ class PartsListing:
         return PartSizes({self.name(p): size for p, size in self.sizes(closed).items()}, closed)
 
     def closing(self, closed: Closed, run: str, session_over: bool = False) -> Closed:
-        """``closed`` and what a compaction of session ``run`` that read every segment listed here
+        """``closed`` and what a compaction of session ``run`` that read every segment outside it
         may close besides: each writer's folders below its highest listed one, and every folder of
         a writer of an earlier session (a session compacts only while it holds the job dir, so an
-        earlier one's workers are gone; run IDs sort by their start), or of any session once
-        ``run``'s workers are gone (``session_over``: its last compaction)."""
+        earlier one's writers are gone; run IDs sort by their start), or of any session once
+        ``run``'s writers are gone (``session_over``: its last compaction)."""
         out = dict(closed)
         for folder in self.folders:
             found = segment_folder(folder)
