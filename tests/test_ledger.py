@@ -124,6 +124,19 @@ def test_load_job_corrupted(tmp_path, content, message):  # (and a newer format,
         Ledger(str(tmp_path)).load_job()
 
 
+def test_a_session_upgrades_an_older_job_dir_s_format_and_leaves_the_rest_of_job_json_as_it_was(tmp_path):
+    ledger = Ledger(str(tmp_path / "job"))
+    created = ledger.create({"name": "x"}, "name: x\n")
+    path = tmp_path / "job" / "job.json"
+    same = path.read_bytes()
+    ledger.upgrade_format()  # already this raypar's: not written again
+    assert path.read_bytes() == same
+    path.write_text(json.dumps({**created, "format": 2}))  # as a raypar before segment folders wrote it
+    ledger.upgrade_format()
+    assert json.loads(path.read_text()) == {**created, "format": ledger_module.FORMAT,
+                                            "upgraded_by": created["raypar_version"]}
+
+
 # -- manifest -------------------------------------------------------------------------
 
 

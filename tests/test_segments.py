@@ -286,10 +286,16 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
     for p in log.iterdir():
         p.unlink()
     flag.touch()
+    job_json = f"{container}/jobs/one-batch-segments/job.json"
+    created = json.loads(fs.cat_file(job_json))
+    fs.pipe_file(job_json, json.dumps({**created, "format": 3}).encode())  # as a raypar before folders of failed/
 
     resumed = cli("resume", job, "--address", ray_cluster.address)
 
     assert resumed.returncode == 0, resumed.stderr
+    # From now on an older raypar refuses the job dir: it would miss the records in folders.
+    assert json.loads(fs.cat_file(job_json)) == {**created, "format": ledger_module.FORMAT,
+                                                 "upgraded_by": created["raypar_version"]}
     assert sorted(f for _, f in runs(log)) == failing  # exactly the failed batches, once each
     assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     view, parts, failed = listed_folders(job)

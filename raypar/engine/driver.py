@@ -254,6 +254,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     signals.forget()
     ttl = spec.raypar.lease_ttl
     claim_lease(ledger, run, echo, ttl)
+    ledger.upgrade_format()  # an older raypar refuses the job dir from now on
     echo(announce)
     beat = Heartbeat(ledger, run, ttl)
     beat.start()

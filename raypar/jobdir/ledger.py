@@ -223,6 +223,15 @@ class Ledger:
             raise LedgerError(f"{self.url}/job.json: corrupted") from None
         return job
 
+    def upgrade_format(self) -> None:
+        """Have job.json say FORMAT from now on where it says an older one: a session of this raypar
+        stores in folders an older raypar would not list (``parts/``, ``failed/``), so that one must
+        refuse the job dir now. Called by the lease holder before it writes; every other field stays."""
+        job = self.load_job()
+        if job["format"] < FORMAT:
+            job["format"], job["upgraded_by"] = FORMAT, __version__
+            self.store.write_atomic(json.dumps(job, indent=2, sort_keys=True).encode(), "job.json")
+
     def exists(self) -> bool:
         return self.store.exists("job.json")
 
