@@ -20,7 +20,7 @@ def ordinal(batch_json: str) -> int:
 
 
 def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, pending=None, by_slot=False,
-        withdraw_seconds=0.0, **spec_keys):
+        withdraw_seconds=0.0, on_progress=lambda p: None, **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
     then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger.
@@ -49,7 +49,8 @@ def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progre
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.instance, cluster.now)
     elif by_slot:
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.index)
-    scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, progress or Progress(total=batches))
+    scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, progress or Progress(total=batches),
+                          on_progress)
     return scheduler.run(), scheduler, cluster, ledger
 
 
@@ -167,13 +168,22 @@ def test_a_user_error_is_retried_then_the_batch_fails(tmp_path):
 
 
 def test_a_lost_worker_costs_no_try_and_is_replaced(tmp_path):
-    reason, scheduler, cluster, ledger = run(
-        tmp_path, lambda b, a, w: Outcome(5.0, "lost") if (ordinal(b), a) == (3, 1) else Outcome(1.0),
-        **{"retry_settings.max_retries": 0})
+    lost, gone = [], []  # the worker that died; the writers gone at each step the driver shows
+
+    def behaviour(batch, attempt, worker):
+        if (ordinal(batch), attempt) == (3, 1):
+            lost.append(f"w{worker}")
+            return Outcome(5.0, "lost")
+        return Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, on_progress=lambda p: gone.append(set(p.gone)),
+                                             **{"retry_settings.max_retries": 0})
 
     assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (6, 0)
     assert history(ledger, 3) == [("system", False)]
     assert cluster.stats["run_batch"] == 7 and cluster.stats["workers"] == 3  # one worker replaced
+    # While the others ran on, the lost one's writer was gone (a compaction may close its folders).
+    assert gone[0] == set() and set(lost) in gone and len(scheduler.progress.gone) == 3
 
 
 def test_an_answer_given_just_before_the_worker_died_counts(tmp_path):

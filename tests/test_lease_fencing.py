@@ -58,6 +58,12 @@ def state(job):
     return json.loads((open(os.path.join(job, "state.json")).read()))
 
 
+def indexes(job):
+    """The compaction indexes of the job dir (done and failed records)."""
+    return sorted(name for folder in ("compact", "failed-compact") if os.path.isdir(os.path.join(job, folder))
+                  for name in os.listdir(os.path.join(job, folder)) if name.endswith(".idx"))
+
+
 def test_a_driver_that_cannot_renew_its_lease_stops_and_the_job_resumes(ray_cluster, tmp_path):
     spec, gate, job = held_job(tmp_path)
     driver = subprocess.Popen(cli("run", str(spec), "--job-dir", job, cluster=ray_cluster), env=env(), text=True,
@@ -102,8 +108,8 @@ def test_a_frozen_driver_is_taken_over_from_another_host_and_fenced_when_it_thaw
                               text=True, timeout=180)
         assert live.returncode == 0, live.stderr
         assert "is leased by pid" in live.stdout + live.stderr  # it waited out the silent lease
-        taken = state(job)
-        assert taken["state"] == "succeeded"
+        taken, compacted = state(job), indexes(job)
+        assert taken["state"] == "succeeded" and compacted
         assert output(tmp_path) == EXPECTED
 
         os.kill(frozen.pid, signal.SIGCONT)
@@ -114,6 +120,7 @@ def test_a_frozen_driver_is_taken_over_from_another_host_and_fenced_when_it_thaw
     failed = [line for line in err.splitlines() if line.startswith("raypar: job failed:")]
     assert len(failed) == 1 and "lease" in failed[0], err
     assert state(job) == taken  # the thawed driver wrote no state over the live one's
+    assert indexes(job) == compacted  # nor a compaction (it would close the live one's segment folders)
     assert output(tmp_path) == EXPECTED
     status = json.loads(subprocess.run(cli("status", job, "--json"), env=env(), capture_output=True,
                                        text=True, timeout=60).stdout)

@@ -1325,11 +1325,11 @@ def test_a_session_compacts_its_failed_records_every_compact_every_attempts_stor
     ledger = planned(tmp_path, 8)
     ledger.gather_failures("r1", seconds=0)
     shown = []
-    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p))
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p), may_write=lambda: True)
     indexes = []
     for i in range(7):
         ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, kind="user", final=True, error=f"e{i}"))
-        compactor(SimpleNamespace(done=0))  # stores the gathered record (a second old here), maybe compacts
+        compactor(SimpleNamespace(done=0, gone=set()))  # stores the gathered record (a second old here), maybe compacts
         compactor.join()  # on its own thread
         index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
         indexes.append(json.loads(Path(index[0]).read_bytes())["rows"] if index else 0)
@@ -1358,19 +1358,19 @@ def test_a_session_s_compaction_runs_beside_the_scheduler_one_at_a_time(tmp_path
 
     monkeypatch.setattr(Ledger, "compact", slow)
     shown = []
-    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p.done))
-    compactor(SimpleNamespace(done=0))
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p.done), may_write=lambda: True)
+    compactor(SimpleNamespace(done=0, gone=set()))
     for i in range(4):
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
-    compactor(SimpleNamespace(done=2))  # due: starts, and this call returns while it runs
+    compactor(SimpleNamespace(done=2, gone=set()))  # due: starts, and this call returns while it runs
     assert started.wait(timeout=30) and not release.is_set()
-    compactor(SimpleNamespace(done=4))  # due again, but one runs: none starts
+    compactor(SimpleNamespace(done=4, gone=set()))  # due again, but one runs: none starts
     assert shown == [0, 2, 4] and compacted == []
     release.set()
     compactor.join()
     assert compacted == [True]
     assert sorted(Ledger(ledger.url).view().done) == [bid(i) for i in range(4)]
-    compactor(SimpleNamespace(done=4))  # the next one starts now that the first is over
+    compactor(SimpleNamespace(done=4, gone=set()))  # the next one starts now that the first is over
     compactor.join()
     assert compacted == [True, False]  # nothing new since
 
@@ -1387,12 +1387,12 @@ def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_ar
     ledger = planned(tmp_path, 8)
     out = ledger.done_writer("r1~w1")
     now = [0.0]
-    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, clock=lambda: now[0])
-    compactor(SimpleNamespace(done=0))
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: now[0])
+    compactor(SimpleNamespace(done=0, gone=set()))
 
     def step(done: int, at: float) -> int:
         now[0] = at
-        compactor(SimpleNamespace(done=done))
+        compactor(SimpleNamespace(done=done, gone=set()))
         compactor.join()
         index = json.loads(open(sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))[-1],
                                 "rb").read().split(b"\n")[0]) if ledger.store.list_files("compact") else {}
@@ -1421,14 +1421,14 @@ def test_a_session_compacts_its_failed_records_every_compact_seconds_if_any_were
     compact_failures = Ledger.compact_failures
     monkeypatch.setattr(Ledger, "compact_failures", lambda self, run, **kw: runs.append(now[0]) or
                         compact_failures(self, run, **kw))
-    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, clock=lambda: now[0])
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: now[0])
 
     def step(at: float, failing: int | None = None) -> int:
         if failing is not None:
             ledger.record_failed(FailedRecord(batch=bid(failing), run="r1", attempt=1, kind="user", final=True,
                                               error=f"e{failing}"))
         now[0] = at
-        compactor(SimpleNamespace(done=0))  # stores the gathered record, maybe compacts
+        compactor(SimpleNamespace(done=0, gone=set()))  # stores the gathered record, maybe compacts
         compactor.join()
         index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
         return json.loads(Path(index[0]).read_bytes())["rows"] if index else 0

@@ -308,7 +308,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
                 view = view or final_view(ledger)
                 write_session_reports(ledger, spec, state, reason, view)
                 counts, view = view.counts(), None  # not held while compaction reads (a million records)
-                compact(ledger, run, session_over=True)
+                compact(ledger, run, beat.held, session_over=True)
         finally:
             beat.stopped.set()
             beat.join(timeout=5)
@@ -485,7 +485,7 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         # Failed batches of earlier sessions run again now: only done batches' item failures carry over.
         progress.failed_items = view.done.failed_items()
         progress.planning = feed is not None
-        reporter = Compactor(ledger, run, Reporter(session.show))
+        reporter = Compactor(ledger, run, Reporter(session.show), may_write=interrupt.lease_held)
         ledger.gather_failures(run)  # stored a segment at a time, not a file or object each
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)

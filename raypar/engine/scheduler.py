@@ -188,6 +188,9 @@ class Progress:
     failed_items: int = 0
     done_before: int = 0  # done by earlier sessions: not part of this session's rate
     planning: bool = False  # the input is still being listed: total grows
+    # Writers (worker processes) of this session that were killed or lost, each after what it stored was
+    # read: a compaction started after may close all their segment folders (Ledger.compact's ``gone``).
+    gone: set = field(default_factory=set)
     started_at: float = field(default_factory=time.monotonic)
 
     def rate(self, now: float) -> float:
@@ -1230,6 +1233,8 @@ class Scheduler:
                 del self.withdrawals[ref]
             self.transport.kill(slot.actor)
             slot.actor, slot.ready = None, False
+            if slot.writer is not None:  # its segments: stored and read (_recorded) or handed back to run again
+                self.progress.gone.add(slot.writer)
 
     def _kill_all(self) -> None:
         for slot in self.slots:

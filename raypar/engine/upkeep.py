@@ -3,6 +3,7 @@ at the end, the progress shown, and the reports written at the end (none of it m
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -27,15 +28,19 @@ COMPACT_SECONDS = 600.0
 COMPACT_SOONER = 1_000
 
 
-def compact(ledger: Ledger, run: str, done: bool = True, failed: bool = True, session_over: bool = False) -> None:
+def compact(ledger: Ledger, run: str, may_write: Callable[[], bool], done: bool = True, failed: bool = True,
+            session_over: bool = False, gone: frozenset = frozenset()) -> None:
     """The next resume reads one file instead of every done record, the next status a few columns
-    instead of every failed one; never fail a job over it. ``session_over``: the session's workers
-    are gone (its last compaction closes every segment folder it read, of parts/ and failed/)."""
-    for wanted, compaction, what in ((done, ledger.compact, "done"), (failed, ledger.compact_failures, "failed")):
+    instead of every failed one; never fail a job over it. ``may_write``: whether the session still
+    holds the lease (an index is written only while it does). ``session_over``: the session's workers
+    are gone (its last compaction closes every segment folder it read, of parts/ and failed/);
+    ``gone``: the writers of the session's workers that are gone (their folders of parts/ are closed)."""
+    for wanted, compaction, what in ((done, functools.partial(ledger.compact, gone=gone), "done"),
+                                     (failed, ledger.compact_failures, "failed")):
         if not wanted:
             continue
         try:
-            compaction(run, session_over=session_over)
+            compaction(run, session_over=session_over, may_write=may_write)
         except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
             log.warning("could not compact the ledger's %s records: %s", what, exc)
         finally:
@@ -76,8 +81,10 @@ class Compactor:
     one-batch segments are minutes on an emulator), and in the scheduler's loop the workers ran
     out of work meanwhile. :meth:`join` waits for it (before the session's last compaction)."""
 
-    def __init__(self, ledger: Ledger, run: str, then: Callable, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ledger: Ledger, run: str, then: Callable, may_write: Callable[[], bool],
+                 clock: Callable[[], float] = time.monotonic):
         self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
+        self.may_write = may_write  # False once the lease is lost: no index is written then
         self.clock = clock
         self.since = self.failed_since = clock()  # when the last compactions started (or the session)
         self.thread: Optional[threading.Thread] = None
@@ -97,8 +104,10 @@ class Compactor:
             self.at, self.failed_at = (p.done if done else self.at), (stored if failed else self.failed_at)
             self.since = self.clock() if done else self.since
             self.failed_since = self.clock() if failed else self.failed_since
-            self.thread = threading.Thread(target=compact, args=(self.ledger, self.run_id),
-                                           kwargs={"done": done, "failed": failed}, name="raypar-compact",
+            self.thread = threading.Thread(target=compact, args=(self.ledger, self.run_id, self.may_write),
+                                           # (the writers gone so far, taken on the scheduler's thread)
+                                           kwargs={"done": done, "failed": failed, "gone": frozenset(p.gone)},
+                                           name="raypar-compact",
                                            daemon=True)
             self.thread.start()
         self.then(p, final=final)

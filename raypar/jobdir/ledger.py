@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -710,9 +710,14 @@ class Ledger:
             cache[name] = index
         return cache[name]
 
-    def compact(self, run: str, session_over: bool = False) -> bool:
+    def compact(self, run: str, session_over: bool = False, may_write: Optional[Callable[[], bool]] = None,
+                gone: frozenset = frozenset()) -> bool:
         """Fold the done records read since the last compaction into the compact index; False if
         nothing was new. ``session_over``: ``run``'s workers are gone (its session's last compaction).
+        ``may_write``: whether ``run`` still holds the lease, asked after the listing and before
+        the index is written (none is written if not; the folders it closes depend on it, see
+        SegmentListing.closing); None where the caller knows it does. ``gone``: writers of ``run``
+        whose workers are gone, what they stored read first (their folders are closed).
 
         Incremental: the new records go to a delta file of their own, named by the new index next
         to the files it keeps; once an index would name more than MAX_COMPACT_FILES, everything is
@@ -720,13 +725,13 @@ class Ledger:
         """
         with self._listed("compact", "done", "parts"):
             read = self._done_table(base=False)  # what the compact files cover, not their records
-            closed = self._segments("parts").closing(read.closed, run, session_over)
+            closed = self._segments("parts").closing(read.closed, run, session_over, gone)
             if read.coverage == read.covered and closed == read.closed:
                 return False
             merge = len(read.files) + 1 > MAX_COMPACT_FILES
             if merge:
                 read = self._done_table()
-                closed = self._segments("parts").closing(read.closed, run, session_over)
+                closed = self._segments("parts").closing(read.closed, run, session_over, gone)
         name = compact_name(run)
         table, files = (read.table, []) if merge else (read.fresh, list(read.files))
         if table.num_rows:
@@ -737,6 +742,8 @@ class Ledger:
         # The segment folders it read whole are closed: later views list neither them nor their names.
         index = {"files": files, "rows": sum(f["rows"] or 0 for f in files),
                  "covers": segment_folders.prune(read.coverage, closed), "closed": closed}
+        if may_write is not None and not may_write():
+            return False  # the job dir is another session's now (its delta file goes as superseded)
         self.store.write_atomic(_sealed(index), "compact", f"{name}.idx")  # last: the compact now counts
         self._remove_superseded(f"{name}.idx", {f["file"] for f in files})
         return True
@@ -787,11 +794,13 @@ class Ledger:
             tables = [_errors_of(table, shown) for table in tables if table.num_rows]
         return FailedRecords(pa.concat_tables(tables) if tables else None)
 
-    def compact_failures(self, run: str, afresh: bool = False, session_over: bool = False) -> bool:
+    def compact_failures(self, run: str, afresh: bool = False, session_over: bool = False,
+                         may_write: Optional[Callable[[], bool]] = None) -> bool:
         """Fold the failed records stored since the last compaction of them into a delta of columns
         and pieces of tracebacks (see raypar/jobdir/failed_compact.py); False if nothing was new.
         The segment folders of failed/ it read whole are closed, as :meth:`compact` closes those
-        of parts/ (``session_over``: the session's driver stores no more failed records).
+        of parts/ (``session_over``: the session's driver stores no more failed records;
+        ``may_write``: as :meth:`compact`'s).
 
         Past MAX_COMPACT_FILES column files they are merged into one; the pieces of tracebacks are
         never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
@@ -804,7 +813,7 @@ class Ledger:
             listed = self._file_sizes(folder)
             before = None if afresh else failed_compact.latest(self.store, self.url, listed, load=False)
             if before is not None and not before.whole(listed):
-                return self.compact_failures(run, afresh=True, session_over=session_over)
+                return self.compact_failures(run, afresh=True, session_over=session_over, may_write=may_write)
             name = compact_name(run)
             files, pieces = (list(before.files), list(before.pieces)) if before is not None else ([], [])
             covered = dict(before.covers) if before is not None else {}
@@ -829,7 +838,8 @@ class Ledger:
         if len(files) + 1 > MAX_COMPACT_FILES:  # merge the columns; the pieces stay as they are
             data = self.store.read_verified(folder, files)
             if data is None:
-                return self.compact_failures(run, afresh=True, session_over=session_over)  # its pieces go as superseded
+                # (this one's pieces go as superseded)
+                return self.compact_failures(run, afresh=True, session_over=session_over, may_write=may_write)
             tables = [pa.ipc.open_file(pa.BufferReader(d)).read_all() for d in data] + tables
             files = []
         if any(t.num_rows for t in tables):
@@ -840,6 +850,8 @@ class Ledger:
         # The segment folders it read whole are closed: later views list neither them nor their names.
         index = {"files": files, "errors": pieces, "rows": sum(f["rows"] for f in files),
                  "covers": segment_folders.prune(covers, closed), "closed": closed}
+        if may_write is not None and not may_write():
+            return False  # the job dir is another session's now
         self.store.write_atomic(_sealed(index), folder, f"{name}.idx")  # last: the compaction now counts
         self._remove_superseded(f"{name}.idx", {f["file"] for f in files} | {p["file"] for p in pieces}, folder)
         return True

@@ -4,7 +4,7 @@ only the segment folders that no compaction has closed.
 A writer stores its segments one after the other, SEGMENTS_PER_FOLDER to a folder
 (``layout.segment_name``): a worker its done segments under parts/, a driver its failed records
 under failed/. So once a writer's folder N+1 exists, its folder N holds every segment it ever
-will; and a writer whose session ended (a later session compacts) stores no more. A compaction
+will; and a writer of a session that lost the lease to the one compacting counts no more. A compaction
 that read every segment of such a folder records it closed in its index (``closed``: {writer: how
 many of its folders, from 0, are closed}); the records it read from them are in the compact files,
 and a view neither lists those folders again nor looks for their segments: a compacted done record
@@ -96,19 +96,26 @@ class SegmentListing:
         segments whole."""
         return PartSizes({self.name(p): size for p, size in self.sizes(closed).items()}, closed)
 
-    def closing(self, closed: Closed, run: str, session_over: bool = False) -> Closed:
+    def closing(self, closed: Closed, run: str, session_over: bool = False, gone: frozenset = frozenset()) -> Closed:
         """``closed`` and what a compaction of session ``run`` that read every segment outside it
-        may close besides: each writer's folders below its highest listed one, and every folder of
-        a writer of an earlier session (a session compacts only while it holds the job dir, so an
-        earlier one's writers are gone; run IDs sort by their start), or of any session once
-        ``run``'s writers are gone (``session_over``: its last compaction)."""
+        may close besides: each writer's folders below its highest listed one, every folder of a
+        writer of another session, of a writer in ``gone`` (its worker killed or lost before the
+        listing, what it stored read by the driver first: a segment it stores yet holds only batches
+        handed back to run again), and at ``run``'s last compaction (``session_over``: its writers
+        gone) every folder.
+
+        Another session's writers are an earlier session's, without comparing clocks: a
+        compaction writes its index only while its session holds the lease, checked after this
+        listing (Ledger.compact's ``may_write``), so every other session listed had lost the lease
+        before; its writers are gone, or stragglers of a fenced session whose later segments
+        nobody counted (the holder runs their batches itself)."""
         out = dict(closed)
         for folder in self.folders:
             found = segment_folder(folder)
             if found is None:
                 continue
             writer, number = found
-            last = number + 1 if session_over or writer.split("~", 1)[0] < run else number
+            last = number + 1 if session_over or writer in gone or writer.split("~", 1)[0] != run else number
             if last > out.get(writer, 0):
                 out[writer] = last
         return out
