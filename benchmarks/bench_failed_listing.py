@@ -28,11 +28,10 @@ import argparse
 import os
 import sys
 import time
-
-import fsspec
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import object_store_root, print_load  # noqa: E402
+from common import flat_against_folders  # noqa: E402
 
 import raypar.jobdir.ledger as ledger_module  # noqa: E402
 from raypar.inputs.base import MiniBatch, batch_id  # noqa: E402
@@ -71,6 +70,11 @@ def build(url: str, options: dict, segments: int, flat: bool) -> None:
         writers.segment_name, ledger_module.FAILED_FLUSH_RECORDS = named, every
 
 
+def compact(url: str, options: dict, how: Optional[dict]) -> None:
+    if how is not None:
+        Ledger(url, options).compact_failures("r1", **how)
+
+
 def measure(url: str, options: dict) -> tuple[float, int, int]:
     """(seconds, names listed in failed/, failed batches) of status's view, a fresh client."""
     ledger = Ledger(url, {**options, "skip_instance_cache": True})
@@ -96,33 +100,8 @@ def main() -> int:
     parser.add_argument("--segments", type=int, nargs="+", default=[1000, 3000, 10000])
     parser.add_argument("--repeat", type=int, default=3, help="views timed per case (best shown)")
     args = parser.parse_args()
-    with object_store_root(args.store, "raypar-bench-failed-") as (base, options):
-        protocol = base.split("://")[0]
-        fs = fsspec.filesystem(protocol, **options, skip_instance_cache=True)
-        urls = {}
-        for count in args.segments:  # a bucket each: moto scans the whole bucket to list a prefix
-            for layout in ("flat", "folders"):
-                fs.mkdir(f"{layout}{count}")
-                urls[layout, count] = f"{protocol}://{layout}{count}/job"
-        print(f"{'segments':>9} {'when':<34} {'format 3 (flat)':>22} {'format 4 (folders)':>22} {'ratio':>6}")
-        for count in args.segments:
-            started = time.perf_counter()
-            for flat in (True, False):
-                build(urls["flat" if flat else "folders", count], options, count, flat)
-            print(f"  (built {count:,} segments twice in {time.perf_counter() - started:.1f} s)", flush=True)
-            for when, compaction in CASES:
-                got = {}
-                for layout in ("flat", "folders"):
-                    url = urls[layout, count]
-                    if compaction is not None:
-                        Ledger(url, options).compact_failures("r1", **compaction)
-                    runs = [measure(url, options) for _ in range(args.repeat)]
-                    assert all(failed == count for _, _, failed in runs), runs
-                    got[layout] = min(runs)
-                (fs_, fn, _), (gs, gn, _) = got["flat"], got["folders"]
-                print(f"{count:>9,} {when:<34} {fs_:>8.2f} s {fn:>7,} names {gs:>8.2f} s {gn:>7,} names "
-                      f"{fs_ / gs:>5.1f}x", flush=True)
-    print_load()
+    flat_against_folders(args.store, "raypar-bench-failed-", args.segments, ("format 3 (flat)", "format 4 (folders)"),
+                         CASES, build, compact, measure, args.repeat)
     return 0
 
 

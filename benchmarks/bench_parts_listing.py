@@ -12,8 +12,9 @@ real writer), this builds the job dir twice on the emulator: with format 2's fla
 baseline: the layout this replaces) and with format 3's folders. Then, in this process with a
 fresh client each time, it times the lean view ``raypar status`` and a resume read (best of
 --repeat), while the session runs before its first compaction (every folder open), after a
-compaction while it runs (each writer's last folder open), and after the session's end (its last
-compaction, its workers gone: every folder closed).
+compaction while it runs (each writer's last folder open), after one that knows half the workers
+were replaced (their writers gone: all their folders closed), and after the session's end (its
+last compaction, its workers gone: every folder closed).
 
 It prints seconds and the names the listings returned, side by side, and their ratio.
 
@@ -28,10 +29,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import fsspec
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import object_store_root, print_load  # noqa: E402
+from common import flat_against_folders  # noqa: E402
 
 from raypar.inputs.base import MiniBatch  # noqa: E402
 from raypar.jobdir import writers  # noqa: E402
@@ -42,6 +41,7 @@ ONE_PER_SEGMENT = {"flush_batches": 1, "flush_bytes": 1 << 30, "flush_seconds": 
 CASES = [  # (when the view is taken, the compaction before it)
     ("running, nothing compacted yet", None),  # the first COMPACT_EVERY batches of a session
     ("running, after a compaction", {}),  # every writer's last folder open
+    ("running, half the workers replaced", "half"),  # those writers gone (Progress.gone): their last closed
     ("after the session's end", {"session_over": True}),  # its workers gone: every folder closed
 ]
 
@@ -96,33 +96,16 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="views timed per case (best shown)")
     args = parser.parse_args()
-    with object_store_root(args.store, "raypar-bench-parts-") as (base, options):
-        protocol = base.split("://")[0]
-        fs = fsspec.filesystem(protocol, **options, skip_instance_cache=True)
-        urls = {}
-        for count in args.segments:  # a bucket each: moto scans the whole bucket to list a prefix
-            for layout in ("flat", "folders"):
-                fs.mkdir(f"{layout}{count}")
-                urls[layout, count] = f"{protocol}://{layout}{count}/job"
-        print(f"{'segments':>9} {'when':<34} {'format 2 (flat)':>22} {'format 3 (folders)':>22} {'ratio':>6}")
-        for count in args.segments:
-            started = time.perf_counter()
-            for flat in (True, False):
-                build(urls["flat" if flat else "folders", count], options, count, args.writers, flat)
-            print(f"  (built {count:,} segments twice in {time.perf_counter() - started:.1f} s)", flush=True)
-            for when, compaction in CASES:
-                got = {}
-                for layout in ("flat", "folders"):
-                    url = urls[layout, count]
-                    if compaction is not None:
-                        Ledger(url, options).compact("r1", **compaction)
-                    runs = [measure(url, options) for _ in range(args.repeat)]
-                    assert all(done == count for _, _, done in runs), runs
-                    got[layout] = min(runs)
-                (fs, fn, _), (gs, gn, _) = got["flat"], got["folders"]
-                print(f"{count:>9,} {when:<34} {fs:>8.2f} s {fn:>7,} names {gs:>8.2f} s {gn:>7,} names "
-                      f"{fs / gs:>5.1f}x", flush=True)
-    print_load()
+
+    def compact(url: str, options: dict, how) -> None:
+        if how == "half":
+            Ledger(url, options).compact("r1", gone=frozenset(f"r1~w{w:02d}" for w in range(args.writers // 2)))
+        elif how is not None:
+            Ledger(url, options).compact("r1", **how)
+
+    flat_against_folders(args.store, "raypar-bench-parts-", args.segments, ("format 2 (flat)", "format 3 (folders)"),
+                         CASES, lambda url, options, count, flat: build(url, options, count, args.writers, flat),
+                         compact, measure, args.repeat)
     return 0
 
 

@@ -222,6 +222,42 @@ def object_store_root(store: str, prefix: str):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def flat_against_folders(store: str, prefix: str, counts: list[int], formats: tuple[str, str], cases: list,
+                         build, compact, measure, repeat: int) -> None:
+    """The listing benchmarks' side by side: for each count, a job dir built twice on the emulator
+    (``build(url, options, count, flat)``: flat names, the layout replaced, and folders), each in a
+    bucket of its own (moto scans the whole bucket to list a prefix); then for each (when, how) of
+    ``cases``, ``compact(url, options, how)`` on both and the best of ``repeat``
+    ``measure(url, options)`` -> (seconds, names listed, records found: ``count`` each) printed."""
+    with object_store_root(store, prefix) as (base, options):
+        import fsspec  # noqa: PLC0415 - only the object-store benchmarks need it
+
+        protocol = base.split("://")[0]
+        fs = fsspec.filesystem(protocol, **options, skip_instance_cache=True)
+        urls = {}
+        for count in counts:
+            for layout in ("flat", "folders"):
+                fs.mkdir(f"{layout}{count}")
+                urls[layout, count] = f"{protocol}://{layout}{count}/job"
+        print(f"{'segments':>9} {'when':<34} {formats[0]:>22} {formats[1]:>22} {'ratio':>6}")
+        for count in counts:
+            started = time.perf_counter()
+            for flat in (True, False):
+                build(urls["flat" if flat else "folders", count], options, count, flat)
+            print(f"  (built {count:,} segments twice in {time.perf_counter() - started:.1f} s)", flush=True)
+            for when, how in cases:
+                got = {}
+                for layout in ("flat", "folders"):
+                    compact(urls[layout, count], options, how)
+                    runs = [measure(urls[layout, count], options) for _ in range(repeat)]
+                    assert all(found == count for _, _, found in runs), runs
+                    got[layout] = min(runs)
+                (fs_, fn, _), (gs, gn, _) = got["flat"], got["folders"]
+                print(f"{count:>9,} {when:<34} {fs_:>8.2f} s {fn:>7,} names {gs:>8.2f} s {gn:>7,} names "
+                      f"{fs_ / gs:>5.1f}x", flush=True)
+    print_load()
+
+
 @contextmanager
 def azurite_and_ray(prefix: str, keep: bool):
     """A temp folder, Azurite in it (its connection string in AZURE_STORAGE_CONNECTION_STRING) and a
