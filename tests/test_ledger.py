@@ -1375,6 +1375,44 @@ def test_a_session_s_compaction_runs_beside_the_scheduler_one_at_a_time(tmp_path
     assert compacted == [True, False]  # nothing new since
 
 
+def test_the_session_s_last_compaction_waits_for_one_still_running_on_its_thread(tmp_path, monkeypatch):
+    # A second Ctrl-C while the driver waits for its compaction's thread skips that wait; its last
+    # compaction then must not run beside the other (each may remove the other's files as superseded).
+    import threading
+    from types import SimpleNamespace
+
+    from raypar.engine import upkeep
+
+    monkeypatch.setattr(upkeep, "COMPACT_EVERY", 2)
+    ledger = planned(tmp_path, 4)
+    out = ledger.done_writer("r1~w1")
+    for i in range(2):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+    started, release, order = threading.Event(), threading.Event(), []
+    compact = Ledger.compact
+
+    def slow(self, run, **kw):
+        order.append(("in", kw.get("session_over")))
+        started.set()
+        release.wait(timeout=30)
+        order.append(("out", compact(self, run, **kw)))
+
+    monkeypatch.setattr(Ledger, "compact", slow)
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, may_write=lambda: True)
+    compactor(SimpleNamespace(done=0, gone=set()))
+    compactor(SimpleNamespace(done=2, gone=set()))  # due: runs on its thread, held
+    assert started.wait(timeout=30)
+    last = threading.Thread(target=upkeep.compact, args=(ledger, "r1", lambda: True), kwargs={"session_over": True})
+    last.start()  # the driver's last compaction, its wait for the thread cut short
+    last.join(timeout=0.5)  # time to reach Ledger.compact, were it not waiting
+    assert last.is_alive() and order == [("in", False)]  # it waits for the one running
+    release.set()
+    last.join(timeout=30)
+    compactor.join()
+    assert order == [("in", False), ("out", True), ("in", True), ("out", False)]  # one after the other (nothing new)
+    assert sorted(Ledger(ledger.url).view().done) == [bid(0), bid(1)]
+
+
 def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_are_new(tmp_path, monkeypatch):
     # A slow job (one segment a batch on an object store) would take hours to reach COMPACT_EVERY,
     # and every status and resume meanwhile reads each segment stored since the last compaction.

@@ -35,16 +35,19 @@ def compact(ledger: Ledger, run: str, may_write: Callable[[], bool], done: bool 
     holds the lease (an index is written only while it does). ``session_over``: the session's workers
     are gone (its last compaction closes every segment folder it read, of parts/ and failed/);
     ``gone``: the writers of the session's workers that are gone (their folders of parts/ are closed)."""
-    for wanted, compaction, what in ((done, functools.partial(ledger.compact, gone=gone), "done"),
-                                     (failed, ledger.compact_failures, "failed")):
-        if not wanted:
-            continue
-        try:
-            compaction(run, session_over=session_over, may_write=may_write)
-        except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
-            log.warning("could not compact the ledger's %s records: %s", what, exc)
-        finally:
-            give_memory_back()
+    # One at a time: two indexes written at once could each remove the other's files as superseded.
+    # (A driver stopped by a second Ctrl-C while it waited for its compaction's thread waits here.)
+    with ledger.compacting:
+        for wanted, compaction, what in ((done, functools.partial(ledger.compact, gone=gone), "done"),
+                                         (failed, ledger.compact_failures, "failed")):
+            if not wanted:
+                continue
+            try:
+                compaction(run, session_over=session_over, may_write=may_write)
+            except Exception as exc:  # noqa: BLE001 - compaction is an optimisation: never fail a job over it
+                log.warning("could not compact the ledger's %s records: %s", what, exc)
+            finally:
+                give_memory_back()
 
 
 def give_memory_back() -> None:

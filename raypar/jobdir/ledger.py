@@ -186,6 +186,7 @@ class Ledger:
         self.failed_log: Optional[FailedLog] = None  # gather_failures(): the driver's session
         self._failed_segments: dict[str, int] = {}  # run -> its next failed segment, across gatherings
         self._failed_compact_damaged = False  # a view found a piece damaged: the next compaction starts afresh
+        self.compacting = threading.Lock()  # a session's compactions one at a time (its thread's, its last)
 
     # -- identity -------------------------------------------------------
 
