@@ -670,6 +670,18 @@ def two_segments_a_folder(backend, monkeypatch, batches: int):
     return ledger
 
 
+def viewed(ledger, written: dict) -> tuple[list[str], list[str]]:
+    """A view of ``ledger``: its done batches and the folders of parts/ it listed (by name there,
+    "" for parts/ itself); every row of ``written`` ({record: rows}) read back through it."""
+    from conftest import record_listings
+
+    seen = record_listings(ledger.store)
+    view = ledger.view()
+    for record, rows in written.items():
+        assert ledger.read_rows(view.done[record.batch]) == rows
+    return sorted(view.done), sorted(seen)
+
+
 def one_per_segment(ledger, writer: str):
     return ledger.done_writer(writer, {"flush_batches": 1, "flush_bytes": 1 << 30, "flush_seconds": 0})
 
@@ -739,8 +751,6 @@ def test_the_lease_holder_closes_another_session_s_folders_whatever_its_run_id_a
     # No clock is compared: a session whose driver's clock ran ahead has a run ID that sorts after
     # the one holding the lease now. Its compaction, its lease lost after it listed, writes no index
     # (it would have closed the holder's open folder); the holder's closes all of its folders.
-    from conftest import record_listings
-
     ledger = two_segments_a_folder(backend, monkeypatch, 10)
     earlier = one_per_segment(ledger, "r9~w1")
     written = dict(done(earlier, o, run="r9") for o in range(3))  # r9~w1: f0 full, f1 begun
@@ -753,31 +763,20 @@ def test_the_lease_holder_closes_another_session_s_folders_whatever_its_run_id_a
 
     assert ledger.compact("r1", may_write=lambda: True)
     written.update(done(holder, o) for o in range(6, 8))  # the holder stores on: its f1 whole, f2 begun
-    seen = record_listings(ledger.store)
-    view = ledger.view()
-    assert sorted(seen) == ["", "r1~w1~f00001", "r1~w1~f00002"]  # none of r9's, the holder's from its last
-    assert sorted(view.done) == [bid(o) for o in range(8)]
-    for record, rows in written.items():
-        assert ledger.read_rows(view.done[record.batch]) == rows
+    # None of r9's folders listed; the holder's from its last on.
+    assert viewed(ledger, written) == ([bid(o) for o in range(8)], ["", "r1~w1~f00001", "r1~w1~f00002"])
 
 
 @pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
 def test_a_compaction_closes_every_folder_of_a_worker_gone_during_the_session(backend, monkeypatch):
     # Nodes come and go: a replaced worker would leave its last folder open until the session's end.
-    from conftest import record_listings
-
     ledger = two_segments_a_folder(backend, monkeypatch, 10)
     replaced, live = one_per_segment(ledger, "r1~w1"), one_per_segment(ledger, "r1~w2")
     written = dict(done(replaced, o) for o in range(3))  # w1: f0 full, f1 begun; then its worker died
     written.update(done(live, o) for o in range(3, 6))  # w2: the same, and it stores on
 
     assert ledger.compact("r1", gone=frozenset({"r1~w1"}))
-    seen = record_listings(ledger.store)
-    view = ledger.view()
-    assert sorted(seen) == ["", "r1~w2~f00001"]
-    assert sorted(view.done) == [bid(o) for o in range(6)]
-    for record, rows in written.items():
-        assert ledger.read_rows(view.done[record.batch]) == rows
+    assert viewed(ledger, written) == ([bid(o) for o in range(6)], ["", "r1~w2~f00001"])
 
 
 @pytest.mark.parametrize("backend", OBJECT_STORES, indirect=True)
