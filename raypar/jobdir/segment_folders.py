@@ -13,8 +13,9 @@ one-batch segments thus lists the top of parts/ (a name per folder) and at most
 SEGMENTS_PER_FOLDER segments per writer still writing, not a million names; a long, flaky job's
 failed records likewise.
 
-A segment stored into a folder after a compaction closed it (only a writer of a session that had
-already lost the job dir could) is never read: like a segment lost in a crash, its batches run again.
+A segment stored into a folder after a compaction closed it (only a writer already replaced, or one
+of a session that had already lost the job dir, could) is never read: like a segment lost in a
+crash, its batches run again.
 """
 
 from __future__ import annotations
