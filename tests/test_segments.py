@@ -18,6 +18,7 @@ from conftest import cli_in_process, make_spec, quiet, record_listings, wait_for
 
 import raypar
 from raypar.inputs.base import batch_id
+from raypar.jobdir import layout
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
 
@@ -114,6 +115,53 @@ def test_a_lost_worker_s_unstored_batches_run_again_and_nothing_runs_twice(ray_c
     segments = [p for p in fs.find(f"{container}/jobs/lost-worker/parts") if p.endswith(".seg")]
     assert 1 <= len(segments) <= 4  # one per flush, not one per batch (16 batches)
     assert not fs.exists(f"{container}/jobs/lost-worker/done")  # no per-batch record objects
+
+
+def test_a_lost_worker_s_segment_folders_are_closed_by_the_next_compaction_while_the_job_runs(
+        ray_cluster, blob, tmp_path, monkeypatch):
+    # Nodes come and go: a lost worker would leave its last folder of one-batch segments open, listed
+    # by every view, until the session's end. The session's next compaction closes all of them.
+    from raypar.engine import upkeep
+    from raypar.jobdir import segment_folders
+
+    container, _ = blob
+    monkeypatch.setattr(upkeep, "COMPACT_EVERY", 2)  # the driver runs in this process: compactions while it runs
+    seen = []  # (session_over, gone, the folders each gone writer had listed, how many the compaction closed)
+    closing = segment_folders.SegmentListing.closing
+
+    def recording(self, closed, run, session_over=False, gone=frozenset()):
+        out = closing(self, closed, run, session_over, gone)
+        if self.folder == "parts":
+            folders = {}  # writer -> how many folders it has
+            for writer, number in filter(None, map(layout.segment_folder, self.folders)):
+                folders[writer] = max(folders.get(writer, 0), number + 1)
+            listed = {w: folders[w] for w in gone if w in folders}
+            seen.append((session_over, set(gone), listed, {w: out.get(w, 0) for w in listed}))
+        return out
+
+    monkeypatch.setattr(segment_folders.SegmentListing, "closing", recording)
+    files, log, gate, spec = job_spec(tmp_path, 16, "f09.txt", {"flush_batches": 1, "flush_seconds": 0}, **{
+        "resources.instance_count": 1, "max_concurrency_per_instance": 2})
+    victim = {}
+
+    def kill_the_holder():
+        wait_for(lambda: list(gate.glob("holding-[0-9]*[0-9]")), "a batch from f09 on to be held")
+        holding = next(gate.glob("holding-[0-9]*[0-9]"))
+        victim["pid"] = int(holding.name.split("-")[1])
+        os.kill(victim["pid"], signal.SIGKILL)
+        (gate / "release").touch()
+
+    killer = threading.Thread(target=kill_the_holder, daemon=True)
+    killer.start()
+    outcome = raypar.run(spec, job_dir=f"az://{container}/jobs/lost-folders", echo=quiet).wait()
+    killer.join(timeout=60)
+
+    assert outcome.state is JobState.SUCCEEDED, outcome.reason
+    assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
+    while_running = [(listed, closed) for over, _, listed, closed in seen if not over and listed]
+    assert while_running, seen  # a compaction after the loss, the lost worker's folders in its listing
+    for listed, closed in while_running:
+        assert closed == listed  # every folder of a lost writer closed, its last one too
 
 
 CLI = [sys.executable, "-m", "raypar.cli"]
