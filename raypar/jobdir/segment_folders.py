@@ -64,16 +64,13 @@ class SegmentListing:
     (local disk's segment files, format-2 segments, records stored one a file) and the files of
     the segment folders a compaction's ``closed`` leaves open, listed when first asked for."""
 
-    def __init__(self, store: Store, folder: str, top: tuple[dict[str, int], list[str]],
-                 closed: Optional[Closed] = None):
+    def __init__(self, store: Store, folder: str, top: tuple[dict[str, int], list[str]]):
         self.store, self.folder = store, folder
         self.root = store.path(folder)
         files, folders = top
         self.folders = [self.name(f) for f in folders]
         self.files = dict(files)
         self.listed: set[str] = set()  # the folders whose files are in ``files``
-        if closed is not None:  # the closed a caller will ask with: listed now, with the top
-            self.sizes(closed)
 
     def name(self, path: str) -> str:
         """A path's name under the folder (``folder/segment`` for a segment in a folder)."""
