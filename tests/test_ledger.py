@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import raypar.jobdir.compact_tiers as compact_tiers
 import raypar.jobdir.ledger as ledger_module
 import raypar.jobdir.tables as tables_module
 from raypar.engine.planning import PLANNING_SWITCH_INTERVAL, PlanFeed
@@ -915,11 +916,11 @@ def test_two_writers_never_share_a_segment(tmp_path):
 def test_compaction_covers_what_it_read_and_later_appends_still_count(tmp_path):
     ledger = planned(tmp_path, 6)
     out = ledger.done_writer("r1~w1")
-    for i in (0, 1, 2):
+    for i in (0, 1, 2, 3):
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
     assert ledger.compact("r1") is True
     assert ledger.compact("r1") is False  # nothing new: no second file
-    for i in (3, 4):  # the same worker keeps appending after the compaction
+    for i in (4,):  # the same worker keeps appending after the compaction
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
     finish(ledger, 5, run="r2")  # and a one-record-per-file record
 
@@ -930,11 +931,11 @@ def test_compaction_covers_what_it_read_and_later_appends_still_count(tmp_path):
     assert ledger.compact("r2") is True
     assert sorted(Ledger(str(tmp_path / "job")).view().done) == [bid(i) for i in range(6)]
     names = sorted(os.listdir(tmp_path / "job" / "compact"))
-    # Incremental: the second compaction wrote a delta of the 3 new records, its index names both
-    # files, and the first index (superseded) is gone.
+    # Incremental: the second compaction wrote a delta of the 2 new records (fewer than the 4 of the
+    # first file: not merged), its index names both files, and the first index (superseded) is gone.
     assert [n.rsplit(".", 1)[1] for n in names] == ["arrow", "arrow", "idx"]
     index = json.loads((tmp_path / "job" / "compact" / names[2]).read_text())
-    assert [f["rows"] for f in index["files"]] == [3, 3]
+    assert [f["rows"] for f in index["files"]] == [4, 2]
 
 
 def test_reported_failed_items_survive_compaction_and_count_as_failed(tmp_path):
@@ -1055,19 +1056,55 @@ def test_compact_files_written_before_crc32_keep_their_parts_sha256(tmp_path):
     assert read.column("part_sha256").to_pylist() == before.column("part").cast("string").to_pylist()
 
 
-def test_compaction_merges_its_delta_files_past_the_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(ledger_module, "MAX_COMPACT_FILES", 3)
-    ledger = planned(tmp_path, 8)
+def newest_index(folder: Path) -> dict:
+    """The one compact index left in ``folder`` (the ones it superseded are removed)."""
+    indexes = [n for n in os.listdir(folder) if n.endswith(".idx")]
+    assert len(indexes) == 1, indexes
+    return unseal_all([(folder / indexes[0]).read_bytes()])[0]
+
+
+def binary(count: int) -> list[int]:
+    """``count`` as the powers of two that sum to it, largest first: 7 -> [4, 2, 1]."""
+    return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
+
+
+@pytest.mark.parametrize("most", [16, 2])
+def test_a_compaction_merges_only_the_newest_delta_files_no_larger_than_its_records(tmp_path, monkeypatch, most):
+    """A record per compaction: the index's files hold the count's binary digits (each record rewritten
+    about log2 times, not at every few compactions); past ``most`` files, everything is merged."""
+    monkeypatch.setattr(compact_tiers, "MAX_COMPACT_FILES", most)
+    ledger = planned(tmp_path, 12)
     out = ledger.done_writer("r1~w1")
-    files_per_index = []
-    for i in range(8):
+    folder = tmp_path / "job" / "compact"
+    rows_per_index = []
+    for i in range(12):
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
         assert ledger.compact("r1") is True
-        names = os.listdir(tmp_path / "job" / "compact")
-        assert len([n for n in names if n.endswith(".idx")]) == 1
-        files_per_index.append(len([n for n in names if n.endswith(".arrow")]))
+        index = newest_index(folder)
+        rows_per_index.append([f["rows"] for f in index["files"]])
+        assert sorted(n for n in os.listdir(folder) if n.endswith(".arrow")) == \
+            sorted(f["file"] for f in index["files"])  # the files merged are removed
         assert sorted(Ledger(str(tmp_path / "job")).view().done) == [bid(k) for k in range(i + 1)]
-    assert files_per_index == [1, 2, 3, 1, 2, 3, 1, 2]  # the 4th and 7th compactions merged everything
+    if most == 16:
+        assert rows_per_index == [binary(n) for n in range(1, 13)]
+    else:  # 7 would be [4, 2, 1], 3 files: all merged; and 10
+        assert rows_per_index == [[1], [2], [2, 1], [4], [4, 1], [4, 2], [7], [7, 1], [7, 2], [10], [10, 1], [10, 2]]
+
+
+def test_a_compaction_that_would_merge_a_damaged_file_compacts_every_record_again(tmp_path):
+    ledger = planned(tmp_path, 8)
+    out = ledger.done_writer("r1~w1")
+    for i in range(8):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+        if i == 3:
+            assert ledger.compact("r1") is True
+            arrow = next(p for p in (tmp_path / "job" / "compact").iterdir() if p.suffix == ".arrow")
+            arrow.write_bytes(arrow.read_bytes()[:-10])  # the 4 records' file, to be merged next
+
+    assert ledger.compact("r1") is True
+
+    assert [f["rows"] for f in newest_index(tmp_path / "job" / "compact")["files"]] == [8]  # from the records
+    assert sorted(Ledger(str(tmp_path / "job")).view().done) == [bid(i) for i in range(8)]
 
 
 def test_a_corrupted_compact_file_falls_back_to_the_records(tmp_path):
@@ -1165,7 +1202,6 @@ def test_compacted_failed_records_read_as_the_records_themselves_and_status_read
 
 def test_failed_compactions_are_deltas_whose_columns_merge_and_whose_tracebacks_are_never_rewritten(
         tmp_path, monkeypatch):
-    monkeypatch.setattr(ledger_module, "MAX_COMPACT_FILES", 3)
     ledger = planned(tmp_path, 8)
     folder = tmp_path / "job" / "failed-compact"
     columns_per_index, pieces = [], {}
@@ -1175,14 +1211,15 @@ def test_failed_compactions_are_deltas_whose_columns_merge_and_whose_tracebacks_
         assert ledger.compact_failures("r1") is True
         names = sorted(os.listdir(folder))
         assert len([n for n in names if n.endswith(".idx")]) == 1
-        columns_per_index.append(len([n for n in names if n.endswith(".arrow") and ".errors-" not in n]))
+        columns_per_index.append([f["rows"] for f in newest_index(folder)["files"]])
+        assert len([n for n in names if n.endswith(".arrow") and ".errors-" not in n]) == len(columns_per_index[-1])
         for name in pieces:  # every piece written before is still there, untouched
             assert (folder / name).stat().st_ino == pieces[name]
         pieces.update({n: (folder / n).stat().st_ino for n in names if ".errors-" in n})
         view = Ledger(ledger.url).view()
         assert {b: [r.error for r in rs] for b, rs in view.failed.items()} == {
             bid(k): [f"Traceback\nValueError: {k}"] for k in range(i + 1)}
-    assert columns_per_index == [1, 2, 3, 1, 2, 3, 1]  # the 4th and 7th compactions merged the columns
+    assert columns_per_index == [binary(n) for n in range(1, 8)]  # merged as the done records' are
     assert len(pieces) == 7
 
 

@@ -29,6 +29,7 @@ from raypar.errors import LedgerError, UsageError
 from raypar.inputs.base import MiniBatch, QueuedBatch, batch_id, ordinal_of
 from raypar.inputs.pending import PendingQueue
 from raypar.jobdir import failed_compact, segment_folders
+from raypar.jobdir.compact_tiers import newest_to_merge
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
     attempt_name,
@@ -70,7 +71,6 @@ log = logging.getLogger("raypar")
 FORMAT = 4
 READS = (1, 2, 3, 4)  # format 1 job dirs (per-try objects, one-file compacts) resume as they are
 CHUNK_SIZE = 10_000
-MAX_COMPACT_FILES = 8  # files a compact index names before a compaction merges them into one
 FAILED_FLUSH_SECONDS = 1.0  # a driver's failed records wait at most this long to be stored...
 FAILED_FLUSH_RECORDS = 1000  # ... or until this many are gathered
 RECORDS_WINDOW = 32 << 20  # bytes of record files read at once (a view's failed records)
@@ -721,20 +721,25 @@ class Ledger:
         whose workers are gone, what they stored read first (their folders are closed).
 
         Incremental: the new records go to a delta file of their own, named by the new index next
-        to the files it keeps; once an index would name more than MAX_COMPACT_FILES, everything is
-        merged into one file instead. Files and indexes the new index supersedes are removed.
+        to the files it keeps, merged with the newest files no larger than they are (see
+        compact_tiers). Files and indexes the new index supersedes are removed.
         """
         with self._listed("compact", "done", "parts"):
             read = self._done_table(base=False)  # what the compact files cover, not their records
             closed = self._segments("parts").closing(read.closed, run, session_over, gone)
             if read.coverage == read.covered and closed == read.closed:
                 return False
-            merge = len(read.files) + 1 > MAX_COMPACT_FILES
-            if merge:
+            kept = len(read.files) - newest_to_merge(read.files, read.fresh.num_rows)
+            data = self.store.read_verified("compact", read.files[kept:]) if kept < len(read.files) else []
+            if data is None:  # one is missing or damaged: everything, from the newest intact index
                 read = self._done_table()
                 closed = self._segments("parts").closing(read.closed, run, session_over, gone)
+                kept, merged = 0, [read.base]
+            else:
+                merged = [from_ipc(d) for d in data]
         name = compact_name(run)
-        table, files = (read.table, []) if merge else (read.fresh, list(read.files))
+        files = list(read.files[:kept])
+        table = pa.concat_tables([*merged, read.fresh]) if merged else read.fresh
         if table.num_rows:
             data = to_ipc(table.unify_dictionaries().combine_chunks())
             self.store.write_atomic(data, "compact", f"{name}.arrow")
@@ -803,8 +808,8 @@ class Ledger:
         of parts/ (``session_over``: the session's driver stores no more failed records;
         ``may_write``: as :meth:`compact`'s).
 
-        Past MAX_COMPACT_FILES column files they are merged into one; the pieces of tracebacks are
-        never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
+        The columns are merged with the newest column files no larger than they are, as :meth:`compact`
+        merges (see compact_tiers); the pieces of tracebacks are never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
         missing, cut or damaged is started again from the records (a view passes it over meanwhile):
         seen in the listing, or by a view of this ledger (a driver's session reads every piece).
         """
@@ -836,13 +841,14 @@ class Ledger:
             closed = listing.closing(was_closed, run, session_over)
         if covers == covered and closed == was_closed:  # (a torn last line is read each time, never covered)
             return False
-        if len(files) + 1 > MAX_COMPACT_FILES:  # merge the columns; the pieces stay as they are
-            data = self.store.read_verified(folder, files)
+        kept = len(files) - newest_to_merge(files, sum(t.num_rows for t in tables))
+        if kept < len(files):  # merge the columns; the pieces stay as they are
+            data = self.store.read_verified(folder, files[kept:])
             if data is None:
                 # (this one's pieces go as superseded)
                 return self.compact_failures(run, afresh=True, session_over=session_over, may_write=may_write)
             tables = [pa.ipc.open_file(pa.BufferReader(d)).read_all() for d in data] + tables
-            files = []
+            files = files[:kept]
         if any(t.num_rows for t in tables):
             data, rows = failed_compact.columns_bytes(tables)
             self.store.write_atomic(data, folder, f"{name}.arrow")
