@@ -1366,7 +1366,7 @@ def test_a_session_compacts_its_failed_records_every_compact_every_attempts_stor
     indexes = []
     for i in range(7):
         ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, kind="user", final=True, error=f"e{i}"))
-        compactor(SimpleNamespace(done=0, gone=set()))  # stores the gathered record (a second old here), maybe compacts
+        compactor(SimpleNamespace(done=0, gone=set(), segments=0))  # stores the gathered record (a second old here), maybe compacts
         compactor.join()  # on its own thread
         index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
         indexes.append(json.loads(Path(index[0]).read_bytes())["rows"] if index else 0)
@@ -1396,18 +1396,18 @@ def test_a_session_s_compaction_runs_beside_the_scheduler_one_at_a_time(tmp_path
     monkeypatch.setattr(Ledger, "compact", slow)
     shown = []
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p.done), may_write=lambda: True)
-    compactor(SimpleNamespace(done=0, gone=set()))
+    compactor(SimpleNamespace(done=0, gone=set(), segments=0))
     for i in range(4):
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
-    compactor(SimpleNamespace(done=2, gone=set()))  # due: starts, and this call returns while it runs
+    compactor(SimpleNamespace(done=2, gone=set(), segments=0))  # due: starts, and this call returns while it runs
     assert started.wait(timeout=30) and not release.is_set()
-    compactor(SimpleNamespace(done=4, gone=set()))  # due again, but one runs: none starts
+    compactor(SimpleNamespace(done=4, gone=set(), segments=0))  # due again, but one runs: none starts
     assert shown == [0, 2, 4] and compacted == []
     release.set()
     compactor.join()
     assert compacted == [True]
     assert sorted(Ledger(ledger.url).view().done) == [bid(i) for i in range(4)]
-    compactor(SimpleNamespace(done=4, gone=set()))  # the next one starts now that the first is over
+    compactor(SimpleNamespace(done=4, gone=set(), segments=0))  # the next one starts now that the first is over
     compactor.join()
     assert compacted == [True, False]  # nothing new since
 
@@ -1436,8 +1436,8 @@ def test_the_session_s_last_compaction_waits_for_one_still_running_on_its_thread
 
     monkeypatch.setattr(Ledger, "compact", slow)
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, may_write=lambda: True)
-    compactor(SimpleNamespace(done=0, gone=set()))
-    compactor(SimpleNamespace(done=2, gone=set()))  # due: runs on its thread, held
+    compactor(SimpleNamespace(done=0, gone=set(), segments=0))
+    compactor(SimpleNamespace(done=2, gone=set(), segments=0))  # due: runs on its thread, held
     assert started.wait(timeout=30)
     last = threading.Thread(target=upkeep.compact, args=(ledger, "r1", lambda: True), kwargs={"session_over": True})
     last.start()  # the driver's last compaction, its wait for the thread cut short
@@ -1463,11 +1463,11 @@ def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_ar
     out = ledger.done_writer("r1~w1")
     now = [0.0]
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: now[0])
-    compactor(SimpleNamespace(done=0, gone=set()))
+    compactor(SimpleNamespace(done=0, gone=set(), segments=0))
 
     def step(done: int, at: float) -> int:
         now[0] = at
-        compactor(SimpleNamespace(done=done, gone=set()))
+        compactor(SimpleNamespace(done=done, gone=set(), segments=0))
         compactor.join()
         index = json.loads(open(sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))[-1],
                                 "rb").read().split(b"\n")[0]) if ledger.store.list_files("compact") else {}
@@ -1481,6 +1481,35 @@ def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_ar
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
     assert step(5, 3 * upkeep.COMPACT_SECONDS) == 3  # the time, not yet enough batches (2 since)
     assert step(6, 3 * upkeep.COMPACT_SECONDS) == 6
+
+
+def test_a_session_compacts_every_compact_segments_segments_stored_however_few_batches(tmp_path, monkeypatch):
+    """On an object store every segment not compacted is a GET in each view: a job whose segments
+    hold a batch each compacts after COMPACT_SEGMENTS of them (done and failed records alike),
+    long before COMPACT_EVERY batches or COMPACT_SECONDS."""
+    from types import SimpleNamespace
+
+    from raypar.engine import upkeep
+
+    monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS", 3)
+    ledger = planned(tmp_path, 12)
+    ledger.gather_failures("r1", seconds=0)  # a failed-records segment per step
+    out = ledger.done_writer("r1~w1")
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: 0.0)
+
+    def rows(folder: str) -> int:
+        indexes = sorted(p for p in ledger.store.list_files(folder) if p.endswith(".idx"))
+        return unseal_all([Path(indexes[-1]).read_bytes()])[0]["rows"] if indexes else 0
+
+    compacted = []
+    for i in range(7):
+        out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+        ledger.record_failed(FailedRecord(batch=bid(i + 7 if i < 5 else 11), run="r1", attempt=1, kind="user",
+                                          final=False, error=f"e{i}"))
+        compactor(SimpleNamespace(done=i + 1, gone=set(), segments=i + 1))  # a segment per batch
+        compactor.join()
+        compacted.append((rows("compact"), rows("failed-compact")))
+    assert compacted == [(0, 0), (0, 0), (3, 3), (3, 3), (3, 3), (6, 6), (6, 6)]
 
 
 def test_a_session_compacts_its_failed_records_every_compact_seconds_if_any_were_stored(tmp_path, monkeypatch):
@@ -1503,7 +1532,7 @@ def test_a_session_compacts_its_failed_records_every_compact_seconds_if_any_were
             ledger.record_failed(FailedRecord(batch=bid(failing), run="r1", attempt=1, kind="user", final=True,
                                               error=f"e{failing}"))
         now[0] = at
-        compactor(SimpleNamespace(done=0, gone=set()))  # stores the gathered record, maybe compacts
+        compactor(SimpleNamespace(done=0, gone=set(), segments=0))  # stores the gathered record, maybe compacts
         compactor.join()
         index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
         return json.loads(Path(index[0]).read_bytes())["rows"] if index else 0

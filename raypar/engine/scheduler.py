@@ -191,6 +191,9 @@ class Progress:
     # Writers (worker processes) of this session that were killed or lost, each after what it stored was
     # read: a compaction started after may close all their segment folders (Ledger.compact's ``gone``).
     gone: set = field(default_factory=set)
+    # Segments of done records this session's workers stored on an object store: a view reads each
+    # one (a GET) until a compaction covers it (on local disk a worker appends to one file instead).
+    segments: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
     def rate(self, now: float) -> float:
@@ -211,6 +214,7 @@ class Scheduler:
                  may_write: Callable[[], bool] = lambda: True, output=None,
                  attempts_before: Optional[dict[str, int]] = None):
         self.ledger, self.spec, self.run_id, self.transport = ledger, spec, run, transport
+        self.segmented = not ledger.store.appends  # the workers store their records as segments
         self.clock = transport.clock
         self.failed_percent_limit = spec.failed_percent_limit()  # parsed from program_arguments once
         self.max_tries = spec.max_tries
@@ -910,6 +914,8 @@ class Scheduler:
             return
         if answer["durable"] > slot.durable:
             self.job_dir_failures = 0  # the job dir takes writes again
+        if self.segmented:  # (a worker's position there is the number of its next segment)
+            self.progress.segments += max(0, answer["position"] - slot.position)
         slot.durable, slot.position = answer["durable"], answer["position"]
         confirmed = slot.unflushed.confirm(slot.durable)
         for call, _ in confirmed:  # stored for good: never sent again this session (a million entries else)
