@@ -1485,31 +1485,24 @@ def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_ar
 
 def test_a_session_compacts_every_compact_segments_segments_stored_however_few_batches(tmp_path, monkeypatch):
     """On an object store every segment not compacted is a GET in each view: a job whose segments
-    hold a batch each compacts after COMPACT_SEGMENTS of them (done and failed records alike),
-    long before COMPACT_EVERY batches or COMPACT_SECONDS."""
+    hold a batch each compacts after COMPACT_SEGMENTS of them, long before COMPACT_EVERY batches
+    or COMPACT_SECONDS."""
     from types import SimpleNamespace
 
     from raypar.engine import upkeep
 
     monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS", 3)
-    ledger = planned(tmp_path, 12)
-    ledger.gather_failures("r1", seconds=0)  # a failed-records segment per step
+    ledger = planned(tmp_path, 8)
     out = ledger.done_writer("r1~w1")
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: 0.0)
-
-    def rows(folder: str) -> int:
-        indexes = sorted(p for p in ledger.store.list_files(folder) if p.endswith(".idx"))
-        return unseal_all([Path(indexes[-1]).read_bytes()])[0]["rows"] if indexes else 0
-
     compacted = []
     for i in range(7):
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
-        ledger.record_failed(FailedRecord(batch=bid(i + 7 if i < 5 else 11), run="r1", attempt=1, kind="user",
-                                          final=False, error=f"e{i}"))
         compactor(SimpleNamespace(done=i + 1, gone=set(), segments=i + 1))  # a segment per batch
         compactor.join()
-        compacted.append((rows("compact"), rows("failed-compact")))
-    assert compacted == [(0, 0), (0, 0), (3, 3), (3, 3), (3, 3), (6, 6), (6, 6)]
+        indexes = sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))
+        compacted.append(unseal_all([Path(indexes[-1]).read_bytes()])[0]["rows"] if indexes else 0)
+    assert compacted == [0, 0, 3, 3, 3, 6, 6]
 
 
 def test_a_session_compacts_its_failed_records_every_compact_seconds_if_any_were_stored(tmp_path, monkeypatch):

@@ -26,11 +26,12 @@ COMPACT_EVERY = 50_000
 # object store (a segment per batch) would otherwise leave hours of segments for every view to read.
 COMPACT_SECONDS = 600.0
 COMPACT_SOONER = 1_000
-# ... or once COMPACT_SEGMENTS segments were stored since the last (done records' segments on an
-# object store, failed records' anywhere): a view reads each one not compacted yet, a GET each, so
-# this bounds what a status or a resume reads one by one (where every segment holds a batch,
-# 50,000 batches were 50,000 GETs: minutes). A compaction costs a delta file; merges are a binary
-# counter (compact_tiers): at a compaction per 2,000 segments, about 9 writes of each record.
+# ... or once the workers stored COMPACT_SEGMENTS segments of done records on an object store since
+# the last: a view reads each one not compacted yet, a GET each, so this bounds what a status or a
+# resume reads one by one (where every segment holds a batch, 50,000 batches were 50,000 GETs:
+# minutes). A compaction costs a delta file; merges are a binary counter (compact_tiers): at one
+# per 2,000 segments, about 9 writes of each record over a million. (The driver stores at most a
+# segment of failed records a second, or one per 1,000: 10 minutes of them are fewer.)
 COMPACT_SEGMENTS = 2_000
 
 
@@ -82,9 +83,9 @@ class Compactor:
     """Folds done records into a compact file every COMPACT_EVERY batches or COMPACT_SEGMENTS
     segments, or every COMPACT_SECONDS once COMPACT_SOONER are done since the last, so a resume
     after a crash or a status reads at most that many records one by one (see Ledger.compact); and
-    failed records every COMPACT_EVERY failed attempts or COMPACT_SEGMENTS segments, or every
-    COMPACT_SECONDS if any were stored (Ledger.compact_failures). Stores the failed records the
-    session gathered once they are a second old (see FailedLog).
+    failed records every COMPACT_EVERY failed attempts, or every COMPACT_SECONDS if any were
+    stored (Ledger.compact_failures). Stores the failed records the session gathered once they
+    are a second old (see FailedLog).
 
     A compaction runs on a thread of its own, one at a time, while the scheduler goes on: on an
     object store it reads every segment stored since the last one (a ranged GET each: 50,000
@@ -94,7 +95,7 @@ class Compactor:
     def __init__(self, ledger: Ledger, run: str, then: Callable, may_write: Callable[[], bool],
                  clock: Callable[[], float] = time.monotonic):
         self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
-        self.segments_at = self.failed_segments_at = 0  # segments stored when the last compactions started
+        self.segments_at = 0  # segments stored when the last compaction of done records started
         self.may_write = may_write  # False once the lease is lost: no index is written then
         self.clock = clock
         self.since = self.failed_since = clock()  # when the last compactions started (or the session)
@@ -104,19 +105,17 @@ class Compactor:
         self.ledger.flush_failures(due_only=not final)  # failed records gathered for a second or more
         if self.at is None:
             self.at = p.done
-        failed_log = self.ledger.failed_log
-        stored, failed_segments = (failed_log.stored, failed_log.segments) if failed_log is not None else (0, 0)
+        stored = self.ledger.failed_log.stored if self.ledger.failed_log is not None else 0
         new = p.done - self.at
         done = new >= COMPACT_EVERY or p.segments - self.segments_at >= COMPACT_SEGMENTS or (
             new >= COMPACT_SOONER and self.clock() - self.since >= COMPACT_SECONDS)
         # Failed records are stored a file a second at most: a slow, flaky job leaves a file for
         # each failure, and every status reads those not compacted. So any new ones, every COMPACT_SECONDS.
-        failed = stored - self.failed_at >= COMPACT_EVERY or failed_segments - self.failed_segments_at >= \
-            COMPACT_SEGMENTS or (stored > self.failed_at and self.clock() - self.failed_since >= COMPACT_SECONDS)
+        failed = stored - self.failed_at >= COMPACT_EVERY or (
+            stored > self.failed_at and self.clock() - self.failed_since >= COMPACT_SECONDS)
         if (done or failed) and not final and not (self.thread is not None and self.thread.is_alive()):
             self.at, self.failed_at = (p.done if done else self.at), (stored if failed else self.failed_at)
             self.segments_at = p.segments if done else self.segments_at
-            self.failed_segments_at = failed_segments if failed else self.failed_segments_at
             self.since = self.clock() if done else self.since
             self.failed_since = self.clock() if failed else self.failed_since
             self.thread = threading.Thread(target=compact, args=(self.ledger, self.run_id, self.may_write),

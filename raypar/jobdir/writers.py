@@ -260,7 +260,6 @@ class FailedLog:
         self.oldest: Optional[float] = None
         self.next = first  # the number of the next segment
         self.stored = 0  # records stored so far
-        self.segments = 0  # segments stored so far (a view reads each one not compacted yet)
         self.lock = threading.Lock()
 
     def add(self, body: dict) -> None:
@@ -279,7 +278,6 @@ class FailedLog:
             data = b"".join(line + b"\n" for line in self.lines)
             self.store.write_once(data, "failed", *segment_name(self.run, self.next, ".jsonl").split("/"))
             self.next += 1
-            self.segments += 1
             self.stored += len(self.lines)
             self.lines, self.oldest = [], None
 
