@@ -30,8 +30,8 @@ COMPACT_SOONER = 1_000
 # the last: a view reads each one not compacted yet, a GET each, so this bounds what a status or a
 # resume reads one by one (where every segment holds a batch, 50,000 batches were 50,000 GETs:
 # minutes). A compaction costs a delta file; merges are a binary counter (compact_tiers): at one
-# per 2,000 segments, about 9 writes of each record over a million. (The driver stores at most a
-# segment of failed records a second, or one per 1,000: 10 minutes of them are fewer.)
+# per 2,000 segments, each record is written about 5 times over a million (bench_compaction_tiers).
+# (The driver stores at most a segment of failed records a second, or one per 1,000 records.)
 COMPACT_SEGMENTS = 2_000
 
 
