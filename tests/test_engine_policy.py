@@ -579,6 +579,7 @@ def test_an_instance_joins_with_its_node_and_one_leaves_with_its_node_and_every_
     assert len(lost) == 1 and history(ledger, int(lost[0][3:])) == [("system", False)]  # no try spent
     assert [b for b, *_ in calls].count(int(lost[0][3:])) == 2  # and it ran again elsewhere
     assert {s.instance: s.left for s in scheduler.slots} == {0: True, 1: False, 2: False}
+    assert scheduler.progress.workers == 3  # the compactions' pace counts every worker that had a folder
 
 
 def test_a_job_whose_every_node_left_waits_for_one_to_join(tmp_path):

@@ -1091,6 +1091,37 @@ def test_a_compaction_merges_only_the_newest_delta_files_no_larger_than_its_reco
         assert rows_per_index == [[1], [2], [2, 1], [4], [4, 1], [4, 2], [7], [7, 1], [7, 2], [10], [10, 1], [10, 2]]
 
 
+def test_the_next_session_s_compaction_counts_even_where_an_earlier_driver_s_clock_ran_an_hour_ahead(
+        tmp_path, monkeypatch):
+    """Indexes sort by the lease epoch of the session that wrote them, then by its clock: the holder's
+    compaction is the one views read, and it removes the earlier session's as superseded."""
+    from raypar.jobdir import layout
+
+    ledger = planned(tmp_path, 8)
+    ledger.lease.acquire("r1")
+    now = time.time_ns
+    monkeypatch.setattr(layout.time, "time_ns", lambda: now() + 3600 * 10**9)  # r1's host, an hour ahead
+    write_segment(ledger, [0, 1, 2, 3])
+    assert ledger.compact("r1") is True and ledger.compact_failures("r1") is False
+    fail(ledger, 0, final=False)
+    assert ledger.compact_failures("r1") is True
+    ledger.lease.release("r1")  # (or lost: a fenced driver's late index is named the same way)
+    monkeypatch.setattr(layout.time, "time_ns", now)
+    later = Ledger(ledger.url)
+    later.lease.acquire("r2")
+    write_segment(later, [4, 5, 6, 7], writer="r2~w1")
+    fail(later, 4, final=False, run="r2")
+
+    assert later.compact("r2") is True and later.compact_failures("r2") is True
+
+    for folder in ("compact", "failed-compact"):
+        indexes = [n for n in os.listdir(tmp_path / "job" / folder) if n.endswith(".idx")]
+        assert len(indexes) == 1 and indexes[0].endswith("-r2.idx"), indexes  # r1's: superseded, removed
+    assert later.compact("r2") is False  # nothing new since the index views read
+    view = Ledger(ledger.url).view()
+    assert sorted(view.done) == [bid(i) for i in range(8)] and sorted(view.failed) == [bid(0), bid(4)]
+
+
 def test_a_compaction_that_would_merge_a_damaged_file_compacts_every_record_again(tmp_path):
     ledger = planned(tmp_path, 8)
     out = ledger.done_writer("r1~w1")
@@ -1366,7 +1397,7 @@ def test_a_session_compacts_its_failed_records_every_compact_every_attempts_stor
     indexes = []
     for i in range(7):
         ledger.record_failed(FailedRecord(batch=bid(i), run="r1", attempt=1, kind="user", final=True, error=f"e{i}"))
-        compactor(SimpleNamespace(done=0, gone=set(), segments=0))  # stores the gathered record (a second old here), maybe compacts
+        compactor(SimpleNamespace(done=0, gone=set(), segments=0, workers=1))  # stores the gathered record (a second old here), maybe compacts
         compactor.join()  # on its own thread
         index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
         indexes.append(json.loads(Path(index[0]).read_bytes())["rows"] if index else 0)
@@ -1396,18 +1427,18 @@ def test_a_session_s_compaction_runs_beside_the_scheduler_one_at_a_time(tmp_path
     monkeypatch.setattr(Ledger, "compact", slow)
     shown = []
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: shown.append(p.done), may_write=lambda: True)
-    compactor(SimpleNamespace(done=0, gone=set(), segments=0))
+    compactor(SimpleNamespace(done=0, gone=set(), segments=0, workers=1))
     for i in range(4):
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
-    compactor(SimpleNamespace(done=2, gone=set(), segments=0))  # due: starts, and this call returns while it runs
+    compactor(SimpleNamespace(done=2, gone=set(), segments=0, workers=1))  # due: starts, and this call returns while it runs
     assert started.wait(timeout=30) and not release.is_set()
-    compactor(SimpleNamespace(done=4, gone=set(), segments=0))  # due again, but one runs: none starts
+    compactor(SimpleNamespace(done=4, gone=set(), segments=0, workers=1))  # due again, but one runs: none starts
     assert shown == [0, 2, 4] and compacted == []
     release.set()
     compactor.join()
     assert compacted == [True]
     assert sorted(Ledger(ledger.url).view().done) == [bid(i) for i in range(4)]
-    compactor(SimpleNamespace(done=4, gone=set(), segments=0))  # the next one starts now that the first is over
+    compactor(SimpleNamespace(done=4, gone=set(), segments=0, workers=1))  # the next one starts now that the first is over
     compactor.join()
     assert compacted == [True, False]  # nothing new since
 
@@ -1436,8 +1467,8 @@ def test_the_session_s_last_compaction_waits_for_one_still_running_on_its_thread
 
     monkeypatch.setattr(Ledger, "compact", slow)
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, may_write=lambda: True)
-    compactor(SimpleNamespace(done=0, gone=set(), segments=0))
-    compactor(SimpleNamespace(done=2, gone=set(), segments=0))  # due: runs on its thread, held
+    compactor(SimpleNamespace(done=0, gone=set(), segments=0, workers=1))
+    compactor(SimpleNamespace(done=2, gone=set(), segments=0, workers=1))  # due: runs on its thread, held
     assert started.wait(timeout=30)
     last = threading.Thread(target=upkeep.compact, args=(ledger, "r1", lambda: True), kwargs={"session_over": True})
     last.start()  # the driver's last compaction, its wait for the thread cut short
@@ -1463,11 +1494,11 @@ def test_a_session_compacts_every_compact_seconds_once_compact_sooner_batches_ar
     out = ledger.done_writer("r1~w1")
     now = [0.0]
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: now[0])
-    compactor(SimpleNamespace(done=0, gone=set(), segments=0))
+    compactor(SimpleNamespace(done=0, gone=set(), segments=0, workers=1))
 
     def step(done: int, at: float) -> int:
         now[0] = at
-        compactor(SimpleNamespace(done=done, gone=set(), segments=0))
+        compactor(SimpleNamespace(done=done, gone=set(), segments=0, workers=1))
         compactor.join()
         index = json.loads(open(sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))[-1],
                                 "rb").read().split(b"\n")[0]) if ledger.store.list_files("compact") else {}
@@ -1492,17 +1523,29 @@ def test_a_session_compacts_every_compact_segments_segments_stored_however_few_b
     from raypar.engine import upkeep
 
     monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS", 3)
+    monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS_PER_WORKER", 1)
     ledger = planned(tmp_path, 8)
     out = ledger.done_writer("r1~w1")
     compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: 0.0)
+    compactor(SimpleNamespace(done=0, gone=set(), segments=0, workers=1))  # the session's first step
     compacted = []
     for i in range(7):
         out.write(DoneRecord(batch=bid(i), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
-        compactor(SimpleNamespace(done=i + 1, gone=set(), segments=i + 1))  # a segment per batch
+        compactor(SimpleNamespace(done=i + 1, gone=set(), segments=i + 1, workers=1))  # a segment per batch
         compactor.join()
         indexes = sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))
         compacted.append(unseal_all([Path(indexes[-1]).read_bytes()])[0]["rows"] if indexes else 0)
     assert compacted == [0, 0, 3, 3, 3, 6, 6]
+    # With many workers, COMPACT_SEGMENTS_PER_WORKER each: every compaction lists each one's open folder.
+    monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS_PER_WORKER", 2)
+    compactor = upkeep.Compactor(ledger, "r1", lambda p, final=False: None, lambda: True, clock=lambda: 0.0)
+    compactor(SimpleNamespace(done=7, gone=set(), segments=7, workers=3))
+    out.write(DoneRecord(batch=bid(7), run="r1", attempt=1, items=1, returned=1, part=None), b"row\n")
+    for segments, rows in ((12, 6), (13, 8)):  # 6 segments since: 3 workers x 2
+        compactor(SimpleNamespace(done=8, gone=set(), segments=segments, workers=3))
+        compactor.join()
+        indexes = sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))
+        assert unseal_all([Path(indexes[-1]).read_bytes()])[0]["rows"] == rows
 
 
 def test_a_session_compacts_its_failed_records_every_compact_seconds_if_any_were_stored(tmp_path, monkeypatch):
@@ -1525,7 +1568,7 @@ def test_a_session_compacts_its_failed_records_every_compact_seconds_if_any_were
             ledger.record_failed(FailedRecord(batch=bid(failing), run="r1", attempt=1, kind="user", final=True,
                                               error=f"e{failing}"))
         now[0] = at
-        compactor(SimpleNamespace(done=0, gone=set(), segments=0))  # stores the gathered record, maybe compacts
+        compactor(SimpleNamespace(done=0, gone=set(), segments=0, workers=1))  # stores the gathered record, maybe compacts
         compactor.join()
         index = [n for n in ledger.store.list_files("failed-compact") if n.endswith(".idx")]
         return json.loads(Path(index[0]).read_bytes())["rows"] if index else 0

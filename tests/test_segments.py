@@ -308,6 +308,7 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
     monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 1)
     monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)  # the driver's: the workers store 100 a folder
     monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS", 10)
+    monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS_PER_WORKER", 1)
     read_by_compactions, segment_records = [], ledger_module.segment_records  # on the compaction thread
 
     def reading(store, sizes):

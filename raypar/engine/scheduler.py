@@ -194,6 +194,7 @@ class Progress:
     # Segments of done records this session's workers stored on an object store: a view reads each
     # one (a GET) until a compaction covers it (on local disk a worker appends to one file instead).
     segments: int = 0
+    workers: int = 0  # worker slots of the session (each lists its open segment folder in every view)
     started_at: float = field(default_factory=time.monotonic)
 
     def rate(self, now: float) -> float:
@@ -226,6 +227,7 @@ class Scheduler:
         self.may_write = may_write  # False once the lease is lost: the job dir is another driver's
         self.output = output  # outputs.live.LiveAssembly: told each batch stored or failed for good
         self.slots = [slot for i in range(spec.resources.instance_count) for slot in self._new_slots(i)]
+        progress.workers = len(self.slots)
         self.calls: dict[Any, tuple[Slot, Call]] = {}
         self.starts: dict[Any, Slot] = {}
         self.flushes: dict[Any, Slot] = {}
@@ -273,6 +275,7 @@ class Scheduler:
         instances = self.transport.reserve()
         if instances is not None:  # elastic: the instances the cluster had room for
             self.slots = [slot for i in instances for slot in self._new_slots(i)]
+            self.progress.workers = len(self.slots)
         try:
             for slot in self.slots:
                 self._start(slot)
@@ -420,6 +423,7 @@ class Scheduler:
     def _join(self, instance: int) -> None:
         slots = self._new_slots(instance)
         self.slots.extend(slots)
+        self.progress.workers = len(self.slots)
         self.starved_since = None
         log.warning("instance %d joined on a new node: %d instance(s) now", instance, self._live_instances())
         if self.stop_reason is None:

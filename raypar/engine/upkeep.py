@@ -33,6 +33,10 @@ COMPACT_SOONER = 1_000
 # per 2,000 segments, each record is written about 5 times over a million (bench_compaction_tiers).
 # (The driver stores at most a segment of failed records a second, or one per 1,000 records.)
 COMPACT_SEGMENTS = 2_000
+# ... or, with many workers, COMPACT_SEGMENTS_PER_WORKER each: a compaction lists every worker's open
+# folder (a LIST each, 12.5 GETs' price on S3), and at 1,000 workers storing a segment a second a
+# compaction per 2,000 segments listed 500 folders a second. A view lists them all anyway.
+COMPACT_SEGMENTS_PER_WORKER = 20
 
 
 def compact(ledger: Ledger, run: str, may_write: Callable[[], bool], done: bool = True, failed: bool = True,
@@ -81,8 +85,9 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
 
 class Compactor:
     """Folds done records into a compact file every COMPACT_EVERY batches or COMPACT_SEGMENTS
-    segments, or every COMPACT_SECONDS once COMPACT_SOONER are done since the last, so a resume
-    after a crash or a status reads at most that many records one by one (see Ledger.compact); and
+    segments (COMPACT_SEGMENTS_PER_WORKER a worker past 100 workers), or every COMPACT_SECONDS
+    once COMPACT_SOONER are done since the last, so a resume after a crash or a status reads at
+    most that many records one by one (see Ledger.compact); and
     failed records every COMPACT_EVERY failed attempts, or every COMPACT_SECONDS if any were
     stored (Ledger.compact_failures). Stores the failed records the session gathered once they
     are a second old (see FailedLog).
@@ -95,7 +100,7 @@ class Compactor:
     def __init__(self, ledger: Ledger, run: str, then: Callable, may_write: Callable[[], bool],
                  clock: Callable[[], float] = time.monotonic):
         self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
-        self.segments_at = 0  # segments stored when the last compaction of done records started
+        self.segments_at = 0  # segments stored when the last compaction of done records started (or the first call)
         self.may_write = may_write  # False once the lease is lost: no index is written then
         self.clock = clock
         self.since = self.failed_since = clock()  # when the last compactions started (or the session)
@@ -104,10 +109,11 @@ class Compactor:
     def __call__(self, p, final: bool = False) -> None:
         self.ledger.flush_failures(due_only=not final)  # failed records gathered for a second or more
         if self.at is None:
-            self.at = p.done
+            self.at, self.segments_at = p.done, p.segments
         stored = self.ledger.failed_log.stored if self.ledger.failed_log is not None else 0
         new = p.done - self.at
-        done = new >= COMPACT_EVERY or p.segments - self.segments_at >= COMPACT_SEGMENTS or (
+        segments = max(COMPACT_SEGMENTS, COMPACT_SEGMENTS_PER_WORKER * p.workers)
+        done = new >= COMPACT_EVERY or p.segments - self.segments_at >= segments or (
             new >= COMPACT_SOONER and self.clock() - self.since >= COMPACT_SECONDS)
         # Failed records are stored a file a second at most: a slow, flaky job leaves a file for
         # each failure, and every status reads those not compacted. So any new ones, every COMPACT_SECONDS.

@@ -107,12 +107,16 @@ def inputs_name(index: int) -> str:
     return f"inputs-{index:06d}.jsonl"
 
 
-def compact_name(run: str) -> str:
-    """Sorts after every earlier compaction's, even one in the same second (and after the
-    second-resolution names of job dirs compacted before): the newest index is the last name."""
+def compact_name(run: str, epoch: int) -> str:
+    """Sorts after every earlier compaction's: the newest index is the last name. First by the
+    lease ``epoch`` of the session compacting (its fencing token: each session takes the lease at
+    a higher one), so no clock decides between sessions: a driver whose clock ran ahead, or one
+    fenced whose index landed late, never names an index that sorts after the holder's (it would
+    be read instead, and remove the holder's files as superseded). Then by this host's clock, to
+    the nanosecond, within a session. ``s`` sorts after the ``r`` of names before epochs."""
     now = time.time_ns()
     stamp = time.strftime("r%Y%m%d%H%M%S", time.gmtime(now // 10**9)) + f"{now % 10**9:09d}"
-    return f"compact-{stamp}-{uuid.uuid4().hex[:6]}-{run}"
+    return f"compact-s{epoch:010d}-{stamp}-{uuid.uuid4().hex[:6]}-{run}"
 
 
 def void_key_of(name: str) -> Optional[str]:

@@ -737,7 +737,7 @@ class Ledger:
                 kept, merged = 0, [read.base]
             else:
                 merged = [from_ipc(d) for d in data]
-        name = compact_name(run)
+        name = compact_name(run, self.lease.epoch)
         files = list(read.files[:kept])
         table = pa.concat_tables([*merged, read.fresh]) if merged else read.fresh
         if table.num_rows:
@@ -820,7 +820,7 @@ class Ledger:
             before = None if afresh else failed_compact.latest(self.store, self.url, listed, load=False)
             if before is not None and not before.whole(listed):
                 return self.compact_failures(run, afresh=True, session_over=session_over, may_write=may_write)
-            name = compact_name(run)
+            name = compact_name(run, self.lease.epoch)
             files, pieces = (list(before.files), list(before.pieces)) if before is not None else ([], [])
             covered = dict(before.covers) if before is not None else {}
             was_closed = dict(before.closed) if before is not None else {}
