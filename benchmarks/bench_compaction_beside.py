@@ -12,7 +12,11 @@ COMPACT_EVERY set to --every. It prints the job's time, the compactions during t
 (count, seconds), and the longest gap between one batch's start and the next's (any worker), from
 the done records: the time no batch began.
 
-    python benchmarks/bench_compaction_beside.py [--batches 6000] [--every 1500] [--run-ms 20] [--workers 2]
+    python benchmarks/bench_compaction_beside.py [--batches 6000] [--every 1500] [--segments 2000] [--run-ms 20]
+        [--workers 2]
+
+With --every 50000 the compactions while the job runs come from COMPACT_SEGMENTS alone (every
+2,000 segments stored); --segments 1000000000 as well gives the rule before stop 44 (none).
 
 To compare with the compaction in the scheduler's loop, run it with raypar/engine/upkeep.py and
 raypar/engine/driver.py of commit bdee17f (the session before the compaction thread).
@@ -50,11 +54,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=6000)
     parser.add_argument("--every", type=int, default=1500, help="COMPACT_EVERY for this run")
+    parser.add_argument("--segments", type=int, default=upkeep.COMPACT_SEGMENTS,
+                        help="COMPACT_SEGMENTS for this run (a huge number: the rule before stop 44, none)")
     parser.add_argument("--run-ms", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    upkeep.COMPACT_EVERY = args.every
+    upkeep.COMPACT_EVERY, upkeep.COMPACT_SEGMENTS = args.every, args.segments
     timed = []
     compact = Ledger.compact
 
@@ -97,7 +103,7 @@ def main() -> int:
         gaps = list(np.diff(starts))
         during = [s for over, s in timed if not over]
         print(f"{args.batches:,} batches of {args.run_ms:g} ms, {args.workers} workers, a segment each, "
-              f"COMPACT_EVERY {args.every:,}")
+              f"COMPACT_EVERY {args.every:,}, COMPACT_SEGMENTS {args.segments:,}")
         print(f"  job {seconds:.1f} s; compactions while running: {len(during)} "
               f"({', '.join(f'{s:.1f}' for s in during)} s); at the end: "
               f"{sum(s for over, s in timed if over):.1f} s")
