@@ -1095,6 +1095,45 @@ def test_ledger_compact_then_view(backend):
     assert [b.id for b in lean.pending()] == [bid(i) for i in (1, 2, 4, 7)]
 
 
+def test_compactions_merge_the_newest_files_and_the_next_session_s_index_counts_whatever_its_clock(
+        backend, monkeypatch):
+    """Seven compactions of a record each leave files of 4, 2 and 1 records (a binary counter); the
+    next session, at a higher lease epoch and its host's clock an hour behind, compacts one more:
+    its index is the one left and read, all 8 records in one file, every row read back."""
+    import time
+
+    from raypar.jobdir.records import unseal_all
+
+    def indexes(ledger) -> list[tuple[str, list[int]]]:
+        found = sorted(p for p in ledger.store.list_files("compact") if p.endswith(".idx"))
+        return [(os.path.basename(p), [f["rows"] for f in unseal_all([ledger.store.read_range(p)])[0]["files"]])
+                for p in found]
+
+    ledger = backend.ledger()
+    ledger.write_manifest(make_batches(8))
+    ledger.lease.acquire("r1")
+    writer, written = one_per_segment(ledger, "r1~w1"), {}
+    for ordinal in range(7):
+        written.update([done(writer, ordinal)])
+        assert ledger.compact("r1") is True
+    assert [rows for _, rows in indexes(ledger)] == [[4, 2, 1]]
+    assert len([p for p in ledger.store.list_files("compact") if p.endswith(".arrow")]) == 3  # merged ones removed
+    ledger.lease.release("r1")
+    now = time.time_ns
+    monkeypatch.setattr(layout.time, "time_ns", lambda: now() - 3600 * 10**9)  # r2's host: an hour behind
+    later = backend.ledger(own_client=True)
+    later.lease.acquire("r2")
+    written.update([done(one_per_segment(later, "r2~w1"), 7, run="r2")])
+
+    assert later.compact("r2") is True
+
+    assert [(name.endswith("-r2.idx"), rows) for name, rows in indexes(later)] == [(True, [8])]
+    view = backend.ledger(own_client=True).view()
+    assert sorted(view.done) == [bid(i) for i in range(8)]
+    for record, rows in written.items():
+        assert later.read_rows(view.done[record.batch]) == rows
+
+
 def test_ledger_lease(backend):
     first, second = backend.ledger(), backend.ledger(own_client=True)
     assert first.lease.read() is None
