@@ -87,10 +87,10 @@ class Compactor:
     """Folds done records into a compact file every COMPACT_EVERY batches or COMPACT_SEGMENTS
     segments (COMPACT_SEGMENTS_PER_WORKER a worker past 100 workers), or every COMPACT_SECONDS
     once COMPACT_SOONER are done since the last, so a resume after a crash or a status reads at
-    most that many records one by one (see Ledger.compact); and
-    failed records every COMPACT_EVERY failed attempts, or every COMPACT_SECONDS if any were
-    stored (Ledger.compact_failures). Stores the failed records the session gathered once they
-    are a second old (see FailedLog).
+    most that many records one by one (see Ledger.compact); and failed records every
+    COMPACT_EVERY failed attempts, or every COMPACT_SECONDS if any were stored
+    (Ledger.compact_failures). Stores the failed records the session gathered once they are a
+    second old (see FailedLog).
 
     A compaction runs on a thread of its own, one at a time, while the scheduler goes on: on an
     object store it reads every segment stored since the last one (a ranged GET each: 50,000
@@ -100,7 +100,7 @@ class Compactor:
     def __init__(self, ledger: Ledger, run: str, then: Callable, may_write: Callable[[], bool],
                  clock: Callable[[], float] = time.monotonic):
         self.ledger, self.run_id, self.then, self.at, self.failed_at = ledger, run, then, None, 0
-        self.segments_at = 0  # segments stored when the last compaction of done records started (or the first call)
+        self.segments_at = 0  # p.segments when the last compaction of done records started (or at the first call)
         self.may_write = may_write  # False once the lease is lost: no index is written then
         self.clock = clock
         self.since = self.failed_since = clock()  # when the last compactions started (or the session)

@@ -808,10 +808,11 @@ class Ledger:
         of parts/ (``session_over``: the session's driver stores no more failed records;
         ``may_write``: as :meth:`compact`'s).
 
-        The columns are merged with the newest column files no larger than they are, as :meth:`compact`
-        merges (see compact_tiers); the pieces of tracebacks are never rewritten (a million distinct ones are a gigabyte). A compaction whose files are
-        missing, cut or damaged is started again from the records (a view passes it over meanwhile):
-        seen in the listing, or by a view of this ledger (a driver's session reads every piece).
+        The columns are merged with the newest column files no larger than they are, as
+        :meth:`compact` merges (see compact_tiers); the pieces of tracebacks are never rewritten
+        (a million distinct ones are a gigabyte). A compaction whose files are missing, cut or
+        damaged is started again from the records (a view passes it over meanwhile): seen in the
+        listing, or by a view of this ledger (a driver's session reads every piece).
         """
         folder = failed_compact.FOLDER
         afresh, self._failed_compact_damaged = afresh or self._failed_compact_damaged, False
