@@ -545,12 +545,20 @@ def test_a_session_compacts_its_failed_records_while_it_runs(ray_cluster, tmp_pa
 
     monkeypatch.setattr(upkeep, "COMPACT_EVERY", 2)
     monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 1)  # each failed try stored at once
-    states = []
+    states, hold = [], tmp_path / "hold"
+    hold.mkdir()
     compact_failures = Ledger.compact_failures
-    monkeypatch.setattr(Ledger, "compact_failures", lambda self, run, **kw: states.append(
-        self.read_state()["state"]) or compact_failures(self, run, **kw))
+
+    def compacting(self, run, **kw):
+        states.append(self.read_state()["state"])
+        compacted = compact_failures(self, run, **kw)
+        if states[-1] == "running":
+            (hold / "release").touch()  # the last batch waits for a compaction while the job runs
+        return compacted
+
+    monkeypatch.setattr(Ledger, "compact_failures", compacting)
     files = texts(12, bad={3, 8})
-    spec = make_spec(tmp_path, files)
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--hold-from f010.txt {hold}"})
     job = str(tmp_path / "job")
 
     outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
