@@ -297,7 +297,7 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
                                                                                           capsys, monkeypatch):
     # Every batch a segment of its own (as batches slower than flush_seconds leave them): one worker
     # stores 108 of them, 100 to a folder; the driver (in this process) each failure, 2 to a folder.
-    # The session compacts every 10 segments stored (COMPACT_SEGMENTS), so no view while it runs
+    # The session compacts every 25 segments stored (COMPACT_SEGMENTS), so no view while it runs
     # reads most of them one by one. The session's end closes their folders: later views (status,
     # the resume) list the top of parts/ and of failed/ only, and the resume runs exactly the failed
     # batches.
@@ -307,7 +307,7 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
 
     monkeypatch.setattr(ledger_module, "FAILED_FLUSH_RECORDS", 1)
     monkeypatch.setattr(layout, "SEGMENTS_PER_FOLDER", 2)  # the driver's: the workers store 100 a folder
-    monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS", 10)
+    monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS", 25)
     monkeypatch.setattr(upkeep, "COMPACT_SEGMENTS_PER_WORKER", 1)
     read_by_compactions, segment_records = [], ledger_module.segment_records  # on the compaction thread
 
