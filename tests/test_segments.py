@@ -4,6 +4,7 @@ those: they run again, every row lands exactly once, and nothing stored runs twi
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -293,6 +294,15 @@ def listed_folders(job):
     return ledger.view(lean=True), sorted(parts), sorted(failed)
 
 
+def index_epochs(fs, container: str) -> list[int]:
+    """The lease epochs in the names of the compact indexes left (done records', then failed ones')."""
+    names = [os.path.basename(p) for folder in ("compact", "failed-compact")
+             for p in sorted(fs.find(f"{container}/jobs/one-batch-segments/{folder}")) if p.endswith(".idx")]
+    epochs = [re.fullmatch(r"compact-s(\d{10})-r\d{23}-\w{6}-.+\.idx", name) for name in names]
+    assert all(epochs), names
+    return [int(match.group(1)) for match in epochs]
+
+
 def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_closed_folder(ray_cluster, blob, tmp_path,
                                                                                           capsys, monkeypatch):
     # Every batch a segment of its own (as batches slower than flush_seconds leave them): one worker
@@ -346,6 +356,7 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
     assert sorted(view.failed_batches()) == [batch_id(int(n[1:4])) for n in failing]  # f007.txt: the 8th batch
     status = json.loads(cli_in_process(capsys, "status", job, "--json").stdout)
     assert (status["completed"], status["failed"]) == (108, 12)
+    first_epochs = index_epochs(fs, container)
     for p in log.iterdir():
         p.unlink()
     flag.touch()
@@ -363,3 +374,8 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
     assert rows(tmp_path) == [f"{n} {t.upper()}" for n, t in sorted(files.items())]
     view, parts, failed = listed_folders(job)
     assert (len(view.done), parts, failed) == (120, [""], [""])
+    # Each session's compactions are named by the lease epoch it held: the resume's sort last (it
+    # stored no failed record: the first session's compaction of them stays).
+    assert len(first_epochs) == 2 and first_epochs[0] == first_epochs[1] > 0
+    done_epoch, failed_epoch = index_epochs(fs, container)
+    assert done_epoch > first_epochs[0] and failed_epoch == first_epochs[1]
