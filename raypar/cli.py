@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Optional
 
 from raypar.errors import RayparError
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="state and mini-batch counts of a job")
     status.add_argument("target", metavar="JOB_DIR|SUBMISSION_ID")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--exact", action="store_true",
+                        help="count what the ledger has stored, not what the running driver last reported "
+                             "(reads every record: slower on a large job)")
     _remote_options(status, submitting=False)
 
     failed = sub.add_parser("failed", help="the items that failed (reported by run(), or of failed mini-batches), "
@@ -404,7 +408,7 @@ def _remote(args) -> int:
         return _submitted(job, args.wait)
     job = SubmittedJob(api, args.target)
     if args.command == "status":
-        status = job.status()
+        status = job.status(exact=args.exact)
         if args.json:
             print(json.dumps(status, indent=2, default=str))
             return 0
@@ -433,7 +437,8 @@ def _status(args) -> int:
     from raypar.storage import is_url
 
     # The job dir as resume and logs take it from anywhere: absolute (a URL stays as it is).
-    status = job_status(args.target if is_url(args.target) else os.path.abspath(os.path.expanduser(args.target)))
+    status = job_status(args.target if is_url(args.target) else os.path.abspath(os.path.expanduser(args.target)),
+                        exact=args.exact)
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0
@@ -451,7 +456,8 @@ def _print_status(status: dict) -> None:
     if "total" in status:
         total = status["total"] if status.get("planning_complete") else f"{status['total']} planned so far"
         pending = f"{status['pending']} pending, " if "pending" in status else ""
-        print(f"batches:   {status['completed']} done, {status['failed']} failed, {pending}{total} total")
+        print(f"batches:   {status['completed']} done, {status['failed']} failed, {pending}{total} total"
+              f"{_counted_by(status)}")
     if status.get("failed_items"):
         print(f"items:     {failed_items_text(status['failed_items'], status.get('unreturned_items', 0))} "
               f"(error_threshold counts both, as on Azure)")
@@ -471,6 +477,14 @@ def _print_status(status: dict) -> None:
 
         print(f"added:     {len(added['files'])} input file(s) by the last run that grew the job "
               f"({names(added['files'])}): {added['batches']} mini-batch(es)")
+
+
+def _counted_by(status: dict) -> str:
+    """Where the counts come from, when the running driver reported them (not the ledger)."""
+    if status.get("counted_by") != "driver":
+        return ""
+    age = time.time() - (status.get("counted_at") or time.time())
+    return f" (the driver's count {max(age, 0):.0f}s ago; --exact for what is stored)"
 
 
 def _print_input_changes(changes) -> None:

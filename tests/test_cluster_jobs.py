@@ -3,11 +3,12 @@
 import collections
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_spec, quiet
+from conftest import cli_in_process, make_spec, quiet, wait_for
 
 import raypar
 from raypar.engine.status import job_status
@@ -568,3 +569,41 @@ def test_a_session_compacts_its_failed_records_while_it_runs(ray_cluster, tmp_pa
     index = [p for p in Ledger(job).store.list_files("failed-compact") if p.endswith(".idx")]
     assert json.loads(Path(index[0]).read_text())["rows"] == 4  # both tries of both bad batches
     assert [e["batch"] for e in job_status(job)["errors"]] == ["mb-0000001", "mb-0000004"]
+
+
+def test_status_of_a_running_job_is_its_driver_s_count_and_after_it_the_ledger_s(ray_cluster, tmp_path, capsys):
+    """While a driver runs the job, `raypar status` reads the counts its lease's heartbeat carries
+    (one small object, however large the job): done, failed for good with their errors, pending."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    files = texts(8, bad={2})
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--hold-from f006.txt {hold}",
+                                         "raypar.lease_ttl": 3})  # a heartbeat a second
+    job = str(tmp_path / "job")
+    handle = raypar.run(spec, job_dir=job, echo=quiet, wait=False)
+    try:
+        def counted() -> dict:
+            status = handle.status()
+            return status if status.get("counted_by") == "driver" and status["completed"] == 2 \
+                and status["failed"] == 1 else {}
+
+        wait_for(lambda: counted() and list(hold.glob("holding-*")), "the driver's count of 2 done, 1 failed")
+        status = counted()
+        assert (status["state"], status["total"], status["pending"], status["failed_items"]) == ("running", 4, 1, 2)
+        assert [(e["batch"], e["kind"]) for e in status["errors"]] == [("mb-0000001", "user")]
+        assert status["errors"][0]["error"].strip().endswith("ValueError: cannot score f002.txt: bad record")
+        shown = cli_in_process(capsys, "status", job).stdout
+        assert re.search(r"batches:   2 done, 1 failed, 1 pending, 4 total \(the driver's count \d+s ago; "
+                         r"--exact for what is stored\)", shown), shown
+        assert "error:     mb-0000001 (user): ValueError: cannot score f002.txt: bad record" in shown
+        exact = json.loads(cli_in_process(capsys, "status", job, "--exact", "--json").stdout)
+        # What is stored: records reach the ledger within a second or so of the driver counting them.
+        assert (exact["counted_by"], exact["total"]) == ("ledger", 4) and exact["completed"] <= 2
+    finally:
+        (hold / "release").touch()
+    outcome = handle.wait()
+
+    assert (outcome.state, outcome.completed, outcome.failed) == (JobState.SUCCEEDED, 3, 1)
+    after = job_status(job)
+    assert (after["counted_by"], after["completed"], after["failed"], after["pending"]) == ("ledger", 3, 1, 0)
+    assert after["errors"] == status["errors"]  # the driver kept the error the ledger holds

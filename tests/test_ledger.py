@@ -18,6 +18,7 @@ import raypar.jobdir.compact_tiers as compact_tiers
 import raypar.jobdir.ledger as ledger_module
 import raypar.jobdir.tables as tables_module
 from raypar.engine.planning import PLANNING_SWITCH_INTERVAL, PlanFeed
+from raypar.engine.scheduler import Progress
 from raypar.engine.status import job_status
 from raypar.errors import CorruptPartsError, LeaseHeldError, LedgerError, ResultError, UsageError
 from raypar.inputs.base import MiniBatch
@@ -794,6 +795,41 @@ def test_status_counts(tmp_path):
     assert counts(status) == ("running", 6, 3, 1, 2)
     assert status["errors"] == [{"batch": bid(2), "kind": "user", "error": "boom 1"}]
     assert status["driver"]["run"] == "r2"
+
+
+def test_status_of_a_running_job_counts_what_its_driver_s_heartbeat_carries_and_exact_counts_the_ledger(tmp_path):
+    """A status of a million-batch job on an object store would read the ledger (every worker's open
+    folder listed, megabytes of index) at each poll: the running driver's lease carries its counts."""
+    ledger = status_ledger(tmp_path, planned_count=30)
+    finish(ledger, 0)  # stored by an earlier session
+    ledger.lease.acquire("r2")
+    ledger.write_state(JobState.RUNNING, "r2")
+    progress = Progress(total=30, done=1, done_before=1)
+    progress.done += 2  # answered, not stored yet
+    progress.unreturned_items = progress.failed_items = 1  # an item of a done batch that run() dropped
+    for ordinal in range(29, 17, -1):  # twelve batches fail for good, the last first
+        progress.batch_failed(bid(ordinal), "user", "Traceback\n" + "  line\n" * 1000 + f"ValueError: bad {ordinal}")
+        progress.failed += 1
+        progress.failed_items += 2
+    ledger.lease.heartbeat("r2", progress=progress.for_status())
+
+    status = job_status(ledger.url)
+
+    assert counts(status) == ("running", 30, 3, 12, 15) and status["counted_by"] == "driver"
+    assert (status["failed_items"], status["unreturned_items"], status["planning_complete"]) == (25, 1, True)
+    assert [e["batch"] for e in status["errors"]] == [bid(18), bid(19), bid(20)]  # the first, by ordinal
+    assert status["errors"][0]["error"].endswith("ValueError: bad 18") and len(status["errors"][0]["error"]) == 2000
+    assert len(job_status(ledger.url, errors=20)["errors"]) == 10  # what the heartbeat carries
+    assert abs(status["counted_at"] - time.time()) < 60 and "progress" not in status["driver"]
+    exact = job_status(ledger.url, exact=True)
+    assert counts(exact) == ("running", 30, 1, 0, 29) and exact["counted_by"] == "ledger"
+
+    ledger.lease.heartbeat("r2")  # a renewal without counts (the session not scheduling yet): the ledger's
+    assert job_status(ledger.url)["counted_by"] == "ledger"
+    ledger.lease.heartbeat("r2", progress=progress.for_status())
+    ledger.write_state(JobState.FAILED, "r2")
+    ledger.lease.release("r2")
+    assert counts(job_status(ledger.url)) == ("failed", 30, 1, 0, 29)  # no live driver: what is stored
 
 
 def test_status_holds_the_tracebacks_of_the_failed_batches_it_shows_only(tmp_path, monkeypatch):

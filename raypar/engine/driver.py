@@ -483,9 +483,10 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         progress = Progress(total=total, done=len(view.done), done_before=len(view.done))
         plan = worker_plan(spec, session.desc, session.storage)
         # Failed batches of earlier sessions run again now: only done batches' item failures carry over.
-        progress.failed_items = view.done.failed_items()
+        progress.failed_items = progress.unreturned_items = view.done.failed_items()
         progress.planning = feed is not None
         reporter = Compactor(ledger, run, Reporter(session.show), may_write=interrupt.lease_held)
+        interrupt.beat.progress = progress.for_status  # each lease renewal carries them for `raypar status`
         ledger.gather_failures(run)  # stored a segment at a time, not a file or object each
         placement = Placement(spec, ledger.url, run, owned_cluster=owned, plan=plan,
                               runtime_env=session.runtime_env, echo=echo)

@@ -34,6 +34,7 @@ straggler it was queued behind.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import heapq
 import logging
@@ -44,7 +45,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from raypar.engine.progress import Snapshot
 from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
-from raypar.inputs.base import QueuedBatch
+from raypar.inputs.base import QueuedBatch, ordinal_of
 from raypar.inputs.pending import PendingQueue
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.records import FailedRecord
@@ -57,6 +58,10 @@ log = logging.getLogger("raypar")
 PREFETCH = 2
 FAST_PREFETCH = 4
 FAST_BATCH_SECONDS = 0.2  # batches faster than this make the round trip worth hiding
+# `raypar status` of a running job: the first failed batches' errors the driver's heartbeat carries
+# (status shows 3 by default), each cut to its last characters (status prints the last line).
+STATUS_ERRORS = 10
+STATUS_ERROR_CHARS = 2_000
 GROUP_MAX = 32  # mini-batches per call at most, for batches that take milliseconds
 GROUP_SECONDS = 0.05  # ... as many as take about this long together
 RESERVE_MAX = 1024  # slices of one parquet row group kept for the worker that decodes it, at most
@@ -186,6 +191,7 @@ class Progress:
     done: int = 0
     failed: int = 0
     failed_items: int = 0
+    unreturned_items: int = 0  # of failed_items: items of done batches that run() returned no result for
     done_before: int = 0  # done by earlier sessions: not part of this session's rate
     planning: bool = False  # the input is still being listed: total grows
     # Writers (worker processes) of this session that were killed or lost, each after what it stored was
@@ -196,6 +202,24 @@ class Progress:
     segments: int = 0
     workers: int = 0  # worker slots of the session (each lists its open segment folder in every view)
     started_at: float = field(default_factory=time.monotonic)
+    # The first failed batches by ordinal, (ordinal, {batch, kind, error}), as `raypar status` lists them.
+    first_failed: list = field(default_factory=list)
+
+    def batch_failed(self, batch_id: str, kind: str, error: str) -> None:
+        """A batch failed for good (its tries spent): counted by the caller; its error kept if it is
+        one of the first STATUS_ERRORS by ordinal."""
+        entry = (ordinal_of(batch_id), {"batch": batch_id, "kind": kind, "error": error[-STATUS_ERROR_CHARS:]})
+        bisect.insort(self.first_failed, entry, key=lambda e: e[0])
+        del self.first_failed[STATUS_ERRORS:]
+
+    def for_status(self) -> dict:
+        """The counts `raypar status` shows of the running job, as this driver has them: its lease's
+        heartbeat carries them, so a status reads one small object, not the ledger (at a million
+        batches on an object store: a listing of every worker's open folder and megabytes of index).
+        Read from the heartbeat's thread: each field is one read, the list copied whole."""
+        return {"total": self.total, "completed": self.done, "failed": self.failed, "planning": self.planning,
+                "failed_items": self.failed_items, "unreturned_items": self.unreturned_items,
+                "errors": [error for _, error in list(self.first_failed)]}
 
     def rate(self, now: float) -> float:
         return (self.done - self.done_before) / max(now - self.started_at, 1e-9)
@@ -933,6 +957,7 @@ class Scheduler:
         for call, items in reversed(lost):
             self.progress.done -= 1
             self.progress.failed_items -= items
+            self.progress.unreturned_items -= items
             self.settled.discard(call.batch.id)  # its winning record was never stored: it runs again
             self.queue.appendleft(call.batch)
         if lost:
@@ -993,6 +1018,7 @@ class Scheduler:
             self.transport.batch_done(answer.get("seconds", 0.0))
             unreturned = max(answer["items"] - answer["returned"], answer.get("reported", 0), 0)
             self.progress.failed_items += unreturned
+            self.progress.unreturned_items += unreturned
             if "index" in answer:
                 slot.unflushed.add(call, answer["index"], unreturned, answer.get("part"))
             self._confirm(slot, answer)
@@ -1034,6 +1060,7 @@ class Scheduler:
             if self.output is not None:
                 self.output.failed(batch.id)
             self.progress.failed += 1
+            self.progress.batch_failed(batch.id, kind, error)
             self.transport.batch_failed()
             # Table batches cut by bytes learn their row count when read: the worker reports it.
             self.progress.failed_items += self.rows_seen.get(batch.id, batch.item_count)

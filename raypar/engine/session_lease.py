@@ -32,13 +32,15 @@ class Heartbeat(threading.Thread):
         self.renewed = time.monotonic()  # the lease was taken just before this thread
         self.lost: Optional[str] = None
         self.error: Optional[str] = None  # the last renewal's failure, if it failed
+        # The counts each renewal carries for `raypar status` (set once the session schedules).
+        self.progress: Optional[Callable[[], dict]] = None
 
     def run(self) -> None:
         while not self.stopped.wait(self.ttl / 3 if self.error is None else min(self.ttl / 10, 1.0)):
             if not self.held():
                 return
             try:
-                self.ledger.lease.heartbeat(self.run_id, self.ttl)
+                self.ledger.lease.heartbeat(self.run_id, self.ttl, self._progress())
                 self.renewed, self.error = time.monotonic(), None
             except LeaseHeldError as exc:
                 self.lost = exc.headline  # another driver owns the job now: stop ours
@@ -46,6 +48,13 @@ class Heartbeat(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - storage hiccup: try again soon, until the fence
                 self.error = describe_error(exc)
                 log.warning("lease heartbeat failed: %s", self.error)
+
+    def _progress(self) -> Optional[dict]:
+        try:
+            return self.progress() if self.progress else None
+        except Exception as exc:  # noqa: BLE001 - the lease matters; a status then reads the ledger
+            log.debug("no progress for the heartbeat: %s", exc)
+            return None
 
     def held(self) -> bool:
         """Whether this driver may still write as the lease holder (checked on its own clock, so

@@ -16,11 +16,16 @@ from raypar.spec.binding import bind
 from raypar.spec.models import JobSpec
 
 
-def job_status(job_dir: str, errors: int = 3) -> dict:
-    """State, counts of mini-batches, output path and the last errors of ``job_dir``.
+def job_status(job_dir: str, errors: int = 3, exact: bool = False) -> dict:
+    """State, counts of mini-batches, output path and the first errors of ``job_dir``.
 
     ``state`` is ``interrupted`` when the last driver said "running" but no
     live driver holds the lease any more (it was killed): resume it.
+
+    While a driver runs the job, the counts are that driver's, as its lease's last heartbeat
+    carried them (``counted_by: "driver"``, ``counted_at``: its wall clock): one small read however
+    large the job. ``exact`` (or no live driver) counts from the ledger: what is stored
+    (``counted_by: "ledger"``), which on an object store lists every worker's open folder.
     """
     ledger = Ledger(job_dir)
     job = ledger.load_job()
@@ -34,31 +39,48 @@ def job_status(job_dir: str, errors: int = 3) -> dict:
         saved["reason"] = "" if driver_alive else "the last state was written by a driver that had lost the lease"
     if state is JobState.RUNNING and not driver_alive:
         state = JobState.INTERRUPTED
-    manifest = ledger.read_manifest()
-    planned = manifest is not None
-    # Counts so far while planning; lean: which batches are done, not where their rows are.
-    view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True, errors_of=errors)
-    last = view.failed.last_rows(view.failed_ordinals()[:errors]).to_pylist()
-    last_errors = [{"batch": batch_id(r["ordinal"]), "kind": r["kind"], "error": r["error"]} for r in last]
-    reason = saved.get("reason") or ""
-    inputs = _input_changes(ledger, spec) if planned and not driver_alive else None
+    counted = (lease or {}).get("progress") if driver_alive and not exact else None
+    try:
+        counts = {**_driver_counts(counted, errors), "counted_at": lease.get("heartbeat")} if counted else None
+    except (KeyError, TypeError, AttributeError):  # not as this raypar writes it: count what is stored
+        counts = None
+    counts = counts or _ledger_counts(ledger, errors)
+    planned = counts["planning_complete"]
     return {
         "job_dir": ledger.url,
         "name": spec.name,
         "job_id": job["job_id"],
         "state": state.value,
-        "reason": reason,
-        **view.counts(),
-        "planning_complete": planned,
-        "failed_items": view.failed_items(),
-        "unreturned_items": view.unreturned_items(),
+        "reason": saved.get("reason") or "",
+        **counts,
         "output": bind(spec).append_row_path,
-        "driver": lease if driver_alive else None,
-        "errors": last_errors,
-        "input_changes": inputs,
+        "driver": {k: v for k, v in lease.items() if k != "progress"} if driver_alive else None,
+        "input_changes": _input_changes(ledger, spec) if planned and not driver_alive else None,
         "last_added": ledger.last_added() if planned else None,
         "report": _report_of(ledger, state),
     }
+
+
+def _ledger_counts(ledger: Ledger, errors: int) -> dict:
+    """The counts of what the ledger holds: done and failed records stored."""
+    manifest = ledger.read_manifest()
+    planned = manifest is not None
+    # Counts so far while planning; lean: which batches are done, not where their rows are.
+    view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True, errors_of=errors)
+    last = view.failed.last_rows(view.failed_ordinals()[:errors]).to_pylist()
+    return {**view.counts(), "planning_complete": planned, "failed_items": view.failed_items(),
+            "unreturned_items": view.unreturned_items(), "counted_by": "ledger",
+            "errors": [{"batch": batch_id(r["ordinal"]), "kind": r["kind"], "error": r["error"]} for r in last]}
+
+
+def _driver_counts(progress: dict, errors: int) -> dict:
+    """The counts a running driver carried in its lease (Progress.for_status): its batches done
+    include those not stored yet (a worker stores them within ``flush_seconds``)."""
+    total, done, failed = progress["total"], progress["completed"], progress["failed"]
+    return {"total": total, "completed": done, "failed": failed, "pending": max(total - done - failed, 0),
+            "planning_complete": not progress["planning"], "failed_items": progress["failed_items"],
+            "unreturned_items": progress["unreturned_items"], "counted_by": "driver",
+            "errors": progress["errors"][:errors]}
 
 
 def _report_of(ledger: Ledger, state: JobState) -> Optional[str]:

@@ -133,10 +133,11 @@ class Lease:
         if current is not None and current.get("legacy"):
             self.store.remove(LEGACY)
 
-    def heartbeat(self, run: str, ttl: float = LEASE_TTL) -> None:
-        """Renew the lease (the next generation); raise LeaseHeldError if another driver wrote it."""
+    def heartbeat(self, run: str, ttl: float = LEASE_TTL, progress: Optional[dict] = None) -> None:
+        """Renew the lease (the next generation); raise LeaseHeldError if another driver wrote it.
+        ``progress``: the counts `raypar status` shows while this driver runs, carried along."""
         following = self.generation + 1
-        if not self.store.write_new(_body(run, ttl, self.epoch), FOLDER, _name(following)):
+        if not self.store.write_new(_body(run, ttl, self.epoch, progress), FOLDER, _name(following)):
             now = self.read()
             # Our own write, whose reply was lost (a timeout after the store took it): still ours.
             if not now or now.get("run") != run or now.get("generation", 0) < following:
@@ -172,11 +173,12 @@ class Lease:
                     pass
 
 
-def _body(run: str, ttl: float, epoch: int) -> bytes:
-    return json.dumps({
-        "run": run, "host": socket.gethostname(), "pid": os.getpid(),
-        "pid_started": _process_start(os.getpid()), "heartbeat": time.time(), "ttl": ttl, "epoch": epoch,
-    }).encode()
+def _body(run: str, ttl: float, epoch: int, progress: Optional[dict] = None) -> bytes:
+    body = {"run": run, "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_started": _process_start(os.getpid()), "heartbeat": time.time(), "ttl": ttl, "epoch": epoch}
+    if progress is not None:
+        body["progress"] = progress
+    return json.dumps(body).encode()
 
 
 def _process_start(pid: int) -> Optional[float]:

@@ -53,13 +53,14 @@ class LocalJob:
         assert self._outcome is not None
         return self._outcome
 
-    def status(self) -> dict:
-        """State and mini-batch counts from the job dir (``planning`` before the job dir exists)."""
+    def status(self, exact: bool = False) -> dict:
+        """State and mini-batch counts from the job dir (``planning`` before the job dir exists);
+        ``exact``: counted from the ledger, not the running driver's last heartbeat (see job_status)."""
 
         if not self.finished and not Ledger(self.job_dir).exists():
             return {"job_dir": self.job_dir, "state": JobState.PLANNING.value, "completed": 0, "failed": 0, "pending": 0,
                     "total": 0, "planning_complete": False}
-        return job_status(self.job_dir)
+        return job_status(self.job_dir, exact=exact)
 
     def cancel(self, wait: float = 60.0, echo: Callable[[str], None] = lambda line: None) -> JobState:
         """Stop the driver (it marks the job canceled: resumable) and wait until it has."""

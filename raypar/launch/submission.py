@@ -246,8 +246,9 @@ class SubmittedJob:
     def ray_status(self) -> str:
         return str(self.api.info(self.submission_id).status.value)
 
-    def status(self) -> dict:
-        """raypar's view from the job dir when it is readable here; else the driver's last progress line."""
+    def status(self, exact: bool = False) -> dict:
+        """raypar's view from the job dir when it is readable here (``exact``: as job_status); else the
+        driver's last progress line."""
         from raypar.engine.status import job_status  # noqa: PLC0415 - lazy: a submit never loads pyarrow
         from raypar.jobdir.ledger import Ledger  # noqa: PLC0415 - lazy: a submit never loads pyarrow
 
@@ -255,7 +256,7 @@ class SubmittedJob:
         ray_status = str(info.status.value)
         try:
             if Ledger(self.job_dir).exists():
-                status = job_status(self.job_dir)
+                status = job_status(self.job_dir, exact=exact)
                 status["source"] = "job dir"
             else:  # the driver is starting, or failed before it could create the job dir
                 state = ray_status.lower() if self._terminal(info) else JobState.STARTING.value
