@@ -18,6 +18,12 @@ started here), written as workers write it there: segment objects of
 10,000 now, and larger segments only mean fewer objects to list), written by 16 writers at once.
 Targets there (issue 13): status <= 3 s, resume planning <= 5 s, peak < 1 GiB.
 
+--live times `raypar status` itself (raypar.engine.status.job_status, in a fresh interpreter) while a
+driver holds the job dir: this process takes the lease and renews it with the counts a running
+driver's heartbeat carries (Progress.for_status), so the status reads them and not the ledger; and
+`raypar status --exact`, which counts what the ledger holds. --writers N: the workers whose segment
+folders are open (each lists its own in every exact status).
+
 --report times what the end of a session adds (report.html, the text reports, and storing them);
 --failed-batches N gives N of the batches not done two failed attempts first; --same-error gives
 them all one traceback (a bug in run() that every batch hits), not one naming its file. They are
@@ -25,7 +31,7 @@ then compacted as a session's end compacts them (timed, in a fresh interpreter);
 --failed-uncompacted they are left as a driver killed before that leaves them.
 
     python benchmarks/bench_ledger_scale.py [--batches N] [--done N] [--uncompacted N] [--store local|azurite]
-        [--report] [--failed-batches N] [--same-error] [--failed-uncompacted] [--failed-every K] [--keep]
+        [--live] [--writers N] [--report] [--failed-batches N] [--same-error] [--failed-uncompacted] [--failed-every K] [--keep]
 """
 
 from __future__ import annotations
@@ -124,6 +130,18 @@ rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": counts["pending"], "total": counts["total"]}))
 """
 
+# With --live: `raypar status` (argv[2] "exact": --exact), as the CLI calls it.
+LIVE_STATUS = r"""
+import json, sys, time
+from raypar.engine.status import job_status
+started = time.perf_counter()
+status = job_status(sys.argv[1], exact=sys.argv[2] == "exact")
+seconds = time.perf_counter() - started
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": status["pending"], "total": status["total"],
+                  "counted_by": status["counted_by"]}))
+"""
+
 
 TRACEBACK = "Traceback (most recent call last):\n" + '  File "/app/score.py", line 42, in run\n    x = parse(f)\n' * 12
 
@@ -132,8 +150,15 @@ def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16
     from raypar.inputs.base import MiniBatch
     from raypar.jobdir.ledger import Ledger
     from raypar.jobdir.records import DoneRecord, FailedRecord
+    from raypar.spec.loading import spec_from_dict
 
     ledger = Ledger(job)
+    spec = spec_from_dict({  # job.json, for `raypar status` (--live)
+        "type": "parallel", "name": "ledger-scale", "input_data": "${{inputs.data}}",
+        "inputs": {"data": {"type": "uri_folder", "path": "/data"}},
+        "outputs": {"out": {"type": "uri_file", "path": "/out/rows.txt"}},
+        "task": {"code": "/src", "entry_script": "score.py", "append_row_to": "${{outputs.out}}"}})
+    ledger.create(spec.to_dict(), spec.to_yaml())
     ledger.write_manifest(
         MiniBatch(ordinal=i, kind="files", payload={"files": [f"d{i // 1000:04d}/f{i:07d}.txt"]}, item_count=1)
         for i in range(batches)
@@ -171,6 +196,38 @@ def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16
     ledger.end_gathering_failures()
 
 
+def live_status(job: str, batches: int, done: int) -> bool:
+    """`raypar status` while this process holds the lease as a running driver does, with its counts,
+    and `raypar status --exact`: best of 3 each, in fresh interpreters."""
+    from raypar.engine.scheduler import Progress
+    from raypar.jobdir.ledger import Ledger
+    from raypar.jobdir.state import JobState
+
+    ledger = Ledger(job)
+    ledger.lease.acquire("r2")
+    ledger.write_state(JobState.RUNNING, "r2")
+    ledger.lease.heartbeat("r2", progress=Progress(total=batches, done=done).for_status())
+    try:
+        for how in ("driver", "exact"):
+            runs = [json.loads(subprocess.run([sys.executable, "-c", LIVE_STATUS, job, how], capture_output=True,
+                                              text=True, check=True).stdout) for _ in range(3)]
+            best = min(runs, key=lambda r: r["seconds"])
+            assert (best["pending"], best["counted_by"]) == (batches - done, "ledger" if how == "exact" else how), best
+            command = [sys.executable, "-m", "raypar", "status", "--json", job] + (["--exact"] if how == "exact" else [])
+            walls = []
+            for _ in range(3):  # the whole command, as a user (or a dashboard polling it) waits for it
+                started = time.perf_counter()
+                subprocess.run(command, capture_output=True, check=True)
+                walls.append(time.perf_counter() - started)
+            print(f"`raypar status{' --exact' if how == 'exact' else ''}` of the running job: counted by the "
+                  f"{best['counted_by']} in {best['seconds']:.2f}s (best of 3; the whole command "
+                  f"{min(walls):.2f}s); peak RSS {max(r['rss_mib'] for r in runs):.0f} MiB")
+    finally:
+        ledger.write_state(JobState.CANCELED, "r2")
+        ledger.lease.release("r2")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=1_000_000)
@@ -178,6 +235,9 @@ def main() -> int:
     parser.add_argument("--uncompacted", type=int, default=COMPACT_EVERY)
     parser.add_argument("--store", choices=["local", "azurite"], default="local")
     parser.add_argument("--keep", action="store_true", help="keep the job dir and print its path")
+    parser.add_argument("--live", action="store_true",
+                        help="also time `raypar status` with a live driver's counts, and with --exact")
+    parser.add_argument("--writers", type=int, default=16, help="workers that wrote the done records")
     parser.add_argument("--report", action="store_true",
                         help="also time reports/report.html: the full view, then the page")
     parser.add_argument("--failed-batches", type=int, default=0, metavar="N",
@@ -196,7 +256,7 @@ def main() -> int:
     with store_root(args.store, "raypar-ledger-scale-", keep=args.keep) as (root, base):
         job = f"{base}/job"
         started = time.time()
-        build(job, args.batches, args.done, args.uncompacted, failed_every=args.failed_every,
+        build(job, args.batches, args.done, args.uncompacted, writers=args.writers, failed_every=args.failed_every,
               failed_batches=args.failed_batches, same_error=args.same_error)
         print(f"built {args.batches:,} batches, {args.done:,} done ({args.uncompacted:,} after the last "
               f"compaction) on {args.store} in {time.time() - started:.0f}s")
@@ -219,6 +279,8 @@ def main() -> int:
             print(f"{what}: {best['pending']:,} pending of {best['total']:,} in {best['seconds']:.2f}s "
                   f"(best of 3; target <= {target} s); peak RSS {rss:.0f} MiB (target < 1024)")
             ok = ok and best["seconds"] <= target and rss < 1024
+        if args.live:
+            ok = live_status(job, args.batches, args.done) and ok
         if args.report:
             out = subprocess.run([sys.executable, "-c", REPORT, job], capture_output=True, text=True, check=True)
             got = json.loads(out.stdout)
