@@ -69,7 +69,7 @@ def _ledger_counts(ledger: Ledger, errors: int) -> dict:
     view = ledger.view(manifest if planned else ledger.read_manifest_prefix(), lean=True, errors_of=errors)
     last = view.failed.last_rows(view.failed_ordinals()[:errors]).to_pylist()
     return {**view.counts(), "planning_complete": planned, "failed_items": view.failed_items(),
-            "unreturned_items": view.unreturned_items(), "counted_by": "ledger",
+            "unreturned_items": view.unreturned_items(), "counted_by": "ledger", "counted_at": None,
             "errors": [{"batch": batch_id(r["ordinal"]), "kind": r["kind"], "error": r["error"]} for r in last]}
 
 
