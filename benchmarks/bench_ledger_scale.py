@@ -146,7 +146,7 @@ print(json.dumps({"seconds": seconds, "rss_mib": rss, "pending": status["pending
 TRACEBACK = "Traceback (most recent call last):\n" + '  File "/app/score.py", line 42, in run\n    x = parse(f)\n' * 12
 
 def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16, failed_every: int = 0,
-          failed_batches: int = 0, same_error: bool = False) -> None:
+          failed_batches: int = 0, same_error: bool = False, traceback_bytes: int = 0) -> None:
     from raypar.inputs.base import MiniBatch
     from raypar.jobdir.ledger import Ledger
     from raypar.jobdir.records import DoneRecord, FailedRecord
@@ -187,13 +187,24 @@ def build(job: str, batches: int, done: int, uncompacted: int, writers: int = 16
     if uncompacted == 0:
         ledger.compact("r1")
     ledger.gather_failures("r1")  # as a driver's session stores failed attempts
+    traceback = TRACEBACK if traceback_bytes <= len(TRACEBACK) else (  # --traceback-bytes
+        TRACEBACK + "    " * ((traceback_bytes - len(TRACEBACK)) // 4) + "\n")
     for i in range(done, done + failed_batches):  # two tries each, a traceback of about 1 KB
         for attempt in (1, 2):
             ledger.record_failed(FailedRecord(batch=f"mb-{i:07d}", run="r1", attempt=attempt, kind="user",
-                                              error=f"{TRACEBACK}NameError: name 'modle' is not defined"
-                                              if same_error else f"{TRACEBACK}ValueError: cannot parse f{i:07d}.txt",
+                                              error=f"{traceback}NameError: name 'modle' is not defined"
+                                              if same_error else f"{traceback}ValueError: cannot parse f{i:07d}.txt",
                                               final=attempt == 2, node="0" * 56, worker="instance0-slot0"))
     ledger.end_gathering_failures()
+
+
+def measured(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` run in a fresh interpreter; its error's last line, and exit 1, if it fails."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    if out.returncode:
+        print(f"FAILED: {(out.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+        sys.exit(1)
+    return out
 
 
 def live_status(job: str, batches: int, done: int) -> bool:
@@ -209,8 +220,7 @@ def live_status(job: str, batches: int, done: int) -> bool:
     ledger.lease.heartbeat("r2", progress=Progress(total=batches, done=done).for_status())
     try:
         for how in ("driver", "exact"):
-            runs = [json.loads(subprocess.run([sys.executable, "-c", LIVE_STATUS, job, how], capture_output=True,
-                                              text=True, check=True).stdout) for _ in range(3)]
+            runs = [json.loads(measured(LIVE_STATUS, job, how).stdout) for _ in range(3)]
             best = min(runs, key=lambda r: r["seconds"])
             assert (best["pending"], best["counted_by"]) == (batches - done, "ledger" if how == "exact" else how), best
             command = [sys.executable, "-m", "raypar", "status", "--json", job] + (["--exact"] if how == "exact" else [])
@@ -246,6 +256,9 @@ def main() -> int:
     parser.add_argument("--same-error", action="store_true",
                         help="every failed attempt has the same traceback (a bug in run() every batch hits), "
                              "not one naming its file")
+    parser.add_argument("--traceback-bytes", type=int, default=0, metavar="B",
+                        help="pad each failed attempt's traceback to about B bytes (default: about 700); "
+                             "distinct ones past 2 GiB in all are what a string array cannot hold")
     parser.add_argument("--failed-uncompacted", action="store_true",
                         help="leave the failed records uncompacted (a driver killed before its session's end)")
     parser.add_argument("--failed-every", type=int, default=0, metavar="K",
@@ -257,11 +270,11 @@ def main() -> int:
         job = f"{base}/job"
         started = time.time()
         build(job, args.batches, args.done, args.uncompacted, writers=args.writers, failed_every=args.failed_every,
-              failed_batches=args.failed_batches, same_error=args.same_error)
+              failed_batches=args.failed_batches, same_error=args.same_error, traceback_bytes=args.traceback_bytes)
         print(f"built {args.batches:,} batches, {args.done:,} done ({args.uncompacted:,} after the last "
               f"compaction) on {args.store} in {time.time() - started:.0f}s")
         if args.failed_batches and not args.failed_uncompacted:
-            out = subprocess.run([sys.executable, "-c", COMPACT_FAILED, job], capture_output=True, text=True, check=True)
+            out = measured(COMPACT_FAILED, job)
             got = json.loads(out.stdout)
             print(f"failed records compacted in {got['seconds']:.2f}s, peak RSS {got['rss_mib']:.0f} MiB")
         targets = {"local": (2, 2), "azurite": (5, 3)}[args.store]  # seconds: resume planning, status
@@ -271,7 +284,7 @@ def main() -> int:
                                               ("status", STATUS, targets[1], not_done - args.failed_batches)):
             runs = []
             for _ in range(3):
-                out = subprocess.run([sys.executable, "-c", script, job], capture_output=True, text=True, check=True)
+                out = measured(script, job)
                 runs.append(json.loads(out.stdout))
             best = min(runs, key=lambda r: r["seconds"])
             assert best["pending"] == pending, best
@@ -282,13 +295,13 @@ def main() -> int:
         if args.live:
             ok = live_status(job, args.batches, args.done) and ok
         if args.report:
-            out = subprocess.run([sys.executable, "-c", REPORT, job], capture_output=True, text=True, check=True)
+            out = measured(REPORT, job)
             got = json.loads(out.stdout)
             print(f"report.html: {got['bytes'] / 1024:.0f} KiB in {got['seconds']:.2f}s (of which reading the "
                   f"records {got['read']:.2f}s); text reports: {got['text_bytes'] / 2**20:.0f} MiB composed and "
                   f"stored ({got['files']} files with the page) in {got['text']:.2f}s; peak RSS {got['rss_mib']:.0f} MiB")
         if args.failed_every:
-            out = subprocess.run([sys.executable, "-c", FAILED, job], capture_output=True, text=True, check=True)
+            out = measured(FAILED, job)
             got = json.loads(out.stdout)
             flaky = len(range(0, args.done, args.failed_every))
             assert got["items"] == got["retried"] == flaky, got

@@ -134,3 +134,24 @@ def test_failures_by_error_keep_the_most_frequent_and_sum_the_rest_in_one_row(tm
     assert f"<td>{batches - 3 - (report_html.FAILURE_GROUPS - 1)}</td>" in rows[-1]  # attempts of the rest
     assert f"{batches - 3 - (report_html.FAILURE_GROUPS - 1)} other errors" in rows[-1]
     assert table.count("ValueError: cannot parse") == report_html.FAILURE_GROUPS - 1  # not a row per line
+
+
+def test_the_error_line_of_each_traceback_is_its_last_non_blank_line_as_python_splits_lines():
+    """The reports group failures by each traceback's last line, worked out by Arrow in place (a
+    Python string per distinct traceback was gigabytes where each names its item): the same line
+    str.splitlines() and str.strip() give, whatever breaks and spaces a message holds."""
+    import random
+
+    import pyarrow as pa
+
+    from raypar.engine.reports import last_line, last_lines
+
+    pieces = ["a", "Error: x", " ", "\n", "\r", "\r\n", "\t", "\x0b", "\x0c", "\x1c", "\x85", "\xa0", "\u2028", "\u3000",
+              "é"]
+    rnd = random.Random(16)
+    texts = ["Traceback (most recent call last):\n  File \"s.py\", line 3\nValueError: bad row\n\n", "", " \n "]
+    texts += ["".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 10))) for _ in range(5000)]
+    errors = pa.array(texts + texts[:100], pa.large_string()).dictionary_encode()  # repeats share a line
+
+    assert last_lines(errors).to_pylist() == [last_line(text) for text in texts + texts[:100]]
+    assert last_lines(errors)[0].as_py() == "ValueError: bad row"

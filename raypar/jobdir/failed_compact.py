@@ -90,10 +90,10 @@ class Compacted:
             if path not in data or hashlib.sha256(data[path]).hexdigest() != entry["file_sha256"]:
                 raise LedgerError(f"{self.url}/{FOLDER}/{entry['file']}: missing or corrupted")
             column = pa.ipc.open_file(pa.BufferReader(data.pop(path))).read_all().column("error")
-            texts.extend(column.chunks)
+            texts.extend(chunk.cast(pa.large_string()) for chunk in column.chunks)  # (all of them: past 2 GiB)
             starts.append(at)
             at += len(column)
-        joined = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
+        joined = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
         return joined, np.array(starts, dtype=np.int64)
 
 
@@ -131,8 +131,9 @@ def columns_of(table: pa.Table, first_piece: int) -> tuple[pa.Table, list[pa.Arr
 
 
 def piece_bytes(texts: pa.Array) -> bytes:
-    """One piece of tracebacks as an Arrow file (zstd): only the slice's texts are written."""
-    return to_ipc(pa.table({"error": texts}))
+    """One piece of tracebacks as an Arrow file (zstd): only the slice's texts are written, as a
+    string array, as every raypar of format 4 reads them (a piece is far below 2 GiB)."""
+    return to_ipc(pa.table({"error": texts.cast(pa.string())}))
 
 
 def columns_bytes(tables: list[pa.Table]) -> tuple[bytes, int]:

@@ -58,9 +58,13 @@ _FAILED = pa.schema([("batch", pa.string()), ("run", pa.string()), ("attempt", p
 _FAILED_REQUIRED = ("batch", "run", "attempt", "error", "kind", "final")
 _SEALED_FAILED = _FAILED.append(pa.field("sha256", pa.string()))  # as stored: the seal's checksum last
 # A view's failed records: the batch as its ordinal, texts dictionary-encoded (a bug in run() that
-# every batch hits repeats one kilobyte of traceback in millions of records: one copy here).
+# every batch hits repeats one kilobyte of traceback in millions of records: one copy here). The
+# tracebacks' dictionary has 64-bit offsets: distinct ones that name their item pass 2 GiB at a few
+# million attempts, where a string array cannot hold them (ArrowCapacityError at the session's end).
+ERROR_TYPE = pa.dictionary(pa.int32(), pa.large_string())
 FAILED_SCHEMA = pa.schema([pa.field("ordinal", pa.int64()), *(
-    pa.field(f.name, _DICT if f.type == pa.string() else f.type) for f in _FAILED if f.name != "batch")])
+    pa.field(f.name, ERROR_TYPE if f.name == "error" else _DICT if f.type == pa.string() else f.type)
+    for f in _FAILED if f.name != "batch")])
 
 
 def failed_table(files: list[bytes]) -> pa.Table:
@@ -99,9 +103,16 @@ def failed_table(files: list[bytes]) -> pa.Table:
     table = table.filter(pa.array(valid)) if not valid.all() else table
     table = table.combine_chunks()  # one dictionary a window, not one copy of it per block Arrow parsed
     ordinal = pc.cast(pc.utf8_slice_codeunits(table.column("batch"), 3), pa.int64())
-    return pa.Table.from_arrays(
-        [ordinal, *(table.column(f.name).dictionary_encode() if f.type == _DICT else table.column(f.name)
-                    for f in FAILED_SCHEMA if f.name != "ordinal")], schema=FAILED_SCHEMA)
+    return pa.Table.from_arrays([ordinal, *(_encoded(table.column(f.name), f.type) for f in FAILED_SCHEMA
+                                            if f.name != "ordinal")], schema=FAILED_SCHEMA)
+
+
+def _encoded(column: pa.ChunkedArray, as_type: pa.DataType) -> pa.ChunkedArray:
+    """A parsed column as FAILED_SCHEMA holds it: texts dictionary-encoded (the error's values widened first)."""
+    if not pa.types.is_dictionary(as_type):
+        return column
+    return column.cast(as_type.value_type).dictionary_encode() if as_type.value_type != column.type \
+        else column.dictionary_encode()
 
 
 def _failed_one_by_one(chunks: list[bytes]) -> Optional[pa.Table]:
