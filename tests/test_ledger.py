@@ -1267,6 +1267,25 @@ def test_compacted_failed_records_read_as_the_records_themselves_and_status_read
     assert len(ledger.store.list_files("failed-compact")) == 1 + 1 + 11  # columns, index, pieces
 
 
+def test_tracebacks_repeated_across_pieces_point_at_their_first_copy_and_look_alikes_stay_apart():
+    """A full view reads every piece of tracebacks: a repeat (a bug every window hits) points at
+    its first copy, found by its length and ends; a different traceback with the same length and
+    ends (what differs is in the middle) is never taken for it."""
+    import pyarrow as pa
+
+    from raypar.jobdir.failed_compact import KEY_CHARACTERS, first_copies
+
+    frame = "  File \"score.py\", line 9, in run\n" * 4
+    same_ends = [f"Traceback\n{frame}x = {v}\n{frame}ValueError: bad" for v in ("1", "2", "3")]  # one length
+    assert len({len(t) for t in same_ends}) == 1 and len(frame) > KEY_CHARACTERS
+    texts = ["A", same_ends[0], "B", same_ends[1], "A", same_ends[0], same_ends[2], same_ends[1], "é", "é"]
+
+    copies = first_copies(pa.array(texts, pa.large_string()))
+
+    assert copies.tolist() == [0, 1, 2, 3, 0, 1, 6, 3, 8, 8]
+    assert all(texts[c] == t for c, t in zip(copies, texts, strict=True))
+
+
 def test_failed_compactions_are_deltas_whose_columns_merge_and_whose_tracebacks_are_never_rewritten(
         tmp_path, monkeypatch):
     ledger = planned(tmp_path, 8)
