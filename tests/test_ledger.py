@@ -1273,7 +1273,7 @@ def test_tracebacks_repeated_across_pieces_point_at_their_first_copy_and_look_al
     ends (what differs is in the middle) is never taken for it."""
     import pyarrow as pa
 
-    from raypar.jobdir.failed_compact import KEY_CHARACTERS, first_copies
+    from raypar.jobdir.tables import KEY_CHARACTERS, first_copies
 
     frame = "  File \"score.py\", line 9, in run\n" * 4
     same_ends = [f"Traceback\n{frame}x = {v}\n{frame}ValueError: bad" for v in ("1", "2", "3")]  # one length

@@ -26,18 +26,15 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raypar.errors import LedgerError
 from raypar.jobdir.records import _unseal
 from raypar.jobdir.segment_folders import closed_of
-from raypar.jobdir.tables import FAILED_SCHEMA, to_ipc
+from raypar.jobdir.tables import FAILED_SCHEMA, first_copies, to_ipc
 
 FOLDER = "failed-compact"
 ERROR_ROWS = 4096  # tracebacks a piece holds: a status reads the pieces of the few it shows
 PIECES_AT_ONCE = 64  # pieces read together (a view of every record reads them all, a group at a time)
-KEY_CHARACTERS = 32  # of each end of a traceback: with its length, the key repeats are found by
-CHECKED_AT_ONCE = 8192  # repeats compared whole at a time (their copies are taken to compare)
 _ERROR = FAILED_SCHEMA.get_field_index("error")
 # FAILED_SCHEMA with the traceback replaced by where it is: a piece (its place in the index) and a row.
 COLUMNS = pa.schema([*(f for f in FAILED_SCHEMA if f.name != "error"),
@@ -100,37 +97,6 @@ class Compacted:
                 at += len(column)
         joined = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
         return joined, np.array(starts, dtype=np.int64)
-
-
-def first_copies(texts: pa.Array) -> np.ndarray:
-    """For each text, the index of its first copy in ``texts`` (its own where it is the first).
-    Found by a short key (the length and the first and last KEY_CHARACTERS) and checked whole, so
-    the texts are not copied into a hash table: Arrow's dictionary_encode held them three times
-    over (9 GiB at the end of a session with 2.3 GB of distinct tracebacks). Look-alikes (one key,
-    different texts: what differs is in the middle) are told apart exactly among themselves."""
-    count = len(texts)
-    ends = [pc.utf8_slice_codeunits(texts, *span).cast(pa.string()) for span in ((0, KEY_CHARACTERS), (-KEY_CHARACTERS,))]
-    key = pc.binary_join_element_wise(pc.binary_length(texts).cast(pa.string()), *ends, "\x00").dictionary_encode()
-    copies = _earliest(key.indices.to_numpy(), np.arange(count))
-    later = np.flatnonzero(copies != np.arange(count))  # a key met before: the same text, most likely
-    apart = []
-    for at in range(0, len(later), CHECKED_AT_ONCE):
-        rows = later[at:at + CHECKED_AT_ONCE]
-        same = pc.equal(texts.take(pa.array(rows)), texts.take(pa.array(copies[rows]))).to_numpy(zero_copy_only=False)
-        apart.append(rows[~same])
-    apart = np.concatenate(apart) if apart else np.zeros(0, np.int64)
-    if len(apart):  # the look-alikes and the first of their keys, encoded whole (only they are copied)
-        involved = np.unique(np.concatenate([apart, copies[apart]]))
-        copies[involved] = _earliest(texts.take(pa.array(involved)).dictionary_encode().indices.to_numpy(), involved)
-    return copies
-
-
-def _earliest(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """For each of ``rows`` (ascending), the first of them with its code."""
-    distinct, first = np.unique(codes, return_index=True)
-    first_row = np.empty(int(codes.max()) + 1 if len(codes) else 0, dtype=np.int64)
-    first_row[distinct] = rows[first]
-    return first_row[codes]
 
 
 def latest(store, url: str, sizes: dict[str, int], load: bool = True) -> Optional[Compacted]:

@@ -138,6 +138,62 @@ def _fits(row: dict) -> bool:
         return False
 
 
+KEY_CHARACTERS = 32  # of each end of a traceback: with its length, the key its repeats are found by
+CHECKED_AT_ONCE = 8192  # repeats compared whole at a time (their copies are taken to compare)
+
+
+def first_copies(texts: pa.Array) -> np.ndarray:
+    """For each text, the index of its first copy in ``texts`` (its own where it is the first).
+    Found by a short key (the length and the first and last KEY_CHARACTERS) and checked whole, so
+    the texts are not copied into a hash table: Arrow's dictionary_encode held them three times
+    over (9 GiB at the end of a session with 2.3 GB of distinct tracebacks). Look-alikes (one key,
+    different texts: what differs is in the middle) are told apart exactly among themselves."""
+    count = len(texts)
+    ends = [pc.utf8_slice_codeunits(texts, *span).cast(pa.string()) for span in ((0, KEY_CHARACTERS), (-KEY_CHARACTERS,))]
+    key = pc.binary_join_element_wise(pc.binary_length(texts).cast(pa.string()), *ends, "\x00").dictionary_encode()
+    copies = _earliest(key.indices.to_numpy(), np.arange(count))
+    later = np.flatnonzero(copies != np.arange(count))  # a key met before: the same text, most likely
+    apart = []
+    for at in range(0, len(later), CHECKED_AT_ONCE):
+        rows = later[at:at + CHECKED_AT_ONCE]
+        same = pc.equal(texts.take(pa.array(rows)), texts.take(pa.array(copies[rows]))).to_numpy(zero_copy_only=False)
+        apart.append(rows[~same])
+    apart = np.concatenate(apart) if apart else np.zeros(0, np.int64)
+    if len(apart):  # the look-alikes and the first of their keys, encoded whole (only they are copied)
+        involved = np.unique(np.concatenate([apart, copies[apart]]))
+        copies[involved] = _earliest(texts.take(pa.array(involved)).dictionary_encode().indices.to_numpy(), involved)
+    return copies
+
+
+def _earliest(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each of ``rows`` (ascending), the first of them with its code."""
+    distinct, first = np.unique(codes, return_index=True)
+    first_row = np.empty(int(codes.max()) + 1 if len(codes) else 0, dtype=np.int64)
+    first_row[distinct] = rows[first]
+    return first_row[codes]
+
+
+def one_dictionary(column: pa.ChunkedArray) -> pa.Array:
+    """A dictionary-encoded column's chunks (windows of records, compacted pieces) as one array over
+    one dictionary: theirs one after the other, each value pointing at its first copy (first_copies),
+    the copies no value points at let go once they are a quarter of the texts (a bug every window
+    hits). unify_dictionaries hashed every text into a table of its own copy: 2-3 times the tracebacks."""
+    chunks = column.chunks
+    if len(chunks) <= 1:
+        return chunks[0] if chunks else pa.array([], column.type)
+    dictionary = pa.concat_arrays([chunk.dictionary for chunk in chunks])
+    copies = np.append(first_copies(dictionary), 0)  # the last: where a missing value points (masked)
+    kept = np.unique(copies)
+    sizes = pc.binary_length(dictionary).to_numpy(zero_copy_only=False).astype(np.int64)
+    if 4 * (sizes.sum() - sizes[kept].sum()) > sizes.sum():  # the repeats are a quarter of the texts: let go
+        dictionary, copies = dictionary.take(pa.array(kept)), np.searchsorted(kept, copies)
+    starts = np.cumsum([0] + [len(chunk.dictionary) for chunk in chunks[:-1]])
+    missing = [chunk.indices.is_null().to_numpy(zero_copy_only=False) for chunk in chunks]
+    indices = np.concatenate([copies[np.where(null, len(dictionary), chunk.indices.fill_null(0).to_numpy() + start)]
+                              for chunk, start, null in zip(chunks, starts, missing, strict=True)])
+    return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32), mask=np.concatenate(missing)), dictionary)
+
+
 class FailedRecords(Mapping):
     """batch ID -> its failed attempts (FailedRecords, by run and attempt), stored as Arrow columns
     sorted by ordinal, run and attempt (FAILED_SCHEMA). A million attempts stay a few columns and
@@ -151,6 +207,8 @@ class FailedRecords(Mapping):
             keys = pa.table({"ordinal": table.column("ordinal"), "attempt": table.column("attempt"),
                              "run": table.column("run").cast(pa.string())})  # dictionaries are not sorted on
             order = pc.sort_indices(keys, [("ordinal", "ascending"), ("run", "ascending"), ("attempt", "ascending")])
+            error = table.schema.get_field_index("error")
+            table = table.set_column(error, "error", one_dictionary(table.column(error)))
             table = table.unify_dictionaries().combine_chunks().take(order)  # (the take moves indices only)
         self.table = table
         self.ordinals = table.column("ordinal").to_numpy() if table.num_rows else np.empty(0, np.int64)
