@@ -189,7 +189,7 @@ def one_dictionary(column: pa.ChunkedArray) -> pa.Array:
         dictionary, copies = dictionary.take(pa.array(kept)), np.searchsorted(kept, copies)
     starts = np.cumsum([0] + [len(chunk.dictionary) for chunk in chunks[:-1]])
     missing = [chunk.indices.is_null().to_numpy(zero_copy_only=False) for chunk in chunks]
-    indices = np.concatenate([copies[np.where(null, len(dictionary), chunk.indices.fill_null(0).to_numpy() + start)]
+    indices = np.concatenate([copies[np.where(null, len(copies) - 1, chunk.indices.fill_null(0).to_numpy() + start)]
                               for chunk, start, null in zip(chunks, starts, missing, strict=True)])
     return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32), mask=np.concatenate(missing)), dictionary)
 
