@@ -274,19 +274,7 @@ def test_wait_exits_with_the_jobs_exit_code(jobs_api, tmp_path, capsys):
         ["a.txt TEXT OF A.TXT", "b.txt NOW FINE", "c.txt TEXT OF C.TXT"]
 
 
-def test_python_api_submit_handle(jobs_api, tmp_path):
-    spec = project(tmp_path, names=NAMES[:3], output=str(tmp_path / "out"))
-    job = raypar.submit(str(spec), address=jobs_api, job_dir=str(tmp_path / "job"),
-                        shared_paths=(str(tmp_path),), echo=quiet)
-    assert job.submission_id.startswith("raypar-submitted-")
-    outcome = job.wait(echo=quiet)
-    assert (outcome.exit_code, outcome.state, outcome.ray_status) == (0, "succeeded", "SUCCEEDED")
-    assert outcome.counts["completed"] == 3
-    assert job.status()["state"] == "succeeded"
-    assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == expected_rows(NAMES[:3])
-
-
-def test_a_job_built_with_the_azure_v2_sdk_shape_is_submitted(jobs_api, tmp_path, monkeypatch):
+def test_a_job_built_with_the_azure_v2_sdk_shape_is_submitted_and_its_handle_waits_for_it(jobs_api, tmp_path, monkeypatch):
     from raypar import Input, Output, RunFunction, parallel_run_function
 
     project(tmp_path, names=NAMES[:3])  # code/score.py and code/data/
@@ -298,8 +286,11 @@ def test_a_job_built_with_the_azure_v2_sdk_shape_is_submitted(jobs_api, tmp_path
         task=RunFunction(code="./code", entry_script="score.py", append_row_to="${{outputs.out}}"))
     job = raypar.submit(score(data=Input(path="./code/data")), address=jobs_api, job_dir=str(tmp_path / "job"),
                         shared_paths=(str(tmp_path),), echo=quiet)
+    assert job.submission_id.startswith("raypar-sdk_submitted-")
     outcome = job.wait(echo=quiet)
-    assert (outcome.exit_code, outcome.ray_status) == (0, "SUCCEEDED"), job.logs()
+    assert (outcome.exit_code, outcome.state, outcome.ray_status) == (0, "succeeded", "SUCCEEDED"), job.logs()
+    assert outcome.counts["completed"] == 3
+    assert job.status()["state"] == "succeeded"
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == expected_rows(NAMES[:3])
 
 
