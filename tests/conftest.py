@@ -74,14 +74,12 @@ def ray_cluster():
     for the submit tests."""
     import ray
 
-    # No log monitor: it rescans every log file of the session (hundreds by the end) all session
-    # long, about 3% of the suite's CPU, and no test reads workers' output as Ray forwards it to a
-    # driver (drivers on this cluster print none; the tests read the job dir's logs).
+    # The workers' output is read from the job dirs' logs, never as Ray forwards it: its forwarding
+    # printed into whichever test ran when the log monitor got to it (a "[repeated 11x across
+    # cluster]" line of an earlier job once landed in a later test's one-line error), and the
+    # monitor rescans every log file of the session, hundreds by the end (about 3% of the suite's CPU).
     cluster = start_cluster(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=JOBS_PORT,
                             include_log_monitor=False)
-    # The workers' output is read from the job dirs' logs. Ray's own forwarding would print it into
-    # whichever test runs when its log monitor gets to it: a "[repeated 11x across cluster]" line
-    # of an earlier job once landed in a later test's captured one-line error.
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     ray.shutdown()
