@@ -120,6 +120,9 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     assert "f003.txt" not in (tmp_path / "out" / "parallel_run_step.txt").read_text()
     assert_reports(Path(job), bad_batches={"mb-0000001": "f002.txt f003.txt", "mb-0000006": "f012.txt f013.txt"})
 
+    first_workers = worker_logs(job)
+    assert len(first_workers) == 3  # 10 batches: every slot's worker started
+
     flag.touch()  # the cause is removed
     for p in log.iterdir():
         p.unlink()
@@ -128,6 +131,8 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     assert second.state is JobState.SUCCEEDED
     assert (second.completed, second.failed, second.pending) == (10, 0, 0)
     assert executions(log) == bad_batches  # only the failed batches ran again
+    # Two batches: two workers started (init() ran twice, not three times), on two instances.
+    assert sorted((i, s) for i, s, _ in worker_logs(job) - first_workers) == [(0, 0), (1, 0)]
     assert output_lines(tmp_path) == expected_rows(files)
     resumed = made[-1]  # the resume's output was written while its two batches ran, the 8 done before too
     assert resumed.resumed is not None and resumed.gave_up is None
@@ -139,6 +144,12 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
     raypar.run(clean, job_dir=str(clean_dir / "job"), echo=quiet).wait()
     assert (clean_dir / "out" / "parallel_run_step.txt").read_bytes() == \
         (tmp_path / "out" / "parallel_run_step.txt").read_bytes()
+
+
+def worker_logs(job: str) -> set:
+    """(instance, slot, id) of each worker that started in the job, from its log file in the job dir."""
+    names = [re.search(r"~i(\d+)s(\d+)-(\w+)\.log$", p.name) for p in (Path(job) / "logs").iterdir()]
+    return {(int(m[1]), int(m[2]), m[3]) for m in names if m}
 
 
 def assert_reports(job: Path, bad_batches: dict):

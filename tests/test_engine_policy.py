@@ -674,6 +674,70 @@ def test_with_speculation_idle_instances_are_kept_for_second_attempts(tmp_path):
     assert (0, 2, 1) in [(b, a, i) for b, a, i, _ in calls]  # the idle instance ran the second attempt
 
 
+# -- fewer batches than worker slots: one worker per batch ---------------------------------------------------
+
+
+def test_a_session_with_fewer_batches_than_slots_starts_one_worker_per_batch_spread_over_the_instances(tmp_path):
+    seen = []
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: seen.append((ordinal(b), w)) or Outcome(5.0),
+        batches=3, slots=4, **{"resources.instance_count": 2})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (3, 0)
+    assert cluster.started == [(0, 0), (1, 0), (0, 1)]  # each instance's first slot first
+    assert sorted(b for b, _ in seen) == [0, 1, 2] and len({w for _, w in seen}) == 3  # one on each
+    assert cluster.now == pytest.approx(1.0 + 5.0)  # all three at once, as with every slot started
+
+
+def test_with_as_many_batches_as_slots_every_worker_starts(tmp_path):
+    reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(5.0), batches=8, slots=4,
+                                             **{"resources.instance_count": 2})
+
+    assert reason is None and scheduler.progress.done == 8
+    assert sorted(cluster.started) == [(i, s) for i in range(2) for s in range(4)]
+
+
+def test_a_retry_that_no_idle_worker_may_take_starts_another_worker(tmp_path):
+    # Batch 0 fails once on the first worker; batch 1 keeps the second busy for a long time. The
+    # retry goes to a third worker, started for it, not to the one it failed on, nor after batch 1.
+    ran = []
+
+    def behaviour(batch, attempt, worker):
+        ran.append((ordinal(batch), attempt, worker, batch))
+        if ordinal(batch) == 1:
+            return Outcome(100.0)
+        return Outcome(0.5, "user", "RuntimeError: CUDA error") if attempt == 1 else Outcome(2.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=2, slots=4,
+                                             retry_settings={"max_retries": 1, "timeout": 1000})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (2, 0)
+    assert len(cluster.started) == 3
+    (_, _, first, _), (_, _, third, retried), (_, _, busy, _) = sorted(ran, key=lambda r: (r[0], r[1]))
+    assert len({first, busy, third}) == 3 and cluster.run_starts[retried] < 10.0  # a fresh worker, at once
+    assert history(ledger, 0) == [("user", False)]
+
+
+def test_init_failing_on_the_workers_started_for_a_few_batches_stops_the_job_without_trying_the_rest(tmp_path):
+    def never_started(slot):
+        return "Traceback ...\nRuntimeError: no model"
+
+    ledger = Ledger(str(tmp_path / "job"))
+    pending = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(2)]
+    ledger.write_manifest(pending)
+    spec = spec_from_dict({"type": "parallel", "name": "policy",
+                           "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
+                           "input_data": "${{inputs.data}}", "max_concurrency_per_instance": 8,
+                           "task": {"code": str(tmp_path), "entry_script": "score.py"}})
+    cluster = SimulatedCluster(lambda b, a, w: Outcome(1.0), start_seconds=1.0, record=True)
+    cluster.start_error = never_started
+    scheduler = Scheduler(ledger, spec, "r1", pending, cluster, Progress(total=2))
+
+    assert scheduler.run() == "no worker could start: init() failed on every worker"
+    assert sorted(cluster.started) == [(0, 0)] * 3 + [(0, 1)] * 3  # two slots, three tries each
+    assert ledger.view().failed == {}
+
+
 # -- a retry goes to another worker --------------------------------------------------------------------------
 
 

@@ -282,6 +282,7 @@ class Scheduler:
         self.solo: set[str] = set()  # batches whose group ended without an answer: one to a call now
         self.avoid: dict[str, Slot] = {}  # batches to retry, and the worker they failed on: another takes them
         self.last_init_error: Optional[str] = None
+        self.started_ok = False  # a worker's start (init()) succeeded this session
         self.last_init_stage = "init()"
         self.next_poll = 0.0  # elastic jobs: when to ask the transport for joined and left instances
         self.starved_since: Optional[float] = None  # elastic jobs: since when no instance is left
@@ -301,7 +302,7 @@ class Scheduler:
             self.slots = [slot for i in instances for slot in self._new_slots(i)]
             self.progress.workers = len(self.slots)
         try:
-            for slot in self.slots:
+            for slot in self._first_slots():
                 self._start(slot)
             try:
                 while not self._finished():
@@ -317,6 +318,24 @@ class Scheduler:
             self._kill_all()
             self.transport.release()
         return self.stop_reason
+
+    def _first_slots(self) -> list[Slot]:
+        """The slots whose workers start now: every slot, unless the session knows its every batch
+        and has fewer than slots (a resume of a few, a small job on a big cluster). Then one worker
+        starts per batch, each instance's first slot first so the batches spread over the nodes,
+        and the others wait in ``unstarted`` for retries that need them (_grow): init() can take
+        minutes and load a model on a GPU, and a worker with no batch would pay that for nothing.
+        While the input is planned, the count is not known; speculation gives idle workers second
+        attempts; an elastic job's instances come and go with nodes: those start every slot."""
+        pending = len(self.queue)
+        if pending >= len(self.slots) or not self.plan_complete or self.transport.elastic \
+                or self.spec.raypar.speculation.enabled:
+            return self.slots
+        first = sorted(self.slots, key=_spread)
+        self.unstarted.update(first[pending:])
+        if pending:
+            log.info("%d batch(es) for %d worker slots: %d worker(s) start", pending, len(self.slots), pending)
+        return first[:pending]
 
     def _finished(self) -> bool:
         if self.feed is not None and self.feed.error:
@@ -515,6 +534,7 @@ class Scheduler:
             answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
         if answer.get("ok"):
             slot.ready, slot.node = True, answer.get("node")
+            self.started_ok = True
             self.dirty.add(slot)
             slot.writer, slot.durable, slot.position = answer.get("writer"), 0, 0
             log.debug("%s ready on node %s", slot.label, slot.node)
@@ -560,11 +580,8 @@ class Scheduler:
         if not self.queue and not self.reserved:
             self.queue_was_empty = True
             return
-        if self.unstarted:  # a slot left empty at the tail (a stopped straggler) takes work again
-            for slot in self.unstarted:
-                if slot.actor is None and not slot.retired:
-                    self._start(slot)
-            self.unstarted.clear()
+        if self.unstarted:
+            self._grow()
         # Only slots that changed can have room, unless the queue ran dry since the last look.
         candidates = self.slots if self.queue_was_empty else \
             sorted(self.dirty | self.passed_over, key=self._order)
@@ -587,6 +604,24 @@ class Scheduler:
                     continue
                 if len(slot.calls) < wave <= slot.depth(now) and not self._submit(slot, now):
                     self.passed_over.add(slot)
+
+    def _grow(self) -> None:
+        """Start unstarted slots (not started at first, joined instances, a stopped straggler's) for
+        the queued batches that the workers up or starting, and idle, cannot take one each. Looked
+        at only while some slot is unstarted and the queue is not empty."""
+        queued = len(self.queue) + self.reserved
+        wanted = queued - sum(not s.retired and not s.calls and (s.ready or s.start_ref is not None)
+                              for s in self.slots)
+        if wanted > 0:
+            self._start_unstarted(wanted)
+
+    def _start_unstarted(self, count: int) -> None:
+        if self.last_init_error and not self.started_ok:
+            return  # init() failed on every worker that tried: the rest would fail the same way
+        for slot in sorted(self.unstarted, key=_spread)[:count]:
+            self.unstarted.discard(slot)
+            if slot.actor is None and not slot.retired:
+                self._start(slot)
 
     def _order(self, slot: Slot) -> tuple:
         return slot.instance, slot.index
@@ -680,6 +715,11 @@ class Scheduler:
     def _another_worker(self, slot: Slot) -> bool:
         """Another worker is up, or starting, to take what failed on ``slot``."""
         return any(s is not slot and (s.ready or s.start_ref is not None) and not s.retired for s in self.slots)
+
+    def _another_free_worker(self, slot: Slot) -> bool:
+        """Another worker is starting, or up with nothing to run."""
+        return any(s is not slot and not s.retired and (s.start_ref is not None or (s.ready and not s.calls))
+                   for s in self.slots)
 
     def _group_size(self, slot: Slot) -> int:
         """How many queued batches the next call to ``slot`` takes: one, unless its batches take
@@ -1068,6 +1108,8 @@ class Scheduler:
         else:
             self.queue.appendleft(batch)  # retry soon, so thresholds are known early
             self.avoid[batch.id] = slot
+            if self.unstarted and not self._another_free_worker(slot):  # the retry goes elsewhere, now
+                self._start_unstarted(1)
 
     def _on_worker_lost(self, slot: Slot, exc: WorkerLost, now: float) -> None:
         """The worker process died: a system failure, not one of the user's tries."""
@@ -1280,6 +1322,11 @@ class Scheduler:
         self.starts.clear()
         self.flushes.clear()
         self.withdrawals.clear()
+
+
+def _spread(slot: Slot) -> tuple:
+    """The order slots start in when not all do: each instance's first slot, then each one's second..."""
+    return slot.index, slot.instance
 
 
 def _idles(slot: Slot) -> bool:

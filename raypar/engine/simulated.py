@@ -66,6 +66,7 @@ class SimulatedCluster(Transport):
     def __init__(self, behaviour: Callable[[dict, int, int], Outcome], start_seconds: float = 1.0,
                  instances: Optional[set] = None, record: bool = False, ledger=None, withdraw_seconds: float = 0.0):
         self.behaviour, self.start_seconds = behaviour, start_seconds
+        self.start_error: Callable[[Any], Optional[str]] = lambda slot: None  # init()'s traceback, if it fails
         # How long a request to take calls back takes to reach its worker, and its answer to come back.
         self.withdraw_seconds = withdraw_seconds
         self.arriving: dict[int, tuple[int, list]] = {}  # withdraw call -> (worker, names), on its way
@@ -85,6 +86,7 @@ class SimulatedCluster(Transport):
         self.queued: list[str] = []  # batches whose run_batch waited behind another call
         self.asides: list[tuple[str, bool]] = []  # (batch json, its run_batch had not started) per hint
         self.withdrawn: list[str] = []  # batches whose run_batch was taken back before it began
+        self.started: list[tuple[int, int]] = []  # (instance, slot index) of each worker, as it started
         # Elastic instances (see elastic()): node arrivals and departures at chosen instants.
         self.timeline: list[tuple[float, str, int]] = []  # heap of (when, "join" | "leave", instance)
         self.joined: list[int] = []
@@ -147,6 +149,8 @@ class SimulatedCluster(Transport):
         wid = next(self.ids)
         self.stats["workers"] += 1
         self.workers[wid] = _Worker(slot=slot)
+        if self.record:
+            self.started.append((slot.instance, slot.index))
         return wid
 
     def call(self, worker: int, method: str, *args) -> int:
@@ -167,7 +171,10 @@ class SimulatedCluster(Transport):
         if call.withdrawn:
             value = {"withdrawn": True}
         elif method == "start":
+            error = self.start_error(w.slot)
             seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}"}
+            if error:
+                value = {"ok": False, "error": error, "stage": "init()"}
         elif method in ("run_batch", "run_batches") and w.dies_at is not None:
             pass  # queued on a worker that dies before it: it never runs (it ends with the worker, below)
         elif method == "run_batch":
