@@ -63,7 +63,7 @@ def wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
     wait_for_quiet_cpus()
 
 
-def _cpu_jiffies() -> tuple[int, int]:
+def cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux)."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
@@ -80,10 +80,10 @@ def wait_for_quiet_cpus(max_busy: float = 0.15, window: float = 0.2, timeout: fl
     if not os.path.exists("/proc/stat"):
         return
     deadline = time.time() + timeout
-    busy, total = _cpu_jiffies()
+    busy, total = cpu_jiffies()
     while True:
         time.sleep(window)
-        busy2, total2 = _cpu_jiffies()
+        busy2, total2 = cpu_jiffies()
         if busy2 - busy <= max_busy * max(total2 - total, 1):
             return
         if time.time() > deadline:
