@@ -146,6 +146,40 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
         (tmp_path / "out" / "parallel_run_step.txt").read_bytes()
 
 
+def test_a_resume_of_fewer_batches_than_instances_runs_on_a_cluster_that_lost_a_node(ray_cluster, tmp_path):
+    # The first run has 4 nodes for its 4 instances; the resume of its 2 failed batches finds 3
+    # (with placement_timeout 0 it cannot wait): it reserves 2 instances, on 2 distinct nodes.
+    files = texts(8, bad={1, 5})
+    flag, barrier = tmp_path / "fixed", tmp_path / "barrier"
+    barrier.mkdir()  # each worker's first batch waits until two workers hold one
+    spec = make_spec(tmp_path, files, **{"task.program_arguments": f"--with-node --fixed-flag {flag} "
+                                                                   f"--barrier {barrier} 2",
+                                         "resources.instance_count": 4, "raypar.placement_timeout": 0})
+    job = str(tmp_path / "job")
+    extra = ray_cluster.add_node(num_cpus=1)
+    try:
+        ray_cluster.wait_for_nodes()
+        first = raypar.run(spec, job_dir=job, echo=quiet).wait()
+    finally:
+        ray_cluster.remove_node(extra)
+    assert (first.state, first.completed, first.failed) == (JobState.SUCCEEDED, 2, 2)
+    first_workers = worker_logs(job)
+
+    flag.touch()
+    for mark in barrier.iterdir():
+        mark.unlink()
+    lines = []
+    second = raypar.resume(job, echo=lines.append).wait()
+
+    assert (second.state, second.completed, second.failed) == (JobState.SUCCEEDED, 4, 0), lines
+    assert "raypar: 2 mini-batch(es) to run: 2 of the 4 instances reserved, one worker each" in lines
+    assert sorted((i, s) for i, s, _ in worker_logs(job) - first_workers) == [(0, 0), (1, 0)]
+    rows = [line.rsplit(" ", 2) for line in output_lines(tmp_path)]  # the row, its instance, its node
+    assert [r[0] for r in rows] == expected_rows(files)  # every file once, in order
+    resumed = {r[2] for r in rows if r[0].startswith(("f000.txt", "f001.txt", "f004.txt", "f005.txt"))}
+    assert len(resumed) == 2  # the resumed batches ran on two nodes
+
+
 def worker_logs(job: str) -> set:
     """(instance, slot, id) of each worker that started in the job, from its log file in the job dir."""
     names = [re.search(r"~i(\d+)s(\d+)-(\w+)\.log$", p.name) for p in (Path(job) / "logs").iterdir()]

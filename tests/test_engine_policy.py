@@ -20,13 +20,14 @@ def ordinal(batch_json: str) -> int:
 
 
 def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, pending=None, by_slot=False,
-        withdraw_seconds=0.0, on_progress=lambda p: None, **spec_keys):
+        withdraw_seconds=0.0, on_progress=lambda p: None, start_error=None, **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
     then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger.
     ``pending``: the batches, when not ``batches`` one-file ones. ``by_slot``: ``behaviour`` gets
     the worker's slot index instead of its worker id. ``withdraw_seconds``: how long a request to take
-    calls back takes to reach a worker, and its answer to come back."""
+    calls back takes to reach a worker, and its answer to come back. ``start_error(slot)``: init()'s
+    traceback on that slot's worker, or None when it starts."""
     ledger = Ledger(str(tmp_path / "job"))
     pending = pending or [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
                           for i in range(batches)]
@@ -49,6 +50,8 @@ def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progre
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.instance, cluster.now)
     elif by_slot:
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.index)
+    if start_error is not None:
+        cluster.start_error = start_error
     scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, progress or Progress(total=batches),
                           on_progress)
     return scheduler.run(), scheduler, cluster, ledger
@@ -684,9 +687,42 @@ def test_a_session_with_fewer_batches_than_slots_starts_one_worker_per_batch_spr
         batches=3, slots=4, **{"resources.instance_count": 2})
 
     assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (3, 0)
-    assert cluster.started == [(0, 0), (1, 0), (0, 1)]  # each instance's first slot first
+    assert cluster.reserved == 2 and cluster.started == [(0, 0), (1, 0), (0, 1)]  # each instance's first slot first
     assert sorted(b for b, _ in seen) == [0, 1, 2] and len({w for _, w in seen}) == 3  # one on each
     assert cluster.now == pytest.approx(1.0 + 5.0)  # all three at once, as with every slot started
+
+
+def test_a_session_with_fewer_batches_than_instances_reserves_one_instance_per_batch(tmp_path):
+    reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(5.0), batches=2, slots=2,
+                                             **{"resources.instance_count": 4})
+
+    assert reason is None and scheduler.progress.done == 2
+    assert cluster.reserved == 2 and cluster.started == [(0, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("why", ["planning", "speculation"])
+def test_while_the_input_is_planned_or_with_speculation_every_instance_is_reserved(tmp_path, why):
+    from raypar.engine.planning import PlanFeed
+
+    ledger = Ledger(str(tmp_path / "job"))
+    batches = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(2)]
+    spec = spec_from_dict({"type": "parallel", "name": "policy",
+                           "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
+                           "input_data": "${{inputs.data}}", "max_concurrency_per_instance": 2,
+                           "resources": {"instance_count": 3},
+                           "raypar": {"speculation": {"enabled": why == "speculation"}},
+                           "task": {"code": str(tmp_path), "entry_script": "score.py"}})
+    cluster = SimulatedCluster(lambda b, a, w: Outcome(1.0), start_seconds=1.0, record=True)
+    if why == "planning":  # two batches in the end, but the count is not known when the workers start
+        feed = PlanFeed(ledger, iter(batches))
+        feed.start()
+        scheduler = Scheduler(ledger, spec, "r1", [], cluster, Progress(total=0), feed=feed)
+    else:
+        ledger.write_manifest(batches)
+        scheduler = Scheduler(ledger, spec, "r1", batches, cluster, Progress(total=2))
+
+    assert scheduler.run() is None and scheduler.progress.done == 2
+    assert cluster.reserved == 3 and sorted(cluster.started) == [(i, s) for i in range(3) for s in range(2)]
 
 
 def test_with_as_many_batches_as_slots_every_worker_starts(tmp_path):
@@ -719,21 +755,10 @@ def test_a_retry_that_no_idle_worker_may_take_starts_another_worker(tmp_path):
 
 
 def test_init_failing_on_the_workers_started_for_a_few_batches_stops_the_job_without_trying_the_rest(tmp_path):
-    def never_started(slot):
-        return "Traceback ...\nRuntimeError: no model"
+    reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(1.0), batches=2, slots=8,
+                                             start_error=lambda slot: "Traceback ...\nRuntimeError: no model")
 
-    ledger = Ledger(str(tmp_path / "job"))
-    pending = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(2)]
-    ledger.write_manifest(pending)
-    spec = spec_from_dict({"type": "parallel", "name": "policy",
-                           "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
-                           "input_data": "${{inputs.data}}", "max_concurrency_per_instance": 8,
-                           "task": {"code": str(tmp_path), "entry_script": "score.py"}})
-    cluster = SimulatedCluster(lambda b, a, w: Outcome(1.0), start_seconds=1.0, record=True)
-    cluster.start_error = never_started
-    scheduler = Scheduler(ledger, spec, "r1", pending, cluster, Progress(total=2))
-
-    assert scheduler.run() == "no worker could start: init() failed on every worker"
+    assert reason == "no worker could start: init() failed on every worker"
     assert sorted(cluster.started) == [(0, 0)] * 3 + [(0, 1)] * 3  # two slots, three tries each
     assert ledger.view().failed == {}
 

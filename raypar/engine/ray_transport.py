@@ -33,6 +33,10 @@ from raypar.worker.actor import Worker
 from raypar.worker.plan import WorkerPlan
 
 log = logging.getLogger("raypar")
+# Seconds Ray may take to create a placement group the cluster has the nodes for, whatever
+# raypar.placement_timeout (0 fails at once only when the nodes are not there: creating the
+# group takes milliseconds to seconds even then).
+GROUP_CREATION_SECONDS = 10.0
 ASIDE = "aside"  # the actor's concurrency group for calls beside its ordered ones (while one runs)
 # A thread of its own for requests answered at once, never behind a read ahead: an interrupted
 # driver's last one (store what you finished), and taking back queued calls (worker/withdrawals.py).
@@ -66,13 +70,16 @@ class Placement:
         bundle.update({k: v * n for k, v in w.resources.items()})
         return {k: v for k, v in bundle.items() if v > 0}
 
-    def reserve(self) -> Optional[list[int]]:
-        """Reserve instance_count distinct nodes (on the embedded one-node Ray: that node for
-        all of them), or raise PlacementError saying why not. Returns the instances of an
-        elastic job (None: ``range(instance_count)``)."""
+    def reserve(self, count: int) -> Optional[list[int]]:
+        """Reserve ``count`` distinct nodes (instance_count, or fewer for a session with fewer
+        mini-batches; on the embedded one-node Ray: that node for all of them), or raise
+        PlacementError saying why not. Returns the instances of an elastic job (None: ``range(count)``)."""
         resources = self.spec.resources
-        bundle, count = self.bundle(), resources.instance_count
+        bundle = self.bundle()
         timeout = self.spec.raypar.placement_timeout
+        if count < resources.instance_count:
+            self.echo(f"raypar: {count} mini-batch(es) to run: {count} of the {resources.instance_count} "
+                      f"instances reserved, one worker each")
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if self.owned and len(alive) == 1 and (count > 1 or resources.elastic):
             if resources.elastic:
@@ -87,7 +94,8 @@ class Placement:
         fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
         need = (
             f"the job needs {count} node(s) with {_fmt(bundle)} each "
-            f"(instance_count={count} x max_concurrency_per_instance={self.spec.max_concurrency_per_instance}); "
+            f"({_instances(count, resources.instance_count)} x max_concurrency_per_instance="
+            f"{self.spec.max_concurrency_per_instance}); "
             f"the cluster has {len(fitting)} such node(s) of {len(alive)} alive"
         )
         if len(fitting) < count and (self.owned or timeout == 0):
@@ -102,20 +110,23 @@ class Placement:
             offered = {k: has.get(k, 0) for k in total}
             raise PlacementError(
                 f"the job needs {_fmt(total)} on this machine for its {count} instances "
-                f"(instance_count={count} x max_concurrency_per_instance="
+                f"({_instances(count, self.spec.resources.instance_count)} x max_concurrency_per_instance="
                 f"{self.spec.max_concurrency_per_instance}, {_fmt(bundle)} each); the embedded one-node Ray "
                 f"has {_fmt(offered)}; lower instance_count or raypar.worker, or give a cluster with --address")
-        self.echo(f"raypar: instance_count {count} on a one-node Ray: running the {count} instances on this machine")
+        named = self.spec.resources.instance_count
+        self.echo(f"raypar: instance_count {named} on a one-node Ray: running "
+                  f"{'the' if count == named else f'{count} of the'} {named} instances on this machine")
         self._create([bundle] * count, "STRICT_PACK", timeout,
                      f"the job needs {_fmt(total)} on this machine for its {count} instances")
 
     def _create(self, bundles: list[dict], strategy: str, timeout: float, need: str) -> None:
         self.pg = placement_group(bundles, strategy=strategy, name=f"raypar-{self.run}")
+        waited = max(timeout, GROUP_CREATION_SECONDS)  # placement_timeout 0: the nodes are there, not free
         try:
-            ray.get(self.pg.ready(), timeout=timeout)
+            ray.get(self.pg.ready(), timeout=waited)
         except GetTimeoutError:
             self.release()
-            raise PlacementError(f"{need} free; waited {timeout:.0f}s (raypar.placement_timeout)") from None
+            raise PlacementError(f"{need} free; waited {waited:.0f}s (raypar.placement_timeout)") from None
 
     def new_actor(self, slot):
         w = self.spec.raypar.worker
@@ -185,8 +196,8 @@ class RayTransport(Transport):
         self.placement = placement
         self.metrics = JobMetrics(placement.spec.name or "job", placement.job_url)
 
-    def reserve(self) -> Optional[list[int]]:
-        return self.placement.reserve()
+    def reserve(self, count: int) -> Optional[list[int]]:
+        return self.placement.reserve(count)
 
     @property
     def elastic(self) -> bool:
@@ -262,6 +273,11 @@ def _cause(exc: RayTaskError) -> str:
         return describe_error(cause)
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _instances(count: int, named: int) -> str:
+    """How a placement error names the instances it reserves: all, or fewer for fewer batches."""
+    return f"instance_count={named}" if count == named else f"{count} of instance_count={named}, one per mini-batch"
 
 
 def _fmt(bundle: dict[str, float]) -> str:

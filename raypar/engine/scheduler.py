@@ -297,8 +297,11 @@ class Scheduler:
 
     def run(self) -> Optional[str]:
         """Run until every batch is done or failed, or a stop condition; returns the stop reason."""
-        instances = self.transport.reserve()
-        if instances is not None:  # elastic: the instances the cluster had room for
+        count = self._instances_to_reserve()
+        instances = self.transport.reserve(count)
+        if instances is None and count < self.spec.resources.instance_count:
+            instances = range(count)
+        if instances is not None:  # elastic: the instances the cluster had room for; or fewer for fewer batches
             self.slots = [slot for i in instances for slot in self._new_slots(i)]
             self.progress.workers = len(self.slots)
         try:
@@ -319,17 +322,27 @@ class Scheduler:
             self.transport.release()
         return self.stop_reason
 
+    def _sized_to_batches(self) -> bool:
+        """Whether this session may reserve and start less than every slot, as few as its batches
+        need: not while the input is planned (the count is not known), not with speculation
+        (idle workers take second attempts), not for elastic instances (they come and go with nodes)."""
+        return self.plan_complete and not self.spec.raypar.speculation.enabled and not self.spec.resources.elastic
+
+    def _instances_to_reserve(self) -> int:
+        """instance_count, or one instance per pending batch when there are fewer: a resume of a
+        few holds no node it cannot use (an autoscaler need not start them) and runs on a cluster
+        that has lost some of its nodes since."""
+        named = self.spec.resources.instance_count
+        return max(1, min(named, len(self.queue))) if self._sized_to_batches() else named
+
     def _first_slots(self) -> list[Slot]:
         """The slots whose workers start now: every slot, unless the session knows its every batch
         and has fewer than slots (a resume of a few, a small job on a big cluster). Then one worker
         starts per batch, each instance's first slot first so the batches spread over the nodes,
         and the others wait in ``unstarted`` for retries that need them (_grow): init() can take
-        minutes and load a model on a GPU, and a worker with no batch would pay that for nothing.
-        While the input is planned, the count is not known; speculation gives idle workers second
-        attempts; an elastic job's instances come and go with nodes: those start every slot."""
+        minutes and load a model on a GPU, and a worker with no batch would pay that for nothing."""
         pending = len(self.queue)
-        if pending >= len(self.slots) or not self.plan_complete or self.transport.elastic \
-                or self.spec.raypar.speculation.enabled:
+        if pending >= len(self.slots) or not self._sized_to_batches() or self.transport.elastic:
             return self.slots
         first = sorted(self.slots, key=_spread)
         self.unstarted.update(first[pending:])

@@ -87,6 +87,7 @@ class SimulatedCluster(Transport):
         self.asides: list[tuple[str, bool]] = []  # (batch json, its run_batch had not started) per hint
         self.withdrawn: list[str] = []  # batches whose run_batch was taken back before it began
         self.started: list[tuple[int, int]] = []  # (instance, slot index) of each worker, as it started
+        self.reserved: Optional[int] = None  # the instances the scheduler asked to reserve
         # Elastic instances (see elastic()): node arrivals and departures at chosen instants.
         self.timeline: list[tuple[float, str, int]] = []  # heap of (when, "join" | "leave", instance)
         self.joined: list[int] = []
@@ -108,7 +109,8 @@ class SimulatedCluster(Transport):
     def elastic(self) -> bool:
         return self.first_instances is not None
 
-    def reserve(self) -> Optional[list[int]]:
+    def reserve(self, count: int) -> Optional[list[int]]:
+        self.reserved = count
         return self.first_instances
 
     def changes(self) -> tuple[list[int], list[int]]:

@@ -38,9 +38,10 @@ class Transport:
 
     elastic = False  # instances join and leave with nodes: see changes()
 
-    def reserve(self) -> Optional[list[int]]:
-        """Reserve the instances' nodes (or raise PlacementError); returns the instances placed
-        when they are not ``range(instance_count)`` (elastic jobs)."""
+    def reserve(self, count: int) -> Optional[list[int]]:
+        """Reserve ``count`` instances' nodes (instance_count, or fewer for a session with fewer
+        batches), or raise PlacementError; returns the instances placed when they are not
+        ``range(count)`` (elastic jobs)."""
 
     def changes(self) -> tuple[list[int], list[int]]:
         """Elastic jobs: (instances placed since the last call, instances whose node left)."""
