@@ -148,7 +148,8 @@ def test_resume_reruns_only_failed_batches_and_matches_clean_run(ray_cluster, tm
 
 def test_a_resume_of_fewer_batches_than_instances_runs_on_a_cluster_that_lost_a_node(ray_cluster, tmp_path):
     # The first run has 4 nodes for its 4 instances; the resume of its 2 failed batches finds 3
-    # (with placement_timeout 0 it cannot wait): it reserves 2 instances, on 2 distinct nodes.
+    # (with placement_timeout 0 it cannot wait): it reserves 3 instances (one for each batch, one
+    # for a retry elsewhere) and its 2 workers run on 2 distinct nodes.
     files = texts(8, bad={1, 5})
     flag, barrier = tmp_path / "fixed", tmp_path / "barrier"
     barrier.mkdir()  # each worker's first batch waits until two workers hold one
@@ -172,7 +173,7 @@ def test_a_resume_of_fewer_batches_than_instances_runs_on_a_cluster_that_lost_a_
     second = raypar.resume(job, echo=lines.append).wait()
 
     assert (second.state, second.completed, second.failed) == (JobState.SUCCEEDED, 4, 0), lines
-    assert "raypar: 2 mini-batch(es) to run: 2 of the 4 instances reserved, one worker each" in lines
+    assert "raypar: 3 of the 4 instances reserved: fewer mini-batches to run than instances" in lines
     assert sorted((i, s) for i, s, _ in worker_logs(job) - first_workers) == [(0, 0), (1, 0)]
     rows = [line.rsplit(" ", 2) for line in output_lines(tmp_path)]  # the row, its instance, its node
     assert [r[0] for r in rows] == expected_rows(files)  # every file once, in order

@@ -692,12 +692,29 @@ def test_a_session_with_fewer_batches_than_slots_starts_one_worker_per_batch_spr
     assert cluster.now == pytest.approx(1.0 + 5.0)  # all three at once, as with every slot started
 
 
-def test_a_session_with_fewer_batches_than_instances_reserves_one_instance_per_batch(tmp_path):
+@pytest.mark.parametrize("max_retries, reserved", [(1, 3), (0, 2)])
+def test_a_session_with_fewer_batches_than_instances_reserves_one_instance_per_batch_and_one_for_retries(
+        tmp_path, max_retries, reserved):
     reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(5.0), batches=2, slots=2,
+                                             retry_settings={"max_retries": max_retries, "timeout": 100},
                                              **{"resources.instance_count": 4})
 
     assert reason is None and scheduler.progress.done == 2
-    assert cluster.reserved == 2 and cluster.started == [(0, 0), (1, 0)]
+    assert cluster.reserved == reserved and cluster.started == [(0, 0), (1, 0)]
+
+
+def test_a_retry_of_the_one_batch_of_a_session_goes_to_the_spare_instance(tmp_path):
+    seen = []
+
+    def behaviour(batch, attempt, worker):
+        seen.append(worker)
+        return Outcome(0.5, "user", "RuntimeError: CUDA error") if attempt == 1 else Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=1, slots=1,
+                                             **{"resources.instance_count": 4})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (1, 0)
+    assert cluster.reserved == 2 and cluster.started == [(0, 0), (1, 0)] and len(set(seen)) == 2
 
 
 @pytest.mark.parametrize("why", ["planning", "speculation"])

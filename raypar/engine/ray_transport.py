@@ -78,8 +78,8 @@ class Placement:
         bundle = self.bundle()
         timeout = self.spec.raypar.placement_timeout
         if count < resources.instance_count:
-            self.echo(f"raypar: {count} mini-batch(es) to run: {count} of the {resources.instance_count} "
-                      f"instances reserved, one worker each")
+            self.echo(f"raypar: {count} of the {resources.instance_count} instances reserved: "
+                      f"fewer mini-batches to run than instances")
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if self.owned and len(alive) == 1 and (count > 1 or resources.elastic):
             if resources.elastic:
@@ -277,7 +277,7 @@ def _cause(exc: RayTaskError) -> str:
 
 def _instances(count: int, named: int) -> str:
     """How a placement error names the instances it reserves: all, or fewer for fewer batches."""
-    return f"instance_count={named}" if count == named else f"{count} of instance_count={named}, one per mini-batch"
+    return f"instance_count={named}" if count == named else f"{count} of instance_count={named}: fewer mini-batches"
 
 
 def _fmt(bundle: dict[str, float]) -> str:

@@ -329,11 +329,14 @@ class Scheduler:
         return self.plan_complete and not self.spec.raypar.speculation.enabled and not self.spec.resources.elastic
 
     def _instances_to_reserve(self) -> int:
-        """instance_count, or one instance per pending batch when there are fewer: a resume of a
-        few holds no node it cannot use (an autoscaler need not start them) and runs on a cluster
-        that has lost some of its nodes since."""
+        """instance_count, or one instance per pending batch when there are fewer, and one more
+        when a batch may be retried, so that a retry can still go to another node (a broken GPU
+        fails what it gets): a resume of a few holds no node it cannot use (an autoscaler need
+        not start them) and runs on a cluster that has lost some of its nodes since."""
         named = self.spec.resources.instance_count
-        return max(1, min(named, len(self.queue))) if self._sized_to_batches() else named
+        if not self._sized_to_batches():
+            return named
+        return max(1, min(named, len(self.queue) + (self.max_tries > 1)))
 
     def _first_slots(self) -> list[Slot]:
         """The slots whose workers start now: every slot, unless the session knows its every batch
