@@ -20,14 +20,15 @@ def ordinal(batch_json: str) -> int:
 
 
 def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progress=None, pending=None, by_slot=False,
-        withdraw_seconds=0.0, on_progress=lambda p: None, start_error=None, **spec_keys):
+        withdraw_seconds=0.0, on_progress=lambda p: None, start_error=None, placed=None, **spec_keys):
     """Run ``batches`` on ``slots`` simulated workers; returns (stop reason, scheduler, cluster, ledger).
     ``nodes``: (first instances, timeline of joins and leaves) for an elastic cluster; ``behaviour``
     then gets (batch, attempt, instance, now). ``store``: the workers store done records in the ledger.
     ``pending``: the batches, when not ``batches`` one-file ones. ``by_slot``: ``behaviour`` gets
     the worker's slot index instead of its worker id. ``withdraw_seconds``: how long a request to take
     calls back takes to reach a worker, and its answer to come back. ``start_error(slot)``: init()'s
-    traceback on that slot's worker, or None when it starts."""
+    traceback on that slot's worker, or None when it starts. ``placed``: the instances whose node is
+    up, for a fixed (not elastic) job whose nodes may go (a start on one that went never ends)."""
     ledger = Ledger(str(tmp_path / "job"))
     pending = pending or [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1)
                           for i in range(batches)]
@@ -52,6 +53,8 @@ def run(tmp_path, behaviour, batches=6, slots=2, nodes=None, store=False, progre
         cluster.behaviour = lambda b, a, w: behaviour(b, a, cluster.workers[w].slot.index)
     if start_error is not None:
         cluster.start_error = start_error
+    if placed is not None:
+        cluster.instances = placed
     scheduler = Scheduler(ledger, spec_from_dict(spec), "r1", pending, cluster, progress or Progress(total=batches),
                           on_progress)
     return scheduler.run(), scheduler, cluster, ledger
@@ -778,6 +781,36 @@ def test_init_failing_on_the_workers_started_for_a_few_batches_stops_the_job_wit
     assert reason == "no worker could start: init() failed on every worker"
     assert sorted(cluster.started) == [(0, 0)] * 3 + [(0, 1)] * 3  # two slots, three tries each
     assert ledger.view().failed == {}
+
+
+def test_init_failing_on_one_node_only_starts_a_spare_on_another_instance(tmp_path):
+    # A broken GPU on instance 0's node: the one batch runs on the spare instance's worker.
+    reason, scheduler, cluster, ledger = run(
+        tmp_path, lambda b, a, w: Outcome(1.0), batches=1, slots=1, **{"resources.instance_count": 4},
+        start_error=lambda slot: "RuntimeError: CUDA unavailable" if slot.instance == 0 else None)
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (1, 0)
+    assert cluster.reserved == 2 and (1, 0) in cluster.started and ledger.view().failed == {}
+
+
+def test_a_batch_whose_node_died_runs_on_the_spare_instance_instead_of_waiting_for_the_node(tmp_path):
+    # A fixed job: instance 0's node dies in the batch and no node takes its place (the restart
+    # of its worker waits for Ray forever). The batch runs on the spare instance, no try spent.
+    placed, ran = {0, 1, 2, 3}, []
+
+    def behaviour(batch, attempt, worker):
+        ran.append(worker)
+        if len(ran) == 1:
+            placed.discard(0)
+            return Outcome(2.0, "lost")
+        return Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=1, slots=1, placed=placed,
+                                             **{"resources.instance_count": 4})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (1, 0)
+    assert cluster.started == [(0, 0), (0, 0), (1, 0)] and len(set(ran)) == 2
+    assert history(ledger, 0) == [("system", False)]
 
 
 # -- a retry goes to another worker --------------------------------------------------------------------------

@@ -121,12 +121,13 @@ class Placement:
 
     def _create(self, bundles: list[dict], strategy: str, timeout: float, need: str) -> None:
         self.pg = placement_group(bundles, strategy=strategy, name=f"raypar-{self.run}")
-        waited = max(timeout, GROUP_CREATION_SECONDS)  # placement_timeout 0: the nodes are there, not free
+        waited = timeout or GROUP_CREATION_SECONDS  # placement_timeout 0: the nodes are there
         try:
             ray.get(self.pg.ready(), timeout=waited)
         except GetTimeoutError:
             self.release()
-            raise PlacementError(f"{need} free; waited {waited:.0f}s (raypar.placement_timeout)") from None
+            why = "raypar.placement_timeout" if timeout else "for Ray to reserve them: raypar.placement_timeout is 0"
+            raise PlacementError(f"{need} free; waited {waited:.0f}s ({why})") from None
 
     def new_actor(self, slot):
         w = self.spec.raypar.worker

@@ -283,6 +283,7 @@ class Scheduler:
         self.avoid: dict[str, Slot] = {}  # batches to retry, and the worker they failed on: another takes them
         self.last_init_error: Optional[str] = None
         self.started_ok = False  # a worker's start (init()) succeeded this session
+        self.failed_instances: set[int] = set()  # instances where a worker's start failed this session
         self.last_init_stage = "init()"
         self.next_poll = 0.0  # elastic jobs: when to ask the transport for joined and left instances
         self.starved_since: Optional[float] = None  # elastic jobs: since when no instance is left
@@ -557,6 +558,7 @@ class Scheduler:
             return
         self.last_init_error = answer.get("error", "")
         self.last_init_stage = answer.get("stage", "starting the worker")
+        self.failed_instances.add(slot.instance)
         slot.starts_failed += 1
         log.warning("%s failed on %s (try %d of %d):\n%s", self.last_init_stage, slot.label,
                     slot.starts_failed, MAX_STARTS_PER_SLOT, self.last_init_error)
@@ -565,6 +567,7 @@ class Scheduler:
             slot.retired = True
         elif self.stop_reason is None:
             self._start(slot)
+        self._start_spare(slot)  # its node may be the broken one (or gone, while Ray waits to re-place it)
 
     def _on_environment_failed(self, slot: Slot, text: str) -> None:
         """pip refused the job's packages: every slot would fail the same way, and each try costs a
@@ -632,12 +635,22 @@ class Scheduler:
             self._start_unstarted(wanted)
 
     def _start_unstarted(self, count: int) -> None:
+        slots = sorted(self.unstarted, key=_spread)
         if self.last_init_error and not self.started_ok:
-            return  # init() failed on every worker that tried: the rest would fail the same way
-        for slot in sorted(self.unstarted, key=_spread)[:count]:
+            # No worker has started yet: a slot of the same instance would fail as its others did
+            # (a bug in init() fails everywhere), one of another instance may be on a sound node.
+            slots = [s for s in slots if s.instance not in self.failed_instances]
+        for slot in slots[:count]:
             self.unstarted.discard(slot)
             if slot.actor is None and not slot.retired:
                 self._start(slot)
+
+    def _start_spare(self, slot: Slot) -> None:
+        """``slot``'s worker failed (a start, a batch, or lost): with no other worker idle or
+        starting, start an unstarted slot, so that what it would run again can go elsewhere now
+        rather than wait for ``slot``'s restart, or for a node Ray may never give back."""
+        if self.unstarted and self.stop_reason is None and not self._another_free_worker(slot):
+            self._start_unstarted(1)
 
     def _order(self, slot: Slot) -> tuple:
         return slot.instance, slot.index
@@ -1124,8 +1137,7 @@ class Scheduler:
         else:
             self.queue.appendleft(batch)  # retry soon, so thresholds are known early
             self.avoid[batch.id] = slot
-            if self.unstarted and not self._another_free_worker(slot):  # the retry goes elsewhere, now
-                self._start_unstarted(1)
+            self._start_spare(slot)
 
     def _on_worker_lost(self, slot: Slot, exc: WorkerLost, now: float) -> None:
         """The worker process died: a system failure, not one of the user's tries."""
@@ -1142,6 +1154,7 @@ class Scheduler:
         running = self._replace(slot, f"worker process lost ({exc.kind})", recorded=recorded)
         if running is not None:
             self._requeue_after_system_failure(running, f"worker lost: {exc}", slot, recorded)
+        self._start_spare(slot)
 
     def _requeue_after_system_failure(self, call: Call, error: str, slot: Slot, recorded: set[str],
                                       kind: str = "system") -> None:
@@ -1184,7 +1197,7 @@ class Scheduler:
             self.queue.extendleft(reversed(_batches(running)))
         if call is not None:
             self._requeue_after_system_failure(call, error, slot, set(), kind=kind)
-        if self.job_dir_failures >= max(JOB_DIR_FAILURES_TO_STOP, len(self.slots)):
+        if self.job_dir_failures >= max(JOB_DIR_FAILURES_TO_STOP, len(self.slots) - len(self.unstarted)):
             self._stop(error.splitlines()[0])
 
     def _replace(self, slot: Slot, why: str, lost: bool = True, recorded: Optional[set] = None,

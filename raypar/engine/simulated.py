@@ -177,6 +177,8 @@ class SimulatedCluster(Transport):
             seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}"}
             if error:
                 value = {"ok": False, "error": error, "stage": "init()"}
+            if self.instances is not None and w.slot.instance not in self.instances and self.first_instances is None:
+                seconds = float("inf")  # its node is gone: Ray holds the actor until it re-places the bundle
         elif method in ("run_batch", "run_batches") and w.dies_at is not None:
             pass  # queued on a worker that dies before it: it never runs (it ends with the worker, below)
         elif method == "run_batch":
