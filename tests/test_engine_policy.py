@@ -816,6 +816,25 @@ def test_a_batch_whose_node_died_runs_on_the_spare_instance_instead_of_waiting_f
 # -- a retry goes to another worker --------------------------------------------------------------------------
 
 
+def test_a_retry_does_not_wait_for_a_worker_whose_node_is_gone(tmp_path):
+    # Two instances: batch 0 fails once on instance 0's worker; instance 1's node dies in batch 1,
+    # and its worker's restart waits for a node that never comes. The retry of batch 0 must not
+    # wait for that worker: instance 0's worker, the only one left, takes it.
+    placed = {0, 1}
+
+    def behaviour(batch, attempt, worker):
+        if ordinal(batch) == 1 and 1 in placed:
+            placed.discard(1)
+            return Outcome(2.0, "lost")
+        return Outcome(0.5, "user", "ValueError: bad") if (ordinal(batch), attempt) == (0, 1) else Outcome(1.0)
+
+    reason, scheduler, cluster, ledger = run(tmp_path, behaviour, batches=2, slots=1, placed=placed,
+                                             **{"resources.instance_count": 2})
+
+    assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (2, 0)
+    assert history(ledger, 0) == [("user", False)] and history(ledger, 1) == [("system", False)]
+
+
 def test_a_batch_that_failed_on_a_worker_is_retried_on_another(tmp_path):
     # Slot 0's worker is broken (a dead GPU): everything it runs fails, at once. With one retry
     # per batch, each batch it failed succeeds on slot 1; none is lost to the broken worker twice.

@@ -649,7 +649,7 @@ class Scheduler:
         """``slot``'s worker failed (a start, a batch, or lost): with no other worker idle or
         starting, start an unstarted slot, so that what it would run again can go elsewhere now
         rather than wait for ``slot``'s restart, or for a node Ray may never give back."""
-        if self.unstarted and self.stop_reason is None and not self._another_free_worker(slot):
+        if self.unstarted and self.stop_reason is None and not self._another_worker(slot, idle=True):
             self._start_unstarted(1)
 
     def _order(self, slot: Slot) -> tuple:
@@ -741,14 +741,19 @@ class Scheduler:
         self._read_ahead(slot)
         return True
 
-    def _another_worker(self, slot: Slot) -> bool:
-        """Another worker is up, or starting, to take what failed on ``slot``."""
-        return any(s is not slot and (s.ready or s.start_ref is not None) and not s.retired for s in self.slots)
-
-    def _another_free_worker(self, slot: Slot) -> bool:
-        """Another worker is starting, or up with nothing to run."""
-        return any(s is not slot and not s.retired and (s.start_ref is not None or (s.ready and not s.calls))
-                   for s in self.slots)
+    def _another_worker(self, slot: Slot, idle: bool = False) -> bool:
+        """Another worker is up (with ``idle``: up with nothing to run), or starting, to take what
+        failed on ``slot``. A start on an instance whose node is gone does not count: Ray holds it
+        until it re-places the instance, maybe never (one look at the placement, only then)."""
+        starting = []
+        for other in self.slots:
+            if other is slot or other.retired:
+                continue
+            if other.ready and not (idle and other.calls):
+                return True
+            if other.start_ref is not None:
+                starting.append(other.instance)
+        return bool(starting) and not self.transport.placed_instances().isdisjoint(starting)
 
     def _group_size(self, slot: Slot) -> int:
         """How many queued batches the next call to ``slot`` takes: one, unless its batches take
