@@ -341,7 +341,7 @@ class Scheduler:
 
     def _first_slots(self) -> list[Slot]:
         """The slots whose workers start now: every slot, unless the session knows its every batch
-        and has fewer than slots (a resume of a few, a small job on a big cluster). Then one worker
+        and has fewer than slots (a resume of a few; a fresh job plans while it runs). Then one worker
         starts per batch, each instance's first slot first so the batches spread over the nodes,
         and the others wait in ``unstarted`` for retries that need them (_grow): init() can take
         minutes and load a model on a GPU, and a worker with no batch would pay that for nothing."""
