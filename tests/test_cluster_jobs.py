@@ -316,6 +316,27 @@ def test_more_instances_than_nodes_fails_with_a_clear_message(ray_cluster, tmp_p
     assert job_status(str(tmp_path / "job"))["state"] == "failed"
 
 
+def test_placement_timeout_0_on_nodes_that_are_there_but_busy_gives_ray_a_moment_then_one_line(
+        ray_cluster, tmp_path, monkeypatch):
+    # The 3 nodes exist (so not "at once"), but another reservation holds their CPUs.
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raypar.engine import ray_transport
+
+    monkeypatch.setattr(ray_transport, "GROUP_CREATION_SECONDS", 1.0)
+    other = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+    ray.get(other.ready(), timeout=60)
+    try:
+        spec = make_spec(tmp_path, texts(6), **{"raypar.placement_timeout": 0})
+        with pytest.raises(PlacementError, match=r"needs 3 node\(s\).*has 3 such node\(s\) of 3 alive free; waited 1s "
+                                                 r"\(for Ray to reserve them: raypar.placement_timeout is 0\)$"):
+            raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
+    finally:
+        remove_placement_group(other)
+    assert job_status(str(tmp_path / "job"))["state"] == "failed"
+
+
 def test_init_failure_on_every_worker_fails_fast_with_the_traceback(ray_cluster, tmp_path):
     spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 1, "max_concurrency_per_instance": 1})
     marker = tmp_path / "shutdown-ran"
