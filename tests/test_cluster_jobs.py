@@ -310,10 +310,24 @@ def test_instance_count_2_on_a_multi_node_cluster_spreads_over_two_nodes(ray_clu
 
 
 def test_more_instances_than_nodes_fails_with_a_clear_message(ray_cluster, tmp_path):
-    spec = make_spec(tmp_path, texts(4), **{"resources.instance_count": 4, "raypar.placement_timeout": 0})
+    spec = make_spec(tmp_path, texts(8), **{"resources.instance_count": 4, "raypar.placement_timeout": 0})
     with pytest.raises(PlacementError, match=r"needs 4 node\(s\).*has 3 such node\(s\)"):
         raypar.run(spec, job_dir=str(tmp_path / "job"), echo=quiet).wait()
     assert job_status(str(tmp_path / "job"))["state"] == "failed"
+
+
+def test_a_fresh_job_of_fewer_batches_than_instances_reserves_and_starts_only_what_they_need(ray_cluster, tmp_path):
+    # A smoke test of 2 mini-batches under the spec of a 4-node job, on this 3-node cluster: it
+    # reserves 3 instances (one per batch, one for a retry elsewhere) and starts 2 workers.
+    files = texts(4)
+    spec = make_spec(tmp_path, files, **{"resources.instance_count": 4, "raypar.placement_timeout": 0})
+    job, lines = str(tmp_path / "job"), []
+    result = raypar.run(spec, job_dir=job, echo=lines.append).wait()
+
+    assert (result.state, result.completed) == (JobState.SUCCEEDED, 2), lines
+    assert "raypar: 3 of the 4 instances reserved: fewer mini-batches to run than instances" in lines
+    assert sorted((i, s) for i, s, _ in worker_logs(job)) == [(0, 0), (1, 0)]
+    assert output_lines(tmp_path) == expected_rows(files)
 
 
 def test_placement_timeout_0_on_nodes_that_are_there_but_busy_gives_ray_a_moment_then_one_line(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import threading
 
 import pytest
 
@@ -720,21 +721,38 @@ def test_a_retry_of_the_one_batch_of_a_session_goes_to_the_spare_instance(tmp_pa
     assert cluster.reserved == 2 and cluster.started == [(0, 0), (1, 0)] and len(set(seen)) == 2
 
 
-@pytest.mark.parametrize("why", ["planning", "speculation"])
-def test_while_the_input_is_planned_or_with_speculation_every_instance_is_reserved(tmp_path, why):
+def _policy_spec(tmp_path, instances: int, speculation: bool = False):
+    return spec_from_dict({"type": "parallel", "name": "policy",
+                           "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
+                           "input_data": "${{inputs.data}}", "max_concurrency_per_instance": 2,
+                           "resources": {"instance_count": instances},
+                           "raypar": {"speculation": {"enabled": speculation}},
+                           "task": {"code": str(tmp_path), "entry_script": "score.py"}})
+
+
+def _file_batches(count: int) -> list[MiniBatch]:
+    return [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(count)]
+
+
+@pytest.mark.parametrize("why", ["slow listing", "speculation"])
+def test_while_the_input_is_planned_or_with_speculation_every_instance_is_reserved(tmp_path, monkeypatch, why):
+    from raypar.engine import scheduler as scheduler_module
     from raypar.engine.planning import PlanFeed
 
     ledger = Ledger(str(tmp_path / "job"))
-    batches = [MiniBatch(ordinal=i, kind="files", payload={"files": [f"f{i}"]}, item_count=1) for i in range(2)]
-    spec = spec_from_dict({"type": "parallel", "name": "policy",
-                           "inputs": {"data": {"type": "uri_folder", "path": str(tmp_path)}},
-                           "input_data": "${{inputs.data}}", "max_concurrency_per_instance": 2,
-                           "resources": {"instance_count": 3},
-                           "raypar": {"speculation": {"enabled": why == "speculation"}},
-                           "task": {"code": str(tmp_path), "entry_script": "score.py"}})
-    cluster = SimulatedCluster(lambda b, a, w: Outcome(1.0), start_seconds=1.0, record=True)
-    if why == "planning":  # two batches in the end, but the count is not known when the workers start
-        feed = PlanFeed(ledger, iter(batches))
+    batches = _file_batches(2)
+    spec = _policy_spec(tmp_path, 3, speculation=why == "speculation")
+    ran = threading.Event()
+    cluster = SimulatedCluster(lambda b, a, w: ran.set() or Outcome(1.0), start_seconds=1.0, record=True)
+    if why == "slow listing":  # two batches in the end, but the count is not known when the workers start
+        monkeypatch.setattr(scheduler_module, "SIZING_WAIT", 0.05)
+
+        def listing():  # lists its second batch only once the first ran: slower than the sizing wait
+            yield batches[0]
+            assert ran.wait(30)
+            yield batches[1]
+
+        feed = PlanFeed(ledger, listing(), first_release=6)
         feed.start()
         scheduler = Scheduler(ledger, spec, "r1", [], cluster, Progress(total=0), feed=feed)
     else:
@@ -742,6 +760,44 @@ def test_while_the_input_is_planned_or_with_speculation_every_instance_is_reserv
         scheduler = Scheduler(ledger, spec, "r1", batches, cluster, Progress(total=2))
 
     assert scheduler.run() is None and scheduler.progress.done == 2
+    assert cluster.reserved == 3 and sorted(cluster.started) == [(i, s) for i in range(3) for s in range(2)]
+
+
+def test_a_fresh_job_waits_for_its_planner_and_is_sized_to_its_batches(tmp_path):
+    from raypar.engine.planning import PlanFeed
+
+    ledger = Ledger(str(tmp_path / "job"))
+    feed = PlanFeed(ledger, iter(_file_batches(2)), first_release=8)
+    feed.start()  # the scheduler starts at once: whether the planner finished first is not left to chance
+    cluster = SimulatedCluster(lambda b, a, w: Outcome(1.0), start_seconds=1.0, record=True)
+    scheduler = Scheduler(ledger, _policy_spec(tmp_path, 4), "r1", [], cluster, Progress(total=0), feed=feed)
+
+    assert scheduler.run() is None and (scheduler.progress.done, scheduler.progress.total) == (2, 2)
+    assert cluster.reserved == 3 and cluster.started == [(0, 0), (1, 0)]
+
+
+def test_a_fresh_job_with_a_batch_for_every_slot_starts_them_all_while_its_listing_goes_on(tmp_path, monkeypatch):
+    from raypar.engine import scheduler as scheduler_module
+    from raypar.engine.planning import PlanFeed
+
+    monkeypatch.setattr(scheduler_module, "SIZING_WAIT", 60.0)  # were the batches held, the job would wait
+    ledger = Ledger(str(tmp_path / "job"))
+    batches = _file_batches(8)
+    ran = threading.Event()
+    listed_after_a_batch_ran = []
+
+    def listing():  # the first 6 batches at once, the rest only once a batch ran
+        yield from batches[:6]
+        listed_after_a_batch_ran.append(ran.wait(30))
+        yield from batches[6:]
+
+    feed = PlanFeed(ledger, listing(), first_release=6)
+    feed.start()
+    cluster = SimulatedCluster(lambda b, a, w: ran.set() or Outcome(1.0), start_seconds=1.0, record=True)
+    scheduler = Scheduler(ledger, _policy_spec(tmp_path, 3), "r1", [], cluster, Progress(total=0), feed=feed)
+
+    assert scheduler.run() is None and (scheduler.progress.done, scheduler.progress.total) == (8, 8)
+    assert listed_after_a_batch_ran == [True]
     assert cluster.reserved == 3 and sorted(cluster.started) == [(i, s) for i in range(3) for s in range(2)]
 
 

@@ -273,7 +273,8 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
         if manifest is None:  # planning never finished: plan (again) while running
             prefix = ledger.read_manifest_prefix()
             done = ledger.view(prefix, lean=True, failed=False).done if len(prefix) else frozenset()
-            feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done, prefix)
+            feed = PlanFeed(ledger, planned if planned is not None else session.plan(), done, prefix,
+                            first_release=spec.resources.instance_count * spec.max_concurrency_per_instance)
             feed.start()
         stop = StopSignal(ledger, run, beat)
         reason, detail, view = _run_and_assemble(ledger, session, run, manifest, feed, address, echo, stop,

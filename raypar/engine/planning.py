@@ -56,15 +56,20 @@ _short_turns = _ShortTurns()
 class PlanFeed(threading.Thread):
     """Plans in the background; ``take()`` returns the batches whose chunk is written."""
 
-    def __init__(self, ledger: Ledger, batches: Iterator[MiniBatch], done=frozenset(), prefix=None):
-        """``prefix``: the ledger's manifest prefix, when already read."""
+    def __init__(self, ledger: Ledger, batches: Iterator[MiniBatch], done=frozenset(), prefix=None,
+                 first_release: int = 1):
+        """``prefix``: the ledger's manifest prefix, when already read. ``first_release``: the number of
+        batches released at once as soon as they are planned (the job's worker slots), rather than at
+        the next FLUSH_EVERY: the scheduler waits for that many, or the plan's end, to size its session."""
         super().__init__(daemon=True, name="raypar-planner")
         self.batches, self.done = batches, done
+        self.first_release = first_release
         self.prefix = prefix if prefix is not None else ledger.read_manifest_prefix()
         self.writer = ledger.manifest_writer(self.prefix.lines)
         self.prefix_versions = ledger.read_prefix_versions(self.writer.chunks)
         self.ready: collections.deque = collections.deque()
         self.planned = 0
+        self.to_run = 0  # of the batches released, those not done before
         self.error: Optional[str] = None
         self.finished = threading.Event()
         self.wake = threading.Condition()
@@ -102,7 +107,8 @@ class PlanFeed(threading.Thread):
                 continue
             held.append(QueuedBatch(batch.ordinal, self.writer.add(batch)))
             now = time.monotonic()
-            if len(held) >= CHUNK_SIZE or now - last >= FLUSH_EVERY:
+            if len(held) >= CHUNK_SIZE or now - last >= FLUSH_EVERY or \
+                    self.to_run < self.first_release <= self.to_run + len(held):
                 self.writer.flush()
                 self._release(held)
                 held, last = [], now
@@ -115,7 +121,9 @@ class PlanFeed(threading.Thread):
     def _release(self, batches: list[QueuedBatch]) -> None:
         with self.wake:
             self.planned += len(batches)
-            self.ready.extend(b for b in batches if b.id not in self.done)
+            to_run = [b for b in batches if b.id not in self.done]
+            self.ready.extend(to_run)
+            self.to_run += len(to_run)
             self.wake.notify_all()
 
     def take(self) -> list[QueuedBatch]:
@@ -135,6 +143,11 @@ class PlanFeed(threading.Thread):
         with self.wake:
             if not self.ready and not self.finished.is_set():
                 self.wake.wait(timeout)
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        """Block until ``count`` batches to run are released or planning ends (at most ``timeout``)."""
+        with self.wake:
+            self.wake.wait_for(lambda: self.finished.is_set() or self.to_run >= count, timeout)
 
     def stop(self) -> None:
         self.halt.set()

@@ -77,6 +77,10 @@ STORE_ON_INTERRUPT_TIMEOUT = 2.5
 # A call queued behind a batch that has run this long is taken back for a worker that idles (far
 # longer than the round trip that takes it back; batches of milliseconds are never held up so long).
 WITHDRAW_AFTER = 0.2
+# How long a fresh job's session waits, at most, for its planner to release a batch for every worker
+# slot or finish, to know whether to reserve and start fewer (a small input is planned in
+# milliseconds; a listing slow past this starts every slot, init() overlapping the listing).
+SIZING_WAIT = 2.0
 INSTANCE_POLL_SECONDS = 1.0  # elastic jobs: how often the transport is asked which instances joined or left
 
 
@@ -298,6 +302,14 @@ class Scheduler:
 
     def run(self) -> Optional[str]:
         """Run until every batch is done or failed, or a stop condition; returns the stop reason."""
+        if self.feed is not None and self._may_size():
+            # A fresh job plans while it runs. Wait (briefly) until its planner has either released a
+            # batch for every slot or finished: then whether to size the session is known, and does
+            # not depend on whether the listing beat the driver's connection to Ray.
+            self.feed.wait_for(len(self.slots), SIZING_WAIT)
+            self._pull_planned()
+            if self.stop_reason is not None:  # planning failed: nothing to reserve or start
+                return self.stop_reason
         count = self._instances_to_reserve()
         instances = self.transport.reserve(count)
         if instances is None and count < self.spec.resources.instance_count:
@@ -327,7 +339,10 @@ class Scheduler:
         """Whether this session may reserve and start less than every slot, as few as its batches
         need: not while the input is planned (the count is not known), not with speculation
         (idle workers take second attempts), not for elastic instances (they come and go with nodes)."""
-        return self.plan_complete and not self.spec.raypar.speculation.enabled and not self.spec.resources.elastic
+        return self.plan_complete and self._may_size()
+
+    def _may_size(self) -> bool:
+        return not self.spec.raypar.speculation.enabled and not self.spec.resources.elastic
 
     def _instances_to_reserve(self) -> int:
         """instance_count, or one instance per pending batch when there are fewer, and one more
