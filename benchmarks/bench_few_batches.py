@@ -1,4 +1,5 @@
-"""A resume that redoes a few mini-batches on many worker slots: one worker per batch, or every slot.
+"""A resume that redoes a few mini-batches (or, with --fresh, a fresh job of a few) on many worker
+slots: one worker per batch, or every slot.
 
 The workload: --files one-file mini-batches on --slots worker slots of one instance, an entry
 script whose init() spends --init-cpu seconds of CPU (a stand-in for loading a model) and whose
@@ -10,12 +11,16 @@ job resumed: that resume is what is measured, side by side in each round, on one
   batch, raypar.engine.scheduler.Scheduler._first_slots);
 - every slot: the same resume with every slot's worker started, as raypar did before.
 
+With --fresh the measured run is a new job over --redo files (a smoke test under the spec of a
+large job): its planner lists while the driver connects to Ray, and the session waits for it
+(Scheduler.run, SIZING_WAIT) to size itself; every slot started is how raypar ran fresh jobs before.
+
 It prints, per side: the resume's wall time, the machine's CPU seconds during it (from
 /proc/stat: measure on an idle machine), and the workers it started (their log files in the job
 dir); then the medians and the ratios every slot / one per batch. Each resume's output is
 checked: every file's row once.
 
-    python benchmarks/bench_few_batches.py [--files 32] [--slots 16] [--redo 2] [--init-cpu 1.0] [--rounds 3]
+    python benchmarks/bench_few_batches.py [--files 32] [--slots 16] [--redo 2] [--init-cpu 1.0] [--rounds 3] [--fresh]
 """
 
 from __future__ import annotations
@@ -92,12 +97,16 @@ def worker_logs(job_dir: str) -> set:
     return {n for n in os.listdir(os.path.join(job_dir, "logs")) if re.search(r"~i\d+s\d+-\w+\.log$", n)}
 
 
-def resume(root: str, tag: str, args, every_slot: bool) -> dict:
-    spec = job(root, tag, args.files, args.slots, args.redo, args.init_cpu)
+def measure(root: str, tag: str, args, every_slot: bool) -> dict:
+    """The resume of --redo failed batches of --files (or with --fresh a new job of --redo files)."""
+    files = args.redo if args.fresh else args.files
+    spec = job(root, tag, files, args.slots, args.redo, args.init_cpu)
     job_dir = os.path.join(root, tag, "job")
-    first = run_raypar(spec, job_dir, verbose=False)
-    assert (first.completed, first.failed) == (args.files - args.redo, args.redo), first
-    before = worker_logs(job_dir)
+    before = set()
+    if not args.fresh:
+        first = run_raypar(spec, job_dir, verbose=False)
+        assert (first.completed, first.failed) == (args.files - args.redo, args.redo), first
+        before = worker_logs(job_dir)
     open(os.path.join(root, tag, "flag"), "w").close()
     first_slots = Scheduler._first_slots
     if every_slot:
@@ -106,13 +115,16 @@ def resume(root: str, tag: str, args, every_slot: bool) -> dict:
         wait_for_free_cpus(2)
         busy = cpu_jiffies()[0]
         started = time.perf_counter()
-        outcome = raypar.resume(job_dir, echo=lambda line: None).wait()
+        if args.fresh:
+            outcome = raypar.run(spec, job_dir=job_dir, echo=lambda line: None).wait()
+        else:
+            outcome = raypar.resume(job_dir, echo=lambda line: None).wait()
         wall = time.perf_counter() - started
         cpu = (cpu_jiffies()[0] - busy) / os.sysconf("SC_CLK_TCK")
     finally:
         Scheduler._first_slots = first_slots
     rows = open(os.path.join(root, tag, "out", "parallel_run_step.txt")).read().split()
-    assert outcome.state.value == "succeeded" and sorted(rows) == [f"f{i:05d}.txt" for i in range(args.files)]
+    assert outcome.state.value == "succeeded" and sorted(rows) == [f"f{i:05d}.txt" for i in range(files)]
     return {"wall": wall, "cpu": cpu, "workers": len(worker_logs(job_dir) - before)}
 
 
@@ -123,6 +135,7 @@ def main() -> int:
     parser.add_argument("--redo", type=int, default=2)
     parser.add_argument("--init-cpu", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fresh", action="store_true", help="measure a new job of --redo files, not a resume")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="raypar-few-")
@@ -132,13 +145,14 @@ def main() -> int:
         for r in range(args.rounds):
             for every_slot in ((False, True) if r % 2 == 0 else (True, False)):  # the order turns each round
                 side = "every slot" if every_slot else "one per batch"
-                result = resume(root, f"r{r}-{'all' if every_slot else 'few'}", args, every_slot)
+                result = measure(root, f"r{r}-{'all' if every_slot else 'few'}", args, every_slot)
                 results[every_slot].append(result)
                 print(f"round {r + 1}, {side}: {result['wall']:.2f}s, {result['cpu']:.1f} CPU-s, "
                       f"{result['workers']} workers started", flush=True)
         few, every = ({k: statistics.median(x[k] for x in results[side]) for k in ("wall", "cpu", "workers")}
                       for side in (False, True))
-        print(f"resume of {args.redo} of {args.files} batches on {args.slots} slots, init() {args.init_cpu} CPU-s, "
+        what = f"fresh job of {args.redo} batches" if args.fresh else f"resume of {args.redo} of {args.files} batches"
+        print(f"{what} on {args.slots} slots, init() {args.init_cpu} CPU-s, "
               f"medians of {args.rounds}: one per batch {few['wall']:.2f}s {few['cpu']:.1f} CPU-s "
               f"{few['workers']:.0f} workers; every slot {every['wall']:.2f}s {every['cpu']:.1f} CPU-s "
               f"{every['workers']:.0f} workers; every slot / one per batch: wall {every['wall'] / few['wall']:.2f}x, "

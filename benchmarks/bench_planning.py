@@ -38,6 +38,7 @@ from bench_vs_actor_pool import make_workload, raypar_spec  # noqa: E402
 from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
 
 import raypar.engine.planning as planning  # noqa: E402
+from raypar.engine.scheduler import SIZING_WAIT  # noqa: E402
 from raypar.inputs import check_input, plan_batches  # noqa: E402
 from raypar.jobdir.ledger import Ledger  # noqa: E402
 from raypar.spec.loading import as_spec  # noqa: E402
@@ -77,7 +78,22 @@ def plan_only(spec: dict, job_dir: str) -> int:
     return feed.planned
 
 
-def part_one(root: str, inputs: str, code: str, files: int) -> None:
+def sizing_wait(spec: dict, job_dir: str, slots: int) -> tuple[float, bool]:
+    """How long a fresh job's session waits for its planner before it reserves and starts workers
+    (Scheduler.run: a batch for each of ``slots`` slots, or the plan's end, at most SIZING_WAIT
+    after the planner's start), from the planner's start, and whether the count was known then."""
+    job = as_spec(spec)
+    ledger = Ledger(job_dir)
+    ledger.create(job.to_dict(), job.to_yaml())
+    feed = planning.PlanFeed(ledger, plan_batches(job, check_input(job)), first_release=slots)
+    feed.start()
+    feed.wait_for(slots, SIZING_WAIT)
+    waited, known = time.monotonic() - feed.started_at, feed.finished.is_set() or feed.to_run >= slots
+    feed.stop()
+    return waited, known
+
+
+def part_one(root: str, inputs: str, code: str, files: int, slots: int) -> None:
     best_list, best_plan = float("inf"), float("inf")
     for rnd in range(2):
         t = time.perf_counter()
@@ -92,6 +108,14 @@ def part_one(root: str, inputs: str, code: str, files: int) -> None:
     print(f"listing alone:     {best_list:6.2f} s ({best_list / files * 1e6:.1f} us per file)")
     print(f"raypar's planning: {best_plan:6.2f} s ({best_plan / files * 1e6:.1f} us per batch), "
           f"{best_plan / best_list:.1f}x the listing; peak memory so far {memory_mib():.0f} MiB", flush=True)
+    spec = raypar_spec(inputs, code, os.path.join(root, "unused.txt"), 1)
+    waits = [sizing_wait(spec, os.path.join(root, f"sizing-{r}"), slots) for r in range(3)]
+    waited = statistics.median(w for w, _ in waits)
+    known = "known" if all(k for _, k in waits) else "not known: every slot starts" if not any(
+        k for _, k in waits) else "known in some rounds"
+    print(f"a fresh job of {slots:,} slots knows whether to size itself {waited * 1000:.0f} ms after its "
+          f"planner started (median of 3; {known}; at most SIZING_WAIT = {SIZING_WAIT:.0f} s, less the "
+          f"driver's connection to Ray)", flush=True)
 
 
 def rates(job_dir: str, planned_at: float) -> tuple[float, float, int]:
@@ -176,6 +200,8 @@ def check_output(inputs: str, output: str, files: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1_000_000, help="input files = mini-batches (default 1,000,000)")
+    parser.add_argument("--slots", type=int, default=1_000, help="worker slots whose first batches are timed "
+                                                                  "(default 1,000)")
     parser.add_argument("--run", action="store_true", help="also run the job on Ray, both switch intervals")
     parser.add_argument("--rounds", type=int, default=1, help="--run: alternating rounds per side (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
@@ -186,7 +212,7 @@ def main(argv=None) -> int:
         inputs, code = make_workload(root, args.files, 1)
         print(f"workload: {args.files} one-line files in one folder (generated in {time.perf_counter() - t:.0f}s)",
               flush=True)
-        part_one(root, inputs, code, args.files)
+        part_one(root, inputs, code, args.files, args.slots)
         if args.run:
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             sides = {"raypar (0.5 ms)": [], "default interval (5 ms)": []}

@@ -74,6 +74,11 @@ class PlanFeed(threading.Thread):
         self.finished = threading.Event()
         self.wake = threading.Condition()
         self.halt = threading.Event()
+        self.started_at = time.monotonic()  # (again when the thread starts)
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        super().start()
 
     def run(self) -> None:
         try:
@@ -144,10 +149,12 @@ class PlanFeed(threading.Thread):
             if not self.ready and not self.finished.is_set():
                 self.wake.wait(timeout)
 
-    def wait_for(self, count: int, timeout: float) -> None:
-        """Block until ``count`` batches to run are released or planning ends (at most ``timeout``)."""
+    def wait_for(self, count: int, seconds_from_start: float) -> None:
+        """Block until ``count`` batches to run are released or planning ends, at most until
+        ``seconds_from_start`` after the planner started (the driver connects to Ray meanwhile)."""
         with self.wake:
-            self.wake.wait_for(lambda: self.finished.is_set() or self.to_run >= count, timeout)
+            self.wake.wait_for(lambda: self.finished.is_set() or self.to_run >= count,
+                               max(0.0, self.started_at + seconds_from_start - time.monotonic()))
 
     def stop(self) -> None:
         self.halt.set()

@@ -77,9 +77,10 @@ STORE_ON_INTERRUPT_TIMEOUT = 2.5
 # A call queued behind a batch that has run this long is taken back for a worker that idles (far
 # longer than the round trip that takes it back; batches of milliseconds are never held up so long).
 WITHDRAW_AFTER = 0.2
-# How long a fresh job's session waits, at most, for its planner to release a batch for every worker
-# slot or finish, to know whether to reserve and start fewer (a small input is planned in
-# milliseconds; a listing slow past this starts every slot, init() overlapping the listing).
+# How long after its planner started a fresh job's session waits, at most, for it to release a batch
+# for every worker slot or finish, to know whether to reserve and start fewer (a small input is
+# planned in milliseconds, while the driver connects to Ray; a listing slower than this starts
+# every slot, init() overlapping the rest of the listing).
 SIZING_WAIT = 2.0
 INSTANCE_POLL_SECONDS = 1.0  # elastic jobs: how often the transport is asked which instances joined or left
 
