@@ -148,16 +148,18 @@ PACKED = "raypar: instance_count 2 on a one-node Ray: running the 2 instances on
 @pytest.mark.timeout(120)
 def test_embedded_ray_refuses_at_once_what_its_one_node_cannot_hold(tmp_path):
     # A resource this machine lacks: the embedded Ray knows it cannot appear, whatever the timeout.
-    spec = make_spec(tmp_path, {"a.txt": "x"}, **{"max_concurrency_per_instance": 2, 
+    # (One mini-batch: each instance reserves one of its 2 worker slots, a spare's on the second.)
+    spec = make_spec(tmp_path, {"a.txt": "x"}, **{"max_concurrency_per_instance": 2,
         "resources.instance_count": 2, "raypar.placement_timeout": 600,
         "raypar.worker": {"num_cpus": 0.5, "resources": {"fpga": 1}}})
     result = cli("run", str(write_spec(tmp_path, spec)), "--job-dir", str(tmp_path / "job"))
     assert result.returncode == 1
-    assert "the job needs {CPU 2, fpga 4} on this machine for its 2 instances" in result.stderr
+    assert ("the job needs {CPU 1, fpga 2} on this machine for its 2 instances (instance_count=2 x 1 of "
+            "max_concurrency_per_instance=2, {CPU 0.5, fpga 1} each)") in result.stderr
     assert "the embedded one-node Ray has {CPU " in result.stderr and ", fpga 0}" in result.stderr
     assert "waited" not in result.stderr and "Traceback" not in result.stderr
     status = json.loads(cli("status", "job", "--json", cwd=tmp_path).stdout)  # a relative job dir
-    assert status["state"] == "failed" and "fpga 4" in status["reason"]
+    assert status["state"] == "failed" and "fpga 2" in status["reason"]
     assert status["job_dir"] == str(tmp_path / "job")  # echoed absolute: usable from anywhere
 
 

@@ -316,16 +316,19 @@ def test_more_instances_than_nodes_fails_with_a_clear_message(ray_cluster, tmp_p
     assert job_status(str(tmp_path / "job"))["state"] == "failed"
 
 
-def test_a_fresh_job_of_fewer_batches_than_instances_reserves_and_starts_only_what_they_need(ray_cluster, tmp_path):
-    # A smoke test of 2 mini-batches under the spec of a 4-node job, on this 3-node cluster: it
-    # reserves 3 instances (one per batch, one for a retry elsewhere) and starts 2 workers.
+def test_a_fresh_job_of_a_few_batches_reserves_and_starts_only_what_they_need(ray_cluster, tmp_path):
+    # A smoke test of 2 mini-batches under the spec of a 4-node job of 4 half-CPU workers a node,
+    # on this cluster of 3 one-CPU nodes: every slot would need 4 nodes of 2 CPUs. It reserves 3
+    # instances (one per batch, one for a retry elsewhere) of one slot each, starts 2 workers.
     files = texts(4)
-    spec = make_spec(tmp_path, files, **{"resources.instance_count": 4, "raypar.placement_timeout": 0})
+    spec = make_spec(tmp_path, files, **{"resources.instance_count": 4, "max_concurrency_per_instance": 4,
+                                         "raypar.worker.num_cpus": 0.5, "raypar.placement_timeout": 0})
     job, lines = str(tmp_path / "job"), []
     result = raypar.run(spec, job_dir=job, echo=lines.append).wait()
 
     assert (result.state, result.completed) == (JobState.SUCCEEDED, 2), lines
-    assert "raypar: 3 of the 4 instances reserved: fewer mini-batches to run than instances" in lines
+    assert ("raypar: 3 of the 4 instances reserved with 1 of their 4 worker slots each: fewer mini-batches to run "
+            "than worker slots") in lines
     assert sorted((i, s) for i, s, _ in worker_logs(job)) == [(0, 0), (1, 0)]
     assert output_lines(tmp_path) == expected_rows(files)
 

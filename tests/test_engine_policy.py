@@ -692,19 +692,21 @@ def test_a_session_with_fewer_batches_than_slots_starts_one_worker_per_batch_spr
 
     assert reason is None and (scheduler.progress.done, scheduler.progress.failed) == (3, 0)
     assert cluster.reserved == 2 and cluster.started == [(0, 0), (1, 0), (0, 1)]  # each instance's first slot first
+    assert cluster.reserved_slots == 2 and len(scheduler.slots) == 4  # of 4 each: 3 batches and a spare
     assert sorted(b for b, _ in seen) == [0, 1, 2] and len({w for _, w in seen}) == 3  # one on each
     assert cluster.now == pytest.approx(1.0 + 5.0)  # all three at once, as with every slot started
 
 
 @pytest.mark.parametrize("max_retries, reserved", [(1, 3), (0, 2)])
 def test_a_session_with_fewer_batches_than_instances_reserves_one_instance_per_batch_and_one_for_retries(
-        tmp_path, max_retries, reserved):
+        tmp_path, max_retries, reserved):  # each with one worker slot of its two
     reason, scheduler, cluster, ledger = run(tmp_path, lambda b, a, w: Outcome(5.0), batches=2, slots=2,
                                              retry_settings={"max_retries": max_retries, "timeout": 100},
                                              **{"resources.instance_count": 4})
 
     assert reason is None and scheduler.progress.done == 2
     assert cluster.reserved == reserved and cluster.started == [(0, 0), (1, 0)]
+    assert cluster.reserved_slots == 1 and len(scheduler.slots) == reserved
 
 
 def test_a_retry_of_the_one_batch_of_a_session_goes_to_the_spare_instance(tmp_path):
@@ -773,7 +775,7 @@ def test_a_fresh_job_waits_for_its_planner_and_is_sized_to_its_batches(tmp_path)
     scheduler = Scheduler(ledger, _policy_spec(tmp_path, 4), "r1", [], cluster, Progress(total=0), feed=feed)
 
     assert scheduler.run() is None and (scheduler.progress.done, scheduler.progress.total) == (2, 2)
-    assert cluster.reserved == 3 and cluster.started == [(0, 0), (1, 0)]
+    assert cluster.reserved == 3 and cluster.reserved_slots == 1 and cluster.started == [(0, 0), (1, 0)]
 
 
 def test_a_fresh_job_with_a_batch_for_every_slot_starts_them_all_while_its_listing_goes_on(tmp_path, monkeypatch):
@@ -807,6 +809,7 @@ def test_with_as_many_batches_as_slots_every_worker_starts(tmp_path):
 
     assert reason is None and scheduler.progress.done == 8
     assert sorted(cluster.started) == [(i, s) for i in range(2) for s in range(4)]
+    assert cluster.reserved == 2 and cluster.reserved_slots == 4
 
 
 def test_a_retry_that_no_idle_worker_may_take_starts_another_worker(tmp_path):

@@ -56,30 +56,33 @@ class Placement:
         self.owned = owned_cluster or cluster.is_embedded()
         self.echo = echo
         self.pg = None
+        self.slots = spec.max_concurrency_per_instance  # worker slots reserved on each instance
         self.elastic: Optional[ElasticInstances] = None  # set by reserve() for an elastic job on a cluster
         self.plan = plan  # engine.worker_plan.worker_plan(): what each worker is told
         # runtime_env.worker_runtime_env(), less what a submitted job's own env already installs
         self.runtime_env = without_inherited_pip(runtime_env, dict(ray.get_runtime_context().runtime_env))
         self._remote = _worker_actor()
 
-    def bundle(self) -> dict[str, float]:
-        w, n = self.spec.raypar.worker, self.spec.max_concurrency_per_instance
+    def bundle(self, slots: Optional[int] = None) -> dict[str, float]:
+        """One instance's resources: ``slots`` workers' (None: max_concurrency_per_instance)."""
+        w, n = self.spec.raypar.worker, slots or self.spec.max_concurrency_per_instance
         bundle = {"CPU": w.num_cpus * n, "GPU": w.num_gpus * n}
         if w.memory is not None:
             bundle["memory"] = float(w.memory_bytes() * n)
         bundle.update({k: v * n for k, v in w.resources.items()})
         return {k: v for k, v in bundle.items() if v > 0}
 
-    def reserve(self, count: int) -> Optional[list[int]]:
+    def reserve(self, count: int, slots: Optional[int] = None) -> Optional[list[int]]:
         """Reserve ``count`` distinct nodes (instance_count, or fewer for a session with fewer
-        mini-batches; on the embedded one-node Ray: that node for all of them), or raise
+        mini-batches; on the embedded one-node Ray: that node for all of them), each with the
+        resources of ``slots`` workers (None: max_concurrency_per_instance), or raise
         PlacementError saying why not. Returns the instances of an elastic job (None: ``range(count)``)."""
         resources = self.spec.resources
-        bundle = self.bundle()
+        slots = slots or self.spec.max_concurrency_per_instance
+        self.slots = slots
+        bundle = self.bundle(slots)
         timeout = self.spec.raypar.placement_timeout
-        if count < resources.instance_count:
-            self.echo(f"raypar: {count} of the {resources.instance_count} instances reserved: "
-                      f"fewer mini-batches to run than instances")
+        self._say_fewer(count, slots)
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if self.owned and len(alive) == 1 and (count > 1 or resources.elastic):
             if resources.elastic:
@@ -94,13 +97,28 @@ class Placement:
         fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
         need = (
             f"the job needs {count} node(s) with {_fmt(bundle)} each "
-            f"({_instances(count, resources.instance_count)} x max_concurrency_per_instance="
-            f"{self.spec.max_concurrency_per_instance}); "
+            f"({_instances(count, resources.instance_count)} x {self._slots_named()}); "
             f"the cluster has {len(fitting)} such node(s) of {len(alive)} alive"
         )
         if len(fitting) < count and (self.owned or timeout == 0):
             raise PlacementError(need)
         self._create([bundle] * count, "STRICT_SPREAD", timeout, need)
+
+    def _say_fewer(self, count: int, slots: int) -> None:
+        """One line when a session with few mini-batches reserves fewer instances or worker slots."""
+        instances, per_instance = self.spec.resources.instance_count, self.spec.max_concurrency_per_instance
+        reserved = f"the {count}" if count == instances else f"{count} of the {instances}"
+        if slots < per_instance:
+            self.echo(f"raypar: {reserved} instances reserved with {slots} of their {per_instance} worker slots "
+                      f"each: fewer mini-batches to run than worker slots")
+        elif count < instances:
+            self.echo(f"raypar: {reserved} instances reserved: fewer mini-batches to run than instances")
+
+    def _slots_named(self) -> str:
+        """How a placement error names the worker slots of an instance it reserves."""
+        named = self.spec.max_concurrency_per_instance
+        return f"max_concurrency_per_instance={named}" if self.slots == named else \
+            f"{self.slots} of max_concurrency_per_instance={named}"
 
     def _reserve_packed(self, node: dict, bundle: dict[str, float], count: int, timeout: float) -> None:
         """All instances on the embedded Ray's one node, or PlacementError at once when they cannot fit."""
@@ -110,8 +128,8 @@ class Placement:
             offered = {k: has.get(k, 0) for k in total}
             raise PlacementError(
                 f"the job needs {_fmt(total)} on this machine for its {count} instances "
-                f"({_instances(count, self.spec.resources.instance_count)} x max_concurrency_per_instance="
-                f"{self.spec.max_concurrency_per_instance}, {_fmt(bundle)} each); the embedded one-node Ray "
+                f"({_instances(count, self.spec.resources.instance_count)} x {self._slots_named()}, "
+                f"{_fmt(bundle)} each); the embedded one-node Ray "
                 f"has {_fmt(offered)}; lower instance_count or raypar.worker, or give a cluster with --address")
         named = self.spec.resources.instance_count
         self.echo(f"raypar: instance_count {named} on a one-node Ray: running "
@@ -197,8 +215,8 @@ class RayTransport(Transport):
         self.placement = placement
         self.metrics = JobMetrics(placement.spec.name or "job", placement.job_url)
 
-    def reserve(self, count: int) -> Optional[list[int]]:
-        return self.placement.reserve(count)
+    def reserve(self, count: int, slots: Optional[int] = None) -> Optional[list[int]]:
+        return self.placement.reserve(count, slots)
 
     @property
     def elastic(self) -> bool:

@@ -295,9 +295,9 @@ class Scheduler:
         self.wanted: Optional[int] = None  # elastic jobs: instances still wanted at the tail (None: all)
         self.next_tail_look = 0.0  # elastic jobs: when to look for instances with nothing left to run
 
-    def _new_slots(self, instance: int) -> list[Slot]:
+    def _new_slots(self, instance: int, count: Optional[int] = None) -> list[Slot]:
         return [Slot(instance=instance, index=s, ahead=self.spec.raypar.prefetch)
-                for s in range(self.spec.max_concurrency_per_instance)]
+                for s in range(count or self.spec.max_concurrency_per_instance)]
 
     # -- lifecycle ------------------------------------------------------
 
@@ -312,11 +312,13 @@ class Scheduler:
             if self.stop_reason is not None:  # planning failed: nothing to reserve or start
                 return self.stop_reason
         count = self._instances_to_reserve()
-        instances = self.transport.reserve(count)
-        if instances is None and count < self.spec.resources.instance_count:
+        per_instance = self._slots_to_reserve(count)
+        instances = self.transport.reserve(count, per_instance)
+        if instances is None and (count < self.spec.resources.instance_count or
+                                  per_instance < self.spec.max_concurrency_per_instance):
             instances = range(count)
         if instances is not None:  # elastic: the instances the cluster had room for; or fewer for fewer batches
-            self.slots = [slot for i in instances for slot in self._new_slots(i)]
+            self.slots = [slot for i in instances for slot in self._new_slots(i, per_instance)]
             self.progress.workers = len(self.slots)
         try:
             for slot in self._first_slots():
@@ -354,6 +356,15 @@ class Scheduler:
         if not self._sized_to_batches():
             return named
         return max(1, min(named, len(self.queue) + (self.max_tries > 1)))
+
+    def _slots_to_reserve(self, instances: int) -> int:
+        """Worker slots to reserve on each of ``instances``: max_concurrency_per_instance, or as few as
+        hold the pending batches and one spare when a batch may be retried (a smoke test of 2 batches
+        under instances of 8 GPUs holds 1 GPU on each of 3 nodes, not 8)."""
+        named = self.spec.max_concurrency_per_instance
+        if not self._sized_to_batches():
+            return named
+        return max(1, min(named, -(-(len(self.queue) + (self.max_tries > 1)) // instances)))
 
     def _first_slots(self) -> list[Slot]:
         """The slots whose workers start now: every slot, unless the session knows its every batch

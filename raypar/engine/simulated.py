@@ -88,6 +88,7 @@ class SimulatedCluster(Transport):
         self.withdrawn: list[str] = []  # batches whose run_batch was taken back before it began
         self.started: list[tuple[int, int]] = []  # (instance, slot index) of each worker, as it started
         self.reserved: Optional[int] = None  # the instances the scheduler asked to reserve
+        self.reserved_slots: Optional[int] = None  # ... with this many worker slots each (None: all)
         # Elastic instances (see elastic()): node arrivals and departures at chosen instants.
         self.timeline: list[tuple[float, str, int]] = []  # heap of (when, "join" | "leave", instance)
         self.joined: list[int] = []
@@ -109,8 +110,8 @@ class SimulatedCluster(Transport):
     def elastic(self) -> bool:
         return self.first_instances is not None
 
-    def reserve(self, count: int) -> Optional[list[int]]:
-        self.reserved = count
+    def reserve(self, count: int, slots: Optional[int] = None) -> Optional[list[int]]:
+        self.reserved, self.reserved_slots = count, slots
         return self.first_instances
 
     def changes(self) -> tuple[list[int], list[int]]:

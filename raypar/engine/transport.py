@@ -38,10 +38,11 @@ class Transport:
 
     elastic = False  # instances join and leave with nodes: see changes()
 
-    def reserve(self, count: int) -> Optional[list[int]]:
+    def reserve(self, count: int, slots: Optional[int] = None) -> Optional[list[int]]:
         """Reserve ``count`` instances' nodes (instance_count, or fewer for a session with fewer
-        batches), or raise PlacementError; returns the instances placed when they are not
-        ``range(count)`` (elastic jobs)."""
+        batches), each with the resources of ``slots`` workers (None: max_concurrency_per_instance),
+        or raise PlacementError; returns the instances placed when they are not ``range(count)``
+        (elastic jobs)."""
 
     def changes(self) -> tuple[list[int], list[int]]:
         """Elastic jobs: (instances placed since the last call, instances whose node left)."""
