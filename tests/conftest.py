@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -147,6 +148,12 @@ def record_listings(store, folder: str = "parts") -> list[str]:
 
     store.entries = recording
     return seen
+
+
+def worker_logs(job: str) -> set:
+    """(instance, slot, id) of each worker that started in the job, from its log file in the job dir."""
+    names = [re.search(r"~i(\d+)s(\d+)-(\w+)\.log$", p.name) for p in (Path(job) / "logs").iterdir()]
+    return {(int(m[1]), int(m[2]), m[3]) for m in names if m}
 
 
 def wait_for(predicate, what: str, timeout: float = 120) -> None:

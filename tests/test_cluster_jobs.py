@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_in_process, make_spec, quiet, wait_for
+from conftest import cli_in_process, make_spec, quiet, wait_for, worker_logs
 
 import raypar
 from raypar.engine.status import job_status
@@ -179,12 +179,6 @@ def test_a_resume_of_fewer_batches_than_instances_runs_on_a_cluster_that_lost_a_
     assert [r[0] for r in rows] == expected_rows(files)  # every file once, in order
     resumed = {r[2] for r in rows if r[0].startswith(("f000.txt", "f001.txt", "f004.txt", "f005.txt"))}
     assert len(resumed) == 2  # the resumed batches ran on two nodes
-
-
-def worker_logs(job: str) -> set:
-    """(instance, slot, id) of each worker that started in the job, from its log file in the job dir."""
-    names = [re.search(r"~i(\d+)s(\d+)-(\w+)\.log$", p.name) for p in (Path(job) / "logs").iterdir()]
-    return {(int(m[1]), int(m[2]), m[3]) for m in names if m}
 
 
 def assert_reports(job: Path, bad_batches: dict):

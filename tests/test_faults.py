@@ -8,7 +8,7 @@ import threading
 
 import psutil
 import pytest
-from conftest import make_spec, quiet, wait_for
+from conftest import make_spec, quiet, wait_for, worker_logs
 
 import raypar
 from raypar.engine.status import job_status
@@ -129,6 +129,33 @@ def test_worker_killed_mid_batch_reruns_it_without_spending_a_try(ray_cluster, t
     assert executions(log).count(("f004.txt", "f005.txt")) == 2
     history = Ledger(str(tmp_path / "job")).view().failed["mb-0000002"]
     assert [(r.kind, r.final) for r in history] == [("system", False)]
+
+
+def test_a_smoke_test_s_worker_killed_mid_batch_runs_its_batch_again_beside_a_spare(ray_cluster, tmp_path):
+    # One mini-batch under 3 instances: the session reserves 2 (the batch's and a spare) and starts
+    # one worker. Killed while it holds the batch, its slot restarts and the spare instance's worker
+    # starts beside it (no other worker was up); the batch runs again on whichever is ready first.
+    files = texts(2)
+    log, fault = folders(tmp_path, "exec", "fault")
+    spec = make_spec(tmp_path, files, **{"resources.instance_count": 3, "retry_settings.max_retries": 1,
+                                         "task.program_arguments": f"--exec-log {log} --fault f000.txt hold {fault}"})
+    job, lines = str(tmp_path / "job"), []
+
+    def kill_the_worker():
+        wait_for(lambda: (fault / "fault").exists(), "the batch to be held")
+        os.kill(fault_info(fault)[0], signal.SIGKILL)
+
+    join = in_background(kill_the_worker)
+    outcome = raypar.run(spec, job_dir=job, echo=lines.append).wait()
+    join()
+
+    assert outcome.state is JobState.SUCCEEDED and outcome.failed == 0
+    assert "raypar: 2 of the 3 instances reserved: fewer mini-batches to run than instances" in lines
+    assert output_lines(tmp_path) == expected_rows(files)
+    assert executions(log).count(("f000.txt", "f001.txt")) == 2
+    history = Ledger(job).view().failed["mb-0000000"]
+    assert [(r.kind, r.final) for r in history] == [("system", False)]  # the kill spent no try
+    assert {(i, s) for i, s, _ in worker_logs(job)} == {(0, 0), (1, 0)}  # the killed slot and the spare
 
 
 def test_a_batch_that_failed_on_a_broken_worker_is_retried_on_another(ray_cluster, tmp_path):
