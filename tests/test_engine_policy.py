@@ -709,6 +709,23 @@ def test_a_session_with_fewer_batches_than_instances_reserves_one_instance_per_b
     assert cluster.reserved_slots == 1 and len(scheduler.slots) == reserved
 
 
+@pytest.mark.parametrize("count, slots, instances, per_instance, line", [
+    (3, 1, 4, 8, "raypar: 3 of the 4 instances reserved with 1 of their 8 worker slots each: "
+                 "fewer mini-batches to run than worker slots"),
+    (4, 6, 4, 8, "raypar: the 4 instances reserved with 6 of their 8 worker slots each: "
+                 "fewer mini-batches to run than worker slots"),
+    (1, 3, 1, 16, "raypar: the instance reserved with 3 of its 16 worker slots: fewer mini-batches to run than "
+                  "worker slots"),
+    (3, 2, 4, 2, "raypar: 3 of the 4 instances reserved: fewer mini-batches to run than instances"),
+    (4, 8, 4, 8, None),
+])
+def test_a_session_reserving_fewer_instances_or_slots_says_so_in_one_line(count, slots, instances, per_instance,
+                                                                          line):
+    from raypar.engine.ray_transport import fewer_reserved
+
+    assert fewer_reserved(count, slots, instances, per_instance) == line
+
+
 def test_a_retry_of_the_one_batch_of_a_session_goes_to_the_spare_instance(tmp_path):
     seen = []
 

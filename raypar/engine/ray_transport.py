@@ -82,7 +82,9 @@ class Placement:
         self.slots = slots
         bundle = self.bundle(slots)
         timeout = self.spec.raypar.placement_timeout
-        self._say_fewer(count, slots)
+        line = fewer_reserved(count, slots, resources.instance_count, self.spec.max_concurrency_per_instance)
+        if line:
+            self.echo(line)
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if self.owned and len(alive) == 1 and (count > 1 or resources.elastic):
             if resources.elastic:
@@ -103,16 +105,6 @@ class Placement:
         if len(fitting) < count and (self.owned or timeout == 0):
             raise PlacementError(need)
         self._create([bundle] * count, "STRICT_SPREAD", timeout, need)
-
-    def _say_fewer(self, count: int, slots: int) -> None:
-        """One line when a session with few mini-batches reserves fewer instances or worker slots."""
-        instances, per_instance = self.spec.resources.instance_count, self.spec.max_concurrency_per_instance
-        reserved = f"the {count}" if count == instances else f"{count} of the {instances}"
-        if slots < per_instance:
-            self.echo(f"raypar: {reserved} instances reserved with {slots} of their {per_instance} worker slots "
-                      f"each: fewer mini-batches to run than worker slots")
-        elif count < instances:
-            self.echo(f"raypar: {reserved} instances reserved: fewer mini-batches to run than instances")
 
     def _slots_named(self) -> str:
         """How a placement error names the worker slots of an instance it reserves."""
@@ -292,6 +284,20 @@ def _cause(exc: RayTaskError) -> str:
         return describe_error(cause)
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
+
+
+def fewer_reserved(count: int, slots: int, instances: int, per_instance: int) -> Optional[str]:
+    """The line a session with few mini-batches says when it reserves fewer instances, or fewer
+    worker slots on each, than the spec names (None when it reserves them all)."""
+    reserved = f"the {count} instances" if count == instances else f"{count} of the {instances} instances"
+    if slots < per_instance:
+        each = f"{slots} of their {per_instance} worker slots each"
+        if instances == 1:
+            reserved, each = "the instance", f"{slots} of its {per_instance} worker slots"
+        return f"raypar: {reserved} reserved with {each}: fewer mini-batches to run than worker slots"
+    if count < instances:
+        return f"raypar: {reserved} reserved: fewer mini-batches to run than instances"
+    return None
 
 
 def _instances(count: int, named: int) -> str:
