@@ -78,9 +78,9 @@ STORE_ON_INTERRUPT_TIMEOUT = 2.5
 # longer than the round trip that takes it back; batches of milliseconds are never held up so long).
 WITHDRAW_AFTER = 0.2
 # How long after its planner started a fresh job's session waits, at most, for it to release a batch
-# for every worker slot or finish, to know whether to reserve and start fewer (a small input is
-# planned in milliseconds, while the driver connects to Ray; a listing slower than this starts
-# every slot, init() overlapping the rest of the listing).
+# for every worker slot or finish, to know whether to reserve and start fewer (a folder is listed
+# before the planner starts, and a small input planned in milliseconds while the driver connects to
+# Ray; planning slower than this starts every slot, init() overlapping the rest of it).
 SIZING_WAIT = 2.0
 INSTANCE_POLL_SECONDS = 1.0  # elastic jobs: how often the transport is asked which instances joined or left
 
