@@ -56,16 +56,15 @@ class Placement:
         self.owned = owned_cluster or cluster.is_embedded()
         self.echo = echo
         self.pg = None
-        self.slots = spec.max_concurrency_per_instance  # worker slots reserved on each instance
         self.elastic: Optional[ElasticInstances] = None  # set by reserve() for an elastic job on a cluster
         self.plan = plan  # engine.worker_plan.worker_plan(): what each worker is told
         # runtime_env.worker_runtime_env(), less what a submitted job's own env already installs
         self.runtime_env = without_inherited_pip(runtime_env, dict(ray.get_runtime_context().runtime_env))
         self._remote = _worker_actor()
 
-    def bundle(self, slots: Optional[int] = None) -> dict[str, float]:
-        """One instance's resources: ``slots`` workers' (None: max_concurrency_per_instance)."""
-        w, n = self.spec.raypar.worker, slots or self.spec.max_concurrency_per_instance
+    def bundle(self, slots: int) -> dict[str, float]:
+        """One instance's resources: ``slots`` workers'."""
+        w, n = self.spec.raypar.worker, slots
         bundle = {"CPU": w.num_cpus * n, "GPU": w.num_gpus * n}
         if w.memory is not None:
             bundle["memory"] = float(w.memory_bytes() * n)
@@ -79,7 +78,6 @@ class Placement:
         PlacementError saying why not. Returns the instances of an elastic job (None: ``range(count)``)."""
         resources = self.spec.resources
         slots = slots or self.spec.max_concurrency_per_instance
-        self.slots = slots
         bundle = self.bundle(slots)
         timeout = self.spec.raypar.placement_timeout
         line = fewer_reserved(count, slots, resources.instance_count, self.spec.max_concurrency_per_instance)
@@ -90,7 +88,7 @@ class Placement:
             if resources.elastic:
                 self.echo(f"raypar: elastic instances on a one-node Ray, which never grows: "
                           f"running instance_count={count}")
-            self._reserve_packed(alive[0], bundle, count, timeout)
+            self._reserve_packed(alive[0], bundle, count, slots, timeout)
             return None
         if resources.elastic:
             self.elastic = ElasticInstances(bundle, count, resources.max_instance_count, self.run,
@@ -99,20 +97,14 @@ class Placement:
         fitting = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
         need = (
             f"the job needs {count} node(s) with {_fmt(bundle)} each "
-            f"({_instances(count, resources.instance_count)} x {self._slots_named()}); "
+            f"({_instances(count, resources.instance_count)} x {_slots(slots, self.spec.max_concurrency_per_instance)}); "
             f"the cluster has {len(fitting)} such node(s) of {len(alive)} alive"
         )
         if len(fitting) < count and (self.owned or timeout == 0):
             raise PlacementError(need)
         self._create([bundle] * count, "STRICT_SPREAD", timeout, need)
 
-    def _slots_named(self) -> str:
-        """How a placement error names the worker slots of an instance it reserves."""
-        named = self.spec.max_concurrency_per_instance
-        return f"max_concurrency_per_instance={named}" if self.slots == named else \
-            f"{self.slots} of max_concurrency_per_instance={named}"
-
-    def _reserve_packed(self, node: dict, bundle: dict[str, float], count: int, timeout: float) -> None:
+    def _reserve_packed(self, node: dict, bundle: dict[str, float], count: int, slots: int, timeout: float) -> None:
         """All instances on the embedded Ray's one node, or PlacementError at once when they cannot fit."""
         total = {k: v * count for k, v in bundle.items()}
         has = node["Resources"]
@@ -120,7 +112,7 @@ class Placement:
             offered = {k: has.get(k, 0) for k in total}
             raise PlacementError(
                 f"the job needs {_fmt(total)} on this machine for its {count} instances "
-                f"({_instances(count, self.spec.resources.instance_count)} x {self._slots_named()}, "
+                f"({_instances(count, self.spec.resources.instance_count)} x {_slots(slots, self.spec.max_concurrency_per_instance)}, "
                 f"{_fmt(bundle)} each); the embedded one-node Ray "
                 f"has {_fmt(offered)}; lower instance_count or raypar.worker, or give a cluster with --address")
         named = self.spec.resources.instance_count
@@ -303,6 +295,11 @@ def fewer_reserved(count: int, slots: int, instances: int, per_instance: int) ->
 def _instances(count: int, named: int) -> str:
     """How a placement error names the instances it reserves: all, or fewer for fewer batches."""
     return f"instance_count={named}" if count == named else f"{count} of instance_count={named}: fewer mini-batches"
+
+
+def _slots(slots: int, named: int) -> str:
+    """How a placement error names the worker slots of each instance it reserves: all, or fewer."""
+    return f"max_concurrency_per_instance={named}" if slots == named else f"{slots} of max_concurrency_per_instance={named}"
 
 
 def _fmt(bundle: dict[str, float]) -> str:

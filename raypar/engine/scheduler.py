@@ -313,13 +313,10 @@ class Scheduler:
                 return self.stop_reason
         count = self._instances_to_reserve()
         per_instance = self._slots_to_reserve(count)
-        instances = self.transport.reserve(count, per_instance)
-        if instances is None and (count < self.spec.resources.instance_count or
-                                  per_instance < self.spec.max_concurrency_per_instance):
-            instances = range(count)
-        if instances is not None:  # elastic: the instances the cluster had room for; or fewer for fewer batches
-            self.slots = [slot for i in instances for slot in self._new_slots(i, per_instance)]
-            self.progress.workers = len(self.slots)
+        instances = self.transport.reserve(count, per_instance)  # elastic: those the cluster had room for
+        self.slots = [slot for i in (range(count) if instances is None else instances)
+                      for slot in self._new_slots(i, per_instance)]
+        self.progress.workers = len(self.slots)
         try:
             for slot in self._first_slots():
                 self._start(slot)
@@ -355,7 +352,7 @@ class Scheduler:
         named = self.spec.resources.instance_count
         if not self._sized_to_batches():
             return named
-        return max(1, min(named, len(self.queue) + (self.max_tries > 1)))
+        return max(1, min(named, self._workers_to_hold()))
 
     def _slots_to_reserve(self, instances: int) -> int:
         """Worker slots to reserve on each of ``instances``: max_concurrency_per_instance, or as few as
@@ -364,7 +361,11 @@ class Scheduler:
         named = self.spec.max_concurrency_per_instance
         if not self._sized_to_batches():
             return named
-        return max(1, min(named, -(-(len(self.queue) + (self.max_tries > 1)) // instances)))
+        return max(1, min(named, -(-self._workers_to_hold() // instances)))
+
+    def _workers_to_hold(self) -> int:
+        """A sized session's room: a worker per pending batch, and a spare when a batch may be retried."""
+        return len(self.queue) + (self.max_tries > 1)
 
     def _first_slots(self) -> list[Slot]:
         """The slots whose workers start now: every slot, unless the session knows its every batch
