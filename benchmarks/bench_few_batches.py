@@ -9,7 +9,8 @@ job resumed: that resume is what is measured, side by side in each round, on one
 
 - one per batch: raypar as it is (a session with fewer batches than slots starts one worker per
   batch, raypar.engine.scheduler.Scheduler._first_slots);
-- every slot: the same resume with every slot's worker started, as raypar did before.
+- every slot: the same resume with every slot reserved and its worker started, as raypar did
+  before (the script turns Scheduler._sized_to_batches off in its own driver).
 
 With --fresh the measured run is a new job over --redo files (a smoke test under the spec of a
 large job): its planner lists while the driver connects to Ray, and the session waits for it
@@ -108,9 +109,9 @@ def measure(root: str, tag: str, args, every_slot: bool) -> dict:
         assert (first.completed, first.failed) == (args.files - args.redo, args.redo), first
         before = worker_logs(job_dir)
     open(os.path.join(root, tag, "flag"), "w").close()
-    first_slots = Scheduler._first_slots
-    if every_slot:
-        Scheduler._first_slots = lambda self: self.slots
+    sized = Scheduler._sized_to_batches
+    if every_slot:  # as raypar ran every session before: every instance, every slot reserved and started
+        Scheduler._sized_to_batches = lambda self: False
     try:
         wait_for_free_cpus(2)
         busy = cpu_jiffies()[0]
@@ -122,7 +123,7 @@ def measure(root: str, tag: str, args, every_slot: bool) -> dict:
         wall = time.perf_counter() - started
         cpu = (cpu_jiffies()[0] - busy) / os.sysconf("SC_CLK_TCK")
     finally:
-        Scheduler._first_slots = first_slots
+        Scheduler._sized_to_batches = sized
     rows = open(os.path.join(root, tag, "out", "parallel_run_step.txt")).read().split()
     assert outcome.state.value == "succeeded" and sorted(rows) == [f"f{i:05d}.txt" for i in range(files)]
     return {"wall": wall, "cpu": cpu, "workers": len(worker_logs(job_dir) - before)}
