@@ -327,6 +327,52 @@ def test_a_fresh_job_of_a_few_batches_reserves_and_starts_only_what_they_need(ra
     assert output_lines(tmp_path) == expected_rows(files)
 
 
+TIMED_ENTRY = """\
+import os
+import time
+
+
+def init():
+    time.sleep(0.5)
+
+
+def run(mini_batch):
+    time.sleep(0.2)
+    marker = os.path.join(os.environ["HANG_MARKERS"], os.path.basename(mini_batch[0]))
+    if mini_batch[0].endswith("f001.txt") and not os.path.exists(marker):  # its first try hangs
+        open(marker, "w").close()
+        time.sleep(600)
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def test_the_session_says_what_its_workers_time_went_to(ray_cluster, tmp_path):
+    # One slot: init() takes 0.5 s, each batch 0.2 s in run(); the second batch's first try hangs
+    # past the 2 s timeout, so its worker is killed and a second one starts and runs the rest.
+    files = texts(4)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "timed.py").write_text(TIMED_ENTRY)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = make_spec(tmp_path, files, **{"resources.instance_count": 1, "mini_batch_size": "1",
+                                         "task.entry_script": "timed.py", "retry_settings.timeout": 2,
+                                         "environment_variables": {"HANG_MARKERS": str(markers)}})
+    job, lines = str(tmp_path / "job"), []
+    result = raypar.run(spec, job_dir=job, echo=lines.append).wait()
+
+    assert (result.state, result.completed) == (JobState.SUCCEEDED, 4), lines
+    spent = result.worker_time
+    assert spent["workers"] == 2  # the one killed at the timeout, its replacement
+    assert spent["init()"] >= 2 * 0.5
+    assert spent["run()"] >= 4 * 0.2  # each batch's try that answered: not the hung one
+    assert spent["cut short"] >= 2.0  # the hung try, from its start to its worker's kill
+    line = next(line for line in lines if line.startswith("raypar: worker time "))
+    assert re.fullmatch(r"raypar: worker time \d+\.\d s over 2 worker\(s\): .*", line), line
+    assert {"init()", "run()", "cut short"} <= {part.rsplit(" ", 1)[0] for part in line.split(": ", 2)[2].split(", ")}
+    result_text = (tmp_path / "job" / "reports" / "job_result.txt").read_text()
+    assert f"worker time (this session): {line.removeprefix('raypar: worker time ')}" in result_text
+
+
 def test_placement_timeout_0_on_nodes_that_are_there_but_busy_gives_ray_a_moment_then_one_line(
         ray_cluster, tmp_path, monkeypatch):
     # The 3 nodes exist (so not "at once"), but another reservation holds their CPUs.

@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -30,6 +30,7 @@ from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
 from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, give_memory_back, write_session_reports
 from raypar.engine.worker_plan import worker_plan
+from raypar.engine.worker_time import TimeSplit
 from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, StorageError, UsageError
 from raypar.held_upload import look_at_bucket
 from raypar.inputs import check_input, plan_batches
@@ -67,6 +68,8 @@ class Outcome:
     pending: int
     output: Optional[str]
     reason: str = ""
+    # What this session's workers spent their time on (worker_time.TimeSplit.fields()); None: none started.
+    worker_time: Optional[dict] = None
 
     @property
     def exit_code(self) -> int:
@@ -84,6 +87,7 @@ class _Session:
     show: Optional[Show] = None
     retry_failed_items: bool = False  # raypar resume --retry-failed-items
     grow_input: bool = False  # the same spec run again: input files added since are planned too
+    worker_time: TimeSplit = field(default_factory=TimeSplit)  # this session's, over its rounds
 
     def plan(self):
         return plan_batches(self.spec, self.desc, self.storage)
@@ -252,6 +256,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     spec = session.spec
     run = new_run_id()
     signals.forget()
+    session.worker_time = TimeSplit()
     ttl = spec.raypar.lease_ttl
     claim_lease(ledger, run, echo, ttl)
     ledger.upgrade_format()  # an older raypar refuses the job dir from now on
@@ -307,7 +312,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
                 _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
                                                       session.storage))
                 view = view or final_view(ledger)
-                write_session_reports(ledger, spec, state, reason, view)
+                write_session_reports(ledger, spec, state, reason, view, session.worker_time)
                 counts, view = view.counts(), None  # not held while compaction reads (a million records)
                 compact(ledger, run, beat.held, session_over=True)
         finally:
@@ -316,7 +321,11 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
             if beat.held():
                 ledger.lease.release(run)
     counts = counts or (view or final_view(ledger)).counts()
-    return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason, **counts)
+    spent = session.worker_time
+    if spent.workers:
+        echo(f"raypar: worker time {spent.describe()}")
+    return Outcome(state=state, job_dir=ledger.url, output=bind(spec).append_row_path, reason=reason,
+                   worker_time=spent.fields() if spent.workers else None, **counts)
 
 
 def _retry_failed_items(ledger: Ledger, manifest, echo: Echo):
@@ -494,7 +503,10 @@ def _execute(ledger, session, run, view, pending, address, echo, interrupt, feed
         scheduler = Scheduler(ledger, spec, run, pending, RayTransport(placement), progress, reporter, interrupt,
                               feed, may_write=interrupt.lease_held, output=live, attempts_before=attempts_before)
         with relay or contextlib.nullcontext():  # drained after the scheduler stopped every worker
-            reason = scheduler.run()
+            try:
+                reason = scheduler.run()
+            finally:
+                session.worker_time = session.worker_time.add(scheduler.worker_time.split(scheduler.clock()))
         reporter(progress, final=True)
         ledger.end_gathering_failures()
         return reason or "", scheduler.stop_detail

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from raypar.engine.status import failed_items_text
+from raypar.engine.worker_time import TimeSplit
 from raypar.inputs.base import batch_ids
 from raypar.jobdir.ledger import Ledger, LedgerView
 
@@ -227,7 +228,7 @@ def error_summary(view: LedgerView) -> list[str]:
 
 
 def write_reports(ledger: Ledger, view: LedgerView, state: str, reason: str, output: Optional[str],
-                  more: Optional[dict[str, bytes]] = None) -> None:
+                  more: Optional[dict[str, bytes]] = None, worker_time: Optional[TimeSplit] = None) -> None:
     """Store the session's text reports, and ``more`` ({path under the job dir: bytes}), in the job
     dir. The two that grow with the attempts are written as they are composed (uploaded while
     composed on object stores), never whole in memory."""
@@ -235,11 +236,12 @@ def write_reports(ledger: Ledger, view: LedgerView, state: str, reason: str, out
         write_attempts_csv(view, out)
     with ledger.store.writing(*ERRORS.split("/")) as out:  # empty when nothing failed: never a stale one
         write_errors_text(view, out)
-    ledger.store.write_many({"reports/job_result.txt": job_result(ledger, view, state, reason, output),
+    ledger.store.write_many({"reports/job_result.txt": job_result(ledger, view, state, reason, output, worker_time),
                              **(more or {})})
 
 
-def job_result(ledger: Ledger, view: LedgerView, state: str, reason: str, output: Optional[str]) -> bytes:
+def job_result(ledger: Ledger, view: LedgerView, state: str, reason: str, output: Optional[str],
+               worker_time: Optional[TimeSplit] = None) -> bytes:
     """job_result.txt: the outcome in a few lines, and where to look next."""
     counts = view.counts()
     lines = [
@@ -250,6 +252,7 @@ def job_result(ledger: Ledger, view: LedgerView, state: str, reason: str, output
            else "planning did not finish"),
         f"failed items: {failed_items_text(view.failed_items(), view.unreturned_items())}",
         f"output: {output or '(summary only)'}",
+        *([f"worker time (this session): {worker_time.describe()}"] if worker_time and worker_time.workers else []),
         *error_summary(view),
         "attempts: reports/processed_mini_batches.csv; worker logs: logs/ (or `raypar logs JOB_DIR`)",
     ]

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from raypar.engine.progress import Snapshot
 from raypar.engine.transport import SetupFailed, Transport, WorkerLost, WorkerRaised
+from raypar.engine.worker_time import WorkerTime
 from raypar.inputs.base import QueuedBatch, ordinal_of
 from raypar.inputs.pending import PendingQueue
 from raypar.jobdir.ledger import Ledger
@@ -294,6 +295,7 @@ class Scheduler:
         self.starved_since: Optional[float] = None  # elastic jobs: since when no instance is left
         self.wanted: Optional[int] = None  # elastic jobs: instances still wanted at the tail (None: all)
         self.next_tail_look = 0.0  # elastic jobs: when to look for instances with nothing left to run
+        self.worker_time = WorkerTime()  # what the workers' time went to (the session's last line)
 
     def _new_slots(self, instance: int, count: Optional[int] = None) -> list[Slot]:
         return [Slot(instance=instance, index=s, ahead=self.spec.raypar.prefetch)
@@ -556,6 +558,7 @@ class Scheduler:
     # -- starting workers -------------------------------------------------
 
     def _start(self, slot: Slot) -> None:
+        self.worker_time.born(slot, self.clock())
         slot.actor = self.transport.new_worker(slot)
         slot.ready = False
         slot.start_ref = self.transport.call(slot.actor, "start")
@@ -577,6 +580,7 @@ class Scheduler:
                 self._mark_left(slot)  # its node left while the worker started
                 return
             answer = {"ok": False, "error": f"worker process lost while starting: {exc}", "lost": True}
+        self.worker_time.started(slot, self.clock(), answer.get("init"))
         if answer.get("ok"):
             slot.ready, slot.node = True, answer.get("node")
             self.started_ok = True
@@ -1095,9 +1099,12 @@ class Scheduler:
         self.calls.pop(call.ref, None)
         self._pop_call(slot, call, now)
         if call.members is None:
+            self.worker_time.spent(slot, answer.get("spent"))
             self._account(slot, call, answer, now)
             return
         parts = answer["parts"]  # in order; the worker stops a group at raypar's own failure
+        if parts:
+            self.worker_time.spent(slot, parts[-1].get("spent"))
         for member, part in zip(call.members, parts, strict=False):
             self._account(slot, member, part, now)
         rest = call.members[len(parts):]  # not run: the group stopped at raypar's own failure
@@ -1246,6 +1253,8 @@ class Scheduler:
         self._hand_back_unflushed(slot, recorded or set())
         reserved = self._release_reserved(slot)  # behind the calls handed back below
         calls = list(slot.calls)
+        if calls:  # the one it runs never answers: its time so far is cut short
+            self.worker_time.cut_short(slot, calls[0].started, self.clock())
         slot.calls.clear()
         for call in calls:
             self.calls.pop(call.ref, None)
@@ -1373,6 +1382,9 @@ class Scheduler:
             for ref in [r for r, (s, _) in self.withdrawals.items() if s is slot]:  # they end with it
                 del self.withdrawals[ref]
             self.transport.kill(slot.actor)
+            if slot.calls:  # stopped while it ran a batch
+                self.worker_time.cut_short(slot, slot.calls[0].started, self.clock())
+            self.worker_time.ended(slot, self.clock())
             slot.actor, slot.ready = None, False
             if slot.writer is not None:  # its segments: stored and read (_recorded) or handed back to run again
                 self.progress.gone.add(slot.writer)

@@ -57,6 +57,7 @@ class _Worker:
     running: Optional[int] = None  # the call it runs, until that one's end is reached
     last_call: Optional[int] = None
     writer: Any = None  # its DoneWriter, with a ledger
+    ran: float = 0.0  # seconds of run() its answers count (as the real worker's TimeSpent does)
 
 
 class SimulatedCluster(Transport):
@@ -175,9 +176,10 @@ class SimulatedCluster(Transport):
             value = {"withdrawn": True}
         elif method == "start":
             error = self.start_error(w.slot)
-            seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}"}
+            seconds, value = self.start_seconds, {"ok": True, "node": f"node-{w.slot.instance}", "writer": f"w{worker}",
+                                                  "init": self.start_seconds}
             if error:
-                value = {"ok": False, "error": error, "stage": "init()"}
+                value = {"ok": False, "error": error, "stage": "init()", "init": self.start_seconds}
             if self.instances is not None and w.slot.instance not in self.instances and self.first_instances is None:
                 seconds = float("inf")  # its node is gone: Ray holds the actor until it re-places the bundle
         elif method in ("run_batch", "run_batches") and w.dies_at is not None:
@@ -190,13 +192,16 @@ class SimulatedCluster(Transport):
                     self.queued.append(args[0])
             outcome = self.behaviour(args[0], args[1], worker)
             seconds = outcome.seconds
+            if outcome.result in ("ok", "user"):
+                w.ran += seconds
             if outcome.result == "ok":
                 self._store(worker, args[0], args[1])
                 w.written += 1
                 value = {"ok": True, "items": 1, "returned": 1, "seconds": seconds, "durable": w.written,
-                         "position": 0, "index": w.written}
+                         "position": 0, "index": w.written, "spent": [0.0, w.ran, 0.0]}
             elif outcome.result == "user":
-                value = {"ok": False, "items": 1, "error": outcome.error, "durable": w.written, "position": 0}
+                value = {"ok": False, "items": 1, "error": outcome.error, "durable": w.written, "position": 0,
+                         "spent": [0.0, w.ran, 0.0]}
             elif outcome.result == "raised":
                 kind, value = "raised", outcome.error
             else:
@@ -215,14 +220,15 @@ class SimulatedCluster(Transport):
                 if outcome.result == "raised":  # the worker answers the parts before it, as run_batches does
                     value = {"parts": parts, "raised": outcome.error}
                     break
+                w.ran += outcome.seconds
                 if outcome.result == "ok":
                     self._store(worker, batch_json, attempt)
                     w.written += 1
                     parts.append({"ok": True, "items": 1, "returned": 1, "seconds": outcome.seconds,
-                                  "durable": w.written, "position": 0, "index": w.written})
+                                  "durable": w.written, "position": 0, "index": w.written, "spent": [0.0, w.ran, 0.0]})
                 else:
                     parts.append({"ok": False, "items": 1, "error": outcome.error, "durable": w.written,
-                                  "position": 0})
+                                  "position": 0, "spent": [0.0, w.ran, 0.0]})
             else:
                 value = {"parts": parts}
         elif method == "flush":

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from raypar.engine.report_html import html_report
 from raypar.engine.reports import write_reports
+from raypar.engine.worker_time import TimeSplit
 from raypar.jobdir.layout import REPORT_HTML as REPORT
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -72,11 +73,13 @@ def final_view(ledger: Ledger):
     return ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
 
 
-def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view) -> None:
+def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view,
+                          worker_time: Optional[TimeSplit] = None) -> None:
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
         page = html_report(ledger, view, state.value, reason).encode()
-        write_reports(ledger, view, state.value, reason, bind(spec).append_row_path, {f"reports/{REPORT}": page})
+        write_reports(ledger, view, state.value, reason, bind(spec).append_row_path, {f"reports/{REPORT}": page},
+                      worker_time)
     except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them
         log.warning("could not write reports: %s", exc)
     finally:

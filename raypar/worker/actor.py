@@ -40,6 +40,7 @@ from raypar.worker.azure_env import EntryEnvironment
 from raypar.worker.plan import WorkerPlan
 from raypar.worker.read_ahead import ReadAhead
 from raypar.worker.staging import stage_outputs
+from raypar.worker.time_spent import TimeSpent
 from raypar.worker.withdrawals import Withdrawals, batch_of, call_name
 
 log = logging.getLogger("raypar")
@@ -94,6 +95,7 @@ class Worker:
         self.reader: Optional[BatchReader] = None  # made once the entry script has loaded
         self.ahead: Optional[ReadAhead] = None  # batches read while run() works (raypar.prefetch)
         self.withdrawals = Withdrawals()  # queued calls the driver took back (withdrawals.py)
+        self.spent = TimeSpent()  # its batches' time: reading, run(), storing (its answers carry it)
         self.staged: list = []  # remote output folders written locally (staging.py)
         self.log = None  # this worker's log stream, once its output is captured
         self.name = f"instance{instance}-slot{slot}"
@@ -119,6 +121,7 @@ class Worker:
 
     def start(self) -> dict:
         """Import the entry script and call its ``init()``; report the outcome."""
+        began = time.perf_counter()
         info = {"node": self.node, "pid": os.getpid(), "worker": self.name, "writer": self.writer}
         stage = "loading the entry script"
         try:
@@ -138,9 +141,9 @@ class Worker:
             error = self._error_text(exc)
             self._remove_copy()  # the scheduler kills this actor next
             self._close_log()
-            return {**info, "ok": False, "stage": stage, "error": error}
+            return {**info, "ok": False, "stage": stage, "error": error, "init": time.perf_counter() - began}
         self.started = True
-        return {**info, "ok": True}
+        return {**info, "ok": True, "init": time.perf_counter() - began}
 
     def _load_entry_script(self) -> None:
         code, entry_path = self._working_copy(self.plan.code, self.plan.entry_path)
@@ -224,6 +227,15 @@ class Worker:
         return self._run_batch(batch, attempt)
 
     def _run_batch(self, batch: MiniBatch, attempt: int) -> dict:
+        self.spent.to("reading")
+        try:
+            answer = self._run_and_store(batch, attempt)
+        finally:
+            self.spent.to(None)
+        answer["spent"] = self.spent.answer()
+        return answer
+
+    def _run_and_store(self, batch: MiniBatch, attempt: int) -> dict:
         started = time.time()
         base = {"batch": batch.id, "attempt": attempt, "node": self.node, "worker": self.name,
                 "started": started}
@@ -234,10 +246,12 @@ class Worker:
             mini_batch, context, temp = self.ahead.read(batch)
             items = len(mini_batch) if batch.kind == "table" else batch.item_count
             failed = failed_items.collect(batch.kind, mini_batch)
+            self.spent.to("run")
             try:
                 result = self.entry_env.call(self._call_run, mini_batch, context)
             finally:
                 failed_items.stop()
+                self.spent.to("storing")
             returned, rows = count_and_serialize(result, self.with_rows, self.plan.append_row_format)
             self._upload_outputs()  # files run() wrote are stored before the batch counts as done
         except ResultError as exc:

@@ -1,0 +1,129 @@
+"""Where a session's worker time went: what a user pays for, split so they can see what to change.
+
+A worker's life runs from the driver's request for it to its end (killed,
+lost, or the session over), on the driver's clock. It is split into:
+
+- starting: Ray placing it and starting its process, raypar's modules loading;
+- init(): the entry script loaded and its init() run (the worker's own count);
+- reading: its batches waiting for their input (what reading ahead did not hide);
+- run(): the entry script's run();
+- storing: the results counted and serialized, run()'s output files uploaded,
+  the done records written;
+- cut short: batches that never answered: timed out, lost with their worker,
+  or running when the session stopped (their time is spent again on a retry);
+- idle: the rest: waiting for work (planning, the tail of the job, a driver
+  busy elsewhere), Ray's calls there and back, shutdown().
+
+The worker's parts come with its answers as running totals (worker/time_spent.py),
+so this costs a few assignments per answer and a record per live worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from raypar.worker.time_spent import PARTS as WORKER_PARTS
+
+PARTS = ("starting", "init()", "reading", "run()", "storing", "cut short", "idle")
+FROM_WORKER = ("reading", "run()", "storing")  # the worker's WORKER_PARTS, as named here
+_NOTHING = (0.0,) * len(WORKER_PARTS)
+
+
+@dataclass
+class _Life:
+    born: float
+    ready: Optional[float] = None  # when its start answered
+    init: float = 0.0
+    spent: Sequence[float] = _NOTHING  # the worker's running totals of WORKER_PARTS, as last answered
+    cut: float = 0.0
+
+
+@dataclass
+class TimeSplit:
+    """Seconds of worker time by PARTS, over ``workers`` worker processes."""
+
+    workers: int = 0
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def add(self, other: "TimeSplit") -> "TimeSplit":
+        return TimeSplit(self.workers + other.workers,
+                         {part: self.seconds[part] + other.seconds[part] for part in PARTS})
+
+    def describe(self) -> str:
+        """``12.4 s over 2 worker(s): run() 71%, idle 12%, ...``: the parts by share, largest first."""
+        total = self.total
+        if not self.workers or total <= 0:
+            return "no worker started"
+        shares = sorted(((seconds / total, part) for part, seconds in self.seconds.items() if seconds > 0),
+                        key=lambda share: -share[0])
+        parts = ", ".join(f"{part} {_percent(share)}" for share, part in shares)
+        return f"{_duration(total)} over {self.workers} worker(s): {parts}"
+
+    def fields(self) -> dict:
+        """As the job's reports and the Python API give it: seconds by part, and the workers."""
+        return {"workers": self.workers, **{part: round(s, 3) for part, s in self.seconds.items()}}
+
+
+class WorkerTime:
+    """The session's worker lives: told of each start, answer and end by the scheduler, keyed by
+    the worker's slot (one live worker each)."""
+
+    def __init__(self):
+        self.lives: dict[Any, _Life] = {}
+        self.ended_split = TimeSplit()
+
+    def born(self, key: Any, now: float) -> None:
+        self.lives[key] = _Life(born=now)
+
+    def started(self, key: Any, now: float, init: Optional[float]) -> None:
+        life = self.lives.get(key)
+        if life is not None:
+            life.ready, life.init = now, init or 0.0
+
+    def spent(self, key: Any, totals: Optional[Sequence[float]]) -> None:
+        life = self.lives.get(key)
+        if life is not None and totals and sum(totals) >= sum(life.spent):  # answers may come out of order
+            life.spent = totals
+
+    def cut_short(self, key: Any, since: Optional[float], now: float) -> None:
+        """The worker's running batch since ``since`` (the driver's clock) ends without an answer."""
+        life = self.lives.get(key)
+        if life is not None and since is not None:
+            life.cut += max(now - since, 0.0)
+
+    def ended(self, key: Any, now: float) -> None:
+        life = self.lives.pop(key, None)
+        if life is not None:
+            self.ended_split = self.ended_split.add(_split(life, now))
+
+    def split(self, now: float) -> TimeSplit:
+        """Every worker's time so far: those ended, and the live ones up to ``now``."""
+        total = self.ended_split
+        for life in self.lives.values():
+            total = total.add(_split(life, now))
+        return total
+
+
+def _split(life: _Life, now: float) -> TimeSplit:
+    alive = max(now - life.born, 0.0)
+    ready = life.ready if life.ready is not None else now
+    seconds = {"starting": max(ready - life.born - life.init, 0.0), "init()": life.init,
+               **dict(zip(FROM_WORKER, life.spent, strict=True)), "cut short": life.cut}
+    # The driver's clock and the worker's differ by Ray's latency: the rest is never negative.
+    seconds["idle"] = max(alive - sum(seconds.values()), 0.0)
+    return TimeSplit(1, seconds)
+
+
+def _percent(share: float) -> str:
+    return f"{share:.0%}" if share >= 0.005 else "<1%"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

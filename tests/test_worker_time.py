@@ -1,0 +1,96 @@
+"""Where a session's worker time goes (raypar/engine/worker_time.py), on a simulated cluster and a
+simulated clock: every second of each worker's life lands in exactly one part."""
+
+from __future__ import annotations
+
+from test_engine_policy import ordinal, run
+
+from raypar.engine.simulated import Outcome
+from raypar.engine.worker_time import PARTS, TimeSplit, WorkerTime
+
+
+def split_of(scheduler) -> dict:
+    """The session's split, once it is over (every worker ended)."""
+    assert not scheduler.worker_time.lives, "a worker outlived the session"
+    return scheduler.worker_time.split(scheduler.clock()).fields()
+
+
+def seconds(**parts) -> dict:
+    """``fields()`` with the parts given and every other part at 0."""
+    out = dict.fromkeys(PARTS, 0.0)
+    out.update({part.replace("_", " ").replace("init", "init()").replace("run", "run()"): s
+                for part, s in parts.items() if part != "workers"})
+    return {"workers": parts["workers"], **out}
+
+
+def test_two_workers_busy_to_the_end_spend_their_time_in_init_and_run(tmp_path):
+    # init() 1 s each, then 3 batches of 1 s each: 8 worker-seconds, none idle.
+    reason, scheduler, _, _ = run(tmp_path, lambda b, a, w: Outcome(1.0), batches=6, slots=2)
+    assert reason is None
+    assert split_of(scheduler) == seconds(workers=2, init=2.0, run=6.0)
+
+
+def test_the_tail_shows_as_idle(tmp_path):
+    # 3 batches of 2 s on 2 workers: one runs the third while the other waits for the session's end.
+    reason, scheduler, _, _ = run(tmp_path, lambda b, a, w: Outcome(2.0), batches=3, slots=2)
+    assert reason is None
+    assert split_of(scheduler) == seconds(workers=2, init=2.0, run=6.0, idle=2.0)
+
+
+def test_a_batch_past_the_timeout_is_cut_short_and_its_replacement_starts_again(tmp_path):
+    # Batch 0 hangs on its first try: its worker is killed at the timeout (101 s) and replaced.
+    def behaviour(batch, attempt, worker):
+        return Outcome(1000.0) if (ordinal(batch), attempt) == (0, 1) else Outcome(1.0)
+
+    reason, scheduler, _, _ = run(tmp_path, behaviour, batches=2, slots=2)
+    assert reason is None
+    split = split_of(scheduler)
+    assert split["workers"] == 3  # the killed worker, its replacement, the other
+    assert split["cut short"] == 100.0
+    assert split["init()"] == 3.0
+    assert split["run()"] == 2.0  # batch 1, and batch 0's second try
+    # The retry goes to the other worker (idle since 2 s), 101 -> 102 s; the replacement is ready at 102 s
+    # and finds nothing left. Lives: 0 -> 101 s, 101 -> 102 s, 0 -> 102 s.
+    assert sum(v for k, v in split.items() if k != "workers") == 101 + 1 + 102
+    assert split["idle"] == 99.0
+
+
+def test_a_worker_lost_mid_batch_has_that_batch_cut_short(tmp_path):
+    def behaviour(batch, attempt, worker):
+        return Outcome(4.0, "lost") if (ordinal(batch), attempt) == (0, 1) else Outcome(1.0)
+
+    reason, scheduler, _, _ = run(tmp_path, behaviour, batches=1, slots=1)
+    assert reason is None
+    assert split_of(scheduler) == seconds(workers=2, init=2.0, run=1.0, cut_short=4.0)
+
+
+def test_a_failed_init_counts_as_init(tmp_path):
+    failed = []
+
+    def start_error(slot):
+        if not failed:
+            failed.append(slot)
+            return "RuntimeError: no model"
+        return None
+
+    reason, scheduler, _, _ = run(tmp_path, lambda b, a, w: Outcome(1.0), batches=2, slots=1, start_error=start_error)
+    assert reason is None
+    assert split_of(scheduler) == seconds(workers=2, init=2.0, run=2.0)
+
+
+def test_the_running_totals_of_answers_handled_out_of_order_never_go_back():
+    time = WorkerTime()
+    time.born("slot", 0.0)
+    time.started("slot", 3.0, 2.0)
+    time.spent("slot", [1.0, 5.0, 1.0])
+    time.spent("slot", [0.5, 4.0, 0.5])  # an earlier answer, handled after
+    time.ended("slot", 12.0)
+    assert time.split(12.0).fields() == seconds(workers=1, starting=1.0, init=2.0, reading=1.0, run=5.0,
+                                                 storing=1.0, idle=2.0)
+
+
+def test_the_line_names_the_parts_by_share_largest_first():
+    split = TimeSplit(2, {**dict.fromkeys(PARTS, 0.0), "run()": 60.0, "idle": 30.0, "init()": 9.9, "storing": 0.1})
+    assert split.describe() == "100.0 s over 2 worker(s): run() 60%, idle 30%, init() 10%, storing <1%"
+    assert TimeSplit(8, {**split.seconds, "run()": 3 * 3600.0}).describe().startswith("3.0 h over 8 worker(s): run() 100%")
+    assert TimeSplit().describe() == "no worker started"
