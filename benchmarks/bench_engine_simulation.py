@@ -141,6 +141,9 @@ print(json.dumps({"workers": len(scheduler.slots), "left": sum(s.left for s in s
                   "simulated_hours": cluster.now / 3600, "rss_mib": rss, "manifest_seconds": built,
                   "instance_hours": instance_hours, "given_back": len(cluster.given_back), "decoded": len(decoded),
                   "taken_back": len(cluster.withdrawn),
+                  # The session's worker time line (raypar before it had none: a worktree of older code).
+                  "worker_time": scheduler.worker_time.split(cluster.now).describe()
+                  if hasattr(scheduler, "worker_time") else None,
                   "worker_hours": sum(cluster.now - held_from[i] for i in placed) * per_instance / 3600}))
 """
 
@@ -206,6 +209,8 @@ def main() -> int:
                   f"{r['failed']:,} failed, {r['calls']:,} attempts, {r['simulated_hours']:.2f} simulated hours"
                   f"{side}): scheduler CPU {r['cpu']:.1f}s = {1e6 * r['cpu'] / r['batches']:.0f} us per batch, "
                   f"{rate:,.0f} decisions/s; peak memory {r['rss_mib']:.0f} MiB", flush=True)
+            if r.get("worker_time"):
+                print(f"      worker time {r['worker_time']}", flush=True)
             held[give_back] = r
             if workers >= 1000 and give_back:
                 ok = (ok is not False) and rate >= 20_000 and r["rss_mib"] <= 1024

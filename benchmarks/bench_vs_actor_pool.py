@@ -42,7 +42,7 @@ import time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import ray  # noqa: E402
-from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
+from common import print_load, run_raypar, tear_down, wait_for_free_cpus, worker_time  # noqa: E402
 
 import raypar  # noqa: E402
 
@@ -243,7 +243,8 @@ def main(argv=None) -> int:
             outcome = run_raypar(spec, job_dir, args.verbose)
             seconds = time.perf_counter() - t
             raypar_times.append(seconds)
-            print(f"  round {rnd}: {rate_line('raypar', args.batches, seconds)}", flush=True)
+            print(f"  round {rnd}: {rate_line('raypar', args.batches, seconds)}; {worker_time(outcome.worker_time)}",
+                  flush=True)
             if outcome.exit_code != 0 or outcome.completed != args.batches:
                 print(f"  ERROR: raypar ended {outcome.state.value} with {outcome.completed}/{outcome.total} "
                       f"batches done, {outcome.failed} failed: {outcome.reason}")

@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
-from common import print_load, run_raypar, tear_down, wait_for_free_cpus  # noqa: E402
+from common import print_load, run_raypar, tear_down, wait_for_free_cpus, worker_time  # noqa: E402
 
 import raypar  # noqa: E402
 
@@ -680,7 +680,7 @@ def run_as_child(job: dict) -> int:
     outcome = run_raypar(job["spec"], job["job_dir"], False)
     print(json.dumps({"seconds": time.perf_counter() - t, "exit_code": outcome.exit_code,
                       "state": outcome.state.value, "completed": outcome.completed, "total": outcome.total,
-                      "reason": outcome.reason}))
+                      "reason": outcome.reason, "worker_time": outcome.worker_time}))
     return 0
 
 
@@ -793,10 +793,11 @@ def main(argv=None) -> int:
                     ran = run_raypar(spec, job_dir, args.verbose)
                     seconds = time.perf_counter() - t
                     outcome = {"exit_code": ran.exit_code, "state": ran.state.value, "completed": ran.completed,
-                               "total": ran.total, "reason": ran.reason}
+                               "total": ran.total, "reason": ran.reason, "worker_time": ran.worker_time}
             cpu = meter.seconds
             print(f"  {label}: {rate_line('raypar', expected.rows, seconds, in_mb, cpu)}; {outcome['total']} "
-                  f"mini-batches, 1 file, {_size(output) / MIB if os.path.exists(output) else 0:.0f} MiB", flush=True)
+                  f"mini-batches, 1 file, {_size(output) / MIB if os.path.exists(output) else 0:.0f} MiB; "
+                  f"{worker_time(outcome.get('worker_time'))}", flush=True)
             problems = [] if outcome["exit_code"] == 0 else [
                 f"raypar ended {outcome['state']}, {outcome['completed']}/{outcome['total']} done: {outcome['reason']}"]
             problems += check_output("raypar", output, fmt, expected, ordered=True)

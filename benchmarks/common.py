@@ -14,11 +14,17 @@ from contextlib import contextmanager
 import ray
 
 import raypar
+from raypar.engine.worker_time import TimeSplit
 
 
 def run_raypar(spec: dict, job_dir: str, verbose: bool):
     echo = (lambda line: print(f"    {line}", flush=True)) if verbose else (lambda line: None)
     return raypar.run(spec, job_dir=job_dir, echo=echo).wait()
+
+
+def worker_time(fields) -> str:
+    """A job's ``Outcome.worker_time`` as the session's line says it: what its workers' time went to."""
+    return f"worker time {TimeSplit.of(fields).describe()}" if fields else "no worker time (none started)"
 
 
 def file_per_batch_job(root: str, data: str, name: str, entry: str, program_arguments: str, workers: int,

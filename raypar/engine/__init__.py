@@ -7,6 +7,7 @@
 - ``scheduler``: the Ray-free scheduling policy (slots, attempts, retries, timeouts, speculation),
   stepped over a ``transport``: ``ray_transport`` for jobs, ``simulated`` for tests and benchmarks.
 - ``cluster``: connecting to a Ray cluster or starting the embedded one; ``signals``: SIGTERM as Ctrl-C;
-  ``metrics``, ``progress``, ``console_relay``: what a running job shows.
+  ``metrics``, ``progress``, ``console_relay``: what a running job shows; ``worker_time``: what the
+  session's workers spent their time on (its last line).
 - ``status`` / ``reports``: a job dir's state and its reports, read without a cluster.
 """

@@ -65,8 +65,13 @@ class TimeSplit:
         return f"{_duration(total)} over {self.workers} worker(s): {parts}"
 
     def fields(self) -> dict:
-        """As the job's reports and the Python API give it: seconds by part, and the workers."""
+        """As the Python API gives it (``Outcome.worker_time``): seconds by part, and the workers."""
         return {"workers": self.workers, **{part: round(s, 3) for part, s in self.seconds.items()}}
+
+    @classmethod
+    def of(cls, fields: dict) -> "TimeSplit":
+        """The split ``fields()`` gave."""
+        return cls(fields["workers"], {part: fields[part] for part in PARTS})
 
 
 class WorkerTime:

@@ -1,6 +1,7 @@
 """The worker process: one Ray actor per slot runs the user's entry script.
 
 - ``actor``: ``Worker`` (init(), run() per mini-batch, done records, shutdown()) and its plan.
+- ``time_spent``: the running totals of a worker's batches' time (reading, run(), storing) its answers carry.
 - ``staging``: ``uri_folder`` outputs of ``direct``/``upload`` mode staged locally and uploaded.
 - ``azure_env``: the folders, variables and import path Azure's runtime gives entry scripts;
   ``shim/`` holds ``azureml_user.parallel_run.EntryScript`` and ``azureml.core.Model``, the only
