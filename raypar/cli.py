@@ -461,6 +461,10 @@ def _print_status(status: dict) -> None:
     if status.get("failed_items"):
         print(f"items:     {failed_items_text(status['failed_items'], status.get('unreturned_items', 0))} "
               f"(error_threshold counts both, as on Azure)")
+    if status.get("worker_time"):  # a running job's, as its driver counted it
+        from raypar.engine.worker_time import TimeSplit
+
+        print(f"workers:   worker time so far {TimeSplit.of(status['worker_time']).describe()}")
     if status.get("source") and status["source"] != "job dir":
         print(f"from:      {status['source']}")
     if status.get("output"):

@@ -720,6 +720,9 @@ def test_status_of_a_running_job_is_its_driver_s_count_and_after_it_the_ledger_s
         assert re.search(r"batches:   2 done, 1 failed, 1 pending, 4 total \(the driver's count \d+s ago; "
                          r"--exact for what is stored\)", shown), shown
         assert "error:     mb-0000001 (user): ValueError: cannot score f002.txt: bad record" in shown
+        # The workers' time so far: 3 instances of 1 slot, each started; one holds its batch now.
+        assert status["worker_time"]["workers"] == 3 and status["worker_time"]["run()"] > 0, status
+        assert re.search(r"^workers:   worker time so far \d+\.\d s over 3 worker\(s\): .*run\(\) ", shown, re.M), shown
         exact = json.loads(cli_in_process(capsys, "status", job, "--exact", "--json").stdout)
         # What is stored: records reach the ledger within a second or so of the driver counting them.
         assert (exact["counted_by"], exact["total"]) == ("ledger", 4) and exact["completed"] <= 2

@@ -3,6 +3,7 @@ Chromium from npm, as the README's test command installs it): it draws, with no 
 and no network request, a timeline with a bar per attempt, and names the failures."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,11 @@ def test_the_report_of_a_job_with_failures_draws_in_a_browser(ray_cluster, tmp_p
     html = (tmp_path / "report.html").read_text()
     assert "ValueError: cannot score f05.txt: bad record" in html and "mb-0000002" in html
     assert "mini_batch_size" in html  # the settings
+    # The page the session wrote also says what its workers' time went to (`raypar report` cannot know).
+    own = (tmp_path / "job" / "reports" / "report.html").read_text()
+    assert "<h2>Worker time (this session)</h2>" in own and "<h2>Worker time" not in html
+    assert re.search(r"<tr><td>run\(\)</td><td>\d+\.\d</td><td>\d+%</td></tr>", own)
+    assert f"{outcome.worker_time['workers']} worker process(es)" in own
 
 
 def test_a_large_job_is_drawn_in_time_slices_with_a_page_of_bounded_size(monkeypatch):

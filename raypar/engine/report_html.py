@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypar.engine.reports import STATUS_OF_KIND, last_lines, status_of_kinds
+from raypar.engine.worker_time import TimeSplit
 from raypar.inputs.base import batch_id, ordinal_of
 from raypar.jobdir.ledger import Ledger, LedgerView
 
@@ -155,18 +156,20 @@ class _BatchIds:
         return batch_id(int(self.ordinals[int(i)]))
 
 
-def html_report(ledger: Ledger, view: LedgerView, state: str, reason: str) -> str:
-    """The job's report page from a full view of its ledger (records, not the lean counts)."""
+def html_report(ledger: Ledger, view: LedgerView, state: str, reason: str,
+                worker_time: Optional[TimeSplit] = None) -> str:
+    """The job's report page from a full view of its ledger (records, not the lean counts), and the
+    session's worker time when a session writes it (`raypar report` has none)."""
     try:
         spec_yaml = ledger.store.read_bytes("spec.yml").decode()
     except FileNotFoundError:
         spec_yaml = "(spec.yml not found in the job dir)"
     spares = view.done.spare_records() if hasattr(view.done, "spare_records") else []
-    return render(view, spares, spec_yaml, state, reason, ledger.url)
+    return render(view, spares, spec_yaml, state, reason, ledger.url, worker_time=worker_time)
 
 
 def render(view, spares, spec_yaml: str, state: str, reason: str, job_url: str,
-           now: Optional[float] = None) -> str:
+           now: Optional[float] = None, worker_time: Optional[TimeSplit] = None) -> str:
     """The report page as one HTML string."""
     runs = attempts(view, spares)
     counts = view.counts()
@@ -184,6 +187,8 @@ def render(view, spares, spec_yaml: str, state: str, reason: str, job_url: str,
                   "<h2>Throughput</h2>", _throughput(runs, t0, span)]
     else:
         parts.append("<p>No attempt with a start time is recorded yet.</p>")
+    if worker_time is not None and worker_time.workers:
+        parts += ["<h2>Worker time (this session)</h2>", _worker_time(worker_time)]
     parts += ["<h2>Slowest mini-batches</h2>", _slowest(runs), "<h2>Failures by error</h2>", _failures(view),
               "<h2>Settings</h2>", f"<pre>{_e(spec_yaml)}</pre>", "</body></html>"]
     return "\n".join(parts)
@@ -251,6 +256,15 @@ def _slowest(runs: Attempts) -> str:
                    f"<td>{_e(runs.workers[runs.worker[i]])}</td><td>{_e(STATUSES[runs.status[i]])}</td></tr>"
                    for i in top)
     return f"<table id=slowest><tr><th>mini-batch</th><th>seconds</th><th>worker</th><th>result</th></tr>{rows}</table>"
+
+
+def _worker_time(split: TimeSplit) -> str:
+    """What the workers' time went to, a row per part in the order of a worker's life."""
+    total = max(split.total, 1e-9)
+    rows = "".join(f"<tr><td>{_e(part)}</td><td>{seconds:.1f}</td><td>{seconds / total:.0%}</td></tr>"
+                   for part, seconds in split.seconds.items())
+    return (f"<p>{split.workers} worker process(es), {split.total:.1f} worker-seconds</p>"
+            f"<table id=worker-time><tr><th>part</th><th>seconds</th><th>share</th></tr>{rows}</table>")
 
 
 def _failures(view) -> str:

@@ -210,6 +210,8 @@ class Progress:
     started_at: float = field(default_factory=time.monotonic)
     # The first failed batches by ordinal, (ordinal, {batch, kind, error}), as `raypar status` lists them.
     first_failed: list = field(default_factory=list)
+    # The session's worker time so far (TimeSplit.fields()), for `raypar status`; set by the scheduler.
+    worker_time: Optional[Callable[[], dict]] = None
 
     def batch_failed(self, batch_id: str, kind: str, error: str) -> None:
         """A batch failed for good (its tries spent): counted by the caller; its error kept if it is
@@ -225,7 +227,8 @@ class Progress:
         Read from the heartbeat's thread: each field is one read, the list copied whole."""
         return {"total": self.total, "completed": self.done, "failed": self.failed, "planning": self.planning,
                 "failed_items": self.failed_items, "unreturned_items": self.unreturned_items,
-                "errors": [error for _, error in list(self.first_failed)]}
+                "errors": [error for _, error in list(self.first_failed)],
+                "worker_time": self.worker_time() if self.worker_time is not None else None}
 
     def rate(self, now: float) -> float:
         return (self.done - self.done_before) / max(now - self.started_at, 1e-9)
@@ -296,6 +299,7 @@ class Scheduler:
         self.wanted: Optional[int] = None  # elastic jobs: instances still wanted at the tail (None: all)
         self.next_tail_look = 0.0  # elastic jobs: when to look for instances with nothing left to run
         self.worker_time = WorkerTime()  # what the workers' time went to (the session's last line)
+        progress.worker_time = lambda: self.worker_time.split(self.clock()).fields()  # `raypar status`
 
     def _new_slots(self, instance: int, count: Optional[int] = None) -> list[Slot]:
         return [Slot(instance=instance, index=s, ahead=self.spec.raypar.prefetch)

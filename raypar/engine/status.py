@@ -80,7 +80,7 @@ def _driver_counts(progress: dict, errors: int) -> dict:
     return {"total": total, "completed": done, "failed": failed, "pending": max(total - done - failed, 0),
             "planning_complete": not progress["planning"], "failed_items": progress["failed_items"],
             "unreturned_items": progress["unreturned_items"], "counted_by": "driver",
-            "errors": progress["errors"][:errors]}
+            "errors": progress["errors"][:errors], "worker_time": progress.get("worker_time")}
 
 
 def _report_of(ledger: Ledger, state: JobState) -> Optional[str]:

@@ -77,7 +77,7 @@ def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason
                           worker_time: Optional[TimeSplit] = None) -> None:
     """Reports are a convenience derived from the ledger: never let them fail a job."""
     try:
-        page = html_report(ledger, view, state.value, reason).encode()
+        page = html_report(ledger, view, state.value, reason, worker_time).encode()
         write_reports(ledger, view, state.value, reason, bind(spec).append_row_path, {f"reports/{REPORT}": page},
                       worker_time)
     except Exception as exc:  # noqa: BLE001 - reports are derived: never fail a job over them

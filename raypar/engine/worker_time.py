@@ -107,9 +107,11 @@ class WorkerTime:
             self.ended_split = self.ended_split.add(_split(life, now))
 
     def split(self, now: float) -> TimeSplit:
-        """Every worker's time so far: those ended, and the live ones up to ``now``."""
+        """Every worker's time so far: those ended, and the live ones up to ``now``. Also called from
+        the lease's heartbeat thread: the lives are copied in one step (no Python code runs between
+        a dict's items as list() takes them, so the scheduler cannot change it meanwhile)."""
         total = self.ended_split
-        for life in self.lives.values():
+        for life in list(self.lives.values()):
             total = total.add(_split(life, now))
         return total
 
