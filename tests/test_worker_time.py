@@ -94,3 +94,17 @@ def test_the_line_names_the_parts_by_share_largest_first():
     assert split.describe() == "100.0 s over 2 worker(s): run() 60%, idle 30%, init() 10%, storing <1%"
     assert TimeSplit(8, {**split.seconds, "run()": 3 * 3600.0}).describe().startswith("3.0 h over 8 worker(s): run() 100%")
     assert TimeSplit().describe() == "no worker started"
+
+
+def test_a_running_session_counts_the_batches_running_now_as_running(tmp_path):
+    # What `raypar status` shows: the heartbeat asks the progress for the split so far.
+    seen = []
+    reason, scheduler, cluster, _ = run(tmp_path, lambda b, a, w: Outcome(10.0), batches=2, slots=1,
+                                        on_progress=lambda progress: seen.append(progress.worker_time()))
+    assert reason is None
+    mid = [split for split in seen if split["running"] > 0]
+    assert mid, seen  # some look fell inside a batch
+    for split in mid:  # one worker, ready at 1 s: its life so far is init(), run() answered, and running
+        assert split["workers"] == 1 and split["init()"] == 1.0
+        assert split["running"] <= 10.0 and split["idle"] == 0.0
+    assert split_of(scheduler)["running"] == 0.0  # at the end every batch has answered

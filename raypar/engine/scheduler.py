@@ -299,7 +299,20 @@ class Scheduler:
         self.wanted: Optional[int] = None  # elastic jobs: instances still wanted at the tail (None: all)
         self.next_tail_look = 0.0  # elastic jobs: when to look for instances with nothing left to run
         self.worker_time = WorkerTime()  # what the workers' time went to (the session's last line)
-        progress.worker_time = lambda: self.worker_time.split(self.clock()).fields()  # `raypar status`
+        progress.worker_time = self._worker_time_so_far  # `raypar status`
+
+    def _worker_time_so_far(self) -> dict:
+        """The split so far, the batches running now as such (read from the heartbeat's thread: a
+        slot's queue may change meanwhile, and then its running batch is left to the next beat)."""
+        running = {}
+        for slot in list(self.slots):
+            try:
+                since = slot.calls[0].started
+            except (IndexError, RuntimeError):
+                continue
+            if since is not None:
+                running[slot] = since
+        return self.worker_time.split(self.clock(), running).fields()
 
     def _new_slots(self, instance: int, count: Optional[int] = None) -> list[Slot]:
         return [Slot(instance=instance, index=s, ahead=self.spec.raypar.prefetch)

@@ -70,6 +70,7 @@ def _ledger_counts(ledger: Ledger, errors: int) -> dict:
     last = view.failed.last_rows(view.failed_ordinals()[:errors]).to_pylist()
     return {**view.counts(), "planning_complete": planned, "failed_items": view.failed_items(),
             "unreturned_items": view.unreturned_items(), "counted_by": "ledger", "counted_at": None,
+            "worker_time": None,  # only a running driver counts it (the last session's: job_result.txt)
             "errors": [{"batch": batch_id(r["ordinal"]), "kind": r["kind"], "error": r["error"]} for r in last]}
 
 

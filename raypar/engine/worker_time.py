@@ -12,7 +12,10 @@ lost, or the session over), on the driver's clock. It is split into:
 - cut short: batches that never answered: timed out, lost with their worker,
   or running when the session stopped (their time is spent again on a retry);
 - idle: the rest: waiting for work (planning, the tail of the job, a driver
-  busy elsewhere), Ray's calls there and back, shutdown().
+  busy elsewhere), Ray's calls there and back, shutdown();
+- running: while the session runs (`raypar status`), the batches running
+  now, from their start as the driver saw it: split into the parts above
+  when they answer.
 
 The worker's parts come with its answers as running totals (worker/time_spent.py),
 so this costs a few assignments per answer and a record per live worker.
@@ -25,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 from raypar.worker.time_spent import PARTS as WORKER_PARTS
 
-PARTS = ("starting", "init()", "reading", "run()", "storing", "cut short", "idle")
+PARTS = ("starting", "init()", "reading", "run()", "storing", "cut short", "idle", "running")
 FROM_WORKER = ("reading", "run()", "storing")  # the worker's WORKER_PARTS, as named here
 _NOTHING = (0.0,) * len(WORKER_PARTS)
 
@@ -106,21 +109,24 @@ class WorkerTime:
         if life is not None:
             self.ended_split = self.ended_split.add(_split(life, now))
 
-    def split(self, now: float) -> TimeSplit:
-        """Every worker's time so far: those ended, and the live ones up to ``now``. Also called from
-        the lease's heartbeat thread: the lives are copied in one step (no Python code runs between
-        a dict's items as list() takes them, so the scheduler cannot change it meanwhile)."""
+    def split(self, now: float, running: Optional[dict] = None) -> TimeSplit:
+        """Every worker's time so far: those ended, and the live ones up to ``now``; ``running``:
+        {key: since when its worker runs the batch it has not answered yet}. Also called from the
+        lease's heartbeat thread: the lives are copied in one step (no Python code runs between a
+        dict's items as list() takes them, so the scheduler cannot change it meanwhile)."""
         total = self.ended_split
-        for life in list(self.lives.values()):
-            total = total.add(_split(life, now))
+        running = running or {}
+        for key, life in list(self.lives.items()):
+            total = total.add(_split(life, now, running.get(key)))
         return total
 
 
-def _split(life: _Life, now: float) -> TimeSplit:
+def _split(life: _Life, now: float, running_since: Optional[float] = None) -> TimeSplit:
     alive = max(now - life.born, 0.0)
     ready = life.ready if life.ready is not None else now
     seconds = {"starting": max(ready - life.born - life.init, 0.0), "init()": life.init,
-               **dict(zip(FROM_WORKER, life.spent, strict=True)), "cut short": life.cut}
+               **dict(zip(FROM_WORKER, life.spent, strict=True)), "cut short": life.cut,
+               "running": max(now - running_since, 0.0) if running_since is not None else 0.0}
     # The driver's clock and the worker's differ by Ray's latency: the rest is never negative.
     seconds["idle"] = max(alive - sum(seconds.values()), 0.0)
     return TimeSplit(1, seconds)
