@@ -156,6 +156,9 @@ def test_a_smoke_test_s_worker_killed_mid_batch_runs_its_batch_again_beside_a_sp
     history = Ledger(job).view().failed["mb-0000000"]
     assert [(r.kind, r.final) for r in history] == [("system", False)]  # the kill spent no try
     assert {(i, s) for i, s, _ in worker_logs(job)} == {(0, 0), (1, 0)}  # the killed slot and the spare
+    # Three worker processes (the killed one, its slot's next, the spare); the killed one's batch,
+    # held from its start to the kill, is the session's time cut short.
+    assert outcome.worker_time["workers"] == 3 and outcome.worker_time["cut short"] > 0, outcome.worker_time
 
 
 def test_a_batch_that_failed_on_a_broken_worker_is_retried_on_another(ray_cluster, tmp_path):
