@@ -107,21 +107,24 @@ class WorkerTime:
     def ended(self, key: Any, now: float) -> None:
         life = self.lives.pop(key, None)
         if life is not None:
-            self.ended_split = self.ended_split.add(_split(life, now))
+            self.ended_split = self.ended_split.add(TimeSplit(1, _parts(life, now)))
 
     def split(self, now: float, running: Optional[dict] = None) -> TimeSplit:
         """Every worker's time so far: those ended, and the live ones up to ``now``; ``running``:
         {key: since when its worker runs the batch it has not answered yet}. Also called from the
         lease's heartbeat thread: the lives are copied in one step (no Python code runs between a
         dict's items as list() takes them, so the scheduler cannot change it meanwhile)."""
-        total = self.ended_split
+        total = dict(self.ended_split.seconds)
         running = running or {}
-        for key, life in list(self.lives.items()):
-            total = total.add(_split(life, now, running.get(key)))
-        return total
+        lives = list(self.lives.items())
+        for key, life in lives:
+            for part, seconds in _parts(life, now, running.get(key)).items():
+                total[part] += seconds
+        return TimeSplit(self.ended_split.workers + len(lives), total)
 
 
-def _split(life: _Life, now: float, running_since: Optional[float] = None) -> TimeSplit:
+def _parts(life: _Life, now: float, running_since: Optional[float] = None) -> dict:
+    """One worker's seconds by part, its life ending (or looked at) at ``now``."""
     alive = max(now - life.born, 0.0)
     ready = life.ready if life.ready is not None else now
     seconds = {"starting": max(ready - life.born - life.init, 0.0), "init()": life.init,
@@ -129,7 +132,7 @@ def _split(life: _Life, now: float, running_since: Optional[float] = None) -> Ti
                "running": max(now - running_since, 0.0) if running_since is not None else 0.0}
     # The driver's clock and the worker's differ by Ray's latency: the rest is never negative.
     seconds["idle"] = max(alive - sum(seconds.values()), 0.0)
-    return TimeSplit(1, seconds)
+    return seconds
 
 
 def _percent(share: float) -> str:
