@@ -343,8 +343,10 @@ def test_a_job_of_one_batch_segments_resumes_exactly_and_its_views_list_no_close
     outcome = raypar.run(spec, job_dir=job, echo=quiet).wait()
 
     assert (outcome.state, outcome.completed, outcome.failed) == (JobState.SUCCEEDED, 108, 12), outcome.reason
-    # Compacted while running, a few segments at a time (the 108 would be one read at the end else).
-    assert len(read_by_compactions) >= 3 and max(read_by_compactions) < 54, read_by_compactions
+    # Compacted while running, each segment read once (the 108 would be one read at the end else).
+    # How many each compaction reads depends on the thread's pace (under load it falls behind: one
+    # read 59 in a full run), not on the product: it is not asserted.
+    assert len(read_by_compactions) >= 3 and sum(read_by_compactions) <= 108, read_by_compactions
     segments = sorted(p.split("/parts/", 1)[1] for p in fs.find(f"{container}/jobs/one-batch-segments/parts"))
     folders = sorted({s.split("/")[0] for s in segments})
     assert len(segments) == 108 and all(s.endswith(".seg") and s.count("/") == 1 for s in segments)
