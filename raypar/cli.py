@@ -465,6 +465,11 @@ def _print_status(status: dict) -> None:
         from raypar.engine.worker_time import TimeSplit
 
         print(f"workers:   worker time so far {TimeSplit.of(status['worker_time']).describe()}")
+    elif status.get("job_worker_time"):  # every recorded session's, once no driver runs
+        from raypar.engine.worker_time import TimeSplit, sessions_text
+
+        total = status["job_worker_time"]
+        print(f"workers:   worker time of {sessions_text(total)}: {TimeSplit.of(total).describe()}")
     if status.get("source") and status["source"] != "job dir":
         print(f"from:      {status['source']}")
     if status.get("output"):

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import cli_in_process, imports_ray, make_spec, wait_for
 
+from raypar.engine.status import job_status
+
 CLI = [sys.executable, "-m", "raypar.cli"]
 # The CLI as a terminal starts it, Ctrl-C raising KeyboardInterrupt: a process started with SIGINT
 # ignored (this test run launched in the background, as `cmd &` does) passes that on to its
@@ -279,6 +281,9 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(ray_cluste
     spawned = []
     try:
         wait_for(lambda: (gate / "holding").exists(), "the 6th batch to be caught mid-run")
+        # A heartbeat of the lease carries the worker time so far, the held batch as running.
+        wait_for(lambda: (job_status(str(job)).get("worker_time") or {}).get("running"),
+                 "a heartbeat counting the held batch")
         spawned = psutil.Process(proc.pid).children(recursive=True)
         proc.kill()  # SIGKILL: no cleanup of any kind in the driver
         proc.wait(timeout=30)
@@ -301,6 +306,13 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(ray_cluste
     assert rerun == [f"f{i:02d}.txt" for i in range(5, 10)]  # the caught batch + the 4 never started
     assert (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines() == \
         [f"{name} {text.upper()}" for name, text in sorted(files.items())]
+    # The job's worker time counts the killed session too, from its last heartbeat: its held batch
+    # cut short. Two sessions of one worker each.
+    total = json.loads(cli("status", str(job), "--json").stdout)["job_worker_time"]
+    assert (total["sessions"], total["lost"], total["workers"]) == (2, 1, 2), total
+    assert total["cut short"] > 0 and total["running"] == 0 and total["run()"] > 0, total
+    result = (job / "reports" / "job_result.txt").read_text()
+    assert "worker time (its 2 session(s) (1 lost with its driver)): " in result, result
 
 
 @pytest.mark.timeout(240)

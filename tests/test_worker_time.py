@@ -17,9 +17,9 @@ def split_of(scheduler) -> dict:
 
 def seconds(**parts) -> dict:
     """``fields()`` with the parts given and every other part at 0."""
+    named = {"init": "init()", "run": "run()", "cut_short": "cut short"}
     out = dict.fromkeys(PARTS, 0.0)
-    out.update({part.replace("_", " ").replace("init", "init()").replace("run", "run()"): s
-                for part, s in parts.items() if part != "workers"})
+    out.update({named.get(part, part): s for part, s in parts.items() if part != "workers"})
     return {"workers": parts["workers"], **out}
 
 
@@ -108,3 +108,42 @@ def test_a_running_session_counts_the_batches_running_now_as_running(tmp_path):
         assert split["workers"] == 1 and split["init()"] == 1.0
         assert split["running"] <= 10.0 and split["idle"] == 0.0
     assert split_of(scheduler)["running"] == 0.0  # at the end every batch has answered
+
+
+def test_a_job_s_worker_time_adds_up_its_sessions_each_recorded_once(tmp_path):
+    from raypar.engine.worker_time import from_lost_heartbeat, job_total, sessions_text
+    from raypar.jobdir.ledger import Ledger
+
+    ledger = Ledger(str(tmp_path / "job"))
+    first = seconds(workers=2, init=2.0, run=6.0, running=3.0)
+    ledger.record_worker_time("r1", "lost", from_lost_heartbeat(first))  # from a killed driver's last heartbeat
+    ledger.record_worker_time("r1", "failed", seconds(workers=9, run=99.0))  # not twice: the first record stays
+    ledger.record_worker_time("r2", "succeeded", seconds(workers=1, init=1.0, run=4.0, idle=1.0))
+
+    assert [r["run"] for r in ledger.worker_times()] == ["r1", "r2"]
+    total = job_total(ledger.worker_times())
+    # The killed session's running batches count as cut short: they run again.
+    assert total == {"sessions": 2, "lost": 1, **seconds(workers=3, init=3.0, run=10.0, cut_short=3.0, idle=1.0)}
+    assert sessions_text(total) == "its 2 session(s) (1 lost with its driver)"
+    assert job_total([]) is None
+
+
+def test_a_lease_taken_over_from_a_dead_driver_keeps_its_last_heartbeat(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from raypar.jobdir.ledger import Ledger
+
+    ledger = Ledger(str(tmp_path / "job"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ledger.lease.acquire("r1")
+    ledger.lease.heartbeat("r1", progress={"worker_time": seconds(workers=1, run=5.0)})
+    name = f"{ledger.lease.generation:012d}.json"
+    body = json.loads(ledger.store.read_bytes("lease", name))
+    ledger.store.write_atomic(json.dumps({**body, "pid": int(dead.stdout)}).encode(), "lease", name)  # gone now
+
+    taker = Ledger(str(tmp_path / "job"))
+    taker.lease.acquire("r2")
+    assert taker.lease.taken_over["run"] == "r1"
+    assert taker.lease.taken_over["progress"]["worker_time"]["run()"] == 5.0

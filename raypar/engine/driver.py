@@ -28,7 +28,16 @@ from raypar.engine.replan import names as replan_names
 from raypar.engine.retry_items import plan_item_retries
 from raypar.engine.scheduler import Progress, Scheduler
 from raypar.engine.session_lease import Heartbeat, StopSignal, claim_lease
-from raypar.engine.upkeep import Compactor, Reporter, compact, final_view, give_memory_back, write_session_reports
+from raypar.engine.upkeep import (
+    Compactor,
+    Reporter,
+    compact,
+    final_view,
+    give_memory_back,
+    record_lost_session,
+    record_session_time,
+    write_session_reports,
+)
 from raypar.engine.worker_plan import worker_plan
 from raypar.engine.worker_time import TimeSplit
 from raypar.errors import CorruptPartsError, OutputSchemaError, RayparError, SpecError, StorageError, UsageError
@@ -260,6 +269,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
     ttl = spec.raypar.lease_ttl
     claim_lease(ledger, run, echo, ttl)
     ledger.upgrade_format()  # an older raypar refuses the job dir from now on
+    record_lost_session(ledger)
     echo(announce)
     beat = Heartbeat(ledger, run, ttl)
     beat.start()
@@ -312,6 +322,7 @@ def _drive(ledger: Ledger, session: _Session, address: Optional[str], echo: Echo
                 _set_state(ledger, state, run, redact(reason if not detail else f"{reason}\n{detail}",
                                                       session.storage))
                 view = view or final_view(ledger)
+                record_session_time(ledger, run, state, session.worker_time)
                 write_session_reports(ledger, spec, state, reason, view, session.worker_time)
                 counts, view = view.counts(), None  # not held while compaction reads (a million records)
                 compact(ledger, run, beat.held, session_over=True)

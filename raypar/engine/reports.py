@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from raypar.engine.status import failed_items_text
-from raypar.engine.worker_time import TimeSplit
+from raypar.engine.worker_time import TimeSplit, job_total, sessions_text
 from raypar.inputs.base import batch_ids
 from raypar.jobdir.ledger import Ledger, LedgerView
 
@@ -253,12 +253,21 @@ def job_result(ledger: Ledger, view: LedgerView, state: str, reason: str, output
         f"failed items: {failed_items_text(view.failed_items(), view.unreturned_items())}",
         f"output: {output or '(summary only)'}",
         *([f"worker time (this session): {worker_time.describe()}"] if worker_time and worker_time.workers else []),
+        *_job_worker_time(ledger),
         *error_summary(view),
         "attempts: reports/processed_mini_batches.csv; worker logs: logs/ (or `raypar logs JOB_DIR`)",
     ]
     if state != "succeeded" or counts["failed"]:
         lines.append(f"continue: raypar resume {ledger.url}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def _job_worker_time(ledger: Ledger) -> list[str]:
+    """The job's worker time over its sessions, when it has had more than one."""
+    total = job_total(ledger.worker_times())
+    if total is None or total["sessions"] < 2:
+        return []
+    return [f"worker time ({sessions_text(total)}): {TimeSplit.of(total).describe()}"]
 
 
 def batch_log_sections(ledger: Ledger, batch: str) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ from typing import Optional
 
 from raypar.credentials import resolve_storage
 from raypar.engine.replan import check_input_files
+from raypar.engine.worker_time import job_total
 from raypar.errors import RayparError
 from raypar.inputs import check_input
 from raypar.inputs.base import batch_id
@@ -58,6 +59,8 @@ def job_status(job_dir: str, errors: int = 3, exact: bool = False) -> dict:
         "input_changes": _input_changes(ledger, spec) if planned and not driver_alive else None,
         "last_added": ledger.last_added() if planned else None,
         "report": _report_of(ledger, state),
+        # The recorded sessions' worker time (a killed driver's from its last heartbeat), once none runs.
+        "job_worker_time": None if driver_alive else job_total(ledger.worker_times()),
     }
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from raypar.engine.report_html import html_report
 from raypar.engine.reports import write_reports
-from raypar.engine.worker_time import TimeSplit
+from raypar.engine.worker_time import TimeSplit, from_lost_heartbeat
 from raypar.jobdir.layout import REPORT_HTML as REPORT
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -71,6 +71,29 @@ def give_memory_back() -> None:
 
 def final_view(ledger: Ledger):
     return ledger.view(ledger.read_manifest() or ledger.read_manifest_prefix())
+
+
+def record_session_time(ledger: Ledger, run: str, state: JobState, split: TimeSplit) -> None:
+    """The session's worker time, kept for the job's total (never fails a job)."""
+    if not split.workers:
+        return
+    try:
+        ledger.record_worker_time(run, state.value, split.fields())
+    except Exception as exc:  # noqa: BLE001 - a convenience, as the reports are
+        log.warning("could not record the session's worker time: %s", exc)
+
+
+def record_lost_session(ledger: Ledger) -> None:
+    """The worker time of a session whose driver was killed, from the last heartbeat of the lease
+    this session took over (up to a third of its lease_ttl old): the job's total counts it."""
+    lost = ledger.lease.taken_over or {}
+    split = (lost.get("progress") or {}).get("worker_time")
+    if not split or not split.get("workers") or not lost.get("run"):
+        return
+    try:
+        ledger.record_worker_time(lost["run"], "lost", from_lost_heartbeat(split))
+    except Exception as exc:  # noqa: BLE001 - a convenience, as the reports are
+        log.warning("could not record the worker time of run %s: %s", lost["run"], exc)
 
 
 def write_session_reports(ledger: Ledger, spec: JobSpec, state: JobState, reason: str, view,

@@ -74,7 +74,7 @@ class TimeSplit:
     @classmethod
     def of(cls, fields: dict) -> "TimeSplit":
         """The split ``fields()`` gave."""
-        return cls(fields["workers"], {part: fields[part] for part in PARTS})
+        return cls(fields["workers"], {part: fields.get(part, 0.0) for part in PARTS})
 
 
 class WorkerTime:
@@ -133,6 +133,31 @@ def _parts(life: _Life, now: float, running_since: Optional[float] = None) -> di
     # The driver's clock and the worker's differ by Ray's latency: the rest is never negative.
     seconds["idle"] = max(alive - sum(seconds.values()), 0.0)
     return seconds
+
+
+def job_total(records: list[dict]) -> Optional[dict]:
+    """The job's worker time over its recorded sessions (Ledger.worker_times): ``sessions``,
+    ``lost`` (those whose driver was killed: counted from its last heartbeat) and the split's
+    fields; None when no session recorded any."""
+    records = [r for r in records if (r.get("worker_time") or {}).get("workers")]
+    if not records:
+        return None
+    total = TimeSplit()
+    for record in records:
+        total = total.add(TimeSplit.of(record["worker_time"]))
+    return {"sessions": len(records), "lost": sum(r.get("ended") == "lost" for r in records), **total.fields()}
+
+
+def sessions_text(total: dict) -> str:
+    """``its 3 sessions (1 lost with its driver)``: which sessions a job total counts."""
+    lost = f" ({total['lost']} lost with its driver)" if total["lost"] else ""
+    return f"its {total['sessions']} session(s){lost}"
+
+
+def from_lost_heartbeat(split: dict) -> dict:
+    """A killed driver's split as its last heartbeat carried it: the batches it was running are
+    cut short (they run again)."""
+    return {**split, "cut short": split.get("cut short", 0.0) + split.get("running", 0.0), "running": 0.0}
 
 
 def _percent(share: float) -> str:

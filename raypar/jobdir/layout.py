@@ -32,6 +32,9 @@ Everything is JSON or Arrow; nothing here is ever unpickled or executed::
     reports/                    derived at the end of each session (see raypar/engine/reports.py;
                                 reports/report.html: raypar/engine/report_html.py)
     state.json                  last state written by the driver holding the lease
+    worker_time/<run>.json      what that session's workers' time went to (written once: by the
+                                session at its end, or from its last heartbeat by the session that
+                                took its lease over)
     lease/NNNNNNNNNNNN.json     which driver owns the job dir: one generation per heartbeat, each
                                 created exclusively (see raypar/jobdir/lease.py)
 
@@ -67,6 +70,7 @@ SEGMENT_SUFFIX = ".seg"
 SEGMENTS_PER_FOLDER = 100  # a worker's segments to a folder: a view lists at most this many of each writer
 _SEGMENT_FOLDER = re.compile(r"^(.+)~f(\d{5,})$")  # parts/<writer>~fNNNNN: one folder of a writer's segments
 REPORT_HTML = "report.html"  # under reports/: the job's one-page report
+WORKER_TIME = "worker_time"  # worker_time/<run>.json: a session's worker time
 _LOG_PIECE = re.compile(r"^(.+)~(\d{6})\.log$")  # one piece of a worker's log on object storage
 
 

@@ -50,6 +50,7 @@ class Lease:
         self.store, self.url = store, url
         self.generation = 0  # the newest generation this session wrote
         self.epoch = 0  # the generation it took the lease at: its fencing token
+        self.taken_over: Optional[dict] = None  # the dead holder's last lease, when acquire took it over
 
     # -- reading ------------------------------------------------------------
 
@@ -129,6 +130,7 @@ class Lease:
         if not self.store.write_new(_body(run, ttl, generation + 1), FOLDER, _name(generation + 1)):
             raise LeaseHeldError(f"{self.url}: another raypar driver claimed this job at the same moment")
         self.generation = self.epoch = generation + 1
+        self.taken_over = current if current is not None and current.get("run") != run else None
         self._forget(self.generation)
         if current is not None and current.get("legacy"):
             self.store.remove(LEGACY)

@@ -32,6 +32,7 @@ from raypar.jobdir import failed_compact, segment_folders
 from raypar.jobdir.compact_tiers import newest_to_merge
 from raypar.jobdir.layout import (
     SEGMENT_SUFFIX,
+    WORKER_TIME,
     attempt_name,
     chunk_name,
     compact_name,
@@ -882,6 +883,28 @@ class Ledger:
         except (ValueError, KeyError, TypeError):
             # A torn state file only loses the last label; the records are the truth.
             return {"state": JobState.INTERRUPTED.value, "run": None, "reason": "state.json unreadable"}
+
+    # -- worker time ----------------------------------------------------
+
+    def record_worker_time(self, run: str, ended: str, split: dict) -> None:
+        """What session ``run``'s workers' time went to (raypar/engine/worker_time.py), and how it
+        ``ended``. Created once: the session's own record at its end wins over the one the next
+        session makes from the lease a killed driver left."""
+        body = {"run": run, "ended": ended, "worker_time": split}
+        self.store.write_new(json.dumps(body, sort_keys=True).encode(), WORKER_TIME, f"{run}.json")
+
+    def worker_times(self) -> list[dict]:
+        """Every recorded session's, oldest first (run IDs sort by their start): a listing and a
+        read per session."""
+        paths = sorted(p for p in self.store.list_files(WORKER_TIME) if p.endswith(".json"))
+        data = self.store.read_many(paths)
+        records = []
+        for path in paths:
+            try:
+                records.append(json.loads(data[path]))
+            except (KeyError, ValueError):  # gone meanwhile, or torn: that session is not counted
+                continue
+        return records
 
     # -- cancel ---------------------------------------------------------
 
