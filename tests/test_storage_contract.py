@@ -375,6 +375,16 @@ def test_a_writer_killed_mid_upload_leaves_nothing_visible_and_the_next_one_clea
     assert uploaded_so_far(backend, url) == 0  # S3: aborted by the new writer; Azure: dropped by its commit
 
 
+def test_a_session_s_worker_time_is_recorded_once_and_listed_in_run_order(backend):
+    ledger = backend.ledger()
+    ledger.record_worker_time("r20261207-b", "lost", {"workers": 1, "run()": 5.0})  # from a killed driver's lease
+    ledger.record_worker_time("r20261207-b", "failed", {"workers": 9, "run()": 1.0})  # the first record stays
+    ledger.record_worker_time("r20261207-a", "succeeded", {"workers": 2, "run()": 3.0})
+
+    assert [(r["run"], r["ended"], r["worker_time"]["workers"]) for r in backend.ledger(own_client=True).worker_times()] \
+        == [("r20261207-a", "succeeded", 2), ("r20261207-b", "lost", 1)]
+
+
 def test_an_auth_error_never_reads_as_absent(azurite):
     container = azurite.new_container()
     good = open_store(f"az://{container}/job", {"connection_string": azurite.connection_string})
