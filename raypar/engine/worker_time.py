@@ -28,8 +28,7 @@ from typing import Any, Optional, Sequence
 
 from raypar.worker.time_spent import PARTS as WORKER_PARTS
 
-PARTS = ("starting", "init()", "reading", "run()", "storing", "cut short", "idle", "running")
-FROM_WORKER = ("reading", "run()", "storing")  # the worker's WORKER_PARTS, as named here
+PARTS = ("starting", "init()", *WORKER_PARTS, "cut short", "idle", "running")
 _NOTHING = (0.0,) * len(WORKER_PARTS)
 
 
@@ -128,7 +127,7 @@ def _parts(life: _Life, now: float, running_since: Optional[float] = None) -> di
     alive = max(now - life.born, 0.0)
     ready = life.ready if life.ready is not None else now
     seconds = {"starting": max(ready - life.born - life.init, 0.0), "init()": life.init,
-               **dict(zip(FROM_WORKER, life.spent, strict=True)), "cut short": life.cut,
+               **dict(zip(WORKER_PARTS, life.spent, strict=True)), "cut short": life.cut,
                "running": max(now - running_since, 0.0) if running_since is not None else 0.0}
     # The driver's clock and the worker's differ by Ray's latency: the rest is never negative.
     seconds["idle"] = max(alive - sum(seconds.values()), 0.0)

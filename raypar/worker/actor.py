@@ -246,7 +246,7 @@ class Worker:
             mini_batch, context, temp = self.ahead.read(batch)
             items = len(mini_batch) if batch.kind == "table" else batch.item_count
             failed = failed_items.collect(batch.kind, mini_batch)
-            self.spent.to("run")
+            self.spent.to("run()")
             try:
                 result = self.entry_env.call(self._call_run, mini_batch, context)
             finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-PARTS = ("reading", "run", "storing")  # the input waited for, run(), the results stored
+PARTS = ("reading", "run()", "storing")  # the input waited for, run(), the results stored
 
 
 class TimeSpent:
