@@ -313,6 +313,8 @@ def test_driver_killed_mid_job_resumes_without_rerunning_done_batches(ray_cluste
     assert total["cut short"] > 0 and total["running"] == 0 and total["run()"] > 0, total
     result = (job / "reports" / "job_result.txt").read_text()
     assert "worker time (its 2 session(s) (1 lost with its driver)): " in result, result
+    shown = cli("status", str(job)).stdout
+    assert "workers:   worker time of its 2 session(s) (1 lost with its driver): " in shown, shown
 
 
 @pytest.mark.timeout(240)
