@@ -12,6 +12,7 @@ import yaml
 from conftest import make_spec, quiet
 
 import raypar
+from raypar.inputs import flat_listing
 from raypar.inputs.base import ordinal_of
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -40,8 +41,9 @@ def executions(log_dir):
 # ro_mount with a cache smaller than a batch: it evicts on every batch, while another worker reads.
 @pytest.mark.parametrize("mode, cache_size", [("ro_mount", 16), ("download", "10gb")], ids=["ro_mount", "download"])
 def test_job_on_azure_blob_resumes_after_a_failure_with_exact_output(ray_cluster, blob, tmp_path, mode,
-                                                                     cache_size):
+                                                                     cache_size, monkeypatch):
     container, fs = blob
+    monkeypatch.setattr(flat_listing, "PAGE_SIZE", 5)  # the input is listed in three pages
     # The last batch is the bad one: it is handed out only after a worker answered (the tail stays
     # in the queue), so at least one batch is done when its failure stops the job.
     files = {f"f{i:02d}.txt": ("bad " if i == 11 else "") + f"value {i}" for i in range(12)}

@@ -7,6 +7,7 @@ import pytest
 from conftest import make_spec, quiet
 
 import raypar
+from raypar.inputs import flat_listing
 from raypar.inputs.base import ordinal_of
 from raypar.jobdir.ledger import Ledger
 from raypar.jobdir.state import JobState
@@ -28,8 +29,9 @@ def executions(log_dir):
     return sorted(tuple(p.read_text().split()) for p in log_dir.iterdir())
 
 
-def test_file_job_resumes_after_a_failure_with_exact_output(ray_cluster, bucket, tmp_path):
+def test_file_job_resumes_after_a_failure_with_exact_output(ray_cluster, bucket, tmp_path, monkeypatch):
     url, name, fs = bucket
+    monkeypatch.setattr(flat_listing, "PAGE_SIZE", 5)  # the input is listed in three pages
     # The last batch is the bad one: it is handed out only after a worker answered (the tail stays
     # in the queue), so at least one batch is done when its failure stops the job.
     files = {f"f{i:02d}.txt": ("bad " if i == 11 else "") + f"value {i}" for i in range(12)}

@@ -3,8 +3,10 @@
 ``describe`` runs on the driver and turns the spec's ``input_data`` into a
 plain dict (no pydantic, no secrets: it goes into every worker's plan);
 ``open_source`` turns that dict back into a filesystem on either side.
-Listing is a sorted, streamed walk: the same folder always lists in the same
-order, and the first files come back before a large folder is fully listed.
+Listing is sorted and streamed: the same folder always lists in the same
+order (full paths, by code point), and the first files come back before a
+large folder is fully listed: an object store's folder is listed flat, a page
+at a time (flat_listing.py), any other walked one folder at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from raypar.credentials import describe_error, open_fs, redact
 from raypar.errors import SpecError, StorageError
+from raypar.inputs import flat_listing
 from raypar.inputs.mltable import load_mltable
 from raypar.storage import is_url
 
@@ -166,7 +169,7 @@ class Source:
             yield name
             return
         if desc["entries"] is None:
-            yield from self._walk(self.root, "")
+            yield from self._files_below(self.root, "")
             return
         for entry in desc["entries"]:  # MLTable paths, in the order the MLTable lists them
             yield from self._entry_files(entry)
@@ -187,7 +190,7 @@ class Source:
             if not self.fs.isdir(target):
                 raise SpecError(f"{self.desc['path']}/MLTable: folder {entry['value']} not found")
             # Named (and versioned: the key a resume compares by) as the manifest names them.
-            yield from self._walk(target, self._name(target.rstrip("/")) + "/")
+            yield from self._files_below(target, self._name(target.rstrip("/")) + "/")
         else:
             found = self.fs.glob(target, detail=True)
             matches = sorted(p for p, info in found.items() if info.get("type") == "file")
@@ -214,18 +217,42 @@ class Source:
             return fs_path[len(root):]
         return self.url_of(fs_path)
 
+    def _files_below(self, folder: str, prefix: str) -> Iterator[str]:
+        """Every file below ``folder`` (names starting with ``prefix``) in sorted full-path order:
+        an object store's one flat listing, a page at a time (flat_listing.py); a walk elsewhere."""
+        listed = None if self.is_local else flat_listing.pages(self.fs, folder)
+        if listed is None:
+            yield from self._walk(folder, prefix)
+            return
+        start, last = len(folder.strip("/")) + 1, None
+        while True:
+            try:
+                page = next(listed, None)
+            except Exception as exc:  # noqa: BLE001 - named by _cannot_list
+                raise self._cannot_list(folder, exc) from None
+            if page is None:
+                break
+            for path, info in sorted(page):
+                name = f"{prefix}{path.strip('/')[start:]}"
+                if last is not None and name <= last:  # the order every plan of this input must repeat
+                    raise StorageError(f"{redact(self.url_of(folder))}: the store listed {name} after {last}; "
+                                       f"raypar needs an object store that lists keys in order")
+                self.versions[name] = file_version(info)
+                last = name
+                yield name
+        if last is None:  # no file below it: an empty folder, or one gone since the spec was checked
+            try:
+                self.fs.info(folder)
+            except Exception as exc:  # noqa: BLE001 - named by _cannot_list
+                raise self._cannot_list(folder, exc) from None
+
     def _walk(self, folder: str, prefix: str) -> Iterator[str]:
         # A folder's entries sorted with "/" after folder names: the walk then yields
         # exactly the order of sorting all paths, one folder listing at a time.
         try:
             entries = self._list(folder)
-        except FileNotFoundError:
-            raise SpecError(f"{self.url_of(folder)}: input folder not found") from None
-        except PermissionError as exc:
-            raise SpecError(f"{self.url_of(folder)}: cannot list input folder ({exc.strerror or exc})") from None
-        except Exception as exc:  # noqa: BLE001 - auth, network
-            raise StorageError(f"{redact(self.url_of(folder))}: cannot list input folder "
-                               f"({describe_error(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - named by _cannot_list
+            raise self._cannot_list(folder, exc) from None
         for _key, name, version in sorted(entries):
             rel = f"{prefix}{name}"
             if version is None:
@@ -233,6 +260,15 @@ class Source:
             else:
                 self.versions[rel] = version
                 yield rel
+
+    def _cannot_list(self, folder: str, exc: Exception) -> Exception:
+        if isinstance(exc, FileNotFoundError):
+            return SpecError(f"{self.url_of(folder)}: input folder not found")
+        if isinstance(exc, PermissionError):
+            return SpecError(f"{self.url_of(folder)}: cannot list input folder ({exc.strerror or exc})")
+        if isinstance(exc, (SpecError, StorageError)):
+            return exc
+        return StorageError(f"{redact(self.url_of(folder))}: cannot list input folder ({describe_error(exc)})")
 
     def _list(self, folder: str) -> list[tuple[str, str, Optional[str]]]:
         """(sort key, name, the file's version or None for a folder) of each entry."""
