@@ -12,7 +12,16 @@ folder) and ``tree`` (``--per-folder`` files in each of many folders, as a date-
 input is). For each, side by side and alternating (best of ``--repeat``): the walk (the
 previous way, still raypar's for local disk) and the flat listing, each timed to its first name
 (what the driver waits for before it creates the job dir and starts workers) and to its last;
-both must give the same names in the same order. The emulator shares this machine's 2 cores.
+both must give the same names in the same order. Then the peak of Python memory of each listing
+(tracemalloc, walk / flat), each version handed over as the planner takes it. The emulator
+shares this machine's 2 cores.
+
+With ``--job``, the flat folder of the largest size is also the input of a real job (a 2-CPU
+Ray on 127.0.0.1, two workers, ``mini_batch_size: "500"``, ``direct`` mode, an entry script that
+returns its URIs), alternating with the same job listed by the walk (``flat_listing.pages``
+answering None, as raypar did before): seconds from ``raypar.run`` to the first mini-batch's
+start (the driver's first batch, the job dir, the session's start) and to the job's end, and
+the output checked row for row.
 
     python benchmarks/bench_input_listing.py --store azurite --files 5000 20000
 """
@@ -21,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import time
+import tracemalloc
 
 from common import object_store_root, print_load
 
+import raypar
 from raypar.inputs import check_input, flat_listing
 from raypar.inputs.source import open_source
 from raypar.spec.loading import as_spec
@@ -48,12 +59,75 @@ def timed(source, how: str) -> tuple[float, float, list[str]]:
     return to_first, time.perf_counter() - started, listed
 
 
+def peak_mib(source, how: str) -> float:
+    """The listing's peak of Python memory (tracemalloc), names kept as the planner would not."""
+    tracemalloc.start()
+    try:
+        for _ in (source.files() if how == "flat" else source._walk(source.root, "")):
+            source.versions.clear()  # the planner takes each version as it plans the file
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
 def source_of(base: str, options: dict, folder: str):
     protocol = base.split("://")[0]
     spec = as_spec({"type": "parallel", "inputs": {"data": {"type": "uri_folder", "path": f"{base}/{folder}"}},
                     "input_data": "${{inputs.data}}", "task": {"code": "/tmp", "entry_script": "score.py"}})
     storage = {protocol: options}
     return open_source(check_input(spec, storage), storage)
+
+
+ENTRY = "def run(mini_batch):\n    return [str(uri) for uri in mini_batch]\n"
+
+
+def job_rounds(base: str, options: dict, folder: str, files: int, rounds: int) -> None:
+    import os  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import ray  # noqa: PLC0415 - only --job needs Ray
+
+    from raypar.jobdir.ledger import Ledger  # noqa: PLC0415
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process binds to 127.0.0.1
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    protocol = base.split("://")[0]
+    os.environ.update({"AZURE_STORAGE_CONNECTION_STRING": options["connection_string"]} if protocol == "az" else
+                      {"AWS_ACCESS_KEY_ID": options["key"], "AWS_SECRET_ACCESS_KEY": options["secret"],
+                       "AWS_ENDPOINT_URL": options["endpoint_url"], "AWS_DEFAULT_REGION": "eu-west-1"})
+    work = tempfile.mkdtemp(prefix="raypar-bench-listing-job-")
+    with open(os.path.join(work, "entry.py"), "w") as f:
+        f.write(ENTRY)
+    walk_only = flat_listing.pages
+    got: dict[str, list] = {"walk": [], "flat": []}
+    for rnd in range(rounds):
+        for how in (("walk", "flat") if rnd % 2 == 0 else ("flat", "walk")):
+            out = os.path.join(work, f"out-{how}-{rnd}")
+            spec = {"type": "parallel", "name": f"listing-{how}",
+                    "inputs": {"data": {"type": "uri_folder", "path": f"{base}/{folder}", "mode": "direct"}},
+                    "outputs": {"out": {"type": "uri_folder", "path": out}},
+                    "input_data": "${{inputs.data}}", "mini_batch_size": "500",
+                    "resources": {"instance_count": 1}, "max_concurrency_per_instance": 2,
+                    "task": {"type": "run_function", "code": work, "entry_script": "entry.py",
+                             "append_row_to": "${{outputs.out}}"}}
+            flat_listing.pages = walk_only if how == "flat" else (lambda fs, folder: None)
+            job_dir = os.path.join(work, f"job-{how}-{rnd}")
+            started = time.time()
+            outcome = raypar.run(spec, job_dir=job_dir, echo=lambda line: None).wait()
+            ended = time.time() - started
+            assert outcome.state.value == "succeeded", outcome.reason
+            first = min(r.started for r in Ledger(job_dir).view().done.values()) - started
+            with open(os.path.join(out, "parallel_run_step.txt")) as f:
+                rows = f.read().splitlines()
+            assert len(rows) == files and rows == sorted(rows), (len(rows), rows[:2])
+            got[how].append((first, ended))
+            print(f"  round {rnd + 1}: {how}: first mini-batch started at {first:.2f} s, job done at {ended:.2f} s",
+                  flush=True)
+    flat_listing.pages = walk_only
+    (wf, wa), (ff, fa) = (min(got[h]) for h in ("walk", "flat"))
+    print(f"best: the walk's first mini-batch at {wf:.2f} s, the flat listing's at {ff:.2f} s ({wf / ff:.1f}x); "
+          f"jobs done at {wa:.2f} and {fa:.2f} s ({wa / fa:.2f}x)")
+    ray.shutdown()
 
 
 def main() -> None:
@@ -63,6 +137,8 @@ def main() -> None:
     parser.add_argument("--per-folder", type=int, default=20, help="files per folder of the tree layout")
     parser.add_argument("--layouts", nargs="+", choices=["flat", "tree"], default=["flat", "tree"])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--job", type=int, default=0, metavar="ROUNDS",
+                        help="also run ROUNDS rounds of a real job per side over the largest flat folder")
     args = parser.parse_args()
     with object_store_root(args.store, "raypar-bench-listing-") as (base, options):
         import fsspec  # noqa: PLC0415 - the emulator's client
@@ -87,8 +163,12 @@ def main() -> None:
                         assert names == expected and len(names) == files, (how, len(names))
                         best[how] = (min(best[how][0], first), min(best[how][1], whole))
                 (wf, wa), (ff, fa) = best["walk"], best["flat"]
+                wm, fm = (peak_mib(source_of(base, options, folder), how) for how in ("walk", "flat"))
                 print(f"{files:>7,} {layout:<6} {wf:>10.3f} s {wa:>6.2f} s {ff:>10.3f} s {fa:>6.2f} s "
-                      f"{wf / ff:>7.1f}x {wa / fa:>5.1f}x   (built in {built:.0f} s)", flush=True)
+                      f"{wf / ff:>7.1f}x {wa / fa:>5.1f}x   peak {wm:.1f} / {fm:.1f} MiB   (built in {built:.0f} s)",
+                      flush=True)
+        if args.job:
+            job_rounds(base, options, f"flat{max(args.files)}", max(args.files), args.job)
     print_load()
 
 

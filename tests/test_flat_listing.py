@@ -8,7 +8,7 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from raypar.errors import StorageError
+from raypar.errors import SpecError, StorageError
 from raypar.inputs import check_input, flat_listing
 from raypar.inputs.source import file_version, open_source
 from raypar.spec.loading import as_spec
@@ -92,4 +92,26 @@ def test_a_store_listing_out_of_order_is_refused_by_name(store, monkeypatch):
     monkeypatch.setattr(flat_listing, "pages", lambda fs, folder: reversed_pages)  # a store that sorts otherwise
 
     with pytest.raises(StorageError, match=rf"{protocol}://{bucket}/data: the store listed a.txt after c.txt"):
+        list(source.files())
+
+
+def test_the_first_request_asks_for_a_small_page_and_the_listing_goes_on_from_where_it_ended(store, monkeypatch):
+    monkeypatch.setattr(flat_listing, "FIRST_PAGE_SIZE", 2)
+    fill(store, "data", TREE)
+    source = input_source(store, "data")
+
+    listing = source.files()
+    first = next(listing)
+
+    assert len(source.versions) <= 2
+    assert [first, *listing] == sorted(TREE)  # the next requests continue from its last name
+
+
+def test_an_input_gone_since_its_check_is_named_not_found(store):
+    protocol, bucket, _, fs = store
+    fill(store, "data", ["a.txt", "b.txt"])
+    source = input_source(store, "data")  # checked: it exists
+    fs.rm(bucket, recursive=True)
+
+    with pytest.raises(SpecError, match=rf"^{protocol}://{bucket}/data: input folder not found$"):
         list(source.files())

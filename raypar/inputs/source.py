@@ -232,7 +232,7 @@ class Source:
                 raise self._cannot_list(folder, exc) from None
             if page is None:
                 break
-            for path, info in sorted(page):
+            for path, info in sorted(page, key=lambda entry: entry[0]):
                 name = f"{prefix}{path.strip('/')[start:]}"
                 if last is not None and name <= last:  # the order every plan of this input must repeat
                     raise StorageError(f"{redact(self.url_of(folder))}: the store listed {name} after {last}; "
