@@ -98,7 +98,7 @@ def job_rounds(base: str, options: dict, folder: str, files: int, rounds: int) -
     work = tempfile.mkdtemp(prefix="raypar-bench-listing-job-")
     with open(os.path.join(work, "entry.py"), "w") as f:
         f.write(ENTRY)
-    walk_only = flat_listing.pages
+    real_pages = flat_listing.pages
     got: dict[str, list] = {"walk": [], "flat": []}
     for rnd in range(rounds):
         for how in (("walk", "flat") if rnd % 2 == 0 else ("flat", "walk")):
@@ -110,7 +110,7 @@ def job_rounds(base: str, options: dict, folder: str, files: int, rounds: int) -
                     "resources": {"instance_count": 1}, "max_concurrency_per_instance": 2,
                     "task": {"type": "run_function", "code": work, "entry_script": "entry.py",
                              "append_row_to": "${{outputs.out}}"}}
-            flat_listing.pages = walk_only if how == "flat" else (lambda fs, folder: None)
+            flat_listing.pages = real_pages if how == "flat" else (lambda fs, folder: None)
             job_dir = os.path.join(work, f"job-{how}-{rnd}")
             started = time.time()
             outcome = raypar.run(spec, job_dir=job_dir, echo=lambda line: None).wait()
@@ -123,7 +123,7 @@ def job_rounds(base: str, options: dict, folder: str, files: int, rounds: int) -
             got[how].append((first, ended))
             print(f"  round {rnd + 1}: {how}: first mini-batch started at {first:.2f} s, job done at {ended:.2f} s",
                   flush=True)
-    flat_listing.pages = walk_only
+    flat_listing.pages = real_pages
     (wf, wa), (ff, fa) = (min(got[h]) for h in ("walk", "flat"))
     print(f"best: the walk's first mini-batch at {wf:.2f} s, the flat listing's at {ff:.2f} s ({wf / ff:.1f}x); "
           f"jobs done at {wa:.2f} and {fa:.2f} s ({wa / fa:.2f}x)")
@@ -146,7 +146,8 @@ def main() -> None:
         protocol, bucket = base.split("://")
         fs = fsspec.filesystem(protocol, **options, skip_instance_cache=True, use_listings_cache=False)
         page = flat_listing.PAGE_SIZE or {"az": 5000}.get(protocol, 1000)
-        print(f"{args.store}: pages of {page:,} names; the walk is fsspec's ls, folder by folder")
+        print(f"{args.store}: the flat listing's first page {flat_listing.FIRST_PAGE_SIZE} names, then {page:,}; "
+              f"the walk is fsspec's ls, folder by folder")
         print(f"{'files':>7} {'layout':<6} {'walk: first':>12} {'all':>8} {'flat: first':>12} {'all':>8} "
               f"{'first x':>8} {'all x':>6}")
         for files in args.files:
