@@ -1220,6 +1220,31 @@ def test_listing_is_sorted_full_path_order_local(tmp_path):
     assert listed.index("a.txt") < listed.index("a/x")  # "." sorts before "/"
 
 
+def test_a_local_folder_s_first_file_comes_back_before_every_file_is_looked_at(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(50):
+        (root / f"f{i:02d}.txt").write_text(f"{i:02d}")
+    source = open_source(check_input(job(root)), {})
+
+    listing = source.files()
+
+    assert next(listing) == "f00.txt"
+    assert list(source.versions) == ["f00.txt"]  # the others' sizes and times are read as the walk reaches them
+    assert [*listing] == [f"f{i:02d}.txt" for i in range(1, 50)]
+    assert source.versions["f49.txt"] == source._info_version(str(root / "f49.txt"))  # as a resume reads it
+
+
+def test_a_broken_link_in_a_local_folder_is_named_as_the_file(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.txt").write_text("a")
+    (root / "b.txt").symlink_to(tmp_path / "gone.txt")
+
+    with pytest.raises(SpecError, match=r"data/b.txt: input file not found \(a broken link, or removed while listed\)$"):
+        list(open_source(check_input(job(root)), {}).files())
+
+
 def test_listing_is_sorted_full_path_order_remote(memory_root):
     fs, url, root = memory_root
     _fill(fs, root, {name: name.encode() for name in TRICKY_TREE})

@@ -254,11 +254,11 @@ class Source:
         except Exception as exc:  # noqa: BLE001 - named by _cannot_list
             raise self._cannot_list(folder, exc) from None
         for _key, name, version in sorted(entries):
-            rel = f"{prefix}{name}"
+            rel, path = f"{prefix}{name}", f"{folder.rstrip('/')}/{name}"
             if version is None:
-                yield from self._walk(f"{folder.rstrip('/')}/{name}", f"{rel}/")
+                yield from self._walk(path, f"{rel}/")
             else:
-                self.versions[rel] = version
+                self.versions[rel] = version or self._local_file_version(path)
                 yield rel
 
     def _cannot_list(self, folder: str, exc: Exception) -> Exception:
@@ -271,14 +271,15 @@ class Source:
         return StorageError(f"{redact(self.url_of(folder))}: cannot list input folder ({describe_error(exc)})")
 
     def _list(self, folder: str) -> list[tuple[str, str, Optional[str]]]:
-        """(sort key, name, the file's version or None for a folder) of each entry."""
+        """(sort key, name, the file's version or None for a folder) of each entry; on local disk
+        a file's version is "" here and read as the walk reaches the file, so the first mini-batch
+        does not wait for a stat of every file of a large folder."""
         if self.is_local:
             out = []
             with os.scandir(folder) as it:
                 for e in it:
                     is_dir = e.is_dir()  # follows symlinks, as os.walk(followlinks=True) did
-                    version = None if is_dir else self._local_version(e.path, e.stat())
-                    out.append((e.name + ("/" if is_dir else ""), e.name, version))
+                    out.append((e.name + ("/" if is_dir else ""), e.name, None if is_dir else ""))
             return out
         out = []
         for info in self.fs.ls(folder, detail=True):
@@ -288,6 +289,14 @@ class Source:
                 continue
             out.append((name + ("/" if is_dir else ""), name, None if is_dir else file_version(info)))
         return out
+
+    def _local_file_version(self, path: str) -> str:
+        try:
+            return self._local_version(path, os.stat(path))
+        except FileNotFoundError:
+            raise SpecError(f"{path}: input file not found (a broken link, or removed while listed)") from None
+        except PermissionError as exc:
+            raise SpecError(f"{path}: cannot read input file ({exc.strerror or exc})") from None
 
     def _info_version(self, fs_path: str) -> str:
         if self.is_local:
