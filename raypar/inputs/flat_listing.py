@@ -76,19 +76,19 @@ async def _s3_pages(fs: Any, bucket: str, prefix: str, first: int) -> AsyncItera
 async def _azure_pages(fs: Any, container: str, prefix: str, first: int) -> AsyncIterator[Page]:
     client = fs.service_client.get_container_client(container)
 
-    def pages(size: Optional[int], token: Optional[str] = None):
+    def listed(size: Optional[int], token: Optional[str] = None):
         blobs = client.list_blobs(name_starts_with=prefix or None, include=["metadata"], results_per_page=size)
         return blobs.by_page(continuation_token=token)
 
     from azure.core.exceptions import ResourceNotFoundError  # noqa: PLC0415 - adlfs's dependency, as adlfs loads it
 
-    opening = pages(first)
+    opening = listed(first)
     try:
         yield await _azure_files(container, await opening.__anext__())
     except ResourceNotFoundError as exc:  # the container: what fsspec calls it
         raise FileNotFoundError(f"{container}: {exc.reason}") from None
     if opening.continuation_token:  # the rest in pages of the store's size, from where the first ended
-        async for page in pages(PAGE_SIZE, opening.continuation_token):
+        async for page in listed(PAGE_SIZE, opening.continuation_token):
             yield await _azure_files(container, page)
 
 

@@ -292,7 +292,7 @@ class Source:
 
     def _local_file_version(self, path: str) -> str:
         try:
-            return self._local_version(path, os.stat(path))
+            return self._info_version(path)
         except FileNotFoundError:
             raise SpecError(f"{path}: input file not found (a broken link, or removed while listed)") from None
         except PermissionError as exc:
